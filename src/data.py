@@ -1,0 +1,327 @@
+"""Load a dataset, check every row, and shape it for its task: all before any model loads.
+
+``load_data`` reads a local file or a hub dataset, validates it (reporting every fault with
+the row ids at fault in one :class:`DataError`), makes an eval split when none is given
+(stratified for single-label, iterative stratification for multi-label), and returns plain
+``datasets.Dataset`` objects: ``text``/``label`` for classification, ``text``/``labels`` for
+multi-label, and ``prompt``/``completion`` for SFT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from src.config import DataConfig
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+MAX_IDS_SHOWN = 20
+
+
+class DataError(ValueError):
+    """The data failed validation; the message lists every fault with the rows at fault."""
+
+    def __init__(self, faults: list[str]):
+        self.faults = faults
+        super().__init__("invalid data:\n" + "\n".join(f"  - {f}" for f in faults))
+
+
+@dataclass
+class TaskData:
+    """The validated splits and what the model needs to know about the labels."""
+
+    task: str
+    train: Any  # datasets.Dataset
+    eval: Any  # datasets.Dataset
+    labels: Optional[list[str]]  # class or label-column names; None for SFT
+    label_weights: Optional[list[float]]  # class weights or pos_weight; None when unweighted
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read CSV, TSV, JSON, JSONL or Parquet exactly: no NA guessing, quoted newlines kept."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise DataError([f"data file not found: {path}"])
+    if suffix in (".csv", ".tsv"):
+        # keep_default_na=False: the text "NA" or "null" is data, not a missing value; empty cells stay "".
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[],
+                           encoding="utf-8")
+    if suffix == ".jsonl":
+        return pd.read_json(path, lines=True, dtype=False)
+    if suffix == ".json":
+        return pd.read_json(path, dtype=False)
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    raise DataError([f"unsupported data file type {suffix!r} ({path}); use .csv, .tsv, .json, .jsonl or .parquet"])
+
+
+def _read_hub(d: DataConfig, split: str) -> pd.DataFrame:
+    from datasets import load_dataset
+
+    return load_dataset(d.hub_id, d.hub_config, split=split, revision=d.revision).to_pandas()
+
+
+def _row_ids(df: pd.DataFrame, d: DataConfig, mask: np.ndarray) -> str:
+    ids = df[d.id_column][mask].tolist() if d.id_column and d.id_column in df.columns else np.flatnonzero(mask).tolist()
+    kind = f"{d.id_column}" if d.id_column and d.id_column in df.columns else "row"
+    shown = ", ".join(str(i) for i in ids[:MAX_IDS_SHOWN])
+    more = f", ... ({len(ids)} in all)" if len(ids) > MAX_IDS_SHOWN else ""
+    return f"{kind} {shown}{more}"
+
+
+def _is_blank(series: pd.Series) -> np.ndarray:
+    return np.array([v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "" for v in series])
+
+
+def _needed_columns(d: DataConfig) -> dict[str, list[str]]:
+    """Column names the config expects, keyed by the config field that names them."""
+    if d.task == "sft":
+        cols = {"data.response_column": [d.response_column]}
+        if d.instruction_template:
+            cols["data.instruction_template"] = _template_fields(d.instruction_template)
+        else:
+            cols["data.instruction_column"] = [d.instruction_column]
+        if d.input_column:
+            cols["data.input_column"] = [d.input_column]
+        return cols
+    cols = {"data.text_columns": list(d.text_columns)}
+    if d.text_template:
+        cols["data.text_template"] = _template_fields(d.text_template)
+    if d.task == "classification":
+        cols["data.label_column"] = [d.label_column]
+    else:
+        cols["data.label_columns"] = list(d.label_columns)
+    return cols
+
+
+def _template_fields(template: str) -> list[str]:
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _label_index(df: pd.DataFrame, d: DataConfig, labels: list[str], split: str, faults: list[str]) -> np.ndarray:
+    """Map the label column to class indices; record unknown labels with their rows."""
+    values = df[d.label_column].tolist()
+    index = {name: i for i, name in enumerate(labels)}
+    out = np.full(len(values), -1)
+    for i, v in enumerate(values):
+        if d.labels is not None and isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out[i] = int(v) if 0 <= int(v) < len(labels) else -1  # integer labels index data.labels
+        else:
+            out[i] = index.get(str(v), -1)
+    bad = out < 0
+    if bad.any():
+        by_value: dict[str, np.ndarray] = {}
+        for v in sorted({repr(values[i]) for i in np.flatnonzero(bad)}):
+            by_value[v] = np.array([repr(x) == v for x in values]) & bad
+        detail = "; ".join(f"{v} at {_row_ids(df, d, m)}" for v, m in by_value.items())
+        faults.append(f"{split}: {bad.sum()} label(s) in column {d.label_column!r} outside the label set "
+                      f"{labels}: {detail}")
+    return out
+
+
+def _multilabel_matrix(df: pd.DataFrame, d: DataConfig, split: str, faults: list[str]) -> np.ndarray:
+    """The 0/1 label matrix; record cells that are not 0/1 with their rows."""
+    matrix = np.zeros((len(df), len(d.label_columns)), dtype=np.float32)
+    for j, col in enumerate(d.label_columns):
+        cells = df[col].tolist()
+        ok = np.array([str(v).strip() in ("0", "1", "0.0", "1.0", "True", "False") for v in cells])
+        if not ok.all():
+            bad_values = sorted({repr(cells[i]) for i in np.flatnonzero(~ok)})[:10]
+            faults.append(f"{split}: multi-label column {col!r} must hold 0/1, found {', '.join(bad_values)} "
+                          f"at {_row_ids(df, d, ~ok)}")
+        matrix[:, j] = [1.0 if str(v).strip() in ("1", "1.0", "True") else 0.0 for v in cells]
+    return matrix
+
+
+def _texts(df: pd.DataFrame, d: DataConfig) -> list[str]:
+    rows = df[list(dict.fromkeys(d.text_columns + _template_fields(d.text_template or "")))].astype(str)
+    if d.text_template:
+        return [d.text_template.format(**r) for r in rows.to_dict("records")]
+    return ["\n\n".join(r[c] for c in d.text_columns) for r in rows.to_dict("records")]
+
+
+def format_prompt(instruction: str, input_text: str, template: str) -> str:
+    """The prompt for one SFT example; the response is appended after it."""
+    if template == "plain":
+        return f"{instruction}\n{input_text}\n" if input_text else f"{instruction}\n"
+    if input_text:
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def _sft_columns(df: pd.DataFrame, d: DataConfig) -> tuple[list[str], list[str]]:
+    records = df.to_dict("records")
+    prompts = []
+    for r in records:
+        instruction = d.instruction_template.format(**r) if d.instruction_template else str(r[d.instruction_column])
+        input_text = str(r[d.input_column]).strip() if d.input_column and r[d.input_column] is not None else ""
+        prompts.append(format_prompt(instruction, input_text, d.prompt_template))
+    return prompts, [str(r[d.response_column]) for r in records]
+
+
+def _check_split(df: pd.DataFrame, d: DataConfig, split: str, source: str, faults: list[str]) -> bool:
+    """Column and emptiness checks for one split; False if columns are missing."""
+    available = list(df.columns)
+    missing = [(key, c) for key, cols in _needed_columns(d).items() for c in cols if c not in available]
+    for key, col in missing:
+        faults.append(f"{split}: column {col!r} (from {key}) not found in {source}; available columns: {available}")
+    if missing:
+        return False
+    text_cols = d.text_columns if d.task != "sft" else [d.response_column] + (
+        [] if d.instruction_template else [d.instruction_column])
+    for col in text_cols:
+        blank = _is_blank(df[col])
+        if blank.any():
+            faults.append(f"{split}: {blank.sum()} empty or missing text(s) in column {col!r} at {_row_ids(df, d, blank)}")
+    return True
+
+
+def iterative_stratification(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean test mask for a multi-label matrix (Sechidis et al., 2011), one fold split in two.
+
+    Rows are assigned label by label, rarest label first, to the fold that most lacks it, so
+    every label's frequency is close to equal in both folds.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    desired = np.array([1 - test_fraction, test_fraction])
+    want_rows = desired * n
+    want_label = np.outer(desired, labels.sum(axis=0))
+    fold = np.full(n, -1)
+    remaining = labels.astype(bool).copy()
+    while (fold < 0).any():
+        counts = remaining[fold < 0].sum(axis=0)
+        if counts.sum() == 0:  # rows with no label: fill by row quota
+            for i in rng.permutation(np.flatnonzero(fold < 0)):
+                f = int(np.argmax(want_rows))
+                fold[i] = f
+                want_rows[f] -= 1
+            break
+        label = int(np.argmin(np.where(counts > 0, counts, np.inf)))
+        rows = rng.permutation(np.flatnonzero((fold < 0) & remaining[:, label]))
+        for i in rows:
+            options = np.flatnonzero(want_label[:, label] == want_label[:, label].max())
+            if len(options) > 1:
+                options = options[want_rows[options] == want_rows[options].max()]
+            f = int(rng.choice(options))
+            fold[i] = f
+            want_rows[f] -= 1
+            want_label[f] -= labels[i]
+    return fold == 1
+
+
+def _make_eval_split(task: str, y: Any, n: int, d: DataConfig) -> np.ndarray:
+    """Boolean eval mask: stratified for classes, iterative stratification for label sets."""
+    if task == "multilabel":
+        return iterative_stratification(y, d.eval_fraction, d.split_seed)
+    rng = np.random.default_rng(d.split_seed)
+    mask = np.zeros(n, dtype=bool)
+    if task == "classification":
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            mask[idx[: int(round(len(idx) * d.eval_fraction))]] = True
+    else:
+        mask[rng.permutation(n)[: max(1, int(round(n * d.eval_fraction)))]] = True
+    return mask
+
+
+def _weights(task: str, d: DataConfig, y: np.ndarray, n_labels: int, faults: list[str]) -> Optional[list[float]]:
+    spec = d.class_weights if task == "classification" else d.pos_weight
+    if spec in ("none", None):
+        return None
+    if isinstance(spec, list):
+        if len(spec) != n_labels:
+            key = "data.class_weights" if task == "classification" else "data.pos_weight"
+            faults.append(f"{key}: {len(spec)} weights given for {n_labels} labels")
+            return None
+        return [float(w) for w in spec]
+    if task == "classification":  # balanced: n / (k * count_c), as scikit-learn defines it
+        counts = np.bincount(y, minlength=n_labels)
+        return [len(y) / (n_labels * c) if c else 0.0 for c in counts]
+    pos = y.sum(axis=0)  # auto: negatives / positives per label, as seed 000 computes pos_weight
+    return [float((len(y) - p) / p) if p else 1.0 for p in pos]
+
+
+def load_data(d: DataConfig) -> TaskData:
+    """Read, validate and split the configured dataset. Raises DataError listing every fault."""
+    from datasets import Dataset
+
+    if d.path:
+        frames = {"train": (read_table(d.path), str(d.path))}
+        if d.eval_path:
+            frames["eval"] = (read_table(d.eval_path), str(d.eval_path))
+    else:
+        frames = {"train": (_read_hub(d, d.train_split), f"{d.hub_id}:{d.train_split}")}
+        if d.eval_split:
+            frames["eval"] = (_read_hub(d, d.eval_split), f"{d.hub_id}:{d.eval_split}")
+
+    faults: list[str] = []
+    ok = {split: _check_split(df, d, split, source, faults) for split, (df, source) in frames.items()}
+    if not all(ok.values()):
+        raise DataError(faults)
+
+    labels: Optional[list[str]] = None
+    if d.task == "classification":
+        labels = list(d.labels) if d.labels else sorted({str(v) for v in frames["train"][0][d.label_column]})
+        if len(labels) < 2:
+            faults.append(f"train: column {d.label_column!r} holds fewer than 2 classes: {labels}")
+    elif d.task == "multilabel":
+        labels = list(d.label_columns)
+
+    columns: dict[str, dict[str, Any]] = {}
+    for split, (df, _) in frames.items():
+        if d.task == "classification":
+            columns[split] = {"text": _texts(df, d), "label": _label_index(df, d, labels, split, faults)}
+        elif d.task == "multilabel":
+            columns[split] = {"text": _texts(df, d), "labels": _multilabel_matrix(df, d, split, faults)}
+        else:
+            prompts, completions = _sft_columns(df, d)
+            columns[split] = {"prompt": prompts, "completion": completions}
+        ids = df[d.id_column] if d.id_column and d.id_column in df.columns else pd.Series(range(len(df)))
+        columns[split]["row_id"] = [str(i) for i in ids]
+    if faults:
+        raise DataError(faults)
+
+    if "eval" not in columns:
+        train = columns["train"]
+        y = train.get("label", train.get("labels"))
+        n = len(train["row_id"])
+        mask = _make_eval_split(d.task, np.asarray(y) if y is not None else None, n, d)
+        columns = {
+            "train": {k: [v for v, m in zip(col, mask) if not m] for k, col in train.items()},
+            "eval": {k: [v for v, m in zip(col, mask) if m] for k, col in train.items()},
+        }
+    if d.subsample and d.subsample < len(columns["train"]["row_id"]):
+        keep = sorted(np.random.default_rng(d.subsample_seed).permutation(len(columns["train"]["row_id"]))[: d.subsample])
+        columns["train"] = {k: [col[i] for i in keep] for k, col in columns["train"].items()}
+
+    weights = None
+    if d.task != "sft":
+        y_train = np.asarray(columns["train"]["label" if d.task == "classification" else "labels"])
+        weights = _weights(d.task, d, y_train, len(labels), faults)
+        if faults:
+            raise DataError(faults)
+
+    def to_dataset(cols: dict[str, Any]) -> Dataset:
+        cols = {k: (np.asarray(v).tolist() if k == "labels" else list(v)) for k, v in cols.items()}
+        if "label" in cols:
+            cols["label"] = [int(v) for v in cols["label"]]
+        return Dataset.from_dict(cols)
+
+    return TaskData(d.task, to_dataset(columns["train"]), to_dataset(columns["eval"]), labels, weights)

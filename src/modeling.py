@@ -1,0 +1,211 @@
+"""Config to library objects: quantization, tokenizer, base model, LoRA targets and adapters.
+
+The converters are small pure functions (``to_bnb_config``, ``to_lora_config``,
+``resolve_target_modules``) so each is unit-tested on its own. LoRA presets are resolved on
+the loaded model, from the names of the linear layers inside its numbered transformer
+blocks, so one preset works for Llama/Mistral, Phi-3's fused projections and BERT alike.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Union
+
+import torch
+
+from src.config import LORA_PRESETS, LoraConfig, ModelConfig, QuantConfig
+from src.tiny import resolve as resolve_builtin
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Leaf names of attention projections across architectures (Llama/Mistral, BERT, DistilBERT, Phi-3, GPT-NeoX...).
+Q_NAMES = {"q_proj", "query", "q_lin", "wq"}
+K_NAMES = {"k_proj", "key", "k_lin", "wk"}
+V_NAMES = {"v_proj", "value", "v_lin", "wv"}
+FUSED_QKV_NAMES = {"qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "in_proj"}
+ATTENTION_PARENTS = {"self_attn", "attention", "attn", "self_attention", "mixer"}
+OUTPUT_HEADS = {"lm_head", "score", "classifier", "qa_outputs", "cls"}
+_BLOCK = re.compile(r"^(?:.*\.)?\d+\.(.+)$")
+
+
+def to_bnb_config(quant: QuantConfig):
+    """The BitsAndBytesConfig for 4- or 8-bit bases; None for a 16-bit base."""
+    if quant.bits == 16:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+    )
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """Load the tokenizer; give it a pad token (eos, as Llama recipes do) if it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_builtin(model_cfg.name_or_path),
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"tokenizer of {model_cfg.name_or_path} has no pad, eos or unk token to pad with")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(
+    model_cfg: ModelConfig,
+    quant: QuantConfig,
+    task: str,
+    labels: Optional[list[str]],
+    pad_token_id: int,
+    activation_checkpointing: bool = False,
+):
+    """Load the base model for the task, quantized as configured, ready for adapters."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "dtype": DTYPES[model_cfg.dtype],
+        "quantization_config": to_bnb_config(quant),
+    }
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    path = resolve_builtin(model_cfg.name_or_path)
+    if task == "sft":
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            problem_type="multi_label_classification" if task == "multilabel" else "single_label_classification",
+            **kwargs,
+        )
+    # Decoder classifiers pool the last non-pad token: the config must know the pad id.
+    model.config.pad_token_id = pad_token_id
+    if quant.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
+    elif activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Conv1D", "Linear4bit", "Linear8bitLt"}
+
+
+def block_linears(model: torch.nn.Module) -> list[str]:
+    """Block-relative paths of every linear layer inside numbered transformer blocks, in order."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        match = _BLOCK.match(name)
+        if match and _is_linear(module) and name.split(".")[-1] not in OUTPUT_HEADS:
+            seen.setdefault(match.group(1), None)
+    return list(seen)
+
+
+def _preset_paths(paths: list[str], preset: str) -> list[str]:
+    def parts(p: str) -> list[str]:
+        return p.split(".")
+
+    def is_attention(p: str) -> bool:
+        return bool(ATTENTION_PARENTS & set(parts(p)[:-1]))
+
+    def leaf(p: str) -> str:
+        return parts(p)[-1]
+
+    qv = [p for p in paths if leaf(p) in Q_NAMES | V_NAMES | FUSED_QKV_NAMES]
+    if preset == "attn_qv":
+        return qv
+    if preset == "attn":
+        return [p for p in paths if leaf(p) in Q_NAMES | K_NAMES | V_NAMES | FUSED_QKV_NAMES or is_attention(p)]
+    if preset == "mlp":
+        return [p for p in paths if not is_attention(p) and leaf(p) not in Q_NAMES | K_NAMES | V_NAMES | FUSED_QKV_NAMES]
+    return list(paths)
+
+
+def resolve_target_modules(model: torch.nn.Module, lora: LoraConfig) -> Union[str, list[str]]:
+    """peft ``target_modules`` for the preset or explicit list, checked against the model.
+
+    Presets become a regex over block-relative paths (``.*\\.\\d+\\.(self_attn\\.q_proj|...)``),
+    which is unambiguous where leaf names repeat (BERT's ``output.dense``). Explicit names
+    keep peft's suffix matching and may include preset names: ``[all_linear, lm_head]``.
+    """
+    paths = block_linears(model)
+    requested = lora.target_modules or [lora.preset]
+    block_paths: list[str] = []
+    names: list[str] = []
+    for item in requested:
+        if item in LORA_PRESETS:
+            found = _preset_paths(paths, item)
+            if not found:
+                raise ValueError(f"LoRA preset {item!r} found no layers in {type(model).__name__}; "
+                                 f"its block linear layers are: {paths}")
+            block_paths.extend(p for p in found if p not in block_paths)
+        else:
+            names.append(item)
+    module_names = [n for n, m in model.named_modules() if _is_linear(m)]
+    for name in names:
+        if not any(n == name or n.endswith("." + name) for n in module_names):
+            leaves = sorted({n.split(".")[-1] for n in module_names})
+            raise ValueError(f"lora.target_modules: {name!r} matches no linear layer; linear layer names: {leaves}")
+    if not block_paths:
+        return names
+    pattern = r".*\.\d+\.(?:" + "|".join(re.escape(p) for p in block_paths) + ")"
+    if names:
+        pattern += r"|(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
+    return pattern
+
+
+def target_leaf_names(model: torch.nn.Module) -> list[str]:
+    """Sorted leaf names of the layers that received LoRA adapters, e.g. ['q_proj', 'v_proj']."""
+    return sorted({name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")})
+
+
+def to_lora_config(lora: LoraConfig, target_modules: Union[str, list[str]], task: str):
+    """The peft LoraConfig. Classification heads are saved with the adapter (task type SEQ_CLS)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=target_modules,
+        modules_to_save=lora.modules_to_save,
+        task_type=TaskType.CAUSAL_LM if task == "sft" else TaskType.SEQ_CLS,
+    )
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, task: str):
+    """Wrap the base model with LoRA adapters on the resolved targets."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, to_lora_config(lora, resolve_target_modules(model, lora), task))
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a packed 4-bit weight counts its real size."""
+    trainable = total = 0
+    for param in model.parameters():
+        quant_state = getattr(param, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,127 @@
+"""The embedded default model: a tiny Llama built deterministically, with no download.
+
+``model=tiny`` points at ``builtin:tiny-llama``. On first use this module trains a small
+byte-level BPE tokenizer on the bundled datasets and builds a random-weight Llama from a
+fixed seed, then saves both under ``.cache/tiny-llama`` in the project root. Every later
+load reads that directory like any local checkpoint, so the loading code is the same as for
+a hub model. Like Llama, the tokenizer has no pad token: the training code must set one.
+
+Run ``python -m src.tiny [OUT_DIR]`` to write it somewhere else.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from src.bundled import DATA_DIR
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = {"tiny-llama": PROJECT_ROOT / ".cache" / "tiny-llama"}
+# Bump when the recipe below changes, so stale caches are rebuilt rather than reused.
+RECIPE_VERSION = 2
+
+VOCAB_SIZE = 1024
+ARCH = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
+def _corpus() -> list[str]:
+    texts: list[str] = []
+    for path in sorted(DATA_DIR.glob("*_train.*")):
+        if path.suffix == ".csv":
+            with path.open(encoding="utf-8") as f:
+                texts.extend(row["text"] for row in csv.DictReader(f))
+        else:
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    texts.append(" ".join(str(v) for k, v in row.items() if k != "id"))
+    # Alpaca template words, so prompts tokenize into few pieces.
+    texts.append("Below is an instruction that describes a task. ### Instruction: ### Input: ### Response:")
+    return texts
+
+
+def build_tokenizer():
+    """Train a byte-level BPE tokenizer (bos/eos/unk, no pad) on the bundled training text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def build(out_dir: Path) -> Path:
+    """Write the tiny tokenizer and a seeded random-weight LlamaForCausalLM to ``out_dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **ARCH,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "RECIPE_VERSION").write_text(str(RECIPE_VERSION))
+    return out_dir
+
+
+def resolve(name_or_path: str) -> str:
+    """Map ``builtin:NAME`` to its built directory (building it once); pass other values through."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX) :]
+    if name not in BUILTINS:
+        raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
+    out_dir = BUILTINS[name]
+    stamp = out_dir / "RECIPE_VERSION"
+    if not (stamp.exists() and stamp.read_text() == str(RECIPE_VERSION)):
+        # Build into a temporary sibling, then rename: parallel sweep jobs never see half a model.
+        import os
+        import shutil
+        import tempfile
+
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent))
+        build(tmp)
+        try:
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
+    return str(out_dir)
+
+
+if __name__ == "__main__":
+    print(build(Path(sys.argv[1])) if len(sys.argv) > 1 else resolve("builtin:tiny-llama"))

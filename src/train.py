@@ -1,0 +1,102 @@
+"""The train entrypoint: compose, validate, load data and model, fit, log, return the objective.
+
+    python -m src.train                                   # tiny model, bundled data, CPU
+    python -m src.train model=openllama3b quant=4bit lora=all_linear data=red_dot train=gpu
+    python -m src.train --multirun lora.r=8,16 lora=attn_qv,all_linear
+
+Every run is an MLflow run (see ``src/tracking.py`` for the names). The config and the data
+are validated before any model loads; a run that fails ends FAILED with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from src import tracking
+from src.config import ConfigError, objective, validate
+from src.data import DataError, load_data
+
+
+def run(raw: dict) -> Optional[float]:
+    """Train one configuration (a resolved config as a plain dict); return the objective value."""
+    with tracking.tracked_run(raw):
+        cfg = validate(raw)
+        tracking.log_params(tracking.flatten(raw))
+        mlflow.log_text(OmegaConf.to_yaml(raw), "config.yaml")
+        data = load_data(cfg.data)  # raises DataError listing every fault, before any model loads
+
+        from transformers import set_seed
+
+        from src import modeling, training
+
+        set_seed(cfg.train.seed)
+        tokenizer = modeling.load_tokenizer(cfg.model)
+        model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id,
+                                    cfg.train.activation_checkpointing)
+        model = modeling.apply_lora(model, cfg.lora, data.task)
+        trainable, total = modeling.count_params(model)
+        mlflow.log_params({"lora.resolved_targets": ",".join(modeling.target_leaf_names(model)),
+                           "data.train_rows": data.train.num_rows, "data.eval_rows": data.eval.num_rows})
+        mlflow.log_metrics({"trainable_params": trainable, "total_params": total,
+                            "trainable_pct": 100.0 * trainable / total})
+        output_dir = Path(cfg.output_dir)
+        trainer, metrics, truncated = training.build_trainer(cfg, model, tokenizer, data, str(output_dir / "checkpoints"))
+        mlflow.log_metric("data_truncated_rows", truncated)
+        if truncated:
+            print(f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated",
+                  file=sys.stderr)
+        prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if data.task == "sft" else []
+        with model.disable_adapter():
+            before = training.generate(model, tokenizer, prompts)
+        trainer.train()
+        final = trainer.evaluate()
+        peak = training.peak_gpu_mem_gb()
+        if peak is not None:
+            mlflow.log_metric("peak_gpu_mem_gb", peak)
+
+        adapter_dir = output_dir / "adapter"
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        (adapter_dir / "label_map.json").write_text(json.dumps(
+            {"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2))
+        if cfg.tracking.log_adapter:
+            mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+        if metrics is not None:
+            mlflow.log_dict(metrics.last_report, "classification_report.json")
+        if prompts:
+            after = training.generate(model, tokenizer, prompts)
+            mlflow.log_table({"prompt": prompts, "reference": data.eval["completion"][: len(prompts)],
+                              "before": before, "after": after}, artifact_file="samples.json")
+
+        metric, _ = objective(cfg)
+        value = final.get(metric)
+        if value is None:
+            raise KeyError(f"objective metric {metric!r} not in the final evaluation: {sorted(final)}")
+        mlflow.log_metric("objective", value)
+        return float(value)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        return run(raw)
+    except (ConfigError, DataError) as exc:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # the whole report, without a traceback
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Trainers for each task, their metrics, and the callback that writes the MLflow metrics.
+
+Classification and multi-label use the HF ``Trainer`` (subclassed only at its documented
+``compute_loss`` hook, for class weights and ``pos_weight``); SFT uses TRL's ``SFTTrainer``
+with prompt/completion data, so the loss is on the response only and EOS is appended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Optional
+
+import mlflow
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from src.config import Config, TrainConfig
+from src.data import TaskData
+
+# HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
+HF_TO_MLFLOW = {"loss": "train_loss", "train_loss": "train_loss_mean", "train_runtime": "train_runtime_s"}
+NOT_METRICS = {"epoch", "total_flos", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second",
+               "eval_samples_per_second", "eval_steps_per_second", "eval_runtime", "num_input_tokens_seen"}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
+
+
+def training_arguments(train: TrainConfig, output_dir: str, task: str, max_length: int, response_only_loss: bool = True):
+    """TrainingArguments (or TRL's SFTConfig) from the config; the field names are the same."""
+    kwargs = {f.name: getattr(train, f.name) for f in dataclasses.fields(train) if f.name != "early_stopping_patience"}
+    kwargs.update(
+        output_dir=output_dir,
+        report_to="none",  # MLflow is written by MlflowMetricsCallback, under the project's names
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+        disable_tqdm=True,
+    )
+    if task == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig(max_length=max_length, packing=False, completion_only_loss=response_only_loss, **kwargs)
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**kwargs)
+
+
+class ClassificationMetrics:
+    """compute_metrics for single- and multi-label tasks; keeps the last per-class report."""
+
+    def __init__(self, task: str, labels: list[str], threshold: float):
+        self.task, self.labels, self.threshold = task, labels, threshold
+        self.last_report: dict[str, Any] = {}
+
+    def __call__(self, eval_pred) -> dict[str, float]:
+        from sklearn import metrics as skm
+
+        logits, y_true = eval_pred.predictions, eval_pred.label_ids
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        names = self.labels
+        if self.task == "multilabel":
+            y_pred = (1 / (1 + np.exp(-logits)) >= self.threshold).astype(int)
+            y_true = y_true.astype(int)
+            out = {f"f1_{avg}": skm.f1_score(y_true, y_pred, average=avg, zero_division=0)
+                   for avg in ("micro", "macro", "weighted", "samples")}
+            out["subset_accuracy"] = skm.accuracy_score(y_true, y_pred)
+            per_label = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
+            out.update({f"f1_label_{_safe(n)}": f for n, f in zip(names, per_label)})
+        else:
+            y_pred = logits.argmax(-1)
+            out = {
+                "accuracy": skm.accuracy_score(y_true, y_pred),
+                "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
+                "mcc": skm.matthews_corrcoef(y_true, y_pred),
+            }
+            out.update({f"f1_{avg}": skm.f1_score(y_true, y_pred, average=avg, zero_division=0)
+                        for avg in ("micro", "macro", "weighted")})
+            per_class = skm.f1_score(y_true, y_pred, average=None, labels=range(len(names)), zero_division=0)
+            out.update({f"f1_class_{_safe(n)}": f for n, f in zip(names, per_class)})
+        self.last_report = skm.classification_report(
+            y_true, y_pred, labels=range(len(names)), target_names=names, output_dict=True, zero_division=0
+        )
+        return {k: float(v) for k, v in out.items()}
+
+
+class WeightedLossTrainer(Trainer):
+    """Trainer whose loss uses class weights (cross-entropy) or pos_weight (BCE)."""
+
+    def __init__(self, *args, label_weights: list[float], multilabel: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_weights = torch.tensor(label_weights, dtype=torch.float32)
+        self.multilabel = multilabel
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits.float()
+        weights = self.label_weights.to(logits.device)
+        if self.multilabel:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+        return (loss, outputs) if return_outputs else loss
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """Log every Trainer log line to the active MLflow run under the contract's names."""
+
+    def __init__(self, perplexity: bool):
+        self.perplexity = perplexity
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = {}
+        for key, value in (logs or {}).items():
+            if key in NOT_METRICS or not isinstance(value, (int, float)):
+                continue
+            metrics[HF_TO_MLFLOW.get(key, key)] = float(value)
+        if self.perplexity and "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        if "train_runtime_s" in metrics and state.num_input_tokens_seen:
+            metrics["train_tokens"] = float(state.num_input_tokens_seen)
+            metrics["train_tokens_per_s"] = state.num_input_tokens_seen / max(metrics["train_runtime_s"], 1e-9)
+        if metrics:
+            mlflow.log_metrics(metrics, step=state.global_step)
+
+
+def tokenize_classification(data: TaskData, tokenizer, max_length: int) -> tuple[Any, Any, int]:
+    """Tokenize text with truncation; return (train, eval, number of truncated rows)."""
+    def encode(batch):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        full = tokenizer(batch["text"], truncation=False)["input_ids"]
+        enc["truncated"] = [len(ids) > max_length for ids in full]
+        return enc
+
+    label_key = "label" if data.task == "classification" else "labels"
+    drop = [c for c in data.train.column_names if c != label_key]
+    train = data.train.map(encode, batched=True, remove_columns=drop)
+    eval_ = data.eval.map(encode, batched=True, remove_columns=drop)
+    truncated = int(sum(train["truncated"]) + sum(eval_["truncated"]))
+    return train.remove_columns("truncated"), eval_.remove_columns("truncated"), truncated
+
+
+def count_truncated_sft(data: TaskData, tokenizer, max_length: int) -> int:
+    """Rows whose prompt + completion + EOS exceed max_length (TRL keeps the start)."""
+    n = 0
+    for split in (data.train, data.eval):
+        texts = [p + c for p, c in zip(split["prompt"], split["completion"])]
+        n += sum(len(ids) + 1 > max_length for ids in tokenizer(texts)["input_ids"])
+    return n
+
+
+def build_trainer(cfg: Config, model, tokenizer, data: TaskData, output_dir: str):
+    """The trainer for the task.
+
+    Returns (trainer, metrics, truncated): metrics keeps the last per-class report (None for
+    SFT), and truncated counts the rows longer than model.max_length.
+    """
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback
+
+    args = training_arguments(cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss)
+    callbacks: list[TrainerCallback] = [MlflowMetricsCallback(perplexity=data.task == "sft")]
+    if cfg.train.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    if data.task == "sft":
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train.remove_columns("row_id"),
+            eval_dataset=data.eval.remove_columns("row_id"),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
+    train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
+    metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold)
+    common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                  processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                  compute_metrics=metrics, callbacks=callbacks)
+    if data.label_weights is not None:
+        trainer = WeightedLossTrainer(label_weights=data.label_weights, multilabel=data.task == "multilabel", **common)
+    else:
+        trainer = Trainer(**common)
+    return trainer, metrics, truncated
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy completions for the prompts, decoded without the prompt."""
+    if not prompts:
+        return []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    was_training = model.training
+    model.eval()
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def peak_gpu_mem_gb() -> Optional[float]:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
