@@ -19,7 +19,18 @@ DATA_DIR = ASSETS / "data"
 TOPIC_WORDS = {
     "sports": ["football", "goal", "striker", "match", "referee", "league", "tennis", "coach", "stadium", "tournament"],
     "food": ["recipe", "oven", "garlic", "pasta", "bakery", "soup", "chef", "spices", "dessert", "kitchen"],
-    "tech": ["laptop", "software", "compiler", "server", "battery", "keyboard", "network", "database", "chip", "update"],
+    "tech": [
+        "laptop",
+        "software",
+        "compiler",
+        "server",
+        "battery",
+        "keyboard",
+        "network",
+        "database",
+        "chip",
+        "update",
+    ],
     "music": ["guitar", "concert", "melody", "drummer", "album", "chorus", "violin", "singer", "rhythm", "orchestra"],
 }
 FILLER = ["today", "really", "quite", "the", "a", "new", "old", "big", "small", "local", "my", "our", "every", "week"]

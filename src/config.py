@@ -227,7 +227,11 @@ def _describe(choices: tuple) -> str:
 
 
 def _check_structure(data: Any, cls: type, path: str, problems: list[str]) -> Any:
-    """Check keys, types and choices against dataclass ``cls``; return an instance, or None on problems."""
+    """Check keys, types and choices against dataclass ``cls``.
+
+    Returns an instance even when some fields fail (those are None and listed in its
+    ``_invalid`` attribute), so the value checks can still run on the fields that passed.
+    """
     if not isinstance(data, dict):
         problems.append(f"{path.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
         return None
@@ -236,86 +240,115 @@ def _check_structure(data: Any, cls: type, path: str, problems: list[str]) -> An
         if key not in hints:
             problems.append(f"{path}{key}: unknown key (known: {', '.join(hints)})")
     kwargs: dict[str, Any] = {}
-    ok = True
+    invalid: set[str] = set()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if f.name not in data:
-            problems.append(f"{path}{f.name}: missing")
-            ok = False
-            continue
-        value = data[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _check_structure(value, tp, f"{path}{f.name}.", problems)
-            ok = ok and kwargs[f.name] is not None
-        elif value == "???":
-            problems.append(f"{path}{f.name}: missing (the preset leaves it to you: add {path}{f.name}=...)")
-            ok = False
+        value = data.get(f.name, "???")
+        if value == "???":
+            hint = "" if f.name not in data else f" (the preset leaves it to you: add {path}{f.name}=...)"
+            problems.append(f"{path}{f.name}: missing{hint}")
         elif not _matches(value, tp):
             problems.append(f"{path}{f.name}: expected {_type_name(tp)}, got {value!r}")
-            ok = False
         elif "choices" in f.metadata and not _in_choices(value, f.metadata["choices"]):
             problems.append(f"{path}{f.name}: expected one of {_describe(f.metadata['choices'])}, got {value!r}")
-            ok = False
         else:
             kwargs[f.name] = float(value) if tp is float else value
-    return cls(**kwargs) if ok else None
+            continue
+        kwargs[f.name] = None
+        invalid.add(f.name)
+    instance = cls(**kwargs)
+    instance._invalid = invalid
+    return instance
+
+
+def _ok(section: Any, *names: str) -> bool:
+    """True if the section exists and each named field passed its structure check."""
+    return section is not None and not set(names) & section._invalid
 
 
 def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
-    """Value and combination checks; a section that failed its structure check is skipped."""
+    """Value and combination checks, each run only if the fields it reads passed their type checks."""
     m, q, lora, d, t = (sections.get(k) for k in ("model", "quant", "lora", "data", "train"))
-    if m:
-        if m.max_length < 8:
-            problems.append(f"model.max_length: must be >= 8, got {m.max_length}")
-    if lora:
-        if lora.preset not in LORA_PRESETS:
-            problems.append(f"lora.preset: unknown preset {lora.preset!r} (known: {', '.join(LORA_PRESETS)})")
-        if lora.r < 1:
-            problems.append(f"lora.r: must be >= 1, got {lora.r}")
-        if lora.alpha <= 0:
-            problems.append(f"lora.alpha: must be > 0, got {lora.alpha}")
-        if not 0.0 <= lora.dropout < 1.0:
-            problems.append(f"lora.dropout: must be in [0, 1), got {lora.dropout}")
-        if lora.target_modules is not None and not lora.target_modules:
-            problems.append("lora.target_modules: empty list; leave it null to use the preset")
-    if d:
-        if (d.path is None) == (d.hub_id is None):
-            problems.append("data: set exactly one of data.path (a local file) or data.hub_id")
-        if not 0.0 < d.eval_fraction < 1.0:
-            problems.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
-        if d.subsample is not None and d.subsample < 1:
-            problems.append(f"data.subsample: must be >= 1, got {d.subsample}")
-        if d.task == "classification" and not d.label_column:
-            problems.append("data.label_column: required for task 'classification'")
-        if d.task == "multilabel" and not d.label_columns:
-            problems.append("data.label_columns: required for task 'multilabel' (one 0/1 column per label)")
-        if d.task != "classification" and d.class_weights != "none":
-            problems.append(f"data.class_weights: only for task 'classification', not {d.task!r}")
-        if d.task != "multilabel" and d.pos_weight != "none":
-            problems.append(f"data.pos_weight: only for task 'multilabel', not {d.task!r}")
-        if not 0.0 < d.threshold < 1.0:
-            problems.append(f"data.threshold: must be in (0, 1), got {d.threshold}")
-    if d and m and d.task == "sft" and m.architecture == "encoder":
-        problems.append(f"data.task=sft needs a decoder model; model {m.name!r} is an encoder")
-    if t:
-        if t.max_steps <= 0 and t.num_train_epochs <= 0:
-            problems.append("train: set train.max_steps > 0 or train.num_train_epochs > 0")
-        if t.learning_rate <= 0:
-            problems.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
-        if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
-            problems.append("train: per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
-        if t.bf16 and t.fp16:
-            problems.append("train: bf16 and fp16 cannot both be true")
-        if t.eval_strategy == "steps" and not t.eval_steps:
-            problems.append("train.eval_steps: required when train.eval_strategy=steps")
-        if t.early_stopping_patience is not None and t.eval_strategy == "no":
-            problems.append("train.early_stopping_patience: needs evaluation (train.eval_strategy != 'no')")
-        if t.load_best_model_at_end and t.save_strategy != t.eval_strategy:
-            problems.append("train.load_best_model_at_end: needs train.save_strategy equal to train.eval_strategy")
-    if q and q.bits in (4, 8):
+
+    def check(condition: bool, problem: str) -> None:
+        if condition:
+            problems.append(problem)
+
+    if _ok(m, "max_length"):
+        check(m.max_length < 8, f"model.max_length: must be >= 8, got {m.max_length}")
+    if _ok(lora, "preset", "r", "alpha", "dropout", "target_modules"):
+        check(
+            lora.preset not in LORA_PRESETS,
+            f"lora.preset: unknown preset {lora.preset!r} (known: {', '.join(LORA_PRESETS)})",
+        )
+        check(lora.r < 1, f"lora.r: must be >= 1, got {lora.r}")
+        check(lora.alpha <= 0, f"lora.alpha: must be > 0, got {lora.alpha}")
+        check(not 0.0 <= lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lora.dropout}")
+        check(lora.target_modules == [], "lora.target_modules: empty list; leave it null to use the preset")
+    if _ok(d, "path", "hub_id"):
+        check(
+            (d.path is None) == (d.hub_id is None),
+            "data.path / data.hub_id: set exactly one (a local data file, or a hub dataset id)",
+        )
+    if _ok(d, "eval_fraction", "subsample", "threshold"):
+        check(not 0.0 < d.eval_fraction < 1.0, f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
+        check(d.subsample is not None and d.subsample < 1, f"data.subsample: must be >= 1, got {d.subsample}")
+        check(not 0.0 < d.threshold < 1.0, f"data.threshold: must be in (0, 1), got {d.threshold}")
+    if _ok(d, "task", "label_column", "label_columns", "class_weights", "pos_weight"):
+        check(
+            d.task == "classification" and not d.label_column, "data.label_column: required for task 'classification'"
+        )
+        check(
+            d.task == "multilabel" and not d.label_columns,
+            "data.label_columns: required for task 'multilabel' (one 0/1 column per label)",
+        )
+        check(
+            d.task != "classification" and d.class_weights != "none",
+            f"data.class_weights: only for task 'classification', not {d.task!r}",
+        )
+        check(
+            d.task != "multilabel" and d.pos_weight != "none",
+            f"data.pos_weight: only for task 'multilabel', not {d.task!r}",
+        )
+    if _ok(d, "task") and _ok(m, "architecture", "name"):
+        check(
+            d.task == "sft" and m.architecture == "encoder",
+            f"data.task=sft needs a decoder model; model {m.name!r} is an encoder",
+        )
+    if _ok(
+        t,
+        "max_steps",
+        "num_train_epochs",
+        "learning_rate",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "bf16",
+        "fp16",
+    ):
+        check(
+            t.max_steps <= 0 and t.num_train_epochs <= 0, "train: set train.max_steps > 0 or train.num_train_epochs > 0"
+        )
+        check(t.learning_rate <= 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
+        check(
+            t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1,
+            "train: per_device_train_batch_size and gradient_accumulation_steps must be >= 1",
+        )
+        check(t.bf16 and t.fp16, "train: bf16 and fp16 cannot both be true")
+    if _ok(t, "eval_strategy", "eval_steps", "early_stopping_patience", "load_best_model_at_end", "save_strategy"):
+        check(
+            t.eval_strategy == "steps" and not t.eval_steps, "train.eval_steps: required when train.eval_strategy=steps"
+        )
+        check(
+            t.early_stopping_patience is not None and t.eval_strategy == "no",
+            "train.early_stopping_patience: needs evaluation (train.eval_strategy != 'no')",
+        )
+        check(
+            t.load_best_model_at_end and t.save_strategy != t.eval_strategy,
+            "train.load_best_model_at_end: needs train.save_strategy equal to train.eval_strategy",
+        )
+    if _ok(q, "bits") and q.bits in (4, 8):
         reason = bitsandbytes_unavailable()
-        if reason:
-            problems.append(f"quant.bits={q.bits}: bitsandbytes cannot run here ({reason}); use quant=none")
+        check(reason is not None, f"quant.bits={q.bits}: bitsandbytes cannot run here ({reason}); use quant=none")
 
 
 def bitsandbytes_unavailable() -> Optional[str]:
@@ -350,6 +383,9 @@ def validate(raw: Any) -> Config:
     _check_values(sections, problems)
     if problems:
         raise ConfigError(problems)
+    for section in sections.values():
+        if dataclasses.is_dataclass(section):
+            del section._invalid
     return Config(**sections)
 
 

@@ -58,8 +58,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError([f"data file not found: {path}"])
     if suffix in (".csv", ".tsv"):
         # keep_default_na=False: the text "NA" or "null" is data, not a missing value; empty cells stay "".
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[],
-                           encoding="utf-8")
+        return pd.read_csv(
+            path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[], encoding="utf-8"
+        )
     if suffix == ".jsonl":
         return pd.read_json(path, lines=True, dtype=False)
     if suffix == ".json":
@@ -130,8 +131,9 @@ def _label_index(df: pd.DataFrame, d: DataConfig, labels: list[str], split: str,
         for v in sorted({repr(values[i]) for i in np.flatnonzero(bad)}):
             by_value[v] = np.array([repr(x) == v for x in values]) & bad
         detail = "; ".join(f"{v} at {_row_ids(df, d, m)}" for v, m in by_value.items())
-        faults.append(f"{split}: {bad.sum()} label(s) in column {d.label_column!r} outside the label set "
-                      f"{labels}: {detail}")
+        faults.append(
+            f"{split}: {bad.sum()} label(s) in column {d.label_column!r} outside the label set {labels}: {detail}"
+        )
     return out
 
 
@@ -143,8 +145,10 @@ def _multilabel_matrix(df: pd.DataFrame, d: DataConfig, split: str, faults: list
         ok = np.array([str(v).strip() in ("0", "1", "0.0", "1.0", "True", "False") for v in cells])
         if not ok.all():
             bad_values = sorted({repr(cells[i]) for i in np.flatnonzero(~ok)})[:10]
-            faults.append(f"{split}: multi-label column {col!r} must hold 0/1, found {', '.join(bad_values)} "
-                          f"at {_row_ids(df, d, ~ok)}")
+            faults.append(
+                f"{split}: multi-label column {col!r} must hold 0/1, found {', '.join(bad_values)} "
+                f"at {_row_ids(df, d, ~ok)}"
+            )
         matrix[:, j] = [1.0 if str(v).strip() in ("1", "1.0", "True") else 0.0 for v in cells]
     return matrix
 
@@ -183,12 +187,17 @@ def _check_split(df: pd.DataFrame, d: DataConfig, split: str, source: str, fault
         faults.append(f"{split}: column {col!r} (from {key}) not found in {source}; available columns: {available}")
     if missing:
         return False
-    text_cols = d.text_columns if d.task != "sft" else [d.response_column] + (
-        [] if d.instruction_template else [d.instruction_column])
+    text_cols = (
+        d.text_columns
+        if d.task != "sft"
+        else [d.response_column] + ([] if d.instruction_template else [d.instruction_column])
+    )
     for col in text_cols:
         blank = _is_blank(df[col])
         if blank.any():
-            faults.append(f"{split}: {blank.sum()} empty or missing text(s) in column {col!r} at {_row_ids(df, d, blank)}")
+            faults.append(
+                f"{split}: {blank.sum()} empty or missing text(s) in column {col!r} at {_row_ids(df, d, blank)}"
+            )
     return True
 
 
@@ -308,7 +317,9 @@ def load_data(d: DataConfig) -> TaskData:
             "eval": {k: [v for v, m in zip(col, mask) if m] for k, col in train.items()},
         }
     if d.subsample and d.subsample < len(columns["train"]["row_id"]):
-        keep = sorted(np.random.default_rng(d.subsample_seed).permutation(len(columns["train"]["row_id"]))[: d.subsample])
+        keep = sorted(
+            np.random.default_rng(d.subsample_seed).permutation(len(columns["train"]["row_id"]))[: d.subsample]
+        )
         columns["train"] = {k: [col[i] for i in keep] for k, col in columns["train"].items()}
 
     weights = None

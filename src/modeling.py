@@ -134,7 +134,9 @@ def _preset_paths(paths: list[str], preset: str) -> list[str]:
     if preset == "attn":
         return [p for p in paths if leaf(p) in Q_NAMES | K_NAMES | V_NAMES | FUSED_QKV_NAMES or is_attention(p)]
     if preset == "mlp":
-        return [p for p in paths if not is_attention(p) and leaf(p) not in Q_NAMES | K_NAMES | V_NAMES | FUSED_QKV_NAMES]
+        return [
+            p for p in paths if not is_attention(p) and leaf(p) not in Q_NAMES | K_NAMES | V_NAMES | FUSED_QKV_NAMES
+        ]
     return list(paths)
 
 
@@ -153,8 +155,10 @@ def resolve_target_modules(model: torch.nn.Module, lora: LoraConfig) -> Union[st
         if item in LORA_PRESETS:
             found = _preset_paths(paths, item)
             if not found:
-                raise ValueError(f"LoRA preset {item!r} found no layers in {type(model).__name__}; "
-                                 f"its block linear layers are: {paths}")
+                raise ValueError(
+                    f"LoRA preset {item!r} found no layers in {type(model).__name__}; "
+                    f"its block linear layers are: {paths}"
+                )
             block_paths.extend(p for p in found if p not in block_paths)
         else:
             names.append(item)

@@ -16,8 +16,9 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -66,7 +67,8 @@ def run_name(raw: dict) -> str:
     model, quant, lora = raw.get("model") or {}, raw.get("quant") or {}, raw.get("lora") or {}
     targets = lora.get("target_modules")
     target_name = "+".join(targets) if isinstance(targets, list) and targets else lora.get("preset", "lora")
-    return f"{model.get('name', 'model')}-{quant.get('bits', '?')}bit-{target_name}-r{lora.get('r', '?')}-a{lora.get('alpha', '?')}"
+    bits, r, alpha = quant.get("bits", "?"), lora.get("r", "?"), lora.get("alpha", "?")
+    return f"{model.get('name', 'model')}-{bits}bit-{target_name}-r{r}-a{alpha}"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -116,8 +118,9 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[ml
         signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (e.g. a joblib worker thread): leave signals alone
         in_main_thread = False
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(raw), tags=all_tags,
-                           parent_run_id=parent or None)
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name(raw), tags=all_tags, parent_run_id=parent or None
+    )
     try:
         yield run
     except KeyboardInterrupt as exc:

@@ -29,7 +29,10 @@ def run(raw: dict) -> Optional[float]:
     with tracking.tracked_run(raw):
         cfg = validate(raw)
         tracking.log_params(tracking.flatten(raw))
-        mlflow.log_text(OmegaConf.to_yaml(raw), "config.yaml")
+        output_dir = Path(cfg.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+        mlflow.log_artifact(str(output_dir / "config.yaml"))
         data = load_data(cfg.data)  # raises DataError listing every fault, before any model loads
 
         from transformers import set_seed
@@ -38,20 +41,30 @@ def run(raw: dict) -> Optional[float]:
 
         set_seed(cfg.train.seed)
         tokenizer = modeling.load_tokenizer(cfg.model)
-        model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id,
-                                    cfg.train.activation_checkpointing)
+        model = modeling.load_model(
+            cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
+        )
         model = modeling.apply_lora(model, cfg.lora, data.task)
         trainable, total = modeling.count_params(model)
-        mlflow.log_params({"lora.resolved_targets": ",".join(modeling.target_leaf_names(model)),
-                           "data.train_rows": data.train.num_rows, "data.eval_rows": data.eval.num_rows})
-        mlflow.log_metrics({"trainable_params": trainable, "total_params": total,
-                            "trainable_pct": 100.0 * trainable / total})
-        output_dir = Path(cfg.output_dir)
-        trainer, metrics, truncated = training.build_trainer(cfg, model, tokenizer, data, str(output_dir / "checkpoints"))
+        mlflow.log_params(
+            {
+                "lora.resolved_targets": ",".join(modeling.target_leaf_names(model)),
+                "data.train_rows": data.train.num_rows,
+                "data.eval_rows": data.eval.num_rows,
+            }
+        )
+        mlflow.log_metrics(
+            {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
+        )
+        trainer, metrics, truncated = training.build_trainer(
+            cfg, model, tokenizer, data, str(output_dir / "checkpoints")
+        )
         mlflow.log_metric("data_truncated_rows", truncated)
         if truncated:
-            print(f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated",
-                  file=sys.stderr)
+            print(
+                f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated",
+                file=sys.stderr,
+            )
         prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if data.task == "sft" else []
         with model.disable_adapter():
             before = training.generate(model, tokenizer, prompts)
@@ -64,16 +77,24 @@ def run(raw: dict) -> Optional[float]:
         adapter_dir = output_dir / "adapter"
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
-        (adapter_dir / "label_map.json").write_text(json.dumps(
-            {"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2))
+        (adapter_dir / "label_map.json").write_text(
+            json.dumps({"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2)
+        )
         if cfg.tracking.log_adapter:
             mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         if metrics is not None:
             mlflow.log_dict(metrics.last_report, "classification_report.json")
         if prompts:
             after = training.generate(model, tokenizer, prompts)
-            mlflow.log_table({"prompt": prompts, "reference": data.eval["completion"][: len(prompts)],
-                              "before": before, "after": after}, artifact_file="samples.json")
+            mlflow.log_table(
+                {
+                    "prompt": prompts,
+                    "reference": data.eval["completion"][: len(prompts)],
+                    "before": before,
+                    "after": after,
+                },
+                artifact_file="samples.json",
+            )
 
         metric, _ = objective(cfg)
         value = final.get(metric)

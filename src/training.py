@@ -22,15 +22,26 @@ from src.data import TaskData
 
 # HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
 HF_TO_MLFLOW = {"loss": "train_loss", "train_loss": "train_loss_mean", "train_runtime": "train_runtime_s"}
-NOT_METRICS = {"epoch", "total_flos", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second",
-               "eval_samples_per_second", "eval_steps_per_second", "eval_runtime", "num_input_tokens_seen"}
+NOT_METRICS = {
+    "epoch",
+    "total_flos",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "train_tokens_per_second",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+    "eval_runtime",
+    "num_input_tokens_seen",
+}
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
-def training_arguments(train: TrainConfig, output_dir: str, task: str, max_length: int, response_only_loss: bool = True):
+def training_arguments(
+    train: TrainConfig, output_dir: str, task: str, max_length: int, response_only_loss: bool = True
+):
     """TrainingArguments (or TRL's SFTConfig) from the config; the field names are the same."""
     kwargs = {f.name: getattr(train, f.name) for f in dataclasses.fields(train) if f.name != "early_stopping_patience"}
     kwargs.update(
@@ -66,8 +77,10 @@ class ClassificationMetrics:
         if self.task == "multilabel":
             y_pred = (1 / (1 + np.exp(-logits)) >= self.threshold).astype(int)
             y_true = y_true.astype(int)
-            out = {f"f1_{avg}": skm.f1_score(y_true, y_pred, average=avg, zero_division=0)
-                   for avg in ("micro", "macro", "weighted", "samples")}
+            out = {
+                f"f1_{avg}": skm.f1_score(y_true, y_pred, average=avg, zero_division=0)
+                for avg in ("micro", "macro", "weighted", "samples")
+            }
             out["subset_accuracy"] = skm.accuracy_score(y_true, y_pred)
             per_label = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
             out.update({f"f1_label_{_safe(n)}": f for n, f in zip(names, per_label)})
@@ -78,8 +91,12 @@ class ClassificationMetrics:
                 "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
                 "mcc": skm.matthews_corrcoef(y_true, y_pred),
             }
-            out.update({f"f1_{avg}": skm.f1_score(y_true, y_pred, average=avg, zero_division=0)
-                        for avg in ("micro", "macro", "weighted")})
+            out.update(
+                {
+                    f"f1_{avg}": skm.f1_score(y_true, y_pred, average=avg, zero_division=0)
+                    for avg in ("micro", "macro", "weighted")
+                }
+            )
             per_class = skm.f1_score(y_true, y_pred, average=None, labels=range(len(names)), zero_division=0)
             out.update({f"f1_class_{_safe(n)}": f for n, f in zip(names, per_class)})
         self.last_report = skm.classification_report(
@@ -131,6 +148,7 @@ class MlflowMetricsCallback(TrainerCallback):
 
 def tokenize_classification(data: TaskData, tokenizer, max_length: int) -> tuple[Any, Any, int]:
     """Tokenize text with truncation; return (train, eval, number of truncated rows)."""
+
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
         full = tokenizer(batch["text"], truncation=False)["input_ids"]
@@ -180,9 +198,16 @@ def build_trainer(cfg: Config, model, tokenizer, data: TaskData, output_dir: str
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
     metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold)
-    common = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                  processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                  compute_metrics=metrics, callbacks=callbacks)
+    common = dict(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=metrics,
+        callbacks=callbacks,
+    )
     if data.label_weights is not None:
         trainer = WeightedLossTrainer(label_weights=data.label_weights, multilabel=data.task == "multilabel", **common)
     else:
@@ -203,10 +228,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> 
         tokenizer.padding_side = side
     was_training = model.training
     model.eval()
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model.train(was_training)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def peak_gpu_mem_gb() -> Optional[float]:

@@ -1,0 +1,59 @@
+"""Shared fixtures: composing the real config, a throwaway MLflow store, the tiny model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def compose_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR, config_name: str = "config"):
+    """Compose the real Hydra config (no output_dir interpolation) and return a plain resolved dict."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import src.config  # noqa: F401  registers the schema and the project_root resolver
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)
+    raw["output_dir"] = "unused"
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store in tmp_path, selected through MLFLOW_TRACKING_URI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The built tiny Llama (built once per machine under .cache/)."""
+    from src.tiny import resolve
+
+    return Path(resolve("builtin:tiny-llama"))
+
+
+def python_cmd() -> list[str]:
+    return [sys.executable]
