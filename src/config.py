@@ -104,6 +104,7 @@ class DataConfig:
     response_column: str
     response_only_loss: bool
     subsample: Optional[int]
+    eval_subsample: Optional[int]
     subsample_seed: int
     class_weights: Any = field(metadata={"choices": ("none", "balanced", list[float])})
     pos_weight: Any = field(metadata={"choices": ("none", "auto", list[float])})
@@ -290,9 +291,13 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             (d.path is None) == (d.hub_id is None),
             "data.path / data.hub_id: set exactly one (a local data file, or a hub dataset id)",
         )
-    if _ok(d, "eval_fraction", "subsample", "threshold"):
+    if _ok(d, "eval_fraction", "subsample", "eval_subsample", "threshold"):
         check(not 0.0 < d.eval_fraction < 1.0, f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
         check(d.subsample is not None and d.subsample < 1, f"data.subsample: must be >= 1, got {d.subsample}")
+        check(
+            d.eval_subsample is not None and d.eval_subsample < 1,
+            f"data.eval_subsample: must be >= 1, got {d.eval_subsample}",
+        )
         check(not 0.0 < d.threshold < 1.0, f"data.threshold: must be in (0, 1), got {d.threshold}")
     if _ok(d, "task", "label_column", "label_columns", "class_weights", "pos_weight"):
         check(

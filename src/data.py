@@ -316,11 +316,10 @@ def load_data(d: DataConfig) -> TaskData:
             "train": {k: [v for v, m in zip(col, mask) if not m] for k, col in train.items()},
             "eval": {k: [v for v, m in zip(col, mask) if m] for k, col in train.items()},
         }
-    if d.subsample and d.subsample < len(columns["train"]["row_id"]):
-        keep = sorted(
-            np.random.default_rng(d.subsample_seed).permutation(len(columns["train"]["row_id"]))[: d.subsample]
-        )
-        columns["train"] = {k: [col[i] for i in keep] for k, col in columns["train"].items()}
+    for split, n in (("train", d.subsample), ("eval", d.eval_subsample)):
+        if n and n < len(columns[split]["row_id"]):
+            keep = sorted(np.random.default_rng(d.subsample_seed).permutation(len(columns[split]["row_id"]))[:n])
+            columns[split] = {k: [col[i] for i in keep] for k, col in columns[split].items()}
 
     weights = None
     if d.task != "sft":

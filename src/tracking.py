@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -39,24 +38,33 @@ def tracking_uri(configured: Optional[str]) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def _store_lock(uri: str):
+    """A cross-process lock for a SQLite store: its first use creates tables, which must not race."""
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        return FileLock(uri[len("sqlite:///") :] + ".lock", timeout=300)
+    return contextlib.nullcontext()
+
+
 def ensure_experiment(name: str, uri: str) -> str:
-    """Set the store and return the experiment id, creating the experiment if needed.
+    """Set the store and return the experiment id, creating the store and experiment if needed.
 
     With the default store, artifacts go under ``<project>/mlruns`` whatever the working
-    directory. Parallel jobs may race to create it; the loser reads the winner's.
+    directory. Parallel jobs starting on a fresh SQLite store take turns through a file lock,
+    so exactly one creates the tables and the experiment.
     """
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    for attempt in range(5):
+    with _store_lock(uri):
+        client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         location = DEFAULT_ARTIFACT_ROOT.as_uri() + f"/{name}" if uri == DEFAULT_TRACKING_URI else None
         try:
             return client.create_experiment(name, artifact_location=location)
-        except MlflowException:
-            time.sleep(0.2 * (attempt + 1))
-    raise RuntimeError(f"could not create or find MLflow experiment {name!r} in {uri}")
+        except MlflowException:  # created meanwhile by a writer that does not take the lock (another host)
+            return client.get_experiment_by_name(name).experiment_id
 
 
 def run_name(raw: dict) -> str:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import hydra
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from src import tracking
+from src import sweeping, sweeping_trial, tracking  # noqa: F401  sweeping registers hydra/sweeper configs
 from src.config import ConfigError, objective, validate
 from src.data import DataError, load_data
 
@@ -105,16 +105,24 @@ def run(raw: dict) -> Optional[float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> Optional[float]:
+def main(cfg: DictConfig) -> Union[float, dict, None]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     raw = OmegaConf.to_container(cfg, resolve=True)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # One job of a sweep: in a fresh process unless hydra.sweeper.isolate=false; errors go to the
+        # sweeper, which records them and goes on. Returns the run id and its final metrics.
+        feasibility = OmegaConf.select(hydra_cfg, "sweeper.feasibility", default=None)
+        return sweeping_trial.run_job(
+            raw,
+            isolate=OmegaConf.select(hydra_cfg, "sweeper.isolate", default=True),
+            feasibility=sweeping_trial.Feasibility(**feasibility) if feasibility else sweeping_trial.Feasibility(),
+        )
     try:
         return run(raw)
     except (ConfigError, DataError) as exc:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
         print(f"error: {exc}", file=sys.stderr)  # the whole report, without a traceback
         sys.exit(2)
 

@@ -1,0 +1,153 @@
+"""Converters and LoRA target resolution on real architectures built from their configs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+
+from src import modeling
+from src.config import LoraConfig, QuantConfig
+
+LORA = LoraConfig(preset="attn_qv", r=8, alpha=16, dropout=0.0, bias="none", target_modules=None, modules_to_save=None)
+
+
+def _meta(model_cls, config):
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+def openllama3b():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=3200,
+        intermediate_size=8640,
+        num_hidden_layers=26,
+        num_attention_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
+    return _meta(LlamaForCausalLM, config)
+
+
+@pytest.mark.parametrize(
+    ("lora", "expected"),
+    [
+        (LORA, 2_662_400),
+        (replace(LORA, r=16), 5_324_800),
+        (replace(LORA, target_modules=["all_linear", "lm_head"]), 12_994_560),
+    ],
+    ids=["qv-r8", "qv-r16", "all_linear+lm_head-r8"],
+)
+def test_seed_table_trainable_counts_are_exact(lora, expected):
+    model = modeling.apply_lora(openllama3b(), lora, "sft")
+    trainable, total = modeling.count_params(model)
+    assert trainable == expected
+    assert total == 3_426_473_600 + expected
+
+
+def test_bnb_config_matches_the_quant_preset():
+    q4 = modeling.to_bnb_config(QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16"))
+    assert q4.load_in_4bit and q4.bnb_4bit_quant_type == "nf4" and q4.bnb_4bit_use_double_quant
+    assert q4.bnb_4bit_compute_dtype == torch.bfloat16
+    q8 = modeling.to_bnb_config(QuantConfig(bits=8, quant_type="nf4", double_quant=False, compute_dtype="bfloat16"))
+    assert q8.load_in_8bit and not q8.load_in_4bit
+    assert (
+        modeling.to_bnb_config(QuantConfig(bits=16, quant_type="nf4", double_quant=False, compute_dtype="bfloat16"))
+        is None
+    )
+
+
+def _targets(model, preset: str) -> list[str]:
+    pattern = modeling.resolve_target_modules(model, replace(LORA, preset=preset))
+    return sorted(n for n, _ in model.named_modules() if re.fullmatch(pattern, n))
+
+
+def test_presets_on_llama_find_the_named_projections():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=100,
+            num_labels=3,
+        )
+    )
+    leaves = {p: sorted({n.split(".")[-1] for n in _targets(model, p)}) for p in modeling.LORA_PRESETS}
+    assert leaves["attn_qv"] == ["q_proj", "v_proj"]
+    assert leaves["attn"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert leaves["mlp"] == ["down_proj", "gate_proj", "up_proj"]
+    assert leaves["all_linear"] == sorted(leaves["attn"] + leaves["mlp"])
+    assert len(_targets(model, "all_linear")) == 2 * 7
+    assert "score" not in leaves["all_linear"]  # the output head is excluded, as in peft's all-linear
+
+
+def test_presets_on_phi3_use_the_fused_projections():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    model = _meta(
+        Phi3ForCausalLM,
+        Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=32064),
+    )
+    leaves = {p: sorted({n.split(".")[-1] for n in _targets(model, p)}) for p in modeling.LORA_PRESETS}
+    assert leaves["attn_qv"] == ["qkv_proj"]
+    assert leaves["attn"] == ["o_proj", "qkv_proj"]
+    assert leaves["mlp"] == ["down_proj", "gate_up_proj"]
+    assert leaves["all_linear"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+
+
+def test_presets_on_bert_tell_attention_output_from_mlp_output():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(
+        BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    )
+    assert _targets(model, "attn_qv") == [
+        f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "value")
+    ]
+    mlp = _targets(model, "mlp")
+    assert mlp == [f"bert.encoder.layer.{i}.{n}" for i in (0, 1) for n in ("intermediate.dense", "output.dense")]
+    attn = _targets(model, "attn")
+    assert "bert.encoder.layer.0.attention.output.dense" in attn
+    assert not set(attn) & set(mlp)
+    all_linear = _targets(model, "all_linear")
+    assert len(all_linear) == 12 and "bert.pooler.dense" not in all_linear and "classifier" not in all_linear
+
+
+def test_explicit_targets_may_mix_presets_and_names_and_must_exist():
+    model = openllama3b()
+    pattern = modeling.resolve_target_modules(model, replace(LORA, target_modules=["attn_qv", "lm_head"]))
+    matched = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+    assert "lm_head" in matched and len(matched) == 26 * 2 + 1
+    assert modeling.resolve_target_modules(model, replace(LORA, target_modules=["q_proj"])) == ["q_proj"]
+    with pytest.raises(ValueError, match=r"'qproj' matches no linear layer"):
+        modeling.resolve_target_modules(model, replace(LORA, target_modules=["qproj"]))
+
+
+def test_four_bit_weights_count_their_real_size(tiny_model_dir):
+    from src.config import ModelConfig
+
+    model_cfg = ModelConfig(
+        name="tiny",
+        name_or_path=str(tiny_model_dir),
+        architecture="decoder",
+        revision=None,
+        dtype="float32",
+        max_length=64,
+        trust_remote_code=False,
+    )
+    counts = {}
+    for bits in (16, 4, 8):
+        quant = QuantConfig(bits=bits, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
+        model = modeling.load_model(model_cfg, quant, "classification", ["a", "b"], pad_token_id=2)
+        counts[bits] = modeling.count_params(modeling.apply_lora(model, LORA, "classification"))
+    assert counts[4] == counts[16] == counts[8]
+    trainable, total = counts[16]
+    # q and v adapters in both layers (q: 128->128, v: 128->64) plus the 2-class score head (128 x 2).
+    assert trainable == 2 * (8 * (128 + 128) + 8 * (128 + 64)) + 128 * 2

@@ -1,0 +1,237 @@
+"""End-to-end runs of the train entrypoint on the tiny model, and the MLflow record they leave."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+
+from src import modeling, tracking, training
+from src.config import validate
+from src.data import load_data
+from src.train import run
+from tests.conftest import ROOT, compose_config
+
+FAST = [
+    "train.max_steps=4",
+    "train.logging_steps=2",
+    "train.eval_strategy=no",
+    "data.subsample=48",
+    "data.eval_subsample=24",
+    "train.per_device_train_batch_size=8",
+]
+
+
+def _run(tmp_path, overrides):
+    raw = compose_config([*FAST, *overrides])
+    raw["output_dir"] = str(tmp_path / "out")
+    value = run(raw)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time DESC"])
+    return value, runs[0]
+
+
+def _artifacts(run_id, path=None):
+    return sorted(a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path))
+
+
+@pytest.mark.parametrize(
+    ("data", "quant"),
+    [
+        ("topics", "none"),
+        ("topics", "4bit"),
+        ("topics", "8bit"),
+        ("topics_multilabel", "none"),
+        ("instructions", "none"),
+        ("instructions", "4bit"),
+    ],
+)
+def test_end_to_end_run_is_recorded_by_contract(tmp_path, mlflow_store, data, quant):
+    value, run_ = _run(tmp_path, [f"data={data}", f"quant={quant}"])
+    bits = {"none": 16, "4bit": 4, "8bit": 8}[quant]
+    assert run_.info.status == "FINISHED"
+    assert run_.info.run_name == f"tiny-{bits}bit-attn_qv-r8-a16"
+    params, metrics = run_.data.params, run_.data.metrics
+    assert params["lora.r"] == "8" and params["quant.bits"] == str(bits) and params["data.name"] == data
+    assert params["model.name_or_path"] == "builtin:tiny-llama" and params["lora.resolved_targets"] == "q_proj,v_proj"
+    for name in (
+        "trainable_params",
+        "total_params",
+        "trainable_pct",
+        "train_runtime_s",
+        "train_tokens_per_s",
+        "train_loss",
+        "objective",
+        "eval_loss",
+    ):
+        assert name in metrics, name
+    assert metrics["objective"] == pytest.approx(value)
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["trainable_pct"] == pytest.approx(100 * metrics["trainable_params"] / metrics["total_params"])
+    artifacts = _artifacts(run_.info.run_id)
+    assert {"adapter", "config.yaml"} <= set(artifacts)
+    adapter = _artifacts(run_.info.run_id, "adapter")
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/label_map.json",
+        "adapter/tokenizer.json",
+    } <= set(adapter)
+    assert not any(p.endswith((".bin", ".pt", ".pkl")) for p in adapter)
+    if data == "instructions":
+        assert "eval_perplexity" in metrics and "samples.json" in artifacts
+    elif data == "topics":
+        assert {
+            "eval_accuracy",
+            "eval_balanced_accuracy",
+            "eval_f1_micro",
+            "eval_f1_macro",
+            "eval_f1_weighted",
+            "eval_mcc",
+            "eval_f1_class_food",
+        } <= set(metrics)
+        assert "classification_report.json" in artifacts
+    else:
+        assert {
+            "eval_f1_micro",
+            "eval_f1_macro",
+            "eval_f1_weighted",
+            "eval_f1_samples",
+            "eval_subset_accuracy",
+            "eval_f1_label_music",
+        } <= set(metrics)
+
+
+def test_resolved_config_artifact_round_trips(tmp_path, mlflow_store):
+    _, run_ = _run(tmp_path, ["lora=all_linear", "lora.r=4", "lora.alpha=8"])
+    path = mlflow.MlflowClient().download_artifacts(run_.info.run_id, "config.yaml", str(tmp_path))
+    import yaml
+
+    saved = yaml.safe_load(open(path))
+    cfg = validate(saved)
+    assert (cfg.lora.preset, cfg.lora.r, cfg.lora.alpha) == ("all_linear", 4, 8)
+    assert run_.info.run_name == "tiny-16bit-all_linear-r4-a8"
+    assert run_.data.params["lora.resolved_targets"] == "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
+
+
+def test_class_weights_change_the_loss(tmp_path, mlflow_store):
+    _, plain = _run(tmp_path / "a", [])
+    _, weighted = _run(tmp_path / "b", ["data.class_weights=[1.0,1.0,50.0]"])
+    assert plain.data.metrics["train_loss"] != pytest.approx(weighted.data.metrics["train_loss"], rel=1e-3)
+
+
+def test_adapter_learns_while_base_stays_frozen_and_reload_predicts_the_same(tmp_path):
+    from peft import PeftModel
+
+    cfg = validate(compose_config([*FAST, "train.max_steps=6"]))
+    data = load_data(cfg.data)
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    model = modeling.apply_lora(
+        modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id), cfg.lora, data.task
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, str(tmp_path / "ckpt"))
+    trainer.train()
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    trainable = {n for n, p in after.items() if p.requires_grad}
+    assert changed, "no parameter changed"
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+    assert any("lora_B" in n for n in changed) and any("score" in n for n in changed)
+
+    model.save_pretrained(tmp_path / "adapter")
+    batch = tokenizer(["the football match was great", "a recipe with garlic"], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    base = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+
+
+def test_bad_data_ends_the_run_failed_with_the_reason(tmp_path, mlflow_store):
+    path = tmp_path / "bad.csv"
+    path.write_text("id,text,label\n1,hello,a\n2,,b\n3,world,a\n4,again,b\n")
+    raw = compose_config(
+        [*FAST, "data=file", f"data.path={path}", "data.task=classification", "data.label_column=label"]
+    )
+    raw["output_dir"] = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="empty or missing text"):
+        run(raw)
+    run_ = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run_.info.status == "FAILED"
+    assert run_.data.tags["error_type"] == "DataError"
+    assert "id 2" in run_.data.tags["error"]
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_invalid_config_still_leaves_a_failed_run(tmp_path, mlflow_store):
+    raw = compose_config(["lora.r=0"])
+    with pytest.raises(ValueError, match="lora.r"):
+        run(raw)
+    run_ = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run_.info.status == "FAILED" and run_.data.tags["error_type"] == "ConfigError"
+
+
+def test_sigterm_ends_the_run_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracking.ensure_experiment("lora-sweeps", uri)  # the store exists before this test polls it
+    client = mlflow.MlflowClient(uri)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "src.train",
+            "train.max_steps=100000",
+            "train.eval_strategy=no",
+            f"tracking.tracking_uri={uri}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # wait until training has started logging
+            time.sleep(1)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and "train_loss" in runs[0].data.metrics:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    run_ = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run_.info.status == "KILLED"
+    assert run_.data.tags["error_type"] == "Terminated"
+
+
+def test_offline_default_learns_above_the_majority_baseline(tmp_path):
+    """The README's main command, as a user runs it (slowest test of the default tier, ~30 s)."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", f"tracking.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    run_ = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    majority = 0.5  # 'sports' share of the bundled topics data; a majority-class F1-macro would be 0.22
+    assert run_.info.status == "FINISHED"
+    assert run_.data.metrics["eval_accuracy"] > majority + 0.2
+    assert run_.data.metrics["eval_f1_macro"] > 0.6
+    label_map = json.loads((tmp_path / "out" / "adapter" / "label_map.json").read_text())
+    assert label_map["labels"] == ["food", "sports", "tech"]
