@@ -1,8 +1,11 @@
 """The embedded default model: a tiny Llama built deterministically, with no download.
 
 ``model=tiny`` points at ``builtin:tiny-llama``. On first use this module trains a small
-byte-level BPE tokenizer on the bundled datasets and builds a random-weight Llama from a
-fixed seed, then saves both under ``.cache/tiny-llama`` in the project root. Every later
+byte-level BPE tokenizer on the bundled datasets, builds a Llama from a fixed seed and
+pretrains it briefly (full weights, next-token loss) on the bundled plain sentences, so that
+LoRA has a language model to adapt rather than noise; then it saves both under
+``.cache/tiny-llama`` in the project root. The instruction data is left out of pretraining:
+teaching that format is the SFT run's job. Every later
 load reads that directory like any local checkpoint, so the loading code is the same as for
 a hub model. Like Llama, the tokenizer has no pad token: the training code must set one.
 
@@ -22,7 +25,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = {"tiny-llama": PROJECT_ROOT / ".cache" / "tiny-llama"}
 # Bump when the recipe below changes, so stale caches are rebuilt rather than reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 4
+PRETRAIN_STEPS = 80
+PRETRAIN_BATCH = 32
 
 VOCAB_SIZE = 1024
 ARCH = {
@@ -74,6 +79,41 @@ def build_tokenizer():
     )
 
 
+def pretrain(model, tokenizer, steps: int = PRETRAIN_STEPS) -> list[float]:
+    """A few hundred seeded AdamW steps of next-token prediction on the bundled sentences."""
+    import random
+
+    import torch
+
+    texts = [t for path in sorted(DATA_DIR.glob("topics*_train.csv")) for t in _csv_texts(path)]
+    rng = random.Random(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    pad_id = tokenizer.eos_token_id
+    losses = []
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(texts, PRETRAIN_BATCH)
+        ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in batch]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        labels = input_ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _csv_texts(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        return [row["text"] for row in csv.DictReader(f)]
+
+
 def build(out_dir: Path) -> Path:
     """Write the tiny tokenizer and a seeded random-weight LlamaForCausalLM to ``out_dir``."""
     import torch
@@ -89,6 +129,7 @@ def build(out_dir: Path) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    pretrain(model, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

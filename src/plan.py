@@ -1,0 +1,470 @@
+"""Plan a run before it runs: exact parameter counts and an estimate of peak GPU memory.
+
+    python -m src.plan model=openllama3b quant=4bit lora=all_linear train=gpu
+    python -m src.plan model=openllama3b model.name_or_path=/dir/with/config.json lora.r=16
+    python -m src.plan -cd sweeps -cn seed_table        # another config dir/name; a sweep plans its base config
+
+It takes the same overrides as ``src.train``, builds the model from its ``config.json`` alone
+on PyTorch's meta device (no weights, no download, about a second for 3B parameters), applies
+the configured LoRA with the training code's own ``apply_lora``, and counts parameters exactly
+as a training run logs them. It never reads the data. The last stdout line is a JSON object
+(``trainable_params``, ``total_params``, ``est_peak_gpu_mem_gb``, ...); :func:`plan` returns
+the same dict to other code, such as a sweeper's feasibility check.
+
+Memory model, in bytes; the estimate is their sum over 2**30 (GiB), comparable with the
+``peak_gpu_mem_gb`` metric (``torch.cuda.max_memory_allocated``). Every coefficient is a named
+constant below. Calibrated on an H100 with transformers 5.23, peft 0.21, trl 1.16, bitsandbytes
+0.50 (OpenLLaMA-3B shape, random weights, seq 512, batch 2-16, 23 runs): 4- and 16-bit runs land
+within 3% of the measured peak; 8-bit within 2%, but from two runs only. Other architectures
+(grouped-query attention, GELU MLPs, encoders) use the same coefficients, unmeasured.
+
+- **Base weights.** 16-bit: every parameter at ``model.dtype``. 4- and 8-bit: bitsandbytes
+  quantizes the ``nn.Linear`` layers except the output head (transformers'
+  ``get_keys_to_not_convert``). NF4/FP4 stores half a byte per weight plus one fp32 absmax per
+  64-weight block (+1/16 byte); double quantization stores that absmax in 8 bits with one fp32
+  per 256 blocks (+1/64 + 1/4096 byte). LLM.int8 stores a byte per weight and an fp32 scale per
+  output row. Embeddings, norms, biases and the head are not quantized, and peft's
+  ``prepare_model_for_kbit_training`` upcasts them to fp32. A quantized matmul dequantizes one
+  weight at a time: one 2-byte copy of the largest layer.
+- **Trainable parameters** (LoRA A/B, saved heads) are fp32: weight 4 bytes, gradient 4, and the
+  optimizer state: 8 for AdamW's two moments, 2 for 8-bit optimizers (``*8bit``), 4 for Lion, 0
+  for plain SGD. Paged optimizers keep state in CUDA managed memory, which
+  ``max_memory_allocated`` does not see; it is counted anyway (it sits on the GPU until memory
+  runs short).
+- **Activations**, for ``batch x model.max_length`` tokens (batches padded to the maximum: an
+  upper bound). Two widths: the residual stream's (fp32 under a 4/8-bit base, whose norms and
+  embeddings are upcast; else ``model.dtype``) and the matmul outputs' (2 bytes under bf16/fp16
+  autocast, else the residual width). Without checkpointing each layer keeps, per token,
+  ``ACT_RESIDUAL_PER_HIDDEN x hidden`` residual-width values (norm inputs, q/k/v, attention output;
+  SDPA keeps no seq x seq matrix) and ``ACT_MATMUL_PER_INTERMEDIATE x intermediate`` matmul-width
+  values (the MLP's gate, up, activation and product). Each LoRA layer adds, per input feature,
+  a matmul-width copy of its input and a 1-byte dropout mask (none when dropout is 0). With
+  activation checkpointing each layer keeps only ``CKPT_RESIDUAL_PER_HIDDEN x hidden`` values and
+  one layer (with its LoRA inputs) is rebuilt at a time. bitsandbytes' int8 matmul keeps its input
+  on the autograd context, out of checkpointing's reach: ``INT8_KEPT_BYTES_PER_INPUT`` bytes per
+  token per input feature of every int8 layer, with or without checkpointing.
+- **Logits.** TRL's ``SFTTrainer`` (the plain SFT path, ``train.fast_path=false``) computes
+  log-probabilities through a fused, tiled LM head and never holds ``batch x seq x vocab``
+  logits; measured, it adds nothing to the peak. The fast path's trainer (``src/packing.py``) takes
+  the model's own loss, which materializes them: ``tokens x vocab x LOGITS_BYTES`` times
+  ``LOSS_LOGITS_FACTOR`` (bf16 logits, their fp32 copy and log-softmax: measured 9 bytes a logit)
+  or, with checkpointing, where the peak falls in the backward pass, ``LOSS_LOGITS_FACTOR_CKPT``
+  (measured about 5 bytes). A classifier's logits are ``tokens x num_labels``: negligible.
+- **Overhead**: ``OVERHEAD_GB`` on top (cuBLAS workspaces, small buffers): measured about zero.
+
+``est_peak_gpu_mem_gb`` is that sum. What a GPU must have free is more: the caching allocator
+reserves up to ``ALLOCATOR_RESERVE_FACTOR`` times what it has allocated (measured 1.03-1.16), and
+the CUDA context takes ``CUDA_CONTEXT_GB``; ``est_gpu_mem_needed_gb`` adds both, for feasibility
+checks against a card's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from src.config import Config, ConfigError, validate
+from src.tiny import PROJECT_ROOT
+from src.tiny import resolve as resolve_builtin
+
+CONF_DIR = PROJECT_ROOT / "conf"
+GIB = 2**30
+
+# Base weights: bytes per quantized weight (see the module docstring).
+NF4_BYTES_PER_WEIGHT = 0.5
+NF4_BLOCKSIZE = 64  # weights per absmax
+NF4_DOUBLE_QUANT_BLOCKSIZE = 256  # absmax values per second-level fp32 scale
+INT8_BYTES_PER_WEIGHT = 1.0
+INT8_BYTES_PER_ROW = 4  # fp32 scale per output row
+UNQUANTIZED_BYTES_K_BIT = 4  # prepare_model_for_kbit_training upcasts the rest to fp32
+DEQUANT_BYTES_PER_WEIGHT = 2  # one dequantized copy of the largest quantized layer
+
+# Trainable parameters: fp32 weight + fp32 gradient, plus the optimizer state.
+TRAINABLE_WEIGHT_BYTES = 4
+TRAINABLE_GRAD_BYTES = 4
+ADAM_STATE_BYTES = 8
+EIGHT_BIT_STATE_BYTES = 2
+LION_STATE_BYTES = 4
+
+# Activations, per token. Fitted on the H100 runs described in the module docstring.
+ACT_RESIDUAL_PER_HIDDEN = 7.5  # values kept per layer, x hidden_size, at the residual width
+ACT_MATMUL_PER_INTERMEDIATE = 4.0  # values kept per layer, x intermediate_size, at the matmul width
+CKPT_RESIDUAL_PER_HIDDEN = 1.33  # values kept per checkpointed layer, x hidden_size, at the residual width
+LORA_DROPOUT_MASK_BYTES = 1  # per LoRA input feature, when lora.dropout > 0
+INT8_KEPT_BYTES_PER_INPUT = 3.6  # per input feature of every int8 layer, checkpointing or not
+
+# Logits, when they are materialized (not under TRL's fused LM head).
+LOGITS_BYTES = 4
+LOSS_LOGITS_FACTOR = 2.25  # measured 9 bytes a logit
+LOSS_LOGITS_FACTOR_CKPT = 1.25  # measured 4.5-5.2 bytes a logit with activation checkpointing
+
+OVERHEAD_GB = 0.0  # fitted intercept: -0.04 GiB
+ALLOCATOR_RESERVE_FACTOR = 1.16  # max_memory_reserved / max_memory_allocated, worst measured
+CUDA_CONTEXT_GB = 0.5
+
+DEFAULT_NUM_LABELS = 2  # a classifier's head size when the labels are known only from the data
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class PlanError(ValueError):
+    """The model's config cannot be found or built; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs to know about a base model (before LoRA)."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_params: int  # every parameter of the base model
+    quantizable_params: int  # weights of the linear layers bitsandbytes would quantize
+    quantizable_rows: int  # their output features, summed
+    quantizable_inputs: int  # their input features, summed
+    largest_quantizable: int  # weights in the largest such layer
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """What LoRA adds to the activations, summed over every adapted layer of the model."""
+
+    in_features: int
+    dropout: bool
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Bytes per activation value: the residual stream's, and the matmul outputs'."""
+
+    residual: int
+    matmul: int
+
+
+def optimizer_state_bytes(optim: str) -> int:
+    """Optimizer state bytes per trainable parameter, from a TrainingArguments ``optim`` name."""
+    name = optim.lower()
+    if "8bit" in name:
+        return EIGHT_BIT_STATE_BYTES
+    if "lion" in name:
+        return LION_STATE_BYTES
+    if name == "sgd":
+        return 0  # torch SGD without momentum, as TrainingArguments builds it
+    return ADAM_STATE_BYTES
+
+
+def memory_breakdown_gb(
+    shape: ModelShape,
+    lora: LoraShape,
+    trainable_params: int,
+    *,
+    batch_size: int,
+    seq_len: int,
+    bits: int,
+    double_quant: bool,
+    weight_dtype_bytes: int,
+    widths: Widths,
+    optim: str,
+    activation_checkpointing: bool,
+    causal_lm: bool,
+    fused_lm_head: bool = True,
+    num_labels: int = DEFAULT_NUM_LABELS,
+) -> dict[str, float]:
+    """Peak GPU memory of one training step, by component, in GiB (see the module docstring)."""
+    if bits == 16:
+        weights = shape.num_params * weight_dtype_bytes
+    else:
+        if bits == 4:
+            if double_quant:  # 8-bit absmax per block, plus an fp32 scale per 256 blocks
+                absmax = 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * NF4_DOUBLE_QUANT_BLOCKSIZE)
+            else:  # fp32 absmax per block
+                absmax = 4 / NF4_BLOCKSIZE
+            quantized = shape.quantizable_params * (NF4_BYTES_PER_WEIGHT + absmax)
+        else:
+            quantized = shape.quantizable_params * INT8_BYTES_PER_WEIGHT + shape.quantizable_rows * INT8_BYTES_PER_ROW
+        unquantized = (shape.num_params - shape.quantizable_params) * UNQUANTIZED_BYTES_K_BIT
+        weights = quantized + unquantized + shape.largest_quantizable * DEQUANT_BYTES_PER_WEIGHT
+
+    trainable = trainable_params * (TRAINABLE_WEIGHT_BYTES + TRAINABLE_GRAD_BYTES + optimizer_state_bytes(optim))
+
+    tokens = batch_size * seq_len
+    layer = (
+        ACT_RESIDUAL_PER_HIDDEN * shape.hidden_size * widths.residual
+        + ACT_MATMUL_PER_INTERMEDIATE * shape.intermediate_size * widths.matmul
+    )
+    lora_inputs = lora.in_features * (widths.matmul + (LORA_DROPOUT_MASK_BYTES if lora.dropout else 0))
+    if activation_checkpointing:
+        kept = shape.num_layers * CKPT_RESIDUAL_PER_HIDDEN * shape.hidden_size * widths.residual
+        per_token = kept + layer + lora_inputs / max(shape.num_layers, 1)
+    else:
+        per_token = shape.num_layers * layer + lora_inputs
+    if bits == 8:
+        per_token += shape.quantizable_inputs * INT8_KEPT_BYTES_PER_INPUT
+    activations = tokens * per_token
+
+    factor = LOSS_LOGITS_FACTOR_CKPT if activation_checkpointing else LOSS_LOGITS_FACTOR
+    if causal_lm:
+        logits = 0.0 if fused_lm_head else tokens * shape.vocab_size * LOGITS_BYTES * factor
+    else:
+        logits = tokens * num_labels * LOGITS_BYTES * factor
+
+    return {
+        "weights": weights / GIB,
+        "trainable_states": trainable / GIB,
+        "activations": activations / GIB,
+        "logits": logits / GIB,
+        "overhead": OVERHEAD_GB,
+    }
+
+
+def estimate_peak_memory_gb(*args: Any, **kwargs: Any) -> float:
+    """The estimated peak GPU memory in GiB: the sum of :func:`memory_breakdown_gb` (same arguments)."""
+    return sum(memory_breakdown_gb(*args, **kwargs).values())
+
+
+def gpu_mem_needed_gb(peak_gb: float) -> float:
+    """Free GPU memory a run needs for an allocated peak: allocator reserve and the CUDA context."""
+    return peak_gb * ALLOCATOR_RESERVE_FACTOR + CUDA_CONTEXT_GB
+
+
+def load_model_config(name_or_path: str, revision: Optional[str], trust_remote_code: bool):
+    """The transformers config, from a local directory or the local hub cache; never downloaded."""
+    from transformers import AutoConfig
+
+    path = resolve_builtin(name_or_path)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise PlanError(f"model.name_or_path={name_or_path}: the directory {local} has no config.json")
+    elif local.is_absolute() or path.startswith((".", "~")):
+        raise PlanError(
+            f"model.name_or_path={name_or_path}: no such directory; pass a directory holding the model's config.json"
+        )
+    try:
+        return AutoConfig.from_pretrained(
+            str(local) if local.is_dir() else path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,  # plan needs a config, never weights, and must work offline
+        )
+    except (OSError, ValueError) as exc:
+        raise PlanError(
+            f"model.name_or_path={name_or_path}: not a local directory and not in the local hub cache, and plan "
+            f"never downloads. Pass model.name_or_path=/path/to/dir holding the model's config.json (on a machine "
+            f"with hub access: AutoConfig.from_pretrained('{name_or_path}').save_pretrained('DIR')). "
+            f"[{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]"
+        ) from exc
+
+
+def num_labels_of(cfg: Config) -> Optional[int]:
+    """Classifier outputs from the config (label columns, or data.labels); None where only the data knows."""
+    if cfg.data.task == "multilabel" and cfg.data.label_columns:
+        return len(cfg.data.label_columns)
+    return len(cfg.data.labels) if cfg.data.labels else None
+
+
+def build_meta_model(model_config, cfg: Config):
+    """The base model on the meta device: every parameter's shape, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from src.modeling import DTYPES
+
+    kwargs = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code}
+    with torch.device("meta"):
+        if cfg.data.task == "sft":
+            return AutoModelForCausalLM.from_config(model_config, **kwargs)
+        model_config.num_labels = num_labels_of(cfg) or DEFAULT_NUM_LABELS
+        return AutoModelForSequenceClassification.from_config(model_config, **kwargs)
+
+
+def _first_attr(config, names: tuple[str, ...], default: Optional[int] = None) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    if default is None:
+        raise PlanError(f"{type(config).__name__} has none of {names}; cannot size its activations")
+    return default
+
+
+def model_shape(model, model_config) -> ModelShape:
+    """Sizes of a base model (before LoRA), and the linear layers bitsandbytes would quantize."""
+    from torch import nn
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    text = model_config.get_text_config()
+    hidden = _first_attr(text, ("hidden_size", "n_embd", "d_model"))
+    skip = get_keys_to_not_convert(model)  # what the bnb quantizer keeps in full precision: the output head
+    quantizable = [m for name, m in model.named_modules() if type(m) is nn.Linear and should_convert_module(name, skip)]
+    return ModelShape(
+        num_layers=_first_attr(text, ("num_hidden_layers", "n_layer", "num_layers")),
+        hidden_size=hidden,
+        intermediate_size=_first_attr(text, ("intermediate_size", "n_inner", "ffn_dim"), default=4 * hidden),
+        vocab_size=_first_attr(text, ("vocab_size",)),
+        num_params=sum(p.numel() for p in model.parameters()),
+        quantizable_params=sum(m.weight.numel() for m in quantizable),
+        quantizable_rows=sum(m.out_features for m in quantizable),
+        quantizable_inputs=sum(m.in_features for m in quantizable),
+        largest_quantizable=max((m.weight.numel() for m in quantizable), default=0),
+    )
+
+
+def lora_shape(peft_model, dropout: float) -> LoraShape:
+    """Input features summed over the layers that received LoRA adapters."""
+    in_features = 0
+    for module in peft_model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and len(lora_a):
+            in_features += next(iter(lora_a.values())).in_features
+    return LoraShape(in_features=in_features, dropout=dropout > 0)
+
+
+def activation_widths(cfg: Config) -> Widths:
+    """The residual stream is fp32 under a 4/8-bit base (prepare_model_for_kbit_training upcasts
+    norms and embeddings), else ``model.dtype``; matmuls give 2 bytes under bf16/fp16 autocast."""
+    residual = 4 if cfg.quant.bits in (4, 8) else DTYPE_BYTES[cfg.model.dtype]
+    return Widths(residual=residual, matmul=2 if cfg.train.bf16 or cfg.train.fp16 else residual)
+
+
+def plan(cfg: Config) -> dict[str, Any]:
+    """Exact parameter counts and the peak-memory estimate for a validated config (reads no data)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from src.modeling import apply_lora, count_params, target_leaf_names
+
+    # The fast SFT path (src/packing.py) takes the model's own loss; the plain path, TRL's fused head.
+    fast_path = getattr(cfg.train, "fast_path", False)
+    model_config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    base = build_meta_model(model_config, cfg)
+    shape = model_shape(base, model_config)
+    model = apply_lora(base, cfg.lora, cfg.data.task)
+    trainable, total = count_params(model)
+    breakdown = memory_breakdown_gb(
+        shape,
+        lora_shape(model, cfg.lora.dropout),
+        trainable,
+        batch_size=cfg.train.per_device_train_batch_size,
+        seq_len=cfg.model.max_length,
+        bits=cfg.quant.bits,
+        double_quant=cfg.quant.double_quant,
+        weight_dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
+        widths=activation_widths(cfg),
+        optim=cfg.train.optim,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+        causal_lm=cfg.data.task == "sft",
+        fused_lm_head=not fast_path,
+        num_labels=num_labels_of(cfg) or DEFAULT_NUM_LABELS,
+    )
+    peak = sum(breakdown.values())
+    warnings = []
+    num_labels = None if cfg.data.task == "sft" else num_labels_of(cfg)
+    if cfg.data.task != "sft" and num_labels is None:
+        num_labels = DEFAULT_NUM_LABELS
+        warnings.append(
+            f"the label set comes from the data, which plan does not read: counted {num_labels} labels "
+            f"(the head has hidden_size x labels weights); set data.labels to count exactly"
+        )
+    if cfg.data.task == "sft" and isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        warnings.append(  # SFTTrainer.__init__ raises, also for subclasses that take the model's own loss
+            "TRL's SFTTrainer refuses a LoRA adapter on the output head (its fused LM head reads the "
+            "weight directly): training this config fails; drop lm_head from lora.target_modules"
+        )
+    return {
+        "model": cfg.model.name,
+        "architecture": type(model.get_base_model()).__name__,
+        "task": cfg.data.task,
+        "num_labels": num_labels,
+        "quant_bits": cfg.quant.bits,
+        "lora_preset": cfg.lora.preset,
+        "lora_r": cfg.lora.r,
+        "lora_resolved_targets": ",".join(target_leaf_names(model)),
+        "trainable_params": trainable,
+        "total_params": total,
+        "base_params": shape.num_params,
+        "trainable_pct": 100.0 * trainable / total,
+        "batch_size": cfg.train.per_device_train_batch_size,
+        "seq_len": cfg.model.max_length,
+        "optim": cfg.train.optim,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "fused_lm_head": cfg.data.task == "sft" and not fast_path,
+        "est_peak_gpu_mem_gb": round(peak, 3),
+        "est_gpu_mem_needed_gb": round(gpu_mem_needed_gb(peak), 3),
+        "est_mem_breakdown_gb": {k: round(v, 3) for k, v in breakdown.items()},
+        "model_shape": asdict(shape),
+        "warnings": warnings,
+    }
+
+
+def compose(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "config") -> dict:
+    """Compose the Hydra config as ``src.train`` would, as a plain resolved dict (no hydra node).
+
+    A sweep config (``hydra.mode: MULTIRUN``) composes to its base config: the sweeper's
+    search space lives under ``hydra``, which is dropped here.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+        composed = hydra_compose(config_name=config_name, overrides=overrides)
+    raw = OmegaConf.to_container(composed, resolve=False)
+    raw.pop("hydra", None)
+    raw["output_dir"] = "unused-by-plan"  # ${hydra:runtime.output_dir} has no value outside a Hydra run
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The human-readable summary printed above the JSON line."""
+    ckpt = "on" if result["activation_checkpointing"] else "off"
+    tokens = result["batch_size"] * result["seq_len"]
+    rows = [
+        ("model", f"{result['model']} ({result['architecture']}), task {result['task']}"),
+        ("quantization", f"{result['quant_bits']}-bit base"),
+        ("lora", f"{result['lora_preset']} r={result['lora_r']} on {result['lora_resolved_targets']}"),
+        ("trainable params", f"{result['trainable_params']:,} ({result['trainable_pct']:.3f}%)"),
+        ("total params", f"{result['total_params']:,}"),
+        ("batch x seq", f"{result['batch_size']} x {result['seq_len']} = {tokens:,} tokens"),
+        ("optimizer", f"{result['optim']} ({optimizer_state_bytes(result['optim'])} bytes state/param)"),
+        ("activation ckpt", ckpt),
+    ]
+    if result["task"] == "sft":
+        head = "TRL's fused, tiled LM head" if result["fused_lm_head"] else "the model's own loss (full logits)"
+        rows.append(("sft loss via", head))
+    rows.append(("est. peak GPU mem", f"{result['est_peak_gpu_mem_gb']:.2f} GiB"))
+    rows += [(f"  {name}", f"{gb:.2f} GiB") for name, gb in result["est_mem_breakdown_gb"].items()]
+    needed = f"{result['est_gpu_mem_needed_gb']:.2f} GiB (with allocator reserve and CUDA context)"
+    rows.append(("est. GPU mem needed", needed))
+    rows += [("warning", w) for w in result["warnings"]]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.plan", description="Parameter counts and a peak GPU memory estimate for a config."
+    )
+    parser.add_argument("-cd", "--config-dir", type=Path, default=CONF_DIR, help="Hydra config directory.")
+    parser.add_argument("-cn", "--config-name", default="config", help="Hydra config name.")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for src.train.")
+    args = parser.parse_args(argv)
+    from hydra.errors import HydraException
+
+    try:
+        cfg = validate(compose(args.overrides, args.config_dir, args.config_name))
+        result = plan(cfg)
+    except (ConfigError, PlanError, HydraException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The MLflow UI in headless Chromium (Debian's ``chromium``) lists the runs of an experiment.
+
+Slow tier: ``pytest -m slow tests/test_browser.py``. Skips when ``chromium`` is not installed
+(``apt-get install -y chromium``). The screenshot is kept in ``tests/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_mlflow_server import serve_mlflow
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+    "--window-size=1600,1000",
+]
+# name -> objective; the UI is asked to sort by it, best first.
+RUNS = {"ui-child-r16": 0.9, "ui-standalone": 0.7, "ui-child-r4": 0.5}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    return path
+
+
+def render(chromium: str, url: str, profile: Path, screenshot: Path, budget_ms: int) -> str:
+    """The page's DOM once its scripts have run ``budget_ms`` of virtual time; also writes a screenshot."""
+    done = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+         f"--screenshot={screenshot}", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_experiment_page_lists_the_runs(chromium, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("ui-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment_id, run_name="ui-sweep-parent", tags={"sweep_id": "ui"}).info.run_id
+    for name, objective in RUNS.items():
+        tags = {"sweep_id": "ui", "mlflow.parentRunId": parent} if "child" in name else {}
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        client.log_param(run_id, "lora.r", name.rsplit("r", 1)[-1] if "child" in name else "8")
+        client.log_metric(run_id, "objective", objective)
+        client.set_terminated(run_id)
+    client.set_terminated(parent)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "mlflow_experiment_page.png"
+    screenshot.unlink(missing_ok=True)
+    # The experiment's landing tab is the GenAI overview, and its runs tab nests children under a
+    # collapsed parent when sorted by date; sorted by a metric, every run is a row of its own.
+    with serve_mlflow(uri, tmp_path / "server-artifacts", tmp_path / "server.log") as base:
+        url = f"{base}/#/experiments/{experiment_id}/runs?orderByKey=metrics.%60objective%60&orderByAsc=false"
+        names = [*RUNS, "ui-sweep-parent"]
+        for attempt, budget_ms in enumerate((15_000, 30_000, 60_000)):  # a loaded machine renders slower
+            started = time.monotonic()
+            dom = render(chromium, url, tmp_path / f"profile{attempt}", screenshot, budget_ms)
+            if all(name in dom for name in names):
+                break
+        print(f"\nMLflow UI screenshot: {screenshot} (rendered in {time.monotonic() - started:.1f}s)")
+
+    missing = [name for name in names if name not in dom]
+    assert not missing, f"runs not listed in the UI: {missing}; see {screenshot}"
+    # Listed best first, as asked, with the parent (no objective) last.
+    order = sorted(names, key=lambda name: re.search(re.escape(name) + r"\b", dom).start())
+    assert order == ["ui-child-r16", "ui-standalone", "ui-child-r4", "ui-sweep-parent"]
+    data = screenshot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

@@ -1,0 +1,297 @@
+"""src.plan: exact parameter counts from a config-only model, and the peak-memory estimate.
+
+The OpenLLaMA-3B architecture is written as a bare config.json (no weights) and built on the
+meta device, so these run in seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from src import plan as P
+from src.config import validate
+
+ROOT = P.PROJECT_ROOT
+OPENLLAMA_3B = dict(  # openlm-research/open_llama_3b_v2
+    hidden_size=3200,
+    intermediate_size=8640,
+    num_hidden_layers=26,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
+OPENLLAMA_3B_PARAMS = 3_426_473_600
+
+
+@pytest.fixture(scope="module")
+def openllama_dir(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("open_llama_3b_config")
+    LlamaConfig(**OPENLLAMA_3B).save_pretrained(path)
+    assert [p.name for p in path.iterdir()] == ["config.json"]
+    return path
+
+
+def plan_for(overrides: list[str]) -> dict:
+    return P.plan(validate(P.compose(overrides)))
+
+
+def openllama(path, *overrides: str) -> list[str]:
+    return ["model=openllama3b", f"model.name_or_path={path}", "data=red_dot", *overrides]
+
+
+@pytest.fixture(scope="module")
+def qlora_attn_qv(openllama_dir) -> dict:
+    """The seeds' QLoRA recipe (train=gpu: batch 8, checkpointing, paged 8-bit AdamW) with attn_qv r=8."""
+    return plan_for(openllama(openllama_dir, "quant=4bit", "lora=attn_qv", "train=gpu"))
+
+
+def test_cli_counts_qlora_all_linear_with_lm_head(openllama_dir):
+    overrides = openllama(openllama_dir, "quant=4bit", "lora=all_linear", "lora.target_modules=[all_linear,lm_head]")
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.plan", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["trainable_params"] == 12_994_560
+    assert result["base_params"] == OPENLLAMA_3B_PARAMS
+    assert result["total_params"] == OPENLLAMA_3B_PARAMS + 12_994_560
+    assert result["lora_resolved_targets"] == "down_proj,gate_proj,k_proj,lm_head,o_proj,q_proj,up_proj,v_proj"
+    assert result["est_peak_gpu_mem_gb"] > 0
+    assert any("lm_head" in w for w in result["warnings"])  # TRL's SFTTrainer refuses an adapter on the head
+    assert any(line.startswith("trainable params") and "12,994,560" in line for line in lines[:-1])
+
+
+def test_counts_attn_qv_r8(qlora_attn_qv):
+    assert qlora_attn_qv["trainable_params"] == 2_662_400
+    assert qlora_attn_qv["total_params"] == OPENLLAMA_3B_PARAMS + 2_662_400
+    assert qlora_attn_qv["lora_resolved_targets"] == "q_proj,v_proj"
+
+
+def test_counts_attn_qv_r16(openllama_dir):
+    assert plan_for(openllama(openllama_dir, "lora=attn_qv", "lora.r=16"))["trainable_params"] == 5_324_800
+
+
+def test_counts_all_linear_with_lm_head_8bit(openllama_dir):
+    overrides = openllama(openllama_dir, "quant=8bit", "lora=all_linear", "lora.target_modules=[all_linear,lm_head]")
+    result = plan_for(overrides)
+    assert result["trainable_params"] == 12_994_560
+    assert result["quant_bits"] == 8
+
+
+def test_plan_matches_the_estimate_function(qlora_attn_qv):
+    shape = P.ModelShape(**qlora_attn_qv["model_shape"])
+    assert shape.quantizable_params == OPENLLAMA_3B_PARAMS - 2 * 32000 * 3200 - 53 * 3200  # embed, head, norms
+    est = P.estimate_peak_memory_gb(
+        shape,
+        P.LoraShape(in_features=26 * 2 * 3200, dropout=True),
+        2_662_400,
+        batch_size=8,
+        seq_len=512,
+        bits=4,
+        double_quant=True,
+        weight_dtype_bytes=2,
+        widths=P.Widths(residual=4, matmul=2),
+        optim="paged_adamw_8bit",
+        activation_checkpointing=True,
+        causal_lm=True,
+        fused_lm_head=qlora_attn_qv["fused_lm_head"],
+    )
+    assert qlora_attn_qv["est_peak_gpu_mem_gb"] == pytest.approx(est, abs=1e-3)
+    assert sum(qlora_attn_qv["est_mem_breakdown_gb"].values()) == pytest.approx(est, abs=5e-3)
+    assert qlora_attn_qv["est_gpu_mem_needed_gb"] > qlora_attn_qv["est_peak_gpu_mem_gb"]
+
+
+# Peak torch.cuda.max_memory_allocated (GiB) of 4 training steps on an H100, OpenLLaMA-3B shape with random
+# weights, seq 512, lora r=8 dropout 0.05, bf16, paged_adamw_8bit (transformers 5.23, peft 0.21, trl 1.16,
+# bitsandbytes 0.50); SFT through TRL's fused LM head, or (unfused) the model's own loss as the fast path
+# takes it: (bits, task, lora in_features, trainable, batch, checkpointing, fused, measured).
+ATTN_QV, ALL_LINEAR = 26 * 2 * 3200, 26 * (6 * 3200 + 8640)
+H100_PEAKS = [
+    (4, "sft", ALL_LINEAR, 12_712_960, 8, True, True, 5.001),
+    (4, "sft", ALL_LINEAR, 12_712_960, 4, False, True, 14.775),
+    (4, "sft", ATTN_QV, 2_662_400, 16, True, True, 7.058),
+    (16, "sft", ATTN_QV, 2_662_400, 4, False, True, 12.867),
+    (16, "sft", ATTN_QV, 2_662_400, 16, True, True, 9.123),
+    (8, "sft", ATTN_QV, 2_662_400, 8, True, True, 16.213),
+    (4, "sft", ATTN_QV, 2_662_400, 8, True, False, 5.365),
+    (4, "sft", ATTN_QV, 2_662_400, 16, True, False, 8.148),
+    (4, "sft", ATTN_QV, 2_662_400, 4, False, False, 12.055),
+    (16, "sft", ATTN_QV, 2_662_400, 4, False, False, 13.425),
+    (4, "classification", ATTN_QV, 2_668_800, 16, True, True, 6.685),
+]
+
+
+@pytest.mark.parametrize(("bits", "task", "lora_in", "trainable", "batch", "ckpt", "fused", "measured"), H100_PEAKS)
+def test_estimate_reproduces_h100_measurements(
+    qlora_attn_qv, bits, task, lora_in, trainable, batch, ckpt, fused, measured
+):
+    shape = P.ModelShape(**qlora_attn_qv["model_shape"])
+    if task != "sft":  # a 2-label score head instead of the LM head
+        shape = dataclasses.replace(shape, num_params=shape.num_params - 32000 * 3200 + 2 * 3200)
+    est = P.estimate_peak_memory_gb(
+        shape,
+        P.LoraShape(in_features=lora_in, dropout=True),
+        trainable,
+        batch_size=batch,
+        seq_len=512,
+        bits=bits,
+        double_quant=True,
+        weight_dtype_bytes=2,
+        widths=P.Widths(residual=2 if bits == 16 else 4, matmul=2),
+        optim="paged_adamw_8bit",
+        activation_checkpointing=ckpt,
+        causal_lm=task == "sft",
+        fused_lm_head=fused,
+    )
+    assert est == pytest.approx(measured, rel=0.05)
+
+
+def _estimate(shape: P.ModelShape, **changes) -> float:
+    kwargs = dict(
+        batch_size=8,
+        seq_len=512,
+        bits=4,
+        double_quant=True,
+        weight_dtype_bytes=2,
+        widths=P.Widths(residual=4, matmul=2),
+        optim="paged_adamw_8bit",
+        activation_checkpointing=True,
+        causal_lm=True,
+        fused_lm_head=True,
+    )
+    kwargs.update(changes)
+    return P.estimate_peak_memory_gb(shape, P.LoraShape(in_features=ATTN_QV, dropout=True), 2_662_400, **kwargs)
+
+
+def test_estimate_is_monotonic_in_batch_and_sequence(qlora_attn_qv):
+    shape = P.ModelShape(**qlora_attn_qv["model_shape"])
+    for ckpt in (True, False):
+        by_batch = [_estimate(shape, batch_size=b, activation_checkpointing=ckpt) for b in (1, 2, 4, 8, 16, 32)]
+        by_seq = [_estimate(shape, seq_len=s, activation_checkpointing=ckpt) for s in (128, 256, 512, 1024, 2048)]
+        assert by_batch == sorted(set(by_batch))
+        assert by_seq == sorted(set(by_seq))
+
+
+def test_estimate_smaller_with_4bit_and_with_checkpointing(qlora_attn_qv):
+    shape = P.ModelShape(**qlora_attn_qv["model_shape"])
+    half = P.Widths(residual=2, matmul=2)
+    for batch in (1, 8, 16):
+        assert _estimate(shape, batch_size=batch) < _estimate(shape, batch_size=batch, bits=16, widths=half)
+        assert _estimate(shape, batch_size=batch) < _estimate(shape, batch_size=batch, bits=8)
+        for bits in (4, 8, 16):
+            assert _estimate(shape, batch_size=batch, bits=bits) < _estimate(
+                shape, batch_size=batch, bits=bits, activation_checkpointing=False
+            )
+    weights = {
+        bits: P.memory_breakdown_gb(
+            shape,
+            P.LoraShape(ATTN_QV, True),
+            0,
+            batch_size=1,
+            seq_len=8,
+            bits=bits,
+            double_quant=True,
+            weight_dtype_bytes=2,
+            widths=half,
+            optim="sgd",
+            activation_checkpointing=True,
+            causal_lm=True,
+        )["weights"]
+        for bits in (4, 8, 16)
+    }
+    assert weights[4] < weights[8] < weights[16]
+    assert weights[16] == pytest.approx(OPENLLAMA_3B_PARAMS * 2 / 2**30)
+    # A k-bit base trains with an fp32 residual stream (peft upcasts norms and embeddings), so at large
+    # batches QLoRA's activations outgrow the 4 GiB its weights save: measured on the H100 too.
+    assert _estimate(shape, batch_size=64) > _estimate(shape, batch_size=64, bits=16, widths=half)
+
+
+def test_materialized_logits_cost_batch_seq_vocab(qlora_attn_qv):
+    shape = P.ModelShape(**qlora_attn_qv["model_shape"])
+    for ckpt, factor in ((False, P.LOSS_LOGITS_FACTOR), (True, P.LOSS_LOGITS_FACTOR_CKPT)):
+        unfused = _estimate(shape, fused_lm_head=False, activation_checkpointing=ckpt)
+        logits = unfused - _estimate(shape, activation_checkpointing=ckpt)
+        assert logits == pytest.approx(8 * 512 * 32000 * P.LOGITS_BYTES * factor / 2**30)
+
+
+def test_optimizer_state_bytes():
+    assert P.optimizer_state_bytes("adamw_torch") == 8
+    assert P.optimizer_state_bytes("paged_adamw_8bit") == 2
+    assert P.optimizer_state_bytes("adamw_bnb_8bit") == 2
+    assert P.optimizer_state_bytes("paged_adamw_32bit") == 8
+    assert P.optimizer_state_bytes("sgd") == 0
+
+
+def test_missing_config_dir_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    assert P.main(["model=openllama3b", f"model.name_or_path={missing}", "data=red_dot"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "config.json" in err
+
+    assert P.main(["model=openllama3b", f"model.name_or_path={tmp_path}", "data=red_dot"]) == 2
+    assert f"{tmp_path} has no config.json" in capsys.readouterr().err
+
+
+def test_uncached_hub_id_asks_for_a_local_dir(capsys):
+    assert P.main(["model=openllama3b", "model.name_or_path=nobody-here/not-a-cached-model", "data=red_dot"]) == 2
+    err = capsys.readouterr().err
+    assert "nobody-here/not-a-cached-model" in err and "never downloads" in err and "config.json" in err
+
+
+def test_invalid_config_lists_problems(capsys):
+    assert P.main(["lora.r=0", "train.learning_rate=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.r" in err and "train.learning_rate" in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "num_labels", "warned"),
+    [
+        ([], 2, True),  # bundled topics: labels come from the data
+        (["data.labels=[a,b,c]"], 3, False),
+        (["data=topics_multilabel"], 4, False),
+    ],
+)
+def test_classification_on_tiny_counts_like_the_loaded_model(overrides, num_labels, warned):
+    from src import modeling
+
+    cfg = validate(P.compose(["model=tiny", *overrides]))
+    result = P.plan(cfg)
+    assert result["architecture"] == "LlamaForSequenceClassification"
+    assert result["num_labels"] == num_labels
+    assert bool(result["warnings"]) == warned
+    # LoRA on q (128->128) and v (128->64) in 2 layers at r=8, plus the trained score head.
+    assert result["trainable_params"] == 2 * (8 * (128 + 128) + 8 * (128 + 64)) + 128 * num_labels
+
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    model = modeling.load_model(
+        cfg.model, cfg.quant, cfg.data.task, [str(i) for i in range(num_labels)], tokenizer.pad_token_id
+    )
+    model = modeling.apply_lora(model, cfg.lora, cfg.data.task)
+    assert (result["trainable_params"], result["total_params"]) == modeling.count_params(model)
+
+
+def test_sweep_config_plans_its_base_config(tmp_path):
+    (tmp_path / "seed_table.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - config\n  - override /lora: all_linear\n  - _self_\n"
+        f"hydra:\n  searchpath: [file://{ROOT / 'conf'}]\n  mode: MULTIRUN\n"
+        "  sweeper:\n    params:\n      lora.r: 4,8\n"
+        "lora:\n  r: 4\n"
+    )
+    result = P.plan(validate(P.compose([], config_dir=tmp_path, config_name="seed_table")))
+    assert (result["lora_preset"], result["lora_r"]) == ("all_linear", 4)
+    # all 7 linear layers of 2 blocks at r=4, plus the score head
+    per_block = sum(
+        4 * (i + o) for i, o in [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)]
+    )
+    assert result["trainable_params"] == 2 * per_block + 128 * 2
