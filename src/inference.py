@@ -1,0 +1,329 @@
+"""Load a trained adapter back for use: from an MLflow run, a sweep's best run, or a local directory.
+
+A training run leaves one layout, both under its ``output_dir`` and as MLflow artifacts:
+``adapter/`` (peft weights, tokenizer, ``label_map.json``) next to ``config.yaml`` (the
+resolved config). Everything here reads that layout, so ``src.predict`` and ``src.export``
+rebuild the base model, its quantization and the adapter exactly as trained, with no setting
+retyped. Problems a user can fix (an unknown run, a missing artifact, a base model that is
+not on this machine) raise :class:`InferenceError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+
+from src.config import OBJECTIVE_DEFAULTS, Config, ConfigError, validate
+from src.tiny import PROJECT_ROOT
+
+ADAPTER_ARTIFACT = "adapter"
+CONFIG_ARTIFACT = "config.yaml"
+LABEL_MAP_FILE = "label_map.json"
+# Preset data configs whose column names stand in for a missing config.yaml, per task.
+DEFAULT_DATA_PRESETS = {"classification": "topics", "multilabel": "topics_multilabel", "sft": "instructions"}
+
+
+class InferenceError(Exception):
+    """A problem the user can fix; the message is one line, fit to print without a traceback."""
+
+
+@dataclass
+class Source:
+    """A trained adapter on disk with everything needed to rebuild its model."""
+
+    adapter_dir: Path
+    cfg: Config
+    task: str
+    labels: Optional[list[str]]  # class or label names; None for SFT
+    threshold: float
+    run_id: Optional[str] = None
+    config_path: Optional[Path] = None  # the run's config.yaml, when there is one
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _client(tracking_uri: Optional[str]):
+    import mlflow
+
+    from src import tracking
+
+    uri = tracking.tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(), uri
+
+
+def download_run(run_id: str, dest: Path, tracking_uri: Optional[str] = None) -> Path:
+    """Download a run's ``adapter/`` and ``config.yaml`` into ``dest`` (the training layout); return dest."""
+    from mlflow.exceptions import MlflowException
+
+    client, uri = _client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise InferenceError(f"no MLflow run {run_id!r} in {uri} ({_one_line(exc)})") from exc
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if ADAPTER_ARTIFACT not in names or not client.list_artifacts(run_id, ADAPTER_ARTIFACT):
+        raise InferenceError(
+            f"run {run_id} ({run.info.run_name}, status {run.info.status}) has no "
+            f"'{ADAPTER_ARTIFACT}/' artifact: it failed before saving one, or was trained with "
+            "tracking.log_adapter=false"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    client.download_artifacts(run_id, ADAPTER_ARTIFACT, str(dest))
+    if CONFIG_ARTIFACT in names:
+        client.download_artifacts(run_id, CONFIG_ARTIFACT, str(dest))
+    return dest
+
+
+def best_sweep_run(sweep_id: str, tracking_uri: Optional[str] = None) -> str:
+    """The id of a sweep's best finished child run by its ``objective`` metric and direction."""
+    import mlflow
+
+    _client(tracking_uri)
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        output_format="list",
+        filter_string=f"tags.sweep_id = '{sweep_id}' and attributes.status = 'FINISHED'",
+    )
+    scored = [r for r in runs if math.isfinite(r.data.metrics.get("objective", math.nan))]
+    children = [r for r in scored if "mlflow.parentRunId" in r.data.tags]
+    candidates = children or scored
+    if not candidates:
+        raise InferenceError(
+            f"sweep {sweep_id!r} has no finished run with an 'objective' metric "
+            f"({len(runs)} finished run(s) carry tag sweep_id={sweep_id})"
+        )
+    params = candidates[0].data.params
+    direction = params.get("objective.direction")
+    if direction in (None, "null", "None"):
+        direction = OBJECTIVE_DEFAULTS[params["data.task"]][1]
+    pick = max if direction == "maximize" else min
+    return pick(candidates, key=lambda r: r.data.metrics["objective"]).info.run_id
+
+
+def _default_config(base_model: str, task: str, labels: Optional[list[str]]) -> Config:
+    """The project's default config (conf/config.yaml) for a task, with the adapter's base model."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    overrides = [
+        f"data={DEFAULT_DATA_PRESETS[task]}",
+        f"model.name_or_path={json.dumps(base_model)}",
+        f"model.name={json.dumps(Path(base_model).name)}",
+    ]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        composed = compose(config_name="config", overrides=overrides)
+    raw = OmegaConf.to_container(composed, resolve=False)
+    raw.pop("hydra", None)
+    raw["output_dir"] = "unused"
+    if task == "multilabel" and labels:
+        raw["data"]["label_columns"] = list(labels)
+    return validate(OmegaConf.to_container(OmegaConf.create(raw), resolve=True))
+
+
+def read_source(adapter_dir: Path, run_id: Optional[str] = None, base_model: Optional[str] = None) -> Source:
+    """Read an adapter directory and the ``config.yaml`` beside it (or in it).
+
+    Without a config.yaml the base model comes from ``adapter_config.json`` and everything
+    else from the project defaults, unquantized. ``base_model`` replaces model.name_or_path.
+    """
+    adapter_dir = Path(adapter_dir)
+    adapter_config = adapter_dir / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise InferenceError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
+    peft_config = json.loads(adapter_config.read_text())
+    label_map_path = adapter_dir / LABEL_MAP_FILE
+    if label_map_path.is_file():
+        label_map = json.loads(label_map_path.read_text())
+    elif peft_config.get("task_type") == "CAUSAL_LM":
+        label_map = {"task": "sft", "labels": None, "threshold": 0.5}
+    else:
+        raise InferenceError(f"{adapter_dir} has no {LABEL_MAP_FILE}: the class names of this classifier are unknown")
+    task = label_map["task"]
+
+    config_path = next(
+        (p for p in (adapter_dir / CONFIG_ARTIFACT, adapter_dir.parent / CONFIG_ARTIFACT) if p.is_file()), None
+    )
+    if config_path is not None:
+        try:
+            cfg = validate(yaml.safe_load(config_path.read_text()))
+        except ConfigError as exc:
+            problems = "; ".join(exc.problems)
+            raise InferenceError(f"the run's config ({config_path}) no longer validates: {problems}") from exc
+    else:
+        base = peft_config.get("base_model_name_or_path")
+        if not base:
+            raise InferenceError(
+                f"{adapter_dir}: no {CONFIG_ARTIFACT} beside it and no base_model_name_or_path in "
+                "adapter_config.json; pass --base-model"
+            )
+        print(
+            f"note: no {CONFIG_ARTIFACT} beside {adapter_dir}; using the project defaults with base model {base}",
+            file=sys.stderr,
+        )
+        cfg = _default_config(base, task, label_map.get("labels"))
+    if base_model:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=base_model))
+    if cfg.data.task != task:
+        raise InferenceError(f"{adapter_dir}: {LABEL_MAP_FILE} says task {task!r}, its config {cfg.data.task!r}")
+    return Source(
+        adapter_dir, cfg, task, label_map.get("labels"), float(label_map.get("threshold", 0.5)), run_id, config_path
+    )
+
+
+@contextlib.contextmanager
+def open_source(
+    run: Optional[str] = None,
+    sweep_best: Optional[str] = None,
+    adapter: Optional[Path] = None,
+    tracking_uri: Optional[str] = None,
+    base_model: Optional[str] = None,
+) -> Iterator[Source]:
+    """Resolve exactly one of a run id, a sweep id (its best run) or an adapter directory.
+
+    Run artifacts are downloaded to a temporary directory that lives as long as the context.
+    """
+    if sum(x is not None for x in (run, sweep_best, adapter)) != 1:
+        raise InferenceError("give exactly one of --run, --sweep-best or --adapter")
+    if adapter is not None:
+        yield read_source(Path(adapter), base_model=base_model)
+        return
+    if sweep_best is not None:
+        run = best_sweep_run(sweep_best, tracking_uri)
+        print(f"note: best run of sweep {sweep_best} is {run}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="lora-run-") as tmp:
+        run_dir = download_run(run, Path(tmp), tracking_uri)
+        yield read_source(run_dir / ADAPTER_ARTIFACT, run_id=run, base_model=base_model)
+
+
+def load_tokenizer(source: Source):
+    """The tokenizer saved with the adapter (with its pad token), else the base model's."""
+    from transformers import AutoTokenizer
+
+    from src import modeling
+
+    if (source.adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(source.adapter_dir), trust_remote_code=source.cfg.model.trust_remote_code
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return tokenizer
+    return _base_available(source, lambda: modeling.load_tokenizer(source.cfg.model))
+
+
+def _base_available(source: Source, load):
+    try:
+        return load()
+    except OSError as exc:
+        name = source.cfg.model.name_or_path
+        raise InferenceError(
+            f"base model {name!r} (model.name_or_path) is not available here ({_one_line(exc)}); "
+            "download it, or point to a local copy with --base-model PATH"
+        ) from exc
+
+
+def load_finetuned(source: Source, tokenizer, quantized: bool = True):
+    """The base model (with the run's quantization unless ``quantized`` is False) plus the adapter, in eval mode.
+
+    For classifiers the trained score head is in the adapter's ``modules_to_save`` and loads with it.
+    """
+    from peft import PeftModel
+
+    from src import modeling
+
+    quant = source.cfg.quant if quantized else dataclasses.replace(source.cfg.quant, bits=16)
+    base = _base_available(
+        source, lambda: modeling.load_model(source.cfg.model, quant, source.task, source.labels, tokenizer.pad_token_id)
+    )
+    model = PeftModel.from_pretrained(base, str(source.adapter_dir), is_trainable=False)
+    return model.eval()
+
+
+def _batches(items: list, batch_size: int, progress: bool, desc: str) -> Iterator[list]:
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc=desc, unit="row", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            yield batch
+            bar.update(len(batch))
+
+
+@torch.no_grad()
+def classify_logits(
+    model, tokenizer, texts: list[str], max_length: int, batch_size: int, progress: bool = False
+) -> np.ndarray:
+    """Float32 logits (rows x classes), texts truncated to max_length as in training."""
+    out = []
+    for batch in _batches(texts, batch_size, progress, "classify"):
+        enc = tokenizer(batch, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        out.append(model(**enc.to(model.device)).logits.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    progress: bool = False,
+) -> list[str]:
+    """Completions for the prompts without the prompt: greedy, or sampled when temperature > 0."""
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the last token
+    completions: list[str] = []
+    try:
+        for batch in _batches(prompts, batch_size, progress, "generate"):
+            enc = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            completions.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return completions
+
+
+def quiet_libraries() -> None:
+    """Keep a command's stderr to its own progress bar and errors: no download bars, load reports or deprecations.
+
+    The load report would call the classifier head "missing": it is, in the base checkpoint, and loads with the adapter.
+    """
+    import logging
+    import os
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # model card and license lookups on the hub

@@ -1,0 +1,462 @@
+"""src.predict on real tiny runs: from a run id, a sweep's best run, an adapter directory and stdin; the errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from src import inference, predict
+from src.config import validate
+from src.data import load_data
+from src.train import run
+from tests.conftest import ROOT, compose_config
+
+TASK_DATA = {"classification": "topics", "multilabel": "topics_multilabel", "sft": "instructions"}
+SMALL = [
+    "train.max_steps=3",
+    "train.per_device_train_batch_size=8",
+    "data.subsample=64",
+    "data.eval_subsample=48",
+    "data.num_sample_prompts=3",
+]
+TEXTS = [
+    "the striker scored a late goal in the match",
+    "garlic pasta from the oven",
+    "a new laptop and a fast server",
+    "the chef baked a dessert",
+    "our coach and the referee argued",
+]
+
+
+@dataclass
+class TrainedRun:
+    task: str
+    run_id: str
+    tracking_uri: str
+    output_dir: Path
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.output_dir / "adapter"
+
+
+def trained_run(task: str, tmp_path_factory, overrides: tuple[str, ...] = ()) -> TrainedRun:
+    """A real tiny run of the task in its own store, trained once per test session (shared by the test modules)."""
+    root = tmp_path_factory.getbasetemp() / "-".join(["trained", task, *overrides]).replace("=", "_")
+    record = root / "run.json"
+    if not record.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        # Artifacts inside the temp dir, not the default ./mlruns of the working directory.
+        mlflow.MlflowClient().create_experiment("lora-sweeps", artifact_location=(root / "artifacts").as_uri())
+        raw = compose_config([f"data={TASK_DATA[task]}", *SMALL, *overrides])
+        raw["output_dir"] = str(root / "out")
+        raw["tracking"]["tracking_uri"] = uri
+        run(raw)
+        record.write_text(json.dumps({"run_id": mlflow.last_active_run().info.run_id, "tracking_uri": uri}))
+    saved = json.loads(record.read_text())
+    return TrainedRun(task, saved["run_id"], saved["tracking_uri"], root / "out")
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory) -> TrainedRun:
+    return trained_run("classification", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory) -> TrainedRun:
+    return trained_run("multilabel", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> TrainedRun:
+    return trained_run("sft", tmp_path_factory)
+
+
+def _predict(args: list[str], capsys) -> tuple[int, list[dict], str]:
+    capsys.readouterr()  # drop what came before (a fixture's training logs)
+    code = predict.main([*args, "--no-progress"])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines() if line.strip()], err
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    return last
+
+
+def _report_of(records: list[dict], eval_ds, task: str, labels: list[str], threshold: float) -> dict:
+    from sklearn.metrics import classification_report
+
+    if task == "multilabel":
+        y_true = np.asarray(eval_ds["labels"]).astype(int)
+        y_pred = np.array([[int(name in r["labels"]) for name in labels] for r in records])
+    else:
+        y_true = np.asarray(eval_ds["label"])
+        y_pred = np.array([labels.index(r["label"]) for r in records])
+    report = classification_report(
+        y_true, y_pred, labels=range(len(labels)), target_names=labels, output_dict=True, zero_division=0
+    )
+    return _flat_report(report)
+
+
+def _flat_report(report: dict) -> dict[str, float]:
+    """sklearn's nested report as {"row/metric": value}; "accuracy" is a bare number."""
+    flat = {}
+    for row, cells in report.items():
+        flat.update({f"{row}/{k}": v for k, v in cells.items()} if isinstance(cells, dict) else {row: cells})
+    return flat
+
+
+# --- from a run id ----------------------------------------------------------------------------------------------
+
+
+def test_classification_from_run_id_writes_labels_and_probabilities(cls_run, tmp_path, capsys):
+    rows = [{"id": f"r{i}", "text": t, "extra": "ignored"} for i, t in enumerate(TEXTS)]
+    source = tmp_path / "in.csv"
+    with source.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "text", "extra"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "pred.csv"
+    code = predict.main(
+        [
+            "--run",
+            cls_run.run_id,
+            "--tracking-uri",
+            cls_run.tracking_uri,
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    with out.open() as f:
+        result = list(csv.DictReader(f))
+    labels = json.loads((cls_run.adapter_dir / "label_map.json").read_text())["labels"]
+    assert list(result[0]) == ["id", "text", "label", *[f"prob_{name}" for name in labels]]
+    assert [r["id"] for r in result] == [r["id"] for r in rows] and [r["text"] for r in result] == TEXTS
+    for r in result:
+        probs = np.array([float(r[f"prob_{name}"]) for name in labels])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5) and (probs > 0).all()
+        assert r["label"] == labels[int(probs.argmax())]
+
+
+def test_reloaded_classifier_reproduces_the_training_process_predictions(cls_run, tmp_path, capsys):
+    """Save, reload, same predictions: the eval report rebuilt from predict equals the one logged in training."""
+    cfg = validate(yaml.safe_load((cls_run.output_dir / "config.yaml").read_text()))
+    eval_ds = load_data(cfg.data).eval
+    source = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in eval_ds["text"]])
+    code, records, _ = _predict(
+        ["--run", cls_run.run_id, "--tracking-uri", cls_run.tracking_uri, "--input", str(source)], capsys
+    )
+    assert code == 0 and len(records) == len(eval_ds)
+    mlflow.set_tracking_uri(cls_run.tracking_uri)
+    logged = mlflow.artifacts.load_dict(f"runs:/{cls_run.run_id}/classification_report.json")
+    labels = json.loads((cls_run.adapter_dir / "label_map.json").read_text())["labels"]
+    assert _report_of(records, eval_ds, "classification", labels, 0.5) == pytest.approx(_flat_report(logged))
+
+
+# --- from an adapter directory, a sweep, stdin ------------------------------------------------------------------
+
+
+def test_adapter_directory_predicts_as_the_run_does(cls_run, tmp_path, capsys):
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
+    code, from_run, _ = _predict(
+        ["--run", cls_run.run_id, "--tracking-uri", cls_run.tracking_uri, "--input", str(source)], capsys
+    )
+    assert code == 0
+    code, from_dir, _ = _predict(["--adapter", str(cls_run.adapter_dir), "--input", str(source)], capsys)
+    assert code == 0
+    assert [r["label"] for r in from_dir] == [r["label"] for r in from_run]
+    for a, b in zip(from_dir, from_run):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
+
+    # Without config.yaml beside it, the base model comes from adapter_config.json and the rest from the defaults.
+    bare = tmp_path / "bare" / "adapter"
+    shutil.copytree(cls_run.adapter_dir, bare)
+    code, from_bare, err = _predict(["--adapter", str(bare), "--input", str(source)], capsys)
+    assert code == 0 and "no config.yaml" in err
+    for a, b in zip(from_bare, from_run):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
+
+
+def _sweep_run(
+    client,
+    experiment_id: str,
+    sweep_id: str,
+    objective: float,
+    status: str = "FINISHED",
+    parent: str | None = None,
+    direction: str = "null",
+) -> str:
+    tags = {"sweep_id": sweep_id, **({"mlflow.parentRunId": parent} if parent else {})}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    client.log_param(run_id, "data.task", "classification")
+    client.log_param(run_id, "objective.direction", direction)
+    client.log_metric(run_id, "objective", objective)
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def test_sweep_best_follows_the_objective_direction(cls_run):
+    mlflow.set_tracking_uri(cls_run.tracking_uri)
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(cls_run.run_id).info.experiment_id
+    parent = _sweep_run(client, experiment_id, "s-max", 0.99)  # the parent's summary is not a candidate
+    _sweep_run(client, experiment_id, "s-max", 0.95, status="FAILED", parent=parent)  # nor a failed child
+    best = _sweep_run(client, experiment_id, "s-max", 0.7, parent=parent)
+    _sweep_run(client, experiment_id, "s-max", 0.6, parent=parent)
+    assert inference.best_sweep_run("s-max", cls_run.tracking_uri) == best  # classification: maximize f1_macro
+
+    _sweep_run(client, experiment_id, "s-min", 0.7, direction="minimize")
+    lowest = _sweep_run(client, experiment_id, "s-min", 0.2, direction="minimize")
+    assert inference.best_sweep_run("s-min", cls_run.tracking_uri) == lowest
+    with pytest.raises(inference.InferenceError, match="no finished run"):
+        inference.best_sweep_run("no-such-sweep", cls_run.tracking_uri)
+
+
+def test_sweep_best_predicts_with_the_best_run(cls_run, tmp_path, capsys):
+    mlflow.set_tracking_uri(cls_run.tracking_uri)
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(cls_run.run_id).info.experiment_id
+    objective = client.get_run(cls_run.run_id).data.metrics["objective"]
+    parent = _sweep_run(client, experiment_id, "s-real", objective + 1)
+    _sweep_run(client, experiment_id, "s-real", objective - 0.1, parent=parent)
+    client.set_tag(cls_run.run_id, "sweep_id", "s-real")
+    client.set_tag(cls_run.run_id, "mlflow.parentRunId", parent)
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS[:2]])
+    code, records, err = _predict(
+        ["--sweep-best", "s-real", "--tracking-uri", cls_run.tracking_uri, "--input", str(source)], capsys
+    )
+    assert code == 0 and len(records) == 2
+    assert f"best run of sweep s-real is {cls_run.run_id}" in err
+
+
+def test_stdin_lines_through_a_real_subprocess(cls_run, tmp_path):
+    lines = "\n".join([TEXTS[0], "", TEXTS[1], TEXTS[2]]) + "\n"  # blank lines are skipped
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.predict",
+            "--run",
+            cls_run.run_id,
+            "--tracking-uri",
+            cls_run.tracking_uri,
+            "--input",
+            "-",
+        ],
+        input=lines,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["text"] for r in records] == TEXTS[:3]
+    assert "classify" in proc.stderr  # the progress bar goes to stderr, the predictions alone to stdout
+    labels = json.loads((cls_run.adapter_dir / "label_map.json").read_text())["labels"]
+    assert all(set(r["probabilities"]) == set(labels) for r in records)
+
+
+# --- errors: one line, exit code 2, no traceback ----------------------------------------------------------------
+
+
+def test_unknown_run_id(cls_run, capsys):
+    code, _, err = _predict(
+        [
+            "--run",
+            "0123456789abcdef",
+            "--tracking-uri",
+            cls_run.tracking_uri,
+            "--input",
+            str(ROOT / "src/assets/data/topics_validation.csv"),
+        ],
+        capsys,
+    )
+    _assert_one_line_error(code, err, "no MLflow run '0123456789abcdef'")
+
+
+def test_run_without_adapter_artifact(cls_run, capsys):
+    mlflow.set_tracking_uri(cls_run.tracking_uri)
+    client = mlflow.MlflowClient()
+    bare = client.create_run(client.get_run(cls_run.run_id).info.experiment_id)
+    client.set_terminated(bare.info.run_id, "FAILED")
+    code, _, err = _predict(
+        [
+            "--run",
+            bare.info.run_id,
+            "--tracking-uri",
+            cls_run.tracking_uri,
+            "--input",
+            str(ROOT / "src/assets/data/topics_validation.csv"),
+        ],
+        capsys,
+    )
+    _assert_one_line_error(code, err, bare.info.run_id, "no 'adapter/' artifact", "FAILED")
+
+
+def test_base_model_not_available_names_it_and_the_way_out(cls_run, tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "moved"
+    shutil.copytree(cls_run.adapter_dir, out / "adapter")
+    config = yaml.safe_load((cls_run.output_dir / "config.yaml").read_text())
+    config["model"]["name_or_path"] = "no-such-org/no-such-model"
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"text": TEXTS[0]}])
+    code, _, err = _predict(["--adapter", str(out / "adapter"), "--input", str(source)], capsys)
+    _assert_one_line_error(code, err, "base model 'no-such-org/no-such-model'", "model.name_or_path", "--base-model")
+    code, records, _ = _predict(
+        ["--adapter", str(out / "adapter"), "--input", str(source), "--base-model", str(tiny_model_dir)], capsys
+    )
+    assert code == 0 and len(records) == 1
+
+
+def test_bad_input_file_and_column(cls_run, tmp_path, capsys):
+    common = ["--adapter", str(cls_run.adapter_dir)]
+    code, _, err = _predict([*common, "--input", str(tmp_path / "missing.csv")], capsys)
+    _assert_one_line_error(code, err, "not found", "missing.csv")
+    (tmp_path / "in.txt").write_text("hello\n")
+    code, _, err = _predict([*common, "--input", str(tmp_path / "in.txt")], capsys)
+    _assert_one_line_error(code, err, "unsupported")
+    source = _write_jsonl(tmp_path / "body.jsonl", [{"body": t} for t in TEXTS[:2]])
+    code, _, err = _predict([*common, "--input", str(source)], capsys)
+    _assert_one_line_error(code, err, "['text']", "'body'", "--text-column")
+    code, records, _ = _predict([*common, "--input", str(source), "--text-column", "body"], capsys)
+    assert code == 0 and [r["text"] for r in records] == TEXTS[:2]
+    code, _, err = _predict([*common, "--input", str(source), "--output", str(tmp_path / "out.parquet")], capsys)
+    _assert_one_line_error(code, err, "--output must end in .csv or .jsonl")
+    code, _, err = _predict([*common, "--input", str(_write_jsonl(tmp_path / "empty.jsonl", []))], capsys)
+    assert code == 2 and "error:" in err
+
+
+def test_not_an_adapter_directory(tmp_path, capsys):
+    code, _, err = _predict(
+        ["--adapter", str(tmp_path), "--input", str(_write_jsonl(tmp_path / "in.jsonl", []))], capsys
+    )
+    _assert_one_line_error(code, err, "not an adapter directory")
+
+
+# --- multi-label and SFT (slow: one more tiny training run each) -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_multilabel_from_run_id_applies_the_threshold(multilabel_run, tmp_path, capsys):
+    cfg = validate(yaml.safe_load((multilabel_run.output_dir / "config.yaml").read_text()))
+    eval_ds = load_data(cfg.data).eval
+    source = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in eval_ds["text"]])
+    common = ["--run", multilabel_run.run_id, "--tracking-uri", multilabel_run.tracking_uri, "--input", str(source)]
+    code, records, _ = _predict(common, capsys)
+    assert code == 0 and len(records) == len(eval_ds)
+    label_map = json.loads((multilabel_run.adapter_dir / "label_map.json").read_text())
+    labels, threshold = label_map["labels"], label_map["threshold"]
+    for r in records:
+        assert set(r["probabilities"]) == set(labels)
+        assert r["labels"] == [name for name in labels if r["probabilities"][name] >= threshold]
+    mlflow.set_tracking_uri(multilabel_run.tracking_uri)
+    logged = mlflow.artifacts.load_dict(f"runs:/{multilabel_run.run_id}/classification_report.json")
+    assert _report_of(records, eval_ds, "multilabel", labels, threshold) == pytest.approx(_flat_report(logged))
+
+    code, low, _ = _predict([*common, "--threshold", "0.01"], capsys)
+    assert code == 0 and all(r["labels"] == labels for r in low)  # sigmoid > 0.01 everywhere after 3 steps
+    out = tmp_path / "pred.csv"
+    assert predict.main([*common, "--output", str(out), "--no-progress"]) == 0
+    with out.open() as f:
+        first = next(csv.DictReader(f))
+    assert first["labels"] == ";".join(records[0]["labels"]) and f"prob_{labels[0]}" in first
+
+
+@pytest.mark.slow
+def test_sft_generations_after_reload_equal_the_training_process(sft_run, tmp_path, capsys):
+    mlflow.set_tracking_uri(sft_run.tracking_uri)
+    table = mlflow.artifacts.load_dict(f"runs:/{sft_run.run_id}/samples.json")
+    samples = [dict(zip(table["columns"], row)) for row in table["data"]]
+    cfg = validate(yaml.safe_load((sft_run.output_dir / "config.yaml").read_text()))
+    eval_ds = load_data(cfg.data).eval
+    assert [s["prompt"] for s in samples] == eval_ds["prompt"][: len(samples)]
+    rows = {str(r["id"]): r for r in map(json.loads, Path(cfg.data.eval_path).read_text().splitlines())}
+    inputs = [rows[row_id] for row_id in eval_ds["row_id"][: len(samples)]]
+    source = _write_jsonl(tmp_path / "in.jsonl", inputs)
+    # training.generate decodes greedily, 48 new tokens, all sample prompts in one batch.
+    code, records, _ = _predict(
+        [
+            "--run",
+            sft_run.run_id,
+            "--tracking-uri",
+            sft_run.tracking_uri,
+            "--input",
+            str(source),
+            "--max-new-tokens",
+            "48",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert any(s["after"] for s in samples), "the run generated nothing: the comparison below would be vacuous"
+    assert [r["generation"] for r in records] == [s["after"] for s in samples]
+    assert [r["instruction"] for r in records] == [row["instruction"] for row in inputs]
+    assert [r["id"] for r in records] == [row["id"] for row in inputs]
+
+
+@pytest.mark.slow
+def test_sft_stdin_lines_are_instructions_and_sampling_is_seeded(sft_run, tmp_path, capsys, monkeypatch):
+    import io
+
+    common = ["--adapter", str(sft_run.adapter_dir), "--max-new-tokens", "8"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name the topic of this sentence.\nRepeat the words.\n"))
+    code, greedy, _ = _predict(common, capsys)
+    assert code == 0 and [r["instruction"] for r in greedy] == ["Name the topic of this sentence.", "Repeat the words."]
+    assert all("input" not in r for r in greedy)
+    sampled = []
+    for _ in range(2):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Name the topic of this sentence.\n"))
+        code, records, _ = _predict([*common, "--temperature", "1.5", "--top-p", "0.9", "--seed", "7"], capsys)
+        assert code == 0
+        sampled.append(records[0]["generation"])
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.slow
+def test_a_4bit_run_is_loaded_quantized_and_reproduces_its_report(tmp_path_factory, tmp_path, capsys):
+    run_4bit = trained_run("classification", tmp_path_factory, ("quant=4bit",))
+    with inference.open_source(run=run_4bit.run_id, tracking_uri=run_4bit.tracking_uri) as source:
+        assert source.cfg.quant.bits == 4
+        model = inference.load_finetuned(source, inference.load_tokenizer(source))
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    cfg = validate(yaml.safe_load((run_4bit.output_dir / "config.yaml").read_text()))
+    eval_ds = load_data(cfg.data).eval
+    source_file = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in eval_ds["text"]])
+    code, records, _ = _predict(
+        ["--run", run_4bit.run_id, "--tracking-uri", run_4bit.tracking_uri, "--input", str(source_file)], capsys
+    )
+    assert code == 0
+    mlflow.set_tracking_uri(run_4bit.tracking_uri)
+    logged = mlflow.artifacts.load_dict(f"runs:/{run_4bit.run_id}/classification_report.json")
+    labels = json.loads((run_4bit.adapter_dir / "label_map.json").read_text())["labels"]
+    assert _report_of(records, eval_ds, "classification", labels, 0.5) == pytest.approx(_flat_report(logged))
