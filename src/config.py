@@ -103,6 +103,9 @@ class DataConfig:
     input_column: Optional[str]
     response_column: str
     response_only_loss: bool
+    max_length_factor: Optional[float] = field(
+        metadata={"help": "Rows longer than this many times model.max_length tokens are faults; null: truncate all."}
+    )
     subsample: Optional[int]
     eval_subsample: Optional[int]
     subsample_seed: int
@@ -114,7 +117,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Fields named as in the installed transformers' TrainingArguments, plus early stopping."""
+    """Fields named as in the installed transformers' TrainingArguments, plus early stopping,
+    the non-finite loss guard and the checkpoint to resume from (read by src/train.py, not passed on)."""
 
     num_train_epochs: float
     max_steps: int
@@ -136,7 +140,17 @@ class TrainConfig:
     load_best_model_at_end: bool
     metric_for_best_model: Optional[str]
     early_stopping_patience: Optional[int]
+    stop_on_nonfinite_loss: bool = field(metadata={"help": "Fail the run at the first NaN/inf training loss."})
+    resume_from_checkpoint: Optional[str] = field(
+        metadata={"help": "null, 'latest' (newest checkpoint-N in the output dir, if any) or a checkpoint path."}
+    )
     activation_checkpointing: bool
+    fast_path: bool = field(
+        metadata={"help": "SFT: padding-free packed micro-batches sized to memory_budget_gb (src/packing.py)."}
+    )
+    memory_budget_gb: Optional[float] = field(
+        metadata={"help": "Fast path: peak GPU memory to plan micro-batches for; null: 90% of the GPU."}
+    )
     seed: int
     bf16: bool
     fp16: bool
@@ -299,6 +313,11 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             f"data.eval_subsample: must be >= 1, got {d.eval_subsample}",
         )
         check(not 0.0 < d.threshold < 1.0, f"data.threshold: must be in (0, 1), got {d.threshold}")
+    if _ok(d, "max_length_factor"):
+        check(
+            d.max_length_factor is not None and d.max_length_factor < 1,
+            f"data.max_length_factor: must be >= 1 or null, got {d.max_length_factor}",
+        )
     if _ok(d, "task", "label_column", "label_columns", "class_weights", "pos_weight"):
         check(
             d.task == "classification" and not d.label_column, "data.label_column: required for task 'classification'"
@@ -339,6 +358,11 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             "train: per_device_train_batch_size and gradient_accumulation_steps must be >= 1",
         )
         check(t.bf16 and t.fp16, "train: bf16 and fp16 cannot both be true")
+    if _ok(t, "memory_budget_gb"):
+        check(
+            t.memory_budget_gb is not None and t.memory_budget_gb <= 0,
+            f"train.memory_budget_gb: must be > 0 or null, got {t.memory_budget_gb}",
+        )
     if _ok(t, "eval_strategy", "eval_steps", "early_stopping_patience", "load_best_model_at_end", "save_strategy"):
         check(
             t.eval_strategy == "steps" and not t.eval_steps, "train.eval_steps: required when train.eval_strategy=steps"

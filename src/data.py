@@ -154,7 +154,9 @@ def _multilabel_matrix(df: pd.DataFrame, d: DataConfig, split: str, faults: list
 
 
 def _texts(df: pd.DataFrame, d: DataConfig) -> list[str]:
-    rows = df[list(dict.fromkeys(d.text_columns + _template_fields(d.text_template or "")))].astype(str)
+    columns = list(dict.fromkeys(d.text_columns + _template_fields(d.text_template or "")))
+    # Missing cells (already reported as faults) become "": pandas 3's astype(str) would keep them NaN.
+    rows = df[columns].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
     if d.text_template:
         return [d.text_template.format(**r) for r in rows.to_dict("records")]
     return ["\n\n".join(r[c] for c in d.text_columns) for r in rows.to_dict("records")]
@@ -267,8 +269,27 @@ def _weights(task: str, d: DataConfig, y: np.ndarray, n_labels: int, faults: lis
     return [float((len(y) - p) / p) if p else 1.0 for p in pos]
 
 
-def load_data(d: DataConfig) -> TaskData:
-    """Read, validate and split the configured dataset. Raises DataError listing every fault."""
+def _check_lengths(
+    df: pd.DataFrame, d: DataConfig, texts: list[str], split: str, tokenizer, max_length: int, faults: list[str]
+) -> None:
+    """Record rows over ``data.max_length_factor`` x ``max_length`` tokens: truncation would drop most of them."""
+    limit = d.max_length_factor * max_length
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    over = lengths > limit
+    if over.any():
+        faults.append(
+            f"{split}: {over.sum()} row(s) longer than {d.max_length_factor:g} x model.max_length={max_length} "
+            f"tokens (longest {lengths.max()}), likely a broken file or the wrong column; raise "
+            f"data.max_length_factor, or set it to null to truncate them: {_row_ids(df, d, over)}"
+        )
+
+
+def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -> TaskData:
+    """Read, validate and split the configured dataset. Raises DataError listing every fault.
+
+    With a tokenizer and ``max_length``, rows over ``data.max_length_factor`` x ``max_length``
+    tokens are faults too, in the same report.
+    """
     from datasets import Dataset
 
     if d.path:
@@ -304,6 +325,10 @@ def load_data(d: DataConfig) -> TaskData:
             columns[split] = {"prompt": prompts, "completion": completions}
         ids = df[d.id_column] if d.id_column and d.id_column in df.columns else pd.Series(range(len(df)))
         columns[split]["row_id"] = [str(i) for i in ids]
+        if tokenizer is not None and max_length and d.max_length_factor is not None:
+            cols = columns[split]
+            texts = cols["text"] if "text" in cols else [p + c for p, c in zip(cols["prompt"], cols["completion"])]
+            _check_lengths(df, d, texts, split, tokenizer, max_length, faults)
     if faults:
         raise DataError(faults)
 

@@ -245,8 +245,12 @@ def load_finetuned(source: Source, tokenizer, quantized: bool = True):
     """
     from peft import PeftModel
 
-    from src import modeling
+    from src import guards, modeling
 
+    try:
+        guards.assert_safetensors_only(source.adapter_dir)  # before any model loads
+    except guards.UnsafeFileError as exc:
+        raise InferenceError(str(exc)) from exc
     quant = source.cfg.quant if quantized else dataclasses.replace(source.cfg.quant, bits=16)
     base = _base_available(
         source, lambda: modeling.load_model(source.cfg.model, quant, source.task, source.labels, tokenizer.pad_token_id)

@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 import torch
 
 from src.config import LORA_PRESETS, LoraConfig, ModelConfig, QuantConfig
+from src.guards import check_remote_code
 from src.tiny import resolve as resolve_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +49,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     """Load the tokenizer; give it a pad token (eos, as Llama recipes do) if it has none."""
     from transformers import AutoTokenizer
 
+    check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_builtin(model_cfg.name_or_path),
         revision=model_cfg.revision,
@@ -72,6 +74,7 @@ def load_model(
     """Load the base model for the task, quantized as configured, ready for adapters."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     kwargs: dict[str, Any] = {
         "revision": model_cfg.revision,
         "trust_remote_code": model_cfg.trust_remote_code,

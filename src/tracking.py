@@ -8,16 +8,29 @@ params are the resolved config flattened with dotted keys; metrics include
 
 :func:`tracked_run` is the one place where failure is handled: an exception ends the run
 FAILED with the error as tags, Ctrl-C or SIGTERM ends it KILLED, and nothing is left RUNNING.
+A process killed outright (SIGKILL, power loss) cannot close its run, so each run carries
+``host``, ``pid`` and ``process_start`` tags and a ``heartbeat`` tag refreshed every minute;
+``python -m src.doctor`` marks the runs whose process is gone KILLED.
+
+SQLite allows one writer at a time. MLflow waits 20 s for the lock and then raises
+``database is locked``; every write made here goes through :func:`retry_locked`, which
+retries that error with backoff, so parallel jobs on one store wait instead of failing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import random
 import signal
-from collections.abc import Iterator
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -31,6 +44,34 @@ PARENT_RUN_ENV = "LORA_SWEEP_PARENT_RUN_ID"
 SWEEP_ID_ENV = "LORA_SWEEP_ID"
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
+# A writer that cannot get SQLite's lock keeps retrying for this long (each try waits 20 s in MLflow).
+LOCK_RETRY_BUDGET_S = 600.0
+HEARTBEAT_INTERVAL_S = 60.0
+T = TypeVar("T")
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text or "sqlite_busy" in text
+
+
+def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn``, retrying with jittered exponential backoff while the store reports a lock.
+
+    Only lock errors are retried: a failed SQLite write is rolled back, so trying again
+    neither loses nor duplicates data. Other errors (disk full, bad values) raise at once.
+    """
+    deadline = time.monotonic() + LOCK_RETRY_BUDGET_S
+    delay = 0.2
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not _is_lock_error(exc) or time.monotonic() + delay > deadline:
+                raise
+            print(f"note: MLflow store is locked, retrying in {delay:.1f} s", file=sys.stderr)
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 15.0)
 
 
 def tracking_uri(configured: Optional[str]) -> str:
@@ -47,6 +88,15 @@ def _store_lock(uri: str):
     return contextlib.nullcontext()
 
 
+def artifact_location(uri: str, experiment: str) -> Optional[str]:
+    """Artifacts of a SQLite store live in ``mlruns/`` beside the database file, whatever the
+    working directory (for the default store: ``<project>/mlruns``); other stores decide."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db_path = Path(uri[len("sqlite:///") :]).resolve()
+    return (db_path.parent / "mlruns" / experiment).as_uri()
+
+
 def ensure_experiment(name: str, uri: str) -> str:
     """Set the store and return the experiment id, creating the store and experiment if needed.
 
@@ -56,15 +106,15 @@ def ensure_experiment(name: str, uri: str) -> str:
     """
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
-        client = mlflow.MlflowClient(uri)
-        experiment = client.get_experiment_by_name(name)
+        client = retry_locked(mlflow.MlflowClient, uri)  # opening a store reads its schema
+        experiment = retry_locked(client.get_experiment_by_name, name)
         if experiment is not None:
             return experiment.experiment_id
-        location = DEFAULT_ARTIFACT_ROOT.as_uri() + f"/{name}" if uri == DEFAULT_TRACKING_URI else None
+        location = artifact_location(uri, name)
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return retry_locked(client.create_experiment, name, artifact_location=location)
         except MlflowException:  # created meanwhile by a writer that does not take the lock (another host)
-            return client.get_experiment_by_name(name).experiment_id
+            return retry_locked(client.get_experiment_by_name, name).experiment_id
 
 
 def run_name(raw: dict) -> str:
@@ -95,7 +145,80 @@ def log_params(params: dict[str, Any]) -> None:
     """Log params in batches; values are stringified and clipped to MLflow's length limit."""
     items = [(k, "null" if v is None else str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i : i + 100]))
+        retry_locked(mlflow.log_params, dict(items[i : i + 100]))
+
+
+def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:
+    """Log metrics to the active run, waiting out a locked store."""
+    retry_locked(mlflow.log_metrics, metrics, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Set tags on the active run, waiting out a locked store."""
+    retry_locked(mlflow.set_tags, tags)
+
+
+def process_start(pid: int) -> Optional[str]:
+    """An id of the process ``pid`` that a later process with the same pid will not share.
+
+    Linux: the pid namespace and the start time in clock ticks from ``/proc``; None elsewhere
+    or when no such process exists (a zombie counts as gone).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        namespace = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return f"{namespace}@{fields[19]}"
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def process_tags() -> dict[str, str]:
+    """The tags that let ``src.doctor`` tell whether the process that owns a run is alive."""
+    return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "process_start": process_start(os.getpid()) or "",
+        "heartbeat": utc_now(),
+    }
+
+
+@contextlib.contextmanager
+def heartbeat(uri: str, run_id: str, interval_s: float = HEARTBEAT_INTERVAL_S) -> Iterator[None]:
+    """Refresh the run's ``heartbeat`` tag from a daemon thread while the block runs."""
+    stop = threading.Event()
+    client = mlflow.MlflowClient(uri)
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            try:
+                retry_locked(client.set_tag, run_id, "heartbeat", utc_now())
+            except Exception as exc:  # a missed beat must not kill training; the doctor allows for gaps
+                print(f"note: heartbeat for run {run_id} not written: {exc}", file=sys.stderr)
+
+    thread = threading.Thread(target=beat, name=f"mlflow-heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def end_run(run_id: str, status: str) -> None:
+    """End the active run with ``status``; the status write is retried while the store is locked."""
+    try:
+        mlflow.end_run(status)  # pops the active run first, so a retry must go through the client
+    except Exception as exc:
+        if not _is_lock_error(exc):
+            raise
+        retry_locked(mlflow.MlflowClient().set_terminated, run_id, status)
 
 
 class Terminated(KeyboardInterrupt):
@@ -116,34 +239,44 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[ml
     tracking = raw.get("tracking") or {}
     uri = tracking_uri(tracking.get("tracking_uri"))
     experiment_id = ensure_experiment(tracking.get("experiment") or "lora-sweeps", uri)
-    all_tags = dict(tags or {})
+    all_tags = {**process_tags(), **(tags or {})}
     parent = os.environ.get(PARENT_RUN_ENV)
     if os.environ.get(SWEEP_ID_ENV):
         all_tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+    run = retry_locked(
+        mlflow.start_run,
+        experiment_id=experiment_id,
+        run_name=run_name(raw),
+        tags=all_tags,
+        parent_run_id=parent or None,
+    )
     previous = signal.getsignal(signal.SIGTERM)
     in_main_thread = True
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (e.g. a joblib worker thread): leave signals alone
         in_main_thread = False
-    run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name(raw), tags=all_tags, parent_run_id=parent or None
-    )
+    status, error = "FINISHED", None
     try:
-        yield run
+        with heartbeat(uri, run.info.run_id):
+            yield run
     except KeyboardInterrupt as exc:
-        mlflow.set_tags({"error_type": type(exc).__name__, "error": str(exc)[:MAX_TAG_LEN] or "interrupted"})
-        mlflow.end_run("KILLED")
+        status, error = "KILLED", exc
         raise
     except BaseException as exc:
-        mlflow.set_tags({"error_type": type(exc).__name__, "error": str(exc)[:MAX_TAG_LEN]})
-        mlflow.end_run("FAILED")
+        status, error = "FAILED", exc
         raise
-    else:
-        mlflow.end_run("FINISHED")
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:  # a second SIGTERM must not cut the status write short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if error is not None:
+                message = str(error)[:MAX_TAG_LEN] or ("interrupted" if status == "KILLED" else "")
+                set_tags({"error_type": type(error).__name__, "error": message})
+        finally:
+            end_run(run.info.run_id, status)
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def log_dir_artifacts(local_dir: Path, artifact_path: str) -> None:

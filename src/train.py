@@ -33,33 +33,34 @@ def run(raw: dict) -> Optional[float]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
         mlflow.log_artifact(str(output_dir / "config.yaml"))
-        data = load_data(cfg.data)  # raises DataError listing every fault, before any model loads
-
         from transformers import set_seed
 
-        from src import modeling, training
+        from src import guards, modeling, training
 
-        set_seed(cfg.train.seed)
         tokenizer = modeling.load_tokenizer(cfg.model)
+        # Raises DataError listing every fault (rows far over max_length included), before any model loads.
+        data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+        checkpoint = guards.resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir / "checkpoints")
+        set_seed(cfg.train.seed)
         model = modeling.load_model(
             cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
         )
         model = modeling.apply_lora(model, cfg.lora, data.task)
         trainable, total = modeling.count_params(model)
-        mlflow.log_params(
+        tracking.log_params(
             {
                 "lora.resolved_targets": ",".join(modeling.target_leaf_names(model)),
                 "data.train_rows": data.train.num_rows,
                 "data.eval_rows": data.eval.num_rows,
             }
         )
-        mlflow.log_metrics(
+        tracking.log_metrics(
             {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
         )
         trainer, metrics, truncated = training.build_trainer(
             cfg, model, tokenizer, data, str(output_dir / "checkpoints")
         )
-        mlflow.log_metric("data_truncated_rows", truncated)
+        tracking.log_metrics({"data_truncated_rows": truncated})
         if truncated:
             print(
                 f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated",
@@ -68,11 +69,13 @@ def run(raw: dict) -> Optional[float]:
         prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if data.task == "sft" else []
         with model.disable_adapter():
             before = training.generate(model, tokenizer, prompts)
-        trainer.train()
+        if checkpoint:
+            tracking.set_tags({"resumed_from": checkpoint})
+        trainer.train(resume_from_checkpoint=checkpoint)
         final = trainer.evaluate()
         peak = training.peak_gpu_mem_gb()
         if peak is not None:
-            mlflow.log_metric("peak_gpu_mem_gb", peak)
+            tracking.log_metrics({"peak_gpu_mem_gb": peak})
 
         adapter_dir = output_dir / "adapter"
         model.save_pretrained(adapter_dir)
@@ -84,6 +87,7 @@ def run(raw: dict) -> Optional[float]:
             mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         if metrics is not None:
             mlflow.log_dict(metrics.last_report, "classification_report.json")
+            training.log_confusion_matrix(metrics)
         if prompts:
             after = training.generate(model, tokenizer, prompts)
             mlflow.log_table(
@@ -100,7 +104,7 @@ def run(raw: dict) -> Optional[float]:
         value = final.get(metric)
         if value is None:
             raise KeyError(f"objective metric {metric!r} not in the final evaluation: {sorted(final)}")
-        mlflow.log_metric("objective", value)
+        tracking.log_metrics({"objective": value})
         return float(value)
 
 

@@ -12,13 +12,14 @@ import math
 import re
 from typing import Any, Optional
 
-import mlflow
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from src.config import Config, TrainConfig
+from src import sweeping_trial, tracking
+from src.config import Config, TrainConfig, objective
 from src.data import TaskData
+from src.guards import NonFiniteLossGuard
 
 # HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
 HF_TO_MLFLOW = {"loss": "train_loss", "train_loss": "train_loss_mean", "train_runtime": "train_runtime_s"}
@@ -35,6 +36,16 @@ NOT_METRICS = {
 }
 
 
+# TrainConfig fields read by src/train.py and build_trainer, not TrainingArguments fields.
+NOT_TRAINING_ARGUMENTS = {
+    "early_stopping_patience",
+    "stop_on_nonfinite_loss",
+    "resume_from_checkpoint",
+    "fast_path",
+    "memory_budget_gb",
+}
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
@@ -43,7 +54,7 @@ def training_arguments(
     train: TrainConfig, output_dir: str, task: str, max_length: int, response_only_loss: bool = True
 ):
     """TrainingArguments (or TRL's SFTConfig) from the config; the field names are the same."""
-    kwargs = {f.name: getattr(train, f.name) for f in dataclasses.fields(train) if f.name != "early_stopping_patience"}
+    kwargs = {f.name: getattr(train, f.name) for f in dataclasses.fields(train) if f.name not in NOT_TRAINING_ARGUMENTS}
     kwargs.update(
         output_dir=output_dir,
         report_to="none",  # MLflow is written by MlflowMetricsCallback, under the project's names
@@ -62,11 +73,12 @@ def training_arguments(
 
 
 class ClassificationMetrics:
-    """compute_metrics for single- and multi-label tasks; keeps the last per-class report."""
+    """compute_metrics for single- and multi-label tasks; keeps the last report and confusion matrix."""
 
     def __init__(self, task: str, labels: list[str], threshold: float):
         self.task, self.labels, self.threshold = task, labels, threshold
         self.last_report: dict[str, Any] = {}
+        self.last_confusion: Optional[np.ndarray] = None  # [true, pred]; per label [[tn, fp], [fn, tp]] if multilabel
 
     def __call__(self, eval_pred) -> dict[str, float]:
         from sklearn import metrics as skm
@@ -82,6 +94,7 @@ class ClassificationMetrics:
                 for avg in ("micro", "macro", "weighted", "samples")
             }
             out["subset_accuracy"] = skm.accuracy_score(y_true, y_pred)
+            self.last_confusion = skm.multilabel_confusion_matrix(y_true, y_pred)
             per_label = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
             out.update({f"f1_label_{_safe(n)}": f for n, f in zip(names, per_label)})
         else:
@@ -98,11 +111,43 @@ class ClassificationMetrics:
                 }
             )
             per_class = skm.f1_score(y_true, y_pred, average=None, labels=range(len(names)), zero_division=0)
+            self.last_confusion = skm.confusion_matrix(y_true, y_pred, labels=range(len(names)))
             out.update({f"f1_class_{_safe(n)}": f for n, f in zip(names, per_class)})
         self.last_report = skm.classification_report(
             y_true, y_pred, labels=range(len(names)), target_names=names, output_dict=True, zero_division=0
         )
         return {k: float(v) for k, v in out.items()}
+
+
+def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
+    """Log the last eval confusion matrix as an MLflow table and a PNG heat map."""
+    import matplotlib
+    import mlflow
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm, names = metrics.last_confusion, metrics.labels
+    if cm is None:
+        return
+    if metrics.task == "multilabel":
+        table = {"label": names, "tn": cm[:, 0, 0], "fp": cm[:, 0, 1], "fn": cm[:, 1, 0], "tp": cm[:, 1, 1]}
+        grid, xticks, yticks = cm[:, 1, :], ["pred 0", "pred 1"], [f"{n} (true 1)" for n in names]
+    else:
+        table = {"true": names, **{f"pred_{n}": cm[:, j] for j, n in enumerate(names)}}
+        grid, xticks, yticks = cm, names, names
+    mlflow.log_table({k: [int(x) if not isinstance(x, str) else x for x in v] for k, v in table.items()},
+                     artifact_file="confusion_matrix.json")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(xticks), 1.0 + 0.5 * len(yticks)))
+    ax.imshow(grid, cmap="Blues")
+    ax.set_xticks(range(len(xticks)), xticks, rotation=45, ha="right")
+    ax.set_yticks(range(len(yticks)), yticks)
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, int(value), ha="center", va="center")
+    ax.set_title("eval confusion matrix")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "confusion_matrix.png")
+    plt.close(fig)
 
 
 class WeightedLossTrainer(Trainer):
@@ -143,7 +188,7 @@ class MlflowMetricsCallback(TrainerCallback):
             metrics["train_tokens"] = float(state.num_input_tokens_seen)
             metrics["train_tokens_per_s"] = state.num_input_tokens_seen / max(metrics["train_runtime_s"], 1e-9)
         if metrics:
-            mlflow.log_metrics(metrics, step=state.global_step)
+            tracking.log_metrics(metrics, step=state.global_step)  # waits out a locked store
 
 
 def tokenize_classification(data: TaskData, tokenizer, max_length: int) -> tuple[Any, Any, int]:
@@ -182,19 +227,28 @@ def build_trainer(cfg: Config, model, tokenizer, data: TaskData, output_dir: str
 
     args = training_arguments(cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss)
     callbacks: list[TrainerCallback] = [MlflowMetricsCallback(perplexity=data.task == "sft")]
+    if cfg.train.stop_on_nonfinite_loss:
+        callbacks.append(NonFiniteLossGuard())  # after the metrics callback: the bad loss is logged first
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    callbacks += sweeping_trial.trial_callbacks(objective(cfg)[0])  # an Optuna trial: report evals, maybe prune
     if data.task == "sft":
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train.remove_columns("row_id"),
-            eval_dataset=data.eval.remove_columns("row_id"),
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
+        from src.packing import build_packed_sft_trainer
+
+        train_ds, eval_ds = data.train.remove_columns("row_id"), data.eval.remove_columns("row_id")
+        if cfg.train.fast_path:  # padding-free packed micro-batches sized to the memory budget
+            trainer, _ = build_packed_sft_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, callbacks)
+        else:
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=train_ds,
+                eval_dataset=eval_ds,
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
     metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold)

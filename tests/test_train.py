@@ -95,7 +95,7 @@ def test_end_to_end_run_is_recorded_by_contract(tmp_path, mlflow_store, data, qu
             "eval_mcc",
             "eval_f1_class_food",
         } <= set(metrics)
-        assert "classification_report.json" in artifacts
+        assert {"classification_report.json", "confusion_matrix.json", "confusion_matrix.png"} <= set(artifacts)
     else:
         assert {
             "eval_f1_micro",
@@ -125,7 +125,7 @@ def test_class_weights_change_the_loss(tmp_path, mlflow_store):
     assert plain.data.metrics["train_loss"] != pytest.approx(weighted.data.metrics["train_loss"], rel=1e-3)
 
 
-def test_adapter_learns_while_base_stays_frozen_and_reload_predicts_the_same(tmp_path):
+def test_adapter_learns_while_base_stays_frozen_and_reload_predicts_the_same(tmp_path, mlflow_store):
     from peft import PeftModel
 
     cfg = validate(compose_config([*FAST, "train.max_steps=6"]))

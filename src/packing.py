@@ -1,0 +1,381 @@
+"""The fast SFT path: padding-free packed batches, micro-batches sized to a memory budget.
+
+``train.fast_path=true`` (the default) trains SFT with :class:`PackedSFTTrainer`;
+``train.fast_path=false`` goes back to TRL's plain ``SFTTrainer`` on padded batches.
+
+What the fast path changes, and why learning does not change:
+
+- **Padding-free packing.** The examples of a micro-batch are concatenated into one row, with
+  ``position_ids`` that restart at 0 for each example and no ``attention_mask`` (TRL's
+  ``DataCollatorForLanguageModeling(padding_free=True)``). transformers reads the restarts in
+  ``position_ids`` and builds a block-causal mask for sdpa and eager attention
+  (``masking_utils.find_packed_sequence_indices``; only without a KV cache, so the trainer passes
+  ``use_cache=False``), so an example never attends to another one,
+  and the label of each example's first token is -100, so no token is predicted across a
+  boundary. No FLOP is spent on padding. ``tests/test_packing.py`` checks the per-token loss
+  and the LoRA gradients against the padded batch of the same examples.
+- **The optimizer step is the config's.** Each step still takes
+  ``per_device_train_batch_size x gradient_accumulation_steps`` examples, in the same order;
+  only how they are split into forward/backward passes changes, and the loss is normalized by
+  the step's token count either way (HF's ``num_items_in_batch``).
+- **Attention.** The block-causal mask rules out sdpa's flash kernel, and for head sizes that are
+  not a multiple of 8 (OpenLLaMA-3B's 100) its memory-efficient kernel too; the math kernel then
+  keeps ``heads x T x T`` matrices per layer. Where those fit the budget they are used (fewer
+  kernels: measured faster); else attention runs causally per example (:func:`packed_sdpa_attention`).
+- **bf16 weights under a 4/8-bit base** (:func:`cast_frozen_to_bf16`): fewer dtype casts per step.
+- **Micro-batches sized to a memory budget.** ``train.memory_budget_gb`` (null: 90% of the
+  GPU's memory; no budget on CPU) and ``src.plan``'s estimate choose the largest micro-batch
+  that fits, and activation checkpointing only for as many decoder layers as memory needs
+  (:func:`plan_micro_batches`). ``train.activation_checkpointing`` applies to the plain path.
+- **An HF ``Trainer``, not TRL's ``SFTTrainer``**, whose fused LM head reads ``lm_head.weight``
+  directly and so refuses LoRA on ``lm_head`` (the seeds' all-linear-plus-head recipe). The loss is
+  the model's own, through the LoRA-wrapped head. :func:`tokenize_sft` prepares the rows as TRL
+  does (EOS appended, completion-only labels, truncation to ``model.max_length``); the tests check
+  the token ids and labels against TRL's. Unlike ``SFTTrainer``, the adapters of a quantized
+  model stay in fp32 (TRL casts them to bf16).
+- **Fused AdamW** (``adamw_torch_fused``, one kernel for all LoRA tensors) replaces the other
+  AdamW variants on CUDA: LoRA's trainable parameters are too few for 8-bit or paged state
+  to save memory that matters, and the fp32 state is the more exact of the two.
+
+Evaluation uses the plain padded collator, so ``eval_loss`` is computed as on the plain path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer
+from trl.data_utils import common_prefix_length
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+# Optimizers with AdamW's update rule; on CUDA the fast path runs them as one fused kernel.
+ADAMW_VARIANTS = {
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw",
+}
+FUSED_ADAMW = "adamw_torch_fused"
+DEFAULT_BUDGET_FRACTION = 0.9  # of the GPU's memory, when train.memory_budget_gb is null
+
+
+class MemoryBudgetError(ValueError):
+    """Not even one example per micro-batch, with every layer checkpointed, fits the budget."""
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """How one optimizer step's examples are run: micro-batches and checkpointed layers."""
+
+    examples_per_step: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    checkpointed_layers: int
+    num_layers: int
+    budget_gb: Optional[float]
+    est_peak_gpu_mem_gb: Optional[float]
+    attention: str = "mask"  # or "per-example": chosen by build_packed_sft_trainer
+
+    def describe(self) -> str:
+        budget = "no memory budget" if self.budget_gb is None else f"budget {self.budget_gb:.1f} GiB"
+        est = "" if self.est_peak_gpu_mem_gb is None else f", est. peak {self.est_peak_gpu_mem_gb:.1f} GiB"
+        return (
+            f"fast path: {self.examples_per_step} examples/step as {self.gradient_accumulation_steps} packed "
+            f"micro-batch(es) of {self.micro_batch_size}, activation checkpointing on "
+            f"{self.checkpointed_layers}/{self.num_layers} layers, attention by {self.attention} ({budget}{est})"
+        )
+
+
+def plan_micro_batches(
+    examples_per_step: int,
+    num_layers: int,
+    budget_gb: Optional[float],
+    estimate: Callable[[int, bool], float],
+) -> MicroBatchPlan:
+    """The largest micro-batch that fits the budget, checkpointing as few layers as it needs.
+
+    Args:
+        examples_per_step: examples in one optimizer step (batch size x accumulation steps).
+        num_layers: decoder layers that can be checkpointed one by one.
+        budget_gb: peak GPU memory allowed, in GiB; None plans one micro-batch, no checkpointing.
+        estimate: ``estimate(micro_batch_size, checkpoint_all_layers)`` -> peak GiB. With k of L
+            layers checkpointed the activations are interpolated: ``full - (full - ckpt) * k / L``.
+
+    Micro-batch sizes are divisors of ``examples_per_step``, so every step has the same examples.
+    """
+    if budget_gb is None:
+        return MicroBatchPlan(examples_per_step, examples_per_step, 1, 0, num_layers, None, None)
+    for size in sorted((d for d in range(1, examples_per_step + 1) if examples_per_step % d == 0), reverse=True):
+        full = estimate(size, False)
+        steps = examples_per_step // size
+        if full <= budget_gb:
+            return MicroBatchPlan(examples_per_step, size, steps, 0, num_layers, budget_gb, full)
+        ckpt = estimate(size, True)
+        if ckpt > budget_gb:
+            continue
+        per_layer = (full - ckpt) / num_layers
+        layers = min(num_layers, math.ceil(round((full - budget_gb) / per_layer, 6)))
+        return MicroBatchPlan(examples_per_step, size, steps, layers, num_layers, budget_gb, full - per_layer * layers)
+    raise MemoryBudgetError(
+        f"train.memory_budget_gb={budget_gb}: one example of model.max_length tokens with every layer "
+        f"checkpointed needs about {estimate(1, True):.1f} GiB; raise the budget or lower model.max_length"
+    )
+
+
+def default_budget_gb() -> Optional[float]:
+    """90% of the current GPU's memory in GiB, or None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    return DEFAULT_BUDGET_FRACTION * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
+def fast_optimizer(optim: str) -> str:
+    """The optimizer the fast path runs: fused AdamW for any AdamW variant on CUDA, else ``optim``."""
+    return FUSED_ADAMW if optim in ADAMW_VARIANTS and torch.cuda.is_available() else optim
+
+
+def plan_estimator(cfg) -> tuple[Callable[[int, bool], float], int]:
+    """``src.plan``'s peak-memory estimate as ``estimate(micro_batch_size, checkpoint_all)``, and the layer count.
+
+    A micro-batch of n examples is estimated as n rows of ``model.max_length`` tokens: packed
+    rows hold at most that many tokens, so the estimate is an upper bound.
+    """
+    from src.plan import plan
+
+    cache: dict[tuple[int, bool], dict[str, Any]] = {}
+
+    def run(size: int, ckpt: bool) -> dict[str, Any]:
+        if (size, ckpt) not in cache:
+            train = dataclasses.replace(
+                cfg.train,
+                per_device_train_batch_size=size,
+                activation_checkpointing=ckpt,
+                optim=fast_optimizer(cfg.train.optim),
+            )
+            cache[size, ckpt] = plan(dataclasses.replace(cfg, train=train))
+        return cache[size, ckpt]
+
+    num_layers = run(1, False)["model_shape"]["num_layers"]
+    return (lambda size, ckpt: run(size, ckpt)["est_peak_gpu_mem_gb"]), num_layers
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's checkpointable decoder layers, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model: torch.nn.Module, count: int) -> None:
+    """Checkpoint the activations of the first ``count`` decoder layers only; 0 turns it off."""
+    layers = decoder_layers(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if count > 0:
+        # Sets the checkpoint function on every layer (and input grads for the frozen embeddings).
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < count
+
+
+PACKED_ATTENTION = "sdpa_packed"
+# sdpa's math kernel (a boolean mask and a head size that is not a multiple of 8) keeps about this
+# many bytes per head x query x key per layer for the backward: measured on W3B 4-bit, an H100, packed
+# rows of up to 1,652 tokens, 26 layers x 32 heads: 19.74 GiB peak with the mask, 10.69 per example.
+MATH_ATTENTION_BYTES = 4.3
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_bounds=None, **kwargs):
+    """sdpa, run causally on each example of a packed row when ``packed_seq_bounds`` is given.
+
+    transformers' own packed-row path builds a block-causal boolean mask, which rules out sdpa's
+    flash kernel and, for head sizes that are not a multiple of 8 (OpenLLaMA-3B's 100), its
+    memory-efficient kernel too: the math kernel then keeps a ``heads x T x T`` fp32 matrix per
+    layer. One causal call per example runs the flash kernel with no mask. Without bounds (padded
+    batches, generation) this is transformers' sdpa, mask and all.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_seq_bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = packed_seq_bounds
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_packed_attention(model) -> bool:
+    """Switch an sdpa model to :func:`packed_sdpa_attention` (masks as for sdpa); False if it is not sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(PACKED_ATTENTION)
+    return True
+
+
+def mask_attention_gb(model, tokens: int, checkpointed_layers: int) -> float:
+    """Extra peak memory of transformers' block-mask attention over a packed row of ``tokens``, in GiB.
+
+    Zero where sdpa's memory-efficient kernel takes the mask (head size a multiple of 8); else the
+    math kernel's attention matrices of every layer not checkpointed, plus one being recomputed.
+    """
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if head_dim % 8 == 0:
+        return 0.0
+    layers = config.num_hidden_layers - checkpointed_layers + (1 if checkpointed_layers else 0)
+    return layers * heads * tokens**2 * MATH_ATTENTION_BYTES / 2**30
+
+
+def seq_bounds(position_ids: torch.Tensor) -> tuple[int, ...]:
+    """Start of every example in a packed row (where positions restart at 0), and the row's end."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    return (*starts, position_ids.shape[1])
+
+
+def cast_frozen_to_bf16(model) -> None:
+    """bf16 for the float32 weights ``prepare_model_for_kbit_training`` made (norms, embeddings, head) and
+    the adapters, as TRL's SFTTrainer does for the adapters of a quantized model.
+
+    With an fp32 residual stream, every 4-bit matmul casts its input to bf16 and its output back, and
+    autocast casts every adapter weight on every call: thousands of small kernels a step, which
+    bound a small step by the CPU rather than the GPU.
+    """
+    for param in model.parameters():
+        if param.dtype == torch.float32:
+            param.data = param.data.to(torch.bfloat16)
+
+
+def tokenize_sft(dataset, tokenizer, max_length: int, completion_only_loss: bool):
+    """``input_ids`` and ``labels`` for prompt/completion rows, as TRL 1.16's SFTTrainer prepares them.
+
+    EOS is appended to the completion; with ``completion_only_loss`` the prompt's labels are -100
+    (the prompt ends where the tokenized prompt stops being a prefix of prompt + completion);
+    rows are cut to ``max_length`` tokens, and rows left without a label are dropped. Rows that
+    already hold ``input_ids`` get ``labels = input_ids`` where they have none.
+    """
+    eos = tokenizer.eos_token
+
+    def encode(example):
+        if "input_ids" in example:
+            ids, labels = example["input_ids"], example.get("labels") or example["input_ids"]
+        else:
+            completion = example["completion"]
+            completion = completion if completion.endswith(eos) else completion + eos
+            ids = tokenizer(text=example["prompt"] + completion)["input_ids"]
+            prompt_len = common_prefix_length(tokenizer(text=example["prompt"])["input_ids"], ids)
+            labels = [-100] * prompt_len + ids[prompt_len:] if completion_only_loss else list(ids)
+        return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+    tokenized = dataset.map(encode, remove_columns=dataset.column_names)
+    return tokenized.filter(lambda example: any(label != -100 for label in example["labels"]))
+
+
+class PackedTrainer(Trainer):
+    """HF Trainer on padding-free packed batches of tokenized SFT rows.
+
+    Overrides the documented hooks ``compute_loss`` (no KV cache, which would hide the packing)
+    and ``evaluate`` (padded batches, as the plain path evaluates).
+    """
+
+    def __init__(self, *args, eval_data_collator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "position_ids" in inputs and "attention_mask" not in inputs:  # a packed row: bounds once per step
+            inputs = {**inputs, "packed_seq_bounds": seq_bounds(inputs["position_ids"])}
+        # use_cache=False: with a cache transformers ignores the packed position_ids and masks causally only.
+        outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def evaluate(self, *args, **kwargs):
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator = train_collator
+
+
+def build_packed_sft_trainer(
+    cfg,
+    model,
+    tokenizer,
+    args,
+    train_dataset,
+    eval_dataset=None,
+    callbacks: Optional[list] = None,
+    attention: str = "auto",
+    bf16_weights: bool = True,
+) -> tuple[PackedTrainer, MicroBatchPlan]:
+    """The fast-path trainer for an SFT run, and the micro-batch plan it follows.
+
+    Args:
+        cfg: the validated :class:`src.config.Config`.
+        args: the plain path's ``SFTConfig``; its batch, checkpointing and optimizer fields are replanned.
+        train_dataset / eval_dataset: prompt/completion rows, or already tokenized ``input_ids``.
+        attention: ``mask`` (transformers' block-causal mask: fewer kernels, faster when a step is
+            bound by kernel launches), ``per-example`` (:func:`packed_sdpa_attention`: no
+            ``T x T`` matrices), or ``auto``: the mask when the plan plus :func:`mask_attention_gb`
+            fits the budget, else per example.
+        bf16_weights: under bf16 training of a 4/8-bit base, cast its fp32 weights and the adapters to
+            bf16 (:func:`cast_frozen_to_bf16`).
+    """
+    budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else default_budget_gb()
+    examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    num_layers = len(decoder_layers(model))
+    if budget is None:
+        micro = plan_micro_batches(examples_per_step, num_layers, None, lambda size, ckpt: 0.0)
+    else:
+        estimate, _ = plan_estimator(cfg)
+        micro = plan_micro_batches(examples_per_step, num_layers, budget, estimate)
+    set_checkpointed_layers(model, micro.checkpointed_layers)
+    if attention == "auto":
+        tokens = micro.micro_batch_size * cfg.model.max_length
+        extra = mask_attention_gb(model, tokens, micro.checkpointed_layers)
+        fits = budget is None or (micro.est_peak_gpu_mem_gb or 0.0) + extra <= budget
+        attention = "mask" if fits else "per-example"
+    if attention == "per-example":
+        use_packed_attention(model)
+    micro = dataclasses.replace(micro, attention=attention)
+    if bf16_weights and args.bf16 and cfg.quant.bits in (4, 8):
+        cast_frozen_to_bf16(model)
+    args = dataclasses.replace(
+        args,
+        per_device_train_batch_size=micro.micro_batch_size,
+        gradient_accumulation_steps=micro.gradient_accumulation_steps,
+        activation_checkpointing=False,  # set per layer above; the Trainer would turn on every layer
+        optim=fast_optimizer(args.optim),
+        include_num_input_tokens_seen="all",  # a packed row has no padding (and EOS may be the pad id)
+    )
+    completion_only = args.completion_only_loss is not False  # TRL's None: on for prompt/completion rows
+    prepare = dict(tokenizer=tokenizer, max_length=cfg.model.max_length, completion_only_loss=completion_only)
+    pad_id = tokenizer.pad_token_id
+    trainer = PackedTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize_sft(train_dataset, **prepare),
+        eval_dataset=None if eval_dataset is None else tokenize_sft(eval_dataset, **prepare),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True),
+        eval_data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id),
+    )
+    print(micro.describe(), file=sys.stderr)
+    return trainer, micro

@@ -1,0 +1,280 @@
+"""The fast SFT path (src/packing.py) computes what the plain path computes.
+
+Tolerances: float32 on CPU. Packed and padded batches run the same matmuls on differently
+shaped tensors, so results agree to rounding: per-token losses and logits within atol 1e-5,
+LoRA gradients within atol 1e-5 (relative to gradients of order 1e-2..1). Short training runs
+compare the per-step loss curves within rtol 1e-4: a few optimizer steps amplify rounding a
+little, and any real difference (a token attending across examples, a lost label, a different
+batch) moves the loss by far more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from src import packing
+from src.config import validate
+from tests.conftest import ROOT, compose_config
+
+ATOL = 1e-5
+
+
+def _tiny_lora_model(tiny_model_dir, attn: str, targets=("q_proj", "v_proj", "lm_head")):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    impl = "sdpa" if attn == packing.PACKED_ATTENTION else attn
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=impl)
+    if attn == packing.PACKED_ATTENTION:
+        assert packing.use_packed_attention(model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at init: make the adapters change the output, so their gradients are all live
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    return model
+
+
+def _examples(lengths, prompt_len=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 300, (n,), generator=generator).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:]})
+    return out
+
+
+def _collate(examples, padding_free: bool):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=2, padding_free=padding_free)(examples)
+
+
+def _with_bounds(batch):
+    """A packed batch with its examples' bounds, as PackedTrainer passes them (other attentions ignore them)."""
+    if "position_ids" not in batch:
+        return batch
+    return {**batch, "packed_seq_bounds": packing.seq_bounds(batch["position_ids"])}
+
+
+def _per_token_losses(model, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Loss of every labelled token, one tensor per example, and the logits."""
+    inputs = {k: v for k, v in _with_bounds(batch).items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="none", ignore_index=-100
+    ).view(logits.shape[0], -1)
+    per_example = []
+    if "position_ids" in batch:  # one packed row: split it where positions restart
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+        for a, b in zip(starts[:-1], starts[1:]):
+            per_example.append(losses[0, a : b - 1][batch["labels"][0, a + 1 : b] != -100])
+    else:
+        for row in range(losses.shape[0]):
+            per_example.append(losses[row][batch["labels"][row, 1:] != -100])
+    return per_example, logits
+
+
+def _lora_grads(model, batch, num_items: int) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    out = model(**_with_bounds(batch), use_cache=False, num_items_in_batch=num_items)
+    out.loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", packing.PACKED_ATTENTION])
+def test_packed_batch_matches_padded_batch_per_token_and_in_lora_gradients(tiny_model_dir, attn):
+    model = _tiny_lora_model(tiny_model_dir, attn)
+    examples = _examples([9, 17, 5, 12])
+    padded, packed = _collate(examples, padding_free=False), _collate(examples, padding_free=True)
+    assert packed["input_ids"].shape == (1, 9 + 17 + 5 + 12) and "attention_mask" not in packed
+    assert padded["input_ids"].shape == (4, 17)
+
+    padded_losses, _ = _per_token_losses(model, padded)
+    packed_losses, _ = _per_token_losses(model, packed)
+    assert [len(t) for t in packed_losses] == [n - 3 for n in (9, 17, 5, 12)]  # labels kept, none across examples
+    for a, b in zip(padded_losses, packed_losses):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+
+    num_items = sum(n - 3 for n in (9, 17, 5, 12))
+    grads_padded = _lora_grads(model, padded, num_items)
+    grads_packed = _lora_grads(model, packed, num_items)
+    assert any("lm_head" in n for n in grads_packed) and len(grads_packed) == 2 * 2 * 2 + 2  # q, v x 2 layers + head
+    for name, grad in grads_padded.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads_packed[name], grad, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", packing.PACKED_ATTENTION])
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, attn):
+    model = _tiny_lora_model(tiny_model_dir, attn)
+    a, b, c = _examples([11, 8, 6], seed=3)
+    a_changed = _examples([14], seed=4)[0]  # other tokens and another length
+
+    with torch.no_grad():
+        _, logits = _per_token_losses(model, _collate([a, b, c], padding_free=True))
+        _, logits_changed = _per_token_losses(model, _collate([a_changed, b, c], padding_free=True))
+        _, logits_alone = _per_token_losses(model, _collate([b], padding_free=True))
+    b_logits = logits[0, 11 : 11 + 8]
+    torch.testing.assert_close(logits_changed[0, 14 : 14 + 8], b_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits_alone[0], b_logits, atol=ATOL, rtol=0)
+    # The check can fail: without position_ids the row is one causal sequence and b sees a.
+    with torch.no_grad():
+        packed = _collate([a, b, c], padding_free=True)
+        leaky = model(input_ids=packed["input_ids"], use_cache=False).logits[0, 11 : 11 + 8]
+        # With a KV cache transformers does not look for packed rows: the trainer passes use_cache=False.
+        cached = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0, 11 : 11 + 8]
+    assert (leaky - b_logits).abs().max() > 1e-3
+    assert (cached - b_logits).abs().max() > 1e-3
+
+
+def test_plan_micro_batches_keeps_the_step_and_checkpoints_only_what_memory_needs():
+    def estimate(size, ckpt):  # GiB: 2 of weights, 1 per example without checkpointing, 0.25 with
+        return 2.0 + size * (0.25 if ckpt else 1.0)
+
+    roomy = packing.plan_micro_batches(8, 10, 12.0, estimate)
+    assert (roomy.micro_batch_size, roomy.gradient_accumulation_steps, roomy.checkpointed_layers) == (8, 1, 0)
+    # 8 examples: 10 GiB without checkpointing, 4 with all 10 layers: 0.6 GiB saved per checkpointed layer.
+    tight = packing.plan_micro_batches(8, 10, 7.0, estimate)
+    assert (tight.micro_batch_size, tight.gradient_accumulation_steps, tight.checkpointed_layers) == (8, 1, 5)
+    assert tight.est_peak_gpu_mem_gb == pytest.approx(7.0)
+    # Too tight for 8 even fully checkpointed (4 GiB): 4 examples fit with 8 of 10 layers checkpointed.
+    split = packing.plan_micro_batches(8, 10, 3.6, estimate)
+    assert (split.micro_batch_size, split.gradient_accumulation_steps, split.checkpointed_layers) == (4, 2, 8)
+    assert packing.plan_micro_batches(8, 10, None, estimate).micro_batch_size == 8
+    with pytest.raises(packing.MemoryBudgetError, match="memory_budget_gb=2.1"):
+        packing.plan_micro_batches(8, 10, 2.1, estimate)
+
+
+def test_fast_path_is_the_default_and_can_be_switched_off():
+    assert validate(compose_config([])).train.fast_path is True
+    assert validate(compose_config(["train=gpu"])).train.fast_path is True
+    assert validate(compose_config(["train.fast_path=false"])).train.fast_path is False
+    with pytest.raises(Exception, match="memory_budget_gb"):
+        validate(compose_config(["train.memory_budget_gb=0"]))
+
+
+def _train_sft(tmp_path, overrides, name):
+    """Train briefly through src.training.build_trainer; return the trainer and the batches it saw."""
+    from transformers import set_seed
+
+    from src import modeling, training
+    from src.data import load_data
+
+    raw = compose_config(
+        [
+            "data=instructions",
+            "data.subsample=32",
+            "data.eval_subsample=8",
+            "lora.dropout=0.0",  # dropout draws differ between layouts; the rest must match to rounding
+            "train.max_steps=4",
+            "train.logging_steps=1",
+            "train.eval_strategy=no",
+            "train.per_device_train_batch_size=8",
+            *overrides,
+        ]
+    )
+    raw["output_dir"] = str(tmp_path / name)
+    cfg = validate(raw)
+    data = load_data(cfg.data)
+    set_seed(cfg.train.seed)
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    model = modeling.load_model(cfg.model, cfg.quant, "sft", None, tokenizer.pad_token_id)
+    model = modeling.apply_lora(model, cfg.lora, "sft")
+    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
+    seen: list[list[tuple[int, ...]]] = []  # per micro-batch: the examples' token ids
+    collate = trainer.data_collator
+
+    def recording(examples):
+        seen.append(sorted(tuple(e["input_ids"]) for e in examples))
+        return collate(examples)
+
+    trainer.data_collator = recording
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return trainer, seen, losses
+
+
+@pytest.mark.slow  # about 40 s: three short training runs
+def test_fast_and_plain_paths_see_the_same_data_and_learn_the_same(tmp_path, mlflow_store):
+    from trl import SFTTrainer
+
+    plain, plain_seen, plain_losses = _train_sft(tmp_path, ["train.fast_path=false"], "plain")
+    fast, fast_seen, fast_losses = _train_sft(tmp_path, [], "fast")
+    assert type(plain) is SFTTrainer and isinstance(fast, packing.PackedTrainer)
+    for column in ("input_ids", "labels"):  # tokenize_sft prepares the rows exactly as TRL does
+        assert fast.train_dataset[column] == plain.train_dataset[column]
+    assert fast_seen[:4] == plain_seen[:4]  # the same examples in every step (and the same order)
+    assert len(plain_losses) == len(fast_losses) == 4
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
+    assert plain_losses[-1] != pytest.approx(plain_losses[0], rel=1e-3)  # it trained: the curve moved
+
+    # A budget under 8 examples fully checkpointed, between 4 with and without: the step is split in
+    # two micro-batches of 4 and one of the two layers is checkpointed. Learning does not change.
+    estimate, _ = packing.plan_estimator(validate(compose_config(["data=instructions"])))
+    budget = (estimate(4, False) + estimate(4, True)) / 2
+    assert estimate(8, True) > budget
+    split, split_seen, split_losses = _train_sft(tmp_path, [f"train.memory_budget_gb={budget}"], "split")
+    assert (split.args.per_device_train_batch_size, split.args.gradient_accumulation_steps) == (4, 2)
+    assert [layer.gradient_checkpointing for layer in packing.decoder_layers(split.model)] == [True, False]
+    merged = [sorted(split_seen[i] + split_seen[i + 1]) for i in range(0, 8, 2)]
+    assert merged == plain_seen[:4]
+    assert split_losses == pytest.approx(plain_losses, rel=1e-4)
+
+
+def test_lora_on_lm_head_trains_on_the_fast_path(tmp_path, mlflow_store):
+    overrides = ["lora.target_modules=[attn_qv,lm_head]", "train.max_steps=2"]
+    fast, _, _ = _train_sft(tmp_path, overrides, "fast")
+    head_b = [p for n, p in fast.model.named_parameters() if "lm_head.lora_B" in n]
+    assert head_b and head_b[0].abs().max() > 0  # zero at init: only a gradient moves it
+
+
+@pytest.mark.slow  # about 25 s: loads transformers, trl and two tiny models in a subprocess
+def test_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.bench",
+            "--device",
+            "cpu",
+            "--workload",
+            "tiny",
+            "--examples",
+            "16",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run = json.loads(out.read_text())["runs"][0]
+    sides = {s["side"]: s for s in run["sides"]}
+    assert set(sides) == {"seed", "fast"}
+    for side in sides.values():  # every example trained on once, each token counted once
+        assert side["tokens"] == run["dataset_tokens"] and side["tokens_per_s"] > 0
+    assert sides["fast"]["ratio_over_seed"] == pytest.approx(
+        sides["fast"]["tokens_per_s"] / sides["seed"]["tokens_per_s"]
+    )
+    assert "seed" in proc.stdout and "fast" in proc.stdout  # the table
+
+
+def test_bench_sft_arguments_match_the_training_code():
+    from src import bench, training
+
+    cfg = validate(compose_config(["data=instructions", "train=gpu", "train.bf16=false", "train.tf32=null"]))
+    ours = bench.sft_arguments(cfg, "x").to_dict()
+    theirs = training.training_arguments(cfg.train, "x", "sft", cfg.model.max_length, True).to_dict()
+    assert ours == theirs
+    assert dataclasses.is_dataclass(cfg.train)
