@@ -1,0 +1,524 @@
+"""Sweeps: Hydra multirun grids and Optuna studies, each recorded as one MLflow parent run.
+
+    python -m src.train --multirun lora.r=8,16 lora=attn_qv,all_linear quant=4bit,8bit   # a grid
+    python -m src.train -cd sweeps -cn seed_table                                         # explicit rows
+    python -m src.train -cd sweeps -cn rank_alpha hydra.sweeper.n_trials=40               # an Optuna study
+
+Two Hydra sweepers, registered in Hydra's ConfigStore under ``hydra/sweeper``:
+
+- ``lora_grid`` (the default in ``conf/config.yaml``): Hydra's basic sweeper (the cartesian product
+  of the command line's ``a=1,2`` sweeps) plus ``rows``, a list of explicit jobs.
+- ``lora_optuna`` (:mod:`src.sweeping_optuna`): an Optuna study; option names follow
+  hydra-optuna-sweeper's (``n_trials``, ``n_jobs``, ``direction``, ``storage``, ``study_name``,
+  ``sampler``, ``params``), which pins optuna<3.
+
+Both create the MLflow parent run before launching; each job's run nests under it through the
+environment that ``hydra.job.env_set`` gives the job (``LORA_SWEEP_PARENT_RUN_ID``,
+``LORA_SWEEP_ID``, read by :func:`src.tracking.tracked_run`). Jobs go through Hydra's launcher,
+so the basic, joblib and submitit launchers all work; a job runs in a fresh process unless
+``hydra.sweeper.isolate=false`` (:mod:`src.sweeping_trial`). A failing job never stops the sweep
+(unless ``max_failure_rate`` is exceeded): it is recorded, the sweep goes on, and at the end a
+summary names every failure and the exit code is 1. Parallel jobs (``n_jobs`` / ``max_batch_size``
+with a parallel launcher) are pinned one per GPU through ``CUDA_VISIBLE_DEVICES``.
+
+Hydra only instantiates sweepers found under the ``hydra_plugins`` namespace: the classes Hydra
+sees are the thin subclasses in ``hydra_plugins/lora_sweeps/sweepers.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from src import tracking
+from src.config import OBJECTIVE_DEFAULTS
+from src.sweeping_trial import JobFailed, JobSkipped
+
+PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
+
+
+class SweepFailed(CompactHydraException):
+    """Raised after the sweep, so the exit code says that jobs failed; the message is the summary."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs (hydra/sweeper=lora_grid | lora_optuna); every default lives here
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeasibilityConf:
+    """Before a job trains, src.plan's peak-memory estimate is compared with its GPU's free memory."""
+
+    mode: str = "shrink"  # off | skip (record the reason, run nothing) | shrink (halve micro-batch, double accum)
+    available_gpu_mem_gb: Optional[float] = None  # null: measure the job's GPU (CPU: no check); a number to force one
+
+
+@dataclass
+class GridSweeperConf:
+    _target_: str = f"{PLUGIN_MODULE}.GridSweeper"
+    params: Optional[dict[str, str]] = None  # like Hydra's basic sweeper: {lora.r: "8,16"}
+    rows: Optional[list[str]] = None  # explicit jobs, each the overrides of one job as on the command line
+    max_batch_size: Optional[int] = None  # jobs handed to the launcher at once; null: one per GPU (1 on CPU)
+    max_failure_rate: float = 1.0  # stop once more than this fraction of all jobs has failed (1.0: never)
+    isolate: bool = True  # each job in a fresh process
+    feasibility: FeasibilityConf = field(default_factory=FeasibilityConf)
+
+
+@dataclass
+class OptunaSweeperConf:
+    _target_: str = f"{PLUGIN_MODULE}.OptunaSweeper"
+    _recursive_: bool = False  # the sweeper builds the sampler and pruner itself; jobs rebuild the pruner
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "nop"}])
+    sampler: Any = MISSING  # hydra/sweeper/sampler: tpe | random | nsgaii, or any _target_
+    pruner: Any = MISSING  # hydra/sweeper/pruner: nop | median | hyperband, or any _target_
+    n_trials: int = 20  # trials in the study in total, counting earlier runs of the same study
+    n_jobs: int = 1  # trials handed to the launcher at once (parallel with a parallel launcher)
+    direction: Any = None  # minimize | maximize; null: the config's objective direction
+    directions: Optional[list[Optional[str]]] = None  # multi-objective, one per metric; null items: as above
+    metrics: list[str] = field(default_factory=lambda: ["objective"])  # "objective" or final MLflow metrics
+    storage: Optional[str] = None  # SQLAlchemy URL or journal file path; null: sqlite:///<project>/optuna.db
+    study_name: Optional[str] = None  # null: <config name>-<hash of the command's overrides and search space>
+    params: Optional[dict[str, str]] = None  # search space, in Hydra's override grammar: choice(...), interval(...)
+    derived: Optional[dict[str, str]] = None  # keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}
+    max_failure_rate: float = 0.5  # stop once more than this fraction of n_trials has failed
+    isolate: bool = True
+    feasibility: FeasibilityConf = field(default_factory=FeasibilityConf)
+
+
+SAMPLERS = {
+    "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": None},
+    "random": {"_target_": "optuna.samplers.RandomSampler", "seed": None},
+    "nsgaii": {"_target_": "optuna.samplers.NSGAIISampler", "seed": None},
+}
+PRUNERS = {
+    "nop": {"_target_": "optuna.pruners.NopPruner"},
+    "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0},
+    "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "reduction_factor": 3},
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="hydra/sweeper", name="lora_grid", node=GridSweeperConf, provider="lora-sweeps")
+    cs.store(group="hydra/sweeper", name="lora_optuna", node=OptunaSweeperConf, provider="lora-sweeps")
+    for name, node in SAMPLERS.items():
+        cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="lora-sweeps")
+    for name, node in PRUNERS.items():
+        cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="lora-sweeps")
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement: parallel jobs get one GPU each
+# ---------------------------------------------------------------------------------------------
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids as CUDA_VISIBLE_DEVICES would name them (without creating a CUDA context)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def batch_size(requested: Optional[int], gpus: Sequence[str]) -> int:
+    """Jobs to launch at once: as requested (default: one per GPU, or 1 on CPU), never more than GPUs."""
+    size = requested or max(1, len(gpus))
+    if size < 1:
+        raise ValueError(f"the batch size must be >= 1, got {requested}")
+    return min(size, len(gpus)) if gpus else size
+
+
+def assign_gpus(num_jobs: int, gpus: Sequence[str]) -> list[Optional[str]]:
+    """The GPU of each job launched together: a different one each, None for all on CPU."""
+    if not gpus:
+        return [None] * num_jobs
+    if num_jobs > len(gpus):
+        raise ValueError(f"{num_jobs} parallel jobs but only {len(gpus)} GPUs: two jobs would share a GPU")
+    return list(gpus[:num_jobs])
+
+
+# ---------------------------------------------------------------------------------------------
+# Job overrides and outcomes
+# ---------------------------------------------------------------------------------------------
+
+
+def quote(value: str) -> str:
+    """A string as a quoted value of Hydra's override grammar."""
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"
+
+
+def env_overrides(env: dict[str, Optional[str]]) -> list[str]:
+    """Overrides that set environment variables for one job only (Hydra restores them after)."""
+    return [f"++hydra.job.env_set.{key}={quote(value)}" for key, value in env.items() if value is not None]
+
+
+def visible_overrides(overrides: Sequence[str]) -> list[str]:
+    """A job's overrides without the sweep's own (hydra.*), as printed and recorded."""
+    return [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+
+
+def grid_jobs(parser: OverridesParser, arguments: Sequence[str], rows: Optional[Sequence[str]]) -> list[list[str]]:
+    """Every job of a grid: the cartesian product of the sweeps in ``arguments``, times the rows."""
+    # Imported here: Hydra's plugin scan re-executes its core plugin modules, which would make a class
+    # imported at module level (or a subclass of it) stale.
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    overrides = parser.parse_overrides(list(arguments))
+    product = BasicSweeper.split_arguments(overrides, None)[0]
+    if not rows:
+        return product
+    swept = {o.get_key_element().lstrip("+~") for o in overrides}
+    parsed_rows = []
+    for i, row in enumerate(rows):
+        items = shlex.split(row)
+        for override in parser.parse_overrides(items):
+            key = override.get_key_element().lstrip("+~")
+            if override.is_sweep_override():
+                raise SweepFailed(f"hydra.sweeper.rows[{i}]: {key} is a sweep; a row holds one value per key")
+            if key in swept:
+                raise SweepFailed(f"hydra.sweeper.rows[{i}] sets {key}, which the command line sets too")
+        parsed_rows.append(items)
+    return [job + row for job in product for row in parsed_rows]
+
+
+@dataclass
+class Outcome:
+    """What became of one job."""
+
+    number: int  # job number (grid) or trial number (Optuna)
+    overrides: list[str]
+    status: str  # FINISHED | FAILED | PRUNED | SKIPPED
+    metrics: dict[str, Any] = field(default_factory=dict)
+    run_id: Optional[str] = None
+    reason: Optional[str] = None
+
+
+def job_outcome(number: int, overrides: Sequence[str], ret) -> Outcome:
+    """Read a Hydra JobReturn: the job's return value, or the exception it raised."""
+    from hydra.core.utils import JobStatus
+
+    shown = visible_overrides(overrides)
+    if ret.status != JobStatus.COMPLETED:
+        import optuna
+
+        exc = ret._return_value  # JobReturn.return_value would re-raise it
+        if isinstance(exc, optuna.TrialPruned):
+            return Outcome(number, shown, "PRUNED", reason=str(exc))
+        if isinstance(exc, JobSkipped):
+            return Outcome(number, shown, "SKIPPED", reason=str(exc))
+        run_id = exc.run_id if isinstance(exc, JobFailed) else None
+        reason = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
+        return Outcome(number, shown, "FAILED", run_id=run_id, reason=reason)
+    value = ret.return_value
+    if isinstance(value, dict) and "metrics" in value:  # src.train.main in a multirun
+        return Outcome(number, shown, "FINISHED", metrics=dict(value["metrics"]), run_id=value.get("run_id"))
+    return Outcome(number, shown, "FINISHED", metrics={"objective": value})  # any other task function
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def objective_direction(config: DictConfig) -> str:
+    """The direction of the config's objective: explicit, or the task's default."""
+    return config.objective.direction or OBJECTIVE_DEFAULTS[config.data.task][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent run, the progress lines and the summary
+# ---------------------------------------------------------------------------------------------
+
+
+BestSoFar = tuple[Optional[str], Optional[float]]  # as text, and the best objective value (one objective)
+
+
+class SweepRecord:
+    """The sweep's MLflow parent run, its outcomes, a progress line per job and the closing summary.
+
+    The parent run carries ``src.tracking``'s process tags and heartbeat, so ``src.doctor`` can
+    close it if the sweep is killed outright; runs that a killed sweep left RUNNING are closed
+    here, when the next sweep starts.
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        sweep_id: str,
+        run_name: str,
+        config: DictConfig,
+        planned: int,
+        params: dict[str, Any],
+        resume_run_id: Optional[str] = None,
+    ):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from src import doctor
+
+        self.kind, self.sweep_id, self.planned = kind, sweep_id, planned
+        self.outcomes: list[Outcome] = []
+        uri = tracking.tracking_uri(config.tracking.tracking_uri)
+        experiment_id = tracking.ensure_experiment(config.tracking.experiment, uri)
+        for stale in doctor.mark_stale_runs(uri, config.tracking.experiment):
+            print(f"[sweep {sweep_id}] marked run {stale.run_id} KILLED: {stale.reason}", flush=True)
+        self.client = MlflowClient(uri)
+        self.run_id = None
+        if resume_run_id:
+            try:
+                if self._write(self.client.get_run, resume_run_id).info.lifecycle_stage == "active":
+                    self._write(self.client.update_run, resume_run_id, status="RUNNING")
+                    self.run_id = resume_run_id
+            except MlflowException:
+                pass  # deleted, or another store: start a new parent run
+        if self.run_id is None:
+            tags = {"sweep_id": sweep_id, "sweep_kind": kind}
+            self.run_id = self._write(self.client.create_run, experiment_id, run_name=run_name, tags=tags).info.run_id
+            for key, value in tracking.flatten({"sweep": params}).items():
+                self._write(self.client.log_param, self.run_id, key, str(value)[: tracking.MAX_PARAM_LEN])
+        for key, value in {**tracking.process_tags(), "planned_jobs": str(planned)}.items():
+            self._write(self.client.set_tag, self.run_id, key, value)
+        self._heartbeat = contextlib.ExitStack()
+        self._heartbeat.enter_context(tracking.heartbeat(uri, self.run_id))
+        print(f"[sweep {sweep_id}] MLflow parent run {self.run_id} ({uri})", flush=True)
+
+    @staticmethod
+    def _write(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return tracking.retry_locked(fn, *args, **kwargs)  # parallel jobs share an SQLite store
+
+    def job_env(self) -> dict[str, str]:
+        return {tracking.PARENT_RUN_ENV: self.run_id, tracking.SWEEP_ID_ENV: self.sweep_id}
+
+    def add(self, outcome: Outcome, done: int, best_so_far: Callable[[], BestSoFar]) -> None:
+        """Record one outcome and print ``job k/N``: its status, value and the best so far."""
+        self.outcomes.append(outcome)
+        best, best_value = best_so_far()
+        step = len(self.outcomes)
+        metrics = [_metric(f"jobs_{status.lower()}", count, step) for status, count in self.counts().items()]
+        if finite(best_value):
+            metrics.append(_metric("best_objective", best_value, step))
+        self._write(self.client.log_batch, self.run_id, metrics=metrics)
+        label = "trial" if self.kind == "optuna" else "job"
+        value = outcome.metrics.get("objective")
+        shown = f"objective={value:.4g}" if finite(value) else (outcome.reason or "")
+        line = f"[sweep {self.sweep_id}] {label} {done}/{self.planned} (#{outcome.number}) {outcome.status} {shown}"
+        print(line + (f" | best so far: {best}" if best else ""), flush=True)
+
+    def counts(self) -> dict[str, int]:
+        statuses = ("FINISHED", "FAILED", "PRUNED", "SKIPPED")
+        return {s: sum(o.status == s for o in self.outcomes) for s in statuses}
+
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "FAILED"]
+
+    def failure_message(self, stopped: bool) -> str:
+        numbers = ", ".join(f"#{o.number}" for o in self.failed())
+        why = "stopped: too many failures; " if stopped else ""
+        return f"sweep {self.sweep_id}: {why}{len(self.failed())} job(s) failed ({numbers}); see the summary above"
+
+    def summary(self, best: Optional[str]) -> str:
+        counts = ", ".join(f"{n} {s.lower()}" for s, n in self.counts().items() if n)
+        lines = [
+            f"sweep {self.sweep_id}: {len(self.outcomes)} job(s) ran here ({counts or 'none'}); "
+            f"MLflow parent run {self.run_id}"
+        ]
+        for o in self.outcomes:
+            if o.status in ("FAILED", "SKIPPED"):
+                run = f" [run {o.run_id}]" if o.run_id else ""
+                lines.append(f"  {o.status} #{o.number} {' '.join(o.overrides)}{run}: {(o.reason or '')[:500]}")
+        if best:
+            lines.append(f"  best: {best}")
+        return "\n".join(lines)
+
+    def finish(
+        self,
+        status: str,
+        best: Optional[str],
+        artifacts: Optional[dict[str, Any]] = None,
+        files: Sequence[tuple[Path, Optional[str]]] = (),
+    ) -> str:
+        """Log the summary and artifacts, end the parent run with ``status``, and return the summary."""
+        text = self.summary(best)
+        payload = {
+            "sweep_id": self.sweep_id,
+            "kind": self.kind,
+            "planned": self.planned,
+            "counts": self.counts(),
+            "best": best,
+            "jobs": [asdict(o) for o in self.outcomes],
+        }
+        write = self._write
+        write(self.client.log_dict, self.run_id, json.loads(json.dumps(payload, default=str)), "summary.json")
+        write(self.client.log_text, self.run_id, text + "\n", "summary.txt")
+        for name, obj in (artifacts or {}).items():
+            write(self.client.log_dict, self.run_id, json.loads(json.dumps(obj, default=str)), name)
+        for local, folder in files:
+            write(self.client.log_artifact, self.run_id, str(local), folder)
+        if best:
+            write(self.client.set_tag, self.run_id, "best", best[: tracking.MAX_TAG_LEN])
+        self._heartbeat.close()
+        write(self.client.set_terminated, self.run_id, status)
+        print(text, flush=True)
+        return text
+
+    def end_early(self, exc: BaseException) -> None:
+        """End the parent run when the sweep itself stops: KILLED on SIGTERM or Ctrl-C, else FAILED."""
+        self._heartbeat.close()
+        self._write(self.client.set_tag, self.run_id, "error", f"{type(exc).__name__}: {exc}"[: tracking.MAX_TAG_LEN])
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        self._write(self.client.set_terminated, self.run_id, status)
+
+
+def _metric(key: str, value: float, step: int):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)
+
+
+def final_status(record: SweepRecord, stopped: bool) -> str:
+    """FAILED when every job failed or the failure budget stopped the sweep, else FINISHED."""
+    ran = record.outcomes
+    if stopped or (ran and all(o.status in ("FAILED", "SKIPPED") for o in ran) and record.failed()):
+        return "FAILED"
+    return "FINISHED"
+
+
+def failure_budget_exceeded(failed: int, planned: int, max_failure_rate: float) -> bool:
+    return max_failure_rate < 1.0 and failed > max_failure_rate * planned
+
+
+def install_sigterm_handler():
+    """SIGTERM raises (as Ctrl-C does), so the sweep records what it was doing before exiting."""
+    import signal
+
+    try:
+        return signal.signal(signal.SIGTERM, tracking._raise_terminated)
+    except ValueError:  # not the main thread
+        return None
+
+
+def restore_sigterm_handler(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid sweeper
+# ---------------------------------------------------------------------------------------------
+
+
+class GridSweeper(Sweeper):
+    """Hydra's basic sweeper (cartesian product) plus explicit rows, tolerant of failing jobs."""
+
+    def __init__(
+        self,
+        params: Optional[dict[str, str]] = None,
+        rows: Optional[list[str]] = None,
+        max_batch_size: Optional[int] = None,
+        max_failure_rate: float = 1.0,
+        isolate: bool = True,
+        feasibility: Any = None,
+    ):
+        self.params = dict(params or {})
+        self.rows = list(rows or [])
+        self.max_batch_size = max_batch_size
+        self.max_failure_rate = max_failure_rate
+        self.config: Optional[DictConfig] = None
+        self.launcher = None
+        self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        params = [f"{key}={value}" for key, value in self.params.items()]
+        jobs = grid_jobs(parser, params + list(arguments), self.rows)
+        common = set(jobs[0]).intersection(*jobs[1:]) if len(jobs) > 1 else set()  # shown once, not per job
+        self.validate_batch_is_legal(jobs)  # every job composes (a typo in a group option) before any runs
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        name = self.config.hydra.job.config_name or "sweep"
+        sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        record = SweepRecord(
+            kind="grid",
+            sweep_id=sweep_id,
+            run_name=f"sweep-{sweep_id}",
+            config=self.config,
+            planned=len(jobs),
+            params={"jobs": [" ".join(j) for j in jobs]},
+        )
+        direction = objective_direction(self.config)
+        gpus = visible_gpus()
+        size = batch_size(self.max_batch_size, gpus)
+        previous = install_sigterm_handler()
+        stopped = False
+        returns = []
+        try:
+            for start in range(0, len(jobs), size):
+                batch = jobs[start : start + size]
+                overrides = [
+                    job + env_overrides({**record.job_env(), "CUDA_VISIBLE_DEVICES": gpu})
+                    for job, gpu in zip(batch, assign_gpus(len(batch), gpus))
+                ]
+                results = self.launcher.launch(overrides, initial_job_idx=start)
+                returns.append(results)
+                for i, ret in enumerate(results):
+                    shown = [o for o in batch[i] if o not in common]
+                    record.add(job_outcome(start + i, shown, ret), start + i + 1, lambda: best_line(record, direction))
+                if failure_budget_exceeded(len(record.failed()), len(jobs), self.max_failure_rate):
+                    stopped = True
+                    print(f"[sweep {sweep_id}] stopping: more than {self.max_failure_rate:.0%} of the jobs failed")
+                    break
+        except BaseException as exc:
+            record.end_early(exc)
+            raise
+        finally:
+            restore_sigterm_handler(previous)
+        record.finish(final_status(record, stopped), best_line(record, direction)[0])
+        if record.failed() or stopped:
+            raise SweepFailed(record.failure_message(stopped))
+        return returns
+
+
+def best_line(record: SweepRecord, direction: str) -> BestSoFar:
+    """The best finished job by objective: as text, and its value."""
+    scored = [o for o in record.outcomes if o.status == "FINISHED" and finite(o.metrics.get("objective"))]
+    if not scored:
+        return None, None
+    pick = max if direction == "maximize" else min
+    best = pick(scored, key=lambda o: o.metrics["objective"])
+    value = best.metrics["objective"]
+    return f"objective={value:.4g} (#{best.number} {' '.join(best.overrides)}, run {best.run_id})", value
+
+
+register_configs()

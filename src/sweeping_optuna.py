@@ -1,0 +1,580 @@
+"""The Optuna sweeper: a study driven by ``--multirun``, with resume, pruning and failure tolerance.
+
+    python -m src.train -cd sweeps -cn rank_alpha                     # run (or continue) the study
+    python -m src.train -cd sweeps -cn rank_alpha hydra.sweeper.n_trials=60   # ... up to 60 trials
+    optuna-dashboard sqlite:///optuna.db                               # watch it
+
+The search space is ``hydra.sweeper.params`` plus the command line's sweeps, in Hydra's override
+grammar: ``choice(4,8,16)`` or ``4,8,16`` (categorical), ``range(1,9,2)`` (stepped), ``interval(0,0.1)``
+and ``tag(log, interval(1e-5,1e-3))`` (continuous). A param that is not a config key is a sweep
+variable that only feeds ``derived`` (``lora.alpha: lora.alpha_ratio * lora.r``).
+
+Resume: the study lives in ``storage`` under ``study_name`` (by default the config name plus a
+hash of the command's overrides and search space), so re-running a command continues its study
+and ``n_trials`` counts every trial it ever ran. A config that already finished (completed, pruned
+or failed) is not run again: a repeated proposal is answered from the earlier trial, marked
+``duplicate_of`` and not counted. A trial left RUNNING by a sweep that was killed (its process is
+gone), or interrupted by SIGTERM or Ctrl-C, is failed and retried with the same params.
+
+Trials are told to Optuna from the job's outcome: FINISHED -> COMPLETE (a missing, None or NaN
+value -> FAIL), PRUNED -> PRUNED, FAILED and SKIPPED -> FAIL, with the reason in the trial's user
+attr ``fail_reason``. The parent run gets best params and value (``best.json``), the Pareto front
+(``pareto_front.json``) for several objectives, ``trials.csv``, and Optuna's plots under ``plots/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, Transformer
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import OBJECTIVE_DEFAULTS
+from src.sweeping import (
+    Outcome,
+    SweepFailed,
+    SweepRecord,
+    assign_gpus,
+    batch_size,
+    env_overrides,
+    failure_budget_exceeded,
+    finite,
+    install_sigterm_handler,
+    job_outcome,
+    objective_direction,
+    restore_sigterm_handler,
+    visible_gpus,
+)
+from src.sweeping_trial import PRUNER_ATTR, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, open_storage
+from src.tiny import PROJECT_ROOT
+
+DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+# Consecutive proposals of configs already tried before the space is taken as exhausted.
+MAX_DUPLICATE_PROPOSALS = 50
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+
+
+# ---------------------------------------------------------------------------------------------
+# The search space
+# ---------------------------------------------------------------------------------------------
+
+
+def distribution(override: Override):
+    """The Optuna distribution of a sweep override (choice, range, interval, tag(log, ...))."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    key = override.get_key_element()
+    if override.is_choice_sweep():
+        values = [
+            v if v is None or isinstance(v, (int, float, bool)) else Transformer.str(v)
+            for v in override.sweep_iterator()
+        ]
+        return CategoricalDistribution(values)
+    if override.is_range_sweep():
+        values = list(override.sweep_iterator())
+        sweep = override.value()
+        if all(isinstance(v, int) for v in values):
+            return IntDistribution(min(values), max(values), step=abs(int(sweep.step)))
+        return FloatDistribution(min(values), max(values), step=abs(float(sweep.step)))
+    if override.is_interval_sweep():
+        sweep = override.value()
+        log = "log" in sweep.tags
+        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
+            return IntDistribution(sweep.start, sweep.end, log=log)
+        return FloatDistribution(float(sweep.start), float(sweep.end), log=log)
+    raise SweepFailed(f"{key}: unsupported sweep {override.input_line!r}")
+
+
+def search_space(parser: OverridesParser, params: Optional[dict], arguments: list[str]) -> tuple[dict, list[str]]:
+    """(name -> distribution, fixed overrides): ``params`` from the config, then the command line's."""
+    items = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
+    space: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
+    for override in parser.parse_overrides(items):  # later items win, as on Hydra's command line
+        key = override.get_key_element()
+        space.pop(key, None)
+        fixed.pop(key, None)
+        if override.is_sweep_override():
+            space[key] = distribution(override)
+        else:
+            fixed[key] = f"{key}={override.get_value_element_as_str()}"
+    return space, list(fixed.values())
+
+
+def evaluate_derived(expression: str, params: dict[str, Any]) -> Any:
+    """A product of params and numbers, e.g. ``lora.alpha_ratio * lora.r``; integral results are ints."""
+    value: float = 1.0
+    for factor in expression.split("*"):
+        factor = factor.strip()
+        if factor in params:
+            value *= params[factor]
+        else:
+            try:
+                value *= float(factor)
+            except ValueError:
+                raise SweepFailed(
+                    f"hydra.sweeper.derived: {factor!r} in {expression!r} is neither a param "
+                    f"nor a number (params: {', '.join(params)})"
+                ) from None
+    return int(value) if float(value).is_integer() else value
+
+
+def trial_overrides(params: dict[str, Any], variables: set[str], derived: dict[str, str]) -> list[str]:
+    """A trial's overrides: its params (sweep variables left out) and the derived keys."""
+    out = []
+    for key, value in params.items():
+        if key not in variables:
+            out.append(f"{key}={value if isinstance(value, str) else Transformer.str(value)}")
+    for key, expression in derived.items():
+        out.append(f"{key}={evaluate_derived(expression, params)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Study bookkeeping: which trials count, duplicates, interrupted trials
+# ---------------------------------------------------------------------------------------------
+
+
+def counted(trial) -> bool:
+    """A trial that reached its own outcome: not a duplicate, not interrupted (those are retried)."""
+    from optuna.trial import TrialState
+
+    if "duplicate_of" in trial.user_attrs:
+        return False
+    if trial.state == TrialState.FAIL:
+        return "fail_reason" in trial.user_attrs
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def owner_alive(trial) -> bool:
+    """Whether the sweep process that runs a RUNNING trial is still alive (unknown hosts: assumed so)."""
+    host, pid = trial.user_attrs.get("sweeper_host"), trial.user_attrs.get("sweeper_pid")
+    if host is None or pid is None:
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def recover_interrupted(study) -> list[int]:
+    """Fail the trials a killed sweep left RUNNING, and enqueue every interrupted trial once more."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not owner_alive(trial):
+            study.tell(trial.number, state=TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    interrupted = [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and "fail_reason" not in t.user_attrs
+        and "duplicate_of" not in t.user_attrs
+        and t.number not in retried
+    ]
+    for trial in interrupted:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return [t.number for t in interrupted]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweeper
+# ---------------------------------------------------------------------------------------------
+
+
+class OptunaSweeper(Sweeper):
+    """Ask Optuna for trials, launch them through Hydra's launcher, tell Optuna what happened."""
+
+    def __init__(
+        self,
+        sampler: Any,
+        pruner: Any,
+        n_trials: int,
+        n_jobs: int,
+        direction: Any = None,
+        directions: Optional[list] = None,
+        metrics: Optional[list[str]] = None,
+        storage: Optional[str] = None,
+        study_name: Optional[str] = None,
+        params: Optional[dict] = None,
+        derived: Optional[dict] = None,
+        max_failure_rate: float = 0.5,
+        isolate: bool = True,
+        feasibility: Any = None,
+    ):
+        self.sampler_conf, self.pruner_conf = sampler, pruner
+        self.n_trials, self.n_jobs = n_trials, n_jobs
+        self.direction, self.directions = direction, directions
+        self.metrics = list(metrics or ["objective"])
+        self.storage = storage or DEFAULT_STORAGE
+        self.study_name = study_name
+        self.params = dict(params or {})
+        self.derived = dict(derived or {})
+        self.max_failure_rate = max_failure_rate
+        self.config: Optional[DictConfig] = None
+        self.launcher = None
+        self.hydra_context = None
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def resolved_directions(self) -> list[str]:
+        if self.direction is not None and self.directions is not None:
+            raise SweepFailed("hydra.sweeper: set direction or directions, not both")
+        given = self.directions if self.directions is not None else self.direction
+        if given is None or isinstance(given, str):
+            given = [given]
+        given = list(given)
+        if len(given) != len(self.metrics):
+            raise SweepFailed(
+                f"hydra.sweeper: {len(given)} direction(s) for {len(self.metrics)} metric(s) "
+                f"{self.metrics}; give one direction per metric"
+            )
+        default = objective_direction(self.config)
+        out = [d or default for d in given]
+        bad = [d for d in out if d not in ("minimize", "maximize")]
+        if bad:
+            raise SweepFailed(f"hydra.sweeper.direction(s): expected minimize or maximize, got {bad}")
+        return out
+
+    def default_study_name(self, arguments: list[str], directions: list[str]) -> str:
+        digest = hashlib.sha1(
+            json.dumps(
+                {
+                    "overrides": sorted(arguments),
+                    "params": self.params,
+                    "derived": self.derived,
+                    "metrics": self.metrics,
+                    "directions": directions,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:8]
+        return f"{self.config.hydra.job.config_name or 'study'}-{digest}"
+
+    def sweep_variables(self, space: dict) -> set[str]:
+        """Params that are not config keys: allowed only when a derived expression uses them."""
+        variables = {k for k in space if OmegaConf.select(self.config, k.lstrip("+~"), default=KeyError) is KeyError}
+        used = {f.strip() for e in self.derived.values() for f in e.split("*")}
+        unused = sorted(variables - used)
+        if unused:
+            raise SweepFailed(
+                f"hydra.sweeper.params: {', '.join(unused)} not in the config (a typo?); a param "
+                f"that is not a config key must feed hydra.sweeper.derived"
+            )
+        return variables
+
+    def open_study(self, name: str, directions: list[str]):
+        import optuna
+        from hydra.utils import instantiate
+
+        sampler = instantiate(self.sampler_conf)
+        pruner = instantiate(self.pruner_conf)
+        study = optuna.create_study(
+            study_name=name,
+            storage=open_storage(self.storage),
+            sampler=sampler,
+            pruner=pruner,
+            directions=directions,
+            load_if_exists=True,
+        )
+        study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(self.pruner_conf, resolve=True))
+        return study
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import optuna
+        from optuna.trial import TrialState
+
+        assert self.config is not None and self.launcher is not None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        space, fixed = search_space(parser, self.params, list(arguments))
+        directions = self.resolved_directions()
+        variables = self.sweep_variables(space)
+        name = self.study_name or self.default_study_name(list(arguments), directions)
+        study = self.open_study(name, directions)
+        retried = recover_interrupted(study)
+        done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+        print(
+            f"[sweep {name}] Optuna study in {self.storage}: {done}/{self.n_trials} trials done"
+            + (f", retrying interrupted trial(s) {retried}" if retried else "")
+            + f"; dashboard: optuna-dashboard {self.storage}",
+            flush=True,
+        )
+        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, Path(self.config.hydra.sweep.dir) / "multirun.yaml")
+        record = SweepRecord(
+            kind="optuna",
+            sweep_id=name,
+            run_name=f"study-{name}",
+            config=self.config,
+            planned=self.n_trials,
+            params={
+                "study": name,
+                "storage": self.storage,
+                "space": {k: repr(v) for k, v in space.items()},
+                "fixed": fixed,
+                "derived": self.derived,
+                "metrics": self.metrics,
+                "directions": directions,
+                "sampler": OmegaConf.to_container(self.sampler_conf),
+            },
+            resume_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
+        )
+        study.set_user_attr(PARENT_RUN_ATTR, record.run_id)
+        gpus = visible_gpus()
+        size = batch_size(self.n_jobs, gpus)
+        previous = install_sigterm_handler()
+        pending: list = []
+        stopped = exhausted = False
+        try:
+            while done < self.n_trials and not exhausted:
+                if failure_budget_exceeded(self.failed_count(study), self.n_trials, self.max_failure_rate):
+                    stopped = True
+                    print(
+                        f"[sweep {name}] stopping: more than {self.max_failure_rate:.0%} of {self.n_trials} "
+                        "trials failed",
+                        flush=True,
+                    )
+                    break
+                pending, exhausted = self.ask(study, space, min(size, self.n_trials - done))
+                if not pending:
+                    break
+                overrides = []
+                for trial, gpu in zip(pending, assign_gpus(len(pending), gpus)):
+                    job = fixed + trial_overrides(trial.params, variables, self.derived)
+                    trial.set_user_attr("overrides", job)
+                    env = {
+                        **record.job_env(),
+                        STORAGE_ENV: self.storage,
+                        STUDY_ENV: name,
+                        TRIAL_ENV: str(trial.number),
+                        "CUDA_VISIBLE_DEVICES": gpu,
+                    }
+                    overrides.append(job + env_overrides(env))
+                results = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                self.job_idx += len(results)
+                for trial, ret in zip(pending, results):
+                    outcome = job_outcome(trial.number, trial.user_attrs["overrides"][len(fixed) :], ret)
+                    outcome = self.tell(study, trial, outcome)
+                    done += 1
+                    record.add(outcome, done, lambda: best_text(study))
+                pending = []
+            if exhausted:
+                print(
+                    f"[sweep {name}] stopping: the sampler proposed {MAX_DUPLICATE_PROPOSALS} configs in a row "
+                    "that were already tried (is the search space exhausted?)",
+                    flush=True,
+                )
+        except BaseException as exc:
+            for trial in pending:  # interrupted: failed without a reason, so the next run retries them
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            record.end_early(exc)
+            numbers = ", ".join(f"#{t.number}" for t in pending) or "none"
+            print(
+                f"[sweep {name}] interrupted ({type(exc).__name__}: {exc}); trial(s) {numbers} will be retried: "
+                "run the same command again to continue the study",
+                flush=True,
+            )
+            raise
+        finally:
+            restore_sigterm_handler(previous)
+        status = "FAILED" if stopped or (record.outcomes and not self.any_success(record)) else "FINISHED"
+        with tempfile.TemporaryDirectory(prefix="lora-sweep-") as scratch:
+            record.finish(status, best_text(study)[0], **self.study_artifacts(study, Path(scratch)))
+        if record.failed() or stopped:
+            raise SweepFailed(record.failure_message(stopped))
+        return study
+
+    def ask(self, study, space: dict, want: int) -> tuple[list, bool]:
+        """Up to ``want`` new trials whose params were never tried (or are in flight); True if exhausted."""
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        finished = {params_key(t.params): t for t in trials if counted(t)}
+        elsewhere = [t for t in trials if t.state == TrialState.RUNNING]  # another sweep on this study runs them
+        pending: list = []
+        streak = 0
+        while len(pending) < want:
+            trial = study.ask(space)
+            trial.set_user_attr("sweeper_host", socket.gethostname())
+            trial.set_user_attr("sweeper_pid", os.getpid())
+            key = params_key(trial.params)
+            original = finished.get(key)
+            in_flight = next((p for p in [*pending, *elsewhere] if params_key(p.params) == key), None)
+            if original is None and in_flight is None:
+                pending.append(trial)
+                streak = 0
+                continue
+            trial.set_user_attr("duplicate_of", (original or in_flight).number)
+            if original is not None and original.state == TrialState.COMPLETE:
+                study.tell(trial, original.values)  # the sampler learns the known value without a rerun
+            else:
+                study.tell(trial, state=TrialState.FAIL)
+            streak += 1
+            if streak >= MAX_DUPLICATE_PROPOSALS:
+                return pending, True
+        return pending, False
+
+    def tell(self, study, trial, outcome: Outcome) -> Outcome:
+        """Tell Optuna the job's outcome; a FINISHED job without a usable value becomes FAILED."""
+        from optuna.trial import TrialState
+
+        if outcome.run_id:
+            trial.set_user_attr("mlflow_run_id", outcome.run_id)
+        if outcome.status == "FINISHED":
+            values = [outcome.metrics.get(m) for m in self.metrics]
+            bad = [m for m, v in zip(self.metrics, values) if not finite(v)]
+            if not bad:
+                study.tell(trial, [float(v) for v in values])
+                return outcome
+            outcome.status = "FAILED"
+            outcome.reason = "; ".join(f"{m} is {outcome.metrics.get(m)!r}" for m in bad)
+        if outcome.status == "PRUNED":
+            study.tell(trial, state=TrialState.PRUNED)
+            return outcome
+        trial.set_user_attr("fail_reason", outcome.reason or outcome.status)
+        if outcome.status == "SKIPPED":
+            trial.set_user_attr("skipped", True)
+        study.tell(trial, state=TrialState.FAIL)
+        return outcome
+
+    @staticmethod
+    def failed_count(study) -> int:
+        from optuna.trial import TrialState
+
+        return sum(counted(t) and t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False))
+
+    @staticmethod
+    def any_success(record: SweepRecord) -> bool:
+        return any(o.status in ("FINISHED", "PRUNED") for o in record.outcomes)
+
+    def study_artifacts(self, study, out: Path) -> dict[str, Any]:
+        """best.json or pareto_front.json, trials.csv and the plots, for the parent run."""
+        from optuna.trial import TrialState
+
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        artifacts: dict[str, Any] = {}
+        if complete:
+            if len(study.directions) == 1:
+                artifacts["best.json"] = trial_summary(best_trial(study), self.metrics)
+            else:
+                artifacts["pareto_front.json"] = {
+                    "metrics": self.metrics,
+                    "directions": [d.name.lower() for d in study.directions],
+                    "trials": [trial_summary(t, self.metrics) for t in pareto_front(study)],
+                }
+        files: list[tuple[Path, Optional[str]]] = []
+        if study.trials:
+            study.trials_dataframe().to_csv(out / "trials.csv", index=False)
+            files.append((out / "trials.csv", None))
+        task_metric = self.config.objective.metric or OBJECTIVE_DEFAULTS[self.config.data.task][0]
+        names = [task_metric if m == "objective" else m for m in self.metrics]  # axis labels
+        files += [(path, "plots") for path in save_plots(study, names, out / "plots")]
+        return {"artifacts": artifacts, "files": files}
+
+
+def best_trial(study):
+    """The best trial that ran (a duplicate answered from an earlier trial points back to it)."""
+    best = study.best_trial
+    original = best.user_attrs.get("duplicate_of")
+    return best if original is None else study.trials[original]
+
+
+def pareto_front(study) -> list:
+    """The Pareto-optimal trials that ran (duplicates left out: they repeat an original's values)."""
+    return [t for t in study.best_trials if "duplicate_of" not in t.user_attrs]
+
+
+def trial_summary(trial, metrics: list[str]) -> dict[str, Any]:
+    return {
+        "trial": trial.number,
+        "values": dict(zip(metrics, trial.values)),
+        "params": trial.params,
+        "overrides": trial.user_attrs.get("overrides"),
+        "run_id": trial.user_attrs.get("mlflow_run_id"),
+    }
+
+
+def best_text(study) -> tuple[Optional[str], Optional[float]]:
+    """Best value so far (one objective) or the Pareto front (several): as text, and the best value."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None, None
+    if len(study.directions) == 1:
+        best = best_trial(study)
+        return f"{best.value:.4g} (#{best.number} {params_text(best.params)})", best.value
+    front = pareto_front(study)
+    return f"Pareto front of {len(front)} trial(s): " + ", ".join(
+        f"#{t.number} {tuple(round(v, 4) for v in t.values)}" for t in front[:5]
+    ), None
+
+
+def params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def save_plots(study, metrics: list[str], out: Path) -> list[Path]:
+    """Optuna's matplotlib plots as PNG: history, importances, and the Pareto front (several objectives)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 1:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    multi = len(study.directions) > 1
+    target = {"target": (lambda t: t.values[0]), "target_name": metrics[0]} if multi else {"target_name": metrics[0]}
+    plots = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, **target),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, **target),
+    }
+    if multi:
+        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=metrics)
+    saved = []
+    for name, draw in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw()
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.savefig(out / name, bbox_inches="tight", dpi=100)
+            plt.close(figure)
+            saved.append(out / name)
+        except Exception as exc:  # e.g. importances need two completed trials with varying params
+            print(f"note: no {name}: {type(exc).__name__}: {exc}")
+    return saved

@@ -1,0 +1,395 @@
+"""One job of a sweep, seen from the job: a fresh process, a memory check, pruning, and a result.
+
+In a multirun, ``src.train.main`` hands each job's resolved config to :func:`run_job`. By default
+the job trains in a fresh process, forked from a server process that has imported the training
+stack once but never touched a GPU: an out-of-memory error, a crash or a leaked CUDA context in
+trial k cannot reach trial k+1, and no job pays the imports again. The result travels back as a
+JSON file in the job's output directory (``job_result.json``).
+
+What a job gives the sweeper (src/sweeping.py):
+
+- success: ``{"run_id": ..., "metrics": {...}}``, the final metrics of the job's MLflow run plus
+  ``objective`` (the value ``run`` returned, which may be None or NaN: the sweeper decides);
+- :class:`JobFailed`: the job raised; the message is ``ErrorType: message``;
+- :class:`JobSkipped`: the feasibility check found the config cannot fit the GPU;
+- ``optuna.TrialPruned``: the Optuna pruner stopped it. Its MLflow run ends KILLED with the tag
+  ``status=PRUNED`` (KILLED, not FAILED: nothing went wrong, the sweep stopped it).
+
+Optuna trials learn who they are from the environment the sweeper sets per job
+(``hydra.job.env_set``): ``LORA_OPTUNA_STORAGE``, ``LORA_OPTUNA_STUDY`` and ``LORA_OPTUNA_TRIAL``.
+:func:`trial_callbacks` turns them into a Trainer callback that reports every evaluation of the
+objective metric and raises ``optuna.TrialPruned`` when the study's pruner says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+STORAGE_ENV = "LORA_OPTUNA_STORAGE"
+STUDY_ENV = "LORA_OPTUNA_STUDY"
+TRIAL_ENV = "LORA_OPTUNA_TRIAL"
+RESULT_FILE = "job_result.json"
+PRUNER_ATTR = "pruner"  # study user attr: the pruner's config, so any process can rebuild it
+# How long a job waits for its trial process to end after passing on SIGTERM or Ctrl-C.
+STOP_GRACE_S = 60
+
+
+class JobFailed(RuntimeError):
+    """The job's training raised; ``error_type`` names the original exception."""
+
+    def __init__(self, error_type: str, message: str, run_id: Optional[str] = None):
+        super().__init__(error_type, message, run_id)
+        self.error_type, self.message, self.run_id = error_type, message, run_id
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+class JobSkipped(RuntimeError):
+    """The config was not run: the feasibility check says it cannot fit in the GPU's free memory."""
+
+
+@dataclass(frozen=True)
+class Feasibility:
+    """How a job compares src.plan's memory estimate with the GPU's free memory before it starts."""
+
+    mode: str = "shrink"  # off | skip | shrink
+    available_gpu_mem_gb: Optional[float] = None  # None: measure the free memory of the job's GPU
+
+
+def open_storage(spec: str):
+    """An Optuna storage from a spec: an SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``)
+    or else the path of a journal file."""
+    import optuna
+
+    if "://" in spec:
+        if spec.startswith("sqlite:///"):
+            Path(spec.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(spec)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    Path(spec).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(spec))
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: run here, or in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+def run_job(raw: dict, isolate: bool = True, feasibility: Feasibility = Feasibility()) -> dict[str, Any]:
+    """Train one job's config (resolved, plain) and return ``{"run_id", "metrics"}``.
+
+    Raises JobFailed, JobSkipped or optuna.TrialPruned (see the module docstring).
+    """
+    if isolate and multiprocessing.current_process().daemon:
+        print(
+            "warning: this launcher runs jobs in daemon processes, which cannot start one: the job runs "
+            "in the launcher's process (hydra.sweeper.isolate=false)",
+            file=sys.stderr,
+        )
+        isolate = False
+    if not isolate:
+        return _run(raw, feasibility)
+    result_path = Path(raw["output_dir"]) / RESULT_FILE
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.unlink(missing_ok=True)
+    process = _context().Process(
+        target=_trial_process, args=(raw, feasibility, dict(os.environ), str(result_path)), name="lora-sweep-job"
+    )
+    process.start()
+    try:
+        process.join()
+    except BaseException:  # SIGTERM or Ctrl-C while training: stop the trial so its run ends KILLED
+        _stop(process)
+        raise
+    return _read_result(result_path, process.exitcode)
+
+
+def _context():
+    """Fork from a server that imported the training stack once (spawn where fork is unavailable)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # Not src.train itself: the server runs the main module as __mp_main__, and a preloaded copy would
+    # make that a second import of the same module.
+    ctx.set_forkserver_preload(
+        ["torch", "transformers", "peft", "datasets", "mlflow", "optuna", "src.data", "src.modeling", "src.training"]
+    )
+    return ctx
+
+
+def _stop(process) -> None:
+    if process.is_alive():
+        process.terminate()  # SIGTERM: tracked_run ends the MLflow run KILLED
+        process.join(STOP_GRACE_S)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def _die_with_parent() -> None:
+    """Linux: receive SIGTERM if the forking server dies (the sweep was killed), instead of running on."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _trial_process(raw: dict, feasibility: Feasibility, env: dict[str, str], result_path: str) -> None:
+    """Entry point of the fresh process: the job's environment, then _run, then the result file."""
+    os.environ.clear()
+    os.environ.update(env)  # the forking server's environment is not the job's (hydra.job.env_set, GPU pinning)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _die_with_parent()
+    import optuna
+
+    try:
+        result: dict[str, Any] = {"status": "ok", **_run(raw, feasibility)}
+    except optuna.TrialPruned as exc:
+        result = {"status": "pruned", "message": str(exc)}
+    except JobSkipped as exc:
+        result = {"status": "skipped", "message": str(exc)}
+    except JobFailed as exc:
+        result = {
+            "status": "failed",
+            "error_type": exc.error_type,
+            "message": exc.message,
+            "run_id": exc.run_id,
+            "traceback": traceback.format_exc(),
+        }
+    except BaseException as exc:  # noqa: B036  the trial process reports everything, Ctrl-C included
+        result = {
+            "status": "failed",
+            "error_type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": traceback.format_exc(),
+        }
+    Path(result_path).write_text(json.dumps(result, indent=2, default=str))
+    sys.exit(0 if result["status"] == "ok" else 1)
+
+
+def _read_result(path: Path, exitcode: Optional[int]) -> dict[str, Any]:
+    if not path.is_file():
+        how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
+        hint = " (out of host memory?)" if exitcode == -signal.SIGKILL else ""
+        raise JobFailed("TrialProcessDied", f"the trial process {how}{hint} before writing a result")
+    result = json.loads(path.read_text())
+    status = result.pop("status")
+    if status == "ok":
+        return result
+    if status == "pruned":
+        import optuna
+
+        raise optuna.TrialPruned(result["message"])
+    if status == "skipped":
+        raise JobSkipped(result["message"])
+    print(result.get("traceback", ""), file=sys.stderr)
+    raise JobFailed(result["error_type"], result["message"], result.get("run_id"))
+
+
+def _run(raw: dict, feasibility: Feasibility) -> dict[str, Any]:
+    """Check feasibility, train with ``src.train.run``, and gather the run's id and final metrics."""
+    import mlflow
+    import optuna
+
+    from src.train import run
+
+    raw, note = check_feasibility(raw, feasibility)
+    before = _last_run_id()
+    value: Optional[float] = None
+    try:
+        value = run(raw)
+    except BaseException as exc:
+        run_id = _last_run_id()
+        run_id = run_id if run_id != before else None
+        if run_id and isinstance(exc, optuna.TrialPruned):
+            client = mlflow.MlflowClient()
+            client.set_tag(run_id, "status", "PRUNED")
+            client.set_terminated(run_id, "KILLED")
+        if run_id:
+            _tag_run(run_id, note)
+        if isinstance(exc, (optuna.TrialPruned, KeyboardInterrupt)):
+            raise
+        raise JobFailed(type(exc).__name__, str(exc), run_id) from exc
+    run_id = _last_run_id()
+    _tag_run(run_id, note)
+    metrics = dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
+    metrics["objective"] = value
+    return {"run_id": run_id, "metrics": metrics}
+
+
+def _last_run_id() -> Optional[str]:
+    import mlflow
+
+    last = mlflow.last_active_run()
+    return last.info.run_id if last else None
+
+
+def _tag_run(run_id: str, feasibility_note: Optional[str]) -> None:
+    import mlflow
+
+    tags = {}
+    if os.environ.get(TRIAL_ENV):
+        tags.update(optuna_study=os.environ.get(STUDY_ENV, ""), optuna_trial=os.environ[TRIAL_ENV])
+    if feasibility_note:
+        tags["feasibility"] = feasibility_note
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feasibility: src.plan's estimate against the GPU's free memory
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_micro_batch(
+    micro_batch: int, grad_accum: int, available_gb: float, estimate_gb: Callable[[int], float], shrink: bool
+) -> tuple[int, int]:
+    """The largest micro-batch (halving from ``micro_batch``) whose estimate fits ``available_gb``.
+
+    Gradient accumulation grows so the effective batch stays at least ``micro_batch * grad_accum``.
+    Raises JobSkipped when it does not fit, or would only fit smaller and ``shrink`` is false.
+    """
+    need = estimate_gb(micro_batch)
+    if need <= available_gb:
+        return micro_batch, grad_accum
+    if not shrink:
+        raise JobSkipped(f"needs ~{need:.2f} GiB of GPU memory, {available_gb:.2f} GiB free")
+    effective = micro_batch * grad_accum
+    while micro_batch > 1:
+        micro_batch //= 2
+        if estimate_gb(micro_batch) <= available_gb:
+            return micro_batch, -(-effective // micro_batch)
+    raise JobSkipped(
+        f"needs ~{need:.2f} GiB of GPU memory ({estimate_gb(1):.2f} GiB at micro-batch 1), {available_gb:.2f} GiB free"
+    )
+
+
+def free_gpu_mem_gb() -> Optional[float]:
+    """Free memory of this process's GPU in GiB, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+def check_feasibility(raw: dict, feasibility: Feasibility) -> tuple[dict, Optional[str]]:
+    """Return the config to run (with a smaller micro-batch if needed) and a note saying what changed.
+
+    Skipped on CPU unless ``available_gpu_mem_gb`` is given; a config that does not validate, or a
+    model whose config.json src.plan cannot read, is run as is (run reports its own errors).
+    """
+    if feasibility.mode == "off":
+        return raw, None
+    available = feasibility.available_gpu_mem_gb
+    if available is None:
+        available = free_gpu_mem_gb()
+    if available is None:
+        return raw, None
+    from src.config import ConfigError, validate
+
+    try:
+        cfg = validate(raw)
+        from src.plan import PlanError, plan
+    except (ConfigError, ImportError):
+        return raw, None
+
+    def estimate(micro_batch: int) -> float:
+        sized = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=micro_batch))
+        return plan(sized)["est_peak_gpu_mem_gb"]
+
+    train = cfg.train
+    try:
+        micro_batch, grad_accum = fit_micro_batch(
+            train.per_device_train_batch_size,
+            train.gradient_accumulation_steps,
+            available,
+            estimate,
+            shrink=feasibility.mode == "shrink",
+        )
+    except PlanError as exc:
+        print(f"warning: feasibility check skipped: {exc}", file=sys.stderr)
+        return raw, None
+    if (micro_batch, grad_accum) == (train.per_device_train_batch_size, train.gradient_accumulation_steps):
+        return raw, None
+    note = (
+        f"micro-batch {train.per_device_train_batch_size} -> {micro_batch}, gradient accumulation "
+        f"{train.gradient_accumulation_steps} -> {grad_accum} to fit {available:.2f} GiB free"
+    )
+    print(f"feasibility: {note}", file=sys.stderr)
+    raw = {
+        **raw,
+        "train": {
+            **raw["train"],
+            "per_device_train_batch_size": micro_batch,
+            "gradient_accumulation_steps": grad_accum,
+        },
+    }
+    return raw, note
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning: report evaluations to the Optuna trial this job runs
+# ---------------------------------------------------------------------------------------------
+
+
+def current_trial():
+    """The Optuna trial this process runs for (from the sweeper's environment), or None."""
+    if not os.environ.get(TRIAL_ENV):
+        return None
+    import optuna
+    from hydra.utils import instantiate
+
+    storage = open_storage(os.environ[STORAGE_ENV])
+    study = optuna.load_study(study_name=os.environ[STUDY_ENV], storage=storage)
+    pruner_conf = study.user_attrs.get(PRUNER_ATTR)
+    if pruner_conf:
+        study.pruner = instantiate(pruner_conf)
+    number = int(os.environ[TRIAL_ENV])
+    # Optuna has no public way to reopen a running trial by number from another process.
+    trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number)
+    return optuna.trial.Trial(study, trial_id)
+
+
+def trial_callbacks(metric: str) -> list:
+    """Trainer callbacks for an Optuna trial: report ``metric`` at each evaluation, prune if told."""
+    trial = current_trial()
+    if trial is None or len(trial.study.directions) > 1:  # Optuna prunes single-objective studies only
+        return []
+    return [_pruning_callback(trial, metric)]
+
+
+def _pruning_callback(trial, metric: str):
+    """A TrainerCallback; transformers is imported here so that sweepers need not import it."""
+    import mlflow
+    import optuna
+    from transformers import TrainerCallback
+
+    class OptunaPruningCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            value = (metrics or {}).get(metric)
+            if value is None or not math.isfinite(value) or state.global_step >= state.max_steps:
+                return  # the evaluation after training decides the result, not pruning
+            trial.report(float(value), step=state.global_step)
+            if trial.should_prune():
+                mlflow.set_tag("status", "PRUNED")
+                raise optuna.TrialPruned(f"pruned at step {state.global_step}: {metric}={value:.4g}")
+
+    return OptunaPruningCallback()

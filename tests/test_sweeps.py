@@ -1,0 +1,487 @@
+"""Sweeps: grids and Optuna studies as real subprocesses on the tiny model, and their pure parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from src.config import validate
+from src.sweeping import SweepFailed, assign_gpus, batch_size, grid_jobs
+from src.sweeping_optuna import (
+    counted,
+    evaluate_derived,
+    recover_interrupted,
+    search_space,
+    trial_overrides,
+)
+from src.sweeping_trial import Feasibility, JobSkipped, check_feasibility, fit_micro_batch
+from tests.conftest import ROOT, compose_config
+
+SWEEPS_DIR = ROOT / "sweeps"
+# Shrinks any job to seconds on CPU; eval only at the end, on 16 rows.
+TINY = [
+    "model=tiny",
+    "data=topics",
+    "train=default",
+    "train.max_steps=2",
+    "data.subsample=32",
+    "data.eval_subsample=16",
+    "train.eval_strategy=no",
+    "tracking.log_adapter=false",
+]
+
+
+def sweep(args: list[str], tmp_path: Path, timeout: int = 900, **popen) -> subprocess.CompletedProcess:
+    """Run ``python -m src.train`` with ``args`` as a subprocess, outputs under tmp_path."""
+    cmd = [sys.executable, "-m", "src.train", *args, f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def runs(uri: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("lora-sweeps")
+    return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+
+def split_runs(uri: str):
+    all_runs = runs(uri)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parallel_jobs_get_one_gpu_each():
+    assert assign_gpus(3, ["0", "1", "2", "3"]) == ["0", "1", "2"]
+    assert assign_gpus(2, ["GPU-a", "GPU-b"]) == ["GPU-a", "GPU-b"]
+    assert assign_gpus(2, []) == [None, None]  # CPU: nothing to pin
+    with pytest.raises(ValueError, match="share a GPU"):
+        assign_gpus(3, ["0", "1"])
+    # Batches never hold more jobs than GPUs; the default is one job per GPU.
+    assert batch_size(None, ["0", "1"]) == 2
+    assert batch_size(8, ["0", "1", "2"]) == 3
+    assert batch_size(4, []) == 4
+    assert batch_size(None, []) == 1
+
+
+def test_fit_micro_batch_halves_until_the_estimate_fits():
+    def estimate(micro_batch: int) -> float:
+        return 2.0 + 0.5 * micro_batch
+
+    assert fit_micro_batch(8, 1, 10.0, estimate, shrink=True) == (8, 1)  # fits as is
+    assert fit_micro_batch(16, 1, 7.0, estimate, shrink=True) == (8, 2)  # 10 GiB -> 6 GiB
+    assert fit_micro_batch(16, 2, 4.0, estimate, shrink=True) == (4, 8)  # effective batch stays 32
+    assert fit_micro_batch(3, 1, 3.0, estimate, shrink=True) == (1, 3)
+    with pytest.raises(JobSkipped, match="micro-batch 1"):
+        fit_micro_batch(16, 1, 2.2, estimate, shrink=True)
+    with pytest.raises(JobSkipped, match="10.00 GiB"):
+        fit_micro_batch(16, 1, 7.0, estimate, shrink=False)
+
+
+def test_feasibility_uses_src_plan_and_an_injected_free_memory():
+    from dataclasses import replace
+
+    from src.plan import plan
+
+    raw = compose_config(["train.per_device_train_batch_size=16", "train.gradient_accumulation_steps=1"])
+    cfg = validate(raw)
+    est = {
+        bs: plan(replace(cfg, train=replace(cfg.train, per_device_train_batch_size=bs)))["est_peak_gpu_mem_gb"]
+        for bs in (16, 8)
+    }
+    assert est[16] > est[8]
+    shrunk, note = check_feasibility(raw, Feasibility("shrink", (est[16] + est[8]) / 2))
+    assert (shrunk["train"]["per_device_train_batch_size"], shrunk["train"]["gradient_accumulation_steps"]) == (8, 2)
+    assert "micro-batch 16 -> 8" in note
+    assert check_feasibility(raw, Feasibility("shrink", est[16] + 1)) == (raw, None)
+    assert check_feasibility(raw, Feasibility("off", 1e-9)) == (raw, None)
+    with pytest.raises(JobSkipped):
+        check_feasibility(raw, Feasibility("skip", (est[16] + est[8]) / 2))
+    # On CPU with nothing injected there is no GPU to compare with: the config runs as is.
+    assert check_feasibility(raw, Feasibility("shrink", None)) == (raw, None)
+
+
+def test_search_space_reads_hydra_override_grammar():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    params = {
+        "lora.r": "choice(4, 8, 16)",
+        "train.learning_rate": "tag(log, interval(1e-5, 1e-3))",
+        "lora.dropout": "interval(0.0, 0.1)",
+        "train.seed": "7",
+    }
+    space, fixed = search_space(
+        parser,
+        params,
+        ["lora=attn_qv,all_linear", "train.max_steps=range(10,31,10)", "lora.r=choice(2,4)", "data.subsample=32"],
+    )
+    assert space["lora.r"] == CategoricalDistribution([2, 4])  # the command line wins over params
+    assert space["lora"] == CategoricalDistribution(["attn_qv", "all_linear"])
+    assert space["train.learning_rate"] == FloatDistribution(1e-5, 1e-3, log=True)
+    assert space["lora.dropout"] == FloatDistribution(0.0, 0.1)
+    assert space["train.max_steps"] == IntDistribution(10, 30, step=10)
+    assert sorted(fixed) == ["data.subsample=32", "train.seed=7"]
+
+
+def test_alpha_as_a_ratio_of_r_is_derived():
+    params = {"lora.r": 16, "lora.alpha_ratio": 0.5, "lora": "all_linear", "train.learning_rate": 1e-4}
+    assert evaluate_derived("lora.alpha_ratio * lora.r", params) == 8
+    assert evaluate_derived("2 * lora.r", params) == 32
+    assert trial_overrides(params, {"lora.alpha_ratio"}, {"lora.alpha": "lora.alpha_ratio * lora.r"}) == [
+        "lora.r=16",
+        "lora=all_linear",
+        "train.learning_rate=0.0001",
+        "lora.alpha=8",
+    ]
+    with pytest.raises(SweepFailed, match="neither a param nor a number"):
+        evaluate_derived("lora.ratio * lora.r", params)
+
+
+def test_grid_rows_multiply_with_command_line_sweeps():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    rows = ["lora=attn_qv lora.r=8", "lora=all_linear lora.target_modules=[all_linear,lm_head] lora.r=8"]
+    jobs = grid_jobs(parser, ["train.seed=1,2", "data.subsample=32"], rows)
+    assert jobs == [
+        ["train.seed=1", "data.subsample=32", "lora=attn_qv", "lora.r=8"],
+        [
+            "train.seed=1",
+            "data.subsample=32",
+            "lora=all_linear",
+            "lora.target_modules=[all_linear,lm_head]",
+            "lora.r=8",
+        ],
+        ["train.seed=2", "data.subsample=32", "lora=attn_qv", "lora.r=8"],
+        [
+            "train.seed=2",
+            "data.subsample=32",
+            "lora=all_linear",
+            "lora.target_modules=[all_linear,lm_head]",
+            "lora.r=8",
+        ],
+    ]
+    assert grid_jobs(parser, ["lora.r=8,16", "lora=attn_qv,mlp"], None) == [
+        ["lora.r=8", "lora=attn_qv"],
+        ["lora.r=8", "lora=mlp"],
+        ["lora.r=16", "lora=attn_qv"],
+        ["lora.r=16", "lora=mlp"],
+    ]
+    with pytest.raises(SweepFailed, match="command line sets too"):
+        grid_jobs(parser, ["lora.r=4"], rows)
+
+
+def test_interrupted_trials_are_failed_and_retried_once(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    space = {"lora.r": CategoricalDistribution([4, 8, 16])}
+    done = study.ask(space)
+    study.tell(done, 0.5)
+    dead = study.ask(space)  # left RUNNING by a sweep process that no longer exists
+    dead.set_user_attr("sweeper_host", os.uname().nodename)
+    dead.set_user_attr("sweeper_pid", 2**22 + 12345)
+    alive = study.ask(space)  # still run by this (live) process
+    alive.set_user_attr("sweeper_host", os.uname().nodename)
+    alive.set_user_attr("sweeper_pid", os.getpid())
+    failed = study.ask(space)
+    failed.set_user_attr("fail_reason", "ConfigError: ...")
+    study.tell(failed, state=TrialState.FAIL)
+
+    assert recover_interrupted(study) == [dead.number]
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[dead.number].state == TrialState.FAIL and not counted(trials[dead.number])
+    assert trials[alive.number].state == TrialState.RUNNING
+    assert counted(trials[done.number]) and counted(trials[failed.number])
+    assert [t.user_attrs["retry_of"] for t in study.get_trials(states=(TrialState.WAITING,))] == [dead.number]
+    assert recover_interrupted(study) == []  # enqueued once only
+    assert study.ask(space).params == dead.params  # the next trial is the retry, with the same params
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_sweep_file_composes_and_validates(path):
+    first = path.read_text().splitlines()[0]
+    assert first == f"# python -m src.train -cd sweeps -cn {path.stem}"
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+        cfg = compose(config_name=path.stem, return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.model.name == "openllama3b"  # real targets by default
+    assert cfg.hydra.sweeper._target_.startswith("hydra_plugins.lora_sweeps.sweepers.")
+    validate(compose_config([], config_dir=SWEEPS_DIR, config_name=path.stem))
+    validate(compose_config(TINY, config_dir=SWEEPS_DIR, config_name=path.stem))
+    sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
+    if sweeper.get("sampler"):  # Optuna: the sampler, pruner and search space build
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.utils import instantiate
+
+        assert isinstance(instantiate(sweeper["sampler"]), optuna.samplers.BaseSampler)
+        assert isinstance(instantiate(sweeper["pruner"]), optuna.pruners.BasePruner)
+        space, _ = search_space(OverridesParser.create(), sweeper["params"], [])
+        assert space and all(isinstance(d, optuna.distributions.BaseDistribution) for d in space.values())
+    else:
+        assert sweeper["rows"]
+
+
+def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
+    """The four rows of seed_table give the seed's trainable counts, through src.plan (no weights)."""
+    from hydra import compose, initialize_config_dir
+    from transformers import LlamaConfig
+
+    from src.plan import plan
+
+    LlamaConfig(
+        hidden_size=3200,
+        intermediate_size=8640,
+        num_hidden_layers=26,
+        num_attention_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path)
+    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+        rows = list(compose(config_name="seed_table", return_hydra_config=True).hydra.sweeper.rows)
+    counts = []
+    for row in rows:
+        raw = compose_config([*row.split(), f"model.name_or_path={tmp_path}"], SWEEPS_DIR, "seed_table")
+        result = plan(validate(raw))
+        counts.append((result["quant_bits"], result["trainable_params"]))
+    assert counts == [(4, 2_662_400), (4, 5_324_800), (4, 12_994_560), (8, 12_994_560)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sweeps (subprocesses, tiny model)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_grid_of_4_gives_4_finished_children_under_1_parent(tmp_path, mlflow_store):
+    result = sweep(["--multirun", "lora.r=2,4", "lora=attn_qv,mlp", *TINY[1:]], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parents, children = split_runs(mlflow_store)
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    sweep_id = parent.data.tags["sweep_id"]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.tags["sweep_id"] for c in children} == {sweep_id}
+    assert sorted((c.data.params["lora.r"], c.data.params["lora.preset"]) for c in children) == [
+        ("2", "attn_qv"),
+        ("2", "mlp"),
+        ("4", "attn_qv"),
+        ("4", "mlp"),
+    ]
+    # Every job wrote to its own output directory.
+    assert len({c.data.params["output_dir"] for c in children}) == 4
+    assert all(Path(c.data.params["output_dir"]).is_dir() for c in children)
+    summary = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=parent.info.run_id, artifact_path="summary.json", tracking_uri=mlflow_store
+            )
+        ).read_text()
+    )
+    assert summary["counts"]["FINISHED"] == 4 and len(summary["jobs"]) == 4
+    assert parent.data.metrics["jobs_finished"] == 4
+    assert result.stdout.count(f"[sweep {sweep_id}] job ") == 4 and "job 4/4" in result.stdout
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, mlflow_store):
+    result = sweep(["--multirun", "lora.r=0,4", *TINY[1:]], tmp_path)
+    assert result.returncode != 0, "a failed job must show in the exit code"
+    assert "1 job(s) failed (#0)" in result.stderr
+    assert "FAILED #0 lora.r=0" in result.stdout and "lora.r: must be >= 1, got 0" in result.stdout
+    parents, children = split_runs(mlflow_store)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one job of two ran
+    by_status = {c.info.status: c for c in children}
+    assert sorted(by_status) == ["FAILED", "FINISHED"] and len(children) == 2
+    assert by_status["FINISHED"].data.params["lora.r"] == "4"
+    failed = by_status["FAILED"]  # failed at validation, before its params were logged: the name says r0
+    assert "-r0-" in failed.info.run_name and failed.data.tags["error_type"] == "ConfigError"
+    assert "lora.r: must be >= 1" in failed.data.tags["error"]
+    assert parents[0].data.metrics["jobs_failed"] == 1 and parents[0].data.metrics["jobs_finished"] == 1
+
+
+@pytest.mark.slow
+def test_seed_table_runs_its_four_rows_on_the_tiny_model(tmp_path, mlflow_store):
+    args = [
+        "-cd",
+        "sweeps",
+        "-cn",
+        "seed_table",
+        *TINY,
+        "data=instructions",
+        "data.num_sample_prompts=1",
+        "quant.compute_dtype=float32",
+    ]
+    result = sweep(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parents, children = split_runs(mlflow_store)
+    assert len(parents) == 1 and len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    rows = sorted(
+        (c.data.params["quant.bits"], c.data.params["lora.r"], "lm_head" in c.data.params["lora.resolved_targets"])
+        for c in children
+    )
+    assert rows == [("4", "16", False), ("4", "8", False), ("4", "8", True), ("8", "8", True)]
+
+
+@pytest.mark.slow
+def test_an_infeasible_job_is_skipped_with_its_reason(tmp_path, mlflow_store):
+    """With 1 MiB of GPU memory (injected, so it runs on CPU) nothing fits: the job is skipped, not run."""
+    result = sweep(
+        ["--multirun", "lora.r=4", *TINY[1:], "hydra.sweeper.feasibility.available_gpu_mem_gb=0.001"], tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "SKIPPED #0 lora.r=4" in result.stdout and "GiB of GPU memory" in result.stdout
+    parents, children = split_runs(mlflow_store)
+    assert len(parents) == 1 and children == []
+    assert parents[0].data.metrics["jobs_skipped"] == 1
+
+
+def _optuna_args(storage: str, n_trials: int, *extra: str) -> list[str]:
+    return [
+        "--multirun",
+        "hydra/sweeper=lora_optuna",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=0",
+        f"hydra.sweeper.n_trials={n_trials}",
+        f"hydra.sweeper.storage={storage}",
+        "lora.r=choice(2,4,8,16)",
+        "lora.dropout=choice(0.0,0.1)",
+        *TINY[1:],
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_optuna_study_resumes_after_sigterm_without_duplicates(tmp_path, mlflow_store):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = _optuna_args(storage, 6)
+    cmd = [sys.executable, "-m", "src.train", *args, f"hydra.sweep.dir={tmp_path / 'first'}"]
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 900
+        complete = 0
+        while complete < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+            try:
+                (name,) = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+                trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+                complete = sum(t.state == TrialState.COMPLETE for t in trials)
+            except (ValueError, KeyError, Exception):  # the study does not exist yet
+                continue
+        assert complete >= 2, (tmp_path / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) != 0
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    interrupted = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert not [t for t in interrupted if t.state == TrialState.RUNNING]
+
+    result = sweep(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=storage)
+    ran = [t for t in study.get_trials() if counted(t)]
+    assert len(ran) == 6 and all(t.state == TrialState.COMPLETE for t in ran)
+    assert len({json.dumps(t.params, sort_keys=True) for t in ran}) == 6  # no config ran twice
+    parents, children = split_runs(mlflow_store)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the study's parent run, resumed
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 6
+    assert len({(c.data.params["lora.r"], c.data.params["lora.dropout"]) for c in finished}) == 6
+    assert {c.data.tags["optuna_trial"] for c in finished} == {str(t.number) for t in ran}
+
+
+@pytest.mark.slow
+def test_optuna_failing_and_pruned_trials(tmp_path, mlflow_store):
+    """A trial that raises is FAIL/FAILED with its reason; a pruned one PRUNED in Optuna and MLflow."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # The threshold pruner prunes at the first report (F1 < 2 always); lora.r=0 is invalid.
+    args = [
+        "--multirun",
+        "hydra/sweeper=lora_optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "+hydra.sweeper.pruner.lower=2.0",
+        "lora.r=choice(0,4)",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=0",
+        *TINY[1:],
+        "train.max_steps=3",
+        "train.eval_strategy=steps",
+        "train.eval_steps=1",
+    ]
+    result = sweep(args, tmp_path)
+    assert result.returncode != 0, result.stdout[-3000:]
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = {
+        t.params["lora.r"]: t
+        for t in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+        if counted(t)
+    }
+    assert trials[0].state == TrialState.FAIL and "lora.r: must be >= 1" in trials[0].user_attrs["fail_reason"]
+    assert trials[4].state == TrialState.PRUNED and trials[4].intermediate_values
+    _, children = split_runs(mlflow_store)
+    by_status = {c.info.status: c for c in children}
+    assert sorted(by_status) == ["FAILED", "KILLED"] and len(children) == 2
+    assert "-r0-" in by_status["FAILED"].info.run_name and by_status["FAILED"].data.tags["error_type"] == "ConfigError"
+    pruned = by_status["KILLED"]
+    assert pruned.data.params["lora.r"] == "4" and pruned.data.tags["status"] == "PRUNED"
+    assert pruned.data.tags["optuna_trial"] == str(trials[4].number)
+
+
+@pytest.mark.slow
+def test_pareto_sweep_is_multi_objective(tmp_path, mlflow_store):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [
+        "-cd",
+        "sweeps",
+        "-cn",
+        "pareto",
+        *TINY,
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweeper.storage={storage}",
+        "quant=none",
+        "lora=choice(attn_qv,all_linear)",
+        "hydra.sweeper.sampler.seed=1",
+    ]  # the command line wins
+    result = sweep(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]  # eval_f1_macro up, params down
+    parents, children = split_runs(mlflow_store)
+    trainable = {c.data.tags["optuna_trial"]: c.data.metrics["trainable_params"] for c in children}
+    ran = [t for t in study.get_trials() if counted(t)]
+    assert len(ran) == 3 and {t.state for t in ran} == {TrialState.COMPLETE}
+    for trial in ran:
+        assert trial.values[1] == trainable[str(trial.number)]
+    client = mlflow.MlflowClient(mlflow_store)
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"pareto_front.json", "summary.json", "trials.csv", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")}
+    assert "plots/pareto_front.png" in plots
+    front = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=parents[0].info.run_id, artifact_path="pareto_front.json", tracking_uri=mlflow_store
+            )
+        ).read_text()
+    )
+    assert {t["trial"] for t in front["trials"]} == {t.number for t in study.best_trials if counted(t)}
