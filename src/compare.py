@@ -113,9 +113,7 @@ def pareto_front(points: Sequence[Sequence[Optional[float]]], directions: Sequen
         One flag per point. Equal points do not dominate each other, so both stay on the front.
     """
     signs = [1.0 if d == "max" else -1.0 for d in directions]
-    scored = [
-        tuple(s * float(v) for s, v in zip(signs, p)) if all(_is_number(v) for v in p) else None for p in points
-    ]
+    scored = [tuple(s * float(v) for s, v in zip(signs, p)) if all(_is_number(v) for v in p) else None for p in points]
 
     def dominates(a: tuple, b: tuple) -> bool:
         return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
@@ -190,8 +188,13 @@ def format_table(rows: Sequence[dict], columns: Sequence[Column], fmt: str) -> s
     ``run_ids`` and ``std`` per row.
     """
     if fmt == "json":
-        return json.dumps({"columns": [{"key": c.key, "header": c.header, "direction": c.direction} for c in columns],
-                           "rows": [_json_row(r, columns) for r in rows]}, indent=2)
+        return json.dumps(
+            {
+                "columns": [{"key": c.key, "header": c.header, "direction": c.direction} for c in columns],
+                "rows": [_json_row(r, columns) for r in rows],
+            },
+            indent=2,
+        )
     if fmt == "csv":
         return _csv_table(rows, columns)
     header = ["mark"] + [c.header for c in columns]
@@ -277,8 +280,13 @@ def _html_table(header: list[str], cells: list[list[str]], rows: Sequence[dict],
         style = ' style="text-align:right"' if is_right else ""
         return f"<{tag}{style}>{html.escape(text)}</{tag}>"
 
-    lines = ['<table class="compare">', "<thead>", "<tr>" + "".join(map(cell, ["th"] * len(header), header, right))
-             + "</tr>", "</thead>", "<tbody>"]
+    lines = [
+        '<table class="compare">',
+        "<thead>",
+        "<tr>" + "".join(map(cell, ["th"] * len(header), header, right)) + "</tr>",
+        "</thead>",
+        "<tbody>",
+    ]
     for texts, row in zip(cells, rows):
         opening = '<tr class="best">' if row.get("best") else "<tr>"
         lines.append(opening + "".join(map(cell, ["td"] * len(texts), texts, right)) + "</tr>")
@@ -308,8 +316,14 @@ def _search(client, experiment_ids: list[str], filter_string: str = "", limit: O
 
     runs, token = [], None
     while True:
-        page = client.search_runs(experiment_ids, filter_string, ViewType.ACTIVE_ONLY, max_results=1000,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
+        page = client.search_runs(
+            experiment_ids,
+            filter_string,
+            ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token or (limit is not None and len(runs) >= limit):
@@ -332,8 +346,13 @@ def _quote(text: str) -> str:
     return text.replace("'", "\\'")
 
 
-def select_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = None,
-                run_ids: Optional[list[str]] = None, limit: int = 100) -> Selection:
+def select_runs(
+    client,
+    experiment: Optional[str] = None,
+    sweep: Optional[str] = None,
+    run_ids: Optional[list[str]] = None,
+    limit: int = 100,
+) -> Selection:
     """The runs to compare: one sweep, one experiment, given run ids, or by default the newest sweep.
 
     Without a selector it takes the sweep of the newest parent run; with no sweep in the store,
@@ -368,8 +387,7 @@ def select_runs(client, experiment: Optional[str] = None, sweep: Optional[str] =
     else:
         if not all_ids:
             raise CompareError("the store has no experiments")
-        newest_parent = next((r for r in _search(client, all_ids, f"tags.{SWEEP_TAG} LIKE '%'") if _is_parent(r)),
-                             None)
+        newest_parent = next((r for r in _search(client, all_ids, f"tags.{SWEEP_TAG} LIKE '%'") if _is_parent(r)), None)
         if newest_parent is not None:
             selection = _sweep_runs(client, all_ids, newest_parent.data.tags[SWEEP_TAG])
         else:
@@ -465,10 +483,22 @@ def _scatter(rows: Sequence[dict], x: Column, y: Column, path: Path, log_x: bool
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, on_front in zip(shown, front):
         std = (row.get("std") or {}).get(y.key)
-        ax.errorbar(row[x.key], row[y.key], yerr=std, fmt="*" if row.get("best") else "o",
-                    markersize=12 if row.get("best") else 6, color="tab:red" if on_front else "tab:blue", capsize=3)
-        ax.annotate(row["run"] or row["run_ids"][0][:8], (row[x.key], row[y.key]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.errorbar(
+            row[x.key],
+            row[y.key],
+            yerr=std,
+            fmt="*" if row.get("best") else "o",
+            markersize=12 if row.get("best") else 6,
+            color="tab:red" if on_front else "tab:blue",
+            capsize=3,
+        )
+        ax.annotate(
+            row["run"] or row["run_ids"][0][:8],
+            (row[x.key], row[y.key]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     edge = sorted((r[x.key], r[y.key]) for r, f in zip(shown, front) if f)
     if edge:
         ax.plot([p[0] for p in edge], [p[1] for p in edge], "-", color="tab:red", label="Pareto front")
@@ -575,19 +605,41 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--sweep", help="The child runs of this sweep id (tag sweep_id).")
     which.add_argument("--runs", help="Comma-separated run ids.")
     parser.add_argument("--format", choices=("md", "csv", "html", "json"), default="md")
-    parser.add_argument("--sort", metavar="NAME[:max|min]",
-                        help="Order rows best first by a column key or metric; names as for --pareto.")
-    parser.add_argument("--metric", nargs="+", action="extend", default=[], metavar="NAME",
-                        help="Extra quality metrics to show, besides the objective.")
-    parser.add_argument("--pareto", metavar="X,Y", help="Mark the non-dominated runs on two columns: a column key "
-                        "(trainable_params_m, peak_gpu_mem_gb, ...), a logged metric, or quality (the objective), "
-                        "params, memory, tokens_per_s, runtime; each optionally :max or :min, "
-                        "e.g. quality,params or eval_accuracy:max,memory:min.")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png",
-                        help="Write plots (FILE.png, FILE_memory.png, FILE_curves.png) and log them to the parent run.")
+    parser.add_argument(
+        "--sort",
+        metavar="NAME[:max|min]",
+        help="Order rows best first by a column key or metric; names as for --pareto.",
+    )
+    parser.add_argument(
+        "--metric",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="Extra quality metrics to show, besides the objective.",
+    )
+    parser.add_argument(
+        "--pareto",
+        metavar="X,Y",
+        help="Mark the non-dominated runs on two columns: a column key "
+        "(trainable_params_m, peak_gpu_mem_gb, ...), a logged metric, or quality (the objective), "
+        "params, memory, tokens_per_s, runtime; each optionally :max or :min, "
+        "e.g. quality,params or eval_accuracy:max,memory:min.",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="Write plots (FILE.png, FILE_memory.png, FILE_curves.png) and log them to the parent run.",
+    )
     parser.add_argument("--no-group-seeds", action="store_true", help="List runs that differ only in seed apart.")
     parser.add_argument("--limit", type=int, default=100, help="At most this many runs by experiment or default.")
     parser.add_argument("--tracking-uri", help="Else $MLFLOW_TRACKING_URI, else the project's mlflow.db.")
+    parser.add_argument(
+        "--samples",
+        action="store_true",
+        help="Also show SFT generations before and after fine-tuning (samples.json) per run.",
+    )
     return parser
 
 
@@ -655,11 +707,52 @@ def compare(args: argparse.Namespace) -> str:
     if sort_spec:
         rows = sort_rows(rows, sort_spec[0].key, sort_spec[1])
 
-    _note(f"{selection.description}: {len(runs)} run(s) in {len(rows)} row(s); "
-          f"objective {objective_metric} ({objective_direction})")
+    _note(
+        f"{selection.description}: {len(runs)} run(s) in {len(rows)} row(s); "
+        f"objective {objective_metric} ({objective_direction})"
+    )
     if args.plot:
         make_plots(client, selection, rows, columns[len(CONFIG_COLUMNS)], args.plot)
-    return format_table(rows, columns, args.format)
+    table = format_table(rows, columns, args.format)
+    return table + "\n\n" + samples_text(client, runs) if args.samples else table
+
+
+def _sample_cell(text: str, width: int = 80) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def samples_text(client, runs) -> str:
+    """Markdown: each run's fixed prompts with the reference, the base model's and the tuned model's output."""
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    sections = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            try:
+                path = client.download_artifacts(run.info.run_id, "samples.json", tmp)
+            except (MlflowException, OSError):
+                continue
+            table = json.loads(Path(path).read_text())
+            records = [dict(zip(table["columns"], row)) for row in table["data"]]
+            lines = [
+                f"### {run.info.run_name} ({run.info.run_id[:8]}): before and after fine-tuning",
+                "",
+                "| prompt | reference | before | after |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {_sample_cell(r['prompt'][-120:])} | {_sample_cell(r['reference'])} | {_sample_cell(r['before'])} "
+                f"| {_sample_cell(r['after'])} |"
+                for r in records
+            ]
+            sections.append("\n".join(lines))
+    if not sections:
+        raise CompareError("--samples: no selected run logged samples.json (SFT runs log it)")
+    return "\n\n".join(sections)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
