@@ -97,6 +97,10 @@ class OptunaSweeperConf:
     params: Optional[dict[str, str]] = None  # search space, in Hydra's override grammar: choice(...), interval(...)
     derived: Optional[dict[str, str]] = None  # keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}
     max_failure_rate: float = 0.5  # stop once more than this fraction of n_trials has failed
+    # Several workers on one study (RDB storage only): each RUNNING trial beats every heartbeat_interval
+    # seconds; one silent for grace_period (null: 2 x interval) is failed and retried by another worker.
+    heartbeat_interval: Optional[int] = None
+    grace_period: Optional[int] = None
     isolate: bool = True
     feasibility: FeasibilityConf = field(default_factory=FeasibilityConf)
 
@@ -113,8 +117,30 @@ PRUNERS = {
 }
 
 
+# hydra/launcher=slurm: each trial one SLURM job with one GPU (hydra-submitit-launcher); set
+# hydra.launcher.partition=... Start the same command on several nodes with a shared study
+# (hydra.sweeper.storage=postgresql+psycopg://..., study_name, heartbeat_interval) to split n_trials.
+# hydra/launcher=local: submitit's local executor, a job (process) per trial as on SLURM, no cluster.
+LAUNCHERS = {
+    "slurm": {
+        "defaults": ["submitit_slurm", "_self_"],
+        "timeout_min": 720,
+        "nodes": 1,
+        "tasks_per_node": 1,
+        "gpus_per_node": 1,
+        "cpus_per_task": 8,
+        "mem_gb": 64,
+        "array_parallelism": 64,
+        "setup": ["export TOKENIZERS_PARALLELISM=false"],
+    },
+    "local": {"defaults": ["submitit_local", "_self_"], "timeout_min": 120, "gpus_per_node": 0, "cpus_per_task": 1},
+}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
+    for name, node in LAUNCHERS.items():
+        cs.store(group="hydra/launcher", name=name, node=node, provider="lora-sweeps")
     cs.store(group="hydra/sweeper", name="lora_grid", node=GridSweeperConf, provider="lora-sweeps")
     cs.store(group="hydra/sweeper", name="lora_optuna", node=OptunaSweeperConf, provider="lora-sweeps")
     for name, node in SAMPLERS.items():

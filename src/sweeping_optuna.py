@@ -16,6 +16,14 @@ or failed) is not run again: a repeated proposal is answered from the earlier tr
 ``duplicate_of`` and not counted. A trial left RUNNING by a sweep that was killed (its process is
 gone), or interrupted by SIGTERM or Ctrl-C, is failed and retried with the same params.
 
+Several workers, one study: start the same command on many machines with a shared RDB ``storage``
+(``postgresql+psycopg://...``), a fixed ``study_name`` and ``heartbeat_interval``. ``n_trials`` is
+the study's total: a trial is taken only while fewer than ``n_trials`` older trials are done, running
+or queued, so 4 workers with n_trials=20 run exactly 20. A worker with nothing left to take waits
+for the others, and fails and retries a trial whose worker stopped beating (``kill -9``, a lost
+node) after ``grace_period``. The worker that creates the study creates the MLflow parent run; the
+others log their trials under it.
+
 Trials are told to Optuna from the job's outcome: FINISHED -> COMPLETE (a missing, None or NaN
 value -> FAIL), PRUNED -> PRUNED, FAILED and SKIPPED -> FAIL, with the reason in the trial's user
 attr ``fail_reason``. The parent run gets best params and value (``best.json``), the Pareto front
@@ -29,7 +37,9 @@ import json
 import os
 import socket
 import tempfile
+import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -61,6 +71,10 @@ DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
 # Consecutive proposals of configs already tried before the space is taken as exhausted.
 MAX_DUPLICATE_PROPOSALS = 50
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# A worker with no trial left to take polls this often (seconds) for the others' outcomes.
+WAIT_POLL_S = 2.0
+# How long a worker that joins a study waits for the creator's MLflow parent run id.
+PARENT_WAIT_S = 120.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,11 +162,39 @@ def counted(trial) -> bool:
     """A trial that reached its own outcome: not a duplicate, not interrupted (those are retried)."""
     from optuna.trial import TrialState
 
-    if "duplicate_of" in trial.user_attrs:
+    if "duplicate_of" in trial.user_attrs or "over_budget" in trial.user_attrs:
         return False
     if trial.state == TrialState.FAIL:
         return "fail_reason" in trial.user_attrs
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def occupies(trial) -> bool:
+    """Whether a trial takes one of the study's ``n_trials`` places: done, running or queued."""
+    from optuna.trial import TrialState
+
+    if counted(trial):
+        return True
+    skipped = "duplicate_of" in trial.user_attrs or "over_budget" in trial.user_attrs
+    return trial.state in (TrialState.RUNNING, TrialState.WAITING) and not skipped
+
+
+def in_budget(trial_number: int, trials: list, n_trials: int) -> bool:
+    """Whether a just-asked trial is within ``n_trials``: fewer than that many older trials occupy a place.
+
+    Trial numbers are given out atomically by the storage, so workers that ask at the same time
+    agree on which of their trials fit.
+    """
+    return sum(occupies(t) for t in trials if t.number < trial_number) < n_trials
+
+
+def fail_stale(study) -> None:
+    """Fail (and, through the storage's callback, enqueue again) trials whose worker stopped beating."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -183,13 +225,15 @@ def recover_interrupted(study) -> list[int]:
         if not owner_alive(trial):
             study.tell(trial.number, state=TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    # retry_of: enqueued here; failed_trial: by the heartbeat's RetryFailedTrialCallback
+    retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
     interrupted = [
         t
         for t in trials
         if t.state == TrialState.FAIL
         and "fail_reason" not in t.user_attrs
         and "duplicate_of" not in t.user_attrs
+        and "over_budget" not in t.user_attrs
         and t.number not in retried
     ]
     for trial in interrupted:
@@ -219,6 +263,8 @@ class OptunaSweeper(Sweeper):
         params: Optional[dict] = None,
         derived: Optional[dict] = None,
         max_failure_rate: float = 0.5,
+        heartbeat_interval: Optional[int] = None,
+        grace_period: Optional[int] = None,
         isolate: bool = True,
         feasibility: Any = None,
     ):
@@ -231,6 +277,7 @@ class OptunaSweeper(Sweeper):
         self.params = dict(params or {})
         self.derived = dict(derived or {})
         self.max_failure_rate = max_failure_rate
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.config: Optional[DictConfig] = None
         self.launcher = None
         self.hydra_context = None
@@ -292,27 +339,40 @@ class OptunaSweeper(Sweeper):
             )
         return variables
 
-    def open_study(self, name: str, directions: list[str]):
+    def open_study(self, name: str, directions: list[str]) -> tuple[Any, bool]:
+        """The study, and whether this worker created it (then it also creates the MLflow parent run)."""
         import optuna
         from hydra.utils import instantiate
 
         sampler = instantiate(self.sampler_conf)
         pruner = instantiate(self.pruner_conf)
-        study = optuna.create_study(
-            study_name=name,
-            storage=open_storage(self.storage),
-            sampler=sampler,
-            pruner=pruner,
-            directions=directions,
-            load_if_exists=True,
-        )
+        storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period)
+        try:
+            study = optuna.create_study(
+                study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
+            )
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+            created = False
         study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(self.pruner_conf, resolve=True))
-        return study
+        return study, created
+
+    @staticmethod
+    def parent_run_id(study, created: bool) -> Optional[str]:
+        """The study's MLflow parent run; a worker that joined a new study waits for its creator's."""
+        deadline = time.monotonic() + (0 if created else PARENT_WAIT_S)
+        while True:
+            run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+            if run_id or time.monotonic() >= deadline:
+                return run_id
+            time.sleep(0.5)
 
     # -- the loop -----------------------------------------------------------------------------
 
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
+        from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize uses per trial
         from optuna.trial import TrialState
 
         assert self.config is not None and self.launcher is not None
@@ -322,7 +382,7 @@ class OptunaSweeper(Sweeper):
         directions = self.resolved_directions()
         variables = self.sweep_variables(space)
         name = self.study_name or self.default_study_name(list(arguments), directions)
-        study = self.open_study(name, directions)
+        study, created = self.open_study(name, directions)
         retried = recover_interrupted(study)
         done = sum(counted(t) for t in study.get_trials(deepcopy=False))
         print(
@@ -349,16 +409,23 @@ class OptunaSweeper(Sweeper):
                 "directions": directions,
                 "sampler": OmegaConf.to_container(self.sampler_conf),
             },
-            resume_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
+            resume_run_id=self.parent_run_id(study, created),
         )
-        study.set_user_attr(PARENT_RUN_ATTR, record.run_id)
+        if study.user_attrs.get(PARENT_RUN_ATTR) != record.run_id:
+            study.set_user_attr(PARENT_RUN_ATTR, record.run_id)
         gpus = visible_gpus()
         size = batch_size(self.n_jobs, gpus)
         previous = install_sigterm_handler()
         pending: list = []
         stopped = exhausted = False
         try:
-            while done < self.n_trials and not exhausted:
+            while not exhausted:
+                if self.heartbeat_interval:
+                    fail_stale(study)
+                trials = study.get_trials(deepcopy=False)
+                done = sum(counted(t) for t in trials)
+                if done >= self.n_trials:
+                    break
                 if failure_budget_exceeded(self.failed_count(study), self.n_trials, self.max_failure_rate):
                     stopped = True
                     print(
@@ -367,9 +434,17 @@ class OptunaSweeper(Sweeper):
                         flush=True,
                     )
                     break
-                pending, exhausted = self.ask(study, space, min(size, self.n_trials - done))
+                running = sum(occupies(t) and t.state == TrialState.RUNNING for t in trials)
+                free = self.n_trials - done - running
+                if free <= 0:
+                    if not self.heartbeat_interval:
+                        break  # the sweeps running the rest finish them
+                    time.sleep(WAIT_POLL_S)  # wait for the others: one of them may die and need a retry
+                    continue
+                pending, exhausted = self.ask(study, space, min(size, free))
+                pending = self.within_budget(study, pending)
                 if not pending:
-                    break
+                    continue
                 overrides = []
                 for trial, gpu in zip(pending, assign_gpus(len(pending), gpus)):
                     job = fixed + trial_overrides(trial.params, variables, self.derived)
@@ -382,12 +457,15 @@ class OptunaSweeper(Sweeper):
                         "CUDA_VISIBLE_DEVICES": gpu,
                     }
                     overrides.append(job + env_overrides(env))
-                results = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                with ExitStack() as beating:
+                    for trial in pending:
+                        beating.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+                    results = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(results)
                 for trial, ret in zip(pending, results):
                     outcome = job_outcome(trial.number, trial.user_attrs["overrides"][len(fixed) :], ret)
                     outcome = self.tell(study, trial, outcome)
-                    done += 1
+                    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
                     record.add(outcome, done, lambda: best_text(study))
                 pending = []
             if exhausted:
@@ -426,7 +504,9 @@ class OptunaSweeper(Sweeper):
         pending: list = []
         streak = 0
         while len(pending) < want:
-            trial = study.ask(space)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
+                trial = study.ask(space)
             trial.set_user_attr("sweeper_host", socket.gethostname())
             trial.set_user_attr("sweeper_pid", os.getpid())
             key = params_key(trial.params)
@@ -445,6 +525,20 @@ class OptunaSweeper(Sweeper):
             if streak >= MAX_DUPLICATE_PROPOSALS:
                 return pending, True
         return pending, False
+
+    def within_budget(self, study, pending: list) -> list:
+        """The asked trials within ``n_trials``; the others (asked at once by other workers) are dropped."""
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        kept = []
+        for trial in pending:
+            if in_budget(trial.number, trials, self.n_trials):
+                kept.append(trial)
+            else:
+                trial.set_user_attr("over_budget", True)
+                study.tell(trial, state=TrialState.FAIL)
+        return kept
 
     def tell(self, study, trial, outcome: Outcome) -> Outcome:
         """Tell Optuna the job's outcome; a FINISHED job without a usable value becomes FAILED."""

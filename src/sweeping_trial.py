@@ -29,7 +29,9 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,19 +69,45 @@ class Feasibility:
     available_gpu_mem_gb: Optional[float] = None  # None: measure the free memory of the job's GPU
 
 
-def open_storage(spec: str):
-    """An Optuna storage from a spec: an SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``)
-    or else the path of a journal file."""
+def open_storage(spec: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None):
+    """An Optuna storage from a spec: an SQLAlchemy URL (``sqlite:///...``, ``postgresql+psycopg://...``)
+    or else the path of a journal file. With ``heartbeat_interval`` (RDB only), a trial whose worker
+    stopped beating for ``grace_period`` seconds is failed and enqueued once more (up to 3 retries)."""
     import optuna
 
     if "://" in spec:
         if spec.startswith("sqlite:///"):
             Path(spec.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(spec)
+        heartbeat: dict[str, Any] = {}
+        if heartbeat_interval:
+            heartbeat = {
+                "heartbeat_interval": heartbeat_interval,
+                "grace_period": grace_period,
+                "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            }
+        return _rdb_storage(spec, heartbeat)
+    if heartbeat_interval:
+        raise ValueError(f"hydra.sweeper.heartbeat_interval needs an RDB storage (an SQLAlchemy URL), got {spec!r}")
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     Path(spec).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(spec))
+
+
+def _rdb_storage(url: str, options: dict[str, Any], attempts: int = 5):
+    """RDBStorage, retried: workers that start together on an empty database race to create its tables."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **options)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
 
 
 # ---------------------------------------------------------------------------------------------
