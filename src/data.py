@@ -93,7 +93,7 @@ def _needed_columns(d: DataConfig) -> dict[str, list[str]]:
     if d.task == "sft":
         cols = {"data.response_column": [d.response_column]}
         if d.instruction_template:
-            cols["data.instruction_template"] = _template_fields(d.instruction_template)
+            cols["data.instruction_template"] = template_fields(d.instruction_template)
         else:
             cols["data.instruction_column"] = [d.instruction_column]
         if d.input_column:
@@ -101,7 +101,7 @@ def _needed_columns(d: DataConfig) -> dict[str, list[str]]:
         return cols
     cols = {"data.text_columns": list(d.text_columns)}
     if d.text_template:
-        cols["data.text_template"] = _template_fields(d.text_template)
+        cols["data.text_template"] = template_fields(d.text_template)
     if d.task == "classification":
         cols["data.label_column"] = [d.label_column]
     else:
@@ -109,7 +109,7 @@ def _needed_columns(d: DataConfig) -> dict[str, list[str]]:
     return cols
 
 
-def _template_fields(template: str) -> list[str]:
+def template_fields(template: str) -> list[str]:
     import string
 
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
@@ -153,8 +153,9 @@ def _multilabel_matrix(df: pd.DataFrame, d: DataConfig, split: str, faults: list
     return matrix
 
 
-def _texts(df: pd.DataFrame, d: DataConfig) -> list[str]:
-    columns = list(dict.fromkeys(d.text_columns + _template_fields(d.text_template or "")))
+def texts_of(df: pd.DataFrame, d: DataConfig) -> list[str]:
+    """The model input text of each row: the text columns through data.text_template, or joined."""
+    columns = list(dict.fromkeys(d.text_columns + template_fields(d.text_template or "")))
     # Missing cells (already reported as faults) become "": pandas 3's astype(str) would keep them NaN.
     rows = df[columns].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
     if d.text_template:
@@ -317,9 +318,9 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
     columns: dict[str, dict[str, Any]] = {}
     for split, (df, _) in frames.items():
         if d.task == "classification":
-            columns[split] = {"text": _texts(df, d), "label": _label_index(df, d, labels, split, faults)}
+            columns[split] = {"text": texts_of(df, d), "label": _label_index(df, d, labels, split, faults)}
         elif d.task == "multilabel":
-            columns[split] = {"text": _texts(df, d), "labels": _multilabel_matrix(df, d, split, faults)}
+            columns[split] = {"text": texts_of(df, d), "labels": _multilabel_matrix(df, d, split, faults)}
         else:
             prompts, completions = _sft_columns(df, d)
             columns[split] = {"prompt": prompts, "completion": completions}

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from src.config import DataConfig
-from src.data import DataError, _template_fields, _texts, format_prompt, read_table
+from src.data import DataError, format_prompt, read_table, template_fields, texts_of
 from src.inference import (
     InferenceError,
     Source,
@@ -95,10 +95,10 @@ def classification_texts(df: pd.DataFrame, d: DataConfig, text_column: Optional[
         return df[text_column].astype(str).tolist()
     _require(
         df,
-        list(dict.fromkeys(d.text_columns + _template_fields(d.text_template or ""))),
+        list(dict.fromkeys(d.text_columns + template_fields(d.text_template or ""))),
         "the run's data.text_columns / data.text_template",
     )
-    return _texts(df, d)
+    return texts_of(df, d)
 
 
 def sft_instructions(df: pd.DataFrame, d: DataConfig, text_column: Optional[str]) -> tuple[list[str], list[str]]:
@@ -107,7 +107,7 @@ def sft_instructions(df: pd.DataFrame, d: DataConfig, text_column: Optional[str]
         _require(df, [text_column], "from --text-column")
         instructions = df[text_column].astype(str).tolist()
     elif d.instruction_template:
-        _require(df, _template_fields(d.instruction_template), "the run's data.instruction_template")
+        _require(df, template_fields(d.instruction_template), "the run's data.instruction_template")
         instructions = [d.instruction_template.format(**r) for r in df.to_dict("records")]
     else:
         _require(df, [d.instruction_column], "the run's data.instruction_column")

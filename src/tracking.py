@@ -38,7 +38,6 @@ from mlflow.exceptions import MlflowException
 from src.tiny import PROJECT_ROOT
 
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-DEFAULT_ARTIFACT_ROOT = PROJECT_ROOT / "mlruns"
 # Set by the sweep driver for each job, so the job's run is nested under the sweep's parent.
 PARENT_RUN_ENV = "LORA_SWEEP_PARENT_RUN_ID"
 SWEEP_ID_ENV = "LORA_SWEEP_ID"
