@@ -11,6 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# openlm-research/open_llama_3b_v2: the architecture of the seed table (3,426,473,600 parameters).
+OPENLLAMA_3B = dict(
+    hidden_size=3200,
+    intermediate_size=8640,
+    num_hidden_layers=26,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

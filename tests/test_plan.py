@@ -15,17 +15,9 @@ import pytest
 
 from src import plan as P
 from src.config import validate
+from tests.conftest import OPENLLAMA_3B
 
 ROOT = P.PROJECT_ROOT
-OPENLLAMA_3B = dict(  # openlm-research/open_llama_3b_v2
-    hidden_size=3200,
-    intermediate_size=8640,
-    num_hidden_layers=26,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-)
 OPENLLAMA_3B_PARAMS = 3_426_473_600
 
 

@@ -28,18 +28,9 @@ from optuna.trial import TrialState
 from src.sweeping import assign_gpus, batch_size, visible_gpus
 from src.sweeping_optuna import counted, fail_stale, in_budget
 from src.sweeping_trial import open_storage
+from tests.test_sweeps import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model=tiny",
-    "data=topics",
-    "train=default",
-    "train.max_steps=2",
-    "data.subsample=32",
-    "data.eval_subsample=16",
-    "train.eval_strategy=no",
-    "tracking.log_adapter=false",
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,9 +170,17 @@ def _numbered(states: list[tuple[TrialState, dict]]) -> list[optuna.trial.Frozen
     """Trials #0, #1, ... in the given states (a COMPLETE one has value 1.0)."""
     return [
         optuna.trial.FrozenTrial(
-            number=number, state=state, value=1.0 if state == TrialState.COMPLETE else None, datetime_start=None,
-            datetime_complete=None, params={}, distributions={}, user_attrs=attrs, system_attrs={},
-            intermediate_values={}, trial_id=number,
+            number=number,
+            state=state,
+            value=1.0 if state == TrialState.COMPLETE else None,
+            datetime_start=None,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs=attrs,
+            system_attrs={},
+            intermediate_values={},
+            trial_id=number,
         )  # fmt: skip
         for number, (state, attrs) in enumerate(states)
     ]
@@ -341,6 +340,7 @@ import optuna
 from optuna.trial import TrialState
 from src.sweeping_optuna import counted, in_budget, occupies
 from src.sweeping_trial import open_storage
+from tests.test_sweeps import TINY
 
 storage_url, total, deadline = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 warnings.simplefilter("ignore")

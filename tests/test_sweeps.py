@@ -26,7 +26,7 @@ from src.sweeping_optuna import (
     trial_overrides,
 )
 from src.sweeping_trial import Feasibility, JobSkipped, check_feasibility, fit_micro_batch
-from tests.conftest import ROOT, compose_config
+from tests.conftest import OPENLLAMA_3B, ROOT, compose_config
 
 SWEEPS_DIR = ROOT / "sweeps"
 # Shrinks any job to seconds on CPU; eval only at the end, on 16 rows.
@@ -247,14 +247,7 @@ def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
 
     from src.plan import plan
 
-    LlamaConfig(
-        hidden_size=3200,
-        intermediate_size=8640,
-        num_hidden_layers=26,
-        num_attention_heads=32,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-    ).save_pretrained(tmp_path)
+    LlamaConfig(**OPENLLAMA_3B).save_pretrained(tmp_path)
     with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
         rows = list(compose(config_name="seed_table", return_hydra_config=True).hydra.sweeper.rows)
     counts = []
