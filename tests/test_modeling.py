@@ -10,6 +10,7 @@ import torch
 
 from src import modeling
 from src.config import LoraConfig, QuantConfig
+from tests.conftest import OPENLLAMA_3B
 
 LORA = LoraConfig(preset="attn_qv", r=8, alpha=16, dropout=0.0, bias="none", target_modules=None, modules_to_save=None)
 
@@ -22,15 +23,7 @@ def _meta(model_cls, config):
 def openllama3b():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=3200,
-        intermediate_size=8640,
-        num_hidden_layers=26,
-        num_attention_heads=32,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-    )
-    return _meta(LlamaForCausalLM, config)
+    return _meta(LlamaForCausalLM, LlamaConfig(**OPENLLAMA_3B))
 
 
 @pytest.mark.parametrize(

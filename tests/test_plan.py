@@ -82,21 +82,7 @@ def test_counts_all_linear_with_lm_head_8bit(openllama_dir):
 def test_plan_matches_the_estimate_function(qlora_attn_qv):
     shape = P.ModelShape(**qlora_attn_qv["model_shape"])
     assert shape.quantizable_params == OPENLLAMA_3B_PARAMS - 2 * 32000 * 3200 - 53 * 3200  # embed, head, norms
-    est = P.estimate_peak_memory_gb(
-        shape,
-        P.LoraShape(in_features=26 * 2 * 3200, dropout=True),
-        2_662_400,
-        batch_size=8,
-        seq_len=512,
-        bits=4,
-        double_quant=True,
-        weight_dtype_bytes=2,
-        widths=P.Widths(residual=4, matmul=2),
-        optim="paged_adamw_8bit",
-        activation_checkpointing=True,
-        causal_lm=True,
-        fused_lm_head=qlora_attn_qv["fused_lm_head"],
-    )
+    est = _estimate(shape, fused_lm_head=qlora_attn_qv["fused_lm_head"])  # the seed recipe: batch 8, seq 512
     assert qlora_attn_qv["est_peak_gpu_mem_gb"] == pytest.approx(est, abs=1e-3)
     assert sum(qlora_attn_qv["est_mem_breakdown_gb"].values()) == pytest.approx(est, abs=5e-3)
     assert qlora_attn_qv["est_gpu_mem_needed_gb"] > qlora_attn_qv["est_peak_gpu_mem_gb"]
