@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,37 @@ def tiny_model_dir() -> Path:
 
 def python_cmd() -> list[str]:
     return [sys.executable]
+
+
+def start_training_until_it_logs(tmp_path: Path, uri: str, timeout_s: float = 300) -> subprocess.Popen:
+    """Start a long ``python -m src.train`` on the tiny model and return once its run has logged a training loss.
+
+    The store is created first, so that polling it never races the subprocess's own table creation.
+    """
+    import mlflow
+
+    from src import tracking
+
+    tracking.ensure_experiment("lora-sweeps", uri)
+    client = mlflow.MlflowClient(uri)
+    cmd = [
+        sys.executable,
+        "-m",
+        "src.train",
+        "train.max_steps=100000",
+        "train.logging_steps=1",
+        "train.eval_strategy=no",
+        f"tracking.tracking_uri={uri}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout_s
+    while not any(
+        "train_loss" in r.data.metrics
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+    ):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"training did not start logging: {proc.communicate()[0][-3000:]}")
+        time.sleep(1)
+    return proc

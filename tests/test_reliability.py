@@ -31,7 +31,7 @@ from src import doctor, guards, modeling, tracking, training
 from src.config import validate
 from src.data import DataError, load_data, read_table
 from src.train import run
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, start_training_until_it_logs
 
 FAST = [
     "train.max_steps=4",
@@ -257,32 +257,9 @@ def test_heartbeat_tag_is_refreshed_while_the_run_lives(tmp_path):
 @pytest.mark.slow
 def test_sigkilled_training_run_is_marked_killed_by_the_next_sweep_start(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    tracking.ensure_experiment("lora-sweeps", uri)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "src.train",
-            "train.max_steps=100000",
-            "train.logging_steps=1",
-            "train.eval_strategy=no",
-            f"tracking.tracking_uri={uri}",
-            f"hydra.run.dir={tmp_path / 'out'}",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while not any("train_loss" in r.data.metrics for r in _runs(uri)):
-            assert proc.poll() is None, proc.communicate()[0][-3000:]
-            assert time.time() < deadline
-            time.sleep(1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+    proc = start_training_until_it_logs(tmp_path, uri)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
     assert _runs(uri)[0].info.status == "RUNNING"  # what MLflow alone leaves behind
     marked = doctor.mark_stale_runs(uri, experiment="lora-sweeps")  # what a sweep calls when it starts
     run_ = _runs(uri)[0]

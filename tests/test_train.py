@@ -6,17 +6,16 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
 import torch
 
-from src import modeling, tracking, training
+from src import modeling, training
 from src.config import validate
 from src.data import load_data
 from src.train import run
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, start_training_until_it_logs
 
 FAST = [
     "train.max_steps=4",
@@ -181,36 +180,14 @@ def test_invalid_config_still_leaves_a_failed_run(tmp_path, mlflow_store):
 
 def test_sigterm_ends_the_run_killed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    tracking.ensure_experiment("lora-sweeps", uri)  # the store exists before this test polls it
-    client = mlflow.MlflowClient(uri)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "src.train",
-            "train.max_steps=100000",
-            "train.eval_strategy=no",
-            f"tracking.tracking_uri={uri}",
-            f"hydra.run.dir={tmp_path / 'out'}",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_training_until_it_logs(tmp_path, uri)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:  # wait until training has started logging
-            time.sleep(1)
-            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-            if runs and "train_loss" in runs[0].data.metrics:
-                break
-            assert proc.poll() is None, proc.stdout.read()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode != 0
+    client = mlflow.MlflowClient(uri)
     run_ = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     assert run_.info.status == "KILLED"
     assert run_.data.tags["error_type"] == "Terminated"
