@@ -156,6 +156,9 @@ class TrainConfig:
     fp16: bool
     tf32: Optional[bool]
     dataloader_num_workers: int
+    nproc_per_node: int = field(
+        metadata={"help": "Processes (GPUs) for one run under DDP; > 1 relaunches src.train under torchrun."}
+    )
 
 
 @dataclass
@@ -358,6 +361,8 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             "train: per_device_train_batch_size and gradient_accumulation_steps must be >= 1",
         )
         check(t.bf16 and t.fp16, "train: bf16 and fp16 cannot both be true")
+    if _ok(t, "nproc_per_node"):
+        check(t.nproc_per_node < 1, f"train.nproc_per_node: must be >= 1, got {t.nproc_per_node}")
     if _ok(t, "memory_budget_gb"):
         check(
             t.memory_budget_gb is not None and t.memory_budget_gb <= 0,

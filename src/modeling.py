@@ -8,6 +8,7 @@ blocks, so one preset works for Llama/Mistral, Phi-3's fused projections and BER
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Optional, Union
 
@@ -82,7 +83,10 @@ def load_model(
         "quantization_config": to_bnb_config(quant),
     }
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # Under torchrun each rank loads onto its own GPU; the Trainer's DDP then uses that one.
+        device = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        torch.cuda.set_device(device)
+        kwargs["device_map"] = {"": device}
     path = resolve_builtin(model_cfg.name_or_path)
     if task == "sft":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

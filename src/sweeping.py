@@ -19,7 +19,8 @@ so the basic, joblib and submitit launchers all work; a job runs in a fresh proc
 ``hydra.sweeper.isolate=false`` (:mod:`src.sweeping_trial`). A failing job never stops the sweep
 (unless ``max_failure_rate`` is exceeded): it is recorded, the sweep goes on, and at the end a
 summary names every failure and the exit code is 1. Parallel jobs (``n_jobs`` / ``max_batch_size``
-with a parallel launcher) are pinned one per GPU through ``CUDA_VISIBLE_DEVICES``.
+with a parallel launcher) are pinned to their own GPUs through ``CUDA_VISIBLE_DEVICES``: one each, or
+``train.nproc_per_node`` each for a DDP job; a batch holds only as many jobs as the GPUs can take.
 
 Hydra only instantiates sweepers found under the ``hydra_plugins`` namespace: the classes Hydra
 sees are the thin subclasses in ``hydra_plugins/lora_sweeps/sweepers.py``.
@@ -150,7 +151,7 @@ def register_configs() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Placement: parallel jobs get one GPU each
+# Placement: parallel jobs get their own GPUs (train.nproc_per_node each)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -164,21 +165,60 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def batch_size(requested: Optional[int], gpus: Sequence[str]) -> int:
-    """Jobs to launch at once: as requested (default: one per GPU, or 1 on CPU), never more than GPUs."""
-    size = requested or max(1, len(gpus))
+def batch_size(requested: Optional[int], gpus: Sequence[str], gpus_per_job: int = 1) -> int:
+    """Jobs to launch at once: as requested (default: as many as the GPUs hold, or 1 on CPU), never more
+    than the GPUs hold at ``gpus_per_job`` each (``train.nproc_per_node``)."""
+    if gpus and gpus_per_job > len(gpus):
+        raise ValueError(f"a job needs {gpus_per_job} GPUs (train.nproc_per_node) but only {len(gpus)} are visible")
+    fit = len(gpus) // gpus_per_job
+    size = requested or max(1, fit)
     if size < 1:
         raise ValueError(f"the batch size must be >= 1, got {requested}")
-    return min(size, len(gpus)) if gpus else size
+    return min(size, fit) if gpus else size
 
 
-def assign_gpus(num_jobs: int, gpus: Sequence[str]) -> list[Optional[str]]:
-    """The GPU of each job launched together: a different one each, None for all on CPU."""
+def assign_gpus(
+    num_jobs: int, gpus: Sequence[str], gpus_per_job: Optional[Sequence[int]] = None
+) -> list[Optional[str]]:
+    """Each job's CUDA_VISIBLE_DEVICES when launched together: disjoint GPUs, ``gpus_per_job[i]`` of them for
+    job i (one each by default); None for all on CPU."""
     if not gpus:
         return [None] * num_jobs
-    if num_jobs > len(gpus):
-        raise ValueError(f"{num_jobs} parallel jobs but only {len(gpus)} GPUs: two jobs would share a GPU")
-    return list(gpus[:num_jobs])
+    counts = list(gpus_per_job) if gpus_per_job is not None else [1] * num_jobs
+    if sum(counts) > len(gpus):
+        raise ValueError(
+            f"{num_jobs} parallel jobs need {sum(counts)} GPUs but only {len(gpus)} are visible: jobs would share a GPU"
+        )
+    starts = [sum(counts[:i]) for i in range(num_jobs)]
+    return [",".join(gpus[start : start + count]) for start, count in zip(starts, counts)]
+
+
+def gpu_batches(gpus_per_job: Sequence[int], size: int, gpus: Sequence[str]) -> list[range]:
+    """Consecutive jobs to launch together: at most ``size`` at once, and on GPUs only as many as the GPUs
+    hold (job i takes ``gpus_per_job[i]``). A job that needs more GPUs than are visible is an error."""
+    batches: list[range] = []
+    start = 0
+    while start < len(gpus_per_job):
+        end, used = start, 0
+        while end < len(gpus_per_job) and end - start < size:
+            need = gpus_per_job[end]
+            if gpus and need > len(gpus):
+                raise ValueError(
+                    f"job #{end} needs {need} GPUs (train.nproc_per_node) but only {len(gpus)} are visible"
+                )
+            if gpus and used + need > len(gpus):
+                break
+            end, used = end + 1, used + need
+        batches.append(range(start, end))
+        start = end
+    return batches
+
+
+def job_processes(config_loader, config: DictConfig, overrides: Sequence[str]) -> int:
+    """``train.nproc_per_node`` of one job (its GPUs), composed as the launcher will compose it."""
+    job = config_loader.load_sweep_config(config, list(overrides))
+    value = OmegaConf.select(job, "train.nproc_per_node", default=1)
+    return value if isinstance(value, int) and value > 1 else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +530,13 @@ class GridSweeper(Sweeper):
         jobs = grid_jobs(parser, params + list(arguments), self.rows)
         common = set(jobs[0]).intersection(*jobs[1:]) if len(jobs) > 1 else set()  # shown once, not per job
         self.validate_batch_is_legal(jobs)  # every job composes (a typo in a group option) before any runs
+        gpus = visible_gpus()  # each job's GPUs (train.nproc_per_node) must fit before anything starts
+        size = batch_size(self.max_batch_size, gpus)
+        processes = [job_processes(self.hydra_context.config_loader, self.config, job) for job in jobs]
+        try:
+            batches = gpu_batches(processes, size, gpus)
+        except ValueError as exc:
+            raise SweepFailed(str(exc)) from exc
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -504,17 +551,16 @@ class GridSweeper(Sweeper):
             params={"jobs": [" ".join(j) for j in jobs]},
         )
         direction = objective_direction(self.config)
-        gpus = visible_gpus()
-        size = batch_size(self.max_batch_size, gpus)
         previous = install_sigterm_handler()
         stopped = False
         returns = []
         try:
-            for start in range(0, len(jobs), size):
-                batch = jobs[start : start + size]
+            for indices in batches:
+                start, batch = indices.start, jobs[indices.start : indices.stop]
+                placed = assign_gpus(len(batch), gpus, processes[indices.start : indices.stop])
                 overrides = [
                     job + env_overrides({**record.job_env(), "CUDA_VISIBLE_DEVICES": gpu})
-                    for job, gpu in zip(batch, assign_gpus(len(batch), gpus))
+                    for job, gpu in zip(batch, placed)
                 ]
                 results = self.launcher.launch(overrides, initial_job_idx=start)
                 returns.append(results)

@@ -60,6 +60,7 @@ from src.sweeping import (
     finite,
     install_sigterm_handler,
     job_outcome,
+    job_processes,
     objective_direction,
     restore_sigterm_handler,
     visible_gpus,
@@ -381,6 +382,14 @@ class OptunaSweeper(Sweeper):
         space, fixed = search_space(parser, self.params, list(arguments))
         directions = self.resolved_directions()
         variables = self.sweep_variables(space)
+        gpus = visible_gpus()
+        if any(key.lstrip("+~") == "train.nproc_per_node" for key in space):
+            raise SweepFailed("hydra.sweeper.params: train.nproc_per_node cannot be searched (it sets GPUs per trial)")
+        processes = job_processes(self.hydra_context.config_loader, self.config, fixed)  # GPUs per trial
+        try:
+            size = batch_size(self.n_jobs, gpus, processes)
+        except ValueError as exc:
+            raise SweepFailed(str(exc)) from exc
         name = self.study_name or self.default_study_name(list(arguments), directions)
         study, created = self.open_study(name, directions)
         retried = recover_interrupted(study)
@@ -413,8 +422,6 @@ class OptunaSweeper(Sweeper):
         )
         if study.user_attrs.get(PARENT_RUN_ATTR) != record.run_id:
             study.set_user_attr(PARENT_RUN_ATTR, record.run_id)
-        gpus = visible_gpus()
-        size = batch_size(self.n_jobs, gpus)
         previous = install_sigterm_handler()
         pending: list = []
         stopped = exhausted = False
@@ -446,7 +453,7 @@ class OptunaSweeper(Sweeper):
                 if not pending:
                     continue
                 overrides = []
-                for trial, gpu in zip(pending, assign_gpus(len(pending), gpus)):
+                for trial, gpu in zip(pending, assign_gpus(len(pending), gpus, [processes] * len(pending))):
                     job = fixed + trial_overrides(trial.params, variables, self.derived)
                     trial.set_user_attr("overrides", job)
                     env = {

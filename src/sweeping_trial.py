@@ -237,6 +237,8 @@ def _run(raw: dict, feasibility: Feasibility) -> dict[str, Any]:
     from src.train import run
 
     raw, note = check_feasibility(raw, feasibility)
+    if _processes(raw) > 1:
+        return _run_ddp(raw, note)
     before = _last_run_id()
     value: Optional[float] = None
     try:
@@ -258,6 +260,54 @@ def _run(raw: dict, feasibility: Feasibility) -> dict[str, Any]:
     metrics = dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
     metrics["objective"] = value
     return {"run_id": run_id, "metrics": metrics}
+
+
+def _processes(raw: dict) -> int:
+    from src import distributed
+
+    return 1 if distributed.under_torchrun() else distributed.requested_processes(raw)
+
+
+def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
+    """A job with ``train.nproc_per_node`` > 1: src.train under torchrun on the job's GPUs, from the job's
+    resolved config; rank 0's MLflow run (found by its ``output_dir`` param) is the job's run."""
+    import mlflow
+    import optuna
+    from omegaconf import OmegaConf
+
+    from src import distributed, tracking
+    from src.sweeping import quote
+
+    output_dir = Path(raw["output_dir"]).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(raw), output_dir / "ddp_config.yaml")
+    argv = [
+        f"--config-path={output_dir}",
+        "--config-name=ddp_config",
+        f"hydra.run.dir={quote(str(output_dir))}",
+        "hydra.output_subdir=null",
+    ]
+    code = distributed.relaunch(distributed.requested_processes(raw), argv)
+    settings = raw.get("tracking") or {}
+    mlflow.set_tracking_uri(tracking.tracking_uri(settings.get("tracking_uri")))
+    runs = mlflow.search_runs(
+        experiment_names=[settings.get("experiment") or "lora-sweeps"],
+        filter_string=f"params.output_dir = '{raw['output_dir']}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        raise JobFailed("TrialProcessDied", f"torchrun exited with code {code} before rank 0 started its run")
+    run_ = runs[0]
+    run_id, tags = run_.info.run_id, run_.data.tags
+    _tag_run(run_id, feasibility_note)
+    if tags.get("status") == "PRUNED":
+        mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+        raise optuna.TrialPruned(tags.get("error", "pruned"))
+    if code != 0 or run_.info.status != "FINISHED":
+        raise JobFailed(tags.get("error_type", "DDPFailed"), tags.get("error", f"torchrun exited with {code}"), run_id)
+    return {"run_id": run_id, "metrics": dict(run_.data.metrics)}
 
 
 def _last_run_id() -> Optional[str]:

@@ -8,6 +8,7 @@ params are the resolved config flattened with dotted keys; metrics include
 
 :func:`tracked_run` is the one place where failure is handled: an exception ends the run
 FAILED with the error as tags, Ctrl-C or SIGTERM ends it KILLED, and nothing is left RUNNING.
+Under DDP, rank 0 owns the run and the other ranks write nothing (:mod:`src.distributed`).
 A process killed outright (SIGKILL, power loss) cannot close its run, so each run carries
 ``host``, ``pid`` and ``process_start`` tags and a ``heartbeat`` tag refreshed every minute;
 ``python -m src.doctor`` marks the runs whose process is gone KILLED.
@@ -35,6 +36,7 @@ from typing import Any, Optional, TypeVar
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from src import distributed
 from src.tiny import PROJECT_ROOT
 
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
@@ -142,6 +144,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def log_params(params: dict[str, Any]) -> None:
     """Log params in batches; values are stringified and clipped to MLflow's length limit."""
+    if not distributed.is_main_process():  # under DDP, rank 0 alone writes the run
+        return
     items = [(k, "null" if v is None else str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         retry_locked(mlflow.log_params, dict(items[i : i + 100]))
@@ -149,11 +153,15 @@ def log_params(params: dict[str, Any]) -> None:
 
 def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:
     """Log metrics to the active run, waiting out a locked store."""
+    if not distributed.is_main_process():
+        return
     retry_locked(mlflow.log_metrics, metrics, step=step)
 
 
 def set_tags(tags: dict[str, Any]) -> None:
     """Set tags on the active run, waiting out a locked store."""
+    if not distributed.is_main_process():
+        return
     retry_locked(mlflow.set_tags, tags)
 
 
@@ -185,7 +193,21 @@ def process_tags() -> dict[str, str]:
         "pid": str(os.getpid()),
         "process_start": process_start(os.getpid()) or "",
         "heartbeat": utc_now(),
+        **device_tags(),
     }
+
+
+def device_tags() -> dict[str, str]:
+    """Where the run trains: ``cuda_visible_devices`` (as the sweeper pinned it) and the GPU names, if any."""
+    tags = {}
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    import torch
+
+    if torch.cuda.is_available():
+        props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        tags["gpus"] = ", ".join(f"{p.name} ({p.uuid})" for p in props)
+    return tags
 
 
 @contextlib.contextmanager
@@ -220,6 +242,14 @@ def end_run(run_id: str, status: str) -> None:
         retry_locked(mlflow.MlflowClient().set_terminated, run_id, status)
 
 
+class RankFailed(RuntimeError):
+    """Another DDP rank failed (its recorded error); this rank was stopped because of it."""
+
+    def __init__(self, failure: dict[str, Any]):
+        self.error_type = failure["error_type"]
+        super().__init__(f"rank {failure['rank']}: {failure['error']}")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so the run ends KILLED through the same path as Ctrl-C."""
 
@@ -229,12 +259,23 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[mlflow.ActiveRun]:
+def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Optional[mlflow.ActiveRun]]:
     """Start the run for a composed config and end it with its true status, whatever happens.
 
     ``raw`` is the composed config as a plain dict; only its ``tracking`` section and run-name
     fields are read here, so even an invalid config gets a FAILED run that says why.
+    Under DDP only rank 0 has a run; the other ranks get ``None`` and record their own failure
+    for rank 0, which ends the run FAILED with it when torchrun stops rank 0 (src/distributed.py).
     """
+    if not distributed.is_main_process():
+        try:
+            yield None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            distributed.record_failure(raw.get("output_dir"), exc)
+            raise
+        return
     tracking = raw.get("tracking") or {}
     uri = tracking_uri(tracking.get("tracking_uri"))
     experiment_id = ensure_experiment(tracking.get("experiment") or "lora-sweeps", uri)
@@ -268,10 +309,14 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[ml
     finally:
         if in_main_thread:  # a second SIGTERM must not cut the status write short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        peers = distributed.peer_failures(raw.get("output_dir")) if error is not None else []
+        if peers:  # another DDP rank failed first: torchrun stopped this one, or a collective broke
+            status, error = "FAILED", RankFailed(peers[0])
         try:
             if error is not None:
                 message = str(error)[:MAX_TAG_LEN] or ("interrupted" if status == "KILLED" else "")
-                set_tags({"error_type": type(error).__name__, "error": message})
+                error_type = error.error_type if isinstance(error, RankFailed) else type(error).__name__
+                set_tags({"error_type": error_type, "error": message})
         finally:
             end_run(run.info.run_id, status)
             if in_main_thread:

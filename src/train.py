@@ -3,9 +3,11 @@
     python -m src.train                                   # tiny model, bundled data, CPU
     python -m src.train model=openllama3b quant=4bit lora=all_linear data=red_dot train=gpu
     python -m src.train --multirun lora.r=8,16 lora=attn_qv,all_linear
+    python -m src.train data=instructions train.nproc_per_node=2   # one run on 2 GPUs (DDP, torchrun)
 
 Every run is an MLflow run (see ``src/tracking.py`` for the names). The config and the data
-are validated before any model loads; a run that fails ends FAILED with the reason.
+are validated before any model loads; a run that fails ends FAILED with the reason. Under DDP
+every rank runs :func:`run`; rank 0 alone writes MLflow and the adapter (``src/distributed.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import hydra
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from src import sweeping, sweeping_trial, tracking  # noqa: F401  sweeping registers hydra/sweeper configs
-from src.config import ConfigError, objective, validate
+from src import distributed, sweeping, sweeping_trial, tracking  # noqa: F401  sweeping registers hydra/sweeper configs
+from src.config import Config, ConfigError, objective, validate
 from src.data import DataError, load_data
 
 
@@ -28,11 +30,13 @@ def run(raw: dict) -> Optional[float]:
     """Train one configuration (a resolved config as a plain dict); return the objective value."""
     with tracking.tracked_run(raw):
         cfg = validate(raw)
-        tracking.log_params(tracking.flatten(raw))
+        main_process = distributed.is_main_process()  # tracking.* writes nothing on other DDP ranks
+        tracking.log_params({**tracking.flatten(raw), "train.world_size": distributed.world_size()})
         output_dir = Path(cfg.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
-        mlflow.log_artifact(str(output_dir / "config.yaml"))
+        if main_process:
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+            mlflow.log_artifact(str(output_dir / "config.yaml"))
         from transformers import set_seed
 
         from src import guards, modeling, training
@@ -66,7 +70,8 @@ def run(raw: dict) -> Optional[float]:
                 f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated",
                 file=sys.stderr,
             )
-        prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if data.task == "sft" else []
+        sampled = data.task == "sft" and main_process
+        prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if sampled else []
         with model.disable_adapter():
             before = training.generate(model, tokenizer, prompts)
         if checkpoint:
@@ -76,18 +81,8 @@ def run(raw: dict) -> Optional[float]:
         peak = training.peak_gpu_mem_gb()
         if peak is not None:
             tracking.log_metrics({"peak_gpu_mem_gb": peak})
-
-        adapter_dir = output_dir / "adapter"
-        model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-        (adapter_dir / "label_map.json").write_text(
-            json.dumps({"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2)
-        )
-        if cfg.tracking.log_adapter:
-            mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
-        if metrics is not None:
-            mlflow.log_dict(metrics.last_report, "classification_report.json")
-            training.log_confusion_matrix(metrics)
+        if main_process:
+            save_outputs(cfg, model, tokenizer, data, output_dir / "adapter", metrics)
         if prompts:
             after = training.generate(model, tokenizer, prompts)
             mlflow.log_table(
@@ -108,6 +103,37 @@ def run(raw: dict) -> Optional[float]:
         return float(value)
 
 
+def save_outputs(cfg: Config, model, tokenizer, data, adapter_dir: Path, metrics) -> None:
+    """Save the adapter (with tokenizer and label map) and log it and the classification report."""
+    from src import training
+
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "label_map.json").write_text(
+        json.dumps({"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2)
+    )
+    if cfg.tracking.log_adapter:
+        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+    if metrics is not None:
+        mlflow.log_dict(metrics.last_report, "classification_report.json")
+        training.log_confusion_matrix(metrics)
+
+
+def validated(raw: dict) -> Config:
+    """Validate a config in a process that trains nothing itself; an invalid one still ends as a FAILED run."""
+    try:
+        return validate(raw)
+    except ConfigError:
+        with tracking.tracked_run(raw):
+            raise
+
+
+def relaunch_argv(argv: list[str], output_dir: str) -> list[str]:
+    """The command line again, pinned to this run's output directory (else each rank picks its own time)."""
+    kept = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra.run.dir=")]
+    return [*kept, f"hydra.run.dir={sweeping.quote(output_dir)}"]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> Union[float, dict, None]:
     from hydra.core.hydra_config import HydraConfig
@@ -125,6 +151,10 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
             feasibility=sweeping_trial.Feasibility(**feasibility) if feasibility else sweeping_trial.Feasibility(),
         )
     try:
+        nproc = distributed.requested_processes(raw)
+        if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
+            validated(raw)
+            sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
         return run(raw)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # the whole report, without a traceback

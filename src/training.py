@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from src import sweeping_trial, tracking
+from src import distributed, sweeping_trial, tracking
 from src.config import Config, TrainConfig, objective
 from src.data import TaskData
 from src.guards import NonFiniteLossGuard
@@ -43,6 +43,7 @@ NOT_TRAINING_ARGUMENTS = {
     "resume_from_checkpoint",
     "fast_path",
     "memory_budget_gb",
+    "nproc_per_node",
 }
 
 
@@ -63,6 +64,10 @@ def training_arguments(
         save_only_model=False,
         disable_tqdm=True,
     )
+    if distributed.world_size() > 1:  # under torchrun (src/distributed.py)
+        kwargs["ddp_find_unused_parameters"] = False  # frozen base weights get no gradient by design
+        if not torch.cuda.is_available():
+            kwargs["use_cpu"] = True  # DDP on CPU: accelerate sets up gloo only when told the run is on CPU
     if task == "sft":
         from trl import SFTConfig
 
@@ -136,8 +141,10 @@ def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
     else:
         table = {"true": names, **{f"pred_{n}": cm[:, j] for j, n in enumerate(names)}}
         grid, xticks, yticks = cm, names, names
-    mlflow.log_table({k: [int(x) if not isinstance(x, str) else x for x in v] for k, v in table.items()},
-                     artifact_file="confusion_matrix.json")
+    mlflow.log_table(
+        {k: [int(x) if not isinstance(x, str) else x for x in v] for k, v in table.items()},
+        artifact_file="confusion_matrix.json",
+    )
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(xticks), 1.0 + 0.5 * len(yticks)))
     ax.imshow(grid, cmap="Blues")
     ax.set_xticks(range(len(xticks)), xticks, rotation=45, ha="right")
@@ -226,12 +233,14 @@ def build_trainer(cfg: Config, model, tokenizer, data: TaskData, output_dir: str
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback
 
     args = training_arguments(cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss)
+    distributed.one_gpu_per_process(args)
     callbacks: list[TrainerCallback] = [MlflowMetricsCallback(perplexity=data.task == "sft")]
     if cfg.train.stop_on_nonfinite_loss:
         callbacks.append(NonFiniteLossGuard())  # after the metrics callback: the bad loss is logged first
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    callbacks += sweeping_trial.trial_callbacks(objective(cfg)[0])  # an Optuna trial: report evals, maybe prune
+    if distributed.is_main_process():  # under DDP, rank 0 reports; if it prunes, torchrun stops the others
+        callbacks += sweeping_trial.trial_callbacks(objective(cfg)[0])  # an Optuna trial: report evals, maybe prune
     if data.task == "sft":
         from trl import SFTTrainer
 

@@ -1,0 +1,130 @@
+"""One run on several devices: data-parallel (DDP) training under torchrun.
+
+    python -m src.train data=instructions train.nproc_per_node=2          # relaunches itself under torchrun
+    torchrun --standalone --nproc_per_node 2 -m src.train data=instructions   # the same, by hand
+
+Every rank trains; rank 0 alone owns the MLflow run (params, metrics, artifacts, status) and
+saves the adapter. The other ranks log nothing. A rank that fails writes its error to a
+marker file in the run's output directory before it exits, because torchrun then stops rank 0
+with SIGTERM, which alone would read as KILLED: rank 0 finds the marker and ends the run FAILED
+with the failing rank's error (``src/tracking.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+MARKER_DIR = "ddp_errors"
+
+
+def under_torchrun() -> bool:
+    """True in a process that torchrun (or another DDP launcher) started."""
+    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a process that is not part of a DDP job: the one that writes to MLflow."""
+    return rank() == 0
+
+
+def requested_processes(raw: dict) -> int:
+    """``train.nproc_per_node`` of a composed config; 1 when unset or invalid (validation reports it)."""
+    value = (raw.get("train") or {}).get("nproc_per_node", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """``python -m torch.distributed.run`` running ``python -m src.train argv`` on ``nproc`` local processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "src.train",
+        *argv,
+    ]
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run src.train under torchrun with ``argv`` and return its exit code (128 + n for signal n).
+
+    Ctrl-C reaches torchrun directly (same process group); SIGTERM is passed on, and torchrun
+    stops its workers, so the run ends KILLED either way.
+    """
+    proc = subprocess.Popen(torchrun_command(nproc, argv))
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    except ValueError:  # not the main thread (a joblib worker): signals stay as they are
+        previous = None
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # torchrun got it too; wait for it to stop the workers
+                continue
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 128 - code if code < 0 else code
+
+
+def _marker_dir(output_dir: str) -> Path:
+    # One directory per torchrun launch, so a resumed run in the same output directory sees no old markers.
+    return Path(output_dir) / MARKER_DIR / os.environ.get("TORCHELASTIC_RUN_ID", "local")
+
+
+def record_failure(output_dir: Optional[str], exc: BaseException) -> None:
+    """On a rank other than 0: leave the error where rank 0 will look for it."""
+    if not output_dir:
+        return
+    marker = _marker_dir(output_dir) / f"rank{rank()}.json"
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"rank": rank(), "error_type": type(exc).__name__, "error": str(exc)}))
+    except OSError as write_error:
+        print(f"note: rank {rank()} could not record its failure: {write_error}", file=sys.stderr)
+
+
+def peer_failures(output_dir: Optional[str]) -> list[dict[str, Any]]:
+    """The errors other ranks of this launch recorded, by rank."""
+    if not output_dir or not under_torchrun():
+        return []
+    directory = _marker_dir(output_dir)
+    failures = []
+    for marker in sorted(directory.glob("rank*.json")) if directory.is_dir() else []:
+        try:
+            failures.append(json.loads(marker.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(failures, key=lambda failure: failure["rank"])
+
+
+def one_gpu_per_process(args):
+    """Keep HF's Trainer off ``nn.DataParallel``: one process trains on one GPU; more GPUs are DDP's.
+
+    A process that sees k > 1 GPUs outside torchrun makes the Trainer wrap the model in
+    ``nn.DataParallel`` and multiply the batch by k: a silent change of the optimizer step (and, for a
+    packed row that cannot be split, k times the examples on one GPU). The model sits on one GPU
+    (``src.modeling.load_model``), so the run trains there with the configured batch;
+    ``train.nproc_per_node`` uses several. Returns ``args``.
+    """
+    if args.n_gpu > 1:  # n_gpu sets the devices up first; the Trainer itself does this for model-parallel models
+        args._n_gpu = 1
+    return args

@@ -1,0 +1,166 @@
+"""One run on two processes under DDP (torchrun; gloo on CPU), and GPU placement of DDP jobs in sweeps.
+
+Each end-to-end test relaunches ``python -m src.train ... train.nproc_per_node=2`` under torchrun on
+the tiny model: about 40 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from src import modeling
+from src.config import ConfigError, validate
+from src.data import load_data
+from src.sweeping import assign_gpus, batch_size, gpu_batches, visible_gpus
+from tests.conftest import ROOT, compose_config
+
+# 16 training rows, 4 per rank per step, one epoch: 2 optimizer steps under DDP on 2 ranks (4 without DDP).
+DDP = [
+    "train.nproc_per_node=2",
+    "train.max_steps=-1",
+    "train.num_train_epochs=1",
+    "train.per_device_train_batch_size=4",
+    "train.logging_steps=1",
+    "train.eval_strategy=no",
+    "data.subsample=16",
+    "data.eval_subsample=8",
+]
+
+
+def _train(tmp_path: Path, overrides: list[str], env: dict[str, str] | None = None):
+    """``python -m src.train`` as a subprocess; returns it and every MLflow run of the store."""
+    cmd = [sys.executable, "-m", "src.train", *DDP, *overrides, f"hydra.run.dir={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return proc, runs
+
+
+def _steps(run_id: str, metric: str = "train_loss") -> list[int]:
+    return [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, metric)]
+
+
+def _artifacts(run_id: str, path: str | None = None) -> set[str]:
+    return {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)}
+
+
+def test_sft_run_under_ddp_is_one_finished_run_with_the_adapter(tmp_path, mlflow_store):
+    proc, runs = _train(tmp_path, ["data=instructions", "data.num_sample_prompts=1"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # rank 1 created no run
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["train.world_size"] == "2" and run_.data.params["train.nproc_per_node"] == "2"
+    assert _steps(run_.info.run_id) == [1, 2]  # the ranks split the data: 16 rows / (2 ranks x 4)
+    assert {"adapter", "config.yaml", "samples.json"} <= _artifacts(run_.info.run_id)
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= _artifacts(
+        run_.info.run_id, "adapter"
+    )
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()  # one output dir for both ranks
+    assert not (tmp_path / "out" / "ddp_errors").exists()
+
+
+def test_classification_run_under_ddp_counts_the_tokens_of_both_ranks(tmp_path, mlflow_store):
+    proc, runs = _train(tmp_path, [])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_ = runs[0]
+    assert run_.data.params["train.world_size"] == "2"
+    assert _steps(run_.info.run_id) == [1, 2]
+    assert "eval_f1_macro" in run_.data.metrics and "objective" in run_.data.metrics
+    assert "classification_report.json" in _artifacts(run_.info.run_id)
+    # Every training row is seen once, half on each rank; train_tokens counts both halves.
+    cfg = validate(compose_config(DDP))
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+    lengths = [min(len(ids), cfg.model.max_length) for ids in tokenizer(list(data.train["text"]))["input_ids"]]
+    assert data.train.num_rows == 16
+    assert run_.data.metrics["train_tokens"] == sum(lengths)
+
+
+def test_a_failure_on_rank_1_ends_the_run_failed_and_the_launcher_nonzero(tmp_path, mlflow_store):
+    fault = tmp_path / "fault"
+    fault.mkdir()
+    (fault / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            if os.environ.get("RANK") == "1":  # only the second DDP worker
+                from transformers import Trainer
+
+                def training_step(self, *args, **kwargs):
+                    raise RuntimeError("injected failure on rank 1")
+
+                Trainer.training_step = training_step
+            """
+        )
+    )
+    proc, runs = _train(tmp_path, [], env={"PYTHONPATH": str(fault)})
+    assert proc.returncode != 0
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run_ = runs[0]
+    assert run_.info.status == "FAILED"
+    assert run_.data.tags["error_type"] == "RuntimeError"
+    assert run_.data.tags["error"] == "rank 1: injected failure on rank 1"
+    assert "adapter" not in _artifacts(run_.info.run_id)
+
+
+def test_an_invalid_config_fails_once_before_relaunching(tmp_path, mlflow_store):
+    proc, runs = _train(tmp_path, ["lora.r=0"])
+    assert proc.returncode == 2
+    assert "lora.r: must be >= 1" in proc.stderr
+    assert "torch.distributed" not in proc.stderr  # nothing was relaunched
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["error_type"] == "ConfigError"
+
+
+def test_nproc_per_node_is_validated():
+    with pytest.raises(ConfigError, match=r"train.nproc_per_node: must be >= 1, got 0"):
+        validate(compose_config(["train.nproc_per_node=0"]))
+    with pytest.raises(ConfigError, match=r"train.nproc_per_node: expected int"):
+        validate(compose_config(["train.nproc_per_node=two"]))
+    assert validate(compose_config([])).train.nproc_per_node == 1
+
+
+def test_ddp_jobs_get_their_own_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    gpus = visible_gpus()
+    # One GPU per job, as before.
+    assert batch_size(None, gpus) == 4 and assign_gpus(2, gpus) == ["3", "5"]
+    # Two GPUs per job: half as many jobs at once, each on two GPUs of its own.
+    assert batch_size(None, gpus, 2) == 2 and batch_size(8, gpus, 2) == 2 and batch_size(1, gpus, 2) == 1
+    assert assign_gpus(2, gpus, [2, 2]) == ["3,5", "6,7"]
+    assert assign_gpus(3, gpus, [1, 2, 1]) == ["3", "5,6", "7"]
+    with pytest.raises(ValueError, match="need 6 GPUs but only 4"):
+        assign_gpus(3, gpus, [2, 2, 2])
+    # A grid with mixed sizes: consecutive jobs are batched while their GPUs fit.
+    assert gpu_batches([1, 2, 2, 1, 4], 4, gpus) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert gpu_batches([2, 2, 2], 1, gpus) == [range(0, 1), range(1, 2), range(2, 3)]
+    with pytest.raises(ValueError, match="job #1 needs 8 GPUs"):
+        gpu_batches([1, 8], 4, gpus)
+    with pytest.raises(ValueError, match="needs 8 GPUs"):
+        batch_size(None, gpus, 8)
+    # CPU: nothing to pin; jobs run one at a time unless asked otherwise.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert visible_gpus() == [] and batch_size(None, [], 2) == 1
+    assert assign_gpus(2, [], [2, 2]) == [None, None] and gpu_batches([2, 2], 2, []) == [range(0, 2)]
+
+
+def test_one_process_trains_on_one_gpu_without_data_parallel(tmp_path):
+    from transformers import TrainingArguments
+
+    from src.distributed import one_gpu_per_process
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none")
+    args._n_gpu = 2  # what a process that sees two GPUs outside torchrun gets: the Trainer would use DataParallel
+    assert args.train_batch_size == 16
+    assert one_gpu_per_process(args) is args
+    assert args.n_gpu == 1 and args.train_batch_size == 8
