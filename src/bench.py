@@ -46,6 +46,8 @@ from typing import Any, Optional
 
 import torch
 
+from src import distributed
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -229,6 +231,10 @@ def sft_arguments(cfg, output_dir: str):
         save_only_model=False,
         disable_tqdm=True,
     )
+    if distributed.world_size() > 1:  # as src.training does under torchrun
+        kwargs["ddp_find_unused_parameters"] = False
+        if not torch.cuda.is_available():
+            kwargs["use_cpu"] = True
     return SFTConfig(
         max_length=cfg.model.max_length, packing=False, completion_only_loss=cfg.data.response_only_loss, **kwargs
     )
@@ -300,6 +306,18 @@ class Meter:
     @property
     def tokens_per_s(self) -> float:
         return self.timed_tokens / max(self.t_end - self.t0, 1e-9)
+
+    def gather(self) -> None:
+        """Under DDP: the tokens of every rank, over the slowest rank's time (call on every rank)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if self.device != "cpu" else None
+        counts = torch.tensor([self.tokens, self.timed_tokens], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts)
+        elapsed = torch.tensor([self.t_end - self.t0], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        self.tokens, self.timed_tokens = int(counts[0]), int(counts[1])
+        self.t0, self.t_end = 0.0, float(elapsed[0])
 
 
 def _reset_memory(device: str) -> float:
@@ -414,6 +432,7 @@ def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device:
         report_to="none",
         disable_tqdm=True,
     )
+    distributed.one_gpu_per_process(args)  # one GPU, as the seeds ran it, also on a host with more
     meter = Meter(warmup, device)
     pad_id = bench_tokenizer().pad_token_id
     trainer = Trainer(
@@ -475,7 +494,11 @@ def run_fast(
         callbacks=[meter.callback()],
         attention={"mask-attention": "mask", "per-example-attention": "per-example"}.get(variant, "auto"),
         bf16_weights=variant != "fp32-weights",
+        dequantize=False if variant in ("no-dequant", "compile-no-dequant") else None,
+        compile_layers=variant in ("compile", "compile-no-dequant"),
     )
+    if variant.startswith("compile"):  # a dedicated run compiles once, outside the timed steps
+        warm_compiled(trainer, rows[: SEED_BATCH_SIZE * 2])
     if variant == "configured-optim":  # measure what fused AdamW buys
         trainer.args.optim = cfg.train.optim
     optim = trainer.args.optim
@@ -484,17 +507,41 @@ def run_fast(
     trainer.train()
     wall = time.perf_counter() - start
     peak = _peak(device)
+    meter.gather()
     estimate = _estimate(  # at the largest packed micro-batch seen (the plan bounds it by max_length rows)
         cfg, 1, meter.max_micro_batch_tokens, micro.checkpointed_layers / micro.num_layers, optim
     )
     if estimate is not None and micro.attention == "mask":
         estimate += packing.mask_attention_gb(model, meter.max_micro_batch_tokens, micro.checkpointed_layers)
+    if estimate is not None:
+        estimate += dequantized_gb(model)
     trainer.accelerator.free_memory()
     del trainer, model
     settings = dataclasses.asdict(micro) | {"optim": optim, "variant": variant or None}
     result = _side_result("fast", budget, meter, wall, peak, estimate, base, settings)
     result["planned_est_peak_gpu_mem_gb"] = micro.est_peak_gpu_mem_gb
     return result
+
+
+def dequantized_gb(model) -> float:
+    """GiB held by the fast path's cached dequantized 4-bit weights (:func:`src.packing.cache_dequantized_weights`)."""
+    from src import packing
+
+    cached = [m.dequantized_weight for m in packing._quantized_4bit_layers(model) if hasattr(m, "dequantized_weight")]
+    return sum(w.numel() * w.element_size() for w in cached) / 2**30
+
+
+def warm_compiled(trainer, rows: list[list[int]]) -> None:
+    """Run the compiled layers forward and backward on two packed rows of other lengths, so that
+    compilation (once per dynamic-shape graph) is not timed; nothing is updated."""
+    model = trainer.model
+    for size in (len(rows) // 2, len(rows)):
+        batch = trainer.data_collator([{"input_ids": r, "labels": r} for r in rows[:size]])
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 def _side_result(side, budget, meter: Meter, wall, peak, estimate, base, settings) -> dict[str, Any]:
@@ -566,7 +613,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--variants",
         default="",
         help="extra fast runs (comma-separated): configured-optim, mask-attention, per-example-attention, "
-        "fp32-weights, liger, batch<N>",
+        "fp32-weights, no-dequant, compile, compile-no-dequant, liger, batch<N>",
     )
     parser.add_argument("--sides", default="seed,fast", help="which sides to run")
     parser.add_argument("--warmup-steps", type=int, default=3, help="optimizer steps left out of the timing")
@@ -580,12 +627,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     budgets = parse_budgets(args.budgets) if args.device == "cuda" else [None]
     variants = [v for v in args.variants.split(",") if v]
 
+    world = distributed.world_size()
+    if world > 1:  # under torchrun: the fast side only, data-parallel; rank 0 reports
+        if "seed" in sides:
+            parser.error("under torchrun run --sides fast (the seed recipe is measured on one GPU)")
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    main_process = distributed.is_main_process()
     failed: list[dict[str, str]] = []
     peak_tflops = bf16_matmul_tflops(args.device)
     print(f"measured matmul peak: {peak_tflops:.0f} TFLOP/s", file=sys.stderr)
     runs = []
     for name in args.workload.split(","):
         workload = WORKLOADS[name]
+        if main_process:  # one rank writes the checkpoint, the others wait for it
+            model_dir = ensure_checkpoint(workload, args.model_dir, args.device)
+        if world > 1:
+            torch.distributed.barrier()
         model_dir = ensure_checkpoint(workload, args.model_dir, args.device)
         rows = synthetic_examples(args.examples, workload.lengths, workload.vocab_size)
         steps = -(-len(rows) // SEED_BATCH_SIZE)
@@ -604,8 +663,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(f"variant {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                     failed.append({"workload": name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
         seed_rate = next((r["tokens_per_s"] for r in results if r["side"] == "seed"), None)
-        for r in results:
-            r["mfu"] = 4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12)
+        for r in results:  # MFU over every GPU of the run
+            r["world_size"] = world
+            r["mfu"] = 4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12 * world)
             r["ratio_over_seed"] = r["tokens_per_s"] / seed_rate if seed_rate and r["side"] == "fast" else None
         runs.append(
             {
@@ -617,14 +677,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "sides": results,
             }
         )
-        print(format_table(runs[-1:]), flush=True)
+        if main_process:
+            print(format_table(runs[-1:]), flush=True)
 
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if not main_process:
+            return 0
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name,
         "versions": versions(),
         "matmul_peak_tflops": peak_tflops,
+        "world_size": world,
         "runs": runs,
         "failed_variants": failed,
     }

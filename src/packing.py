@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -53,6 +54,8 @@ import torch
 from transformers import Trainer
 from trl.data_utils import common_prefix_length
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from src import distributed
 
 # Optimizers with AdamW's update rule; on CUDA the fast path runs them as one fused kernel.
 ADAMW_VARIANTS = {
@@ -83,7 +86,9 @@ class MicroBatchPlan:
     num_layers: int
     budget_gb: Optional[float]
     est_peak_gpu_mem_gb: Optional[float]
-    attention: str = "mask"  # or "per-example": chosen by build_packed_sft_trainer
+    attention: str = "mask"  # or "per-example", "varlen": chosen by build_packed_sft_trainer
+    dequantized_layers: int = 0  # 4-bit linear layers run on a cached dequantized weight
+    compiled: bool = False
 
     def describe(self) -> str:
         budget = "no memory budget" if self.budget_gb is None else f"budget {self.budget_gb:.1f} GiB"
@@ -91,7 +96,9 @@ class MicroBatchPlan:
         return (
             f"fast path: {self.examples_per_step} examples/step as {self.gradient_accumulation_steps} packed "
             f"micro-batch(es) of {self.micro_batch_size}, activation checkpointing on "
-            f"{self.checkpointed_layers}/{self.num_layers} layers, attention by {self.attention} ({budget}{est})"
+            f"{self.checkpointed_layers}/{self.num_layers} layers, attention by {self.attention}, "
+            f"{self.dequantized_layers} 4-bit layers on cached dequantized weights"
+            f"{', compiled layers' if self.compiled else ''} ({budget}{est})"
         )
 
 
@@ -262,6 +269,149 @@ def cast_frozen_to_bf16(model) -> None:
             param.data = param.data.to(torch.bfloat16)
 
 
+# ---------------------------------------------------------------------------------------------- varlen attention
+
+VARLEN_ATTENTION = "sdpa_varlen"
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the flash kernel's
+
+
+def _varlen_attn():
+    """``torch.nn.attention.varlen.varlen_attn`` (flash, one call per packed row) or None where absent."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+def varlen_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _varlen_attn() is not None
+
+
+def packed_varlen_attention(
+    module, query, key, value, attention_mask, packed_cu_seqlens=None, packed_max_seqlen=None, **kwargs
+):
+    """Causal flash attention over every example of a packed row in one call (``varlen_attn``).
+
+    Needs ``packed_cu_seqlens`` (int32 offsets of the examples, on the device) and
+    ``packed_max_seqlen``, which :class:`PackedTrainer` passes with every packed row. Head sizes
+    that are not a multiple of 8 (OpenLLaMA-3B's 100) are zero-padded to one: zero query/key
+    columns add nothing to the scores, zero value columns are cut from the output, and the softmax
+    scale stays ``module.scaling``. Without the offsets (padded batches, generation), off CUDA or
+    in fp32 (the flash kernel takes bf16/fp16 only), this is :func:`packed_sdpa_attention`.
+    """
+    if packed_cu_seqlens is None or not varlen_available(query.device) or query.dtype not in HALF_DTYPES:
+        bounds = None if packed_cu_seqlens is None else tuple(packed_cu_seqlens.tolist())
+        return packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_bounds=bounds, **kwargs)
+    return _varlen_call(module, query, key, value, packed_cu_seqlens, packed_max_seqlen)
+
+
+@torch.compiler.disable  # a compiled decoder layer calls the kernel as it is, shapes and all
+def _varlen_call(module, query, key, value, cu_seqlens, max_seqlen):
+    import inspect
+
+    varlen_attn = _varlen_attn()
+    head_dim = query.shape[-1]
+    pad = -head_dim % 8
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, H, T, D] -> [T, H, D]
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v))
+    params = inspect.signature(varlen_attn).parameters
+    extra: dict[str, Any] = {"scale": module.scaling}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)
+    else:  # torch 2.10/2.11
+        extra["is_causal"] = True
+    out = varlen_attn(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra
+    )
+    if pad:
+        out = out[..., :head_dim]
+    return out.unsqueeze(0), None  # [1, T, H, D], as transformers' attention functions return it
+
+
+def use_varlen_attention(model) -> bool:
+    """Switch an sdpa model to :func:`packed_varlen_attention`; False if it is not sdpa.
+
+    Padded batches (evaluation, generation) still get sdpa's masks: the mask function returns
+    none only for packed rows, which carry ``packed_cu_seqlens``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation not in ("sdpa", PACKED_ATTENTION, VARLEN_ATTENTION):
+        return False
+    AttentionInterface.register(VARLEN_ATTENTION, packed_varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(VARLEN_ATTENTION)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- dequantized weights
+
+
+def _quantized_4bit_layers(model) -> list[torch.nn.Module]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def dequantized_weights_gb(model) -> float:
+    """GiB that :func:`cache_dequantized_weights` would hold for every 4-bit layer of ``model``."""
+    total = 0
+    for module in _quantized_4bit_layers(model):
+        dtype = module.compute_dtype or torch.bfloat16
+        total += module.in_features * module.out_features * torch.finfo(dtype).bits // 8
+    return total / 2**30
+
+
+def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``bnb.nn.Linear4bit.forward`` on the cached dequantized weight: the same matmul, minus the dequantization."""
+    weight = self.dequantized_weight
+    bias = None if self.bias is None else self.bias.to(weight.dtype)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def cache_dequantized_weights(model, budget_gb: Optional[float] = None) -> tuple[int, float]:
+    """Keep a dequantized copy of 4-bit base weights, layer by layer while ``budget_gb`` allows.
+
+    Returns the number of layers cached and the GiB they hold.
+
+    bitsandbytes dequantizes every 4-bit weight to the compute dtype in every forward and every
+    backward (and in every recompute of a checkpointed layer): for W3B, 3.2e9 weights, ~1,100
+    kernel launches and ~8 ms of memory traffic a step. With memory to spare the dequantized
+    weight is kept instead (a non-persistent buffer, so checkpoints and adapters are unchanged)
+    and the layer runs ``F.linear`` on it: the values are bitsandbytes' own
+    (``dequantize_4bit``), so the forward and the input gradients are those of the 4-bit base.
+    The 4-bit weights stay (saving and merging still see them). 8-bit bases are left alone:
+    their matmul also quantizes the activations, which a cached weight would not.
+    """
+    import bitsandbytes.functional as bnbf
+
+    cached, used = 0, 0.0
+    for module in _quantized_4bit_layers(model):
+        dtype = module.compute_dtype or torch.bfloat16
+        size = module.in_features * module.out_features * torch.finfo(dtype).bits / 8 / 2**30
+        if budget_gb is not None and used + size > budget_gb:
+            break
+        weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+        module.register_buffer(
+            "dequantized_weight", weight.view(module.out_features, module.in_features), persistent=False
+        )
+        module.forward = types.MethodType(_dequantized_forward, module)
+        cached, used = cached + 1, used + size
+    return cached, used
+
+
 def tokenize_sft(dataset, tokenizer, max_length: int, completion_only_loss: bool):
     """``input_ids`` and ``labels`` for prompt/completion rows, as TRL 1.16's SFTTrainer prepares them.
 
@@ -290,17 +440,25 @@ def tokenize_sft(dataset, tokenizer, max_length: int, completion_only_loss: bool
 class PackedTrainer(Trainer):
     """HF Trainer on padding-free packed batches of tokenized SFT rows.
 
-    Overrides the documented hooks ``compute_loss`` (no KV cache, which would hide the packing)
-    and ``evaluate`` (padded batches, as the plain path evaluates).
+    Overrides the documented hooks ``compute_loss`` (no KV cache, which would hide the packing;
+    the examples' bounds for per-example or varlen attention) and ``evaluate`` (padded batches,
+    as the plain path evaluates).
     """
 
-    def __init__(self, *args, eval_data_collator, **kwargs):
+    def __init__(self, *args, eval_data_collator, attention: str = "mask", **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
+        self.attention = attention
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "position_ids" in inputs and "attention_mask" not in inputs:  # a packed row: bounds once per step
-            inputs = {**inputs, "packed_seq_bounds": seq_bounds(inputs["position_ids"])}
+        if "position_ids" in inputs and "attention_mask" not in inputs and self.attention != "mask":
+            bounds = seq_bounds(inputs["position_ids"])  # a packed row: bounds once per micro-batch
+            if self.attention == "varlen":
+                cu = torch.tensor(bounds, dtype=torch.int32, device=inputs["input_ids"].device)
+                lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+                inputs = {**inputs, "packed_cu_seqlens": cu, "packed_max_seqlen": max(lengths)}
+            else:
+                inputs = {**inputs, "packed_seq_bounds": bounds}
         # use_cache=False: with a cache transformers ignores the packed position_ids and masks causally only.
         outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -313,6 +471,19 @@ class PackedTrainer(Trainer):
             self.data_collator = train_collator
 
 
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` every decoder layer, with dynamic shapes (packed rows vary in length); the count.
+
+    The layers share their code, so one compiled graph serves them all. Inductor fuses the norms,
+    rotary embeddings, SwiGLU, residual adds, dtype casts and the adapters' scale-and-add, which
+    eager mode runs as hundreds of small kernels per layer. Varlen attention runs uncompiled.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def build_packed_sft_trainer(
     cfg,
     model,
@@ -323,6 +494,8 @@ def build_packed_sft_trainer(
     callbacks: Optional[list] = None,
     attention: str = "auto",
     bf16_weights: bool = True,
+    dequantize: Optional[bool] = None,
+    compile_layers: bool = False,
 ) -> tuple[PackedTrainer, MicroBatchPlan]:
     """The fast-path trainer for an SFT run, and the micro-batch plan it follows.
 
@@ -330,12 +503,15 @@ def build_packed_sft_trainer(
         cfg: the validated :class:`src.config.Config`.
         args: the plain path's ``SFTConfig``; its batch, checkpointing and optimizer fields are replanned.
         train_dataset / eval_dataset: prompt/completion rows, or already tokenized ``input_ids``.
-        attention: ``mask`` (transformers' block-causal mask: fewer kernels, faster when a step is
-            bound by kernel launches), ``per-example`` (:func:`packed_sdpa_attention`: no
-            ``T x T`` matrices), or ``auto``: the mask when the plan plus :func:`mask_attention_gb`
-            fits the budget, else per example.
+        attention: ``varlen`` (:func:`packed_varlen_attention`: flash over the whole packed row,
+            CUDA only), ``mask`` (transformers' block-causal mask), ``per-example``
+            (:func:`packed_sdpa_attention`), or ``auto``: varlen where it runs (CUDA, bf16/fp16); else the mask
+            when the plan plus :func:`mask_attention_gb` fits the budget, else per example.
         bf16_weights: under bf16 training of a 4/8-bit base, cast its fp32 weights and the adapters to
             bf16 (:func:`cast_frozen_to_bf16`).
+        dequantize: keep dequantized copies of a 4-bit base's weights (:func:`cache_dequantized_weights`);
+            None: as many layers as the memory budget leaves room for (none without a budget).
+        compile_layers: ``torch.compile`` the decoder layers (:func:`compile_decoder_layers`).
     """
     budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else default_budget_gb()
     examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
@@ -346,16 +522,39 @@ def build_packed_sft_trainer(
         estimate, _ = plan_estimator(cfg)
         micro = plan_micro_batches(examples_per_step, num_layers, budget, estimate)
     set_checkpointed_layers(model, micro.checkpointed_layers)
+    tokens = micro.micro_batch_size * cfg.model.max_length
     if attention == "auto":
-        tokens = micro.micro_batch_size * cfg.model.max_length
-        extra = mask_attention_gb(model, tokens, micro.checkpointed_layers)
-        fits = budget is None or (micro.est_peak_gpu_mem_gb or 0.0) + extra <= budget
-        attention = "mask" if fits else "per-example"
+        half = args.bf16 or args.fp16 or next(model.parameters()).dtype in HALF_DTYPES
+        if half and varlen_available(next(model.parameters()).device):
+            attention = "varlen"
+        else:
+            extra = mask_attention_gb(model, tokens, micro.checkpointed_layers)
+            fits = budget is None or (micro.est_peak_gpu_mem_gb or 0.0) + extra <= budget
+            attention = "mask" if fits else "per-example"
+    if attention == "varlen" and not use_varlen_attention(model):
+        attention = "mask"
     if attention == "per-example":
         use_packed_attention(model)
-    micro = dataclasses.replace(micro, attention=attention)
+    estimated = micro.est_peak_gpu_mem_gb
+    if attention == "mask" and estimated is not None:
+        estimated += mask_attention_gb(model, tokens, micro.checkpointed_layers)
     if bf16_weights and args.bf16 and cfg.quant.bits in (4, 8):
         cast_frozen_to_bf16(model)
+    dequantized = 0
+    if dequantize is not False and cfg.quant.bits == 4:
+        room = None if dequantize else (0.0 if budget is None else max(0.0, budget - (estimated or 0.0)))
+        dequantized, cache_gb = cache_dequantized_weights(model, room)
+        if estimated is not None:
+            estimated += cache_gb
+    if compile_layers:
+        compile_decoder_layers(model)
+    micro = dataclasses.replace(
+        micro,
+        attention=attention,
+        dequantized_layers=dequantized,
+        compiled=compile_layers,
+        est_peak_gpu_mem_gb=estimated,
+    )
     args = dataclasses.replace(
         args,
         per_device_train_batch_size=micro.micro_batch_size,
@@ -363,7 +562,9 @@ def build_packed_sft_trainer(
         activation_checkpointing=False,  # set per layer above; the Trainer would turn on every layer
         optim=fast_optimizer(args.optim),
         include_num_input_tokens_seen="all",  # a packed row has no padding (and EOS may be the pad id)
+        ddp_broadcast_buffers=False,  # under DDP: the cached dequantized weights are buffers, equal on every rank
     )
+    distributed.one_gpu_per_process(args)  # dataclasses.replace set the devices up anew
     completion_only = args.completion_only_loss is not False  # TRL's None: on for prompt/completion rows
     prepare = dict(tokenizer=tokenizer, max_length=cfg.model.max_length, completion_only_loss=completion_only)
     pad_id = tokenizer.pad_token_id
@@ -376,6 +577,7 @@ def build_packed_sft_trainer(
         callbacks=callbacks,
         data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True),
         eval_data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id),
+        attention=attention,
     )
     print(micro.describe(), file=sys.stderr)
     return trainer, micro

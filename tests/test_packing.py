@@ -278,3 +278,82 @@ def test_bench_sft_arguments_match_the_training_code():
     theirs = training.training_arguments(cfg.train, "x", "sft", cfg.model.max_length, True).to_dict()
     assert ours == theirs
     assert dataclasses.is_dataclass(cfg.train)
+
+
+def _four_bit_lora_model(tiny_model_dir):
+    from src import modeling
+    from src.config import LoraConfig, ModelConfig, QuantConfig
+
+    model_cfg = ModelConfig(
+        name="tiny",
+        name_or_path=str(tiny_model_dir),
+        architecture="decoder",
+        revision=None,
+        dtype="float32",
+        max_length=64,
+        trust_remote_code=False,
+    )
+    quant = QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
+    model = modeling.load_model(model_cfg, quant, "sft", None, pad_token_id=2)
+    lora = LoraConfig(
+        preset="all_linear",
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        bias="none",
+        target_modules=["all_linear", "lm_head"],
+        modules_to_save=None,
+    )
+    model = modeling.apply_lora(model, lora, "sft")
+    packing.cast_frozen_to_bf16(model)
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = (torch.randn(param.shape, generator=generator) * 0.1).to(param.dtype)
+    return model
+
+
+def test_cached_dequantized_weights_give_the_four_bit_forward_and_gradients(tiny_model_dir):
+    model = _four_bit_lora_model(tiny_model_dir)
+    batch = _collate(_examples([9, 17, 5, 12]), padding_free=True)
+    num_items = sum(n - 3 for n in (9, 17, 5, 12))
+    logits_4bit = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    grads_4bit = _lora_grads(model, batch, num_items)
+    quantized = packing._quantized_4bit_layers(model)
+    assert len(quantized) == 2 * 7  # every linear of both blocks; lm_head stays unquantized
+
+    layers, gib = packing.cache_dequantized_weights(model, budget_gb=packing.dequantized_weights_gb(model) / 2)
+    assert 0 < layers < len(quantized) and 0 < gib <= packing.dequantized_weights_gb(model) / 2
+    layers, gib = packing.cache_dequantized_weights(model)
+    assert layers == len(quantized) and gib == pytest.approx(packing.dequantized_weights_gb(model))
+    assert all(m.dequantized_weight.dtype == torch.bfloat16 for m in quantized)
+    assert "dequantized_weight" not in "".join(model.state_dict())  # not saved with the model
+
+    logits_cached = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    grads_cached = _lora_grads(model, batch, num_items)
+    # bf16 matmuls on both sides: the same values up to the order of accumulation.
+    torch.testing.assert_close(logits_cached, logits_4bit, atol=2e-2, rtol=0)
+    for name, grad in grads_4bit.items():
+        torch.testing.assert_close(grads_cached[name], grad, atol=2e-2 * grad.abs().max().item(), rtol=0)
+    # The check can fail: a weight dequantized with another quant state gives other logits.
+    with torch.no_grad():
+        quantized[0].dequantized_weight.mul_(1.5)
+        shifted = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    assert (shifted - logits_4bit).abs().max() > 0.1
+
+
+def test_compiled_decoder_layers_compute_the_eager_losses_and_gradients(tiny_model_dir):
+    model = _tiny_lora_model(tiny_model_dir, packing.PACKED_ATTENTION)
+    batches = [
+        _collate(_examples(lengths, seed=seed), padding_free=True)
+        for seed, lengths in enumerate([[9, 17, 5, 12], [7, 30], [4, 4, 4, 11, 20]])
+    ]
+    eager = [(_per_token_losses(model, b)[0], _lora_grads(model, b, 10)) for b in batches]
+    assert packing.compile_decoder_layers(model) == 2
+    for batch, (losses, grads) in zip(batches, eager):  # three lengths: dynamic shapes, no recompile per step
+        compiled_losses, _ = _per_token_losses(model, batch)
+        for a, b in zip(losses, compiled_losses):
+            torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+        compiled_grads = _lora_grads(model, batch, 10)
+        for name, grad in grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, atol=ATOL, rtol=0)

@@ -1,0 +1,95 @@
+"""GPU tier (``pytest -m gpu``, on a CUDA machine; CI has none): kernels that only run on CUDA.
+
+Tolerances: bf16. Two attention kernels accumulate in different orders, so logits agree to about
+bf16's resolution at their scale (atol 3e-2 on logits of order 1) and LoRA gradients to 3% of each
+tensor's largest entry. A token that attends across examples moves its logits by far more
+(the last check of the test shows that it can fail).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src import packing
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _model(attention: str, head_dim: int, kv_heads: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=8 * head_dim,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=kv_heads,
+        vocab_size=512,
+        attn_implementation="sdpa",
+    )
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
+    assert {"varlen": packing.use_varlen_attention, "per-example": packing.use_packed_attention}[attention](model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn_like(param) * 0.1
+    return model
+
+
+def _packed(lengths, seed=0):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = [{"input_ids": torch.randint(3, 500, (n,), generator=generator).tolist()} for n in lengths]
+    batch = DataCollatorForLanguageModeling(pad_token_id=2, padding_free=True)(rows)
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _run(model, attention: str, batch):
+    trainer = packing.PackedTrainer.__new__(packing.PackedTrainer)  # compute_loss only needs .attention
+    trainer.attention = attention
+    model.zero_grad()
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True, num_items_in_batch=100)
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return outputs.logits.float(), grads
+
+
+@pytest.mark.parametrize("head_dim,kv_heads", [(100, 8), (128, 2)])  # OpenLLaMA-3B's odd head size; GQA
+def test_varlen_attention_matches_per_example_attention(head_dim, kv_heads):
+    assert packing.varlen_available(torch.device("cuda"))
+    batch = _packed([37, 200, 5, 64, 130])
+    logits_ref, grads_ref = _run(_model("per-example", head_dim, kv_heads), "per-example", batch)
+    logits, grads = _run(_model("varlen", head_dim, kv_heads), "varlen", batch)
+    torch.testing.assert_close(logits, logits_ref, atol=3e-2, rtol=0)
+    for name, grad in grads_ref.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], grad, atol=3e-2 * grad.abs().max().item(), rtol=0)
+    # The check can fail: the same row as one causal sequence lets examples attend to each other.
+    causal = {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1], device="cuda")[None]}
+    leaky, _ = _run(_model("varlen", head_dim, kv_heads), "varlen", causal)
+    assert (leaky[0, 37:] - logits_ref[0, 37:]).abs().max() > 0.1
+
+
+def test_cached_dequantized_weights_match_bitsandbytes_on_cuda():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(3200, 8640, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.load_state_dict({"weight": torch.randn(8640, 3200) * 0.02})
+    layer = layer.cuda()
+    x = torch.randn(2, 300, 3200, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    reference = layer(x)
+    (grad_ref,) = torch.autograd.grad(reference.square().sum(), x)
+    holder = torch.nn.Sequential(layer)
+    assert packing.cache_dequantized_weights(holder) == (1, pytest.approx(3200 * 8640 * 2 / 2**30))
+    cached = layer(x)
+    (grad,) = torch.autograd.grad(cached.square().sum(), x)
+    torch.testing.assert_close(cached, reference, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grad, grad_ref, atol=2e-2 * grad_ref.abs().max().item(), rtol=0)
