@@ -496,6 +496,7 @@ def run_fast(
         bf16_weights=variant != "fp32-weights",
         dequantize=False if variant in ("no-dequant", "compile-no-dequant") else None,
         compile_layers=variant in ("compile", "compile-no-dequant"),
+        cuda_graphs=False if variant == "no-graphs" else None,
     )
     if variant.startswith("compile"):  # a dedicated run compiles once, outside the timed steps
         warm_compiled(trainer, rows[: SEED_BATCH_SIZE * 2])
@@ -515,9 +516,11 @@ def run_fast(
         estimate += packing.mask_attention_gb(model, meter.max_micro_batch_tokens, micro.checkpointed_layers)
     if estimate is not None:
         estimate += dequantized_gb(model)
+    graphs = trainer.graphs
+    graph_note = None if graphs is None else {"lengths": sorted(graphs.graphs), "failed": graphs.failed}
     trainer.accelerator.free_memory()
-    del trainer, model
-    settings = dataclasses.asdict(micro) | {"optim": optim, "variant": variant or None}
+    del trainer, model, graphs
+    settings = dataclasses.asdict(micro) | {"optim": optim, "variant": variant or None, "cuda_graphs": graph_note}
     result = _side_result("fast", budget, meter, wall, peak, estimate, base, settings)
     result["planned_est_peak_gpu_mem_gb"] = micro.est_peak_gpu_mem_gb
     return result
@@ -613,7 +616,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--variants",
         default="",
         help="extra fast runs (comma-separated): configured-optim, mask-attention, per-example-attention, "
-        "fp32-weights, no-dequant, compile, compile-no-dequant, liger, batch<N>",
+        "fp32-weights, no-dequant, no-graphs, compile, compile-no-dequant, liger, batch<N>",
     )
     parser.add_argument("--sides", default="seed,fast", help="which sides to run")
     parser.add_argument("--warmup-steps", type=int, default=3, help="optimizer steps left out of the timing")
