@@ -608,7 +608,12 @@ class PackedTrainer(Trainer):
                 inputs = {**inputs, "packed_seq_bounds": bounds}
         # use_cache=False: with a cache transformers ignores the packed position_ids and masks causally only.
         outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: under DDP num_items_in_batch counts every rank's tokens and DDP averages
+            # the gradients over the ranks, so each rank's loss is scaled back up by their number.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args, **kwargs):
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator

@@ -164,3 +164,26 @@ def test_one_process_trains_on_one_gpu_without_data_parallel(tmp_path):
     assert args.train_batch_size == 16
     assert one_gpu_per_process(args) is args
     assert args.n_gpu == 1 and args.train_batch_size == 8
+
+
+def test_ddp_sft_loss_is_the_token_mean_over_both_ranks(tmp_path, mlflow_store):
+    """HF divides each rank's loss by the token count of all ranks; the packed trainer must scale it back up by
+    the rank count, as ``Trainer.compute_loss`` does, or the loss and gradients under DDP shrink by half.
+
+    With a learning rate of 1e-12 the model does not change, so the mean training loss over the same 16 rows
+    differs between one process and two only by how the rows are grouped into steps (a few %), not 2x.
+    """
+    common = ["data=instructions", "data.num_sample_prompts=1", "train.learning_rate=1e-12"]
+    proc, _ = _train(tmp_path / "ddp", common)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = [
+        sys.executable, "-m", "src.train", *[o for o in DDP if "nproc" not in o and "per_device" not in o], *common,
+        "train.per_device_train_batch_size=8", f"hydra.run.dir={tmp_path / 'single'}",
+    ]  # fmt: skip
+    done = subprocess.run(single, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    loss = {r.data.params["train.world_size"]: r.data.metrics["train_loss_mean"] for r in runs}
+    assert set(loss) == {"1", "2"}
+    assert abs(loss["2"] - loss["1"]) / loss["1"] < 0.15, loss
