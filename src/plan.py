@@ -15,8 +15,17 @@ Memory model, in bytes; the estimate is their sum over 2**30 (GiB), comparable w
 ``peak_gpu_mem_gb`` metric (``torch.cuda.max_memory_allocated``). Every coefficient is a named
 constant below. Calibrated on an H100 with transformers 5.23, peft 0.21, trl 1.16, bitsandbytes
 0.50 (OpenLLaMA-3B shape, random weights, seq 512, batch 2-16, 23 runs): 4- and 16-bit runs land
-within 3% of the measured peak; 8-bit within 2%, but from two runs only. Other architectures
-(grouped-query attention, GELU MLPs, encoders) use the same coefficients, unmeasured.
+within 3% of the measured peak; 8-bit within 2%, but from two runs only. Checked since against
+``python -m src.bench`` (``src/BENCH_RESULTS.md``, Run 4): the seeds' recipe at 4/8/16 bits
++1%, +3%, -5%; the fast path (packed rows, bf16 weights, varlen attention, cached dequantized
+4-bit weights, CUDA graphs) from -12% to +6% across W3B at 4/8/16 bits, the 8 GiB budget and
+Mistral-7B 4-bit (the last on an H200). Other architectures (GELU MLPs, encoders) use the same
+coefficients, unmeasured.
+
+The fast SFT path (``src/packing.py``) asks :func:`plan` for one packed row of ``n x max_length``
+tokens per micro-batch and adds what the plan does not model: the cached dequantized 4-bit weights
+(2 bytes a weight, :func:`src.packing.cache_dequantized_weights`) and, under the mask attention, the
+math kernel's ``heads x T x T`` matrices (:func:`src.packing.mask_attention_gb`).
 
 - **Base weights.** 16-bit: every parameter at ``model.dtype``. 4- and 8-bit: bitsandbytes
   quantizes the ``nn.Linear`` layers except the output head (transformers'
@@ -33,7 +42,8 @@ within 3% of the measured peak; 8-bit within 2%, but from two runs only. Other a
   runs short).
 - **Activations**, for ``batch x model.max_length`` tokens (batches padded to the maximum: an
   upper bound). Two widths: the residual stream's (fp32 under a 4/8-bit base, whose norms and
-  embeddings are upcast; else ``model.dtype``) and the matmul outputs' (2 bytes under bf16/fp16
+  embeddings are upcast, except on the fast SFT path, which casts them back to bf16; else
+  ``model.dtype``) and the matmul outputs' (2 bytes under bf16/fp16
   autocast, else the residual width). Without checkpointing each layer keeps, per token,
   ``ACT_RESIDUAL_PER_HIDDEN x hidden`` residual-width values (norm inputs, q/k/v, attention output;
   SDPA keeps no seq x seq matrix) and ``ACT_MATMUL_PER_INTERMEDIATE x intermediate`` matmul-width
@@ -42,7 +52,8 @@ within 3% of the measured peak; 8-bit within 2%, but from two runs only. Other a
   activation checkpointing each layer keeps only ``CKPT_RESIDUAL_PER_HIDDEN x hidden`` values and
   one layer (with its LoRA inputs) is rebuilt at a time. bitsandbytes' int8 matmul keeps its input
   on the autograd context, out of checkpointing's reach: ``INT8_KEPT_BYTES_PER_INPUT`` bytes per
-  token per input feature of every int8 layer, with or without checkpointing.
+  token per input feature of every int8 layer at an fp32 residual, scaled by the residual width
+  (half at bf16: measured +3% on the fast path), with or without checkpointing.
 - **Logits.** TRL's ``SFTTrainer`` (the plain SFT path, ``train.fast_path=false``) computes
   log-probabilities through a fused, tiled LM head and never holds ``batch x seq x vocab``
   logits; measured, it adds nothing to the peak. The fast path's trainer (``src/packing.py``) takes
@@ -95,7 +106,7 @@ ACT_RESIDUAL_PER_HIDDEN = 7.5  # values kept per layer, x hidden_size, at the re
 ACT_MATMUL_PER_INTERMEDIATE = 4.0  # values kept per layer, x intermediate_size, at the matmul width
 CKPT_RESIDUAL_PER_HIDDEN = 1.33  # values kept per checkpointed layer, x hidden_size, at the residual width
 LORA_DROPOUT_MASK_BYTES = 1  # per LoRA input feature, when lora.dropout > 0
-INT8_KEPT_BYTES_PER_INPUT = 3.6  # per input feature of every int8 layer, checkpointing or not
+INT8_KEPT_BYTES_PER_INPUT = 3.6  # per input feature of every int8 layer, checkpointing or not (fp32 residual)
 
 # Logits, when they are materialized (not under TRL's fused LM head).
 LOGITS_BYTES = 4
@@ -203,7 +214,7 @@ def memory_breakdown_gb(
     else:
         per_token = shape.num_layers * layer + lora_inputs
     if bits == 8:
-        per_token += shape.quantizable_inputs * INT8_KEPT_BYTES_PER_INPUT
+        per_token += shape.quantizable_inputs * INT8_KEPT_BYTES_PER_INPUT * widths.residual / 4
     activations = tokens * per_token
 
     factor = LOSS_LOGITS_FACTOR_CKPT if activation_checkpointing else LOSS_LOGITS_FACTOR
@@ -327,8 +338,14 @@ def lora_shape(peft_model, dropout: float) -> LoraShape:
 
 def activation_widths(cfg: Config) -> Widths:
     """The residual stream is fp32 under a 4/8-bit base (prepare_model_for_kbit_training upcasts
-    norms and embeddings), else ``model.dtype``; matmuls give 2 bytes under bf16/fp16 autocast."""
+    norms and embeddings), else ``model.dtype``; matmuls give 2 bytes under bf16/fp16 autocast.
+
+    The fast SFT path trains a 4/8-bit base in bf16 with those weights cast back to bf16
+    (``src.packing.cast_frozen_to_bf16``): its residual stream is 2 bytes wide."""
     residual = 4 if cfg.quant.bits in (4, 8) else DTYPE_BYTES[cfg.model.dtype]
+    fast_sft = getattr(cfg.train, "fast_path", False) and cfg.data.task == "sft"
+    if fast_sft and cfg.train.bf16 and cfg.quant.bits in (4, 8):
+        residual = 2
     return Widths(residual=residual, matmul=2 if cfg.train.bf16 or cfg.train.fp16 else residual)
 
 

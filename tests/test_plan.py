@@ -82,7 +82,9 @@ def test_counts_all_linear_with_lm_head_8bit(openllama_dir):
 def test_plan_matches_the_estimate_function(qlora_attn_qv):
     shape = P.ModelShape(**qlora_attn_qv["model_shape"])
     assert shape.quantizable_params == OPENLLAMA_3B_PARAMS - 2 * 32000 * 3200 - 53 * 3200  # embed, head, norms
-    est = _estimate(shape, fused_lm_head=qlora_attn_qv["fused_lm_head"])  # the seed recipe: batch 8, seq 512
+    # train=gpu on SFT data: batch 8, seq 512, on the fast path (the default), which trains the 4-bit base with its
+    # weights in bf16: a 2-byte residual stream (src.plan.activation_widths).
+    est = _estimate(shape, fused_lm_head=qlora_attn_qv["fused_lm_head"], widths=P.Widths(residual=2, matmul=2))
     assert qlora_attn_qv["est_peak_gpu_mem_gb"] == pytest.approx(est, abs=1e-3)
     assert sum(qlora_attn_qv["est_mem_breakdown_gb"].values()) == pytest.approx(est, abs=5e-3)
     assert qlora_attn_qv["est_gpu_mem_needed_gb"] > qlora_attn_qv["est_peak_gpu_mem_gb"]
@@ -273,3 +275,15 @@ def test_sweep_config_plans_its_base_config(tmp_path):
         4 * (i + o) for i, o in [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)]
     )
     assert result["trainable_params"] == 2 * per_block + 128 * 2
+
+
+def test_fast_path_sft_under_a_quantized_base_has_a_bf16_residual_stream(openllama_dir):
+    from src.plan import activation_widths, compose
+
+    def widths(*overrides):
+        return activation_widths(validate(compose(openllama(openllama_dir, *overrides))))
+
+    assert widths("quant=4bit", "train=gpu") == P.Widths(residual=2, matmul=2)  # fast path: weights cast to bf16
+    assert widths("quant=8bit", "train=gpu") == P.Widths(residual=2, matmul=2)
+    assert widths("quant=4bit", "train=gpu", "train.fast_path=false") == P.Widths(residual=4, matmul=2)  # seeds'
+    assert widths("quant=none", "train=gpu") == P.Widths(residual=2, matmul=2)  # model.dtype bf16
