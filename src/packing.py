@@ -1,6 +1,6 @@
-"""The fast SFT path: padding-free packed batches, micro-batches sized to a memory budget.
+"""The fast SFT path: padding-free packed rows, varlen flash attention, CUDA graphs, a memory budget.
 
-``train.fast_path=true`` (the default) trains SFT with :class:`PackedSFTTrainer`;
+``train.fast_path=true`` (the default) trains SFT with :class:`PackedTrainer`;
 ``train.fast_path=false`` goes back to TRL's plain ``SFTTrainer`` on padded batches.
 
 What the fast path changes, and why learning does not change:
@@ -18,21 +18,28 @@ What the fast path changes, and why learning does not change:
   ``per_device_train_batch_size x gradient_accumulation_steps`` examples, in the same order;
   only how they are split into forward/backward passes changes, and the loss is normalized by
   the step's token count either way (HF's ``num_items_in_batch``).
-- **Attention.** The block-causal mask rules out sdpa's flash kernel, and for head sizes that are
-  not a multiple of 8 (OpenLLaMA-3B's 100) its memory-efficient kernel too; the math kernel then
-  keeps ``heads x T x T`` matrices per layer. Where those fit the budget they are used (fewer
-  kernels: measured faster); else attention runs causally per example (:func:`packed_sdpa_attention`).
+- **Attention.** On CUDA in bf16/fp16: flash attention over the whole packed row in one call per
+  layer, with the examples' offsets (``torch.nn.attention.varlen``, :func:`packed_varlen_attention`;
+  head sizes that are not a multiple of 8 are zero-padded). Elsewhere transformers' block-causal
+  mask, which rules out sdpa's flash kernel (and for head sizes that are not a multiple of 8, its
+  memory-efficient kernel: the math kernel then keeps ``heads x T x T`` matrices per layer), where
+  those fit the budget; else causal attention per example (:func:`packed_sdpa_attention`).
 - **bf16 weights under a 4/8-bit base** (:func:`cast_frozen_to_bf16`): fewer dtype casts per step.
+- **Cached dequantized 4-bit weights** (:func:`cache_dequantized_weights`), as many layers as the
+  budget leaves room for: the same matmul without dequantizing every weight in every pass.
+- **CUDA graphs** (:class:`GraphedSteps`): each step's forward and backward replayed as one graph
+  per padded row length, so a small step is no longer bound by launching ~5,000 kernels.
 - **Micro-batches sized to a memory budget.** ``train.memory_budget_gb`` (null: 90% of the
-  GPU's memory; no budget on CPU) and ``src.plan``'s estimate choose the largest micro-batch
-  that fits, and activation checkpointing only for as many decoder layers as memory needs
-  (:func:`plan_micro_batches`). ``train.activation_checkpointing`` applies to the plain path.
+  GPU's memory; no budget on CPU), less ``PLAN_MARGIN`` for the plan's error, and ``src.plan``'s
+  estimate choose the largest micro-batch that fits, and activation checkpointing only for as
+  many decoder layers as memory needs (:func:`plan_micro_batches`). ``train.activation_checkpointing``
+  applies to the plain path.
 - **An HF ``Trainer``, not TRL's ``SFTTrainer``**, whose fused LM head reads ``lm_head.weight``
   directly and so refuses LoRA on ``lm_head`` (the seeds' all-linear-plus-head recipe). The loss is
   the model's own, through the LoRA-wrapped head. :func:`tokenize_sft` prepares the rows as TRL
   does (EOS appended, completion-only labels, truncation to ``model.max_length``); the tests check
-  the token ids and labels against TRL's. Unlike ``SFTTrainer``, the adapters of a quantized
-  model stay in fp32 (TRL casts them to bf16).
+  the token ids and labels against TRL's. Like ``SFTTrainer``, it trains the adapters of a
+  quantized model in bf16 (with the base's other weights, above).
 - **Fused AdamW** (``adamw_torch_fused``, one kernel for all LoRA tensors) replaces the other
   AdamW variants on CUDA: LoRA's trainable parameters are too few for 8-bit or paged state
   to save memory that matters, and the fp32 state is the more exact of the two.
@@ -69,6 +76,9 @@ ADAMW_VARIANTS = {
 }
 FUSED_ADAMW = "adamw_torch_fused"
 DEFAULT_BUDGET_FRACTION = 0.9  # of the GPU's memory, when train.memory_budget_gb is null
+# The fast path plans for this fraction of the budget: src.plan's estimate fell up to 12% short of the measured
+# peak on the fast path (src/BENCH_RESULTS.md, Run 4), so a plan that fills the budget could overrun it.
+PLAN_MARGIN = 0.88
 
 
 class MemoryBudgetError(ValueError):
@@ -92,7 +102,7 @@ class MicroBatchPlan:
     cuda_graphs: bool = False
 
     def describe(self) -> str:
-        budget = "no memory budget" if self.budget_gb is None else f"budget {self.budget_gb:.1f} GiB"
+        budget = "no memory budget" if self.budget_gb is None else f"planned to {self.budget_gb:.1f} GiB of the budget"
         est = "" if self.est_peak_gpu_mem_gb is None else f", est. peak {self.est_peak_gpu_mem_gb:.1f} GiB"
         return (
             f"fast path: {self.examples_per_step} examples/step as {self.gradient_accumulation_steps} packed "
@@ -670,6 +680,8 @@ def build_packed_sft_trainer(
             process, a 16- or 4-bit base); a step whose capture fails runs eagerly, and so do the rest.
     """
     budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else default_budget_gb()
+    if budget is not None:
+        budget *= PLAN_MARGIN  # the plan may fall short of the measured peak by this much
     examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
     num_layers = len(decoder_layers(model))
     if budget is None:
