@@ -4,6 +4,7 @@
     python -m src.bench --workload w3b-8bit,w3b-16bit,mistral7b-4bit --budgets default
     python -m src.bench --examples 512 --json outputs/bench/x.json
     python -m src.bench --device cpu --workload tiny --examples 16   # smoke test: the code paths, not the numbers
+    torchrun --standalone --nproc_per_node 2 -m src.bench --sides fast --budgets default   # DDP on 2 GPUs
 
 Both sides run in one process, one after the other, on the same synthetic data and the same
 random-weight model (built from the architecture's config and saved once under
@@ -24,7 +25,12 @@ peak GPU memory (``torch.cuda.max_memory_allocated``) next to ``src.plan``'s est
 4 x non-embedding parameters x tokens/s over the bf16 matmul rate measured in the same run
 (LoRA's forward and input-gradient passes; the input embedding is a lookup, ``lm_head`` counts);
 and the ratio fast/seed. A table is printed and the results, with device, versions and date, are
-written as JSON. Needs transformers, peft, trl, datasets and bitsandbytes; mlflow is not imported.
+written as JSON.
+
+Under torchrun (fast side only) each rank trains its shard with the per-GPU batch, and tokens/s
+counts every rank's tokens over the slowest rank's time; MFU is per GPU. A single process uses one
+GPU even where it sees several (``src.distributed.one_gpu_per_process``).
+Needs transformers, peft, trl, datasets and bitsandbytes; mlflow is not imported.
 """
 
 from __future__ import annotations
