@@ -67,6 +67,21 @@ def tiny_model_dir() -> Path:
     return Path(resolve("builtin:tiny-llama"))
 
 
+def tiny_model_config(tiny_model_dir: Path):
+    """A ``ModelConfig`` for the built tiny Llama, in float32 with 64-token rows."""
+    from src.config import ModelConfig
+
+    return ModelConfig(
+        name="tiny",
+        name_or_path=str(tiny_model_dir),
+        architecture="decoder",
+        revision=None,
+        dtype="float32",
+        max_length=64,
+        trust_remote_code=False,
+    )
+
+
 def python_cmd() -> list[str]:
     return [sys.executable]
 

@@ -10,7 +10,7 @@ import torch
 
 from src import modeling
 from src.config import LoraConfig, QuantConfig
-from tests.conftest import OPENLLAMA_3B
+from tests.conftest import OPENLLAMA_3B, tiny_model_config
 
 LORA = LoraConfig(preset="attn_qv", r=8, alpha=16, dropout=0.0, bias="none", target_modules=None, modules_to_save=None)
 
@@ -124,17 +124,7 @@ def test_explicit_targets_may_mix_presets_and_names_and_must_exist():
 
 
 def test_four_bit_weights_count_their_real_size(tiny_model_dir):
-    from src.config import ModelConfig
-
-    model_cfg = ModelConfig(
-        name="tiny",
-        name_or_path=str(tiny_model_dir),
-        architecture="decoder",
-        revision=None,
-        dtype="float32",
-        max_length=64,
-        trust_remote_code=False,
-    )
+    model_cfg = tiny_model_config(tiny_model_dir)
     counts = {}
     for bits in (16, 4, 8):
         quant = QuantConfig(bits=bits, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")

@@ -20,7 +20,7 @@ import torch
 
 from src import packing
 from src.config import validate
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, tiny_model_config
 
 ATOL = 1e-5
 
@@ -282,17 +282,9 @@ def test_bench_sft_arguments_match_the_training_code():
 
 def _four_bit_lora_model(tiny_model_dir):
     from src import modeling
-    from src.config import LoraConfig, ModelConfig, QuantConfig
+    from src.config import LoraConfig, QuantConfig
 
-    model_cfg = ModelConfig(
-        name="tiny",
-        name_or_path=str(tiny_model_dir),
-        architecture="decoder",
-        revision=None,
-        dtype="float32",
-        max_length=64,
-        trust_remote_code=False,
-    )
+    model_cfg = tiny_model_config(tiny_model_dir)
     quant = QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
     model = modeling.load_model(model_cfg, quant, "sft", None, pad_token_id=2)
     lora = LoraConfig(
