@@ -229,6 +229,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_
     outputs = [
         sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
         for a, b in zip(bounds[:-1], bounds[1:])
+        if b > a  # empty examples pad the offsets of a CUDA graph's row
     ]
     return torch.cat(outputs, dim=1), None
 
@@ -301,7 +302,15 @@ def varlen_available(device: torch.device) -> bool:
 
 
 def packed_varlen_attention(
-    module, query, key, value, attention_mask, packed_cu_seqlens=None, packed_max_seqlen=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    packed_cu_seqlens=None,
+    packed_max_seqlen=None,
+    packed_seq_bounds=None,
+    **kwargs,
 ):
     """Causal flash attention over every example of a packed row in one call (``varlen_attn``).
 
@@ -313,7 +322,7 @@ def packed_varlen_attention(
     in fp32 (the flash kernel takes bf16/fp16 only), this is :func:`packed_sdpa_attention`.
     """
     if packed_cu_seqlens is None or not varlen_available(query.device) or query.dtype not in HALF_DTYPES:
-        bounds = None if packed_cu_seqlens is None else tuple(packed_cu_seqlens.tolist())
+        bounds = packed_seq_bounds if packed_cu_seqlens is None else tuple(packed_cu_seqlens.tolist())
         return packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_bounds=bounds, **kwargs)
     return _varlen_call(module, query, key, value, packed_cu_seqlens, packed_max_seqlen)
 
