@@ -198,13 +198,15 @@ def process_tags() -> dict[str, str]:
 
 
 def device_tags() -> dict[str, str]:
-    """Where the run trains: ``cuda_visible_devices`` (as the sweeper pinned it) and the GPU names, if any."""
+    """Where the run trains: ``cuda_visible_devices`` (as the sweeper pinned it) and, once CUDA is in use in
+    this process, the names and UUIDs of the GPUs it sees. CUDA is never started here: a sweeper's parent
+    process would otherwise hold a context on the first GPU for the whole sweep."""
     tags = {}
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
         tags["gpus"] = ", ".join(f"{p.name} ({p.uuid})" for p in props)
     return tags

@@ -50,6 +50,7 @@ def run(raw: dict) -> Optional[float]:
             cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
         )
         model = modeling.apply_lora(model, cfg.lora, data.task)
+        tracking.set_tags(tracking.device_tags())  # the GPUs, now that the model is on them
         trainable, total = modeling.count_params(model)
         tracking.log_params(
             {

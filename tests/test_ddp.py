@@ -187,3 +187,13 @@ def test_ddp_sft_loss_is_the_token_mean_over_both_ranks(tmp_path, mlflow_store):
     loss = {r.data.params["train.world_size"]: r.data.metrics["train_loss_mean"] for r in runs}
     assert set(loss) == {"1", "2"}
     assert abs(loss["2"] - loss["1"]) / loss["1"] < 0.15, loss
+
+
+def test_runs_record_the_gpus_they_were_pinned_to(monkeypatch):
+    from src import tracking
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # as the sweeper pins a parallel job
+    assert tracking.process_tags()["cuda_visible_devices"] == "1"
+    assert "gpus" not in tracking.device_tags()  # no CUDA in use here: the tag would start it, so it waits
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "cuda_visible_devices" not in tracking.device_tags()
