@@ -237,10 +237,7 @@ def sft_arguments(cfg, output_dir: str):
         save_only_model=False,
         disable_tqdm=True,
     )
-    if distributed.world_size() > 1:  # as src.training does under torchrun
-        kwargs["ddp_find_unused_parameters"] = False
-        if not torch.cuda.is_available():
-            kwargs["use_cpu"] = True
+    kwargs.update(distributed.ddp_training_kwargs())
     return SFTConfig(
         max_length=cfg.model.max_length, packing=False, completion_only_loss=cfg.data.response_only_loss, **kwargs
     )
@@ -521,7 +518,7 @@ def run_fast(
     if estimate is not None and micro.attention == "mask":
         estimate += packing.mask_attention_gb(model, meter.max_micro_batch_tokens, micro.checkpointed_layers)
     if estimate is not None:
-        estimate += dequantized_gb(model)
+        estimate += micro.dequantized_gb
     graphs = trainer.graphs
     graph_note = None if graphs is None else {"lengths": sorted(graphs.graphs), "failed": graphs.failed}
     trainer.accelerator.free_memory()
@@ -530,14 +527,6 @@ def run_fast(
     result = _side_result("fast", budget, meter, wall, peak, estimate, base, settings)
     result["planned_est_peak_gpu_mem_gb"] = micro.est_peak_gpu_mem_gb
     return result
-
-
-def dequantized_gb(model) -> float:
-    """GiB held by the fast path's cached dequantized 4-bit weights (:func:`src.packing.cache_dequantized_weights`)."""
-    from src import packing
-
-    cached = [m.dequantized_weight for m in packing._quantized_4bit_layers(model) if hasattr(m, "dequantized_weight")]
-    return sum(w.numel() * w.element_size() for w in cached) / 2**30
 
 
 def warm_compiled(trainer, rows: list[list[int]]) -> None:

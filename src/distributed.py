@@ -128,3 +128,15 @@ def one_gpu_per_process(args):
     if args.n_gpu > 1:  # n_gpu sets the devices up first; the Trainer itself does this for model-parallel models
         args._n_gpu = 1
     return args
+
+
+def ddp_training_kwargs() -> dict[str, Any]:
+    """The ``TrainingArguments`` a run under torchrun needs (none otherwise); src.training and src.bench share them."""
+    if world_size() <= 1:
+        return {}
+    import torch
+
+    kwargs: dict[str, Any] = {"ddp_find_unused_parameters": False}  # frozen base weights get no gradient by design
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # DDP on CPU: accelerate sets up gloo only when told the run is on CPU
+    return kwargs

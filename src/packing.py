@@ -98,6 +98,7 @@ class MicroBatchPlan:
     est_peak_gpu_mem_gb: Optional[float]
     attention: str = "mask"  # or "per-example", "varlen": chosen by build_packed_sft_trainer
     dequantized_layers: int = 0  # 4-bit linear layers run on a cached dequantized weight
+    dequantized_gb: float = 0.0  # what those cached weights hold
     compiled: bool = False
     cuda_graphs: bool = False
 
@@ -717,7 +718,7 @@ def build_packed_sft_trainer(
         estimated += mask_attention_gb(model, tokens, micro.checkpointed_layers)
     if bf16_weights and args.bf16 and cfg.quant.bits in (4, 8):
         cast_frozen_to_bf16(model)
-    dequantized = 0
+    dequantized, cache_gb = 0, 0.0
     if dequantize is not False and cfg.quant.bits == 4:
         room = None if dequantize else (0.0 if budget is None else max(0.0, budget - (estimated or 0.0)))
         dequantized, cache_gb = cache_dequantized_weights(model, room)
@@ -741,6 +742,7 @@ def build_packed_sft_trainer(
         micro,
         attention=attention,
         dequantized_layers=dequantized,
+        dequantized_gb=cache_gb,
         compiled=compile_layers,
         cuda_graphs=bool(cuda_graphs),
         est_peak_gpu_mem_gb=estimated,

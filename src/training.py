@@ -64,10 +64,7 @@ def training_arguments(
         save_only_model=False,
         disable_tqdm=True,
     )
-    if distributed.world_size() > 1:  # under torchrun (src/distributed.py)
-        kwargs["ddp_find_unused_parameters"] = False  # frozen base weights get no gradient by design
-        if not torch.cuda.is_available():
-            kwargs["use_cpu"] = True  # DDP on CPU: accelerate sets up gloo only when told the run is on CPU
+    kwargs.update(distributed.ddp_training_kwargs())  # under torchrun (src/distributed.py)
     if task == "sft":
         from trl import SFTConfig
 
