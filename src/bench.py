@@ -248,10 +248,13 @@ def sft_arguments(cfg, output_dir: str):
 
 @dataclass
 class Meter:
-    """Tokens per optimizer step (from the collator, first in first out) and step end times.
+    """Tokens per optimizer step (from the collator, first in first out), timed from the end of the
+    warm-up steps to the end of the last step.
 
     The Trainer collates every micro-batch of a step before the step ends (and may collate
     the next one early), so popping ``gradient_accumulation_steps`` counts per step is exact.
+    The GPU is synchronized only at those two points: a sync at every step would stop the CPU from
+    queuing the next step while the GPU runs this one, which a real run does not do.
     """
 
     warmup_steps: int
@@ -293,16 +296,20 @@ class Meter:
                     meter.t0 = meter._now()
 
             def on_step_end(self, args, state, control, **kwargs):
-                now = meter._now()
                 count = min(args.gradient_accumulation_steps, len(meter.queue))
                 step_tokens = sum(meter.queue.popleft() for _ in range(count))
                 meter.steps += 1
                 meter.tokens += step_tokens
                 if meter.steps == meter.warmup_steps:
-                    meter.t0 = now
+                    meter.t0 = meter._now()
                 elif meter.steps > meter.warmup_steps:
                     meter.timed_tokens += step_tokens
-                    meter.t_end = now
+                    if state.global_step >= state.max_steps:
+                        meter.t_end = meter._now()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if meter.t_end is None and meter.steps > meter.warmup_steps:
+                    meter.t_end = meter._now()
 
         return _Callback()
 
@@ -321,6 +328,61 @@ class Meter:
         torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
         self.tokens, self.timed_tokens = int(counts[0]), int(counts[1])
         self.t0, self.t_end = 0.0, float(elapsed[0])
+
+
+class StepProfiler:
+    """``torch.profiler`` over optimizer steps ``start`` .. ``start + steps - 1`` of one side (after warm-up).
+
+    Writes the operators by GPU time to ``path`` and returns the summary that goes into the JSON:
+    the window's wall time, the GPU kernel time in it and their ratio (how busy the GPU was). The
+    profiled steps run slower than unprofiled ones; the side's tokens/s is not comparable.
+    """
+
+    def __init__(self, path: Path, start: int, steps: int = 8):
+        self.path, self.start, self.stop = path, start, start + steps
+        self.prof = None
+        self.t0 = 0.0
+        self.summary: dict[str, Any] = {}
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == outer.start and outer.prof is None:
+                    torch.cuda.synchronize()
+                    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    outer.prof = torch.profiler.profile(activities=acts)
+                    outer.prof.__enter__()
+                    outer.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == outer.stop and outer.prof is not None and not outer.summary:
+                    torch.cuda.synchronize()
+                    wall = time.perf_counter() - outer.t0
+                    outer.prof.__exit__(None, None, None)
+                    outer.finish(wall, outer.stop - outer.start)
+
+        return _Callback()
+
+    def finish(self, wall: float, steps: int) -> None:
+        events = self.prof.events()
+        kernel_us = sum(
+            e.device_time for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0
+        )
+        table = self.prof.key_averages().table(sort_by="device_time_total", row_limit=60)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(table)
+        self.summary = {
+            "steps": steps,
+            "wall_ms_per_step": 1000 * wall / steps,
+            "gpu_kernel_ms_per_step": kernel_us / 1000 / steps,
+            "gpu_busy": kernel_us / 1e6 / wall,
+            "table": str(self.path),
+        }
+        print(f"profile: {self.summary}", file=sys.stderr)
 
 
 def _reset_memory(device: str) -> float:
@@ -466,6 +528,7 @@ def run_fast(
     warmup: int,
     budget: Optional[float],
     variant: str = "",
+    profile: Optional[Path] = None,
 ) -> dict[str, Any]:
     """(b) The project's trainer with its defaults: src.modeling + src.packing, as src.train builds them."""
     from datasets import Dataset
@@ -488,13 +551,14 @@ def run_fast(
     )
     model = modeling.apply_lora(model, cfg.lora, "sft")
     meter = Meter(warmup, device)
+    profiler = None if profile is None else StepProfiler(profile, start=warmup + 4)
     trainer, micro = packing.build_packed_sft_trainer(
         cfg,
         model,
         tokenizer,
         sft_arguments(cfg, cfg.output_dir),
         Dataset.from_dict({"input_ids": rows}),
-        callbacks=[meter.callback()],
+        callbacks=[meter.callback()] + ([profiler.callback()] if profiler else []),
         attention={"mask-attention": "mask", "per-example-attention": "per-example"}.get(variant, "auto"),
         bf16_weights=variant != "fp32-weights",
         dequantize=False if variant in ("no-dequant", "compile-no-dequant") else None,
@@ -525,6 +589,8 @@ def run_fast(
     del trainer, model, graphs
     settings = dataclasses.asdict(micro) | {"optim": optim, "variant": variant or None, "cuda_graphs": graph_note}
     result = _side_result("fast", budget, meter, wall, peak, estimate, base, settings)
+    if profiler is not None:
+        result["profile"] = profiler.summary
     result["planned_est_peak_gpu_mem_gb"] = micro.est_peak_gpu_mem_gb
     return result
 
@@ -618,6 +684,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-bench-models")
     parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/<date>.json")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="also profile 8 steps of one more fast run (first budget); operator table written to this folder",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu for a smoke test")
@@ -660,6 +732,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 except Exception as exc:
                     print(f"variant {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                     failed.append({"workload": name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
+            if args.profile is not None and args.device == "cuda":
+                path = args.profile / f"{name}-rank{distributed.rank()}.txt"
+                results.append(run_fast(workload, model_dir, rows, args.device, warmup, budgets[0], "profile", path))
         seed_rate = next((r["tokens_per_s"] for r in results if r["side"] == "seed"), None)
         for r in results:  # MFU over every GPU of the run
             r["world_size"] = world

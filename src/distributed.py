@@ -140,3 +140,25 @@ def ddp_training_kwargs() -> dict[str, Any]:
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # DDP on CPU: accelerate sets up gloo only when told the run is on CPU
     return kwargs
+
+
+def average_gradients(grads: list) -> None:
+    """Average gradient tensors over the ranks in place, as DDP does: one all-reduce per dtype.
+
+    For steps whose backward DDP's hooks do not see (a CUDA graph replay, :class:`src.packing.GraphedSteps`).
+    The gradients are flattened into one buffer per dtype, reduced in that dtype (as DDP reduces in the
+    parameters' dtype), divided by the world size and copied back.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    by_dtype: dict[Any, list] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for group in by_dtype.values():
+        flat = torch.cat([grad.reshape(-1) for grad in group])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for grad, part in zip(group, flat.split([grad.numel() for grad in group])):
+            grad.copy_(part.view_as(grad))

@@ -187,6 +187,54 @@ def test_ddp_sft_loss_is_the_token_mean_over_both_ranks(tmp_path, mlflow_store):
     loss = {r.data.params["train.world_size"]: r.data.metrics["train_loss_mean"] for r in runs}
     assert set(loss) == {"1", "2"}
     assert abs(loss["2"] - loss["1"]) / loss["1"] < 0.15, loss
+    # The packed trainer counts tokens on the host and sums the ranks' counts when it logs: the same rows, the same sum.
+    tokens = {r.data.params["train.world_size"]: r.data.metrics["train_tokens"] for r in runs}
+    assert tokens["2"] == tokens["1"] > 0, tokens
+
+
+def _average_gradients_worker(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from src.distributed import average_gradients
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same weights on both ranks, as DDP starts
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1 + rank))  # each rank its own data
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp(x).square().sum().backward()  # DDP's hooks average the gradients
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()  # the module alone: DDP's hooks stay off
+    local = [p.grad.clone() for p in model.parameters()]
+    average_gradients([p.grad for p in model.parameters()])
+    mixed = [torch.full((3,), float(rank), dtype=torch.bfloat16), torch.full((2, 2), 2.0 * rank)]
+    average_gradients(mixed)  # one all-reduce per dtype
+    torch.save({"reference": reference, "local": local, "averaged": [p.grad for p in model.parameters()],
+                "mixed": mixed}, f"{out}/rank{rank}.pt")  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_average_gradients_gives_ddps_gradients(tmp_path):
+    """What the packed trainer's CUDA-graph steps use under DDP instead of DDP's hooks (``src.packing``)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_average_gradients_worker, args=(port, str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for rank in (0, 1):
+        got = results[rank]
+        for ref, avg in zip(got["reference"], got["averaged"]):
+            torch.testing.assert_close(avg, ref)
+        assert any(not torch.allclose(a, b) for a, b in zip(got["local"], got["reference"]))  # averaging did something
+        assert got["mixed"][0].dtype == torch.bfloat16 and got["mixed"][0].tolist() == [0.5] * 3
+        assert got["mixed"][1].tolist() == [[1.0, 1.0], [1.0, 1.0]]
 
 
 def test_runs_record_the_gpus_they_were_pinned_to(monkeypatch):

@@ -121,3 +121,65 @@ def test_cuda_graph_steps_match_eager_steps():
             torch.testing.assert_close(grads[name] * num_items / 100, grad, atol=3e-2 * grad.abs().max().item(), rtol=0)
     assert sorted(graphs.graphs) == [128, 512]
     assert not graphs.accepts(batches[3])
+
+
+def _ddp_graph_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from src.distributed import average_gradients
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = _model("varlen", head_dim=100, kv_heads=8)  # seeded: the same weights on both ranks
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+    graphs = packing.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128, world_size=2)
+    results = []
+    for step, lengths in enumerate([[37, 200, 5, 64, 130], [100, 90, 80, 70, 60]]):  # capture, then replay
+        batch = _packed(lengths[rank:] + lengths[:rank], seed=10 * step + rank)  # each rank its own row
+        local = (batch["labels"][:, 1:] != -100).sum()
+        num_items = local.clone()
+        dist.all_reduce(num_items)  # as the Trainer counts under DDP: every rank's tokens
+        bounds = packing.seq_bounds(batch["position_ids"])
+        cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+        max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        model.zero_grad(set_to_none=True)
+        outputs = ddp(**batch, packed_cu_seqlens=cu, packed_max_seqlen=max_len, use_cache=False,
+                      num_items_in_batch=num_items)  # fmt: skip
+        loss_ref = outputs.loss * 2  # as Trainer.compute_loss scales it under DDP
+        loss_ref.backward()
+        del outputs
+        grads_ref = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        loss = graphs.step(model, batch, num_items).float().clone()
+        average_gradients([p.grad for p in model.parameters() if p.requires_grad])
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        results.append({"loss_ref": loss_ref.detach().float().cpu(), "loss": loss.cpu(),
+                        "grads_ref": {n: g.cpu() for n, g in grads_ref.items()},
+                        "grads": {n: g.cpu() for n, g in grads.items()}})  # fmt: skip
+    torch.save({"results": results, "lengths": sorted(graphs.graphs), "failed": graphs.failed}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_graph_steps_under_ddp_match_ddp(tmp_path):
+    """Two ranks, each its own rows: a replay on the unwrapped model plus ``average_gradients`` gives DDP's loss
+    (x world size, as the Trainer scales it) and DDP's averaged gradients, at capture and at a later replay."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_graph_worker, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for got in ranks:
+        assert got["failed"] is None and got["lengths"] == [512]
+        for step in got["results"]:
+            torch.testing.assert_close(step["loss"], step["loss_ref"], atol=1e-2, rtol=0)
+            for name, grad in step["grads_ref"].items():
+                assert grad.abs().max() > 0, name
+                torch.testing.assert_close(step["grads"][name], grad, atol=3e-2 * grad.abs().max().item(), rtol=0)
+    for name, grad in ranks[0]["results"][1]["grads"].items():  # averaged: the ranks hold the same gradients
+        torch.testing.assert_close(ranks[1]["results"][1]["grads"][name], grad)
