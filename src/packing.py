@@ -496,7 +496,10 @@ class GraphedSteps:
     would put NCCL calls into the capture; each rank captures its own lengths. As
     ``Trainer.compute_loss`` does under DDP, the loss is multiplied by the world size
     (``num_items_in_batch`` counts every rank's tokens); :meth:`PackedTrainer.training_step` then
-    averages the gradients over the ranks.
+    averages the gradients over the ranks. DDP keeps the parameters' gradient accumulators alive,
+    bound to the stream it was built on, and a capture on any other stream fails; so under DDP the
+    warm-up and capture run on ``stream``, the stream :meth:`PackedTrainer.train` trains on (and
+    builds DDP on), as PyTorch's notes on graphs with DDP prescribe.
     """
 
     def __init__(self, pad_token_id: int, max_examples: int, bucket: int = GRAPH_BUCKET_TOKENS, world_size: int = 1):
@@ -506,6 +509,7 @@ class GraphedSteps:
         self.world_size = world_size
         self.graphs: dict[int, dict[str, Any]] = {}
         self.pool = None
+        self.stream: Optional[torch.cuda.Stream] = None  # where to capture; None: a new side stream
         self.failed: Optional[str] = None  # why capture failed; the steps then run eagerly
 
     def padded_length(self, tokens: int) -> int:
@@ -551,7 +555,7 @@ class GraphedSteps:
         static["num_items_in_batch"] = num_items.detach().to(device=device).clone()
         params = [p for p in model.parameters() if p.requires_grad]
         saved = [p.grad for p in params]  # normally None: the Trainer zeroes gradients after each step
-        side = torch.cuda.Stream()
+        side = self.stream or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: lazy initialization (cuBLAS, flash workspaces) off the graph
             for p in params:
@@ -563,7 +567,7 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             loss = self._forward_backward(model, static, length)
         grads = [p.grad for p in params]
         for p, g in zip(params, saved):
@@ -634,6 +638,18 @@ class PackedTrainer(Trainer):
             self.state.num_input_tokens_seen += int(self.accelerator.gather(count).sum())
             self._unlogged_tokens = 0
         super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        """As the Trainer's; under DDP with CUDA graphs, on a side stream that DDP is built on and
+        the graphs are captured on (:class:`GraphedSteps`)."""
+        if self.graphs is None or distributed.world_size() == 1 or not torch.cuda.is_available():
+            return super().train(*args, **kwargs)
+        stream = self.graphs.stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            result = super().train(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        return result
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A CUDA graph replay where :class:`GraphedSteps` takes the row, else the Trainer's eager step.

@@ -8,6 +8,8 @@ tensor's largest entry. A token that attends across examples moves its logits by
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -51,9 +53,16 @@ def _packed(lengths, seed=0):
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _run(model, attention: str, batch):
-    trainer = packing.PackedTrainer.__new__(packing.PackedTrainer)  # compute_loss only needs .attention
+def _trainer(attention: str):
+    """A PackedTrainer with only what compute_loss reads: the attention and one argument (one process)."""
+    trainer = packing.PackedTrainer.__new__(packing.PackedTrainer)
     trainer.attention = attention
+    trainer.args = types.SimpleNamespace(average_tokens_across_devices=False)
+    return trainer
+
+
+def _run(model, attention: str, batch):
+    trainer = _trainer(attention)
     model.zero_grad()
     loss, outputs = trainer.compute_loss(model, batch, return_outputs=True, num_items_in_batch=100)
     loss.backward()
@@ -108,9 +117,7 @@ def test_cuda_graph_steps_match_eager_steps():
     for batch in batches[:3]:
         num_items = (batch["labels"][:, 1:] != -100).sum()
         logits, grads_ref = _run(model, "varlen", batch)
-        trainer = packing.PackedTrainer.__new__(packing.PackedTrainer)
-        trainer.attention = "varlen"
-        loss_ref = trainer.compute_loss(model, batch, num_items_in_batch=num_items).detach().float()
+        loss_ref = _trainer("varlen").compute_loss(model, batch, num_items_in_batch=num_items).detach().float()
         model.zero_grad(set_to_none=True)
         assert graphs.accepts(batch)
         loss = graphs.step(model, batch, num_items).float().clone()
@@ -126,13 +133,24 @@ def test_cuda_graph_steps_match_eager_steps():
 def _ddp_graph_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from src.distributed import average_gradients
-
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = _model("varlen", head_dim=100, kv_heads=8)  # seeded: the same weights on both ranks
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
     graphs = packing.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128, world_size=2)
+    graphs.stream = torch.cuda.Stream()  # as PackedTrainer.train: DDP built on the stream the graphs use
+    graphs.stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(graphs.stream):
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+        results = _ddp_graph_steps(rank, model, ddp, graphs)
+    torch.save({"results": results, "lengths": sorted(graphs.graphs), "failed": graphs.failed}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _ddp_graph_steps(rank: int, model, ddp, graphs) -> list[dict]:
+    import torch.distributed as dist
+
+    from src.distributed import average_gradients
+
     results = []
     for step, lengths in enumerate([[37, 200, 5, 64, 130], [100, 90, 80, 70, 60]]):  # capture, then replay
         batch = _packed(lengths[rank:] + lengths[:rank], seed=10 * step + rank)  # each rank its own row
@@ -150,15 +168,16 @@ def _ddp_graph_worker(rank: int, port: int, out: str) -> None:
         del outputs
         grads_ref = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad(set_to_none=True)
-        loss = graphs.step(model, batch, num_items).float().clone()
+        loss = graphs.step(model, batch, num_items)
+        assert loss is not None, graphs.failed
+        loss = loss.float().clone()
         average_gradients([p.grad for p in model.parameters() if p.requires_grad])
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad(set_to_none=True)
         results.append({"loss_ref": loss_ref.detach().float().cpu(), "loss": loss.cpu(),
                         "grads_ref": {n: g.cpu() for n, g in grads_ref.items()},
                         "grads": {n: g.cpu() for n, g in grads.items()}})  # fmt: skip
-    torch.save({"results": results, "lengths": sorted(graphs.graphs), "failed": graphs.failed}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
