@@ -442,7 +442,11 @@ def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device:
         workload,
         model_dir,
         device,
-        [f"train.per_device_train_batch_size={SEED_BATCH_SIZE}", "train.activation_checkpointing=true"]
+        [
+            "train.fast_path=false",  # the plain path: src.plan models its fp32 residual stream under 4/8-bit
+            f"train.per_device_train_batch_size={SEED_BATCH_SIZE}",
+            "train.activation_checkpointing=true",
+        ]
         + (["train.optim=paged_adamw_8bit"] if device != "cpu" else []),
     )
     base = _reset_memory(device)

@@ -151,6 +151,12 @@ class TrainConfig:
     memory_budget_gb: Optional[float] = field(
         metadata={"help": "Fast path: peak GPU memory to plan micro-batches for; null: 90% of the GPU."}
     )
+    dequantize_weights: bool = field(
+        metadata={
+            "help": "Fast path: keep dequantized copies of a 4/8-bit base's weights where the budget has room "
+            "(8-bit: the activations are then not rounded to int8 as LLM.int8 does); false: bitsandbytes' matmuls."
+        }
+    )
     seed: int
     bf16: bool
     fp16: bool

@@ -25,8 +25,9 @@ What the fast path changes, and why learning does not change:
   memory-efficient kernel: the math kernel then keeps ``heads x T x T`` matrices per layer), where
   those fit the budget; else causal attention per example (:func:`packed_sdpa_attention`).
 - **bf16 weights under a 4/8-bit base** (:func:`cast_frozen_to_bf16`): fewer dtype casts per step.
-- **Cached dequantized 4-bit weights** (:func:`cache_dequantized_weights`), as many layers as the
-  budget leaves room for: the same matmul without dequantizing every weight in every pass.
+- **Cached dequantized 4/8-bit weights** (:func:`cache_dequantized_weights`), as many layers as the
+  budget leaves room for: the same matmul without dequantizing every weight in every pass (8-bit:
+  without LLM.int8's rounding of the activations, see there).
 - **CUDA graphs** (:class:`GraphedSteps`): each step's forward and backward replayed as one graph
   per padded row length, so a small step is no longer bound by launching ~5,000 kernels.
 - **Micro-batches sized to a memory budget.** ``train.memory_budget_gb`` (null: 90% of the
@@ -40,6 +41,10 @@ What the fast path changes, and why learning does not change:
   does (EOS appended, completion-only labels, truncation to ``model.max_length``); the tests check
   the token ids and labels against TRL's. Like ``SFTTrainer``, it trains the adapters of a
   quantized model in bf16 (with the base's other weights, above).
+- **Token-balanced ranks under DDP** (:class:`TokenBalancedSampler`): each optimizer step takes the
+  same examples as the default shuffle, dealt to the ranks so that their token counts match; the
+  averaged gradient is the same for any split of a step's examples (the loss is normalized by all
+  ranks' tokens), and no rank waits for one with longer rows at the all-reduce.
 - **Fused AdamW** (``adamw_torch_fused``, one kernel for all LoRA tensors) replaces the other
   AdamW variants on CUDA: LoRA's trainable parameters are too few for 8-bit or paged state
   to save memory that matters, and the fp32 state is the more exact of the two.
@@ -387,32 +392,61 @@ def use_varlen_attention(model) -> bool:
 # ---------------------------------------------------------------------------------------------- dequantized weights
 
 
-def _quantized_4bit_layers(model) -> list[torch.nn.Module]:
+def _quantized_layers(model, bits: Optional[int] = None) -> list[torch.nn.Module]:
+    """bitsandbytes' 4-bit and 8-bit linear layers of ``model`` (``bits``: only those)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
         return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    kinds = {4: (bnb.nn.Linear4bit,), 8: (bnb.nn.Linear8bitLt,), None: (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)}
+    return [m for m in model.modules() if isinstance(m, kinds[bits])]
 
 
-def dequantized_weights_gb(model) -> float:
-    """GiB that :func:`cache_dequantized_weights` would hold for every 4-bit layer of ``model``."""
+def _quantized_4bit_layers(model) -> list[torch.nn.Module]:
+    return _quantized_layers(model, 4)
+
+
+def _cache_dtype(module, int8_dtype: torch.dtype) -> torch.dtype:
+    return getattr(module, "compute_dtype", None) or (int8_dtype if _is_int8(module) else torch.bfloat16)
+
+
+def _is_int8(module) -> bool:
+    return hasattr(module.weight, "SCB")
+
+
+def dequantized_weights_gb(model, int8_dtype: torch.dtype = torch.bfloat16) -> float:
+    """GiB that :func:`cache_dequantized_weights` would hold for every quantized layer of ``model``."""
     total = 0
-    for module in _quantized_4bit_layers(model):
-        dtype = module.compute_dtype or torch.bfloat16
-        total += module.in_features * module.out_features * torch.finfo(dtype).bits // 8
+    for module in _quantized_layers(model):
+        total += module.in_features * module.out_features * torch.finfo(_cache_dtype(module, int8_dtype)).bits // 8
     return total / 2**30
 
 
 def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``bnb.nn.Linear4bit.forward`` on the cached dequantized weight: the same matmul, minus the dequantization."""
+    """The layer's matmul on its cached dequantized weight (:func:`cache_dequantized_weights`)."""
     weight = self.dequantized_weight
     bias = None if self.bias is None else self.bias.to(weight.dtype)
     return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
-def cache_dequantized_weights(model, budget_gb: Optional[float] = None) -> tuple[int, float]:
-    """Keep a dequantized copy of 4-bit base weights, layer by layer while ``budget_gb`` allows.
+def _dequantize(module, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    import bitsandbytes.functional as bnbf
+
+    if _is_int8(module):
+        # The int8 rows and their scales: on the weight until the layer's first forward moves them to its state.
+        rows = module.weight.CB if module.weight.CB is not None else module.state.CB
+        scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+        if rows is None or scales is None:  # not quantized (yet): nothing to cache
+            return None
+        return bnbf.int8_vectorwise_dequant(rows, scales).to(dtype)
+    weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+    return weight.view(module.out_features, module.in_features)
+
+
+def cache_dequantized_weights(
+    model, budget_gb: Optional[float] = None, int8_dtype: torch.dtype = torch.bfloat16
+) -> tuple[int, float]:
+    """Keep a dequantized copy of 4-bit and 8-bit base weights, layer by layer while ``budget_gb`` allows.
 
     Returns the number of layers cached and the GiB they hold.
 
@@ -422,21 +456,26 @@ def cache_dequantized_weights(model, budget_gb: Optional[float] = None) -> tuple
     weight is kept instead (a non-persistent buffer, so checkpoints and adapters are unchanged)
     and the layer runs ``F.linear`` on it: the values are bitsandbytes' own
     (``dequantize_4bit``), so the forward and the input gradients are those of the 4-bit base.
-    The 4-bit weights stay (saving and merging still see them). 8-bit bases are left alone:
-    their matmul also quantizes the activations, which a cached weight would not.
-    """
-    import bitsandbytes.functional as bnbf
 
+    8-bit (LLM.int8) layers get the weight bitsandbytes' own backward multiplies by
+    (``int8_vectorwise_dequant``: the int8 rows times their scales), in ``int8_dtype``. Their
+    forward differs from bitsandbytes' CUDA forward in one way: LLM.int8 also quantizes the
+    activations row-wise to int8 (keeping outlier columns above its threshold in fp16) and finds
+    those columns on the host, a GPU sync in every layer that rules out CUDA graphs. The cached
+    forward multiplies the unquantized activations, as bitsandbytes' CPU path does; so the weights
+    are the 8-bit base's, the activations are not rounded to 8 bits. ``tests/test_gpu.py`` measures
+    the difference. The quantized weights stay (saving and merging still see them).
+    """
     cached, used = 0, 0.0
-    for module in _quantized_4bit_layers(model):
-        dtype = module.compute_dtype or torch.bfloat16
+    for module in _quantized_layers(model):
+        dtype = _cache_dtype(module, int8_dtype)
         size = module.in_features * module.out_features * torch.finfo(dtype).bits / 8 / 2**30
         if budget_gb is not None and used + size > budget_gb:
             break
-        weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
-        module.register_buffer(
-            "dequantized_weight", weight.view(module.out_features, module.in_features), persistent=False
-        )
+        weight = _dequantize(module, dtype)
+        if weight is None:
+            continue
+        module.register_buffer("dequantized_weight", weight, persistent=False)
         module.forward = types.MethodType(_dequantized_forward, module)
         cached, used = cached + 1, used + size
     return cached, used
@@ -465,6 +504,53 @@ def tokenize_sft(dataset, tokenizer, max_length: int, completion_only_loss: bool
 
     tokenized = dataset.map(encode, remove_columns=dataset.column_names)
     return tokenized.filter(lambda example: any(label != -100 for label in example["labels"]))
+
+
+# ---------------------------------------------------------------------------------------------- DDP sampling
+
+
+class TokenBalancedSampler(torch.utils.data.Sampler):
+    """The default shuffled order, with each micro-batch slot's examples dealt so every rank gets as many tokens.
+
+    Under DDP each optimizer step runs ``world_size`` micro-batches of ``batch_size`` examples at once,
+    one per rank (accelerate's ``BatchSamplerShard`` deals consecutive batches of this order round-robin),
+    and waits at the gradient all-reduce for the slowest. A packed row's time is proportional to its
+    tokens, and 8 random examples differ by ~12% in tokens between two ranks. This sampler takes the
+    permutation the default sampler would (``torch.randperm`` seeded with ``seed + epoch``, as
+    accelerate's ``SeedableRandomSampler``), so every step holds the same examples, and within each
+    group of ``world_size x batch_size`` assigns the longest remaining example to the rank with the
+    fewest tokens that still has room. The gradient does not change: the loss is normalized by the
+    token count of all ranks. A last incomplete group keeps the default order.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, world_size: int, seed: int):
+        self.lengths, self.batch_size, self.world_size, self.seed = list(lengths), batch_size, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        group = self.batch_size * self.world_size
+        full = len(order) - len(order) % group
+        for start in range(0, full, group):
+            yield from self.balance(order[start : start + group])
+        yield from order[full:]
+
+    def balance(self, indices: list[int]) -> list[int]:
+        """``indices`` dealt into ``world_size`` batches of equal size and near-equal tokens, concatenated."""
+        batches: list[list[int]] = [[] for _ in range(self.world_size)]
+        tokens = [0] * self.world_size
+        for index in sorted(indices, key=lambda i: -self.lengths[i]):
+            rank = min((r for r in range(self.world_size) if len(batches[r]) < self.batch_size), key=tokens.__getitem__)
+            batches[rank].append(index)
+            tokens[rank] += self.lengths[index]
+        return [index for batch in batches for index in batch]
 
 
 # ---------------------------------------------------------------------------------------------- CUDA graphs
@@ -639,6 +725,20 @@ class PackedTrainer(Trainer):
             self._unlogged_tokens = 0
         super().log(logs, start_time)
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Under DDP, :class:`TokenBalancedSampler` in place of the default shuffle; else the Trainer's."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if (
+            distributed.world_size() > 1
+            and self.args.train_sampling_strategy == "random"
+            and dataset is not None
+            and "input_ids" in getattr(dataset, "column_names", ())
+        ):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            return TokenBalancedSampler(lengths, self.args.per_device_train_batch_size, distributed.world_size(), seed)
+        return super()._get_train_sampler(train_dataset)
+
     def train(self, *args, **kwargs):
         """As the Trainer's; under DDP with CUDA graphs, on a side stream that DDP is built on and
         the graphs are captured on (:class:`GraphedSteps`)."""
@@ -744,12 +844,14 @@ def build_packed_sft_trainer(
             when the plan plus :func:`mask_attention_gb` fits the budget, else per example.
         bf16_weights: under bf16 training of a 4/8-bit base, cast its fp32 weights and the adapters to
             bf16 (:func:`cast_frozen_to_bf16`).
-        dequantize: keep dequantized copies of a 4-bit base's weights (:func:`cache_dequantized_weights`);
-            None: as many layers as the memory budget leaves room for (none without a budget).
+        dequantize: keep dequantized copies of a 4/8-bit base's weights (:func:`cache_dequantized_weights`);
+            None: as ``train.dequantize_weights`` says, as many layers as the memory budget leaves room for
+            (none without a budget).
         compile_layers: ``torch.compile`` the decoder layers (:func:`compile_decoder_layers`).
         cuda_graphs: replay each step's forward and backward as a CUDA graph (:class:`GraphedSteps`);
             None: wherever it applies (CUDA, bf16, varlen attention, one micro-batch per step, a 16- or
-            4-bit base; also under DDP); a step whose capture fails runs eagerly, and so do the rest.
+            4-bit base or an 8-bit one whose every layer is cached; also under DDP); a step whose capture
+            fails runs eagerly, and so do the rest.
     """
     budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else default_budget_gb()
     if budget is not None:
@@ -781,9 +883,12 @@ def build_packed_sft_trainer(
     if bf16_weights and args.bf16 and cfg.quant.bits in (4, 8):
         cast_frozen_to_bf16(model)
     dequantized, cache_gb = 0, 0.0
-    if dequantize is not False and cfg.quant.bits == 4:
+    if dequantize is None and not cfg.train.dequantize_weights:
+        dequantize = False
+    if dequantize is not False and cfg.quant.bits in (4, 8):
         room = None if dequantize else (0.0 if budget is None else max(0.0, budget - (estimated or 0.0)))
-        dequantized, cache_gb = cache_dequantized_weights(model, room)
+        int8_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        dequantized, cache_gb = cache_dequantized_weights(model, room, int8_dtype)
         if estimated is not None:
             estimated += cache_gb
     if compile_layers:
@@ -794,7 +899,8 @@ def build_packed_sft_trainer(
         and not args.fp16
         and attention == "varlen"
         and micro.gradient_accumulation_steps == 1
-        and cfg.quant.bits in (4, 16)  # bitsandbytes' int8 matmul finds its outliers on the host
+        # bitsandbytes' int8 matmul finds its outliers on the host: 8-bit only with every layer cached
+        and (cfg.quant.bits in (4, 16) or dequantized == len(_quantized_layers(model, 8)) > 0)
     )
     if cuda_graphs is None:
         cuda_graphs = graphable

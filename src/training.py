@@ -43,6 +43,7 @@ NOT_TRAINING_ARGUMENTS = {
     "resume_from_checkpoint",
     "fast_path",
     "memory_budget_gb",
+    "dequantize_weights",
     "nproc_per_node",
 }
 

@@ -245,3 +245,53 @@ def test_runs_record_the_gpus_they_were_pinned_to(monkeypatch):
     assert "gpus" not in tracking.device_tags()  # no CUDA in use here: the tag would start it, so it waits
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert "cuda_visible_devices" not in tracking.device_tags()
+
+
+def test_token_balanced_sampler_keeps_each_steps_examples_and_evens_the_ranks():
+    """Under DDP the packed trainer deals each step's examples so that the ranks get as many tokens (src.packing)."""
+    import random
+
+    import torch
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from src.packing import TokenBalancedSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(64, 256) for _ in range(100)]  # 6 full steps of 2 ranks x 8, and 4 left over
+    sampler = TokenBalancedSampler(lengths, batch_size=8, world_size=2, seed=42)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        default = torch.randperm(100, generator=torch.Generator().manual_seed(42 + epoch)).tolist()  # accelerate's
+        ranks = [list(BatchSamplerShard(BatchSampler(sampler, 8, False), 2, r)) for r in (0, 1)]  # as accelerate deals
+        assert sorted(sampler) == list(range(100))  # every example once
+        gaps, default_gaps = [], []
+        for step in range(6):
+            first, second = ranks[0][step], ranks[1][step]
+            assert len(first) == len(second) == 8
+            assert sorted(first + second) == sorted(default[16 * step : 16 * (step + 1)])  # the same examples
+            gaps.append(abs(sum(lengths[i] for i in first) - sum(lengths[i] for i in second)))
+            half, full = default[16 * step : 16 * step + 8], default[16 * step + 8 : 16 * (step + 1)]
+            default_gaps.append(abs(sum(lengths[i] for i in half) - sum(lengths[i] for i in full)))
+        assert max(gaps) <= max(lengths)  # greedy dealing: the ranks differ by less than one example
+        assert sum(gaps) < sum(default_gaps) / 4, (gaps, default_gaps)
+        assert list(sampler)[96:] == default[96:]  # the last, incomplete group keeps the default order
+
+
+def test_packed_trainer_samples_token_balanced_only_under_ddp(monkeypatch):
+    import types
+
+    from datasets import Dataset
+
+    from src.packing import PackedTrainer, TokenBalancedSampler
+
+    trainer = PackedTrainer.__new__(PackedTrainer)
+    trainer.train_dataset = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 5, 7, 9)]})
+    trainer.args = types.SimpleNamespace(
+        train_sampling_strategy="random", data_seed=None, seed=7, per_device_train_batch_size=2
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, TokenBalancedSampler) and sampler.lengths == [3, 5, 7, 9] and sampler.seed == 7
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not isinstance(trainer._get_train_sampler(), TokenBalancedSampler)
