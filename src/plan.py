@@ -19,12 +19,14 @@ within 3% of the measured peak; 8-bit within 2%, but from two runs only. Checked
 ``python -m src.bench`` (``src/BENCH_RESULTS.md``, Run 4): the seeds' recipe at 4/8/16 bits
 +1%, +3%, -5%; the fast path (packed rows, bf16 weights, varlen attention, cached dequantized
 4-bit weights, CUDA graphs) from -12% to +6% across W3B at 4/8/16 bits, the 8 GiB budget and
-Mistral-7B 4-bit (the last on an H200). Other architectures (GELU MLPs, encoders) use the same
-coefficients, unmeasured.
+Mistral-7B 4-bit (the last on an H200). Re-measured (``src/BENCH_RESULTS.md`` run 5, H100): seed
+-9% to +2%, fast -10% to +8%, now with cached 8-bit weights and Mistral-7B on an H100. Other
+architectures (GELU MLPs, encoders) use the same coefficients, unmeasured.
 
 The fast SFT path (``src/packing.py``) asks :func:`plan` for one packed row of ``n x max_length``
-tokens per micro-batch and adds what the plan does not model: the cached dequantized 4-bit weights
-(2 bytes a weight, :func:`src.packing.cache_dequantized_weights`) and, under the mask attention, the
+tokens per micro-batch and adds what the plan does not model: the cached dequantized 4/8-bit weights
+(2 bytes a weight, :func:`src.packing.cache_dequantized_weights`; a cached int8 layer no longer keeps
+bitsandbytes' input copy, which the plan still counts: +6% to +8% measured) and, under the mask attention, the
 math kernel's ``heads x T x T`` matrices (:func:`src.packing.mask_attention_gb`).
 
 - **Base weights.** 16-bit: every parameter at ``model.dtype``. 4- and 8-bit: bitsandbytes
