@@ -331,18 +331,23 @@ class Meter:
 
 
 class StepProfiler:
-    """``torch.profiler`` over optimizer steps ``start`` .. ``start + steps - 1`` of one side (after warm-up).
+    """``torch.profiler`` over up to ``steps`` optimizer steps of one side, from step ``start`` (after warm-up).
 
-    Writes the operators by GPU time to ``path`` and returns the summary that goes into the JSON:
-    the window's wall time, the GPU kernel time in it and their ratio (how busy the GPU was). The
-    profiled steps run slower than unprofiled ones; the side's tokens/s is not comparable.
+    Writes the operators by time (GPU time on CUDA) to ``path`` and returns the summary that goes into
+    the JSON: the window's wall time per step, the GPU kernel time per step and their ratio (how busy
+    the GPU was; None on CPU). A short run moves the window to its last steps. The profiled steps run
+    slower than unprofiled ones; the side's tokens/s is not comparable.
     """
 
-    def __init__(self, path: Path, start: int, steps: int = 8):
-        self.path, self.start, self.stop = path, start, start + steps
+    def __init__(self, path: Path, start: int, device: str, steps: int = 8):
+        self.path, self.start, self.steps, self.cuda = path, start, steps, device != "cpu"
         self.prof = None
         self.t0 = 0.0
         self.summary: dict[str, Any] = {}
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
     def callback(self):
         from transformers import TrainerCallback
@@ -350,36 +355,43 @@ class StepProfiler:
         outer = self
 
         class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer.start = max(0, min(outer.start, state.max_steps - outer.steps))
+
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step == outer.start and outer.prof is None:
-                    torch.cuda.synchronize()
-                    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    outer._sync()
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    acts += [torch.profiler.ProfilerActivity.CUDA] if outer.cuda else []
                     outer.prof = torch.profiler.profile(activities=acts)
                     outer.prof.__enter__()
                     outer.t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == outer.stop and outer.prof is not None and not outer.summary:
-                    torch.cuda.synchronize()
+                done = state.global_step - outer.start
+                last = done == outer.steps or state.global_step >= state.max_steps
+                if outer.prof is not None and not outer.summary and last:
+                    outer._sync()
                     wall = time.perf_counter() - outer.t0
                     outer.prof.__exit__(None, None, None)
-                    outer.finish(wall, outer.stop - outer.start)
+                    outer.finish(wall, done)
 
         return _Callback()
 
     def finish(self, wall: float, steps: int) -> None:
-        events = self.prof.events()
         kernel_us = sum(
-            e.device_time for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0
+            e.device_time
+            for e in self.prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0
         )
-        table = self.prof.key_averages().table(sort_by="device_time_total", row_limit=60)
+        sort = "device_time_total" if self.cuda else "cpu_time_total"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(table)
+        self.path.write_text(self.prof.key_averages().table(sort_by=sort, row_limit=60))
         self.summary = {
             "steps": steps,
             "wall_ms_per_step": 1000 * wall / steps,
-            "gpu_kernel_ms_per_step": kernel_us / 1000 / steps,
-            "gpu_busy": kernel_us / 1e6 / wall,
+            "gpu_kernel_ms_per_step": kernel_us / 1000 / steps if self.cuda else None,
+            "gpu_busy": kernel_us / 1e6 / wall if self.cuda else None,
             "table": str(self.path),
         }
         print(f"profile: {self.summary}", file=sys.stderr)
@@ -555,7 +567,7 @@ def run_fast(
     )
     model = modeling.apply_lora(model, cfg.lora, "sft")
     meter = Meter(warmup, device)
-    profiler = None if profile is None else StepProfiler(profile, start=warmup + 4)
+    profiler = None if profile is None else StepProfiler(profile, start=warmup + 4, device=device)
     trainer, micro = packing.build_packed_sft_trainer(
         cfg,
         model,
@@ -736,7 +748,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 except Exception as exc:
                     print(f"variant {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                     failed.append({"workload": name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
-            if args.profile is not None and args.device == "cuda":
+            if args.profile is not None:
                 path = args.profile / f"{name}-rank{distributed.rank()}.txt"
                 results.append(run_fast(workload, model_dir, rows, args.device, warmup, budgets[0], "profile", path))
         seed_rate = next((r["tokens_per_s"] for r in results if r["side"] == "seed"), None)

@@ -254,6 +254,8 @@ def test_bench_runs_on_cpu(tmp_path):
             "16",
             "--json",
             str(out),
+            "--profile",
+            str(tmp_path / "profile"),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -263,7 +265,7 @@ def test_bench_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run = json.loads(out.read_text())["runs"][0]
-    sides = {s["side"]: s for s in run["sides"]}
+    sides = {s["side"]: s for s in run["sides"] if not s.get("settings", {}).get("variant")}
     assert set(sides) == {"seed", "fast"}
     for side in sides.values():  # every example trained on once, each token counted once
         assert side["tokens"] == run["dataset_tokens"] and side["tokens_per_s"] > 0
@@ -271,6 +273,12 @@ def test_bench_runs_on_cpu(tmp_path):
         sides["fast"]["tokens_per_s"] / sides["seed"]["tokens_per_s"]
     )
     assert "seed" in proc.stdout and "fast" in proc.stdout  # the table
+    # --profile: one more fast run, profiled over its steps (2 here), its operator table written out.
+    (profiled,) = [s for s in run["sides"] if s["settings"].get("variant") == "profile"]
+    summary = profiled["profile"]
+    assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0 and summary["gpu_busy"] is None
+    table = (tmp_path / "profile" / "tiny-rank0.txt").read_text()
+    assert summary["table"] == str(tmp_path / "profile" / "tiny-rank0.txt") and "aten::" in table
 
 
 def test_bench_sft_arguments_match_the_training_code():
@@ -314,7 +322,7 @@ def test_cached_dequantized_weights_give_the_four_bit_forward_and_gradients(tiny
     num_items = sum(n - 3 for n in (9, 17, 5, 12))
     logits_4bit = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     grads_4bit = _lora_grads(model, batch, num_items)
-    quantized = packing._quantized_4bit_layers(model)
+    quantized = packing._quantized_layers(model, 4)
     assert len(quantized) == 2 * 7  # every linear of both blocks; lm_head stays unquantized
 
     layers, gib = packing.cache_dequantized_weights(model, budget_gb=packing.dequantized_weights_gb(model) / 2)
@@ -347,7 +355,7 @@ def test_cached_dequantized_weights_give_the_eight_bit_forward_and_gradients(tin
     logits_8bit = model(**inputs, use_cache=False).logits
     grads_8bit = _lora_grads(model, batch, num_items)
     int8 = packing._quantized_layers(model, 8)
-    assert len(int8) == 2 * 7 and not packing._quantized_4bit_layers(model)
+    assert len(int8) == 2 * 7 and not packing._quantized_layers(model, 4)
     layers, gib = packing.cache_dequantized_weights(model, int8_dtype=torch.bfloat16)
     assert layers == len(int8) and gib == pytest.approx(packing.dequantized_weights_gb(model))
     assert all(m.dequantized_weight.dtype == torch.bfloat16 for m in int8)
