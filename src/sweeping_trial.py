@@ -149,12 +149,32 @@ def _context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    # Not src.train itself: the server runs the main module as __mp_main__, and a preloaded copy would
-    # make that a second import of the same module.
-    ctx.set_forkserver_preload(
-        ["torch", "transformers", "peft", "datasets", "mlflow", "optuna", "src.data", "src.modeling", "src.training"]
-    )
+    ctx.set_forkserver_preload(forkserver_preload())
     return ctx
+
+
+def forkserver_preload() -> list[str]:
+    """The modules the fork server imports once for every trial: none of them may start CUDA there.
+
+    A server that starts CUDA leaves every trial it forks unable to use the GPU ("Cannot re-initialize CUDA
+    in forked subprocess"). bitsandbytes starts it at import (``torch.cuda.get_device_capability``), and peft
+    imports bitsandbytes, as does transformers' Trainer through peft; so with a CUDA build of torch each trial
+    imports those itself (a few seconds); with a CPU build there is no CUDA to start, and the server imports
+    them too. tests/test_cuda_isolation.py records any CUDA start outside a trial.
+    Not src.train itself: the server runs the main module as __mp_main__, and a preloaded copy would make
+    that a second import of the same module.
+    """
+    import torch
+
+    modules = ["torch", "transformers", "datasets", "mlflow", "optuna", "src.data"]
+    if not torch.backends.cuda.is_built():
+        modules += ["peft", "src.modeling", "src.training"]
+    # A launcher's worker may run under its own start method (joblib's "loky"), which each forked trial sets
+    # again before it starts: the server must know it.
+    method_module = type(multiprocessing.get_context()).__module__
+    if method_module != "multiprocessing.context":
+        modules.append(method_module)
+    return modules
 
 
 def _stop(process) -> None:
