@@ -68,6 +68,7 @@ class Column:
 CONFIG_COLUMNS = (
     Column("run", "run"),
     Column("model", "model"),
+    Column("data", "data"),
     Column("task", "task"),
     Column("bits", "base bits", "d", "min"),
     Column("targets", "target modules"),
@@ -360,15 +361,19 @@ def select_runs(
     """
     from mlflow.exceptions import MlflowException
 
+    from src.tracking import RunNotFound, resolve_run_id
+
     experiments = client.search_experiments()
     all_ids = [e.experiment_id for e in experiments]
     if run_ids:
         runs = []
         for run_id in run_ids:
             try:
-                runs.append(client.get_run(run_id))
-            except MlflowException:
-                raise CompareError(f"no run {run_id!r} in the store") from None
+                runs.append(client.get_run(resolve_run_id(client, run_id)))
+            except (MlflowException, RunNotFound) as exc:
+                raise CompareError(
+                    str(exc) if isinstance(exc, RunNotFound) else f"no run {run_id!r} in the store"
+                ) from None
         parents = {r.data.tags.get(PARENT_TAG) for r in runs}
         parent = parents.pop() if len(parents) == 1 else None
         selection = Selection(runs, f"{len(runs)} given run(s)", parent)
@@ -449,6 +454,7 @@ def run_row(run, quality: Sequence[str], objective_metric: Optional[str]) -> dic
         "run_ids": [run.info.run_id],
         "run": run.info.run_name,
         "model": _param(params, "model.name"),
+        "data": _param(params, "data.name"),
         "task": _param(params, "data.task"),
         "bits": _int(_param(params, "quant.bits")),
         "targets": target_modules(params),
@@ -603,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--experiment", help="All runs of this experiment (sweep parents excluded).")
     which.add_argument("--sweep", help="The child runs of this sweep id (tag sweep_id).")
-    which.add_argument("--runs", help="Comma-separated run ids.")
+    which.add_argument("--runs", help="Comma-separated run ids, or unique prefixes of them (the 8 characters printed).")
     parser.add_argument("--format", choices=("md", "csv", "html", "json"), default="md")
     parser.add_argument(
         "--sort",

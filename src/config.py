@@ -15,6 +15,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
@@ -208,6 +209,8 @@ def register_configs() -> None:
             cs.store(group=f"schema/{name}", name="base", node=tp)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("file_stem"):  # data=file names its runs after the file: reviews.csv -> reviews
+        OmegaConf.register_new_resolver("file_stem", lambda path, default: Path(path).stem if path else default)
 
 
 def _type_name(tp: Any) -> str:

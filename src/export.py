@@ -88,7 +88,7 @@ def log_to_mlflow(model, tokenizer, run_id: str, task: str) -> str:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m src.export", description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", help="MLflow run id")
+    which.add_argument("--run", help="MLflow run id, or a unique prefix of one (as src.compare prints it)")
     which.add_argument("--sweep-best", metavar="SWEEP_ID", help="the best finished run of this sweep (tag sweep_id)")
     which.add_argument("--adapter", type=Path, metavar="DIR", help="a local adapter directory (<output_dir>/adapter)")
     parser.add_argument("--out", type=Path, required=True, help="new directory for the merged model")

@@ -67,11 +67,23 @@ def _client(tracking_uri: Optional[str]):
     return mlflow.MlflowClient(), uri
 
 
+def full_run_id(run_id: str, tracking_uri: Optional[str] = None) -> str:
+    """A run id from a whole id or a unique prefix (the 8 characters ``src.compare`` prints)."""
+    from src import tracking
+
+    client, uri = _client(tracking_uri)
+    try:
+        return tracking.resolve_run_id(client, run_id)
+    except tracking.RunNotFound as exc:
+        raise InferenceError(f"{exc} ({uri})" if exc.candidates else f"no MLflow run {run_id!r} in {uri}") from exc
+
+
 def download_run(run_id: str, dest: Path, tracking_uri: Optional[str] = None) -> Path:
     """Download a run's ``adapter/`` and ``config.yaml`` into ``dest`` (the training layout); return dest."""
     from mlflow.exceptions import MlflowException
 
     client, uri = _client(tracking_uri)
+    run_id = full_run_id(run_id, tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
@@ -207,6 +219,7 @@ def open_source(
         run = best_sweep_run(sweep_best, tracking_uri)
         print(f"note: best run of sweep {sweep_best} is {run}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="lora-run-") as tmp:
+        run = full_run_id(run, tracking_uri)
         run_dir = download_run(run, Path(tmp), tracking_uri)
         yield read_source(run_dir / ADAPTER_ARTIFACT, run_id=run, base_model=base_model)
 

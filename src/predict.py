@@ -43,10 +43,12 @@ LINE_COLUMN = "text"  # stdin lines become this column; each is a whole text or 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", help="MLflow run id")
+    which.add_argument("--run", help="MLflow run id, or a unique prefix of one (as src.compare prints it)")
     which.add_argument("--sweep-best", metavar="SWEEP_ID", help="the best finished run of this sweep (tag sweep_id)")
     which.add_argument("--adapter", type=Path, metavar="DIR", help="a local adapter directory (<output_dir>/adapter)")
-    parser.add_argument("--input", default="-", help="CSV/TSV/JSONL/JSON/Parquet file, or - for stdin lines (default)")
+    parser.add_argument(
+        "--input", default="-", help="CSV/TSV/JSONL/JSON/Parquet file, a .txt file of one text per line, or - for stdin"
+    )
     parser.add_argument("--output", help="a .csv or .jsonl file (default: JSONL on stdout)")
     parser.add_argument("--text-column", help="input column holding the text (or, for SFT, the instruction)")
     parser.add_argument("--batch-size", type=int, help="default: the run's train.per_device_eval_batch_size")
@@ -67,9 +69,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def read_inputs(path: str, stdin: TextIO) -> tuple[pd.DataFrame, bool]:
-    """(rows, from_lines): a table from a file, or one row per non-empty stdin line."""
-    if path == "-":
-        lines = [line.rstrip("\r\n") for line in stdin]
+    """(rows, from_lines): a table from a file, or one row per non-empty line of stdin or a ``.txt`` file."""
+    if path == "-" or path.lower().endswith(".txt"):
+        try:
+            lines = stdin.readlines() if path == "-" else Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InferenceError(f"input: cannot read {path}: {exc}") from exc
+        lines = [line.rstrip("\r\n") for line in lines]
         return pd.DataFrame({LINE_COLUMN: [line for line in lines if line.strip()]}), True
     try:
         return read_table(path), False

@@ -118,16 +118,57 @@ def ensure_experiment(name: str, uri: str) -> str:
             return retry_locked(client.get_experiment_by_name, name).experiment_id
 
 
+class RunNotFound(LookupError):
+    """No run, or more than one (``candidates``), matches a run id or its prefix."""
+
+    def __init__(self, message: str, candidates: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.candidates = candidates
+
+
+def resolve_run_id(client, ref: str) -> str:
+    """The full id of the run that ``ref`` names: a whole run id, or a unique prefix of one (``src.compare``
+    prints the first 8 characters). Raises RunNotFound, naming the candidates when the prefix is ambiguous."""
+    from mlflow.entities import ViewType
+
+    ref = ref.strip()
+    try:
+        return client.get_run(ref).info.run_id
+    except MlflowException:
+        pass
+    if len(ref) < 4 or not all(c in "0123456789abcdef" for c in ref.lower()):
+        raise RunNotFound(f"no run {ref!r} in the store")
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    matches, token = [], None
+    while experiments:
+        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=50000, page_token=token)
+        matches += [r for r in page if r.info.run_id.startswith(ref.lower())]
+        token = page.token
+        if not token:
+            break
+    if not matches:
+        raise RunNotFound(f"no run {ref!r} in the store")
+    if len(matches) > 1:
+        named = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:5])
+        raise RunNotFound(
+            f"run id prefix {ref!r} is ambiguous: {len(matches)} runs start with it: {named}",
+            tuple(r.info.run_id for r in matches),
+        )
+    return matches[0].info.run_id
+
+
 def run_name(raw: dict) -> str:
-    """e.g. ``openllama3b-4bit-all_linear-r8-a16``; explicit targets join with '+'."""
+    """e.g. ``openllama3b-red_dot-4bit-all_linear-r8-a16``: model, dataset, base, targets (explicit ones join
+    with '+'), rank and alpha."""
     tracking = raw.get("tracking") or {}
     if tracking.get("run_name"):
         return tracking["run_name"]
     model, quant, lora = raw.get("model") or {}, raw.get("quant") or {}, raw.get("lora") or {}
+    data = raw.get("data") or {}
     targets = lora.get("target_modules")
     target_name = "+".join(targets) if isinstance(targets, list) and targets else lora.get("preset", "lora")
     bits, r, alpha = quant.get("bits", "?"), lora.get("r", "?"), lora.get("alpha", "?")
-    return f"{model.get('name', 'model')}-{bits}bit-{target_name}-r{r}-a{alpha}"
+    return f"{model.get('name', 'model')}-{data.get('name', 'data')}-{bits}bit-{target_name}-r{r}-a{alpha}"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -105,8 +105,8 @@ def test_format_table_md_csv_json_html():
 # --- the command on a real MLflow store ------------------------------------------------------------
 
 CHILD_PARAMS = {
-    "model.name": "tiny", "data.task": "classification", "quant.bits": "16", "lora.target_modules": "null",
-    "objective.metric": "null", "objective.direction": "null", "lora.dropout": "0.05",
+    "model.name": "tiny", "data.name": "topics", "data.task": "classification", "quant.bits": "16",
+    "lora.target_modules": "null", "objective.metric": "null", "objective.direction": "null", "lora.dropout": "0.05",
 }
 # name -> (start, params, final metrics, status). Runs A and B repeat one config with seeds 1 and 2.
 CHILDREN = {
@@ -193,12 +193,12 @@ def _run(capsys, *argv):
 
 
 EXPECTED_MD = """\
-| mark       | run                            | model | task           | base bits | target modules              |   r | alpha | seeds |   eval_f1_macro |   eval_accuracy | trainable params (M) | trainable % | peak GPU mem (GB) |       tokens/s | runtime (s) | status   |
-| ---------- | ------------------------------ | ----- | -------------- | --------: | --------------------------- | --: | ----: | ----- | --------------: | --------------: | -------------------: | ----------: | ----------------: | -------------: | ----------: | -------- |
-| best front | tiny-16bit-attn_qv-r8-a16      | tiny  | classification |        16 | q_proj,v_proj               |   8 |    16 | 1,2   | 0.7500 ± 0.1768 | 0.7500 ± 0.3536 |             0.004096 |         0.5 |              2.00 | 1100.0 ± 141.4 |  11.0 ± 1.4 | FINISHED |
-|            | tiny-16bit-all_linear-r16-a32  | tiny  | classification |        16 | q_proj,k_proj,v_proj,o_proj |  16 |    32 | 1     |          0.7500 |          0.8000 |              0.03277 |           4 |              3.00 |          800.0 |        20.0 | FINISHED |
-| front      | tiny-16bit-k_proj+o_proj-r4-a8 | tiny  | classification |        16 | k_proj,o_proj               |   4 |     8 | 1     |          0.6000 |          0.7000 |             0.002048 |        0.25 |              1.50 |         1500.0 |         8.0 | FINISHED |
-|            | tiny-16bit-mlp-r8-a16          | tiny  | classification |        16 | mlp                         |   8 |    16 | 1     |               - |               - |                    - |           - |                 - |              - |           - | FAILED   |
+| mark       | run                            | model | data   | task           | base bits | target modules              |   r | alpha | seeds |   eval_f1_macro |   eval_accuracy | trainable params (M) | trainable % | peak GPU mem (GB) |       tokens/s | runtime (s) | status   |
+| ---------- | ------------------------------ | ----- | ------ | -------------- | --------: | --------------------------- | --: | ----: | ----- | --------------: | --------------: | -------------------: | ----------: | ----------------: | -------------: | ----------: | -------- |
+| best front | tiny-16bit-attn_qv-r8-a16      | tiny  | topics | classification |        16 | q_proj,v_proj               |   8 |    16 | 1,2   | 0.7500 ± 0.1768 | 0.7500 ± 0.3536 |             0.004096 |         0.5 |              2.00 | 1100.0 ± 141.4 |  11.0 ± 1.4 | FINISHED |
+|            | tiny-16bit-all_linear-r16-a32  | tiny  | topics | classification |        16 | q_proj,k_proj,v_proj,o_proj |  16 |    32 | 1     |          0.7500 |          0.8000 |              0.03277 |           4 |              3.00 |          800.0 |        20.0 | FINISHED |
+| front      | tiny-16bit-k_proj+o_proj-r4-a8 | tiny  | topics | classification |        16 | k_proj,o_proj               |   4 |     8 | 1     |          0.6000 |          0.7000 |             0.002048 |        0.25 |              1.50 |         1500.0 |         8.0 | FINISHED |
+|            | tiny-16bit-mlp-r8-a16          | tiny  | topics | classification |        16 | mlp                         |   8 |    16 | 1     |               - |               - |                    - |           - |                 - |              - |           - | FAILED   |
 """  # noqa: E501
 
 
@@ -208,19 +208,20 @@ def test_compare_md_table_of_newest_sweep(sweep_store, capsys):
     assert err.strip() == "sweep 's2': 5 run(s) in 4 row(s); objective eval_f1_macro (max)"
     lines = out.rstrip("\n").split("\n")
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
-    assert cells[0] == ["mark", "run", "model", "task", "base bits", "target modules", "r", "alpha", "seeds",
+    assert cells[0] == ["mark", "run", "model", "data", "task", "base bits", "target modules", "r", "alpha", "seeds",
                         "eval_f1_macro", "eval_accuracy", "trainable params (M)", "trainable %", "peak GPU mem (GB)",
                         "tokens/s", "runtime (s)", "status"]
     # A and B (seeds 1, 2) are one row: mean ± sample std. It ties C on quality (0.75) and wins on fewer params.
     assert cells[2:] == [
-        ["best front", "tiny-16bit-attn_qv-r8-a16", "tiny", "classification", "16", "q_proj,v_proj", "8", "16", "1,2",
-         "0.7500 ± 0.1768", "0.7500 ± 0.3536", "0.004096", "0.5", "2.00", "1100.0 ± 141.4", "11.0 ± 1.4", "FINISHED"],
-        ["", "tiny-16bit-all_linear-r16-a32", "tiny", "classification", "16", "q_proj,k_proj,v_proj,o_proj", "16",
-         "32", "1", "0.7500", "0.8000", "0.03277", "4", "3.00", "800.0", "20.0", "FINISHED"],
-        ["front", "tiny-16bit-k_proj+o_proj-r4-a8", "tiny", "classification", "16", "k_proj,o_proj", "4", "8", "1",
-         "0.6000", "0.7000", "0.002048", "0.25", "1.50", "1500.0", "8.0", "FINISHED"],
-        ["", "tiny-16bit-mlp-r8-a16", "tiny", "classification", "16", "mlp", "8", "16", "1", "-", "-", "-", "-", "-",
-         "-", "-", "FAILED"],
+        ["best front", "tiny-16bit-attn_qv-r8-a16", "tiny", "topics", "classification", "16", "q_proj,v_proj", "8",
+         "16", "1,2", "0.7500 ± 0.1768", "0.7500 ± 0.3536", "0.004096", "0.5", "2.00", "1100.0 ± 141.4", "11.0 ± 1.4",
+         "FINISHED"],
+        ["", "tiny-16bit-all_linear-r16-a32", "tiny", "topics", "classification", "16", "q_proj,k_proj,v_proj,o_proj",
+         "16", "32", "1", "0.7500", "0.8000", "0.03277", "4", "3.00", "800.0", "20.0", "FINISHED"],
+        ["front", "tiny-16bit-k_proj+o_proj-r4-a8", "tiny", "topics", "classification", "16", "k_proj,o_proj", "4",
+         "8", "1", "0.6000", "0.7000", "0.002048", "0.25", "1.50", "1500.0", "8.0", "FINISHED"],
+        ["", "tiny-16bit-mlp-r8-a16", "tiny", "topics", "classification", "16", "mlp", "8", "16", "1", "-", "-", "-",
+         "-", "-", "-", "-", "FAILED"],
     ]
     # The exact text: padded columns, numbers right-aligned.
     assert out == EXPECTED_MD
@@ -234,17 +235,17 @@ def test_compare_csv_is_exact(sweep_store, capsys):
     std_tokens = math.sqrt(2) * 100  # of 1000 and 1200
     std_runtime = math.sqrt(2)  # of 10 and 12
     assert out.rstrip("\n").split("\n") == [
-        "mark,run_id,run,model,task,bits,targets,r,alpha,seeds,eval_f1_macro,eval_f1_macro_std,trainable_params_m,"
+        "mark,run_id,run,model,data,task,bits,targets,r,alpha,seeds,eval_f1_macro,eval_f1_macro_std,trainable_params_m,"
         "trainable_params_m_std,trainable_pct,trainable_pct_std,peak_gpu_mem_gb,peak_gpu_mem_gb_std,"
         "train_tokens_per_s,train_tokens_per_s_std,train_runtime_s,train_runtime_s_std,status",
-        f"best,{ids['A']};{ids['B']},tiny-16bit-attn_qv-r8-a16,tiny,classification,16,\"q_proj,v_proj\",8,16,\"1,2\","
+        f"best,{ids['A']};{ids['B']},tiny-16bit-attn_qv-r8-a16,tiny,topics,classification,16,\"q_proj,v_proj\",8,16,\"1,2\","
         f"0.75,{float(f'{std_q:.10g}')},0.004096,0.0,0.5,0.0,2.0,0.0,1100.0,{float(f'{std_tokens:.10g}')},11.0,"
         f"{float(f'{std_runtime:.10g}')},FINISHED",
-        f",{ids['C']},tiny-16bit-all_linear-r16-a32,tiny,classification,16,\"q_proj,k_proj,v_proj,o_proj\",16,32,1,"
+        f",{ids['C']},tiny-16bit-all_linear-r16-a32,tiny,topics,classification,16,\"q_proj,k_proj,v_proj,o_proj\",16,32,1,"
         "0.75,,0.032768,,4.0,,3.0,,800.0,,20.0,,FINISHED",
-        f",{ids['D']},tiny-16bit-k_proj+o_proj-r4-a8,tiny,classification,16,\"k_proj,o_proj\",4,8,1,"
+        f",{ids['D']},tiny-16bit-k_proj+o_proj-r4-a8,tiny,topics,classification,16,\"k_proj,o_proj\",4,8,1,"
         "0.6,,0.002048,,0.25,,1.5,,1500.0,,8.0,,FINISHED",
-        f",{ids['E']},tiny-16bit-mlp-r8-a16,tiny,classification,16,mlp,8,16,1,,,,,,,,,,,,,FAILED",
+        f",{ids['E']},tiny-16bit-mlp-r8-a16,tiny,topics,classification,16,mlp,8,16,1,,,,,,,,,,,,,FAILED",
     ]
 
 
@@ -255,7 +256,7 @@ def test_compare_json_is_exact_and_sorts(sweep_store, capsys):
     assert code == 0, err
     table = json.loads(out)
     assert [c["key"] for c in table["columns"]] == [
-        "run", "model", "task", "bits", "targets", "r", "alpha", "seeds", "eval_f1_macro", "trainable_params_m",
+        "run", "model", "data", "task", "bits", "targets", "r", "alpha", "seeds", "eval_f1_macro", "trainable_params_m",
         "trainable_pct", "peak_gpu_mem_gb", "train_tokens_per_s", "train_runtime_s", "status"]
     rows = table["rows"]
     # The experiment holds the old sweep's child too; sorted by params, fewest first, missing last.
@@ -264,7 +265,8 @@ def test_compare_json_is_exact_and_sorts(sweep_store, capsys):
     assert rows[4]["eval_f1_macro"] == 0.1  # the old sweep's child
     assert rows[1] == {
         "best": False, "pareto": False, "run_ids": [ids["A"]], "run": "tiny-16bit-attn_qv-r8-a16", "model": "tiny",
-        "task": "classification", "bits": 16, "targets": "q_proj,v_proj", "r": 8, "alpha": 16, "seeds": [1],
+        "data": "topics", "task": "classification", "bits": 16, "targets": "q_proj,v_proj", "r": 8, "alpha": 16,
+        "seeds": [1],
         "eval_f1_macro": 0.625, "trainable_params_m": 0.004096, "trainable_pct": 0.5, "peak_gpu_mem_gb": 2.0,
         "train_tokens_per_s": 1000.0, "train_runtime_s": 10.0, "status": "FINISHED", "std": {},
     }
@@ -282,6 +284,15 @@ def test_compare_runs_selector_and_html(sweep_store, capsys):
     assert err.strip() == "2 given run(s): 2 run(s) in 2 row(s); objective eval_f1_macro (max)"
     assert out.count("<tr>") == 2 and out.count('<tr class="best">') == 1  # header + D; C is best
     assert '<tr class="best"><td>best</td><td>tiny-16bit-all_linear-r16-a32</td>' in out
+    # The 8-character ids the table prints select the same runs.
+    code, out_short, err = _run(capsys, "--runs", f"{ids['C'][:8]},{ids['D'][:8]}", "--format", "html")
+    assert code == 0, err
+    assert out_short == out
+
+
+def test_compare_refuses_an_unknown_run_prefix(sweep_store, capsys):
+    code, _, err = _run(capsys, "--runs", "0123abcd")
+    assert code != 0 and "no run '0123abcd'" in err
 
 
 def test_plots_are_pngs_logged_to_the_parent_run(sweep_store, capsys, tmp_path):

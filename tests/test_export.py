@@ -96,7 +96,8 @@ def test_export_errors_are_one_line(cls_run, tmp_path, capsys):
 def test_log_to_mlflow_logs_a_loadable_transformers_model(cls_run, tmp_path, capsys):
     out = tmp_path / "merged"
     code, err = _export(
-        ["--run", cls_run.run_id, "--tracking-uri", cls_run.tracking_uri, "--out", str(out), "--log-to-mlflow"], capsys
+        ["--run", cls_run.run_id[:8], "--tracking-uri", cls_run.tracking_uri, "--out", str(out), "--log-to-mlflow"],
+        capsys,
     )
     assert code == 0, err
     mlflow.set_tracking_uri(cls_run.tracking_uri)

@@ -187,8 +187,8 @@ def test_reloaded_classifier_reproduces_the_training_process_predictions(cls_run
 
 def test_adapter_directory_predicts_as_the_run_does(cls_run, tmp_path, capsys):
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
-    code, from_run, _ = _predict(
-        ["--run", cls_run.run_id, "--tracking-uri", cls_run.tracking_uri, "--input", str(source)], capsys
+    code, from_run, _ = _predict(  # the short id, as src.compare prints it
+        ["--run", cls_run.run_id[:8], "--tracking-uri", cls_run.tracking_uri, "--input", str(source)], capsys
     )
     assert code == 0
     code, from_dir, _ = _predict(["--adapter", str(cls_run.adapter_dir), "--input", str(source)], capsys)
@@ -284,6 +284,21 @@ def test_stdin_lines_through_a_real_subprocess(cls_run, tmp_path):
     assert "classify" in proc.stderr  # the progress bar goes to stderr, the predictions alone to stdout
     labels = json.loads((cls_run.adapter_dir / "label_map.json").read_text())["labels"]
     assert all(set(r["probabilities"]) == set(labels) for r in records)
+
+
+def test_a_txt_file_is_one_text_per_line(cls_run, tmp_path, capsys):
+    source = tmp_path / "new.txt"
+    source.write_text("\n".join([TEXTS[0], "", TEXTS[1]]) + "\n", encoding="utf-8")
+    code, from_file, err = _predict(
+        ["--run", cls_run.run_id, "--tracking-uri", cls_run.tracking_uri, "--input", str(source)], capsys
+    )
+    assert code == 0, err
+    assert [r["text"] for r in from_file] == TEXTS[:2]
+    table = _write_jsonl(tmp_path / "same.jsonl", [{"text": t} for t in TEXTS[:2]])
+    code, from_table, _ = _predict(
+        ["--run", cls_run.run_id, "--tracking-uri", cls_run.tracking_uri, "--input", str(table)], capsys
+    )
+    assert [r["label"] for r in from_file] == [r["label"] for r in from_table]
 
 
 # --- errors: one line, exit code 2, no traceback ----------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_end_to_end_run_is_recorded_by_contract(tmp_path, mlflow_store, data, qu
     value, run_ = _run(tmp_path, [f"data={data}", f"quant={quant}"])
     bits = {"none": 16, "4bit": 4, "8bit": 8}[quant]
     assert run_.info.status == "FINISHED"
-    assert run_.info.run_name == f"tiny-{bits}bit-attn_qv-r8-a16"
+    assert run_.info.run_name == f"tiny-{data}-{bits}bit-attn_qv-r8-a16"
     params, metrics = run_.data.params, run_.data.metrics
     assert params["lora.r"] == "8" and params["quant.bits"] == str(bits) and params["data.name"] == data
     assert params["model.name_or_path"] == "builtin:tiny-llama" and params["lora.resolved_targets"] == "q_proj,v_proj"
@@ -114,7 +114,7 @@ def test_resolved_config_artifact_round_trips(tmp_path, mlflow_store):
     saved = yaml.safe_load(open(path))
     cfg = validate(saved)
     assert (cfg.lora.preset, cfg.lora.r, cfg.lora.alpha) == ("all_linear", 4, 8)
-    assert run_.info.run_name == "tiny-16bit-all_linear-r4-a8"
+    assert run_.info.run_name == "tiny-topics-16bit-all_linear-r4-a8"
     assert run_.data.params["lora.resolved_targets"] == "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
 
 
