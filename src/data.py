@@ -275,7 +275,7 @@ def _check_lengths(
 ) -> None:
     """Record rows over ``data.max_length_factor`` x ``max_length`` tokens: truncation would drop most of them."""
     limit = d.max_length_factor * max_length
-    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]])
     over = lengths > limit
     if over.any():
         faults.append(

@@ -333,14 +333,13 @@ def quiet_libraries() -> None:
     The load report would call the classifier head "missing": it is, in the base checkpoint, and loads with the adapter.
     """
     import logging
-    import os
     import warnings
 
-    from transformers.utils import logging as hf_logging
+    from src import console
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    console.quiet_libraries()
+    if console.verbose():
+        return
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # model card and license lookups on the hub

@@ -89,16 +89,18 @@ def load_model(
         kwargs["device_map"] = {"": device}
     path = resolve_builtin(model_cfg.name_or_path)
     if task == "sft":
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
             problem_type="multi_label_classification" if task == "multilabel" else "single_label_classification",
+            output_loading_info=True,
             **kwargs,
         )
+    warn_unexpected_loading(path, loading)
     # Decoder classifiers pool the last non-pad token: the config must know the pad id.
     model.config.pad_token_id = pad_token_id
     if quant.bits in (4, 8):
@@ -106,9 +108,34 @@ def load_model(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
     elif activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def unexpected_loading(loading: dict[str, Any]) -> list[str]:
+    """The weights that did not load and are not a new output head: a checkpoint that does not fit the model.
+
+    A classifier made from a language model drops its LM head and starts a new ``score``/``classifier`` head by
+    design (transformers' load report lists both); anything else missing, unused or of the wrong shape is a fault
+    worth seeing."""
+
+    def head(key: str) -> bool:
+        return any(part in OUTPUT_HEADS for part in key.split(".")[:2])
+
+    faults = [f"missing {k}" for k in loading.get("missing_keys", ()) if not head(k)]
+    faults += [f"unused {k}" for k in loading.get("unexpected_keys", ()) if not head(k)]
+    faults += [f"mismatched {k[0] if isinstance(k, tuple) else k}" for k in loading.get("mismatched_keys", ())]
+    return faults
+
+
+def warn_unexpected_loading(path: str, loading: dict[str, Any]) -> None:
+    import logging
+
+    faults = unexpected_loading(loading)
+    if faults:
+        shown = ", ".join(faults[:8]) + (f", ... ({len(faults)} in all)" if len(faults) > 8 else "")
+        logging.getLogger("src").warning(f"warning: weights of {path} that did not load as expected: {shown}")
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

@@ -46,7 +46,7 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from src import tracking
+from src import console, tracking
 from src.config import OBJECTIVE_DEFAULTS
 from src.sweeping_trial import JobFailed, JobSkipped
 
@@ -310,6 +310,11 @@ def objective_direction(config: DictConfig) -> str:
     return config.objective.direction or OBJECTIVE_DEFAULTS[config.data.task][1]
 
 
+def objective_name(config: DictConfig) -> str:
+    """The metric behind a job's ``objective`` value (``eval_f1_macro``...): what sweep lines call it."""
+    return config.objective.metric or OBJECTIVE_DEFAULTS[config.data.task][0]
+
+
 # ---------------------------------------------------------------------------------------------
 # The parent run, the progress lines and the summary
 # ---------------------------------------------------------------------------------------------
@@ -343,9 +348,11 @@ class SweepRecord:
         from src import doctor
 
         self.kind, self.sweep_id, self.planned = kind, sweep_id, planned
+        self.objective = objective_name(config)
         self.outcomes: list[Outcome] = []
         uri = tracking.tracking_uri(config.tracking.tracking_uri)
         experiment_id = tracking.ensure_experiment(config.tracking.experiment, uri)
+        self.uri, self.experiment_id = uri, experiment_id
         for stale in doctor.mark_stale_runs(uri, config.tracking.experiment):
             print(f"[sweep {sweep_id}] marked run {stale.run_id} KILLED: {stale.reason}", flush=True)
         self.client = MlflowClient(uri)
@@ -375,6 +382,13 @@ class SweepRecord:
     def job_env(self) -> dict[str, str]:
         return {tracking.PARENT_RUN_ENV: self.run_id, tracking.SWEEP_ID_ENV: self.sweep_id}
 
+    def starting(self, number: int, overrides: Sequence[str], gpu: Optional[str]) -> None:
+        """Print the launch of one job with its own overrides (Hydra's launch lines, which also show the
+        sweep's internal ``hydra.job.env_set`` overrides, are silenced in conf/config.yaml)."""
+        label = "trial" if self.kind == "optuna" else "job"
+        where = f" on GPU {gpu}" if gpu is not None else ""
+        print(f"[sweep {self.sweep_id}] {label} #{number} starting{where}: {' '.join(overrides)}", flush=True)
+
     def add(self, outcome: Outcome, done: int, best_so_far: Callable[[], BestSoFar]) -> None:
         """Record one outcome and print ``job k/N``: its status, value and the best so far."""
         self.outcomes.append(outcome)
@@ -386,7 +400,7 @@ class SweepRecord:
         self._write(self.client.log_batch, self.run_id, metrics=metrics)
         label = "trial" if self.kind == "optuna" else "job"
         value = outcome.metrics.get("objective")
-        shown = f"objective={value:.4g}" if finite(value) else (outcome.reason or "")
+        shown = f"{self.objective}={value:.4g}" if finite(value) else (outcome.reason or "")
         line = f"[sweep {self.sweep_id}] {label} {done}/{self.planned} (#{outcome.number}) {outcome.status} {shown}"
         print(line + (f" | best so far: {best}" if best else ""), flush=True)
 
@@ -414,6 +428,7 @@ class SweepRecord:
                 lines.append(f"  {o.status} #{o.number} {' '.join(o.overrides)}{run}: {(o.reason or '')[:500]}")
         if best:
             lines.append(f"  best: {best}")
+        lines.append(f"  view: {console.view_hint(self.uri, self.experiment_id, self.run_id)}")
         return "\n".join(lines)
 
     def finish(
@@ -562,6 +577,8 @@ class GridSweeper(Sweeper):
                     job + env_overrides({**record.job_env(), "CUDA_VISIBLE_DEVICES": gpu})
                     for job, gpu in zip(batch, placed)
                 ]
+                for i, gpu in enumerate(placed):
+                    record.starting(start + i, [o for o in batch[i] if o not in common], gpu)
                 results = self.launcher.launch(overrides, initial_job_idx=start)
                 returns.append(results)
                 for i, ret in enumerate(results):
@@ -590,7 +607,7 @@ def best_line(record: SweepRecord, direction: str) -> BestSoFar:
     pick = max if direction == "maximize" else min
     best = pick(scored, key=lambda o: o.metrics["objective"])
     value = best.metrics["objective"]
-    return f"objective={value:.4g} (#{best.number} {' '.join(best.overrides)}, run {best.run_id})", value
+    return f"{record.objective}={value:.4g} (#{best.number} {' '.join(best.overrides)}, run {best.run_id})", value
 
 
 register_configs()

@@ -420,6 +420,7 @@ class OptunaSweeper(Sweeper):
             },
             resume_run_id=self.parent_run_id(study, created),
         )
+        best_name = record.objective if self.metrics[0] == "objective" else self.metrics[0]
         if study.user_attrs.get(PARENT_RUN_ATTR) != record.run_id:
             study.set_user_attr(PARENT_RUN_ATTR, record.run_id)
         previous = install_sigterm_handler()
@@ -464,6 +465,7 @@ class OptunaSweeper(Sweeper):
                         "CUDA_VISIBLE_DEVICES": gpu,
                     }
                     overrides.append(job + env_overrides(env))
+                    record.starting(trial.number, trial.user_attrs["overrides"][len(fixed) :], gpu)
                 with ExitStack() as beating:
                     for trial in pending:
                         beating.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
@@ -473,7 +475,7 @@ class OptunaSweeper(Sweeper):
                     outcome = job_outcome(trial.number, trial.user_attrs["overrides"][len(fixed) :], ret)
                     outcome = self.tell(study, trial, outcome)
                     done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-                    record.add(outcome, done, lambda: best_text(study))
+                    record.add(outcome, done, lambda: best_text(study, best_name))
                 pending = []
             if exhausted:
                 print(
@@ -496,7 +498,7 @@ class OptunaSweeper(Sweeper):
             restore_sigterm_handler(previous)
         status = "FAILED" if stopped or (record.outcomes and not self.any_success(record)) else "FINISHED"
         with tempfile.TemporaryDirectory(prefix="lora-sweep-") as scratch:
-            record.finish(status, best_text(study)[0], **self.study_artifacts(study, Path(scratch)))
+            record.finish(status, best_text(study, best_name)[0], **self.study_artifacts(study, Path(scratch)))
         if record.failed() or stopped:
             raise SweepFailed(record.failure_message(stopped))
         return study
@@ -627,15 +629,15 @@ def trial_summary(trial, metrics: list[str]) -> dict[str, Any]:
     }
 
 
-def best_text(study) -> tuple[Optional[str], Optional[float]]:
-    """Best value so far (one objective) or the Pareto front (several): as text, and the best value."""
+def best_text(study, name: str = "objective") -> tuple[Optional[str], Optional[float]]:
+    """Best value so far (one objective, called ``name``) or the Pareto front (several): as text, and the value."""
     from optuna.trial import TrialState
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None, None
     if len(study.directions) == 1:
         best = best_trial(study)
-        return f"{best.value:.4g} (#{best.number} {params_text(best.params)})", best.value
+        return f"{name}={best.value:.4g} (#{best.number} {params_text(best.params)})", best.value
     front = pareto_front(study)
     return f"Pareto front of {len(front)} trial(s): " + ", ".join(
         f"#{t.number} {tuple(round(v, 4) for v in t.values)}" for t in front[:5]

@@ -205,6 +205,10 @@ def _trial_process(raw: dict, feasibility: Feasibility, env: dict[str, str], res
     _die_with_parent()
     import optuna
 
+    from src import console
+
+    console.log_to_file(Path(raw["output_dir"]) / "train.log")  # the parent's Hydra logging is not ours here
+
     try:
         result: dict[str, Any] = {"status": "ok", **_run(raw, feasibility)}
     except optuna.TrialPruned as exc:

@@ -21,13 +21,14 @@ import hydra
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from src import distributed, sweeping, sweeping_trial, tracking  # noqa: F401  sweeping registers hydra/sweeper configs
+from src import console, distributed, sweeping, sweeping_trial, tracking  # noqa: F401  sweeping registers hydra/sweeper configs
 from src.config import Config, ConfigError, objective, validate
 from src.data import DataError, load_data
 
 
 def run(raw: dict) -> Optional[float]:
     """Train one configuration (a resolved config as a plain dict); return the objective value."""
+    console.quiet_libraries()
     with tracking.tracked_run(raw):
         cfg = validate(raw)
         main_process = distributed.is_main_process()  # tracking.* writes nothing on other DDP ranks
@@ -67,9 +68,8 @@ def run(raw: dict) -> Optional[float]:
         )
         tracking.log_metrics({"data_truncated_rows": truncated})
         if truncated:
-            print(
-                f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated",
-                file=sys.stderr,
+            console.log.warning(
+                f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated"
             )
         sampled = data.task == "sft" and main_process
         prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if sampled else []
@@ -101,6 +101,20 @@ def run(raw: dict) -> Optional[float]:
         if value is None:
             raise KeyError(f"objective metric {metric!r} not in the final evaluation: {sorted(final)}")
         tracking.log_metrics({"objective": value})
+        if main_process:
+            active = mlflow.active_run()
+            adapter = (output_dir / "adapter").resolve()
+            console.log.info(
+                console.summary(
+                    active.info.run_id,
+                    active.info.run_name,
+                    metric,
+                    final,
+                    adapter,
+                    mlflow.get_tracking_uri(),
+                    active.info.experiment_id,
+                )
+            )
         return float(value)
 
 

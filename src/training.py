@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from src import distributed, sweeping_trial, tracking
+from src import console, distributed, sweeping_trial, tracking
 from src.config import Config, TrainConfig, objective
 from src.data import TaskData
 from src.guards import NonFiniteLossGuard
@@ -196,12 +198,38 @@ class MlflowMetricsCallback(TrainerCallback):
             tracking.log_metrics(metrics, step=state.global_step)  # waits out a locked store
 
 
+class MetricLines(TrainerCallback):
+    """Logs each training and eval log of the main process as one compact line (src.console)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            line = console.metric_line(logs, state.global_step, state.max_steps)
+            if line:
+                console.log.info(line)
+
+
+class ProgressBar(ProgressCallback):
+    """HF's progress bar (with its ETA), without its printing of each log dict (MetricLines prints those)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
+def use_console(trainer) -> None:
+    """Replace HF's printing callbacks: a progress bar on a terminal, and compact metric lines everywhere."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if sys.stderr.isatty():
+        trainer.add_callback(ProgressBar)
+    trainer.add_callback(MetricLines)
+
+
 def tokenize_classification(data: TaskData, tokenizer, max_length: int) -> tuple[Any, Any, int]:
     """Tokenize text with truncation; return (train, eval, number of truncated rows)."""
 
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
-        full = tokenizer(batch["text"], truncation=False)["input_ids"]
+        full = tokenizer(batch["text"], truncation=False, verbose=False)["input_ids"]
         enc["truncated"] = [len(ids) > max_length for ids in full]
         return enc
 
@@ -218,7 +246,7 @@ def count_truncated_sft(data: TaskData, tokenizer, max_length: int) -> int:
     n = 0
     for split in (data.train, data.eval):
         texts = [p + c for p, c in zip(split["prompt"], split["completion"])]
-        n += sum(len(ids) + 1 > max_length for ids in tokenizer(texts)["input_ids"])
+        n += sum(len(ids) + 1 > max_length for ids in tokenizer(texts, verbose=False)["input_ids"])
     return n
 
 
@@ -256,6 +284,7 @@ def build_trainer(cfg: Config, model, tokenizer, data: TaskData, output_dir: str
                 processing_class=tokenizer,
                 callbacks=callbacks,
             )
+        use_console(trainer)
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
     metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold)
@@ -273,6 +302,7 @@ def build_trainer(cfg: Config, model, tokenizer, data: TaskData, output_dir: str
         trainer = WeightedLossTrainer(label_weights=data.label_weights, multilabel=data.task == "multilabel", **common)
     else:
         trainer = Trainer(**common)
+    use_console(trainer)
     return trainer, metrics, truncated
 
 

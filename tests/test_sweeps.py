@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,7 +293,13 @@ def test_grid_of_4_gives_4_finished_children_under_1_parent(tmp_path, mlflow_sto
     )
     assert summary["counts"]["FINISHED"] == 4 and len(summary["jobs"]) == 4
     assert parent.data.metrics["jobs_finished"] == 4
-    assert result.stdout.count(f"[sweep {sweep_id}] job ") == 4 and "job 4/4" in result.stdout
+    done = re.findall(rf"\[sweep {re.escape(sweep_id)}\] job (\d)/4 \(#\d\) FINISHED eval_f1_macro=", result.stdout)
+    assert done == ["1", "2", "3", "4"], result.stdout[-3000:]
+    assert result.stdout.count(f"[sweep {sweep_id}] job #") == 4  # one launch line per job, with its own overrides
+    assert "env_set" not in result.stdout + result.stderr  # the sweep's internal overrides stay out of sight
+    assert "best: eval_f1_macro=" in result.stdout
+    for child in children:  # each trial process logged its run to the job's own train.log
+        assert " finished: eval_f1_macro " in (Path(child.data.params["output_dir"]) / "train.log").read_text()
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, mlflow_store):

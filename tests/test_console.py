@@ -1,0 +1,66 @@
+"""What a run prints: compact metric lines with numbers as numbers, a summary, a log file, and no known noise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from src import console, modeling
+from tests.conftest import ROOT
+
+
+def test_metric_lines_are_compact_and_numeric():
+    line = console.metric_line(
+        {"loss": 0.41234, "grad_norm": 1.5, "learning_rate": 0.00019, "epoch": 0.5, "train_tokens_per_second": 1178.3},
+        20,
+        40,
+    )
+    assert line == "step 20/40  epoch 0.50  loss 0.4123  grad_norm 1.5  lr 1.90e-04  tokens/s 1178"
+    evaluation = console.metric_line(
+        {"eval_loss": 0.9976, "eval_f1_macro": 0.2513, "eval_f1_class_food": 0.0, "eval_runtime": 1.2}, 20, 40
+    )
+    assert evaluation == "eval  step 20/40  loss 0.9976  f1_macro 0.2513"  # per-class scores stay in MLflow
+    assert console.metric_line({"total_flos": 1e12, "epoch": 1.0}, 5, 5) is None
+    assert [console.number(v) for v in (12, 3.0, float("nan"), 1e-7, 123456.7)] == [
+        "12",
+        "3",
+        "nan",
+        "1.00e-07",
+        "1.23e+05",
+    ]
+
+
+def test_a_new_head_is_expected_and_anything_else_is_reported():
+    loading = {"missing_keys": ["score.weight"], "unexpected_keys": ["lm_head.weight"], "mismatched_keys": []}
+    assert modeling.unexpected_loading(loading) == []
+    loading = {
+        "missing_keys": ["classifier.bias", "model.layers.0.mlp.up_proj.weight"],
+        "unexpected_keys": ["cls.predictions.bias", "model.extra.weight"],
+        "mismatched_keys": [("model.embed_tokens.weight", (10, 4), (12, 4))],
+    }
+    assert modeling.unexpected_loading(loading) == [
+        "missing model.layers.0.mlp.up_proj.weight",
+        "unused model.extra.weight",
+        "mismatched model.embed_tokens.weight",
+    ]
+
+
+def test_a_run_prints_metric_lines_and_a_summary_and_logs_to_its_file(tmp_path):
+    out = tmp_path / "out"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "src.train", "train.max_steps=4", "train.logging_steps=2", "data.subsample=64"]
+    proc = subprocess.run(
+        [*cmd, f"hydra.run.dir={out}", f"tracking.tracking_uri={uri}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "step 2/4  epoch" in err and "eval  step 4/4" in err
+    assert "'eval_f1_macro'" not in err and "{'loss'" not in err  # no dicts of quoted numbers
+    summary = next(line for line in err.splitlines() if " finished: eval_f1_macro " in line)
+    assert summary.startswith("run ") and "(tiny-topics-16bit-attn_qv-r8-a16)" in summary
+    assert f"adapter   {out.resolve() / 'adapter'}" in err
+    assert f"mlflow ui --backend-store-uri {uri}" in err
+    for noise in ("LOAD REPORT", "is_gradient_checkpointing", "pin_memory", "Token indices sequence length", "Map:"):
+        assert noise not in err, noise
+    log = (out / "train.log").read_text()
+    assert "step 2/4" in log and " finished: eval_f1_macro " in log
