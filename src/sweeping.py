@@ -341,7 +341,10 @@ class SweepRecord:
         planned: int,
         params: dict[str, Any],
         resume_run_id: Optional[str] = None,
+        prior: Optional[dict[str, int]] = None,
     ):
+        """``prior``: the jobs of a resumed sweep that ended before this run of it, by status, so that the
+        parent's counts and summary describe the whole sweep."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -350,6 +353,7 @@ class SweepRecord:
         self.kind, self.sweep_id, self.planned = kind, sweep_id, planned
         self.objective = objective_name(config)
         self.outcomes: list[Outcome] = []
+        self.prior = {status: n for status, n in (prior or {}).items() if n}
         uri = tracking.tracking_uri(config.tracking.tracking_uri)
         experiment_id = tracking.ensure_experiment(config.tracking.experiment, uri)
         self.uri, self.experiment_id = uri, experiment_id
@@ -393,7 +397,7 @@ class SweepRecord:
         """Record one outcome and print ``job k/N``: its status, value and the best so far."""
         self.outcomes.append(outcome)
         best, best_value = best_so_far()
-        step = len(self.outcomes)
+        step = sum(self.prior.values()) + len(self.outcomes)  # a resumed sweep's history goes on
         metrics = [_metric(f"jobs_{status.lower()}", count, step) for status, count in self.counts().items()]
         if finite(best_value):
             metrics.append(_metric("best_objective", best_value, step))
@@ -406,7 +410,7 @@ class SweepRecord:
 
     def counts(self) -> dict[str, int]:
         statuses = ("FINISHED", "FAILED", "PRUNED", "SKIPPED")
-        return {s: sum(o.status == s for o in self.outcomes) for s in statuses}
+        return {s: self.prior.get(s, 0) + sum(o.status == s for o in self.outcomes) for s in statuses}
 
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == "FAILED"]
@@ -418,10 +422,9 @@ class SweepRecord:
 
     def summary(self, best: Optional[str]) -> str:
         counts = ", ".join(f"{n} {s.lower()}" for s, n in self.counts().items() if n)
-        lines = [
-            f"sweep {self.sweep_id}: {len(self.outcomes)} job(s) ran here ({counts or 'none'}); "
-            f"MLflow parent run {self.run_id}"
-        ]
+        total = sum(self.counts().values())
+        here = f", {len(self.outcomes)} of them in this run of it" if self.prior else " ran here"
+        lines = [f"sweep {self.sweep_id}: {total} job(s){here} ({counts or 'none'}); MLflow parent run {self.run_id}"]
         for o in self.outcomes:
             if o.status in ("FAILED", "SKIPPED"):
                 run = f" [run {o.run_id}]" if o.run_id else ""

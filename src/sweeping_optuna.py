@@ -62,6 +62,7 @@ from src.sweeping import (
     job_outcome,
     job_processes,
     objective_direction,
+    objective_name,
     restore_sigterm_handler,
     visible_gpus,
 )
@@ -168,6 +169,22 @@ def counted(trial) -> bool:
     if trial.state == TrialState.FAIL:
         return "fail_reason" in trial.user_attrs
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def prior_counts(study) -> dict[str, int]:
+    """The study's trials that reached their outcome before this sweep started, by the sweep's statuses."""
+    from optuna.trial import TrialState
+
+    counts = {"FINISHED": 0, "FAILED": 0, "PRUNED": 0, "SKIPPED": 0}
+    for trial in study.get_trials(deepcopy=False):
+        if counted(trial):
+            if trial.state == TrialState.COMPLETE:
+                counts["FINISHED"] += 1
+            elif trial.state == TrialState.PRUNED:
+                counts["PRUNED"] += 1
+            else:
+                counts["SKIPPED" if trial.user_attrs.get("skipped") else "FAILED"] += 1
+    return counts
 
 
 def occupies(trial) -> bool:
@@ -357,6 +374,9 @@ class OptunaSweeper(Sweeper):
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
             created = False
         study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(self.pruner_conf, resolve=True))
+        with warnings.catch_warnings():  # optuna-dashboard shows these names instead of "Objective 0"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([objective_name(self.config) if m == "objective" else m for m in self.metrics])
         return study, created
 
     @staticmethod
@@ -394,6 +414,7 @@ class OptunaSweeper(Sweeper):
         study, created = self.open_study(name, directions)
         retried = recover_interrupted(study)
         done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+        prior = prior_counts(study)
         print(
             f"[sweep {name}] Optuna study in {self.storage}: {done}/{self.n_trials} trials done"
             + (f", retrying interrupted trial(s) {retried}" if retried else "")
@@ -419,6 +440,7 @@ class OptunaSweeper(Sweeper):
                 "sampler": OmegaConf.to_container(self.sampler_conf),
             },
             resume_run_id=self.parent_run_id(study, created),
+            prior=prior,
         )
         best_name = record.objective if self.metrics[0] == "objective" else self.metrics[0]
         if study.user_attrs.get(PARENT_RUN_ATTR) != record.run_id:

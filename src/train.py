@@ -12,6 +12,7 @@ every rank runs :func:`run`; rank 0 alone writes MLflow and the adapter (``src/d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -135,12 +136,15 @@ def save_outputs(cfg: Config, model, tokenizer, data, adapter_dir: Path, metrics
 
 
 def validated(raw: dict) -> Config:
-    """Validate a config in a process that trains nothing itself; an invalid one still ends as a FAILED run."""
+    """Validate a config before anything heavy: the error shows at once (a model load or an MLflow store
+    takes seconds), and an invalid config still ends as a FAILED run."""
     try:
         return validate(raw)
-    except ConfigError:
-        with tracking.tracked_run(raw):
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        with contextlib.suppress(ConfigError), tracking.tracked_run(raw):
             raise
+        sys.exit(2)
 
 
 def relaunch_argv(argv: list[str], output_dir: str) -> list[str]:
@@ -165,10 +169,10 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
             isolate=OmegaConf.select(hydra_cfg, "sweeper.isolate", default=True),
             feasibility=sweeping_trial.Feasibility(**feasibility) if feasibility else sweeping_trial.Feasibility(),
         )
+    validated(raw)
     try:
         nproc = distributed.requested_processes(raw)
         if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
-            validated(raw)
             sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
         return run(raw)
     except (ConfigError, DataError) as exc:

@@ -64,3 +64,17 @@ def test_a_run_prints_metric_lines_and_a_summary_and_logs_to_its_file(tmp_path):
         assert noise not in err, noise
     log = (out / "train.log").read_text()
     assert "step 2/4" in log and " finished: eval_f1_macro " in log
+
+
+def test_a_config_error_shows_before_the_store_is_touched_and_still_ends_failed(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "src.train", "lora.r=0", f"tracking.tracking_uri={uri}", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert err.index("error: invalid config") < err.index("Creating initial MLflow database tables"), err
+    assert err.count("lora.r: must be >= 1") == 1, err
+    (run,) = mlflow.MlflowClient(uri).search_runs(["1"])
+    assert run.info.status == "FAILED" and run.data.tags["error_type"] == "ConfigError"

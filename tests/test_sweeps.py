@@ -405,6 +405,11 @@ def test_optuna_study_resumes_after_sigterm_without_duplicates(tmp_path, mlflow_
     assert len(finished) == 6
     assert len({(c.data.params["lora.r"], c.data.params["lora.dropout"]) for c in finished}) == 6
     assert {c.data.tags["optuna_trial"] for c in finished} == {str(t.number) for t in ran}
+    # The resumed parent describes the whole study, and the study names its metric (optuna-dashboard shows it).
+    assert parents[0].data.metrics["jobs_finished"] == 6
+    text = mlflow.artifacts.load_text(f"runs:/{parents[0].info.run_id}/summary.txt")
+    assert text.startswith(f"sweep {name}: 6 job(s), ") and "of them in this run of it (6 finished)" in text
+    assert study.metric_names == ["eval_f1_macro"]
 
 
 @pytest.mark.slow
