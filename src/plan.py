@@ -280,6 +280,23 @@ def num_labels_of(cfg: Config) -> Optional[int]:
     return len(cfg.data.labels) if cfg.data.labels else None
 
 
+def with_label_set(cfg: Config) -> Config:
+    """A classification config with ``data.labels`` read from its local data file, when the config does not
+    give them: the command line plans the head it will train (a hub dataset stays unread: plan says what it
+    assumed). Not in :func:`plan` itself, which sweeps call once per job."""
+    import dataclasses
+
+    from src.data import DataError, load_data
+
+    if cfg.data.task != "classification" or cfg.data.labels or not cfg.data.path or not Path(cfg.data.path).is_file():
+        return cfg
+    try:
+        labels = load_data(cfg.data).labels
+    except DataError:
+        return cfg  # the run reports the data's faults; plan counts with its assumption and says so
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=list(labels)))
+
+
 def build_meta_model(model_config, cfg: Config):
     """The base model on the meta device: every parameter's shape, no memory, no weights."""
     import torch
@@ -474,8 +491,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     from hydra.errors import HydraException
 
+    from src.console import quiet_libraries
+
+    quiet_libraries()
+
     try:
-        cfg = validate(compose(args.overrides, args.config_dir, args.config_name))
+        cfg = with_label_set(validate(compose(args.overrides, args.config_dir, args.config_name)))
         result = plan(cfg)
     except (ConfigError, PlanError, HydraException) as exc:
         print(f"error: {exc}", file=sys.stderr)

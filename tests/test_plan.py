@@ -260,6 +260,14 @@ def test_classification_on_tiny_counts_like_the_loaded_model(overrides, num_labe
     assert (result["trainable_params"], result["total_params"]) == modeling.count_params(model)
 
 
+def test_the_command_line_reads_a_local_label_set(capsys):
+    """plan() reads no data (sweeps call it per job); the command reads the bundled topics' 3 labels."""
+    assert P.main(["model=tiny"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_labels"] == 3 and result["warnings"] == []
+    assert result["trainable_params"] == 2 * (8 * (128 + 128) + 8 * (128 + 64)) + 128 * 3
+
+
 def test_sweep_config_plans_its_base_config(tmp_path):
     (tmp_path / "seed_table.yaml").write_text(
         "# @package _global_\n"
