@@ -98,6 +98,10 @@ def artifact_location(uri: str, experiment: str) -> Optional[str]:
     return (db_path.parent / "mlruns" / experiment).as_uri()
 
 
+# MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(name: str, uri: str) -> str:
     """Set the store and return the experiment id, creating the store and experiment if needed.
 
@@ -110,10 +114,14 @@ def ensure_experiment(name: str, uri: str) -> str:
         client = retry_locked(mlflow.MlflowClient, uri)  # opening a store reads its schema
         experiment = retry_locked(client.get_experiment_by_name, name)
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                retry_locked(client.set_experiment_tag, experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return experiment.experiment_id
         location = artifact_location(uri, name)
         try:
-            return retry_locked(client.create_experiment, name, artifact_location=location)
+            return retry_locked(
+                client.create_experiment, name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException:  # created meanwhile by a writer that does not take the lock (another host)
             return retry_locked(client.get_experiment_by_name, name).experiment_id
 

@@ -22,3 +22,16 @@ def test_run_names_carry_the_dataset():
         == "tiny-instructions-4bit-attn_qv-r8-a16"
     )
     assert tracking.run_name(compose_config(["tracking.run_name=mine"])) == "mine"
+
+
+def test_experiments_open_on_their_runs_table_in_mlflow_3(tmp_path):
+    """MLflow 3.x opens an experiment without a kind on its GenAI overview; ours are model development."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    new = tracking.ensure_experiment("fresh", uri)
+    client = mlflow.MlflowClient(uri)
+    assert client.get_experiment(new).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old = client.create_experiment("made-before")  # a store from an earlier version gets the tag too
+    assert tracking.ensure_experiment("made-before", uri) == old
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
