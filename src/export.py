@@ -98,6 +98,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help=f"also log the merged model to the run as '{MERGED_MODEL_NAME}' (transformers flavour)",
     )
     parser.add_argument("--base-model", help="replaces the run's model.name_or_path (e.g. a local copy of it)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the base model's own Python code (auto_map); a run's stored config never turns this on",
+    )
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's)")
     return parser.parse_args(argv)
 
@@ -109,7 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     quiet_libraries()
     try:
-        with open_source(args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model) as source:
+        with open_source(
+            args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model, args.trust_remote_code
+        ) as source:
             model, tokenizer = export(source, args.out)
             print(f"merged model written to {args.out}", file=sys.stderr)
             if args.log_to_mlflow:

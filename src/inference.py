@@ -148,11 +148,15 @@ def _default_config(base_model: str, task: str, labels: Optional[list[str]]) -> 
     return validate(OmegaConf.to_container(OmegaConf.create(raw), resolve=True))
 
 
-def read_source(adapter_dir: Path, run_id: Optional[str] = None, base_model: Optional[str] = None) -> Source:
+def read_source(
+    adapter_dir: Path, run_id: Optional[str] = None, base_model: Optional[str] = None, trust_remote_code: bool = False
+) -> Source:
     """Read an adapter directory and the ``config.yaml`` beside it (or in it).
 
     Without a config.yaml the base model comes from ``adapter_config.json`` and everything
     else from the project defaults, unquantized. ``base_model`` replaces model.name_or_path.
+    ``trust_remote_code`` comes from the command that loads, never from the stored config: a file in a run's
+    artifacts must not be able to make this process run a model directory's Python code.
     """
     adapter_dir = Path(adapter_dir)
     adapter_config = adapter_dir / "adapter_config.json"
@@ -189,6 +193,13 @@ def read_source(adapter_dir: Path, run_id: Optional[str] = None, base_model: Opt
             file=sys.stderr,
         )
         cfg = _default_config(base, task, label_map.get("labels"))
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        print(
+            f"note: the run was trained with model.trust_remote_code=true; its model code runs here only with "
+            f"--trust-remote-code ({cfg.model.name_or_path})",
+            file=sys.stderr,
+        )
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, trust_remote_code=trust_remote_code))
     if base_model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=base_model))
     if cfg.data.task != task:
@@ -205,6 +216,7 @@ def open_source(
     adapter: Optional[Path] = None,
     tracking_uri: Optional[str] = None,
     base_model: Optional[str] = None,
+    trust_remote_code: bool = False,
 ) -> Iterator[Source]:
     """Resolve exactly one of a run id, a sweep id (its best run) or an adapter directory.
 
@@ -213,7 +225,7 @@ def open_source(
     if sum(x is not None for x in (run, sweep_best, adapter)) != 1:
         raise InferenceError("give exactly one of --run, --sweep-best or --adapter")
     if adapter is not None:
-        yield read_source(Path(adapter), base_model=base_model)
+        yield read_source(Path(adapter), base_model=base_model, trust_remote_code=trust_remote_code)
         return
     if sweep_best is not None:
         run = best_sweep_run(sweep_best, tracking_uri)
@@ -221,7 +233,9 @@ def open_source(
     with tempfile.TemporaryDirectory(prefix="lora-run-") as tmp:
         run = full_run_id(run, tracking_uri)
         run_dir = download_run(run, Path(tmp), tracking_uri)
-        yield read_source(run_dir / ADAPTER_ARTIFACT, run_id=run, base_model=base_model)
+        yield read_source(
+            run_dir / ADAPTER_ARTIFACT, run_id=run, base_model=base_model, trust_remote_code=trust_remote_code
+        )
 
 
 def load_tokenizer(source: Source):

@@ -58,6 +58,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="SFT: nucleus sampling mass when sampling")
     parser.add_argument("--seed", type=int, default=0, help="SFT: seed for sampling")
     parser.add_argument("--base-model", help="replaces the run's model.name_or_path (e.g. a local copy of it)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the base model's own Python code (auto_map); a run's stored config never turns this on",
+    )
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
@@ -218,7 +223,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     quiet_libraries()
     try:
-        with open_source(args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model) as source:
+        with open_source(
+            args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model, args.trust_remote_code
+        ) as source:
             df, from_lines = read_inputs(args.input, sys.stdin)
             if df.empty:
                 raise InferenceError(f"input {args.input if args.input != '-' else '(stdin)'} has no rows")

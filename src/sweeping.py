@@ -86,8 +86,8 @@ class OptunaSweeperConf:
     _target_: str = f"{PLUGIN_MODULE}.OptunaSweeper"
     _recursive_: bool = False  # the sweeper builds the sampler and pruner itself; jobs rebuild the pruner
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "nop"}])
-    sampler: Any = MISSING  # hydra/sweeper/sampler: tpe | random | nsgaii, or any _target_
-    pruner: Any = MISSING  # hydra/sweeper/pruner: nop | median | hyperband, or any _target_
+    sampler: Any = MISSING  # hydra/sweeper/sampler: tpe | random | nsgaii, or another optuna.samplers class
+    pruner: Any = MISSING  # hydra/sweeper/pruner: nop | median | hyperband, or another optuna.pruners class
     n_trials: int = 20  # trials in the study in total, counting earlier runs of the same study
     n_jobs: int = 1  # trials handed to the launcher at once (parallel with a parallel launcher)
     direction: Any = None  # minimize | maximize; null: the config's objective direction

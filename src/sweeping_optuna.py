@@ -66,7 +66,15 @@ from src.sweeping import (
     restore_sigterm_handler,
     visible_gpus,
 )
-from src.sweeping_trial import PRUNER_ATTR, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, open_storage
+from src.sweeping_trial import (
+    PRUNER_ATTR,
+    STORAGE_ENV,
+    STUDY_ENV,
+    TRIAL_ENV,
+    build_pruner,
+    open_storage,
+    pruner_spec,
+)
 from src.tiny import PROJECT_ROOT
 
 DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
@@ -158,6 +166,19 @@ def trial_overrides(params: dict[str, Any], variables: set[str], derived: dict[s
 # ---------------------------------------------------------------------------------------------
 # Study bookkeeping: which trials count, duplicates, interrupted trials
 # ---------------------------------------------------------------------------------------------
+
+
+SAMPLERS = (
+    "TPESampler",
+    "RandomSampler",
+    "NSGAIISampler",
+    "NSGAIIISampler",
+    "CmaEsSampler",
+    "GPSampler",
+    "QMCSampler",
+    "GridSampler",
+    "BruteForceSampler",
+)  # the classes hydra.sweeper.sampler may name
 
 
 def counted(trial) -> bool:
@@ -362,8 +383,15 @@ class OptunaSweeper(Sweeper):
         import optuna
         from hydra.utils import instantiate
 
+        sampler_target = str(self.sampler_conf.get("_target_", ""))
+        if sampler_target.removeprefix("optuna.samplers.") not in SAMPLERS or "." not in sampler_target:
+            raise SweepFailed(f"hydra.sweeper.sampler: {sampler_target!r} is not one of optuna.samplers' {SAMPLERS}")
         sampler = instantiate(self.sampler_conf)
-        pruner = instantiate(self.pruner_conf)
+        try:
+            spec = pruner_spec(OmegaConf.to_container(self.pruner_conf, resolve=True))
+        except ValueError as exc:
+            raise SweepFailed(str(exc)) from exc
+        pruner = build_pruner(spec)
         storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period)
         try:
             study = optuna.create_study(
@@ -373,7 +401,7 @@ class OptunaSweeper(Sweeper):
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
             created = False
-        study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(self.pruner_conf, resolve=True))
+        study.set_user_attr(PRUNER_ATTR, spec)  # plain data: each trial rebuilds it with build_pruner
         with warnings.catch_warnings():  # optuna-dashboard shows these names instead of "Objective 0"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([objective_name(self.config) if m == "objective" else m for m in self.metrics])

@@ -452,18 +452,68 @@ def check_feasibility(raw: dict, feasibility: Feasibility) -> tuple[dict, Option
 # ---------------------------------------------------------------------------------------------
 
 
+# What a study may name as its pruner: Optuna's own classes, built from scalar arguments. The storage is
+# shared (a PostgreSQL database, a file): whatever it holds is data, never something to instantiate.
+PRUNERS = (
+    "NopPruner",
+    "MedianPruner",
+    "PercentilePruner",
+    "SuccessiveHalvingPruner",
+    "HyperbandPruner",
+    "ThresholdPruner",
+    "WilcoxonPruner",
+)
+_SCALARS = (int, float, str, bool, type(None))
+
+
+def pruner_spec(conf: dict) -> dict[str, Any]:
+    """The sweep's pruner config (``_target_`` and arguments) as plain data to store with the study.
+
+    Raises ValueError for a class outside :data:`PRUNERS` or an argument that is not a plain value."""
+    target = str(conf.get("_target_", ""))
+    name = target.removeprefix("optuna.pruners.")
+    if target != f"optuna.pruners.{name}" or name not in PRUNERS:
+        raise ValueError(f"hydra.sweeper.pruner: {target!r} is not one of optuna.pruners' {', '.join(PRUNERS)}")
+    kwargs = {k: v for k, v in conf.items() if not str(k).startswith("_")}
+    odd = sorted(k for k, v in kwargs.items() if not isinstance(v, _SCALARS))
+    if odd:
+        raise ValueError(f"hydra.sweeper.pruner: arguments {odd} must be numbers, strings or booleans")
+    return {"name": name, "kwargs": kwargs}
+
+
+def build_pruner(spec: Any):
+    """An Optuna pruner from plain data (:func:`pruner_spec`'s, or an older study's ``_target_`` config).
+
+    Anything else read back from the storage builds nothing: the trial then never prunes, with a warning."""
+    import optuna
+
+    try:
+        if isinstance(spec, dict) and "_target_" in spec:
+            spec = pruner_spec(spec)
+        name, kwargs = spec["name"], spec["kwargs"]
+        if (
+            name not in PRUNERS
+            or not isinstance(kwargs, dict)
+            or not all(isinstance(v, _SCALARS) for v in kwargs.values())
+        ):
+            raise ValueError(f"pruner {name!r} with {kwargs!r}")
+        return getattr(optuna.pruners, name)(**{str(k): v for k, v in kwargs.items()})
+    except (ValueError, TypeError, KeyError) as exc:
+        print(f"warning: the study's stored pruner is not a plain Optuna pruner ({exc}); not pruning", file=sys.stderr)
+        return optuna.pruners.NopPruner()
+
+
 def current_trial():
     """The Optuna trial this process runs for (from the sweeper's environment), or None."""
     if not os.environ.get(TRIAL_ENV):
         return None
     import optuna
-    from hydra.utils import instantiate
 
     storage = open_storage(os.environ[STORAGE_ENV])
     study = optuna.load_study(study_name=os.environ[STUDY_ENV], storage=storage)
-    pruner_conf = study.user_attrs.get(PRUNER_ATTR)
-    if pruner_conf:
-        study.pruner = instantiate(pruner_conf)
+    stored = study.user_attrs.get(PRUNER_ATTR)
+    if stored:
+        study.pruner = build_pruner(stored)
     number = int(os.environ[TRIAL_ENV])
     # Optuna has no public way to reopen a running trial by number from another process.
     trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number)
