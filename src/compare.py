@@ -126,11 +126,13 @@ def pareto_front(points: Sequence[Sequence[Optional[float]]], directions: Sequen
 
 
 def pick_best(rows: Sequence[dict], key: str, direction: str, tie_key: str = "trainable_params_m") -> Optional[int]:
-    """Index of the best row on ``key``; ties go to fewer ``tie_key`` (trainable params), then to the first."""
+    """Index of the best row on ``key``; ties go to fewer ``tie_key`` (trainable params), then to the first.
+
+    Only finished runs are ranked: a killed or failed run may hold an eval logged before it stopped."""
     best, best_score = None, None
     for i, row in enumerate(rows):
         value = row.get(key)
-        if not _is_number(value):
+        if not _is_number(value) or row.get("status", "FINISHED") != "FINISHED":
             continue
         tie = row.get(tie_key)
         score = (value if direction == "max" else -value, -tie if _is_number(tie) else -math.inf)
@@ -708,7 +710,8 @@ def compare(args: argparse.Namespace) -> str:
         (x, x_dir), (y, y_dir) = pareto_spec
         if not any(_is_number(r.get(x.key)) and _is_number(r.get(y.key)) for r in rows):
             raise CompareError(f"--pareto {args.pareto}: no run has both {x.key} and {y.key}")
-        for row, on in zip(rows, pareto_front([(r.get(x.key), r.get(y.key)) for r in rows], (x_dir, y_dir))):
+        points = [(r.get(x.key), r.get(y.key)) if r.get("status") == "FINISHED" else (None, None) for r in rows]
+        for row, on in zip(rows, pareto_front(points, (x_dir, y_dir))):
             row["pareto"] = on
     if sort_spec:
         rows = sort_rows(rows, sort_spec[0].key, sort_spec[1])

@@ -132,8 +132,13 @@ def run_job(raw: dict, isolate: bool = True, feasibility: Feasibility = Feasibil
     result_path = Path(raw["output_dir"]) / RESULT_FILE
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
+    from src import tracking
+
+    sweeper = (os.getpid(), tracking.process_start(os.getpid()))
     process = _context().Process(
-        target=_trial_process, args=(raw, feasibility, dict(os.environ), str(result_path)), name="lora-sweep-job"
+        target=_trial_process,
+        args=(raw, feasibility, dict(os.environ), str(result_path), sweeper),
+        name="lora-sweep-job",
     )
     process.start()
     try:
@@ -141,7 +146,36 @@ def run_job(raw: dict, isolate: bool = True, feasibility: Feasibility = Feasibil
     except BaseException:  # SIGTERM or Ctrl-C while training: stop the trial so its run ends KILLED
         _stop(process)
         raise
-    return _read_result(result_path, process.exitcode)
+    try:
+        return _read_result(result_path, process.exitcode)
+    except JobFailed as exc:
+        if exc.error_type == "TrialProcessDied":
+            exc.run_id = close_lost_run(raw, str(exc)) or exc.run_id
+        raise
+
+
+def close_lost_run(raw: dict, reason: str) -> Optional[str]:
+    """End FAILED the MLflow run of a trial process that died without a word (``kill -9``, the OOM killer):
+    it would stay RUNNING, and its last eval could be ranked as if it had finished. Returns its id."""
+    import mlflow
+
+    from src import tracking
+
+    settings = raw.get("tracking") or {}
+    uri = tracking.tracking_uri(settings.get("tracking_uri"))
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(settings.get("experiment") or "lora-sweeps")
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"params.output_dir = '{raw['output_dir']}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        tracking.retry_locked(client.set_tag, run.info.run_id, "error_type", "TrialProcessDied")
+        tracking.retry_locked(client.set_tag, run.info.run_id, "error", reason[: tracking.MAX_TAG_LEN])
+        tracking.retry_locked(client.set_terminated, run.info.run_id, "FAILED")
+    return runs[0].info.run_id if runs else None
 
 
 def _context():
@@ -197,12 +231,37 @@ def _die_with_parent() -> None:
             pass
 
 
-def _trial_process(raw: dict, feasibility: Feasibility, env: dict[str, str], result_path: str) -> None:
+def _die_with_sweeper(sweeper: tuple[int, Optional[str]], interval_s: float = 1.0) -> None:
+    """SIGTERM this trial once the process that launched it is gone (``kill -9`` of the sweeper).
+
+    The kernel's death signal (:func:`_die_with_parent`) follows the fork server, which can outlive the
+    sweeper; a trial must not train on to FINISHED under a dead sweep. The sweeper is known by its pid and
+    start time, so a new process that reuses the pid does not count."""
+    import threading
+
+    from src import tracking
+
+    pid, start = sweeper
+    if start is None:  # not Linux: no way to tell a reused pid; the death signal is all there is
+        return
+
+    def watch() -> None:
+        while tracking.process_start(pid) == start:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)  # tracked_run ends the run KILLED
+
+    threading.Thread(target=watch, name="lora-sweep-watch", daemon=True).start()
+
+
+def _trial_process(
+    raw: dict, feasibility: Feasibility, env: dict[str, str], result_path: str, sweeper: tuple[int, Optional[str]]
+) -> None:
     """Entry point of the fresh process: the job's environment, then _run, then the result file."""
     os.environ.clear()
     os.environ.update(env)  # the forking server's environment is not the job's (hydra.job.env_set, GPU pinning)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _die_with_parent()
+    _die_with_sweeper(sweeper)
     import optuna
 
     from src import console
