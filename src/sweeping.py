@@ -363,8 +363,12 @@ class SweepRecord:
         self.run_id = None
         if resume_run_id:
             try:
-                if self._write(self.client.get_run, resume_run_id).info.lifecycle_stage == "active":
+                resumed = self._write(self.client.get_run, resume_run_id)
+                if resumed.info.lifecycle_stage == "active":
                     self._write(self.client.update_run, resume_run_id, status="RUNNING")
+                    for stale in ("error", "error_type"):  # the interruption is over; the run goes on
+                        if stale in resumed.data.tags:
+                            self._write(self.client.delete_tag, resume_run_id, stale)
                     self.run_id = resume_run_id
             except MlflowException:
                 pass  # deleted, or another store: start a new parent run

@@ -256,12 +256,22 @@ def owner_alive(trial) -> bool:
     return True
 
 
-def recover_interrupted(study) -> list[int]:
-    """Fail the trials a killed sweep left RUNNING, and enqueue every interrupted trial once more."""
+def recover_interrupted(study, finished: Optional[dict[int, list[float]]] = None) -> list[int]:
+    """Settle the trials a killed sweep left RUNNING, and enqueue every interrupted trial once more.
+
+    ``finished``: trial number -> values of the trials whose MLflow run FINISHED (a trial can end after its
+    sweep died). Those are adopted as COMPLETE with their run's values instead of being trained again; the
+    others are failed and retried."""
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not owner_alive(trial):
+        if owner_alive(trial):
+            continue
+        values = (finished or {}).get(trial.number)
+        if values is not None:
+            study._storage.set_trial_user_attr(trial._trial_id, "adopted", "its run FINISHED after the sweep stopped")
+            study.tell(trial.number, values if len(values) > 1 else values[0])
+        else:
             study.tell(trial.number, state=TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     # retry_of: enqueued here; failed_trial: by the heartbeat's RetryFailedTrialCallback
@@ -378,6 +388,28 @@ class OptunaSweeper(Sweeper):
             )
         return variables
 
+    def finished_trials(self, study_name: str) -> dict[int, list[float]]:
+        """Trial number -> metric values, for the study's trials whose MLflow run FINISHED."""
+        import mlflow
+
+        from src import tracking
+
+        client = mlflow.MlflowClient(tracking.tracking_uri(self.config.tracking.tracking_uri))
+        experiment = client.get_experiment_by_name(self.config.tracking.experiment)
+        if experiment is None:
+            return {}
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.optuna_study = '{study_name}' and attributes.status = 'FINISHED'",
+            max_results=50000,
+        )
+        out = {}
+        for run in runs:
+            values = [run.data.metrics.get(m) for m in self.metrics]
+            if "optuna_trial" in run.data.tags and all(finite(v) for v in values):
+                out[int(run.data.tags["optuna_trial"])] = values
+        return out
+
     def open_study(self, name: str, directions: list[str]) -> tuple[Any, bool]:
         """The study, and whether this worker created it (then it also creates the MLflow parent run)."""
         import optuna
@@ -440,7 +472,7 @@ class OptunaSweeper(Sweeper):
             raise SweepFailed(str(exc)) from exc
         name = self.study_name or self.default_study_name(list(arguments), directions)
         study, created = self.open_study(name, directions)
-        retried = recover_interrupted(study)
+        retried = recover_interrupted(study, self.finished_trials(name))
         done = sum(counted(t) for t in study.get_trials(deepcopy=False))
         prior = prior_counts(study)
         print(

@@ -357,8 +357,8 @@ def test_bad_input_file_and_column(cls_run, tmp_path, capsys):
     common = ["--adapter", str(cls_run.adapter_dir)]
     code, _, err = _predict([*common, "--input", str(tmp_path / "missing.csv")], capsys)
     _assert_one_line_error(code, err, "not found", "missing.csv")
-    (tmp_path / "in.txt").write_text("hello\n")
-    code, _, err = _predict([*common, "--input", str(tmp_path / "in.txt")], capsys)
+    (tmp_path / "in.xml").write_text("<hello/>\n")
+    code, _, err = _predict([*common, "--input", str(tmp_path / "in.xml")], capsys)
     _assert_one_line_error(code, err, "unsupported")
     source = _write_jsonl(tmp_path / "body.jsonl", [{"body": t} for t in TEXTS[:2]])
     code, _, err = _predict([*common, "--input", str(source)], capsys)

@@ -214,6 +214,19 @@ def test_interrupted_trials_are_failed_and_retried_once(tmp_path):
     assert study.ask(space).params == dead.params  # the next trial is the retry, with the same params
 
 
+def test_a_trial_whose_run_finished_after_its_sweep_died_is_adopted_not_retrained(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    space = {"lora.r": CategoricalDistribution([4, 8, 16])}
+    ended = study.ask(space)  # its sweep was killed, but its MLflow run had FINISHED with 0.75
+    ended.set_user_attr("sweeper_host", os.uname().nodename)
+    ended.set_user_attr("sweeper_pid", 2**22 + 12345)
+    assert recover_interrupted(study, {ended.number: [0.75]}) == []  # nothing to train again
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.75 and "adopted" in trial.user_attrs
+    assert counted(trial)
+
+
 @pytest.mark.parametrize("path", sorted(SWEEPS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_sweep_file_composes_and_validates(path):
     first = path.read_text().splitlines()[0]
@@ -405,6 +418,7 @@ def test_optuna_study_resumes_after_sigterm_without_duplicates(tmp_path, mlflow_
     assert len(finished) == 6
     assert len({(c.data.params["lora.r"], c.data.params["lora.dropout"]) for c in finished}) == 6
     assert {c.data.tags["optuna_trial"] for c in finished} == {str(t.number) for t in ran}
+    assert "error" not in parents[0].data.tags  # the SIGTERM that stopped the first run is no longer its state
     # The resumed parent describes the whole study, and the study names its metric (optuna-dashboard shows it).
     assert parents[0].data.metrics["jobs_finished"] == 6
     text = mlflow.artifacts.load_text(f"runs:/{parents[0].info.run_id}/summary.txt")
