@@ -12,6 +12,10 @@ forgets is reported as missing rather than silently filled in.
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import math
+import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +33,56 @@ OBJECTIVE_DEFAULTS = {  # task -> (metric, direction)
     "multilabel": ("eval_f1_micro", "maximize"),
     "sft": ("eval_loss", "minimize"),
 }
+# The metrics each task's evaluation returns (src/training.py computes them; tests/test_hardening.py keeps the
+# two in step), besides one F1 per class or label under PER_LABEL_METRIC. objective.metric and
+# train.metric_for_best_model are checked against them, so a typo fails before the model loads, not after training.
+TASK_METRICS = {
+    "classification": (
+        "eval_loss",
+        "eval_accuracy",
+        "eval_balanced_accuracy",
+        "eval_mcc",
+        "eval_f1_micro",
+        "eval_f1_macro",
+        "eval_f1_weighted",
+    ),
+    "multilabel": (
+        "eval_loss",
+        "eval_f1_micro",
+        "eval_f1_macro",
+        "eval_f1_weighted",
+        "eval_f1_samples",
+        "eval_subset_accuracy",
+    ),
+    "sft": ("eval_loss",),
+}
+PER_LABEL_METRIC = {"classification": "eval_f1_class_", "multilabel": "eval_f1_label_"}
+# Computed by src/train.py from the final evaluation: an objective, not a metric the Trainer picks a best model by.
+DERIVED_METRICS = {"sft": ("eval_perplexity",)}
+# transformers' OptimizerNames and SchedulerType values, listed here because importing transformers.training_args
+# imports peft and bitsandbytes (seconds, and bitsandbytes starts CUDA); a test checks them against the installed ones.
+OPTIMIZERS = (
+    *("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor"),
+    *("adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad"),
+    *("adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit"),
+    *("paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit"),
+    *("paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
+    *("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise"),
+    *("galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw"),
+    *("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise"),
+    "stable_adamw",
+)
+LR_SCHEDULERS = (
+    *("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    *("inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr"),
+    *("warmup_stable_decay", "greedy"),
+)
+# A LoRA rank at or above a layer's width is no longer low-rank: it costs more than a full update and can express
+# no more. 4096 is the width of the 7B/8B models this project targets and above the ranks the LoRA literature
+# tries (<= 2048), so a larger value is a typo (r=80000), not an experiment.
+MAX_LORA_RANK = 4096
+# A label that reads as a plain decimal number; no leading zeros, so a code such as "01" stays text.
+_DECIMAL_LABEL = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")
 
 
 def choice(*values: Any) -> Any:
@@ -37,6 +91,27 @@ def choice(*values: Any) -> Any:
     OmegaConf cannot store ``Literal`` annotations, so the allowed values live in metadata.
     """
     return field(metadata={"choices": values})
+
+
+def canonical_label(text: str) -> str:
+    """The class a label's text names: stripped, and a plain decimal number written as the number.
+
+    A label is its value, however the file spells it: CSV readers give the int 1, JSON may give 1, 1.0
+    or "1", and a spreadsheet export "1.0". All of them are the class "1" (and "2.50" is "2.5"), so one
+    label never becomes several classes. Text that is not a plain number ("01", "1e3", "nan") is kept.
+    """
+    text = text.strip()
+    if not _DECIMAL_LABEL.fullmatch(text):
+        return text
+    value = decimal.Decimal(text)
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def safe_metric_name(name: str) -> str:
+    """A label name as it appears in a metric name (MLflow allows only these characters)."""
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
 class ConfigError(ValueError):
@@ -309,6 +384,10 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             f"lora.preset: unknown preset {lora.preset!r} (known: {', '.join(LORA_PRESETS)})",
         )
         check(lora.r < 1, f"lora.r: must be >= 1, got {lora.r}")
+        check(
+            lora.r > MAX_LORA_RANK,
+            f"lora.r: must be <= {MAX_LORA_RANK} (a rank that wide is no longer low-rank), got {lora.r}",
+        )
         check(lora.alpha <= 0, f"lora.alpha: must be > 0, got {lora.alpha}")
         check(not 0.0 <= lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lora.dropout}")
         check(lora.target_modules == [], "lora.target_modules: empty list; leave it null to use the preset")
@@ -325,6 +404,22 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             f"data.eval_subsample: must be >= 1, got {d.eval_subsample}",
         )
         check(not 0.0 < d.threshold < 1.0, f"data.threshold: must be in (0, 1), got {d.threshold}")
+    if _ok(d, "split_seed", "subsample_seed"):  # numpy's generators take no negative seed
+        check(d.split_seed < 0, f"data.split_seed: must be >= 0, got {d.split_seed}")
+        check(d.subsample_seed < 0, f"data.subsample_seed: must be >= 0, got {d.subsample_seed}")
+    for key in ("text_template", "instruction_template"):
+        if _ok(d, key) and getattr(d, key) is not None:
+            problems.extend(template_problems(f"data.{key}", getattr(d, key)))
+    if _ok(d, "task", "text_columns", "label_columns", "labels"):
+        check(
+            d.task != "sft" and not d.text_columns,
+            f"data.text_columns: required for task {d.task!r} (the columns the model reads)",
+        )
+        for key in ("text_columns", "label_columns"):
+            columns = getattr(d, key) or []
+            for column in sorted({c for c in columns if columns.count(c) > 1}):
+                problems.append(f"data.{key}: duplicate column {column!r} in {columns}")
+        problems.extend(_label_set_problems(d.labels or []))
     if _ok(d, "max_length_factor"):
         check(
             d.max_length_factor is not None and d.max_length_factor < 1,
@@ -346,29 +441,59 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             d.task != "multilabel" and d.pos_weight != "none",
             f"data.pos_weight: only for task 'multilabel', not {d.task!r}",
         )
+        for key, weights in (("data.class_weights", d.class_weights), ("data.pos_weight", d.pos_weight)):
+            if isinstance(weights, list):
+                check(
+                    not all(math.isfinite(w) and w >= 0 for w in weights),
+                    f"{key}: each weight must be finite and >= 0, got {weights}",
+                )
+                check(
+                    key == "data.class_weights" and bool(weights) and not any(weights),
+                    f"{key}: all weights are 0, so the loss is 0/0",
+                )
     if _ok(d, "task") and _ok(m, "architecture", "name"):
         check(
             d.task == "sft" and m.architecture == "encoder",
             f"data.task=sft needs a decoder model; model {m.name!r} is an encoder",
         )
-    if _ok(
-        t,
-        "max_steps",
-        "num_train_epochs",
-        "learning_rate",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "bf16",
-        "fp16",
-    ):
+    if _ok(t, "max_steps", "num_train_epochs"):
         check(
-            t.max_steps <= 0 and t.num_train_epochs <= 0, "train: set train.max_steps > 0 or train.num_train_epochs > 0"
+            not math.isfinite(t.num_train_epochs), f"train.num_train_epochs: must be finite, got {t.num_train_epochs}"
         )
+        check(
+            t.max_steps <= 0 and t.num_train_epochs <= 0,
+            f"train.num_train_epochs: must be > 0 when train.max_steps <= 0 (set either), got {t.num_train_epochs}",
+        )
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if _ok(t, key):
+            check(getattr(t, key) < 1, f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    for key, low in (("logging_steps", 1), ("dataloader_num_workers", 0), ("eval_steps", 1), ("save_steps", 1)):
+        value = getattr(t, key) if _ok(t, key) else None
+        check(value is not None and value < low, f"train.{key}: must be >= {low}, got {value}")
+    if _ok(t, "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm"):
+        check(not math.isfinite(t.learning_rate), f"train.learning_rate: must be finite, got {t.learning_rate}")
         check(t.learning_rate <= 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
+        for key in ("warmup_steps", "weight_decay"):
+            value = getattr(t, key)
+            check(not (math.isfinite(value) and value >= 0), f"train.{key}: must be finite and >= 0, got {value}")
+        check(not math.isfinite(t.max_grad_norm), f"train.max_grad_norm: must be finite, got {t.max_grad_norm}")
+    if _ok(t, "seed"):  # numpy's legacy seeding, which transformers' set_seed calls, takes [0, 2**32)
+        check(not 0 <= t.seed < 2**32, f"train.seed: must be in [0, 2**32), got {t.seed}")
+    if _ok(t, "optim"):
         check(
-            t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1,
-            "train: per_device_train_batch_size and gradient_accumulation_steps must be >= 1",
+            t.optim not in OPTIMIZERS,
+            f"train.optim: unknown optimizer {t.optim!r} (known: {', '.join(OPTIMIZERS)})",
         )
+    if _ok(t, "lr_scheduler_type", "eval_strategy"):
+        check(
+            t.lr_scheduler_type not in LR_SCHEDULERS,
+            f"train.lr_scheduler_type: unknown scheduler {t.lr_scheduler_type!r} (known: {', '.join(LR_SCHEDULERS)})",
+        )
+        check(
+            t.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy") and t.eval_strategy == "no",
+            f"train.lr_scheduler_type={t.lr_scheduler_type}: needs evaluation (train.eval_strategy != 'no')",
+        )
+    if _ok(t, "bf16", "fp16"):
         check(t.bf16 and t.fp16, "train: bf16 and fp16 cannot both be true")
     if _ok(t, "nproc_per_node"):
         check(t.nproc_per_node < 1, f"train.nproc_per_node: must be >= 1, got {t.nproc_per_node}")
@@ -389,9 +514,103 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             t.load_best_model_at_end and t.save_strategy != t.eval_strategy,
             "train.load_best_model_at_end: needs train.save_strategy equal to train.eval_strategy",
         )
+    objective_section = sections.get("objective")
+    if _ok(d, "task", "labels", "label_columns") and _ok(objective_section, "metric"):
+        metric = objective_section.metric
+        check(
+            metric is not None and not logs_metric(d, metric, derived=True),
+            f"objective.metric: task {d.task!r} does not log {metric!r}; it logs {_logged_names(d, derived=True)}",
+        )
+    if _ok(d, "task", "labels", "label_columns") and _ok(t, "metric_for_best_model"):
+        best = t.metric_for_best_model
+        full = best if best is None or best.startswith("eval_") else f"eval_{best}"  # as the Trainer names it
+        check(
+            full is not None and not logs_metric(d, full),
+            f"train.metric_for_best_model: task {d.task!r} does not log {full!r}; it logs {_logged_names(d)}",
+        )
     if _ok(q, "bits") and q.bits in (4, 8):
         reason = bitsandbytes_unavailable()
         check(reason is not None, f"quant.bits={q.bits}: bitsandbytes cannot run here ({reason}); use quant=none")
+
+
+def logs_metric(d: DataConfig, metric: str, derived: bool = False) -> bool:
+    """Whether the task's evaluation logs ``metric``; ``derived`` counts those src/train.py computes from it.
+
+    Per-label names come from ``data.labels`` or ``data.label_columns``; with labels inferred from the
+    data (known only once it loads), any ``eval_f1_class_<name>`` is taken.
+    """
+    if metric in TASK_METRICS[d.task] or (derived and metric in DERIVED_METRICS.get(d.task, ())):
+        return True
+    prefix = PER_LABEL_METRIC.get(d.task)
+    if prefix is None or not metric.startswith(prefix) or metric == prefix:
+        return False
+    labels = d.labels if d.task == "classification" else d.label_columns
+    return not labels or metric in {prefix + safe_metric_name(label) for label in labels}
+
+
+def _logged_names(d: DataConfig, derived: bool = False) -> str:
+    names = [*TASK_METRICS[d.task], *(DERIVED_METRICS.get(d.task, ()) if derived else ())]
+    prefix = PER_LABEL_METRIC.get(d.task)
+    labels = d.labels if d.task == "classification" else d.label_columns
+    if prefix and labels:
+        names += [prefix + safe_metric_name(label) for label in labels]
+    elif prefix:
+        names.append(f"{prefix}<label>")
+    return ", ".join(names)
+
+
+def template_problems(key: str, template: str) -> list[str]:
+    """Why ``template`` cannot be formatted with the row's columns as keywords (``str.format(**row)``)."""
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return [f"{key}: not a valid format string ({exc}): {template!r}; write a literal brace as '{{{{' or '}}}}'"]
+    problems = []
+    for _, name, _, conversion in fields:
+        if name is None:
+            continue
+        shown = "{" + name + ("!" + conversion if conversion else "") + "}"
+        if name == "" or name.isdigit():
+            problems.append(f"{key}: positional field {shown!r} in {template!r}; name a column, e.g. {{text}}")
+        elif "." in name or "[" in name:
+            problems.append(f"{key}: field {shown!r} in {template!r} reads an attribute or an index; name a column")
+        if conversion not in (None, "r", "s", "a"):
+            problems.append(f"{key}: field {shown!r} in {template!r} has an unknown conversion (use !r, !s or !a)")
+    return problems
+
+
+def _label_set_problems(labels: list[str]) -> list[str]:
+    """Empty or repeated names in ``data.labels``, repeats compared as canonical labels ('1' and '1.0')."""
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for position, label in enumerate(labels):
+        key = canonical_label(label)
+        if not key:
+            problems.append(f"data.labels: empty label at position {position} of {labels}")
+        elif key not in seen:
+            seen[key] = label
+        elif seen[key] == label:
+            problems.append(f"data.labels: duplicate label {label!r} in {labels}")
+        else:
+            problems.append(f"data.labels: {seen[key]!r} and {label!r} are the same label (both read as {key!r})")
+    return problems
+
+
+def _check_machine(t: Optional[TrainConfig], problems: list[str]) -> None:
+    """Checks that only a run that trains here needs: src.plan and src.predict validate GPU configs on CPU."""
+    if not _ok(t, "bf16", "fp16", "tf32"):
+        return
+    flags = [name for name in ("bf16", "fp16", "tf32") if getattr(t, name)]
+    if not flags:
+        return
+    import torch
+
+    # device_count asks NVML; torch.cuda.is_available() would start CUDA, and no trial forked afterwards could use it.
+    if torch.cuda.device_count() == 0:
+        fixes = " ".join(f"train.{name}={'null' if name == 'tf32' else 'false'}" for name in flags)
+        problems.append(
+            f"{', '.join(f'train.{name}=true' for name in flags)}: no CUDA GPU here: use train=default, or {fixes}"
+        )
 
 
 def bitsandbytes_unavailable() -> Optional[str]:
@@ -403,8 +622,11 @@ def bitsandbytes_unavailable() -> Optional[str]:
     return None
 
 
-def validate(raw: Any) -> Config:
-    """Validate a composed config (DictConfig or dict); raise one ConfigError listing every problem."""
+def validate(raw: Any, *, for_training: bool = False) -> Config:
+    """Validate a composed config (DictConfig or dict); raise one ConfigError listing every problem.
+
+    ``for_training``: also check that this machine can train it (a CUDA GPU for bf16, fp16 or tf32).
+    """
     if not isinstance(raw, dict):
         raw = OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)
     raw = {k: v for k, v in raw.items() if k != "hydra"}
@@ -424,6 +646,8 @@ def validate(raw: Any) -> Config:
         else:
             sections[name] = raw[name]
     _check_values(sections, problems)
+    if for_training:
+        _check_machine(sections.get("train"), problems)
     if problems:
         raise ConfigError(problems)
     for section in sections.values():

@@ -9,6 +9,9 @@ multi-label, and ``prompt``/``completion`` for SFT.
 
 from __future__ import annotations
 
+import codecs
+import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from src.config import DataConfig
+from src.config import DataConfig, canonical_label
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -29,6 +32,9 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 MAX_IDS_SHOWN = 20
+# Cells a text or label column must not hold: lists (JSON arrays, Parquet lists as np.ndarray) and mappings
+# (JSON objects, Parquet structs); str() would train on their Python repr, e.g. "['food']".
+STRUCTURED = (list, tuple, set, dict, np.ndarray)
 
 
 class DataError(ValueError):
@@ -51,23 +57,102 @@ class TaskData:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read CSV, TSV, JSON, JSONL or Parquet exactly: no NA guessing, quoted newlines kept."""
+    """Read CSV, TSV, JSON, JSONL or Parquet exactly: no NA guessing, quoted newlines kept.
+
+    A file that cannot be read (a directory, 0 bytes, invalid UTF-8, a broken JSON line, a header and no
+    rows, ...) is one DataError that names the file and, where there is one, the line.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.exists():
         raise DataError([f"data file not found: {path}"])
+    if path.is_dir():
+        raise DataError([f"data file {path} is a directory, not a file"])
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
+        raise DataError([f"unsupported data file type {suffix!r} ({path}); use .csv, .tsv, .json, .jsonl or .parquet"])
+    try:
+        if path.stat().st_size == 0:
+            raise DataError([f"data file {path} is empty (0 bytes)"])
+        if suffix == ".parquet":
+            df = _read_parquet(path)
+        else:
+            df = _read_text_table(path, suffix, _decode(path.read_bytes(), path))
+    except OSError as exc:  # unreadable: permissions, a broken mount
+        raise DataError([f"cannot read data file {path}: {exc.strerror or exc}"]) from exc
+    if len(df) == 0:
+        header = f", only a header (columns {list(df.columns)})" if len(df.columns) else ""
+        raise DataError([f"data file {path} has no rows{header}"])
+    return df
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    """The file's text; a byte-order mark (Excel's "CSV UTF-8") is dropped."""
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(
+            [
+                f"data file {path} is not valid UTF-8 at line {line} (byte offset {offset}: "
+                f"0x{raw[offset]:02x}); save it as UTF-8"
+            ]
+        ) from None
+
+
+def _read_text_table(path: Path, suffix: str, text: str) -> pd.DataFrame:
     if suffix in (".csv", ".tsv"):
-        # keep_default_na=False: the text "NA" or "null" is data, not a missing value; empty cells stay "".
-        return pd.read_csv(
-            path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[], encoding="utf-8"
-        )
+        try:
+            # keep_default_na=False: the text "NA" or "null" is data, not a missing value; empty cells stay "".
+            return pd.read_csv(
+                io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[]
+            )
+        except pd.errors.EmptyDataError:
+            raise DataError([f"data file {path} has no header row (only blank lines)"]) from None
+        except pd.errors.ParserError as exc:  # pandas names the line: "Expected 2 fields in line 3, saw 3"
+            raise DataError([f"data file {path}: cannot parse it as {suffix[1:].upper()}: {exc}".strip()]) from None
     if suffix == ".jsonl":
-        return pd.read_json(path, lines=True, dtype=False)
-    if suffix == ".json":
-        return pd.read_json(path, dtype=False)
-    if suffix == ".parquet":
+        return pd.DataFrame(_json_lines(path, text))
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            [f"data file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"]
+        ) from None
+    try:
+        return pd.read_json(io.StringIO(text), dtype=False)
+    except ValueError as exc:  # valid JSON, but not a table: a scalar, or ragged columns
+        raise DataError([f"data file {path}: JSON that is not a table of rows ({exc})"]) from None
+
+
+def _json_lines(path: Path, text: str) -> list[dict]:
+    """The records of a JSONL file; every line that is not a JSON object is reported, by line number."""
+    records, bad = [], []
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 and other line separators unescaped.
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append(f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(f"line {number} is not a JSON object (a {type(record).__name__})")
+    if bad:
+        more = f"; ... ({len(bad)} lines in all)" if len(bad) > MAX_IDS_SHOWN else ""
+        raise DataError([f"data file {path}: {'; '.join(bad[:MAX_IDS_SHOWN])}{more}"])
+    return records
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
         return pd.read_parquet(path)
-    raise DataError([f"unsupported data file type {suffix!r} ({path}); use .csv, .tsv, .json, .jsonl or .parquet"])
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: "magic bytes not found", ...
+        raise DataError([f"data file {path}: cannot read it as Parquet ({exc})"]) from None
 
 
 def _read_hub(d: DataConfig, split: str) -> pd.DataFrame:
@@ -84,8 +169,32 @@ def _row_ids(df: pd.DataFrame, d: DataConfig, mask: np.ndarray) -> str:
     return f"{kind} {shown}{more}"
 
 
+def _is_missing(value: Any) -> bool:
+    """None, NaN or pandas' NA: a cell with no value (an empty string is not missing, but is blank)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
 def _is_blank(series: pd.Series) -> np.ndarray:
-    return np.array([v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "" for v in series])
+    return np.array([_is_missing(v) or str(v).strip() == "" for v in series], dtype=bool)
+
+
+def label_of(value: Any) -> Optional[str]:
+    """The class a label cell names (see :func:`src.config.canonical_label`), or None if it has none.
+
+    A label is its value, never a position in ``data.labels``: the int 1, the float 1.0 and the texts "1"
+    and "1.0" are all the class "1". Empty, blank, null and NaN cells are None: missing, not a class.
+    """
+    if _is_missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return canonical_label(str(value)) or None
 
 
 def _needed_columns(d: DataConfig) -> dict[str, list[str]]:
@@ -116,16 +225,18 @@ def template_fields(template: str) -> list[str]:
 
 
 def _label_index(df: pd.DataFrame, d: DataConfig, labels: list[str], split: str, faults: list[str]) -> np.ndarray:
-    """Map the label column to class indices; record unknown labels with their rows."""
+    """Map the label column to class indices by value; record missing and unknown labels with their rows."""
     values = df[d.label_column].tolist()
-    index = {name: i for i, name in enumerate(labels)}
-    out = np.full(len(values), -1)
-    for i, v in enumerate(values):
-        if d.labels is not None and isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            out[i] = int(v) if 0 <= int(v) < len(labels) else -1  # integer labels index data.labels
-        else:
-            out[i] = index.get(str(v), -1)
-    bad = out < 0
+    names = [label_of(v) for v in values]
+    index = {canonical_label(name): i for i, name in enumerate(labels)}
+    out = np.array([-1 if name is None else index.get(name, -1) for name in names], dtype=int)
+    missing = np.array([name is None for name in names], dtype=bool)
+    if missing.any():
+        faults.append(
+            f"{split}: {missing.sum()} empty or missing label(s) in column {d.label_column!r} "
+            f"at {_row_ids(df, d, missing)}"
+        )
+    bad = (out < 0) & ~missing
     if bad.any():
         by_value: dict[str, np.ndarray] = {}
         for v in sorted({repr(values[i]) for i in np.flatnonzero(bad)}):
@@ -157,7 +268,7 @@ def texts_of(df: pd.DataFrame, d: DataConfig) -> list[str]:
     """The model input text of each row: the text columns through data.text_template, or joined."""
     columns = list(dict.fromkeys(d.text_columns + template_fields(d.text_template or "")))
     # Missing cells (already reported as faults) become "": pandas 3's astype(str) would keep them NaN.
-    rows = df[columns].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    rows = df[columns].map(lambda v: "" if _is_missing(v) else str(v))
     if d.text_template:
         return [d.text_template.format(**r) for r in rows.to_dict("records")]
     return ["\n\n".join(r[c] for c in d.text_columns) for r in rows.to_dict("records")]
@@ -176,8 +287,12 @@ def _sft_columns(df: pd.DataFrame, d: DataConfig) -> tuple[list[str], list[str]]
     records = df.to_dict("records")
     prompts = []
     for r in records:
-        instruction = d.instruction_template.format(**r) if d.instruction_template else str(r[d.instruction_column])
-        input_text = str(r[d.input_column]).strip() if d.input_column and r[d.input_column] is not None else ""
+        # A missing cell (a JSONL row without the key reads as NaN) is "", never the text "nan".
+        filled = {k: "" if _is_missing(v) else v for k, v in r.items()}
+        instruction = (
+            d.instruction_template.format(**filled) if d.instruction_template else str(r[d.instruction_column])
+        )
+        input_text = str(filled[d.input_column]).strip() if d.input_column else ""
         prompts.append(format_prompt(instruction, input_text, d.prompt_template))
     return prompts, [str(r[d.response_column]) for r in records]
 
@@ -189,6 +304,19 @@ def _check_split(df: pd.DataFrame, d: DataConfig, split: str, source: str, fault
     for key, col in missing:
         faults.append(f"{split}: column {col!r} (from {key}) not found in {source}; available columns: {available}")
     if missing:
+        return False
+    if len(df) == 0:
+        faults.append(f"{split}: {source} has no rows")
+        return False
+    structured = False
+    for col in dict.fromkeys(c for cols in _needed_columns(d).values() for c in cols):
+        cells = np.array([isinstance(v, STRUCTURED) for v in df[col]], dtype=bool)
+        if cells.any():
+            structured = True
+            faults.append(
+                f"{split}: column {col!r} holds lists, arrays or mappings, not text, at {_row_ids(df, d, cells)}"
+            )
+    if structured:
         return False
     text_cols = (
         d.text_columns
@@ -309,7 +437,10 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
 
     labels: Optional[list[str]] = None
     if d.task == "classification":
-        labels = list(d.labels) if d.labels else sorted({str(v) for v in frames["train"][0][d.label_column]})
+        if d.labels:
+            labels = list(d.labels)
+        else:
+            labels = sorted({n for n in map(label_of, frames["train"][0][d.label_column]) if n is not None})
         if len(labels) < 2:
             faults.append(f"train: column {d.label_column!r} holds fewer than 2 classes: {labels}")
     elif d.task == "multilabel":
@@ -338,6 +469,15 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
         y = train.get("label", train.get("labels"))
         n = len(train["row_id"])
         mask = _make_eval_split(d.task, np.asarray(y) if y is not None else None, n, d)
+        if mask.all() or not mask.any():  # an empty split fails only after the model has loaded
+            empty, fix = ("train", "lower") if mask.all() else ("eval", "raise")
+            how = {"classification": " (stratified by class)", "multilabel": " (iterative stratification)"}
+            raise DataError(
+                [
+                    f"{empty} split is empty: {n} row(s) with data.eval_fraction={d.eval_fraction:g}"
+                    f"{how.get(d.task, '')}; {fix} data.eval_fraction, or give data.eval_path"
+                ]
+            )
         columns = {
             "train": {k: [v for v, m in zip(col, mask) if not m] for k, col in train.items()},
             "eval": {k: [v for v, m in zip(col, mask) if m] for k, col in train.items()},

@@ -31,7 +31,7 @@ def run(raw: dict) -> Optional[float]:
     """Train one configuration (a resolved config as a plain dict); return the objective value."""
     console.quiet_libraries()
     with tracking.tracked_run(raw):
-        cfg = validate(raw)
+        cfg = validate(raw, for_training=True)
         main_process = distributed.is_main_process()  # tracking.* writes nothing on other DDP ranks
         tracking.log_params({**tracking.flatten(raw), "train.world_size": distributed.world_size()})
         output_dir = Path(cfg.output_dir)
@@ -80,6 +80,8 @@ def run(raw: dict) -> Optional[float]:
             tracking.set_tags({"resumed_from": checkpoint})
         trainer.train(resume_from_checkpoint=checkpoint)
         final = trainer.evaluate()
+        if data.task == "sft" and "eval_loss" in final:  # an objective src.config allows (DERIVED_METRICS)
+            final["eval_perplexity"] = training.perplexity(final["eval_loss"])
         peak = training.peak_gpu_mem_gb()
         if peak is not None:
             tracking.log_metrics({"peak_gpu_mem_gb": peak})
@@ -139,7 +141,7 @@ def validated(raw: dict) -> Config:
     """Validate a config before anything heavy: the error shows at once (a model load or an MLflow store
     takes seconds), and an invalid config still ends as a FAILED run."""
     try:
-        return validate(raw)
+        return validate(raw, for_training=True)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         with contextlib.suppress(ConfigError), tracking.tracked_run(raw):

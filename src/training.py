@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 from typing import Any, Optional
 
@@ -19,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from src import console, distributed, sweeping_trial, tracking
-from src.config import Config, TrainConfig, objective
+from src.config import Config, TrainConfig, objective, safe_metric_name
 from src.data import TaskData
 from src.guards import NonFiniteLossGuard
 
@@ -38,6 +37,10 @@ NOT_METRICS = {
 }
 
 
+# Past this many classes the confusion matrix is logged as data only: drawing its cells took over 11 minutes
+# for 10,000 classes, and a picture that size cannot be read anyway.
+MAX_CLASSES_PLOTTED = 50
+
 # TrainConfig fields read by src/train.py and build_trainer, not TrainingArguments fields.
 NOT_TRAINING_ARGUMENTS = {
     "early_stopping_patience",
@@ -48,10 +51,6 @@ NOT_TRAINING_ARGUMENTS = {
     "dequantize_weights",
     "nproc_per_node",
 }
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
 def training_arguments(
@@ -101,7 +100,7 @@ class ClassificationMetrics:
             out["subset_accuracy"] = skm.accuracy_score(y_true, y_pred)
             self.last_confusion = skm.multilabel_confusion_matrix(y_true, y_pred)
             per_label = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
-            out.update({f"f1_label_{_safe(n)}": f for n, f in zip(names, per_label)})
+            out.update({f"f1_label_{safe_metric_name(n)}": f for n, f in zip(names, per_label)})
         else:
             y_pred = logits.argmax(-1)
             out = {
@@ -117,7 +116,7 @@ class ClassificationMetrics:
             )
             per_class = skm.f1_score(y_true, y_pred, average=None, labels=range(len(names)), zero_division=0)
             self.last_confusion = skm.confusion_matrix(y_true, y_pred, labels=range(len(names)))
-            out.update({f"f1_class_{_safe(n)}": f for n, f in zip(names, per_class)})
+            out.update({f"f1_class_{safe_metric_name(n)}": f for n, f in zip(names, per_class)})
         self.last_report = skm.classification_report(
             y_true, y_pred, labels=range(len(names)), target_names=names, output_dict=True, zero_division=0
         )
@@ -125,12 +124,12 @@ class ClassificationMetrics:
 
 
 def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
-    """Log the last eval confusion matrix as an MLflow table and a PNG heat map."""
-    import matplotlib
-    import mlflow
+    """Log the last eval confusion matrix as an MLflow table and, up to MAX_CLASSES_PLOTTED labels, a PNG heat map.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Past that many classes the table holds only the non-zero cells (true, pred, count): a dense one grows as
+    the square of the classes, while the non-zero cells are at most the eval rows.
+    """
+    import mlflow
 
     cm, names = metrics.last_confusion, metrics.labels
     if cm is None:
@@ -138,6 +137,9 @@ def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
     if metrics.task == "multilabel":
         table = {"label": names, "tn": cm[:, 0, 0], "fp": cm[:, 0, 1], "fn": cm[:, 1, 0], "tp": cm[:, 1, 1]}
         grid, xticks, yticks = cm[:, 1, :], ["pred 0", "pred 1"], [f"{n} (true 1)" for n in names]
+    elif len(names) > MAX_CLASSES_PLOTTED:
+        true, pred = np.nonzero(cm)
+        table = {"true": [names[i] for i in true], "pred": [names[j] for j in pred], "count": cm[true, pred]}
     else:
         table = {"true": names, **{f"pred_{n}": cm[:, j] for j, n in enumerate(names)}}
         grid, xticks, yticks = cm, names, names
@@ -145,6 +147,13 @@ def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
         {k: [int(x) if not isinstance(x, str) else x for x in v] for k, v in table.items()},
         artifact_file="confusion_matrix.json",
     )
+    if len(names) > MAX_CLASSES_PLOTTED:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(xticks), 1.0 + 0.5 * len(yticks)))
     ax.imshow(grid, cmap="Blues")
     ax.set_xticks(range(len(xticks)), xticks, rotation=45, ha="right")
@@ -177,6 +186,11 @@ class WeightedLossTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def perplexity(eval_loss: float) -> float:
+    """exp(loss), capped at exp(50) so that a diverged run logs a number."""
+    return math.exp(min(eval_loss, 50.0))
+
+
 class MlflowMetricsCallback(TrainerCallback):
     """Log every Trainer log line to the active MLflow run under the contract's names."""
 
@@ -190,7 +204,7 @@ class MlflowMetricsCallback(TrainerCallback):
                 continue
             metrics[HF_TO_MLFLOW.get(key, key)] = float(value)
         if self.perplexity and "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+            metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
         if "train_runtime_s" in metrics and state.num_input_tokens_seen:
             metrics["train_tokens"] = float(state.num_input_tokens_seen)
             metrics["train_tokens_per_s"] = state.num_input_tokens_seen / max(metrics["train_runtime_s"], 1e-9)

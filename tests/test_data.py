@@ -87,6 +87,7 @@ def test_missing_column_names_the_available_ones(tmp_path):
 
 
 def test_integer_labels_beyond_the_label_set_are_reported(tmp_path):
+    # An integer cell is its value, never a position in data.labels: 0 and 1 are the classes "0" and "1".
     path = _write_csv(tmp_path / "d.csv", ["text", "label"], [["x", 0], ["y", 1], ["z", 2], ["w", 1]])
     cfg = _data_cfg(
         [
@@ -94,11 +95,11 @@ def test_integer_labels_beyond_the_label_set_are_reported(tmp_path):
             f"data.path={path}",
             "data.task=classification",
             "data.label_column=label",
-            "data.labels=[neg,pos]",
+            "data.labels=['0','1']",
             "data.id_column=null",
         ]
     )
-    with pytest.raises(DataError, match=r"1 label\(s\) .* 2 at row 2"):
+    with pytest.raises(DataError, match=r"1 label\(s\) .* outside the label set \['0', '1'\]: 2 at row 2$"):
         load_data(cfg)
 
 

@@ -533,7 +533,7 @@ def test_every_data_fault_is_reported_in_one_report_before_the_model_loads(tmp_p
             f"data.path={path}",
             "data.task=classification",
             "data.label_column=label",
-            "data.labels=[a,b,c]",
+            "data.labels=['0','1','2']",  # a label is its value: the int 1 is the class "1"
             f"model.name_or_path={model_dir}",
         ]
     )
@@ -543,7 +543,7 @@ def test_every_data_fault_is_reported_in_one_report_before_the_model_loads(tmp_p
     faults = info.value.faults
     assert len(faults) == 3, faults
     assert "2 empty or missing text(s) in column 'text' at id r2, r3" in faults[0]
-    assert "2 label(s) in column 'label' outside the label set ['a', 'b', 'c']" in faults[1]
+    assert "2 label(s) in column 'label' outside the label set ['0', '1', '2']" in faults[1]
     assert "'two' at id r4" in faults[1] and "7 at id r5" in faults[1]
     assert "1 row(s) longer than 10 x model.max_length=128 tokens" in faults[2] and "id r6" in faults[2]
     run_ = _runs(mlflow_store)[0]
