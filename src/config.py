@@ -180,8 +180,9 @@ class DataConfig:
     response_column: str
     response_only_loss: bool
     max_length_factor: Optional[float] = field(
-        metadata={"help": "Rows longer than this many times model.max_length tokens are faults; null: truncate all."}
+        metadata={"help": "Rows longer than this many times model.max_length tokens are far too long; null: none are."}
     )
+    long_rows: str = choice("truncate", "skip", "error")  # what far too long rows get (a broken file is an error)
     subsample: Optional[int]
     eval_subsample: Optional[int]
     subsample_seed: int

@@ -54,6 +54,7 @@ class TaskData:
     eval: Any  # datasets.Dataset
     labels: Optional[list[str]]  # class or label-column names; None for SFT
     label_weights: Optional[list[float]]  # class weights or pos_weight; None when unweighted
+    long_rows: int = 0  # rows over data.max_length_factor x max_length: truncated or skipped (data.long_rows)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -400,17 +401,28 @@ def _weights(task: str, d: DataConfig, y: np.ndarray, n_labels: int, faults: lis
 
 def _check_lengths(
     df: pd.DataFrame, d: DataConfig, texts: list[str], split: str, tokenizer, max_length: int, faults: list[str]
-) -> None:
-    """Record rows over ``data.max_length_factor`` x ``max_length`` tokens: truncation would drop most of them."""
+) -> np.ndarray:
+    """The rows over ``data.max_length_factor`` x ``max_length`` tokens: truncation would drop most of them.
+
+    They are faults with ``data.long_rows=error``, and always when they are over half of the split: that is a
+    broken file or the wrong column, not a dataset with a few long rows.
+    """
     limit = d.max_length_factor * max_length
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]])
     over = lengths > limit
-    if over.any():
+    broken = over.sum() > len(over) / 2
+    if over.any() and (d.long_rows == "error" or broken):
+        why = (
+            f"{over.sum()} of {len(over)} rows, likely a broken file or the wrong column"
+            if broken
+            else "data.long_rows=error; truncate or skip lets them train"
+        )
         faults.append(
             f"{split}: {over.sum()} row(s) longer than {d.max_length_factor:g} x model.max_length={max_length} "
-            f"tokens (longest {lengths.max()}), likely a broken file or the wrong column; raise "
-            f"data.max_length_factor, or set it to null to truncate them: {_row_ids(df, d, over)}"
+            f"tokens (longest {lengths.max()}): {why}; raise data.max_length_factor, or set it to null: "
+            f"{_row_ids(df, d, over)}"
         )
+    return over
 
 
 def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -> TaskData:
@@ -447,6 +459,7 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
         labels = list(d.label_columns)
 
     columns: dict[str, dict[str, Any]] = {}
+    long_rows = 0
     for split, (df, _) in frames.items():
         if d.task == "classification":
             columns[split] = {"text": texts_of(df, d), "label": _label_index(df, d, labels, split, faults)}
@@ -460,7 +473,10 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
         if tokenizer is not None and max_length and d.max_length_factor is not None:
             cols = columns[split]
             texts = cols["text"] if "text" in cols else [p + c for p, c in zip(cols["prompt"], cols["completion"])]
-            _check_lengths(df, d, texts, split, tokenizer, max_length, faults)
+            over = _check_lengths(df, d, texts, split, tokenizer, max_length, faults)
+            long_rows += int(over.sum())
+            if d.long_rows == "skip" and over.any():
+                columns[split] = {k: [v for v, o in zip(col, over) if not o] for k, col in columns[split].items()}
     if faults:
         raise DataError(faults)
 
@@ -500,4 +516,5 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
             cols["label"] = [int(v) for v in cols["label"]]
         return Dataset.from_dict(cols)
 
-    return TaskData(d.task, to_dataset(columns["train"]), to_dataset(columns["eval"]), labels, weights)
+    train, eval_ = to_dataset(columns["train"]), to_dataset(columns["eval"])
+    return TaskData(d.task, train, eval_, labels, weights, long_rows)

@@ -67,7 +67,14 @@ def run(raw: dict) -> Optional[float]:
         trainer, metrics, truncated = training.build_trainer(
             cfg, model, tokenizer, data, str(output_dir / "checkpoints")
         )
-        tracking.log_metrics({"data_truncated_rows": truncated})
+        skipped = data.long_rows if cfg.data.long_rows == "skip" else 0
+        tracking.log_metrics({"data_truncated_rows": truncated, "data_skipped_rows": skipped})
+        if data.long_rows:
+            what = "skipped" if skipped else "truncated to model.max_length"
+            console.log.warning(
+                f"note: {data.long_rows} row(s) over {cfg.data.max_length_factor:g} x model.max_length="
+                f"{cfg.model.max_length} tokens were {what} (data.long_rows=truncate|skip|error)"
+            )
         if truncated:
             console.log.warning(
                 f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated"

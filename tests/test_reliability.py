@@ -534,6 +534,7 @@ def test_every_data_fault_is_reported_in_one_report_before_the_model_loads(tmp_p
             "data.task=classification",
             "data.label_column=label",
             "data.labels=['0','1','2']",  # a label is its value: the int 1 is the class "1"
+            "data.long_rows=error",  # the default truncates one far too long row
             f"model.name_or_path={model_dir}",
         ]
     )
@@ -555,7 +556,15 @@ def test_multilabel_faults_and_overlong_rows_share_one_report(tmp_path):
     long_text = "word " * 1500
     path.write_text(f"id,text,a,b\n1,fine,1,0\n2,,0,1\n3,odd cell,2,1\n4,{long_text},0,yes\n5,ok,0,1\n")
     cfg = validate(
-        compose_config(["data=file", f"data.path={path}", "data.task=multilabel", "data.label_columns=[a,b]"])
+        compose_config(
+            [
+                "data=file",
+                f"data.path={path}",
+                "data.task=multilabel",
+                "data.label_columns=[a,b]",
+                "data.long_rows=error",
+            ]
+        )
     )
     tokenizer = modeling.load_tokenizer(cfg.model)
     with pytest.raises(DataError) as info:
