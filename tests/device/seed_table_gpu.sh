@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The shipped seed_table sweep on one GPU, default isolation, on a random-weight OpenLLaMA-3B (the seed table's
+# shape) with the tiny model's tokenizer and the bundled SFT data. Run on the GPU machine from the repo root:
+#   bash tests/device/seed_table_gpu.sh OUT_DIR [extra overrides...]
+# Prints the sweep's output, a per-run table (status, GPU, times) and src.compare's table.
+set -euo pipefail
+out=${1:?output dir}; shift
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+model=/tmp/w3b-random
+if [ ! -f "$model/DONE" ]; then
+  python3 - "$model" <<'PY'
+import sys, time, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from src.tiny import resolve
+start = time.time()
+config = LlamaConfig(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(sys.argv[1])
+AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(sys.argv[1])
+Path(sys.argv[1], "DONE").write_text("1")
+print(f"random-weight OpenLLaMA-3B shape saved in {time.time() - start:.0f}s")
+PY
+fi
+uri="sqlite:///$out/mlflow.db"
+start=$(date +%s)
+set +e
+python3 -m src.train -cd sweeps -cn seed_table model.name_or_path="$model" data=instructions \
+  tracking.tracking_uri="$uri" hydra.sweep.dir="$out/multirun" "$@" 2>&1 | tee "$out/sweep.log"
+code=${PIPESTATUS[0]}
+set -e
+echo "sweep exit code $code, wall $(( $(date +%s) - start )) s"
+python3 tests/device/sweep_report.py "$uri"
+python3 -m src.compare --tracking-uri "$uri" --format md
+exit "$code"
