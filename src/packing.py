@@ -54,6 +54,7 @@ Evaluation uses the plain padded collator, so ``eval_loss`` is computed as on th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -435,7 +436,12 @@ def _dequantize(module, dtype: torch.dtype) -> Optional[torch.Tensor]:
         if rows is None or scales is None:  # not quantized (yet): nothing to cache
             return None
         return bnbf.int8_vectorwise_dequant(rows, scales).to(dtype)
-    weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+    data, state = module.weight.data, module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first no-grad forward into a
+        # layout that dequantize_4bit does not read: unpack a copy (the layer keeps its own).
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+    weight = bnbf.dequantize_4bit(data, state).to(dtype)
     return weight.view(module.out_features, module.in_features)
 
 

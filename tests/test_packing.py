@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import types
@@ -334,15 +335,20 @@ def test_cached_dequantized_weights_give_the_four_bit_forward_and_gradients(tiny
 
     logits_cached = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     grads_cached = _lora_grads(model, batch, num_items)
-    # bf16 matmuls on both sides: the same values up to the order of accumulation.
-    torch.testing.assert_close(logits_cached, logits_4bit, atol=2e-2, rtol=0)
+    # bf16 on both sides, the same weights: equal up to rounding. On a CPU with AVX512-BF16, bitsandbytes' 4-bit
+    # forward runs its own packed kernel (it repacks the weight at the first no-grad forward), which rounds
+    # differently from dequantize-then-matmul: logits agree to 2 bf16 steps at their largest value (0.125 at
+    # 8.75 here; measured 0.078) and LoRA gradients to 8% of each tensor's largest entry (measured 2.0% to 4.7%
+    # from run to run: its threads do not always add in one order). A wrong weight is off by its whole size.
+    ulp = 2.0 ** (math.floor(math.log2(logits_4bit.abs().max().item())) - 7)
+    torch.testing.assert_close(logits_cached, logits_4bit, atol=2 * ulp, rtol=0)
     for name, grad in grads_4bit.items():
-        torch.testing.assert_close(grads_cached[name], grad, atol=2e-2 * grad.abs().max().item(), rtol=0)
-    # The check can fail: a weight dequantized with another quant state gives other logits.
+        torch.testing.assert_close(grads_cached[name], grad, atol=8e-2 * grad.abs().max().item(), rtol=0)
+    # The check can fail: a weight dequantized with another quant state gives other logits (0.75 away here).
     with torch.no_grad():
         quantized[0].dequantized_weight.mul_(1.5)
         shifted = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-    assert (shifted - logits_4bit).abs().max() > 0.1
+    assert (shifted - logits_4bit).abs().max() > 2 * ulp
 
 
 def test_cached_dequantized_weights_give_the_eight_bit_forward_and_gradients(tiny_model_dir):
@@ -379,7 +385,8 @@ def test_cached_dequantized_weights_give_the_eight_bit_forward_and_gradients(tin
             module.forward = types.MethodType(packing._dequantized_forward, module)
         int8[0].dequantized_weight.mul_(2.0)
         shifted = model(**inputs, use_cache=False).logits
-    assert (shifted - logits_8bit).abs().max() > 1.0
+    # Twice the tolerance above (measured 0.8 to 1.3 from run to run: bitsandbytes' CPU threads round differently).
+    assert (shifted - logits_8bit).abs().max() > 0.4
 
 
 def test_compiled_decoder_layers_compute_the_eager_losses_and_gradients(tiny_model_dir):
