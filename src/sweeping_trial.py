@@ -472,6 +472,16 @@ def check_feasibility(raw: dict, feasibility: Feasibility) -> tuple[dict, Option
     except (ConfigError, ImportError):
         return raw, None
 
+    if cfg.data.task == "sft" and cfg.train.fast_path:
+        # The packed fast path sizes its own micro-batches and checkpointing to train.memory_budget_gb
+        # (src/packing.py); its default is 90% of the card, whatever other processes hold: give it what is free.
+        budget = cfg.train.memory_budget_gb
+        if budget is not None and budget <= available:
+            return raw, None
+        note = f"train.memory_budget_gb {budget} -> {available:.2f} (GiB free): the fast path plans within it"
+        print(f"feasibility: {note}", file=sys.stderr)
+        return {**raw, "train": {**raw["train"], "memory_budget_gb": round(available, 2)}}, note
+
     def estimate(micro_batch: int) -> float:
         sized = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=micro_batch))
         return plan(sized)["est_peak_gpu_mem_gb"]

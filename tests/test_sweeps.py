@@ -117,6 +117,16 @@ def test_feasibility_uses_src_plan_and_an_injected_free_memory():
     assert check_feasibility(raw, Feasibility("shrink", None)) == (raw, None)
 
 
+def test_feasibility_hands_the_free_memory_to_the_sft_fast_path_as_its_budget():
+    """The packed SFT path plans its own micro-batches from train.memory_budget_gb: that is what must shrink."""
+    raw = compose_config(["data=instructions", "train.per_device_train_batch_size=16"])
+    budgeted, note = check_feasibility(raw, Feasibility("shrink", 7.5))
+    assert budgeted["train"]["memory_budget_gb"] == 7.5 and budgeted["train"]["per_device_train_batch_size"] == 16
+    assert "train.memory_budget_gb None -> 7.50" in note
+    smaller = compose_config(["data=instructions", "train.memory_budget_gb=4"])
+    assert check_feasibility(smaller, Feasibility("shrink", 7.5)) == (smaller, None)  # already within
+
+
 def test_search_space_reads_hydra_override_grammar():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
