@@ -131,6 +131,10 @@ class ModelConfig:
     dtype: str = choice("float32", "bfloat16", "float16")
     max_length: int
     trust_remote_code: bool
+    # The default stands for configs stored before the key existed; conf/model/*.yaml sets it.
+    allow_pickle_weights: bool = field(
+        default=False, metadata={"help": "Load a base model stored only as pickle (.bin/.pt); else safetensors only."}
+    )
 
 
 @dataclass
@@ -346,7 +350,8 @@ def _check_structure(data: Any, cls: type, path: str, problems: list[str]) -> An
     invalid: set[str] = set()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        value = data.get(f.name, "???")
+        # A field with a schema default may be absent: a config stored before the field existed.
+        value = data.get(f.name, f.default if f.default is not dataclasses.MISSING else "???")
         if value == "???":
             hint = "" if f.name not in data else f" (the preset leaves it to you: add {path}{f.name}=...)"
             problems.append(f"{path}{f.name}: missing{hint}")

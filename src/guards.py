@@ -154,3 +154,24 @@ def check_remote_code(name_or_path: str, revision: Optional[str], trust_remote_c
             f"transformers and its config maps to {code}. That code would run on this "
             "machine; set model.trust_remote_code=true only if you trust its source and revision."
         )
+
+
+class PickleWeightsError(ValueError):
+    """The base model's weights exist only as pickle files and model.allow_pickle_weights is false."""
+
+
+def check_weight_format(name_or_path: str, allow_pickle: bool) -> None:
+    """Raise :class:`PickleWeightsError` for a local model directory that holds pickled weights and no safetensors.
+
+    Loading a pickle can run code, whatever ``weights_only`` blocks today; the policy is safetensors. A hub id
+    is held to the same rule by ``use_safetensors=True`` at load time (src.modeling).
+    """
+    path = Path(resolve_builtin(name_or_path))
+    if allow_pickle or not path.is_dir():
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles and not any(path.glob("*.safetensors")):
+        raise PickleWeightsError(
+            f"model {name_or_path!r} holds only pickled weights ({', '.join(pickles[:3])}), which can run code when "
+            "loaded; convert them to safetensors, or set model.allow_pickle_weights=true if you trust the files"
+        )

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from src.config import LORA_PRESETS, LoraConfig, ModelConfig, QuantConfig
-from src.guards import check_remote_code
+from src.guards import check_remote_code, check_weight_format
 from src.tiny import resolve as resolve_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +76,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
+    check_weight_format(model_cfg.name_or_path, model_cfg.allow_pickle_weights)
     kwargs: dict[str, Any] = {
+        "use_safetensors": None if model_cfg.allow_pickle_weights else True,  # a hub repo too: never a pickle
         "revision": model_cfg.revision,
         "trust_remote_code": model_cfg.trust_remote_code,
         "dtype": DTYPES[model_cfg.dtype],

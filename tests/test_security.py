@@ -69,3 +69,27 @@ def test_pruners_round_trip_as_plain_data_and_others_are_refused():
         pruner_spec({"_target_": "builtins.open", "file": "x"})
     with pytest.raises(ValueError, match="must be numbers"):
         pruner_spec({"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": {"_target_": "os.system"}})
+
+
+def test_a_base_model_stored_only_as_pickle_is_refused_unless_allowed(tmp_path, tiny_model_dir):
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from src import modeling
+    from src.config import QuantConfig
+    from tests.conftest import tiny_model_config
+
+    import torch
+
+    pickled = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.save_pretrained(pickled)  # transformers 5 saves safetensors only: write the pickle by hand
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    assert not list(pickled.glob("*.safetensors"))
+    model_cfg = dataclasses.replace(tiny_model_config(tiny_model_dir), name_or_path=str(pickled))
+    quant = QuantConfig(bits=16, quant_type="nf4", double_quant=False, compute_dtype="float32")
+    with pytest.raises(guards.PickleWeightsError, match="only pickled weights .*pytorch_model.bin"):
+        modeling.load_model(model_cfg, quant, "sft", None, pad_token_id=2)
+    allowed = dataclasses.replace(model_cfg, allow_pickle_weights=True)
+    assert modeling.load_model(allowed, quant, "sft", None, pad_token_id=2).num_parameters() > 0
