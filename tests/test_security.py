@@ -74,13 +74,12 @@ def test_pruners_round_trip_as_plain_data_and_others_are_refused():
 def test_a_base_model_stored_only_as_pickle_is_refused_unless_allowed(tmp_path, tiny_model_dir):
     import dataclasses
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     from src import modeling
     from src.config import QuantConfig
     from tests.conftest import tiny_model_config
-
-    import torch
 
     pickled = tmp_path / "pickled"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
