@@ -1,12 +1,12 @@
 """Typed schema for the composed Hydra config, and the one validation pass over it.
 
-The YAML files under ``conf/`` are plain; the dataclasses here are the schema. They are
-registered in Hydra's ConfigStore (group ``schema``) so other tools can compose against
-them, but validation runs through :func:`validate`, which walks the whole config and raises
-a single :class:`ConfigError` listing *every* problem, instead of stopping at the first as
-OmegaConf's structured merge would. Every default lives in the YAML files (``conf/config.yaml``
-holds the base values of ``data`` and ``tracking``); the schema has none, so a key the YAML
-forgets is reported as missing rather than silently filled in.
+The YAML files under ``conf/`` are plain; the dataclasses here are the schema (not registered as Hydra config
+groups, which would list them in ``--help`` as options to compose). Validation runs through :func:`validate`,
+which walks the whole config and raises a single :class:`ConfigError` listing *every* problem, instead of
+stopping at the first as OmegaConf's structured merge would. Every default lives in the YAML files
+(``conf/config.yaml`` holds the base values of ``data`` and ``tracking``); the schema has none, so a key the
+YAML forgets is reported as missing rather than silently filled in. The one exception is a key added after
+runs were stored (``model.allow_pickle_weights``): its schema default lets an older run's config.yaml validate.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from src.tiny import PROJECT_ROOT
@@ -281,12 +280,7 @@ _HINTS = {
 
 
 def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore and the ``project_root`` resolver."""
-    cs = ConfigStore.instance()
-    cs.store(group="schema", name="config", node=Config)
-    for name, tp in _HINTS[Config].items():
-        if dataclasses.is_dataclass(tp):
-            cs.store(group=f"schema/{name}", name="base", node=tp)
+    """Register the resolvers the YAML files use (``project_root``, ``file_stem``)."""
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("file_stem"):  # data=file names its runs after the file: reviews.csv -> reviews

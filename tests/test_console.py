@@ -78,3 +78,16 @@ def test_a_config_error_shows_before_the_store_is_touched_and_still_ends_failed(
     assert err.count("lora.r: must be >= 1") == 1, err
     (run,) = mlflow.MlflowClient(uri).search_runs(["1"])
     assert run.info.status == "FAILED" and run.data.tags["error_type"] == "ConfigError"
+
+
+def test_help_lists_the_groups_a_user_composes_and_nothing_internal():
+    proc = subprocess.run([sys.executable, "-m", "src.train", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert {line.split(":")[0] for line in groups.splitlines() if ": " in line} == {
+        "data",
+        "lora",
+        "model",
+        "quant",
+        "train",
+    }
