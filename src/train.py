@@ -111,6 +111,7 @@ def run(raw: dict) -> Optional[float]:
         if value is None:
             raise KeyError(f"objective metric {metric!r} not in the final evaluation: {sorted(final)}")
         tracking.log_metrics({"objective": value})
+        tracking.set_tags({"mlflow.note.content": run_description(cfg, data, trainable, metric, value)})
         if main_process:
             active = mlflow.active_run()
             adapter = (output_dir / "adapter").resolve()
@@ -126,6 +127,16 @@ def run(raw: dict) -> Optional[float]:
                 )
             )
         return float(value)
+
+
+def run_description(cfg: Config, data, trainable: int, metric: str, value: float) -> str:
+    """The run's MLflow description (the runs table's Description column): what was trained and how it scored."""
+    targets = ", ".join(cfg.lora.target_modules or [cfg.lora.preset])
+    return (
+        f"{metric} = {value:.4g}. LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {targets}; {cfg.quant.bits}-bit "
+        f"{cfg.model.name} base; {trainable:,} trainable params; {cfg.data.name} ({data.task}, "
+        f"{data.train.num_rows} train rows)."
+    )
 
 
 def save_outputs(cfg: Config, model, tokenizer, data, adapter_dir: Path, metrics) -> None:

@@ -62,6 +62,14 @@ def test_a_run_prints_metric_lines_and_a_summary_and_logs_to_its_file(tmp_path):
     assert f"mlflow ui --backend-store-uri {uri}" in err
     for noise in ("LOAD REPORT", "is_gradient_checkpointing", "pin_memory", "Token indices sequence length", "Map:"):
         assert noise not in err, noise
+    import mlflow
+
+    (run,) = mlflow.MlflowClient(uri).search_runs(["1"])  # the runs table's Description column says what it was
+    assert run.data.tags["mlflow.note.content"].startswith("eval_f1_macro = ")
+    assert (
+        "LoRA r=8, alpha=16 on attn_qv; 16-bit tiny base; 7,552 trainable params; topics"
+        in (run.data.tags["mlflow.note.content"])
+    )
     log = (out / "train.log").read_text()
     assert "step 2/4" in log and " finished: eval_f1_macro " in log
 
