@@ -32,7 +32,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +47,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from src import console, tracking
 from src.config import OBJECTIVE_DEFAULTS
-from src.sweeping_trial import JobFailed, JobSkipped
+from src.sweep_records import JobFailed, JobSkipped, Outcome, quote  # noqa: F401  quote: the sweepers' API
 
 PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
 
@@ -226,13 +225,6 @@ def job_processes(config_loader, config: DictConfig, overrides: Sequence[str]) -
 # ---------------------------------------------------------------------------------------------
 
 
-def quote(value: str) -> str:
-    """A string as a quoted value of Hydra's override grammar."""
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
-    return f"'{escaped}'"
-
-
 def env_overrides(env: dict[str, Optional[str]]) -> list[str]:
     """Overrides that set environment variables for one job only (Hydra restores them after)."""
     return [f"++hydra.job.env_set.{key}={quote(value)}" for key, value in env.items() if value is not None]
@@ -265,18 +257,6 @@ def grid_jobs(parser: OverridesParser, arguments: Sequence[str], rows: Optional[
                 raise SweepFailed(f"hydra.sweeper.rows[{i}] sets {key}, which the command line sets too")
         parsed_rows.append(items)
     return [job + row for job in product for row in parsed_rows]
-
-
-@dataclass
-class Outcome:
-    """What became of one job."""
-
-    number: int  # job number (grid) or trial number (Optuna)
-    overrides: list[str]
-    status: str  # FINISHED | FAILED | PRUNED | SKIPPED
-    metrics: dict[str, Any] = field(default_factory=dict)
-    run_id: Optional[str] = None
-    reason: Optional[str] = None
 
 
 def job_outcome(number: int, overrides: Sequence[str], ret) -> Outcome:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from src.sweep_records import JobFailed, JobSkipped, quote
+
 STORAGE_ENV = "LORA_OPTUNA_STORAGE"
 STUDY_ENV = "LORA_OPTUNA_STUDY"
 TRIAL_ENV = "LORA_OPTUNA_TRIAL"
@@ -44,21 +46,6 @@ RESULT_FILE = "job_result.json"
 PRUNER_ATTR = "pruner"  # study user attr: the pruner's config, so any process can rebuild it
 # How long a job waits for its trial process to end after passing on SIGTERM or Ctrl-C.
 STOP_GRACE_S = 60
-
-
-class JobFailed(RuntimeError):
-    """The job's training raised; ``error_type`` names the original exception."""
-
-    def __init__(self, error_type: str, message: str, run_id: Optional[str] = None):
-        super().__init__(error_type, message, run_id)
-        self.error_type, self.message, self.run_id = error_type, message, run_id
-
-    def __str__(self) -> str:
-        return f"{self.error_type}: {self.message}"
-
-
-class JobSkipped(RuntimeError):
-    """The config was not run: the feasibility check says it cannot fit in the GPU's free memory."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +102,10 @@ def _rdb_storage(url: str, options: dict[str, Any], attempts: int = 5):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_job(raw: dict, isolate: bool = True, feasibility: Feasibility = Feasibility()) -> dict[str, Any]:
-    """Train one job's config (resolved, plain) and return ``{"run_id", "metrics"}``.
+def run_job(
+    raw: dict, train: Callable[[dict], Optional[float]], isolate: bool = True, feasibility: Feasibility = Feasibility()
+) -> dict[str, Any]:
+    """Train one job's config (resolved, plain) with ``train`` (``src.train.run``) and return ``{"run_id", "metrics"}``.
 
     Raises JobFailed, JobSkipped or optuna.TrialPruned (see the module docstring).
     """
@@ -128,7 +117,7 @@ def run_job(raw: dict, isolate: bool = True, feasibility: Feasibility = Feasibil
         )
         isolate = False
     if not isolate:
-        return _run(raw, feasibility)
+        return _run(raw, feasibility, train)
     result_path = Path(raw["output_dir"]) / RESULT_FILE
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
@@ -137,7 +126,7 @@ def run_job(raw: dict, isolate: bool = True, feasibility: Feasibility = Feasibil
     sweeper = (os.getpid(), tracking.process_start(os.getpid()))
     process = _context().Process(
         target=_trial_process,
-        args=(raw, feasibility, dict(os.environ), str(result_path), sweeper),
+        args=(raw, feasibility, train, dict(os.environ), str(result_path), sweeper),
         name="lora-sweep-job",
     )
     process.start()
@@ -254,7 +243,12 @@ def _die_with_sweeper(sweeper: tuple[int, Optional[str]], interval_s: float = 1.
 
 
 def _trial_process(
-    raw: dict, feasibility: Feasibility, env: dict[str, str], result_path: str, sweeper: tuple[int, Optional[str]]
+    raw: dict,
+    feasibility: Feasibility,
+    train: Callable[[dict], Optional[float]],
+    env: dict[str, str],
+    result_path: str,
+    sweeper: tuple[int, Optional[str]],
 ) -> None:
     """Entry point of the fresh process: the job's environment, then _run, then the result file."""
     os.environ.clear()
@@ -269,7 +263,7 @@ def _trial_process(
     console.log_to_file(Path(raw["output_dir"]) / "train.log")  # the parent's Hydra logging is not ours here
 
     try:
-        result: dict[str, Any] = {"status": "ok", **_run(raw, feasibility)}
+        result: dict[str, Any] = {"status": "ok", **_run(raw, feasibility, train)}
     except optuna.TrialPruned as exc:
         result = {"status": "pruned", "message": str(exc)}
     except JobSkipped as exc:
@@ -312,12 +306,10 @@ def _read_result(path: Path, exitcode: Optional[int]) -> dict[str, Any]:
     raise JobFailed(result["error_type"], result["message"], result.get("run_id"))
 
 
-def _run(raw: dict, feasibility: Feasibility) -> dict[str, Any]:
-    """Check feasibility, train with ``src.train.run``, and gather the run's id and final metrics."""
+def _run(raw: dict, feasibility: Feasibility, train: Callable[[dict], Optional[float]]) -> dict[str, Any]:
+    """Check feasibility, train with ``train``, and gather the run's id and final metrics."""
     import mlflow
     import optuna
-
-    from src.train import run
 
     raw, note = check_feasibility(raw, feasibility)
     if _processes(raw) > 1:
@@ -325,7 +317,7 @@ def _run(raw: dict, feasibility: Feasibility) -> dict[str, Any]:
     before = _last_run_id()
     value: Optional[float] = None
     try:
-        value = run(raw)
+        value = train(raw)
     except BaseException as exc:
         run_id = _last_run_id()
         run_id = run_id if run_id != before else None
@@ -359,7 +351,6 @@ def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from src import distributed, tracking
-    from src.sweeping import quote
 
     output_dir = Path(raw["output_dir"]).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

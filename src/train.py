@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from src import console, distributed, sweeping, sweeping_trial, tracking  # noqa: F401  sweeping registers hydra/sweeper configs
 from src.config import Config, ConfigError, objective, validate
 from src.data import DataError, load_data
+from src.sweep_records import quote
 
 
 def run(raw: dict) -> Optional[float]:
@@ -64,8 +65,11 @@ def run(raw: dict) -> Optional[float]:
         tracking.log_metrics(
             {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
         )
+        # An Optuna trial reports its evaluations and may be pruned; under DDP rank 0 reports, and if it prunes,
+        # torchrun stops the others.
+        pruning = sweeping_trial.trial_callbacks(objective(cfg)[0]) if main_process else []
         trainer, metrics, truncated = training.build_trainer(
-            cfg, model, tokenizer, data, str(output_dir / "checkpoints")
+            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), pruning
         )
         skipped = data.long_rows if cfg.data.long_rows == "skip" else 0
         tracking.log_metrics({"data_truncated_rows": truncated, "data_skipped_rows": skipped})
@@ -170,7 +174,7 @@ def validated(raw: dict) -> Config:
 def relaunch_argv(argv: list[str], output_dir: str) -> list[str]:
     """The command line again, pinned to this run's output directory (else each rank picks its own time)."""
     kept = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra.run.dir=")]
-    return [*kept, f"hydra.run.dir={sweeping.quote(output_dir)}"]
+    return [*kept, f"hydra.run.dir={quote(output_dir)}"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -186,6 +190,7 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
         feasibility = OmegaConf.select(hydra_cfg, "sweeper.feasibility", default=None)
         return sweeping_trial.run_job(
             raw,
+            run,
             isolate=OmegaConf.select(hydra_cfg, "sweeper.isolate", default=True),
             feasibility=sweeping_trial.Feasibility(**feasibility) if feasibility else sweeping_trial.Feasibility(),
         )

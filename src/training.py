@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -17,8 +18,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from src import console, distributed, sweeping_trial, tracking
-from src.config import Config, TrainConfig, objective, safe_metric_name
+from src import console, distributed, tracking
+from src.config import Config, TrainConfig, safe_metric_name
 from src.data import TaskData
 from src.guards import NonFiniteLossGuard
 
@@ -264,8 +265,10 @@ def count_truncated_sft(data: TaskData, tokenizer, max_length: int) -> int:
     return n
 
 
-def build_trainer(cfg: Config, model, tokenizer, data: TaskData, output_dir: str):
-    """The trainer for the task.
+def build_trainer(
+    cfg: Config, model, tokenizer, data: TaskData, output_dir: str, extra_callbacks: Sequence[TrainerCallback] = ()
+):
+    """The trainer for the task; ``extra_callbacks`` come after the project's own (a sweep trial's pruning).
 
     Returns (trainer, metrics, truncated): metrics keeps the last per-class report (None for
     SFT), and truncated counts the rows longer than model.max_length.
@@ -279,8 +282,7 @@ def build_trainer(cfg: Config, model, tokenizer, data: TaskData, output_dir: str
         callbacks.append(NonFiniteLossGuard())  # after the metrics callback: the bad loss is logged first
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    if distributed.is_main_process():  # under DDP, rank 0 reports; if it prunes, torchrun stops the others
-        callbacks += sweeping_trial.trial_callbacks(objective(cfg)[0])  # an Optuna trial: report evals, maybe prune
+    callbacks += list(extra_callbacks)
     if data.task == "sft":
         from trl import SFTTrainer
 
