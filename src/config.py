@@ -279,6 +279,29 @@ _HINTS = {
 }
 
 
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+def compose(
+    overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "config", output_dir: str = "unused"
+) -> dict:
+    """Compose the Hydra config as ``src.train`` would, outside a Hydra run, as a plain resolved dict.
+
+    A sweep config (``hydra.mode: MULTIRUN``) composes to its base config: the sweeper's search space lives
+    under ``hydra``, which is dropped here. ``output_dir`` stands in for ``${hydra:runtime.output_dir}``,
+    which has no value outside a run.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        composed = hydra_compose(config_name=config_name, overrides=list(overrides))
+    raw = OmegaConf.to_container(composed, resolve=False)
+    raw.pop("hydra", None)
+    raw["output_dir"] = output_dir
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+
+
 def register_configs() -> None:
     """Register the resolvers the YAML files use (``project_root``, ``file_stem``)."""
     if not OmegaConf.has_resolver("project_root"):

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from src.config import OBJECTIVE_DEFAULTS, Config, ConfigError, validate
-from src.tiny import PROJECT_ROOT
+from src.config import OBJECTIVE_DEFAULTS, Config, ConfigError, compose, validate
 
 ADAPTER_ARTIFACT = "adapter"
 CONFIG_ARTIFACT = "config.yaml"
@@ -130,22 +129,15 @@ def best_sweep_run(sweep_id: str, tracking_uri: Optional[str] = None) -> str:
 
 def _default_config(base_model: str, task: str, labels: Optional[list[str]]) -> Config:
     """The project's default config (conf/config.yaml) for a task, with the adapter's base model."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     overrides = [
         f"data={DEFAULT_DATA_PRESETS[task]}",
         f"model.name_or_path={json.dumps(base_model)}",
         f"model.name={json.dumps(Path(base_model).name)}",
     ]
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        composed = compose(config_name="config", overrides=overrides)
-    raw = OmegaConf.to_container(composed, resolve=False)
-    raw.pop("hydra", None)
-    raw["output_dir"] = "unused"
+    raw = compose(overrides)
     if task == "multilabel" and labels:
         raw["data"]["label_columns"] = list(labels)
-    return validate(OmegaConf.to_container(OmegaConf.create(raw), resolve=True))
+    return validate(raw)
 
 
 def read_source(

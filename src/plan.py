@@ -80,11 +80,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from src.config import Config, ConfigError, validate
-from src.tiny import PROJECT_ROOT
+from src.config import CONF_DIR, Config, ConfigError, compose, validate
 from src.tiny import resolve as resolve_builtin
 
-CONF_DIR = PROJECT_ROOT / "conf"
 GIB = 2**30
 
 # Base weights: bytes per quantized weight (see the module docstring).
@@ -435,24 +433,6 @@ def plan(cfg: Config) -> dict[str, Any]:
         "model_shape": asdict(shape),
         "warnings": warnings,
     }
-
-
-def compose(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "config") -> dict:
-    """Compose the Hydra config as ``src.train`` would, as a plain resolved dict (no hydra node).
-
-    A sweep config (``hydra.mode: MULTIRUN``) composes to its base config: the sweeper's
-    search space lives under ``hydra``, which is dropped here.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-        composed = hydra_compose(config_name=config_name, overrides=overrides)
-    raw = OmegaConf.to_container(composed, resolve=False)
-    raw.pop("hydra", None)
-    raw["output_dir"] = "unused-by-plan"  # ${hydra:runtime.output_dir} has no value outside a Hydra run
-    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -33,17 +33,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 def compose_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR, config_name: str = "config"):
     """Compose the real Hydra config (no output_dir interpolation) and return a plain resolved dict."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from src.config import compose
 
-    import src.config  # noqa: F401  registers the schema and the project_root resolver
-
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides or []))
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    raw.pop("hydra", None)
-    raw["output_dir"] = "unused"
-    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    return compose(list(overrides or []), config_dir, config_name)
 
 
 @pytest.fixture

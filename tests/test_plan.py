@@ -17,7 +17,7 @@ from src import plan as P
 from src.config import validate
 from tests.conftest import OPENLLAMA_3B
 
-ROOT = P.PROJECT_ROOT
+ROOT = P.CONF_DIR.parent
 OPENLLAMA_3B_PARAMS = 3_426_473_600
 
 
