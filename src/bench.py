@@ -194,8 +194,7 @@ def bf16_matmul_tflops(device: str) -> float:
 
 def project_config(workload: Workload, model_dir: Path, device: str, overrides: list[str]):
     """The project's composed and validated config for the workload (conf/train/gpu.yaml)."""
-    from src.config import validate
-    from src.config import compose
+    from src.config import compose, validate
 
     base = [
         "hydra/sweeper=basic",  # the project's sweepers import mlflow, which the bench does without
