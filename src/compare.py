@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.config import OBJECTIVE_DEFAULTS
+from src.errors import UserError, run_cli
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "sweep_id"
@@ -40,7 +41,7 @@ SEED_FREE_PARAMS = frozenset({"train.seed", "output_dir", "tracking.run_name"})
 MAX_MISSING_LISTED = 30
 
 
-class CompareError(Exception):
+class CompareError(UserError):
     """A selection or option that cannot be compared; the message is shown as one line."""
 
 
@@ -766,12 +767,7 @@ def samples_text(client, runs) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print(compare(args))
-    except CompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: print(compare(args)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 from omegaconf import OmegaConf
 
+from src.errors import ProblemsError
 from src.tiny import PROJECT_ROOT
 
 LORA_PRESETS = ("attn_qv", "attn", "all_linear", "mlp")
@@ -113,12 +114,10 @@ def safe_metric_name(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
-class ConfigError(ValueError):
+class ConfigError(ProblemsError):
     """The composed config is invalid; the message lists every problem found."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+    title = "invalid config"
 
 
 @dataclass

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from src.config import DataConfig, canonical_label
+from src.errors import ProblemsError
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -37,12 +38,14 @@ MAX_IDS_SHOWN = 20
 STRUCTURED = (list, tuple, set, dict, np.ndarray)
 
 
-class DataError(ValueError):
+class DataError(ProblemsError):
     """The data failed validation; the message lists every fault with the rows at fault."""
 
-    def __init__(self, faults: list[str]):
-        self.faults = faults
-        super().__init__("invalid data:\n" + "\n".join(f"  - {f}" for f in faults))
+    title = "invalid data"
+
+    @property
+    def faults(self) -> list[str]:
+        return self.problems
 
 
 @dataclass

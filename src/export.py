@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from src.errors import run_cli
 from src.inference import (
     LABEL_MAP_FILE,
     InferenceError,
@@ -113,7 +114,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("error: --log-to-mlflow needs the run to log to: use --run or --sweep-best", file=sys.stderr)
         return 2
     quiet_libraries()
-    try:
+
+    def body() -> None:
         with open_source(
             args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model, args.trust_remote_code
         ) as source:
@@ -122,10 +124,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.log_to_mlflow:
                 uri = log_to_mlflow(model, tokenizer, source.run_id, source.task)
                 print(f"logged to run {source.run_id} as {uri}", file=sys.stderr)
-    except InferenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from src.config import OBJECTIVE_DEFAULTS, Config, ConfigError, compose, validate
+from src.errors import UserError
 
 ADAPTER_ARTIFACT = "adapter"
 CONFIG_ARTIFACT = "config.yaml"
@@ -34,7 +35,7 @@ LABEL_MAP_FILE = "label_map.json"
 DEFAULT_DATA_PRESETS = {"classification": "topics", "multilabel": "topics_multilabel", "sft": "instructions"}
 
 
-class InferenceError(Exception):
+class InferenceError(UserError):
     """A problem the user can fix; the message is one line, fit to print without a traceback."""
 
 

@@ -80,7 +80,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from src.config import CONF_DIR, Config, ConfigError, compose, validate
+from src.config import CONF_DIR, Config, compose, validate
+from src.errors import UserError, run_cli
 from src.tiny import resolve as resolve_builtin
 
 GIB = 2**30
@@ -121,7 +122,7 @@ DEFAULT_NUM_LABELS = 2  # a classifier's head size when the labels are known onl
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The model's config cannot be found or built; the message says what to pass instead."""
 
 
@@ -475,15 +476,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     quiet_libraries()
 
-    try:
-        cfg = with_label_set(validate(compose(args.overrides, args.config_dir, args.config_name)))
+    def body() -> None:
+        try:
+            cfg = with_label_set(validate(compose(args.overrides, args.config_dir, args.config_name)))
+        except HydraException as exc:  # an unknown group option or a bad override: the user's to fix
+            raise PlanError(str(exc)) from exc
         result = plan(cfg)
-    except (ConfigError, PlanError, HydraException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    print(json.dumps(result))
-    return 0
+        print(format_table(result))
+        print(json.dumps(result))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

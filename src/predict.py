@@ -26,6 +26,7 @@ import pandas as pd
 
 from src.config import DataConfig
 from src.data import DataError, format_prompt, read_table, template_fields, texts_of
+from src.errors import run_cli
 from src.inference import (
     InferenceError,
     Source,
@@ -222,7 +223,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --output must end in .csv or .jsonl, got {args.output}", file=sys.stderr)
         return 2
     quiet_libraries()
-    try:
+
+    def body() -> None:
         with open_source(
             args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model, args.trust_remote_code
         ) as source:
@@ -233,10 +235,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             model = load_finetuned(source, tokenizer)
             records = predict(source, model, tokenizer, df, args, from_lines)
         write_records(records, args.output, sys.stdout)
-    except InferenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
