@@ -150,10 +150,10 @@ def close_lost_run(raw: dict, reason: str) -> Optional[str]:
 
     from src import tracking
 
-    settings = raw.get("tracking") or {}
-    uri = tracking.tracking_uri(settings.get("tracking_uri"))
+    settings = raw["tracking"]  # a composed job config: conf/config.yaml gives every tracking key
+    uri = tracking.tracking_uri(settings["tracking_uri"])
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(settings.get("experiment") or "lora-sweeps")
+    experiment = client.get_experiment_by_name(settings["experiment"])
     if experiment is None:
         return None
     runs = client.search_runs(
@@ -362,10 +362,10 @@ def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
         "hydra.output_subdir=null",
     ]
     code = distributed.relaunch(distributed.requested_processes(raw), argv)
-    settings = raw.get("tracking") or {}
-    mlflow.set_tracking_uri(tracking.tracking_uri(settings.get("tracking_uri")))
+    settings = raw["tracking"]  # validated before the relaunch (rank 0's run records an invalid one)
+    mlflow.set_tracking_uri(tracking.tracking_uri(settings["tracking_uri"]))
     runs = mlflow.search_runs(
-        experiment_names=[settings.get("experiment") or "lora-sweeps"],
+        experiment_names=[settings["experiment"]],
         filter_string=f"params.output_dir = '{raw['output_dir']}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,

@@ -187,11 +187,14 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # One job of a sweep: in a fresh process unless hydra.sweeper.isolate=false; errors go to the
         # sweeper, which records them and goes on. Returns the run id and its final metrics.
-        feasibility = OmegaConf.select(hydra_cfg, "sweeper.feasibility", default=None)
+        # The project's sweepers carry isolate and feasibility; another sweeper (Hydra's basic one) gets their
+        # defaults, read from the sweepers' own schema.
+        sweeper = hydra_cfg.sweeper
+        feasibility = sweeper.get("feasibility")
         return sweeping_trial.run_job(
             raw,
             run,
-            isolate=OmegaConf.select(hydra_cfg, "sweeper.isolate", default=True),
+            isolate=sweeper.get("isolate", sweeping.GridSweeperConf.isolate),
             feasibility=sweeping_trial.Feasibility(**feasibility) if feasibility else sweeping_trial.Feasibility(),
         )
     validated(raw)
