@@ -505,7 +505,17 @@ def tokenize_sft(dataset, tokenizer, max_length: int, completion_only_loss: bool
         return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
     tokenized = dataset.map(encode, remove_columns=dataset.column_names)
-    return tokenized.filter(lambda example: any(label != -100 for label in example["labels"]))
+    kept = tokenized.filter(lambda example: any(label != -100 for label in example["labels"]))
+    if len(dataset) and not len(kept):  # else torch's sampler fails later with "num_samples=0"
+        from src.data import DataError
+
+        raise DataError(
+            [
+                f"no row keeps a response token within model.max_length={max_length}: every prompt fills it "
+                f"({len(dataset)} row(s)); raise model.max_length, or shorten the prompts"
+            ]
+        )
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------- DDP sampling

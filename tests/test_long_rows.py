@@ -59,3 +59,16 @@ def test_real_datasets_the_old_guard_refused_load_with_the_defaults():
     cfg = validate(compose_config([*args, "data.text_columns=[TEXT]", "data.id_column=ID"]))
     data = load_data(cfg.data, modeling.load_tokenizer(cfg.model), cfg.model.max_length)
     assert data.long_rows >= 1 and data.train.num_rows > 30000
+
+
+def test_sft_rows_whose_prompts_fill_max_length_are_one_clear_error():
+    from datasets import Dataset
+
+    from src import packing
+
+    cfg = validate(compose_config(["data=instructions"]))
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    rows = Dataset.from_dict({"prompt": ["word " * 50] * 3, "completion": ["an answer"] * 3})
+    with pytest.raises(DataError, match=r"no row keeps a response token within model.max_length=8"):
+        packing.tokenize_sft(rows, tokenizer, max_length=8, completion_only_loss=True)
+    assert len(packing.tokenize_sft(rows, tokenizer, max_length=512, completion_only_loss=True)) == 3
