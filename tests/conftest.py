@@ -99,7 +99,10 @@ def start_training_until_it_logs(tmp_path: Path, uri: str, timeout_s: float = 30
         f"tracking.tracking_uri={uri}",
         f"hydra.run.dir={tmp_path / 'out'}",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output to a file, not a pipe nobody reads: a run that logs every step fills a pipe's 64 KiB and then
+    # blocks in write, where no signal handler can end it.
+    log = open(tmp_path / "train-output.log", "w")  # the child writes it for its whole life
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout_s
     while not any(
         "train_loss" in r.data.metrics
@@ -107,6 +110,9 @@ def start_training_until_it_logs(tmp_path: Path, uri: str, timeout_s: float = 30
     ):
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise AssertionError(f"training did not start logging: {proc.communicate()[0][-3000:]}")
+            proc.wait()
+            raise AssertionError(
+                f"training did not start logging: {(tmp_path / 'train-output.log').read_text()[-3000:]}"
+            )
         time.sleep(1)
     return proc
