@@ -24,14 +24,22 @@ LONG = [*TINY[1:], "train.logging_steps=1"]
 
 
 def _start(args, tmp_path):
+    """The sweep, its output in a file (a pipe nobody drains would fill and block the trials in write)."""
     cmd = [sys.executable, "-m", "src.train", *args, f"hydra.sweep.dir={tmp_path / 'multirun'}"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(tmp_path / "sweep.log", "w")  # the sweep writes it for its whole life
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = tmp_path / "sweep.log"
+    return proc
+
+
+def _output(proc) -> str:
+    return proc.log_path.read_text()
 
 
 def _training_child(proc, uri, timeout_s=300):
     deadline = time.time() + timeout_s
     while True:
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
+        assert time.time() < deadline and proc.poll() is None, _output(proc)[-3000:]
         time.sleep(1)
         _, children = split_runs(uri)
         training = [c for c in children if c.info.status == "RUNNING" and "train_loss" in c.data.metrics]
@@ -46,9 +54,10 @@ def test_a_sigkilled_trial_ends_failed_and_the_sweep_goes_on(tmp_path, mlflow_st
         victim = _training_child(proc, mlflow_store)
         assert victim.data.params["train.max_steps"] == "100000"
         os.kill(int(victim.data.tags["pid"]), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         proc.kill()
+    out = _output(proc)
     assert proc.returncode != 0, out[-3000:]
     client = mlflow.MlflowClient(mlflow_store)
     dead = client.get_run(victim.info.run_id)
