@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from src.config import DataConfig
-from src.data import DataError, format_prompt, read_table, template_fields, texts_of
+from src.data import STRUCTURED, DataError, format_prompt, read_table, template_fields, texts_of
 from src.errors import run_cli
 from src.inference import (
     InferenceError,
@@ -98,6 +98,11 @@ def _require(df: pd.DataFrame, columns: list[str], what: str) -> None:
             f"input has no column(s) {missing} ({what}); its columns are {list(df.columns)}; "
             "name the text column with --text-column"
         )
+    for column in columns:  # as in training: a list or mapping cell would be predicted on as its repr
+        rows = [i for i, v in enumerate(df[column]) if isinstance(v, STRUCTURED)]
+        if rows:
+            shown = ", ".join(map(str, rows[:10])) + (f", ... ({len(rows)} in all)" if len(rows) > 10 else "")
+            raise InferenceError(f"input column {column!r} holds lists or mappings, not text, at row {shown}")
 
 
 def classification_texts(df: pd.DataFrame, d: DataConfig, text_column: Optional[str]) -> list[str]:

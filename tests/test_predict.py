@@ -371,6 +371,12 @@ def test_bad_input_file_and_column(cls_run, tmp_path, capsys):
     assert code == 2 and "error:" in err
 
 
+def test_list_or_mapping_cells_are_refused_naming_the_rows(cls_run, tmp_path, capsys):
+    source = _write_jsonl(tmp_path / "odd.jsonl", [{"text": TEXTS[0]}, {"text": ["a", "list"]}, {"text": {"k": 1}}])
+    code, _, err = _predict(["--adapter", str(cls_run.adapter_dir), "--input", str(source)], capsys)
+    _assert_one_line_error(code, err, "input column 'text' holds lists or mappings, not text, at row 1, 2")
+
+
 def test_not_an_adapter_directory(tmp_path, capsys):
     code, _, err = _predict(
         ["--adapter", str(tmp_path), "--input", str(_write_jsonl(tmp_path / "in.jsonl", []))], capsys
