@@ -47,6 +47,19 @@ def requested_processes(raw: dict) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
+def finish() -> None:
+    """Under DDP, wait for every rank and close the process group before the process exits.
+
+    Rank 0 still generates samples, saves and logs when the others are done; a rank that exits with the group
+    open can abort in its teardown ("terminate called without an active exception") and fail the run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """``python -m torch.distributed.run`` running ``python -m src.train argv`` on ``nproc`` local processes."""
     return [

@@ -130,6 +130,7 @@ def run(raw: dict) -> Optional[float]:
                     active.info.experiment_id,
                 )
             )
+        distributed.finish()  # every rank gets here; under DDP they leave together
         return float(value)
 
 
