@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import mlflow
@@ -226,8 +227,17 @@ def test_average_gradients_gives_ddps_gradients(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_average_gradients_worker, args=(port, str(tmp_path)), nprocs=2)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    workers = mp.spawn(_average_gradients_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
+    written = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
+    deadline = time.time() + 300
+    while not workers.join(timeout=5) and time.time() < deadline:  # a worker that raised fails the test here
+        if all(path.exists() for path in written):  # a gloo worker can hang in its teardown after its result
+            time.sleep(10)
+            break
+    for process in workers.processes:
+        if process.is_alive():
+            process.kill()
+    results = [torch.load(path) for path in written]
     for rank in (0, 1):
         got = results[rank]
         for ref, avg in zip(got["reference"], got["averaged"]):
