@@ -147,34 +147,6 @@ print(json.dumps({
 }))
 """
 
-# A real CUDA OOM in the trial whose LoRA rank is 16, at its second training step (test 5b, GPU): it takes the
-# device's memory in 1 GiB blocks until PyTorch's allocator raises OutOfMemoryError, and holds them while the
-# error unwinds, as a trial whose batch does not fit does. Loaded through PYTHONPATH as tests/fault_injection is.
-FILL_GPU = """
-def _install():
-    import torch
-    from transformers import Trainer
-
-    original = Trainer.training_step
-
-    def training_step(self, model, inputs, *args, **kwargs):
-        config = getattr(self.model, "peft_config", {}).get("default")
-        if getattr(config, "r", None) == 16 and self.state.global_step >= 1:
-            held = []
-            try:
-                while True:
-                    held.append(torch.empty(2**30, dtype=torch.uint8, device="cuda"))
-            except torch.OutOfMemoryError:
-                print(f"fault: held {len(held)} GiB of GPU memory when CUDA ran out", flush=True)
-                raise
-        return original(self, model, inputs, *args, **kwargs)
-
-    Trainer.training_step = training_step
-
-
-_install()
-"""
-
 # Inputs for the logits check of test 4: an SFT prompt as training builds it, plain sentences, an empty text.
 LOGIT_TEXTS = [
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -840,18 +812,13 @@ def test_oom_trial_fails_and_the_next_starts_at_clean_gpu_memory(suite, tmp_path
     which ran before any OOM. Memory that B held, in a process that trained on or through one that lingered,
     would show there or in nvidia-smi; in one process for all jobs the peak would be B's, the whole GPU.
 
-    On the GPU B really runs the device out of memory (FILL_GPU: 1 GiB blocks until the allocator fails, held
-    while the error unwinds); on CPU tests/fault_injection raises the same error at the same step.
+    On the GPU B really runs the device out of memory (tests/fault_injection's ``fill_gpu``: 1 GiB blocks
+    until the allocator fails, held while the error unwinds); on CPU its ``oom`` raises the same error at the
+    same step.
     """
     store = Store(tmp_path)
-    if suite.gpu:
-        faults = tmp_path / "gpu_faults"
-        faults.mkdir()
-        (faults / "sitecustomize.py").write_text(FILL_GPU)
-        path, fault = faults, {}
-    else:
-        path, fault = FAULTS_DIR, {"LORA_SWEEPS_TEST_FAULT": "oom:16"}
-    env = {"PYTHONPATH": f"{path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **fault}
+    fault = "fill_gpu:16" if suite.gpu else "oom:16"
+    env = {"PYTHONPATH": f"{FAULTS_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "LORA_SWEEPS_TEST_FAULT": fault}
     config_dir = write_sweep(tmp_path / "conf", "oom_rows", ["lora.r=8", "lora.r=16", "lora.r=8"])
     args = [
         "-cd",
