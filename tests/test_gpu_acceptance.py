@@ -279,46 +279,62 @@ class Command:
     merge: bool = True
 
 
+class Started:
+    """A :class:`Command` started now and waited for later; its output goes to a file, not an undrained pipe."""
+
+    def __init__(self, command: Command):
+        self.command, self.start = command, time.perf_counter()
+        self.out = tempfile.TemporaryFile("w+")
+        self.err = None if command.merge else tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", command.module, *command.args],
+            cwd=ROOT,
+            env=command.store.env(command.env),
+            stdout=self.out,
+            stderr=subprocess.STDOUT if command.merge else self.err,
+            text=True,
+        )
+
+    def wait(self) -> subprocess.CompletedProcess:
+        """Wait (up to TIMEOUT_S from the start) and return the finished process with its output."""
+        c = self.command
+        try:
+            try:
+                self.proc.wait(timeout=max(1.0, self.start + TIMEOUT_S - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                self.out.seek(0)
+                raise AssertionError(
+                    f"python -m {c.module} ran past {TIMEOUT_S} s:\n{self.out.read()[-TAIL:]}"
+                ) from None
+            self.out.seek(0)
+            stderr = None
+            if self.err is not None:
+                self.err.seek(0)
+                stderr = self.err.read()
+            print(f"{time.perf_counter() - self.start:6.1f} s  python -m {c.module} {shlex.join(c.args)[:160]}")
+            return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read(), stderr)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+        if self.err is not None:
+            self.err.close()
+
+
 def run_together(*commands: Command) -> list[subprocess.CompletedProcess]:
     """Run independent commands at once (they share the GPU: each needs a fraction of it) and wait for all."""
-    start = time.perf_counter()
-    running = []
+    started = []
     try:
         for c in commands:
-            out = tempfile.TemporaryFile("w+")
-            err = None if c.merge else tempfile.TemporaryFile("w+")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", c.module, *c.args],
-                cwd=ROOT,
-                env=c.store.env(c.env),
-                stdout=out,
-                stderr=subprocess.STDOUT if c.merge else err,
-                text=True,
-            )
-            running.append((c, proc, out, err))
-        results = []
-        for c, proc, out, err in running:
-            try:
-                proc.wait(timeout=max(1.0, start + TIMEOUT_S - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                out.seek(0)
-                raise AssertionError(f"python -m {c.module} ran past {TIMEOUT_S} s:\n{out.read()[-TAIL:]}") from None
-            out.seek(0)
-            stderr = None
-            if err is not None:
-                err.seek(0)
-                stderr = err.read()
-            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), stderr))
-            print(f"{time.perf_counter() - start:6.1f} s  python -m {c.module} {shlex.join(c.args)[:160]}")
-        return results
+            started.append(Started(c))
+        return [s.wait() for s in started]
     finally:
-        for _, proc, out, err in running:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            out.close()
-            if err is not None:
-                err.close()
+        for s in started:
+            s.close()
 
 
 def cli(module: str, args: list[str], store: Store, *, env: Optional[dict] = None, merge: bool = True):
@@ -424,18 +440,13 @@ class SeedTable:
         return parents[0].data.tags["sweep_id"]
 
 
-@pytest.fixture(scope="module")
-def seed_table(suite, tmp_path_factory) -> SeedTable:
-    """``python -m src.train -cd sweeps -cn seed_table`` on the OpenLLaMA-3B shape, shortened to 4 steps.
+def _seed_table_common(suite: Suite) -> list[str]:
+    """The seed table's overrides: the OpenLLaMA-3B shape, shortened to 4 steps.
 
     The learning rate is raised (1e-2) so that 4 steps move the adapters far beyond bf16's resolution
     of the base weights; test 4 needs the merged adapter to be measurable.
     """
-    from hydra import compose, initialize_config_dir
-
-    root = tmp_path_factory.mktemp("seed_table")
-    store = Store(root)
-    common = [
+    return [
         *suite.model("w3b"),
         *suite.train,
         "data=instructions",
@@ -445,14 +456,57 @@ def seed_table(suite, tmp_path_factory) -> SeedTable:
         "train.max_steps=4",
         "train.learning_rate=1e-2",
     ]
-    result = cli(
-        "src.train",
-        ["-cd", str(SWEEPS_DIR), "-cn", "seed_table", *common, f"hydra.sweep.dir={root / 'multirun'}"],
-        store,
-    )
+
+
+@dataclass
+class Launched:
+    """One command of the first wave: where it ran, and how it ended."""
+
+    root: Path
+    store: Store
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def first_wave(suite, tmp_path_factory) -> dict[str, Launched]:
+    """The suite's longest commands at once, each with its own store and directories: the seed_table sweep
+    (test 1), the Optuna study's first run (test 2) and both classification runs (test 3). Together they use a
+    fraction of one GPU's memory; one after the other they would take most of the suite's time budget.
+    The OOM test, which needs the GPU to itself, runs last, long after they are all done.
+    """
+    commands: dict[str, tuple[Path, Command]] = {}
+    root = tmp_path_factory.mktemp("seed_table")
+    args = [
+        "-cd",
+        str(SWEEPS_DIR),
+        "-cn",
+        "seed_table",
+        *_seed_table_common(suite),
+        f"hydra.sweep.dir={root / 'multirun'}",
+    ]
+    commands["seed_table"] = (root, Command("src.train", args, Store(root)))
+    root = tmp_path_factory.mktemp("optuna")
+    commands["optuna"] = (root, Command("src.train", _optuna_args(suite, root), Store(root)))
+    for case, (data, _, _) in CLASSIFICATION.items():
+        root = tmp_path_factory.mktemp(case)
+        commands[case] = (root, Command("src.train", _classification_args(suite, data, root), Store(root)))
+    results = run_together(*(command for _, command in commands.values()))
+    return {
+        name: Launched(root, command.store, result)
+        for (name, (root, command)), result in zip(commands.items(), results)
+    }
+
+
+@pytest.fixture(scope="module")
+def seed_table(suite, first_wave) -> SeedTable:
+    """``python -m src.train -cd sweeps -cn seed_table`` (run in the first wave), and src.compare on it."""
+    from hydra import compose, initialize_config_dir
+
+    launched = first_wave["seed_table"]
+    store, result = launched.store, launched.result
     with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
         rows = list(compose(config_name="seed_table", return_hydra_config=True).hydra.sweeper.rows)
-    table = SeedTable(store, result, rows, common)
+    table = SeedTable(store, result, rows, _seed_table_common(suite))
     if result.returncode == 0:
         sweep = ["--sweep", table.sweep_id, "--tracking-uri", store.uri]
         table.compare_md, table.compare_json = run_together(
@@ -588,22 +642,10 @@ def test_predict_and_export_the_best_seed_table_run(seed_table, suite, tmp_path)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_optuna_study_prunes_and_resumes_without_duplicates(suite, tmp_path):
-    """sweeps/rank_alpha.yaml (TPE over preset, 4/8-bit, r, alpha ratio, dropout, lr) on the Qwen2.5-0.5B shape.
-
-    Pruning is made certain, not left to the values of random-weight models: a ThresholdPruner that
-    prunes any reported eval_loss (> 0) from step 2, and train.max_steps in the search space. A trial
-    of 2 steps reports only step 1 (the last step's evaluation is never reported) and completes; one of
-    4 steps is pruned at step 2. With the seeded sampler the four trials hold both.
-    """
-    import mlflow
-    import optuna
-    from optuna.trial import TrialState
-
-    from src.sweeping_optuna import counted
-
-    store = Store(tmp_path)
-    args = [
+def _optuna_args(suite: Suite, root: Path) -> list[str]:
+    """sweeps/rank_alpha as test 2 runs it (twice: the second run resumes the study)."""
+    store = Store(root)
+    return [
         "-cd",
         str(SWEEPS_DIR),
         "-cn",
@@ -624,9 +666,27 @@ def test_optuna_study_prunes_and_resumes_without_duplicates(suite, tmp_path):
         "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
         "+hydra.sweeper.pruner.upper=0.0",
         "+hydra.sweeper.pruner.n_warmup_steps=2",
-        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        f"hydra.sweep.dir={root / 'multirun'}",
     ]
-    first = cli("src.train", args, store)
+
+
+def test_optuna_study_prunes_and_resumes_without_duplicates(suite, first_wave):
+    """sweeps/rank_alpha.yaml (TPE over preset, 4/8-bit, r, alpha ratio, dropout, lr) on the Qwen2.5-0.5B shape.
+
+    Pruning is made certain, not left to the values of random-weight models: a ThresholdPruner that
+    prunes any reported eval_loss (> 0) from step 2, and train.max_steps in the search space. A trial
+    of 2 steps reports only step 1 (the last step's evaluation is never reported) and completes; one of
+    4 steps is pruned at step 2. With the seeded sampler the four trials hold both.
+    """
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+
+    from src.sweeping_optuna import counted
+
+    launched = first_wave["optuna"]
+    store, first = launched.store, launched.result
+    args = _optuna_args(suite, launched.root)
     assert first.returncode == 0, tail(first)
     (summary,) = optuna.get_all_study_summaries(store.optuna)
     study = optuna.load_study(study_name=summary.study_name, storage=store.optuna)
@@ -693,36 +753,29 @@ CLASSIFICATION = {
 }
 
 
-@pytest.fixture(scope="module")
-def classification_runs(suite, tmp_path_factory) -> dict[str, tuple[Store, Path, subprocess.CompletedProcess]]:
-    """Both cases' ``python -m src.train`` at once, each with its own store and output directory."""
-    commands = {}
-    for case, (data, _, _) in CLASSIFICATION.items():
-        root = tmp_path_factory.mktemp(case)
-        args = [
-            *suite.model("qwen"),
-            "quant=4bit",
-            "lora=attn_qv",
-            *data,
-            *suite.train,
-            "data.subsample=96",
-            "data.eval_subsample=48",
-            "train.max_steps=6",
-            "train.eval_strategy=steps",
-            "train.eval_steps=3",
-            f"hydra.run.dir={root / 'out'}",
-        ]
-        commands[case] = (Store(root), root / "out", Command("src.train", args, Store(root)))
-    results = run_together(*(command for _, _, command in commands.values()))
-    return {case: (store, out, result) for (case, (store, out, _)), result in zip(commands.items(), results)}
+def _classification_args(suite: Suite, data: list[str], root: Path) -> list[str]:
+    return [
+        *suite.model("qwen"),
+        "quant=4bit",
+        "lora=attn_qv",
+        *data,
+        *suite.train,
+        "data.subsample=96",
+        "data.eval_subsample=48",
+        "train.max_steps=6",
+        "train.eval_strategy=steps",
+        "train.eval_steps=3",
+        f"hydra.run.dir={root / 'out'}",
+    ]
 
 
 @pytest.mark.parametrize("case", sorted(CLASSIFICATION))
-def test_classification_on_a_4bit_base(case, classification_runs, suite):
+def test_classification_on_a_4bit_base(case, first_wave, suite):
     import mlflow
 
     data, expected, objective = CLASSIFICATION[case]
-    store, out, result = classification_runs[case]
+    launched = first_wave[case]
+    store, out, result = launched.store, launched.root / "out", launched.result
     assert result.returncode == 0, tail(result)
     (run,) = store.runs()
     assert run.info.status == "FINISHED", run.data.tags
@@ -761,9 +814,10 @@ def _small_classifier(suite: Suite) -> list[str]:
     ]
 
 
-def test_sigterm_to_one_trial_ends_it_killed_and_the_sweep_goes_on(suite, tmp_path):
+def test_sigterm_to_one_trial_ends_it_killed_and_the_sweep_goes_on(suite, tmp_path, capped_sweep):
     """A grid of 2: job 0 would train for 100,000 steps, job 1 for 3. SIGTERM reaches job 0's trial process
-    (found by its run's pid tag, checked to be a descendant of the sweeper and not the sweeper itself)."""
+    (found by its run's pid tag, checked to be a descendant of the sweeper and not the sweeper itself).
+    Test 6's sweep (``capped_sweep``) runs beside it, in its own store."""
     store = Store(tmp_path)
     args = ["--multirun", "train.max_steps=100000,3", *_small_classifier(suite)]
     args.append(f"hydra.sweep.dir={tmp_path / 'multirun'}")
@@ -804,6 +858,95 @@ def test_sigterm_to_one_trial_ends_it_killed_and_the_sweep_goes_on(suite, tmp_pa
     import psutil
 
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Feasibility: a job over a memory cap is shrunk (or skipped), and its measured peak stays under the cap
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Capped:
+    """Test 6's sweep, started in the background while test 5 runs (see :func:`capped_sweep`)."""
+
+    store: Store
+    batch: int
+    estimate: dict[int, float]
+    cap: float
+    started: Started
+
+
+@pytest.fixture(scope="module")
+def capped_sweep(suite, tmp_path_factory):
+    """Test 6's sweep, started when test 5 (SIGTERM) asks for it and waited for in test 6: the two share the
+    GPU, each needing a few GiB. Its memory cap is given (``available_gpu_mem_gb``), so what else runs on the
+    GPU does not change what it is allowed.
+    """
+    root = tmp_path_factory.mktemp("capped")
+    store = Store(root)
+    batch = 16
+    length = 512 if suite.gpu else MAX_LENGTH
+    body = f"data:\n  text_template: {json.dumps(long_rows(length))}\n"
+    rows = ["tracking.run_name=shrunk", "hydra.sweeper.feasibility.mode=skip"]
+    config_dir = write_sweep(root / "conf", "capped", rows, body)
+    common = [
+        *_small_classifier(suite),
+        f"model.max_length={length}",
+        "train.gradient_accumulation_steps=1",
+        "train.activation_checkpointing=false",
+        "train.max_steps=2",
+    ]
+    estimate = {
+        b: planned([*common, f"train.per_device_train_batch_size={b}"], config_dir, "capped")["est_peak_gpu_mem_gb"]
+        for b in (batch, batch // 2)
+    }
+    cap = round((estimate[batch] + estimate[batch // 2]) / 2, 3)
+    assert estimate[batch // 2] < cap < estimate[batch], estimate
+    args = [
+        "-cd",
+        str(config_dir),
+        "-cn",
+        "capped",
+        *common,
+        f"train.per_device_train_batch_size={batch}",
+        f"hydra.sweeper.feasibility.available_gpu_mem_gb={cap}",
+        f"hydra.sweep.dir={root / 'multirun'}",
+    ]
+    capped = Capped(store, batch, estimate, cap, Started(Command("src.train", args, store)))
+    yield capped
+    capped.started.close()
+
+
+def test_a_job_over_the_memory_cap_is_shrunk_or_skipped(suite, capped_sweep):
+    """Rows of one config whose micro-batch of 16 does not fit the cap and 8 does: shrunk (16 x 1 -> 8 x 2),
+    and skipped with the reason in mode skip. Every row is model.max_length tokens long (the text repeated,
+    truncated), as src.plan assumes, so the measured peak is close to the estimate and the cap means what it says.
+    """
+    store, batch, estimate, cap = capped_sweep.store, capped_sweep.batch, capped_sweep.estimate, capped_sweep.cap
+    result = capped_sweep.started.wait()
+    assert result.returncode == 0, tail(result)
+    shrunk = f"micro-batch {batch} -> {batch // 2}, gradient accumulation 1 -> 2 to fit {cap:.2f} GiB free"
+    assert shrunk in result.stdout, tail(result)
+    skipped = f"needs ~{estimate[batch]:.2f} GiB of GPU memory, {cap:.2f} GiB free"
+    assert "SKIPPED #1" in result.stdout and skipped in result.stdout, tail(result)
+    parents, children = store.split()
+    assert len(parents) == 1 and metric(parents[0], "jobs_skipped") == 1 and metric(parents[0], "jobs_finished") == 1
+    (run,) = children  # the skipped row never started a run
+    assert run.info.status == "FINISHED" and run.info.run_name == "shrunk"
+    params = run.data.params
+    micro, accum = int(params["train.per_device_train_batch_size"]), int(params["train.gradient_accumulation_steps"])
+    assert (micro, accum) == (batch // 2, 2) and micro * accum == batch
+    assert run.data.tags["feasibility"] == shrunk
+    if suite.gpu:
+        peak = metric(run, "peak_gpu_mem_gb")
+        print(f"estimates {estimate} GiB, cap {cap} GiB, measured peak at micro-batch {micro}: {peak:.3f} GiB")
+        assert peak < cap, (peak, cap, estimate)
+        assert peak > 0.4 * estimate[batch // 2], (peak, estimate)  # the rows did fill the micro-batch
+
+
+# ---------------------------------------------------------------------------------------------
+# 5b. Out of memory: last, with the GPU to itself
+# ---------------------------------------------------------------------------------------------
 
 
 def test_oom_trial_fails_and_the_next_starts_at_clean_gpu_memory(suite, tmp_path):
@@ -857,63 +1000,3 @@ def test_oom_trial_fails_and_the_next_starts_at_clean_gpu_memory(suite, tmp_path
             assert held >= 0.8 * total_mib / 1024, (held, shown)  # B did fill the GPU
             assert used_mib < 2048, shown
             assert after < 0.25 * total_mib / 1024, (after, shown)
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Feasibility: a job over a memory cap is shrunk (or skipped), and its measured peak stays under the cap
-# ---------------------------------------------------------------------------------------------
-
-
-def test_a_job_over_the_memory_cap_is_shrunk_or_skipped(suite, tmp_path):
-    """Rows of one config whose micro-batch of 16 does not fit the cap and 8 does: shrunk (16 x 1 -> 8 x 2),
-    and skipped with the reason in mode skip. Every row is model.max_length tokens long (the text repeated,
-    truncated), as src.plan assumes, so the measured peak is close to the estimate and the cap means what it says.
-    """
-    store = Store(tmp_path)
-    batch = 16
-    length = 512 if suite.gpu else MAX_LENGTH
-    body = f"data:\n  text_template: {json.dumps(long_rows(length))}\n"
-    rows = ["tracking.run_name=shrunk", "hydra.sweeper.feasibility.mode=skip"]
-    config_dir = write_sweep(tmp_path / "conf", "capped", rows, body)
-    common = [
-        *_small_classifier(suite),
-        f"model.max_length={length}",
-        "train.gradient_accumulation_steps=1",
-        "train.activation_checkpointing=false",
-        "train.max_steps=2",
-    ]
-    estimate = {
-        b: planned([*common, f"train.per_device_train_batch_size={b}"], config_dir, "capped")["est_peak_gpu_mem_gb"]
-        for b in (batch, batch // 2)
-    }
-    cap = round((estimate[batch] + estimate[batch // 2]) / 2, 3)
-    assert estimate[batch // 2] < cap < estimate[batch], estimate
-    args = [
-        "-cd",
-        str(config_dir),
-        "-cn",
-        "capped",
-        *common,
-        f"train.per_device_train_batch_size={batch}",
-        f"hydra.sweeper.feasibility.available_gpu_mem_gb={cap}",
-        f"hydra.sweep.dir={tmp_path / 'multirun'}",
-    ]
-    result = cli("src.train", args, store)
-    assert result.returncode == 0, tail(result)
-    shrunk = f"micro-batch {batch} -> {batch // 2}, gradient accumulation 1 -> 2 to fit {cap:.2f} GiB free"
-    assert shrunk in result.stdout, tail(result)
-    skipped = f"needs ~{estimate[batch]:.2f} GiB of GPU memory, {cap:.2f} GiB free"
-    assert "SKIPPED #1" in result.stdout and skipped in result.stdout, tail(result)
-    parents, children = store.split()
-    assert len(parents) == 1 and metric(parents[0], "jobs_skipped") == 1 and metric(parents[0], "jobs_finished") == 1
-    (run,) = children  # the skipped row never started a run
-    assert run.info.status == "FINISHED" and run.info.run_name == "shrunk"
-    params = run.data.params
-    micro, accum = int(params["train.per_device_train_batch_size"]), int(params["train.gradient_accumulation_steps"])
-    assert (micro, accum) == (batch // 2, 2) and micro * accum == batch
-    assert run.data.tags["feasibility"] == shrunk
-    if suite.gpu:
-        peak = metric(run, "peak_gpu_mem_gb")
-        print(f"estimates {estimate} GiB, cap {cap} GiB, measured peak at micro-batch {micro}: {peak:.3f} GiB")
-        assert peak < cap, (peak, cap, estimate)
-        assert peak > 0.4 * estimate[batch // 2], (peak, estimate)  # the rows did fill the micro-batch
