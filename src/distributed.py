@@ -48,16 +48,30 @@ def requested_processes(raw: dict) -> int:
 
 
 def finish() -> None:
-    """Under DDP, wait for every rank and close the process group before the process exits.
-
-    Rank 0 still generates samples, saves and logs when the others are done; a rank that exits with the group
-    open can abort in its teardown ("terminate called without an active exception") and fail the run.
-    """
+    """Under DDP, wait for every rank: rank 0 still generates samples, saves and logs when the others are done."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+
+
+def exit_worker() -> None:
+    """End a DDP worker whose run is complete (:func:`finish` passed, its MLflow run closed) without the
+    interpreter's teardown of the process group.
+
+    Both ways of closing it hang or crash at times, seen in this project's CI with gloo:
+    ``destroy_process_group()`` hung for 10 minutes, and a process leaving with the group open aborted
+    ("terminate called without an active exception"; pytorch/pytorch#75097 and #179291). Nothing is left
+    to do here, so the worker flushes its output and leaves at once with exit code 0.
+    """
+    if not under_torchrun():
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:

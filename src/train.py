@@ -211,3 +211,4 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_worker()  # a DDP rank whose run is complete leaves without tearing down its process group
