@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import socket
 import sys
@@ -35,6 +36,23 @@ class StaleRun:
     run_id: str
     run_name: str
     reason: str
+    output_dir: Optional[str] = None
+    status: str = "KILLED"  # how src.doctor ends it: KILLED, or what the run's own record says
+
+
+def read_record(output_dir: Optional[str], run_id: str) -> Optional[dict]:
+    """The last-resort record a run left beside its output when the store could not be written
+    (``src.tracking.close_run``), if there is one for this run."""
+    if not output_dir:
+        return None
+    path = Path(output_dir) / tracking.RECORD_NAME
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("run_id") != run_id:
+        return None  # another run's record (the output directory was reused), or not a record
+    return record
 
 
 def _age_s(heartbeat: Optional[str], start_time_ms: int, now: float) -> float:
@@ -94,7 +112,8 @@ def find_stale_runs(uri: str, experiment: Optional[str] = None, stale_after_s: f
         for run in page:
             reason = stale_reason(run.data.tags, run.info.start_time, stale_after_s, now)
             if reason:
-                stale.append(StaleRun(run.info.run_id, run.info.run_name, reason))
+                output_dir = run.data.params.get("output_dir")
+                stale.append(StaleRun(run.info.run_id, run.info.run_name, reason, output_dir))
         page_token = page.token
         if not page_token:
             return stale
@@ -103,7 +122,9 @@ def find_stale_runs(uri: str, experiment: Optional[str] = None, stale_after_s: f
 def mark_stale_runs(
     uri: str, experiment: Optional[str] = None, stale_after_s: float = STALE_AFTER_S, dry_run: bool = False
 ) -> list[StaleRun]:
-    """Mark every stale RUNNING run KILLED, with ``error_type=ProcessLost`` and the reason as ``error``.
+    """Mark every stale RUNNING run KILLED, with ``error_type=ProcessLost`` and the reason as ``error``;
+    a run that left a record beside its output (the store could not be written as it ended, e.g. a full
+    disk) ends as that record says instead, with its error.
 
     Returns the runs found (marked unless ``dry_run``). Safe to call while other jobs run:
     a run whose process is alive, or whose heartbeat is recent, is not touched.
@@ -115,10 +136,20 @@ def mark_stale_runs(
     for run in [] if client is None else stale:
         if tracking.retry_locked(client.get_run, run.run_id).info.status != "RUNNING":
             continue  # it ended meanwhile
-        message = f"{run.reason}; marked KILLED by src.doctor at {tracking.utc_now()}"
-        tracking.retry_locked(client.set_tag, run.run_id, "error_type", "ProcessLost")
-        tracking.retry_locked(client.set_tag, run.run_id, "error", message)
-        tracking.retry_locked(client.set_terminated, run.run_id, "KILLED")
+        record = read_record(run.output_dir, run.run_id)
+        if record is not None:
+            status = record.get("status") if record.get("status") in ("FAILED", "KILLED") else "FAILED"
+            tags = {str(k): str(v)[: tracking.MAX_TAG_LEN] for k, v in (record.get("tags") or {}).items()}
+            tags["recorded_by"] = f"{tracking.RECORD_NAME} of {record.get('written_at')}, applied by src.doctor"
+            run.reason = f"{run.reason}; its record says {status}: {tags.get('error_type', '?')}"
+            run.status = status
+        else:
+            status = "KILLED"
+            message = f"{run.reason}; marked KILLED by src.doctor at {tracking.utc_now()}"
+            tags = {"error_type": "ProcessLost", "error": message}
+        for key, value in tags.items():
+            tracking.retry_locked(client.set_tag, run.run_id, key, value)
+        tracking.retry_locked(client.set_terminated, run.run_id, status)
     return stale
 
 
@@ -131,9 +162,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     uri = tracking.tracking_uri(args.tracking_uri)
     stale = mark_stale_runs(uri, args.experiment, args.stale_after_s, args.dry_run)
-    verb = "stale (not marked, --dry-run)" if args.dry_run else "marked KILLED"
     for run in stale:
+        verb = "stale (not marked, --dry-run)" if args.dry_run else f"marked {run.status}"
         print(f"{run.run_id}  {run.run_name}: {verb}: {run.reason}")
+    statuses = sorted({run.status for run in stale}) or ["KILLED"]
+    verb = "stale (not marked, --dry-run)" if args.dry_run else f"marked {' or '.join(statuses)}"
     print(f"{len(stale)} run(s) {verb} in {uri}", file=sys.stderr)
     return 0
 

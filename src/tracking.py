@@ -13,6 +13,12 @@ A process killed outright (SIGKILL, power loss) cannot close its run, so each ru
 ``host``, ``pid`` and ``process_start`` tags and a ``heartbeat`` tag refreshed every minute;
 ``python -m src.doctor`` marks the runs whose process is gone KILLED.
 
+A full disk must not lose the cause either. Each run holds a small reserve file in its output
+directory (:data:`RESERVE_NAME`); when the store cannot be written as the run ends, the reserve
+is freed, the error is written beside the output as ``run_failed.json`` (:data:`RECORD_NAME`),
+and the store is tried once more. ``src.doctor`` ends a run it finds RUNNING with such a record
+FAILED with the recorded error, not as a lost process.
+
 SQLite allows one writer at a time. MLflow waits 20 s for the lock and then raises
 ``database is locked``; every write made here goes through :func:`retry_locked`, which
 retries that error with backoff, so parallel jobs on one store wait instead of failing.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import random
 import signal
@@ -48,6 +55,11 @@ MAX_TAG_LEN = 5000
 # A writer that cannot get SQLite's lock keeps retrying for this long (each try waits 20 s in MLflow).
 LOCK_RETRY_BUDGET_S = 600.0
 HEARTBEAT_INTERVAL_S = 60.0
+# Space a run sets aside in its output directory, freed when the store cannot be written as it ends (a full
+# disk): enough for SQLite to write a status (its journal and a few pages) and for the last-resort record.
+RESERVE_NAME = ".lora_sweeps_reserve"
+RESERVE_BYTES = 256 * 1024
+RECORD_NAME = "run_failed.json"
 T = TypeVar("T")
 
 
@@ -293,6 +305,82 @@ def end_run(run_id: str, status: str) -> None:
         retry_locked(mlflow.MlflowClient().set_terminated, run_id, status)
 
 
+def reserve_space(output_dir: Optional[str]) -> Optional[Path]:
+    """Allocate the run's reserve file (:data:`RESERVE_BYTES`) in ``output_dir``; None if there is no room."""
+    if not output_dir or not Path(output_dir).is_dir():
+        return None
+    path = Path(output_dir) / RESERVE_NAME
+    try:
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+        return path
+    except OSError:  # already full, or a filesystem without fallocate: the run goes on without a reserve
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _close_run(run_id: str, status: str, tags: dict[str, str]) -> None:
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        if tags:
+            set_tags(tags)
+        end_run(run_id, status)  # pops the fluent run: nothing ends it FINISHED at exit
+    else:  # a failed mlflow.end_run popped it already: write to the run by id
+        client = mlflow.MlflowClient()
+        for key, value in tags.items():
+            retry_locked(client.set_tag, run_id, key, value)
+        retry_locked(client.set_terminated, run_id, status)
+
+
+def write_record(output_dir: Optional[str], record: dict[str, Any]) -> Optional[Path]:
+    """The last-resort record of how a run ended, beside its output; None if it could not be written."""
+    if not output_dir:
+        return None
+    path = Path(output_dir) / RECORD_NAME
+    try:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return path
+    except OSError:
+        path.unlink(missing_ok=True)  # not an empty or half-written record
+        return None
+
+
+def close_run(run_id: str, status: str, tags: dict[str, str], output_dir: Optional[str], reserve: Optional[Path]):
+    """End the run with ``status`` and ``tags``; if the store cannot be written (most often a full disk), free
+    the reserve, leave the record beside the output, and try once more. Raises only for a run that had no
+    error of its own (its error, if any, is the one the caller goes on raising)."""
+    try:
+        _close_run(run_id, status, tags)
+    except Exception as store_error:
+        if reserve is not None:
+            reserve.unlink(missing_ok=True)
+        record = {
+            "run_id": run_id,
+            "status": "FAILED" if status == "FINISHED" else status,
+            "tags": tags or {},
+            "store_error": f"{type(store_error).__name__}: {store_error}"[:MAX_TAG_LEN],
+            "written_at": utc_now(),
+        }
+        if status == "FINISHED":  # the run's own end was fine; the store write is what failed
+            record["tags"] = {"error_type": type(store_error).__name__, "error": record["store_error"]}
+        path = write_record(output_dir, record)
+        try:
+            _close_run(run_id, record["status"], record["tags"])
+            stored = "the store was written on a second try"
+        except Exception:
+            stored = "the store could not be written; python -m src.doctor applies the record later"
+        where = f"the record is in {path}" if path else "no record could be written beside the output"
+        print(
+            f"error: could not record run {run_id} as {status}: {record['store_error']}; {stored}; {where}",
+            file=sys.stderr,
+        )
+        if status == "FINISHED":
+            raise
+    finally:
+        if reserve is not None:
+            reserve.unlink(missing_ok=True)
+
+
 class RankFailed(RuntimeError):
     """Another DDP rank failed (its recorded error); this rank was stopped because of it."""
 
@@ -341,6 +429,7 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
         tags=all_tags,
         parent_run_id=parent or None,
     )
+    reserve = reserve_space(raw.get("output_dir"))
     previous = signal.getsignal(signal.SIGTERM)
     in_main_thread = True
     try:
@@ -363,13 +452,14 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
         peers = distributed.peer_failures(raw.get("output_dir")) if error is not None else []
         if peers:  # another DDP rank failed first: torchrun stopped this one, or a collective broke
             status, error = "FAILED", RankFailed(peers[0])
+        tags = {}
+        if error is not None:
+            message = str(error)[:MAX_TAG_LEN] or ("interrupted" if status == "KILLED" else "")
+            error_type = error.error_type if isinstance(error, RankFailed) else type(error).__name__
+            tags = {"error_type": error_type, "error": message}
         try:
-            if error is not None:
-                message = str(error)[:MAX_TAG_LEN] or ("interrupted" if status == "KILLED" else "")
-                error_type = error.error_type if isinstance(error, RankFailed) else type(error).__name__
-                set_tags({"error_type": error_type, "error": message})
+            close_run(run.info.run_id, status, tags, raw.get("output_dir"), reserve)
         finally:
-            end_run(run.info.run_id, status)
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
 

@@ -1,0 +1,147 @@
+"""A disk that fills up during a run: the run ends FAILED with the real cause, never RUNNING, and the cause is
+kept beside the output even when the store itself is on the full disk.
+
+The disk is real: a 8 MiB tmpfs mounted in a private mount namespace (``unshare -m``, or ``unshare -rm`` where
+user namespaces allow it without root), holding the run's output directory and, in the first case, its SQLite
+store. A filler waits until the run has started (its ``config.yaml``, written after it took its reserve), then
+writes zeros until the disk is full, as a checkpoint or a neighbour's job would. What happened is read inside the namespace
+(the tmpfs is gone with it) and printed as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from src import doctor, tracking
+from tests.conftest import ROOT
+
+INSPECT = """
+import json, sys
+from pathlib import Path
+
+import mlflow
+
+uri, out = sys.argv[1], Path(sys.argv[2])
+client = mlflow.MlflowClient(uri)
+runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+record = out / "run_failed.json"
+print(json.dumps({
+    "runs": [{"status": r.info.status, "tags": r.data.tags, "run_id": r.info.run_id} for r in runs],
+    "record": json.loads(record.read_text()) if record.is_file() else None,
+    "reserve_left": (out / ".lora_sweeps_reserve").exists(),
+}))
+"""
+
+SCRIPT = """
+set -u
+disk=$1 uri=$2 log=$3
+mount -t tmpfs -o size=8m tmpfs "$disk" || exit 97
+(
+  for _ in $(seq 2400); do [ -f "$disk/out/config.yaml" ] && break; sleep 0.05; done  # the run has started
+  sleep 1
+  dd if=/dev/zero of="$disk/fill" bs=64k 2>/dev/null
+) &
+MLFLOW_TRACKING_URI=$uri "$PYTHON" -m src.train model=tiny train.max_steps=400 train.logging_steps=1 \
+  train.eval_strategy=no data.subsample=64 hydra.run.dir="$disk/out" >"$log" 2>&1
+echo "exit code $?" >>"$log"
+wait
+MLFLOW_TRACKING_URI=$uri "$PYTHON" -c "$INSPECT" "$uri" "$disk/out"
+"""
+
+
+def _namespace() -> list[str]:
+    """The unshare prefix that gives this process a private mount namespace where it may mount a tmpfs."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    for prefix in (["unshare", "-m"], ["unshare", "-rm"]):
+        probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    pytest.skip("cannot mount a tmpfs in a private mount namespace here (no root, no user namespaces)")
+
+
+def _fill_during_a_run(tmp_path, store_on_full_disk: bool) -> tuple[dict, str]:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    uri = f"sqlite:///{disk / 'mlflow.db'}" if store_on_full_disk else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "train.log"
+    env = {**os.environ, "PYTHON": sys.executable, "INSPECT": INSPECT}
+    done = subprocess.run(
+        [*_namespace(), "bash", "-c", SCRIPT, "disk-full", str(disk), uri, str(log)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = log.read_text() if log.exists() else ""
+    assert done.returncode == 0, done.stdout + done.stderr + output[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), output
+
+
+def _disk_error(text: str) -> bool:
+    return "disk is full" in text or "No space left on device" in text
+
+
+def test_a_full_disk_under_the_store_and_the_output_ends_the_run_failed_with_the_cause(tmp_path):
+    """Before the fix the run stayed RUNNING (its status write failed on the full disk), or ended FINISHED
+    with error tags (MLflow's exit hook closed the still-active run)."""
+    seen, output = _fill_during_a_run(tmp_path, store_on_full_disk=True)
+    assert "exit code 1" in output, output[-3000:]
+    (run,) = seen["runs"]
+    assert run["status"] == "FAILED", run
+    assert _disk_error(run["tags"]["error"]), run["tags"]
+    record = seen["record"]  # the store failed as the run ended: the record beside the output says why
+    assert record is not None and record["run_id"] == run["run_id"] and record["status"] == "FAILED", seen
+    assert record["tags"]["error"] == run["tags"]["error"] and _disk_error(record["store_error"]), record
+    assert not seen["reserve_left"]
+    assert f"could not record run {run['run_id']} as FAILED" in output, output[-3000:]
+
+
+def test_a_full_output_disk_ends_the_run_failed_with_the_cause_in_the_store(tmp_path):
+    """The store is elsewhere: the run's own write to the full disk fails, and the store says so."""
+    seen, output = _fill_during_a_run(tmp_path, store_on_full_disk=False)
+    assert "exit code 1" in output, output[-3000:]
+    (run,) = seen["runs"]
+    assert run["status"] == "FAILED" and _disk_error(run["tags"]["error"]), run
+    assert seen["record"] is None  # the store took the status: no last-resort record needed
+    assert not seen["reserve_left"]
+
+
+DEAD_TAGS = {"host": "elsewhere", "pid": "7", "process_start": "x@1", "heartbeat": "2000-01-01T00:00:00+00:00"}
+
+
+def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path):
+    """A run whose store write failed even on the second try is left RUNNING; its record beside the output
+    holds the cause, and src.doctor applies it (FAILED with the error), not ProcessLost. A record of another
+    run in a reused output directory is ignored."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment("lora-sweeps", uri)
+    ids = {}
+    for name in ("recorded", "foreign-record"):
+        out = tmp_path / name
+        out.mkdir()
+        run_id = client.create_run(experiment_id, run_name=name, tags=DEAD_TAGS).info.run_id
+        client.log_param(run_id, "output_dir", str(out))
+        ids[name] = run_id
+        owner = run_id if name == "recorded" else "0" * 32
+        error = {"error_type": "OSError", "error": "[Errno 28] No space left on device"}
+        (out / tracking.RECORD_NAME).write_text(
+            json.dumps({"run_id": owner, "status": "FAILED", "tags": error, "written_at": "2026-12-01T00:00:00"})
+        )
+    marked = {m.run_name: m for m in doctor.mark_stale_runs(uri)}
+    assert set(marked) == {"recorded", "foreign-record"}
+    recorded = client.get_run(ids["recorded"])
+    assert recorded.info.status == "FAILED" and marked["recorded"].status == "FAILED"
+    assert recorded.data.tags["error_type"] == "OSError" and "No space left" in recorded.data.tags["error"]
+    assert "run_failed.json" in recorded.data.tags["recorded_by"]
+    foreign = client.get_run(ids["foreign-record"])
+    assert foreign.info.status == "KILLED" and foreign.data.tags["error_type"] == "ProcessLost"
