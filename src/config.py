@@ -242,7 +242,7 @@ class TrainConfig:
     tf32: Optional[bool]
     dataloader_num_workers: int
     nproc_per_node: int = field(
-        metadata={"help": "Processes (GPUs) for one run under DDP; > 1 relaunches src.train under torchrun."}
+        metadata={"help": "Processes (GPUs) for one DDP run; > 1 relaunches src.train on that many local ranks."}
     )
 
 

@@ -1,13 +1,14 @@
-"""One run on several devices: data-parallel (DDP) training under torchrun.
+"""One run on several devices: data-parallel (DDP) training, one process per rank.
 
-    python -m src.train data=instructions train.nproc_per_node=2          # relaunches itself under torchrun
-    torchrun --standalone --nproc_per_node 2 -m src.train data=instructions   # the same, by hand
+    python -m src.train data=instructions train.nproc_per_node=2          # relaunches itself on 2 local ranks
+    torchrun --standalone --nproc_per_node 2 -m src.train data=instructions   # the same under torchrun, by hand
 
-Every rank trains; rank 0 alone owns the MLflow run (params, metrics, artifacts, status) and
-saves the adapter. The other ranks log nothing. A rank that fails writes its error to a
-marker file in the run's output directory before it exits, because torchrun then stops rank 0
-with SIGTERM, which alone would read as KILLED: rank 0 finds the marker and ends the run FAILED
-with the failing rank's error (``src/tracking.py``).
+:func:`relaunch` starts the ranks as ``torchrun --standalone`` would, with every socket on loopback (torchrun's
+own stores listen on all interfaces). Every rank trains; rank 0 alone owns the MLflow run (params, metrics,
+artifacts, status) and saves the adapter. The other ranks log nothing. A rank that fails writes its error to a
+marker file in the run's output directory before it exits, because the launcher then stops rank 0 with SIGTERM,
+which alone would read as KILLED: rank 0 finds the marker and ends the run FAILED with the failing rank's error
+(``src/tracking.py``).
 """
 
 from __future__ import annotations
@@ -74,46 +75,117 @@ def exit_worker() -> None:
     os._exit(0)
 
 
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """``python -m torch.distributed.run`` running ``python -m src.train argv`` on ``nproc`` local processes."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "src.train",
-        *argv,
-    ]
+LOOPBACK = "127.0.0.1"
+# After the first rank fails, the others get SIGTERM (rank 0 then ends the run FAILED); any left after this long are
+# killed, as torchrun does.
+STOP_GRACE_S = 30.0
+
+
+def _loopback_interface() -> Optional[str]:
+    """The loopback interface's name (``lo`` on Linux, ``lo0`` on macOS), for gloo and NCCL to bind to."""
+    import socket
+
+    names = {name for _, name in socket.if_nameindex()}
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def worker_env(rank_: int, nproc: int, port: int, run_id: str) -> dict[str, str]:
+    """The environment of one local rank: what torchrun gives its workers, with every socket on loopback."""
+    env = {
+        **os.environ,
+        "RANK": str(rank_),
+        "LOCAL_RANK": str(rank_),
+        "GROUP_RANK": "0",
+        "ROLE_RANK": str(rank_),
+        "ROLE_NAME": "default",
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "ROLE_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": LOOPBACK,
+        "MASTER_PORT": str(port),
+        # The ranks join the launcher's store as clients; none opens a server of its own.
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+    }
+    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: n ranks with all cores each would oversubscribe them
+    interface = _loopback_interface()
+    if interface:
+        env.setdefault("GLOO_SOCKET_IFNAME", interface)
+        env.setdefault("NCCL_SOCKET_IFNAME", interface)
+    return env
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run src.train under torchrun with ``argv`` and return its exit code (128 + n for signal n).
+    """Run ``python -m src.train argv`` on ``nproc`` local ranks and return the exit code (128 + n for signal n).
 
-    Ctrl-C reaches torchrun directly (same process group); SIGTERM is passed on, and torchrun
-    stops its workers, so the run ends KILLED either way.
+    What ``torchrun --standalone`` does, on loopback only: torchrun's stores listen on every interface, so the
+    launcher holds the rendezvous store itself on a socket bound to 127.0.0.1, and gloo and NCCL are pointed at
+    the loopback interface. When a rank fails, the others get SIGTERM (rank 0 ends the run FAILED with that
+    rank's error, :func:`record_failure`), and are killed after :data:`STOP_GRACE_S`. Ctrl-C reaches every rank
+    directly (one process group); SIGTERM is passed on. Runs on several hosts need torchrun itself (README).
     """
-    proc = subprocess.Popen(torchrun_command(nproc, argv))
+    import socket
+    import time
+    import uuid
+
+    import torch.distributed as dist
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(  # the store owns the socket from here and closes it
+        LOOPBACK, port, is_master=True, wait_for_workers=False, multi_tenant=True, master_listen_fd=listener.detach()
+    )
+    run_id = uuid.uuid4().hex[:12]
+    procs = [
+        subprocess.Popen([sys.executable, "-u", "-m", "src.train", *argv], env=worker_env(r, nproc, port, run_id))
+        for r in range(nproc)
+    ]
+
+    def stop(signum: int = signal.SIGTERM) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
     try:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop())
     except ValueError:  # not the main thread (a joblib worker): signals stay as they are
         previous = None
+    failed: Optional[tuple[int, int]] = None  # (rank, exit code) of the first rank to fail
+    stopping_since: Optional[float] = None
     try:
         while True:
             try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:  # torchrun got it too; wait for it to stop the workers
+                codes = [proc.poll() for proc in procs]
+                if failed is None:
+                    failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+                    if failed is not None:
+                        print(f"error: rank {failed[0]} exited with code {failed[1]}; stopping the others",
+                              file=sys.stderr)  # fmt: skip
+                        stop()
+                        stopping_since = time.monotonic()
+                if all(c is not None for c in codes):
+                    break
+                if stopping_since is not None and time.monotonic() - stopping_since > STOP_GRACE_S:
+                    stop(signal.SIGKILL)
+                time.sleep(0.1)
+            except KeyboardInterrupt:  # the ranks got it too; wait for them to stop
                 continue
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        stop(signal.SIGKILL)  # only ranks still running: none, unless this launcher itself is failing
+        del store
+    code = failed[1] if failed is not None else 0
     return 128 - code if code < 0 else code
 
 
 def _marker_dir(output_dir: str) -> Path:
-    # One directory per torchrun launch, so a resumed run in the same output directory sees no old markers.
+    # One directory per launch, so a resumed run in the same output directory sees no old markers.
     return Path(output_dir) / MARKER_DIR / os.environ.get("TORCHELASTIC_RUN_ID", "local")
 
 

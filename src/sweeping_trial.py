@@ -372,7 +372,7 @@ def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
         output_format="list",
     )
     if not runs:
-        raise JobFailed("TrialProcessDied", f"torchrun exited with code {code} before rank 0 started its run")
+        raise JobFailed("TrialProcessDied", f"the DDP ranks exited with code {code} before rank 0 started its run")
     run_ = runs[0]
     run_id, tags = run_.info.run_id, run_.data.tags
     _tag_run(run_id, feasibility_note)
@@ -380,7 +380,8 @@ def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
         mlflow.MlflowClient().set_terminated(run_id, "KILLED")
         raise optuna.TrialPruned(tags.get("error", "pruned"))
     if code != 0 or run_.info.status != "FINISHED":
-        raise JobFailed(tags.get("error_type", "DDPFailed"), tags.get("error", f"torchrun exited with {code}"), run_id)
+        error = tags.get("error", f"the DDP ranks exited with {code}")
+        raise JobFailed(tags.get("error_type", "DDPFailed"), error, run_id)
     return {"run_id": run_id, "metrics": dict(run_.data.metrics)}
 
 

@@ -305,3 +305,49 @@ def test_packed_trainer_samples_token_balanced_only_under_ddp(monkeypatch):
     assert isinstance(sampler, TokenBalancedSampler) and sampler.lengths == [3, 5, 7, 9] and sampler.seed == 7
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not isinstance(trainer._get_train_sampler(), TokenBalancedSampler)
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int, int]]:
+    """(address, port, pid) of every listening TCP socket of these processes."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            connections = getattr(process, "net_connections", process.connections)(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found |= {(c.laddr.ip, c.laddr.port, pid) for c in connections if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def test_a_local_ddp_run_listens_on_loopback_only(tmp_path, mlflow_store):
+    """``train.nproc_per_node=2`` opens its rendezvous store and the ranks' gloo sockets on loopback. Under
+    ``torchrun --standalone`` the store listened on every interface (``*:PORT``): anyone on the network could
+    join or disturb the run's rendezvous."""
+    import psutil
+
+    log = tmp_path / "ddp.log"
+    args = [o for o in DDP if not o.startswith(("train.max_steps", "train.num_train_epochs"))]
+    cmd = [sys.executable, "-m", "src.train", *args, "train.max_steps=400", f"hydra.run.dir={tmp_path / 'out'}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    seen: set[tuple[str, int, int]] = set()
+    try:
+        deadline = time.monotonic() + 300
+        ranks_seen = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            tree = {proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))}
+            seen |= _listening(tree)
+            ranks_seen = ranks_seen or len(tree) >= 3
+            if ranks_seen and "step 3/" in log.read_text():  # both ranks are past their rendezvous, training
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the DDP run did not reach step 3 (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+    finally:
+        proc.terminate()  # SIGTERM: passed on to the ranks, the run ends KILLED
+        proc.wait(timeout=120)
+    assert seen, "no listening socket seen: the rendezvous store must have one"
+    assert {ip for ip, _, _ in seen} <= {"127.0.0.1", "::1"}, sorted(seen)
