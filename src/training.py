@@ -11,7 +11,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from src import console, distributed, tracking
-from src.config import Config, TrainConfig, safe_metric_name
+from src.config import Config, TrainConfig, objective, safe_metric_name
 from src.data import TaskData
 from src.guards import NonFiniteLossGuard
 
@@ -41,6 +41,9 @@ NOT_METRICS = {
 # Past this many classes the confusion matrix is logged as data only: drawing its cells took over 11 minutes
 # for 10,000 classes, and a picture that size cannot be read anyway.
 MAX_CLASSES_PLOTTED = 50
+# Past this many classes (or labels) per-class F1 goes to classification_report.json only, not one MLflow metric
+# each per evaluation (10,000 classes made 10,000 metrics a run); the objective's own class is still logged.
+MAX_CLASS_METRICS = 100
 
 # TrainConfig fields read by src/train.py and build_trainer, not TrainingArguments fields.
 NOT_TRAINING_ARGUMENTS = {
@@ -80,10 +83,19 @@ def training_arguments(
 class ClassificationMetrics:
     """compute_metrics for single- and multi-label tasks; keeps the last report and confusion matrix."""
 
-    def __init__(self, task: str, labels: list[str], threshold: float):
+    def __init__(self, task: str, labels: list[str], threshold: float, keep: tuple[str, ...] = ()):
         self.task, self.labels, self.threshold = task, labels, threshold
+        self.keep = {name.removeprefix("eval_") for name in keep}  # per-class metrics logged at any class count
         self.last_report: dict[str, Any] = {}
-        self.last_confusion: Optional[np.ndarray] = None  # [true, pred]; per label [[tn, fp], [fn, tp]] if multilabel
+        # [true, pred] (dense), or past MAX_CLASSES_PLOTTED classes the non-zero cells {"true", "pred", "count"}
+        # (a dense matrix of 10,000 classes is 800 MB); per label [[tn, fp], [fn, tp]] if multilabel
+        self.last_confusion: Optional[Union[np.ndarray, dict[str, np.ndarray]]] = None
+
+    def _per_class(self, prefix: str, scores) -> dict[str, float]:
+        named = {f"{prefix}{safe_metric_name(n)}": f for n, f in zip(self.labels, scores)}
+        if len(self.labels) <= MAX_CLASS_METRICS:
+            return named
+        return {k: v for k, v in named.items() if k in self.keep}
 
     def __call__(self, eval_pred) -> dict[str, float]:
         from sklearn import metrics as skm
@@ -100,8 +112,7 @@ class ClassificationMetrics:
             }
             out["subset_accuracy"] = skm.accuracy_score(y_true, y_pred)
             self.last_confusion = skm.multilabel_confusion_matrix(y_true, y_pred)
-            per_label = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
-            out.update({f"f1_label_{safe_metric_name(n)}": f for n, f in zip(names, per_label)})
+            out.update(self._per_class("f1_label_", skm.f1_score(y_true, y_pred, average=None, zero_division=0)))
         else:
             y_pred = logits.argmax(-1)
             out = {
@@ -116,8 +127,13 @@ class ClassificationMetrics:
                 }
             )
             per_class = skm.f1_score(y_true, y_pred, average=None, labels=range(len(names)), zero_division=0)
-            self.last_confusion = skm.confusion_matrix(y_true, y_pred, labels=range(len(names)))
-            out.update({f"f1_class_{safe_metric_name(n)}": f for n, f in zip(names, per_class)})
+            out.update(self._per_class("f1_class_", per_class))
+            n = len(names)
+            if n > MAX_CLASSES_PLOTTED:
+                cells, counts = np.unique(np.asarray(y_true, dtype=np.int64) * n + y_pred, return_counts=True)
+                self.last_confusion = {"true": cells // n, "pred": cells % n, "count": counts}
+            else:
+                self.last_confusion = skm.confusion_matrix(y_true, y_pred, labels=range(n))
         self.last_report = skm.classification_report(
             y_true, y_pred, labels=range(len(names)), target_names=names, output_dict=True, zero_division=0
         )
@@ -139,8 +155,12 @@ def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
         table = {"label": names, "tn": cm[:, 0, 0], "fp": cm[:, 0, 1], "fn": cm[:, 1, 0], "tp": cm[:, 1, 1]}
         grid, xticks, yticks = cm[:, 1, :], ["pred 0", "pred 1"], [f"{n} (true 1)" for n in names]
     elif len(names) > MAX_CLASSES_PLOTTED:
-        true, pred = np.nonzero(cm)
-        table = {"true": [names[i] for i in true], "pred": [names[j] for j in pred], "count": cm[true, pred]}
+        if isinstance(cm, dict):
+            true, pred, count = cm["true"], cm["pred"], cm["count"]
+        else:
+            true, pred = np.nonzero(cm)
+            count = cm[true, pred]
+        table = {"true": [names[i] for i in true], "pred": [names[j] for j in pred], "count": count}
     else:
         table = {"true": names, **{f"pred_{n}": cm[:, j] for j, n in enumerate(names)}}
         grid, xticks, yticks = cm, names, names
@@ -303,7 +323,7 @@ def build_trainer(
         use_console(trainer)
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
-    metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold)
+    metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=(objective(cfg)[0],))
     common = dict(
         model=model,
         args=args,

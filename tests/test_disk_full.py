@@ -4,8 +4,8 @@ kept beside the output even when the store itself is on the full disk.
 The disk is real: a 8 MiB tmpfs mounted in a private mount namespace (``unshare -m``, or ``unshare -rm`` where
 user namespaces allow it without root), holding the run's output directory and, in the first case, its SQLite
 store. A filler waits until the run has started (its ``config.yaml``, written after it took its reserve), then
-writes zeros until the disk is full, as a checkpoint or a neighbour's job would. What happened is read inside the namespace
-(the tmpfs is gone with it) and printed as JSON.
+writes zeros until the disk is full, as a checkpoint or a neighbour's job would. What happened is read inside
+the namespace (the tmpfs is gone with it) and printed as JSON.
 """
 
 from __future__ import annotations
