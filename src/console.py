@@ -142,6 +142,15 @@ def summary(
     return "\n".join(line for line in lines if line)
 
 
+def sweep_view_hint(tracking_uri: str, experiment_id: str, sweep_id: str) -> str:
+    """The URL of a sweep's saved runs-table view (:func:`src.tracking.sweep_view_state`)."""
+    from src.tracking import sweep_view_url
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return sweep_view_url(tracking_uri, experiment_id, sweep_id)
+    return sweep_view_url("http://127.0.0.1:5000", experiment_id, sweep_id) + " (with mlflow ui as above)"
+
+
 def view_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The URL of the run, or the ``mlflow ui`` command that serves a local store."""
     page = f"#/experiments/{experiment_id}/runs/{run_id}"

@@ -290,6 +290,21 @@ def objective_direction(config: DictConfig) -> str:
     return config.objective.direction or OBJECTIVE_DEFAULTS[config.data.task][1]
 
 
+def swept_keys(params: dict[str, Any]) -> list[str]:
+    """The config keys a sweep varies, from its parent's params: a grid's job overrides or a study's space.
+    Group choices (``quant=8bit``) are left out: their effect shows in fixed columns (``quant.bits``)."""
+    if "jobs" in params:  # the keys whose value differs between jobs (every job repeats the command line's)
+        values: dict[str, set[str]] = {}
+        for job in params["jobs"]:
+            for override in job.split():
+                key, _, value = override.partition("=")
+                values.setdefault(key.lstrip("+~"), set()).add(value)
+        keys = [k for k, seen in values.items() if len(seen) > 1 or len(params["jobs"]) == 1]
+    else:
+        keys = list(params.get("space") or {})
+    return [k for k in dict.fromkeys(keys) if "." in k and not k.startswith("hydra.")]
+
+
 def objective_name(config: DictConfig) -> str:
     """The metric behind a job's ``objective`` value (``eval_f1_macro``...): what sweep lines call it."""
     return config.objective.metric or OBJECTIVE_DEFAULTS[config.data.task][0]
@@ -359,6 +374,9 @@ class SweepRecord:
                 self._write(self.client.log_param, self.run_id, key, str(value)[: tracking.MAX_PARAM_LEN])
         for key, value in {**tracking.process_tags(), "planned_jobs": str(planned)}.items():
             self._write(self.client.set_tag, self.run_id, key, value)
+        # One click in the UI: this sweep's runs, best first, with their params and metrics as columns.
+        view = tracking.sweep_view_state(sweep_id, self.objective, objective_direction(config), swept_keys(params))
+        self._write(self.client.set_experiment_tag, experiment_id, tracking.SHARED_VIEW_PREFIX + sweep_id, view)
         self._heartbeat = contextlib.ExitStack()
         self._heartbeat.enter_context(tracking.heartbeat(uri, self.run_id))
         print(f"[sweep {sweep_id}] MLflow parent run {self.run_id} ({uri})", flush=True)
@@ -416,6 +434,7 @@ class SweepRecord:
         if best:
             lines.append(f"  best: {best}")
         lines.append(f"  view: {console.view_hint(self.uri, self.experiment_id, self.run_id)}")
+        lines.append(f"  compare in the UI: {console.sweep_view_hint(self.uri, self.experiment_id, self.sweep_id)}")
         return "\n".join(lines)
 
     def finish(

@@ -36,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -112,6 +112,31 @@ def artifact_location(uri: str, experiment: str) -> Optional[str]:
 
 # MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI overview.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+# The MLflow UI loads a saved runs-table view from the experiment tag SHARED_VIEW_PREFIX + key when its URL has
+# ?viewStateShareKey=key: filter, sort and columns (a JSON object; MLflow 3's "share view" writes the same tag).
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+SWEEP_VIEW_PARAMS = ("data.name", "quant.bits", "lora.preset", "lora.resolved_targets", "lora.r", "lora.alpha")
+SWEEP_VIEW_METRICS = ("objective", "trainable_params", "peak_gpu_mem_gb", "train_tokens_per_s", "train_runtime_s")
+
+
+def sweep_view_state(sweep_id: str, objective: str, direction: str, swept: Sequence[str] = ()) -> str:
+    """The runs-table view of one sweep: its runs, best first, with the columns a comparison needs."""
+    params = list(dict.fromkeys([*SWEEP_VIEW_PARAMS, *swept]))
+    metrics = list(dict.fromkeys([SWEEP_VIEW_METRICS[0], objective, *SWEEP_VIEW_METRICS[1:]]))
+    return json.dumps(
+        {
+            "searchFilter": f"tags.sweep_id = '{sweep_id}'",
+            "orderByKey": "metrics.`objective`",
+            "orderByAsc": direction == "minimize",
+            "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics],
+        }
+    )
+
+
+def sweep_view_url(base: str, experiment_id: str, sweep_id: str) -> str:
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}"
 
 
 def ensure_experiment(name: str, uri: str) -> str:

@@ -35,10 +35,13 @@ def chromium() -> str:
     return path
 
 
-def render(chromium: str, url: str, profile: Path, screenshot: Path, budget_ms: int) -> str:
-    """The page's DOM once its scripts have run ``budget_ms`` of virtual time; also writes a screenshot."""
+def render(chromium: str, url: str, profile: Path, screenshot: Path, budget_ms: int, size: str = "") -> str:
+    """The page's DOM once its scripts have run ``budget_ms`` of virtual time; also writes a screenshot.
+    ``size`` ("W,H") widens the window: the runs table renders only the columns that fit."""
+    flags = [f for f in CHROMIUM_FLAGS if not (size and f.startswith("--window-size="))]
+    flags += [f"--window-size={size}"] if size else []
     done = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+        [chromium, *flags, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
          f"--screenshot={screenshot}", "--dump-dom", url],
         capture_output=True, text=True, timeout=180,
     )
@@ -81,5 +84,40 @@ def test_experiment_page_lists_the_runs(chromium, tmp_path):
     # Listed best first, as asked, with the parent (no objective) last.
     order = sorted(names, key=lambda name: re.search(re.escape(name) + r"\b", dom).start())
     assert order == ["ui-child-r16", "ui-standalone", "ui-child-r4", "ui-sweep-parent"]
+    data = screenshot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_a_sweeps_one_click_view_shows_its_runs_with_the_sweep_columns(chromium, tmp_path):
+    """A real 2-job grid sweep; the URL its summary prints (``compare in the UI: ...``) opens the runs table on
+    the sweep's runs, best first, with lora.r, quant.bits, the targets, the objective and trainable_params as
+    columns, none picked by hand. The screenshot is kept in tests/artifacts/mlflow_sweep_view.png."""
+    import os
+    import sys
+
+    from tests.conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = subprocess.run(
+        [sys.executable, "-m", "src.train", "--multirun", "model=tiny", "lora.r=4,8", "train.max_steps=2",
+         "train.logging_steps=1", "data.subsample=32", "data.eval_subsample=16", f"hydra.sweep.dir={tmp_path / 'm'}"],
+        cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-3000:]
+    (link,) = re.findall(r"compare in the UI: (http://127\.0\.0\.1:5000/\S+)", sweep.stdout)
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "mlflow_sweep_view.png"
+    screenshot.unlink(missing_ok=True)
+    columns = ["lora.r", "quant.bits", "lora.resolved_targets", "objective", "trainable_params", "eval_f1_macro"]
+    names = ["tiny-topics-16bit-attn_qv-r4-a16", "tiny-topics-16bit-attn_qv-r8-a16"]
+    with serve_mlflow(uri, tmp_path / "server-artifacts", tmp_path / "server.log") as base:
+        url = link.replace("http://127.0.0.1:5000", base)
+        for attempt, budget_ms in enumerate((15_000, 30_000, 60_000)):  # a loaded machine renders slower
+            dom = render(chromium, url, tmp_path / f"profile{attempt}", screenshot, budget_ms, size="3000,900")
+            if all(c in dom for c in columns) and all(n in dom for n in names):
+                break
+    print(f"\nMLflow sweep view screenshot: {screenshot}")
+    missing = [c for c in columns if c not in dom] + [n for n in names if n not in dom]
+    assert not missing, f"not shown in the sweep's view: {missing}; see {screenshot}"
     data = screenshot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

@@ -323,6 +323,21 @@ def test_grid_of_4_gives_4_finished_children_under_1_parent(tmp_path, mlflow_sto
     assert "best: eval_f1_macro=" in result.stdout
     for child in children:  # each trial process logged its run to the job's own train.log
         assert " finished: eval_f1_macro " in (Path(child.data.params["output_dir"]) / "train.log").read_text()
+    # The one-click view of the sweep in the MLflow UI (tests/test_browser.py opens it in Chromium): a shared
+    # view on the experiment, this sweep's runs best first, the swept keys and the comparison's metrics as columns.
+    experiment = mlflow.MlflowClient().get_experiment(parent.info.experiment_id)
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{sweep_id}"])
+    assert view["searchFilter"] == f"tags.sweep_id = '{sweep_id}'"
+    assert view["orderByKey"] == "metrics.`objective`" and view["orderByAsc"] is False  # F1: higher is better
+    assert view["selectedColumns"] == [
+        *(f"params.`{k}`" for k in ("data.name", "quant.bits", "lora.preset", "lora.resolved_targets", "lora.r")),
+        "params.`lora.alpha`",
+        *(f"metrics.`{k}`" for k in ("objective", "eval_f1_macro", "trainable_params", "peak_gpu_mem_gb")),
+        "metrics.`train_tokens_per_s`",
+        "metrics.`train_runtime_s`",
+    ]  # lora.r is swept and fixed both; "lora" (a group) shows as lora.preset
+    link = f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey={sweep_id}"
+    assert f"compare in the UI: http://127.0.0.1:5000/{link}" in result.stdout
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, mlflow_store):
