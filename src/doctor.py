@@ -112,7 +112,7 @@ def find_stale_runs(uri: str, experiment: Optional[str] = None, stale_after_s: f
         for run in page:
             reason = stale_reason(run.data.tags, run.info.start_time, stale_after_s, now)
             if reason:
-                output_dir = run.data.params.get("output_dir")
+                output_dir = run.data.tags.get("output_dir") or run.data.params.get("output_dir")  # older runs
                 stale.append(StaleRun(run.info.run_id, run.info.run_name, reason, output_dir))
         page_token = page.token
         if not page_token:

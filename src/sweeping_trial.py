@@ -158,7 +158,7 @@ def close_lost_run(raw: dict, reason: str) -> Optional[str]:
         return None
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"params.output_dir = '{raw['output_dir']}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.output_dir = '{raw['output_dir']}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
         tracking.retry_locked(client.set_tag, run.info.run_id, "error_type", "TrialProcessDied")
@@ -345,7 +345,7 @@ def _processes(raw: dict) -> int:
 
 def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
     """A job with ``train.nproc_per_node`` > 1: src.train under torchrun on the job's GPUs, from the job's
-    resolved config; rank 0's MLflow run (found by its ``output_dir`` param) is the job's run."""
+    resolved config; rank 0's MLflow run (found by its ``output_dir`` tag) is the job's run."""
     import mlflow
     import optuna
     from omegaconf import OmegaConf
@@ -366,7 +366,7 @@ def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
     mlflow.set_tracking_uri(tracking.tracking_uri(settings["tracking_uri"]))
     runs = mlflow.search_runs(
         experiment_names=[settings["experiment"]],
-        filter_string=f"params.output_dir = '{raw['output_dir']}'",
+        filter_string=f"tags.output_dir = '{raw['output_dir']}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
         output_format="list",

@@ -444,6 +444,8 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
     uri = tracking_uri(tracking.get("tracking_uri"))
     experiment_id = ensure_experiment(tracking.get("experiment") or "lora-sweeps", uri)
     all_tags = {**process_tags(), **(tags or {})}
+    if raw.get("output_dir"):  # how a sweep and src.doctor find the run of an output directory
+        all_tags["output_dir"] = str(raw["output_dir"])
     parent = os.environ.get(PARENT_RUN_ENV)
     if os.environ.get(SWEEP_ID_ENV):
         all_tags["sweep_id"] = os.environ[SWEEP_ID_ENV]

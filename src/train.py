@@ -34,7 +34,10 @@ def run(raw: dict) -> Optional[float]:
     with tracking.tracked_run(raw):
         cfg = validate(raw, for_training=True)
         main_process = distributed.is_main_process()  # tracking.* writes nothing on other DDP ranks
-        tracking.log_params({**tracking.flatten(raw), "train.world_size": distributed.world_size()})
+        # output_dir is a tag (tracking.tracked_run), not a param: it differs between every two runs, and the UI's
+        # compare view would list it as the one parameter that always differs.
+        params = {k: v for k, v in tracking.flatten(raw).items() if k != "output_dir"}
+        tracking.log_params({**params, "train.world_size": distributed.world_size()})
         output_dir = Path(cfg.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         if main_process:

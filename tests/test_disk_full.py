@@ -130,7 +130,7 @@ def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path):
         out = tmp_path / name
         out.mkdir()
         run_id = client.create_run(experiment_id, run_name=name, tags=DEAD_TAGS).info.run_id
-        client.log_param(run_id, "output_dir", str(out))
+        client.set_tag(run_id, "output_dir", str(out))
         ids[name] = run_id
         owner = run_id if name == "recorded" else "0" * 32
         error = {"error_type": "OSError", "error": "[Errno 28] No space left on device"}

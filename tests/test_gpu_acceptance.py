@@ -365,7 +365,7 @@ def long_rows(max_length: int) -> str:
 
 def job_number(run) -> int:
     """The job's number in its sweep, from its output directory (hydra.sweep.subdir starts with it)."""
-    return int(Path(run.data.params["output_dir"]).name.split("-")[0])
+    return int(Path(run.data.tags["output_dir"]).name.split("-")[0])
 
 
 def markdown_rows(table: str) -> list[dict[str, str]]:
