@@ -93,7 +93,7 @@ def run(raw: dict) -> Optional[float]:
         if checkpoint:
             tracking.set_tags({"resumed_from": checkpoint})
         trainer.train(resume_from_checkpoint=checkpoint)
-        final = trainer.evaluate()
+        final = training.final_evaluation(trainer)
         if data.task == "sft" and "eval_loss" in final:  # an objective src.config allows (DERIVED_METRICS)
             final["eval_perplexity"] = training.perplexity(final["eval_loss"])
         peak = training.peak_gpu_mem_gb()

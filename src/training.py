@@ -80,6 +80,22 @@ def training_arguments(
     return TrainingArguments(**kwargs)
 
 
+def final_evaluation(trainer) -> dict[str, float]:
+    """The run's final evaluation: the one the Trainer ran at the last step, when it ran one there on the
+    model as it ends; else a new one. The Trainer evaluates at the end of an epoch or at ``eval_steps``, often
+    the last step; evaluating again gave the same numbers for the cost of another pass over the eval split
+    (and a second report to a pruner). With ``load_best_model_at_end`` the model that ends is the best
+    checkpoint, so it is evaluated again."""
+    state = trainer.state
+    if not trainer.args.load_best_model_at_end:
+        for entry in reversed(state.log_history):
+            if "eval_loss" in entry or any(k.startswith("eval_") and k != "eval_runtime" for k in entry):
+                if entry.get("step") == state.global_step:
+                    return {k: v for k, v in entry.items() if k != "step"}
+                break
+    return trainer.evaluate()
+
+
 class ClassificationMetrics:
     """compute_metrics for single- and multi-label tasks; keeps the last report and confusion matrix."""
 

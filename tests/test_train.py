@@ -212,3 +212,19 @@ def test_offline_default_learns_above_the_majority_baseline(tmp_path):
     assert run_.data.metrics["eval_f1_macro"] > 0.6
     label_map = json.loads((tmp_path / "out" / "adapter" / "label_map.json").read_text())
     assert label_map["labels"] == ["food", "sports", "tech"]
+
+
+@pytest.mark.parametrize("best_at_end", [False, True])
+def test_the_last_steps_evaluation_is_the_final_one_unless_the_best_checkpoint_is_loaded(
+    tmp_path, mlflow_store, best_at_end
+):
+    """The Trainer already evaluates at the last step here (eval_steps divides max_steps); the run used to
+    evaluate again for the same numbers, a second pass over the eval split. With load_best_model_at_end the
+    model that ends is the best checkpoint, which is evaluated again."""
+    overrides = ["train.max_steps=4", "train.eval_strategy=steps", "train.eval_steps=2"]
+    if best_at_end:
+        overrides += ["train.save_strategy=steps", "train.save_steps=2", "train.load_best_model_at_end=true"]
+    value, run_ = _run(tmp_path, overrides)
+    history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "eval_f1_macro")
+    assert [m.step for m in history] == ([2, 4, 4] if best_at_end else [2, 4])
+    assert value == run_.data.metrics["objective"] == history[-1].value
