@@ -290,6 +290,9 @@ def objective_direction(config: DictConfig) -> str:
     return config.objective.direction or OBJECTIVE_DEFAULTS[config.data.task][1]
 
 
+_ABSENT = object()
+
+
 def swept_keys(params: dict[str, Any]) -> list[str]:
     """The config keys a sweep varies, from its parent's params: a grid's job overrides or a study's space.
     Group choices (``quant=8bit``) are left out: their effect shows in fixed columns (``quant.bits``)."""
@@ -375,7 +378,8 @@ class SweepRecord:
         for key, value in {**tracking.process_tags(), "planned_jobs": str(planned)}.items():
             self._write(self.client.set_tag, self.run_id, key, value)
         # One click in the UI: this sweep's runs, best first, with their params and metrics as columns.
-        view = tracking.sweep_view_state(sweep_id, self.objective, objective_direction(config), swept_keys(params))
+        swept = [k for k in swept_keys(params) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
+        view = tracking.sweep_view_state(sweep_id, self.objective, objective_direction(config), swept)
         self._write(self.client.set_experiment_tag, experiment_id, tracking.SHARED_VIEW_PREFIX + sweep_id, view)
         self._heartbeat = contextlib.ExitStack()
         self._heartbeat.enter_context(tracking.heartbeat(uri, self.run_id))

@@ -531,3 +531,12 @@ def test_pareto_sweep_is_multi_objective(tmp_path, mlflow_store):
         ).read_text()
     )
     assert {t["trial"] for t in front["trials"]} == {t.number for t in study.best_trials if counted(t)}
+
+
+def test_swept_keys_are_what_varies_between_jobs_or_the_studys_space():
+    from src.sweeping import swept_keys
+
+    jobs = ["model=tiny lora.r=4 quant=4bit train.max_steps=2", "model=tiny lora.r=8 quant=8bit train.max_steps=2"]
+    assert swept_keys({"jobs": jobs}) == ["lora.r"]  # quant is a group: its columns are fixed (quant.bits)
+    space = {"lora": "choice", "lora.r": "choice", "lora.alpha_ratio": "choice", "train.learning_rate": "log"}
+    assert swept_keys({"space": space}) == ["lora.r", "lora.alpha_ratio", "train.learning_rate"]
