@@ -83,7 +83,7 @@ ADAMW_VARIANTS = {
 FUSED_ADAMW = "adamw_torch_fused"
 DEFAULT_BUDGET_FRACTION = 0.9  # of the GPU's memory, when train.memory_budget_gb is null
 # The fast path plans for this fraction of the budget: src.plan's estimate fell up to 12% short of the measured
-# peak on the fast path (src/BENCH_RESULTS.md, Run 4), so a plan that fills the budget could overrun it.
+# peak on the fast path (tests/device/BENCH_RESULTS.md, Run 4), so a plan that fills the budget could overrun it.
 PLAN_MARGIN = 0.88
 
 

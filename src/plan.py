@@ -16,10 +16,10 @@ Memory model, in bytes; the estimate is their sum over 2**30 (GiB), comparable w
 constant below. Calibrated on an H100 with transformers 5.23, peft 0.21, trl 1.16, bitsandbytes
 0.50 (OpenLLaMA-3B shape, random weights, seq 512, batch 2-16, 23 runs): 4- and 16-bit runs land
 within 3% of the measured peak; 8-bit within 2%, but from two runs only. Checked since against
-``python -m src.bench`` (``src/BENCH_RESULTS.md``, Run 4): the seeds' recipe at 4/8/16 bits
+``python -m src.bench`` (``tests/device/BENCH_RESULTS.md``, Run 4): the seeds' recipe at 4/8/16 bits
 +1%, +3%, -5%; the fast path (packed rows, bf16 weights, varlen attention, cached dequantized
 4-bit weights, CUDA graphs) from -12% to +6% across W3B at 4/8/16 bits, the 8 GiB budget and
-Mistral-7B 4-bit (the last on an H200). Re-measured (``src/BENCH_RESULTS.md`` run 5, H100): seed
+Mistral-7B 4-bit (the last on an H200). Re-measured (``tests/device/BENCH_RESULTS.md`` run 5, H100): seed
 -9% to +2%, fast -10% to +8%, now with cached 8-bit weights and Mistral-7B on an H100. Other
 architectures (GELU MLPs, encoders) use the same coefficients, unmeasured.
 
