@@ -150,16 +150,8 @@ def close_lost_run(raw: dict, reason: str) -> Optional[str]:
 
     from src import tracking
 
-    settings = raw["tracking"]  # a composed job config: conf/config.yaml gives every tracking key
-    uri = tracking.tracking_uri(settings["tracking_uri"])
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(settings["experiment"])
-    if experiment is None:
-        return None
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.output_dir = '{raw['output_dir']}' and attributes.status = 'RUNNING'",
-    )
+    runs = tracking.runs_of_output_dir(raw, running_only=True)
+    client = mlflow.MlflowClient(tracking.tracking_uri(raw["tracking"]["tracking_uri"]))
     for run in runs:
         tracking.retry_locked(client.set_tag, run.info.run_id, "error_type", "TrialProcessDied")
         tracking.retry_locked(client.set_tag, run.info.run_id, "error", reason[: tracking.MAX_TAG_LEN])
@@ -362,15 +354,9 @@ def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
         "hydra.output_subdir=null",
     ]
     code = distributed.relaunch(distributed.requested_processes(raw), argv)
-    settings = raw["tracking"]  # validated before the relaunch (rank 0's run records an invalid one)
-    mlflow.set_tracking_uri(tracking.tracking_uri(settings["tracking_uri"]))
-    runs = mlflow.search_runs(
-        experiment_names=[settings["experiment"]],
-        filter_string=f"tags.output_dir = '{raw['output_dir']}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
+    # validated before the relaunch (rank 0's run records an invalid one)
+    mlflow.set_tracking_uri(tracking.tracking_uri(raw["tracking"]["tracking_uri"]))
+    runs = tracking.runs_of_output_dir(raw)
     if not runs:
         raise JobFailed("TrialProcessDied", f"the DDP ranks exited with code {code} before rank 0 started its run")
     run_ = runs[0]

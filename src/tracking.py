@@ -330,6 +330,20 @@ def end_run(run_id: str, status: str) -> None:
         retry_locked(mlflow.MlflowClient().set_terminated, run_id, status)
 
 
+def runs_of_output_dir(raw: dict, running_only: bool = False) -> list:
+    """The runs of a composed job config's output directory (its ``output_dir`` tag), newest first: how a sweep
+    finds the run of a trial process that died or of a DDP job's rank 0."""
+    settings = raw["tracking"]  # a composed config: conf/config.yaml gives every tracking key
+    client = mlflow.MlflowClient(tracking_uri(settings["tracking_uri"]))
+    experiment = retry_locked(client.get_experiment_by_name, settings["experiment"])
+    if experiment is None:
+        return []
+    where = f"tags.output_dir = '{raw['output_dir']}'" + (" and attributes.status = 'RUNNING'" if running_only else "")
+    return retry_locked(
+        client.search_runs, [experiment.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"]
+    )
+
+
 def reserve_space(output_dir: Optional[str]) -> Optional[Path]:
     """Allocate the run's reserve file (:data:`RESERVE_BYTES`) in ``output_dir``; None if there is no room."""
     if not output_dir or not Path(output_dir).is_dir():
