@@ -351,3 +351,18 @@ def test_a_local_ddp_run_listens_on_loopback_only(tmp_path, mlflow_store):
         proc.wait(timeout=120)
     assert seen, "no listening socket seen: the rendezvous store must have one"
     assert {ip for ip, _, _ in seen} <= {"127.0.0.1", "::1"}, sorted(seen)
+
+
+def test_a_sweep_job_with_two_ranks_is_one_finished_child_run(tmp_path, mlflow_store):
+    """A grid job with ``train.nproc_per_node=2``: the sweep launches its ranks, finds rank 0's run by its
+    output_dir tag and records it as the job's (src.sweeping_trial's DDP path)."""
+    args = [o for o in DDP if not o.startswith(("train.max_steps", "train.num_train_epochs"))]
+    cmd = [sys.executable, "-m", "src.train", "--multirun", *args, "train.max_steps=2", "lora.r=4",
+           f"hydra.sweep.dir={tmp_path / 'm'}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED" and child.data.params["train.world_size"] == "2"
+    assert "job 1/1 (#0) FINISHED eval_f1_macro=" in done.stdout, done.stdout[-3000:]
