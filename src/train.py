@@ -195,9 +195,13 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
         # defaults, read from the sweepers' own schema.
         sweeper = hydra_cfg.sweeper
         feasibility = sweeper.get("feasibility")
+        # The trial process gets the training function by reference: src.train.run, importable by name in a
+        # launcher's worker (joblib's loky, submitit), where __main__ is not this module and __main__.run fails.
+        import src.train
+
         return sweeping_trial.run_job(
             raw,
-            run,
+            src.train.run,
             isolate=sweeper.get("isolate", sweeping.GridSweeperConf.isolate),
             feasibility=sweeping_trial.Feasibility(**feasibility) if feasibility else sweeping_trial.Feasibility(),
         )
