@@ -394,12 +394,14 @@ class OptunaSweeper(Sweeper):
 
         from src import tracking
 
-        client = mlflow.MlflowClient(tracking.tracking_uri(self.config.tracking.tracking_uri))
-        experiment = client.get_experiment_by_name(self.config.tracking.experiment)
-        if experiment is None:
-            return {}
-        runs = client.search_runs(
-            [experiment.experiment_id],
+        uri = tracking.tracking_uri(self.config.tracking.tracking_uri)
+        # Through the store lock: the workers of a shared study start at once, and a fresh SQLite store whose
+        # tables two of them create together fails its migration in one ("expected to match one row").
+        experiment_id = tracking.ensure_experiment(self.config.tracking.experiment, uri)
+        client = mlflow.MlflowClient(uri)
+        runs = tracking.retry_locked(
+            client.search_runs,
+            [experiment_id],
             filter_string=f"tags.optuna_study = '{study_name}' and attributes.status = 'FINISHED'",
             max_results=50000,
         )
