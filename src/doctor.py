@@ -147,9 +147,7 @@ def mark_stale_runs(
             status = "KILLED"
             message = f"{run.reason}; marked KILLED by src.doctor at {tracking.utc_now()}"
             tags = {"error_type": "ProcessLost", "error": message}
-        for key, value in tags.items():
-            tracking.retry_locked(client.set_tag, run.run_id, key, value)
-        tracking.retry_locked(client.set_terminated, run.run_id, status)
+        tracking.terminate(client, run.run_id, status, tags)
     return stale
 
 

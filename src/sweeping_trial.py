@@ -152,10 +152,9 @@ def close_lost_run(raw: dict, reason: str) -> Optional[str]:
 
     runs = tracking.runs_of_output_dir(raw, running_only=True)
     client = mlflow.MlflowClient(tracking.tracking_uri(raw["tracking"]["tracking_uri"]))
+    tags = {"error_type": "TrialProcessDied", "error": reason[: tracking.MAX_TAG_LEN]}
     for run in runs:
-        tracking.retry_locked(client.set_tag, run.info.run_id, "error_type", "TrialProcessDied")
-        tracking.retry_locked(client.set_tag, run.info.run_id, "error", reason[: tracking.MAX_TAG_LEN])
-        tracking.retry_locked(client.set_terminated, run.info.run_id, "FAILED")
+        tracking.terminate(client, run.info.run_id, "FAILED", tags)
     return runs[0].info.run_id if runs else None
 
 

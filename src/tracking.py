@@ -358,6 +358,13 @@ def reserve_space(output_dir: Optional[str]) -> Optional[Path]:
         return None
 
 
+def terminate(client, run_id: str, status: str, tags: dict[str, str]) -> None:
+    """Set ``tags`` on a run by id and end it with ``status``, each write retried while the store is locked."""
+    for key, value in tags.items():
+        retry_locked(client.set_tag, run_id, key, value)
+    retry_locked(client.set_terminated, run_id, status)
+
+
 def _close_run(run_id: str, status: str, tags: dict[str, str]) -> None:
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
@@ -365,10 +372,7 @@ def _close_run(run_id: str, status: str, tags: dict[str, str]) -> None:
             set_tags(tags)
         end_run(run_id, status)  # pops the fluent run: nothing ends it FINISHED at exit
     else:  # a failed mlflow.end_run popped it already: write to the run by id
-        client = mlflow.MlflowClient()
-        for key, value in tags.items():
-            retry_locked(client.set_tag, run_id, key, value)
-        retry_locked(client.set_terminated, run_id, status)
+        terminate(mlflow.MlflowClient(), run_id, status, tags)
 
 
 def write_record(output_dir: Optional[str], record: dict[str, Any]) -> Optional[Path]:
