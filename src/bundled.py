@@ -81,6 +81,32 @@ def make_multilabel(n: int, seed: int) -> list[dict]:
     return rows
 
 
+# Seed 001's stand-in: the tutorial trains on its author's own synthetic driver-intent set (5 balanced classes),
+# which is not public. These are commands a driver might say, one intent each, made the same way as the sets above.
+INTENT_PHRASES = {
+    "driver_window_down": ["lower my window", "roll down the driver window", "open my side window"],
+    "passenger_window_down": ["lower the passenger window", "roll down the window on the right", "open her window"],
+    "ac_on": ["turn on the air conditioning", "switch the a/c on", "cool the car down"],
+    "heat_on": ["turn up the heat", "switch the heater on", "warm the car up"],
+    "radio_on": ["turn on the radio", "play some music", "put the stereo on"],
+}
+INTENT_OPENERS = ["", "please", "could you", "hey car,", "can you", "I want you to", "quickly"]
+INTENT_CLOSERS = ["", "please", "now", "for me", "right away", "thanks", "a bit"]
+
+
+def make_intents(n: int, seed: int) -> list[dict]:
+    """Single-label driver intents over five balanced classes (seed 001's stand-in)."""
+    rng = random.Random(seed)
+    labels = list(INTENT_PHRASES)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = [rng.choice(INTENT_OPENERS), rng.choice(INTENT_PHRASES[label]), rng.choice(INTENT_CLOSERS)]
+        rows.append({"id": i, "text": " ".join(w for w in words if w), "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
 SFT_TASKS = [
     ("Name the topic of this sentence.", lambda rng: _topic_pair(rng)),
     ("Repeat the words in reverse order.", lambda rng: _reverse_pair(rng)),
@@ -141,6 +167,11 @@ def write_all(out_dir: Path = DATA_DIR) -> list[Path]:
             path = out_dir / f"{name}_{split}.{ext}"
             writer(path, rows)
             written.append(path)
+    # 800 train and 200 test rows, as the tutorial's run shows (96 steps of 64 rows in 7.68 epochs; accuracy in 0.005s)
+    for split, n, seed in (("train", 800, 30), ("validation", 200, 31)):
+        path = out_dir / f"intents_{split}.csv"
+        _write_csv(path, make_intents(n, seed))
+        written.append(path)
     return written
 
 

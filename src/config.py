@@ -27,7 +27,12 @@ from omegaconf import OmegaConf
 from src.errors import ProblemsError
 from src.tiny import PROJECT_ROOT
 
-LORA_PRESETS = ("attn_qv", "attn", "all_linear", "mlp")
+# all_linear: every linear layer of the numbered blocks; all_but_head: every linear layer but the output head, the
+# ones outside the blocks too (BERT's pooler), as QLoRA's find_all_linear_names picks them (seed 001).
+LORA_PRESETS = ("attn_qv", "attn", "all_linear", "mlp", "all_but_head")
+# lora.preset=none (conf/lora/none.yaml): no adapter, every weight of the model trains (full fine-tuning), the
+# baseline row beside a sweep's LoRA rows (seed 004).
+FULL_FINE_TUNING = "none"
 OBJECTIVE_DEFAULTS = {  # task -> (metric, direction)
     "classification": ("eval_f1_macro", "maximize"),
     "multilabel": ("eval_f1_micro", "maximize"),
@@ -145,9 +150,11 @@ class QuantConfig:
 
 @dataclass
 class LoraConfig:
-    preset: str = field(metadata={"help": f"One of {LORA_PRESETS}; resolved on the loaded model."})
-    r: int
-    alpha: int
+    preset: str = field(
+        metadata={"help": f"One of {LORA_PRESETS}, resolved on the loaded model; or 'none': full fine-tuning."}
+    )
+    r: Optional[int] = field(metadata={"help": "LoRA rank; null with preset 'none'."})
+    alpha: Optional[int] = field(metadata={"help": "LoRA alpha (the update is scaled by alpha / r); null with 'none'."})
     dropout: float
     bias: str = choice("none", "all", "lora_only")
     target_modules: Optional[list[str]] = field(
@@ -189,7 +196,7 @@ class DataConfig:
     eval_subsample: Optional[int]
     subsample_seed: int
     class_weights: Any = field(metadata={"choices": ("none", "balanced", list[float])})
-    pos_weight: Any = field(metadata={"choices": ("none", "auto", list[float])})
+    pos_weight: Any = field(metadata={"choices": ("none", "auto", "one_minus_share", list[float])})
     threshold: float
     num_sample_prompts: int
 
@@ -400,19 +407,39 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
 
     if _ok(m, "max_length"):
         check(m.max_length < 8, f"model.max_length: must be >= 8, got {m.max_length}")
-    if _ok(lora, "preset", "r", "alpha", "dropout", "target_modules"):
-        check(
-            lora.preset not in LORA_PRESETS,
-            f"lora.preset: unknown preset {lora.preset!r} (known: {', '.join(LORA_PRESETS)})",
-        )
-        check(lora.r < 1, f"lora.r: must be >= 1, got {lora.r}")
-        check(
-            lora.r > MAX_LORA_RANK,
-            f"lora.r: must be <= {MAX_LORA_RANK} (a rank that wide is no longer low-rank), got {lora.r}",
-        )
-        check(lora.alpha <= 0, f"lora.alpha: must be > 0, got {lora.alpha}")
+    if _ok(lora, "preset", "r", "alpha", "dropout", "target_modules", "modules_to_save"):
+        if lora.preset == FULL_FINE_TUNING:
+            for key in ("r", "alpha", "target_modules", "modules_to_save"):
+                check(
+                    getattr(lora, key) is not None,
+                    f"lora.{key}: must be null with lora=none (full fine-tuning trains every weight, no adapter), "
+                    f"got {getattr(lora, key)!r}",
+                )
+            check(
+                lora.bias != "none",
+                f"lora.bias: must be 'none' with lora=none (biases train anyway), got {lora.bias!r}",
+            )
+        else:
+            check(
+                lora.preset not in LORA_PRESETS,
+                f"lora.preset: unknown preset {lora.preset!r} (known: {', '.join(LORA_PRESETS)}, or none)",
+            )
+            check(lora.r is None, "lora.r: required (a rank >= 1); only lora=none (full fine-tuning) has none")
+            check(lora.alpha is None, "lora.alpha: required (> 0); only lora=none (full fine-tuning) has none")
+            check(lora.r is not None and lora.r < 1, f"lora.r: must be >= 1, got {lora.r}")
+            check(
+                lora.r is not None and lora.r > MAX_LORA_RANK,
+                f"lora.r: must be <= {MAX_LORA_RANK} (a rank that wide is no longer low-rank), got {lora.r}",
+            )
+            check(lora.alpha is not None and lora.alpha <= 0, f"lora.alpha: must be > 0, got {lora.alpha}")
         check(not 0.0 <= lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lora.dropout}")
         check(lora.target_modules == [], "lora.target_modules: empty list; leave it null to use the preset")
+    if _ok(lora, "preset") and _ok(q, "bits"):
+        check(
+            lora.preset == FULL_FINE_TUNING and q.bits != 16,
+            f"lora=none (full fine-tuning) with quant.bits={q.bits}: a {q.bits}-bit base's weights cannot be "
+            f"trained (bitsandbytes stores them frozen); use quant=none, or a LoRA preset such as lora=all_linear",
+        )
     if _ok(d, "path", "hub_id"):
         check(
             (d.path is None) == (d.hub_id is None),

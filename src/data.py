@@ -398,8 +398,11 @@ def _weights(task: str, d: DataConfig, y: np.ndarray, n_labels: int, faults: lis
     if task == "classification":  # balanced: n / (k * count_c), as scikit-learn defines it
         counts = np.bincount(y, minlength=n_labels)
         return [len(y) / (n_labels * c) if c else 0.0 for c in counts]
-    pos = y.sum(axis=0)  # auto: negatives / positives per label, as seed 000 computes pos_weight
-    return [float((len(y) - p) / p) if p else 1.0 for p in pos]
+    pos = y.sum(axis=0)
+    if spec == "one_minus_share":  # seed 000's formula: 1 - (the label's positives / all positives)
+        total = pos.sum()
+        return [float(1 - p / total) if total else 1.0 for p in pos]
+    return [float((len(y) - p) / p) if p else 1.0 for p in pos]  # auto: negatives / positives per label
 
 
 def _check_lengths(

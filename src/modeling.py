@@ -8,13 +8,14 @@ blocks, so one preset works for Llama/Mistral, Phi-3's fused projections and BER
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any, Optional, Union
 
 import torch
 
-from src.config import LORA_PRESETS, LoraConfig, ModelConfig, QuantConfig
+from src.config import FULL_FINE_TUNING, LORA_PRESETS, LoraConfig, ModelConfig, QuantConfig
 from src.guards import check_remote_code, check_weight_format
 from src.tiny import resolve as resolve_builtin
 
@@ -27,22 +28,34 @@ V_NAMES = {"v_proj", "value", "v_lin", "wv"}
 FUSED_QKV_NAMES = {"qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "in_proj"}
 ATTENTION_PARENTS = {"self_attn", "attention", "attn", "self_attention", "mixer"}
 OUTPUT_HEADS = {"lm_head", "score", "classifier", "qa_outputs", "cls"}
+CLASSIFIER_HEADS = {"score", "classifier"}  # AutoModelForSequenceClassification's heads (decoders, encoders)
 _BLOCK = re.compile(r"^(?:.*\.)?\d+\.(.+)$")
 
 
-def to_bnb_config(quant: QuantConfig):
+def unquantized_heads(task: str) -> Optional[list[str]]:
+    """The modules a classifier keeps out of 4/8-bit quantization: its head, which trains; None for a causal LM,
+    whose head transformers finds itself (the output embeddings).
+
+    transformers finds a classifier's head by its last parameter's name (``get_keys_to_not_convert``): BERT's ends
+    in ``classifier.bias``, which names no module, so the head was quantized, and a 4-bit head cannot train."""
+    return None if task == "sft" else sorted(CLASSIFIER_HEADS)
+
+
+def to_bnb_config(quant: QuantConfig, task: str = "sft"):
     """The BitsAndBytesConfig for 4- or 8-bit bases; None for a 16-bit base."""
     if quant.bits == 16:
         return None
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": unquantized_heads(task)}
     if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        **skip,
     )
 
 
@@ -82,7 +95,7 @@ def load_model(
         "revision": model_cfg.revision,
         "trust_remote_code": model_cfg.trust_remote_code,
         "dtype": DTYPES[model_cfg.dtype],
-        "quantization_config": to_bnb_config(quant),
+        "quantization_config": to_bnb_config(quant, task),
     }
     if torch.cuda.is_available():
         # Under torchrun each rank loads onto its own GPU; the Trainer's DDP then uses that one.
@@ -154,6 +167,15 @@ def block_linears(model: torch.nn.Module) -> list[str]:
     return list(seen)
 
 
+def unblocked_linears(model: torch.nn.Module) -> list[str]:
+    """Full names of the linear layers outside the numbered blocks, the output head left out (BERT's pooler)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if _is_linear(module) and not _BLOCK.match(name) and not set(name.split(".")) & OUTPUT_HEADS
+    ]
+
+
 def _preset_paths(paths: list[str], preset: str) -> list[str]:
     def parts(p: str) -> list[str]:
         return p.split(".")
@@ -188,6 +210,8 @@ def resolve_target_modules(model: torch.nn.Module, lora: LoraConfig) -> Union[st
     block_paths: list[str] = []
     names: list[str] = []
     for item in requested:
+        if item == "all_but_head":  # the block linears, and the linears outside the blocks but the head
+            names.extend(n for n in unblocked_linears(model) if n not in names)
         if item in LORA_PRESETS:
             found = _preset_paths(paths, item)
             if not found:
@@ -233,10 +257,33 @@ def to_lora_config(lora: LoraConfig, target_modules: Union[str, list[str]], task
 
 
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, task: str):
-    """Wrap the base model with LoRA adapters on the resolved targets."""
+    """Wrap the base model with LoRA adapters on the resolved targets; with ``lora=none`` (full fine-tuning)
+    return the model itself with every parameter trainable."""
+    if is_full_fine_tuning(lora):
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
     from peft import get_peft_model
 
     return get_peft_model(model, to_lora_config(lora, resolve_target_modules(model, lora), task))
+
+
+def is_full_fine_tuning(lora: LoraConfig) -> bool:
+    """``lora=none``: no adapter; the run trains and saves the whole model."""
+    return lora.preset == FULL_FINE_TUNING
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper, or the model itself (full fine-tuning)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def adapters_disabled(model: torch.nn.Module):
+    """A context in which the model computes as its base: peft's ``disable_adapter``; nothing to disable in a
+    fully fine-tuned model, which is its own base (before training, when the SFT run samples it, that is exact)."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if disable is not None else contextlib.nullcontext()
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

@@ -41,7 +41,9 @@ math kernel's ``heads x T x T`` matrices (:func:`src.packing.mask_attention_gb`)
   optimizer state: 8 for AdamW's two moments, 2 for 8-bit optimizers (``*8bit``), 4 for Lion, 0
   for plain SGD. Paged optimizers keep state in CUDA managed memory, which
   ``max_memory_allocated`` does not see; it is counted anyway (it sits on the GPU until memory
-  runs short).
+  runs short). Full fine-tuning (``lora=none``) trains the base weights in place: they are counted once,
+  under the base weights, and each adds a gradient and AdamW's two moments at ``model.dtype`` (or 2 bytes
+  of 8-bit state, 1 moment for Lion); no LoRA inputs are kept.
 - **Activations**, for ``batch x model.max_length`` tokens (batches padded to the maximum: an
   upper bound). Two widths: the residual stream's (fp32 under a 4/8-bit base, whose norms and
   embeddings are upcast, except on the fast SFT path, which casts them back to bf16; else
@@ -98,9 +100,7 @@ DEQUANT_BYTES_PER_WEIGHT = 2  # one dequantized copy of the largest quantized la
 # Trainable parameters: fp32 weight + fp32 gradient, plus the optimizer state.
 TRAINABLE_WEIGHT_BYTES = 4
 TRAINABLE_GRAD_BYTES = 4
-ADAM_STATE_BYTES = 8
 EIGHT_BIT_STATE_BYTES = 2
-LION_STATE_BYTES = 4
 
 # Activations, per token. Fitted on the H100 runs described in the module docstring.
 ACT_RESIDUAL_PER_HIDDEN = 7.5  # values kept per layer, x hidden_size, at the residual width
@@ -157,16 +157,17 @@ class Widths:
     matmul: int
 
 
-def optimizer_state_bytes(optim: str) -> int:
-    """Optimizer state bytes per trainable parameter, from a TrainingArguments ``optim`` name."""
+def optimizer_state_bytes(optim: str, state_dtype_bytes: int = TRAINABLE_WEIGHT_BYTES) -> int:
+    """Optimizer state bytes per trainable parameter, from a TrainingArguments ``optim`` name; full-precision
+    states are as wide as the parameter (fp32 for LoRA's weights, ``model.dtype`` under full fine-tuning)."""
     name = optim.lower()
     if "8bit" in name:
         return EIGHT_BIT_STATE_BYTES
     if "lion" in name:
-        return LION_STATE_BYTES
+        return state_dtype_bytes  # one moment
     if name == "sgd":
         return 0  # torch SGD without momentum, as TrainingArguments builds it
-    return ADAM_STATE_BYTES
+    return 2 * state_dtype_bytes  # AdamW's two moments
 
 
 def memory_breakdown_gb(
@@ -185,6 +186,7 @@ def memory_breakdown_gb(
     causal_lm: bool,
     fused_lm_head: bool = True,
     num_labels: int = DEFAULT_NUM_LABELS,
+    full_fine_tuning: bool = False,
 ) -> dict[str, float]:
     """Peak GPU memory of one training step, by component, in GiB (see the module docstring)."""
     if bits == 16:
@@ -201,7 +203,10 @@ def memory_breakdown_gb(
         unquantized = (shape.num_params - shape.quantizable_params) * UNQUANTIZED_BYTES_K_BIT
         weights = quantized + unquantized + shape.largest_quantizable * DEQUANT_BYTES_PER_WEIGHT
 
-    trainable = trainable_params * (TRAINABLE_WEIGHT_BYTES + TRAINABLE_GRAD_BYTES + optimizer_state_bytes(optim))
+    if full_fine_tuning:  # the weights are the base's, counted above; gradient and state at their dtype
+        trainable = trainable_params * (weight_dtype_bytes + optimizer_state_bytes(optim, weight_dtype_bytes))
+    else:
+        trainable = trainable_params * (TRAINABLE_WEIGHT_BYTES + TRAINABLE_GRAD_BYTES + optimizer_state_bytes(optim))
 
     tokens = batch_size * seq_len
     layer = (
@@ -321,15 +326,18 @@ def _first_attr(config, names: tuple[str, ...], default: Optional[int] = None) -
     return default
 
 
-def model_shape(model, model_config) -> ModelShape:
+def model_shape(model, model_config, task: str = "sft") -> ModelShape:
     """Sizes of a base model (before LoRA), and the linear layers bitsandbytes would quantize."""
     from torch import nn
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
+    from src.modeling import unquantized_heads
+
     text = model_config.get_text_config()
     hidden = _first_attr(text, ("hidden_size", "n_embd", "d_model"))
-    skip = get_keys_to_not_convert(model)  # what the bnb quantizer keeps in full precision: the output head
+    # what the bnb quantizer keeps in full precision: the output head (a classifier's named, as training names it)
+    skip = unquantized_heads(task) or get_keys_to_not_convert(model)
     quantizable = [m for name, m in model.named_modules() if type(m) is nn.Linear and should_convert_module(name, skip)]
     return ModelShape(
         num_layers=_first_attr(text, ("num_hidden_layers", "n_layer", "num_layers")),
@@ -371,13 +379,13 @@ def plan(cfg: Config) -> dict[str, Any]:
     """Exact parameter counts and the peak-memory estimate for a validated config (reads no data)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from src.modeling import apply_lora, count_params, target_leaf_names
+    from src.modeling import apply_lora, base_model, count_params, is_full_fine_tuning, target_leaf_names
 
     # The fast SFT path (src/packing.py) takes the model's own loss; the plain path, TRL's fused head.
     fast_path = getattr(cfg.train, "fast_path", False)
     model_config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     base = build_meta_model(model_config, cfg)
-    shape = model_shape(base, model_config)
+    shape = model_shape(base, model_config, cfg.data.task)
     model = apply_lora(base, cfg.lora, cfg.data.task)
     trainable, total = count_params(model)
     breakdown = memory_breakdown_gb(
@@ -395,6 +403,7 @@ def plan(cfg: Config) -> dict[str, Any]:
         causal_lm=cfg.data.task == "sft",
         fused_lm_head=not fast_path,
         num_labels=num_labels_of(cfg) or DEFAULT_NUM_LABELS,
+        full_fine_tuning=is_full_fine_tuning(cfg.lora),
     )
     peak = sum(breakdown.values())
     warnings = []
@@ -412,7 +421,7 @@ def plan(cfg: Config) -> dict[str, Any]:
         )
     return {
         "model": cfg.model.name,
-        "architecture": type(model.get_base_model()).__name__,
+        "architecture": type(base_model(model)).__name__,
         "task": cfg.data.task,
         "num_labels": num_labels,
         "quant_bits": cfg.quant.bits,
@@ -436,6 +445,12 @@ def plan(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _lora_row(result: dict[str, Any]) -> str:
+    if result["lora_preset"] == "none":
+        return "none: full fine-tuning (every weight trains)"
+    return f"{result['lora_preset']} r={result['lora_r']} on {result['lora_resolved_targets']}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable summary printed above the JSON line."""
     ckpt = "on" if result["activation_checkpointing"] else "off"
@@ -443,7 +458,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [
         ("model", f"{result['model']} ({result['architecture']}), task {result['task']}"),
         ("quantization", f"{result['quant_bits']}-bit base"),
-        ("lora", f"{result['lora_preset']} r={result['lora_r']} on {result['lora_resolved_targets']}"),
+        ("lora", _lora_row(result)),
         ("trainable params", f"{result['trainable_params']:,} ({result['trainable_pct']:.3f}%)"),
         ("total params", f"{result['total_params']:,}"),
         ("batch x seq", f"{result['batch_size']} x {result['seq_len']} = {tokens:,} tokens"),

@@ -40,9 +40,14 @@ ARCH = {
 }
 
 
+# The tokenizer's and pretraining's corpus: the bundled sets it was first built from, named so that a set added
+# later (seed 001's intents) leaves the tiny model, and the losses pinned in tests/test_pinned_loss.py, as they were.
+CORPUS_FILES = ("instructions_train.jsonl", "topics_multilabel_train.csv", "topics_train.csv")
+
+
 def _corpus() -> list[str]:
     texts: list[str] = []
-    for path in sorted(DATA_DIR.glob("*_train.*")):
+    for path in (DATA_DIR / name for name in CORPUS_FILES):
         if path.suffix == ".csv":
             with path.open(encoding="utf-8") as f:
                 texts.extend(row["text"] for row in csv.DictReader(f))

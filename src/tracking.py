@@ -204,7 +204,7 @@ def resolve_run_id(client, ref: str) -> str:
 
 def run_name(raw: dict) -> str:
     """e.g. ``openllama3b-red_dot-4bit-all_linear-r8-a16``: model, dataset, base, targets (explicit ones join
-    with '+'), rank and alpha."""
+    with '+'), rank and alpha; ``phi3mini-mbti-16bit-full`` for full fine-tuning (lora=none)."""
     tracking = raw.get("tracking") or {}
     if tracking.get("run_name"):
         return tracking["run_name"]
@@ -213,7 +213,8 @@ def run_name(raw: dict) -> str:
     targets = lora.get("target_modules")
     target_name = "+".join(targets) if isinstance(targets, list) and targets else lora.get("preset", "lora")
     bits, r, alpha = quant.get("bits", "?"), lora.get("r", "?"), lora.get("alpha", "?")
-    return f"{model.get('name', 'model')}-{data.get('name', 'data')}-{bits}bit-{target_name}-r{r}-a{alpha}"
+    trained = "full" if lora.get("preset") == "none" else f"{target_name}-r{r}-a{alpha}"  # lora=none: full fine-tuning
+    return f"{model.get('name', 'model')}-{data.get('name', 'data')}-{bits}bit-{trained}"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -23,9 +23,12 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from src import console, distributed, sweeping, sweeping_trial, tracking  # noqa: F401  sweeping registers hydra/sweeper configs
-from src.config import Config, ConfigError, objective, validate
+from src.config import FULL_FINE_TUNING, Config, ConfigError, objective, validate
 from src.data import DataError, load_data
 from src.sweep_records import quote
+
+# Where a run saves what it trained: a LoRA adapter, or with lora=none (full fine-tuning) the whole model.
+ADAPTER_DIR, MODEL_DIR = "adapter", "model"
 
 
 def run(raw: dict) -> Optional[float]:
@@ -88,7 +91,7 @@ def run(raw: dict) -> Optional[float]:
             )
         sampled = data.task == "sft" and main_process
         prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if sampled else []
-        with model.disable_adapter():
+        with modeling.adapters_disabled(model):
             before = training.generate(model, tokenizer, prompts)
         if checkpoint:
             tracking.set_tags({"resumed_from": checkpoint})
@@ -99,8 +102,9 @@ def run(raw: dict) -> Optional[float]:
         peak = training.peak_gpu_mem_gb()
         if peak is not None:
             tracking.log_metrics({"peak_gpu_mem_gb": peak})
+        saved_dir = output_dir / (MODEL_DIR if modeling.is_full_fine_tuning(cfg.lora) else ADAPTER_DIR)
         if main_process:
-            save_outputs(cfg, model, tokenizer, data, output_dir / "adapter", metrics)
+            save_outputs(cfg, model, tokenizer, data, saved_dir, metrics)
         if prompts:
             after = training.generate(model, tokenizer, prompts)
             mlflow.log_table(
@@ -121,14 +125,13 @@ def run(raw: dict) -> Optional[float]:
         tracking.set_tags({"mlflow.note.content": run_description(cfg, data, trainable, metric, value)})
         if main_process:
             active = mlflow.active_run()
-            adapter = (output_dir / "adapter").resolve()
             console.log.info(
                 console.summary(
                     active.info.run_id,
                     active.info.run_name,
                     metric,
                     final,
-                    adapter,
+                    saved_dir.resolve(),
                     mlflow.get_tracking_uri(),
                     active.info.experiment_id,
                 )
@@ -140,24 +143,28 @@ def run(raw: dict) -> Optional[float]:
 def run_description(cfg: Config, data, trainable: int, metric: str, value: float) -> str:
     """The run's MLflow description (the runs table's Description column): what was trained and how it scored."""
     targets = ", ".join(cfg.lora.target_modules or [cfg.lora.preset])
+    if cfg.lora.preset == FULL_FINE_TUNING:
+        how = f"Full fine-tuning of the {cfg.quant.bits}-bit {cfg.model.name}"
+    else:
+        how = f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {targets}; {cfg.quant.bits}-bit {cfg.model.name} base"
     return (
-        f"{metric} = {value:.4g}. LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {targets}; {cfg.quant.bits}-bit "
-        f"{cfg.model.name} base; {trainable:,} trainable params; {cfg.data.name} ({data.task}, "
+        f"{metric} = {value:.4g}. {how}; {trainable:,} trainable params; {cfg.data.name} ({data.task}, "
         f"{data.train.num_rows} train rows)."
     )
 
 
-def save_outputs(cfg: Config, model, tokenizer, data, adapter_dir: Path, metrics) -> None:
-    """Save the adapter (with tokenizer and label map) and log it and the classification report."""
+def save_outputs(cfg: Config, model, tokenizer, data, saved_dir: Path, metrics) -> None:
+    """Save the adapter (or, with lora=none, the whole model) with tokenizer and label map, and log it and the
+    classification report. The artifact is named as the directory: ``adapter/`` or ``model/``."""
     from src import training
 
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "label_map.json").write_text(
+    model.save_pretrained(saved_dir)
+    tokenizer.save_pretrained(saved_dir)
+    (saved_dir / "label_map.json").write_text(
         json.dumps({"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2)
     )
     if cfg.tracking.log_adapter:
-        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+        mlflow.log_artifacts(str(saved_dir), artifact_path=saved_dir.name)
     if metrics is not None:
         mlflow.log_dict(metrics.last_report, "classification_report.json")
         training.log_confusion_matrix(metrics)

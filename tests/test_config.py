@@ -17,6 +17,7 @@ REQUIRED_EXTRAS = {
     ("data", "red_dot"): ["model=openllama3b"],
     ("data", "finance_alpaca"): ["model=openllama3b"],
     ("data", "instructions"): [],
+    ("experiment", "seed000_mistral7b_multilabel"): ["data.path=train.csv"],
 }
 
 
@@ -31,20 +32,30 @@ def _group_options() -> list[tuple[str, str]]:
 
 def test_every_group_has_options():
     groups = {g for g, _ in _group_options()}
-    assert groups == {"model", "quant", "lora", "data", "train"}
+    assert groups == {"model", "quant", "lora", "data", "train", "experiment"}
 
 
 @pytest.mark.parametrize(("group", "option"), _group_options(), ids=lambda x: str(x))
 def test_every_conf_yaml_composes_and_validates(group, option):
     raw = compose_config([f"{group}={option}", *REQUIRED_EXTRAS.get((group, option), [])])
     cfg = validate(raw)
-    assert getattr(cfg, group) is not None
+    if group == "experiment":  # a global diff, each seed's own model (tests/test_seeds.py checks the rest)
+        assert cfg.model.name != "tiny" and "experiment" not in raw
+    else:
+        assert getattr(cfg, group) is not None
 
 
 def test_every_conf_yaml_starts_with_its_command():
+    """The first line is the command; an experiment's first line must be Hydra's package header (Hydra reads it
+    only there), so its command is the second."""
     for path in CONF_DIR.rglob("*.yaml"):
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# python -m src.train"), f"{path} does not start with its command"
+        lines = path.read_text().splitlines()
+        if path.parent.name == "experiment":
+            assert lines[0] == "# @package _global_", f"{path}: an experiment is a global diff"
+            lines = lines[1:]
+        assert lines[0].startswith("# python -m src.train"), f"{path} does not start with its command"
+        if path.parent.name == "experiment":
+            assert f"experiment={path.stem}" in lines[0], f"{path}: its command runs another experiment"
 
 
 def test_seed_model_hub_ids_are_exact():
