@@ -326,7 +326,9 @@ def build_trainer(
 
         train_ds, eval_ds = data.train.remove_columns("row_id"), data.eval.remove_columns("row_id")
         if cfg.train.fast_path:  # padding-free packed micro-batches sized to the memory budget
-            trainer, _ = build_packed_sft_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, callbacks)
+            trainer, micro = build_packed_sft_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, callbacks)
+            if micro.est_peak_gpu_mem_gb is not None:  # the plan the fast path follows, to set against the peak
+                tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
         else:
             trainer = SFTTrainer(
                 model=model,
