@@ -423,7 +423,10 @@ def _int(text: Optional[str]) -> Optional[int]:
 
 
 def target_modules(params: dict) -> Optional[str]:
-    """The adapted modules: the resolved leaf names, else the configured list, else the preset."""
+    """The adapted modules: the resolved leaf names, else the configured list, else the preset; a full
+    fine-tuning run (lora=none) trains them all."""
+    if _param(params, "lora.preset") == "none":
+        return "all weights (full fine-tuning)"
     resolved = _param(params, "lora.resolved_targets")
     if resolved:
         return resolved
