@@ -232,7 +232,10 @@ class TrainConfig:
     )
     activation_checkpointing: bool
     fast_path: bool = field(
-        metadata={"help": "SFT: padding-free packed micro-batches sized to memory_budget_gb (src/packing.py)."}
+        metadata={
+            "help": "Packed rows without padding: SFT micro-batches sized to memory_budget_gb (src/packing.py), and "
+            "decoder classifiers, each example pooled at its last token (src/packed_classification.py)."
+        }
     )
     memory_budget_gb: Optional[float] = field(
         metadata={"help": "Fast path: peak GPU memory to plan micro-batches for; null: 90% of the GPU."}

@@ -22,6 +22,12 @@ from src import console, distributed, tracking
 from src.config import Config, TrainConfig, objective, safe_metric_name
 from src.data import TaskData
 from src.guards import NonFiniteLossGuard
+from src.packed_classification import (
+    PackedClassificationCollator,
+    PackedClassificationTrainer,
+    classification_loss,
+    packing_attention,
+)
 
 # HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
 HF_TO_MLFLOW = {"loss": "train_loss", "train_loss": "train_loss_mean", "train_runtime": "train_runtime_s"}
@@ -214,12 +220,7 @@ class WeightedLossTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        logits = outputs.logits.float()
-        weights = self.label_weights.to(logits.device)
-        if self.multilabel:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
-        else:
-            loss = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+        loss = classification_loss(outputs.logits, labels, self.label_weights, self.multilabel)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -352,8 +353,16 @@ def build_trainer(
         compute_metrics=metrics,
         callbacks=callbacks,
     )
-    if data.label_weights is not None:
-        trainer = WeightedLossTrainer(label_weights=data.label_weights, multilabel=data.task == "multilabel", **common)
+    multilabel = data.task == "multilabel"
+    attention = packing_attention(model) if cfg.train.fast_path else None
+    if attention is not None:  # a decoder: several examples per row, each pooled at its last token
+        args.include_num_input_tokens_seen = "all"  # a packed row has no padding
+        common["data_collator"] = PackedClassificationCollator(multilabel)
+        trainer = PackedClassificationTrainer(
+            label_weights=data.label_weights, multilabel=multilabel, attention=attention, **common
+        )
+    elif data.label_weights is not None:
+        trainer = WeightedLossTrainer(label_weights=data.label_weights, multilabel=multilabel, **common)
     else:
         trainer = Trainer(**common)
     use_console(trainer)

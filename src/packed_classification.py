@@ -1,0 +1,133 @@
+"""Sequence classification on packed rows: a decoder classifier's fast path (``train.fast_path``, the default).
+
+A padded batch of short texts is mostly padding: SST-2's sentences are 10-60 tokens, and a batch padded to its
+longest runs the base model over every pad. Here a batch's examples are concatenated into one row without
+padding, with per-example positions, and attention never crosses from one example into another (per-example
+sdpa on the CPU, one varlen flash call on a GPU: :mod:`src.packing`'s attention). Each example is pooled at its
+own last token, as ``*ForSequenceClassification`` pools the last non-pad token of a padded row, and the head
+runs on the pooled states only. The losses are the padded path's (cross-entropy with class weights, BCE with
+``pos_weight``). Training and evaluation both run packed; ``train.fast_path=false`` keeps the padded path.
+
+Encoders (BERT) are not packed: their attention is bidirectional, and the project's varlen path is causal.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from src import distributed
+from src.modeling import CLASSIFIER_HEADS, base_model
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], multilabel: bool
+) -> torch.Tensor:
+    """Cross-entropy (class weights) or BCE (``pos_weight``), in fp32: the padded and packed paths' loss."""
+    logits = logits.float()
+    if weights is not None:
+        weights = weights.to(logits.device)
+    if multilabel:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
+    return torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+
+
+class PackedClassificationCollator:
+    """Tokenized examples (``input_ids`` and ``label``/``labels``) to one packed row.
+
+    Returns ``input_ids`` and ``position_ids`` of shape [1, tokens], ``last_token`` (each example's last
+    position in the row) and ``labels`` ([examples], or [examples, labels] for multi-label).
+    """
+
+    def __init__(self, multilabel: bool):
+        self.multilabel = multilabel
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [list(f["input_ids"]) for f in features]
+        lengths = torch.tensor([len(x) for x in ids])
+        labels = [f["labels"] if "labels" in f else f["label"] for f in features]
+        return {
+            "input_ids": torch.tensor([[t for x in ids for t in x]]),
+            "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0),
+            "last_token": torch.cumsum(lengths, 0) - 1,
+            "labels": torch.tensor(labels, dtype=torch.float32 if self.multilabel else torch.long),
+        }
+
+
+def classifier_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer under a (peft-wrapped) ``*ForSequenceClassification`` and its head."""
+    classifier = base_model(model)
+    backbone = getattr(classifier, classifier.base_model_prefix)
+    for name in sorted(CLASSIFIER_HEADS):
+        head = getattr(classifier, name, None)
+        if head is not None:
+            return backbone, head
+    raise ValueError(f"{type(classifier).__name__} has no classification head among {sorted(CLASSIFIER_HEADS)}")
+
+
+def packed_logits(model, input_ids, position_ids, last_token, attention: str) -> torch.Tensor:
+    """Logits [examples, classes] of a packed row: the transformer once over the row, each example pooled at its
+    last token (``attention``: ``varlen`` for one flash call, else per-example sdpa)."""
+    bounds = (*last_token.tolist(),)
+    starts = (0, *(b + 1 for b in bounds[:-1]))
+    if attention == "varlen":
+        offsets = (*starts, bounds[-1] + 1)
+        lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+        cu = torch.tensor(offsets, dtype=torch.int32, device=input_ids.device)
+        extra = {"packed_cu_seqlens": cu, "packed_max_seqlen": max(lengths)}
+    else:
+        extra = {"packed_seq_bounds": (*starts, bounds[-1] + 1)}
+    backbone, head = classifier_parts(model)
+    hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).last_hidden_state
+    return head(hidden[0, last_token.to(hidden.device)])
+
+
+class PackedClassificationTrainer(Trainer):
+    """HF Trainer on packed rows of classification examples (its documented ``compute_loss`` hook)."""
+
+    def __init__(self, *args, label_weights: Optional[list[float]], multilabel: bool, attention: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_weights = None if label_weights is None else torch.tensor(label_weights, dtype=torch.float32)
+        self.multilabel = multilabel
+        self.attention = attention
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Under DDP: the step on the unwrapped model (the packed forward calls its parts, not DDP's forward,
+        whose hooks would not fire), then one all-reduce of the gradients, as the SFT fast path does."""
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return super().training_step(model, inputs, num_items_in_batch)
+        module = model.module
+        loss = super().training_step(module, inputs, num_items_in_batch)
+        params = [p for p in module.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.average_gradients([p.grad for p in params])
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = packed_logits(model, inputs["input_ids"], inputs["position_ids"], inputs["last_token"], self.attention)
+        loss = classification_loss(logits, inputs["labels"], self.label_weights, self.multilabel)
+        return (loss, SequenceClassifierOutput(logits=logits)) if return_outputs else loss
+
+
+def packing_attention(model) -> Optional[str]:
+    """Switch the model's attention to a packed-row kernel and name it: ``varlen`` on a GPU (one flash call per
+    row in bf16/fp16; in fp32 it runs per-example sdpa itself), else ``bounds`` (per-example sdpa); None where
+    the model cannot be packed (an encoder, or an attention other than sdpa)."""
+    from src.packing import use_packed_attention, use_varlen_attention, varlen_available
+
+    classifier = base_model(model)
+    if classifier.config.model_type in ENCODER_TYPES:
+        return None
+    device = next(classifier.parameters()).device
+    if varlen_available(device) and use_varlen_attention(model):
+        return "varlen"
+    return "bounds" if use_packed_attention(model) else None
+
+
+# Bidirectional attention: packing them needs a non-causal varlen kernel (issue 16's encoder part, not done).
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "modernbert"}
