@@ -114,6 +114,52 @@ class PackedClassificationTrainer(Trainer):
         return (loss, SequenceClassifierOutput(logits=logits)) if return_outputs else loss
 
 
+def plan_fast_classifier(cfg, model, args, attention: str):
+    """Replan a packed classifier's step as the SFT fast path does (:func:`src.packing.plan_micro_batches`), where
+    a memory budget is known (``train.memory_budget_gb``, else 90% of the GPU): the largest micro-batch that fits,
+    checkpointing as few layers as it needs (none, for short texts on a large GPU), fused AdamW, a 4/8-bit base's
+    fp32 weights and adapters in bf16 under bf16 training, and its dequantized weights cached in the room left.
+    Returns (the TrainingArguments to train with, the plan); without a budget, ``args`` as they are and None.
+    """
+    import dataclasses
+
+    from src import packing
+
+    budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else packing.default_budget_gb()
+    if budget is None:
+        return args, None
+    budget *= packing.PLAN_MARGIN
+    examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    estimate, _ = packing.plan_estimator(cfg)  # batches of model.max_length tokens: an upper bound when packed
+    layers = len(packing.decoder_layers(model))
+    micro = packing.plan_micro_batches(examples_per_step, layers, budget, estimate)
+    packing.set_checkpointed_layers(model, micro.checkpointed_layers)
+    if args.bf16 and cfg.quant.bits in (4, 8):
+        packing.cast_frozen_to_bf16(model)
+    cached, cache_gb = 0, 0.0
+    if cfg.train.dequantize_weights and cfg.quant.bits in (4, 8):
+        room = max(0.0, budget - (micro.est_peak_gpu_mem_gb or 0.0))
+        cached, cache_gb = packing.cache_dequantized_weights(
+            model, room, torch.bfloat16 if args.bf16 else torch.float32
+        )
+    estimated = None if micro.est_peak_gpu_mem_gb is None else micro.est_peak_gpu_mem_gb + cache_gb
+    micro = dataclasses.replace(
+        micro,
+        attention="per-example" if attention == "bounds" else attention,
+        dequantized_layers=cached,
+        dequantized_gb=cache_gb,
+        est_peak_gpu_mem_gb=estimated,
+    )
+    args = dataclasses.replace(
+        args,
+        per_device_train_batch_size=micro.micro_batch_size,
+        gradient_accumulation_steps=micro.gradient_accumulation_steps,
+        activation_checkpointing=False,  # set per layer above
+        optim=packing.fast_optimizer(args.optim),
+    )
+    return distributed.one_gpu_per_process(args), micro
+
+
 def packing_attention(model) -> Optional[str]:
     """Switch the model's attention to a packed-row kernel and name it: ``varlen`` on a GPU (one flash call per
     row in bf16/fp16; in fp32 it runs per-example sdpa itself), else ``bounds`` (per-example sdpa); None where

@@ -27,6 +27,7 @@ from src.packed_classification import (
     PackedClassificationTrainer,
     classification_loss,
     packing_attention,
+    plan_fast_classifier,
 )
 
 # HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
@@ -356,8 +357,12 @@ def build_trainer(
     multilabel = data.task == "multilabel"
     attention = packing_attention(model) if cfg.train.fast_path else None
     if attention is not None:  # a decoder: several examples per row, each pooled at its last token
+        args, micro = plan_fast_classifier(cfg, model, args, attention)
         args.include_num_input_tokens_seen = "all"  # a packed row has no padding
-        common["data_collator"] = PackedClassificationCollator(multilabel)
+        common.update(args=args, data_collator=PackedClassificationCollator(multilabel))
+        if micro is not None:
+            console.log.info(micro.describe().replace("fast path:", "fast path (classification):"))
+            tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
         trainer = PackedClassificationTrainer(
             label_weights=data.label_weights, multilabel=multilabel, attention=attention, **common
         )

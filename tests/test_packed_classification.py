@@ -147,3 +147,31 @@ def test_a_short_run_evaluates_the_same_on_both_paths(tmp_path, mlflow_store, da
     assert metrics[True].keys() == metrics[False].keys()
     for name, value in metrics[False].items():
         assert metrics[True][name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_with_a_memory_budget_the_packed_run_is_replanned_and_trains_as_the_padded_one(tmp_path, mlflow_store):
+    """A budget (a GPU's by default) replans the packed step: no checkpointing where it fits, the 4-bit base's
+    dequantized weights cached (bitsandbytes' own values). The losses stay the padded path's."""
+    overrides = [
+        "quant=4bit",
+        "quant.compute_dtype=float32",
+        "lora.dropout=0.0",
+        "train.max_steps=3",
+        "train.logging_steps=1",
+        "train.eval_strategy=no",
+        "data.subsample=48",
+        "data.eval_subsample=16",
+        "tracking.log_adapter=false",
+    ]
+    losses, metrics = {}, {}
+    for fast in (True, False):
+        extra = ["train.memory_budget_gb=4"] if fast else ["train.fast_path=false"]
+        raw = compose_config([*overrides, *extra])
+        raw["output_dir"] = str(tmp_path / f"out-{fast}")
+        run(raw)
+        newest = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time DESC"])[0]
+        history = mlflow.MlflowClient().get_metric_history(newest.info.run_id, "train_loss")
+        losses[fast] = [m.value for m in sorted(history, key=lambda m: m.step)]
+        metrics[fast] = newest.data.metrics
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert "fast_path_est_peak_gpu_mem_gb" in metrics[True] and "fast_path_est_peak_gpu_mem_gb" not in metrics[False]
