@@ -225,7 +225,7 @@ class TrainConfig:
     )
     activation_checkpointing: bool
     fast_path: bool = field(
-        metadata={"help": "SFT: padding-free packed micro-batches sized to memory_budget_gb (src/packing.py)."}
+        metadata={"help": "SFT: padding-free packed micro-batches sized to memory_budget_gb (src/fast/)."}
     )
     memory_budget_gb: Optional[float] = field(
         metadata={"help": "Fast path: peak GPU memory to plan micro-batches for; null: 90% of the GPU."}

@@ -322,7 +322,7 @@ def build_trainer(
     if data.task == "sft":
         from trl import SFTTrainer
 
-        from src.packing import build_packed_sft_trainer
+        from src.fast.trainer import build_packed_sft_trainer
 
         train_ds, eval_ds = data.train.remove_columns("row_id"), data.eval.remove_columns("row_id")
         if cfg.train.fast_path:  # padding-free packed micro-batches sized to the memory budget

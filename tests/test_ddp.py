@@ -218,7 +218,7 @@ def _average_gradients_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_average_gradients_gives_ddps_gradients(tmp_path):
-    """What the packed trainer's CUDA-graph steps use under DDP instead of DDP's hooks (``src.packing``)."""
+    """What the packed trainer's CUDA-graph steps use under DDP instead of DDP's hooks (``src.fast.graphs``)."""
     import socket
 
     import torch
@@ -258,14 +258,14 @@ def test_runs_record_the_gpus_they_were_pinned_to(monkeypatch):
 
 
 def test_token_balanced_sampler_keeps_each_steps_examples_and_evens_the_ranks():
-    """Under DDP the packed trainer deals each step's examples so that the ranks get as many tokens (src.packing)."""
+    """Under DDP the packed trainer deals each step's examples so the ranks get as many tokens (src.fast.sampler)."""
     import random
 
     import torch
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from src.packing import TokenBalancedSampler
+    from src.fast.sampler import TokenBalancedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(64, 256) for _ in range(100)]  # 6 full steps of 2 ranks x 8, and 4 left over
@@ -293,7 +293,8 @@ def test_packed_trainer_samples_token_balanced_only_under_ddp(monkeypatch):
 
     from datasets import Dataset
 
-    from src.packing import PackedTrainer, TokenBalancedSampler
+    from src.fast.sampler import TokenBalancedSampler
+    from src.fast.trainer import PackedTrainer
 
     trainer = PackedTrainer.__new__(PackedTrainer)
     trainer.train_dataset = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 5, 7, 9)]})
