@@ -42,12 +42,6 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def requested_processes(raw: dict) -> int:
-    """``train.nproc_per_node`` of a composed config; 1 when unset or invalid (validation reports it)."""
-    value = (raw.get("train") or {}).get("nproc_per_node", 1)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
-
-
 def finish() -> None:
     """Under DDP, wait for every rank: rank 0 still generates samples, saves and logs when the others are done."""
     import torch.distributed as dist

@@ -319,6 +319,7 @@ def build_trainer(
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     callbacks += list(extra_callbacks)
+    inputs = dict(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)  # every task's trainer
     if data.task == "sft":
         from trl import SFTTrainer
 
@@ -328,27 +329,17 @@ def build_trainer(
         if cfg.train.fast_path:  # padding-free packed micro-batches sized to the memory budget
             trainer, _ = build_packed_sft_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, callbacks)
         else:
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=train_ds,
-                eval_dataset=eval_ds,
-                processing_class=tokenizer,
-                callbacks=callbacks,
-            )
+            trainer = SFTTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **inputs)
         use_console(trainer)
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
     metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=(objective(cfg)[0],))
     common = dict(
-        model=model,
-        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=metrics,
-        callbacks=callbacks,
+        **inputs,
     )
     if data.label_weights is not None:
         trainer = WeightedLossTrainer(label_weights=data.label_weights, multilabel=data.task == "multilabel", **common)

@@ -38,6 +38,15 @@ def compose_config(overrides: list[str] | None = None, config_dir: Path = CONF_D
     return compose(list(overrides or []), config_dir, config_name)
 
 
+def train_run(raw: dict):
+    """``src.train.run`` on a composed config, validated first as ``src.train.main`` validates it at its edge
+    (``src.tracking.validated``: an invalid config raises ConfigError and still leaves a FAILED run)."""
+    from src import tracking
+    from src.train import run
+
+    return run(raw, tracking.validated(raw))
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store in tmp_path, selected through MLFLOW_TRACKING_URI."""

@@ -19,7 +19,7 @@ import pytest
 from src import modeling
 from src.config import ConfigError, validate
 from src.data import load_data
-from src.sweeping import assign_gpus, batch_size, gpu_batches, visible_gpus
+from src.sweeps.placement import assign_gpus, batch_size, gpu_batches, visible_gpus
 from tests.conftest import ROOT, compose_config
 
 # 16 training rows, 4 per rank per step, one epoch: 2 optimizer steps under DDP on 2 ranks (4 without DDP).
@@ -356,7 +356,7 @@ def test_a_local_ddp_run_listens_on_loopback_only(tmp_path, mlflow_store):
 
 def test_a_sweep_job_with_two_ranks_is_one_finished_child_run(tmp_path, mlflow_store):
     """A grid job with ``train.nproc_per_node=2``: the sweep launches its ranks, finds rank 0's run by its
-    output_dir tag and records it as the job's (src.sweeping_trial's DDP path)."""
+    output_dir tag and records it as the job's (src.sweeps.job's DDP path)."""
     args = [o for o in DDP if not o.startswith(("train.max_steps", "train.num_train_epochs"))]
     cmd = [sys.executable, "-m", "src.train", "--multirun", *args, "train.max_steps=2", "lora.r=4",
            f"hydra.sweep.dir={tmp_path / 'm'}"]  # fmt: skip

@@ -19,7 +19,8 @@ import sys
 import mlflow
 import pytest
 
-from src import doctor, tracking
+from src import tracking
+from src.sweeps.stale import mark_stale_runs
 from tests.conftest import ROOT
 
 INSPECT = """
@@ -137,7 +138,7 @@ def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path):
         (out / tracking.RECORD_NAME).write_text(
             json.dumps({"run_id": owner, "status": "FAILED", "tags": error, "written_at": "2026-12-01T00:00:00"})
         )
-    marked = {m.run_name: m for m in doctor.mark_stale_runs(uri)}
+    marked = {m.run_name: m for m in mark_stale_runs(uri)}
     assert set(marked) == {"recorded", "foreign-record"}
     recorded = client.get_run(ids["recorded"])
     assert recorded.info.status == "FAILED" and marked["recorded"].status == "FAILED"

@@ -117,7 +117,7 @@ import dataclasses, json, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from src import inference
+from src.runs import inference
 
 run_id, uri, merged_dir, texts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -682,7 +682,7 @@ def test_optuna_study_prunes_and_resumes_without_duplicates(suite, first_wave):
     import optuna
     from optuna.trial import TrialState
 
-    from src.sweeping_optuna import counted
+    from src.sweeps.study import counted
 
     launched = first_wave["optuna"]
     store, first = launched.store, launched.result

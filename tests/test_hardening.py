@@ -439,14 +439,14 @@ def test_train_run_refuses_gpu_precision_before_loading_anything(monkeypatch, tm
     import torch
 
     from src import modeling
-    from src.train import run
+    from tests.conftest import train_run
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(modeling, "load_tokenizer", lambda *a: pytest.fail("the tokenizer loaded"))
     raw = compose_config(["train=gpu"])
     raw["output_dir"] = str(tmp_path / "out")
     with pytest.raises(ConfigError, match="no CUDA GPU here: use train=default"):
-        run(raw)
+        train_run(raw)
     (failed,) = mlflow.MlflowClient(mlflow_store).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(mlflow_store).search_experiments()]
     )

@@ -25,9 +25,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from src.sweeping import assign_gpus, batch_size, visible_gpus
-from src.sweeping_optuna import counted, fail_stale, in_budget
-from src.sweeping_trial import open_storage
+from src.sweeps.placement import assign_gpus, batch_size, visible_gpus
+from src.sweeps.study import counted, fail_stale, in_budget
+from src.sweeps.trial import open_storage
 from tests.test_sweeps import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,8 +338,8 @@ LOAD_WORKER = r"""
 import sys, time, warnings
 import optuna
 from optuna.trial import TrialState
-from src.sweeping_optuna import counted, in_budget, occupies
-from src.sweeping_trial import open_storage
+from src.sweeps.study import counted, in_budget, occupies
+from src.sweeps.trial import open_storage
 from tests.test_sweeps import TINY
 
 storage_url, total, deadline = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])

@@ -18,15 +18,19 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from src.config import validate
-from src.sweeping import SweepFailed, assign_gpus, batch_size, grid_jobs
-from src.sweeping_optuna import (
+from src.sweeps.configs import FeasibilityConf
+from src.sweeps.grid import grid_jobs
+from src.sweeps.job import check_feasibility, fit_micro_batch
+from src.sweeps.outcomes import JobSkipped
+from src.sweeps.placement import assign_gpus, batch_size
+from src.sweeps.record import SweepFailed
+from src.sweeps.study import (
     counted,
     evaluate_derived,
     recover_interrupted,
     search_space,
     trial_overrides,
 )
-from src.sweeping_trial import Feasibility, JobSkipped, check_feasibility, fit_micro_batch
 from tests.conftest import OPENLLAMA_3B, ROOT, compose_config
 
 SWEEPS_DIR = ROOT / "sweeps"
@@ -106,25 +110,28 @@ def test_feasibility_uses_src_plan_and_an_injected_free_memory():
         for bs in (16, 8)
     }
     assert est[16] > est[8]
-    shrunk, note = check_feasibility(raw, Feasibility("shrink", (est[16] + est[8]) / 2))
+    shrunk, shrunk_cfg, note = check_feasibility(raw, cfg, FeasibilityConf("shrink", (est[16] + est[8]) / 2))
     assert (shrunk["train"]["per_device_train_batch_size"], shrunk["train"]["gradient_accumulation_steps"]) == (8, 2)
+    assert shrunk_cfg == validate(shrunk)  # the validated config changed as the dict did
     assert "micro-batch 16 -> 8" in note
-    assert check_feasibility(raw, Feasibility("shrink", est[16] + 1)) == (raw, None)
-    assert check_feasibility(raw, Feasibility("off", 1e-9)) == (raw, None)
+    assert check_feasibility(raw, cfg, FeasibilityConf("shrink", est[16] + 1)) == (raw, cfg, None)
+    assert check_feasibility(raw, cfg, FeasibilityConf("off", 1e-9)) == (raw, cfg, None)
     with pytest.raises(JobSkipped):
-        check_feasibility(raw, Feasibility("skip", (est[16] + est[8]) / 2))
+        check_feasibility(raw, cfg, FeasibilityConf("skip", (est[16] + est[8]) / 2))
     # On CPU with nothing injected there is no GPU to compare with: the config runs as is.
-    assert check_feasibility(raw, Feasibility("shrink", None)) == (raw, None)
+    assert check_feasibility(raw, cfg, FeasibilityConf("shrink", None)) == (raw, cfg, None)
 
 
 def test_feasibility_hands_the_free_memory_to_the_sft_fast_path_as_its_budget():
     """The packed SFT path plans its own micro-batches from train.memory_budget_gb: that is what must shrink."""
     raw = compose_config(["data=instructions", "train.per_device_train_batch_size=16"])
-    budgeted, note = check_feasibility(raw, Feasibility("shrink", 7.5))
+    budgeted, budgeted_cfg, note = check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 7.5))
     assert budgeted["train"]["memory_budget_gb"] == 7.5 and budgeted["train"]["per_device_train_batch_size"] == 16
+    assert budgeted_cfg.train.memory_budget_gb == 7.5
     assert "train.memory_budget_gb None -> 7.50" in note
     smaller = compose_config(["data=instructions", "train.memory_budget_gb=4"])
-    assert check_feasibility(smaller, Feasibility("shrink", 7.5)) == (smaller, None)  # already within
+    within = validate(smaller)
+    assert check_feasibility(smaller, within, FeasibilityConf("shrink", 7.5)) == (smaller, within, None)
 
 
 def test_search_space_reads_hydra_override_grammar():
@@ -534,7 +541,7 @@ def test_pareto_sweep_is_multi_objective(tmp_path, mlflow_store):
 
 
 def test_swept_keys_are_what_varies_between_jobs_or_the_studys_space():
-    from src.sweeping import swept_keys
+    from src.sweeps.record import swept_keys
 
     jobs = ["model=tiny lora.r=4 quant=4bit train.max_steps=2", "model=tiny lora.r=8 quant=8bit train.max_steps=2"]
     assert swept_keys({"jobs": jobs}) == ["lora.r"]  # quant is a group: its columns are fixed (quant.bits)

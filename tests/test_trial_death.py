@@ -16,7 +16,7 @@ import time
 import mlflow
 import pytest
 
-from src.compare import pick_best
+from src.runs.compare import pick_best
 from tests.conftest import ROOT
 from tests.test_sweeps import TINY, split_runs
 
