@@ -68,6 +68,7 @@ def test_sft_run_under_ddp_is_one_finished_run_with_the_adapter(tmp_path, mlflow
     assert not (tmp_path / "out" / "ddp_errors").exists()
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_classification_run_under_ddp_counts_the_tokens_of_both_ranks(tmp_path, mlflow_store):
     proc, runs = _train(tmp_path, [])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -86,6 +87,7 @@ def test_classification_run_under_ddp_counts_the_tokens_of_both_ranks(tmp_path, 
     assert run_.data.metrics["train_tokens"] == sum(lengths)
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_a_failure_on_rank_1_ends_the_run_failed_and_the_launcher_nonzero(tmp_path, mlflow_store):
     fault = tmp_path / "fault"
     fault.mkdir()
@@ -167,6 +169,7 @@ def test_one_process_trains_on_one_gpu_without_data_parallel(tmp_path):
     assert args.n_gpu == 1 and args.train_batch_size == 8
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_ddp_sft_loss_is_the_token_mean_over_both_ranks(tmp_path, mlflow_store):
     """HF divides each rank's loss by the token count of all ranks; the packed trainer must scale it back up by
     the rank count, as ``Trainer.compute_loss`` does, or the loss and gradients under DDP shrink by half.
@@ -323,6 +326,7 @@ def _listening(pids: set[int]) -> set[tuple[str, int, int]]:
     return found
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_a_local_ddp_run_listens_on_loopback_only(tmp_path, mlflow_store):
     """``train.nproc_per_node=2`` opens its rendezvous store and the ranks' gloo sockets on loopback. Under
     ``torchrun --standalone`` the store listened on every interface (``*:PORT``): anyone on the network could
@@ -354,6 +358,7 @@ def test_a_local_ddp_run_listens_on_loopback_only(tmp_path, mlflow_store):
     assert {ip for ip, _, _ in seen} <= {"127.0.0.1", "::1"}, sorted(seen)
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_a_sweep_job_with_two_ranks_is_one_finished_child_run(tmp_path, mlflow_store):
     """A grid job with ``train.nproc_per_node=2``: the sweep launches its ranks, finds rank 0's run by its
     output_dir tag and records it as the job's (src.sweeps.job's DDP path)."""

@@ -106,6 +106,7 @@ def test_a_full_disk_under_the_store_and_the_output_ends_the_run_failed_with_the
     assert f"could not record run {run['run_id']} as FAILED" in output, output[-3000:]
 
 
+@pytest.mark.slow  # ~1.5 min; a full disk: the store-and-output test above
 def test_a_full_output_disk_ends_the_run_failed_with_the_cause_in_the_store(tmp_path):
     """The store is elsewhere: the run's own write to the full disk fails, and the store says so."""
     seen, output = _fill_during_a_run(tmp_path, store_on_full_disk=False)

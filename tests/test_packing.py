@@ -396,6 +396,7 @@ def test_cached_dequantized_weights_give_the_eight_bit_forward_and_gradients(tin
     assert (shifted - logits_8bit).abs().max() > 0.4
 
 
+@pytest.mark.slow  # torch.compile on CPU, ~40 s; the fast path's other numerics stay
 def test_compiled_decoder_layers_compute_the_eager_losses_and_gradients(tiny_model_dir):
     model = _tiny_lora_model(tiny_model_dir, fast_attention.PACKED_ATTENTION)
     batches = [

@@ -257,6 +257,7 @@ def test_sweep_best_predicts_with_the_best_run(cls_run, tmp_path, capsys):
     assert f"best run of sweep s-real is {cls_run.run_id}" in err
 
 
+@pytest.mark.slow  # predict end to end in-process: the tests above through src.predict.main
 def test_stdin_lines_through_a_real_subprocess(cls_run, tmp_path):
     lines = "\n".join([TEXTS[0], "", TEXTS[1], TEXTS[2]]) + "\n"  # blank lines are skipped
     proc = subprocess.run(

@@ -393,6 +393,7 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow  # two trainings and a resume, ~25 s
 @pytest.mark.parametrize("quant", ["none", pytest.param("4bit", marks=pytest.mark.slow)])
 def test_resumed_run_continues_as_the_uninterrupted_one(tmp_path, mlflow_store, quant):
     cfg = validate(compose_config([*RESUME, f"quant={quant}"]))

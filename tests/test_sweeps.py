@@ -98,6 +98,17 @@ def test_fit_micro_batch_halves_until_the_estimate_fits():
         fit_micro_batch(16, 1, 7.0, estimate, shrink=False)
 
 
+def test_a_job_reads_isolate_and_feasibility_from_its_sweeper_or_the_schema():
+    from omegaconf import OmegaConf
+
+    from src.sweeps.configs import GridSweeperConf, JobConf, job_conf
+
+    assert job_conf(OmegaConf.create({"max_batch_size": None})) == JobConf()  # Hydra's basic sweeper: the defaults
+    assert job_conf(OmegaConf.structured(GridSweeperConf)) == JobConf()
+    given = job_conf(OmegaConf.create({"isolate": False, "feasibility": {"mode": "skip", "available_gpu_mem_gb": 3}}))
+    assert given == JobConf(isolate=False, feasibility=FeasibilityConf("skip", 3.0))
+
+
 def test_feasibility_uses_src_plan_and_an_injected_free_memory():
     from dataclasses import replace
 
@@ -294,6 +305,7 @@ def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~1.5 min; a grid end to end: test_a_failing_job_is_recorded_and_the_sweep_goes_on
 def test_grid_of_4_gives_4_finished_children_under_1_parent(tmp_path, mlflow_store):
     result = sweep(["--multirun", "lora.r=2,4", "lora=attn_qv,mlp", *TINY[1:]], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -192,6 +192,7 @@ def test_sigterm_ends_the_run_killed(tmp_path):
     assert run_.data.tags["error_type"] == "Terminated"
 
 
+@pytest.mark.slow  # the default run end to end: test_readme.py runs `python -m src.train`
 def test_offline_default_learns_above_the_majority_baseline(tmp_path):
     """The README's main command, as a user runs it (slowest test of the default tier, ~30 s)."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"

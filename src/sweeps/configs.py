@@ -24,18 +24,24 @@ class FeasibilityConf:
 
 
 @dataclass
-class GridSweeperConf:
-    _target_: str = f"{PLUGIN_MODULE}.GridSweeper"
-    params: Optional[dict[str, str]] = None  # like Hydra's basic sweeper: {lora.r: "8,16"}
-    rows: Optional[list[str]] = None  # explicit jobs, each the overrides of one job as on the command line
-    max_batch_size: Optional[int] = None  # jobs handed to the launcher at once; null: one per GPU (1 on CPU)
-    max_failure_rate: float = 1.0  # stop once more than this fraction of all jobs has failed (1.0: never)
+class JobConf:
+    """What each job of a sweep reads of ``hydra.sweeper``; both sweepers' configs extend it."""
+
     isolate: bool = True  # each job in a fresh process
     feasibility: FeasibilityConf = field(default_factory=FeasibilityConf)
 
 
 @dataclass
-class OptunaSweeperConf:
+class GridSweeperConf(JobConf):
+    _target_: str = f"{PLUGIN_MODULE}.GridSweeper"
+    params: Optional[dict[str, str]] = None  # like Hydra's basic sweeper: {lora.r: "8,16"}
+    rows: Optional[list[str]] = None  # explicit jobs, each the overrides of one job as on the command line
+    max_batch_size: Optional[int] = None  # jobs handed to the launcher at once; null: one per GPU (1 on CPU)
+    max_failure_rate: float = 1.0  # stop once more than this fraction of all jobs has failed (1.0: never)
+
+
+@dataclass
+class OptunaSweeperConf(JobConf):
     _target_: str = f"{PLUGIN_MODULE}.OptunaSweeper"
     _recursive_: bool = False  # the sweeper builds the sampler and pruner itself; jobs rebuild the pruner
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "nop"}])
@@ -55,8 +61,6 @@ class OptunaSweeperConf:
     # seconds; one silent for grace_period (null: 2 x interval) is failed and retried by another worker.
     heartbeat_interval: Optional[int] = None
     grace_period: Optional[int] = None
-    isolate: bool = True
-    feasibility: FeasibilityConf = field(default_factory=FeasibilityConf)
 
 
 SAMPLERS = {
@@ -105,17 +109,9 @@ def register_configs() -> None:
         cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="lora-sweeps")
 
 
-@dataclass
-class JobConf:
-    """What each job of a sweep reads of ``hydra.sweeper`` (both sweepers' configs hold these fields)."""
-
-    isolate: bool = True  # each job in a fresh process
-    feasibility: FeasibilityConf = field(default_factory=FeasibilityConf)
-
-
 def job_conf(sweeper: DictConfig) -> JobConf:
     """``isolate`` and ``feasibility`` of the sweeper's config; a sweeper without them (Hydra's basic one) gets
-    the defaults above."""
+    :class:`JobConf`'s defaults."""
     given = {key: sweeper[key] for key in ("isolate", "feasibility") if key in sweeper}
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConf), given))
 
