@@ -31,7 +31,7 @@ from src.sweeps.study import (
     search_space,
     trial_overrides,
 )
-from tests.conftest import OPENLLAMA_3B, ROOT, compose_config
+from tests.conftest import OPENLLAMA_3B, ROOT, compose_config, compose_hydra
 
 SWEEPS_DIR = ROOT / "sweeps"
 # Shrinks any job to seconds on CPU; eval only at the end, on 16 rows.
@@ -259,11 +259,9 @@ def test_a_trial_whose_run_finished_after_its_sweep_died_is_adopted_not_retraine
 def test_every_sweep_file_composes_and_validates(path):
     first = path.read_text().splitlines()[0]
     assert first == f"# python -m src.train -cd sweeps -cn {path.stem}"
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
-        cfg = compose(config_name=path.stem, return_hydra_config=True)
+    cfg = compose_hydra(SWEEPS_DIR, path.stem)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.model.name == "openllama3b"  # real targets by default
     assert cfg.hydra.sweeper._target_.startswith("hydra_plugins.lora_sweeps.sweepers.")
@@ -284,14 +282,12 @@ def test_every_sweep_file_composes_and_validates(path):
 
 def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
     """The four rows of seed_table give the seed's trainable counts, through src.plan (no weights)."""
-    from hydra import compose, initialize_config_dir
     from transformers import LlamaConfig
 
     from src.plan import plan
 
     LlamaConfig(**OPENLLAMA_3B).save_pretrained(tmp_path)
-    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
-        rows = list(compose(config_name="seed_table", return_hydra_config=True).hydra.sweeper.rows)
+    rows = list(compose_hydra(SWEEPS_DIR, "seed_table").hydra.sweeper.rows)
     counts = []
     for row in rows:
         raw = compose_config([*row.split(), f"model.name_or_path={tmp_path}"], SWEEPS_DIR, "seed_table")
