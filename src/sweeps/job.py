@@ -1,4 +1,4 @@
-"""One job of a sweep, seen from the job: a fresh process, a memory check, pruning, and a result.
+"""One job of a sweep, seen from the job: a fresh process, a memory check, and a result (pruning: ``trial``).
 
 In a multirun, ``src.train.main`` validates each job's resolved config (:func:`validated_job`: an invalid
 one is a FAILED job, its run FAILED with the reason) and hands it to :func:`run_job`, with the training function
