@@ -71,5 +71,5 @@ def gpu_batches(gpus_per_job: Sequence[int], size: int, gpus: Sequence[str]) -> 
 def job_processes(config_loader, config: DictConfig, overrides: Sequence[str]) -> int:
     """``train.nproc_per_node`` of one job (its GPUs), composed as the launcher will compose it."""
     job = config_loader.load_sweep_config(config, list(overrides))
-    value = OmegaConf.select(job, "train.nproc_per_node", default=1)
+    value = OmegaConf.select(job, "train.nproc_per_node")  # an invalid value fails the job at its validation
     return value if isinstance(value, int) and value > 1 else 1
