@@ -519,13 +519,19 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
 
 def validated(raw: dict) -> Config:
     """The config validated for training (``src.config.validate``); an invalid one raises the ConfigError and
-    still ends as a FAILED run that lists every problem, so a sweep's table shows why it did not train."""
+    still ends as a FAILED run that lists every problem (:func:`record_invalid`)."""
     try:
         return validate(raw, for_training=True)
-    except ConfigError:
-        with contextlib.suppress(ConfigError), tracked_run(raw):
-            raise
+    except ConfigError as exc:
+        record_invalid(raw, exc)
         raise
+
+
+def record_invalid(raw: dict, error: ConfigError) -> None:
+    """A FAILED run for a config that did not validate, with every problem: a sweep's table shows why it did not
+    train, and so does the store after a command line's typo."""
+    with contextlib.suppress(ConfigError), tracked_run(raw):
+        raise error
 
 
 def log_dir_artifacts(local_dir: Path, artifact_path: str) -> None:

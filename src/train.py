@@ -22,7 +22,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from src import console, distributed, tracking
-from src.config import Config, ConfigError, objective
+from src.config import Config, ConfigError, objective, validate
 from src.data import DataError, load_data
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
 from src.sweeps.job import run_job, validated_job
@@ -167,11 +167,12 @@ def save_outputs(cfg: Config, model, tokenizer, data, adapter_dir: Path, metrics
 
 def validated(raw: dict) -> Config:
     """Validate a config before anything heavy: the error shows at once (a model load or an MLflow store
-    takes seconds), and an invalid config still ends as a FAILED run (:func:`src.tracking.validated`)."""
+    takes seconds), and an invalid config still ends as a FAILED run (:func:`src.tracking.record_invalid`)."""
     try:
-        return tracking.validated(raw)
+        return validate(raw, for_training=True)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {exc}", file=sys.stderr, flush=True)  # before the store is opened, which takes seconds
+        tracking.record_invalid(raw, exc)
         sys.exit(2)
 
 
