@@ -42,12 +42,6 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def requested_processes(raw: dict) -> int:
-    """``train.nproc_per_node`` of a composed config; 1 when unset or invalid (validation reports it)."""
-    value = (raw.get("train") or {}).get("nproc_per_node", 1)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
-
-
 def finish() -> None:
     """Under DDP, wait for every rank: rank 0 still generates samples, saves and logs when the others are done."""
     import torch.distributed as dist
@@ -244,7 +238,7 @@ def ddp_training_kwargs() -> dict[str, Any]:
 def average_gradients(grads: list) -> None:
     """Average gradient tensors over the ranks in place, as DDP does: one all-reduce per dtype.
 
-    For steps whose backward DDP's hooks do not see (a CUDA graph replay, :class:`src.packing.GraphedSteps`).
+    For steps whose backward DDP's hooks do not see (a CUDA graph replay, :class:`src.fast.graphs.GraphedSteps`).
     The gradients are flattened into one buffer per dtype, reduced in that dtype (as DDP reduces in the
     parameters' dtype), divided by the world size and copied back.
     """

@@ -23,11 +23,11 @@ Mistral-7B 4-bit (the last on an H200). Re-measured (``tests/device/BENCH_RESULT
 -9% to +2%, fast -10% to +8%, now with cached 8-bit weights and Mistral-7B on an H100. Other
 architectures (GELU MLPs, encoders) use the same coefficients, unmeasured.
 
-The fast SFT path (``src/packing.py``) asks :func:`plan` for one packed row of ``n x max_length``
+The fast SFT path (``src/fast/``) asks :func:`plan` for one packed row of ``n x max_length``
 tokens per micro-batch and adds what the plan does not model: the cached dequantized 4/8-bit weights
-(2 bytes a weight, :func:`src.packing.cache_dequantized_weights`; a cached int8 layer no longer keeps
+(2 bytes a weight, :func:`src.fast.weights.cache_dequantized_weights`; a cached int8 layer no longer keeps
 bitsandbytes' input copy, which the plan still counts: +6% to +8% measured) and, under the mask attention, the
-math kernel's ``heads x T x T`` matrices (:func:`src.packing.mask_attention_gb`).
+math kernel's ``heads x T x T`` matrices (:func:`src.fast.attention.mask_attention_gb`).
 
 - **Base weights.** 16-bit: every parameter at ``model.dtype``. 4- and 8-bit: bitsandbytes
   quantizes the ``nn.Linear`` layers except the output head (transformers'
@@ -60,7 +60,7 @@ math kernel's ``heads x T x T`` matrices (:func:`src.packing.mask_attention_gb`)
   (half at bf16: measured +3% on the fast path), with or without checkpointing.
 - **Logits.** TRL's ``SFTTrainer`` (the plain SFT path, ``train.fast_path=false``) computes
   log-probabilities through a fused, tiled LM head and never holds ``batch x seq x vocab``
-  logits; measured, it adds nothing to the peak. The fast path's trainer (``src/packing.py``) takes
+  logits; measured, it adds nothing to the peak. The fast path's trainer (``src/fast/``) takes
   the model's own loss, which materializes them: ``tokens x vocab x LOGITS_BYTES`` times
   ``LOSS_LOGITS_FACTOR`` (bf16 logits, their fp32 copy and log-softmax: measured 9 bytes a logit)
   or, with checkpointing, where the peak falls in the backward pass, ``LOSS_LOGITS_FACTOR_CKPT``
@@ -367,7 +367,7 @@ def activation_widths(cfg: Config) -> Widths:
     norms and embeddings), else ``model.dtype``; matmuls give 2 bytes under bf16/fp16 autocast.
 
     The fast SFT path trains a 4/8-bit base in bf16 with those weights cast back to bf16
-    (``src.packing.cast_frozen_to_bf16``): its residual stream is 2 bytes wide."""
+    (``src.fast.weights.cast_frozen_to_bf16``): its residual stream is 2 bytes wide."""
     residual = 4 if cfg.quant.bits in (4, 8) else DTYPE_BYTES[cfg.model.dtype]
     fast_sft = getattr(cfg.train, "fast_path", False) and cfg.data.task == "sft"
     if fast_sft and cfg.train.bf16 and cfg.quant.bits in (4, 8):
@@ -381,7 +381,7 @@ def plan(cfg: Config) -> dict[str, Any]:
 
     from src.modeling import apply_lora, base_model, count_params, is_full_fine_tuning, target_leaf_names
 
-    # The fast SFT path (src/packing.py) takes the model's own loss; the plain path, TRL's fused head.
+    # The fast SFT path (src/fast/) takes the model's own loss; the plain path, TRL's fused head.
     fast_path = getattr(cfg.train, "fast_path", False)
     model_config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     base = build_meta_model(model_config, cfg)

@@ -42,8 +42,10 @@ from typing import Any, Optional, TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
 
 from src import distributed
+from src.config import CONF_DIR, Config, ConfigError, validate
 from src.tiny import PROJECT_ROOT
 
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
@@ -441,6 +443,12 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(f"received signal {signal.Signals(signum).name}")
 
 
+def base_experiment() -> str:
+    """``tracking.experiment`` of ``conf/config.yaml``: where a config too broken to name its own experiment
+    records its failure (read from the file, which holds the default)."""
+    return str(OmegaConf.load(CONF_DIR / "config.yaml").tracking.experiment)
+
+
 @contextlib.contextmanager
 def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Optional[mlflow.ActiveRun]]:
     """Start the run for a composed config and end it with its true status, whatever happens.
@@ -461,7 +469,7 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
         return
     tracking = raw.get("tracking") or {}
     uri = tracking_uri(tracking.get("tracking_uri"))
-    experiment_id = ensure_experiment(tracking.get("experiment") or "lora-sweeps", uri)
+    experiment_id = ensure_experiment(tracking.get("experiment") or base_experiment(), uri)
     all_tags = {**process_tags(), **(tags or {})}
     if raw.get("output_dir"):  # how a sweep and src.doctor find the run of an output directory
         all_tags["output_dir"] = str(raw["output_dir"])
@@ -508,6 +516,23 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def validated(raw: dict) -> Config:
+    """The config validated for training (``src.config.validate``); an invalid one raises the ConfigError and
+    still ends as a FAILED run that lists every problem (:func:`record_invalid`)."""
+    try:
+        return validate(raw, for_training=True)
+    except ConfigError as exc:
+        record_invalid(raw, exc)
+        raise
+
+
+def record_invalid(raw: dict, error: ConfigError) -> None:
+    """A FAILED run for a config that did not validate, with every problem: a sweep's table shows why it did not
+    train, and so does the store after a command line's typo."""
+    with contextlib.suppress(ConfigError), tracked_run(raw):
+        raise error
 
 
 def log_dir_artifacts(local_dir: Path, artifact_path: str) -> None:

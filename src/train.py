@@ -12,7 +12,6 @@ every rank runs :func:`run`; rank 0 alone writes MLflow and the adapter (``src/d
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,20 +21,23 @@ import hydra
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from src import console, distributed, sweeping, sweeping_trial, tracking  # noqa: F401  sweeping registers hydra/sweeper configs
+from src import console, distributed, tracking
 from src.config import FULL_FINE_TUNING, Config, ConfigError, objective, validate
 from src.data import DataError, load_data
-from src.sweep_records import quote
+from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
+from src.sweeps.job import run_job, validated_job
+from src.sweeps.outcomes import quote
+from src.sweeps.trial import trial_callbacks
 
 # Where a run saves what it trained: a LoRA adapter, or with lora=none (full fine-tuning) the whole model.
 ADAPTER_DIR, MODEL_DIR = "adapter", "model"
 
 
-def run(raw: dict) -> Optional[float]:
-    """Train one configuration (a resolved config as a plain dict); return the objective value."""
+def run(raw: dict, cfg: Config) -> Optional[float]:
+    """Train one configuration and return the objective value: ``cfg`` validated (:func:`validated`, or a sweep
+    job's :func:`src.sweeps.job.validated_job`), ``raw`` the same resolved config as a plain dict, logged as params."""
     console.quiet_libraries()
     with tracking.tracked_run(raw):
-        cfg = validate(raw, for_training=True)
         main_process = distributed.is_main_process()  # tracking.* writes nothing on other DDP ranks
         # output_dir is a tag (tracking.tracked_run), not a param: it differs between every two runs, and the UI's
         # compare view would list it as the one parameter that always differs.
@@ -73,7 +75,7 @@ def run(raw: dict) -> Optional[float]:
         )
         # An Optuna trial reports its evaluations and may be pruned; under DDP rank 0 reports, and if it prunes,
         # torchrun stops the others.
-        pruning = sweeping_trial.trial_callbacks(objective(cfg)[0]) if main_process else []
+        pruning = trial_callbacks(objective(cfg)[0]) if main_process else []
         trainer, metrics, truncated = training.build_trainer(
             cfg, model, tokenizer, data, str(output_dir / "checkpoints"), pruning
         )
@@ -172,13 +174,12 @@ def save_outputs(cfg: Config, model, tokenizer, data, saved_dir: Path, metrics) 
 
 def validated(raw: dict) -> Config:
     """Validate a config before anything heavy: the error shows at once (a model load or an MLflow store
-    takes seconds), and an invalid config still ends as a FAILED run."""
+    takes seconds), and an invalid config still ends as a FAILED run (:func:`src.tracking.record_invalid`)."""
     try:
         return validate(raw, for_training=True)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        with contextlib.suppress(ConfigError), tracking.tracked_run(raw):
-            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)  # before the store is opened, which takes seconds
+        tracking.record_invalid(raw, exc)
         sys.exit(2)
 
 
@@ -196,28 +197,20 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
     raw = OmegaConf.to_container(cfg, resolve=True)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        # One job of a sweep: in a fresh process unless hydra.sweeper.isolate=false; errors go to the
-        # sweeper, which records them and goes on. Returns the run id and its final metrics.
-        # The project's sweepers carry isolate and feasibility; another sweeper (Hydra's basic one) gets their
-        # defaults, read from the sweepers' own schema.
-        sweeper = hydra_cfg.sweeper
-        feasibility = sweeper.get("feasibility")
+        # One job of a sweep: in a fresh process unless hydra.sweeper.isolate=false; errors (an invalid config
+        # included) go to the sweeper, which records them and goes on. Returns the run id and its final metrics.
+        job = sweep_configs.job_conf(hydra_cfg.sweeper)
         # The trial process gets the training function by reference: src.train.run, importable by name in a
         # launcher's worker (joblib's loky, submitit), where __main__ is not this module and __main__.run fails.
         import src.train
 
-        return sweeping_trial.run_job(
-            raw,
-            src.train.run,
-            isolate=sweeper.get("isolate", sweeping.GridSweeperConf.isolate),
-            feasibility=sweeping_trial.Feasibility(**feasibility) if feasibility else sweeping_trial.Feasibility(),
-        )
-    validated(raw)
+        return run_job(raw, validated_job(raw), src.train.run, isolate=job.isolate, feasibility=job.feasibility)
+    config = validated(raw)
     try:
-        nproc = distributed.requested_processes(raw)
+        nproc = config.train.nproc_per_node
         if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
             sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
-        return run(raw)
+        return run(raw, config)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # the whole report, without a traceback
         sys.exit(2)

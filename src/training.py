@@ -21,14 +21,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from src import console, distributed, tracking
 from src.config import Config, TrainConfig, objective, safe_metric_name
 from src.data import TaskData
-from src.guards import NonFiniteLossGuard
-from src.packed_classification import (
+from src.fast.classification import (
     PackedClassificationCollator,
     PackedClassificationTrainer,
     classification_loss,
     packing_attention,
     plan_fast_classifier,
 )
+from src.guards import NonFiniteLossGuard
 
 # HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
 HF_TO_MLFLOW = {"loss": "train_loss", "train_loss": "train_loss_mean", "train_runtime": "train_runtime_s"}
@@ -321,10 +321,11 @@ def build_trainer(
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     callbacks += list(extra_callbacks)
+    inputs = dict(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)  # every task's trainer
     if data.task == "sft":
         from trl import SFTTrainer
 
-        from src.packing import build_packed_sft_trainer
+        from src.fast.trainer import build_packed_sft_trainer
 
         train_ds, eval_ds = data.train.remove_columns("row_id"), data.eval.remove_columns("row_id")
         if cfg.train.fast_path:  # padding-free packed micro-batches sized to the memory budget
@@ -332,27 +333,17 @@ def build_trainer(
             if micro.est_peak_gpu_mem_gb is not None:  # the plan the fast path follows, to set against the peak
                 tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
         else:
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=train_ds,
-                eval_dataset=eval_ds,
-                processing_class=tokenizer,
-                callbacks=callbacks,
-            )
+            trainer = SFTTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **inputs)
         use_console(trainer)
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
     metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=(objective(cfg)[0],))
     common = dict(
-        model=model,
-        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=metrics,
-        callbacks=callbacks,
+        **inputs,
     )
     multilabel = data.task == "multilabel"
     attention = packing_attention(model) if cfg.train.fast_path else None

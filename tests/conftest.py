@@ -38,6 +38,25 @@ def compose_config(overrides: list[str] | None = None, config_dir: Path = CONF_D
     return compose(list(overrides or []), config_dir, config_name)
 
 
+def compose_hydra(config_dir: Path = CONF_DIR, config_name: str = "config", overrides: tuple[str, ...] = ()):
+    """The composed DictConfig with its ``hydra`` node (the sweeper, the launcher), which ``compose_config`` drops."""
+    from hydra import compose, initialize_config_dir
+
+    import src.config  # noqa: F401  the resolvers the YAML files use
+
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def train_run(raw: dict):
+    """``src.train.run`` on a composed config, validated first as ``src.train.main`` validates it at its edge
+    (``src.tracking.validated``: an invalid config raises ConfigError and still leaves a FAILED run)."""
+    from src import tracking
+    from src.train import run
+
+    return run(raw, tracking.validated(raw))
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store in tmp_path, selected through MLFLOW_TRACKING_URI."""

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from src import compare
-from src.compare import Column, format_table, group_seeds, pareto_front, pick_best
+from src.runs import compare
+from src.runs.compare import Column, format_table, group_seeds, pareto_front, pick_best
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from src.compare import main
+from src.runs.compare import main
 
 
 def _sft_run(name: str, after: list[str]) -> str:

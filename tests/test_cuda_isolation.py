@@ -50,6 +50,7 @@ def test_the_probe_sees_a_cuda_start_outside_a_trial(tmp_path):
     assert start["call"] == "torch.cuda.is_available" and start["process"] == "MainProcess"
 
 
+@pytest.mark.slow  # the joblib case below is a grid too, and the one that caught a regression
 def test_grid_sweep_starts_cuda_only_in_its_trials(tmp_path, mlflow_store):
     log = tmp_path / "cuda.jsonl"
     result = sweep(["--multirun", "lora.r=2,4", *TINY[1:]], tmp_path, env=_probe_env(log))

@@ -19,7 +19,7 @@ import pytest
 from src import modeling
 from src.config import ConfigError, validate
 from src.data import load_data
-from src.sweeping import assign_gpus, batch_size, gpu_batches, visible_gpus
+from src.sweeps.placement import assign_gpus, batch_size, gpu_batches, visible_gpus
 from tests.conftest import ROOT, compose_config
 
 # 16 training rows, 4 per rank per step, one epoch: 2 optimizer steps under DDP on 2 ranks (4 without DDP).
@@ -68,6 +68,7 @@ def test_sft_run_under_ddp_is_one_finished_run_with_the_adapter(tmp_path, mlflow
     assert not (tmp_path / "out" / "ddp_errors").exists()
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_classification_run_under_ddp_counts_the_tokens_of_both_ranks(tmp_path, mlflow_store):
     proc, runs = _train(tmp_path, [])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -86,6 +87,7 @@ def test_classification_run_under_ddp_counts_the_tokens_of_both_ranks(tmp_path, 
     assert run_.data.metrics["train_tokens"] == sum(lengths)
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_a_failure_on_rank_1_ends_the_run_failed_and_the_launcher_nonzero(tmp_path, mlflow_store):
     fault = tmp_path / "fault"
     fault.mkdir()
@@ -167,6 +169,7 @@ def test_one_process_trains_on_one_gpu_without_data_parallel(tmp_path):
     assert args.n_gpu == 1 and args.train_batch_size == 8
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_ddp_sft_loss_is_the_token_mean_over_both_ranks(tmp_path, mlflow_store):
     """HF divides each rank's loss by the token count of all ranks; the packed trainer must scale it back up by
     the rank count, as ``Trainer.compute_loss`` does, or the loss and gradients under DDP shrink by half.
@@ -218,7 +221,7 @@ def _average_gradients_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_average_gradients_gives_ddps_gradients(tmp_path):
-    """What the packed trainer's CUDA-graph steps use under DDP instead of DDP's hooks (``src.packing``)."""
+    """What the packed trainer's CUDA-graph steps use under DDP instead of DDP's hooks (``src.fast.graphs``)."""
     import socket
 
     import torch
@@ -258,14 +261,14 @@ def test_runs_record_the_gpus_they_were_pinned_to(monkeypatch):
 
 
 def test_token_balanced_sampler_keeps_each_steps_examples_and_evens_the_ranks():
-    """Under DDP the packed trainer deals each step's examples so that the ranks get as many tokens (src.packing)."""
+    """Under DDP the packed trainer deals each step's examples so the ranks get as many tokens (src.fast.sampler)."""
     import random
 
     import torch
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from src.packing import TokenBalancedSampler
+    from src.fast.sampler import TokenBalancedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(64, 256) for _ in range(100)]  # 6 full steps of 2 ranks x 8, and 4 left over
@@ -293,7 +296,8 @@ def test_packed_trainer_samples_token_balanced_only_under_ddp(monkeypatch):
 
     from datasets import Dataset
 
-    from src.packing import PackedTrainer, TokenBalancedSampler
+    from src.fast.sampler import TokenBalancedSampler
+    from src.fast.trainer import PackedTrainer
 
     trainer = PackedTrainer.__new__(PackedTrainer)
     trainer.train_dataset = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 5, 7, 9)]})
@@ -322,6 +326,7 @@ def _listening(pids: set[int]) -> set[tuple[str, int, int]]:
     return found
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_a_local_ddp_run_listens_on_loopback_only(tmp_path, mlflow_store):
     """``train.nproc_per_node=2`` opens its rendezvous store and the ranks' gloo sockets on loopback. Under
     ``torchrun --standalone`` the store listened on every interface (``*:PORT``): anyone on the network could
@@ -353,9 +358,10 @@ def test_a_local_ddp_run_listens_on_loopback_only(tmp_path, mlflow_store):
     assert {ip for ip, _, _ in seen} <= {"127.0.0.1", "::1"}, sorted(seen)
 
 
+@pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_a_sweep_job_with_two_ranks_is_one_finished_child_run(tmp_path, mlflow_store):
     """A grid job with ``train.nproc_per_node=2``: the sweep launches its ranks, finds rank 0's run by its
-    output_dir tag and records it as the job's (src.sweeping_trial's DDP path)."""
+    output_dir tag and records it as the job's (src.sweeps.job's DDP path)."""
     args = [o for o in DDP if not o.startswith(("train.max_steps", "train.num_train_epochs"))]
     cmd = [sys.executable, "-m", "src.train", "--multirun", *args, "train.max_steps=2", "lora.r=4",
            f"hydra.sweep.dir={tmp_path / 'm'}"]  # fmt: skip

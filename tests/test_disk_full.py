@@ -19,7 +19,8 @@ import sys
 import mlflow
 import pytest
 
-from src import doctor, tracking
+from src import tracking
+from src.sweeps.stale import mark_stale_runs
 from tests.conftest import ROOT
 
 INSPECT = """
@@ -105,6 +106,7 @@ def test_a_full_disk_under_the_store_and_the_output_ends_the_run_failed_with_the
     assert f"could not record run {run['run_id']} as FAILED" in output, output[-3000:]
 
 
+@pytest.mark.slow  # ~1.5 min; a full disk: the store-and-output test above
 def test_a_full_output_disk_ends_the_run_failed_with_the_cause_in_the_store(tmp_path):
     """The store is elsewhere: the run's own write to the full disk fails, and the store says so."""
     seen, output = _fill_during_a_run(tmp_path, store_on_full_disk=False)
@@ -137,7 +139,7 @@ def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path):
         (out / tracking.RECORD_NAME).write_text(
             json.dumps({"run_id": owner, "status": "FAILED", "tags": error, "written_at": "2026-12-01T00:00:00"})
         )
-    marked = {m.run_name: m for m in doctor.mark_stale_runs(uri)}
+    marked = {m.run_name: m for m in mark_stale_runs(uri)}
     assert set(marked) == {"recorded", "foreign-record"}
     recorded = client.get_run(ids["recorded"])
     assert recorded.info.status == "FAILED" and marked["recorded"].status == "FAILED"

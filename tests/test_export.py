@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from src import export, inference
+from src.runs import export, inference
 from src.tiny import resolve
 from tests.test_predict import TEXTS, TrainedRun, trained_run
 

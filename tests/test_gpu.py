@@ -13,7 +13,10 @@ import types
 import pytest
 import torch
 
-from src import packing
+from src.fast import attention as fast_attention
+from src.fast import graphs as fast_graphs
+from src.fast import trainer as fast_trainer
+from src.fast import weights as fast_weights
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,7 +39,9 @@ def _model(attention: str, head_dim: int, kv_heads: int):
         attn_implementation="sdpa",
     )
     model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
-    assert {"varlen": packing.use_varlen_attention, "per-example": packing.use_packed_attention}[attention](model)
+    assert {"varlen": fast_attention.use_varlen_attention, "per-example": fast_attention.use_packed_attention}[
+        attention
+    ](model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -55,7 +60,7 @@ def _packed(lengths, seed=0):
 
 def _trainer(attention: str):
     """A PackedTrainer with only what compute_loss reads: the attention and one argument (one process)."""
-    trainer = packing.PackedTrainer.__new__(packing.PackedTrainer)
+    trainer = fast_trainer.PackedTrainer.__new__(fast_trainer.PackedTrainer)
     trainer.attention = attention
     trainer.args = types.SimpleNamespace(average_tokens_across_devices=False)
     return trainer
@@ -72,7 +77,7 @@ def _run(model, attention: str, batch):
 
 @pytest.mark.parametrize("head_dim,kv_heads", [(100, 8), (128, 2)])  # OpenLLaMA-3B's odd head size; GQA
 def test_varlen_attention_matches_per_example_attention(head_dim, kv_heads):
-    assert packing.varlen_available(torch.device("cuda"))
+    assert fast_attention.varlen_available(torch.device("cuda"))
     batch = _packed([37, 200, 5, 64, 130])
     logits_ref, grads_ref = _run(_model("per-example", head_dim, kv_heads), "per-example", batch)
     logits, grads = _run(_model("varlen", head_dim, kv_heads), "varlen", batch)
@@ -97,7 +102,7 @@ def test_cached_dequantized_weights_match_bitsandbytes_on_cuda():
     reference = layer(x)
     (grad_ref,) = torch.autograd.grad(reference.square().sum(), x)
     holder = torch.nn.Sequential(layer)
-    assert packing.cache_dequantized_weights(holder) == (1, pytest.approx(3200 * 8640 * 2 / 2**30))
+    assert fast_weights.cache_dequantized_weights(holder) == (1, pytest.approx(3200 * 8640 * 2 / 2**30))
     cached = layer(x)
     (grad,) = torch.autograd.grad(cached.square().sum(), x)
     torch.testing.assert_close(cached, reference, atol=2e-2, rtol=2e-2)
@@ -118,7 +123,7 @@ def test_cached_int8_weights_against_llm_int8_on_cuda():
     reference = layer(x)
     (grad_ref,) = torch.autograd.grad(reference.float().square().sum(), x)
     holder = torch.nn.Sequential(layer)
-    assert packing.cache_dequantized_weights(holder) == (1, pytest.approx(3200 * 8640 * 2 / 2**30))
+    assert fast_weights.cache_dequantized_weights(holder) == (1, pytest.approx(3200 * 8640 * 2 / 2**30))
     cached = layer(x)
     (grad,) = torch.autograd.grad(cached.float().square().sum(), x)
     scale = reference.float().abs().max().item()
@@ -130,7 +135,7 @@ def test_cached_int8_weights_against_llm_int8_on_cuda():
 def test_cuda_graph_steps_match_eager_steps():
     """Replays (a new length captures, the same length replays on new data) give the eager loss and gradients."""
     model = _model("varlen", head_dim=100, kv_heads=8)  # LoRA dropout 0: the same computation both ways
-    graphs = packing.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128)
+    graphs = fast_graphs.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128)
     batches = [  # 436 and 400 tokens: one 512-token graph, captured then replayed; 50 tokens: a 128-token graph
         _packed([37, 200, 5, 64, 130], seed=0),
         _packed([100, 90, 80, 70, 60], seed=1),
@@ -159,7 +164,7 @@ def _ddp_graph_worker(rank: int, port: int, out: str) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = _model("varlen", head_dim=100, kv_heads=8)  # seeded: the same weights on both ranks
-    graphs = packing.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128, world_size=2)
+    graphs = fast_graphs.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128, world_size=2)
     graphs.stream = torch.cuda.Stream()  # as PackedTrainer.train: DDP built on the stream the graphs use
     graphs.stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(graphs.stream):
@@ -180,7 +185,7 @@ def _ddp_graph_steps(rank: int, model, ddp, graphs) -> list[dict]:
         local = (batch["labels"][:, 1:] != -100).sum()
         num_items = local.clone()
         dist.all_reduce(num_items)  # as the Trainer counts under DDP: every rank's tokens
-        bounds = packing.seq_bounds(batch["position_ids"])
+        bounds = fast_attention.seq_bounds(batch["position_ids"])
         cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
         max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         model.zero_grad(set_to_none=True)

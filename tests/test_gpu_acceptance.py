@@ -38,7 +38,7 @@ from typing import Optional
 import pytest
 import torch
 
-from tests.conftest import OPENLLAMA_3B, ROOT, compose_config
+from tests.conftest import OPENLLAMA_3B, ROOT, compose_config, compose_hydra
 
 ON_GPU = torch.cuda.is_available()
 DRY_RUN = not ON_GPU and os.environ.get("LORA_GPU_SUITE_ON_CPU") == "1"
@@ -117,7 +117,7 @@ import dataclasses, json, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from src import inference
+from src.runs import inference
 
 run_id, uri, merged_dir, texts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -500,12 +500,9 @@ def first_wave(suite, tmp_path_factory) -> dict[str, Launched]:
 @pytest.fixture(scope="module")
 def seed_table(suite, first_wave) -> SeedTable:
     """``python -m src.train -cd sweeps -cn seed_table`` (run in the first wave), and src.compare on it."""
-    from hydra import compose, initialize_config_dir
-
     launched = first_wave["seed_table"]
     store, result = launched.store, launched.result
-    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
-        rows = list(compose(config_name="seed_table", return_hydra_config=True).hydra.sweeper.rows)
+    rows = list(compose_hydra(SWEEPS_DIR, "seed_table").hydra.sweeper.rows)
     table = SeedTable(store, result, rows, _seed_table_common(suite))
     if result.returncode == 0:
         sweep = ["--sweep", table.sweep_id, "--tracking-uri", store.uri]
@@ -682,7 +679,7 @@ def test_optuna_study_prunes_and_resumes_without_duplicates(suite, first_wave):
     import optuna
     from optuna.trial import TrialState
 
-    from src.sweeping_optuna import counted
+    from src.sweeps.study import counted
 
     launched = first_wave["optuna"]
     store, first = launched.store, launched.result

@@ -356,6 +356,7 @@ def test_a_made_train_split_that_would_be_empty_is_refused(tmp_path):
         load_data(_file_cfg(path, "data.eval_fraction=0.9"))
 
 
+@pytest.mark.slow  # ~2 min; classification end to end: test_train.py's contract tests
 def test_ten_thousand_classes_train_with_a_sparse_confusion_matrix_and_no_metric_per_class(tmp_path, mlflow_store):
     """The issue's 10,000-class problem, end to end: it spent over 11 minutes and 9.8 GB drawing its confusion
     matrix, and logged 10,000 per-class F1 metrics at each evaluation. Now (42 s and 2.8 GB here) the matrix is its
@@ -439,14 +440,14 @@ def test_train_run_refuses_gpu_precision_before_loading_anything(monkeypatch, tm
     import torch
 
     from src import modeling
-    from src.train import run
+    from tests.conftest import train_run
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(modeling, "load_tokenizer", lambda *a: pytest.fail("the tokenizer loaded"))
     raw = compose_config(["train=gpu"])
     raw["output_dir"] = str(tmp_path / "out")
     with pytest.raises(ConfigError, match="no CUDA GPU here: use train=default"):
-        run(raw)
+        train_run(raw)
     (failed,) = mlflow.MlflowClient(mlflow_store).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(mlflow_store).search_experiments()]
     )

@@ -1,5 +1,7 @@
-"""The import graph of src/: no circle, and the core never imports the sweep layer.
+"""The import graph of src/: no circle, and every import runs down the layers, never up.
 
+The layers, top down: the entry points (``src/<name>.py``, what users type), then ``src.runs`` (finished runs)
+and ``src.sweeps`` (many runs), then ``src.fast`` (the fast SFT path), then the core (the other flat modules).
 Every ``import src.x`` / ``from src import x`` / ``from src.x import y`` counts, at module level or inside a
 function (an import inside a function still makes a circle, only a hidden one).
 """
@@ -7,29 +9,81 @@ function (an import inside a function still makes a circle, only a hidden one).
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from tests.conftest import ROOT
 
 SRC = ROOT / "src"
-# The layers below the entry points: they must not know that sweeps exist (sweeps hand them what they need).
-CORE = {"config", "data", "modeling", "training", "tracking", "plan", "guards", "tiny", "bundled", "distributed"}
-SWEEP = {"sweeping", "sweeping_optuna", "sweeping_trial", "sweep_records", "doctor"}
+ENTRY_POINTS = {"src.train", "src.compare", "src.predict", "src.export", "src.bench", "src.doctor"}
+CORE = {
+    f"src.{name}"
+    for name in (
+        "config",
+        "data",
+        "modeling",
+        "training",
+        "tracking",
+        "plan",
+        "errors",
+        "console",
+        "guards",
+        "distributed",
+        "tiny",
+        "bundled",
+    )
+}
+# The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).
+CORE_USES_FAST = {"src.training"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_names(tree: ast.AST, modules: set[str]) -> set[str]:
+    """The project modules an ast imports anywhere in it: ``from src.a import b`` counts src.a.b where that is a
+    module, else src.a."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "src"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "src":
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in modules else node.module)
+    return found & modules
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {p.stem for p in SRC.glob("*.py") if p.stem != "__init__"}
-    graph: dict[str, set[str]] = {}
-    for name in modules:
-        imported: set[str] = set()
-        for node in ast.walk(ast.parse((SRC / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "src":
-                imported |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("src."):
-                imported.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                imported |= {a.name.split(".")[1] for a in node.names if a.name.startswith("src.")}
-        graph[name] = (imported & modules) - {name}
+    paths = {module_name(p): p for p in SRC.rglob("*.py")}
+    modules = set(paths)
+    graph = {}
+    for name, path in paths.items():
+        imported = imported_names(ast.parse(path.read_text()), modules)
+        # A package's __init__ runs before any module of it: importing src.x.y imports src.x too; src itself is empty.
+        graph[name] = {m for m in imported if m != "src"} - {name}
     return graph
+
+
+def layer(name: str) -> str:
+    if name in ENTRY_POINTS:
+        return "entry"
+    if name in CORE:
+        return "core"
+    package = name.split(".")[1]
+    assert package in ("runs", "sweeps", "fast"), f"{name}: not in a known layer; add it to tests/test_imports.py"
+    return package
+
+
+# What each layer may import, besides its own modules.
+ALLOWED = {
+    "entry": {"entry", "runs", "sweeps", "fast", "core"},
+    "runs": {"core"},
+    "sweeps": {"core"},
+    "fast": {"core"},
+    "core": {"core"},
+}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -44,7 +98,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             return
         if node in done:
             return
-        for nxt in sorted(graph[node]):
+        for nxt in sorted(graph.get(node, ())):
             visit(nxt, [*path, node])
         done.add(node)
 
@@ -55,15 +109,50 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_has_no_circle():
     graph = import_graph()
-    assert {"train", "sweeping", "sweeping_trial", "training"} <= set(graph)  # the walk sees the real modules
+    assert {"src.train", "src.sweeps.job", "src.sweeps.grid", "src.fast.trainer", "src.training"} <= set(graph)
+    assert "src.training" in graph["src.train"] and "src.sweeps.job" in graph["src.train"]  # the walk sees imports
     assert not cycles(graph), cycles(graph)
 
 
 def test_the_core_imports_no_sweep_module():
     graph = import_graph()
     assert CORE <= set(graph)
-    offenders = {name: sorted(graph[name] & SWEEP) for name in CORE if graph[name] & SWEEP}
+    offenders = {name: sorted(m for m in graph[name] if m.startswith("src.sweeps")) for name in CORE}
+    assert not {k: v for k, v in offenders.items() if v}, offenders
+
+
+def test_every_import_runs_down_the_layers():
+    """Core <- fast, core <- sweeps, core <- runs, all of them <- the entry points: no import runs back up (the
+    sweeps never import src.train, which hands them its training function), and no package knows another."""
+    graph = import_graph()
+    offenders = {}
+    for name, imported in graph.items():
+        if name == "src":
+            continue
+        here = layer(name)
+        for other in imported:
+            there = layer(other)
+            if there == here or there in ALLOWED[here] or (there == "fast" and name in CORE_USES_FAST):
+                continue
+            offenders.setdefault(name, []).append(other)
     assert not offenders, offenders
+
+
+def test_the_entry_points_stay_where_users_type_them():
+    for name in ENTRY_POINTS | {"src.plan"}:
+        tree = ast.parse((ROOT / f"{name.replace('.', '/')}.py").read_text())
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        defined |= {a.asname or a.name for node in tree.body if isinstance(node, ast.ImportFrom) for a in node.names}
+        assert "main" in defined, name  # its own, or the one of the module it delegates to
+        assert any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body), name
+
+
+def test_the_walk_sees_function_level_imports():
+    tree = ast.parse("def f():\n    from src.sweeps import job\n    import src.fast.trainer\n")
+    assert imported_names(tree, {"src.sweeps", "src.sweeps.job", "src.fast.trainer"}) == {
+        "src.sweeps.job",
+        "src.fast.trainer",
+    }
 
 
 def test_the_check_finds_a_circle():

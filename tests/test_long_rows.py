@@ -44,6 +44,7 @@ def test_a_split_mostly_far_too_long_is_a_broken_file_whatever_the_setting(tmp_p
         load_data(cfg.data, tokenizer, cfg.model.max_length)
 
 
+@pytest.mark.slow  # reads the public datasets in ../shared/data
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
 def test_real_datasets_the_old_guard_refused_load_with_the_defaults():
     """The Alpaca demo (59 rows over 10 x 128 tokens) and GoEmotions (one comment of braille art)."""
@@ -64,11 +65,11 @@ def test_real_datasets_the_old_guard_refused_load_with_the_defaults():
 def test_sft_rows_whose_prompts_fill_max_length_are_one_clear_error():
     from datasets import Dataset
 
-    from src import packing
+    from src.fast import rows as fast_rows
 
     cfg = validate(compose_config(["data=instructions"]))
     tokenizer = modeling.load_tokenizer(cfg.model)
     rows = Dataset.from_dict({"prompt": ["word " * 50] * 3, "completion": ["an answer"] * 3})
     with pytest.raises(DataError, match=r"no row keeps a response token within model.max_length=8"):
-        packing.tokenize_sft(rows, tokenizer, max_length=8, completion_only_loss=True)
-    assert len(packing.tokenize_sft(rows, tokenizer, max_length=512, completion_only_loss=True)) == 3
+        fast_rows.tokenize_sft(rows, tokenizer, max_length=8, completion_only_loss=True)
+    assert len(fast_rows.tokenize_sft(rows, tokenizer, max_length=512, completion_only_loss=True)) == 3

@@ -108,7 +108,7 @@ def trained_store(tmp_path_factory):
     import mlflow
 
     from src import tracking
-    from src.train import run
+    from tests.conftest import train_run
 
     root = tmp_path_factory.mktemp("trained_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -126,7 +126,7 @@ def trained_store(tmp_path_factory):
                                   "data.subsample=32", "data.eval_fraction=0.02",
                                   "tracking.experiment=server-test", f"tracking.run_name={name}"])
             raw["output_dir"] = str(root / name)
-            objectives[name] = run(raw)
+            objectives[name] = train_run(raw)
     client.set_terminated(parent, "FINISHED")
     while mlflow.active_run():
         mlflow.end_run()
@@ -201,7 +201,7 @@ def test_compare_reads_the_real_runs(trained_store, tmp_path, capsys, monkeypatc
     """src.compare on runs written by real training: the names it reads are the ones training logs."""
     import mlflow
 
-    from src import compare
+    from src.runs import compare
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_store["uri"])
     assert compare.main(["--format", "json", "--plot", str(tmp_path / "sweep.png")]) == 0  # the newest sweep

@@ -1,7 +1,7 @@
 """A study written through the sweeps' storage in one process is read by plain Optuna in another.
 
 This is the contract ``optuna-dashboard <storage>`` relies on: the writer opens the storage as the
-Optuna sweeper does (``src.sweeping_trial.open_storage``: an SQLAlchemy URL, else a journal file)
+Optuna sweeper does (``src.sweeps.trial.open_storage``: an SQLAlchemy URL, else a journal file)
 and the reader, a separate interpreter that imports nothing from this project, sees the same
 study, trials, states, params, values, intermediate values and user attrs.
 """
@@ -21,7 +21,7 @@ WRITER = textwrap.dedent("""
     import json, sys
     import optuna
     from optuna.trial import TrialState
-    from src.sweeping_trial import open_storage
+    from src.sweeps.trial import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="rank-alpha", storage=open_storage(sys.argv[1]), direction="maximize",

@@ -1,4 +1,4 @@
-"""The classification fast path (src/packed_classification.py) against the padded path, on CPU in fp32.
+"""The classification fast path (src/fast/classification.py) against the padded path, on CPU in fp32.
 
 Both sides run the same LoRA model on the same examples: padded (right padding, the model pools the last non-pad
 token, HF's own forward) and packed (one row, per-example attention, each example pooled at its last token). The
@@ -17,14 +17,13 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from src import modeling
 from src.config import validate
-from src.packed_classification import (
+from src.fast.classification import (
     PackedClassificationCollator,
     classification_loss,
     packed_logits,
     packing_attention,
 )
-from src.train import run
-from tests.conftest import compose_config
+from tests.conftest import compose_config, train_run
 
 TOL = 1e-5
 # Texts of very different lengths in one row: 2 to about 60 tokens.
@@ -139,7 +138,7 @@ def test_a_short_run_evaluates_the_same_on_both_paths(tmp_path, mlflow_store, da
     for fast in (True, False):
         raw = compose_config([*overrides, f"train.fast_path={str(fast).lower()}"])
         raw["output_dir"] = str(tmp_path / f"out-{fast}")
-        run(raw)
+        train_run(raw)
         newest = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time DESC"])
         metrics[fast] = {
             k: v for k, v in newest[0].data.metrics.items() if k.startswith("eval_") and "runtime" not in k
@@ -168,7 +167,7 @@ def test_with_a_memory_budget_the_packed_run_is_replanned_and_trains_as_the_padd
         extra = ["train.memory_budget_gb=4"] if fast else ["train.fast_path=false"]
         raw = compose_config([*overrides, *extra])
         raw["output_dir"] = str(tmp_path / f"out-{fast}")
-        run(raw)
+        train_run(raw)
         newest = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time DESC"])[0]
         history = mlflow.MlflowClient().get_metric_history(newest.info.run_id, "train_loss")
         losses[fast] = [m.value for m in sorted(history, key=lambda m: m.step)]

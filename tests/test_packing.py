@@ -1,4 +1,4 @@
-"""The fast SFT path (src/packing.py) computes what the plain path computes.
+"""The fast SFT path (src/fast/) computes what the plain path computes.
 
 Tolerances: float32 on CPU. Packed and padded batches run the same matmuls on differently
 shaped tensors, so results agree to rounding: per-token losses and logits within atol 1e-5,
@@ -20,8 +20,12 @@ import types
 import pytest
 import torch
 
-from src import packing
 from src.config import validate
+from src.fast import attention as fast_attention
+from src.fast import budget as fast_budget
+from src.fast import graphs as fast_graphs
+from src.fast import trainer as fast_trainer
+from src.fast import weights as fast_weights
 from tests.conftest import ROOT, compose_config, tiny_model_config
 
 ATOL = 1e-5
@@ -31,10 +35,10 @@ def _tiny_lora_model(tiny_model_dir, attn: str, targets=("q_proj", "v_proj", "lm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    impl = "sdpa" if attn == packing.PACKED_ATTENTION else attn
+    impl = "sdpa" if attn == fast_attention.PACKED_ATTENTION else attn
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=impl)
-    if attn == packing.PACKED_ATTENTION:
-        assert packing.use_packed_attention(model)
+    if attn == fast_attention.PACKED_ATTENTION:
+        assert fast_attention.use_packed_attention(model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets)))
     generator = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
@@ -62,7 +66,7 @@ def _with_bounds(batch):
     """A packed batch with its examples' bounds, as PackedTrainer passes them (other attentions ignore them)."""
     if "position_ids" not in batch:
         return batch
-    return {**batch, "packed_seq_bounds": packing.seq_bounds(batch["position_ids"])}
+    return {**batch, "packed_seq_bounds": fast_attention.seq_bounds(batch["position_ids"])}
 
 
 def _per_token_losses(model, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -90,7 +94,7 @@ def _lora_grads(model, batch, num_items: int) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", packing.PACKED_ATTENTION])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", fast_attention.PACKED_ATTENTION])
 def test_packed_batch_matches_padded_batch_per_token_and_in_lora_gradients(tiny_model_dir, attn):
     model = _tiny_lora_model(tiny_model_dir, attn)
     examples = _examples([9, 17, 5, 12])
@@ -113,7 +117,7 @@ def test_packed_batch_matches_padded_batch_per_token_and_in_lora_gradients(tiny_
         torch.testing.assert_close(grads_packed[name], grad, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", packing.PACKED_ATTENTION])
+@pytest.mark.parametrize("attn", ["sdpa", fast_attention.PACKED_ATTENTION])
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, attn):
     model = _tiny_lora_model(tiny_model_dir, attn)
     a, b, c = _examples([11, 8, 6], seed=3)
@@ -140,18 +144,18 @@ def test_plan_micro_batches_keeps_the_step_and_checkpoints_only_what_memory_need
     def estimate(size, ckpt):  # GiB: 2 of weights, 1 per example without checkpointing, 0.25 with
         return 2.0 + size * (0.25 if ckpt else 1.0)
 
-    roomy = packing.plan_micro_batches(8, 10, 12.0, estimate)
+    roomy = fast_budget.plan_micro_batches(8, 10, 12.0, estimate)
     assert (roomy.micro_batch_size, roomy.gradient_accumulation_steps, roomy.checkpointed_layers) == (8, 1, 0)
     # 8 examples: 10 GiB without checkpointing, 4 with all 10 layers: 0.6 GiB saved per checkpointed layer.
-    tight = packing.plan_micro_batches(8, 10, 7.0, estimate)
+    tight = fast_budget.plan_micro_batches(8, 10, 7.0, estimate)
     assert (tight.micro_batch_size, tight.gradient_accumulation_steps, tight.checkpointed_layers) == (8, 1, 5)
     assert tight.est_peak_gpu_mem_gb == pytest.approx(7.0)
     # Too tight for 8 even fully checkpointed (4 GiB): 4 examples fit with 8 of 10 layers checkpointed.
-    split = packing.plan_micro_batches(8, 10, 3.6, estimate)
+    split = fast_budget.plan_micro_batches(8, 10, 3.6, estimate)
     assert (split.micro_batch_size, split.gradient_accumulation_steps, split.checkpointed_layers) == (4, 2, 8)
-    assert packing.plan_micro_batches(8, 10, None, estimate).micro_batch_size == 8
-    with pytest.raises(packing.MemoryBudgetError, match="memory_budget_gb=2.1"):
-        packing.plan_micro_batches(8, 10, 2.1, estimate)
+    assert fast_budget.plan_micro_batches(8, 10, None, estimate).micro_batch_size == 8
+    with pytest.raises(fast_budget.MemoryBudgetError, match="memory_budget_gb=2.1"):
+        fast_budget.plan_micro_batches(8, 10, 2.1, estimate)
 
 
 def test_fast_path_is_the_default_and_can_be_switched_off():
@@ -209,7 +213,7 @@ def test_fast_and_plain_paths_see_the_same_data_and_learn_the_same(tmp_path, mlf
 
     plain, plain_seen, plain_losses = _train_sft(tmp_path, ["train.fast_path=false"], "plain")
     fast, fast_seen, fast_losses = _train_sft(tmp_path, [], "fast")
-    assert type(plain) is SFTTrainer and isinstance(fast, packing.PackedTrainer)
+    assert type(plain) is SFTTrainer and isinstance(fast, fast_trainer.PackedTrainer)
     for column in ("input_ids", "labels"):  # tokenize_sft prepares the rows exactly as TRL does
         assert fast.train_dataset[column] == plain.train_dataset[column]
     assert fast_seen[:4] == plain_seen[:4]  # the same examples in every step (and the same order)
@@ -220,13 +224,13 @@ def test_fast_and_plain_paths_see_the_same_data_and_learn_the_same(tmp_path, mlf
     # A budget under 8 examples fully checkpointed, between 4 with and without: the step is split in
     # two micro-batches of 4 and one of the two layers is checkpointed. Learning does not change.
     # The fast path plans for PLAN_MARGIN of the budget it is given.
-    estimate, _ = packing.plan_estimator(validate(compose_config(["data=instructions"])))
+    estimate, _ = fast_budget.plan_estimator(validate(compose_config(["data=instructions"])))
     planned = (estimate(4, False) + estimate(4, True)) / 2
     assert estimate(8, True) > planned
-    budget = planned / packing.PLAN_MARGIN
+    budget = planned / fast_budget.PLAN_MARGIN
     split, split_seen, split_losses = _train_sft(tmp_path, [f"train.memory_budget_gb={budget}"], "split")
     assert (split.args.per_device_train_batch_size, split.args.gradient_accumulation_steps) == (4, 2)
-    assert [layer.gradient_checkpointing for layer in packing.decoder_layers(split.model)] == [True, False]
+    assert [layer.gradient_checkpointing for layer in fast_budget.decoder_layers(split.model)] == [True, False]
     merged = [sorted(split_seen[i] + split_seen[i + 1]) for i in range(0, 8, 2)]
     assert merged == plain_seen[:4]
     assert split_losses == pytest.approx(plain_losses, rel=1e-4)
@@ -283,7 +287,8 @@ def test_bench_runs_on_cpu(tmp_path):
 
 
 def test_bench_sft_arguments_match_the_training_code():
-    from src import bench, training
+    from src import training
+    from src.fast import bench
 
     cfg = validate(compose_config(["data=instructions", "train=gpu", "train.bf16=false", "train.tf32=null"]))
     ours = bench.sft_arguments(cfg, "x").to_dict()
@@ -309,7 +314,7 @@ def _four_bit_lora_model(tiny_model_dir, bits: int = 4):
         modules_to_save=None,
     )
     model = modeling.apply_lora(model, lora, "sft")
-    packing.cast_frozen_to_bf16(model)
+    fast_weights.cast_frozen_to_bf16(model)
     generator = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -323,13 +328,15 @@ def test_cached_dequantized_weights_give_the_four_bit_forward_and_gradients(tiny
     num_items = sum(n - 3 for n in (9, 17, 5, 12))
     logits_4bit = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     grads_4bit = _lora_grads(model, batch, num_items)
-    quantized = packing._quantized_layers(model, 4)
+    quantized = fast_weights.quantized_layers(model, 4)
     assert len(quantized) == 2 * 7  # every linear of both blocks; lm_head stays unquantized
 
-    layers, gib = packing.cache_dequantized_weights(model, budget_gb=packing.dequantized_weights_gb(model) / 2)
-    assert 0 < layers < len(quantized) and 0 < gib <= packing.dequantized_weights_gb(model) / 2
-    layers, gib = packing.cache_dequantized_weights(model)
-    assert layers == len(quantized) and gib == pytest.approx(packing.dequantized_weights_gb(model))
+    layers, gib = fast_weights.cache_dequantized_weights(
+        model, budget_gb=fast_weights.dequantized_weights_gb(model) / 2
+    )
+    assert 0 < layers < len(quantized) and 0 < gib <= fast_weights.dequantized_weights_gb(model) / 2
+    layers, gib = fast_weights.cache_dequantized_weights(model)
+    assert layers == len(quantized) and gib == pytest.approx(fast_weights.dequantized_weights_gb(model))
     assert all(m.dequantized_weight.dtype == torch.bfloat16 for m in quantized)
     assert "dequantized_weight" not in "".join(model.state_dict())  # not saved with the model
 
@@ -360,10 +367,10 @@ def test_cached_dequantized_weights_give_the_eight_bit_forward_and_gradients(tin
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits_8bit = model(**inputs, use_cache=False).logits
     grads_8bit = _lora_grads(model, batch, num_items)
-    int8 = packing._quantized_layers(model, 8)
-    assert len(int8) == 2 * 7 and not packing._quantized_layers(model, 4)
-    layers, gib = packing.cache_dequantized_weights(model, int8_dtype=torch.bfloat16)
-    assert layers == len(int8) and gib == pytest.approx(packing.dequantized_weights_gb(model))
+    int8 = fast_weights.quantized_layers(model, 8)
+    assert len(int8) == 2 * 7 and not fast_weights.quantized_layers(model, 4)
+    layers, gib = fast_weights.cache_dequantized_weights(model, int8_dtype=torch.bfloat16)
+    assert layers == len(int8) and gib == pytest.approx(fast_weights.dequantized_weights_gb(model))
     assert all(m.dequantized_weight.dtype == torch.bfloat16 for m in int8)
     assert all(m.weight.dtype == torch.int8 for m in int8)  # the 8-bit weights stay: saving sees them
     assert "dequantized_weight" not in "".join(model.state_dict())
@@ -382,21 +389,22 @@ def test_cached_dequantized_weights_give_the_eight_bit_forward_and_gradients(tin
     assert abs(loss_cached - loss_bnb) < 1e-3 * loss_bnb
     with torch.no_grad():  # the check can fail: another weight gives other logits
         for module in int8:
-            module.forward = types.MethodType(packing._dequantized_forward, module)
+            module.forward = types.MethodType(fast_weights._dequantized_forward, module)
         int8[0].dequantized_weight.mul_(2.0)
         shifted = model(**inputs, use_cache=False).logits
     # Twice the tolerance above (measured 0.8 to 1.3 from run to run: bitsandbytes' CPU threads round differently).
     assert (shifted - logits_8bit).abs().max() > 0.4
 
 
+@pytest.mark.slow  # torch.compile on CPU, ~40 s; the fast path's other numerics stay
 def test_compiled_decoder_layers_compute_the_eager_losses_and_gradients(tiny_model_dir):
-    model = _tiny_lora_model(tiny_model_dir, packing.PACKED_ATTENTION)
+    model = _tiny_lora_model(tiny_model_dir, fast_attention.PACKED_ATTENTION)
     batches = [
         _collate(_examples(lengths, seed=seed), padding_free=True)
         for seed, lengths in enumerate([[9, 17, 5, 12], [7, 30], [4, 4, 4, 11, 20]])
     ]
     eager = [(_per_token_losses(model, b)[0], _lora_grads(model, b, 10)) for b in batches]
-    assert packing.compile_decoder_layers(model) == 2
+    assert fast_trainer.compile_decoder_layers(model) == 2
     for batch, (losses, grads) in zip(batches, eager):  # three lengths: dynamic shapes, no recompile per step
         compiled_losses, _ = _per_token_losses(model, batch)
         for a, b in zip(losses, compiled_losses):
@@ -409,7 +417,7 @@ def test_compiled_decoder_layers_compute_the_eager_losses_and_gradients(tiny_mod
 def test_graphed_steps_pad_a_packed_row_with_one_ignored_example(tiny_model_dir):
     """The padding a CUDA graph needs (GraphedSteps._inputs) changes no real token's loss; checked on CPU, where
     varlen attention runs per example from the same offsets."""
-    graphs = packing.GraphedSteps(pad_token_id=2, max_examples=4, bucket=16)
+    graphs = fast_graphs.GraphedSteps(pad_token_id=2, max_examples=4, bucket=16)
     batch = _collate(_examples([5, 7, 3]), padding_free=True)  # 15 tokens
     assert graphs.accepts(batch) and graphs.padded_length(15) == 16 and graphs.padded_length(16) == 32
     host = graphs._inputs(batch, 16)
@@ -419,7 +427,7 @@ def test_graphed_steps_pad_a_packed_row_with_one_ignored_example(tiny_model_dir)
     assert not graphs.accepts(_collate(_examples([4, 6]), padding_free=False))  # a padded batch
 
     model = _tiny_lora_model(tiny_model_dir, "sdpa")
-    assert packing.use_varlen_attention(model)
+    assert fast_attention.use_varlen_attention(model)
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
         reference = model(**_with_bounds(batch), use_cache=False, num_items_in_batch=num_items)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from src.train import run
-from tests.conftest import compose_config
+from tests.conftest import compose_config, train_run
 
 OVERRIDES = [
     "train.max_steps=6",
@@ -37,7 +36,7 @@ PINNED = {  # recorded 2026-12-01: torch 2.13.0+cpu, transformers 5.24.0, peft 0
 def _losses(tmp_path, mlflow_store, data: str, extra: list[str]) -> list[float]:
     raw = compose_config([*OVERRIDES, f"data={data}", *extra])
     raw["output_dir"] = str(tmp_path / "out")
-    run(raw)
+    train_run(raw)
     (run_,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "train_loss")
     return [m.value for m in sorted(history, key=lambda m: m.step)]

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
-from src import inference, predict
 from src.config import validate
 from src.data import load_data
-from src.train import run
-from tests.conftest import ROOT, compose_config
+from src.runs import inference, predict
+from tests.conftest import ROOT, compose_config, train_run
 
 TASK_DATA = {"classification": "topics", "multilabel": "topics_multilabel", "sft": "instructions"}
 SMALL = [
@@ -63,7 +62,7 @@ def trained_run(task: str, tmp_path_factory, overrides: tuple[str, ...] = ()) ->
         raw = compose_config([f"data={TASK_DATA[task]}", *SMALL, *overrides])
         raw["output_dir"] = str(root / "out")
         raw["tracking"]["tracking_uri"] = uri
-        run(raw)
+        train_run(raw)
         record.write_text(json.dumps({"run_id": mlflow.last_active_run().info.run_id, "tracking_uri": uri}))
     saved = json.loads(record.read_text())
     return TrainedRun(task, saved["run_id"], saved["tracking_uri"], root / "out")
@@ -258,6 +257,7 @@ def test_sweep_best_predicts_with_the_best_run(cls_run, tmp_path, capsys):
     assert f"best run of sweep s-real is {cls_run.run_id}" in err
 
 
+@pytest.mark.slow  # predict end to end in-process: the tests above through src.predict.main
 def test_stdin_lines_through_a_real_subprocess(cls_run, tmp_path):
     lines = "\n".join([TEXTS[0], "", TEXTS[1], TEXTS[2]]) + "\n"  # blank lines are skipped
     proc = subprocess.run(

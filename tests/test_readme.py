@@ -34,7 +34,19 @@ def test_the_readme_marks_runnable_blocks():
     assert len(commands) >= 4 and any("-cn rank_alpha" in c for c in commands), commands
 
 
-@pytest.mark.parametrize("command", runnable_commands(), ids=lambda c: c[:70])
+# The default tier runs the default run and the study; the SFT and multilabel commands (a minute together) run in
+# the slow tier, those tasks' end-to-end runs stay in the default tier in tests/test_train.py.
+SLOW_COMMANDS = ("data=instructions", "data=topics_multilabel")
+
+
+def tiered(commands: list[str]) -> list:
+    return [
+        pytest.param(c, marks=pytest.mark.slow) if any(key in c.split() for key in SLOW_COMMANDS) else c
+        for c in commands
+    ]
+
+
+@pytest.mark.parametrize("command", tiered(runnable_commands()), ids=lambda c: c[:70])
 def test_readme_command_runs_as_written(command, tmp_path):
     env = {
         **os.environ,

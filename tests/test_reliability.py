@@ -27,11 +27,11 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
 
-from src import doctor, guards, modeling, tracking, training
+from src import guards, modeling, tracking, training
 from src.config import validate
 from src.data import DataError, load_data, read_table
-from src.train import run
-from tests.conftest import ROOT, compose_config, start_training_until_it_logs
+from src.sweeps.stale import mark_stale_runs
+from tests.conftest import ROOT, compose_config, start_training_until_it_logs, train_run
 
 FAST = [
     "train.max_steps=4",
@@ -237,7 +237,7 @@ def test_doctor_marks_runs_of_dead_processes_killed_and_leaves_live_ones_running
     assert client.get_run(alive.info.run_id).info.status == "FINISHED"
     for name in ("other-host-beating", "not-ours"):
         client.set_terminated(ids[name])
-    assert doctor.mark_stale_runs(uri) == []
+    assert mark_stale_runs(uri) == []
     assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
 
 
@@ -261,7 +261,7 @@ def test_sigkilled_training_run_is_marked_killed_by_the_next_sweep_start(tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert _runs(uri)[0].info.status == "RUNNING"  # what MLflow alone leaves behind
-    marked = doctor.mark_stale_runs(uri, experiment="lora-sweeps")  # what a sweep calls when it starts
+    marked = mark_stale_runs(uri, experiment="lora-sweeps")  # what a sweep calls when it starts
     run_ = _runs(uri)[0]
     assert [m.run_id for m in marked] == [run_.info.run_id]
     assert run_.info.status == "KILLED" and run_.data.tags["error_type"] == "ProcessLost"
@@ -290,7 +290,7 @@ def test_nan_loss_fails_the_run_at_the_step_it_appears_and_is_logged(tmp_path, m
     )
     raw["output_dir"] = str(tmp_path / "out")
     with pytest.raises(guards.NonFiniteLossError, match="training loss became nan at step 4"):
-        run(raw)
+        train_run(raw)
     run_ = _runs(mlflow_store)[0]
     assert run_.info.status == "FAILED" and run_.data.tags["error_type"] == "NonFiniteLossError"
     history = mlflow.MlflowClient(mlflow_store).get_metric_history(run_.info.run_id, "train_loss")
@@ -393,6 +393,7 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow  # two trainings and a resume, ~25 s
 @pytest.mark.parametrize("quant", ["none", pytest.param("4bit", marks=pytest.mark.slow)])
 def test_resumed_run_continues_as_the_uninterrupted_one(tmp_path, mlflow_store, quant):
     cfg = validate(compose_config([*RESUME, f"quant={quant}"]))
@@ -429,7 +430,7 @@ def test_train_resume_from_checkpoint_latest_continues_the_loss_curve(tmp_path, 
     def history(overrides, out):
         raw = compose_config([*constant, *overrides])
         raw["output_dir"] = str(out)
-        run(raw)
+        train_run(raw)
         run_ = _runs(mlflow_store)[0]
         steps = mlflow.MlflowClient(mlflow_store).get_metric_history(run_.info.run_id, "train_loss")
         return run_, {m.step: m.value for m in steps}
@@ -540,7 +541,7 @@ def test_every_data_fault_is_reported_in_one_report_before_the_model_loads(tmp_p
     )
     raw["output_dir"] = str(tmp_path / "out")
     with pytest.raises(DataError) as info:
-        run(raw)
+        train_run(raw)
     faults = info.value.faults
     assert len(faults) == 3, faults
     assert "2 empty or missing text(s) in column 'text' at id r2, r3" in faults[0]
@@ -647,7 +648,7 @@ def test_resume_from_a_checkpoint_holding_a_pickle_is_refused_before_the_model_l
     raw = compose_config([*FAST, "train.resume_from_checkpoint=latest"])
     raw["output_dir"] = str(tmp_path / "out")
     with pytest.raises(guards.UnsafeFileError, match=re.escape(evil)):
-        run(raw)
+        train_run(raw)
     assert not (tmp_path / "ran").exists()
     run_ = _runs(mlflow_store)[0]
     assert run_.info.status == "FAILED" and run_.data.tags["error_type"] == "UnsafeFileError"
@@ -694,7 +695,7 @@ def test_model_that_needs_remote_code_is_refused_unless_trusted(tmp_path, mlflow
     with pytest.raises(guards.RemoteCodeError, match=r"set model.trust_remote_code=true only if you trust"):
         modeling.load_model(cfg.model, cfg.quant, "classification", ["a", "b"], 2)
     with pytest.raises(guards.RemoteCodeError, match="custom_llama"):
-        run(raw)
+        train_run(raw)
     assert _runs(mlflow_store)[0].data.tags["error_type"] == "RemoteCodeError"
     assert not (model_dir / "CODE_RAN").exists()
     guards.check_remote_code(str(model_dir), None, trust_remote_code=True)  # the explicit opt-in passes
@@ -741,7 +742,7 @@ def test_documented_mlflow_ui_and_server_commands_bind_to_loopback():
 
 def _failed_run(raw: dict, uri: str) -> mlflow.entities.Run:
     with pytest.raises(OSError):
-        run(raw)
+        train_run(raw)
     run_ = _runs(uri)[0]
     assert run_.info.status == "FAILED"
     return run_

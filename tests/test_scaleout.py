@@ -25,9 +25,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from src.sweeping import assign_gpus, batch_size, visible_gpus
-from src.sweeping_optuna import counted, fail_stale, in_budget
-from src.sweeping_trial import open_storage
+from src.sweeps.placement import assign_gpus, batch_size, visible_gpus
+from src.sweeps.study import counted, fail_stale, in_budget
+from src.sweeps.trial import open_storage
+from tests.conftest import compose_hydra
 from tests.test_sweeps import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,20 +223,14 @@ def test_parallel_trials_follow_the_gpus_in_cuda_visible_devices(monkeypatch):
 def test_launcher_configs_compose():
     """conf/hydra/launcher: submitit on SLURM (one GPU per trial) and its local executor, and joblib."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
-    from hydra import compose, initialize_config_dir
-
-    import src.config  # noqa: F401  the project_root resolver
 
     expected = {
         "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
         "local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
     }
     for name, target in expected.items():
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
-        assert cfg.hydra.launcher._target_ == target
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        assert compose_hydra(overrides=(f"hydra/launcher={name}",)).hydra.launcher._target_ == target
+    cfg = compose_hydra(overrides=("hydra/launcher=slurm",))
     assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
 
 
@@ -338,8 +333,8 @@ LOAD_WORKER = r"""
 import sys, time, warnings
 import optuna
 from optuna.trial import TrialState
-from src.sweeping_optuna import counted, in_budget, occupies
-from src.sweeping_trial import open_storage
+from src.sweeps.study import counted, in_budget, occupies
+from src.sweeps.trial import open_storage
 from tests.test_sweeps import TINY
 
 storage_url, total, deadline = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])

@@ -8,8 +8,9 @@ import optuna
 import pytest
 import yaml
 
-from src import guards, inference
-from src.sweeping_trial import PRUNER_ATTR, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, build_pruner, current_trial, pruner_spec
+from src import guards
+from src.runs import inference
+from src.sweeps.trial import PRUNER_ATTR, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, build_pruner, current_trial, pruner_spec
 from tests.conftest import compose_config
 
 

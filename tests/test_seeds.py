@@ -20,8 +20,7 @@ from src import modeling
 from src import plan as P
 from src.config import ConfigError, validate
 from src.data import load_data
-from src.train import run
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, train_run
 from tests.seed_standins import EXPERIMENTS, write_standin
 
 # What ../shared/seeds/README.md fixes for each seed, as the composed config spells it.
@@ -252,7 +251,7 @@ def test_the_seed_table_sweep_is_seed_002_plus_its_rows():
 def test_each_experiment_trains_end_to_end_on_the_tiny_model(seed, tmp_path, mlflow_store):
     raw = _compose(seed, *ON_CPU, "data.eval_subsample=16", *write_standin(seed, tmp_path / "data"))
     raw["output_dir"] = str(tmp_path / "out")
-    value = run(raw)
+    value = train_run(raw)
     (finished,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert finished.info.status == "FINISHED" and finished.data.metrics["objective"] == pytest.approx(value)
     saved = "model" if seed == "004" else "adapter"
@@ -325,7 +324,7 @@ def test_a_lora_preset_still_needs_its_rank_and_alpha():
 def test_full_fine_tuning_trains_and_saves_every_weight(tmp_path, mlflow_store, tiny_model_dir):
     raw = compose_config(["lora=none", "train.max_steps=3", "train.eval_strategy=no", "data.subsample=48"])
     raw["output_dir"] = str(tmp_path / "out")
-    run(raw)
+    train_run(raw)
     (finished,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     metrics, params = finished.data.metrics, finished.data.params
     assert metrics["trainable_params"] == metrics["total_params"] and params["lora.preset"] == "none"
@@ -391,7 +390,7 @@ def test_a_4bit_bert_classifier_trains_its_head_unquantized(tmp_path, mlflow_sto
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "bert")
     raw = _compose("001", *ON_CPU, f"model.name_or_path={tmp_path / 'bert'}", "model.max_length=64")
     raw["output_dir"] = str(tmp_path / "out")
-    run(raw)
+    train_run(raw)
     (finished,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert finished.info.status == "FINISHED"
     assert finished.data.metrics["trainable_params"] == P.plan(P.with_label_set(validate(raw)))["trainable_params"]

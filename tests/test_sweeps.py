@@ -18,16 +18,20 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from src.config import validate
-from src.sweeping import SweepFailed, assign_gpus, batch_size, grid_jobs
-from src.sweeping_optuna import (
+from src.sweeps.configs import FeasibilityConf
+from src.sweeps.grid import grid_jobs
+from src.sweeps.job import check_feasibility, fit_micro_batch
+from src.sweeps.outcomes import JobSkipped
+from src.sweeps.placement import assign_gpus, batch_size
+from src.sweeps.record import SweepFailed
+from src.sweeps.study import (
     counted,
     evaluate_derived,
     recover_interrupted,
     search_space,
     trial_overrides,
 )
-from src.sweeping_trial import Feasibility, JobSkipped, check_feasibility, fit_micro_batch
-from tests.conftest import OPENLLAMA_3B, ROOT, compose_config
+from tests.conftest import OPENLLAMA_3B, ROOT, compose_config, compose_hydra
 
 SWEEPS_DIR = ROOT / "sweeps"
 # Shrinks any job to seconds on CPU; eval only at the end, on 16 rows.
@@ -94,6 +98,17 @@ def test_fit_micro_batch_halves_until_the_estimate_fits():
         fit_micro_batch(16, 1, 7.0, estimate, shrink=False)
 
 
+def test_a_job_reads_isolate_and_feasibility_from_its_sweeper_or_the_schema():
+    from omegaconf import OmegaConf
+
+    from src.sweeps.configs import GridSweeperConf, JobConf, job_conf
+
+    assert job_conf(OmegaConf.create({"max_batch_size": None})) == JobConf()  # Hydra's basic sweeper: the defaults
+    assert job_conf(OmegaConf.structured(GridSweeperConf)) == JobConf()
+    given = job_conf(OmegaConf.create({"isolate": False, "feasibility": {"mode": "skip", "available_gpu_mem_gb": 3}}))
+    assert given == JobConf(isolate=False, feasibility=FeasibilityConf("skip", 3.0))
+
+
 def test_feasibility_uses_src_plan_and_an_injected_free_memory():
     from dataclasses import replace
 
@@ -106,25 +121,28 @@ def test_feasibility_uses_src_plan_and_an_injected_free_memory():
         for bs in (16, 8)
     }
     assert est[16] > est[8]
-    shrunk, note = check_feasibility(raw, Feasibility("shrink", (est[16] + est[8]) / 2))
+    shrunk, shrunk_cfg, note = check_feasibility(raw, cfg, FeasibilityConf("shrink", (est[16] + est[8]) / 2))
     assert (shrunk["train"]["per_device_train_batch_size"], shrunk["train"]["gradient_accumulation_steps"]) == (8, 2)
+    assert shrunk_cfg == validate(shrunk)  # the validated config changed as the dict did
     assert "micro-batch 16 -> 8" in note
-    assert check_feasibility(raw, Feasibility("shrink", est[16] + 1)) == (raw, None)
-    assert check_feasibility(raw, Feasibility("off", 1e-9)) == (raw, None)
+    assert check_feasibility(raw, cfg, FeasibilityConf("shrink", est[16] + 1)) == (raw, cfg, None)
+    assert check_feasibility(raw, cfg, FeasibilityConf("off", 1e-9)) == (raw, cfg, None)
     with pytest.raises(JobSkipped):
-        check_feasibility(raw, Feasibility("skip", (est[16] + est[8]) / 2))
+        check_feasibility(raw, cfg, FeasibilityConf("skip", (est[16] + est[8]) / 2))
     # On CPU with nothing injected there is no GPU to compare with: the config runs as is.
-    assert check_feasibility(raw, Feasibility("shrink", None)) == (raw, None)
+    assert check_feasibility(raw, cfg, FeasibilityConf("shrink", None)) == (raw, cfg, None)
 
 
 def test_feasibility_hands_the_free_memory_to_the_sft_fast_path_as_its_budget():
     """The packed SFT path plans its own micro-batches from train.memory_budget_gb: that is what must shrink."""
     raw = compose_config(["data=instructions", "train.per_device_train_batch_size=16"])
-    budgeted, note = check_feasibility(raw, Feasibility("shrink", 7.5))
+    budgeted, budgeted_cfg, note = check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 7.5))
     assert budgeted["train"]["memory_budget_gb"] == 7.5 and budgeted["train"]["per_device_train_batch_size"] == 16
+    assert budgeted_cfg.train.memory_budget_gb == 7.5
     assert "train.memory_budget_gb None -> 7.50" in note
     smaller = compose_config(["data=instructions", "train.memory_budget_gb=4"])
-    assert check_feasibility(smaller, Feasibility("shrink", 7.5)) == (smaller, None)  # already within
+    within = validate(smaller)
+    assert check_feasibility(smaller, within, FeasibilityConf("shrink", 7.5)) == (smaller, within, None)
 
 
 def test_search_space_reads_hydra_override_grammar():
@@ -241,11 +259,9 @@ def test_a_trial_whose_run_finished_after_its_sweep_died_is_adopted_not_retraine
 def test_every_sweep_file_composes_and_validates(path):
     first = path.read_text().splitlines()[0]
     assert first == f"# python -m src.train -cd sweeps -cn {path.stem}"
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
-        cfg = compose(config_name=path.stem, return_hydra_config=True)
+    cfg = compose_hydra(SWEEPS_DIR, path.stem)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.model.name == "openllama3b"  # real targets by default
     assert cfg.hydra.sweeper._target_.startswith("hydra_plugins.lora_sweeps.sweepers.")
@@ -266,14 +282,12 @@ def test_every_sweep_file_composes_and_validates(path):
 
 def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
     """The four rows of seed_table give the seed's trainable counts, through src.plan (no weights)."""
-    from hydra import compose, initialize_config_dir
     from transformers import LlamaConfig
 
     from src.plan import plan
 
     LlamaConfig(**OPENLLAMA_3B).save_pretrained(tmp_path)
-    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
-        rows = list(compose(config_name="seed_table", return_hydra_config=True).hydra.sweeper.rows)
+    rows = list(compose_hydra(SWEEPS_DIR, "seed_table").hydra.sweeper.rows)
     counts = []
     for row in rows:
         raw = compose_config([*row.split(), f"model.name_or_path={tmp_path}"], SWEEPS_DIR, "seed_table")
@@ -287,6 +301,7 @@ def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~1.5 min; a grid end to end: test_a_failing_job_is_recorded_and_the_sweep_goes_on
 def test_grid_of_4_gives_4_finished_children_under_1_parent(tmp_path, mlflow_store):
     result = sweep(["--multirun", "lora.r=2,4", "lora=attn_qv,mlp", *TINY[1:]], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -534,7 +549,7 @@ def test_pareto_sweep_is_multi_objective(tmp_path, mlflow_store):
 
 
 def test_swept_keys_are_what_varies_between_jobs_or_the_studys_space():
-    from src.sweeping import swept_keys
+    from src.sweeps.record import swept_keys
 
     jobs = ["model=tiny lora.r=4 quant=4bit train.max_steps=2", "model=tiny lora.r=8 quant=8bit train.max_steps=2"]
     assert swept_keys({"jobs": jobs}) == ["lora.r"]  # quant is a group: its columns are fixed (quant.bits)

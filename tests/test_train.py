@@ -14,8 +14,7 @@ import torch
 from src import modeling, training
 from src.config import validate
 from src.data import load_data
-from src.train import run
-from tests.conftest import ROOT, compose_config, start_training_until_it_logs
+from tests.conftest import ROOT, compose_config, start_training_until_it_logs, train_run
 
 FAST = [
     "train.max_steps=4",
@@ -30,7 +29,7 @@ FAST = [
 def _run(tmp_path, overrides):
     raw = compose_config([*FAST, *overrides])
     raw["output_dir"] = str(tmp_path / "out")
-    value = run(raw)
+    value = train_run(raw)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time DESC"])
     return value, runs[0]
 
@@ -162,7 +161,7 @@ def test_bad_data_ends_the_run_failed_with_the_reason(tmp_path, mlflow_store):
     )
     raw["output_dir"] = str(tmp_path / "out")
     with pytest.raises(ValueError, match="empty or missing text"):
-        run(raw)
+        train_run(raw)
     run_ = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     assert run_.info.status == "FAILED"
     assert run_.data.tags["error_type"] == "DataError"
@@ -173,7 +172,7 @@ def test_bad_data_ends_the_run_failed_with_the_reason(tmp_path, mlflow_store):
 def test_invalid_config_still_leaves_a_failed_run(tmp_path, mlflow_store):
     raw = compose_config(["lora.r=0"])
     with pytest.raises(ValueError, match="lora.r"):
-        run(raw)
+        train_run(raw)
     run_ = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     assert run_.info.status == "FAILED" and run_.data.tags["error_type"] == "ConfigError"
 
@@ -193,6 +192,7 @@ def test_sigterm_ends_the_run_killed(tmp_path):
     assert run_.data.tags["error_type"] == "Terminated"
 
 
+@pytest.mark.slow  # the default run end to end: test_readme.py runs `python -m src.train`
 def test_offline_default_learns_above_the_majority_baseline(tmp_path):
     """The README's main command, as a user runs it (slowest test of the default tier, ~30 s)."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"

@@ -16,7 +16,7 @@ import time
 import mlflow
 import pytest
 
-from src.compare import pick_best
+from src.runs.compare import pick_best
 from tests.conftest import ROOT
 from tests.test_sweeps import TINY, split_runs
 
@@ -47,6 +47,7 @@ def _training_child(proc, uri, timeout_s=300):
             return training[0]
 
 
+@pytest.mark.slow  # a failing job's FAILED end: test_sweeps.py's test_a_failing_job_is_recorded_and_the_sweep_goes_on
 def test_a_sigkilled_trial_ends_failed_and_the_sweep_goes_on(tmp_path, mlflow_store):
     # Job 0 trains until it is killed; job 1 is a normal short job.
     proc = _start(["--multirun", *LONG, "train.max_steps=100000,2"], tmp_path)

@@ -1,15 +1,15 @@
-"""Sweeper classes for Hydra's plugin scan; the code is in :mod:`src.sweeping` and :mod:`src.sweeping_optuna`.
+"""Sweeper classes for Hydra's plugin scan; the code is in :mod:`src.sweeps.grid` and :mod:`src.sweeps.study`.
 
 Selected in ``conf/config.yaml`` (``override hydra/sweeper: lora_grid``) or on the command line
-(``hydra/sweeper=lora_optuna``); :mod:`src.sweeping` registers their configs.
+(``hydra/sweeper=lora_optuna``); :mod:`src.sweeps.configs` registers their configs.
 """
 
-from src import sweeping, sweeping_optuna
+from src.sweeps import configs, grid, study  # noqa: F401  configs registers the sweepers' Hydra configs
 
 
-class GridSweeper(sweeping.GridSweeper):
+class GridSweeper(grid.GridSweeper):
     """Hydra's grid (cartesian product, plus explicit rows) with an MLflow parent run."""
 
 
-class OptunaSweeper(sweeping_optuna.OptunaSweeper):
+class OptunaSweeper(study.OptunaSweeper):
     """An Optuna (>= 4) study driven by ``--multirun``, with an MLflow parent run."""

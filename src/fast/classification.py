@@ -3,7 +3,7 @@
 A padded batch of short texts is mostly padding: SST-2's sentences are 10-60 tokens, and a batch padded to its
 longest runs the base model over every pad. Here a batch's examples are concatenated into one row without
 padding, with per-example positions, and attention never crosses from one example into another (per-example
-sdpa on the CPU, one varlen flash call on a GPU: :mod:`src.packing`'s attention). Each example is pooled at its
+sdpa on the CPU, one varlen flash call on a GPU: :mod:`src.fast.attention`). Each example is pooled at its
 own last token, as ``*ForSequenceClassification`` pools the last non-pad token of a padded row, and the head
 runs on the pooled states only. The losses are the padded path's (cross-entropy with class weights, BCE with
 ``pos_weight``). Training and evaluation both run packed; ``train.fast_path=false`` keeps the padded path.
@@ -20,6 +20,9 @@ from transformers import Trainer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from src import distributed
+from src.fast import attention as attention_mod
+from src.fast import budget as budget_mod
+from src.fast import weights
 from src.modeling import CLASSIFIER_HEADS, base_model
 
 
@@ -115,7 +118,7 @@ class PackedClassificationTrainer(Trainer):
 
 
 def plan_fast_classifier(cfg, model, args, attention: str):
-    """Replan a packed classifier's step as the SFT fast path does (:func:`src.packing.plan_micro_batches`), where
+    """Replan a packed classifier's step as the SFT fast path does (:func:`src.fast.budget.plan_micro_batches`), where
     a memory budget is known (``train.memory_budget_gb``, else 90% of the GPU): the largest micro-batch that fits,
     checkpointing as few layers as it needs (none, for short texts on a large GPU), fused AdamW, a 4/8-bit base's
     fp32 weights and adapters in bf16 under bf16 training, and its dequantized weights cached in the room left.
@@ -123,23 +126,21 @@ def plan_fast_classifier(cfg, model, args, attention: str):
     """
     import dataclasses
 
-    from src import packing
-
-    budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else packing.default_budget_gb()
+    budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else budget_mod.default_budget_gb()
     if budget is None:
         return args, None
-    budget *= packing.PLAN_MARGIN
+    budget *= budget_mod.PLAN_MARGIN
     examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
-    estimate, _ = packing.plan_estimator(cfg)  # batches of model.max_length tokens: an upper bound when packed
-    layers = len(packing.decoder_layers(model))
-    micro = packing.plan_micro_batches(examples_per_step, layers, budget, estimate)
-    packing.set_checkpointed_layers(model, micro.checkpointed_layers)
+    estimate, _ = budget_mod.plan_estimator(cfg)  # batches of model.max_length tokens: an upper bound when packed
+    layers = len(budget_mod.decoder_layers(model))
+    micro = budget_mod.plan_micro_batches(examples_per_step, layers, budget, estimate)
+    budget_mod.set_checkpointed_layers(model, micro.checkpointed_layers)
     if args.bf16 and cfg.quant.bits in (4, 8):
-        packing.cast_frozen_to_bf16(model)
+        weights.cast_frozen_to_bf16(model)
     cached, cache_gb = 0, 0.0
     if cfg.train.dequantize_weights and cfg.quant.bits in (4, 8):
         room = max(0.0, budget - (micro.est_peak_gpu_mem_gb or 0.0))
-        cached, cache_gb = packing.cache_dequantized_weights(
+        cached, cache_gb = weights.cache_dequantized_weights(
             model, room, torch.bfloat16 if args.bf16 else torch.float32
         )
     estimated = None if micro.est_peak_gpu_mem_gb is None else micro.est_peak_gpu_mem_gb + cache_gb
@@ -155,7 +156,7 @@ def plan_fast_classifier(cfg, model, args, attention: str):
         per_device_train_batch_size=micro.micro_batch_size,
         gradient_accumulation_steps=micro.gradient_accumulation_steps,
         activation_checkpointing=False,  # set per layer above
-        optim=packing.fast_optimizer(args.optim),
+        optim=budget_mod.fast_optimizer(args.optim),
     )
     return distributed.one_gpu_per_process(args), micro
 
@@ -164,15 +165,13 @@ def packing_attention(model) -> Optional[str]:
     """Switch the model's attention to a packed-row kernel and name it: ``varlen`` on a GPU (one flash call per
     row in bf16/fp16; in fp32 it runs per-example sdpa itself), else ``bounds`` (per-example sdpa); None where
     the model cannot be packed (an encoder, or an attention other than sdpa)."""
-    from src.packing import use_packed_attention, use_varlen_attention, varlen_available
-
     classifier = base_model(model)
     if classifier.config.model_type in ENCODER_TYPES:
         return None
     device = next(classifier.parameters()).device
-    if varlen_available(device) and use_varlen_attention(model):
+    if attention_mod.varlen_available(device) and attention_mod.use_varlen_attention(model):
         return "varlen"
-    return "bounds" if use_packed_attention(model) else None
+    return "bounds" if attention_mod.use_packed_attention(model) else None
 
 
 # Bidirectional attention: packing them needs a non-causal varlen kernel (issue 16's encoder part, not done).

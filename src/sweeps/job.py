@@ -1,12 +1,14 @@
-"""One job of a sweep, seen from the job: a fresh process, a memory check, pruning, and a result.
+"""One job of a sweep, seen from the job: a fresh process, a memory check, and a result (pruning: ``trial``).
 
-In a multirun, ``src.train.main`` hands each job's resolved config to :func:`run_job`. By default
+In a multirun, ``src.train.main`` validates each job's resolved config (:func:`validated_job`: an invalid
+one is a FAILED job, its run FAILED with the reason) and hands it to :func:`run_job`, with the training function
+(``src.train.run``: the sweeps never import ``src.train``). By default
 the job trains in a fresh process, forked from a server process that has imported the training
 stack once but never touched a GPU: an out-of-memory error, a crash or a leaked CUDA context in
 trial k cannot reach trial k+1, and no job pays the imports again. The result travels back as a
 JSON file in the job's output directory (``job_result.json``).
 
-What a job gives the sweeper (src/sweeping.py):
+What a job gives the sweeper (:mod:`src.sweeps.outcomes`):
 
 - success: ``{"run_id": ..., "metrics": {...}}``, the final metrics of the job's MLflow run plus
   ``objective`` (the value ``run`` returned, which may be None or NaN: the sweeper decides);
@@ -14,101 +16,57 @@ What a job gives the sweeper (src/sweeping.py):
 - :class:`JobSkipped`: the feasibility check found the config cannot fit the GPU;
 - ``optuna.TrialPruned``: the Optuna pruner stopped it. Its MLflow run ends KILLED with the tag
   ``status=PRUNED`` (KILLED, not FAILED: nothing went wrong, the sweep stopped it).
-
-Optuna trials learn who they are from the environment the sweeper sets per job
-(``hydra.job.env_set``): ``LORA_OPTUNA_STORAGE``, ``LORA_OPTUNA_STUDY`` and ``LORA_OPTUNA_TRIAL``.
-:func:`trial_callbacks` turns them into a Trainer callback that reports every evaluation of the
-objective metric and raises ``optuna.TrialPruned`` when the study's pruner says so.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
 import signal
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from src.sweep_records import JobFailed, JobSkipped, quote
+from src import console, distributed, tracking
+from src.config import Config, ConfigError
+from src.plan import PlanError, plan
+from src.sweeps.configs import FeasibilityConf
+from src.sweeps.outcomes import JobFailed, JobSkipped, quote
+from src.sweeps.trial import STUDY_ENV, TRIAL_ENV
 
-STORAGE_ENV = "LORA_OPTUNA_STORAGE"
-STUDY_ENV = "LORA_OPTUNA_STUDY"
-TRIAL_ENV = "LORA_OPTUNA_TRIAL"
 RESULT_FILE = "job_result.json"
-PRUNER_ATTR = "pruner"  # study user attr: the pruner's config, so any process can rebuild it
 # How long a job waits for its trial process to end after passing on SIGTERM or Ctrl-C.
 STOP_GRACE_S = 60
 
 
-@dataclass(frozen=True)
-class Feasibility:
-    """How a job compares src.plan's memory estimate with the GPU's free memory before it starts."""
-
-    mode: str = "shrink"  # off | skip | shrink
-    available_gpu_mem_gb: Optional[float] = None  # None: measure the free memory of the job's GPU
+Train = Callable[[dict, Config], Optional[float]]  # src.train.run: the resolved config as a dict and validated
 
 
-def open_storage(spec: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None):
-    """An Optuna storage from a spec: an SQLAlchemy URL (``sqlite:///...``, ``postgresql+psycopg://...``)
-    or else the path of a journal file. With ``heartbeat_interval`` (RDB only), a trial whose worker
-    stopped beating for ``grace_period`` seconds is failed and enqueued once more (up to 3 retries)."""
-    import optuna
-
-    if "://" in spec:
-        if spec.startswith("sqlite:///"):
-            Path(spec.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        heartbeat: dict[str, Any] = {}
-        if heartbeat_interval:
-            heartbeat = {
-                "heartbeat_interval": heartbeat_interval,
-                "grace_period": grace_period,
-                "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3),
-            }
-        return _rdb_storage(spec, heartbeat)
-    if heartbeat_interval:
-        raise ValueError(f"hydra.sweeper.heartbeat_interval needs an RDB storage (an SQLAlchemy URL), got {spec!r}")
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    Path(spec).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(spec))
-
-
-def _rdb_storage(url: str, options: dict[str, Any], attempts: int = 5):
-    """RDBStorage, retried: workers that start together on an empty database race to create its tables."""
-    import optuna
-    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-
-    for attempt in range(attempts):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, **options)
-        except (IntegrityError, OperationalError, ProgrammingError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(1 + attempt)
-
-
-# ---------------------------------------------------------------------------------------------
-# The job: run here, or in a fresh process
-# ---------------------------------------------------------------------------------------------
+def validated_job(raw: dict) -> Config:
+    """The job's config, validated for training; an invalid one raises JobFailed, and its MLflow run ends
+    FAILED with every problem (:func:`src.tracking.validated`)."""
+    before = _last_run_id()
+    try:
+        return tracking.validated(raw)
+    except ConfigError as exc:
+        run_id = _last_run_id()
+        raise JobFailed(type(exc).__name__, str(exc), run_id if run_id != before else None) from exc
 
 
 def run_job(
-    raw: dict, train: Callable[[dict], Optional[float]], isolate: bool = True, feasibility: Feasibility = Feasibility()
+    raw: dict, cfg: Config, train: Train, isolate: bool = True, feasibility: Optional[FeasibilityConf] = None
 ) -> dict[str, Any]:
-    """Train one job's config (resolved, plain) with ``train`` (``src.train.run``) and return ``{"run_id", "metrics"}``.
+    """Train one job with ``train`` (``src.train.run``) and return ``{"run_id", "metrics"}``.
 
-    Raises JobFailed, JobSkipped or optuna.TrialPruned (see the module docstring).
+    ``raw`` is the job's resolved config as a plain dict (the run logs it as params), ``cfg`` the same validated
+    (:func:`validated_job`). Raises JobFailed, JobSkipped or optuna.TrialPruned (see the module docstring).
     """
+    feasibility = feasibility or FeasibilityConf()
     if isolate and multiprocessing.current_process().daemon:
         print(
             "warning: this launcher runs jobs in daemon processes, which cannot start one: the job runs "
@@ -117,16 +75,14 @@ def run_job(
         )
         isolate = False
     if not isolate:
-        return _run(raw, feasibility, train)
+        return _run(raw, cfg, feasibility, train)
     result_path = Path(raw["output_dir"]) / RESULT_FILE
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    from src import tracking
-
     sweeper = (os.getpid(), tracking.process_start(os.getpid()))
     process = _context().Process(
         target=_trial_process,
-        args=(raw, feasibility, train, dict(os.environ), str(result_path), sweeper),
+        args=(raw, cfg, feasibility, train, dict(os.environ), str(result_path), sweeper),
         name="lora-sweep-job",
     )
     process.start()
@@ -139,19 +95,17 @@ def run_job(
         return _read_result(result_path, process.exitcode)
     except JobFailed as exc:
         if exc.error_type == "TrialProcessDied":
-            exc.run_id = close_lost_run(raw, str(exc)) or exc.run_id
+            exc.run_id = close_lost_run(raw, cfg, str(exc)) or exc.run_id
         raise
 
 
-def close_lost_run(raw: dict, reason: str) -> Optional[str]:
+def close_lost_run(raw: dict, cfg: Config, reason: str) -> Optional[str]:
     """End FAILED the MLflow run of a trial process that died without a word (``kill -9``, the OOM killer):
     it would stay RUNNING, and its last eval could be ranked as if it had finished. Returns its id."""
     import mlflow
 
-    from src import tracking
-
     runs = tracking.runs_of_output_dir(raw, running_only=True)
-    client = mlflow.MlflowClient(tracking.tracking_uri(raw["tracking"]["tracking_uri"]))
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg.tracking.tracking_uri))
     tags = {"error_type": "TrialProcessDied", "error": reason[: tracking.MAX_TAG_LEN]}
     for run in runs:
         tracking.terminate(client, run.info.run_id, "FAILED", tags)
@@ -219,8 +173,6 @@ def _die_with_sweeper(sweeper: tuple[int, Optional[str]], interval_s: float = 1.
     start time, so a new process that reuses the pid does not count."""
     import threading
 
-    from src import tracking
-
     pid, start = sweeper
     if start is None:  # not Linux: no way to tell a reused pid; the death signal is all there is
         return
@@ -235,8 +187,9 @@ def _die_with_sweeper(sweeper: tuple[int, Optional[str]], interval_s: float = 1.
 
 def _trial_process(
     raw: dict,
-    feasibility: Feasibility,
-    train: Callable[[dict], Optional[float]],
+    cfg: Config,
+    feasibility: FeasibilityConf,
+    train: Train,
     env: dict[str, str],
     result_path: str,
     sweeper: tuple[int, Optional[str]],
@@ -249,12 +202,10 @@ def _trial_process(
     _die_with_sweeper(sweeper)
     import optuna
 
-    from src import console
-
-    console.log_to_file(Path(raw["output_dir"]) / "train.log")  # the parent's Hydra logging is not ours here
+    console.log_to_file(Path(cfg.output_dir) / "train.log")  # the parent's Hydra logging is not ours here
 
     try:
-        result: dict[str, Any] = {"status": "ok", **_run(raw, feasibility, train)}
+        result: dict[str, Any] = {"status": "ok", **_run(raw, cfg, feasibility, train)}
     except optuna.TrialPruned as exc:
         result = {"status": "pruned", "message": str(exc)}
     except JobSkipped as exc:
@@ -297,18 +248,18 @@ def _read_result(path: Path, exitcode: Optional[int]) -> dict[str, Any]:
     raise JobFailed(result["error_type"], result["message"], result.get("run_id"))
 
 
-def _run(raw: dict, feasibility: Feasibility, train: Callable[[dict], Optional[float]]) -> dict[str, Any]:
+def _run(raw: dict, cfg: Config, feasibility: FeasibilityConf, train: Train) -> dict[str, Any]:
     """Check feasibility, train with ``train``, and gather the run's id and final metrics."""
     import mlflow
     import optuna
 
-    raw, note = check_feasibility(raw, feasibility)
-    if _processes(raw) > 1:
-        return _run_ddp(raw, note)
+    raw, cfg, note = check_feasibility(raw, cfg, feasibility)
+    if cfg.train.nproc_per_node > 1 and not distributed.under_torchrun():
+        return _run_ddp(raw, cfg, note)
     before = _last_run_id()
     value: Optional[float] = None
     try:
-        value = train(raw)
+        value = train(raw, cfg)
     except BaseException as exc:
         run_id = _last_run_id()
         run_id = run_id if run_id != before else None
@@ -328,22 +279,14 @@ def _run(raw: dict, feasibility: Feasibility, train: Callable[[dict], Optional[f
     return {"run_id": run_id, "metrics": metrics}
 
 
-def _processes(raw: dict) -> int:
-    from src import distributed
-
-    return 1 if distributed.under_torchrun() else distributed.requested_processes(raw)
-
-
-def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
+def _run_ddp(raw: dict, cfg: Config, feasibility_note: Optional[str]) -> dict[str, Any]:
     """A job with ``train.nproc_per_node`` > 1: src.train under torchrun on the job's GPUs, from the job's
     resolved config; rank 0's MLflow run (found by its ``output_dir`` tag) is the job's run."""
     import mlflow
     import optuna
     from omegaconf import OmegaConf
 
-    from src import distributed, tracking
-
-    output_dir = Path(raw["output_dir"]).resolve()
+    output_dir = Path(cfg.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(raw), output_dir / "ddp_config.yaml")
     argv = [
@@ -352,9 +295,8 @@ def _run_ddp(raw: dict, feasibility_note: Optional[str]) -> dict[str, Any]:
         f"hydra.run.dir={quote(str(output_dir))}",
         "hydra.output_subdir=null",
     ]
-    code = distributed.relaunch(distributed.requested_processes(raw), argv)
-    # validated before the relaunch (rank 0's run records an invalid one)
-    mlflow.set_tracking_uri(tracking.tracking_uri(raw["tracking"]["tracking_uri"]))
+    code = distributed.relaunch(cfg.train.nproc_per_node, argv)
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.tracking_uri))
     runs = tracking.runs_of_output_dir(raw)
     if not runs:
         raise JobFailed("TrialProcessDied", f"the DDP ranks exited with code {code} before rank 0 started its run")
@@ -390,11 +332,6 @@ def _tag_run(run_id: str, feasibility_note: Optional[str]) -> None:
         client.set_tag(run_id, key, value)
 
 
-# ---------------------------------------------------------------------------------------------
-# Feasibility: src.plan's estimate against the GPU's free memory
-# ---------------------------------------------------------------------------------------------
-
-
 def fit_micro_batch(
     micro_batch: int, grad_accum: int, available_gb: float, estimate_gb: Callable[[int], float], shrink: bool
 ) -> tuple[int, int]:
@@ -428,36 +365,31 @@ def free_gpu_mem_gb() -> Optional[float]:
     return free / 2**30
 
 
-def check_feasibility(raw: dict, feasibility: Feasibility) -> tuple[dict, Optional[str]]:
-    """Return the config to run (with a smaller micro-batch if needed) and a note saying what changed.
+def check_feasibility(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> tuple[dict, Config, Optional[str]]:
+    """Return the config to run, as a dict and validated (with a smaller micro-batch if needed), and a note
+    saying what changed.
 
-    Skipped on CPU unless ``available_gpu_mem_gb`` is given; a config that does not validate, or a
-    model whose config.json src.plan cannot read, is run as is (run reports its own errors).
+    Skipped on CPU unless ``available_gpu_mem_gb`` is given; a model whose config.json src.plan cannot read
+    is run as is (run reports its own errors).
     """
     if feasibility.mode == "off":
-        return raw, None
+        return raw, cfg, None
     available = feasibility.available_gpu_mem_gb
     if available is None:
         available = free_gpu_mem_gb()
     if available is None:
-        return raw, None
-    from src.config import ConfigError, validate
-
-    try:
-        cfg = validate(raw)
-        from src.plan import PlanError, plan
-    except (ConfigError, ImportError):
-        return raw, None
+        return raw, cfg, None
 
     if cfg.data.task == "sft" and cfg.train.fast_path:
         # The packed fast path sizes its own micro-batches and checkpointing to train.memory_budget_gb
-        # (src/packing.py); its default is 90% of the card, whatever other processes hold: give it what is free.
+        # (src/fast/budget.py); its default is 90% of the card, whatever other processes hold: give it what is free.
         budget = cfg.train.memory_budget_gb
         if budget is not None and budget <= available:
-            return raw, None
+            return raw, cfg, None
         note = f"train.memory_budget_gb {budget} -> {available:.2f} (GiB free): the fast path plans within it"
         print(f"feasibility: {note}", file=sys.stderr)
-        return {**raw, "train": {**raw["train"], "memory_budget_gb": round(available, 2)}}, note
+        changed = {"memory_budget_gb": round(available, 2)}
+        return {**raw, "train": {**raw["train"], **changed}}, replace(cfg, train=replace(cfg.train, **changed)), note
 
     def estimate(micro_batch: int) -> float:
         sized = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=micro_batch))
@@ -474,120 +406,13 @@ def check_feasibility(raw: dict, feasibility: Feasibility) -> tuple[dict, Option
         )
     except PlanError as exc:
         print(f"warning: feasibility check skipped: {exc}", file=sys.stderr)
-        return raw, None
+        return raw, cfg, None
     if (micro_batch, grad_accum) == (train.per_device_train_batch_size, train.gradient_accumulation_steps):
-        return raw, None
+        return raw, cfg, None
     note = (
         f"micro-batch {train.per_device_train_batch_size} -> {micro_batch}, gradient accumulation "
         f"{train.gradient_accumulation_steps} -> {grad_accum} to fit {available:.2f} GiB free"
     )
     print(f"feasibility: {note}", file=sys.stderr)
-    raw = {
-        **raw,
-        "train": {
-            **raw["train"],
-            "per_device_train_batch_size": micro_batch,
-            "gradient_accumulation_steps": grad_accum,
-        },
-    }
-    return raw, note
-
-
-# ---------------------------------------------------------------------------------------------
-# Pruning: report evaluations to the Optuna trial this job runs
-# ---------------------------------------------------------------------------------------------
-
-
-# What a study may name as its pruner: Optuna's own classes, built from scalar arguments. The storage is
-# shared (a PostgreSQL database, a file): whatever it holds is data, never something to instantiate.
-PRUNERS = (
-    "NopPruner",
-    "MedianPruner",
-    "PercentilePruner",
-    "SuccessiveHalvingPruner",
-    "HyperbandPruner",
-    "ThresholdPruner",
-    "WilcoxonPruner",
-)
-_SCALARS = (int, float, str, bool, type(None))
-
-
-def pruner_spec(conf: dict) -> dict[str, Any]:
-    """The sweep's pruner config (``_target_`` and arguments) as plain data to store with the study.
-
-    Raises ValueError for a class outside :data:`PRUNERS` or an argument that is not a plain value."""
-    target = str(conf.get("_target_", ""))
-    name = target.removeprefix("optuna.pruners.")
-    if target != f"optuna.pruners.{name}" or name not in PRUNERS:
-        raise ValueError(f"hydra.sweeper.pruner: {target!r} is not one of optuna.pruners' {', '.join(PRUNERS)}")
-    kwargs = {k: v for k, v in conf.items() if not str(k).startswith("_")}
-    odd = sorted(k for k, v in kwargs.items() if not isinstance(v, _SCALARS))
-    if odd:
-        raise ValueError(f"hydra.sweeper.pruner: arguments {odd} must be numbers, strings or booleans")
-    return {"name": name, "kwargs": kwargs}
-
-
-def build_pruner(spec: Any):
-    """An Optuna pruner from plain data (:func:`pruner_spec`'s, or an older study's ``_target_`` config).
-
-    Anything else read back from the storage builds nothing: the trial then never prunes, with a warning."""
-    import optuna
-
-    try:
-        if isinstance(spec, dict) and "_target_" in spec:
-            spec = pruner_spec(spec)
-        name, kwargs = spec["name"], spec["kwargs"]
-        if (
-            name not in PRUNERS
-            or not isinstance(kwargs, dict)
-            or not all(isinstance(v, _SCALARS) for v in kwargs.values())
-        ):
-            raise ValueError(f"pruner {name!r} with {kwargs!r}")
-        return getattr(optuna.pruners, name)(**{str(k): v for k, v in kwargs.items()})
-    except (ValueError, TypeError, KeyError) as exc:
-        print(f"warning: the study's stored pruner is not a plain Optuna pruner ({exc}); not pruning", file=sys.stderr)
-        return optuna.pruners.NopPruner()
-
-
-def current_trial():
-    """The Optuna trial this process runs for (from the sweeper's environment), or None."""
-    if not os.environ.get(TRIAL_ENV):
-        return None
-    import optuna
-
-    storage = open_storage(os.environ[STORAGE_ENV])
-    study = optuna.load_study(study_name=os.environ[STUDY_ENV], storage=storage)
-    stored = study.user_attrs.get(PRUNER_ATTR)
-    if stored:
-        study.pruner = build_pruner(stored)
-    number = int(os.environ[TRIAL_ENV])
-    # Optuna has no public way to reopen a running trial by number from another process.
-    trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number)
-    return optuna.trial.Trial(study, trial_id)
-
-
-def trial_callbacks(metric: str) -> list:
-    """Trainer callbacks for an Optuna trial: report ``metric`` at each evaluation, prune if told."""
-    trial = current_trial()
-    if trial is None or len(trial.study.directions) > 1:  # Optuna prunes single-objective studies only
-        return []
-    return [_pruning_callback(trial, metric)]
-
-
-def _pruning_callback(trial, metric: str):
-    """A TrainerCallback; transformers is imported here so that sweepers need not import it."""
-    import mlflow
-    import optuna
-    from transformers import TrainerCallback
-
-    class OptunaPruningCallback(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            value = (metrics or {}).get(metric)
-            if value is None or not math.isfinite(value) or state.global_step >= state.max_steps:
-                return  # the evaluation after training decides the result, not pruning
-            trial.report(float(value), step=state.global_step)
-            if trial.should_prune():
-                mlflow.set_tag("status", "PRUNED")
-                raise optuna.TrialPruned(f"pruned at step {state.global_step}: {metric}={value:.4g}")
-
-    return OptunaPruningCallback()
+    changed = {"per_device_train_batch_size": micro_batch, "gradient_accumulation_steps": grad_accum}
+    return {**raw, "train": {**raw["train"], **changed}}, replace(cfg, train=replace(cfg.train, **changed)), note

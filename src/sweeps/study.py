@@ -48,25 +48,19 @@ from hydra.core.override_parser.types import Override, Transformer
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import OBJECTIVE_DEFAULTS
-from src.sweeping import (
-    Outcome,
+from src import tracking
+from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome
+from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
+from src.sweeps.record import (
     SweepFailed,
     SweepRecord,
-    assign_gpus,
-    batch_size,
-    env_overrides,
     failure_budget_exceeded,
-    finite,
     install_sigterm_handler,
-    job_outcome,
-    job_processes,
     objective_direction,
     objective_name,
     restore_sigterm_handler,
-    visible_gpus,
 )
-from src.sweeping_trial import (
+from src.sweeps.trial import (
     PRUNER_ATTR,
     STORAGE_ENV,
     STUDY_ENV,
@@ -392,8 +386,6 @@ class OptunaSweeper(Sweeper):
         """Trial number -> metric values, for the study's trials whose MLflow run FINISHED."""
         import mlflow
 
-        from src import tracking
-
         uri = tracking.tracking_uri(self.config.tracking.tracking_uri)
         # Through the store lock: the workers of a shared study start at once, and a fresh SQLite store whose
         # tables two of them create together fails its migration in one ("expected to match one row").
@@ -685,7 +677,7 @@ class OptunaSweeper(Sweeper):
         if study.trials:
             study.trials_dataframe().to_csv(out / "trials.csv", index=False)
             files.append((out / "trials.csv", None))
-        task_metric = self.config.objective.metric or OBJECTIVE_DEFAULTS[self.config.data.task][0]
+        task_metric = objective_name(self.config)
         names = [task_metric if m == "objective" else m for m in self.metrics]  # axis labels
         files += [(path, "plots") for path in save_plots(study, names, out / "plots")]
         return {"artifacts": artifacts, "files": files}

@@ -3,13 +3,14 @@
 A training run leaves one layout, both under its ``output_dir`` and as MLflow artifacts:
 ``adapter/`` (peft weights, tokenizer, ``label_map.json``) next to ``config.yaml`` (the
 resolved config). Everything here reads that layout, so ``src.predict`` and ``src.export``
-rebuild the base model, its quantization and the adapter exactly as trained, with no setting
-retyped. Problems a user can fix (an unknown run, a missing artifact, a base model that is
-not on this machine) raise :class:`InferenceError` with a one-line message.
+(:mod:`src.runs.predict`, :mod:`src.runs.export`) rebuild the base model, its quantization and the adapter
+exactly as trained, with no setting retyped. Problems a user can fix (an unknown run, a missing artifact, a
+base model that is not on this machine) raise :class:`InferenceError` with a one-line message.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -160,7 +161,7 @@ def read_source(
     if label_map_path.is_file():
         label_map = json.loads(label_map_path.read_text())
     elif peft_config.get("task_type") == "CAUSAL_LM":
-        label_map = {"task": "sft", "labels": None, "threshold": 0.5}
+        label_map = {"task": "sft", "labels": None}
     else:
         raise InferenceError(f"{adapter_dir} has no {LABEL_MAP_FILE}: the class names of this classifier are unknown")
     task = label_map["task"]
@@ -197,9 +198,9 @@ def read_source(
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=base_model))
     if cfg.data.task != task:
         raise InferenceError(f"{adapter_dir}: {LABEL_MAP_FILE} says task {task!r}, its config {cfg.data.task!r}")
-    return Source(
-        adapter_dir, cfg, task, label_map.get("labels"), float(label_map.get("threshold", 0.5)), run_id, config_path
-    )
+    # The threshold the run trained with; else (an adapter from elsewhere) the config's, whose default conf/ holds.
+    threshold = float(label_map.get("threshold", cfg.data.threshold))
+    return Source(adapter_dir, cfg, task, label_map.get("labels"), threshold, run_id, config_path)
 
 
 @contextlib.contextmanager
@@ -229,6 +230,28 @@ def open_source(
         yield read_source(
             run_dir / ADAPTER_ARTIFACT, run_id=run, base_model=base_model, trust_remote_code=trust_remote_code
         )
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick and rebuild a trained adapter, as ``src.predict`` and ``src.export`` take them."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="MLflow run id, or a unique prefix of one (as src.compare prints it)")
+    which.add_argument("--sweep-best", metavar="SWEEP_ID", help="the best finished run of this sweep (tag sweep_id)")
+    which.add_argument("--adapter", type=Path, metavar="DIR", help="a local adapter directory (<output_dir>/adapter)")
+    parser.add_argument("--base-model", help="replaces the run's model.name_or_path (e.g. a local copy of it)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the base model's own Python code (auto_map); a run's stored config never turns this on",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's)")
+
+
+def open_source_of(args: argparse.Namespace) -> contextlib.AbstractContextManager[Source]:
+    """:func:`open_source` for the options of :func:`add_source_arguments`."""
+    return open_source(
+        args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model, args.trust_remote_code
+    )
 
 
 def load_tokenizer(source: Source):

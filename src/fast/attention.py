@@ -1,0 +1,176 @@
+"""Attention over packed rows: transformers' block-causal mask, sdpa per example, or varlen flash attention.
+
+Registered with transformers' ``AttentionInterface`` under :data:`PACKED_ATTENTION` (sdpa per example) and
+:data:`VARLEN_ATTENTION` (one flash call per packed row, CUDA in bf16/fp16); :func:`mask_attention_gb` is what the
+block mask costs where sdpa falls back to its math kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PACKED_ATTENTION = "sdpa_packed"
+
+# sdpa's math kernel (a boolean mask and a head size that is not a multiple of 8) keeps about this
+# many bytes per head x query x key per layer for the backward: measured on W3B 4-bit, an H100, packed
+# rows of up to 1,652 tokens, 26 layers x 32 heads: 19.74 GiB peak with the mask, 10.69 per example.
+MATH_ATTENTION_BYTES = 4.3
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_bounds=None, **kwargs):
+    """sdpa, run causally on each example of a packed row when ``packed_seq_bounds`` is given.
+
+    transformers' own packed-row path builds a block-causal boolean mask, which rules out sdpa's
+    flash kernel and, for head sizes that are not a multiple of 8 (OpenLLaMA-3B's 100), its
+    memory-efficient kernel too: the math kernel then keeps a ``heads x T x T`` fp32 matrix per
+    layer. One causal call per example runs the flash kernel with no mask. Without bounds (padded
+    batches, generation) this is transformers' sdpa, mask and all.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_seq_bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = packed_seq_bounds
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+        for a, b in zip(bounds[:-1], bounds[1:])
+        if b > a  # empty examples pad the offsets of a CUDA graph's row
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_packed_attention(model) -> bool:
+    """Switch an sdpa model to :func:`packed_sdpa_attention` (masks as for sdpa); False if it is not sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(PACKED_ATTENTION)
+    return True
+
+
+def mask_attention_gb(model, tokens: int, checkpointed_layers: int) -> float:
+    """Extra peak memory of transformers' block-mask attention over a packed row of ``tokens``, in GiB.
+
+    Zero where sdpa's memory-efficient kernel takes the mask (head size a multiple of 8); else the
+    math kernel's attention matrices of every layer not checkpointed, plus one being recomputed.
+    """
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if head_dim % 8 == 0:
+        return 0.0
+    layers = config.num_hidden_layers - checkpointed_layers + (1 if checkpointed_layers else 0)
+    return layers * heads * tokens**2 * MATH_ATTENTION_BYTES / 2**30
+
+
+def seq_bounds(position_ids: torch.Tensor) -> tuple[int, ...]:
+    """Start of every example in a packed row (where positions restart at 0), and the row's end."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    return (*starts, position_ids.shape[1])
+
+
+VARLEN_ATTENTION = "sdpa_varlen"
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the flash kernel's
+
+
+def _varlen_attn():
+    """``torch.nn.attention.varlen.varlen_attn`` (flash, one call per packed row) or None where absent."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+def varlen_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _varlen_attn() is not None
+
+
+def packed_varlen_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    packed_cu_seqlens=None,
+    packed_max_seqlen=None,
+    packed_seq_bounds=None,
+    **kwargs,
+):
+    """Causal flash attention over every example of a packed row in one call (``varlen_attn``).
+
+    Needs ``packed_cu_seqlens`` (int32 offsets of the examples, on the device) and
+    ``packed_max_seqlen``, which :class:`PackedTrainer` passes with every packed row. Head sizes
+    that are not a multiple of 8 (OpenLLaMA-3B's 100) are zero-padded to one: zero query/key
+    columns add nothing to the scores, zero value columns are cut from the output, and the softmax
+    scale stays ``module.scaling``. Without the offsets (padded batches, generation), off CUDA or
+    in fp32 (the flash kernel takes bf16/fp16 only), this is :func:`packed_sdpa_attention`.
+    """
+    if packed_cu_seqlens is None or not varlen_available(query.device) or query.dtype not in HALF_DTYPES:
+        bounds = packed_seq_bounds if packed_cu_seqlens is None else tuple(packed_cu_seqlens.tolist())
+        return packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_bounds=bounds, **kwargs)
+    return _varlen_call(module, query, key, value, packed_cu_seqlens, packed_max_seqlen)
+
+
+@torch.compiler.disable  # a compiled decoder layer calls the kernel as it is, shapes and all
+def _varlen_call(module, query, key, value, cu_seqlens, max_seqlen):
+    import inspect
+
+    varlen_attn = _varlen_attn()
+    head_dim = query.shape[-1]
+    pad = -head_dim % 8
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, H, T, D] -> [T, H, D]
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v))
+    params = inspect.signature(varlen_attn).parameters
+    extra: dict[str, Any] = {"scale": module.scaling}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)
+    else:  # torch 2.10/2.11
+        extra["is_causal"] = True
+    out = varlen_attn(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra
+    )
+    if pad:
+        out = out[..., :head_dim]
+    return out.unsqueeze(0), None  # [1, T, H, D], as transformers' attention functions return it
+
+
+def use_varlen_attention(model) -> bool:
+    """Switch an sdpa model to :func:`packed_varlen_attention`; False if it is not sdpa.
+
+    Padded batches (evaluation, generation) still get sdpa's masks; rows without padding get none
+    (packed rows carry ``packed_cu_seqlens``, a single row is causal).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation not in ("sdpa", PACKED_ATTENTION, VARLEN_ATTENTION):
+        return False
+
+    def varlen_mask(*args, **kwargs):
+        # Rows without a padding mask need none: packed rows carry their offsets, single rows are causal.
+        # (transformers would build a block mask for packed rows, with host syncs a CUDA graph cannot hold.)
+        if kwargs.get("attention_mask") is None:
+            return None
+        return sdpa_mask(*args, **kwargs)
+
+    AttentionInterface.register(VARLEN_ATTENTION, packed_varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
+    base.set_attn_implementation(VARLEN_ATTENTION)
+    return True

@@ -1,0 +1,796 @@
+"""Training throughput and memory: the seeds' QLoRA recipe against the project's trainer, on one GPU.
+
+    python -m src.bench                                        # W3B 4-bit; fast path at the default and 8 GiB budgets
+    python -m src.bench --workload w3b-8bit,w3b-16bit,mistral7b-4bit --budgets default
+    python -m src.bench --examples 512 --json outputs/bench/x.json
+    python -m src.bench --device cpu --workload tiny --examples 16   # smoke test: the code paths, not the numbers
+    torchrun --standalone --nproc_per_node 2 -m src.bench --sides fast --budgets default   # DDP on 2 GPUs
+
+Both sides run in one process, one after the other, on the same synthetic data and the same
+random-weight model (built from the architecture's config and saved once under
+``--model-dir``; throughput and memory do not depend on the weight values):
+
+- **seed**: the seeds' recipe. HF ``Trainer`` + peft + bitsandbytes, batches of 8 padded to the
+  longest row, gradient checkpointing on, ``paged_adamw_8bit``, bf16 autocast.
+- **fast**: the project's trainer with its defaults (``conf/train/gpu.yaml``): the SFT fast path
+  of :mod:`src.fast` as ``src.train`` builds it, at the memory budget given by ``--budgets``
+  (``default``: the config's null, 90% of the GPU).
+
+Both use the same hyperparameters from ``conf/train/gpu.yaml`` (batch 8, lr 2e-4, one epoch) and
+LoRA r=8, alpha=16 on every linear layer plus ``lm_head``. The data are ``--examples`` rows of
+random token ids with lengths uniform in [64, 256] (fixed seed), loss on every token.
+
+Reported per side: tokens/s counting non-pad tokens, timed from the end of the warm-up steps;
+peak GPU memory (``torch.cuda.max_memory_allocated``) next to ``src.plan``'s estimate; MFU =
+4 x non-embedding parameters x tokens/s over the bf16 matmul rate measured in the same run
+(LoRA's forward and input-gradient passes; the input embedding is a lookup, ``lm_head`` counts);
+and the ratio fast/seed. A table is printed and the results, with device, versions and date, are
+written as JSON.
+
+Under torchrun (fast side only) each rank trains its shard with the per-GPU batch, and tokens/s
+counts every rank's tokens over the slowest rank's time; MFU is per GPU. A single process uses one
+GPU even where it sees several (``src.distributed.one_gpu_per_process``).
+Needs transformers, peft, trl, datasets and bitsandbytes; mlflow is not imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from src import distributed
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+W3B = dict(
+    hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32, num_key_value_heads=32
+)
+MISTRAL7B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+)
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SEED_BATCH_SIZE = 8
+LORA_TARGETS = "[all_linear,lm_head]"
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model_group: str  # conf/model/<group>.yaml
+    model_type: str  # llama | mistral
+    arch: dict
+    bits: int
+    lengths: tuple[int, int] = (64, 256)
+    vocab_size: int = 32000
+
+    @property
+    def quant_group(self) -> str:
+        return {4: "4bit", 8: "8bit", 16: "none"}[self.bits]
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("w3b-4bit", "openllama3b", "llama", W3B, 4),
+        Workload("w3b-8bit", "openllama3b", "llama", W3B, 8),
+        Workload("w3b-16bit", "openllama3b", "llama", W3B, 16),
+        Workload("mistral7b-4bit", "mistral7b", "mistral", MISTRAL7B, 4),
+        Workload("tiny", "tiny", "llama", TINY, 16, lengths=(16, 64), vocab_size=1024),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------- data and model
+
+
+def synthetic_examples(n: int, lengths: tuple[int, int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """``n`` rows of random token ids (3..vocab), lengths uniform in ``lengths`` (inclusive)."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=generator).tolist()
+    return [torch.randint(3, vocab_size, (size,), generator=generator).tolist() for size in sizes]
+
+
+def bench_tokenizer():
+    """A three-token tokenizer: the data are token ids already, the trainers only need the pad id."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tokenizer.pad_token = tokenizer.eos_token  # as modeling.load_tokenizer does for Llama
+    return tokenizer
+
+
+def model_config(workload: Workload):
+    from transformers import LlamaConfig, MistralConfig
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig}[workload.model_type]
+    return cls(
+        vocab_size=workload.vocab_size,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        **workload.arch,
+    )
+
+
+def ensure_checkpoint(workload: Workload, root: Path, device: str) -> Path:
+    """A random-weight bf16 checkpoint of the architecture (seeded), saved once and reused."""
+    from transformers import AutoModelForCausalLM
+
+    directory = root / f"{workload.model_type}-{workload.arch['hidden_size']}-{workload.arch['num_hidden_layers']}"
+    if (directory / "DONE").exists():
+        return directory
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(workload), dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    bench_tokenizer().save_pretrained(directory)
+    (directory / "DONE").write_text("1")
+    del model
+    return directory
+
+
+def non_embedding_params(workload: Workload) -> int:
+    """Parameters that do matmul work per token: all but the input embedding (lm_head counts)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(workload))
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+def bf16_matmul_tflops(device: str) -> float:
+    """The measured dense matmul rate: bf16 8192^3 on CUDA (median of 10), fp32 on CPU."""
+    if device == "cpu":
+        a = torch.randn(1024, 1024)
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        return 5 * 2 * 1024**3 / (time.perf_counter() - start) / 1e12
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def project_config(workload: Workload, model_dir: Path, device: str, overrides: list[str]):
+    """The project's composed and validated config for the workload (conf/train/gpu.yaml)."""
+    from src.config import compose, validate
+
+    base = [
+        "hydra/sweeper=basic",  # the project's sweepers import mlflow, which the bench does without
+        f"model={workload.model_group}",
+        f"model.name_or_path={model_dir}",
+        f"model.max_length={workload.lengths[1]}",
+        f"quant={workload.quant_group}",
+        "lora=all_linear",
+        f"lora.target_modules={LORA_TARGETS}",
+        "data=instructions",  # an SFT data config; the bench passes its own rows
+        "train=gpu",
+        "train.num_train_epochs=1",
+        "train.max_steps=-1",
+        "train.eval_strategy=no",
+        "train.save_strategy=no",
+        "train.logging_steps=1000000",
+    ]
+    if device == "cpu":  # bf16 autocast and bitsandbytes' paged optimizer are GPU features
+        base += ["model.dtype=float32", "train.bf16=false", "train.tf32=null", "train.optim=adamw_torch"]
+    raw = compose([*base, *overrides])
+    raw["output_dir"] = tempfile.mkdtemp(prefix="bench-")
+    return validate(raw)
+
+
+def sft_arguments(cfg, output_dir: str):
+    """The SFTConfig ``src.training.training_arguments`` builds (that module needs mlflow; the bench must not).
+
+    ``tests/test_packing.py`` checks the two stay equal.
+    """
+    from trl import SFTConfig
+
+    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    kwargs = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name in sft_fields}
+    kwargs.update(
+        output_dir=output_dir,
+        report_to="none",
+        logging_nan_inf_filter=False,
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+        disable_tqdm=True,
+    )
+    kwargs.update(distributed.ddp_training_kwargs())
+    return SFTConfig(
+        max_length=cfg.model.max_length, packing=False, completion_only_loss=cfg.data.response_only_loss, **kwargs
+    )
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Meter:
+    """Tokens per optimizer step (from the collator, first in first out), timed from the end of the
+    warm-up steps to the end of the last step.
+
+    The Trainer collates every micro-batch of a step before the step ends (and may collate
+    the next one early), so popping ``gradient_accumulation_steps`` counts per step is exact.
+    The GPU is synchronized only at those two points: a sync at every step would stop the CPU from
+    queuing the next step while the GPU runs this one, which a real run does not do.
+    """
+
+    warmup_steps: int
+    device: str
+    queue: deque = field(default_factory=deque)
+    steps: int = 0
+    tokens: int = 0
+    timed_tokens: int = 0
+    max_micro_batch_tokens: int = 0
+    max_micro_batch_rows_x_len: int = 0
+    t0: Optional[float] = None
+    t_end: Optional[float] = None
+
+    def wrap(self, collate):
+        def collate_and_count(examples):
+            batch = collate(examples)
+            mask = batch.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+            self.queue.append(real)
+            self.max_micro_batch_tokens = max(self.max_micro_batch_tokens, real)
+            self.max_micro_batch_rows_x_len = max(self.max_micro_batch_rows_x_len, int(batch["input_ids"].numel()))
+            return batch
+
+        return collate_and_count
+
+    def _now(self) -> float:
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if meter.warmup_steps == 0:
+                    meter.t0 = meter._now()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                count = min(args.gradient_accumulation_steps, len(meter.queue))
+                step_tokens = sum(meter.queue.popleft() for _ in range(count))
+                meter.steps += 1
+                meter.tokens += step_tokens
+                if meter.steps == meter.warmup_steps:
+                    meter.t0 = meter._now()
+                elif meter.steps > meter.warmup_steps:
+                    meter.timed_tokens += step_tokens
+                    if state.global_step >= state.max_steps:
+                        meter.t_end = meter._now()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if meter.t_end is None and meter.steps > meter.warmup_steps:
+                    meter.t_end = meter._now()
+
+        return _Callback()
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_tokens / max(self.t_end - self.t0, 1e-9)
+
+    def gather(self) -> None:
+        """Under DDP: the tokens of every rank, over the slowest rank's time (call on every rank)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if self.device != "cpu" else None
+        counts = torch.tensor([self.tokens, self.timed_tokens], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts)
+        elapsed = torch.tensor([self.t_end - self.t0], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        self.tokens, self.timed_tokens = int(counts[0]), int(counts[1])
+        self.t0, self.t_end = 0.0, float(elapsed[0])
+
+
+class StepProfiler:
+    """``torch.profiler`` over up to ``steps`` optimizer steps of one side, from step ``start`` (after warm-up).
+
+    Writes the operators by time (GPU time on CUDA) to ``path`` and returns the summary that goes into
+    the JSON: the window's wall time per step, the GPU kernel time per step and their ratio (how busy
+    the GPU was; None on CPU). A short run moves the window to its last steps. The profiled steps run
+    slower than unprofiled ones; the side's tokens/s is not comparable.
+    """
+
+    def __init__(self, path: Path, start: int, device: str, steps: int = 8):
+        self.path, self.start, self.steps, self.cuda = path, start, steps, device != "cpu"
+        self.prof = None
+        self.t0 = 0.0
+        self.summary: dict[str, Any] = {}
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer.start = max(0, min(outer.start, state.max_steps - outer.steps))
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == outer.start and outer.prof is None:
+                    outer._sync()
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    acts += [torch.profiler.ProfilerActivity.CUDA] if outer.cuda else []
+                    outer.prof = torch.profiler.profile(activities=acts)
+                    outer.prof.__enter__()
+                    outer.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                done = state.global_step - outer.start
+                last = done == outer.steps or state.global_step >= state.max_steps
+                if outer.prof is not None and not outer.summary and last:
+                    outer._sync()
+                    wall = time.perf_counter() - outer.t0
+                    outer.prof.__exit__(None, None, None)
+                    outer.finish(wall, done)
+
+        return _Callback()
+
+    def finish(self, wall: float, steps: int) -> None:
+        kernel_us = sum(
+            e.device_time
+            for e in self.prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0
+        )
+        sort = "device_time_total" if self.cuda else "cpu_time_total"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.prof.key_averages().table(sort_by=sort, row_limit=60))
+        self.summary = {
+            "steps": steps,
+            "wall_ms_per_step": 1000 * wall / steps,
+            "gpu_kernel_ms_per_step": kernel_us / 1000 / steps if self.cuda else None,
+            "gpu_busy": kernel_us / 1e6 / wall if self.cuda else None,
+            "table": str(self.path),
+        }
+        print(f"profile: {self.summary}", file=sys.stderr)
+
+
+def _reset_memory(device: str) -> float:
+    gc.collect()
+    if device == "cpu":
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def _peak(device: str) -> Optional[float]:
+    return None if device == "cpu" else torch.cuda.max_memory_allocated() / 2**30
+
+
+def _estimate(cfg, rows: int, row_len: int, checkpointed: float, optim: str) -> Optional[float]:
+    """src.plan's peak estimate for rows x row_len tokens, with a fraction of the layers checkpointed."""
+    try:
+        from src.plan import plan
+
+        def peak(ckpt: bool) -> float:
+            model = dataclasses.replace(cfg.model, max_length=max(1, row_len))
+            train = dataclasses.replace(
+                cfg.train, per_device_train_batch_size=rows, activation_checkpointing=ckpt, optim=optim
+            )
+            return plan(dataclasses.replace(cfg, model=model, train=train))["est_peak_gpu_mem_gb"]
+
+        full = peak(False)
+        return full if checkpointed == 0 else full - (full - peak(True)) * checkpointed
+    except Exception as exc:  # the planner is optional here: report without it
+        print(f"note: src.plan estimate unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- the two sides
+
+
+def pad_to_longest(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """The seeds' collator: rows padded on the right to the longest in the batch, pads ignored by the loss."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device: str, warmup: int) -> dict[str, Any]:
+    """(a) The seeds' recipe, written out as the seeds wrote it."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
+
+    cfg = project_config(
+        workload,
+        model_dir,
+        device,
+        [
+            "train.fast_path=false",  # the plain path: src.plan models its fp32 residual stream under 4/8-bit
+            f"train.per_device_train_batch_size={SEED_BATCH_SIZE}",
+            "train.activation_checkpointing=true",
+        ]
+        + (["train.optim=paged_adamw_8bit"] if device != "cpu" else []),
+    )
+    base = _reset_memory(device)
+    quant = {
+        4: BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        8: BitsAndBytesConfig(load_in_8bit=True),
+        16: None,
+    }[workload.bits]
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=torch.bfloat16 if device != "cpu" else torch.float32,
+        quantization_config=quant,
+        device_map={"": 0} if device != "cpu" else None,
+    )
+    if workload.bits in (4, 8):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=LLAMA_LINEARS,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=SEED_BATCH_SIZE,
+        activation_checkpointing=True,
+        optim=t.optim,
+        bf16=t.bf16,
+        tf32=t.tf32,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=1,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    distributed.one_gpu_per_process(args)  # one GPU, as the seeds ran it, also on a host with more
+    meter = Meter(warmup, device)
+    pad_id = bench_tokenizer().pad_token_id
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": rows}),
+        data_collator=meter.wrap(lambda examples: pad_to_longest(examples, pad_id)),
+        callbacks=[meter.callback()],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    peak = _peak(device)
+    longest = meter.max_micro_batch_rows_x_len // SEED_BATCH_SIZE  # the widest padded batch
+    estimate = _estimate(cfg, SEED_BATCH_SIZE, longest, 1.0, t.optim)
+    trainer.accelerator.free_memory()
+    del trainer, model
+    return _side_result(
+        "seed", None, meter, wall, peak, estimate, base, dict(micro_batch_size=SEED_BATCH_SIZE, checkpointed="all")
+    )
+
+
+def run_fast(
+    workload: Workload,
+    model_dir: Path,
+    rows: list[list[int]],
+    device: str,
+    warmup: int,
+    budget: Optional[float],
+    variant: str = "",
+    profile: Optional[Path] = None,
+) -> dict[str, Any]:
+    """(b) The project's trainer with its defaults: src.modeling + src.fast, as src.train builds them."""
+    from datasets import Dataset
+
+    from src import modeling
+    from src.fast.attention import mask_attention_gb
+    from src.fast.trainer import build_packed_sft_trainer
+
+    overrides = [] if budget is None else [f"train.memory_budget_gb={budget}"]
+    if variant.startswith("batch"):  # a larger optimizer step: learning differs from the seeds' batch of 8
+        overrides.append(f"train.per_device_train_batch_size={int(variant[len('batch') :])}")
+    cfg = project_config(workload, model_dir, device, overrides)
+    base = _reset_memory(device)
+    if variant == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
+
+        patch = {"llama": apply_liger_kernel_to_llama, "mistral": apply_liger_kernel_to_mistral}[workload.model_type]
+        patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    tokenizer = bench_tokenizer()
+    model = modeling.load_model(
+        cfg.model, cfg.quant, "sft", None, tokenizer.pad_token_id, cfg.train.activation_checkpointing
+    )
+    model = modeling.apply_lora(model, cfg.lora, "sft")
+    meter = Meter(warmup, device)
+    profiler = None if profile is None else StepProfiler(profile, start=warmup + 4, device=device)
+    trainer, micro = build_packed_sft_trainer(
+        cfg,
+        model,
+        tokenizer,
+        sft_arguments(cfg, cfg.output_dir),
+        Dataset.from_dict({"input_ids": rows}),
+        callbacks=[meter.callback()] + ([profiler.callback()] if profiler else []),
+        attention={"mask-attention": "mask", "per-example-attention": "per-example"}.get(variant, "auto"),
+        bf16_weights=variant != "fp32-weights",
+        dequantize=False if variant in ("no-dequant", "compile-no-dequant") else None,
+        compile_layers=variant in ("compile", "compile-no-dequant"),
+        cuda_graphs=False if variant == "no-graphs" else None,
+    )
+    if variant.startswith("compile"):  # a dedicated run compiles once, outside the timed steps
+        warm_compiled(trainer, rows[: SEED_BATCH_SIZE * 2])
+    if variant == "configured-optim":  # measure what fused AdamW buys
+        trainer.args.optim = cfg.train.optim
+    optim = trainer.args.optim
+    trainer.data_collator = meter.wrap(trainer.data_collator)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    peak = _peak(device)
+    meter.gather()
+    estimate = _estimate(  # at the largest packed micro-batch seen (the plan bounds it by max_length rows)
+        cfg, 1, meter.max_micro_batch_tokens, micro.checkpointed_layers / micro.num_layers, optim
+    )
+    if estimate is not None and micro.attention == "mask":
+        estimate += mask_attention_gb(model, meter.max_micro_batch_tokens, micro.checkpointed_layers)
+    if estimate is not None:
+        estimate += micro.dequantized_gb
+    graphs = trainer.graphs
+    graph_note = None if graphs is None else {"lengths": sorted(graphs.graphs), "failed": graphs.failed}
+    trainer.accelerator.free_memory()
+    del trainer, model, graphs
+    settings = dataclasses.asdict(micro) | {"optim": optim, "variant": variant or None, "cuda_graphs": graph_note}
+    result = _side_result("fast", budget, meter, wall, peak, estimate, base, settings)
+    if profiler is not None:
+        result["profile"] = profiler.summary
+    result["planned_est_peak_gpu_mem_gb"] = micro.est_peak_gpu_mem_gb
+    return result
+
+
+def warm_compiled(trainer, rows: list[list[int]]) -> None:
+    """Run the compiled layers forward and backward on two packed rows of other lengths, so that
+    compilation (once per dynamic-shape graph) is not timed; nothing is updated."""
+    model = trainer.model
+    for size in (len(rows) // 2, len(rows)):
+        batch = trainer.data_collator([{"input_ids": r, "labels": r} for r in rows[:size]])
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _side_result(side, budget, meter: Meter, wall, peak, estimate, base, settings) -> dict[str, Any]:
+    err = None if (estimate is None or not peak) else 100 * (estimate - peak) / peak
+    return {
+        "side": side,
+        "budget_gb": budget,
+        "tokens": meter.tokens,
+        "timed_tokens": meter.timed_tokens,
+        "steps": meter.steps,
+        "tokens_per_s": meter.tokens_per_s,
+        "wall_s": wall,
+        "peak_gpu_mem_gb": peak,
+        "mem_before_gb": base,
+        "est_peak_gpu_mem_gb": estimate,
+        "planner_error_pct": err,
+        "max_micro_batch_tokens": meter.max_micro_batch_tokens,
+        "max_micro_batch_rows_x_len": meter.max_micro_batch_rows_x_len,
+        "settings": settings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0], "cuda": str(torch.version.cuda)}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "liger-kernel"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    header = ("workload", "side", "budget", "tokens/s", "peak GiB", "plan GiB (err)", "MFU", "fast/seed")
+    lines = [header]
+    for run in runs:
+        for s in run["sides"]:
+            side = s["side"] + (f"+{s['settings']['variant']}" if s["settings"].get("variant") else "")
+            budget = "-" if s["side"] == "seed" else ("default" if s["budget_gb"] is None else f"{s['budget_gb']:g}")
+            peak = "-" if s["peak_gpu_mem_gb"] is None else f"{s['peak_gpu_mem_gb']:.2f}"
+            est = "-" if s["est_peak_gpu_mem_gb"] is None else f"{s['est_peak_gpu_mem_gb']:.2f}"
+            if s["planner_error_pct"] is not None:
+                est += f" ({s['planner_error_pct']:+.0f}%)"
+            ratio = "-" if s.get("ratio_over_seed") is None else f"{s['ratio_over_seed']:.2f}x"
+            lines.append(
+                (run["workload"], side, budget, f"{s['tokens_per_s']:,.0f}", peak, est, f"{100 * s['mfu']:.1f}%", ratio)
+            )
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines)
+
+
+def parse_budgets(text: str) -> list[Optional[float]]:
+    return [None if b == "default" else float(b) for b in text.split(",") if b]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default="w3b-4bit", help=f"comma-separated: {', '.join(WORKLOADS)}")
+    parser.add_argument("--examples", type=int, default=2048, help="synthetic rows (one epoch)")
+    parser.add_argument(
+        "--budgets", default="default,8", help="fast-path memory budgets in GiB; 'default' is the config's null"
+    )
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="extra fast runs (comma-separated): configured-optim, mask-attention, per-example-attention, "
+        "fp32-weights, no-dequant, no-graphs, compile, compile-no-dequant, liger, batch<N>",
+    )
+    parser.add_argument("--sides", default="seed,fast", help="which sides to run")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="optimizer steps left out of the timing")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-bench-models")
+    parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/<date>.json")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="also profile 8 steps of one more fast run (first budget); operator table written to this folder",
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --device cpu for a smoke test")
+    sides = args.sides.split(",")
+    budgets = parse_budgets(args.budgets) if args.device == "cuda" else [None]
+    variants = [v for v in args.variants.split(",") if v]
+
+    world = distributed.world_size()
+    if world > 1:  # under torchrun: the fast side only, data-parallel; rank 0 reports
+        if "seed" in sides:
+            parser.error("under torchrun run --sides fast (the seed recipe is measured on one GPU)")
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    main_process = distributed.is_main_process()
+    failed: list[dict[str, str]] = []
+    peak_tflops = bf16_matmul_tflops(args.device)
+    print(f"measured matmul peak: {peak_tflops:.0f} TFLOP/s", file=sys.stderr)
+    runs = []
+    for name in args.workload.split(","):
+        workload = WORKLOADS[name]
+        if main_process:  # one rank writes the checkpoint, the others wait for it
+            model_dir = ensure_checkpoint(workload, args.model_dir, args.device)
+        if world > 1:
+            torch.distributed.barrier()
+        model_dir = ensure_checkpoint(workload, args.model_dir, args.device)
+        rows = synthetic_examples(args.examples, workload.lengths, workload.vocab_size)
+        steps = -(-len(rows) // SEED_BATCH_SIZE)
+        warmup = min(args.warmup_steps, steps // 4)
+        n_params = non_embedding_params(workload)
+        results = []
+        if "seed" in sides:
+            results.append(run_seed(workload, model_dir, rows, args.device, warmup))
+        if "fast" in sides:
+            for budget in budgets:
+                results.append(run_fast(workload, model_dir, rows, args.device, warmup, budget))
+            for variant in variants:  # experiments: one that breaks is reported, not fatal
+                try:
+                    results.append(run_fast(workload, model_dir, rows, args.device, warmup, budgets[0], variant))
+                except Exception as exc:
+                    print(f"variant {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    failed.append({"workload": name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
+            if args.profile is not None:
+                path = args.profile / f"{name}-rank{distributed.rank()}.txt"
+                results.append(run_fast(workload, model_dir, rows, args.device, warmup, budgets[0], "profile", path))
+        seed_rate = next((r["tokens_per_s"] for r in results if r["side"] == "seed"), None)
+        for r in results:  # MFU over every GPU of the run
+            r["world_size"] = world
+            r["mfu"] = 4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12 * world)
+            r["ratio_over_seed"] = r["tokens_per_s"] / seed_rate if seed_rate and r["side"] == "fast" else None
+        runs.append(
+            {
+                "workload": name,
+                "examples": len(rows),
+                "dataset_tokens": sum(len(r) for r in rows),
+                "non_embedding_params": n_params,
+                "warmup_steps": warmup,
+                "sides": results,
+            }
+        )
+        if main_process:
+            print(format_table(runs[-1:]), flush=True)
+
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if not main_process:
+            return 0
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name,
+        "versions": versions(),
+        "matmul_peak_tflops": peak_tflops,
+        "world_size": world,
+        "runs": runs,
+        "failed_variants": failed,
+    }
+    path = args.json or Path("outputs") / "bench" / f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print("\n" + format_table(runs))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

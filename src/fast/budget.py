@@ -1,0 +1,160 @@
+"""The fast path's memory budget: micro-batches and checkpointed layers sized to ``train.memory_budget_gb``.
+
+``train.memory_budget_gb`` (null: 90% of the GPU's memory; no budget on CPU), less :data:`PLAN_MARGIN` for
+the plan's error, and ``src.plan``'s estimate choose the largest micro-batch that fits, and activation
+checkpointing only for as many decoder layers as memory needs (:func:`plan_micro_batches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from src.plan import plan
+
+# Optimizers with AdamW's update rule; on CUDA the fast path runs them as one fused kernel.
+ADAMW_VARIANTS = {
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw",
+}
+
+FUSED_ADAMW = "adamw_torch_fused"
+
+DEFAULT_BUDGET_FRACTION = 0.9  # of the GPU's memory, when train.memory_budget_gb is null
+
+# The fast path plans for this fraction of the budget: src.plan's estimate fell up to 12% short of the measured
+# peak on the fast path (tests/device/BENCH_RESULTS.md, Run 4), so a plan that fills the budget could overrun it.
+PLAN_MARGIN = 0.88
+
+
+class MemoryBudgetError(ValueError):
+    """Not even one example per micro-batch, with every layer checkpointed, fits the budget."""
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """How one optimizer step's examples are run: micro-batches and checkpointed layers."""
+
+    examples_per_step: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    checkpointed_layers: int
+    num_layers: int
+    budget_gb: Optional[float]
+    est_peak_gpu_mem_gb: Optional[float]
+    attention: str = "mask"  # or "per-example", "varlen": chosen by build_packed_sft_trainer
+    dequantized_layers: int = 0  # 4/8-bit linear layers run on a cached dequantized weight
+    dequantized_gb: float = 0.0  # what those cached weights hold
+    compiled: bool = False
+    cuda_graphs: bool = False
+
+    def describe(self) -> str:
+        budget = "no memory budget" if self.budget_gb is None else f"planned to {self.budget_gb:.1f} GiB of the budget"
+        est = "" if self.est_peak_gpu_mem_gb is None else f", est. peak {self.est_peak_gpu_mem_gb:.1f} GiB"
+        return (
+            f"fast path: {self.examples_per_step} examples/step as {self.gradient_accumulation_steps} packed "
+            f"micro-batch(es) of {self.micro_batch_size}, activation checkpointing on "
+            f"{self.checkpointed_layers}/{self.num_layers} layers, attention by {self.attention}, "
+            f"{self.dequantized_layers} 4-bit layers on cached dequantized weights"
+            f"{', compiled layers' if self.compiled else ''}{', CUDA graphs' if self.cuda_graphs else ''}"
+            f" ({budget}{est})"
+        )
+
+
+def plan_micro_batches(
+    examples_per_step: int,
+    num_layers: int,
+    budget_gb: Optional[float],
+    estimate: Callable[[int, bool], float],
+) -> MicroBatchPlan:
+    """The largest micro-batch that fits the budget, checkpointing as few layers as it needs.
+
+    Args:
+        examples_per_step: examples in one optimizer step (batch size x accumulation steps).
+        num_layers: decoder layers that can be checkpointed one by one.
+        budget_gb: peak GPU memory allowed, in GiB; None plans one micro-batch, no checkpointing.
+        estimate: ``estimate(micro_batch_size, checkpoint_all_layers)`` -> peak GiB. With k of L
+            layers checkpointed the activations are interpolated: ``full - (full - ckpt) * k / L``.
+
+    Micro-batch sizes are divisors of ``examples_per_step``, so every step has the same examples.
+    """
+    if budget_gb is None:
+        return MicroBatchPlan(examples_per_step, examples_per_step, 1, 0, num_layers, None, None)
+    for size in sorted((d for d in range(1, examples_per_step + 1) if examples_per_step % d == 0), reverse=True):
+        full = estimate(size, False)
+        steps = examples_per_step // size
+        if full <= budget_gb:
+            return MicroBatchPlan(examples_per_step, size, steps, 0, num_layers, budget_gb, full)
+        ckpt = estimate(size, True)
+        if ckpt > budget_gb:
+            continue
+        per_layer = (full - ckpt) / num_layers
+        layers = min(num_layers, math.ceil(round((full - budget_gb) / per_layer, 6)))
+        return MicroBatchPlan(examples_per_step, size, steps, layers, num_layers, budget_gb, full - per_layer * layers)
+    raise MemoryBudgetError(
+        f"train.memory_budget_gb={budget_gb}: one example of model.max_length tokens with every layer "
+        f"checkpointed needs about {estimate(1, True):.1f} GiB; raise the budget or lower model.max_length"
+    )
+
+
+def default_budget_gb() -> Optional[float]:
+    """90% of the current GPU's memory in GiB, or None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    return DEFAULT_BUDGET_FRACTION * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
+def fast_optimizer(optim: str) -> str:
+    """The optimizer the fast path runs: fused AdamW for any AdamW variant on CUDA, else ``optim``."""
+    return FUSED_ADAMW if optim in ADAMW_VARIANTS and torch.cuda.is_available() else optim
+
+
+def plan_estimator(cfg) -> tuple[Callable[[int, bool], float], int]:
+    """``src.plan``'s peak-memory estimate as ``estimate(micro_batch_size, checkpoint_all)``, and the layer count.
+
+    A micro-batch of n examples is estimated as n rows of ``model.max_length`` tokens: packed
+    rows hold at most that many tokens, so the estimate is an upper bound.
+    """
+    cache: dict[tuple[int, bool], dict[str, Any]] = {}
+
+    def run(size: int, ckpt: bool) -> dict[str, Any]:
+        if (size, ckpt) not in cache:
+            train = dataclasses.replace(
+                cfg.train,
+                per_device_train_batch_size=size,
+                activation_checkpointing=ckpt,
+                optim=fast_optimizer(cfg.train.optim),
+            )
+            cache[size, ckpt] = plan(dataclasses.replace(cfg, train=train))
+        return cache[size, ckpt]
+
+    num_layers = run(1, False)["model_shape"]["num_layers"]
+    return (lambda size, ckpt: run(size, ckpt)["est_peak_gpu_mem_gb"]), num_layers
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's checkpointable decoder layers, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model: torch.nn.Module, count: int) -> None:
+    """Checkpoint the activations of the first ``count`` decoder layers only; 0 turns it off."""
+    layers = decoder_layers(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if count > 0:
+        # Sets the checkpoint function on every layer (and input grads for the frozen embeddings).
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < count

@@ -1,0 +1,144 @@
+"""CUDA graphs: each packed micro-batch's forward and backward replayed as one graph per padded row length."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import torch
+
+from src.fast.attention import seq_bounds
+
+GRAPH_BUCKET_TOKENS = 256  # packed rows are padded up to a multiple of this: one captured graph per length
+
+
+class GraphedSteps:
+    """Forward and backward of a packed micro-batch as one CUDA graph replay, per padded row length.
+
+    A small step is bound by the CPU: eager PyTorch launches ~5,000 kernels (norms, rotary
+    embeddings, every adapter's dropout/matmuls/scale/add, their backward) for ~20 TFLOP of work.
+    A CUDA graph launches them all at once. Graphs need fixed shapes, so a packed row is padded up to
+    a multiple of ``bucket`` tokens with one more example of pad tokens whose labels are -100 (it
+    attends only to itself and adds nothing to the loss, whose divisor ``num_items_in_batch`` is the
+    real examples' label count), and the offsets are padded with empty examples up to
+    ``max_examples + 2`` entries. Each length is captured once (after one eager warm-up step on a
+    side stream), into one memory pool shared by all lengths; later rows of that length replay it
+    on fresh inputs. Dropout draws fresh randomness on every replay (PyTorch's graph-safe RNG).
+    If a capture fails (an op that waits on the host), training goes on eagerly and ``failed`` says why.
+
+    The gradients of a replay are written into the tensors captured as ``.grad``; they are put back
+    on the parameters after every replay, so the Trainer's clipping, optimizer step and
+    ``zero_grad`` work as usual. Only for one micro-batch per optimizer step (nothing accumulates
+    across replays) and varlen attention: the fast path turns graphs on only then
+    (:func:`build_packed_sft_trainer`).
+
+    Under DDP (``world_size`` > 1) the graph runs the model without its DDP wrapper, whose hooks
+    would put NCCL calls into the capture; each rank captures its own lengths. As
+    ``Trainer.compute_loss`` does under DDP, the loss is multiplied by the world size
+    (``num_items_in_batch`` counts every rank's tokens); :meth:`PackedTrainer.training_step` then
+    averages the gradients over the ranks. DDP keeps the parameters' gradient accumulators alive,
+    bound to the stream it was built on, and a capture on any other stream fails; so under DDP the
+    warm-up and capture run on ``stream``, the stream :meth:`PackedTrainer.train` trains on (and
+    builds DDP on), as PyTorch's notes on graphs with DDP prescribe.
+    """
+
+    def __init__(self, pad_token_id: int, max_examples: int, bucket: int = GRAPH_BUCKET_TOKENS, world_size: int = 1):
+        self.pad_token_id = pad_token_id
+        self.max_examples = max_examples
+        self.bucket = bucket
+        self.world_size = world_size
+        self.graphs: dict[int, dict[str, Any]] = {}
+        self.pool = None
+        self.stream: Optional[torch.cuda.Stream] = None  # where to capture; None: a new side stream
+        self.failed: Optional[str] = None  # why capture failed; the steps then run eagerly
+
+    def padded_length(self, tokens: int) -> int:
+        return -(-(tokens + 1) // self.bucket) * self.bucket  # at least one pad token: the pad example is never empty
+
+    def _inputs(self, inputs: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """The row padded to ``length`` and its offsets, on the host."""
+        ids, positions, labels = inputs["input_ids"], inputs["position_ids"], inputs["labels"]
+        tokens = ids.shape[1]
+        pad = length - tokens
+        bounds = list(seq_bounds(positions.cpu()))
+        offsets = bounds + [length] * (self.max_examples + 2 - len(bounds))
+        return {
+            "input_ids": torch.cat([ids.cpu(), torch.full((1, pad), self.pad_token_id, dtype=ids.dtype)], dim=1),
+            "position_ids": torch.cat([positions.cpu(), torch.arange(pad, dtype=positions.dtype)[None]], dim=1),
+            "labels": torch.cat([labels.cpu(), torch.full((1, pad), -100, dtype=labels.dtype)], dim=1),
+            "packed_cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
+        }
+
+    def accepts(self, inputs: dict[str, Any]) -> bool:
+        """A packed row (no padding mask) with at most ``max_examples`` examples."""
+        if "attention_mask" in inputs or "position_ids" not in inputs:
+            return False
+        return int((inputs["position_ids"][0] == 0).sum()) <= self.max_examples
+
+    def _forward_backward(self, model, static: dict[str, torch.Tensor], max_seqlen: int) -> torch.Tensor:
+        outputs = model(
+            input_ids=static["input_ids"],
+            position_ids=static["position_ids"],
+            labels=static["labels"],
+            packed_cu_seqlens=static["packed_cu_seqlens"],
+            packed_max_seqlen=max_seqlen,
+            num_items_in_batch=static["num_items_in_batch"],
+            use_cache=False,
+        )
+        loss = outputs.loss if self.world_size == 1 else outputs.loss * self.world_size
+        loss.backward()
+        return loss.detach()
+
+    def _capture(self, model, host: dict[str, torch.Tensor], num_items: torch.Tensor, length: int) -> dict[str, Any]:
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        static = {k: v.to(device) for k, v in host.items()}
+        static["num_items_in_batch"] = num_items.detach().to(device=device).clone()
+        params = [p for p in model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]  # normally None: the Trainer zeroes gradients after each step
+        side = self.stream or torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy initialization (cuBLAS, flash workspaces) off the graph
+            for p in params:
+                p.grad = None
+            self._forward_backward(model, static, length)
+        torch.cuda.current_stream().wait_stream(side)
+        for p in params:
+            p.grad = None  # the captured backward assigns fresh gradient tensors from the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            loss = self._forward_backward(model, static, length)
+        grads = [p.grad for p in params]
+        for p, g in zip(params, saved):
+            p.grad = g
+        return {"graph": graph, "static": static, "loss": loss, "params": params, "grads": grads}
+
+    def step(self, model, inputs: dict[str, torch.Tensor], num_items_in_batch) -> Optional[torch.Tensor]:
+        """Forward and backward of one packed row; the gradients are on the parameters afterwards.
+
+        None where the graph could not be captured (the caller then runs the step eagerly).
+        """
+        length = self.padded_length(inputs["input_ids"].shape[1])
+        host = self._inputs(inputs, length)
+        num_items = torch.as_tensor(num_items_in_batch)
+        entry = self.graphs.get(length)
+        if entry is None:
+            try:
+                entry = self._capture(model, host, num_items, length)
+            except RuntimeError as exc:  # e.g. an op that syncs with the host: train eagerly from here on
+                self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            if self.failed is not None:
+                print(f"note: CUDA graph capture failed, training eagerly ({self.failed})", file=sys.stderr)
+                for p in model.parameters():
+                    p.grad = None
+                return None
+            self.graphs[length] = entry
+        static = entry["static"]
+        for key, value in host.items():
+            static[key].copy_(value, non_blocking=True)
+        static["num_items_in_batch"].copy_(num_items, non_blocking=True)
+        entry["graph"].replay()
+        for p, g in zip(entry["params"], entry["grads"]):
+            p.grad = g
+        return entry["loss"]

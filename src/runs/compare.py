@@ -1,0 +1,777 @@
+"""Compare runs: one table with the best run and the Pareto front marked, and plots.
+
+    python -m src.compare                                    # the newest sweep, else the newest runs
+    python -m src.compare --sweep SWEEP_ID --format csv > sweep.csv
+    python -m src.compare --experiment lora-sweeps --metric eval_accuracy --sort eval_accuracy
+    python -m src.compare --pareto quality:max,params:min --plot sweep.png
+
+Runs are read from the MLflow store (``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the
+project's ``mlflow.db``) by the names in ``src/tracking.py``. A sweep is a parent run tagged
+``sweep_id`` plus the runs carrying the same tag and MLflow's ``mlflow.parentRunId``.
+
+Runs of one config that differ only in ``train.seed`` are shown as one row, mean ± sample
+standard deviation (``--no-group-seeds`` lists them apart); failed runs are never averaged in.
+``md`` and ``html`` are for people; ``csv`` and ``json`` are for programs and carry raw numbers,
+run ids and the standard deviations as separate fields. The pure pieces (:func:`pareto_front`,
+:func:`pick_best`, :func:`group_seeds`, :func:`format_table`) take plain rows and need no store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from src.config import OBJECTIVE_DEFAULTS
+from src.errors import UserError, run_cli
+
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_TAG = "sweep_id"
+# Params that may differ between runs that repeat one config with another seed.
+SEED_FREE_PARAMS = frozenset({"train.seed", "output_dir", "tracking.run_name"})
+MAX_MISSING_LISTED = 30
+
+
+class CompareError(UserError):
+    """A selection or option that cannot be compared; the message is shown as one line."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column.
+
+    Attributes:
+        key: Name in csv and json, and for ``--sort`` and ``--pareto``.
+        header: Name in md and html.
+        fmt: Format spec for numbers in md and html; empty for text.
+        direction: ``"max"`` or ``"min"``: which way is better; None for text.
+    """
+
+    key: str
+    header: str
+    fmt: str = ""
+    direction: Optional[str] = None
+
+    @property
+    def numeric(self) -> bool:
+        return self.direction is not None
+
+
+CONFIG_COLUMNS = (
+    Column("run", "run"),
+    Column("model", "model"),
+    Column("data", "data"),
+    Column("task", "task"),
+    Column("bits", "base bits", "d", "min"),
+    Column("targets", "target modules"),
+    Column("r", "r", "d", "min"),
+    Column("alpha", "alpha", "d", "min"),
+    Column("seeds", "seeds"),
+)
+COST_COLUMNS = (
+    Column("trainable_params_m", "trainable params (M)", ".4g", "min"),
+    Column("trainable_pct", "trainable %", ".4g", "min"),
+    Column("peak_gpu_mem_gb", "peak GPU mem (GB)", ".2f", "min"),
+    Column("train_tokens_per_s", "tokens/s", ".1f", "max"),
+    Column("train_runtime_s", "runtime (s)", ".1f", "min"),
+    Column("status", "status"),
+)
+# Short names accepted by --sort, --pareto and --metric, besides column keys and metric names.
+ALIASES = {
+    "params": "trainable_params_m",
+    "trainable_params": "trainable_params_m",
+    "memory": "peak_gpu_mem_gb",
+    "tokens_per_s": "train_tokens_per_s",
+    "runtime": "train_runtime_s",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces: rows are dicts keyed by column key, plus "run_ids", "config_key" and "std".
+
+
+def metric_direction(name: str) -> str:
+    """Best direction of a quality metric that is not the objective: losses go down, scores up."""
+    return "min" if any(word in name for word in ("loss", "perplexity", "error")) else "max"
+
+
+def pareto_front(points: Sequence[Sequence[Optional[float]]], directions: Sequence[str]) -> list[bool]:
+    """Which points no other point dominates.
+
+    Args:
+        points: One (x, y) per row; a None or NaN coordinate keeps that row off the front.
+        directions: ``"max"`` or ``"min"`` for x and for y.
+
+    Returns:
+        One flag per point. Equal points do not dominate each other, so both stay on the front.
+    """
+    signs = [1.0 if d == "max" else -1.0 for d in directions]
+    scored = [tuple(s * float(v) for s, v in zip(signs, p)) if all(_is_number(v) for v in p) else None for p in points]
+
+    def dominates(a: tuple, b: tuple) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [
+        a is not None and not any(b is not None and dominates(b, a) for j, b in enumerate(scored) if j != i)
+        for i, a in enumerate(scored)
+    ]
+
+
+def pick_best(rows: Sequence[dict], key: str, direction: str, tie_key: str = "trainable_params_m") -> Optional[int]:
+    """Index of the best row on ``key``; ties go to fewer ``tie_key`` (trainable params), then to the first.
+
+    Only finished runs are ranked: a killed or failed run may hold an eval logged before it stopped."""
+    best, best_score = None, None
+    for i, row in enumerate(rows):
+        value = row.get(key)
+        if not _is_number(value) or row.get("status", "FINISHED") != "FINISHED":
+            continue
+        tie = row.get(tie_key)
+        score = (value if direction == "max" else -value, -tie if _is_number(tie) else -math.inf)
+        if best_score is None or score > best_score:
+            best, best_score = i, score
+    return best
+
+
+def group_seeds(rows: Sequence[dict], numeric_keys: Sequence[str]) -> list[dict]:
+    """Merge FINISHED rows with the same ``config_key`` (the same config up to ``train.seed``).
+
+    A merged row keeps the first row's text fields, concatenates ``run_ids`` and ``seeds``, holds
+    the mean of each numeric key over the runs that logged it, and the sample standard deviation
+    in ``row["std"]`` where at least two runs did. Other rows pass through unchanged, in order.
+    """
+    groups: dict[Any, list[dict]] = {}
+    order: list[Any] = []
+    for i, row in enumerate(rows):
+        key = ("config", row["config_key"]) if row.get("status") == "FINISHED" else ("run", i)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(row)
+    merged = []
+    for key in order:
+        members = groups[key]
+        if len(members) == 1:
+            merged.append(members[0])
+            continue
+        row = dict(members[0])
+        row["run_ids"] = [run_id for m in members for run_id in m["run_ids"]]
+        row["seeds"] = sorted(seed for m in members for seed in m["seeds"])
+        row["std"] = {}
+        for k in numeric_keys:
+            values = [m[k] for m in members if _is_number(m.get(k))]
+            row[k] = statistics.fmean(values) if values else None
+            if len(values) >= 2:
+                row["std"][k] = statistics.stdev(values)
+        merged.append(row)
+    return merged
+
+
+def sort_rows(rows: Sequence[dict], key: str, direction: str) -> list[dict]:
+    """Rows ordered best first on ``key``; rows without a value go last, in their order."""
+    present = [r for r in rows if _is_number(r.get(key))]
+    missing = [r for r in rows if not _is_number(r.get(key))]
+    return sorted(present, key=lambda r: r[key], reverse=direction == "max") + missing
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[Column], fmt: str) -> str:
+    """Render rows as ``md``, ``html``, ``csv`` or ``json``.
+
+    md and html show formatted cells ("0.8123 ± 0.0100"; no "± 0" for a zero spread; "-" when
+    missing) and a ``mark`` column ("best", "front"). csv adds ``run_id`` and a ``<key>_std``
+    column per numeric column that has one; json gives raw values with ``best``, ``pareto``,
+    ``run_ids`` and ``std`` per row.
+    """
+    if fmt == "json":
+        return json.dumps(
+            {
+                "columns": [{"key": c.key, "header": c.header, "direction": c.direction} for c in columns],
+                "rows": [_json_row(r, columns) for r in rows],
+            },
+            indent=2,
+        )
+    if fmt == "csv":
+        return _csv_table(rows, columns)
+    header = ["mark"] + [c.header for c in columns]
+    cells = [[_mark(r)] + [_cell(r, c) for c in columns] for r in rows]
+    if fmt == "html":
+        return _html_table(header, cells, rows, [False] + [c.numeric for c in columns])
+    if fmt == "md":
+        return _md_table(header, cells, [False] + [c.numeric for c in columns])
+    raise CompareError(f"unknown format {fmt!r} (known: md, csv, html, json)")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _mark(row: dict) -> str:
+    return " ".join(word for word, on in (("best", row.get("best")), ("front", row.get("pareto"))) if on)
+
+
+def _cell(row: dict, column: Column) -> str:
+    value = row.get(column.key)
+    if column.key == "seeds":
+        return ",".join(str(s) for s in value or [] if s is not None) or "-"
+    if value is None or value == "":
+        return "-"
+    if column.fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):
+            return "nan"
+        text = format(value, column.fmt)
+        std = (row.get("std") or {}).get(column.key)
+        # A zero spread (trainable params across seeds, say) is left out rather than shown as "± 0".
+        return text if not std or column.fmt == "d" else f"{text} ± {format(std, column.fmt)}"
+    return str(value)
+
+
+def _raw(value: Any) -> Any:
+    """A value for csv/json: floats lose only float noise (10 significant digits); NaN becomes None."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else float(f"{value:.10g}")
+    return value
+
+
+def _json_row(row: dict, columns: Sequence[Column]) -> dict:
+    out: dict[str, Any] = {"best": bool(row.get("best")), "pareto": row.get("pareto"), "run_ids": row["run_ids"]}
+    out.update({c.key: _raw(row.get(c.key)) for c in columns})
+    out["std"] = {k: _raw(v) for k, v in (row.get("std") or {}).items()}
+    return out
+
+
+def _csv_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    with_std = {k for r in rows for k in (r.get("std") or {})}
+    keys = ["mark", "run_id"]
+    for c in columns:
+        keys.append(c.key)
+        if c.key in with_std:
+            keys.append(f"{c.key}_std")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(keys)
+    for r in rows:
+        values = {"mark": _mark(r), "run_id": ";".join(r["run_ids"])}
+        for c in columns:
+            value = r.get(c.key)
+            values[c.key] = ",".join(str(s) for s in value) if c.key == "seeds" else _raw(value)
+            values[f"{c.key}_std"] = _raw((r.get("std") or {}).get(c.key))
+        writer.writerow(["" if values[k] is None else values[k] for k in keys])
+    return buffer.getvalue().rstrip("\n")
+
+
+def _md_table(header: list[str], cells: list[list[str]], right: list[bool]) -> str:
+    escaped = [[text.replace("|", "\\|") for text in row] for row in [header, *cells]]
+    widths = [max(3, *(len(row[i]) for row in escaped)) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(row, widths, right)) + " |"
+
+    rule = "| " + " | ".join("-" * (w - 1) + ":" if r else "-" * w for w, r in zip(widths, right)) + " |"
+    return "\n".join([line(escaped[0]), rule, *(line(row) for row in escaped[1:])])
+
+
+def _html_table(header: list[str], cells: list[list[str]], rows: Sequence[dict], right: list[bool]) -> str:
+    def cell(tag: str, text: str, is_right: bool) -> str:
+        style = ' style="text-align:right"' if is_right else ""
+        return f"<{tag}{style}>{html.escape(text)}</{tag}>"
+
+    lines = [
+        '<table class="compare">',
+        "<thead>",
+        "<tr>" + "".join(map(cell, ["th"] * len(header), header, right)) + "</tr>",
+        "</thead>",
+        "<tbody>",
+    ]
+    for texts, row in zip(cells, rows):
+        opening = '<tr class="best">' if row.get("best") else "<tr>"
+        lines.append(opening + "".join(map(cell, ["td"] * len(texts), texts, right)) + "</tr>")
+    return "\n".join([*lines, "</tbody>", "</table>"])
+
+
+# ---------------------------------------------------------------------------------------------
+# From MLflow runs to rows.
+
+
+@dataclass
+class Selection:
+    """The runs to compare, oldest first, and the sweep parent that plots are logged to."""
+
+    runs: list  # mlflow.entities.Run
+    description: str
+    parent_run_id: Optional[str]
+
+
+def _is_parent(run) -> bool:
+    return SWEEP_TAG in run.data.tags and PARENT_TAG not in run.data.tags
+
+
+def _search(client, experiment_ids: list[str], filter_string: str = "", limit: Optional[int] = None) -> list:
+    """All matching active runs, newest first, following MLflow's pages."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids,
+            filter_string,
+            ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token or (limit is not None and len(runs) >= limit):
+            return runs[:limit] if limit is not None else runs
+
+
+def _sweep_runs(client, experiment_ids: list[str], sweep_id: str) -> Selection:
+    tagged = _search(client, experiment_ids, f"tags.{SWEEP_TAG} = '{_quote(sweep_id)}'")
+    parents = [r for r in tagged if _is_parent(r)]
+    children = [r for r in tagged if not _is_parent(r)]
+    if not tagged:
+        raise CompareError(f"no sweep {sweep_id!r} in the store")
+    if not children:
+        raise CompareError(f"sweep {sweep_id!r} has no runs yet")
+    parent = parents[0].info.run_id if len(parents) == 1 else None
+    return Selection(children, f"sweep {sweep_id!r}", parent)
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")
+
+
+def select_runs(
+    client,
+    experiment: Optional[str] = None,
+    sweep: Optional[str] = None,
+    run_ids: Optional[list[str]] = None,
+    limit: int = 100,
+) -> Selection:
+    """The runs to compare: one sweep, one experiment, given run ids, or by default the newest sweep.
+
+    Without a selector it takes the sweep of the newest parent run; with no sweep in the store,
+    the newest ``limit`` runs of the experiment holding the newest run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from src.tracking import RunNotFound, resolve_run_id
+
+    experiments = client.search_experiments()
+    all_ids = [e.experiment_id for e in experiments]
+    if run_ids:
+        runs = []
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(resolve_run_id(client, run_id)))
+            except (MlflowException, RunNotFound) as exc:
+                raise CompareError(
+                    str(exc) if isinstance(exc, RunNotFound) else f"no run {run_id!r} in the store"
+                ) from None
+        parents = {r.data.tags.get(PARENT_TAG) for r in runs}
+        parent = parents.pop() if len(parents) == 1 else None
+        selection = Selection(runs, f"{len(runs)} given run(s)", parent)
+    elif sweep:
+        selection = _sweep_runs(client, all_ids, sweep)
+    elif experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None or found.lifecycle_stage != "active":
+            known = ", ".join(sorted(e.name for e in experiments)) or "none"
+            raise CompareError(f"no experiment {experiment!r} in the store (known: {known})")
+        runs = [r for r in _search(client, [found.experiment_id], limit=limit) if not _is_parent(r)]
+        if not runs:
+            raise CompareError(f"experiment {experiment!r} has no runs")
+        parents = {r.data.tags.get(PARENT_TAG) for r in runs}
+        selection = Selection(runs, f"experiment {experiment!r}", parents.pop() if len(parents) == 1 else None)
+    else:
+        if not all_ids:
+            raise CompareError("the store has no experiments")
+        newest_parent = next((r for r in _search(client, all_ids, f"tags.{SWEEP_TAG} LIKE '%'") if _is_parent(r)), None)
+        if newest_parent is not None:
+            selection = _sweep_runs(client, all_ids, newest_parent.data.tags[SWEEP_TAG])
+        else:
+            newest = _search(client, all_ids, limit=1)
+            if not newest:
+                raise CompareError("the store has no runs")
+            experiment_id = newest[0].info.experiment_id
+            runs = [r for r in _search(client, [experiment_id], limit=limit) if not _is_parent(r)]
+            name = client.get_experiment(experiment_id).name
+            selection = Selection(runs, f"the newest {len(runs)} run(s) of experiment {name!r}", None)
+    selection.runs = sorted(selection.runs, key=lambda r: (r.info.start_time or 0, r.info.run_name or ""))
+    return selection
+
+
+def _param(params: dict, key: str) -> Optional[str]:
+    value = params.get(key)
+    return None if value in (None, "null", "None", "") else value
+
+
+def _int(text: Optional[str]) -> Optional[int]:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def target_modules(params: dict) -> Optional[str]:
+    """The adapted modules: the resolved leaf names, else the configured list, else the preset; a full
+    fine-tuning run (lora=none) trains them all."""
+    if _param(params, "lora.preset") == "none":
+        return "all weights (full fine-tuning)"
+    resolved = _param(params, "lora.resolved_targets")
+    if resolved:
+        return resolved
+    listed = _param(params, "lora.target_modules")
+    if listed:
+        import ast
+
+        try:
+            return ",".join(str(x) for x in ast.literal_eval(listed))
+        except (ValueError, SyntaxError):
+            return listed
+    return _param(params, "lora.preset")
+
+
+def run_objective(params: dict) -> Optional[tuple[str, str]]:
+    """The run's objective (metric, "max"|"min"): its config's, else its task's default; None if unknown."""
+    task = _param(params, "data.task")
+    if task not in OBJECTIVE_DEFAULTS:
+        return None
+    metric, direction = OBJECTIVE_DEFAULTS[task]
+    metric = _param(params, "objective.metric") or metric
+    direction = _param(params, "objective.direction") or direction
+    return metric, "max" if direction == "maximize" else "min"
+
+
+def run_row(run, quality: Sequence[str], objective_metric: Optional[str]) -> dict:
+    """One row from an MLflow run; the objective metric's value is the run's ``objective`` metric."""
+    params, metrics = run.data.params, run.data.metrics
+    trainable = metrics.get("trainable_params")
+    row = {
+        "run_ids": [run.info.run_id],
+        "run": run.info.run_name,
+        "model": _param(params, "model.name"),
+        "data": _param(params, "data.name"),
+        "task": _param(params, "data.task"),
+        "bits": _int(_param(params, "quant.bits")),
+        "targets": target_modules(params),
+        "r": _int(_param(params, "lora.r")),
+        "alpha": _int(_param(params, "lora.alpha")),
+        "seeds": [_int(_param(params, "train.seed"))] if _param(params, "train.seed") else [],
+        "trainable_params_m": trainable / 1e6 if trainable is not None else None,
+        "trainable_pct": metrics.get("trainable_pct"),
+        "peak_gpu_mem_gb": metrics.get("peak_gpu_mem_gb"),
+        "train_tokens_per_s": metrics.get("train_tokens_per_s"),
+        "train_runtime_s": metrics.get("train_runtime_s"),
+        "status": run.info.status,
+        "config_key": tuple(sorted((k, v) for k, v in params.items() if k not in SEED_FREE_PARAMS)),
+    }
+    for name in quality:
+        row[name] = metrics.get("objective", metrics.get(name)) if name == objective_metric else metrics.get(name)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg): quality vs trainable params, quality vs peak memory, curves.
+
+
+def _scatter(rows: Sequence[dict], x: Column, y: Column, path: Path, log_x: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if _is_number(r.get(x.key)) and _is_number(r.get(y.key))]
+    front = pareto_front([(r[x.key], r[y.key]) for r in shown], (x.direction, y.direction))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, on_front in zip(shown, front):
+        std = (row.get("std") or {}).get(y.key)
+        ax.errorbar(
+            row[x.key],
+            row[y.key],
+            yerr=std,
+            fmt="*" if row.get("best") else "o",
+            markersize=12 if row.get("best") else 6,
+            color="tab:red" if on_front else "tab:blue",
+            capsize=3,
+        )
+        ax.annotate(
+            row["run"] or row["run_ids"][0][:8],
+            (row[x.key], row[y.key]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    edge = sorted((r[x.key], r[y.key]) for r, f in zip(shown, front) if f)
+    if edge:
+        ax.plot([p[0] for p in edge], [p[1] for p in edge], "-", color="tab:red", label="Pareto front")
+        ax.legend(loc="best", fontsize=8)
+    if log_x:
+        ax.set_xscale("log")
+        ax.tick_params(axis="x", which="minor", labelsize=7)  # a narrow log range labels its minor ticks
+    ax.set_xlabel(x.header)
+    ax.set_ylabel(y.header)
+    ax.set_title(f"{y.header} vs {x.header}")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_curves(client, runs: Sequence, quality: str, path: Path) -> bool:
+    """train_loss and the quality metric over steps, one line per run; False if nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    drawn = False
+    for ax, key in zip(axes, ("train_loss", quality)):
+        for run in runs:
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+            if history:
+                seed = _param(run.data.params, "train.seed")
+                label = f"{run.info.run_name}" + (f" (seed {seed})" if seed else "")
+                ax.plot([m.step for m in history], [m.value for m in history], marker=".", label=label)
+                drawn = True
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(key)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def make_plots(client, selection: Selection, rows: Sequence[dict], quality: Column, path: Path) -> list[Path]:
+    """Write the plots next to ``path`` and log them to the sweep's parent run under ``compare/``.
+
+    ``path`` gets quality vs trainable params; ``<stem>_memory.png`` quality vs peak GPU memory
+    (skipped with a note when no run logged it); ``<stem>_curves.png`` the training/eval curves.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params_col = next(c for c in COST_COLUMNS if c.key == "trainable_params_m")
+    memory_col = next(c for c in COST_COLUMNS if c.key == "peak_gpu_mem_gb")
+    written = []
+    if any(_is_number(r.get(params_col.key)) and _is_number(r.get(quality.key)) for r in rows):
+        _scatter(rows, params_col, quality, path, log_x=True)
+        written.append(path)
+    else:
+        _note(f"skipped {path.name}: no run has both {quality.key} and trainable_params")
+    memory_path = path.with_name(f"{path.stem}_memory.png")
+    if any(_is_number(r.get(memory_col.key)) and _is_number(r.get(quality.key)) for r in rows):
+        _scatter(rows, memory_col, quality, memory_path, log_x=False)
+        written.append(memory_path)
+    else:
+        _note(f"skipped {memory_path.name}: no run logged peak_gpu_mem_gb (CPU runs do not)")
+    curves_path = path.with_name(f"{path.stem}_curves.png")
+    if _plot_curves(client, selection.runs, quality.key, curves_path):
+        written.append(curves_path)
+    else:
+        _note(f"skipped {curves_path.name}: no run logged train_loss or {quality.key} history")
+    if selection.parent_run_id and written:
+        for file in written:
+            client.log_artifact(selection.parent_run_id, str(file), artifact_path="compare")
+        _note(f"logged {len(written)} plot(s) to parent run {selection.parent_run_id} under compare/")
+    elif written:
+        _note("plots not logged: the runs share no parent run")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _parse_ranked(spec: str, resolve) -> tuple[Column, str]:
+    """``NAME`` or ``NAME:max|min`` -> (column, direction)."""
+    name, _, direction = spec.partition(":")
+    column = resolve(name.strip())
+    direction = direction.strip() or column.direction
+    if direction not in ("max", "min"):
+        raise CompareError(f"cannot rank by {name!r}: give a direction, e.g. {name}:max or {name}:min")
+    return column, direction
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m src.compare", description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help="All runs of this experiment (sweep parents excluded).")
+    which.add_argument("--sweep", help="The child runs of this sweep id (tag sweep_id).")
+    which.add_argument("--runs", help="Comma-separated run ids, or unique prefixes of them (the 8 characters printed).")
+    parser.add_argument("--format", choices=("md", "csv", "html", "json"), default="md")
+    parser.add_argument(
+        "--sort",
+        metavar="NAME[:max|min]",
+        help="Order rows best first by a column key or metric; names as for --pareto.",
+    )
+    parser.add_argument(
+        "--metric",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="Extra quality metrics to show, besides the objective.",
+    )
+    parser.add_argument(
+        "--pareto",
+        metavar="X,Y",
+        help="Mark the non-dominated runs on two columns: a column key "
+        "(trainable_params_m, peak_gpu_mem_gb, ...), a logged metric, or quality (the objective), "
+        "params, memory, tokens_per_s, runtime; each optionally :max or :min, "
+        "e.g. quality,params or eval_accuracy:max,memory:min.",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="Write plots (FILE.png, FILE_memory.png, FILE_curves.png) and log them to the parent run.",
+    )
+    parser.add_argument("--no-group-seeds", action="store_true", help="List runs that differ only in seed apart.")
+    parser.add_argument("--limit", type=int, default=100, help="At most this many runs by experiment or default.")
+    parser.add_argument("--tracking-uri", help="Else $MLFLOW_TRACKING_URI, else the project's mlflow.db.")
+    parser.add_argument(
+        "--samples",
+        action="store_true",
+        help="Also show SFT generations before and after fine-tuning (samples.json) per run.",
+    )
+    return parser
+
+
+def compare(args: argparse.Namespace) -> str:
+    """Select, tabulate and plot as the parsed arguments say; return the table text."""
+    import mlflow
+
+    from src.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(args.tracking_uri))
+    run_ids = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
+    selection = select_runs(client, args.experiment, args.sweep, run_ids, args.limit)
+    runs = selection.runs
+
+    tasks = {_param(r.data.params, "data.task") for r in runs} - {None}
+    if len(tasks) > 1:
+        counts = ", ".join(f"{t}: {sum(_param(r.data.params, 'data.task') == t for r in runs)}" for t in sorted(tasks))
+        raise CompareError(f"the runs mix tasks ({counts}); select one sweep or pass --runs")
+    objectives = {o for o in (run_objective(r.data.params) for r in runs) if o}
+    if len(objectives) > 1:
+        raise CompareError(f"the runs optimize different objectives ({', '.join(sorted(m for m, _ in objectives))})")
+    objective_metric, objective_direction = objectives.pop() if objectives else ("objective", "max")
+
+    logged = {key for r in runs for key in r.data.metrics}
+    quality = [objective_metric]
+    columns = [*CONFIG_COLUMNS, Column(objective_metric, objective_metric, ".4f", objective_direction), *COST_COLUMNS]
+
+    def resolve(name: str) -> Column:
+        """A column by key, alias or logged metric name (a new metric becomes a quality column)."""
+        key = objective_metric if name in ("quality", "objective") else ALIASES.get(name, name)
+        for column in columns:
+            if column.key == key:
+                return column
+        if key not in logged:
+            shown = sorted(logged)
+            listed = ", ".join(shown[:MAX_MISSING_LISTED]) + (", ..." if len(shown) > MAX_MISSING_LISTED else "")
+            raise CompareError(f"unknown metric {name!r}: no selected run logged it (logged: {listed or 'none'})")
+        column = Column(key, key, ".4f", metric_direction(key))
+        columns.insert(len(CONFIG_COLUMNS) + len(quality), column)
+        quality.append(key)
+        return column
+
+    for name in args.metric:
+        resolve(name)
+    pareto_spec = None
+    if args.pareto:
+        parts = args.pareto.split(",")
+        if len(parts) != 2:
+            raise CompareError(f"--pareto takes two columns X,Y, got {args.pareto!r}")
+        pareto_spec = [_parse_ranked(p, resolve) for p in parts]
+    sort_spec = _parse_ranked(args.sort, resolve) if args.sort else None
+
+    rows = [run_row(r, quality, objective_metric) for r in runs]
+    if not args.no_group_seeds:
+        rows = group_seeds(rows, [c.key for c in columns if c.numeric and c.fmt != "d"])
+    best = pick_best(rows, objective_metric, objective_direction)
+    for i, row in enumerate(rows):
+        row["best"] = i == best
+    if pareto_spec:
+        (x, x_dir), (y, y_dir) = pareto_spec
+        if not any(_is_number(r.get(x.key)) and _is_number(r.get(y.key)) for r in rows):
+            raise CompareError(f"--pareto {args.pareto}: no run has both {x.key} and {y.key}")
+        points = [(r.get(x.key), r.get(y.key)) if r.get("status") == "FINISHED" else (None, None) for r in rows]
+        for row, on in zip(rows, pareto_front(points, (x_dir, y_dir))):
+            row["pareto"] = on
+    if sort_spec:
+        rows = sort_rows(rows, sort_spec[0].key, sort_spec[1])
+
+    _note(
+        f"{selection.description}: {len(runs)} run(s) in {len(rows)} row(s); "
+        f"objective {objective_metric} ({objective_direction})"
+    )
+    if args.plot:
+        make_plots(client, selection, rows, columns[len(CONFIG_COLUMNS)], args.plot)
+    table = format_table(rows, columns, args.format)
+    return table + "\n\n" + samples_text(client, runs) if args.samples else table
+
+
+def _sample_cell(text: str, width: int = 80) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def samples_text(client, runs) -> str:
+    """Markdown: each run's fixed prompts with the reference, the base model's and the tuned model's output."""
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    sections = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            try:
+                path = client.download_artifacts(run.info.run_id, "samples.json", tmp)
+            except (MlflowException, OSError):
+                continue
+            table = json.loads(Path(path).read_text())
+            records = [dict(zip(table["columns"], row)) for row in table["data"]]
+            lines = [
+                f"### {run.info.run_name} ({run.info.run_id[:8]}): before and after fine-tuning",
+                "",
+                "| prompt | reference | before | after |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {_sample_cell(r['prompt'][-120:])} | {_sample_cell(r['reference'])} | {_sample_cell(r['before'])} "
+                f"| {_sample_cell(r['after'])} |"
+                for r in records
+            ]
+            sections.append("\n".join(lines))
+    if not sections:
+        raise CompareError("--samples: no selected run logged samples.json (SFT runs log it)")
+    return "\n\n".join(sections)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: print(compare(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Predict with a trained adapter: labels and probabilities, or generations.
+
+    python -m src.predict --run RUN_ID --input data.csv --output predictions.csv
+    python -m src.predict --sweep-best SWEEP_ID --input data.jsonl
+    echo "the striker scored a goal" | python -m src.predict --adapter outputs/.../adapter
+
+The model is rebuilt from the run's own artifacts (:mod:`src.runs.inference`): the recorded base model
+with the run's quantization, the adapter and classification head, the label map and, for SFT,
+the run's prompt template. Input rows use the run's data columns (``data.text_columns`` or
+``data.instruction_column``/``data.input_column``); each stdin line is one text or instruction.
+Output is JSONL on stdout unless ``--output`` names a .csv or .jsonl file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import numpy as np
+import pandas as pd
+
+from src.config import DataConfig
+from src.data import STRUCTURED, DataError, format_prompt, read_table, template_fields, texts_of
+from src.errors import run_cli
+from src.runs.inference import (
+    InferenceError,
+    Source,
+    add_source_arguments,
+    classify_logits,
+    generate,
+    load_finetuned,
+    load_tokenizer,
+    open_source_of,
+    quiet_libraries,
+)
+
+LINE_COLUMN = "text"  # stdin lines become this column; each is a whole text or instruction
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__.split("\n")[0])
+    add_source_arguments(parser)
+    parser.add_argument(
+        "--input", default="-", help="CSV/TSV/JSONL/JSON/Parquet file, a .txt file of one text per line, or - for stdin"
+    )
+    parser.add_argument("--output", help="a .csv or .jsonl file (default: JSONL on stdout)")
+    parser.add_argument("--text-column", help="input column holding the text (or, for SFT, the instruction)")
+    parser.add_argument("--batch-size", type=int, help="default: the run's train.per_device_eval_batch_size")
+    parser.add_argument("--threshold", type=float, help="multi-label decision threshold (default: the run's)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="SFT: tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="SFT: 0 is greedy; > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="SFT: nucleus sampling mass when sampling")
+    parser.add_argument("--seed", type=int, default=0, help="SFT: seed for sampling")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        parser.error("--threshold must be in (0, 1)")
+    return args
+
+
+def read_inputs(path: str, stdin: TextIO) -> tuple[pd.DataFrame, bool]:
+    """(rows, from_lines): a table from a file, or one row per non-empty line of stdin or a ``.txt`` file."""
+    if path == "-" or path.lower().endswith(".txt"):
+        try:
+            lines = stdin.readlines() if path == "-" else Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InferenceError(f"input: cannot read {path}: {exc}") from exc
+        lines = [line.rstrip("\r\n") for line in lines]
+        return pd.DataFrame({LINE_COLUMN: [line for line in lines if line.strip()]}), True
+    try:
+        return read_table(path), False
+    except DataError as exc:
+        raise InferenceError(f"input: {'; '.join(exc.faults)}") from exc
+    except ValueError as exc:  # pandas: malformed JSON lines, a CSV with ragged rows...
+        raise InferenceError(f"input: cannot read {path}: {exc}") from exc
+
+
+def _require(df: pd.DataFrame, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InferenceError(
+            f"input has no column(s) {missing} ({what}); its columns are {list(df.columns)}; "
+            "name the text column with --text-column"
+        )
+    for column in columns:  # as in training: a list or mapping cell would be predicted on as its repr
+        rows = [i for i, v in enumerate(df[column]) if isinstance(v, STRUCTURED)]
+        if rows:
+            shown = ", ".join(map(str, rows[:10])) + (f", ... ({len(rows)} in all)" if len(rows) > 10 else "")
+            raise InferenceError(f"input column {column!r} holds lists or mappings, not text, at row {shown}")
+
+
+def classification_texts(df: pd.DataFrame, d: DataConfig, text_column: Optional[str]) -> list[str]:
+    """The model input per row, built from the run's text columns and template, as in training."""
+    if text_column:
+        _require(df, [text_column], "from --text-column")
+        return df[text_column].astype(str).tolist()
+    _require(
+        df,
+        list(dict.fromkeys(d.text_columns + template_fields(d.text_template or ""))),
+        "the run's data.text_columns / data.text_template",
+    )
+    return texts_of(df, d)
+
+
+def sft_instructions(df: pd.DataFrame, d: DataConfig, text_column: Optional[str]) -> tuple[list[str], list[str]]:
+    """(instruction, input) per row, from the run's instruction template or columns, or --text-column."""
+    if text_column:
+        _require(df, [text_column], "from --text-column")
+        instructions = df[text_column].astype(str).tolist()
+    elif d.instruction_template:
+        _require(df, template_fields(d.instruction_template), "the run's data.instruction_template")
+        instructions = [d.instruction_template.format(**r) for r in df.to_dict("records")]
+    else:
+        _require(df, [d.instruction_column], "the run's data.instruction_column")
+        instructions = df[d.instruction_column].astype(str).tolist()
+    has_input = bool(d.input_column) and d.input_column in df.columns
+    inputs = ["" if v is None else str(v).strip() for v in df[d.input_column]] if has_input else [""] * len(df)
+    return instructions, inputs
+
+
+def predict(
+    source: Source, model, tokenizer, df: pd.DataFrame, args: argparse.Namespace, from_lines: bool = False
+) -> list[dict[str, Any]]:
+    """One output record per input row; rows read from lines are whole texts or instructions."""
+    cfg = source.cfg
+    text_column = LINE_COLUMN if from_lines else args.text_column
+    batch_size = args.batch_size or cfg.train.per_device_eval_batch_size
+    progress = not args.no_progress
+    id_column = cfg.data.id_column if cfg.data.id_column in df.columns else None
+    ids = [{id_column: v} for v in df[id_column].tolist()] if id_column else [{} for _ in range(len(df))]
+    if source.task == "sft":
+        instructions, inputs = sft_instructions(df, cfg.data, text_column)
+        prompts = [format_prompt(i, x, cfg.data.prompt_template) for i, x in zip(instructions, inputs)]
+        if args.temperature > 0:
+            from transformers import set_seed
+
+            set_seed(args.seed)
+        generations = generate(
+            model, tokenizer, prompts, batch_size, args.max_new_tokens, args.temperature, args.top_p, progress
+        )
+        return [
+            {**row_id, "instruction": i, **({"input": x} if x else {}), "generation": g}
+            for row_id, i, x, g in zip(ids, instructions, inputs, generations)
+        ]
+
+    texts = classification_texts(df, cfg.data, text_column)
+    logits = classify_logits(model, tokenizer, texts, cfg.model.max_length, batch_size, progress)
+    records = []
+    if source.task == "multilabel":
+        threshold = args.threshold if args.threshold is not None else source.threshold
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        for row_id, text, p in zip(ids, texts, probs):
+            chosen = [name for name, q in zip(source.labels, p) if q >= threshold]
+            records.append(
+                {
+                    **row_id,
+                    "text": text,
+                    "labels": chosen,
+                    "probabilities": {name: float(q) for name, q in zip(source.labels, p)},
+                }
+            )
+        return records
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    for row_id, text, p in zip(ids, texts, probs):
+        records.append(
+            {
+                **row_id,
+                "text": text,
+                "label": source.labels[int(p.argmax())],
+                "probabilities": {name: float(q) for name, q in zip(source.labels, p)},
+            }
+        )
+    return records
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row: probabilities become prob_<label> columns, label lists join with ';'."""
+    row: dict[str, Any] = {}
+    for key, value in record.items():
+        if key == "probabilities":
+            row.update({f"prob_{name}": q for name, q in value.items()})
+        elif isinstance(value, list):
+            row[key] = ";".join(value)
+        else:
+            row[key] = value
+    return row
+
+
+def write_records(records: list[dict[str, Any]], output: Optional[str], stdout: TextIO) -> None:
+    """Write JSONL to stdout, or a .jsonl/.csv file by its suffix."""
+    suffix = Path(output).suffix.lower() if output else ".jsonl"
+    if suffix == ".csv":
+        rows = [_flat(r) for r in records]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        stdout.write(text)
+        stdout.flush()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.output and Path(args.output).suffix.lower() not in (".csv", ".jsonl"):
+        print(f"error: --output must end in .csv or .jsonl, got {args.output}", file=sys.stderr)
+        return 2
+    quiet_libraries()
+
+    def body() -> None:
+        with open_source_of(args) as source:
+            df, from_lines = read_inputs(args.input, sys.stdin)
+            if df.empty:
+                raise InferenceError(f"input {args.input if args.input != '-' else '(stdin)'} has no rows")
+            tokenizer = load_tokenizer(source)
+            model = load_finetuned(source, tokenizer)
+            records = predict(source, model, tokenizer, df, args, from_lines)
+        write_records(records, args.output, sys.stdout)
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
