@@ -94,6 +94,7 @@ def test_help_lists_the_groups_a_user_composes_and_nothing_internal():
     groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert {line.split(":")[0] for line in groups.splitlines() if ": " in line} == {
         "data",
+        "experiment",
         "lora",
         "model",
         "quant",

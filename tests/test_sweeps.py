@@ -114,7 +114,10 @@ def test_feasibility_uses_src_plan_and_an_injected_free_memory():
 
     from src.plan import plan
 
-    raw = compose_config(["train.per_device_train_batch_size=16", "train.gradient_accumulation_steps=1"])
+    # the padded path, whose batch the check shrinks (the packed one plans to a budget: the test below)
+    raw = compose_config(
+        ["train.fast_path=false", "train.per_device_train_batch_size=16", "train.gradient_accumulation_steps=1"]
+    )
     cfg = validate(raw)
     est = {
         bs: plan(replace(cfg, train=replace(cfg.train, per_device_train_batch_size=bs)))["est_peak_gpu_mem_gb"]
@@ -133,14 +136,16 @@ def test_feasibility_uses_src_plan_and_an_injected_free_memory():
     assert check_feasibility(raw, cfg, FeasibilityConf("shrink", None)) == (raw, cfg, None)
 
 
-def test_feasibility_hands_the_free_memory_to_the_sft_fast_path_as_its_budget():
-    """The packed SFT path plans its own micro-batches from train.memory_budget_gb: that is what must shrink."""
-    raw = compose_config(["data=instructions", "train.per_device_train_batch_size=16"])
+@pytest.mark.parametrize("data", ["instructions", "topics"])
+def test_feasibility_hands_the_free_memory_to_the_fast_path_as_its_budget(data):
+    """The packed paths (SFT, a decoder classifier) plan their own micro-batches from train.memory_budget_gb: that
+    is what must shrink (a shrunk batch alone the packed classifier would plan back up to 90% of the card)."""
+    raw = compose_config([f"data={data}", "train.per_device_train_batch_size=16"])
     budgeted, budgeted_cfg, note = check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 7.5))
     assert budgeted["train"]["memory_budget_gb"] == 7.5 and budgeted["train"]["per_device_train_batch_size"] == 16
     assert budgeted_cfg.train.memory_budget_gb == 7.5
     assert "train.memory_budget_gb None -> 7.50" in note
-    smaller = compose_config(["data=instructions", "train.memory_budget_gb=4"])
+    smaller = compose_config([f"data={data}", "train.memory_budget_gb=4"])
     within = validate(smaller)
     assert check_feasibility(smaller, within, FeasibilityConf("shrink", 7.5)) == (smaller, within, None)
 

@@ -380,9 +380,10 @@ def check_feasibility(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> t
     if available is None:
         return raw, cfg, None
 
-    if cfg.data.task == "sft" and cfg.train.fast_path:
-        # The packed fast path sizes its own micro-batches and checkpointing to train.memory_budget_gb
-        # (src/fast/budget.py); its default is 90% of the card, whatever other processes hold: give it what is free.
+    if cfg.train.fast_path and (cfg.data.task == "sft" or cfg.model.architecture == "decoder"):
+        # The packed fast path (SFT, and decoder classifiers) sizes its own micro-batches and checkpointing to
+        # train.memory_budget_gb (src/fast/budget.py); its default is 90% of the card, whatever other processes
+        # hold: give it what is free.
         budget = cfg.train.memory_budget_gb
         if budget is not None and budget <= available:
             return raw, cfg, None
