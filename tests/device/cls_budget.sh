@@ -16,9 +16,9 @@ with torch.device("cuda"):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **QWEN25_05B), dtype=torch.bfloat16)
 model.save_pretrained(sys.argv[1]); AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(sys.argv[1])
 PY
-long=$(python3 -c "print('{text} ' * 200)")
+long=$(python3 -c "print('{text} ' * 60)")
 python3 -m src.train model=qwen25_05b model.name_or_path=$model model.max_length=512 quant=4bit train=gpu \
-  data=topics "data.text_template=$long" data.subsample=64 data.eval_subsample=16 train.eval_strategy=no \
+  data=topics "data.text_template='$long'" data.subsample=64 data.eval_subsample=16 train.eval_strategy=no \
   train.save_strategy=no train.max_steps=3 train.per_device_train_batch_size=16 train.memory_budget_gb=3 \
   tracking.log_adapter=false tracking.tracking_uri=sqlite:///$out/mlflow.db hydra.run.dir=$out/run 2>&1 \
   | grep -E "fast path|finished|Error|error" || true
