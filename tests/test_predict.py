@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from src.config import validate
@@ -481,3 +482,34 @@ def test_a_4bit_run_is_loaded_quantized_and_reproduces_its_report(tmp_path_facto
     logged = mlflow.artifacts.load_dict(f"runs:/{run_4bit.run_id}/classification_report.json")
     labels = json.loads((run_4bit.adapter_dir / "label_map.json").read_text())["labels"]
     assert _report_of(records, eval_ds, "classification", labels, 0.5) == pytest.approx(_flat_report(logged))
+
+
+def test_a_full_fine_tuning_run_predicts_and_exports_as_it_trained(tmp_path_factory, tmp_path, capsys):
+    """lora=none saves the whole model (model/, no adapter): predict from the run id rebuilds the eval report the
+    run logged, and export writes it as a plain transformers model with the same logits."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from src.runs import export
+
+    full = trained_run("classification", tmp_path_factory, ("lora=none",))
+    saved = full.output_dir / "model"
+    assert (saved / "model.safetensors").is_file() and not (saved / "adapter_config.json").exists()
+    cfg = validate(yaml.safe_load((full.output_dir / "config.yaml").read_text()))
+    eval_ds = load_data(cfg.data).eval
+    source = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in eval_ds["text"]])
+    code, records, _ = _predict(
+        ["--run", full.run_id, "--tracking-uri", full.tracking_uri, "--input", str(source)], capsys
+    )
+    assert code == 0 and len(records) == len(eval_ds)
+    mlflow.set_tracking_uri(full.tracking_uri)
+    logged = mlflow.artifacts.load_dict(f"runs:/{full.run_id}/classification_report.json")
+    labels = json.loads((saved / "label_map.json").read_text())["labels"]
+    assert _report_of(records, eval_ds, "classification", labels, 0.5) == pytest.approx(_flat_report(logged))
+
+    out = tmp_path / "exported"
+    assert export.main(["--run", full.run_id, "--tracking-uri", full.tracking_uri, "--out", str(out)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    exported = AutoModelForSequenceClassification.from_pretrained(out).eval()(**batch).logits
+    trained = AutoModelForSequenceClassification.from_pretrained(saved).eval()(**batch).logits
+    assert torch.allclose(exported, trained, atol=1e-6)

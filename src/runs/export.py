@@ -42,8 +42,10 @@ PIPELINE_TASKS = {
 
 
 def merge(source: Source, tokenizer):
-    """The unquantized base with the adapter (and classifier head) merged in: a plain transformers model."""
-    return load_finetuned(source, tokenizer, quantized=False).merge_and_unload()
+    """The unquantized base with the adapter (and classifier head) merged in: a plain transformers model; a full
+    fine-tuning run's model is one already."""
+    model = load_finetuned(source, tokenizer, quantized=False)
+    return model if source.full_model else model.merge_and_unload()
 
 
 def export(source: Source, out_dir: Path):

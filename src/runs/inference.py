@@ -30,6 +30,7 @@ from src.config import OBJECTIVE_DEFAULTS, Config, ConfigError, compose, validat
 from src.errors import UserError
 
 ADAPTER_ARTIFACT = "adapter"
+MODEL_ARTIFACT = "model"  # a full fine-tuning run (lora=none) saves the whole model instead of an adapter
 CONFIG_ARTIFACT = "config.yaml"
 LABEL_MAP_FILE = "label_map.json"
 # Preset data configs whose column names stand in for a missing config.yaml, per task.
@@ -51,6 +52,7 @@ class Source:
     threshold: float
     run_id: Optional[str] = None
     config_path: Optional[Path] = None  # the run's config.yaml, when there is one
+    full_model: bool = False  # adapter_dir holds a whole fine-tuned model (lora=none), not an adapter
 
 
 def _one_line(exc: BaseException) -> str:
@@ -80,7 +82,8 @@ def full_run_id(run_id: str, tracking_uri: Optional[str] = None) -> str:
 
 
 def download_run(run_id: str, dest: Path, tracking_uri: Optional[str] = None) -> Path:
-    """Download a run's ``adapter/`` and ``config.yaml`` into ``dest`` (the training layout); return dest."""
+    """Download a run's ``adapter/`` (or a full fine-tuning run's ``model/``) and ``config.yaml`` into ``dest``
+    (the training layout); return the directory of the adapter or model."""
     from mlflow.exceptions import MlflowException
 
     client, uri = _client(tracking_uri)
@@ -90,17 +93,19 @@ def download_run(run_id: str, dest: Path, tracking_uri: Optional[str] = None) ->
     except MlflowException as exc:
         raise InferenceError(f"no MLflow run {run_id!r} in {uri} ({_one_line(exc)})") from exc
     names = {a.path for a in client.list_artifacts(run_id)}
-    if ADAPTER_ARTIFACT not in names or not client.list_artifacts(run_id, ADAPTER_ARTIFACT):
+    present = [n for n in (ADAPTER_ARTIFACT, MODEL_ARTIFACT) if n in names and client.list_artifacts(run_id, n)]
+    saved = present[0] if present else None
+    if saved is None:
         raise InferenceError(
             f"run {run_id} ({run.info.run_name}, status {run.info.status}) has no "
-            f"'{ADAPTER_ARTIFACT}/' artifact: it failed before saving one, or was trained with "
-            "tracking.log_adapter=false"
+            f"'{ADAPTER_ARTIFACT}/' artifact (nor a full fine-tuning run's '{MODEL_ARTIFACT}/'): it failed before "
+            "saving one, or was trained with tracking.log_adapter=false"
         )
     dest.mkdir(parents=True, exist_ok=True)
-    client.download_artifacts(run_id, ADAPTER_ARTIFACT, str(dest))
+    client.download_artifacts(run_id, saved, str(dest))
     if CONFIG_ARTIFACT in names:
         client.download_artifacts(run_id, CONFIG_ARTIFACT, str(dest))
-    return dest
+    return dest / saved
 
 
 def best_sweep_run(sweep_id: str, tracking_uri: Optional[str] = None) -> str:
@@ -154,9 +159,13 @@ def read_source(
     """
     adapter_dir = Path(adapter_dir)
     adapter_config = adapter_dir / "adapter_config.json"
-    if not adapter_config.is_file():
-        raise InferenceError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
-    peft_config = json.loads(adapter_config.read_text())
+    full_model = not adapter_config.is_file() and (adapter_dir / "config.json").is_file()  # lora=none's model/
+    if not adapter_config.is_file() and not full_model:
+        raise InferenceError(
+            f"{adapter_dir} is not an adapter directory (no adapter_config.json) nor a fully fine-tuned model "
+            "(no config.json)"
+        )
+    peft_config = {} if full_model else json.loads(adapter_config.read_text())
     label_map_path = adapter_dir / LABEL_MAP_FILE
     if label_map_path.is_file():
         label_map = json.loads(label_map_path.read_text())
@@ -200,7 +209,9 @@ def read_source(
         raise InferenceError(f"{adapter_dir}: {LABEL_MAP_FILE} says task {task!r}, its config {cfg.data.task!r}")
     # The threshold the run trained with; else (an adapter from elsewhere) the config's, whose default conf/ holds.
     threshold = float(label_map.get("threshold", cfg.data.threshold))
-    return Source(adapter_dir, cfg, task, label_map.get("labels"), threshold, run_id, config_path)
+    if full_model:  # the fine-tuned weights are the model: load them from here, at the dtype they trained in
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(adapter_dir)))
+    return Source(adapter_dir, cfg, task, label_map.get("labels"), threshold, run_id, config_path, full_model)
 
 
 @contextlib.contextmanager
@@ -226,10 +237,8 @@ def open_source(
         print(f"note: best run of sweep {sweep_best} is {run}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="lora-run-") as tmp:
         run = full_run_id(run, tracking_uri)
-        run_dir = download_run(run, Path(tmp), tracking_uri)
-        yield read_source(
-            run_dir / ADAPTER_ARTIFACT, run_id=run, base_model=base_model, trust_remote_code=trust_remote_code
-        )
+        saved_dir = download_run(run, Path(tmp), tracking_uri)
+        yield read_source(saved_dir, run_id=run, base_model=base_model, trust_remote_code=trust_remote_code)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -298,6 +307,8 @@ def load_finetuned(source: Source, tokenizer, quantized: bool = True):
     base = _base_available(
         source, lambda: modeling.load_model(source.cfg.model, quant, source.task, source.labels, tokenizer.pad_token_id)
     )
+    if source.full_model:
+        return base.eval()
     model = PeftModel.from_pretrained(base, str(source.adapter_dir), is_trainable=False)
     return model.eval()
 
