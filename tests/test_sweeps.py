@@ -145,6 +145,8 @@ def test_feasibility_hands_the_free_memory_to_the_fast_path_as_its_budget(data):
     assert budgeted["train"]["memory_budget_gb"] == 7.5 and budgeted["train"]["per_device_train_batch_size"] == 16
     assert budgeted_cfg.train.memory_budget_gb == 7.5
     assert "train.memory_budget_gb None -> 7.50" in note
+    with pytest.raises(JobSkipped, match="at micro-batch 1 with every layer checkpointed"):  # nothing fits
+        check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 0.001))
     smaller = compose_config([f"data={data}", "train.memory_budget_gb=4"])
     within = validate(smaller)
     assert check_feasibility(smaller, within, FeasibilityConf("shrink", 7.5)) == (smaller, within, None)

@@ -387,6 +387,17 @@ def check_feasibility(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> t
         budget = cfg.train.memory_budget_gb
         if budget is not None and budget <= available:
             return raw, cfg, None
+        smallest = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=1, activation_checkpointing=True))
+        try:
+            least = plan(smallest)["est_peak_gpu_mem_gb"]
+        except PlanError as exc:
+            print(f"warning: feasibility check skipped: {exc}", file=sys.stderr)
+            least = 0.0
+        if least > available:  # not even one example with every layer checkpointed: the run could only fail
+            raise JobSkipped(
+                f"needs ~{least:.2f} GiB of GPU memory at micro-batch 1 with every layer checkpointed, "
+                f"{available:.2f} GiB free"
+            )
         note = f"train.memory_budget_gb {budget} -> {available:.2f} (GiB free): the fast path plans within it"
         print(f"feasibility: {note}", file=sys.stderr)
         changed = {"memory_budget_gb": round(available, 2)}
