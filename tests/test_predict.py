@@ -513,3 +513,15 @@ def test_a_full_fine_tuning_run_predicts_and_exports_as_it_trained(tmp_path_fact
     exported = AutoModelForSequenceClassification.from_pretrained(out).eval()(**batch).logits
     trained = AutoModelForSequenceClassification.from_pretrained(saved).eval()(**batch).logits
     assert torch.allclose(exported, trained, atol=1e-6)
+
+
+def test_a_decoder_classifier_predicts_packed_rows_as_it_would_padded_ones(cls_run):
+    """src.predict classifies each batch as one packed row (as it trained): the logits of the padded batches."""
+    with inference.open_source(run=cls_run.run_id, tracking_uri=cls_run.tracking_uri) as source:
+        tokenizer = inference.load_tokenizer(source)
+        model = inference.load_finetuned(source, tokenizer)
+        texts = [*TEXTS, " ".join(TEXTS * 3)]  # lengths of a few tokens to about 100 in one batch
+        padded = inference.classify_logits(model, tokenizer, texts, 128, batch_size=4, packed=False)
+        packed = inference.classify_logits(model, tokenizer, texts, 128, batch_size=4)
+    assert packed.shape == padded.shape == (len(texts), 3)
+    np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=1e-5)

@@ -325,13 +325,29 @@ def _batches(items: list, batch_size: int, progress: bool, desc: str) -> Iterato
 
 @torch.no_grad()
 def classify_logits(
-    model, tokenizer, texts: list[str], max_length: int, batch_size: int, progress: bool = False
+    model, tokenizer, texts: list[str], max_length: int, batch_size: int, progress: bool = False, packed: bool = True
 ) -> np.ndarray:
-    """Float32 logits (rows x classes), texts truncated to max_length as in training."""
+    """Float32 logits (rows x classes), texts truncated to max_length as in training.
+
+    A decoder classifier runs each batch as one packed row without padding (``src.fast.classification``, as it
+    trained); an encoder, or ``packed=False``, padded batches."""
+    from src.fast.classification import PackedClassificationCollator, packed_logits, packing_attention
+
+    attention = packing_attention(model) if packed else None
+    collate = PackedClassificationCollator(multilabel=False)
     out = []
     for batch in _batches(texts, batch_size, progress, "classify"):
-        enc = tokenizer(batch, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        out.append(model(**enc.to(model.device)).logits.float().cpu().numpy())
+        ids = tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]
+        if attention is not None and all(ids):
+            row = collate([{"input_ids": x, "label": 0} for x in ids])
+            device = next(model.parameters()).device
+            logits = packed_logits(
+                model, row["input_ids"].to(device), row["position_ids"].to(device), row["last_token"], attention
+            )
+        else:  # an empty text (a tokenizer without BOS) has no last token to pool: the padded path
+            enc = tokenizer(batch, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            logits = model(**enc.to(model.device)).logits
+        out.append(logits.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
