@@ -42,7 +42,8 @@ class PackedClassificationCollator:
     """Tokenized examples (``input_ids`` and ``label``/``labels``) to one packed row.
 
     Returns ``input_ids`` and ``position_ids`` of shape [1, tokens], ``last_token`` (each example's last
-    position in the row) and ``labels`` ([examples], or [examples, labels] for multi-label).
+    position in the row), ``bounds`` (each example's start and the row's end, as host ints: the attention reads
+    them without a device sync) and ``labels`` ([examples], or [examples, labels] for multi-label).
     """
 
     def __init__(self, multilabel: bool):
@@ -52,10 +53,12 @@ class PackedClassificationCollator:
         ids = [list(f["input_ids"]) for f in features]
         lengths = torch.tensor([len(x) for x in ids])
         labels = [f["labels"] if "labels" in f else f["label"] for f in features]
+        ends = torch.cumsum(lengths, 0)
         return {
             "input_ids": torch.tensor([[t for x in ids for t in x]]),
             "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0),
-            "last_token": torch.cumsum(lengths, 0) - 1,
+            "last_token": ends - 1,
+            "bounds": (0, *ends.tolist()),
             "labels": torch.tensor(labels, dtype=torch.float32 if self.multilabel else torch.long),
         }
 
@@ -71,18 +74,20 @@ def classifier_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     raise ValueError(f"{type(classifier).__name__} has no classification head among {sorted(CLASSIFIER_HEADS)}")
 
 
-def packed_logits(model, input_ids, position_ids, last_token, attention: str) -> torch.Tensor:
+def packed_logits(
+    model, input_ids, position_ids, last_token, attention: str, bounds: Optional[tuple[int, ...]] = None
+) -> torch.Tensor:
     """Logits [examples, classes] of a packed row: the transformer once over the row, each example pooled at its
-    last token (``attention``: ``varlen`` for one flash call, else per-example sdpa)."""
-    bounds = (*last_token.tolist(),)
-    starts = (0, *(b + 1 for b in bounds[:-1]))
+    last token (``attention``: ``varlen`` for one flash call, else per-example sdpa). ``bounds``: the collator's
+    host copy of the examples' offsets; else read from ``last_token``."""
+    if bounds is None:
+        bounds = (0, *(int(b) + 1 for b in last_token.tolist()))
     if attention == "varlen":
-        offsets = (*starts, bounds[-1] + 1)
-        lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-        cu = torch.tensor(offsets, dtype=torch.int32, device=input_ids.device)
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        cu = torch.tensor(bounds, dtype=torch.int32).to(input_ids.device, non_blocking=True)
         extra = {"packed_cu_seqlens": cu, "packed_max_seqlen": max(lengths)}
     else:
-        extra = {"packed_seq_bounds": (*starts, bounds[-1] + 1)}
+        extra = {"packed_seq_bounds": tuple(bounds)}
     backbone, head = classifier_parts(model)
     hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).last_hidden_state
     return head(hidden[0, last_token.to(hidden.device)])
@@ -112,7 +117,9 @@ class PackedClassificationTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = packed_logits(model, inputs["input_ids"], inputs["position_ids"], inputs["last_token"], self.attention)
+        logits = packed_logits(
+            model, inputs["input_ids"], inputs["position_ids"], inputs["last_token"], self.attention, inputs["bounds"]
+        )
         loss = classification_loss(logits, inputs["labels"], self.label_weights, self.multilabel)
         return (loss, SequenceClassifierOutput(logits=logits)) if return_outputs else loss
 

@@ -341,9 +341,8 @@ def classify_logits(
         if attention is not None and all(ids):
             row = collate([{"input_ids": x, "label": 0} for x in ids])
             device = next(model.parameters()).device
-            logits = packed_logits(
-                model, row["input_ids"].to(device), row["position_ids"].to(device), row["last_token"], attention
-            )
+            tensors = [row[k].to(device) for k in ("input_ids", "position_ids", "last_token")]
+            logits = packed_logits(model, *tensors, attention, row["bounds"])
         else:  # an empty text (a tokenizer without BOS) has no last token to pool: the padded path
             enc = tokenizer(batch, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             logits = model(**enc.to(model.device)).logits
