@@ -141,14 +141,14 @@ def make_sft(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -160,9 +160,9 @@ def write_all(out_dir: Path = DATA_DIR) -> list[Path]:
     written = []
     for split, n, seed in (("train", 600, 0), ("validation", 200, 1)):
         for name, rows, writer, ext in (
-            ("topics", make_classification(n, seed), _write_csv, "csv"),
-            ("topics_multilabel", make_multilabel(n, seed + 10), _write_csv, "csv"),
-            ("instructions", make_sft(n, seed + 20), _write_jsonl, "jsonl"),
+            ("topics", make_classification(n, seed), write_csv, "csv"),
+            ("topics_multilabel", make_multilabel(n, seed + 10), write_csv, "csv"),
+            ("instructions", make_sft(n, seed + 20), write_jsonl, "jsonl"),
         ):
             path = out_dir / f"{name}_{split}.{ext}"
             writer(path, rows)
@@ -170,7 +170,7 @@ def write_all(out_dir: Path = DATA_DIR) -> list[Path]:
     # 800 train and 200 test rows, as the tutorial's run shows (96 steps of 64 rows in 7.68 epochs; accuracy in 0.005s)
     for split, n, seed in (("train", 800, 30), ("validation", 200, 31)):
         path = out_dir / f"intents_{split}.csv"
-        _write_csv(path, make_intents(n, seed))
+        write_csv(path, make_intents(n, seed))
         written.append(path)
     return written
 

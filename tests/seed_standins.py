@@ -9,11 +9,10 @@ none (its stand-in, data=driver_intents, is bundled).
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 
-from src.bundled import DATA_DIR
+from src.bundled import DATA_DIR, write_csv, write_jsonl
 
 EXPERIMENTS = {
     "000": "seed000_mistral7b_multilabel",
@@ -37,13 +36,6 @@ def _sentences() -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_standin(seed: str, directory: Path, rows: int = 120, words: int = 0) -> list[str]:
     """Write seed ``seed``'s stand-in file under ``directory``; return the overrides that point the run at it.
 
@@ -63,14 +55,14 @@ def write_standin(seed: str, directory: Path, rows: int = 120, words: int = 0) -
                 {"ID": i + 1, "TITLE": " ".join(title), "ABSTRACT": abstract, **dict(zip(RESEARCH_LABELS, labels))}
             )
         path = directory / "train.csv"
-        _write_csv(path, table)
+        write_csv(path, table)
         return [f"data.path={path}"]
     if seed == "001":
         if not words:
             return []
         path = directory / "intents.csv"
         with (DATA_DIR / "intents_train.csv").open(encoding="utf-8") as f:
-            _write_csv(path, [{**r, "text": _long(r["text"], words)} for r in csv.DictReader(f)][:rows])
+            write_csv(path, [{**r, "text": _long(r["text"], words)} for r in csv.DictReader(f)][:rows])
         return [f"data.path={path}", "data.eval_path=null"]
     if seed == "002":  # xiyuez/red-dot-design-award-product-description: product, category, description
         table = [
@@ -81,10 +73,10 @@ def write_standin(seed: str, directory: Path, rows: int = 120, words: int = 0) -
             }
             for r in source
         ]
-        suffix, write = "jsonl", _write_jsonl
+        suffix, write = "jsonl", write_jsonl
     elif seed == "003":  # gbharti/finance-alpaca: instruction, input (mostly empty), output
         table = [{"instruction": f"What is meant by {r['text']}?", "input": "", "output": r["text"]} for r in source]
-        suffix, write = "jsonl", _write_jsonl
+        suffix, write = "jsonl", write_jsonl
     elif seed == "004":  # minhaozhang/mbti: body, mbti, and one column per axis, J-P among them
         table = []
         for r in source:
@@ -97,7 +89,7 @@ def write_standin(seed: str, directory: Path, rows: int = 120, words: int = 0) -
                     "J-P": "J" if judging else "P",
                 }
             )
-        suffix, write = "csv", _write_csv
+        suffix, write = "csv", write_csv
     else:
         raise ValueError(f"unknown seed {seed!r}")
     path = directory / f"seed{seed}.{suffix}"
@@ -110,7 +102,3 @@ def _long(text: str, words: int) -> str:
     while len(repeated) < words:
         repeated += text.split()
     return " ".join(repeated)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from src.modeling import base_model
+
 PACKED_ATTENTION = "sdpa_packed"
 
 # sdpa's math kernel (a boolean mask and a head size that is not a multiple of 8) keeps about this
@@ -46,7 +48,7 @@ def use_packed_attention(model) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if base.config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
         return False
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
@@ -61,7 +63,7 @@ def mask_attention_gb(model, tokens: int, checkpointed_layers: int) -> float:
     Zero where sdpa's memory-efficient kernel takes the mask (head size a multiple of 8); else the
     math kernel's attention matrices of every layer not checkpointed, plus one being recomputed.
     """
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config.get_text_config()
+    config = base_model(model).config.get_text_config()
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if head_dim % 8 == 0:
@@ -159,7 +161,7 @@ def use_varlen_attention(model) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if base.config._attn_implementation not in ("sdpa", PACKED_ATTENTION, VARLEN_ATTENTION):
         return False
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from src.modeling import base_model
 from src.plan import plan
 
 # Optimizers with AdamW's update rule; on CUDA the fast path runs them as one fused kernel.
@@ -107,6 +108,20 @@ def plan_micro_batches(
     )
 
 
+def plan_step(cfg, model) -> tuple[Optional[float], MicroBatchPlan]:
+    """A fast path's step under the run's memory budget (``train.memory_budget_gb``, else 90% of the GPU; less the
+    planner's margin): the budget, or None where there is none (a CPU), and the micro-batch plan for it."""
+    budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else default_budget_gb()
+    if budget is not None:
+        budget *= PLAN_MARGIN  # the plan may fall short of the measured peak by this much
+    examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    num_layers = len(decoder_layers(model))
+    if budget is None:
+        return None, plan_micro_batches(examples_per_step, num_layers, None, lambda size, ckpt: 0.0)
+    estimate, _ = plan_estimator(cfg)  # batches of model.max_length tokens: an upper bound when packed
+    return budget, plan_micro_batches(examples_per_step, num_layers, budget, estimate)
+
+
 def default_budget_gb() -> Optional[float]:
     """90% of the current GPU's memory in GiB, or None without a GPU."""
     if not torch.cuda.is_available():
@@ -152,7 +167,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def set_checkpointed_layers(model: torch.nn.Module, count: int) -> None:
     """Checkpoint the activations of the first ``count`` decoder layers only; 0 turns it off."""
     layers = decoder_layers(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if count > 0:
         # Sets the checkpoint function on every layer (and input grads for the frozen embeddings).
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -133,14 +133,9 @@ def plan_fast_classifier(cfg, model, args, attention: str):
     """
     import dataclasses
 
-    budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else budget_mod.default_budget_gb()
+    budget, micro = budget_mod.plan_step(cfg, model)
     if budget is None:
         return args, None
-    budget *= budget_mod.PLAN_MARGIN
-    examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
-    estimate, _ = budget_mod.plan_estimator(cfg)  # batches of model.max_length tokens: an upper bound when packed
-    layers = len(budget_mod.decoder_layers(model))
-    micro = budget_mod.plan_micro_batches(examples_per_step, layers, budget, estimate)
     budget_mod.set_checkpointed_layers(model, micro.checkpointed_layers)
     if args.bf16 and cfg.quant.bits in (4, 8):
         weights.cast_frozen_to_bf16(model)

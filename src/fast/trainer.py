@@ -72,13 +72,10 @@ from src.fast.attention import (
     varlen_available,
 )
 from src.fast.budget import (
-    PLAN_MARGIN,
     MicroBatchPlan,
     decoder_layers,
-    default_budget_gb,
     fast_optimizer,
-    plan_estimator,
-    plan_micro_batches,
+    plan_step,
     set_checkpointed_layers,
 )
 from src.fast.graphs import GraphedSteps
@@ -250,16 +247,7 @@ def build_packed_sft_trainer(
             4-bit base or an 8-bit one whose every layer is cached; also under DDP); a step whose capture
             fails runs eagerly, and so do the rest.
     """
-    budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else default_budget_gb()
-    if budget is not None:
-        budget *= PLAN_MARGIN  # the plan may fall short of the measured peak by this much
-    examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
-    num_layers = len(decoder_layers(model))
-    if budget is None:
-        micro = plan_micro_batches(examples_per_step, num_layers, None, lambda size, ckpt: 0.0)
-    else:
-        estimate, _ = plan_estimator(cfg)
-        micro = plan_micro_batches(examples_per_step, num_layers, budget, estimate)
+    budget, micro = plan_step(cfg, model)
     set_checkpointed_layers(model, micro.checkpointed_layers)
     tokens = micro.micro_batch_size * cfg.model.max_length
     if attention == "auto":
