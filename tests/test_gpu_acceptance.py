@@ -84,7 +84,7 @@ import json, sys, time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from src.tiny import resolve
 
@@ -94,12 +94,12 @@ for directory, model_type, arch in json.loads(sys.argv[1]):
     if (directory / "DONE").is_file():
         continue
     start = time.perf_counter()
-    config = AutoConfig.for_model(
-        model_type, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **arch
-    )
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = AutoConfig.for_model(model_type, **{**special, **arch})  # an architecture's own ids win (Phi-3's)
     torch.manual_seed(0)
+    build = AutoModel if model_type == "bert" else AutoModelForCausalLM  # an encoder: the base a classifier loads
     with torch.device("cuda"):  # initialized where it is fast; saved once, read from the page cache after
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = build.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory)  # safetensors
     tokenizer.save_pretrained(directory)
     params = sum(p.numel() for p in model.parameters())

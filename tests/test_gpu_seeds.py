@@ -28,7 +28,7 @@ from src.config import validate
 from src.plan import plan, with_label_set
 from tests.conftest import OPENLLAMA_3B, ROOT, compose_config
 from tests.seed_standins import EXPERIMENTS, write_standin
-from tests.test_gpu_acceptance import Command, Store, _env, metric, run_together, tail
+from tests.test_gpu_acceptance import BUILD_CHECKPOINTS, Command, Store, _env, metric, run_together, tail
 from tests.test_seeds import ARCHITECTURES, SEED_COUNTS, SEED_MODELS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -47,34 +47,6 @@ CHECK = {
     "004": ["data.eval_subsample=16", "tracking.log_adapter=false"],
 }
 
-BUILD = """
-import json, sys, time
-from pathlib import Path
-
-import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-from src.tiny import resolve
-
-tokenizer = AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
-for directory, model_type, arch in json.loads(sys.argv[1]):
-    directory = Path(directory)
-    if (directory / "DONE").is_file():
-        continue
-    start = time.perf_counter()
-    config = AutoConfig.for_model(model_type, **arch)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        build = AutoModel if model_type == "bert" else AutoModelForCausalLM
-        model = build.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    (directory / "DONE").write_text("1")
-    print(f"built {directory.name} in {time.perf_counter() - start:.0f} s", flush=True)
-    del model
-    torch.cuda.empty_cache()
-"""
-
 
 def _output_root(seed: str, root: Path) -> Path:
     """Where a run writes its output: seed 004 saves a 15 GB fp32 model, which with the four checkpoints (30 GB)
@@ -91,7 +63,11 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     shapes = {**ARCHITECTURES, "openllama3b": ("llama", {**OPENLLAMA_3B, "tie_word_embeddings": False})}
     todo = [[str(root / name), model_type, arch] for name, (model_type, arch) in shapes.items()]
     result = subprocess.run(
-        [sys.executable, "-c", BUILD, json.dumps(todo)], cwd=ROOT, env=_env({}), capture_output=True, text=True
+        [sys.executable, "-c", BUILD_CHECKPOINTS, json.dumps(todo)],
+        cwd=ROOT,
+        env=_env({}),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     print(result.stdout, end="")

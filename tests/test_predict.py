@@ -169,16 +169,21 @@ def test_classification_from_run_id_writes_labels_and_probabilities(cls_run, tmp
 
 def test_reloaded_classifier_reproduces_the_training_process_predictions(cls_run, tmp_path, capsys):
     """Save, reload, same predictions: the eval report rebuilt from predict equals the one logged in training."""
-    cfg = validate(yaml.safe_load((cls_run.output_dir / "config.yaml").read_text()))
+    _assert_predict_rebuilds_the_logged_report(cls_run, cls_run.adapter_dir, tmp_path, capsys)
+
+
+def _assert_predict_rebuilds_the_logged_report(trained: TrainedRun, saved: Path, tmp_path, capsys) -> None:
+    """src.predict from the run id on the run's eval split gives the classification report the run logged."""
+    cfg = validate(yaml.safe_load((trained.output_dir / "config.yaml").read_text()))
     eval_ds = load_data(cfg.data).eval
     source = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in eval_ds["text"]])
     code, records, _ = _predict(
-        ["--run", cls_run.run_id, "--tracking-uri", cls_run.tracking_uri, "--input", str(source)], capsys
+        ["--run", trained.run_id, "--tracking-uri", trained.tracking_uri, "--input", str(source)], capsys
     )
     assert code == 0 and len(records) == len(eval_ds)
-    mlflow.set_tracking_uri(cls_run.tracking_uri)
-    logged = mlflow.artifacts.load_dict(f"runs:/{cls_run.run_id}/classification_report.json")
-    labels = json.loads((cls_run.adapter_dir / "label_map.json").read_text())["labels"]
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    logged = mlflow.artifacts.load_dict(f"runs:/{trained.run_id}/classification_report.json")
+    labels = json.loads((saved / "label_map.json").read_text())["labels"]
     assert _report_of(records, eval_ds, "classification", labels, 0.5) == pytest.approx(_flat_report(logged))
 
 
@@ -494,17 +499,7 @@ def test_a_full_fine_tuning_run_predicts_and_exports_as_it_trained(tmp_path_fact
     full = trained_run("classification", tmp_path_factory, ("lora=none",))
     saved = full.output_dir / "model"
     assert (saved / "model.safetensors").is_file() and not (saved / "adapter_config.json").exists()
-    cfg = validate(yaml.safe_load((full.output_dir / "config.yaml").read_text()))
-    eval_ds = load_data(cfg.data).eval
-    source = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in eval_ds["text"]])
-    code, records, _ = _predict(
-        ["--run", full.run_id, "--tracking-uri", full.tracking_uri, "--input", str(source)], capsys
-    )
-    assert code == 0 and len(records) == len(eval_ds)
-    mlflow.set_tracking_uri(full.tracking_uri)
-    logged = mlflow.artifacts.load_dict(f"runs:/{full.run_id}/classification_report.json")
-    labels = json.loads((saved / "label_map.json").read_text())["labels"]
-    assert _report_of(records, eval_ds, "classification", labels, 0.5) == pytest.approx(_flat_report(logged))
+    _assert_predict_rebuilds_the_logged_report(full, saved, tmp_path, capsys)
 
     out = tmp_path / "exported"
     assert export.main(["--run", full.run_id, "--tracking-uri", full.tracking_uri, "--out", str(out)]) == 0

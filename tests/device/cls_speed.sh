@@ -9,22 +9,7 @@ out=${1:?output dir}; sst2=${2:?directory with SST-2 train.csv and dev.csv}; shi
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 model=/tmp/w3b-random
-if [ ! -f "$model/DONE" ]; then
-  python3 - "$model" <<'PY'
-import sys, torch
-from pathlib import Path
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-from src.tiny import resolve
-config = LlamaConfig(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048)
-torch.manual_seed(0)
-with torch.device("cuda"):
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-model.save_pretrained(sys.argv[1])
-AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(sys.argv[1])
-Path(sys.argv[1], "DONE").write_text("1")
-PY
-fi
+python3 -m tests.device.random_w3b "$model"
 uri="sqlite:///$out/mlflow.db"
 for fast in true false; do
   python3 -m src.train model=openllama3b model.name_or_path="$model" quant=4bit lora=all_linear train=gpu \

@@ -8,24 +8,7 @@ out=${1:?output dir}; shift
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 model=/tmp/w3b-random
-if [ ! -f "$model/DONE" ]; then
-  python3 - "$model" <<'PY'
-import sys, time, torch
-from pathlib import Path
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-from src.tiny import resolve
-start = time.time()
-config = LlamaConfig(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048)
-torch.manual_seed(0)
-with torch.device("cuda"):
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-model.save_pretrained(sys.argv[1])
-AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(sys.argv[1])
-Path(sys.argv[1], "DONE").write_text("1")
-print(f"random-weight OpenLLaMA-3B shape saved in {time.time() - start:.0f}s")
-PY
-fi
+python3 -m tests.device.random_w3b "$model"
 uri="sqlite:///$out/mlflow.db"
 start=$(date +%s)
 set +e

@@ -1,0 +1,32 @@
+"""Save a random-weight OpenLLaMA-3B shape (the seed table's) with the tiny model's tokenizer, once, for the device
+scripts, from the repo root: python3 -m tests.device.random_w3b DIR (nothing to do when DIR/DONE exists)."""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from src.tiny import resolve
+
+out = Path(sys.argv[1])
+if not (out / "DONE").is_file():
+    start = time.time()
+    config = LlamaConfig(
+        hidden_size=3200,
+        intermediate_size=8640,
+        num_hidden_layers=26,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(out)
+    (out / "DONE").write_text("1")
+    print(f"random-weight OpenLLaMA-3B shape saved in {time.time() - start:.0f}s")
