@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import hydra
 import mlflow
@@ -33,11 +35,13 @@ from src.sweeps.trial import trial_callbacks
 ADAPTER_DIR, MODEL_DIR = "adapter", "model"
 
 
-def run(raw: dict, cfg: Config) -> Optional[float]:
+def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[float]:
     """Train one configuration and return the objective value: ``cfg`` validated (:func:`validated`, or a sweep
-    job's :func:`src.sweeps.job.validated_job`), ``raw`` the same resolved config as a plain dict, logged as params."""
+    job's :func:`src.sweeps.job.validated_job`), ``raw`` the same resolved config as a plain dict, logged as params.
+    ``slot``: the run is one trial of a pack (:func:`pack`), on the pack's shared base."""
     console.quiet_libraries()
-    with tracking.tracked_run(raw):
+    tags = None if slot is None else slot.tags()
+    with tracking.tracked_run(raw, tags):
         main_process = distributed.is_main_process()  # tracking.* writes nothing on other DDP ranks
         # output_dir is a tag (tracking.tracked_run), not a param: it differs between every two runs, and the UI's
         # compare view would list it as the one parameter that always differs.
@@ -52,20 +56,28 @@ def run(raw: dict, cfg: Config) -> Optional[float]:
 
         from src import guards, modeling, training
 
-        tokenizer = modeling.load_tokenizer(cfg.model)
-        # Raises DataError listing every fault (rows far over max_length included), before any model loads.
-        data = load_data(cfg.data, tokenizer, cfg.model.max_length)
-        checkpoint = guards.resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir / "checkpoints")
-        set_seed(cfg.train.seed)
-        model = modeling.load_model(
-            cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
-        )
-        model = modeling.apply_lora(model, cfg.lora, data.task)
+        member = None
+        if slot is None:
+            tokenizer = modeling.load_tokenizer(cfg.model)
+            # Raises DataError listing every fault (rows far over max_length included), before any model loads.
+            data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+            checkpoint = guards.resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir / "checkpoints")
+            set_seed(cfg.train.seed)
+            model = modeling.load_model(
+                cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
+            )
+            model = modeling.apply_lora(model, cfg.lora, data.task)
+            trainable, total = modeling.count_params(model)
+            targets = modeling.target_leaf_names(model)
+        else:  # the pack's first trial to get here loads the base for all
+            tokenizer, data, member = slot.shared.load(slot.index)
+            checkpoint, model = None, member.model
+            trainable, total = member.pack.counts(member.adapter)
+            targets = member.pack.targets(member.adapter)
         tracking.set_tags(tracking.device_tags())  # the GPUs, now that the model is on them
-        trainable, total = modeling.count_params(model)
         tracking.log_params(
             {
-                "lora.resolved_targets": ",".join(modeling.target_leaf_names(model)),
+                "lora.resolved_targets": ",".join(targets),
                 "data.train_rows": data.train.num_rows,
                 "data.eval_rows": data.eval.num_rows,
             }
@@ -75,9 +87,10 @@ def run(raw: dict, cfg: Config) -> Optional[float]:
         )
         # An Optuna trial reports its evaluations and may be pruned; under DDP rank 0 reports, and if it prunes,
         # torchrun stops the others.
-        pruning = trial_callbacks(objective(cfg)[0]) if main_process else []
+        env = None if slot is None else slot.env
+        pruning = trial_callbacks(objective(cfg)[0], env) if main_process else []
         trainer, metrics, truncated = training.build_trainer(
-            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), pruning
+            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), pruning, member
         )
         skipped = data.long_rows if cfg.data.long_rows == "skip" else 0
         tracking.log_metrics({"data_truncated_rows": truncated, "data_skipped_rows": skipped})
@@ -93,8 +106,8 @@ def run(raw: dict, cfg: Config) -> Optional[float]:
             )
         sampled = data.task == "sft" and main_process
         prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if sampled else []
-        with modeling.adapters_disabled(model):
-            before = training.generate(model, tokenizer, prompts)
+        with modeling.adapters_disabled(model) if member is None else member.pack.routed(None) as base:
+            before = training.generate(model if member is None else base, tokenizer, prompts)
         if checkpoint:
             tracking.set_tags({"resumed_from": checkpoint})
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -107,8 +120,12 @@ def run(raw: dict, cfg: Config) -> Optional[float]:
         saved_dir = output_dir / (MODEL_DIR if modeling.is_full_fine_tuning(cfg.lora) else ADAPTER_DIR)
         if main_process:
             save_outputs(cfg, model, tokenizer, data, saved_dir, metrics)
-        if prompts:
+        if prompts and member is None:
             after = training.generate(model, tokenizer, prompts)
+        elif prompts:
+            with member.pack.routed(member.adapter) as routed:
+                after = training.generate(routed, tokenizer, prompts)
+        if prompts:
             mlflow.log_table(
                 {
                     "prompt": prompts,
@@ -140,6 +157,92 @@ def run(raw: dict, cfg: Config) -> Optional[float]:
             )
         distributed.finish()  # every rank gets here; under DDP they leave together
         return float(value)
+
+
+@dataclass
+class SharedBase:
+    """What the trials of a pack share: the tokenizer, the data and the base with every trial's adapter, loaded
+    once, by the first trial to ask (after its MLflow run has started: a base that fails to load fails every
+    trial's run with the reason)."""
+
+    jobs: list[tuple[dict, Config]]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    loaded: Optional[tuple[Any, Any, list]] = None
+    error: Optional[BaseException] = None
+    pack: Any = None
+
+    def load(self, index: int):
+        from transformers import set_seed
+
+        from src import modeling
+        from src.fast import pack as pack_mod
+
+        with self.lock:
+            if self.error is not None:
+                raise self.error
+            if self.loaded is None:
+                try:
+                    cfg = self.jobs[0][1]
+                    tokenizer = modeling.load_tokenizer(cfg.model)
+                    data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+                    set_seed(cfg.train.seed)
+                    model = modeling.load_model(
+                        cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False
+                    )
+                    cfgs = [c for _, c in self.jobs]
+                    self.pack = pack_mod.build_pack(
+                        model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs]
+                    )
+                    members = pack_mod.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16))
+                    self.loaded = (tokenizer, data, members)
+                except BaseException as exc:
+                    self.error = exc
+                    raise
+        tokenizer, data, members = self.loaded
+        return tokenizer, data, members[index]
+
+    def stop(self, reason: BaseException) -> None:
+        if self.pack is not None:
+            self.pack.stop(reason)
+
+    def leave(self, index: int) -> None:
+        """A trial's thread is done, however it ended: the others no longer wait for its steps."""
+        if self.pack is not None:
+            self.pack.leave(self.pack.adapters[index])
+
+
+@dataclass
+class PackSlot:
+    """One trial's place in a pack: the shared base, its index, and its own environment (an Optuna trial's)."""
+
+    shared: SharedBase
+    index: int
+    env: Optional[dict[str, str]] = None
+
+    def tags(self) -> dict[str, str]:
+        return {"pack_size": str(len(self.shared.jobs)), "pack_trial": f"t{self.index}"}
+
+
+def pack(jobs: list[tuple[dict, Config, Optional[dict]]]):
+    """The trials of a pack (resolved config, validated config, environment), as one training function each
+    (``train(raw, cfg)``, to run each in its own thread) and their shared base (``stop``, ``leave``)."""
+    import functools
+
+    # Imported here, once: the trials' threads would race through transformers' and TRL's lazy modules, which
+    # are not thread-safe ("cannot import name 'SFTConfig' from 'trl'").
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: F401
+
+    from src import guards, modeling, training  # noqa: F401
+    from src.fast import pack as pack_mod  # noqa: F401
+    from src.fast import trainer as fast_trainer  # noqa: F401
+
+    shared = SharedBase([(raw, cfg) for raw, cfg, _ in jobs])
+    trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, _, env) in enumerate(jobs)]
+    return trains, shared
 
 
 def run_description(cfg: Config, data, trainable: int, metric: str, value: float) -> str:

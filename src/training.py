@@ -304,9 +304,16 @@ def count_truncated_sft(data: TaskData, tokenizer, max_length: int) -> int:
 
 
 def build_trainer(
-    cfg: Config, model, tokenizer, data: TaskData, output_dir: str, extra_callbacks: Sequence[TrainerCallback] = ()
+    cfg: Config,
+    model,
+    tokenizer,
+    data: TaskData,
+    output_dir: str,
+    extra_callbacks: Sequence[TrainerCallback] = (),
+    member=None,
 ):
-    """The trainer for the task; ``extra_callbacks`` come after the project's own (a sweep trial's pruning).
+    """The trainer for the task; ``extra_callbacks`` come after the project's own (a sweep trial's pruning);
+    ``member``: the run is a trial of a pack (:class:`src.fast.pack.PackMember`; SFT on the fast path).
 
     Returns (trainer, metrics, truncated): metrics keeps the last per-class report (None for
     SFT), and truncated counts the rows longer than model.max_length.
@@ -329,7 +336,9 @@ def build_trainer(
 
         train_ds, eval_ds = data.train.remove_columns("row_id"), data.eval.remove_columns("row_id")
         if cfg.train.fast_path:  # padding-free packed micro-batches sized to the memory budget
-            trainer, micro = build_packed_sft_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, callbacks)
+            trainer, micro = build_packed_sft_trainer(
+                cfg, model, tokenizer, args, train_ds, eval_ds, callbacks, member=member
+            )
             if micro.est_peak_gpu_mem_gb is not None:  # the plan the fast path follows, to set against the peak
                 tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
         else:

@@ -199,6 +199,35 @@ class PackedTrainer(Trainer):
             self.data_collator = train_collator
 
 
+class PackMemberTrainer(PackedTrainer):
+    """One trial of a pack (:mod:`src.fast.pack`): its micro-batches run in the pack's joint step, its optimizer,
+    schedule, clipping, evaluation and callbacks are its own."""
+
+    def __init__(self, *args, member, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.member = member
+        self.model_accepts_loss_kwargs = True  # the joint step normalizes each loss by its step's tokens
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The columns a run alone keeps: the base model's forward arguments (the trial model takes ``**inputs``)."""
+        if self._signature_columns is None:
+            import inspect
+
+            forward = self.member.pack.model.get_base_model().forward
+            self._signature_columns = [*inspect.signature(forward).parameters, "label", "label_ids", *self.label_names]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        return self.member.pack.step(self.member.adapter, self, inputs, num_items_in_batch)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.member.pack.leave(self.member.adapter)
+
+
 def compile_decoder_layers(model) -> int:
     """``torch.compile`` every decoder layer, with dynamic shapes (packed rows vary in length); the count.
 
@@ -225,6 +254,7 @@ def build_packed_sft_trainer(
     dequantize: Optional[bool] = None,
     compile_layers: bool = False,
     cuda_graphs: Optional[bool] = None,
+    member=None,
 ) -> tuple[PackedTrainer, MicroBatchPlan]:
     """The fast-path trainer for an SFT run, and the micro-batch plan it follows.
 
@@ -246,7 +276,11 @@ def build_packed_sft_trainer(
             None: wherever it applies (CUDA, bf16, varlen attention, one micro-batch per step, a 16- or
             4-bit base or an 8-bit one whose every layer is cached; also under DDP); a step whose capture
             fails runs eagerly, and so do the rest.
+        member: a trial of a pack (:class:`src.fast.pack.PackMember`), whose base the pack has set up and planned
+            (``model`` is the trial's :class:`src.fast.pack.TrialModel`); no CUDA graphs.
     """
+    if member is not None:
+        return _build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, member)
     budget, micro = plan_step(cfg, model)
     set_checkpointed_layers(model, micro.checkpointed_layers)
     tokens = micro.micro_batch_size * cfg.model.max_length
@@ -326,4 +360,51 @@ def build_packed_sft_trainer(
         graphs=graphs,
     )
     print(micro.describe(), file=sys.stderr)
+    return trainer, micro
+
+
+def _pack_attention(model, args) -> str:
+    """A pack's attention: varlen where it runs, else per-example sdpa. Never transformers' block-causal mask over
+    the joint row: a masked score is added to -inf, so one trial's inf activations (a diverging learning rate)
+    would turn the other trials' softmax to NaN; computed apart, a trial's NaN stays its own."""
+    half = args.bf16 or next(model.parameters()).dtype in HALF_DTYPES
+    if half and varlen_available(next(model.parameters()).device) and use_varlen_attention(model):
+        return "varlen"
+    use_packed_attention(model)
+    return "per-example"
+
+
+def _build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, member):
+    micro = member.micro
+    if member.attention == "auto":
+        member.attention = _pack_attention(member.pack.model, args)
+    micro = dataclasses.replace(micro, attention=member.attention)
+    args = dataclasses.replace(
+        args,
+        per_device_train_batch_size=micro.micro_batch_size,
+        gradient_accumulation_steps=micro.gradient_accumulation_steps,
+        activation_checkpointing=False,
+        optim=fast_optimizer(args.optim),
+        include_num_input_tokens_seen="all",
+        # the trial's data order from its own seed alone (the trials' Trainers seed the global RNG in any order)
+        data_seed=args.data_seed if args.data_seed is not None else args.seed,
+        label_names=["labels"],  # the Trainer finds them in the model's forward signature, here **inputs
+    )
+    distributed.one_gpu_per_process(args)
+    completion_only = args.completion_only_loss is not False
+    prepare = dict(tokenizer=tokenizer, max_length=cfg.model.max_length, completion_only_loss=completion_only)
+    pad_id = tokenizer.pad_token_id
+    trainer = PackMemberTrainer(
+        model=member.model,
+        args=args,
+        train_dataset=tokenize_sft(train_dataset, **prepare),
+        eval_dataset=None if eval_dataset is None else tokenize_sft(eval_dataset, **prepare),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True),
+        eval_data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id),
+        attention=member.attention,
+        member=member,
+    )
+    print(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"), file=sys.stderr)
     return trainer, micro

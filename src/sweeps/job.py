@@ -45,6 +45,8 @@ STOP_GRACE_S = 60
 
 
 Train = Callable[[dict, Config], Optional[float]]  # src.train.run: the resolved config as a dict and validated
+# src.train.pack: a pack's (raw, cfg, env) jobs -> one Train per trial, and their shared base (stop, leave)
+PackTrain = Callable[[list[tuple[dict, Config, Optional[dict]]]], tuple[list[Train], Any]]
 
 
 def validated_job(raw: dict) -> Config:
@@ -250,33 +252,10 @@ def _read_result(path: Path, exitcode: Optional[int]) -> dict[str, Any]:
 
 def _run(raw: dict, cfg: Config, feasibility: FeasibilityConf, train: Train) -> dict[str, Any]:
     """Check feasibility, train with ``train``, and gather the run's id and final metrics."""
-    import mlflow
-    import optuna
-
     raw, cfg, note = check_feasibility(raw, cfg, feasibility)
     if cfg.train.nproc_per_node > 1 and not distributed.under_torchrun():
         return _run_ddp(raw, cfg, note)
-    before = _last_run_id()
-    value: Optional[float] = None
-    try:
-        value = train(raw, cfg)
-    except BaseException as exc:
-        run_id = _last_run_id()
-        run_id = run_id if run_id != before else None
-        if run_id and isinstance(exc, optuna.TrialPruned):
-            client = mlflow.MlflowClient()
-            client.set_tag(run_id, "status", "PRUNED")
-            client.set_terminated(run_id, "KILLED")
-        if run_id:
-            _tag_run(run_id, note)
-        if isinstance(exc, (optuna.TrialPruned, KeyboardInterrupt)):
-            raise
-        raise JobFailed(type(exc).__name__, str(exc), run_id) from exc
-    run_id = _last_run_id()
-    _tag_run(run_id, note)
-    metrics = dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
-    metrics["objective"] = value
-    return {"run_id": run_id, "metrics": metrics}
+    return _train_and_collect(raw, cfg, train, note, None)
 
 
 def _run_ddp(raw: dict, cfg: Config, feasibility_note: Optional[str]) -> dict[str, Any]:
@@ -312,19 +291,187 @@ def _run_ddp(raw: dict, cfg: Config, feasibility_note: Optional[str]) -> dict[st
     return {"run_id": run_id, "metrics": dict(run_.data.metrics)}
 
 
+def run_pack_job(
+    members: list[tuple[dict, Optional[dict]]],
+    pack_train: PackTrain,
+    isolate: bool = True,
+    feasibility: Optional[FeasibilityConf] = None,
+) -> dict[str, Any]:
+    """Train a pack of jobs (``hydra.sweeper.pack``; their resolved configs and Optuna environments) on one base,
+    in one fresh process; ``{"pack": [one result per job]}``, each ``{"status": "ok", "run_id", "metrics"}`` or
+    ``{"status": "failed" | "pruned" | "skipped", ...}``: a job that fails, is pruned or skipped is that job's
+    outcome alone. A job whose config does not validate fails alone, before the pack starts."""
+    feasibility = feasibility or FeasibilityConf()
+    results: list[Optional[dict[str, Any]]] = [None] * len(members)
+    valid = []
+    for i, (raw, env) in enumerate(members):
+        try:
+            valid.append((i, raw, validated_job(raw), env))
+        except JobFailed as exc:
+            results[i] = _failure(exc)
+    if valid and isolate and not multiprocessing.current_process().daemon:
+        first = valid[0][1]
+        result_path = Path(first["output_dir"]) / RESULT_FILE
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.unlink(missing_ok=True)
+        sweeper = (os.getpid(), tracking.process_start(os.getpid()))
+        process = _context().Process(
+            target=_pack_process,
+            args=(valid, feasibility, pack_train, dict(os.environ), str(result_path), sweeper),
+            name="lora-sweep-pack",
+        )
+        process.start()
+        try:
+            process.join()
+        except BaseException:
+            _stop(process)
+            raise
+        packed = _read_pack_result(result_path, process.exitcode, valid)
+    elif valid:
+        packed = _run_pack(valid, feasibility, pack_train)
+    else:
+        packed = []
+    for (i, *_), result in zip(valid, packed):
+        results[i] = result
+    return {"pack": results}
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    import optuna
+
+    if isinstance(exc, optuna.TrialPruned):
+        return {"status": "pruned", "message": str(exc)}
+    if isinstance(exc, JobSkipped):
+        return {"status": "skipped", "message": str(exc)}
+    if isinstance(exc, JobFailed):
+        return {"status": "failed", "error_type": exc.error_type, "message": exc.message, "run_id": exc.run_id}
+    return {"status": "failed", "error_type": type(exc).__name__, "message": str(exc), "run_id": None}
+
+
+def _pack_process(valid, feasibility, pack_train, env, result_path, sweeper) -> None:
+    """Entry point of a pack's fresh process: the jobs' trials in threads, then one result file for all."""
+    os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _die_with_parent()
+    _die_with_sweeper(sweeper)
+    console.log_to_file(Path(valid[0][2].output_dir) / "train.log")
+    try:
+        results = _run_pack(valid, feasibility, pack_train)
+    except BaseException as exc:  # noqa: B036  the pack process reports everything
+        results = [_failure(exc)] * len(valid)
+    Path(result_path).write_text(json.dumps(results, indent=2, default=str))
+    sys.exit(0)
+
+
+def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[str, Any]]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
+    reason = f"the pack's process {how} before writing a result"
+    results = []
+    for _, raw, cfg, _ in valid:
+        run_id = close_lost_run(raw, cfg, reason)
+        results.append({"status": "failed", "error_type": "TrialProcessDied", "message": reason, "run_id": run_id})
+    return results
+
+
+def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> list[dict[str, Any]]:
+    """Each trial of the pack in its own thread, on one shared base; SIGTERM stops them all (their runs end
+    KILLED). Memory: the feasibility check of the first job sets the budget the pack plans within."""
+    import threading
+
+    first_raw, first_cfg = valid[0][1], valid[0][2]
+    _, checked, note = check_feasibility(first_raw, first_cfg, feasibility)
+    budget = checked.train.memory_budget_gb
+    jobs = []
+    for _, raw, cfg, env in valid:
+        if budget != cfg.train.memory_budget_gb:
+            raw = {**raw, "train": {**raw["train"], "memory_budget_gb": budget}}
+            cfg = replace(cfg, train=replace(cfg.train, memory_budget_gb=budget))
+        jobs.append((raw, cfg, env))
+    trains, shared = pack_train(jobs)
+    results: list[dict[str, Any]] = [{}] * len(jobs)
+
+    def trial(index: int) -> None:
+        raw, cfg, env = jobs[index]
+        try:
+            results[index] = {"status": "ok", **_train_and_collect(raw, cfg, trains[index], note, env)}
+        except BaseException as exc:  # noqa: B036  one trial's end is its own
+            results[index] = _failure(exc)
+        finally:
+            shared.leave(index)
+
+    threads = [threading.Thread(target=trial, args=(i,), name=f"lora-pack-t{i}") for i in range(len(jobs))]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+
+        def terminate(signum, frame):
+            shared.stop(tracking.Terminated(f"received signal {signal.Signals(signum).name}"))
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)  # the main thread stays free to take SIGTERM
+    except KeyboardInterrupt as exc:
+        shared.stop(exc)
+        for thread in threads:
+            thread.join()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return results
+
+
+def _train_and_collect(raw: dict, cfg: Config, train: Train, note: Optional[str], env) -> dict[str, Any]:
+    """Train one job and gather its run's id and final metrics (a pack trial: in its own thread, whose MLflow run
+    is its own); raises JobFailed or optuna.TrialPruned with the run's id."""
+    import mlflow
+    import optuna
+
+    before = _last_run_id()
+    try:
+        value = train(raw, cfg)
+    except BaseException as exc:
+        run_id = _last_run_id()
+        run_id = run_id if run_id != before else None
+        if run_id and isinstance(exc, optuna.TrialPruned):
+            client = mlflow.MlflowClient()
+            client.set_tag(run_id, "status", "PRUNED")
+            client.set_terminated(run_id, "KILLED")
+        if run_id:
+            _tag_run(run_id, note, env)
+        if isinstance(exc, (optuna.TrialPruned, KeyboardInterrupt)):
+            raise
+        raise JobFailed(type(exc).__name__, str(exc), run_id) from exc
+    run_id = _last_run_id()
+    _tag_run(run_id, note, env)
+    metrics = dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
+    metrics["objective"] = value
+    return {"run_id": run_id, "metrics": metrics}
+
+
 def _last_run_id() -> Optional[str]:
     import mlflow
 
-    last = mlflow.last_active_run()
+    try:
+        last = mlflow.last_active_run()
+    except mlflow.exceptions.MlflowException:  # its store is no longer the one in use
+        return None
     return last.info.run_id if last else None
 
 
-def _tag_run(run_id: str, feasibility_note: Optional[str]) -> None:
+def _tag_run(run_id: str, feasibility_note: Optional[str], env: Optional[dict] = None) -> None:
     import mlflow
 
+    env = os.environ if env is None else env
     tags = {}
-    if os.environ.get(TRIAL_ENV):
-        tags.update(optuna_study=os.environ.get(STUDY_ENV, ""), optuna_trial=os.environ[TRIAL_ENV])
+    if env.get(TRIAL_ENV):
+        tags.update(optuna_study=env.get(STUDY_ENV, ""), optuna_trial=env[TRIAL_ENV])
     if feasibility_note:
         tags["feasibility"] = feasibility_note
     client = mlflow.MlflowClient()

@@ -123,26 +123,29 @@ def build_pruner(spec: Any):
         return optuna.pruners.NopPruner()
 
 
-def current_trial():
-    """The Optuna trial this process runs for (from the sweeper's environment), or None."""
-    if not os.environ.get(TRIAL_ENV):
+def current_trial(env: Optional[dict[str, str]] = None):
+    """The Optuna trial this process runs for (from the sweeper's environment, or a pack trial's own ``env``),
+    or None."""
+    env = os.environ if env is None else env
+    if not env.get(TRIAL_ENV):
         return None
     import optuna
 
-    storage = open_storage(os.environ[STORAGE_ENV])
-    study = optuna.load_study(study_name=os.environ[STUDY_ENV], storage=storage)
+    storage = open_storage(env[STORAGE_ENV])
+    study = optuna.load_study(study_name=env[STUDY_ENV], storage=storage)
     stored = study.user_attrs.get(PRUNER_ATTR)
     if stored:
         study.pruner = build_pruner(stored)
-    number = int(os.environ[TRIAL_ENV])
+    number = int(env[TRIAL_ENV])
     # Optuna has no public way to reopen a running trial by number from another process.
     trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number)
     return optuna.trial.Trial(study, trial_id)
 
 
-def trial_callbacks(metric: str) -> list:
-    """Trainer callbacks for an Optuna trial: report ``metric`` at each evaluation, prune if told."""
-    trial = current_trial()
+def trial_callbacks(metric: str, env: Optional[dict[str, str]] = None) -> list:
+    """Trainer callbacks for an Optuna trial: report ``metric`` at each evaluation, prune if told (``env``: a pack
+    trial's own environment; else the process's)."""
+    trial = current_trial(env)
     if trial is None or len(trial.study.directions) > 1:  # Optuna prunes single-objective studies only
         return []
     return [_pruning_callback(trial, metric)]

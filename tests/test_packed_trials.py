@@ -1,0 +1,109 @@
+"""Packed trials (``hydra.sweeper.pack``, :mod:`src.fast.pack`): several trials on one base, each as if alone."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from src.config import validate
+from src.sweeps.job import run_pack_job
+from tests.conftest import compose_config, train_run
+
+COMMON = [
+    "data=instructions",
+    "data.subsample=40",
+    "data.eval_subsample=8",
+    "data.num_sample_prompts=1",
+    "train.max_steps=4",
+    "train.logging_steps=1",
+    "train.eval_strategy=no",
+    "train.per_device_train_batch_size=4",
+    "lora.dropout=0.0",
+]
+# Three trials of different rank, targets and learning rate (and one a different schedule and seed).
+TRIALS = [
+    ["lora=attn_qv", "lora.r=4", "train.learning_rate=2e-3"],
+    ["lora=all_linear", "lora.r=8", "lora.alpha=8", "train.learning_rate=5e-3", "train.seed=7"],
+    ["lora=attn_qv", "lora.r=2", "train.learning_rate=1e-2", "train.lr_scheduler_type=constant", "train.max_steps=3"],
+]
+
+
+def _raw(tmp_path, name: str, overrides: list[str]) -> dict:
+    raw = compose_config([*COMMON, *overrides])
+    raw["output_dir"] = str(tmp_path / name)
+    return raw
+
+
+def _losses(run_id: str) -> list[float]:
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def _adapter(tmp_path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+
+
+def test_each_trial_of_a_pack_trains_as_it_would_alone(tmp_path, mlflow_store):
+    import src.train
+
+    alone = []
+    for i, overrides in enumerate(TRIALS):
+        train_run(_raw(tmp_path, f"alone{i}", overrides))
+        alone.append(mlflow.last_active_run().info.run_id)
+    result = run_pack_job([(_raw(tmp_path, f"pack{i}", o), None) for i, o in enumerate(TRIALS)], src.train.pack)
+    packed = result["pack"]
+    assert [r["status"] for r in packed] == ["ok"] * 3, packed
+    for i, (solo_id, trial) in enumerate(zip(alone, packed)):
+        solo_losses, pack_losses = _losses(solo_id), _losses(trial["run_id"])
+        assert len(pack_losses) == (3 if i == 2 else 4)
+        assert pack_losses == pytest.approx(solo_losses, rel=1e-5, abs=1e-6), (i, solo_losses, pack_losses)
+        solo_w, pack_w = _adapter(tmp_path, f"alone{i}"), _adapter(tmp_path, f"pack{i}")
+        assert sorted(solo_w) == sorted(pack_w)
+        for key in solo_w:  # the issue's tolerance: 1e-5 (Adam's step amplifies float noise in tiny gradients)
+            torch.testing.assert_close(pack_w[key], solo_w[key], rtol=1e-5, atol=1e-5)
+        lora_b = [key for key in pack_w if "lora_B" in key]
+        assert all(pack_w[key].abs().max() > 0 for key in lora_b)  # it trained (B starts at zero)
+        run_ = mlflow.get_run(trial["run_id"])
+        assert run_.info.status == "FINISHED"
+        assert run_.data.tags["pack_size"] == "3" and run_.data.tags["pack_trial"] == f"t{i}"
+        solo_run = mlflow.get_run(solo_id)
+        for metric in ("trainable_params", "total_params"):
+            assert run_.data.metrics[metric] == solo_run.data.metrics[metric], metric
+        assert run_.data.params["lora.resolved_targets"] == solo_run.data.params["lora.resolved_targets"]
+
+
+def test_a_trial_that_fails_fails_alone(tmp_path, mlflow_store):
+    import src.train
+
+    bad = ["lora=attn_qv", "train.learning_rate=1e30", "train.stop_on_nonfinite_loss=true"]
+    members = [(_raw(tmp_path, "good", TRIALS[0]), None), (_raw(tmp_path, "bad", bad), None)]
+    result = run_pack_job(members, src.train.pack)["pack"]
+    assert result[0]["status"] == "ok", result
+    assert result[1]["status"] == "failed" and result[1]["run_id"], result
+    assert mlflow.get_run(result[1]["run_id"]).info.status == "FAILED"
+    assert len(_losses(result[0]["run_id"])) == 4
+
+
+def test_an_invalid_trial_fails_before_the_pack_starts(tmp_path, mlflow_store):
+    import src.train
+
+    members = [(_raw(tmp_path, "good", TRIALS[0]), None), (_raw(tmp_path, "bad", ["lora.r=0"]), None)]
+    result = run_pack_job(members, src.train.pack, isolate=False)["pack"]
+    assert [r["status"] for r in result] == ["ok", "failed"], result
+    assert result[1]["error_type"] == "ConfigError"
+
+
+def test_unpackable_names_why():
+    from src.fast.pack import unpackable
+
+    def cfg(overrides):
+        raw = compose_config(overrides)
+        raw["output_dir"] = "unused"
+        return validate(raw, for_training=True)
+
+    assert unpackable(cfg(["data=instructions"])) is None
+    assert "data.task=classification" in unpackable(cfg(["data=topics"]))
+    assert "lora.bias" in unpackable(cfg(["data=instructions", "lora.bias=all"]))
+    assert "fast_path" in unpackable(cfg(["data=instructions", "train.fast_path=false"]))
