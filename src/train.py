@@ -13,6 +13,7 @@ every rank runs :func:`run`; rank 0 alone writes MLflow and the adapter (``src/d
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from src import console, distributed, tracking
 from src.config import FULL_FINE_TUNING, Config, ConfigError, objective, validate
 from src.data import DataError, load_data
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
-from src.sweeps.job import run_job, validated_job
+from src.sweeps.job import run_job, run_pack_job, validated_job
 from src.sweeps.outcomes import quote
+from src.sweeps.packs import PACK_ENV, read_pack
 from src.sweeps.trial import trial_callbacks
 
 # Where a run saves what it trained: a LoRA adapter, or with lora=none (full fine-tuning) the whole model.
@@ -307,6 +309,11 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
         # launcher's worker (joblib's loky, submitit), where __main__ is not this module and __main__.run fails.
         import src.train
 
+        members = os.environ.get(PACK_ENV)
+        if members:  # a pack (hydra.sweeper.pack): this job's config and the others', trained on one base
+            listed = read_pack(members)
+            jobs = [(raw if i == 0 else m["raw"], m["env"] or None) for i, m in enumerate(listed)]
+            return run_pack_job(jobs, src.train.pack, isolate=job.isolate, feasibility=job.feasibility)
         return run_job(raw, validated_job(raw), src.train.run, isolate=job.isolate, feasibility=job.feasibility)
     config = validated(raw)
     try:

@@ -96,7 +96,7 @@ def test_an_invalid_trial_fails_before_the_pack_starts(tmp_path, mlflow_store):
 
 
 def test_unpackable_names_why():
-    from src.fast.pack import unpackable
+    from src.sweeps.packs import unpackable
 
     def cfg(overrides):
         raw = compose_config(overrides)
@@ -107,3 +107,36 @@ def test_unpackable_names_why():
     assert "data.task=classification" in unpackable(cfg(["data=topics"]))
     assert "lora.bias" in unpackable(cfg(["data=instructions", "lora.bias=all"]))
     assert "fast_path" in unpackable(cfg(["data=instructions", "train.fast_path=false"]))
+
+
+def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, mlflow_store):
+    """``hydra.sweeper.pack=3`` over a grid of 4 SFT jobs: one pack of 3 and one job alone, as subprocesses."""
+    from tests.test_sweeps import runs, sweep, split_runs
+
+    args = [
+        "--multirun",
+        "lora.r=2,4",
+        "lora=attn_qv,all_linear",
+        "hydra.sweeper.pack=3",
+        *COMMON[:3],
+        "train.max_steps=2",
+        "train.eval_strategy=no",
+        "tracking.log_adapter=false",
+    ]
+    result = sweep(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 jobs as 2 launches (hydra.sweeper.pack=3: 1 packs)" in result.stdout
+    parents, children = split_runs(mlflow_store)
+    assert len(parents) == 1 and len(children) == 4 and len(runs(mlflow_store)) == 5
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    packed = sorted(c.data.tags.get("pack_trial", "-") for c in children)
+    assert packed == ["-", "t0", "t1", "t2"]  # the 4th job of the grid ran alone
+    assert sorted((c.data.params["lora.r"], c.data.params["lora.preset"]) for c in children) == [
+        ("2", "all_linear"),
+        ("2", "attn_qv"),
+        ("4", "all_linear"),
+        ("4", "attn_qv"),
+    ]
+    assert len({c.data.tags["output_dir"] for c in children}) == 4
+    assert parents[0].data.metrics["jobs_finished"] == 4

@@ -1,8 +1,8 @@
 """Packed trials: several LoRA trials of a sweep train at once on one frozen base (``hydra.sweeper.pack``).
 
-The trials of a pack share a base key (:func:`base_key`: model, quantization, data, task, max length, precision),
-so the process loads the base once and attaches one named peft adapter per trial, each with its own r, alpha,
-dropout and targets. Every trial keeps its own HF ``Trainer`` (:class:`PackMemberTrainer`, a
+The trials of a pack share a base key (:func:`src.sweeps.packs.base_key`: model, quantization, data, task, max
+length, precision), so the process loads the base once and attaches one named peft adapter per trial, each with its
+own r, alpha, dropout and targets. Every trial keeps its own HF ``Trainer`` (:class:`PackMemberTrainer`, a
 :class:`src.fast.trainer.PackedTrainer`): its own data order and seed, learning rate and schedule, optimizer state,
 evaluation, early stopping, pruning callback and MLflow run. The trainers run in threads of one process; what they
 share is the step:
@@ -21,8 +21,8 @@ stops its own trial (``train.stop_on_nonfinite_loss``). ``tests/test_packed_tria
 a pack of 3 (different r, targets and learning rates) gives the losses and final adapter weights of the same trial
 run alone.
 
-Packs take SFT on the fast path with plain LoRA (no bias, no DoRA) on one process: :func:`unpackable` names what
-keeps a job out, and such jobs run alone.
+Packs take SFT on the fast path with plain LoRA (no bias) on one process: :func:`src.sweeps.packs.unpackable`
+names what keeps a job out, and such jobs run alone.
 """
 
 from __future__ import annotations
@@ -102,45 +102,6 @@ def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[tuple[str, 
     """The adapter's own LoRA weights (``...lora_A.<adapter>.weight``, ``...lora_B.<adapter>.weight``)."""
     marks = (f".lora_A.{adapter}.", f".lora_B.{adapter}.")
     return [(name, p) for name, p in model.named_parameters() if any(m in name for m in marks)]
-
-
-def unpackable(cfg) -> Optional[str]:
-    """Why a validated config cannot train in a pack, or None."""
-    from src.modeling import is_full_fine_tuning
-
-    if cfg.data.task != "sft":
-        return f"data.task={cfg.data.task}: packs train SFT (a classifier's head is per trial)"
-    if is_full_fine_tuning(cfg.lora):
-        return "lora=none trains the whole base, which the pack shares"
-    if cfg.lora.bias != "none":
-        return f"lora.bias={cfg.lora.bias} trains the base's biases, which the pack shares"
-    if cfg.lora.modules_to_save:
-        return "lora.modules_to_save trains base modules, which the pack shares"
-    if not cfg.train.fast_path:
-        return "train.fast_path=false: packs run on the fast path"
-    if cfg.train.nproc_per_node > 1:
-        return "train.nproc_per_node > 1: a pack runs on one GPU"
-    if cfg.train.resume_from_checkpoint:
-        return "train.resume_from_checkpoint: a pack starts its trials afresh"
-    if cfg.train.fp16:
-        return "train.fp16: packs train in bf16 or fp32 (one loss scaler per trial is not done)"
-    return None
-
-
-def base_key(raw: dict) -> str:
-    """What the trials of a pack share: the model, its quantization, the data and task, the max length and the
-    precision. Two jobs with the same key load the same base and read the same rows."""
-    import json
-
-    train = raw.get("train") or {}
-    shared = {
-        "model": raw.get("model"),
-        "quant": raw.get("quant"),
-        "data": raw.get("data"),
-        "precision": [train.get("bf16"), train.get("fp16")],
-        "tracking": (raw.get("tracking") or {}).get("tracking_uri"),
-    }
-    return json.dumps(shared, sort_keys=True, default=str)
 
 
 class Pack:

@@ -38,6 +38,7 @@ class GridSweeperConf(JobConf):
     rows: Optional[list[str]] = None  # explicit jobs, each the overrides of one job as on the command line
     max_batch_size: Optional[int] = None  # jobs handed to the launcher at once; null: one per GPU (1 on CPU)
     max_failure_rate: float = 1.0  # stop once more than this fraction of all jobs has failed (1.0: never)
+    pack: int = 1  # up to this many jobs of one base (model, quant, data) train at once on one GPU (src/fast/pack.py)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from src.sweeps.outcomes import env_overrides, finite, job_outcome
+from src.sweeps import packs as packs_mod
+from src.sweeps.outcomes import env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, gpu_batches, job_processes, visible_gpus
 from src.sweeps.record import (
     BestSoFar,
@@ -66,7 +67,11 @@ class GridSweeper(Sweeper):
         max_failure_rate: float = 1.0,
         isolate: bool = True,
         feasibility: Any = None,
+        pack: int = 1,
     ):
+        if pack < 1:
+            raise SweepFailed(f"hydra.sweeper.pack must be >= 1, got {pack}")
+        self.pack = pack
         self.params = dict(params or {})
         self.rows = list(rows or [])
         self.max_batch_size = max_batch_size
@@ -115,6 +120,9 @@ class GridSweeper(Sweeper):
         stopped = False
         returns = []
         try:
+            if self.pack > 1:
+                stopped = self._sweep_packs(jobs, common, record, direction, gpus, sweep_dir, returns)
+                batches = []
             for indices in batches:
                 start, batch = indices.start, jobs[indices.start : indices.stop]
                 placed = assign_gpus(len(batch), gpus, processes[indices.start : indices.stop])
@@ -142,6 +150,46 @@ class GridSweeper(Sweeper):
         if record.failed() or stopped:
             raise SweepFailed(record.failure_message(stopped))
         return returns
+
+    def _sweep_packs(self, jobs, common, record, direction, gpus, sweep_dir: Path, returns: list) -> bool:
+        """Launch the grid as packs (``hydra.sweeper.pack``): each a launcher job that trains its members on one
+        base; jobs that cannot be packed run alone. One unit at a time, on the first GPU. True if stopped early."""
+        raws = []
+        for number, job in enumerate(jobs):
+            try:
+                raws.append(packs_mod.member_config(self.hydra_context.config_loader, self.config, job, number))
+            except Exception:  # noqa: BLE001  the job then runs alone and fails with Hydra's own error
+                raws.append(None)
+        units = packs_mod.group(raws, self.pack)
+        print(
+            f"[sweep {record.sweep_id}] {len(jobs)} jobs as {len(units)} launches "
+            f"(hydra.sweeper.pack={self.pack}: {sum(len(u) > 1 for u in units)} packs)",
+            flush=True,
+        )
+        done = 0
+        (gpu,) = assign_gpus(1, gpus)
+        for unit in units:
+            first = unit[0]
+            env = {**record.job_env(), "CUDA_VISIBLE_DEVICES": gpu, packs_mod.PACK_ENV: ""}
+            if len(unit) > 1:
+                path = sweep_dir / "packs" / f"pack-{first}.json"
+                packs_mod.write_pack(path, [(n, raws[n], {}) for n in unit])
+                env[packs_mod.PACK_ENV] = str(path.absolute())
+            for n in unit:
+                record.starting(n, [o for o in jobs[n] if o not in common], gpu)
+            results = self.launcher.launch([jobs[first] + env_overrides(env)], initial_job_idx=first)
+            returns.append(results)
+            shown = [[o for o in jobs[n] if o not in common] for n in unit]
+            outcomes = (
+                pack_outcomes(unit, shown, results[0]) if len(unit) > 1 else [job_outcome(first, shown[0], results[0])]
+            )
+            for outcome in outcomes:
+                done += 1
+                record.add(outcome, done, lambda: best_line(record, direction))
+            if failure_budget_exceeded(len(record.failed()), len(jobs), self.max_failure_rate):
+                print(f"[sweep {record.sweep_id}] stopping: more than {self.max_failure_rate:.0%} of the jobs failed")
+                return True
+        return False
 
 
 def best_line(record: SweepRecord, direction: str) -> BestSoFar:

@@ -80,5 +80,34 @@ def job_outcome(number: int, overrides: Sequence[str], ret) -> Outcome:
     return Outcome(number, shown, "FINISHED", metrics={"objective": value})  # any other task function
 
 
+def pack_outcomes(numbers: Sequence[int], overrides: Sequence[Sequence[str]], ret) -> list[Outcome]:
+    """Read the JobReturn of a pack (``{"pack": [one result per job]}``, :func:`src.sweeps.job.run_pack_job`):
+    one Outcome per job; a pack job that raised fails each of its jobs with the reason."""
+    from hydra.core.utils import JobStatus
+
+    if ret.status != JobStatus.COMPLETED:
+        failed = job_outcome(numbers[0], overrides[0], ret)
+        return [
+            Outcome(n, visible_overrides(o), failed.status, run_id=None, reason=failed.reason)
+            for n, o in zip(numbers, overrides)
+        ]
+    outcomes = []
+    for number, shown, result in zip(numbers, overrides, ret.return_value["pack"]):
+        shown = visible_overrides(shown)
+        status = result.get("status")
+        if status == "ok":
+            outcomes.append(
+                Outcome(number, shown, "FINISHED", metrics=dict(result["metrics"]), run_id=result["run_id"])
+            )
+        elif status == "pruned":
+            outcomes.append(Outcome(number, shown, "PRUNED", reason=result.get("message")))
+        elif status == "skipped":
+            outcomes.append(Outcome(number, shown, "SKIPPED", reason=result.get("message")))
+        else:
+            reason = f"{result.get('error_type')}: {result.get('message')}"
+            outcomes.append(Outcome(number, shown, "FAILED", run_id=result.get("run_id"), reason=reason))
+    return outcomes
+
+
 def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,107 @@
+"""Packs of a sweep (``hydra.sweeper.pack=K``): which jobs may train together on one base, and how they are grouped.
+
+A pack is up to K jobs with the same base key (:func:`base_key`), launched as one job: the launcher runs the first
+job's overrides with ``LORA_SWEEP_PACK`` naming a file of every member's resolved config (:func:`write_pack`), and
+``src.train`` trains them together (:func:`src.sweeps.job.run_pack_job`, :mod:`src.fast.pack`). A job that cannot
+be packed (:func:`unpackable`) runs alone, as without ``pack``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from src.config import ConfigError, validate
+
+PACK_ENV = "LORA_SWEEP_PACK"  # a pack job's member file
+
+
+def unpackable(cfg) -> Optional[str]:
+    """Why a validated config cannot train in a pack, or None."""
+    if cfg.data.task != "sft":
+        return f"data.task={cfg.data.task}: packs train SFT (a classifier's head is per trial)"
+    if cfg.lora.preset == "none":
+        return "lora=none trains the whole base, which the pack shares"
+    if cfg.lora.bias != "none":
+        return f"lora.bias={cfg.lora.bias} trains the base's biases, which the pack shares"
+    if cfg.lora.modules_to_save:
+        return "lora.modules_to_save trains base modules, which the pack shares"
+    if not cfg.train.fast_path:
+        return "train.fast_path=false: packs run on the fast path"
+    if cfg.train.nproc_per_node > 1:
+        return "train.nproc_per_node > 1: a pack runs on one GPU"
+    if cfg.train.resume_from_checkpoint:
+        return "train.resume_from_checkpoint: a pack starts its trials afresh"
+    if cfg.train.fp16:
+        return "train.fp16: packs train in bf16 or fp32 (one loss scaler per trial is not done)"
+    return None
+
+
+def base_key(raw: dict) -> str:
+    """What the jobs of a pack share: the model, its quantization, the data (and so the task), the precision and
+    the tracking store. Two jobs with the same key load the same base and read the same rows."""
+    train = raw.get("train") or {}
+    shared = {
+        "model": raw.get("model"),
+        "quant": raw.get("quant"),
+        "data": raw.get("data"),
+        "precision": [train.get("bf16"), train.get("fp16"), train.get("memory_budget_gb")],
+        "tracking": (raw.get("tracking") or {}).get("tracking_uri"),
+    }
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+def member_config(config_loader, config: DictConfig, overrides: Sequence[str], number: int) -> dict:
+    """A job's resolved config as its launch would resolve it: job number ``number``, its output directory
+    ``hydra.sweep.dir/hydra.sweep.subdir`` (absolute, as Hydra sets ``runtime.output_dir``)."""
+    job = config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(job):
+        job.hydra.job.num = number
+    output_dir = Path(str(OmegaConf.select(job, "hydra.sweep.dir"))) / str(OmegaConf.select(job, "hydra.sweep.subdir"))
+    raw = OmegaConf.to_container(job, resolve=False)
+    raw.pop("hydra", None)
+    raw["output_dir"] = str(output_dir.absolute())
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+
+
+def group(raws: Sequence[Optional[dict]], size: int) -> list[list[int]]:
+    """The jobs (by index) as units to launch: packs of up to ``size`` jobs of one base key, in the order of their
+    first job; a job that cannot be packed (or whose config did not compose: None) is a unit alone."""
+    units: list[list[int]] = []
+    open_packs: dict[str, list[int]] = {}
+    for index, raw in enumerate(raws):
+        reason = "its config does not compose" if raw is None else why_alone(raw)
+        if size <= 1 or reason is not None:
+            units.append([index])
+            continue
+        key = base_key(raw)
+        pack = open_packs.get(key)
+        if pack is None or len(pack) >= size:
+            pack = open_packs[key] = []
+            units.append(pack)
+        pack.append(index)
+    return units
+
+
+def why_alone(raw: dict) -> Optional[str]:
+    """Why a job trains alone (:func:`unpackable`, or a config that does not validate: it fails as its own job)."""
+    try:
+        cfg = validate({**raw}, for_training=True)
+    except ConfigError:
+        return "its config does not validate"
+    return unpackable(cfg)
+
+
+def write_pack(path: Path, members: Sequence[tuple[int, dict, dict[str, str]]]) -> Path:
+    """The member file of a pack job: each member's number, resolved config and own environment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"number": n, "raw": raw, "env": env} for n, raw, env in members], default=str))
+    return path
+
+
+def read_pack(path: str) -> list[dict[str, Any]]:
+    return json.loads(Path(path).read_text())
