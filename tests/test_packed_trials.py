@@ -111,7 +111,7 @@ def test_unpackable_names_why():
 
 def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, mlflow_store):
     """``hydra.sweeper.pack=3`` over a grid of 4 SFT jobs: one pack of 3 and one job alone, as subprocesses."""
-    from tests.test_sweeps import runs, sweep, split_runs
+    from tests.test_sweeps import runs, split_runs, sweep
 
     args = [
         "--multirun",
