@@ -140,3 +140,46 @@ def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, 
     ]
     assert len({c.data.tags["output_dir"] for c in children}) == 4
     assert parents[0].data.metrics["jobs_finished"] == 4
+
+
+@pytest.mark.slow  # ~1 min: an Optuna study in packs of 2, pruning (the median of the trials completed before)
+def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
+    import optuna
+
+    from tests.test_sweeps import split_runs, sweep
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [
+        "--multirun",
+        "hydra/sweeper=lora_optuna",
+        "hydra/sweeper/pruner=median",
+        "hydra.sweeper.pruner.n_startup_trials=0",
+        "hydra.sweeper.sampler.seed=0",
+        "hydra.sweeper.sampler.constant_liar=true",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.pack=2",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=packed",
+        "lora.r=choice(2,4,8,16)",
+        "train.learning_rate=interval(1e-5,1e-1)",
+        *COMMON[:4],
+        "train.max_steps=6",
+        "train.eval_strategy=steps",
+        "train.eval_steps=2",
+        "tracking.log_adapter=false",
+    ]
+    result = sweep(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = optuna.load_study(study_name="packed", storage=storage).trials
+    states = sorted(t.state.name for t in trials)
+    assert len(trials) == 6 and "PRUNED" in states and "COMPLETE" in states, states
+    _, children = split_runs(mlflow_store)
+    assert len(children) == 6 and {c.data.tags["pack_size"] for c in children} == {"2"}
+    by_trial = {int(c.data.tags["optuna_trial"]): c for c in children}
+    for trial in trials:
+        run_ = by_trial[trial.number]
+        if trial.state.name == "PRUNED":
+            assert run_.info.status == "KILLED" and run_.data.tags["status"] == "PRUNED"
+        else:
+            assert run_.info.status == "FINISHED"
+            assert run_.data.metrics["objective"] == pytest.approx(trial.value)

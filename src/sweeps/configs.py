@@ -58,6 +58,9 @@ class OptunaSweeperConf(JobConf):
     params: Optional[dict[str, str]] = None  # search space, in Hydra's override grammar: choice(...), interval(...)
     derived: Optional[dict[str, str]] = None  # keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}
     max_failure_rate: float = 0.5  # stop once more than this fraction of n_trials has failed
+    # Up to this many trials of one base train at once on one GPU (src/fast/pack.py); asks n_jobs x pack trials at a
+    # time: with TPE, hydra/sweeper/sampler=tpe hydra.sweeper.sampler.constant_liar=true spreads them.
+    pack: int = 1
     # Several workers on one study (RDB storage only): each RUNNING trial beats every heartbeat_interval
     # seconds; one silent for grace_period (null: 2 x interval) is failed and retried by another worker.
     heartbeat_interval: Optional[int] = None
@@ -65,7 +68,8 @@ class OptunaSweeperConf(JobConf):
 
 
 SAMPLERS = {
-    "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": None},
+    # constant_liar: trials asked together (n_jobs, pack) are spread apart, each in flight counted as a bad value
+    "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": None, "constant_liar": False},
     "random": {"_target_": "optuna.samplers.RandomSampler", "seed": None},
     "nsgaii": {"_target_": "optuna.samplers.NSGAIISampler", "seed": None},
 }

@@ -49,7 +49,8 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
-from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome
+from src.sweeps import packs as packs_mod
+from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
 from src.sweeps.record import (
     SweepFailed,
@@ -310,7 +311,11 @@ class OptunaSweeper(Sweeper):
         grace_period: Optional[int] = None,
         isolate: bool = True,
         feasibility: Any = None,
+        pack: int = 1,
     ):
+        if pack < 1:
+            raise SweepFailed(f"hydra.sweeper.pack must be >= 1, got {pack}")
+        self.pack = pack
         self.sampler_conf, self.pruner_conf = sampler, pruner
         self.n_trials, self.n_jobs = n_trials, n_jobs
         self.direction, self.directions = direction, directions
@@ -525,9 +530,13 @@ class OptunaSweeper(Sweeper):
                         break  # the sweeps running the rest finish them
                     time.sleep(WAIT_POLL_S)  # wait for the others: one of them may die and need a retry
                     continue
-                pending, exhausted = self.ask(study, space, min(size, free))
+                pending, exhausted = self.ask(study, space, min(size * self.pack, free))
                 pending = self.within_budget(study, pending)
                 if not pending:
+                    continue
+                if self.pack > 1:
+                    self._launch_packs(study, pending, fixed, variables, record, gpus, best_name)
+                    pending = []
                     continue
                 overrides = []
                 for trial, gpu in zip(pending, assign_gpus(len(pending), gpus, [processes] * len(pending))):
@@ -578,6 +587,48 @@ class OptunaSweeper(Sweeper):
         if record.failed() or stopped:
             raise SweepFailed(record.failure_message(stopped))
         return study
+
+    def _launch_packs(self, study, pending: list, fixed: list, variables: set, record, gpus, best_name: str) -> None:
+        """The asked trials as packs of one base (``hydra.sweeper.pack``), each launched as one job on the first
+        GPU (a trial that cannot be packed alone); each trial is told its own outcome."""
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        loader = self.hydra_context.config_loader
+        jobs = [fixed + trial_overrides(t.params, variables, self.derived) for t in pending]
+        raws = []
+        for i, (trial, job) in enumerate(zip(pending, jobs)):
+            trial.set_user_attr("overrides", job)
+            try:
+                raws.append(packs_mod.member_config(loader, self.config, job, self.job_idx + i))
+            except Exception:  # noqa: BLE001  it runs alone and fails with Hydra's own error
+                raws.append(None)
+        envs = [{STORAGE_ENV: self.storage, STUDY_ENV: record.sweep_id, TRIAL_ENV: str(t.number)} for t in pending]
+        (gpu,) = assign_gpus(1, gpus)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        for unit in packs_mod.group(raws, self.pack):
+            first = unit[0]
+            env = {**record.job_env(), **envs[first], "CUDA_VISIBLE_DEVICES": gpu, packs_mod.PACK_ENV: ""}
+            if len(unit) > 1:
+                path = sweep_dir / "packs" / f"pack-{self.job_idx + first}.json"
+                packs_mod.write_pack(path, [(self.job_idx + i, raws[i], envs[i]) for i in unit])
+                env[packs_mod.PACK_ENV] = str(path.absolute())
+            for i in unit:
+                record.starting(pending[i].number, jobs[i][len(fixed) :], gpu)
+            with ExitStack() as beating:
+                for i in unit:
+                    beating.enter_context(get_heartbeat_thread(pending[i]._trial_id, study._storage))
+                results = self.launcher.launch([jobs[first] + env_overrides(env)], initial_job_idx=self.job_idx + first)
+            shown = [jobs[i][len(fixed) :] for i in unit]
+            numbers = [pending[i].number for i in unit]
+            if len(unit) > 1:
+                outcomes = pack_outcomes(numbers, shown, results[0])
+            else:
+                outcomes = [job_outcome(numbers[0], shown[0], results[0])]
+            for i, outcome in zip(unit, outcomes):
+                outcome = self.tell(study, pending[i], outcome)
+                done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+                record.add(outcome, done, lambda: best_text(study, best_name))
+        self.job_idx += len(pending)
 
     def ask(self, study, space: dict, want: int) -> tuple[list, bool]:
         """Up to ``want`` new trials whose params were never tried (or are in flight); True if exhausted."""
