@@ -356,7 +356,7 @@ def build_trainer(
     )
     multilabel = data.task == "multilabel"
     attention = packing_attention(model) if cfg.train.fast_path else None
-    if attention is not None:  # a decoder: several examples per row, each pooled at its last token
+    if attention is not None:  # a decoder or BERT: several examples per row, each pooled at its own token
         args, micro = plan_fast_classifier(cfg, model, args, attention)
         args.include_num_input_tokens_seen = "all"  # a packed row has no padding
         common.update(args=args, data_collator=PackedClassificationCollator(multilabel))

@@ -174,3 +174,129 @@ def test_with_a_memory_budget_the_packed_run_is_replanned_and_trains_as_the_padd
         metrics[fast] = newest.data.metrics
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-4)
     assert "fast_path_est_peak_gpu_mem_gb" in metrics[True] and "fast_path_est_peak_gpu_mem_gb" not in metrics[False]
+
+
+def _bert(num_labels: int, multilabel: bool, dropout: float = 0.0):
+    """A 2-layer BERT classifier with seed 001's LoRA (every linear layer but the head, pooler too; biases train)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=200,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=num_labels,
+        problem_type="multi_label_classification" if multilabel else "single_label_classification",
+    )
+    lora = validate(compose_config(["lora=all_but_head", "lora.dropout=0.0", "lora.bias=all"])).lora
+    model = modeling.apply_lora(BertForSequenceClassification(config), lora, "classification")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    return model
+
+
+def _bert_features(labels: list) -> list[dict]:
+    generator = torch.Generator().manual_seed(2)
+    lengths = [3, 41, 7, 1, 25, 12]  # [CLS]-only up to 41 tokens in one row
+    return [
+        {"input_ids": torch.randint(5, 200, (n,), generator=generator).tolist(), "label": y}
+        for n, y in zip(lengths, labels)
+    ]
+
+
+@pytest.mark.parametrize(("num_labels", "multilabel", "weights"), [(5, False, None), (3, True, [2.0, 0.5, 1.0])])
+def test_packed_and_padded_bert_agree_on_logits_loss_and_lora_gradients(num_labels, multilabel, weights):
+    """BERT packed: bidirectional attention within each example, pooled at its own [CLS] through the pooler."""
+    padded_model = _bert(num_labels, multilabel)
+    packed_model = copy.deepcopy(padded_model)
+    attention = packing_attention(packed_model)
+    assert attention == "bidirectional"
+    generator = torch.Generator().manual_seed(1)
+    if multilabel:
+        labels = torch.randint(0, 2, (6, num_labels), generator=generator).tolist()
+    else:
+        labels = torch.randint(0, num_labels, (6,), generator=generator).tolist()
+    features = _bert_features(labels)
+    weight_tensor = None if weights is None else torch.tensor(weights)
+
+    ids = [torch.tensor(f["input_ids"]) for f in features]
+    input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=0)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
+    target = torch.tensor(labels, dtype=torch.float32 if multilabel else torch.long)
+    padded_logits = padded_model(input_ids=input_ids, attention_mask=mask).logits
+    padded_loss = classification_loss(padded_logits, target, weight_tensor, multilabel)
+    padded_loss.backward()
+
+    batch = PackedClassificationCollator(multilabel)(features)
+    assert batch["input_ids"].shape == (1, int(mask.sum()))  # no padding
+    logits = packed_logits(
+        packed_model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention, batch["bounds"]
+    )
+    loss = classification_loss(logits, batch["labels"], weight_tensor, multilabel)
+    loss.backward()
+
+    torch.testing.assert_close(logits, padded_logits, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(loss, padded_loss, atol=TOL, rtol=TOL)
+    expected, got = _grads(padded_model), _grads(packed_model)
+    assert set(got) == set(expected)
+    assert any("pooler.dense.lora_A" in n for n in got) and any("classifier" in n for n in got)
+    assert any(n.endswith("attention.self.query.base_layer.bias") for n in got)  # bias=all: every bias trains
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=TOL, rtol=1e-4, msg=name)
+
+
+def test_a_bert_example_never_attends_to_another_and_keeps_its_attention_dropout():
+    model = _bert(3, False, dropout=0.1)
+    attention = packing_attention(model)
+    collate = PackedClassificationCollator(False)
+    features = _bert_features([0] * 6)
+
+    def logits(rows):
+        batch = collate(rows)
+        return packed_logits(model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
+
+    model.eval()
+    with torch.no_grad():
+        first = logits(features)
+        other = logits([{"input_ids": list(range(10, 40)), "label": 0}, *features[1:]])
+    torch.testing.assert_close(first[1:], other[1:], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(first[0], other[0])
+    model.train()  # BERT's dropout (attention probabilities too) applies in training, as on the padded path
+    torch.manual_seed(3)
+    with torch.no_grad():
+        trained = [logits(features), logits(features)]
+    assert not torch.allclose(trained[0], trained[1]) and not torch.allclose(trained[0], first)
+    attention_only = copy.deepcopy(model)  # with the attention-probability dropout alone, two passes still differ
+    for name, module in attention_only.named_modules():
+        if isinstance(module, torch.nn.Dropout) and not name.endswith("attention.self.dropout"):
+            module.p = 0.0
+    batch = collate(features)
+    with torch.no_grad():
+        twice = [
+            packed_logits(attention_only, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
+            for _ in range(2)
+        ]
+    assert not torch.allclose(twice[0], twice[1])
+
+
+def test_a_sweeps_memory_cap_reaches_a_packed_bert_as_its_budget(tmp_path):
+    """BERT plans its own micro-batches as the decoders do: a sweep's feasibility check hands it the free memory as
+    train.memory_budget_gb instead of shrinking its batch (which the packed classifier would plan back up)."""
+    from transformers import BertConfig
+
+    from src.sweeps.configs import FeasibilityConf
+    from src.sweeps.job import check_feasibility
+
+    BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128).save_pretrained(
+        tmp_path / "bert"
+    )
+    raw = compose_config(["model=bert_large", f"model.name_or_path={tmp_path / 'bert'}", "data=driver_intents"])
+    budgeted, budgeted_cfg, note = check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 0.5))
+    assert budgeted["train"]["memory_budget_gb"] == 0.5 and budgeted_cfg.train.memory_budget_gb == 0.5
+    assert budgeted["train"]["per_device_train_batch_size"] == raw["train"]["per_device_train_batch_size"]

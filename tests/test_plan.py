@@ -295,3 +295,21 @@ def test_fast_path_sft_under_a_quantized_base_has_a_bf16_residual_stream(openlla
     assert widths("quant=8bit", "train=gpu") == P.Widths(residual=2, matmul=2)
     assert widths("quant=4bit", "train=gpu", "train.fast_path=false") == P.Widths(residual=4, matmul=2)  # seeds'
     assert widths("quant=none", "train=gpu") == P.Widths(residual=2, matmul=2)  # model.dtype bf16
+
+
+def test_which_configs_plan_their_own_micro_batches(openllama_dir, tmp_path):
+    from transformers import BertConfig, RobertaConfig
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    BertConfig(**small).save_pretrained(tmp_path / "bert")
+    RobertaConfig(**small).save_pretrained(tmp_path / "roberta")
+
+    def packs(*overrides):
+        return P.plans_own_micro_batches(validate(P.compose([*overrides, "train=gpu"])))
+
+    decoder = ["model=openllama3b", f"model.name_or_path={openllama_dir}"]
+    assert packs(*decoder, "data=red_dot") and packs(*decoder, "data=topics")
+    assert not packs(*decoder, "data=topics", "train.fast_path=false")
+    assert packs("model=bert_large", f"model.name_or_path={tmp_path / 'bert'}", "data=topics")
+    assert not packs("model=bert_large", f"model.name_or_path={tmp_path / 'roberta'}", "data=topics")  # stays padded
+    assert not packs("model=bert_large", f"model.name_or_path={tmp_path / 'absent'}", "data=topics")  # unreadable

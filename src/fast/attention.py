@@ -1,13 +1,15 @@
 """Attention over packed rows: transformers' block-causal mask, sdpa per example, or varlen flash attention.
 
-Registered with transformers' ``AttentionInterface`` under :data:`PACKED_ATTENTION` (sdpa per example) and
-:data:`VARLEN_ATTENTION` (one flash call per packed row, CUDA in bf16/fp16); :func:`mask_attention_gb` is what the
-block mask costs where sdpa falls back to its math kernel.
+Registered with transformers' ``AttentionInterface`` under :data:`PACKED_ATTENTION` (sdpa per example),
+:data:`VARLEN_ATTENTION` (one flash call per packed row, CUDA in bf16/fp16) and, for bidirectional encoders,
+:data:`ENCODER_ATTENTION` (:func:`packed_encoder_attention`); :func:`mask_attention_gb` is what the block mask costs
+where sdpa falls back to its math kernel.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -123,7 +125,7 @@ def packed_varlen_attention(
 
 
 @torch.compiler.disable  # a compiled decoder layer calls the kernel as it is, shapes and all
-def _varlen_call(module, query, key, value, cu_seqlens, max_seqlen):
+def _varlen_call(module, query, key, value, cu_seqlens, max_seqlen, causal: bool = True, scale=None):
     import inspect
 
     varlen_attn = _varlen_attn()
@@ -133,7 +135,7 @@ def _varlen_call(module, query, key, value, cu_seqlens, max_seqlen):
     if pad:
         q, k, v = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v))
     params = inspect.signature(varlen_attn).parameters
-    extra: dict[str, Any] = {"scale": module.scaling}
+    extra: dict[str, Any] = {"scale": module.scaling if scale is None else scale}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             extra["enable_gqa"] = True
@@ -141,9 +143,9 @@ def _varlen_call(module, query, key, value, cu_seqlens, max_seqlen):
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if "window_size" in params:
-        extra["window_size"] = (-1, 0)
+        extra["window_size"] = (-1, 0) if causal else (-1, -1)
     else:  # torch 2.10/2.11
-        extra["is_causal"] = True
+        extra["is_causal"] = causal
     out = varlen_attn(
         q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra
     )
@@ -175,4 +177,92 @@ def use_varlen_attention(model) -> bool:
     AttentionInterface.register(VARLEN_ATTENTION, packed_varlen_attention)
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
     base.set_attn_implementation(VARLEN_ATTENTION)
+    return True
+
+
+ENCODER_ATTENTION = "sdpa_packed_encoder"
+
+
+@dataclass(frozen=True)
+class EncoderRow:
+    """A packed row of a bidirectional encoder's examples, and how to lay it out as a padded batch for attention.
+
+    ``gather`` picks, for each of ``examples x longest`` padded slots, its token of the row (or the row's end,
+    where a zero stands in for padding); ``scatter`` picks each token of the row back out of the padded slots;
+    ``key_mask`` ([examples, 1, 1, longest]) is True at the slots that hold a token. ``cu_seqlens`` and
+    ``max_seqlen`` are the offsets the varlen flash kernel takes.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    key_mask: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    examples: int
+
+    @classmethod
+    def from_bounds(cls, bounds: tuple[int, ...], device: torch.device) -> EncoderRow:
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        longest, tokens = max(lengths), bounds[-1]
+        slots = torch.arange(longest)
+        starts, sizes = torch.tensor(bounds[:-1]), torch.tensor(lengths)
+        valid = slots[None, :] < sizes[:, None]  # [examples, longest]
+        gather = torch.where(valid, starts[:, None] + slots[None, :], torch.tensor(tokens))
+        scatter = valid.flatten().nonzero().flatten()  # slot of each token, in row order
+        return cls(
+            gather=gather.flatten().to(device, non_blocking=True),
+            scatter=scatter.to(device, non_blocking=True),
+            key_mask=valid[:, None, None, :].to(device, non_blocking=True),
+            cu_seqlens=torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
+            max_seqlen=longest,
+            examples=len(lengths),
+        )
+
+    def attend(self, query, key, value, dropout: float, scale: Optional[float]) -> torch.Tensor:
+        """sdpa over the row's examples as one padded batch (padded keys masked): [1, H, T, D] -> [1, T, H, D]."""
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # [1, H, T, D] -> [examples, H, longest, D]
+            rows = torch.cat([t[0].transpose(0, 1), t.new_zeros(1, *t.shape[1:2], t.shape[-1])])  # [T + 1, H, D]
+            return rows[self.gather].view(self.examples, self.max_seqlen, *rows.shape[1:]).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            padded(query), padded(key), padded(value), attn_mask=self.key_mask, dropout_p=dropout, scale=scale
+        )
+        out = out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1])  # [examples x longest, H, D]
+        return out[self.scatter].unsqueeze(0)
+
+
+def packed_encoder_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, packed_row=None, **kwargs
+):
+    """Bidirectional attention within each example of a packed row (``packed_row``, an :class:`EncoderRow`).
+
+    Without dropout on CUDA in bf16/fp16: one non-causal varlen flash call (no padding at all). With attention
+    dropout (BERT's 0.1 in training; the flash varlen kernel has none), or on the CPU: sdpa over the row's
+    examples laid out as a padded batch for the attention alone, so the dropout is the padded path's; the
+    linear layers still run on the packed tokens only. Without ``packed_row`` (padded batches): transformers' sdpa.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_row is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if dropout == 0.0 and varlen_available(query.device) and query.dtype in HALF_DTYPES:
+        return _varlen_call(module, query, key, value, packed_row.cu_seqlens, packed_row.max_seqlen, False, scaling)
+    return packed_row.attend(query, key, value, dropout, scaling), None
+
+
+def use_encoder_attention(model) -> bool:
+    """Switch an sdpa encoder to :func:`packed_encoder_attention` (padded batches keep sdpa's masks); False if it is
+    not sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = base_model(model)
+    if base.config._attn_implementation not in ("sdpa", ENCODER_ATTENTION):
+        return False
+    AttentionInterface.register(ENCODER_ATTENTION, packed_encoder_attention)
+    AttentionMaskInterface.register(ENCODER_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(ENCODER_ATTENTION)
     return True

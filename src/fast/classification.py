@@ -8,7 +8,10 @@ own last token, as ``*ForSequenceClassification`` pools the last non-pad token o
 runs on the pooled states only. The losses are the padded path's (cross-entropy with class weights, BCE with
 ``pos_weight``). Training and evaluation both run packed; ``train.fast_path=false`` keeps the padded path.
 
-Encoders (BERT) are not packed: their attention is bidirectional, and the project's varlen path is causal.
+BERT is packed too: each example attends to all of itself and to nothing else (:func:`packed_encoder_attention`:
+one non-causal varlen flash call where there is no attention dropout, else the row's examples laid out as a padded
+batch for the attention alone, so that BERT's attention dropout stays), and it is pooled at its own first token
+([CLS]) through BERT's pooler. Other encoders stay padded.
 """
 
 from __future__ import annotations
@@ -89,8 +92,25 @@ def packed_logits(
     else:
         extra = {"packed_seq_bounds": tuple(bounds)}
     backbone, head = classifier_parts(model)
+    if attention == "bidirectional":
+        return _encoder_logits(model, backbone, head, input_ids, position_ids, bounds)
     hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).last_hidden_state
     return head(hidden[0, last_token.to(hidden.device)])
+
+
+def _encoder_logits(model, backbone, head, input_ids, position_ids, bounds: tuple[int, ...]) -> torch.Tensor:
+    """BERT over a packed row: each example pooled at its first token ([CLS]), as BertForSequenceClassification
+    pools ``hidden[:, 0]`` of a padded row (its pooler, dropout and head)."""
+    row = attention_mod.EncoderRow.from_bounds(bounds, input_ids.device)
+    hidden = backbone(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        token_type_ids=torch.zeros_like(input_ids),
+        packed_row=row,
+    ).last_hidden_state
+    first = torch.tensor(bounds[:-1]).to(hidden.device, non_blocking=True)
+    pooled = backbone.pooler(hidden[0, first].unsqueeze(1))
+    return head(base_model(model).dropout(pooled))
 
 
 class PackedClassificationTrainer(Trainer):
@@ -165,9 +185,12 @@ def plan_fast_classifier(cfg, model, args, attention: str):
 
 def packing_attention(model) -> Optional[str]:
     """Switch the model's attention to a packed-row kernel and name it: ``varlen`` on a GPU (one flash call per
-    row in bf16/fp16; in fp32 it runs per-example sdpa itself), else ``bounds`` (per-example sdpa); None where
-    the model cannot be packed (an encoder, or an attention other than sdpa)."""
+    row in bf16/fp16; in fp32 it runs per-example sdpa itself), else ``bounds`` (per-example sdpa); for BERT,
+    ``bidirectional`` (:func:`packed_encoder_attention`); None where the model cannot be packed (another encoder,
+    or an attention other than sdpa)."""
     classifier = base_model(model)
+    if classifier.config.model_type in PACKED_ENCODER_TYPES:
+        return "bidirectional" if attention_mod.use_encoder_attention(model) else None
     if classifier.config.model_type in ENCODER_TYPES:
         return None
     device = next(classifier.parameters()).device
@@ -176,5 +199,7 @@ def packing_attention(model) -> Optional[str]:
     return "bounds" if attention_mod.use_packed_attention(model) else None
 
 
-# Bidirectional attention: packing them needs a non-causal varlen kernel (issue 16's encoder part, not done).
+# Bidirectional attention: packed where the pooling and head are BertForSequenceClassification's (pooler on the
+# first token, dropout, linear head); the others pool or embed differently and stay padded.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "modernbert"}
+PACKED_ENCODER_TYPES = {"bert"}

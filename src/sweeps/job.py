@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from src import console, distributed, tracking
 from src.config import Config, ConfigError
-from src.plan import PlanError, plan
+from src.plan import PlanError, plan, plans_own_micro_batches
 from src.sweeps.configs import FeasibilityConf
 from src.sweeps.outcomes import JobFailed, JobSkipped, quote
 from src.sweeps.trial import STUDY_ENV, TRIAL_ENV
@@ -527,8 +527,8 @@ def check_feasibility(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> t
     if available is None:
         return raw, cfg, None
 
-    if cfg.train.fast_path and (cfg.data.task == "sft" or cfg.model.architecture == "decoder"):
-        # The packed fast path (SFT, and decoder classifiers) sizes its own micro-batches and checkpointing to
+    if plans_own_micro_batches(cfg):
+        # The packed fast path (SFT, decoder classifiers, BERT) sizes its own micro-batches and checkpointing to
         # train.memory_budget_gb (src/fast/budget.py); its default is 90% of the card, whatever other processes
         # hold: give it what is free.
         budget = cfg.train.memory_budget_gb
