@@ -463,6 +463,30 @@ def plan(cfg: Config) -> dict[str, Any]:
     }
 
 
+PACK_SHARED = ("weights", "overhead")  # what the trials of a pack share; the rest of a breakdown is per trial
+
+
+def pack_estimate_gb(breakdowns: list[dict[str, float]]) -> float:
+    """A pack's peak-memory estimate (``hydra.sweeper.pack``, :mod:`src.fast.pack`) from its trials' breakdowns
+    (:func:`plan`'s ``est_mem_breakdown_gb``): the base's weights and overhead once, and every trial's adapter
+    states, activations and logits."""
+    shared = max(sum(b[k] for k in PACK_SHARED) for b in breakdowns)
+    return shared + sum(v for b in breakdowns for k, v in b.items() if k not in PACK_SHARED)
+
+
+def plan_pack(cfgs: list[Config]) -> dict[str, Any]:
+    """Each trial's plan and the pack's: one base plus K adapters, their optimizer states and activations."""
+    trials = [plan(cfg) for cfg in cfgs]
+    peak = pack_estimate_gb([t["est_mem_breakdown_gb"] for t in trials])
+    return {
+        "trials": trials,
+        "pack_size": len(trials),
+        "est_peak_gpu_mem_gb": round(peak, 3),
+        "est_gpu_mem_needed_gb": round(gpu_mem_needed_gb(peak), 3),
+        "est_solo_sum_gb": round(sum(t["est_peak_gpu_mem_gb"] for t in trials), 3),
+    }
+
+
 def _lora_row(result: dict[str, Any]) -> str:
     if result["lora_preset"] == "none":
         return "none: full fine-tuning (every weight trains)"
@@ -495,6 +519,34 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _main_pack(args) -> int:
+    """``--pack``: each trial's table, then the pack's estimate and its JSON line."""
+    import shlex
+
+    from hydra.errors import HydraException
+
+    def body() -> None:
+        try:
+            cfgs = [
+                with_label_set(validate(compose([*args.overrides, *shlex.split(t)], args.config_dir, args.config_name)))
+                for t in args.pack
+            ]
+        except HydraException as exc:
+            raise PlanError(str(exc)) from exc
+        result = plan_pack(cfgs)
+        for trial, single in zip(args.pack, result["trials"]):
+            print(f"--- trial: {trial}")
+            print(format_table(single))
+        print(
+            f"--- pack of {result['pack_size']}: est. peak GPU mem {result['est_peak_gpu_mem_gb']:.2f} GiB, the base "
+            f"once ({result['est_solo_sum_gb']:.2f} GiB as {result['pack_size']} runs at once); "
+            f"{result['est_gpu_mem_needed_gb']:.2f} GiB needed"
+        )
+        print(json.dumps({k: v for k, v in result.items() if k != "trials"}))
+
+    return run_cli(body)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m src.plan", description="Parameter counts and a peak GPU memory estimate for a config."
@@ -502,7 +554,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("-cd", "--config-dir", type=Path, default=CONF_DIR, help="Hydra config directory.")
     parser.add_argument("-cn", "--config-name", default="config", help="Hydra config name.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for src.train.")
+    parser.add_argument(
+        "--pack",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help="plan a pack (hydra.sweeper.pack): one trial per --pack, its overrides (quoted) after the common ones; "
+        "the base counts once",
+    )
     args = parser.parse_args(argv)
+    if args.pack:
+        return _main_pack(args)
     from hydra.errors import HydraException
 
     from src.console import quiet_libraries

@@ -183,3 +183,25 @@ def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
         else:
             assert run_.info.status == "FINISHED"
             assert run_.data.metrics["objective"] == pytest.approx(trial.value)
+
+
+def test_a_pack_that_does_not_fit_is_split():
+    """The pack's estimate at its least (src.plan: the base once) against a forced free memory."""
+    from src.plan import pack_estimate_gb, plan
+    from src.sweeps.configs import FeasibilityConf
+    from src.sweeps.job import fit_pack
+
+    def cfg(overrides):
+        raw = compose_config(["data=instructions", "train.per_device_train_batch_size=1", *overrides])
+        raw["train"]["activation_checkpointing"] = True  # the least the check plans for
+        raw["output_dir"] = "unused"
+        return validate(raw, for_training=True)
+
+    cfgs = [cfg(["lora=attn_qv"]), cfg(["lora=all_linear"]), cfg(["lora=attn_qv", "lora.r=16"])]
+    least = [plan(c)["est_mem_breakdown_gb"] for c in cfgs]
+    two, three = pack_estimate_gb(least[:2]), pack_estimate_gb(least)
+    assert two < three
+    assert fit_pack(cfgs, FeasibilityConf(mode="off")) == [[0, 1, 2]]
+    assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=1000.0)) == [[0, 1, 2]]
+    assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=(two + three) / 2)) == [[0, 1], [2]]
+    assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=0.001)) == [[0], [1], [2]]

@@ -297,6 +297,41 @@ def test_fast_path_sft_under_a_quantized_base_has_a_bf16_residual_stream(openlla
     assert widths("quant=none", "train=gpu") == P.Widths(residual=2, matmul=2)  # model.dtype bf16
 
 
+def test_a_packed_decoder_classifier_has_a_bf16_residual_stream_and_an_encoder_does_not(openllama_dir, tmp_path):
+    from transformers import BertConfig
+
+    from src.plan import activation_widths, compose
+
+    def widths(*overrides):
+        return activation_widths(validate(compose([*overrides, "data=topics", "quant=4bit", "train=gpu"])))
+
+    decoder = ["model=openllama3b", f"model.name_or_path={openllama_dir}"]
+    assert widths(*decoder) == P.Widths(residual=2, matmul=2)  # packed: its frozen weights cast to bf16
+    assert widths(*decoder, "train.fast_path=false") == P.Widths(residual=4, matmul=2)  # padded: fp32 norms
+    BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128).save_pretrained(
+        tmp_path / "bert"
+    )
+    # BERT packs too, but autocast runs its LayerNorm (the end of every residual add) in fp32
+    assert widths("model=bert_large", f"model.name_or_path={tmp_path / 'bert'}") == P.Widths(residual=4, matmul=2)
+
+
+def test_a_packed_micro_batch_is_planned_for_its_tokens(openllama_dir):
+    cfg = validate(P.compose(openllama(openllama_dir, "data=topics", "quant=4bit", "train=gpu")))
+    padded = P.plan(cfg)  # 8 x model.max_length (512) tokens
+    packed = P.plan(cfg, tokens_per_micro_batch=8 * 66)  # 8 sentences of SST-2's ~66 tokens
+    one_row = P.plan(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=8 * 66)))
+    activations = {k: r["est_mem_breakdown_gb"]["activations"] for k, r in (("padded", padded), ("packed", packed))}
+    assert packed["tokens_per_micro_batch"] == 528 and padded["tokens_per_micro_batch"] is None
+    # the same as 8 rows of 66 tokens: activations scale with the tokens, the rest stays
+    assert packed["est_mem_breakdown_gb"]["activations"] == pytest.approx(
+        one_row["est_mem_breakdown_gb"]["activations"] / 8, rel=1e-3
+    )
+    assert activations["packed"] == pytest.approx(activations["padded"] * 528 / 4096, rel=1e-3)
+    for part in ("weights", "trainable_states"):
+        assert packed["est_mem_breakdown_gb"][part] == padded["est_mem_breakdown_gb"][part]
+    assert packed["trainable_params"] == padded["trainable_params"]
+
+
 def test_which_configs_plan_their_own_micro_batches(openllama_dir, tmp_path):
     from transformers import BertConfig, RobertaConfig
 
@@ -313,3 +348,34 @@ def test_which_configs_plan_their_own_micro_batches(openllama_dir, tmp_path):
     assert packs("model=bert_large", f"model.name_or_path={tmp_path / 'bert'}", "data=topics")
     assert not packs("model=bert_large", f"model.name_or_path={tmp_path / 'roberta'}", "data=topics")  # stays padded
     assert not packs("model=bert_large", f"model.name_or_path={tmp_path / 'absent'}", "data=topics")  # unreadable
+
+
+def test_largest_micro_batch_tokens_bounds_every_micro_batch():
+    import random
+
+    from src.fast.budget import largest_micro_batch_tokens
+
+    lengths = [5, 60, 12, 33, 7, 60, 2]
+    tokens = largest_micro_batch_tokens(lengths)
+    assert [tokens(n) for n in (1, 2, 3, 7, 50)] == [60, 120, 153, 179, 179]
+    rng = random.Random(0)
+    for _ in range(50):  # whatever the order, no micro-batch of n holds more
+        order = rng.sample(lengths, len(lengths))
+        for n in (1, 2, 3):
+            assert max(sum(order[i : i + n]) for i in range(0, len(order), n)) <= tokens(n)
+
+
+def test_a_pack_plans_the_base_once_and_every_trial_s_adapter(openllama_dir, capsys):
+    """``src.plan --pack``: W3B 4-bit with q,v r=8 and all linear r=16 as one pack: the base's weights once."""
+    common = openllama(openllama_dir, "quant=4bit", "train=gpu")
+    trials = ["lora=attn_qv lora.r=8", "lora=all_linear lora.r=16"]
+    assert P.main([*common, *(arg for t in trials for arg in ("--pack", t))]) == 0
+    pack = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    solo = [plan_for([*common, *t.split()]) for t in trials]
+    shared = [s["est_mem_breakdown_gb"]["weights"] + s["est_mem_breakdown_gb"]["overhead"] for s in solo]
+    assert shared[0] == pytest.approx(shared[1])  # the same base
+    expected = sum(s["est_peak_gpu_mem_gb"] for s in solo) - shared[0]
+    assert pack["pack_size"] == 2
+    assert pack["est_peak_gpu_mem_gb"] == pytest.approx(expected, abs=2e-3)
+    assert pack["est_solo_sum_gb"] == pytest.approx(sum(s["est_peak_gpu_mem_gb"] for s in solo), abs=2e-3)
+    assert pack["est_peak_gpu_mem_gb"] < pack["est_solo_sum_gb"] - 1.5  # a 4-bit W3B base is ~2 GiB

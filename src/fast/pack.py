@@ -327,15 +327,11 @@ def split_budget(budget: Optional[float], shared_gb: float, trials: int) -> Opti
     return shared_gb + max(0.0, budget - shared_gb) / trials
 
 
-def pack_estimate_gb(breakdowns: Sequence[dict[str, float]]) -> float:
-    """A pack's peak-memory estimate from its trials' ``src.plan`` breakdowns: the base's weights and overhead
-    once, every trial's adapter states, activations and logits."""
-    shared = max(b["weights"] + b["overhead"] for b in breakdowns)
-    return shared + sum(b["trainable_states"] + b["activations"] + b["logits"] for b in breakdowns)
-
-
 def shared_gb(breakdown: dict[str, float]) -> float:
-    return breakdown["weights"] + breakdown["overhead"]
+    """What a trial's breakdown holds that the pack shares (the base's weights, the overhead)."""
+    from src.plan import PACK_SHARED
+
+    return sum(breakdown[k] for k in PACK_SHARED)
 
 
 def replace_train(cfg, **changes):
@@ -359,7 +355,7 @@ def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool) -> list[PackMember]:
     in bf16 under bf16 training, and its dequantized weights cached in the room the pack's estimate leaves."""
     from src.fast import budget as budget_mod
     from src.fast import weights
-    from src.plan import plan
+    from src.plan import pack_estimate_gb, plan
 
     model = pack.model
     first = cfgs[0]

@@ -381,6 +381,14 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
     KILLED). Memory: the feasibility check of the first job sets the budget the pack plans within."""
     import threading
 
+    groups = fit_pack([cfg for _, _, cfg, _ in valid], feasibility)
+    if len(groups) > 1:
+        sizes = ", ".join(str(len(g)) for g in groups)
+        print(f"feasibility: the pack of {len(valid)} does not fit; split into packs of {sizes}", file=sys.stderr)
+        results: list[dict[str, Any]] = []
+        for group in groups:
+            results += _run_pack([valid[i] for i in group], feasibility, pack_train)
+        return results
     first_raw, first_cfg = valid[0][1], valid[0][2]
     _, checked, note = check_feasibility(first_raw, first_cfg, feasibility)
     budget = checked.train.memory_budget_gb
@@ -391,7 +399,7 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
             cfg = replace(cfg, train=replace(cfg.train, memory_budget_gb=budget))
         jobs.append((raw, cfg, env))
     trains, shared = pack_train(jobs)
-    results: list[dict[str, Any]] = [{}] * len(jobs)
+    results = [{}] * len(jobs)
 
     def trial(index: int) -> None:
         raw, cfg, env = jobs[index]
@@ -425,6 +433,35 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return results
+
+
+def fit_pack(cfgs: list[Config], feasibility: FeasibilityConf) -> list[list[int]]:
+    """The pack's jobs (by index) as consecutive packs that each fit the GPU's free memory at their least (one example
+    per micro-batch, every layer checkpointed: ``src.plan``'s pack estimate, the base once); all as one where no GPU
+    is measured, the check is off, or the plan cannot be made. A job that does not fit even alone is a pack of one
+    (its run then reports the memory error)."""
+    from src.plan import pack_estimate_gb
+
+    available = feasibility.available_gpu_mem_gb if feasibility.mode != "off" else None
+    if available is None and feasibility.mode != "off":
+        available = free_gpu_mem_gb()
+    if available is None or len(cfgs) < 2:
+        return [list(range(len(cfgs)))]
+    try:
+        least = [
+            plan(replace(c, train=replace(c.train, per_device_train_batch_size=1, activation_checkpointing=True)))
+            for c in cfgs
+        ]
+    except PlanError as exc:
+        print(f"warning: feasibility check of the pack skipped: {exc}", file=sys.stderr)
+        return [list(range(len(cfgs)))]
+    groups: list[list[int]] = [[]]
+    for i, result in enumerate(least):
+        trial = [least[j]["est_mem_breakdown_gb"] for j in groups[-1]] + [result["est_mem_breakdown_gb"]]
+        if groups[-1] and pack_estimate_gb(trial) > available:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
 
 
 def _train_and_collect(raw: dict, cfg: Config, train: Train, note: Optional[str], env) -> dict[str, Any]:
