@@ -366,11 +366,14 @@ def activation_widths(cfg: Config) -> Widths:
     """The residual stream is fp32 under a 4/8-bit base (prepare_model_for_kbit_training upcasts
     norms and embeddings), else ``model.dtype``; matmuls give 2 bytes under bf16/fp16 autocast.
 
-    The fast SFT path trains a 4/8-bit base in bf16 with those weights cast back to bf16
-    (``src.fast.weights.cast_frozen_to_bf16``): its residual stream is 2 bytes wide."""
+    The fast paths of a decoder (SFT, and the packed classifier) train a 4/8-bit base in bf16 with those weights
+    cast back to bf16 (``src.fast.weights.cast_frozen_to_bf16``): its residual stream is 2 bytes wide. An encoder's
+    stays fp32 (autocast runs BERT's LayerNorm, which ends every residual add, in fp32)."""
     residual = 4 if cfg.quant.bits in (4, 8) else DTYPE_BYTES[cfg.model.dtype]
-    fast_sft = getattr(cfg.train, "fast_path", False) and cfg.data.task == "sft"
-    if fast_sft and cfg.train.bf16 and cfg.quant.bits in (4, 8):
+    fast_decoder = getattr(cfg.train, "fast_path", False) and (
+        cfg.data.task == "sft" or cfg.model.architecture == "decoder"
+    )
+    if fast_decoder and cfg.train.bf16 and cfg.quant.bits in (4, 8):
         residual = 2
     return Widths(residual=residual, matmul=2 if cfg.train.bf16 or cfg.train.fp16 else residual)
 
@@ -393,8 +396,13 @@ def plans_own_micro_batches(cfg: Config) -> bool:
     return model_config.model_type in PACKED_ENCODER_TYPES
 
 
-def plan(cfg: Config) -> dict[str, Any]:
-    """Exact parameter counts and the peak-memory estimate for a validated config (reads no data)."""
+def plan(cfg: Config, tokens_per_micro_batch: Optional[int] = None) -> dict[str, Any]:
+    """Exact parameter counts and the peak-memory estimate for a validated config (reads no data).
+
+    ``tokens_per_micro_batch``: size the activations for one packed row of that many tokens (a fast path's
+    micro-batch, from the data's lengths: :func:`src.fast.budget.largest_micro_batch_tokens`) instead of
+    ``per_device_train_batch_size`` rows of ``model.max_length``.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from src.modeling import apply_lora, base_model, count_params, is_full_fine_tuning, target_leaf_names
@@ -410,8 +418,8 @@ def plan(cfg: Config) -> dict[str, Any]:
         shape,
         lora_shape(model, cfg.lora.dropout),
         trainable,
-        batch_size=cfg.train.per_device_train_batch_size,
-        seq_len=cfg.model.max_length,
+        batch_size=cfg.train.per_device_train_batch_size if tokens_per_micro_batch is None else 1,
+        seq_len=cfg.model.max_length if tokens_per_micro_batch is None else tokens_per_micro_batch,
         bits=cfg.quant.bits,
         double_quant=cfg.quant.double_quant,
         weight_dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
@@ -452,6 +460,7 @@ def plan(cfg: Config) -> dict[str, Any]:
         "trainable_pct": 100.0 * trainable / total,
         "batch_size": cfg.train.per_device_train_batch_size,
         "seq_len": cfg.model.max_length,
+        "tokens_per_micro_batch": tokens_per_micro_batch,
         "optim": cfg.train.optim,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "fused_lm_head": cfg.data.task == "sft" and not fast_path,
@@ -504,6 +513,10 @@ def format_table(result: dict[str, Any]) -> str:
         ("trainable params", f"{result['trainable_params']:,} ({result['trainable_pct']:.3f}%)"),
         ("total params", f"{result['total_params']:,}"),
         ("batch x seq", f"{result['batch_size']} x {result['seq_len']} = {tokens:,} tokens"),
+    ]
+    if result.get("tokens_per_micro_batch") is not None:
+        rows.append(("packed micro-batch", f"{result['tokens_per_micro_batch']:,} tokens (sized for these)"))
+    rows += [
         ("optimizer", f"{result['optim']} ({optimizer_state_bytes(result['optim'])} bytes state/param)"),
         ("activation ckpt", ckpt),
     ]

@@ -357,7 +357,8 @@ def build_trainer(
     multilabel = data.task == "multilabel"
     attention = packing_attention(model) if cfg.train.fast_path else None
     if attention is not None:  # a decoder or BERT: several examples per row, each pooled at its own token
-        args, micro = plan_fast_classifier(cfg, model, args, attention)
+        lengths = [len(ids) for ids in train_ds["input_ids"]]  # the plan sizes micro-batches by their tokens
+        args, micro = plan_fast_classifier(cfg, model, args, attention, lengths)
         args.include_num_input_tokens_seen = "all"  # a packed row has no padding
         common.update(args=args, data_collator=PackedClassificationCollator(multilabel))
         if micro is not None:

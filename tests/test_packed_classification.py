@@ -285,6 +285,32 @@ def test_a_bert_example_never_attends_to_another_and_keeps_its_attention_dropout
     assert not torch.allclose(twice[0], twice[1])
 
 
+def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
+    """With a budget, a micro-batch of n examples is planned for the n longest examples together, not for
+    n x model.max_length tokens."""
+    import dataclasses
+
+    from src import plan as P
+    from src.fast import budget as fast_budget
+    from src.fast.classification import plan_fast_classifier
+    from src.training import training_arguments
+
+    cfg = validate(compose_config(["train.memory_budget_gb=8", "model.max_length=512"]))
+    model = _model(tiny_model_dir, 3, False)
+    args = training_arguments(cfg.train, "unused", "classification", cfg.model.max_length)
+    lengths = [5, 60, 12, 33, 7, 60, 2, 18, 40, 9, 11]
+    per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    args, micro = plan_fast_classifier(cfg, model, args, packing_attention(model), lengths)
+    assert (micro.micro_batch_size, micro.gradient_accumulation_steps, micro.checkpointed_layers) == (per_step, 1, 0)
+    sized = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, optim=fast_budget.fast_optimizer(cfg.train.optim))
+    )
+    top = sum(sorted(lengths, reverse=True)[:per_step])
+    assert micro.est_peak_gpu_mem_gb == P.plan(sized, tokens_per_micro_batch=top)["est_peak_gpu_mem_gb"]
+    _, unsized = plan_fast_classifier(cfg, _model(tiny_model_dir, 3, False), args, packing_attention(model))
+    assert unsized.est_peak_gpu_mem_gb == P.plan(sized)["est_peak_gpu_mem_gb"] > micro.est_peak_gpu_mem_gb
+
+
 def test_a_sweeps_memory_cap_reaches_a_packed_bert_as_its_budget(tmp_path):
     """BERT plans its own micro-batches as the decoders do: a sweep's feasibility check hands it the free memory as
     train.memory_budget_gb instead of shrinking its batch (which the packed classifier would plan back up)."""

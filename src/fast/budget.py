@@ -8,8 +8,9 @@ checkpointing only for as many decoder layers as memory needs (:func:`plan_micro
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -108,9 +109,12 @@ def plan_micro_batches(
     )
 
 
-def plan_step(cfg, model) -> tuple[Optional[float], MicroBatchPlan]:
+def plan_step(cfg, model, tokens: Optional[Callable[[int], int]] = None) -> tuple[Optional[float], MicroBatchPlan]:
     """A fast path's step under the run's memory budget (``train.memory_budget_gb``, else 90% of the GPU; less the
-    planner's margin): the budget, or None where there is none (a CPU), and the micro-batch plan for it."""
+    planner's margin): the budget, or None where there is none (a CPU), and the micro-batch plan for it.
+
+    ``tokens(micro_batch_size)``: the most tokens a packed micro-batch of that many examples holds
+    (:func:`largest_micro_batch_tokens` of the training data); None: ``model.max_length`` an example."""
     budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else default_budget_gb()
     if budget is not None:
         budget *= PLAN_MARGIN  # the plan may fall short of the measured peak by this much
@@ -118,7 +122,7 @@ def plan_step(cfg, model) -> tuple[Optional[float], MicroBatchPlan]:
     num_layers = len(decoder_layers(model))
     if budget is None:
         return None, plan_micro_batches(examples_per_step, num_layers, None, lambda size, ckpt: 0.0)
-    estimate, _ = plan_estimator(cfg)  # batches of model.max_length tokens: an upper bound when packed
+    estimate, _ = plan_estimator(cfg, tokens)
     return budget, plan_micro_batches(examples_per_step, num_layers, budget, estimate)
 
 
@@ -134,11 +138,19 @@ def fast_optimizer(optim: str) -> str:
     return FUSED_ADAMW if optim in ADAMW_VARIANTS and torch.cuda.is_available() else optim
 
 
-def plan_estimator(cfg) -> tuple[Callable[[int, bool], float], int]:
+def largest_micro_batch_tokens(lengths: Sequence[int]) -> Callable[[int], int]:
+    """``tokens(n)``: the tokens of the ``n`` longest examples together, which no packed micro-batch of ``n`` of
+    these examples exceeds (the bound the plan sizes activations for; the data's order does not matter)."""
+    prefix = [0, *itertools.accumulate(sorted(lengths, reverse=True))]
+    return lambda n: prefix[min(n, len(prefix) - 1)]
+
+
+def plan_estimator(cfg, tokens: Optional[Callable[[int], int]] = None) -> tuple[Callable[[int, bool], float], int]:
     """``src.plan``'s peak-memory estimate as ``estimate(micro_batch_size, checkpoint_all)``, and the layer count.
 
-    A micro-batch of n examples is estimated as n rows of ``model.max_length`` tokens: packed
-    rows hold at most that many tokens, so the estimate is an upper bound.
+    A micro-batch of n examples is estimated as one packed row of ``tokens(n)`` tokens, or, without ``tokens``,
+    as n rows of ``model.max_length`` tokens: packed rows hold at most that many, so both are upper bounds. Short
+    texts make the second a loose one (SST-2 packs about 66 tokens an example, not 512).
     """
     cache: dict[tuple[int, bool], dict[str, Any]] = {}
 
@@ -150,7 +162,8 @@ def plan_estimator(cfg) -> tuple[Callable[[int, bool], float], int]:
                 activation_checkpointing=ckpt,
                 optim=fast_optimizer(cfg.train.optim),
             )
-            cache[size, ckpt] = plan(dataclasses.replace(cfg, train=train))
+            packed = None if tokens is None else max(1, tokens(size))
+            cache[size, ckpt] = plan(dataclasses.replace(cfg, train=train), tokens_per_micro_batch=packed)
         return cache[size, ckpt]
 
     num_layers = run(1, False)["model_shape"]["num_layers"]

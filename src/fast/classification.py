@@ -16,6 +16,7 @@ batch for the attention alone, so that BERT's attention dropout stays), and it i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -144,16 +145,19 @@ class PackedClassificationTrainer(Trainer):
         return (loss, SequenceClassifierOutput(logits=logits)) if return_outputs else loss
 
 
-def plan_fast_classifier(cfg, model, args, attention: str):
+def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Sequence[int]] = None):
     """Replan a packed classifier's step as the SFT fast path does (:func:`src.fast.budget.plan_micro_batches`), where
     a memory budget is known (``train.memory_budget_gb``, else 90% of the GPU): the largest micro-batch that fits,
     checkpointing as few layers as it needs (none, for short texts on a large GPU), fused AdamW, a 4/8-bit base's
     fp32 weights and adapters in bf16 under bf16 training, and its dequantized weights cached in the room left.
+    ``lengths``: the training examples' token counts; a micro-batch of n examples is then planned for the n
+    longest together (:func:`src.fast.budget.largest_micro_batch_tokens`), else for n x ``model.max_length``.
     Returns (the TrainingArguments to train with, the plan); without a budget, ``args`` as they are and None.
     """
     import dataclasses
 
-    budget, micro = budget_mod.plan_step(cfg, model)
+    tokens = None if lengths is None else budget_mod.largest_micro_batch_tokens(lengths)
+    budget, micro = budget_mod.plan_step(cfg, model, tokens)
     if budget is None:
         return args, None
     budget_mod.set_checkpointed_layers(model, micro.checkpointed_layers)
