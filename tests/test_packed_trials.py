@@ -205,3 +205,20 @@ def test_a_pack_that_does_not_fit_is_split():
     assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=1000.0)) == [[0, 1, 2]]
     assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=(two + three) / 2)) == [[0, 1], [2]]
     assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=0.001)) == [[0], [1], [2]]
+
+
+def test_the_pack_bench_runs_both_sides_on_cpu(tmp_path):
+    """``python -m src.bench --workload tiny-pack3 --device cpu``: its code paths, not its numbers."""
+    import json
+
+    from src.bench import main
+
+    out = tmp_path / "bench.json"
+    args = ["--workload", "tiny-pack3", "--device", "cpu", "--examples", "16", "--model-dir", str(tmp_path / "m")]
+    assert main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    seq, packed = result["sides"]["sequential"], result["sides"]["packed"]
+    assert len(seq["run_ids"]) == len(packed["run_ids"]) == 3
+    assert seq["train_tokens"] == packed["train_tokens"] > 0  # the same rows, once per trial, on both sides
+    assert all(isinstance(v, float) for v in seq["eval_loss"] + packed["eval_loss"])
+    assert result["speedup"] == pytest.approx(seq["wall_s"] / packed["wall_s"])
