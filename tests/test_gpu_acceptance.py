@@ -998,3 +998,38 @@ def test_oom_trial_fails_and_the_next_starts_at_clean_gpu_memory(suite, tmp_path
             assert held >= 0.8 * total_mib / 1024, (held, shown)  # B did fill the GPU
             assert used_mib < 2048, shown
             assert after < 0.25 * total_mib / 1024, (after, shown)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed trials (hydra.sweeper.pack, issue 19)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_packed_grid_trains_every_trial_on_one_base(suite, tmp_path):
+    """A grid of 4 trials (r 4/8 x q,v / all linear) on a 4-bit base as one pack: one process, one joint step
+    (varlen attention on the GPU), each trial FINISHED in its own child run with its own exact trainable count."""
+    store = Store(tmp_path)
+    common = [
+        *suite.model("qwen"),
+        *suite.train,
+        "quant=4bit",
+        "data=instructions",
+        "data.subsample=64",
+        "data.eval_subsample=16",
+        "data.num_sample_prompts=1",
+        "train.max_steps=4",
+        "train.save_strategy=no",
+    ]
+    args = ["--multirun", "lora.r=4,8", "lora=attn_qv,all_linear", "hydra.sweeper.pack=4", *common]
+    result = cli("src.train", [*args, f"hydra.sweep.dir={tmp_path / 'multirun'}"], store)
+    assert result.returncode == 0, tail(result)
+    assert "4 jobs as 1 launches (hydra.sweeper.pack=4: 1 packs)" in result.stdout
+    parents, jobs = store.split()
+    assert len(parents) == 1 and len(jobs) == 4
+    assert {j.info.status for j in jobs} == {"FINISHED"}
+    assert sorted(j.data.tags["pack_trial"] for j in jobs) == ["t0", "t1", "t2", "t3"]
+    for job in jobs:
+        overrides = [*common, f"lora={job.data.params['lora.preset']}", f"lora.r={job.data.params['lora.r']}"]
+        assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config")["trainable_params"]
+        assert metric(job, "eval_loss") > 0
+        assert Path(job.data.tags["output_dir"], "adapter", "adapter_model.safetensors").is_file()
