@@ -5,6 +5,11 @@
     python -m src.bench --examples 512 --json outputs/bench/x.json
     python -m src.bench --device cpu --workload tiny --examples 16   # smoke test: the code paths, not the numbers
     torchrun --standalone --nproc_per_node 2 -m src.bench --sides fast --budgets default   # DDP on 2 GPUs
+    python -m src.bench --workload mistral7b-4bit-multilabel,bert-large-4bit-cls --budgets default,8   # classifiers
+
+The classifier workloads (``mistral7b-4bit-multilabel``, ``w3b-4bit-cls-short``, ``bert-large-4bit-cls`` and their
+CPU smoke tests ``tiny-cls``, ``tiny-multilabel``, ``tiny-bert-cls``) set a seed's classification recipe against
+the packed classifier: :mod:`src.fast.bench_classification`. What follows describes the SFT workloads.
 
 Both sides run in one process, one after the other, on the same synthetic data and the same
 random-weight model (built from the architecture's config and saved once under
@@ -64,25 +69,42 @@ W3B = dict(
 MISTRAL7B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
 )
+BERT_LARGE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY_BERT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 SEED_BATCH_SIZE = 8
 LORA_TARGETS = "[all_linear,lm_head]"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+# The classifiers' recipes, as project overrides (the experiment files encode the tutorials' settings). The labels
+# come from the bench, not from a data file: seed 000's six label columns, seed 001's five classes.
+SEED000 = ("experiment=seed000_mistral7b_multilabel", "data.path=synthetic.csv")
+SEED001 = ("experiment=seed001_bert_large_intents", "data.labels=[c0,c1,c2,c3,c4]")
+SHORT_TEXTS = ("lora=all_linear", "data=topics", "data.labels=[negative,positive]", "train=gpu")  # the seeds' QLoRA
+GPU_PRECISION = (("bf16", True), ("tf32", True))  # conf/train/gpu.yaml's (seeds 000 and 001 train in fp32)
+
+
+QUANT_GROUPS = {4: "4bit", 8: "8bit", 16: "none"}  # conf/quant/<group>.yaml by base bits
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
     model_group: str  # conf/model/<group>.yaml
-    model_type: str  # llama | mistral
+    model_type: str  # llama | mistral | bert
     arch: dict
     bits: int
     lengths: tuple[int, int] = (64, 256)
     vocab_size: int = 32000
+    task: str = "sft"  # or classification, multilabel: src.fast.bench_classification
+    recipe: tuple[str, ...] = ()  # a classifier's project config: the overrides of its seed recipe
+    fast: tuple[tuple[str, Any], ...] = ()  # train fields the fast side sets on a GPU
+    seed_targets: tuple[str, ...] = ()  # the seed's LoRA targets; empty: every linear layer (seed 001's way)
 
     @property
     def quant_group(self) -> str:
-        return {4: "4bit", 8: "8bit", 16: "none"}[self.bits]
+        return QUANT_GROUPS[self.bits]
 
 
 WORKLOADS = {
@@ -93,6 +115,79 @@ WORKLOADS = {
         Workload("w3b-16bit", "openllama3b", "llama", W3B, 16),
         Workload("mistral7b-4bit", "mistral7b", "mistral", MISTRAL7B, 4),
         Workload("tiny", "tiny", "llama", TINY, 16, lengths=(16, 64), vocab_size=1024),
+        # Classifiers (src/fast/bench_classification.py): seed 000's multi-label recipe on title + abstract lengths,
+        # short single sentences (SST-2, TREC) on the seeds' QLoRA recipe, seed 001's BERT on spoken commands.
+        Workload(
+            "mistral7b-4bit-multilabel",
+            "mistral7b",
+            "mistral",
+            MISTRAL7B,
+            4,
+            lengths=(150, 350),
+            task="multilabel",
+            recipe=SEED000,
+            fast=GPU_PRECISION,
+            seed_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        ),
+        Workload(
+            "w3b-4bit-cls-short",
+            "openllama3b",
+            "llama",
+            W3B,
+            4,
+            lengths=(10, 60),
+            task="classification",
+            recipe=("model=openllama3b", *SHORT_TEXTS),
+        ),
+        Workload(
+            "bert-large-4bit-cls",
+            "bert_large",
+            "bert",
+            BERT_LARGE,
+            4,
+            lengths=(6, 24),
+            vocab_size=30522,
+            task="classification",
+            recipe=SEED001,
+            fast=GPU_PRECISION,
+        ),
+        # Their CPU smoke tests: the same recipes on 2-layer models.
+        Workload(
+            "tiny-cls",
+            "tiny",
+            "llama",
+            TINY,
+            4,
+            lengths=(4, 24),
+            vocab_size=1024,
+            task="classification",
+            recipe=("model=tiny", *SHORT_TEXTS),
+        ),
+        Workload(
+            "tiny-multilabel",
+            "tiny",
+            "llama",
+            TINY,
+            4,
+            lengths=(8, 32),
+            vocab_size=1024,
+            task="multilabel",
+            recipe=(*SEED000, "model=tiny"),
+            fast=GPU_PRECISION,
+            seed_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        ),
+        Workload(
+            "tiny-bert-cls",
+            "bert_large",
+            "bert",
+            TINY_BERT,
+            4,
+            lengths=(4, 24),
+            vocab_size=1024,
+            task="classification",
+            recipe=SEED001,
+            fast=GPU_PRECISION,
+        ),
     )
 }
 
@@ -124,8 +219,10 @@ def bench_tokenizer():
 
 
 def model_config(workload: Workload):
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import BertConfig, LlamaConfig, MistralConfig
 
+    if workload.model_type == "bert":
+        return BertConfig(vocab_size=workload.vocab_size, max_position_embeddings=512, **workload.arch)
     cls = {"llama": LlamaConfig, "mistral": MistralConfig}[workload.model_type]
     return cls(
         vocab_size=workload.vocab_size,
@@ -138,15 +235,17 @@ def model_config(workload: Workload):
 
 
 def ensure_checkpoint(workload: Workload, root: Path, device: str) -> Path:
-    """A random-weight bf16 checkpoint of the architecture (seeded), saved once and reused."""
-    from transformers import AutoModelForCausalLM
+    """A random-weight bf16 checkpoint of the architecture (seeded), saved once and reused (an encoder: its bare
+    ``BertModel``, from which the classifier loads with a new head)."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     directory = root / f"{workload.model_type}-{workload.arch['hidden_size']}-{workload.arch['num_hidden_layers']}"
     if (directory / "DONE").exists():
         return directory
     torch.manual_seed(0)
+    builder = AutoModel if workload.model_type == "bert" else AutoModelForCausalLM
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(model_config(workload), dtype=torch.bfloat16)
+        model = builder.from_config(model_config(workload), dtype=torch.bfloat16)
     model.save_pretrained(directory)
     bench_tokenizer().save_pretrained(directory)
     (directory / "DONE").write_text("1")
@@ -155,9 +254,14 @@ def ensure_checkpoint(workload: Workload, root: Path, device: str) -> Path:
 
 
 def non_embedding_params(workload: Workload) -> int:
-    """Parameters that do matmul work per token: all but the input embedding (lm_head counts)."""
-    from transformers import AutoModelForCausalLM
+    """Parameters that do matmul work per token: all but the input embedding (lm_head counts). A classifier's:
+    the linear layers of its transformer (its head runs on one pooled token an example)."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    if workload.task != "sft":
+        with torch.device("meta"):
+            backbone = AutoModel.from_config(model_config(workload))
+        return sum(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Linear))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config(workload))
     return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
@@ -397,9 +501,9 @@ class StepProfiler:
 
 
 def _reset_memory(device: str) -> float:
-    gc.collect()
-    if device == "cpu":
+    if device == "cpu":  # nothing is measured: a full gc.collect would only cost time
         return 0.0
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated() / 2**30
@@ -688,13 +792,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--workload", default="w3b-4bit", help=f"comma-separated: {', '.join(WORKLOADS)}")
     parser.add_argument("--examples", type=int, default=2048, help="synthetic rows (one epoch)")
     parser.add_argument(
-        "--budgets", default="default,8", help="fast-path memory budgets in GiB; 'default' is the config's null"
+        "--budgets",
+        default=None,
+        help="fast-path memory budgets in GiB; 'default' is the config's null (default: default,8 on a GPU; "
+        "default on CPU, which has no budget of its own)",
     )
     parser.add_argument(
         "--variants",
         default="",
         help="extra fast runs (comma-separated): configured-optim, mask-attention, per-example-attention, "
-        "fp32-weights, no-dequant, no-graphs, compile, compile-no-dequant, liger, batch<N>",
+        "fp32-weights, no-dequant, no-graphs, compile, compile-no-dequant, liger, batch<N>; for a classifier: "
+        "length-grouped",
     )
     parser.add_argument("--sides", default="seed,fast", help="which sides to run")
     parser.add_argument("--warmup-steps", type=int, default=3, help="optimizer steps left out of the timing")
@@ -711,7 +819,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu for a smoke test")
     sides = args.sides.split(",")
-    budgets = parse_budgets(args.budgets) if args.device == "cuda" else [None]
+    budgets = parse_budgets(args.budgets or ("default,8" if args.device == "cuda" else "default"))
     variants = [v for v in args.variants.split(",") if v]
 
     world = distributed.world_size()
@@ -738,9 +846,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         warmup = min(args.warmup_steps, steps // 4)
         n_params = non_embedding_params(workload)
         results = []
-        if "seed" in sides:
+        if workload.task != "sft":
+            from src.fast import bench_classification
+
+            results, warmup = bench_classification.run_sides(
+                workload,
+                model_dir,
+                rows,
+                args.device,
+                sides,
+                budgets,
+                variants,
+                args.warmup_steps,
+                failed,
+                args.profile,
+            )
+        elif "seed" in sides:
             results.append(run_seed(workload, model_dir, rows, args.device, warmup))
-        if "fast" in sides:
+        if "fast" in sides and workload.task == "sft":
             for budget in budgets:
                 results.append(run_fast(workload, model_dir, rows, args.device, warmup, budget))
             for variant in variants:  # experiments: one that breaks is reported, not fatal
