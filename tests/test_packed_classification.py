@@ -286,13 +286,13 @@ def test_a_bert_example_never_attends_to_another_and_keeps_its_attention_dropout
 
 
 def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
-    """With a budget, a micro-batch of n examples is planned for the n longest examples together, not for
-    n x model.max_length tokens."""
+    """With a budget, a micro-batch of n examples is planned for the largest of n in shuffles of the rows (never
+    above the n longest together), not for n x model.max_length tokens."""
     import dataclasses
 
     from src import plan as P
     from src.fast import budget as fast_budget
-    from src.fast.classification import plan_fast_classifier
+    from src.fast.classification import epochs_trained, plan_fast_classifier
     from src.training import training_arguments
 
     cfg = validate(compose_config(["train.memory_budget_gb=8", "model.max_length=512"]))
@@ -305,8 +305,9 @@ def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
     sized = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, optim=fast_budget.fast_optimizer(cfg.train.optim))
     )
-    top = sum(sorted(lengths, reverse=True)[:per_step])
-    assert micro.est_peak_gpu_mem_gb == P.plan(sized, tokens_per_micro_batch=top)["est_peak_gpu_mem_gb"]
+    tokens = fast_budget.largest_micro_batch_tokens(lengths, epochs_trained(cfg, len(lengths)))(per_step)
+    assert tokens <= sum(sorted(lengths, reverse=True)[:per_step])
+    assert micro.est_peak_gpu_mem_gb == P.plan(sized, tokens_per_micro_batch=tokens)["est_peak_gpu_mem_gb"]
     _, unsized = plan_fast_classifier(cfg, _model(tiny_model_dir, 3, False), args, packing_attention(model))
     assert unsized.est_peak_gpu_mem_gb == P.plan(sized)["est_peak_gpu_mem_gb"] > micro.est_peak_gpu_mem_gb
 

@@ -150,13 +150,16 @@ def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Seq
     a memory budget is known (``train.memory_budget_gb``, else 90% of the GPU): the largest micro-batch that fits,
     checkpointing as few layers as it needs (none, for short texts on a large GPU), fused AdamW, a 4/8-bit base's
     fp32 weights and adapters in bf16 under bf16 training, and its dequantized weights cached in the room left.
-    ``lengths``: the training examples' token counts; a micro-batch of n examples is then planned for the n
-    longest together (:func:`src.fast.budget.largest_micro_batch_tokens`), else for n x ``model.max_length``.
+    ``lengths``: the training examples' token counts; a micro-batch of n examples is then planned for the largest
+    of n in many shuffles of them (:func:`src.fast.budget.largest_micro_batch_tokens`), else for n x
+    ``model.max_length``.
     Returns (the TrainingArguments to train with, the plan); without a budget, ``args`` as they are and None.
     """
     import dataclasses
 
-    tokens = None if lengths is None else budget_mod.largest_micro_batch_tokens(lengths)
+    tokens = (
+        None if lengths is None else budget_mod.largest_micro_batch_tokens(lengths, epochs_trained(cfg, len(lengths)))
+    )
     budget, micro = budget_mod.plan_step(cfg, model, tokens)
     if budget is None:
         return args, None
@@ -185,6 +188,14 @@ def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Seq
         optim=budget_mod.fast_optimizer(args.optim),
     )
     return distributed.one_gpu_per_process(args), micro
+
+
+def epochs_trained(cfg, examples: int) -> float:
+    """The epochs over ``examples`` a run trains: ``train.max_steps`` optimizer steps where set, else the epochs."""
+    if cfg.train.max_steps and cfg.train.max_steps > 0:
+        per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+        return cfg.train.max_steps * per_step / max(examples, 1)
+    return float(cfg.train.num_train_epochs)
 
 
 def packing_attention(model) -> Optional[str]:
