@@ -381,13 +381,13 @@ def activation_widths(cfg: Config) -> Widths:
 def plans_own_micro_batches(cfg: Config) -> bool:
     """Whether ``src.train`` trains the config on packed rows (``src/fast/``), which size their own micro-batches
     and checkpointing to ``train.memory_budget_gb``: SFT and decoder classifiers on the fast path, and BERT's
-    (``src.fast.classification.PACKED_ENCODER_TYPES``, read from the model's local config.json; a config plan
-    cannot read counts as padded)."""
+    (``src.modeling.PACKED_ENCODER_TYPES``, read from the model's local config.json; a config plan cannot read
+    counts as padded)."""
     if not getattr(cfg.train, "fast_path", False):
         return False
     if cfg.data.task == "sft" or cfg.model.architecture == "decoder":
         return True
-    from src.fast.classification import PACKED_ENCODER_TYPES
+    from src.modeling import PACKED_ENCODER_TYPES
 
     try:
         model_config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)

@@ -44,16 +44,16 @@ from typing import Any, Optional
 import torch
 
 from src import distributed
-from src.fast.bench import (
+from src.fast.bench_common import (
     QUANT_GROUPS,
     Meter,
     StepProfiler,
     Workload,
-    _estimate,
-    _peak,
-    _reset_memory,
-    _side_result,
     bench_tokenizer,
+    peak_memory_gb,
+    plan_estimate_gb,
+    reset_memory,
+    side_result,
 )
 
 MULTILABEL_POSITIVE_RATE = 0.3
@@ -220,7 +220,7 @@ def run_seed_classifier(
     cfg = classifier_config(workload, model_dir, device, {"fast_path": False})
     multilabel = cfg.data.task == "multilabel"
     encoder = cfg.model.architecture == "encoder"
-    base = _reset_memory(device)
+    base = reset_memory(device)
     quant = None
     if workload.bits == 4:
         quant = BitsAndBytesConfig(
@@ -293,16 +293,16 @@ def run_seed_classifier(
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    peak = _peak(device)
+    peak = peak_memory_gb(device)
     batch = t.per_device_train_batch_size
     longest = meter.max_micro_batch_rows_x_len // batch  # the widest padded micro-batch
-    estimate = _estimate(cfg, batch, longest, 1.0, t.optim)
+    estimate = plan_estimate_gb(cfg, batch, longest, 1.0, t.optim)
     _release(trainer, device)
     del trainer, model
     settings = dict(
         micro_batch_size=batch, gradient_accumulation_steps=t.gradient_accumulation_steps, checkpointed="all"
     )
-    return _side_result("seed", None, meter, wall, peak, estimate, base, settings)
+    return side_result("seed", None, meter, wall, peak, estimate, base, settings)
 
 
 def run_fast_classifier(
@@ -330,7 +330,7 @@ def run_fast_classifier(
     train = dict(workload.fast) if device != "cpu" else {}
     cfg = classifier_config(workload, model_dir, device, train | {"memory_budget_gb": budget})
     multilabel = cfg.data.task == "multilabel"
-    base = _reset_memory(device)
+    base = reset_memory(device)
     pad_id = bench_tokenizer().pad_token_id
     model = modeling.load_model(
         cfg.model, cfg.quant, cfg.data.task, label_names(cfg), pad_id, cfg.train.activation_checkpointing
@@ -362,14 +362,14 @@ def run_fast_classifier(
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    peak = _peak(device)
+    peak = peak_memory_gb(device)
     meter.gather()
     checkpointed = 0.0 if micro is None else micro.checkpointed_layers / micro.num_layers
     if variant == "length-grouped":
         batch = trainer.args.per_device_train_batch_size
-        observed = _estimate(cfg, batch, meter.max_micro_batch_rows_x_len // batch, checkpointed, optim)
+        observed = plan_estimate_gb(cfg, batch, meter.max_micro_batch_rows_x_len // batch, checkpointed, optim)
     else:
-        observed = _estimate(cfg, 1, meter.max_micro_batch_tokens, checkpointed, optim)
+        observed = plan_estimate_gb(cfg, 1, meter.max_micro_batch_tokens, checkpointed, optim)
     if observed is not None and micro is not None:
         observed += micro.dequantized_gb
     _release(trainer, device)
@@ -377,7 +377,7 @@ def run_fast_classifier(
     settings = {"attention": attention} if micro is None else dataclasses.asdict(micro)
     settings |= {"optim": optim, "variant": variant or None}
     planned = None if micro is None else micro.est_peak_gpu_mem_gb
-    result = _side_result("fast", budget, meter, wall, peak, planned, base, settings)
+    result = side_result("fast", budget, meter, wall, peak, planned, base, settings)
     result["observed_est_peak_gpu_mem_gb"] = observed
     if profiler is not None:
         result["profile"] = profiler.summary

@@ -27,7 +27,7 @@ from src import distributed
 from src.fast import attention as attention_mod
 from src.fast import budget as budget_mod
 from src.fast import weights
-from src.modeling import CLASSIFIER_HEADS, base_model
+from src.modeling import CLASSIFIER_HEADS, PACKED_ENCODER_TYPES, base_model
 
 
 def classification_loss(
@@ -215,6 +215,6 @@ def packing_attention(model) -> Optional[str]:
 
 
 # Bidirectional attention: packed where the pooling and head are BertForSequenceClassification's (pooler on the
-# first token, dropout, linear head); the others pool or embed differently and stay padded.
+# first token, dropout, linear head: src.modeling.PACKED_ENCODER_TYPES); the others pool or embed differently and
+# stay padded.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "modernbert"}
-PACKED_ENCODER_TYPES = {"bert"}
