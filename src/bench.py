@@ -98,8 +98,15 @@ def instruction_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return [{"instruction": text(8, 30), "input": "", "output": text(30, 160)} for _ in range(n)]
 
 
-def run_pack_workload(workload: PackWorkload, examples: int, device: str, model_root: Path, work: Path) -> dict:
-    """Both sides of a pack workload, one after the other; their measurements."""
+def run_pack_workload(
+    workload: PackWorkload,
+    examples: int,
+    device: str,
+    model_root: Path,
+    work: Path,
+    sides_run: tuple[str, ...] = ("sequential", "packed"),
+) -> dict:
+    """Both sides of a pack workload (or those in ``sides_run``), one after the other; their measurements."""
     import mlflow
     import torch
 
@@ -149,24 +156,26 @@ def run_pack_workload(workload: PackWorkload, examples: int, device: str, model_
 
     sides: dict[str, dict[str, Any]] = {}
     # The sequential side: each trial alone, as a sweep with pack=1 trains it (without the process start).
-    run_ids, peaks = [], []
-    start = time.perf_counter()
-    for i in range(len(workload.trials)):
+    if "sequential" in sides_run:
+        run_ids, peaks = [], []
+        start = time.perf_counter()
+        for i in range(len(workload.trials)):
+            reset()
+            src.train.run(*config("sequential", i))
+            run_ids.append(mlflow.last_active_run().info.run_id)
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+        sides["sequential"] = {"wall_s": time.perf_counter() - start, "run_ids": run_ids, "peak_gb": peaks}
+    if "packed" in sides_run:  # all trials as one pack
         reset()
-        src.train.run(*config("sequential", i))
-        run_ids.append(mlflow.last_active_run().info.run_id)
-        peaks.append(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
-    sides["sequential"] = {"wall_s": time.perf_counter() - start, "run_ids": run_ids, "peak_gb": peaks}
-    # The packed side: all trials as one pack.
-    reset()
-    start = time.perf_counter()
-    result = run_pack_job([(config("packed", i)[0], None) for i in range(len(workload.trials))], src.train.pack, False)
-    wall = time.perf_counter() - start
-    bad = [r for r in result["pack"] if r["status"] != "ok"]
-    if bad:
-        raise RuntimeError(f"packed side: {bad}")
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    sides["packed"] = {"wall_s": wall, "run_ids": [r["run_id"] for r in result["pack"]], "peak_gb": [peak]}
+        start = time.perf_counter()
+        members = [(config("packed", i)[0], None) for i in range(len(workload.trials))]
+        result = run_pack_job(members, src.train.pack, False)
+        wall = time.perf_counter() - start
+        bad = [r for r in result["pack"] if r["status"] != "ok"]
+        if bad:
+            raise RuntimeError(f"packed side: {bad}")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        sides["packed"] = {"wall_s": wall, "run_ids": [r["run_id"] for r in result["pack"]], "peak_gb": [peak]}
 
     peak_flops = bf16_matmul_tflops(device) * 1e12
     params = non_embedding_params(base)
@@ -178,22 +187,19 @@ def run_pack_workload(workload: PackWorkload, examples: int, device: str, model_
         side["mfu"] = 4 * params * side["tokens_per_s"] / peak_flops  # src.fast.bench's MFU (LoRA: no weight grads)
         side["eval_loss"] = [r.data.metrics.get("eval_loss") for r in runs_]
         side["train_tokens"] = tokens
-    seq, packed = sides["sequential"], sides["packed"]
-    return {
-        "workload": workload.name,
-        "examples": examples,
-        "trials": [" ".join(t) for t in workload.trials],
-        "sides": sides,
-        "speedup": seq["wall_s"] / packed["wall_s"],
-        "eval_loss_rel_diff": [
+    result = {"workload": workload.name, "examples": examples, "trials": [" ".join(t) for t in workload.trials]}
+    result["sides"] = sides
+    if len(sides) == 2:
+        seq, packed = sides["sequential"], sides["packed"]
+        result["speedup"] = seq["wall_s"] / packed["wall_s"]
+        result["eval_loss_rel_diff"] = [
             None if a is None or b is None else abs(b - a) / abs(a)
             for a, b in zip(seq["eval_loss"], packed["eval_loss"])
-        ],
-    }
+        ]
+    return result
 
 
 def format_pack(result: dict) -> str:
-    seq, packed = result["sides"]["sequential"], result["sides"]["packed"]
 
     def gb(values: list[Optional[float]]) -> str:
         known = [v for v in values if v is not None]
@@ -203,14 +209,15 @@ def format_pack(result: dict) -> str:
         f"{result['workload']}: {len(result['trials'])} trials, {result['examples']} examples each",
         f"{'side':<11} {'wall s':>8} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9}  eval_loss per trial",
     ]
-    for name, side in (("sequential", seq), ("packed", packed)):
+    for name, side in result["sides"].items():
         losses = ", ".join("-" if v is None else f"{v:.4f}" for v in side["eval_loss"])
         lines.append(
             f"{name:<11} {side['wall_s']:>8.1f} {side['tokens_per_s']:>10,.0f} {side['mfu']:>6.1%} "
             f"{gb(side['peak_gb']):>9}  {losses}"
         )
-    diffs = ", ".join("-" if d is None else f"{d:.2%}" for d in result["eval_loss_rel_diff"])
-    lines.append(f"packed is {result['speedup']:.2f}x faster; eval_loss differences: {diffs}")
+    if "speedup" in result:
+        diffs = ", ".join("-" if d is None else f"{d:.2%}" for d in result["eval_loss_rel_diff"])
+        lines.append(f"packed is {result['speedup']:.2f}x faster; eval_loss differences: {diffs}")
     return "\n".join(lines)
 
 
@@ -221,6 +228,7 @@ def pack_main(argv: list[str]) -> int:
     parser.add_argument("--workload", required=True, help=f"one of {', '.join(PACK_WORKLOADS)}")
     parser.add_argument("--examples", type=int, default=2048, help="training rows (one epoch each trial)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--sides", default="sequential,packed", help="which sides to run")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-bench-models")
     parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/<date>-<workload>.json")
     args = parser.parse_args(argv)
@@ -230,7 +238,8 @@ def pack_main(argv: list[str]) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="lora-bench-pack-") as work:
             workload = PACK_WORKLOADS[args.workload]
-            result = run_pack_workload(workload, args.examples, args.device, args.model_dir, Path(work))
+            sides = tuple(args.sides.split(","))
+            result = run_pack_workload(workload, args.examples, args.device, args.model_dir, Path(work), sides)
     finally:  # the throwaway store is gone
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

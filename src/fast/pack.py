@@ -40,8 +40,6 @@ from typing import Any, Optional
 
 import torch
 
-from src.fast.attention import seq_bounds
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -196,8 +194,11 @@ class Pack:
         rows = [batch[name][1] for name in names]
         input_ids = torch.cat([r["input_ids"] for r in rows], dim=1)
         position_ids = torch.cat([r["position_ids"] for r in rows], dim=1)
+        bounds = [0]  # every trial's examples' bounds, from the host (no device sync)
+        for segment, row in zip(segments, rows):
+            bounds += [segment.start + b for b in row["bounds"][1:]]
         first = batch[names[0]][0]
-        extra = attention_inputs(first.attention, position_ids, input_ids.device)
+        extra = attention_inputs(first.attention, tuple(bounds), input_ids.device)
         model = self.model
         if not model.training:
             model.train()
@@ -263,15 +264,15 @@ def _route(route: tuple[Segment, ...]) -> Iterator[None]:
         _ROUTING.route = previous
 
 
-def attention_inputs(attention: str, position_ids: torch.Tensor, device) -> dict[str, Any]:
-    """The packed-attention inputs of a row (as :meth:`PackedTrainer.compute_loss` passes them)."""
+def attention_inputs(attention: str, bounds: tuple[int, ...], device) -> dict[str, Any]:
+    """The packed-attention inputs of a row whose examples start at ``bounds`` (and end at its last), as
+    :meth:`PackedTrainer.compute_loss` passes them; the offsets reach the GPU without waiting for it."""
     if attention == "mask":
         return {}
-    bounds = seq_bounds(position_ids)
     if attention == "varlen":
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         return {
-            "packed_cu_seqlens": torch.tensor(bounds, dtype=torch.int32, device=device),
+            "packed_cu_seqlens": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
             "packed_max_seqlen": max(lengths),
         }
     return {"packed_seq_bounds": bounds}

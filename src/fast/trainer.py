@@ -216,10 +216,18 @@ class PackMemberTrainer(PackedTrainer):
             forward = self.member.pack.model.get_base_model().forward
             self._signature_columns = [*inspect.signature(forward).parameters, "label", "label_ids", *self.label_names]
 
+    def _prepare_input(self, data):
+        """As the Trainer's, but host-to-device copies do not wait for the GPU: the joint step is queued while the
+        last one runs (a blocking copy would drain the GPU's queue at every trial's every step)."""
+        if isinstance(data, torch.Tensor):
+            return data.to(self.args.device, non_blocking=True)
+        return super()._prepare_input(data)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
+        bounds = seq_bounds(inputs["position_ids"])  # the host batch: no device sync
         inputs = self._prepare_inputs(inputs)
-        return self.member.pack.step(self.member.adapter, self, inputs, num_items_in_batch)
+        return self.member.pack.step(self.member.adapter, self, {**inputs, "bounds": bounds}, num_items_in_batch)
 
     def train(self, *args, **kwargs):
         try:
