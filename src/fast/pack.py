@@ -117,6 +117,8 @@ class Pack:
         self.trial_steps = 0  # trials' micro-batches run in them
         self.stopping: Optional[BaseException] = None
         self.estimate_gb: Optional[float] = None  # the pack's planned peak (prepare)
+        self.started: Optional[float] = None
+        self.joint_s = 0.0  # host time spent queuing the joint steps' forwards and backwards
         for layer in lora_layers(model):
             layer.forward = types.MethodType(routed_lora_forward, layer)
         for adapter in self.adapters:
@@ -131,6 +133,16 @@ class Pack:
             self.live.discard(adapter)
             self.pending.pop(adapter, None)
             self.lock.notify_all()
+            if not self.live and self.started is not None:
+                import sys
+                import time
+
+                wall = time.perf_counter() - self.started
+                print(
+                    f"pack: {self.steps} joint steps of {self.trial_steps / max(self.steps, 1):.2f} trials on average "
+                    f"in {wall:.1f} s, {self.joint_s:.1f} s of it on the host queuing them",
+                    file=sys.stderr,
+                )
 
     def stop(self, reason: BaseException) -> None:
         """Stop every trial at its next step (SIGTERM of the pack's process): each raises ``reason``."""
@@ -183,8 +195,12 @@ class Pack:
     def _joint_step(self, batch: dict[str, tuple[Any, dict, Any]]) -> dict[str, torch.Tensor]:
         """Forward the trials' rows as one row, each trial's tokens through its adapter, and backward the sum of
         their losses (each the model's own loss over its tokens, normalized by its own token count)."""
+        import time
+
+        began = time.perf_counter()
         if self.steps == 0:
             torch.manual_seed(self.seed)  # the trials' setups ran in any order; their dropout starts here
+            self.started = began
         names = [a for a in self.adapters if a in batch]
         segments, start = [], 0
         for name in names:
@@ -219,6 +235,7 @@ class Pack:
             torch.stack(list(losses.values())).sum().backward()
         self.steps += 1
         self.trial_steps += len(names)
+        self.joint_s += time.perf_counter() - began
         return {name: loss.detach() for name, loss in losses.items()}
 
     # ---- outputs --------------------------------------------------------------------------------------------
