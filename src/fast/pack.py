@@ -143,6 +143,7 @@ class Pack:
                     f"in {wall:.1f} s, {self.joint_s:.1f} s of it on the host queuing them",
                     file=sys.stderr,
                 )
+                self.started = None  # said once
 
     def stop(self, reason: BaseException) -> None:
         """Stop every trial at its next step (SIGTERM of the pack's process): each raises ``reason``."""
