@@ -120,11 +120,11 @@ def test_a_full_output_disk_ends_the_run_failed_with_the_cause_in_the_store(tmp_
 DEAD_TAGS = {"host": "elsewhere", "pid": "7", "process_start": "x@1", "heartbeat": "2000-01-01T00:00:00+00:00"}
 
 
-def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path):
+def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path, mlflow_store):
     """A run whose store write failed even on the second try is left RUNNING; its record beside the output
     holds the cause, and src.doctor applies it (FAILED with the error), not ProcessLost. A record of another
     run in a reused output directory is ignored."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store
     client = mlflow.MlflowClient(uri)
     experiment_id = tracking.ensure_experiment("lora-sweeps", uri)
     ids = {}

@@ -187,8 +187,8 @@ def _iso(seconds_ago: float) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def test_doctor_marks_runs_of_dead_processes_killed_and_leaves_live_ones_running(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+def test_doctor_marks_runs_of_dead_processes_killed_and_leaves_live_ones_running(tmp_path, mlflow_store):
+    uri = mlflow_store
     experiment_id = tracking.ensure_experiment("lora-sweeps", uri)
     client = mlflow.MlflowClient(uri)
     proc = subprocess.Popen(
@@ -241,8 +241,8 @@ def test_doctor_marks_runs_of_dead_processes_killed_and_leaves_live_ones_running
     assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
 
 
-def test_heartbeat_tag_is_refreshed_while_the_run_lives(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+def test_heartbeat_tag_is_refreshed_while_the_run_lives(tmp_path, mlflow_store):
+    uri = mlflow_store
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(tracking.ensure_experiment("e", uri), tags={"heartbeat": "2000-01-01T00:00:00+00:00"})
     run_id = run_id.info.run_id

@@ -177,8 +177,8 @@ def test_invalid_config_still_leaves_a_failed_run(tmp_path, mlflow_store):
     assert run_.info.status == "FAILED" and run_.data.tags["error_type"] == "ConfigError"
 
 
-def test_sigterm_ends_the_run_killed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+def test_sigterm_ends_the_run_killed(tmp_path, mlflow_store):
+    uri = mlflow_store
     proc = start_training_until_it_logs(tmp_path, uri)
     try:
         proc.send_signal(signal.SIGTERM)
