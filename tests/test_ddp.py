@@ -21,6 +21,7 @@ from src.config import ConfigError, validate
 from src.data import load_data
 from src.sweeps.placement import assign_gpus, batch_size, gpu_batches, visible_gpus
 from tests.conftest import ROOT, compose_config
+from tests.ddp_workers import average_gradients_rank
 
 # 16 training rows, 4 per rank per step, one epoch: 2 optimizer steps under DDP on 2 ranks (4 without DDP).
 DDP = [
@@ -196,30 +197,6 @@ def test_ddp_sft_loss_is_the_token_mean_over_both_ranks(tmp_path, mlflow_store):
     assert tokens["2"] == tokens["1"] > 0, tokens
 
 
-def _average_gradients_worker(rank: int, port: int, out: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from src.distributed import average_gradients
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    torch.manual_seed(0)  # the same weights on both ranks, as DDP starts
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1 + rank))  # each rank its own data
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    ddp(x).square().sum().backward()  # DDP's hooks average the gradients
-    reference = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    model(x).square().sum().backward()  # the module alone: DDP's hooks stay off
-    local = [p.grad.clone() for p in model.parameters()]
-    average_gradients([p.grad for p in model.parameters()])
-    mixed = [torch.full((3,), float(rank), dtype=torch.bfloat16), torch.full((2, 2), 2.0 * rank)]
-    average_gradients(mixed)  # one all-reduce per dtype
-    torch.save({"reference": reference, "local": local, "averaged": [p.grad for p in model.parameters()],
-                "mixed": mixed}, f"{out}/rank{rank}.pt")  # fmt: skip
-    dist.destroy_process_group()
-
-
 def test_average_gradients_gives_ddps_gradients(tmp_path):
     """What the packed trainer's CUDA-graph steps use under DDP instead of DDP's hooks (``src.fast.graphs``)."""
     import socket
@@ -230,12 +207,11 @@ def test_average_gradients_gives_ddps_gradients(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    workers = mp.spawn(_average_gradients_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
+    workers = mp.spawn(average_gradients_rank, args=(port, str(tmp_path)), nprocs=2, join=False)
     written = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
     deadline = time.time() + 300
-    while not workers.join(timeout=5) and time.time() < deadline:  # a worker that raised fails the test here
+    while not workers.join(timeout=1) and time.time() < deadline:  # a worker that raised fails the test here
         if all(path.exists() for path in written):  # a gloo worker can hang in its teardown after its result
-            time.sleep(10)
             break
     for process in workers.processes:
         if process.is_alive():
