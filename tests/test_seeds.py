@@ -321,14 +321,20 @@ def test_a_lora_preset_still_needs_its_rank_and_alpha():
         validate(compose_config(["lora.r=null"]))
 
 
-def test_full_fine_tuning_trains_and_saves_every_weight(tmp_path, mlflow_store, tiny_model_dir):
+def test_full_fine_tuning_trains_and_saves_every_weight(tmp_path, mlflow_store, tiny_model_dir, capsys):
     raw = compose_config(["lora=none", "train.max_steps=3", "train.eval_strategy=no", "data.subsample=48"])
     raw["output_dir"] = str(tmp_path / "out")
     train_run(raw)
     (finished,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     metrics, params = finished.data.metrics, finished.data.params
     assert metrics["trainable_params"] == metrics["total_params"] and params["lora.preset"] == "none"
-    assert params["lora.resolved_targets"] == ""
+    assert params["lora.resolved_targets"] == "" and finished.info.run_name == "tiny-topics-16bit-full"
+    from src.runs import compare
+
+    capsys.readouterr()
+    assert compare.main(["--runs", finished.info.run_id, "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["targets"] == "all weights (full fine-tuning)"  # src.compare shows the full row as such
     saved = tmp_path / "out" / "model"
     assert (saved / "model.safetensors").is_file() and not (saved / "adapter_config.json").exists()
     assert json.loads((saved / "label_map.json").read_text())["task"] == "classification"
@@ -386,6 +392,7 @@ def test_a_4bit_bert_classifier_trains_its_head_unquantized(tmp_path, mlflow_sto
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    torch.manual_seed(0)  # weights that do not depend on the tests before: some drew denormals (10x the time)
     BertModel(config).save_pretrained(tmp_path / "bert")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "bert")
     raw = _compose("001", *ON_CPU, f"model.name_or_path={tmp_path / 'bert'}", "model.max_length=64")
@@ -401,6 +408,7 @@ def test_a_4bit_bert_classifier_trains_its_head_unquantized(tmp_path, mlflow_sto
     assert head and all(saved[k].dtype == torch.float32 for k in head), head  # a full-precision head, saved
 
 
+@pytest.mark.slow  # a grid end to end: test_sweeps.py; full fine-tuning and its compare row: the tests above
 def test_a_grid_holds_a_full_fine_tuning_row_beside_its_lora_rows(tmp_path, mlflow_store):
     """``--multirun lora=attn_qv,none``: two finished children, and src.compare shows the full row as such."""
     from tests.test_sweeps import TINY, split_runs, sweep
