@@ -135,6 +135,7 @@ def test_objective_defaults_follow_the_task():
     assert objective(validate(compose_config(["objective.metric=eval_accuracy"])))[0] == "eval_accuracy"
 
 
+@pytest.mark.slow  # its command and checks run in the default tier in tests/test_console.py (a config error)
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     proc = subprocess.run(
         [

@@ -78,12 +78,13 @@ def test_a_config_error_shows_before_the_store_is_touched_and_still_ends_failed(
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "src.train", "lora.r=0", f"tracking.tracking_uri={uri}", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "src.train", "lora.r=0", "train.learning_rate=-1", f"tracking.tracking_uri={uri}"]
+    proc = subprocess.run([*cmd, f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     err = proc.stderr
     assert err.index("error: invalid config") < err.index("Creating initial MLflow database tables"), err
-    assert err.count("lora.r: must be >= 1") == 1, err
+    assert err.count("lora.r: must be >= 1, got 0") == 1, err
+    assert "train.learning_rate: must be > 0, got -1.0" in err and "Traceback" not in err, err
     (run,) = mlflow.MlflowClient(uri).search_runs(["1"])
     assert run.info.status == "FAILED" and run.data.tags["error_type"] == "ConfigError"
 
