@@ -222,3 +222,35 @@ def test_the_pack_bench_runs_both_sides_on_cpu(tmp_path):
     assert seq["train_tokens"] == packed["train_tokens"] > 0  # the same rows, once per trial, on both sides
     assert all(isinstance(v, float) for v in seq["eval_loss"] + packed["eval_loss"])
     assert result["speedup"] == pytest.approx(seq["wall_s"] / packed["wall_s"])
+
+
+def test_one_trial_s_nan_weights_leave_the_others_finite():
+    """The routed layers never put two trials' weights in one matmul: NaN in t1's adapter (forward and backward)
+    stays in t1's tokens and gradients."""
+    from src import modeling
+    from src.fast import pack as pack_mod
+    from src.fast.attention import use_packed_attention
+
+    cfgs = []
+    for lora in (["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8"]):
+        raw = compose_config(["data=instructions", "lora.dropout=0.1", *lora])
+        raw["output_dir"] = "unused"
+        cfgs.append(validate(raw, for_training=True))
+    tokenizer = modeling.load_tokenizer(cfgs[0].model)
+    model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
+    pack = pack_mod.build_pack(model, [c.lora for c in cfgs], "sft", [0, 0])
+    use_packed_attention(pack.model)
+    with torch.no_grad():
+        for _, param in pack_mod.adapter_parameters(pack.model, "t1"):
+            param.fill_(float("nan"))
+    ids = torch.randint(5, 500, (1, 24))
+    positions = torch.arange(12).repeat(2).unsqueeze(0)
+    route = (pack_mod.Segment("t0", 0, 12), pack_mod.Segment("t1", 12, 24))
+    with pack_mod._route(route):
+        bounds = (0, 12, 24)
+        logits = pack.model(input_ids=ids, position_ids=positions, use_cache=False, packed_seq_bounds=bounds).logits
+        assert torch.isfinite(logits[:, :12]).all() and torch.isnan(logits[:, 12:]).all()
+        logits[:, :12].float().logsumexp(-1).sum().backward()
+    grads = [p.grad for _, p in pack_mod.adapter_parameters(pack.model, "t0")]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)

@@ -62,31 +62,37 @@ _ROUTING = _Routing()
 def routed_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A peft LoRA layer's forward with its input's tokens routed to the adapters of :data:`_ROUTING`.
 
-    As peft's own forward for one active adapter: ``base(x) + B(A(dropout(x))) * scaling``, each segment of the
-    row with its own adapter's A, B, dropout and scaling; a segment whose adapter does not target this layer
-    adds nothing."""
+    As peft's own forward for one active adapter, ``base(x) + B(A(dropout(x))) * scaling``, each segment of the row
+    through its own adapter's matmuls; a segment whose adapter does not target this layer adds nothing. The trials'
+    weights never meet in one matmul: one trial's inf or NaN weights (a diverging learning rate) would turn the
+    others' outputs or input gradients to NaN through ``0 * inf``, and a trial that fails must fail alone. Dropout
+    runs once over the row where the adapters' rates agree (each token's mask is its own either way)."""
     result = self.base_layer(x, *args, **kwargs)
     route = _ROUTING.route
-    deltas = []
-    for segment in route:
-        part = x if segment.end is None and segment.start == 0 else x[:, segment.start : segment.end]
-        if segment.adapter is None or segment.adapter not in self.lora_A:
-            deltas.append(None)
-            continue
-        lora_A, lora_B = self.lora_A[segment.adapter], self.lora_B[segment.adapter]
-        dropout, scaling = self.lora_dropout[segment.adapter], self.scaling[segment.adapter]
-        deltas.append(lora_B(lora_A(dropout(part.to(lora_A.weight.dtype)))) * scaling)
-    present = [d for d in deltas if d is not None]
+    present = [s.adapter for s in route if s.adapter is not None and s.adapter in self.lora_A]
     if not present:
         return result
+    first = self.lora_A[present[0]].weight
+    x = x.to(first.dtype)
+    if len({getattr(self.lora_dropout[n], "p", 0.0) for n in present}) == 1:
+        x = self.lora_dropout[present[0]](x)
+        dropped = True
+    else:
+        dropped = False
     if len(route) == 1:
-        return (result + present[0]).to(result.dtype)
+        name = present[0]
+        delta = self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+        return (result + delta).to(result.dtype)
     pieces = []
-    for segment, delta in zip(route, deltas):
-        if delta is None:
-            end = result.shape[1] if segment.end is None else segment.end
-            delta = present[0].new_zeros((result.shape[0], end - segment.start, result.shape[-1]))
-        pieces.append(delta)
+    for segment in route:
+        name = segment.adapter
+        part = x[:, segment.start : segment.end]
+        if name is None or name not in self.lora_A:
+            pieces.append(part.new_zeros((*part.shape[:-1], result.shape[-1])))
+            continue
+        if not dropped:
+            part = self.lora_dropout[name](part)
+        pieces.append(self.lora_B[name](self.lora_A[name](part)) * self.scaling[name])
     return (result + torch.cat(pieces, dim=1)).to(result.dtype)
 
 
