@@ -172,6 +172,8 @@ class SharedBase:
     loaded: Optional[tuple[Any, Any, list]] = None
     error: Optional[BaseException] = None
     pack: Any = None
+    left: set[int] = field(default_factory=set)  # trials that ended, some before the pack was made
+    stopping: Optional[BaseException] = None
 
     def load(self, index: int):
         from transformers import set_seed
@@ -182,6 +184,8 @@ class SharedBase:
         with self.lock:
             if self.error is not None:
                 raise self.error
+            if self.stopping is not None:
+                raise self.stopping
             if self.loaded is None:
                 try:
                     cfg = self.jobs[0][1]
@@ -200,17 +204,28 @@ class SharedBase:
                 except BaseException as exc:
                     self.error = exc
                     raise
+                # Trials that ended before the pack was made (their setup raised) would be waited for in its step.
+                for gone in self.left:
+                    self.pack.leave(self.pack.adapters[gone])
+            if self.stopping is not None:  # a stop (SIGTERM) came while the base loaded
+                raise self.stopping
         tokenizer, data, members = self.loaded
         return tokenizer, data, members[index]
 
     def stop(self, reason: BaseException) -> None:
+        """Stop every trial: at its next step, or before it starts (:meth:`load`). Called from a signal handler,
+        so it does not wait for the lock a loading trial holds (``load`` reads ``stopping`` after ``pack`` is set)."""
+        self.stopping = reason
         if self.pack is not None:
             self.pack.stop(reason)
 
     def leave(self, index: int) -> None:
         """A trial's thread is done, however it ended: the others no longer wait for its steps."""
-        if self.pack is not None:
-            self.pack.leave(self.pack.adapters[index])
+        with self.lock:  # not while the pack is being made: load applies it then
+            self.left.add(index)
+            pack = self.pack
+        if pack is not None:
+            pack.leave(pack.adapters[index])
 
 
 @dataclass

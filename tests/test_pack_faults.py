@@ -1,0 +1,67 @@
+"""Packed trials when things go wrong (``hydra.sweeper.pack``): a trial that fails before the base loads, a stop
+while it loads, a base that cannot load; each trial's run must end, none may stay RUNNING or wait forever."""
+
+from __future__ import annotations
+
+import threading
+
+import mlflow
+
+from src import tracking
+from src.sweeps.job import run_pack_job
+from tests.test_packed_trials import TRIALS, _raw
+
+HANG_S = 120  # a pack of 2 tiny trials takes ~10 s on CPU; past this it waits for a trial that is gone
+
+
+def _run_pack_in_thread(members, pack_train, isolate=False) -> list:
+    """run_pack_job in a thread, so that a pack that waits forever fails the test instead of hanging it."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(run_pack_job(members, pack_train, isolate=isolate)))
+    worker.daemon = True
+    worker.start()
+    worker.join(HANG_S)
+    assert not worker.is_alive(), "the pack hangs: its live trials wait in Pack.step for a trial that has ended"
+    return out[0]["pack"]
+
+
+def test_a_trial_that_fails_before_the_base_loads_does_not_hold_up_the_others(tmp_path, mlflow_store):
+    """Trial 1's output directory cannot be made (a file is in the way): it fails at once, before it asks for the
+    base, while trial 0 loads it. Trial 0 must train on without it, not wait in Pack.step for its steps."""
+    import src.train
+
+    good = _raw(tmp_path, "good", TRIALS[0])
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    bad = _raw(tmp_path, "bad", TRIALS[1])
+    bad["output_dir"] = str(blocked / "out")
+    result = _run_pack_in_thread([(good, None), (bad, None)], src.train.pack)
+    assert result[0]["status"] == "ok", result
+    assert result[1]["status"] == "failed", result
+    assert mlflow.get_run(result[0]["run_id"]).info.status == "FINISHED"
+
+
+def _stopping_while_the_base_loads(jobs):
+    """src.train.pack, its base's load preceded by a stop (SIGTERM of the pack's process arriving while the base
+    loads, which on a GPU takes minutes)."""
+    import src.train
+
+    trains, shared = src.train.pack(jobs)
+    load = shared.load
+
+    def load_after_a_stop(index):
+        shared.stop(tracking.Terminated("received signal SIGTERM"))
+        return load(index)
+
+    shared.load = load_after_a_stop
+    return trains, shared
+
+
+def test_a_stop_while_the_base_loads_stops_every_trial(tmp_path, mlflow_store):
+    members = [(_raw(tmp_path, f"t{i}", TRIALS[i]), None) for i in range(2)]
+    result = _run_pack_in_thread(members, _stopping_while_the_base_loads)
+    assert [r["status"] for r in result] == ["failed", "failed"], result
+    assert {r["error_type"] for r in result} == {"Terminated"}, result
+    runs = tracking.runs_of_output_dir(members[0][0]) + tracking.runs_of_output_dir(members[1][0])
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
+    assert all("train_loss" not in r.data.metrics for r in runs)  # stopped before any step
