@@ -3,9 +3,13 @@ while it loads, a base that cannot load; each trial's run must end, none may sta
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 
 import mlflow
+import pytest
 
 from src import tracking
 from src.sweeps.job import run_pack_job
@@ -65,3 +69,32 @@ def test_a_stop_while_the_base_loads_stops_every_trial(tmp_path, mlflow_store):
     runs = tracking.runs_of_output_dir(members[0][0]) + tracking.runs_of_output_dir(members[1][0])
     assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
     assert all("train_loss" not in r.data.metrics for r in runs)  # stopped before any step
+
+
+def test_sigterm_of_a_pack_in_the_sweepers_process_stops_the_sweep(tmp_path, mlflow_store):
+    """hydra.sweeper.isolate=false: the pack trains in the sweeper's process. A SIGTERM there ends every trial's
+    run KILLED and then reaches the sweeper (raised, as for a job alone), which must not go on to its next job."""
+    import src.train
+
+    shared_of = []
+
+    def pack_train(jobs):
+        trains, shared = src.train.pack(jobs)
+        shared_of.append(shared)
+        return trains, shared
+
+    def kill_once_stepping():
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
+            pack = shared_of[0].pack if shared_of else None
+            if pack is not None and pack.steps >= 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    members = [(_raw(tmp_path, f"t{i}", [*TRIALS[i], "train.max_steps=200"]), None) for i in range(2)]
+    threading.Thread(target=kill_once_stepping, daemon=True).start()
+    with pytest.raises(tracking.Terminated):
+        run_pack_job(members, pack_train, isolate=False)
+    runs = tracking.runs_of_output_dir(members[0][0]) + tracking.runs_of_output_dir(members[1][0])
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED"]

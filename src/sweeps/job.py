@@ -412,10 +412,12 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
 
     threads = [threading.Thread(target=trial, args=(i,), name=f"lora-pack-t{i}") for i in range(len(jobs))]
     previous = None
+    terminated: list[BaseException] = []
     if threading.current_thread() is threading.main_thread():
 
         def terminate(signum, frame):
-            shared.stop(tracking.Terminated(f"received signal {signal.Signals(signum).name}"))
+            terminated.append(tracking.Terminated(f"received signal {signal.Signals(signum).name}"))
+            shared.stop(terminated[0])
 
         previous = signal.signal(signal.SIGTERM, terminate)
     try:
@@ -432,6 +434,8 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if terminated:  # the trials' runs ended KILLED; the signal goes on to the sweeper, as a job alone's does
+        raise terminated[0]
     return results
 
 
