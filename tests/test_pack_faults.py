@@ -13,6 +13,7 @@ import pytest
 
 from src import tracking
 from src.sweeps.job import run_pack_job
+from tests.conftest import compose_config
 from tests.test_packed_trials import TRIALS, _raw
 
 HANG_S = 120  # a pack of 2 tiny trials takes ~10 s on CPU; past this it waits for a trial that is gone
@@ -98,3 +99,28 @@ def test_sigterm_of_a_pack_in_the_sweepers_process_stops_the_sweep(tmp_path, mlf
         run_pack_job(members, pack_train, isolate=False)
     runs = tracking.runs_of_output_dir(members[0][0]) + tracking.runs_of_output_dir(members[1][0])
     assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
+
+
+def test_grouping_says_why_a_job_trains_alone():
+    """Jobs of other data never share a pack; a job that cannot be packed is a unit alone, and the sweep is told
+    why (else ``pack=4`` that runs one job at a time looks like a bug)."""
+    from src.sweeps.packs import group
+
+    def raw(overrides):
+        return {**compose_config(overrides), "output_dir": "unused"}
+
+    raws = [
+        raw(["data=instructions"]),
+        raw(["data=instructions", "lora.bias=all"]),
+        raw(["data=instructions", "lora.r=16"]),
+        raw(["data=instructions", "data.subsample=10"]),
+        raw(["data=instructions", "train.fast_path=false"]),
+        None,
+    ]
+    said: dict[int, str] = {}
+    assert group(raws, 4, say=said.__setitem__) == [[0, 2], [1], [3], [4], [5]]
+    assert sorted(said) == [1, 4, 5]
+    assert "lora.bias=all" in said[1] and "fast_path" in said[4] and "compose" in said[5]
+    said.clear()
+    assert group(raws, 1, say=said.__setitem__) == [[i] for i in range(6)]
+    assert said == {}  # pack=1: every job is alone anyway

@@ -160,7 +160,9 @@ class GridSweeper(Sweeper):
                 raws.append(packs_mod.member_config(self.hydra_context.config_loader, self.config, job, number))
             except Exception:  # noqa: BLE001  the job then runs alone and fails with Hydra's own error
                 raws.append(None)
-        units = packs_mod.group(raws, self.pack)
+        units = packs_mod.group(
+            raws, self.pack, say=lambda n, why: print(f"[sweep {record.sweep_id}] job #{n} trains alone: {why}")
+        )
         print(
             f"[sweep {record.sweep_id}] {len(jobs)} jobs as {len(units)} launches "
             f"(hydra.sweeper.pack={self.pack}: {sum(len(u) > 1 for u in units)} packs)",

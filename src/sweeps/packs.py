@@ -9,7 +9,7 @@ be packed (:func:`unpackable`) runs alone, as without ``pack``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,14 +68,22 @@ def member_config(config_loader, config: DictConfig, overrides: Sequence[str], n
     return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
 
 
-def group(raws: Sequence[Optional[dict]], size: int) -> list[list[int]]:
+def group(
+    raws: Sequence[Optional[dict]], size: int, say: Optional[Callable[[int, str], None]] = None
+) -> list[list[int]]:
     """The jobs (by index) as units to launch: packs of up to ``size`` jobs of one base key, in the order of their
-    first job; a job that cannot be packed (or whose config did not compose: None) is a unit alone."""
+    first job; a job that cannot be packed (or whose config did not compose: None) is a unit alone, and ``say`` is
+    told its index and why."""
     units: list[list[int]] = []
     open_packs: dict[str, list[int]] = {}
     for index, raw in enumerate(raws):
+        if size <= 1:
+            units.append([index])
+            continue
         reason = "its config does not compose" if raw is None else why_alone(raw)
-        if size <= 1 or reason is not None:
+        if reason is not None:
+            if say is not None:
+                say(index, reason)
             units.append([index])
             continue
         key = base_key(raw)

@@ -605,7 +605,11 @@ class OptunaSweeper(Sweeper):
         envs = [{STORAGE_ENV: self.storage, STUDY_ENV: record.sweep_id, TRIAL_ENV: str(t.number)} for t in pending]
         (gpu,) = assign_gpus(1, gpus)
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        for unit in packs_mod.group(raws, self.pack):
+
+        def say(i: int, why: str) -> None:
+            print(f"[sweep {record.sweep_id}] trial #{pending[i].number} trains alone: {why}", flush=True)
+
+        for unit in packs_mod.group(raws, self.pack, say=say):
             first = unit[0]
             env = {**record.job_env(), **envs[first], "CUDA_VISIBLE_DEVICES": gpu, packs_mod.PACK_ENV: ""}
             if len(unit) > 1:
