@@ -124,3 +124,48 @@ def test_grouping_says_why_a_job_trains_alone():
     said.clear()
     assert group(raws, 1, say=said.__setitem__) == [[i] for i in range(6)]
     assert said == {}  # pack=1: every job is alone anyway
+
+
+def slow_loading_pack(jobs):
+    """src.train.pack whose base takes 30 s to load (a 7B model from disk): a trial's thread cannot be interrupted
+    there, so a SIGTERM waits for it. Module level: the pack's process gets it by name."""
+    import src.train
+
+    trains, shared = src.train.pack(jobs)
+    load = shared.load
+
+    def slow_load(index):
+        time.sleep(30)
+        return load(index)
+
+    shared.load = slow_load
+    return trains, shared
+
+
+def test_a_pack_killed_after_its_stop_grace_leaves_no_run_running(tmp_path, mlflow_store, monkeypatch):
+    """SIGTERM of the sweeper while its pack's base loads: the pack's process cannot stop within the grace and is
+    killed; every trial's run must still end (FAILED, with the reason), not stay RUNNING."""
+    from src.sweeps import job
+    from src.sweeps.record import install_sigterm_handler, restore_sigterm_handler
+
+    monkeypatch.setattr(job, "STOP_GRACE_S", 2)
+    members = [(_raw(tmp_path, f"t{i}", TRIALS[i]), None) for i in range(2)]
+
+    def kill_once_both_runs_started():
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
+            if all(tracking.runs_of_output_dir(raw) for raw, _ in members):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=kill_once_both_runs_started, daemon=True).start()
+    previous = install_sigterm_handler()  # as the sweeper does: SIGTERM raises
+    try:
+        with pytest.raises(tracking.Terminated):
+            run_pack_job(members, slow_loading_pack, isolate=True)
+    finally:
+        restore_sigterm_handler(previous)
+    runs = [r for raw, _ in members for r in tracking.runs_of_output_dir(raw)]
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"], [r.data.tags.get("error") for r in runs]
+    assert all(r.data.tags["error_type"] == "TrialProcessDied" for r in runs)

@@ -325,6 +325,8 @@ def run_pack_job(
             process.join()
         except BaseException:
             _stop(process)
+            if not result_path.is_file():  # killed after the grace (a base still loading): close its runs
+                _read_pack_result(result_path, process.exitcode, valid)
             raise
         packed = _read_pack_result(result_path, process.exitcode, valid)
     elif valid:
