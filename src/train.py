@@ -12,6 +12,7 @@ every rank runs :func:`run`; rank 0 alone writes MLflow and the adapter (``src/d
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -200,7 +201,10 @@ class SharedBase:
                         model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs]
                     )
                     members = pack_mod.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16))
-                    self.loaded = (tokenizer, data, members)
+                    # One tokenizer each: a fast tokenizer's padding and truncation are state that every call sets,
+                    # so one trial's generate (padding=True) would race another's tokenize_sft (no padding).
+                    tokenizers = [tokenizer, *(copy.deepcopy(tokenizer) for _ in cfgs[1:])]
+                    self.loaded = (tokenizers, data, members)
                 except BaseException as exc:
                     self.error = exc
                     raise
@@ -209,8 +213,8 @@ class SharedBase:
                     self.pack.leave(self.pack.adapters[gone])
             if self.stopping is not None:  # a stop (SIGTERM) came while the base loaded
                 raise self.stopping
-        tokenizer, data, members = self.loaded
-        return tokenizer, data, members[index]
+        tokenizers, data, members = self.loaded
+        return tokenizers[index], data, members[index]
 
     def stop(self, reason: BaseException) -> None:
         """Stop every trial: at its next step, or before it starts (:meth:`load`). Called from a signal handler,

@@ -169,3 +169,35 @@ def test_a_pack_killed_after_its_stop_grace_leaves_no_run_running(tmp_path, mlfl
     runs = [r for raw, _ in members for r in tracking.runs_of_output_dir(raw)]
     assert [r.info.status for r in runs] == ["FAILED", "FAILED"], [r.data.tags.get("error") for r in runs]
     assert all(r.data.tags["error_type"] == "TrialProcessDied" for r in runs)
+
+
+def test_the_trials_tokenizers_do_not_race(tmp_path):
+    """A fast tokenizer's padding and truncation are state that each call sets: one trial generating its samples
+    (``padding=True``) while another tokenizes its rows (no padding) made the first fail ("Unable to create tensor,
+    you should probably activate ... padding") when they shared one. Each trial has its own."""
+    import src.train
+    from src import tracking as tracking_mod
+
+    raws = [_raw(tmp_path, f"t{i}", TRIALS[i]) for i in range(2)]
+    _, shared = src.train.pack([(raw, tracking_mod.validated(raw), None) for raw in raws])
+    generating, encoding = shared.load(0)[0], shared.load(1)[0]
+    errors: list[str] = []
+    until = time.monotonic() + 3
+
+    def generate_prompts():
+        while time.monotonic() < until:
+            try:
+                generating(["a prompt", "a somewhat longer prompt than that"], return_tensors="pt", padding=True)
+            except ValueError as exc:
+                errors.append(str(exc))
+
+    def tokenize_rows():
+        while time.monotonic() < until:
+            encoding(["some row text " * 20] * 8, truncation=True, max_length=64)
+
+    threads = [threading.Thread(target=generate_prompts), threading.Thread(target=tokenize_rows)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [], errors[:1]
