@@ -360,6 +360,8 @@ def _pack_process(valid, feasibility, pack_train, env, result_path, sweeper) -> 
     console.log_to_file(Path(valid[0][2].output_dir) / "train.log")
     try:
         results = _run_pack(valid, feasibility, pack_train)
+    except tracking.Terminated as exc:  # SIGTERM: the trials that finished before it stay finished
+        results = getattr(exc, "pack_results", None) or [_failure(exc)] * len(valid)
     except BaseException as exc:  # noqa: B036  the pack process reports everything
         results = [_failure(exc)] * len(valid)
     Path(result_path).write_text(json.dumps(results, indent=2, default=str))
@@ -389,7 +391,12 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
         print(f"feasibility: the pack of {len(valid)} does not fit; split into packs of {sizes}", file=sys.stderr)
         results: list[dict[str, Any]] = []
         for group in groups:
-            results += _run_pack([valid[i] for i in group], feasibility, pack_train)
+            try:
+                results += _run_pack([valid[i] for i in group], feasibility, pack_train)
+            except tracking.Terminated as exc:  # the parts not started end as the stop
+                done = results + getattr(exc, "pack_results", [_failure(exc)] * len(group))
+                exc.pack_results = done + [_failure(exc)] * (len(valid) - len(done))
+                raise
         return results
     first_raw, first_cfg = valid[0][1], valid[0][2]
     _, checked, note = check_feasibility(first_raw, first_cfg, feasibility)
@@ -437,6 +444,7 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if terminated:  # the trials' runs ended KILLED; the signal goes on to the sweeper, as a job alone's does
+        terminated[0].pack_results = results  # what the pack's process still reports (_pack_process)
         raise terminated[0]
     return results
 
