@@ -254,3 +254,40 @@ def test_one_trial_s_nan_weights_leave_the_others_finite():
     grads = [p.grad for _, p in pack_mod.adapter_parameters(pack.model, "t0")]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().max() > 0 for g in grads)
+
+
+def test_a_joint_step_that_fails_on_one_trial_s_row_fails_that_trial_alone():
+    """One trial's row breaks the joint step (here its labels are out of the vocabulary): each row then runs alone,
+    so the trial whose own step fails gets the error and the other its loss and gradients."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from src import modeling
+    from src.fast import pack as pack_mod
+    from src.fast.attention import use_packed_attention
+
+    cfgs = []
+    for lora in (["lora=attn_qv", "lora.r=4"], ["lora=attn_qv", "lora.r=8"]):
+        raw = compose_config(["data=instructions", "lora.dropout=0.0", *lora])
+        raw["output_dir"] = "unused"
+        cfgs.append(validate(raw, for_training=True))
+    tokenizer = modeling.load_tokenizer(cfgs[0].model)
+    model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
+    pack = pack_mod.build_pack(model, [c.lora for c in cfgs], "sft", [0, 0])
+    use_packed_attention(pack.model)
+    trainer = SimpleNamespace(attention="per-example", compute_loss_context_manager=contextlib.nullcontext)
+    vocab = pack.model.get_base_model().config.vocab_size
+
+    def row(bad: bool) -> dict:
+        ids = torch.randint(5, 500, (1, 12))
+        labels = ids.clone()
+        labels[0, 0] = -100
+        if bad:
+            labels[0, 5] = vocab + 7
+        return {"input_ids": ids, "position_ids": torch.arange(12).unsqueeze(0), "labels": labels, "bounds": (0, 12)}
+
+    results = pack._run_step({"t0": (trainer, row(False), 11), "t1": (trainer, row(True), 11)})
+    assert isinstance(results["t1"], Exception) and not isinstance(results["t0"], Exception), results
+    assert torch.isfinite(results["t0"])
+    grads = [p.grad for _, p in pack_mod.adapter_parameters(pack.model, "t0")]
+    assert all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)

@@ -162,8 +162,10 @@ class Pack:
     @contextlib.contextmanager
     def routed(self, adapter: Optional[str]) -> Iterator[torch.nn.Module]:
         """The shared model with every token routed to ``adapter`` (None: the base alone), for one forward or
-        generation; the other trials wait."""
+        generation; the other trials wait. Raises the pack's stop (SIGTERM) if one came."""
         with self.lock, _route((Segment(adapter),)):
+            if self.stopping is not None:
+                raise self.stopping
             yield self.model
 
     def forward_one(self, adapter: str, training: bool, inputs: dict[str, Any]):
@@ -180,6 +182,8 @@ class Pack:
         with self.lock:
             if self.stopping is not None:
                 raise self.stopping
+            if adapter not in self.live:  # it would wait for a step that never counts it
+                raise RuntimeError(f"pack trial {adapter} stepped after it left the pack")
             self.pending[adapter] = (trainer, inputs, num_items_in_batch)
             while adapter not in self.done:
                 if self.stopping is not None:
@@ -187,10 +191,7 @@ class Pack:
                     raise self.stopping
                 if self.pending and len(self.pending) == len(self.live):
                     batch, self.pending = self.pending, {}
-                    try:
-                        self.done.update(self._joint_step(batch))
-                    except BaseException as exc:  # noqa: B036  each trial of the step raises it
-                        self.done.update(dict.fromkeys(batch, exc))
+                    self.done.update(self._run_step(batch))
                     self.lock.notify_all()
                 else:
                     self.lock.wait()
@@ -198,6 +199,33 @@ class Pack:
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def _run_step(self, batch: dict[str, tuple[Any, dict, Any]]) -> dict[str, Any]:
+        """Each trial's loss of the joint step, or the exception its trial raises. Where the joint step fails (an
+        out-of-memory error on one trial's long row, say), each trial's row runs again alone, so that only the trials
+        whose own step fails fail (their gradients start from zero either way: none was accumulated)."""
+        try:
+            return self._joint_step(batch)
+        except KeyboardInterrupt as exc:  # a stop: every trial of the step ends with it
+            return dict.fromkeys(batch, exc)
+        except Exception as first:  # noqa: BLE001  which trial's row it was is found below
+            if len(batch) == 1:
+                return dict.fromkeys(batch, first)
+            del first  # its traceback holds the failed step's tensors
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results: dict[str, Any] = {}
+        for name, entry in batch.items():
+            for _, param in adapter_parameters(self.model, name):
+                param.grad = None  # the failed joint backward may have written part of it
+            try:
+                results.update(self._joint_step({name: entry}))
+            except Exception as exc:  # noqa: BLE001  this trial's own step fails
+                results[name] = exc
+        return results
 
     def _joint_step(self, batch: dict[str, tuple[Any, dict, Any]]) -> dict[str, torch.Tensor]:
         """Forward the trials' rows as one row, each trial's tokens through its adapter, and backward the sum of
@@ -255,7 +283,7 @@ class Pack:
         with self.lock, tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[adapter])
             saved = Path(tmp) / adapter
-            for item in saved.iterdir():
+            for item in [*saved.iterdir(), *(p for p in Path(tmp).iterdir() if p.is_file())]:  # peft's model card
                 shutil.move(str(item), str(directory / item.name))
         config_file = directory / "adapter_config.json"
         if config_file.is_file():  # the config names its base like a run alone's
