@@ -207,6 +207,7 @@ def test_a_pack_that_does_not_fit_is_split():
     assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=0.001)) == [[0], [1], [2]]
 
 
+@pytest.mark.slow  # ~20 s; its sides are the default tier's pack and solo runs, which the tests above check
 def test_the_pack_bench_runs_both_sides_on_cpu(tmp_path):
     """``python -m src.bench --workload tiny-pack3 --device cpu``: its code paths, not its numbers."""
     import json
