@@ -45,10 +45,11 @@ def test_a_new_head_is_expected_and_anything_else_is_reported():
     ]
 
 
-def test_a_run_prints_metric_lines_and_a_summary_and_logs_to_its_file(tmp_path):
+def test_a_run_prints_metric_lines_and_a_summary_and_logs_to_its_file(tmp_path, mlflow_store):
     out = tmp_path / "out"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "src.train", "train.max_steps=4", "train.logging_steps=2", "data.subsample=64"]
+    uri = mlflow_store
+    cmd = [sys.executable, "-m", "src.train", "train.max_steps=4", "train.logging_steps=2"]
+    cmd += ["data.subsample=64", "data.eval_subsample=24"]
     proc = subprocess.run(
         [*cmd, f"hydra.run.dir={out}", f"tracking.tracking_uri={uri}"], cwd=ROOT, capture_output=True, text=True
     )

@@ -192,9 +192,9 @@ def test_sigterm_ends_the_run_killed(tmp_path, mlflow_store):
     assert run_.data.tags["error_type"] == "Terminated"
 
 
-@pytest.mark.slow  # the default run end to end: test_readme.py runs `python -m src.train`
+@pytest.mark.slow  # the default run end to end, shortened: tests/test_console.py
 def test_offline_default_learns_above_the_majority_baseline(tmp_path):
-    """The README's main command, as a user runs it (slowest test of the default tier, ~30 s)."""
+    """The README's main command, as a user runs it (~15-30 s on 2 cores)."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     proc = subprocess.run(
         [sys.executable, "-m", "src.train", f"tracking.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'out'}"],
