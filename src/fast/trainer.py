@@ -352,10 +352,20 @@ def build_packed_sft_trainer(
         ddp_broadcast_buffers=False,  # under DDP: the cached dequantized weights are buffers, equal on every rank
     )
     distributed.one_gpu_per_process(args)  # dataclasses.replace set the devices up anew
+    trainer = _sft_trainer(
+        PackedTrainer, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, graphs=graphs
+    )
+    print(micro.describe(), file=sys.stderr)
+    return trainer, micro
+
+
+def _sft_trainer(cls, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, **extra):
+    """A packed SFT trainer (``cls``) on the rows tokenized as TRL does, padding-free for training and padded for
+    evaluation."""
     completion_only = args.completion_only_loss is not False  # TRL's None: on for prompt/completion rows
     prepare = dict(tokenizer=tokenizer, max_length=cfg.model.max_length, completion_only_loss=completion_only)
     pad_id = tokenizer.pad_token_id
-    trainer = PackedTrainer(
+    return cls(
         model=model,
         args=args,
         train_dataset=tokenize_sft(train_dataset, **prepare),
@@ -365,10 +375,8 @@ def build_packed_sft_trainer(
         data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True),
         eval_data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id),
         attention=attention,
-        graphs=graphs,
+        **extra,
     )
-    print(micro.describe(), file=sys.stderr)
-    return trainer, micro
 
 
 def _pack_attention(model, args) -> str:
@@ -399,19 +407,16 @@ def _build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset
         label_names=["labels"],  # the Trainer finds them in the model's forward signature, here **inputs
     )
     distributed.one_gpu_per_process(args)
-    completion_only = args.completion_only_loss is not False
-    prepare = dict(tokenizer=tokenizer, max_length=cfg.model.max_length, completion_only_loss=completion_only)
-    pad_id = tokenizer.pad_token_id
-    trainer = PackMemberTrainer(
-        model=member.model,
-        args=args,
-        train_dataset=tokenize_sft(train_dataset, **prepare),
-        eval_dataset=None if eval_dataset is None else tokenize_sft(eval_dataset, **prepare),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True),
-        eval_data_collator=DataCollatorForLanguageModeling(pad_token_id=pad_id),
-        attention=member.attention,
+    trainer = _sft_trainer(
+        PackMemberTrainer,
+        cfg,
+        member.model,
+        tokenizer,
+        args,
+        train_dataset,
+        eval_dataset,
+        callbacks,
+        member.attention,
         member=member,
     )
     print(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"), file=sys.stderr)
