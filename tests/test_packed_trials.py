@@ -225,22 +225,30 @@ def test_the_pack_bench_runs_both_sides_on_cpu(tmp_path):
     assert result["speedup"] == pytest.approx(seq["wall_s"] / packed["wall_s"])
 
 
-def test_one_trial_s_nan_weights_leave_the_others_finite():
-    """The routed layers never put two trials' weights in one matmul: NaN in t1's adapter (forward and backward)
-    stays in t1's tokens and gradients."""
+def _tiny_pack(*loras: list[str], dropout: float):
+    """The tiny model with one adapter per ``loras`` (their overrides) as a pack, on per-example attention."""
     from src import modeling
     from src.fast import pack as pack_mod
     from src.fast.attention import use_packed_attention
 
     cfgs = []
-    for lora in (["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8"]):
-        raw = compose_config(["data=instructions", "lora.dropout=0.1", *lora])
+    for lora in loras:
+        raw = compose_config(["data=instructions", f"lora.dropout={dropout}", *lora])
         raw["output_dir"] = "unused"
         cfgs.append(validate(raw, for_training=True))
     tokenizer = modeling.load_tokenizer(cfgs[0].model)
     model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
-    pack = pack_mod.build_pack(model, [c.lora for c in cfgs], "sft", [0, 0])
+    pack = pack_mod.build_pack(model, [c.lora for c in cfgs], "sft", [0] * len(cfgs))
     use_packed_attention(pack.model)
+    return pack
+
+
+def test_one_trial_s_nan_weights_leave_the_others_finite():
+    """The routed layers never put two trials' weights in one matmul: NaN in t1's adapter (forward and backward)
+    stays in t1's tokens and gradients."""
+    from src.fast import pack as pack_mod
+
+    pack = _tiny_pack(["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.1)
     with torch.no_grad():
         for _, param in pack_mod.adapter_parameters(pack.model, "t1"):
             param.fill_(float("nan"))
@@ -263,19 +271,9 @@ def test_a_joint_step_that_fails_on_one_trial_s_row_fails_that_trial_alone():
     import contextlib
     from types import SimpleNamespace
 
-    from src import modeling
     from src.fast import pack as pack_mod
-    from src.fast.attention import use_packed_attention
 
-    cfgs = []
-    for lora in (["lora=attn_qv", "lora.r=4"], ["lora=attn_qv", "lora.r=8"]):
-        raw = compose_config(["data=instructions", "lora.dropout=0.0", *lora])
-        raw["output_dir"] = "unused"
-        cfgs.append(validate(raw, for_training=True))
-    tokenizer = modeling.load_tokenizer(cfgs[0].model)
-    model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
-    pack = pack_mod.build_pack(model, [c.lora for c in cfgs], "sft", [0, 0])
-    use_packed_attention(pack.model)
+    pack = _tiny_pack(["lora=attn_qv", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.0)
     trainer = SimpleNamespace(attention="per-example", compute_loss_context_manager=contextlib.nullcontext)
     vocab = pack.model.get_base_model().config.vocab_size
 
