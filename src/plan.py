@@ -105,6 +105,12 @@ EIGHT_BIT_STATE_BYTES = 2
 # Activations, per token. Fitted on the H100 runs described in the module docstring.
 ACT_RESIDUAL_PER_HIDDEN = 7.5  # values kept per layer, x hidden_size, at the residual width
 ACT_MATMUL_PER_INTERMEDIATE = 4.0  # values kept per layer, x intermediate_size, at the matmul width
+# An MLP without a gate (BERT's up projection and GELU) keeps two of those four: the up output and the activation's.
+ACT_MATMUL_PER_INTERMEDIATE_UNGATED = 2.0
+# BERT's residual-width values per layer, x hidden_size: fitted on BERT-large, 4-bit, the packed fast path (bf16
+# autocast, fp32 LayerNorm outputs), one H200 run (tests/device/cls_run1/bert.json: 2.38 GiB at 1,047 tokens a
+# micro-batch; the decoders' 7.5 gave 3.19 GiB, +34%).
+ACT_RESIDUAL_PER_HIDDEN_ENCODER = 3.0
 CKPT_RESIDUAL_PER_HIDDEN = 1.33  # values kept per checkpointed layer, x hidden_size, at the residual width
 LORA_DROPOUT_MASK_BYTES = 1  # per LoRA input feature, when lora.dropout > 0
 INT8_KEPT_BYTES_PER_INPUT = 3.6  # per input feature of every int8 layer, checkpointing or not (fp32 residual)
@@ -139,6 +145,8 @@ class ModelShape:
     quantizable_rows: int  # their output features, summed
     quantizable_inputs: int  # their input features, summed
     largest_quantizable: int  # weights in the largest such layer
+    gated_mlp: bool = True  # the MLP has a gate (LLaMA's gate_proj, Phi-3's gate_up_proj); BERT's has none
+    encoder: bool = False  # a bidirectional encoder (BERT): post-norm blocks, its own activation coefficients
 
 
 @dataclass(frozen=True)
@@ -209,10 +217,9 @@ def memory_breakdown_gb(
         trainable = trainable_params * (TRAINABLE_WEIGHT_BYTES + TRAINABLE_GRAD_BYTES + optimizer_state_bytes(optim))
 
     tokens = batch_size * seq_len
-    layer = (
-        ACT_RESIDUAL_PER_HIDDEN * shape.hidden_size * widths.residual
-        + ACT_MATMUL_PER_INTERMEDIATE * shape.intermediate_size * widths.matmul
-    )
+    residual = ACT_RESIDUAL_PER_HIDDEN_ENCODER if shape.encoder else ACT_RESIDUAL_PER_HIDDEN
+    matmul = ACT_MATMUL_PER_INTERMEDIATE if shape.gated_mlp else ACT_MATMUL_PER_INTERMEDIATE_UNGATED
+    layer = residual * shape.hidden_size * widths.residual + matmul * shape.intermediate_size * widths.matmul
     lora_inputs = lora.in_features * (widths.matmul + (LORA_DROPOUT_MASK_BYTES if lora.dropout else 0))
     if activation_checkpointing:
         kept = shape.num_layers * CKPT_RESIDUAL_PER_HIDDEN * shape.hidden_size * widths.residual
@@ -326,8 +333,9 @@ def _first_attr(config, names: tuple[str, ...], default: Optional[int] = None) -
     return default
 
 
-def model_shape(model, model_config, task: str = "sft") -> ModelShape:
-    """Sizes of a base model (before LoRA), and the linear layers bitsandbytes would quantize."""
+def model_shape(model, model_config, task: str = "sft", encoder: bool = False) -> ModelShape:
+    """Sizes of a base model (before LoRA), and the linear layers bitsandbytes would quantize (``encoder``: the
+    config's ``model.architecture`` is ``encoder``)."""
     from torch import nn
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
@@ -349,6 +357,8 @@ def model_shape(model, model_config, task: str = "sft") -> ModelShape:
         quantizable_rows=sum(m.out_features for m in quantizable),
         quantizable_inputs=sum(m.in_features for m in quantizable),
         largest_quantizable=max((m.weight.numel() for m in quantizable), default=0),
+        gated_mlp=any("gate" in name.rsplit(".", 1)[-1] for name, _ in model.named_modules()),
+        encoder=encoder,
     )
 
 
@@ -411,7 +421,7 @@ def plan(cfg: Config, tokens_per_micro_batch: Optional[int] = None) -> dict[str,
     fast_path = getattr(cfg.train, "fast_path", False)
     model_config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     base = build_meta_model(model_config, cfg)
-    shape = model_shape(base, model_config, cfg.data.task)
+    shape = model_shape(base, model_config, cfg.data.task, encoder=cfg.model.architecture == "encoder")
     model = apply_lora(base, cfg.lora, cfg.data.task)
     trainable, total = count_params(model)
     breakdown = memory_breakdown_gb(

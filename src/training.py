@@ -365,7 +365,11 @@ def build_trainer(
             console.log.info(micro.describe().replace("fast path:", "fast path (classification):"))
             tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
         trainer = PackedClassificationTrainer(
-            label_weights=data.label_weights, multilabel=multilabel, attention=attention, **common
+            label_weights=data.label_weights,
+            multilabel=multilabel,
+            attention=attention,
+            cuda_graphs=micro is not None and micro.cuda_graphs,
+            **common,
         )
     elif data.label_weights is not None:
         trainer = WeightedLossTrainer(label_weights=data.label_weights, multilabel=multilabel, **common)

@@ -158,6 +158,79 @@ def test_cuda_graph_steps_match_eager_steps():
     assert not graphs.accepts(batches[3])
 
 
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
+    """A packed classifier's replayed steps (a new length captures, the same length replays on new rows) give the
+    eager packed step's loss and LoRA and head gradients; an epoch's smaller last batch is left to the eager step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from src.fast.classification import (
+        GraphedClassifierSteps,
+        PackedClassificationCollator,
+        classification_loss,
+        packed_logits,
+    )
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=800,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=512,
+        num_labels=4,
+        pad_token_id=2,
+        attn_implementation="sdpa",
+    )
+    model = AutoModelForSequenceClassification.from_config(config).to("cuda", torch.bfloat16)
+    assert fast_attention.use_varlen_attention(model)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["score"])
+    model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn_like(param) * 0.1
+    weights = None if multilabel else torch.tensor([0.5, 1.0, 2.0, 1.0])
+    graphs = GraphedClassifierSteps(4, weights, multilabel, bucket=64)
+    collate = PackedClassificationCollator(multilabel)
+    generator = torch.Generator().manual_seed(1)
+
+    def batch(lengths):
+        labels = (
+            torch.randint(0, 2, (len(lengths), 4), generator=generator).tolist()
+            if multilabel
+            else torch.randint(0, 4, (len(lengths),), generator=generator).tolist()
+        )
+        rows = [
+            {"input_ids": torch.randint(3, 500, (n,), generator=generator).tolist(), "label": y}
+            for n, y in zip(lengths, labels)
+        ]
+        return collate(rows)
+
+    batches = [batch([37, 5, 60, 20]), batch([30, 40, 12, 21]), batch([3, 4, 5, 6]), batch([10, 20, 30])]
+    for b in batches[:3]:  # 122 and 103 tokens: one 128-token graph, captured then replayed; 18 tokens: 64
+        device = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        logits = packed_logits(
+            model, device["input_ids"], device["position_ids"], device["last_token"], "varlen", b["bounds"]
+        )
+        loss_ref = classification_loss(logits, device["labels"], weights, multilabel)
+        loss_ref.backward()
+        grads_ref = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        assert graphs.accepts(b)
+        loss = graphs.step(model, b).float().clone()
+        assert graphs.failed is None
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(loss, loss_ref.detach().float(), atol=1e-2, rtol=0)
+        assert set(grads) == set(grads_ref) and any("score" in n for n in grads)
+        for name, grad in grads_ref.items():
+            torch.testing.assert_close(grads[name], grad, atol=3e-2 * grad.abs().max().item(), rtol=0, msg=name)
+    assert sorted(graphs.graphs) == [64, 128]
+    assert not graphs.accepts(batches[3])
+
+
 def _ddp_graph_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 

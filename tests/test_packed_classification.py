@@ -17,7 +17,9 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from src import modeling
 from src.config import validate
+from src.fast import attention as fast_attention
 from src.fast.classification import (
+    GraphedClassifierSteps,
     PackedClassificationCollator,
     classification_loss,
     packed_logits,
@@ -100,6 +102,53 @@ def test_packed_and_padded_paths_agree_on_logits_loss_and_lora_gradients(
     torch.testing.assert_close(loss, padded_loss, atol=TOL, rtol=TOL)
     expected, got = _grads(padded_model), _grads(packed_model)
     assert set(got) == set(expected) and any("lora_A" in n for n in got) and any("score" in n for n in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=TOL, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "multilabel", "weights"), [(5, False, [0.5, 1.0, 2.0, 1.0, 0.25]), (4, True, None)]
+)
+def test_a_graphed_classifier_step_pads_its_row_with_an_example_nothing_sees(
+    tiny_model_dir, num_labels, multilabel, weights
+):
+    """The row a CUDA graph replays (GraphedClassifierSteps._inputs: padded up to the bucket with one more example,
+    never pooled) and the graph's own forward, loss and backward (run eagerly here: on CPU varlen attention runs per
+    example from the same offsets) give the eager packed step's loss and LoRA and head gradients."""
+    tokenizer = modeling.load_tokenizer(validate(compose_config([])).model)
+    model = _model(tiny_model_dir, num_labels, multilabel)
+    assert fast_attention.use_varlen_attention(model)
+    generator = torch.Generator().manual_seed(2)
+    if multilabel:
+        labels = torch.randint(0, 2, (len(TEXTS), num_labels), generator=generator).tolist()
+    else:
+        labels = torch.randint(0, num_labels, (len(TEXTS),), generator=generator).tolist()
+    batch = PackedClassificationCollator(multilabel)(
+        [{"input_ids": tokenizer(t)["input_ids"], "label": y} for t, y in zip(TEXTS, labels)]
+    )
+    weight_tensor = None if weights is None else torch.tensor(weights)
+
+    logits = packed_logits(model, batch["input_ids"], batch["position_ids"], batch["last_token"], "varlen")
+    loss = classification_loss(logits, batch["labels"], weight_tensor, multilabel)
+    loss.backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    graphs = GraphedClassifierSteps(len(TEXTS), weight_tensor, multilabel, bucket=32)
+    tokens = batch["input_ids"].shape[1]
+    length = graphs.padded_length(tokens)
+    assert length % 32 == 0 and length > tokens and graphs.accepts(batch)
+    assert not graphs.accepts(
+        PackedClassificationCollator(multilabel)([{"input_ids": [5, 6], "label": labels[0]}] * (len(TEXTS) - 1))
+    )  # an epoch's short last batch runs eagerly
+    host = graphs._inputs(batch, length)
+    assert host["input_ids"].shape == host["position_ids"].shape == (1, length)
+    assert host["packed_cu_seqlens"].tolist() == [*batch["bounds"], length]  # one pad example at the end
+    assert host["position_ids"][0, tokens:].tolist() == list(range(length - tokens))
+    graphed_loss = graphs._forward_backward(model, host, length)
+    torch.testing.assert_close(graphed_loss, loss.detach(), atol=TOL, rtol=TOL)
+    got = _grads(model)
+    assert set(got) == set(expected) and any("score" in n for n in got)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=TOL, rtol=1e-4, msg=name)
 

@@ -420,7 +420,8 @@ def test_graphed_steps_pad_a_packed_row_with_one_ignored_example(tiny_model_dir)
     graphs = fast_graphs.GraphedSteps(pad_token_id=2, max_examples=4, bucket=16)
     batch = _collate(_examples([5, 7, 3]), padding_free=True)  # 15 tokens
     assert graphs.accepts(batch) and graphs.padded_length(15) == 16 and graphs.padded_length(16) == 32
-    host = graphs._inputs(batch, 16)
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    host = graphs._inputs(batch, 16, num_items)
     assert host["packed_cu_seqlens"].tolist() == [0, 5, 12, 15, 16, 16]  # the pad example, then an empty one
     assert host["input_ids"][0, 15] == 2 and host["labels"][0, 15] == -100 and host["position_ids"][0, 15] == 0
     assert not graphs.accepts(_collate(_examples([4] * 5), padding_free=True))  # more examples than captured
@@ -428,9 +429,8 @@ def test_graphed_steps_pad_a_packed_row_with_one_ignored_example(tiny_model_dir)
 
     model = _tiny_lora_model(tiny_model_dir, "sdpa")
     assert fast_attention.use_varlen_attention(model)
-    num_items = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
         reference = model(**_with_bounds(batch), use_cache=False, num_items_in_batch=num_items)
-        padded = model(**host, packed_max_seqlen=16, use_cache=False, num_items_in_batch=num_items)
+        padded = model(**host, packed_max_seqlen=16, use_cache=False)
     torch.testing.assert_close(padded.loss, reference.loss, atol=ATOL, rtol=0)
     torch.testing.assert_close(padded.logits[:, :15], reference.logits, atol=ATOL, rtol=0)

@@ -568,7 +568,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         default="",
         help="extra fast runs (comma-separated): configured-optim, mask-attention, per-example-attention, "
         "fp32-weights, no-dequant, no-graphs, compile, compile-no-dequant, liger, batch<N>; for a classifier: "
-        "length-grouped",
+        "length-grouped, no-graphs",
     )
     parser.add_argument("--sides", default="seed,fast", help="which sides to run")
     parser.add_argument("--warmup-steps", type=int, default=3, help="optimizer steps left out of the timing")

@@ -26,7 +26,7 @@ the same synthetic rows (random token ids, lengths uniform in the workload's ran
 Variants (``--variants``): ``length-grouped`` trains padded batches drawn by HF's length-grouped sampler
 (``train_sampling_strategy=group_by_length``) with the rest of the fast path's plan (bf16 weights, cached
 dequantized weights, fused AdamW, the micro-batches): the encoder alternative issue 16 asks to measure against
-packing.
+packing; ``no-graphs`` is the packed side with its CUDA graphs off (the graphs' share of the speed, measured).
 
 Reported as for the SFT workloads, with one difference: the fast side's ``est_peak_gpu_mem_gb`` is the estimate of
 the plan it trained with (from the data's token lengths, before training), not one made afterwards at the largest
@@ -325,8 +325,8 @@ def run_fast_classifier(
         plan_fast_classifier,
     )
 
-    if variant not in ("", "profile", "length-grouped"):
-        raise ValueError(f"no variant {variant!r} for a classification workload (length-grouped)")
+    if variant not in ("", "profile", "length-grouped", "no-graphs"):
+        raise ValueError(f"no variant {variant!r} for a classification workload (length-grouped, no-graphs)")
     train = dict(workload.fast) if device != "cpu" else {}
     cfg = classifier_config(workload, model_dir, device, train | {"memory_budget_gb": budget})
     multilabel = cfg.data.task == "multilabel"
@@ -357,7 +357,10 @@ def run_fast_classifier(
         args, micro = plan_fast_classifier(cfg, model, args, attention, [len(r) for r in rows])
         args.include_num_input_tokens_seen = "all"  # a packed row has no padding
         collate = meter.wrap(PackedClassificationCollator(multilabel))
-        trainer = PackedClassificationTrainer(args=args, data_collator=collate, attention=attention, **common)
+        graphed = micro is not None and micro.cuda_graphs and variant != "no-graphs"
+        trainer = PackedClassificationTrainer(
+            args=args, data_collator=collate, attention=attention, cuda_graphs=graphed, **common
+        )
     optim = trainer.args.optim
     start = time.perf_counter()
     trainer.train()
@@ -372,10 +375,13 @@ def run_fast_classifier(
         observed = plan_estimate_gb(cfg, 1, meter.max_micro_batch_tokens, checkpointed, optim)
     if observed is not None and micro is not None:
         observed += micro.dequantized_gb
+    graphs = getattr(trainer, "graphs", None)
     _release(trainer, device)
     del trainer, model
     settings = {"attention": attention} if micro is None else dataclasses.asdict(micro)
-    settings |= {"optim": optim, "variant": variant or None}
+    settings |= {"optim": optim, "variant": variant or None, "cuda_graphs": graphs is not None}
+    if graphs is not None:
+        settings["graphs"] = {"lengths": sorted(graphs.graphs), "failed": graphs.failed}
     planned = None if micro is None else micro.est_peak_gpu_mem_gb
     result = side_result("fast", budget, meter, wall, peak, planned, base, settings)
     result["observed_est_peak_gpu_mem_gb"] = observed

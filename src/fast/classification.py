@@ -27,7 +27,12 @@ from src import distributed
 from src.fast import attention as attention_mod
 from src.fast import budget as budget_mod
 from src.fast import weights
+from src.fast.graphs import GraphedSteps
 from src.modeling import CLASSIFIER_HEADS, PACKED_ENCODER_TYPES, base_model
+
+# A classifier's rows are short (8 sentences of SST-2: ~300 tokens), so its graphs' lengths step by 64 tokens, not the
+# SFT path's 256: at most 63 pad tokens a row, and one graph per 64 tokens of row length.
+CLASSIFIER_GRAPH_BUCKET_TOKENS = 64
 
 
 def classification_loss(
@@ -114,18 +119,115 @@ def _encoder_logits(model, backbone, head, input_ids, position_ids, bounds: tupl
     return head(base_model(model).dropout(pooled))
 
 
-class PackedClassificationTrainer(Trainer):
-    """HF Trainer on packed rows of classification examples (its documented ``compute_loss`` hook)."""
+class GraphedClassifierSteps(GraphedSteps):
+    """A packed classifier's forward, pooling, head, loss and backward as one CUDA graph replay per padded row length.
 
-    def __init__(self, *args, label_weights: Optional[list[float]], multilabel: bool, attention: str, **kwargs):
+    As :class:`src.fast.graphs.GraphedSteps` does for SFT rows: the row is padded up to a multiple of ``bucket``
+    tokens with one more example (token 0 at positions 0, 1, ...), which attends only to itself and is never pooled,
+    so no logit, loss or gradient sees it. A graph takes rows of exactly ``examples`` examples (the micro-batch):
+    the loss is a mean over them, and the pooled positions (``last_token``) and labels have fixed shapes. A smaller
+    row (an epoch's last batch) runs eagerly. The class or ``pos_weight`` weights are moved to the GPU once,
+    before any capture.
+    """
+
+    def __init__(
+        self,
+        examples: int,
+        label_weights: Optional[torch.Tensor],
+        multilabel: bool,
+        bucket: int = CLASSIFIER_GRAPH_BUCKET_TOKENS,
+    ):
+        super().__init__(pad_token_id=0, max_examples=examples, bucket=bucket)
+        self.label_weights = label_weights
+        self.multilabel = multilabel
+
+    def accepts(self, inputs: dict[str, Any]) -> bool:
+        return "bounds" in inputs and len(inputs["bounds"]) - 1 == self.max_examples
+
+    def _inputs(self, inputs: dict[str, Any], length: int, num_items_in_batch=None) -> dict[str, torch.Tensor]:
+        ids, positions = inputs["input_ids"].cpu(), inputs["position_ids"].cpu()
+        pad = length - ids.shape[1]
+        return {
+            "input_ids": torch.cat([ids, torch.full((1, pad), self.pad_token_id, dtype=ids.dtype)], dim=1),
+            "position_ids": torch.cat([positions, torch.arange(pad, dtype=positions.dtype)[None]], dim=1),
+            "last_token": inputs["last_token"].cpu(),
+            "labels": inputs["labels"].cpu(),
+            "packed_cu_seqlens": torch.tensor([*inputs["bounds"], length], dtype=torch.int32),
+        }
+
+    def _forward_backward(self, model, static: dict[str, torch.Tensor], max_seqlen: int) -> torch.Tensor:
+        backbone, head = classifier_parts(model)
+        hidden = backbone(
+            input_ids=static["input_ids"],
+            position_ids=static["position_ids"],
+            packed_cu_seqlens=static["packed_cu_seqlens"],
+            packed_max_seqlen=max_seqlen,
+            use_cache=False,
+        ).last_hidden_state
+        logits = head(hidden[0, static["last_token"]])
+        loss = classification_loss(logits, static["labels"], self._weights(hidden.device), self.multilabel)
+        loss.backward()
+        return loss.detach()
+
+    def _weights(self, device) -> Optional[torch.Tensor]:
+        if self.label_weights is not None and self.label_weights.device != device:
+            self.label_weights = self.label_weights.to(device)  # in the warm-up, before any capture
+        return self.label_weights
+
+
+def classifier_graphable(args, attention: str, micro, model, bits: int) -> bool:
+    """Whether a packed classifier's steps can replay as CUDA graphs: one process on a GPU, bf16, varlen attention,
+    one micro-batch a step, and a 16- or 4-bit base or an 8-bit one whose every layer is cached (bitsandbytes' int8
+    matmul finds its outliers on the host), as for SFT (:func:`src.fast.trainer.build_packed_sft_trainer`)."""
+    return (
+        torch.cuda.is_available()
+        and distributed.world_size() == 1
+        and micro is not None
+        and args.bf16
+        and not args.fp16
+        and attention == "varlen"
+        and micro.gradient_accumulation_steps == 1
+        and (bits in (4, 16) or micro.dequantized_layers == len(weights.quantized_layers(model, 8)) > 0)
+    )
+
+
+class PackedClassificationTrainer(Trainer):
+    """HF Trainer on packed rows of classification examples (its documented ``compute_loss`` hook).
+
+    ``cuda_graphs``: replay each full micro-batch's step as a CUDA graph (:class:`GraphedClassifierSteps`; where
+    :func:`classifier_graphable`); a capture that fails leaves the rest of the run eager.
+    """
+
+    def __init__(
+        self,
+        *args,
+        label_weights: Optional[list[float]],
+        multilabel: bool,
+        attention: str,
+        cuda_graphs: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.label_weights = None if label_weights is None else torch.tensor(label_weights, dtype=torch.float32)
         self.multilabel = multilabel
         self.attention = attention
+        self.graphs = (
+            GraphedClassifierSteps(self.args.per_device_train_batch_size, self.label_weights, multilabel)
+            if cuda_graphs
+            else None
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Under DDP: the step on the unwrapped model (the packed forward calls its parts, not DDP's forward,
-        whose hooks would not fire), then one all-reduce of the gradients, as the SFT fast path does."""
+        """A CUDA graph replay where :class:`GraphedClassifierSteps` takes the row. Under DDP: the step on the
+        unwrapped model (the packed forward calls its parts, not DDP's forward, whose hooks would not fire), then
+        one all-reduce of the gradients, as the SFT fast path does."""
+        graphs = self.graphs
+        if graphs is not None and graphs.failed is None and graphs.accepts(inputs):
+            model.train()
+            with self.compute_loss_context_manager():
+                loss = graphs.step(model, inputs)
+            if loss is not None:
+                return loss
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return super().training_step(model, inputs, num_items_in_batch)
         module = model.module
@@ -180,6 +282,7 @@ def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Seq
         dequantized_gb=cache_gb,
         est_peak_gpu_mem_gb=estimated,
     )
+    micro = dataclasses.replace(micro, cuda_graphs=classifier_graphable(args, attention, micro, model, cfg.quant.bits))
     args = dataclasses.replace(
         args,
         per_device_train_batch_size=micro.micro_batch_size,

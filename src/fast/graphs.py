@@ -55,8 +55,8 @@ class GraphedSteps:
     def padded_length(self, tokens: int) -> int:
         return -(-(tokens + 1) // self.bucket) * self.bucket  # at least one pad token: the pad example is never empty
 
-    def _inputs(self, inputs: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
-        """The row padded to ``length`` and its offsets, on the host."""
+    def _inputs(self, inputs: dict[str, Any], length: int, num_items_in_batch=None) -> dict[str, torch.Tensor]:
+        """The row padded to ``length``, its offsets and the loss's divisor: the graph's inputs, on the host."""
         ids, positions, labels = inputs["input_ids"], inputs["position_ids"], inputs["labels"]
         tokens = ids.shape[1]
         pad = length - tokens
@@ -67,6 +67,7 @@ class GraphedSteps:
             "position_ids": torch.cat([positions.cpu(), torch.arange(pad, dtype=positions.dtype)[None]], dim=1),
             "labels": torch.cat([labels.cpu(), torch.full((1, pad), -100, dtype=labels.dtype)], dim=1),
             "packed_cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
+            "num_items_in_batch": torch.as_tensor(num_items_in_batch),
         }
 
     def accepts(self, inputs: dict[str, Any]) -> bool:
@@ -89,10 +90,9 @@ class GraphedSteps:
         loss.backward()
         return loss.detach()
 
-    def _capture(self, model, host: dict[str, torch.Tensor], num_items: torch.Tensor, length: int) -> dict[str, Any]:
+    def _capture(self, model, host: dict[str, torch.Tensor], length: int) -> dict[str, Any]:
         device = next(p.device for p in model.parameters() if p.requires_grad)
-        static = {k: v.to(device) for k, v in host.items()}
-        static["num_items_in_batch"] = num_items.detach().to(device=device).clone()
+        static = {k: v.detach().to(device, copy=True) for k, v in host.items()}  # the graph's own input tensors
         params = [p for p in model.parameters() if p.requires_grad]
         saved = [p.grad for p in params]  # normally None: the Trainer zeroes gradients after each step
         side = self.stream or torch.cuda.Stream()
@@ -114,18 +114,17 @@ class GraphedSteps:
             p.grad = g
         return {"graph": graph, "static": static, "loss": loss, "params": params, "grads": grads}
 
-    def step(self, model, inputs: dict[str, torch.Tensor], num_items_in_batch) -> Optional[torch.Tensor]:
+    def step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> Optional[torch.Tensor]:
         """Forward and backward of one packed row; the gradients are on the parameters afterwards.
 
         None where the graph could not be captured (the caller then runs the step eagerly).
         """
         length = self.padded_length(inputs["input_ids"].shape[1])
-        host = self._inputs(inputs, length)
-        num_items = torch.as_tensor(num_items_in_batch)
+        host = self._inputs(inputs, length, num_items_in_batch)
         entry = self.graphs.get(length)
         if entry is None:
             try:
-                entry = self._capture(model, host, num_items, length)
+                entry = self._capture(model, host, length)
             except RuntimeError as exc:  # e.g. an op that syncs with the host: train eagerly from here on
                 self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             if self.failed is not None:
@@ -137,7 +136,6 @@ class GraphedSteps:
         static = entry["static"]
         for key, value in host.items():
             static[key].copy_(value, non_blocking=True)
-        static["num_items_in_batch"].copy_(num_items, non_blocking=True)
         entry["graph"].replay()
         for p, g in zip(entry["params"], entry["grads"]):
             p.grad = g

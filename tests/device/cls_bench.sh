@@ -2,13 +2,16 @@
 # The classification workloads of src.bench on one GPU (issue 16): each seed recipe against the packed classifier,
 # in the same process, on random weights and synthetic rows. Run from the repo root on the GPU machine, with the
 # wheels installed to /tmp/site and PYTHONPATH=/tmp/site exported:
-#   bash tests/device/cls_bench.sh OUT_DIR [short] [bert] [mistral]      (default: all three)
+#   bash tests/device/cls_bench.sh OUT_DIR [short] [bert] [bert-plan] [mistral]   (default: short bert mistral)
 # Three invocations, shortest first, each writing OUT_DIR/<name>.json and .log as it ends (one that fails or is cut
 # short leaves the others' results):
 #   short    w3b-4bit-cls-short, 512 rows of 10-60 tokens, the default budget (the target has none)
 #   bert     bert-large-4bit-cls, 2,048 rows of 6-24 tokens (32 steps of 8 x 8), the default budget, and the
 #            length-grouped variant (padded batches from HF's length-grouped sampler) against packing
+#   bert-plan  the same BERT rows, the fast side alone, at the default budget, at 1.5 GiB (which checkpoints) and
+#            length-grouped: the planner's BERT coefficients checked at three layouts (not in the default set)
 #   mistral  mistral7b-4bit-multilabel, 256 rows of 150-350 tokens, budgets 24 and 8 GiB (the targets' budgets)
+# short and mistral also run the packed side without CUDA graphs (variant no-graphs): the graphs' share, measured.
 # About 7-8 minutes on an H200, half of it building and loading the random Mistral-7B checkpoint (14.5 GB); to split
 # it over two device calls, name the invocations to run (the checkpoints are rebuilt on a fresh machine).
 # CLS_BENCH_ON_CPU=1 runs the same three invocations on the tiny workloads on CPU (a dry run of the script).
@@ -36,9 +39,10 @@ run() {
   echo "$name: $((SECONDS - start)) s"
 }
 
-run short --workload "$short" --examples "$n_short" --budgets default
+run short --workload "$short" --examples "$n_short" --budgets default --variants no-graphs
 run bert --workload "$bert" --examples "$n_bert" --budgets default --variants length-grouped
-run mistral --workload "$mistral" --examples "$n_mistral" --budgets 24,8
+run bert-plan --workload "$bert" --examples "$n_bert" --sides fast --budgets default,1.5 --variants length-grouped
+run mistral --workload "$mistral" --examples "$n_mistral" --budgets 24,8 --variants no-graphs
 
 python3 - "$out" <<'PY'
 import json, sys
@@ -56,7 +60,8 @@ for path in sorted(Path(sys.argv[1]).glob("*.json")):
                 f"MFU {100 * s['mfu']:4.1f}% attention {s['settings'].get('attention', '-')} "
                 f"micro {s['settings'].get('micro_batch_size')}x{s['settings'].get('gradient_accumulation_steps')} "
                 f"ckpt {s['settings'].get('checkpointed_layers', s['settings'].get('checkpointed'))} "
-                f"cached {s['settings'].get('dequantized_layers', '-')}"
+                f"cached {s['settings'].get('dequantized_layers', '-')} "
+                f"graphs {s['settings'].get('graphs', s['settings'].get('cuda_graphs', '-'))}"
             )
     for failure in report["failed_variants"]:
         print("variant failed:", failure)
