@@ -208,8 +208,21 @@ def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
         ]
         return collate(rows)
 
+    # 122 and 103 tokens: one 128-token graph, captured then replayed; 18 tokens: 64; 3 examples (an epoch's last
+    # batch): a graph of its own. Every step replays before any eager step, as in training: an eager backward first
+    # binds the parameters' gradient accumulators to the default stream, and a capture on a side stream then fails.
     batches = [batch([37, 5, 60, 20]), batch([30, 40, 12, 21]), batch([3, 4, 5, 6]), batch([10, 20, 30])]
-    for b in batches[:3]:  # 122 and 103 tokens: one 128-token graph, captured then replayed; 18 tokens: 64
+    replayed = []
+    for b in batches:
+        assert graphs.accepts(b)
+        loss = graphs.step(model, b)
+        assert loss is not None and graphs.failed is None
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        replayed.append((loss.float().clone(), grads))
+        model.zero_grad(set_to_none=True)
+    assert sorted(graphs.graphs) == [(64, 3), (64, 4), (128, 4)]
+    assert not graphs.accepts(batch([1] * 5))  # more examples than the micro-batch
+    for b, (loss, grads) in zip(batches, replayed):
         device = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
         logits = packed_logits(
             model, device["input_ids"], device["position_ids"], device["last_token"], "varlen", b["bounds"]
@@ -218,17 +231,10 @@ def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
         loss_ref.backward()
         grads_ref = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad(set_to_none=True)
-        assert graphs.accepts(b)
-        loss = graphs.step(model, b).float().clone()
-        assert graphs.failed is None
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad(set_to_none=True)
         torch.testing.assert_close(loss, loss_ref.detach().float(), atol=1e-2, rtol=0)
         assert set(grads) == set(grads_ref) and any("score" in n for n in grads)
         for name, grad in grads_ref.items():
             torch.testing.assert_close(grads[name], grad, atol=3e-2 * grad.abs().max().item(), rtol=0, msg=name)
-    assert sorted(graphs.graphs) == [64, 128]
-    assert not graphs.accepts(batches[3])
 
 
 def _ddp_graph_worker(rank: int, port: int, out: str) -> None:

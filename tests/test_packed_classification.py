@@ -138,9 +138,10 @@ def test_a_graphed_classifier_step_pads_its_row_with_an_example_nothing_sees(
     tokens = batch["input_ids"].shape[1]
     length = graphs.padded_length(tokens)
     assert length % 32 == 0 and length > tokens and graphs.accepts(batch)
-    assert not graphs.accepts(
-        PackedClassificationCollator(multilabel)([{"input_ids": [5, 6], "label": labels[0]}] * (len(TEXTS) - 1))
-    )  # an epoch's short last batch runs eagerly
+    short = PackedClassificationCollator(multilabel)([{"input_ids": [5, 6], "label": labels[0]}] * 2)
+    assert graphs.accepts(short) and graphs._key(short, 32) != graphs._key(batch, 32)  # its own graph
+    too_many = [{"input_ids": [5, 6], "label": labels[0]}] * (len(TEXTS) + 1)
+    assert not graphs.accepts(PackedClassificationCollator(multilabel)(too_many))  # more than the micro-batch
     host = graphs._inputs(batch, length)
     assert host["input_ids"].shape == host["position_ids"].shape == (1, length)
     assert host["packed_cu_seqlens"].tolist() == [*batch["bounds"], length]  # one pad example at the end

@@ -30,9 +30,11 @@ from src.fast import weights
 from src.fast.graphs import GraphedSteps
 from src.modeling import CLASSIFIER_HEADS, PACKED_ENCODER_TYPES, base_model
 
-# A classifier's rows are short (8 sentences of SST-2: ~300 tokens), so its graphs' lengths step by 64 tokens, not the
-# SFT path's 256: at most 63 pad tokens a row, and one graph per 64 tokens of row length.
-CLASSIFIER_GRAPH_BUCKET_TOKENS = 64
+# A classifier's rows can be short (8 sentences of SST-2: ~300 tokens) or long (8 abstracts: ~2,000), so its graphs'
+# lengths step by 1/8 of the first row's tokens, rounded up to a power of two and at least 64: ~12% padding at most,
+# and a handful of graphs (each capture costs about two eager steps).
+MIN_GRAPH_BUCKET_TOKENS = 64
+GRAPH_BUCKETS_PER_ROW = 8
 
 
 def classification_loss(
@@ -124,25 +126,32 @@ class GraphedClassifierSteps(GraphedSteps):
 
     As :class:`src.fast.graphs.GraphedSteps` does for SFT rows: the row is padded up to a multiple of ``bucket``
     tokens with one more example (token 0 at positions 0, 1, ...), which attends only to itself and is never pooled,
-    so no logit, loss or gradient sees it. A graph takes rows of exactly ``examples`` examples (the micro-batch):
-    the loss is a mean over them, and the pooled positions (``last_token``) and labels have fixed shapes. A smaller
-    row (an epoch's last batch) runs eagerly. The class or ``pos_weight`` weights are moved to the GPU once,
-    before any capture.
+    so no logit, loss or gradient sees it. The loss is a mean over the row's examples and the pooled positions
+    (``last_token``) and labels have their number as shape, so a graph is captured per padded length and number of
+    examples (an epoch's smaller last batch gets its own). ``bucket`` None: set from the first row
+    (``MIN_GRAPH_BUCKET_TOKENS``, ``GRAPH_BUCKETS_PER_ROW``). The class or ``pos_weight`` weights are moved to the
+    GPU once, before any capture.
     """
 
     def __init__(
-        self,
-        examples: int,
-        label_weights: Optional[torch.Tensor],
-        multilabel: bool,
-        bucket: int = CLASSIFIER_GRAPH_BUCKET_TOKENS,
+        self, examples: int, label_weights: Optional[torch.Tensor], multilabel: bool, bucket: Optional[int] = None
     ):
-        super().__init__(pad_token_id=0, max_examples=examples, bucket=bucket)
+        super().__init__(pad_token_id=0, max_examples=examples, bucket=bucket or 0)
         self.label_weights = label_weights
         self.multilabel = multilabel
 
+    def padded_length(self, tokens: int) -> int:
+        if not self.bucket:
+            self.bucket = max(
+                MIN_GRAPH_BUCKET_TOKENS, 1 << max(0, -(-tokens // GRAPH_BUCKETS_PER_ROW) - 1).bit_length()
+            )
+        return super().padded_length(tokens)
+
+    def _key(self, inputs: dict[str, Any], length: int) -> tuple[int, int]:
+        return length, len(inputs["bounds"]) - 1
+
     def accepts(self, inputs: dict[str, Any]) -> bool:
-        return "bounds" in inputs and len(inputs["bounds"]) - 1 == self.max_examples
+        return "bounds" in inputs and 0 < len(inputs["bounds"]) - 1 <= self.max_examples
 
     def _inputs(self, inputs: dict[str, Any], length: int, num_items_in_batch=None) -> dict[str, torch.Tensor]:
         ids, positions = inputs["input_ids"].cpu(), inputs["position_ids"].cpu()
@@ -194,7 +203,7 @@ def classifier_graphable(args, attention: str, micro, model, bits: int) -> bool:
 class PackedClassificationTrainer(Trainer):
     """HF Trainer on packed rows of classification examples (its documented ``compute_loss`` hook).
 
-    ``cuda_graphs``: replay each full micro-batch's step as a CUDA graph (:class:`GraphedClassifierSteps`; where
+    ``cuda_graphs``: replay each micro-batch's step as a CUDA graph (:class:`GraphedClassifierSteps`; where
     :func:`classifier_graphable`); a capture that fails leaves the rest of the run eager.
     """
 

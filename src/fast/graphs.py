@@ -47,7 +47,7 @@ class GraphedSteps:
         self.max_examples = max_examples
         self.bucket = bucket
         self.world_size = world_size
-        self.graphs: dict[int, dict[str, Any]] = {}
+        self.graphs: dict[Any, dict[str, Any]] = {}
         self.pool = None
         self.stream: Optional[torch.cuda.Stream] = None  # where to capture; None: a new side stream
         self.failed: Optional[str] = None  # why capture failed; the steps then run eagerly
@@ -69,6 +69,10 @@ class GraphedSteps:
             "packed_cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
             "num_items_in_batch": torch.as_tensor(num_items_in_batch),
         }
+
+    def _key(self, inputs: dict[str, Any], length: int) -> Any:
+        """Which captured graph replays the row: one per padded length."""
+        return length
 
     def accepts(self, inputs: dict[str, Any]) -> bool:
         """A packed row (no padding mask) with at most ``max_examples`` examples."""
@@ -121,7 +125,8 @@ class GraphedSteps:
         """
         length = self.padded_length(inputs["input_ids"].shape[1])
         host = self._inputs(inputs, length, num_items_in_batch)
-        entry = self.graphs.get(length)
+        key = self._key(inputs, length)
+        entry = self.graphs.get(key)
         if entry is None:
             try:
                 entry = self._capture(model, host, length)
@@ -132,7 +137,7 @@ class GraphedSteps:
                 for p in model.parameters():
                     p.grad = None
                 return None
-            self.graphs[length] = entry
+            self.graphs[key] = entry
         static = entry["static"]
         for key, value in host.items():
             static[key].copy_(value, non_blocking=True)
