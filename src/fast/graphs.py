@@ -130,6 +130,8 @@ class GraphedSteps:
         if entry is None:
             try:
                 entry = self._capture(model, host, length)
+            except torch.OutOfMemoryError:  # the step does not fit: the run fails as an eager step's OOM would
+                raise
             except RuntimeError as exc:  # e.g. an op that syncs with the host: train eagerly from here on
                 self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             if self.failed is not None:

@@ -26,30 +26,39 @@ def _rank(model) -> int:
 def _patch(kind: str, rank: int, Trainer) -> None:
     import torch
 
-    if kind == "fill_gpu":
-        original_step = Trainer.training_step
+    if kind in ("fill_gpu", "oom"):
 
-        def training_step(self, model, inputs, *args, **kwargs):
-            if _rank(self.model) == rank and self.state.global_step >= 1:
-                held = []
-                try:
-                    while True:
-                        held.append(torch.empty(2**30, dtype=torch.uint8, device="cuda"))
-                except torch.OutOfMemoryError:
-                    print(f"fault: held {len(held)} GiB of GPU memory when CUDA ran out", flush=True)
-                    raise
-            return original_step(self, model, inputs, *args, **kwargs)
-
-        Trainer.training_step = training_step
-    elif kind == "oom":
-        original_step = Trainer.training_step
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            if _rank(self.model) == rank and self.state.global_step >= 1:
+        def fault(self) -> None:
+            if _rank(self.model) != rank or self.state.global_step < 1:
+                return
+            if kind == "oom":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test at step 2)")
-            return original_step(self, model, inputs, *args, **kwargs)
+            held = []
+            try:
+                while True:
+                    held.append(torch.empty(2**30, dtype=torch.uint8, device="cuda"))
+            except torch.OutOfMemoryError:
+                print(f"fault: held {len(held)} GiB of GPU memory when CUDA ran out", flush=True)
+                raise
 
-        Trainer.training_step = training_step
+        def wrap(original):
+            def training_step(self, model, inputs, *args, **kwargs):
+                fault(self)
+                return original(self, model, inputs, *args, **kwargs)
+
+            return training_step
+
+        # The project's trainers override training_step (a CUDA graph replay never calls the Trainer's): every
+        # subclass that defines its own is wrapped too, as it is defined.
+        Trainer.training_step = wrap(Trainer.training_step)
+        subclass_hook = Trainer.__init_subclass__
+
+        def __init_subclass__(cls, **kwargs):
+            subclass_hook(**kwargs)
+            if "training_step" in cls.__dict__:
+                cls.training_step = wrap(cls.__dict__["training_step"])
+
+        Trainer.__init_subclass__ = classmethod(__init_subclass__)
     else:
         original_evaluate = Trainer.evaluate
         bad = float("nan") if kind == "nan_objective" else float("inf")
