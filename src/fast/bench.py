@@ -64,6 +64,7 @@ from src.fast.bench_common import (
     plan_estimate_gb,
     reset_memory,
     side_result,
+    training_kwargs,
 )
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -299,17 +300,7 @@ def sft_arguments(cfg, output_dir: str):
     """
     from trl import SFTConfig
 
-    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    kwargs = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name in sft_fields}
-    kwargs.update(
-        output_dir=output_dir,
-        report_to="none",
-        logging_nan_inf_filter=False,
-        include_num_input_tokens_seen="non_padding",
-        save_only_model=False,
-        disable_tqdm=True,
-    )
-    kwargs.update(distributed.ddp_training_kwargs())
+    kwargs = training_kwargs(cfg, output_dir, SFTConfig)
     return SFTConfig(
         max_length=cfg.model.max_length, packing=False, completion_only_loss=cfg.data.response_only_loss, **kwargs
     )

@@ -54,6 +54,7 @@ from src.fast.bench_common import (
     plan_estimate_gb,
     reset_memory,
     side_result,
+    training_kwargs,
 )
 
 MULTILABEL_POSITIVE_RATE = 0.3
@@ -140,18 +141,7 @@ def classification_arguments(cfg, output_dir: str):
     the bench must not). ``tests/test_bench_classification.py`` checks the two stay equal."""
     from transformers import TrainingArguments
 
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    kwargs = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name in names}
-    kwargs.update(
-        output_dir=output_dir,
-        report_to="none",
-        logging_nan_inf_filter=False,
-        include_num_input_tokens_seen="non_padding",
-        save_only_model=False,
-        disable_tqdm=True,
-    )
-    kwargs.update(distributed.ddp_training_kwargs())
-    return TrainingArguments(**kwargs)
+    return TrainingArguments(**training_kwargs(cfg, output_dir, TrainingArguments))
 
 
 def pad_classification(examples: list[dict], pad_id: int, multilabel: bool) -> dict[str, torch.Tensor]:

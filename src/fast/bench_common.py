@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from src import distributed
+
 QUANT_GROUPS = {4: "4bit", 8: "8bit", 16: "none"}  # conf/quant/<group>.yaml by base bits
 
 
@@ -257,3 +259,21 @@ def side_result(side, budget, meter: Meter, wall, peak, estimate, base, settings
         "max_micro_batch_rows_x_len": meter.max_micro_batch_rows_x_len,
         "settings": settings,
     }
+
+
+def training_kwargs(cfg, output_dir: str, arguments_cls) -> dict[str, Any]:
+    """The keyword arguments ``src.training.training_arguments`` gives ``arguments_cls`` (TrainingArguments or TRL's
+    SFTConfig): every ``train`` field it takes, and the project's logging, saving and DDP settings (that module needs
+    mlflow; the bench must not)."""
+    names = {f.name for f in dataclasses.fields(arguments_cls)}
+    kwargs = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name in names}
+    kwargs.update(
+        output_dir=output_dir,
+        report_to="none",
+        logging_nan_inf_filter=False,
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+        disable_tqdm=True,
+    )
+    kwargs.update(distributed.ddp_training_kwargs())
+    return kwargs

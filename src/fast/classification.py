@@ -275,14 +275,14 @@ def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Seq
     if budget is None:
         return args, None
     budget_mod.set_checkpointed_layers(model, micro.checkpointed_layers)
-    if args.bf16 and cfg.quant.bits in (4, 8):
-        weights.cast_frozen_to_bf16(model)
-    cached, cache_gb = 0, 0.0
-    if cfg.train.dequantize_weights and cfg.quant.bits in (4, 8):
-        room = max(0.0, budget - (micro.est_peak_gpu_mem_gb or 0.0))
-        cached, cache_gb = weights.cache_dequantized_weights(
-            model, room, torch.bfloat16 if args.bf16 else torch.float32
-        )
+    cached, cache_gb = weights.prepare_frozen_weights(
+        model,
+        cfg.quant.bits,
+        bf16=args.bf16,
+        dequantize=cfg.train.dequantize_weights,
+        room_gb=max(0.0, budget - (micro.est_peak_gpu_mem_gb or 0.0)),
+        int8_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+    )
     estimated = None if micro.est_peak_gpu_mem_gb is None else micro.est_peak_gpu_mem_gb + cache_gb
     micro = dataclasses.replace(
         micro,

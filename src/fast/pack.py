@@ -433,12 +433,14 @@ def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool) -> list[PackMember]:
         micros = [budget_mod.plan_step(cfg, model)[1] for cfg in cfgs]
     checkpointed = max(m.checkpointed_layers for m in micros)
     budget_mod.set_checkpointed_layers(model, checkpointed)
-    if bf16 and first.quant.bits in (4, 8):
-        weights.cast_frozen_to_bf16(model)
-    cached, cache_gb = 0, 0.0
-    if first.train.dequantize_weights and first.quant.bits in (4, 8) and budget is not None:
-        room = max(0.0, budget * budget_mod.PLAN_MARGIN - (estimate or 0.0))
-        cached, cache_gb = weights.cache_dequantized_weights(model, room, torch.bfloat16 if bf16 else torch.float32)
+    cached, cache_gb = weights.prepare_frozen_weights(
+        model,
+        first.quant.bits,
+        bf16=bf16,
+        dequantize=first.train.dequantize_weights and budget is not None,
+        room_gb=None if budget is None else max(0.0, budget * budget_mod.PLAN_MARGIN - (estimate or 0.0)),
+        int8_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
     pack.estimate_gb = None if estimate is None else estimate + cache_gb
     members = []
     for adapter, micro in zip(pack.adapters, micros):

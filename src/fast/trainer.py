@@ -81,7 +81,7 @@ from src.fast.budget import (
 from src.fast.graphs import GraphedSteps
 from src.fast.rows import tokenize_sft
 from src.fast.sampler import TokenBalancedSampler
-from src.fast.weights import cache_dequantized_weights, cast_frozen_to_bf16, quantized_layers
+from src.fast.weights import prepare_frozen_weights, quantized_layers
 
 
 class PackedTrainer(Trainer):
@@ -307,17 +307,19 @@ def build_packed_sft_trainer(
     estimated = micro.est_peak_gpu_mem_gb
     if attention == "mask" and estimated is not None:
         estimated += mask_attention_gb(model, tokens, micro.checkpointed_layers)
-    if bf16_weights and args.bf16 and cfg.quant.bits in (4, 8):
-        cast_frozen_to_bf16(model)
-    dequantized, cache_gb = 0, 0.0
     if dequantize is None and not cfg.train.dequantize_weights:
         dequantize = False
-    if dequantize is not False and cfg.quant.bits in (4, 8):
-        room = None if dequantize else (0.0 if budget is None else max(0.0, budget - (estimated or 0.0)))
-        int8_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        dequantized, cache_gb = cache_dequantized_weights(model, room, int8_dtype)
-        if estimated is not None:
-            estimated += cache_gb
+    room = None if dequantize else (0.0 if budget is None else max(0.0, budget - (estimated or 0.0)))
+    dequantized, cache_gb = prepare_frozen_weights(
+        model,
+        cfg.quant.bits,
+        bf16=bf16_weights and args.bf16,
+        dequantize=dequantize is not False,
+        room_gb=room,
+        int8_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
+    )
+    if estimated is not None:
+        estimated += cache_gb
     if compile_layers:
         compile_decoder_layers(model)
     graphable = (

@@ -110,3 +110,22 @@ def cache_dequantized_weights(
         module.forward = types.MethodType(_dequantized_forward, module)
         cached, used = cached + 1, used + size
     return cached, used
+
+
+def prepare_frozen_weights(
+    model, bits: int, *, bf16: bool, dequantize: bool, room_gb: Optional[float], int8_dtype: torch.dtype
+) -> tuple[int, float]:
+    """A fast path's frozen base, set up once before training (SFT, the packed classifier and a pack share it).
+
+    Under a 4/8-bit base: with ``bf16``, its fp32 weights and the adapters cast to bf16 (:func:`cast_frozen_to_bf16`);
+    with ``dequantize``, dequantized copies of as many quantized layers as ``room_gb`` holds (None: all of them;
+    :func:`cache_dequantized_weights`, int8 layers at ``int8_dtype``). Returns (layers cached, their GiB); a 16-bit
+    base is left as it is.
+    """
+    if bits not in (4, 8):
+        return 0, 0.0
+    if bf16:
+        cast_frozen_to_bf16(model)
+    if not dequantize:
+        return 0, 0.0
+    return cache_dequantized_weights(model, room_gb, int8_dtype)
