@@ -206,7 +206,10 @@ def resolve_run_id(client, ref: str) -> str:
 
 def run_name(raw: dict) -> str:
     """e.g. ``openllama3b-red_dot-4bit-all_linear-r8-a16``: model, dataset, base, targets (explicit ones join
-    with '+'), rank and alpha; ``phi3mini-mbti-16bit-full`` for full fine-tuning (lora=none)."""
+    with '+'), rank and alpha; ``phi3mini-mbti-16bit-full`` for full fine-tuning (lora=none).
+
+    From the raw composed dict, not a validated Config: a run whose config fails validation is still opened, named
+    and ended FAILED with the error, so nothing here may assume a field is present or well-typed."""
     tracking = raw.get("tracking") or {}
     if tracking.get("run_name"):
         return tracking["run_name"]
