@@ -482,7 +482,7 @@ def run_fast(
     if estimate is not None:
         estimate += micro.dequantized_gb
     graphs = trainer.graphs
-    graph_note = None if graphs is None else {"lengths": sorted(graphs.graphs), "failed": graphs.failed}
+    graph_note = None if graphs is None else graphs.summary()
     trainer.accelerator.free_memory()
     del trainer, model, graphs
     settings = dataclasses.asdict(micro) | {"optim": optim, "variant": variant or None, "cuda_graphs": graph_note}

@@ -365,13 +365,12 @@ def run_fast_classifier(
         observed = plan_estimate_gb(cfg, 1, meter.max_micro_batch_tokens, checkpointed, optim)
     if observed is not None and micro is not None:
         observed += micro.dequantized_gb
-    graphs = getattr(trainer, "graphs", None)
+    graphs = getattr(trainer, "graphs", None)  # the length-grouped side's Trainer has none
+    graph_note = None if graphs is None else graphs.summary()
     _release(trainer, device)
-    del trainer, model
+    del trainer, model, graphs
     settings = {"attention": attention} if micro is None else dataclasses.asdict(micro)
-    settings |= {"optim": optim, "variant": variant or None, "cuda_graphs": graphs is not None}
-    if graphs is not None:
-        settings["graphs"] = {"lengths": sorted(graphs.graphs), "failed": graphs.failed}
+    settings |= {"optim": optim, "variant": variant or None, "cuda_graphs": graph_note}  # as the SFT sides report
     planned = None if micro is None else micro.est_peak_gpu_mem_gb
     result = side_result("fast", budget, meter, wall, peak, planned, base, settings)
     result["observed_est_peak_gpu_mem_gb"] = observed

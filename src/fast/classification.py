@@ -27,7 +27,7 @@ from src import distributed
 from src.fast import attention as attention_mod
 from src.fast import budget as budget_mod
 from src.fast import weights
-from src.fast.graphs import GraphedSteps
+from src.fast.graphs import GraphedSteps, graphable, pad_row
 from src.modeling import CLASSIFIER_HEADS, PACKED_ENCODER_TYPES, base_model
 
 # A classifier's rows can be short (8 sentences of SST-2: ~300 tokens) or long (8 abstracts: ~2,000), so its graphs'
@@ -99,10 +99,18 @@ def packed_logits(
         extra = {"packed_cu_seqlens": cu, "packed_max_seqlen": max(lengths)}
     else:
         extra = {"packed_seq_bounds": tuple(bounds)}
-    backbone, head = classifier_parts(model)
     if attention == "bidirectional":
-        return _encoder_logits(model, backbone, head, input_ids, position_ids, bounds)
-    hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).last_hidden_state
+        return _encoder_logits(model, *classifier_parts(model), input_ids, position_ids, bounds)
+    return _decoder_logits(model, input_ids, position_ids, last_token, extra)
+
+
+def _decoder_logits(model, input_ids, position_ids, last_token, attention_inputs: dict[str, Any]) -> torch.Tensor:
+    """The transformer once over a packed row (its attention's inputs: offsets or bounds), each example pooled at its
+    last token, the head on the pooled states."""
+    backbone, head = classifier_parts(model)
+    hidden = backbone(
+        input_ids=input_ids, position_ids=position_ids, use_cache=False, **attention_inputs
+    ).last_hidden_state
     return head(hidden[0, last_token.to(hidden.device)])
 
 
@@ -154,27 +162,19 @@ class GraphedClassifierSteps(GraphedSteps):
         return "bounds" in inputs and 0 < len(inputs["bounds"]) - 1 <= self.max_examples
 
     def _inputs(self, inputs: dict[str, Any], length: int, num_items_in_batch=None) -> dict[str, torch.Tensor]:
-        ids, positions = inputs["input_ids"].cpu(), inputs["position_ids"].cpu()
-        pad = length - ids.shape[1]
+        ids, positions = pad_row(inputs, length, self.pad_token_id)
         return {
-            "input_ids": torch.cat([ids, torch.full((1, pad), self.pad_token_id, dtype=ids.dtype)], dim=1),
-            "position_ids": torch.cat([positions, torch.arange(pad, dtype=positions.dtype)[None]], dim=1),
+            "input_ids": ids,
+            "position_ids": positions,
             "last_token": inputs["last_token"].cpu(),
             "labels": inputs["labels"].cpu(),
             "packed_cu_seqlens": torch.tensor([*inputs["bounds"], length], dtype=torch.int32),
         }
 
     def _forward_backward(self, model, static: dict[str, torch.Tensor], max_seqlen: int) -> torch.Tensor:
-        backbone, head = classifier_parts(model)
-        hidden = backbone(
-            input_ids=static["input_ids"],
-            position_ids=static["position_ids"],
-            packed_cu_seqlens=static["packed_cu_seqlens"],
-            packed_max_seqlen=max_seqlen,
-            use_cache=False,
-        ).last_hidden_state
-        logits = head(hidden[0, static["last_token"]])
-        loss = classification_loss(logits, static["labels"], self._weights(hidden.device), self.multilabel)
+        extra = {"packed_cu_seqlens": static["packed_cu_seqlens"], "packed_max_seqlen": max_seqlen}
+        logits = _decoder_logits(model, static["input_ids"], static["position_ids"], static["last_token"], extra)
+        loss = classification_loss(logits, static["labels"], self._weights(logits.device), self.multilabel)
         loss.backward()
         return loss.detach()
 
@@ -184,27 +184,11 @@ class GraphedClassifierSteps(GraphedSteps):
         return self.label_weights
 
 
-def classifier_graphable(args, attention: str, micro, model, bits: int) -> bool:
-    """Whether a packed classifier's steps can replay as CUDA graphs: one process on a GPU, bf16, varlen attention,
-    one micro-batch a step, and a 16- or 4-bit base or an 8-bit one whose every layer is cached (bitsandbytes' int8
-    matmul finds its outliers on the host), as for SFT (:func:`src.fast.trainer.build_packed_sft_trainer`)."""
-    return (
-        torch.cuda.is_available()
-        and distributed.world_size() == 1
-        and micro is not None
-        and args.bf16
-        and not args.fp16
-        and attention == "varlen"
-        and micro.gradient_accumulation_steps == 1
-        and (bits in (4, 16) or micro.dequantized_layers == len(weights.quantized_layers(model, 8)) > 0)
-    )
-
-
 class PackedClassificationTrainer(Trainer):
     """HF Trainer on packed rows of classification examples (its documented ``compute_loss`` hook).
 
     ``cuda_graphs``: replay each micro-batch's step as a CUDA graph (:class:`GraphedClassifierSteps`; where
-    :func:`classifier_graphable`); a capture that fails leaves the rest of the run eager.
+    :func:`src.fast.graphs.graphable` holds, in one process); a capture that fails leaves the rest of the run eager.
     """
 
     def __init__(
@@ -290,8 +274,10 @@ def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Seq
         dequantized_layers=cached,
         dequantized_gb=cache_gb,
         est_peak_gpu_mem_gb=estimated,
+        # as for SFT; and one process: under DDP the step runs eagerly on the unwrapped model (see training_step)
+        cuda_graphs=distributed.world_size() == 1
+        and graphable(args, attention, micro.gradient_accumulation_steps, cfg.quant.bits, cached, model),
     )
-    micro = dataclasses.replace(micro, cuda_graphs=classifier_graphable(args, attention, micro, model, cfg.quant.bits))
     args = dataclasses.replace(
         args,
         per_device_train_batch_size=micro.micro_batch_size,

@@ -8,8 +8,36 @@ from typing import Any, Optional
 import torch
 
 from src.fast.attention import seq_bounds
+from src.fast.weights import quantized_layers
 
 GRAPH_BUCKET_TOKENS = 256  # packed rows are padded up to a multiple of this: one captured graph per length
+
+
+def graphable(
+    args, attention: str, gradient_accumulation_steps: int, bits: int, dequantized_layers: int, model
+) -> bool:
+    """Whether a packed step can replay as a CUDA graph: a GPU, bf16 (not fp16), varlen attention, one micro-batch
+    an optimizer step, and a 16- or 4-bit base, or an 8-bit one whose every layer is cached (bitsandbytes' int8
+    matmul finds its outliers on the host)."""
+    return (
+        torch.cuda.is_available()
+        and args.bf16
+        and not args.fp16
+        and attention == "varlen"
+        and gradient_accumulation_steps == 1
+        and (bits in (4, 16) or dequantized_layers == len(quantized_layers(model, 8)) > 0)
+    )
+
+
+def pad_row(inputs: dict[str, Any], length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed row's ``input_ids`` and ``position_ids`` on the host, padded to ``length`` with one more example
+    (``pad_token_id`` at positions 0, 1, ...), which attends only to itself."""
+    ids, positions = inputs["input_ids"].cpu(), inputs["position_ids"].cpu()
+    pad = length - ids.shape[1]
+    return (
+        torch.cat([ids, torch.full((1, pad), pad_token_id, dtype=ids.dtype)], dim=1),
+        torch.cat([positions, torch.arange(pad, dtype=positions.dtype)[None]], dim=1),
+    )
 
 
 class GraphedSteps:
@@ -57,18 +85,22 @@ class GraphedSteps:
 
     def _inputs(self, inputs: dict[str, Any], length: int, num_items_in_batch=None) -> dict[str, torch.Tensor]:
         """The row padded to ``length``, its offsets and the loss's divisor: the graph's inputs, on the host."""
-        ids, positions, labels = inputs["input_ids"], inputs["position_ids"], inputs["labels"]
-        tokens = ids.shape[1]
-        pad = length - tokens
-        bounds = list(seq_bounds(positions.cpu()))
+        ids, positions = pad_row(inputs, length, self.pad_token_id)
+        labels = inputs["labels"].cpu()
+        bounds = list(seq_bounds(inputs["position_ids"].cpu()))
         offsets = bounds + [length] * (self.max_examples + 2 - len(bounds))
+        pad = length - labels.shape[1]
         return {
-            "input_ids": torch.cat([ids.cpu(), torch.full((1, pad), self.pad_token_id, dtype=ids.dtype)], dim=1),
-            "position_ids": torch.cat([positions.cpu(), torch.arange(pad, dtype=positions.dtype)[None]], dim=1),
-            "labels": torch.cat([labels.cpu(), torch.full((1, pad), -100, dtype=labels.dtype)], dim=1),
+            "input_ids": ids,
+            "position_ids": positions,
+            "labels": torch.cat([labels, torch.full((1, pad), -100, dtype=labels.dtype)], dim=1),
             "packed_cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
             "num_items_in_batch": torch.as_tensor(num_items_in_batch),
         }
+
+    def summary(self) -> dict[str, Any]:
+        """What was captured (the graphs' keys) and why capture failed, if it did: for a bench's report."""
+        return {"lengths": sorted(self.graphs), "failed": self.failed}
 
     def _key(self, inputs: dict[str, Any], length: int) -> Any:
         """Which captured graph replays the row: one per padded length."""

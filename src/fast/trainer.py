@@ -78,10 +78,10 @@ from src.fast.budget import (
     plan_step,
     set_checkpointed_layers,
 )
-from src.fast.graphs import GraphedSteps
+from src.fast.graphs import GraphedSteps, graphable
 from src.fast.rows import tokenize_sft
 from src.fast.sampler import TokenBalancedSampler
-from src.fast.weights import prepare_frozen_weights, quantized_layers
+from src.fast.weights import prepare_frozen_weights
 
 
 class PackedTrainer(Trainer):
@@ -322,17 +322,8 @@ def build_packed_sft_trainer(
         estimated += cache_gb
     if compile_layers:
         compile_decoder_layers(model)
-    graphable = (
-        torch.cuda.is_available()
-        and args.bf16
-        and not args.fp16
-        and attention == "varlen"
-        and micro.gradient_accumulation_steps == 1
-        # bitsandbytes' int8 matmul finds its outliers on the host: 8-bit only with every layer cached
-        and (cfg.quant.bits in (4, 16) or dequantized == len(quantized_layers(model, 8)) > 0)
-    )
     if cuda_graphs is None:
-        cuda_graphs = graphable
+        cuda_graphs = graphable(args, attention, micro.gradient_accumulation_steps, cfg.quant.bits, dequantized, model)
     world = distributed.world_size()
     graphs = GraphedSteps(tokenizer.pad_token_id, micro.micro_batch_size, world_size=world) if cuda_graphs else None
     micro = dataclasses.replace(
