@@ -287,18 +287,28 @@ def format_prompt(instruction: str, input_text: str, template: str) -> str:
     return ALPACA_NO_INPUT.format(instruction=instruction)
 
 
-def _sft_columns(df: pd.DataFrame, d: DataConfig) -> tuple[list[str], list[str]]:
-    records = df.to_dict("records")
-    prompts = []
-    for r in records:
-        # A missing cell (a JSONL row without the key reads as NaN) is "", never the text "nan".
+def sft_fields(df: pd.DataFrame, d: DataConfig) -> tuple[list[str], list[str]]:
+    """(instruction, input) of each row, through data.instruction_template or data.instruction_column.
+
+    A missing cell (None, NaN, a JSONL row without the key, an input column the rows lack) is "", never the
+    text "nan", so predict prompts a row exactly as training did.
+    """
+    instructions, inputs = [], []
+    for r in df.to_dict("records"):
         filled = {k: "" if _is_missing(v) else v for k, v in r.items()}
-        instruction = (
-            d.instruction_template.format(**filled) if d.instruction_template else str(r[d.instruction_column])
-        )
-        input_text = str(filled[d.input_column]).strip() if d.input_column else ""
-        prompts.append(format_prompt(instruction, input_text, d.prompt_template))
-    return prompts, [str(r[d.response_column]) for r in records]
+        template = d.instruction_template
+        instructions.append(template.format(**filled) if template else str(filled[d.instruction_column]))
+        inputs.append(str(filled.get(d.input_column, "")).strip() if d.input_column else "")
+    return instructions, inputs
+
+
+def sft_prompts(df: pd.DataFrame, d: DataConfig) -> list[str]:
+    """The prompt of each row, the one builder training and predict share."""
+    return [format_prompt(i, x, d.prompt_template) for i, x in zip(*sft_fields(df, d))]
+
+
+def _sft_columns(df: pd.DataFrame, d: DataConfig) -> tuple[list[str], list[str]]:
+    return sft_prompts(df, d), [str(v) for v in df[d.response_column].tolist()]
 
 
 def _check_split(df: pd.DataFrame, d: DataConfig, split: str, source: str, faults: list[str]) -> bool:

@@ -520,3 +520,44 @@ def test_a_decoder_classifier_predicts_packed_rows_as_it_would_padded_ones(cls_r
         packed = inference.classify_logits(model, tokenizer, texts, 128, batch_size=4)
     assert packed.shape == padded.shape == (len(texts), 3)
     np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+SFT_ROWS = [  # each input cell as a file may hold it: no key, null, NaN, empty, blank, text with spaces, a number
+    {"id": 1, "instruction": "Name the topic.", "topic": "sport", "output": "sport"},
+    {"id": 2, "instruction": "Name the topic.", "input": None, "topic": None, "output": "food"},
+    {"id": 3, "instruction": "Summarize.", "input": float("nan"), "topic": "tech", "output": "tech"},
+    {"id": 4, "instruction": "Summarize.", "input": "", "topic": "", "output": "x"},
+    {"id": 5, "instruction": "Repeat.", "input": "   ", "output": "y"},
+    {"id": 6, "instruction": "Repeat.", "input": "  the chef baked  ", "topic": "food", "output": "z"},
+    {"id": 7, "instruction": "Count.", "input": 3, "topic": 2.5, "output": "3"},
+]
+
+
+@pytest.mark.parametrize("template", ["alpaca", "plain"])
+@pytest.mark.parametrize("instruction_template", [None, "{instruction} (topic: {topic})"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_sft_prompts_of_predict_equal_training_for_missing_inputs(
+    tmp_path, monkeypatch, template, instruction_template, suffix
+):
+    """A row with no input (no key, null, NaN, empty or blank) is prompted by predict byte for byte as in training,
+    never with the text "nan" or "None"."""
+    import pandas as pd
+
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".jsonl":  # json.dumps writes NaN, which the reader takes back as NaN
+        path.write_text("".join(json.dumps(row) + "\n" for row in SFT_ROWS))
+    else:
+        pd.DataFrame(SFT_ROWS).to_csv(path, index=False)
+    overrides = ["data=instructions", f"data.path={path}", f"data.eval_path={path}", f"data.prompt_template={template}"]
+    if instruction_template:
+        overrides.append(f"data.instruction_template='{instruction_template}'")
+    cfg = validate(compose_config(overrides))
+    trained = load_data(cfg.data).train["prompt"]
+    seen: list[str] = []
+    monkeypatch.setattr(predict, "generate", lambda _m, _t, prompts, *_: seen.extend(prompts) or [""] * len(prompts))
+    args = predict.parse_args(["--adapter", str(tmp_path), "--input", str(path), "--no-progress"])
+    source = inference.Source(adapter_dir=tmp_path, cfg=cfg, task="sft", labels=None, threshold=0.5)
+    records = predict.predict(source, None, None, predict.read_inputs(str(path), sys.stdin)[0], args)
+    assert seen == trained and len(seen) == len(SFT_ROWS)
+    assert not any("nan" in p or "None" in p for p in seen), seen
+    assert [r.get("input", "") for r in records] == ["", "", "", "", "", "the chef baked", "3"]

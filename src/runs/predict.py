@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from src.config import DataConfig
-from src.data import STRUCTURED, DataError, format_prompt, read_table, template_fields, texts_of
+from src.data import STRUCTURED, DataError, read_table, sft_fields, sft_prompts, template_fields, texts_of
 from src.errors import run_cli
 from src.runs.inference import (
     InferenceError,
@@ -109,20 +110,16 @@ def classification_texts(df: pd.DataFrame, d: DataConfig, text_column: Optional[
     return texts_of(df, d)
 
 
-def sft_instructions(df: pd.DataFrame, d: DataConfig, text_column: Optional[str]) -> tuple[list[str], list[str]]:
-    """(instruction, input) per row, from the run's instruction template or columns, or --text-column."""
+def sft_data(df: pd.DataFrame, d: DataConfig, text_column: Optional[str]) -> DataConfig:
+    """The run's data config as predict reads SFT rows: with --text-column, that column is the instruction."""
     if text_column:
         _require(df, [text_column], "from --text-column")
-        instructions = df[text_column].astype(str).tolist()
-    elif d.instruction_template:
+        return dataclasses.replace(d, instruction_template=None, instruction_column=text_column)
+    if d.instruction_template:
         _require(df, template_fields(d.instruction_template), "the run's data.instruction_template")
-        instructions = [d.instruction_template.format(**r) for r in df.to_dict("records")]
     else:
         _require(df, [d.instruction_column], "the run's data.instruction_column")
-        instructions = df[d.instruction_column].astype(str).tolist()
-    has_input = bool(d.input_column) and d.input_column in df.columns
-    inputs = ["" if v is None else str(v).strip() for v in df[d.input_column]] if has_input else [""] * len(df)
-    return instructions, inputs
+    return d
 
 
 def predict(
@@ -136,8 +133,9 @@ def predict(
     id_column = cfg.data.id_column if cfg.data.id_column in df.columns else None
     ids = [{id_column: v} for v in df[id_column].tolist()] if id_column else [{} for _ in range(len(df))]
     if source.task == "sft":
-        instructions, inputs = sft_instructions(df, cfg.data, text_column)
-        prompts = [format_prompt(i, x, cfg.data.prompt_template) for i, x in zip(instructions, inputs)]
+        data = sft_data(df, cfg.data, text_column)
+        instructions, inputs = sft_fields(df, data)
+        prompts = sft_prompts(df, data)  # training's own builder
         if args.temperature > 0:
             from transformers import set_seed
 
