@@ -24,6 +24,14 @@ from typing import Any, Optional, Union
 
 from omegaconf import OmegaConf
 
+from src.config_rules import (
+    bounded,
+    domain_problem,
+    max_length_problems,
+    optimizer_problems,
+    scheduler_problems,
+    template_field_problem,
+)
 from src.errors import ProblemsError
 from src.tiny import PROJECT_ROOT
 
@@ -132,7 +140,7 @@ class ModelConfig:
     architecture: str = choice("decoder", "encoder")
     revision: Optional[str]
     dtype: str = choice("float32", "bfloat16", "float16")
-    max_length: int
+    max_length: int = bounded("Tokens per row; at most the model's max_position_embeddings.", ge=8)
     trust_remote_code: bool
     # The default stands for configs stored before the key existed; conf/model/*.yaml sets it.
     allow_pickle_weights: bool = field(
@@ -153,9 +161,11 @@ class LoraConfig:
     preset: str = field(
         metadata={"help": f"One of {LORA_PRESETS}, resolved on the loaded model; or 'none': full fine-tuning."}
     )
-    r: Optional[int] = field(metadata={"help": "LoRA rank; null with preset 'none'."})
-    alpha: Optional[int] = field(metadata={"help": "LoRA alpha (the update is scaled by alpha / r); null with 'none'."})
-    dropout: float
+    r: Optional[int] = bounded(
+        "LoRA rank; null with preset 'none'.", ge=1, le=MAX_LORA_RANK, why_high="a rank that wide is no longer low-rank"
+    )
+    alpha: Optional[int] = bounded("LoRA alpha (the update is scaled by alpha / r); null with 'none'.", gt=0)
+    dropout: float = bounded(ge=0, lt=1)
     bias: str = choice("none", "all", "lora_only")
     target_modules: Optional[list[str]] = field(
         metadata={"help": "Overrides the preset. Items may be module names (q_proj, lm_head) or preset names."}
@@ -174,8 +184,8 @@ class DataConfig:
     revision: Optional[str]
     train_split: str
     eval_split: Optional[str] = field(metadata={"help": "Hub split to evaluate on; else one is made."})
-    eval_fraction: float
-    split_seed: int
+    eval_fraction: float = bounded(gt=0, lt=1)
+    split_seed: int = bounded(ge=0)  # numpy's generators take no negative seed
     id_column: Optional[str]
     text_columns: list[str]
     text_template: Optional[str] = field(metadata={"help": "Python format string over text_columns."})
@@ -188,17 +198,17 @@ class DataConfig:
     input_column: Optional[str]
     response_column: str
     response_only_loss: bool
-    max_length_factor: Optional[float] = field(
-        metadata={"help": "Rows longer than this many times model.max_length tokens are far too long; null: none are."}
+    max_length_factor: Optional[float] = bounded(
+        "Rows longer than this many times model.max_length tokens are far too long; null: none are.", ge=1
     )
     long_rows: str = choice("truncate", "skip", "error")  # what far too long rows get (a broken file is an error)
-    subsample: Optional[int]
-    eval_subsample: Optional[int]
-    subsample_seed: int
+    subsample: Optional[int] = bounded(ge=1)
+    eval_subsample: Optional[int] = bounded(ge=1)
+    subsample_seed: int = bounded(ge=0)
     class_weights: Any = field(metadata={"choices": ("none", "balanced", list[float])})
     pos_weight: Any = field(metadata={"choices": ("none", "auto", "one_minus_share", list[float])})
-    threshold: float
-    num_sample_prompts: int
+    threshold: float = bounded(gt=0, lt=1)
+    num_sample_prompts: int = bounded(ge=0)
 
 
 @dataclass
@@ -206,26 +216,26 @@ class TrainConfig:
     """Fields named as in the installed transformers' TrainingArguments, plus early stopping,
     the non-finite loss guard and the checkpoint to resume from (read by src/train.py, not passed on)."""
 
-    num_train_epochs: float
-    max_steps: int
-    learning_rate: float
+    num_train_epochs: float = bounded(ge=0)
+    max_steps: int = bounded("> 0 overrides num_train_epochs; -1 or 0: train by epochs.", ge=-1)
+    learning_rate: float = bounded(gt=0)
     lr_scheduler_type: str
-    warmup_steps: float
-    per_device_train_batch_size: int
-    per_device_eval_batch_size: int
-    gradient_accumulation_steps: int
+    warmup_steps: float = bounded("A value in [0, 1) is a fraction of the total steps.", ge=0)
+    per_device_train_batch_size: int = bounded(ge=1)
+    per_device_eval_batch_size: int = bounded(ge=1)
+    gradient_accumulation_steps: int = bounded(ge=1)
     optim: str
-    weight_decay: float
-    max_grad_norm: float
-    logging_steps: int
+    weight_decay: float = bounded(ge=0)
+    max_grad_norm: float = bounded("0 turns clipping off; a negative norm would flip the gradient.", ge=0)
+    logging_steps: int = bounded(ge=1)
     eval_strategy: str = choice("no", "steps", "epoch")
-    eval_steps: Optional[int]
+    eval_steps: Optional[int] = bounded(ge=1)
     save_strategy: str = choice("no", "steps", "epoch", "best")
-    save_steps: Optional[int]
-    save_total_limit: Optional[int]
+    save_steps: Optional[int] = bounded(ge=1)
+    save_total_limit: Optional[int] = bounded("Checkpoints kept; null keeps every one.", ge=1)
     load_best_model_at_end: bool
     metric_for_best_model: Optional[str]
-    early_stopping_patience: Optional[int]
+    early_stopping_patience: Optional[int] = bounded(ge=1)
     stop_on_nonfinite_loss: bool = field(metadata={"help": "Fail the run at the first NaN/inf training loss."})
     resume_from_checkpoint: Optional[str] = field(
         metadata={"help": "null, 'latest' (newest checkpoint-N in the output dir, if any) or a checkpoint path."}
@@ -237,8 +247,8 @@ class TrainConfig:
             "decoder classifiers, each example pooled at its last token (src/fast/classification.py)."
         }
     )
-    memory_budget_gb: Optional[float] = field(
-        metadata={"help": "Fast path: peak GPU memory to plan micro-batches for; null: 90% of the GPU."}
+    memory_budget_gb: Optional[float] = bounded(
+        "Fast path: peak GPU memory to plan micro-batches for; null: 90% of the GPU.", gt=0
     )
     dequantize_weights: bool = field(
         metadata={
@@ -246,13 +256,13 @@ class TrainConfig:
             "(8-bit: the activations are then not rounded to int8 as LLM.int8 does); false: bitsandbytes' matmuls."
         }
     )
-    seed: int
+    seed: int = bounded(ge=0, lt=2**32)  # numpy's legacy seeding, which transformers' set_seed calls
     bf16: bool
     fp16: bool
     tf32: Optional[bool]
-    dataloader_num_workers: int
-    nproc_per_node: int = field(
-        metadata={"help": "Processes (GPUs) for one DDP run; > 1 relaunches src.train on that many local ranks."}
+    dataloader_num_workers: int = bounded(ge=0)
+    nproc_per_node: int = bounded(
+        "Processes (GPUs) for one DDP run; > 1 relaunches src.train on that many local ranks.", ge=1
     )
 
 
@@ -360,7 +370,7 @@ def _describe(choices: tuple) -> str:
 
 
 def _check_structure(data: Any, cls: type, path: str, problems: list[str]) -> Any:
-    """Check keys, types and choices against dataclass ``cls``.
+    """Check keys, types, choices and numeric domains (:func:`src.config_rules.bounded`) against dataclass ``cls``.
 
     Returns an instance even when some fields fail (those are None and listed in its
     ``_invalid`` attribute), so the value checks can still run on the fields that passed.
@@ -385,6 +395,8 @@ def _check_structure(data: Any, cls: type, path: str, problems: list[str]) -> An
             problems.append(f"{path}{f.name}: expected {_type_name(tp)}, got {value!r}")
         elif "choices" in f.metadata and not _in_choices(value, f.metadata["choices"]):
             problems.append(f"{path}{f.name}: expected one of {_describe(f.metadata['choices'])}, got {value!r}")
+        elif problem := domain_problem(f"{path}{f.name}", float(value) if tp is float else value, f.metadata):
+            problems.append(problem)
         else:
             kwargs[f.name] = float(value) if tp is float else value
             continue
@@ -408,35 +420,9 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
         if condition:
             problems.append(problem)
 
-    if _ok(m, "max_length"):
-        check(m.max_length < 8, f"model.max_length: must be >= 8, got {m.max_length}")
-    if _ok(lora, "preset", "r", "alpha", "dropout", "target_modules", "modules_to_save"):
-        if lora.preset == FULL_FINE_TUNING:
-            for key in ("r", "alpha", "target_modules", "modules_to_save"):
-                check(
-                    getattr(lora, key) is not None,
-                    f"lora.{key}: must be null with lora=none (full fine-tuning trains every weight, no adapter), "
-                    f"got {getattr(lora, key)!r}",
-                )
-            check(
-                lora.bias != "none",
-                f"lora.bias: must be 'none' with lora=none (biases train anyway), got {lora.bias!r}",
-            )
-        else:
-            check(
-                lora.preset not in LORA_PRESETS,
-                f"lora.preset: unknown preset {lora.preset!r} (known: {', '.join(LORA_PRESETS)}, or none)",
-            )
-            check(lora.r is None, "lora.r: required (a rank >= 1); only lora=none (full fine-tuning) has none")
-            check(lora.alpha is None, "lora.alpha: required (> 0); only lora=none (full fine-tuning) has none")
-            check(lora.r is not None and lora.r < 1, f"lora.r: must be >= 1, got {lora.r}")
-            check(
-                lora.r is not None and lora.r > MAX_LORA_RANK,
-                f"lora.r: must be <= {MAX_LORA_RANK} (a rank that wide is no longer low-rank), got {lora.r}",
-            )
-            check(lora.alpha is not None and lora.alpha <= 0, f"lora.alpha: must be > 0, got {lora.alpha}")
-        check(not 0.0 <= lora.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lora.dropout}")
-        check(lora.target_modules == [], "lora.target_modules: empty list; leave it null to use the preset")
+    if _ok(m, "name_or_path", "revision", "max_length"):
+        problems.extend(max_length_problems(m.name_or_path, m.revision, m.max_length))
+    problems.extend(_lora_problems(lora))
     if _ok(lora, "preset") and _ok(q, "bits"):
         check(
             lora.preset == FULL_FINE_TUNING and q.bits != 16,
@@ -448,17 +434,6 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             (d.path is None) == (d.hub_id is None),
             "data.path / data.hub_id: set exactly one (a local data file, or a hub dataset id)",
         )
-    if _ok(d, "eval_fraction", "subsample", "eval_subsample", "threshold"):
-        check(not 0.0 < d.eval_fraction < 1.0, f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
-        check(d.subsample is not None and d.subsample < 1, f"data.subsample: must be >= 1, got {d.subsample}")
-        check(
-            d.eval_subsample is not None and d.eval_subsample < 1,
-            f"data.eval_subsample: must be >= 1, got {d.eval_subsample}",
-        )
-        check(not 0.0 < d.threshold < 1.0, f"data.threshold: must be in (0, 1), got {d.threshold}")
-    if _ok(d, "split_seed", "subsample_seed"):  # numpy's generators take no negative seed
-        check(d.split_seed < 0, f"data.split_seed: must be >= 0, got {d.split_seed}")
-        check(d.subsample_seed < 0, f"data.subsample_seed: must be >= 0, got {d.subsample_seed}")
     for key in ("text_template", "instruction_template"):
         if _ok(d, key) and getattr(d, key) is not None:
             problems.extend(template_problems(f"data.{key}", getattr(d, key)))
@@ -472,11 +447,6 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             for column in sorted({c for c in columns if columns.count(c) > 1}):
                 problems.append(f"data.{key}: duplicate column {column!r} in {columns}")
         problems.extend(_label_set_problems(d.labels or []))
-    if _ok(d, "max_length_factor"):
-        check(
-            d.max_length_factor is not None and d.max_length_factor < 1,
-            f"data.max_length_factor: must be >= 1 or null, got {d.max_length_factor}",
-        )
     if _ok(d, "task", "label_column", "label_columns", "class_weights", "pos_weight"):
         check(
             d.task == "classification" and not d.label_column, "data.label_column: required for task 'classification'"
@@ -510,50 +480,27 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
         )
     if _ok(t, "max_steps", "num_train_epochs"):
         check(
-            not math.isfinite(t.num_train_epochs), f"train.num_train_epochs: must be finite, got {t.num_train_epochs}"
-        )
-        check(
             t.max_steps <= 0 and t.num_train_epochs <= 0,
             f"train.num_train_epochs: must be > 0 when train.max_steps <= 0 (set either), got {t.num_train_epochs}",
         )
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if _ok(t, key):
-            check(getattr(t, key) < 1, f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    for key, low in (("logging_steps", 1), ("dataloader_num_workers", 0), ("eval_steps", 1), ("save_steps", 1)):
-        value = getattr(t, key) if _ok(t, key) else None
-        check(value is not None and value < low, f"train.{key}: must be >= {low}, got {value}")
-    if _ok(t, "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm"):
-        check(not math.isfinite(t.learning_rate), f"train.learning_rate: must be finite, got {t.learning_rate}")
-        check(t.learning_rate <= 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
-        for key in ("warmup_steps", "weight_decay"):
-            value = getattr(t, key)
-            check(not (math.isfinite(value) and value >= 0), f"train.{key}: must be finite and >= 0, got {value}")
-        check(not math.isfinite(t.max_grad_norm), f"train.max_grad_norm: must be finite, got {t.max_grad_norm}")
-    if _ok(t, "seed"):  # numpy's legacy seeding, which transformers' set_seed calls, takes [0, 2**32)
-        check(not 0 <= t.seed < 2**32, f"train.seed: must be in [0, 2**32), got {t.seed}")
     if _ok(t, "optim"):
         check(
             t.optim not in OPTIMIZERS,
             f"train.optim: unknown optimizer {t.optim!r} (known: {', '.join(OPTIMIZERS)})",
         )
+        problems.extend(optimizer_problems(t.optim))
     if _ok(t, "lr_scheduler_type", "eval_strategy"):
         check(
             t.lr_scheduler_type not in LR_SCHEDULERS,
             f"train.lr_scheduler_type: unknown scheduler {t.lr_scheduler_type!r} (known: {', '.join(LR_SCHEDULERS)})",
         )
+        problems.extend(scheduler_problems(t.lr_scheduler_type))
         check(
             t.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy") and t.eval_strategy == "no",
             f"train.lr_scheduler_type={t.lr_scheduler_type}: needs evaluation (train.eval_strategy != 'no')",
         )
     if _ok(t, "bf16", "fp16"):
         check(t.bf16 and t.fp16, "train: bf16 and fp16 cannot both be true")
-    if _ok(t, "nproc_per_node"):
-        check(t.nproc_per_node < 1, f"train.nproc_per_node: must be >= 1, got {t.nproc_per_node}")
-    if _ok(t, "memory_budget_gb"):
-        check(
-            t.memory_budget_gb is not None and t.memory_budget_gb <= 0,
-            f"train.memory_budget_gb: must be > 0 or null, got {t.memory_budget_gb}",
-        )
     if _ok(t, "eval_strategy", "eval_steps", "early_stopping_patience", "load_best_model_at_end", "save_strategy"):
         check(
             t.eval_strategy == "steps" and not t.eval_steps, "train.eval_steps: required when train.eval_strategy=steps"
@@ -585,6 +532,34 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
         check(reason is not None, f"quant.bits={q.bits}: bitsandbytes cannot run here ({reason}); use quant=none")
 
 
+def _lora_problems(lora: Optional[LoraConfig]) -> list[str]:
+    """The adapter against its preset: LoRA needs a rank and an alpha; full fine-tuning (lora=none) takes none.
+
+    A field refused by its own check (a rank of 0) is left to that one message.
+    """
+    if not _ok(lora, "preset"):
+        return []
+    problems = []
+    if lora.preset == FULL_FINE_TUNING:
+        for key in ("r", "alpha", "target_modules", "modules_to_save"):
+            if _ok(lora, key) and getattr(lora, key) is not None:
+                problems.append(
+                    f"lora.{key}: must be null with lora=none (full fine-tuning trains every weight, no adapter), "
+                    f"got {getattr(lora, key)!r}"
+                )
+        if _ok(lora, "bias") and lora.bias != "none":
+            problems.append(f"lora.bias: must be 'none' with lora=none (biases train anyway), got {lora.bias!r}")
+        return problems
+    if lora.preset not in LORA_PRESETS:
+        problems.append(f"lora.preset: unknown preset {lora.preset!r} (known: {', '.join(LORA_PRESETS)}, or none)")
+    for key, what in (("r", "a rank >= 1"), ("alpha", "> 0")):
+        if _ok(lora, key) and getattr(lora, key) is None:
+            problems.append(f"lora.{key}: required ({what}); only lora=none (full fine-tuning) has none")
+    if _ok(lora, "target_modules") and lora.target_modules == []:
+        problems.append("lora.target_modules: empty list; leave it null to use the preset")
+    return problems
+
+
 def logs_metric(d: DataConfig, metric: str, derived: bool = False) -> bool:
     """Whether the task's evaluation logs ``metric``; ``derived`` counts those src/train.py computes from it.
 
@@ -612,22 +587,16 @@ def _logged_names(d: DataConfig, derived: bool = False) -> str:
 
 
 def template_problems(key: str, template: str) -> list[str]:
-    """Why ``template`` cannot be formatted with the row's columns as keywords (``str.format(**row)``)."""
+    """Why ``template`` cannot be formatted with the row's columns as keywords (``str.format(**row)``): each field
+    must be a plain ``{column}``."""
     try:
         fields = list(string.Formatter().parse(template))
     except ValueError as exc:
         return [f"{key}: not a valid format string ({exc}): {template!r}; write a literal brace as '{{{{' or '}}}}'"]
     problems = []
-    for _, name, _, conversion in fields:
-        if name is None:
-            continue
-        shown = "{" + name + ("!" + conversion if conversion else "") + "}"
-        if name == "" or name.isdigit():
-            problems.append(f"{key}: positional field {shown!r} in {template!r}; name a column, e.g. {{text}}")
-        elif "." in name or "[" in name:
-            problems.append(f"{key}: field {shown!r} in {template!r} reads an attribute or an index; name a column")
-        if conversion not in (None, "r", "s", "a"):
-            problems.append(f"{key}: field {shown!r} in {template!r} has an unknown conversion (use !r, !s or !a)")
+    for _, name, spec, conversion in fields:
+        if name is not None and (problem := template_field_problem(key, template, name, conversion, spec)):
+            problems.append(problem)
     return problems
 
 

@@ -169,3 +169,237 @@ def test_cli_unknown_preset_lists_the_options(tmp_path):
     assert proc.returncode != 0
     assert "Could not find 'lora/qkvo'" in proc.stderr
     assert "all_linear" in proc.stderr  # Hydra lists the available presets
+
+
+def _problems(overrides: list[str]) -> list[str]:
+    try:
+        validate(compose_config(overrides))
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def _numeric_fields() -> list[tuple[str, object]]:
+    """(key, field) of every int or float field of the schema, nullable ones too."""
+    import dataclasses
+    import typing
+
+    from src.config import _HINTS, Config
+
+    found = []
+    for section, cls in _HINTS[Config].items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for f in dataclasses.fields(cls):
+            args = set(typing.get_args(_HINTS[cls][f.name])) or {_HINTS[cls][f.name]}
+            if args & {int, float} and f.name != "bits":  # quant.bits is a choice of 4, 8, 16
+                found.append((f"{section}.{f.name}", f))
+    return found
+
+
+def test_every_numeric_field_declares_its_domain():
+    fields = _numeric_fields()
+    assert len(fields) >= 30, [key for key, _ in fields]  # the walk finds the schema's numbers
+    undeclared = [key for key, f in fields if not {"ge", "gt", "le", "lt"} & set(f.metadata)]
+    assert not undeclared, undeclared
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_no_float_field_takes_nan_or_infinity(value):
+    import typing
+
+    floats = [
+        key for key, f in _numeric_fields() if float in (typing.get_args(f.type) or {f.type}) or "float" in str(f.type)
+    ]
+    assert {"train.learning_rate", "data.max_length_factor", "train.memory_budget_gb", "lora.dropout"} <= set(floats)
+    problems = _problems([f"{key}={value}" for key in floats])
+    for key in floats:
+        assert f"{key}: must be finite, got {float(value)}" in problems, (key, problems)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.num_sample_prompts=-1", "data.num_sample_prompts: must be >= 0, got -1"),
+        ("data.subsample=0", "data.subsample: must be >= 1, got 0"),
+        ("data.eval_fraction=1", "data.eval_fraction: must be in (0, 1), got 1.0"),
+        ("data.threshold=0", "data.threshold: must be in (0, 1), got 0.0"),
+        ("data.max_length_factor=0.5", "data.max_length_factor: must be >= 1, got 0.5"),
+        ("train.save_total_limit=-1", "train.save_total_limit: must be >= 1, got -1"),
+        ("train.early_stopping_patience=0", "train.early_stopping_patience: must be >= 1, got 0"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm: must be >= 0, got -1.0"),
+        ("train.max_steps=-5", "train.max_steps: must be >= -1, got -5"),
+        ("train.memory_budget_gb=0", "train.memory_budget_gb: must be > 0, got 0"),
+        ("train.seed=4294967296", "train.seed: must be in [0, 4294967296), got 4294967296"),
+        ("model.max_length=4", "model.max_length: must be >= 8, got 4"),
+        ("lora.alpha=-3", "lora.alpha: must be > 0, got -3"),
+    ],
+)
+def test_values_outside_their_domain_are_refused(override, expected):
+    assert expected in _problems([override])
+
+
+def test_a_value_outside_its_domain_is_named_once_among_every_problem():
+    problems = _problems(["lora.r=0", "lora.preset=qkvo", "lora.target_modules=[]", "train.learning_rate=nan"])
+    assert problems.count("lora.r: must be >= 1, got 0") == 1
+    assert any("lora.preset: unknown preset 'qkvo'" in p for p in problems)  # the other lora rules still run
+    assert "lora.target_modules: empty list; leave it null to use the preset" in problems
+    assert "train.learning_rate: must be finite, got nan" in problems and len(problems) == 4, problems
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{text:>1500000000}", "{text!r}", "{text!s:^10}", "{text:{text}}", "{text:.3}", "Title: {text:x<99999999}!"],
+)
+def test_a_template_field_takes_no_format_spec_or_conversion(template):
+    problems = _problems([f"data.text_template='{template}'"])
+    assert len(problems) == 1 and "has a conversion or format spec; write only {text}" in problems[0], problems
+    sft = _problems(["data=instructions", f"data.instruction_template='{template.replace('text', 'instruction')}'"])
+    assert len(sft) == 1 and sft[0].startswith("data.instruction_template: field '{instruction"), sft
+
+
+def _model_dir(path, **config) -> str:
+    import json
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_max_length_beyond_the_models_positions_is_refused_naming_both(tmp_path):
+    problems = _problems(["model.max_length=100000"])  # the tiny model: 512 positions
+    assert problems == [
+        "model.max_length: 100000 is more than the 512 positions of model 'builtin:tiny-llama' "
+        "(max_position_embeddings in its config.json); use model.max_length=512 or less"
+    ]
+    assert _problems(["model.max_length=512"]) == []
+    llama = _model_dir(tmp_path / "llama", model_type="llama", max_position_embeddings=64)
+    assert "more than the 64 positions" in _problems([f"model.name_or_path={llama}", "model.max_length=65"])[0]
+    assert _problems([f"model.name_or_path={llama}", "model.max_length=64"]) == []
+    gpt2 = _model_dir(tmp_path / "gpt2", model_type="gpt2", n_positions=32)  # transformers maps n_positions
+    assert "more than the 32 positions" in _problems([f"model.name_or_path={gpt2}", "model.max_length=33"])[0]
+
+
+def test_max_length_is_checked_against_the_hub_cache_and_skipped_where_unreadable(tmp_path, monkeypatch):
+    import json
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--small" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 128}))
+    (tmp_path / "hub" / "models--org--small" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--small" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert (
+        "more than the 128 positions of model 'org/small'"
+        in _problems(["model=bert_large", "model.name_or_path=org/small", "model.max_length=129"])[0]
+    )
+    assert _problems(["model=bert_large", "model.name_or_path=org/not-cached", "model.max_length=100000"]) == []
+    custom = _model_dir(tmp_path / "custom", model_type="not_in_transformers", max_position_embeddings=8)
+    assert _problems([f"model.name_or_path={custom}", "model.max_length=9"]) == []  # its code is never run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert _problems([f"model.name_or_path={broken}", "model.max_length=9"]) == []
+
+
+@pytest.mark.parametrize(
+    ("optim", "module", "package"),
+    [
+        ("paged_adamw_8bit", "bitsandbytes", "bitsandbytes"),
+        ("lion_32bit", "bitsandbytes", "bitsandbytes"),
+        ("adamw_torch_4bit", "torchao", "torchao"),
+        ("schedule_free_adamw", "schedulefree", "schedulefree"),
+        ("adalomo", "lomo_optim", "lomo-optim"),
+        ("grokadamw", "grokadamw", "grokadamw"),
+        ("stable_adamw", "optimi", "torch-optimi"),
+        ("adamw_anyprecision", "torchdistx", "torchdistx"),
+        ("adamw_torch_xla", "torch_xla", "torch_xla"),
+    ],
+)
+def test_an_optimizer_whose_package_is_missing_is_refused_with_the_install_hint(monkeypatch, optim, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # find_spec now answers "not installed", as on a bare machine
+    problems = _problems([f"train.optim={optim}"])
+    assert problems == [
+        f"train.optim={optim}: needs the {module} package, which is not installed: pip install {package}"
+    ]
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adafactor_layerwise", "apollo_adamw"])
+def test_a_low_rank_optimizer_is_refused_naming_the_key_the_schema_lacks(optim):
+    (problem,) = _problems([f"train.optim={optim}"])
+    assert problem.startswith(f"train.optim={optim}: needs optim_target_modules")
+
+
+def test_the_optimizer_packages_match_transformers():
+    """Every optimizer transformers builds from another package is mapped to it; the rest need nothing."""
+    from transformers import trainer_optimizer as hf
+
+    from src.config import OPTIMIZERS
+    from src.config_rules import NEEDS_TARGET_MODULES, OPTIMIZER_PACKAGES
+
+    expected = {
+        **dict.fromkeys(hf._BITSANDBYTES_OPTIMIZERS, "bitsandbytes"),
+        **dict.fromkeys(hf._TORCHAO_OPTIMIZERS, "torchao"),
+        **dict.fromkeys(hf._SCHEDULE_FREE_OPTIMIZERS, "schedulefree"),
+    }
+    assert {str(k.value): v for k, v in expected.items()} == {
+        k: m for k, (m, _) in OPTIMIZER_PACKAGES.items() if m in expected.values()
+    }
+    assert set(NEEDS_TARGET_MODULES) == {o.value for o in (*hf._GALORE_OPTIMIZERS, *hf._APOLLO_OPTIMIZERS)}
+    assert set(OPTIMIZER_PACKAGES) | set(NEEDS_TARGET_MODULES) <= set(OPTIMIZERS)
+
+
+def test_a_scheduler_is_refused_exactly_when_transformers_needs_arguments_the_schema_lacks():
+    import torch
+    from transformers import get_scheduler
+
+    from src.config import LR_SCHEDULERS
+    from src.config_rules import scheduler_problems
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for name in LR_SCHEDULERS:
+        try:
+            get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
+            fails = False
+        except (TypeError, ValueError):
+            fails = True
+        assert fails == bool(scheduler_problems(name)), name
+    (problem,) = _problems(["train.lr_scheduler_type=warmup_stable_decay"])
+    assert problem.startswith("train.lr_scheduler_type=warmup_stable_decay: needs lr_scheduler_kwargs num_decay_steps")
+    assert "min_lr or min_lr_rate" in _problems(["train.lr_scheduler_type=cosine_with_min_lr"])[0]
+
+
+def test_cli_refuses_unusable_settings_in_one_line_before_the_model_loads(tmp_path):
+    """A model directory with a config.json and no weights: had validation let anything through, loading it would
+    fail with another error."""
+    model = _model_dir(tmp_path / "model", model_type="llama", max_position_embeddings=64)
+    overrides = [
+        f"model.name_or_path={model}",
+        "model.max_length=100",
+        "train.optim=adamw_torch_4bit",
+        "train.lr_scheduler_type=cosine_with_min_lr",
+        "data.text_template='{text:>1500000000}'",
+        "train.per_device_eval_batch_size=0",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", *overrides, f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+        + [f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    for text in (
+        "model.max_length: 100 is more than the 64 positions",
+        "train.optim=adamw_torch_4bit: needs the torchao package",
+        "train.lr_scheduler_type=cosine_with_min_lr: needs lr_scheduler_kwargs min_lr",
+        "data.text_template: field '{text:>1500000000}'",
+        "train.per_device_eval_batch_size: must be >= 1, got 0",
+    ):
+        assert text in err, (text, err)
+    assert "safetensors" not in err and "weights" not in err.lower(), err

@@ -20,6 +20,7 @@ CORE = {
     f"src.{name}"
     for name in (
         "config",
+        "config_rules",
         "data",
         "modeling",
         "training",

@@ -562,3 +562,36 @@ def test_swept_keys_are_what_varies_between_jobs_or_the_studys_space():
     assert swept_keys({"jobs": jobs}) == ["lora.r"]  # quant is a group: its columns are fixed (quant.bits)
     space = {"lora": "choice", "lora.r": "choice", "lora.alpha_ratio": "choice", "train.learning_rate": "log"}
     assert swept_keys({"space": space}) == ["lora.r", "lora.alpha_ratio", "train.learning_rate"]
+
+
+def test_sweeper_settings_outside_their_domain_are_refused_all_at_once():
+    from src.sweeps.grid import GridSweeper
+    from src.sweeps.study import OptunaSweeper
+
+    with pytest.raises(SweepFailed) as info:
+        OptunaSweeper(
+            sampler=None,
+            pruner=None,
+            n_trials=0,
+            n_jobs=-1,
+            max_failure_rate=float("nan"),
+            heartbeat_interval=0,
+            feasibility={"mode": "shrink", "available_gpu_mem_gb": float("inf")},
+            pack=0,
+        )
+    text = str(info.value)
+    for problem in (
+        "hydra.sweeper.n_trials: must be >= 1, got 0",
+        "hydra.sweeper.n_jobs: must be >= 1, got -1",
+        "hydra.sweeper.max_failure_rate: must be finite, got nan",
+        "hydra.sweeper.heartbeat_interval: must be >= 1, got 0",
+        "hydra.sweeper.feasibility.available_gpu_mem_gb: must be finite, got inf",
+        "hydra.sweeper.pack: must be >= 1, got 0",
+    ):
+        assert problem in text, (problem, text)
+    with pytest.raises(
+        SweepFailed, match=r"max_batch_size: must be >= 1, got 0.*max_failure_rate: must be in \[0, 1\]"
+    ):
+        GridSweeper(max_batch_size=0, max_failure_rate=1.5)
+    OptunaSweeper(sampler=None, pruner=None, n_trials=1, n_jobs=1)  # the smallest sensible study
+    GridSweeper(max_failure_rate=0.0)

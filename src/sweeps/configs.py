@@ -12,6 +12,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from src.config_rules import bounded
+
 PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
 
 
@@ -20,7 +22,9 @@ class FeasibilityConf:
     """Before a job trains, src.plan's peak-memory estimate is compared with its GPU's free memory."""
 
     mode: str = "shrink"  # off | skip (record the reason, run nothing) | shrink (halve micro-batch, double accum)
-    available_gpu_mem_gb: Optional[float] = None  # null: measure the job's GPU (CPU: no check); a number to force one
+    available_gpu_mem_gb: Optional[float] = bounded(
+        "Free GPU memory to plan against; null: measure the job's GPU (CPU: no check).", default=None, gt=0
+    )
 
 
 @dataclass
@@ -36,9 +40,17 @@ class GridSweeperConf(JobConf):
     _target_: str = f"{PLUGIN_MODULE}.GridSweeper"
     params: Optional[dict[str, str]] = None  # like Hydra's basic sweeper: {lora.r: "8,16"}
     rows: Optional[list[str]] = None  # explicit jobs, each the overrides of one job as on the command line
-    max_batch_size: Optional[int] = None  # jobs handed to the launcher at once; null: one per GPU (1 on CPU)
-    max_failure_rate: float = 1.0  # stop once more than this fraction of all jobs has failed (1.0: never)
-    pack: int = 1  # up to this many jobs of one base (model, quant, data) train at once on one GPU (src/fast/pack.py)
+    max_batch_size: Optional[int] = bounded(
+        "Jobs handed to the launcher at once; null: one per GPU (1 on CPU).", default=None, ge=1
+    )
+    max_failure_rate: float = bounded(
+        "Stop once more than this fraction of all jobs has failed (1.0: never).", default=1.0, ge=0, le=1
+    )
+    pack: int = bounded(
+        "Up to this many jobs of one base (model, quant, data) train at once on one GPU (src/fast/pack.py).",
+        default=1,
+        ge=1,
+    )
 
 
 @dataclass
@@ -48,8 +60,8 @@ class OptunaSweeperConf(JobConf):
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "nop"}])
     sampler: Any = MISSING  # hydra/sweeper/sampler: tpe | random | nsgaii, or another optuna.samplers class
     pruner: Any = MISSING  # hydra/sweeper/pruner: nop | median | hyperband, or another optuna.pruners class
-    n_trials: int = 20  # trials in the study in total, counting earlier runs of the same study
-    n_jobs: int = 1  # trials handed to the launcher at once (parallel with a parallel launcher)
+    n_trials: int = bounded("Trials in the study in total, counting earlier runs of the same study.", default=20, ge=1)
+    n_jobs: int = bounded("Trials handed to the launcher at once (parallel with a parallel launcher).", default=1, ge=1)
     direction: Any = None  # minimize | maximize; null: the config's objective direction
     directions: Optional[list[Optional[str]]] = None  # multi-objective, one per metric; null items: as above
     metrics: list[str] = field(default_factory=lambda: ["objective"])  # "objective" or final MLflow metrics
@@ -57,14 +69,16 @@ class OptunaSweeperConf(JobConf):
     study_name: Optional[str] = None  # null: <config name>-<hash of the command's overrides and search space>
     params: Optional[dict[str, str]] = None  # search space, in Hydra's override grammar: choice(...), interval(...)
     derived: Optional[dict[str, str]] = None  # keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}
-    max_failure_rate: float = 0.5  # stop once more than this fraction of n_trials has failed
+    max_failure_rate: float = bounded(
+        "Stop once more than this fraction of n_trials has failed.", default=0.5, ge=0, le=1
+    )
     # Up to this many trials of one base train at once on one GPU (src/fast/pack.py); asks n_jobs x pack trials at a
     # time: with TPE, hydra/sweeper/sampler=tpe hydra.sweeper.sampler.constant_liar=true spreads them.
-    pack: int = 1
+    pack: int = bounded(default=1, ge=1)
     # Several workers on one study (RDB storage only): each RUNNING trial beats every heartbeat_interval
     # seconds; one silent for grace_period (null: 2 x interval) is failed and retried by another worker.
-    heartbeat_interval: Optional[int] = None
-    grace_period: Optional[int] = None
+    heartbeat_interval: Optional[int] = bounded(default=None, ge=1)
+    grace_period: Optional[int] = bounded(default=None, ge=1)
 
 
 SAMPLERS = {

@@ -17,7 +17,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
+from src.config_rules import domain_problems
 from src.sweeps import packs as packs_mod
+from src.sweeps.configs import GridSweeperConf
 from src.sweeps.outcomes import env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, gpu_batches, job_processes, visible_gpus
 from src.sweeps.record import (
@@ -69,8 +71,10 @@ class GridSweeper(Sweeper):
         feasibility: Any = None,
         pack: int = 1,
     ):
-        if pack < 1:
-            raise SweepFailed(f"hydra.sweeper.pack must be >= 1, got {pack}")
+        settings = {"max_batch_size": max_batch_size, "max_failure_rate": max_failure_rate, "pack": pack}
+        problems = domain_problems(GridSweeperConf, {**settings, "feasibility": feasibility or {}}, "hydra.sweeper.")
+        if problems:
+            raise SweepFailed("; ".join(problems))
         self.pack = pack
         self.params = dict(params or {})
         self.rows = list(rows or [])

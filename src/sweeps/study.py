@@ -49,7 +49,9 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
+from src.config_rules import domain_problems
 from src.sweeps import packs as packs_mod
+from src.sweeps.configs import OptunaSweeperConf
 from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
 from src.sweeps.record import (
@@ -313,8 +315,11 @@ class OptunaSweeper(Sweeper):
         feasibility: Any = None,
         pack: int = 1,
     ):
-        if pack < 1:
-            raise SweepFailed(f"hydra.sweeper.pack must be >= 1, got {pack}")
+        settings = {"n_trials": n_trials, "n_jobs": n_jobs, "max_failure_rate": max_failure_rate, "pack": pack}
+        settings |= {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
+        problems = domain_problems(OptunaSweeperConf, {**settings, "feasibility": feasibility or {}}, "hydra.sweeper.")
+        if problems:
+            raise SweepFailed("; ".join(problems))
         self.pack = pack
         self.sampler_conf, self.pruner_conf = sampler, pruner
         self.n_trials, self.n_jobs = n_trials, n_jobs
