@@ -488,7 +488,6 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             t.optim not in OPTIMIZERS,
             f"train.optim: unknown optimizer {t.optim!r} (known: {', '.join(OPTIMIZERS)})",
         )
-        problems.extend(optimizer_problems(t.optim))
     if _ok(t, "lr_scheduler_type", "eval_strategy"):
         check(
             t.lr_scheduler_type not in LR_SCHEDULERS,
@@ -618,7 +617,10 @@ def _label_set_problems(labels: list[str]) -> list[str]:
 
 
 def _check_machine(t: Optional[TrainConfig], problems: list[str]) -> None:
-    """Checks that only a run that trains here needs: src.plan and src.predict validate GPU configs on CPU."""
+    """Checks that only a run that trains here needs: src.plan and src.predict validate GPU configs on CPU, and
+    predict a run whose optimizer's package this machine lacks."""
+    if _ok(t, "optim") and t.optim in OPTIMIZERS:
+        problems.extend(optimizer_problems(t.optim))
     if not _ok(t, "bf16", "fp16", "tf32"):
         return
     flags = [name for name in ("bf16", "fp16", "tf32") if getattr(t, name)]

@@ -171,9 +171,9 @@ def test_cli_unknown_preset_lists_the_options(tmp_path):
     assert "all_linear" in proc.stderr  # Hydra lists the available presets
 
 
-def _problems(overrides: list[str]) -> list[str]:
+def _problems(overrides: list[str], for_training: bool = False) -> list[str]:
     try:
-        validate(compose_config(overrides))
+        validate(compose_config(overrides), for_training=for_training)
     except ConfigError as exc:
         return exc.problems
     return []
@@ -320,15 +320,16 @@ def test_max_length_is_checked_against_the_hub_cache_and_skipped_where_unreadabl
 )
 def test_an_optimizer_whose_package_is_missing_is_refused_with_the_install_hint(monkeypatch, optim, module, package):
     monkeypatch.setitem(sys.modules, module, None)  # find_spec now answers "not installed", as on a bare machine
-    problems = _problems([f"train.optim={optim}"])
+    problems = _problems([f"train.optim={optim}"], for_training=True)
     assert problems == [
         f"train.optim={optim}: needs the {module} package, which is not installed: pip install {package}"
     ]
+    assert _problems([f"train.optim={optim}"]) == []  # src.predict and src.plan build no optimizer
 
 
 @pytest.mark.parametrize("optim", ["galore_adamw", "galore_adafactor_layerwise", "apollo_adamw"])
 def test_a_low_rank_optimizer_is_refused_naming_the_key_the_schema_lacks(optim):
-    (problem,) = _problems([f"train.optim={optim}"])
+    (problem,) = _problems([f"train.optim={optim}"], for_training=True)
     assert problem.startswith(f"train.optim={optim}: needs optim_target_modules")
 
 
