@@ -206,11 +206,7 @@ def test_every_numeric_field_declares_its_domain():
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_no_float_field_takes_nan_or_infinity(value):
-    import typing
-
-    floats = [
-        key for key, f in _numeric_fields() if float in (typing.get_args(f.type) or {f.type}) or "float" in str(f.type)
-    ]
+    floats = [key for key, f in _numeric_fields() if "float" in str(f.type)]
     assert {"train.learning_rate", "data.max_length_factor", "train.memory_budget_gb", "lora.dropout"} <= set(floats)
     problems = _problems([f"{key}={value}" for key in floats])
     for key in floats:
