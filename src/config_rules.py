@@ -20,7 +20,7 @@ from typing import Any, Optional
 BOUNDS = ("ge", "gt", "le", "lt")
 
 
-def bounded(help: Optional[str] = None, default: Any = dataclasses.MISSING, **domain: Any) -> Any:  # noqa: A002
+def bounded(help: Optional[str] = None, default: Any = dataclasses.MISSING, **domain: Any) -> Any:
     """A numeric field and its domain: ``ge``, ``gt``, ``le``, ``lt``, and ``why_high``, why the upper bound is there.
 
     Every float field must be finite, bounded or not; None (a nullable field left unset) is always in the domain.
