@@ -140,10 +140,20 @@ def scheduler_problems(scheduler: str) -> list[str]:
     ]
 
 
+def read_model_config(path_or_id: str, revision: Optional[str], trust_remote_code: bool):
+    """The transformers config of a local directory or a hub id in the local hub cache, never downloaded; raises
+    OSError or ValueError where it cannot be read so."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        path_or_id, revision=revision, trust_remote_code=trust_remote_code, local_files_only=True
+    )
+
+
 def model_positions(name_or_path: str, revision: Optional[str]) -> Optional[int]:
-    """The model's ``max_position_embeddings`` from its config.json, read as src.plan reads it (AutoConfig, local
-    files only) from a local directory or the hub cache: never downloaded, and the checkpoint's code never run.
-    None where it cannot be read so."""
+    """The model's ``max_position_embeddings`` from its config.json (:func:`read_model_config`, as src.plan reads
+    it), from a local directory or the hub cache: never downloaded, and the checkpoint's code never run. None where
+    it cannot be read so; a hub id is looked up in the cache first, so an uncached one costs no transformers import."""
     from src.tiny import ARCH, BUILTIN_PREFIX, BUILTINS
 
     if name_or_path.startswith(BUILTIN_PREFIX):  # its config.json is written from ARCH, when first built
@@ -161,10 +171,8 @@ def model_positions(name_or_path: str, revision: Optional[str]) -> Optional[int]
         directory = Path(cached).parent if isinstance(cached, str) else None
     if directory is None:
         return None
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        config = read_model_config(str(directory), revision, trust_remote_code=False)
     except Exception:  # remote code, an unknown model_type, a broken file: loading the model reports it
         return None
     positions = getattr(config, "max_position_embeddings", None)

@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.config import CONF_DIR, Config, compose, validate
+from src.config_rules import read_model_config
 from src.errors import UserError, run_cli
 from src.tiny import resolve as resolve_builtin
 
@@ -257,8 +258,6 @@ def gpu_mem_needed_gb(peak_gb: float) -> float:
 
 def load_model_config(name_or_path: str, revision: Optional[str], trust_remote_code: bool):
     """The transformers config, from a local directory or the local hub cache; never downloaded."""
-    from transformers import AutoConfig
-
     path = resolve_builtin(name_or_path)
     local = Path(path).expanduser()
     if local.is_dir():
@@ -268,13 +267,8 @@ def load_model_config(name_or_path: str, revision: Optional[str], trust_remote_c
         raise PlanError(
             f"model.name_or_path={name_or_path}: no such directory; pass a directory holding the model's config.json"
         )
-    try:
-        return AutoConfig.from_pretrained(
-            str(local) if local.is_dir() else path,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            local_files_only=True,  # plan needs a config, never weights, and must work offline
-        )
+    try:  # plan needs a config, never weights, and must work offline
+        return read_model_config(str(local) if local.is_dir() else path, revision, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise PlanError(
             f"model.name_or_path={name_or_path}: not a local directory and not in the local hub cache, and plan "
