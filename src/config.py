@@ -125,6 +125,11 @@ class ConfigError(ProblemsError):
     title = "invalid config"
 
 
+# The settings that relax a safety rule, as dotted keys. Only the command that loads a model grants them: a run's
+# stored config.yaml never does (src.runs.inference refuses one that sets them, naming the flag that grants it).
+SAFETY_SETTINGS = ("model.trust_remote_code", "model.allow_pickle_weights")
+
+
 @dataclass
 class ModelConfig:
     name: str = field(metadata={"help": "Short id used in run names, e.g. openllama3b."})

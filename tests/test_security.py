@@ -25,21 +25,80 @@ def _remote_code_model(path):
     return marker
 
 
-def test_a_run_config_cannot_turn_on_remote_code(tmp_path):
-    model_dir = tmp_path / "model"
-    marker = _remote_code_model(model_dir)
+def _stored_run(tmp_path, overrides):
+    """A run's layout (adapter/ beside config.yaml) whose stored config is composed with ``overrides``."""
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM"}))
-    raw = compose_config(["data=instructions", f"model.name_or_path={model_dir}", "model.trust_remote_code=true"])
+    raw = compose_config(["data=instructions", *overrides])
     (adapter.parent / "config.yaml").write_text(yaml.safe_dump(raw))
+    return adapter
 
-    source = inference.read_source(adapter)
-    assert source.cfg.model.trust_remote_code is False  # the stored true is not taken
-    with pytest.raises(guards.RemoteCodeError, match="needs code from its checkpoint"):
-        guards.check_remote_code(source.cfg.model.name_or_path, None, source.cfg.model.trust_remote_code)
+
+def test_a_run_config_cannot_turn_on_remote_code(tmp_path, capsys):
+    from src.runs import export, predict
+
+    model_dir = tmp_path / "model"
+    marker = _remote_code_model(model_dir)
+    adapter = _stored_run(tmp_path, [f"model.name_or_path={model_dir}", "model.trust_remote_code=true"])
+
+    with pytest.raises(inference.InferenceError, match=r"sets model.trust_remote_code=true.*pass --trust-remote-code"):
+        inference.read_source(adapter)
+    for main in (predict.main, export.main):
+        argv = ["--adapter", str(adapter)] + (["--out", str(tmp_path / "out")] if main is export.main else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--trust-remote-code" in err[0], err
     assert not marker.exists()
-    assert inference.read_source(adapter, trust_remote_code=True).cfg.model.trust_remote_code is True  # the flag
+    granted = inference.read_source(adapter, granted=["model.trust_remote_code"])  # the flag grants it
+    assert granted.cfg.model.trust_remote_code is True and granted.cfg.model.allow_pickle_weights is False
+    with pytest.raises(guards.RemoteCodeError, match="needs code from its checkpoint"):  # and without it:
+        guards.check_remote_code(
+            str(model_dir),
+            None,
+            inference.read_source(
+                _stored_run(tmp_path / "b", [f"model.name_or_path={model_dir}"])
+            ).cfg.model.trust_remote_code,
+        )
+
+
+def _pickled_base(tmp_path, tiny_model_dir):
+    """A copy of the tiny model whose weights exist only as a pickle (pytorch_model.bin)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.save_pretrained(pickled)  # transformers 5 saves safetensors only: write the pickle by hand
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    assert not list(pickled.glob("*.safetensors"))
+    return pickled
+
+
+def test_a_run_config_cannot_allow_pickled_weights(tmp_path, tiny_model_dir, capsys):
+    from src.config import SAFETY_SETTINGS
+    from src.runs import predict
+
+    pickled = _pickled_base(tmp_path, tiny_model_dir)
+    stored = ["model=tiny", f"model.name_or_path={pickled}", "model.allow_pickle_weights=true"]
+    adapter = _stored_run(tmp_path, stored)
+    assert predict.main(["--adapter", str(adapter), "--input", str(tmp_path / "none.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.allow_pickle_weights=true" in err[0] and "--allow-pickle-weights" in err[0], err
+    # The same refusal whatever else the command grants, and with both settings stored both flags are named.
+    with pytest.raises(inference.InferenceError, match="--allow-pickle-weights"):
+        inference.read_source(adapter, granted=["model.trust_remote_code"])
+    both = _stored_run(tmp_path / "both", [*stored, "model.trust_remote_code=true"])
+    with pytest.raises(inference.InferenceError, match="pass --trust-remote-code --allow-pickle-weights"):
+        inference.read_source(both)
+    # Granted on the command line, it loads; a stored false stays false; a default (no config.yaml) too.
+    source = inference.read_source(adapter, granted=["model.allow_pickle_weights"])
+    assert source.cfg.model.allow_pickle_weights is True
+    guards.check_weight_format(source.cfg.model.name_or_path, source.cfg.model.allow_pickle_weights)
+    safe = inference.read_source(_stored_run(tmp_path / "safe", stored[:2]))
+    assert all(not getattr(safe.cfg.model, key.split(".")[1]) for key in SAFETY_SETTINGS)
+    with pytest.raises(guards.PickleWeightsError):
+        guards.check_weight_format(safe.cfg.model.name_or_path, safe.cfg.model.allow_pickle_weights)
 
 
 def test_a_stored_pruner_is_data_never_code(tmp_path, monkeypatch):
@@ -75,18 +134,11 @@ def test_pruners_round_trip_as_plain_data_and_others_are_refused():
 def test_a_base_model_stored_only_as_pickle_is_refused_unless_allowed(tmp_path, tiny_model_dir):
     import dataclasses
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from src import modeling
     from src.config import QuantConfig
     from tests.conftest import tiny_model_config
 
-    pickled = tmp_path / "pickled"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.config.save_pretrained(pickled)  # transformers 5 saves safetensors only: write the pickle by hand
-    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
-    assert not list(pickled.glob("*.safetensors"))
+    pickled = _pickled_base(tmp_path, tiny_model_dir)
     model_cfg = dataclasses.replace(tiny_model_config(tiny_model_dir), name_or_path=str(pickled))
     quant = QuantConfig(bits=16, quant_type="nf4", double_quant=False, compute_dtype="float32")
     with pytest.raises(guards.PickleWeightsError, match="only pickled weights .*pytorch_model.bin"):
