@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 from omegaconf import OmegaConf
 
 from src.errors import ProblemsError
+from src.names import name_problem, text_problem
 from src.tiny import PROJECT_ROOT
 
 # all_linear: every linear layer of the numbered blocks; all_but_head: every linear layer but the output head, the
@@ -670,6 +671,16 @@ def _check_machine(t: Optional[TrainConfig], problems: list[str]) -> None:
         )
 
 
+def _check_names(sections: dict[str, Any], problems: list[str]) -> None:
+    """Names are names (:mod:`src.names`): an experiment's name is no path, and the output directory (a tag that
+    sweeps search for) can be quoted in an MLflow search."""
+    tracking, output_dir = sections.get("tracking"), sections.get("output_dir")
+    if _ok(tracking, "experiment") and name_problem(tracking.experiment):
+        problems.append(f"tracking.experiment: {tracking.experiment!r} {name_problem(tracking.experiment)}")
+    if isinstance(output_dir, str) and text_problem(output_dir):
+        problems.append(f"output_dir (hydra.run.dir or hydra.sweep.dir): {output_dir!r} {text_problem(output_dir)}")
+
+
 def bitsandbytes_unavailable() -> Optional[str]:
     """Why bitsandbytes cannot quantize on this machine, or None if it can."""
     try:
@@ -703,6 +714,7 @@ def validate(raw: Any, *, for_training: bool = False) -> Config:
         else:
             sections[name] = raw[name]
     _check_values(sections, problems)
+    _check_names(sections, problems)
     if for_training:
         _check_machine(sections.get("train"), problems)
     if problems:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -145,3 +147,97 @@ def test_a_base_model_stored_only_as_pickle_is_refused_unless_allowed(tmp_path, 
         modeling.load_model(model_cfg, quant, "sft", None, pad_token_id=2)
     allowed = dataclasses.replace(model_cfg, allow_pickle_weights=True)
     assert modeling.load_model(allowed, quant, "sft", None, pad_token_id=2).num_parameters() > 0
+
+
+# Names are names: an experiment's name is no path, and text in an MLflow search is quoted (src/names.py).
+PATH_LIKE_NAMES = ["/abs/dir", "../../x", "a/b", "a\\b", "..", "x..y", "", "  ", "a\x00b", "a\nb", "tab\tname"]
+SEARCHABLE = ["O'Brien", 'say "hi"', "back\\slash", "a\\'b", 'a\\"b', "pct%_x", "x = 'y' or 1", "café ''", "a and b"]
+
+
+def test_a_path_like_experiment_name_is_refused_and_writes_nothing_outside_the_store(tmp_path, monkeypatch):
+    import mlflow
+
+    from src import tracking
+    from src.config import ConfigError, validate
+
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    composed = compose_config([f"tracking.tracking_uri={uri}"])
+    recorded = ["/abs/dir", "../../x", str(tmp_path / "outside")]
+    for name in dict.fromkeys([*PATH_LIKE_NAMES, *recorded]):
+        raw = copy.deepcopy(composed)
+        raw["tracking"]["experiment"] = name
+        with pytest.raises(ConfigError, match="tracking.experiment: .*(path|empty|control)"):
+            validate(raw)
+        with pytest.raises(ConfigError, match="a name is not a path|empty|control"):  # whoever asks the store
+            tracking.ensure_experiment(name, uri)
+        if name in recorded:
+            with pytest.raises(ConfigError):  # a run of it ends FAILED in the default experiment, not under the name
+                tracking.validated(raw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"] and not Path("/abs/dir").exists()
+    client = mlflow.MlflowClient(uri)
+    assert {e.name for e in client.search_experiments()} <= {"Default", tracking.base_experiment()}
+    assert all(p.resolve().is_relative_to(store) for p in store.rglob("*"))
+    failed = client.search_runs([client.get_experiment_by_name(tracking.base_experiment()).experiment_id])
+    assert len(failed) == len(recorded) and {r.info.status for r in failed} == {"FAILED"}
+    for name in ("lora-sweeps", "O'Brien's runs", "topics v2", "a.b"):  # names stay free otherwise
+        raw = copy.deepcopy(composed)
+        raw["tracking"]["experiment"] = name
+        validate(raw)
+
+
+def test_filter_values_find_exactly_their_text_in_a_real_store(tmp_path):
+    import mlflow
+
+    from src.names import filter_value, text_problem
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("x")
+    ids = {}
+    for text in [*SEARCHABLE, "plain"]:
+        assert text_problem(text) is None, text
+        ids[text] = client.create_run(experiment, tags={"k": text}).info.run_id
+    for text, run_id in ids.items():
+        where = f"tags.k = {filter_value(text)} and attributes.status = 'RUNNING'"
+        assert [r.info.run_id for r in client.search_runs([experiment], where)] == [run_id], text
+    for text in ("both ' and \"", "ends\\", "nul\x00"):
+        assert text_problem(text)
+    for text in ("both ' and \"", "ends\\"):
+        with pytest.raises(ValueError):
+            filter_value(text)
+
+
+def test_an_apostrophe_in_a_sweep_dir_or_study_name_keeps_runs_true(tmp_path):
+    """A trial whose process died ends FAILED (not RUNNING), a finished run is found FINISHED, and a study's
+    finished trials are found, with quotes in the output directory and the study name."""
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from src import tracking
+    from src.config import ConfigError, validate
+    from src.sweeps.job import close_lost_run
+    from src.sweeps.study import OptunaSweeper
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study_name = "Bob's \\ study"
+    for n, sweep_dir in enumerate(["multirun/O'Brien's sweep", 'multirun/the "best" one']):
+        raw = compose_config([f"tracking.tracking_uri={uri}"])
+        raw["output_dir"] = str(tmp_path / sweep_dir / f"{n}-tiny")
+        cfg = validate(raw)
+        with tracking.tracked_run(raw, {"optuna_study": study_name, "optuna_trial": str(n)}):  # finishes
+            mlflow.log_metric("objective", 0.5 + n)
+        finished = tracking.runs_of_output_dir(raw)
+        assert [r.info.status for r in finished] == ["FINISHED"]
+        client = mlflow.MlflowClient(uri)
+        lost = client.create_run(finished[0].info.experiment_id, tags={"output_dir": raw["output_dir"]})  # kill -9
+        assert close_lost_run(raw, cfg, "the trial process died") == lost.info.run_id
+        assert client.get_run(lost.info.run_id).info.status == "FAILED"
+        assert client.get_run(finished[0].info.run_id).info.status == "FINISHED"
+    sweeper = OptunaSweeper(sampler=None, pruner=None, n_trials=2, n_jobs=1)
+    sweeper.config = OmegaConf.create({"tracking": {"tracking_uri": uri, "experiment": raw["tracking"]["experiment"]}})
+    assert sweeper.finished_trials(study_name) == {0: [0.5], 1: [1.5]}
+    raw["output_dir"] = "multirun/both ' and \""
+    with pytest.raises(ConfigError, match="output_dir .*both ' and"):
+        validate(raw)

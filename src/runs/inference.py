@@ -28,6 +28,7 @@ import yaml
 
 from src.config import OBJECTIVE_DEFAULTS, SAFETY_SETTINGS, Config, ConfigError, compose, validate
 from src.errors import UserError
+from src.names import filter_value, text_problem
 
 ADAPTER_ARTIFACT = "adapter"
 MODEL_ARTIFACT = "model"  # a full fine-tuning run (lora=none) saves the whole model instead of an adapter
@@ -113,10 +114,12 @@ def best_sweep_run(sweep_id: str, tracking_uri: Optional[str] = None) -> str:
     import mlflow
 
     _client(tracking_uri)
+    if text_problem(sweep_id):
+        raise InferenceError(f"--sweep-best {sweep_id!r} {text_problem(sweep_id)}")
     runs = mlflow.search_runs(
         search_all_experiments=True,
         output_format="list",
-        filter_string=f"tags.sweep_id = '{sweep_id}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.sweep_id = {filter_value(sweep_id)} and attributes.status = 'FINISHED'",
     )
     scored = [r for r in runs if math.isfinite(r.data.metrics.get("objective", math.nan))]
     children = [r for r in scored if "mlflow.parentRunId" in r.data.tags]

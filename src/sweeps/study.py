@@ -49,6 +49,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
+from src.names import filter_value, text_problem
 from src.sweeps import packs as packs_mod
 from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
@@ -399,7 +400,7 @@ class OptunaSweeper(Sweeper):
         runs = tracking.retry_locked(
             client.search_runs,
             [experiment_id],
-            filter_string=f"tags.optuna_study = '{study_name}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.optuna_study = {filter_value(study_name)} and attributes.status = 'FINISHED'",
             max_results=50000,
         )
         out = {}
@@ -470,6 +471,8 @@ class OptunaSweeper(Sweeper):
         except ValueError as exc:
             raise SweepFailed(str(exc)) from exc
         name = self.study_name or self.default_study_name(list(arguments), directions)
+        if text_problem(name):  # the name is the sweep id, which the MLflow searches of this study quote
+            raise SweepFailed(f"hydra.sweeper.study_name: {name!r} {text_problem(name)}")
         study, created = self.open_study(name, directions)
         retried = recover_interrupted(study, self.finished_trials(name))
         done = sum(counted(t) for t in study.get_trials(deepcopy=False))
