@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -241,3 +242,87 @@ def test_an_apostrophe_in_a_sweep_dir_or_study_name_keeps_runs_true(tmp_path):
     raw["output_dir"] = "multirun/both ' and \""
     with pytest.raises(ConfigError, match="output_dir .*both ' and"):
         validate(raw)
+
+
+# A config names code to build only at the sweeper's sampler and pruner (src.sweeps.configs.VETTED_TARGETS).
+OPEN = "{_target_:builtins.open,file:VICTIM,mode:w}"
+
+
+@pytest.mark.parametrize(
+    "override, path",
+    [
+        (f"hydra.sweeper.sampler.seed={OPEN}", "hydra.sweeper.sampler.seed._target_"),
+        (f"+hydra.sweeper.sampler.x=[1,{{a:{OPEN}}}]", "hydra.sweeper.sampler.x[1].a._target_"),
+        (f"+hydra.sweeper.pruner.n={OPEN}", "hydra.sweeper.pruner.n._target_"),
+        (f"hydra.sweeper.direction={OPEN}", "hydra.sweeper.direction._target_"),
+        (f"+hydra.callbacks.evil={OPEN}", "hydra.callbacks.evil._target_"),
+        (f"+model.extra={OPEN}", "model.extra._target_"),
+    ],
+)
+def test_a_target_anywhere_but_the_sampler_and_pruner_is_refused(override, path):
+    from src.sweeps.configs import TargetsRefused, refuse_targets
+    from tests.conftest import compose_hydra
+
+    config = compose_hydra(overrides=("hydra/sweeper=lora_optuna", override))
+    with pytest.raises(TargetsRefused, match=rf"_target_\) at {re.escape(path)}\."):
+        refuse_targets(config)
+
+
+def test_shipped_sweeps_name_only_vetted_targets():
+    from src.sweeps.configs import refuse_targets
+    from tests.conftest import ROOT, compose_hydra
+
+    for overrides in [(), ("hydra/sweeper=lora_optuna", "hydra/sweeper/pruner=hyperband"), ("hydra/launcher=local",)]:
+        refuse_targets(compose_hydra(overrides=overrides))
+    for path in sorted((ROOT / "sweeps").glob("*.yaml")):
+        refuse_targets(compose_hydra(ROOT / "sweeps", path.stem))
+
+
+def test_a_sampler_is_an_optuna_class_built_from_plain_values(tmp_path):
+    import optuna
+
+    from src.sweeps.study import SweepFailed, build_sampler
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    opened = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    sampler = build_sampler({"_target_": "optuna.samplers.TPESampler", "seed": 3, "constant_liar": True})
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    for target in ("builtins.open", "optuna.samplers._tpe.sampler.TPESampler", "os.system", "TPESampler", ""):
+        with pytest.raises(SweepFailed, match="is not one of optuna.samplers"):
+            build_sampler({**opened, "_target_": target})
+    for kwargs in ({"seed": opened}, {"seed": [opened]}, {"search_space": {"a": [opened]}}, {"_partial_": True}):
+        with pytest.raises(SweepFailed, match="plain values, never code"):
+            build_sampler({"_target_": "optuna.samplers.RandomSampler", **kwargs})
+    assert victim.read_text() == "precious"
+
+
+def test_a_sweep_naming_code_stops_before_anything_is_built(tmp_path):
+    """The issue's command, also with hydra.sweeper._recursive_=true (Hydra would build the sampler's arguments
+    with the sweeper): the file is not truncated, and the error names the key."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    base = [sys.executable, "-m", "src.train", "--multirun", "hydra/sweeper=lora_optuna", "hydra.sweeper.n_trials=1"]
+    stores = [
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+    ]
+    seed = f"hydra.sweeper.sampler.seed={OPEN.replace('VICTIM', str(victim))}"
+    result = subprocess.run(
+        [*base, *stores, f"hydra.sweep.dir={tmp_path / 'ms'}", seed, "hydra.sweeper._recursive_=true"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: refused: the config names code to build (_target_) at hydra.sweeper.sampler.seed._target_" in (
+        result.stderr
+    )
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "ms").exists() and not (tmp_path / "o.db").exists()
