@@ -317,6 +317,18 @@ def compose(
     return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
 
 
+def literal(tree: Any) -> Any:
+    """A resolved config (plain dicts and lists) with every string escaped for OmegaConf, so that a config made
+    from it and resolved again reads each string as it is: ``${oc.env:HOME}`` in a resolved value is text."""
+    if isinstance(tree, dict):
+        return {key: literal(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [literal(value) for value in tree]
+    if isinstance(tree, str):  # OmegaConf reads \${ as a literal ${, and \\${ as a backslash before one
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", tree)
+    return tree
+
+
 def register_configs() -> None:
     """Register the resolvers the YAML files use (``project_root``, ``file_stem``)."""
     if not OmegaConf.has_resolver("project_root"):

@@ -326,3 +326,38 @@ def test_a_sweep_naming_code_stops_before_anything_is_built(tmp_path):
     )
     assert victim.read_text() == "precious"
     assert not (tmp_path / "ms").exists() and not (tmp_path / "o.db").exists()
+
+
+# Stored text is read literally: never resolved as an OmegaConf interpolation.
+STORED_TEXT = ["${oc.env:HOME}/m", "${now:%Y-%m-%d}", "a\\${oc.env:HOME}", "a\\\\${x}", "C:\\dir ${y", "$HOME {z}"]
+
+
+def test_a_stored_base_model_name_is_read_literally(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for n, base in enumerate(STORED_TEXT):
+        adapter = tmp_path / str(n) / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text(
+            json.dumps({"task_type": "CAUSAL_LM", "base_model_name_or_path": base})
+        )
+        source = inference.read_source(adapter)
+        assert source.cfg.model.name_or_path == base
+        assert source.cfg.model.name == Path(base).name
+
+
+def test_a_ddp_job_config_is_read_back_literally(tmp_path, monkeypatch):
+    """The config file a DDP job's ranks compose holds the job's resolved values, which Hydra resolves again."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from src.sweeps.job import write_ddp_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    raw = compose_config(["data=topics"])
+    raw["data"]["labels"] = list(STORED_TEXT)
+    raw["tracking"]["run_name"] = STORED_TEXT[1]
+    raw["output_dir"] = str(tmp_path / "out ${now:%H}")
+    path = write_ddp_config(raw, tmp_path / "job")
+    with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
+        composed = compose(config_name=path.stem)
+    assert OmegaConf.to_container(composed, resolve=True) == raw

@@ -138,13 +138,12 @@ def best_sweep_run(sweep_id: str, tracking_uri: Optional[str] = None) -> str:
 
 
 def _default_config(base_model: str, task: str, labels: Optional[list[str]]) -> Config:
-    """The project's default config (conf/config.yaml) for a task, with the adapter's base model."""
-    overrides = [
-        f"data={DEFAULT_DATA_PRESETS[task]}",
-        f"model.name_or_path={json.dumps(base_model)}",
-        f"model.name={json.dumps(Path(base_model).name)}",
-    ]
-    raw = compose(overrides)
+    """The project's default config (conf/config.yaml) for a task, with the adapter's base model.
+
+    The base model's name is stored text (adapter_config.json): it is set in the composed, resolved config, never
+    handed to Hydra or OmegaConf, where ``${...}`` in it would be resolved."""
+    raw = compose([f"data={DEFAULT_DATA_PRESETS[task]}"])
+    raw["model"].update(name_or_path=base_model, name=Path(base_model).name)
     if task == "multilabel" and labels:
         raw["data"]["label_columns"] = list(labels)
     return validate(raw)
