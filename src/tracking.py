@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -138,8 +140,15 @@ def sweep_view_state(sweep_id: str, objective: str, direction: str, swept: Seque
     )
 
 
+def sweep_view_key(sweep_id: str) -> str:
+    """The key of a sweep's saved view: the sweep id where MLflow takes it as a tag name and a URL as it is, else
+    the id made so with a hash of it (a study may be named ``Bob's study``)."""
+    key = re.sub(r"[^0-9A-Za-z_.-]", "_", sweep_id)
+    return key if key == sweep_id else f"{key}-{hashlib.sha1(sweep_id.encode()).hexdigest()[:8]}"
+
+
 def sweep_view_url(base: str, experiment_id: str, sweep_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_view_key(sweep_id)}"
 
 
 def ensure_experiment(name: str, uri: str) -> str:
