@@ -684,11 +684,14 @@ def _check_machine(t: Optional[TrainConfig], problems: list[str]) -> None:
 
 
 def _check_names(sections: dict[str, Any], problems: list[str]) -> None:
-    """Names are names (:mod:`src.names`): an experiment's name is no path, and the output directory (a tag that
-    sweeps search for) can be quoted in an MLflow search."""
-    tracking, output_dir = sections.get("tracking"), sections.get("output_dir")
-    if _ok(tracking, "experiment") and name_problem(tracking.experiment):
-        problems.append(f"tracking.experiment: {tracking.experiment!r} {name_problem(tracking.experiment)}")
+    """Names are names (:mod:`src.names`): an experiment's name (a directory of the store) and the model's and
+    data's short names (in output directory names) are no paths, and the output directory (a tag that sweeps
+    search for) can be quoted in an MLflow search."""
+    for section, key in (("tracking", "experiment"), ("model", "name"), ("data", "name")):
+        value = getattr(sections.get(section), key) if _ok(sections.get(section), key) else None
+        if isinstance(value, str) and name_problem(value):
+            problems.append(f"{section}.{key}: {value!r} {name_problem(value)}")
+    output_dir = sections.get("output_dir")
     if isinstance(output_dir, str) and text_problem(output_dir):
         problems.append(f"output_dir (hydra.run.dir or hydra.sweep.dir): {output_dir!r} {text_problem(output_dir)}")
 

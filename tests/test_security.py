@@ -183,6 +183,12 @@ def test_a_path_like_experiment_name_is_refused_and_writes_nothing_outside_the_s
     assert all(p.resolve().is_relative_to(store) for p in store.rglob("*"))
     failed = client.search_runs([client.get_experiment_by_name(tracking.base_experiment()).experiment_id])
     assert len(failed) == len(recorded) and {r.info.status for r in failed} == {"FAILED"}
+    for section in ("model", "data"):  # their short names name output directories
+        for name in ("../../x", "/abs/dir", "a\\b"):
+            raw = copy.deepcopy(composed)
+            raw[section]["name"] = name
+            with pytest.raises(ConfigError, match=rf"{section}.name: .* a name is not a path"):
+                validate(raw)
     for name in ("lora-sweeps", "O'Brien's runs", "topics v2", "a.b"):  # names stay free otherwise
         raw = copy.deepcopy(composed)
         raw["tracking"]["experiment"] = name
