@@ -407,3 +407,20 @@ def test_an_optuna_sweep_with_quotes_in_its_names_records_true_statuses(tmp_path
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["FINISHED"] and parents[0].data.tags["sweep_id"] == study
     assert tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(study) in experiment.tags
+
+
+def test_resolved_text_handed_to_a_job_on_its_command_line_is_read_literally(tmp_path, monkeypatch):
+    """An output directory, a study name or a pack's configs go to a job as quoted overrides
+    (hydra.run.dir=..., hydra.job.env_set.X=...); Hydra resolves them again, and each must read as it was."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from src.sweeps.outcomes import env_overrides, quote
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = OverridesParser.create()
+    texts = [*STORED_TEXT, "O'Brien's \\", "${now:%H}'s \\'${", json.dumps({"labels": ["${oc.env:HOME}"]})]
+    for text in texts:
+        for override in (f"hydra.run.dir={quote(text)}", *env_overrides({"LORA_X": text})):
+            value = parser.parse_overrides([override])[0].value()
+            assert OmegaConf.to_container(OmegaConf.create({"v": value}), resolve=True)["v"] == text, override
