@@ -183,6 +183,12 @@ def test_a_path_like_experiment_name_is_refused_and_writes_nothing_outside_the_s
     assert all(p.resolve().is_relative_to(store) for p in store.rglob("*"))
     failed = client.search_runs([client.get_experiment_by_name(tracking.base_experiment()).experiment_id])
     assert len(failed) == len(recorded) and {r.info.status for r in failed} == {"FAILED"}
+    from src.sweeps.configs import SweepRefused, vet
+    from tests.conftest import compose_hydra
+
+    for name in ("../../x", "/abs/dir"):  # a sweep stops before it records anything
+        with pytest.raises(SweepRefused, match="tracking.experiment: .* a name is not a path"):
+            vet(compose_hydra(overrides=(f"tracking.experiment={name}",)))
     for section in ("model", "data"):  # their short names name output directories
         for name in ("../../x", "/abs/dir", "a\\b"):
             raw = copy.deepcopy(composed)
@@ -348,7 +354,7 @@ def test_a_stored_base_model_name_is_read_literally(tmp_path, monkeypatch):
         )
         source = inference.read_source(adapter)
         assert source.cfg.model.name_or_path == base
-        assert source.cfg.model.name == Path(base).name
+        assert source.cfg.model.name == Path(base.replace("\\", "/")).name
 
 
 def test_a_ddp_job_config_is_read_back_literally(tmp_path, monkeypatch):

@@ -143,7 +143,7 @@ def _default_config(base_model: str, task: str, labels: Optional[list[str]]) -> 
     The base model's name is stored text (adapter_config.json): it is set in the composed, resolved config, never
     handed to Hydra or OmegaConf, where ``${...}`` in it would be resolved."""
     raw = compose([f"data={DEFAULT_DATA_PRESETS[task]}"])
-    raw["model"].update(name_or_path=base_model, name=Path(base_model).name)
+    raw["model"].update(name_or_path=base_model, name=Path(base_model.replace("\\", "/")).name)  # a Windows path too
     if task == "multilabel" and labels:
         raw["data"]["label_columns"] = list(labels)
     return validate(raw)

@@ -2,6 +2,8 @@
 ``hydra/launcher`` presets), registered in Hydra's ConfigStore at import; every default lives here.
 
 :func:`job_conf` reads what one job needs of them (``isolate``, ``feasibility``) from the sweeper's config.
+:func:`vet` refuses a sweep's config before anything is built from it (a ``_target_`` outside the sampler and
+pruner) or recorded (a path as the experiment's name).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from src.names import name_problem
 
 PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
 
@@ -127,7 +131,11 @@ VETTED_TARGETS = frozenset(
 )
 
 
-class TargetsRefused(CompactHydraException):
+class SweepRefused(CompactHydraException):
+    """A sweep's config must not start: see :func:`vet`."""
+
+
+class TargetsRefused(SweepRefused):
     """A config names code to build (``_target_``) outside :data:`VETTED_TARGETS`."""
 
 
@@ -156,6 +164,15 @@ def refuse_targets(config: DictConfig) -> None:
         )
 
 
+def vet(config: DictConfig) -> None:
+    """Raise :class:`SweepRefused` before a sweep builds or records anything: for a ``_target_`` outside
+    :data:`VETTED_TARGETS` (:func:`refuse_targets`), or a ``tracking.experiment`` that is no name (a path)."""
+    refuse_targets(config)
+    experiment = OmegaConf.select(config, "tracking.experiment")
+    if isinstance(experiment, str) and name_problem(experiment):
+        raise SweepRefused(f"tracking.experiment: {experiment!r} {name_problem(experiment)}")
+
+
 class RefuseTargets(Callback):
     """Hydra calls it with the composed config before it builds the sweeper, whose arguments (a sampler's) it may
     build too: the earliest point a sweep's config can be checked (``hydra.callbacks.refuse_targets`` in
@@ -163,8 +180,8 @@ class RefuseTargets(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            refuse_targets(config)
-        except TargetsRefused as exc:  # Hydra turns a callback's exception into a warning and goes on: exit instead
+            vet(config)
+        except SweepRefused as exc:  # Hydra turns a callback's exception into a warning and goes on: exit instead
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from exc
 

@@ -51,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 from src import tracking
 from src.names import filter_value, text_problem
 from src.sweeps import packs as packs_mod
-from src.sweeps.configs import refuse_targets, unvetted_targets
+from src.sweeps.configs import unvetted_targets, vet
 from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
 from src.sweeps.record import (
@@ -353,7 +353,7 @@ class OptunaSweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
-        refuse_targets(config)  # before the launcher, sampler or pruner is built (also without the Hydra callback)
+        vet(config)  # before the launcher, sampler or pruner is built (also for a config without the callback)
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
