@@ -33,6 +33,7 @@ from src.config_rules import (
     template_field_problem,
 )
 from src.errors import ProblemsError
+from src.names import name_problem, text_problem
 from src.tiny import PROJECT_ROOT
 
 # all_linear: every linear layer of the numbered blocks; all_but_head: every linear layer but the output head, the
@@ -131,6 +132,11 @@ class ConfigError(ProblemsError):
     """The composed config is invalid; the message lists every problem found."""
 
     title = "invalid config"
+
+
+# The settings that relax a safety rule, as dotted keys. Only the command that loads a model grants them: a run's
+# stored config.yaml never does (src.runs.inference refuses one that sets them, naming the flag that grants it).
+SAFETY_SETTINGS = ("model.trust_remote_code", "model.allow_pickle_weights")
 
 
 @dataclass
@@ -319,6 +325,18 @@ def compose(
     raw.pop("hydra", None)
     raw["output_dir"] = output_dir
     return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+
+
+def literal(tree: Any) -> Any:
+    """A resolved config (plain dicts and lists) with every string escaped for OmegaConf, so that a config made
+    from it and resolved again reads each string as it is: ``${oc.env:HOME}`` in a resolved value is text."""
+    if isinstance(tree, dict):
+        return {key: literal(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [literal(value) for value in tree]
+    if isinstance(tree, str):  # OmegaConf reads \${ as a literal ${, and \\${ as a backslash before one
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", tree)
+    return tree
 
 
 def register_configs() -> None:
@@ -636,6 +654,19 @@ def _check_machine(t: Optional[TrainConfig], problems: list[str]) -> None:
         )
 
 
+def _check_names(sections: dict[str, Any], problems: list[str]) -> None:
+    """Names are names (:mod:`src.names`): an experiment's name (a directory of the store) and the model's and
+    data's short names (in output directory names) are no paths, and the output directory (a tag that sweeps
+    search for) can be quoted in an MLflow search."""
+    for section, key in (("tracking", "experiment"), ("model", "name"), ("data", "name")):
+        value = getattr(sections.get(section), key) if _ok(sections.get(section), key) else None
+        if isinstance(value, str) and name_problem(value):
+            problems.append(f"{section}.{key}: {value!r} {name_problem(value)}")
+    output_dir = sections.get("output_dir")
+    if isinstance(output_dir, str) and text_problem(output_dir):
+        problems.append(f"output_dir (hydra.run.dir or hydra.sweep.dir): {output_dir!r} {text_problem(output_dir)}")
+
+
 def bitsandbytes_unavailable() -> Optional[str]:
     """Why bitsandbytes cannot quantize on this machine, or None if it can."""
     try:
@@ -669,6 +700,7 @@ def validate(raw: Any, *, for_training: bool = False) -> Config:
         else:
             sections[name] = raw[name]
     _check_values(sections, problems)
+    _check_names(sections, problems)
     if for_training:
         _check_machine(sections.get("train"), problems)
     if problems:

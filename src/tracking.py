@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -46,6 +48,7 @@ from omegaconf import OmegaConf
 
 from src import distributed
 from src.config import CONF_DIR, Config, ConfigError, validate
+from src.names import filter_value, name_problem
 from src.tiny import PROJECT_ROOT
 
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
@@ -129,7 +132,7 @@ def sweep_view_state(sweep_id: str, objective: str, direction: str, swept: Seque
     metrics = list(dict.fromkeys([SWEEP_VIEW_METRICS[0], objective, *SWEEP_VIEW_METRICS[1:]]))
     return json.dumps(
         {
-            "searchFilter": f"tags.sweep_id = '{sweep_id}'",
+            "searchFilter": f"tags.sweep_id = {filter_value(sweep_id)}",
             "orderByKey": "metrics.`objective`",
             "orderByAsc": direction == "minimize",
             "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics],
@@ -137,8 +140,15 @@ def sweep_view_state(sweep_id: str, objective: str, direction: str, swept: Seque
     )
 
 
+def sweep_view_key(sweep_id: str) -> str:
+    """The key of a sweep's saved view: the sweep id where MLflow takes it as a tag name and a URL as it is, else
+    the id made so with a hash of it (a study may be named ``Bob's study``)."""
+    key = re.sub(r"[^0-9A-Za-z_.-]", "_", sweep_id)
+    return key if key == sweep_id else f"{key}-{hashlib.sha1(sweep_id.encode()).hexdigest()[:8]}"
+
+
 def sweep_view_url(base: str, experiment_id: str, sweep_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_view_key(sweep_id)}"
 
 
 def ensure_experiment(name: str, uri: str) -> str:
@@ -148,6 +158,8 @@ def ensure_experiment(name: str, uri: str) -> str:
     directory. Parallel jobs starting on a fresh SQLite store take turns through a file lock,
     so exactly one creates the tables and the experiment.
     """
+    if name_problem(name):  # validation refuses it first; this keeps artifacts inside the store whoever calls
+        raise ConfigError([f"tracking.experiment: {name!r} {name_problem(name)}"])
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
         client = retry_locked(mlflow.MlflowClient, uri)  # opening a store reads its schema
@@ -344,7 +356,8 @@ def runs_of_output_dir(raw: dict, running_only: bool = False) -> list:
     experiment = retry_locked(client.get_experiment_by_name, settings["experiment"])
     if experiment is None:
         return []
-    where = f"tags.output_dir = '{raw['output_dir']}'" + (" and attributes.status = 'RUNNING'" if running_only else "")
+    where = f"tags.output_dir = {filter_value(str(raw['output_dir']))}"
+    where += " and attributes.status = 'RUNNING'" if running_only else ""
     return retry_locked(
         client.search_runs, [experiment.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"]
     )
@@ -472,7 +485,10 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
         return
     tracking = raw.get("tracking") or {}
     uri = tracking_uri(tracking.get("tracking_uri"))
-    experiment_id = ensure_experiment(tracking.get("experiment") or base_experiment(), uri)
+    experiment = tracking.get("experiment")
+    if not isinstance(experiment, str) or name_problem(experiment):  # refused by validation: record it elsewhere
+        experiment = base_experiment()
+    experiment_id = ensure_experiment(experiment, uri)
     all_tags = {**process_tags(), **(tags or {})}
     if raw.get("output_dir"):  # how a sweep and src.doctor find the run of an output directory
         all_tags["output_dir"] = str(raw["output_dir"])

@@ -277,10 +277,12 @@ def test_every_sweep_file_composes_and_validates(path):
     sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
     if sweeper.get("sampler"):  # Optuna: the sampler, pruner and search space build
         from hydra.core.override_parser.overrides_parser import OverridesParser
-        from hydra.utils import instantiate
 
-        assert isinstance(instantiate(sweeper["sampler"]), optuna.samplers.BaseSampler)
-        assert isinstance(instantiate(sweeper["pruner"]), optuna.pruners.BasePruner)
+        from src.sweeps.study import build_sampler
+        from src.sweeps.trial import build_pruner, pruner_spec
+
+        assert isinstance(build_sampler(sweeper["sampler"]), optuna.samplers.BaseSampler)
+        assert isinstance(build_pruner(pruner_spec(sweeper["pruner"])), optuna.pruners.BasePruner)
         space, _ = search_space(OverridesParser.create(), sweeper["params"], [])
         assert space and all(isinstance(d, optuna.distributions.BaseDistribution) for d in space.values())
     else:

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 from src.config import OBJECTIVE_DEFAULTS
 from src.errors import UserError, run_cli
+from src.names import filter_value, text_problem
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "sweep_id"
@@ -335,7 +336,9 @@ def _search(client, experiment_ids: list[str], filter_string: str = "", limit: O
 
 
 def _sweep_runs(client, experiment_ids: list[str], sweep_id: str) -> Selection:
-    tagged = _search(client, experiment_ids, f"tags.{SWEEP_TAG} = '{_quote(sweep_id)}'")
+    if text_problem(sweep_id):
+        raise CompareError(f"--sweep {sweep_id!r} {text_problem(sweep_id)}")
+    tagged = _search(client, experiment_ids, f"tags.{SWEEP_TAG} = {filter_value(sweep_id)}")
     parents = [r for r in tagged if _is_parent(r)]
     children = [r for r in tagged if not _is_parent(r)]
     if not tagged:
@@ -344,10 +347,6 @@ def _sweep_runs(client, experiment_ids: list[str], sweep_id: str) -> Selection:
         raise CompareError(f"sweep {sweep_id!r} has no runs yet")
     parent = parents[0].info.run_id if len(parents) == 1 else None
     return Selection(children, f"sweep {sweep_id!r}", parent)
-
-
-def _quote(text: str) -> str:
-    return text.replace("'", "\\'")
 
 
 def select_runs(

@@ -17,17 +17,18 @@ import json
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import yaml
 
-from src.config import OBJECTIVE_DEFAULTS, Config, ConfigError, compose, validate
+from src.config import OBJECTIVE_DEFAULTS, SAFETY_SETTINGS, Config, ConfigError, compose, validate
 from src.errors import UserError
+from src.names import filter_value, text_problem
 
 ADAPTER_ARTIFACT = "adapter"
 MODEL_ARTIFACT = "model"  # a full fine-tuning run (lora=none) saves the whole model instead of an adapter
@@ -113,10 +114,12 @@ def best_sweep_run(sweep_id: str, tracking_uri: Optional[str] = None) -> str:
     import mlflow
 
     _client(tracking_uri)
+    if text_problem(sweep_id):
+        raise InferenceError(f"--sweep-best {sweep_id!r} {text_problem(sweep_id)}")
     runs = mlflow.search_runs(
         search_all_experiments=True,
         output_format="list",
-        filter_string=f"tags.sweep_id = '{sweep_id}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.sweep_id = {filter_value(sweep_id)} and attributes.status = 'FINISHED'",
     )
     scored = [r for r in runs if math.isfinite(r.data.metrics.get("objective", math.nan))]
     children = [r for r in scored if "mlflow.parentRunId" in r.data.tags]
@@ -135,27 +138,59 @@ def best_sweep_run(sweep_id: str, tracking_uri: Optional[str] = None) -> str:
 
 
 def _default_config(base_model: str, task: str, labels: Optional[list[str]]) -> Config:
-    """The project's default config (conf/config.yaml) for a task, with the adapter's base model."""
-    overrides = [
-        f"data={DEFAULT_DATA_PRESETS[task]}",
-        f"model.name_or_path={json.dumps(base_model)}",
-        f"model.name={json.dumps(Path(base_model).name)}",
-    ]
-    raw = compose(overrides)
+    """The project's default config (conf/config.yaml) for a task, with the adapter's base model.
+
+    The base model's name is stored text (adapter_config.json): it is set in the composed, resolved config, never
+    handed to Hydra or OmegaConf, where ``${...}`` in it would be resolved."""
+    raw = compose([f"data={DEFAULT_DATA_PRESETS[task]}"])
+    raw["model"].update(name_or_path=base_model, name=Path(base_model.replace("\\", "/")).name)  # a Windows path too
     if task == "multilabel" and labels:
         raw["data"]["label_columns"] = list(labels)
     return validate(raw)
 
 
+def safety_flag(key: str) -> str:
+    """The flag that grants a safety setting: ``model.allow_pickle_weights`` -> ``--allow-pickle-weights``."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _with_setting(cfg: Config, key: str, value: Any) -> Config:
+    section, name = key.split(".")
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+
+
+def _granted_only(cfg: Config, config_path: Optional[Path], granted: Collection[str]) -> Config:
+    """``cfg`` with every safety setting (:data:`SAFETY_SETTINGS`) as the loading command grants it.
+
+    A file in a run's artifacts must not relax a policy of the process that reads it (run a model directory's
+    Python code, unpickle its weights): a stored setting the command did not grant is refused, naming its flag."""
+    relaxed = [key for key in SAFETY_SETTINGS if _setting(cfg, key) and key not in granted]
+    if relaxed:
+        keys = ", ".join(f"{key}=true" for key in relaxed)
+        flags = " ".join(safety_flag(key) for key in relaxed)
+        raise InferenceError(
+            f"the run's config ({config_path}) sets {keys}, and a stored config never relaxes a safety setting: "
+            f"pass {flags} to this command if you trust the model"
+        )
+    for key in SAFETY_SETTINGS:
+        cfg = _with_setting(cfg, key, key in granted)
+    return cfg
+
+
+def _setting(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def read_source(
-    adapter_dir: Path, run_id: Optional[str] = None, base_model: Optional[str] = None, trust_remote_code: bool = False
+    adapter_dir: Path, run_id: Optional[str] = None, base_model: Optional[str] = None, granted: Collection[str] = ()
 ) -> Source:
     """Read an adapter directory and the ``config.yaml`` beside it (or in it).
 
     Without a config.yaml the base model comes from ``adapter_config.json`` and everything
     else from the project defaults, unquantized. ``base_model`` replaces model.name_or_path.
-    ``trust_remote_code`` comes from the command that loads, never from the stored config: a file in a run's
-    artifacts must not be able to make this process run a model directory's Python code.
+    ``granted``: the safety settings (:data:`src.config.SAFETY_SETTINGS`) the loading command turns on; they
+    come from the command alone, never from the stored config (:func:`_granted_only`).
     """
     adapter_dir = Path(adapter_dir)
     adapter_config = adapter_dir / "adapter_config.json"
@@ -196,13 +231,7 @@ def read_source(
             file=sys.stderr,
         )
         cfg = _default_config(base, task, label_map.get("labels"))
-    if cfg.model.trust_remote_code and not trust_remote_code:
-        print(
-            f"note: the run was trained with model.trust_remote_code=true; its model code runs here only with "
-            f"--trust-remote-code ({cfg.model.name_or_path})",
-            file=sys.stderr,
-        )
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, trust_remote_code=trust_remote_code))
+    cfg = _granted_only(cfg, config_path, granted)
     if base_model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=base_model))
     if cfg.data.task != task:
@@ -221,7 +250,7 @@ def open_source(
     adapter: Optional[Path] = None,
     tracking_uri: Optional[str] = None,
     base_model: Optional[str] = None,
-    trust_remote_code: bool = False,
+    granted: Collection[str] = (),
 ) -> Iterator[Source]:
     """Resolve exactly one of a run id, a sweep id (its best run) or an adapter directory.
 
@@ -230,7 +259,7 @@ def open_source(
     if sum(x is not None for x in (run, sweep_best, adapter)) != 1:
         raise InferenceError("give exactly one of --run, --sweep-best or --adapter")
     if adapter is not None:
-        yield read_source(Path(adapter), base_model=base_model, trust_remote_code=trust_remote_code)
+        yield read_source(Path(adapter), base_model=base_model, granted=granted)
         return
     if sweep_best is not None:
         run = best_sweep_run(sweep_best, tracking_uri)
@@ -238,7 +267,7 @@ def open_source(
     with tempfile.TemporaryDirectory(prefix="lora-run-") as tmp:
         run = full_run_id(run, tracking_uri)
         saved_dir = download_run(run, Path(tmp), tracking_uri)
-        yield read_source(saved_dir, run_id=run, base_model=base_model, trust_remote_code=trust_remote_code)
+        yield read_source(saved_dir, run_id=run, base_model=base_model, granted=granted)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,19 +277,21 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--sweep-best", metavar="SWEEP_ID", help="the best finished run of this sweep (tag sweep_id)")
     which.add_argument("--adapter", type=Path, metavar="DIR", help="a local adapter directory (<output_dir>/adapter)")
     parser.add_argument("--base-model", help="replaces the run's model.name_or_path (e.g. a local copy of it)")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the base model's own Python code (auto_map); a run's stored config never turns this on",
-    )
+    helps = {
+        "model.trust_remote_code": "run the base model's own Python code (auto_map)",
+        "model.allow_pickle_weights": "load a base model stored only as pickle (.bin), which can run code",
+    }
+    for key in SAFETY_SETTINGS:
+        parser.add_argument(
+            safety_flag(key), action="store_true", help=f"{helps[key]}; a run's stored config never turns this on"
+        )
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's)")
 
 
 def open_source_of(args: argparse.Namespace) -> contextlib.AbstractContextManager[Source]:
     """:func:`open_source` for the options of :func:`add_source_arguments`."""
-    return open_source(
-        args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model, args.trust_remote_code
-    )
+    granted = [key for key in SAFETY_SETTINGS if getattr(args, safety_flag(key)[2:].replace("-", "_"))]
+    return open_source(args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model, granted)
 
 
 def load_tokenizer(source: Source):

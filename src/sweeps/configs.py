@@ -2,17 +2,23 @@
 ``hydra/launcher`` presets), registered in Hydra's ConfigStore at import; every default lives here.
 
 :func:`job_conf` reads what one job needs of them (``isolate``, ``feasibility``) from the sweeper's config.
+:func:`vet` refuses a sweep's config before anything is built from it (a ``_target_`` outside the sampler and
+pruner) or recorded (a path as the experiment's name).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from src.config_rules import bounded
+from src.names import name_problem
 
 PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
 
@@ -126,6 +132,71 @@ def register_configs() -> None:
         cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="lora-sweeps")
     for name, node in PRUNERS.items():
         cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="lora-sweeps")
+
+
+# The only keys of a composed config that may name code to build. Hydra builds a sweeper or launcher only from its
+# plugin packages, and the sweeper builds its sampler and pruner only from Optuna's own classes, by name
+# (src.sweeps.study.build_sampler, src.sweeps.trial.pruner_spec). Any other _target_, at any depth, is refused.
+CALLBACK = "refuse_targets"  # conf/config.yaml: hydra.callbacks.refuse_targets
+VETTED_TARGETS = frozenset(
+    f"hydra.{key}._target_"
+    for key in ("sweeper", "launcher", "sweeper.sampler", "sweeper.pruner", f"callbacks.{CALLBACK}")
+)
+
+
+class SweepRefused(CompactHydraException):
+    """A sweep's config must not start: see :func:`vet`."""
+
+
+class TargetsRefused(SweepRefused):
+    """A config names code to build (``_target_``) outside :data:`VETTED_TARGETS`."""
+
+
+def unvetted_targets(node: Any, path: str = "") -> list[str]:
+    """The dotted path of every ``_target_`` key in a plain container (in dicts and lists, at any depth) that is
+    not in :data:`VETTED_TARGETS`."""
+    if isinstance(node, dict):
+        items = [(f"{path}.{key}" if path else str(key), key, value) for key, value in node.items()]
+    elif isinstance(node, list):
+        items = [(f"{path}[{i}]", i, value) for i, value in enumerate(node)]
+    else:
+        return []
+    found = [here for here, key, _ in items if key == "_target_" and here not in VETTED_TARGETS]
+    return found + [hit for here, _, value in items for hit in unvetted_targets(value, here)]
+
+
+def refuse_targets(config: DictConfig) -> None:
+    """Raise :class:`TargetsRefused` naming every ``_target_`` of the composed config (its ``hydra`` node too)
+    outside :data:`VETTED_TARGETS`. Read without resolving: nothing in the config runs to be checked."""
+    found = unvetted_targets(OmegaConf.to_container(config, resolve=False))
+    if found:
+        raise TargetsRefused(
+            f"refused: the config names code to build (_target_) at {', '.join(found)}. Only "
+            "hydra.sweeper.sampler and hydra.sweeper.pruner name a class, an optuna sampler or pruner; their "
+            "arguments are plain values"
+        )
+
+
+def vet(config: DictConfig) -> None:
+    """Raise :class:`SweepRefused` before a sweep builds or records anything: for a ``_target_`` outside
+    :data:`VETTED_TARGETS` (:func:`refuse_targets`), or a ``tracking.experiment`` that is no name (a path)."""
+    refuse_targets(config)
+    experiment = OmegaConf.select(config, "tracking.experiment")
+    if isinstance(experiment, str) and name_problem(experiment):
+        raise SweepRefused(f"tracking.experiment: {experiment!r} {name_problem(experiment)}")
+
+
+class RefuseTargets(Callback):
+    """Hydra calls it with the composed config before it builds the sweeper, whose arguments (a sampler's) it may
+    build too: the earliest point a sweep's config can be checked (``hydra.callbacks.refuse_targets`` in
+    conf/config.yaml). A single run builds nothing from its config; its validation refuses unknown keys."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            vet(config)
+        except SweepRefused as exc:  # Hydra turns a callback's exception into a warning and goes on: exit instead
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from exc
 
 
 def job_conf(sweeper: DictConfig) -> JobConf:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config_rules import domain_problems
 from src.sweeps import packs as packs_mod
-from src.sweeps.configs import GridSweeperConf
+from src.sweeps.configs import GridSweeperConf, vet
 from src.sweeps.outcomes import env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, gpu_batches, job_processes, visible_gpus
 from src.sweeps.record import (
@@ -87,6 +87,7 @@ class GridSweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
+        vet(config)  # before the launcher is built or the store written (also for a config without the callback)
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config

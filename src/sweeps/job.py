@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src import console, distributed, tracking
-from src.config import Config, ConfigError
+from src.config import Config, ConfigError, literal
 from src.plan import PlanError, plan, plans_own_micro_batches
 from src.sweeps.configs import FeasibilityConf
 from src.sweeps.outcomes import JobFailed, JobSkipped, quote
@@ -258,16 +258,25 @@ def _run(raw: dict, cfg: Config, feasibility: FeasibilityConf, train: Train) -> 
     return _train_and_collect(raw, cfg, train, note, None)
 
 
+def write_ddp_config(raw: dict, output_dir: Path) -> Path:
+    """The job's resolved config as the config file its DDP ranks compose: escaped, so that Hydra resolving it
+    again reads every value as it is (:func:`src.config.literal`)."""
+    from omegaconf import OmegaConf
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "ddp_config.yaml"
+    OmegaConf.save(OmegaConf.create(literal(raw)), path)
+    return path
+
+
 def _run_ddp(raw: dict, cfg: Config, feasibility_note: Optional[str]) -> dict[str, Any]:
     """A job with ``train.nproc_per_node`` > 1: src.train under torchrun on the job's GPUs, from the job's
     resolved config; rank 0's MLflow run (found by its ``output_dir`` tag) is the job's run."""
     import mlflow
     import optuna
-    from omegaconf import OmegaConf
 
     output_dir = Path(cfg.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(raw), output_dir / "ddp_config.yaml")
+    write_ddp_config(raw, output_dir)
     argv = [
         f"--config-path={output_dir}",
         "--config-name=ddp_config",

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from src.config import literal
+
 
 class JobFailed(RuntimeError):
     """The job's training raised; ``error_type`` names the original exception."""
@@ -42,8 +44,10 @@ class Outcome:
 
 
 def quote(value: str) -> str:
-    """A string as a quoted value of Hydra's override grammar."""
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    """A string as a quoted value of Hydra's override grammar that the job reads back as it is: its quotes and a
+    final backslash escaped for the grammar, and ``${`` for OmegaConf (:func:`src.config.literal`), as the text
+    is resolved already (an output directory, a study name, a pack's configs)."""
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", literal(value))
     escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
     return f"'{escaped}'"
 

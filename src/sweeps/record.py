@@ -115,7 +115,8 @@ class SweepRecord:
         # One click in the UI: this sweep's runs, best first, with their params and metrics as columns.
         swept = [k for k in swept_keys(params) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
         view = tracking.sweep_view_state(sweep_id, self.objective, objective_direction(config), swept)
-        self._write(self.client.set_experiment_tag, experiment_id, tracking.SHARED_VIEW_PREFIX + sweep_id, view)
+        view_tag = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(sweep_id)
+        self._write(self.client.set_experiment_tag, experiment_id, view_tag, view)
         self._heartbeat = contextlib.ExitStack()
         self._heartbeat.enter_context(tracking.heartbeat(uri, self.run_id))
         print(f"[sweep {sweep_id}] MLflow parent run {self.run_id} ({uri})", flush=True)

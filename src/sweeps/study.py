@@ -50,8 +50,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
 from src.config_rules import domain_problems
+from src.names import filter_value, text_problem
 from src.sweeps import packs as packs_mod
-from src.sweeps.configs import OptunaSweeperConf
+from src.sweeps.configs import OptunaSweeperConf, unvetted_targets, vet
 from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
 from src.sweeps.record import (
@@ -176,6 +177,23 @@ SAMPLERS = (
     "GridSampler",
     "BruteForceSampler",
 )  # the classes hydra.sweeper.sampler may name
+
+
+def build_sampler(conf: dict):
+    """The Optuna sampler of ``hydra.sweeper.sampler``: a class of :data:`SAMPLERS`, called with the other keys as
+    plain values. Nothing in them is built: a ``_target_`` at any depth, or another ``_``-key, is refused."""
+    import optuna
+
+    target = str(conf.get("_target_", ""))
+    name = target.removeprefix("optuna.samplers.")
+    if target != f"optuna.samplers.{name}" or name not in SAMPLERS:
+        raise SweepFailed(f"hydra.sweeper.sampler: {target!r} is not one of optuna.samplers' {', '.join(SAMPLERS)}")
+    kwargs = {k: v for k, v in conf.items() if k != "_target_"}
+    odd = [f"hydra.sweeper.sampler.{k}" for k in kwargs if str(k).startswith("_")]
+    odd += unvetted_targets(kwargs, "hydra.sweeper.sampler")
+    if odd:
+        raise SweepFailed(f"hydra.sweeper.sampler: {', '.join(odd)}: arguments are plain values, never code to build")
+    return getattr(optuna.samplers, name)(**kwargs)
 
 
 def counted(trial) -> bool:
@@ -339,6 +357,7 @@ class OptunaSweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
+        vet(config)  # before the launcher, sampler or pruner is built (also for a config without the callback)
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
@@ -404,7 +423,7 @@ class OptunaSweeper(Sweeper):
         runs = tracking.retry_locked(
             client.search_runs,
             [experiment_id],
-            filter_string=f"tags.optuna_study = '{study_name}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.optuna_study = {filter_value(study_name)} and attributes.status = 'FINISHED'",
             max_results=50000,
         )
         out = {}
@@ -417,12 +436,8 @@ class OptunaSweeper(Sweeper):
     def open_study(self, name: str, directions: list[str]) -> tuple[Any, bool]:
         """The study, and whether this worker created it (then it also creates the MLflow parent run)."""
         import optuna
-        from hydra.utils import instantiate
 
-        sampler_target = str(self.sampler_conf.get("_target_", ""))
-        if sampler_target.removeprefix("optuna.samplers.") not in SAMPLERS or "." not in sampler_target:
-            raise SweepFailed(f"hydra.sweeper.sampler: {sampler_target!r} is not one of optuna.samplers' {SAMPLERS}")
-        sampler = instantiate(self.sampler_conf)
+        sampler = build_sampler(OmegaConf.to_container(self.sampler_conf, resolve=True))
         try:
             spec = pruner_spec(OmegaConf.to_container(self.pruner_conf, resolve=True))
         except ValueError as exc:
@@ -475,6 +490,8 @@ class OptunaSweeper(Sweeper):
         except ValueError as exc:
             raise SweepFailed(str(exc)) from exc
         name = self.study_name or self.default_study_name(list(arguments), directions)
+        if text_problem(name):  # the name is the sweep id, which the MLflow searches of this study quote
+            raise SweepFailed(f"hydra.sweeper.study_name: {name!r} {text_problem(name)}")
         study, created = self.open_study(name, directions)
         retried = recover_interrupted(study, self.finished_trials(name))
         done = sum(counted(t) for t in study.get_trials(deepcopy=False))
