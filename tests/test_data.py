@@ -99,7 +99,7 @@ def test_integer_labels_beyond_the_label_set_are_reported(tmp_path):
             "data.id_column=null",
         ]
     )
-    with pytest.raises(DataError, match=r"1 label\(s\) .* outside the label set \['0', '1'\]: 2 at row 2$"):
+    with pytest.raises(DataError, match=r"1 label\(s\) .* outside the label set \['0', '1'\]: '2' at row 2$"):
         load_data(cfg)
 
 

@@ -31,6 +31,8 @@ CORE = {
         "distributed",
         "tiny",
         "bundled",
+        "labels",
+        "tables",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).
