@@ -176,11 +176,9 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     try:
         # integer_object_nulls: an int column with nulls stays ints (None for null), not float64, which rounds
         # past 2**53 and would merge two labels.
-        df = pd.read_parquet(path, to_pandas_kwargs={"integer_object_nulls": True})
+        return pd.read_parquet(path, to_pandas_kwargs={"integer_object_nulls": True})
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: "magic bytes not found", ...
         raise DataError([f"data file {path}: cannot read it as Parquet ({exc})"]) from None
-    _refuse_repeats(list(df.columns), f"data file {path}:")
-    return df
 
 
 def _read_hub(d: DataConfig, split: str) -> pd.DataFrame:
