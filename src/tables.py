@@ -27,10 +27,17 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def _exact_float(text: str) -> float | decimal.Decimal:
+    """A JSON number with a fraction or exponent: a float where one holds it exactly, else a decimal
+    ("9007199254740993.0" would round to ...992 as a float, and be another label's number)."""
+    value = float(text)
+    return value if decimal.Decimal(repr(value)) == decimal.Decimal(text) else decimal.Decimal(text)
+
+
 def exact_json(text: str) -> Any:
-    """JSON with its numbers exact: ints as Python ints, floats as decimals ("9007199254740993.0" stays that
-    number, where a float would round it to ...992); raises RepeatedKey for a key repeated in one object."""
-    return json.loads(text, parse_float=decimal.Decimal, object_pairs_hook=_unique_keys)
+    """JSON with its numbers exact: ints as Python ints, floats as :func:`_exact_float`; raises RepeatedKey for a
+    key repeated in one object."""
+    return json.loads(text, parse_float=_exact_float, object_pairs_hook=_unique_keys)
 
 
 def csv_header(text: str, sep: str) -> list[str]:

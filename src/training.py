@@ -149,7 +149,7 @@ class ClassificationMetrics:
                 "accuracy": skm.accuracy_score(y_true, y_pred),
                 # the mean recall over every class (sklearn's balanced_accuracy_score skips classes with no row)
                 "balanced_accuracy": skm.recall_score(y_true, y_pred, labels=every, average="macro", zero_division=0),
-                "mcc": skm.matthews_corrcoef(y_true, y_pred),
+                "mcc": _mcc(y_true, y_pred),
             }
             out.update(
                 {
@@ -168,6 +168,18 @@ class ClassificationMetrics:
             y_true, y_pred, labels=every, target_names=names, output_dict=True, zero_division=0
         )
         return {k: float(v) for k, v in out.items()}
+
+
+def _mcc(y_true, y_pred) -> float:
+    """Matthews' correlation: unaffected by classes with no row, so sklearn's hint to pass every label (it has
+    no such argument) is noise."""
+    import warnings
+
+    from sklearn.metrics import matthews_corrcoef
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return matthews_corrcoef(y_true, y_pred)
 
 
 def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
