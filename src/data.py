@@ -24,6 +24,7 @@ from src import console
 from src.config import DataConfig
 from src.errors import ProblemsError
 from src.labels import canonical_label, lookalike_key
+from src.splits import make_eval_split
 from src.tables import RepeatedKey, csv_header, exact_json, repeats
 
 ALPACA_WITH_INPUT = (
@@ -386,58 +387,6 @@ def _check_split(df: pd.DataFrame, d: DataConfig, split: str, source: str, fault
     return True
 
 
-def iterative_stratification(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask for a multi-label matrix (Sechidis et al., 2011), one fold split in two.
-
-    Rows are assigned label by label, rarest label first, to the fold that most lacks it, so
-    every label's frequency is close to equal in both folds.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    desired = np.array([1 - test_fraction, test_fraction])
-    want_rows = desired * n
-    want_label = np.outer(desired, labels.sum(axis=0))
-    fold = np.full(n, -1)
-    remaining = labels.astype(bool).copy()
-    while (fold < 0).any():
-        counts = remaining[fold < 0].sum(axis=0)
-        if counts.sum() == 0:  # rows with no label: fill by row quota
-            for i in rng.permutation(np.flatnonzero(fold < 0)):
-                f = int(np.argmax(want_rows))
-                fold[i] = f
-                want_rows[f] -= 1
-            break
-        label = int(np.argmin(np.where(counts > 0, counts, np.inf)))
-        rows = rng.permutation(np.flatnonzero((fold < 0) & remaining[:, label]))
-        for i in rows:
-            options = np.flatnonzero(want_label[:, label] == want_label[:, label].max())
-            if len(options) > 1:
-                options = options[want_rows[options] == want_rows[options].max()]
-            f = int(rng.choice(options))
-            fold[i] = f
-            want_rows[f] -= 1
-            want_label[f] -= labels[i]
-    return fold == 1
-
-
-def _make_eval_split(task: str, y: Any, n: int, d: DataConfig) -> np.ndarray:
-    """Boolean eval mask: stratified for classes, iterative stratification for label sets."""
-    if task == "multilabel":
-        return iterative_stratification(y, d.eval_fraction, d.split_seed)
-    rng = np.random.default_rng(d.split_seed)
-    mask = np.zeros(n, dtype=bool)
-    if task == "classification":
-        for c in np.unique(y):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            take = int(round(len(idx) * d.eval_fraction))
-            if len(idx) >= 2:  # a class that can be in both splits is: rounding would leave a 999:1 minority out
-                take = min(len(idx) - 1, max(1, take))
-            mask[idx[:take]] = True
-    else:
-        mask[rng.permutation(n)[: max(1, int(round(n * d.eval_fraction)))]] = True
-    return mask
-
-
 def _warn_unevaluated(task: str, labels: list[str], eval_columns: dict[str, Any]) -> None:
     """Warn, naming them, about classes (or label columns) with no row (no positive) in the eval split: they score
     0 in every averaged metric, which then says more about the split than the model."""
@@ -562,7 +511,7 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
         train = columns["train"]
         y = train.get("label", train.get("labels"))
         n = len(train["row_id"])
-        mask = _make_eval_split(d.task, np.asarray(y) if y is not None else None, n, d)
+        mask = make_eval_split(d.task, np.asarray(y) if y is not None else None, n, d)
         if mask.all() or not mask.any():  # an empty split fails only after the model has loaded
             empty, fix = ("train", "lower") if mask.all() else ("eval", "raise")
             how = {"classification": " (stratified by class)", "multilabel": " (iterative stratification)"}

@@ -10,7 +10,8 @@ import pytest
 
 from src import bundled
 from src.config import validate
-from src.data import DataError, iterative_stratification, load_data, read_table
+from src.data import DataError, load_data, read_table
+from src.splits import iterative_stratification
 from tests.conftest import SHARED_DATA, compose_config
 
 
@@ -386,3 +387,13 @@ def test_classes_with_no_eval_row_are_named_in_a_warning(tmp_path, caplog):
         load_data(_file(path, "data.eval_fraction=0.2"))
     (warning,) = [r.getMessage() for r in caplog.records if "no eval row" in r.getMessage()]
     assert "'lonely', 'solo'" in warning and "'major'" not in warning
+
+
+def test_made_multilabel_split_keeps_a_positive_of_every_label_in_each_split(tmp_path):
+    """Iterative stratification gave both positives of a 2-positive label to train at eval_fraction=0.2."""
+    rows = [[i, f"t{i}", int(i in (3, 17)), int(i % 2 == 0), int(i % 5 == 0)] for i in range(40)]
+    path = _write_csv(tmp_path / "d.csv", ["id", "text", "rare", "even", "fifth"], rows)
+    cfg = _data_cfg(["data=file", f"data.path={path}", "data.task=multilabel", "data.label_columns=[rare,even,fifth]"])
+    data = load_data(cfg)
+    for split in (data.train, data.eval):
+        assert np.asarray(split["labels"]).sum(axis=0).min() >= 1, split["row_id"]

@@ -33,6 +33,7 @@ CORE = {
         "bundled",
         "labels",
         "tables",
+        "splits",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).
