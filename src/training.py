@@ -365,7 +365,9 @@ def build_trainer(
         use_console(trainer)
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
-    metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=(objective(cfg)[0],))
+    best = cfg.train.metric_for_best_model or ""
+    keep = (objective(cfg)[0], best if best.startswith("eval_") else f"eval_{best}")  # per-class at any class count
+    metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=keep)
     common = dict(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
