@@ -396,11 +396,11 @@ def _warn_unevaluated(task: str, labels: list[str], eval_columns: dict[str, Any]
         present = np.asarray(eval_columns["labels"]).reshape(-1, len(labels)).sum(axis=0) > 0
     absent = [name for name, seen in zip(labels, present) if not seen]
     if absent:
-        what = "class(es)" if task == "classification" else "label(s)"
+        what = "class(es) with no eval row" if task == "classification" else "label(s) with no positive eval row"
         more = f", ... ({len(absent)} in all)" if len(absent) > MAX_IDS_SHOWN else ""
         shown = ", ".join(map(repr, absent[:MAX_IDS_SHOWN])) + more
         console.log.warning(
-            f"note: {what} with no eval row: {shown}; each scores 0 in eval_f1_macro and the other averages "
+            f"note: {what}: {shown}; each scores 0 in eval_f1_macro and the other averages "
             "(give data.eval_path, or more rows of them)"
         )
 
