@@ -600,8 +600,11 @@ def logs_metric(task: str, metric: str, labels: Optional[Sequence[str]], derived
 
 def _logged_names(task: str, labels: Optional[Sequence[str]], derived: bool = False) -> str:
     names = [*TASK_METRICS[task], *(DERIVED_METRICS.get(task, ()) if derived else ())]
-    if task in PER_LABEL_METRIC:
-        names += list(per_label_metrics(task, labels).values()) if labels else [f"{PER_LABEL_METRIC[task]}<label>"]
+    if task in PER_LABEL_METRIC and labels:
+        named = per_label_metrics(task, labels).items()
+        names += [n if n == PER_LABEL_METRIC[task] + label else f"{n} ({label})" for label, n in named]
+    elif task in PER_LABEL_METRIC:
+        names.append(f"{PER_LABEL_METRIC[task]}<label>")
     return ", ".join(names)
 
 
