@@ -185,7 +185,9 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 def _read_hub(d: DataConfig, split: str) -> pd.DataFrame:
     from datasets import load_dataset
 
-    return load_dataset(d.hub_id, d.hub_config, split=split, revision=d.revision).to_pandas()
+    dataset = load_dataset(d.hub_id, d.hub_config, split=split, revision=d.revision)
+    # Through Arrow, as _read_parquet: Dataset.to_pandas makes an int column with nulls float64, rounding past 2**53.
+    return dataset.with_format("arrow")[:].to_pandas(integer_object_nulls=True)
 
 
 def _row_ids(df: pd.DataFrame, d: DataConfig, mask: np.ndarray) -> str:

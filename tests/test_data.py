@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -397,3 +398,15 @@ def test_made_multilabel_split_keeps_a_positive_of_every_label_in_each_split(tmp
     data = load_data(cfg)
     for split in (data.train, data.eval):
         assert np.asarray(split["labels"]).sum(axis=0).min() >= 1, split["row_id"]
+
+
+def test_hub_integer_labels_with_nulls_stay_exact(monkeypatch):
+    import datasets
+
+    from src.data import _read_hub, label_of
+
+    big = 2**53
+    table = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [big + 1, None, big]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: table)
+    hub = SimpleNamespace(hub_id="org/set", hub_config=None, revision=None)
+    assert [label_of(v) for v in _read_hub(hub, "train")["label"]] == [str(big + 1), None, str(big)]
