@@ -561,7 +561,7 @@ def _config_labels(d: DataConfig) -> Optional[list[str]]:
 
 
 def per_label_metrics(task: str, labels: Sequence[str]) -> dict[str, str]:
-    """Each label's F1 metric name, e.g. ``{"R&D": "eval_f1_class_R_D_3f2a9c1e"}``: the one mapping that
+    """Each label's F1 metric name, e.g. ``{"R&D": "eval_f1_class_R_D_58ae9caf"}``: the one mapping that
     training, its checks and ``metric_names.json`` use (:func:`src.labels.metric_suffixes`)."""
     prefix = PER_LABEL_METRIC[task]
     return {label: prefix + suffix for label, suffix in metric_suffixes(labels).items()}

@@ -56,7 +56,7 @@ def canonical_label(text: str) -> str:
 
 def lookalike_key(label: str) -> str:
     """What two labels share when they only look alike: the NFKC form without format characters. Two distinct
-    canonical labels with one key (``Ａ`` and ``A``; ``a\u200bb`` and ``ab``) are refused, naming both."""
+    canonical labels with one key (``Ａ`` and ``A``; ``ab`` with a U+200B inside and ``ab``) are refused."""
     return "".join(c for c in unicodedata.normalize("NFKC", label) if unicodedata.category(c) != "Cf")
 
 
@@ -71,7 +71,7 @@ def metric_suffixes(labels: Sequence[str]) -> dict[str, str]:
 
     A label MLflow accepts as it is keeps its name; another keeps its safe spelling when no other label has it.
     When spellings collide (``R&D`` and ``R+D`` are both ``R_D``), each changed label gets a short hash of its
-    text appended (``R_D_3f2a9c1e``). The mapping is logged with every run as ``metric_names.json``.
+    text appended (``R_D_58ae9caf`` for ``R&D``). The mapping is logged with every run as ``metric_names.json``.
     """
     safe = {label: _metric_safe(label) for label in labels}
     counts = Counter(safe.values())
