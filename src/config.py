@@ -12,12 +12,12 @@ runs were stored (``model.allow_pickle_weights``): its schema default lets an ol
 from __future__ import annotations
 
 import dataclasses
-import decimal
 import math
 import re
 import string
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -33,6 +33,7 @@ from src.config_rules import (
     template_field_problem,
 )
 from src.errors import ProblemsError
+from src.labels import canonical_label, lookalike_key, metric_suffixes
 from src.names import name_problem, text_problem
 from src.tiny import PROJECT_ROOT
 
@@ -95,8 +96,6 @@ LR_SCHEDULERS = (
 # no more. 4096 is the width of the 7B/8B models this project targets and above the ranks the LoRA literature
 # tries (<= 2048), so a larger value is a typo (r=80000), not an experiment.
 MAX_LORA_RANK = 4096
-# A label that reads as a plain decimal number; no leading zeros, so a code such as "01" stays text.
-_DECIMAL_LABEL = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")
 
 
 def choice(*values: Any) -> Any:
@@ -105,27 +104,6 @@ def choice(*values: Any) -> Any:
     OmegaConf cannot store ``Literal`` annotations, so the allowed values live in metadata.
     """
     return field(metadata={"choices": values})
-
-
-def canonical_label(text: str) -> str:
-    """The class a label's text names: stripped, and a plain decimal number written as the number.
-
-    A label is its value, however the file spells it: CSV readers give the int 1, JSON may give 1, 1.0
-    or "1", and a spreadsheet export "1.0". All of them are the class "1" (and "2.50" is "2.5"), so one
-    label never becomes several classes. Text that is not a plain number ("01", "1e3", "nan") is kept.
-    """
-    text = text.strip()
-    if not _DECIMAL_LABEL.fullmatch(text):
-        return text
-    value = decimal.Decimal(text)
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def safe_metric_name(name: str) -> str:
-    """A label name as it appears in a metric name (MLflow allows only these characters)."""
-    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
 class ConfigError(ProblemsError):
@@ -531,19 +509,10 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
             "train.load_best_model_at_end: needs train.save_strategy equal to train.eval_strategy",
         )
     objective_section = sections.get("objective")
-    if _ok(d, "task", "labels", "label_columns") and _ok(objective_section, "metric"):
-        metric = objective_section.metric
-        check(
-            metric is not None and not logs_metric(d, metric, derived=True),
-            f"objective.metric: task {d.task!r} does not log {metric!r}; it logs {_logged_names(d, derived=True)}",
-        )
-    if _ok(d, "task", "labels", "label_columns") and _ok(t, "metric_for_best_model"):
-        best = t.metric_for_best_model
-        full = best if best is None or best.startswith("eval_") else f"eval_{best}"  # as the Trainer names it
-        check(
-            full is not None and not logs_metric(d, full),
-            f"train.metric_for_best_model: task {d.task!r} does not log {full!r}; it logs {_logged_names(d)}",
-        )
+    if _ok(d, "task", "labels", "label_columns"):
+        metric = objective_section.metric if _ok(objective_section, "metric") else None
+        best = t.metric_for_best_model if _ok(t, "metric_for_best_model") else None
+        problems.extend(metric_problems(d, metric, best, _config_labels(d)))
     if _ok(q, "bits") and q.bits in (4, 8):
         reason = bitsandbytes_unavailable()
         check(reason is not None, f"quant.bits={q.bits}: bitsandbytes cannot run here ({reason}); use quant=none")
@@ -577,29 +546,58 @@ def _lora_problems(lora: Optional[LoraConfig]) -> list[str]:
     return problems
 
 
-def logs_metric(d: DataConfig, metric: str, derived: bool = False) -> bool:
-    """Whether the task's evaluation logs ``metric``; ``derived`` counts those src/train.py computes from it.
+def _config_labels(d: DataConfig) -> Optional[list[str]]:
+    """The labels the config names (their canonical spelling), or None when they are inferred from the data."""
+    if d.task == "classification":
+        return [canonical_label(label) for label in d.labels] if d.labels else None
+    return list(d.label_columns) if d.task == "multilabel" else None
 
-    Per-label names come from ``data.labels`` or ``data.label_columns``; with labels inferred from the
-    data (known only once it loads), any ``eval_f1_class_<name>`` is taken.
+
+def per_label_metrics(task: str, labels: Sequence[str]) -> dict[str, str]:
+    """Each label's F1 metric name, e.g. ``{"R&D": "eval_f1_class_R_D_58ae9caf"}``: the one mapping that
+    training, its checks and ``metric_names.json`` use (:func:`src.labels.metric_suffixes`)."""
+    prefix = PER_LABEL_METRIC[task]
+    return {label: prefix + suffix for label, suffix in metric_suffixes(labels).items()}
+
+
+def metric_problems(
+    d: DataConfig, objective_metric: Optional[str], best: Optional[str], labels: Optional[Sequence[str]]
+) -> list[str]:
+    """Why ``objective.metric`` or ``train.metric_for_best_model`` names a metric the run never logs.
+
+    ``labels``: the run's classes or label columns; None while they are inferred from the data, when any
+    per-class name passes here and :func:`src.train.run` checks it again once the data has loaded (before the
+    model does).
     """
-    if metric in TASK_METRICS[d.task] or (derived and metric in DERIVED_METRICS.get(d.task, ())):
+    problems = []
+    if objective_metric is not None and not logs_metric(d.task, objective_metric, labels, derived=True):
+        logged = _logged_names(d.task, labels, derived=True)
+        problems.append(f"objective.metric: task {d.task!r} does not log {objective_metric!r}; it logs {logged}")
+    full = best if best is None or best.startswith("eval_") else f"eval_{best}"  # as the Trainer names it
+    if full is not None and not logs_metric(d.task, full, labels):
+        logged = _logged_names(d.task, labels)
+        problems.append(f"train.metric_for_best_model: task {d.task!r} does not log {full!r}; it logs {logged}")
+    return problems
+
+
+def logs_metric(task: str, metric: str, labels: Optional[Sequence[str]], derived: bool = False) -> bool:
+    """Whether the task's evaluation logs ``metric``; ``derived`` counts those src/train.py computes from it.
+    With ``labels`` None (not known yet), any per-label name is taken."""
+    if metric in TASK_METRICS[task] or (derived and metric in DERIVED_METRICS.get(task, ())):
         return True
-    prefix = PER_LABEL_METRIC.get(d.task)
+    prefix = PER_LABEL_METRIC.get(task)
     if prefix is None or not metric.startswith(prefix) or metric == prefix:
         return False
-    labels = d.labels if d.task == "classification" else d.label_columns
-    return not labels or metric in {prefix + safe_metric_name(label) for label in labels}
+    return labels is None or metric in per_label_metrics(task, labels).values()
 
 
-def _logged_names(d: DataConfig, derived: bool = False) -> str:
-    names = [*TASK_METRICS[d.task], *(DERIVED_METRICS.get(d.task, ()) if derived else ())]
-    prefix = PER_LABEL_METRIC.get(d.task)
-    labels = d.labels if d.task == "classification" else d.label_columns
-    if prefix and labels:
-        names += [prefix + safe_metric_name(label) for label in labels]
-    elif prefix:
-        names.append(f"{prefix}<label>")
+def _logged_names(task: str, labels: Optional[Sequence[str]], derived: bool = False) -> str:
+    names = [*TASK_METRICS[task], *(DERIVED_METRICS.get(task, ()) if derived else ())]
+    if task in PER_LABEL_METRIC and labels:
+        named = per_label_metrics(task, labels).items()
+        names += [n if n == PER_LABEL_METRIC[task] + label else f"{n} ({label})" for label, n in named]
+    elif task in PER_LABEL_METRIC:
+        names.append(f"{PER_LABEL_METRIC[task]}<label>")
     return ", ".join(names)
 
 
@@ -618,19 +616,28 @@ def template_problems(key: str, template: str) -> list[str]:
 
 
 def _label_set_problems(labels: list[str]) -> list[str]:
-    """Empty or repeated names in ``data.labels``, repeats compared as canonical labels ('1' and '1.0')."""
+    """Empty or repeated names in ``data.labels``, repeats compared as canonical labels ('1' and '1.0'), and
+    names that only look alike (:func:`src.labels.lookalike_key`)."""
     problems: list[str] = []
     seen: dict[str, str] = {}
+    alike: dict[str, str] = {}
     for position, label in enumerate(labels):
         key = canonical_label(label)
         if not key:
             problems.append(f"data.labels: empty label at position {position} of {labels}")
-        elif key not in seen:
-            seen[key] = label
-        elif seen[key] == label:
+        elif key in seen and seen[key] == label:
             problems.append(f"data.labels: duplicate label {label!r} in {labels}")
-        else:
+        elif key in seen:
             problems.append(f"data.labels: {seen[key]!r} and {label!r} are the same label (both read as {key!r})")
+        elif lookalike_key(key) in alike:
+            first = alike[lookalike_key(key)]
+            problems.append(
+                f"data.labels: {first!r} and {label!r} look alike (both {lookalike_key(key)!r} in Unicode NFKC form); "
+                "keep one spelling"
+            )
+        else:
+            seen[key] = label
+            alike[lookalike_key(key)] = label
     return problems
 
 

@@ -20,8 +20,12 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from src.config import DataConfig, canonical_label
+from src import console
+from src.config import DataConfig
 from src.errors import ProblemsError
+from src.labels import canonical_label, lookalike_key
+from src.splits import make_eval_split
+from src.tables import RepeatedKey, csv_header, exact_json, repeats
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -107,27 +111,41 @@ def _decode(raw: bytes, path: Path) -> str:
 
 def _read_text_table(path: Path, suffix: str, text: str) -> pd.DataFrame:
     if suffix in (".csv", ".tsv"):
+        sep = "\t" if suffix == ".tsv" else ","
         try:
-            # keep_default_na=False: the text "NA" or "null" is data, not a missing value; empty cells stay "".
-            return pd.read_csv(
-                io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[]
-            )
+            # Every cell as its text (dtype=str): pandas would read "01" as 1 and "1.50" as 1.5, merging labels
+            # before canonical_label sees them. keep_default_na=False: "NA" or "null" is data; empty cells stay "".
+            df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[])
         except pd.errors.EmptyDataError:
             raise DataError([f"data file {path} has no header row (only blank lines)"]) from None
         except pd.errors.ParserError as exc:  # pandas names the line: "Expected 2 fields in line 3, saw 3"
             raise DataError([f"data file {path}: cannot parse it as {suffix[1:].upper()}: {exc}".strip()]) from None
+        _refuse_repeats(csv_header(text, sep), f"data file {path}: header")
+        return df
     if suffix == ".jsonl":
-        return pd.DataFrame(_json_lines(path, text))
+        return pd.DataFrame(_json_lines(path, text), dtype=object)
     try:
-        json.loads(text)
+        table = exact_json(text)
     except json.JSONDecodeError as exc:
         raise DataError(
             [f"data file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"]
         ) from None
-    try:
-        return pd.read_json(io.StringIO(text), dtype=False)
-    except ValueError as exc:  # valid JSON, but not a table: a scalar, or ragged columns
+    except RepeatedKey as exc:
+        raise DataError([f"data file {path}: {exc}"]) from None
+    if isinstance(table, list) and not all(isinstance(row, dict) for row in table):
+        raise DataError([f"data file {path}: JSON that is not a table of rows (a list of items that are not objects)"])
+    if not isinstance(table, (list, dict)):
+        raise DataError([f"data file {path}: JSON that is not a table of rows (a {type(table).__name__})"])
+    try:  # a list of row objects, or pandas' default orient: {column: {row: value}} or {column: [values]}
+        return pd.DataFrame(table, dtype=object)
+    except ValueError as exc:  # ragged columns
         raise DataError([f"data file {path}: JSON that is not a table of rows ({exc})"]) from None
+
+
+def _refuse_repeats(names: list[Any], where: str) -> None:
+    repeated = repeats(names)
+    if repeated:
+        raise DataError([f"{where} repeats column name(s) {', '.join(map(repr, repeated))}; rename or drop one"])
 
 
 def _json_lines(path: Path, text: str) -> list[dict]:
@@ -138,9 +156,12 @@ def _json_lines(path: Path, text: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = exact_json(line)
         except json.JSONDecodeError as exc:
             bad.append(f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except RepeatedKey as exc:
+            bad.append(f"line {number}: {exc}")
             continue
         if isinstance(record, dict):
             records.append(record)
@@ -154,7 +175,9 @@ def _json_lines(path: Path, text: str) -> list[dict]:
 
 def _read_parquet(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_parquet(path)
+        # integer_object_nulls: an int column with nulls stays ints (None for null), not float64, which rounds
+        # past 2**53 and would merge two labels.
+        return pd.read_parquet(path, to_pandas_kwargs={"integer_object_nulls": True})
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: "magic bytes not found", ...
         raise DataError([f"data file {path}: cannot read it as Parquet ({exc})"]) from None
 
@@ -162,7 +185,9 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 def _read_hub(d: DataConfig, split: str) -> pd.DataFrame:
     from datasets import load_dataset
 
-    return load_dataset(d.hub_id, d.hub_config, split=split, revision=d.revision).to_pandas()
+    dataset = load_dataset(d.hub_id, d.hub_config, split=split, revision=d.revision)
+    # Through Arrow, as _read_parquet: Dataset.to_pandas makes an int column with nulls float64, rounding past 2**53.
+    return dataset.with_format("arrow")[:].to_pandas(integer_object_nulls=True)
 
 
 def _row_ids(df: pd.DataFrame, d: DataConfig, mask: np.ndarray) -> str:
@@ -185,10 +210,12 @@ def _is_blank(series: pd.Series) -> np.ndarray:
 
 
 def label_of(value: Any) -> Optional[str]:
-    """The class a label cell names (see :func:`src.config.canonical_label`), or None if it has none.
+    """The class a label cell names (see :func:`src.labels.canonical_label`), or None if it has none.
 
     A label is its value, never a position in ``data.labels``: the int 1, the float 1.0 and the texts "1"
-    and "1.0" are all the class "1". Empty, blank, null and NaN cells are None: missing, not a class.
+    and "1.0" are all the class "1", while the text "01" is the class "01". :func:`read_table` keeps cells as
+    the file wrote them (CSV and TSV as text, JSON numbers exact, Parquet integers exact), so only this rule
+    decides. Empty, blank, invisible-only (zero-width), null and NaN cells are None: missing, not a class.
     """
     if _is_missing(value):
         return None
@@ -232,7 +259,7 @@ def _label_index(df: pd.DataFrame, d: DataConfig, labels: list[str], split: str,
     """Map the label column to class indices by value; record missing and unknown labels with their rows."""
     values = df[d.label_column].tolist()
     names = [label_of(v) for v in values]
-    index = {canonical_label(name): i for i, name in enumerate(labels)}
+    index = {name: i for i, name in enumerate(labels)}  # labels are canonical: load_data makes them so
     out = np.array([-1 if name is None else index.get(name, -1) for name in names], dtype=int)
     missing = np.array([name is None for name in names], dtype=bool)
     if missing.any():
@@ -252,19 +279,45 @@ def _label_index(df: pd.DataFrame, d: DataConfig, labels: list[str], split: str,
     return out
 
 
+def _lookalike_labels(frames: dict[str, tuple[pd.DataFrame, str]], d: DataConfig, faults: list[str]) -> None:
+    """Record distinct labels that only look alike (:func:`src.labels.lookalike_key`), with their rows: which
+    spelling was meant is the user's call, and two classes that print the same cannot be read apart."""
+    cells = {split: [label_of(v) for v in df[d.label_column]] for split, (df, _) in frames.items()}
+    spellings: dict[str, set[str]] = {}
+    for names in cells.values():
+        for name in set(names) - {None}:
+            spellings.setdefault(lookalike_key(name), set()).add(name)
+    for key, names in sorted(spellings.items()):
+        if len(names) < 2:
+            continue
+        where = []
+        for name in sorted(names):
+            rows = [
+                f"{split} {_row_ids(frames[split][0], d, np.array([n == name for n in split_names]))}"
+                for split, split_names in cells.items()
+                if name in split_names
+            ]
+            where.append(f"{name!r} at {'; '.join(rows)}")
+        faults.append(
+            f"labels in column {d.label_column!r} look alike but differ (each is {key!r} in Unicode NFKC form, "
+            f"without invisible characters): {', '.join(where)}; spell each class one way"
+        )
+
+
 def _multilabel_matrix(df: pd.DataFrame, d: DataConfig, split: str, faults: list[str]) -> np.ndarray:
-    """The 0/1 label matrix; record cells that are not 0/1 with their rows."""
+    """The 0/1 label matrix, each cell read by :func:`label_of` (1, 1.0, "1", true); record other cells."""
     matrix = np.zeros((len(df), len(d.label_columns)), dtype=np.float32)
     for j, col in enumerate(d.label_columns):
         cells = df[col].tolist()
-        ok = np.array([str(v).strip() in ("0", "1", "0.0", "1.0", "True", "False") for v in cells])
+        names = [(label_of(v) or "").casefold() for v in cells]
+        ok = np.array([name in ("0", "1", "true", "false") for name in names])
         if not ok.all():
             bad_values = sorted({repr(cells[i]) for i in np.flatnonzero(~ok)})[:10]
             faults.append(
                 f"{split}: multi-label column {col!r} must hold 0/1, found {', '.join(bad_values)} "
                 f"at {_row_ids(df, d, ~ok)}"
             )
-        matrix[:, j] = [1.0 if str(v).strip() in ("1", "1.0", "True") else 0.0 for v in cells]
+        matrix[:, j] = [1.0 if name in ("1", "true") else 0.0 for name in names]
     return matrix
 
 
@@ -346,53 +399,22 @@ def _check_split(df: pd.DataFrame, d: DataConfig, split: str, source: str, fault
     return True
 
 
-def iterative_stratification(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask for a multi-label matrix (Sechidis et al., 2011), one fold split in two.
-
-    Rows are assigned label by label, rarest label first, to the fold that most lacks it, so
-    every label's frequency is close to equal in both folds.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    desired = np.array([1 - test_fraction, test_fraction])
-    want_rows = desired * n
-    want_label = np.outer(desired, labels.sum(axis=0))
-    fold = np.full(n, -1)
-    remaining = labels.astype(bool).copy()
-    while (fold < 0).any():
-        counts = remaining[fold < 0].sum(axis=0)
-        if counts.sum() == 0:  # rows with no label: fill by row quota
-            for i in rng.permutation(np.flatnonzero(fold < 0)):
-                f = int(np.argmax(want_rows))
-                fold[i] = f
-                want_rows[f] -= 1
-            break
-        label = int(np.argmin(np.where(counts > 0, counts, np.inf)))
-        rows = rng.permutation(np.flatnonzero((fold < 0) & remaining[:, label]))
-        for i in rows:
-            options = np.flatnonzero(want_label[:, label] == want_label[:, label].max())
-            if len(options) > 1:
-                options = options[want_rows[options] == want_rows[options].max()]
-            f = int(rng.choice(options))
-            fold[i] = f
-            want_rows[f] -= 1
-            want_label[f] -= labels[i]
-    return fold == 1
-
-
-def _make_eval_split(task: str, y: Any, n: int, d: DataConfig) -> np.ndarray:
-    """Boolean eval mask: stratified for classes, iterative stratification for label sets."""
-    if task == "multilabel":
-        return iterative_stratification(y, d.eval_fraction, d.split_seed)
-    rng = np.random.default_rng(d.split_seed)
-    mask = np.zeros(n, dtype=bool)
+def _warn_unevaluated(task: str, labels: list[str], eval_columns: dict[str, Any]) -> None:
+    """Warn, naming them, about classes (or label columns) with no row (no positive) in the eval split: they score
+    0 in every averaged metric, which then says more about the split than the model."""
     if task == "classification":
-        for c in np.unique(y):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            mask[idx[: int(round(len(idx) * d.eval_fraction))]] = True
+        present = np.bincount(np.asarray(eval_columns["label"], dtype=int), minlength=len(labels)) > 0
     else:
-        mask[rng.permutation(n)[: max(1, int(round(n * d.eval_fraction)))]] = True
-    return mask
+        present = np.asarray(eval_columns["labels"]).reshape(-1, len(labels)).sum(axis=0) > 0
+    absent = [name for name, seen in zip(labels, present) if not seen]
+    if absent:
+        what = "class(es) with no eval row" if task == "classification" else "label(s) with no positive eval row"
+        more = f", ... ({len(absent)} in all)" if len(absent) > MAX_IDS_SHOWN else ""
+        shown = ", ".join(map(repr, absent[:MAX_IDS_SHOWN])) + more
+        console.log.warning(
+            f"note: {what}: {shown}; each scores 0 in eval_f1_macro and the other averages "
+            "(give data.eval_path, or more rows of them)"
+        )
 
 
 def _weights(task: str, d: DataConfig, y: np.ndarray, n_labels: int, faults: list[str]) -> Optional[list[float]]:
@@ -466,11 +488,12 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
     labels: Optional[list[str]] = None
     if d.task == "classification":
         if d.labels:
-            labels = list(d.labels)
+            labels = [canonical_label(label) for label in d.labels]
         else:
             labels = sorted({n for n in map(label_of, frames["train"][0][d.label_column]) if n is not None})
         if len(labels) < 2:
             faults.append(f"train: column {d.label_column!r} holds fewer than 2 classes: {labels}")
+        _lookalike_labels(frames, d, faults)
     elif d.task == "multilabel":
         labels = list(d.label_columns)
 
@@ -500,7 +523,7 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
         train = columns["train"]
         y = train.get("label", train.get("labels"))
         n = len(train["row_id"])
-        mask = _make_eval_split(d.task, np.asarray(y) if y is not None else None, n, d)
+        mask = make_eval_split(d.task, np.asarray(y) if y is not None else None, n, d)
         if mask.all() or not mask.any():  # an empty split fails only after the model has loaded
             empty, fix = ("train", "lower") if mask.all() else ("eval", "raise")
             how = {"classification": " (stratified by class)", "multilabel": " (iterative stratification)"}
@@ -519,6 +542,8 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
             keep = sorted(np.random.default_rng(d.subsample_seed).permutation(len(columns[split]["row_id"]))[:n])
             columns[split] = {k: [col[i] for i in keep] for k, col in columns[split].items()}
 
+    if labels is not None:
+        _warn_unevaluated(d.task, labels, columns["eval"])
     weights = None
     if d.task != "sft":
         y_train = np.asarray(columns["train"]["label" if d.task == "classification" else "labels"])

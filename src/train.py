@@ -26,7 +26,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from src import console, distributed, tracking
-from src.config import FULL_FINE_TUNING, Config, ConfigError, objective, validate
+from src.config import FULL_FINE_TUNING, Config, ConfigError, metric_problems, objective, per_label_metrics, validate
 from src.data import DataError, load_data
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
 from src.sweeps.job import run_job, run_pack_job, validated_job
@@ -36,6 +36,8 @@ from src.sweeps.trial import trial_callbacks
 
 # Where a run saves what it trained: a LoRA adapter, or with lora=none (full fine-tuning) the whole model.
 ADAPTER_DIR, MODEL_DIR = "adapter", "model"
+# Each class's (or label's) per-class metric name, as {label: metric}: src.labels.metric_suffixes.
+METRIC_NAMES_FILE = "metric_names.json"
 
 
 def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[float]:
@@ -64,6 +66,7 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
             tokenizer = modeling.load_tokenizer(cfg.model)
             # Raises DataError listing every fault (rows far over max_length included), before any model loads.
             data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+            check_label_metrics(cfg, data.labels)
             checkpoint = guards.resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir / "checkpoints")
             set_seed(cfg.train.seed)
             model = modeling.load_model(
@@ -88,6 +91,8 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
         tracking.log_metrics(
             {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
         )
+        if main_process and data.labels:  # which metric is which class: "R&D" and "R+D" both need a name
+            mlflow.log_dict(per_label_metrics(data.task, data.labels), METRIC_NAMES_FILE)
         # An Optuna trial reports its evaluations and may be pruned; under DDP rank 0 reports, and if it prunes,
         # torchrun stops the others.
         env = None if slot is None else slot.env
@@ -192,6 +197,8 @@ class SharedBase:
                     cfg = self.jobs[0][1]
                     tokenizer = modeling.load_tokenizer(cfg.model)
                     data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+                    for _, job in self.jobs:
+                        check_label_metrics(job, data.labels)
                     set_seed(cfg.train.seed)
                     model = modeling.load_model(
                         cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False
@@ -264,6 +271,16 @@ def pack(jobs: list[tuple[dict, Config, Optional[dict]]]):
     shared = SharedBase([(raw, cfg) for raw, cfg, _ in jobs])
     trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, _, env) in enumerate(jobs)]
     return trains, shared
+
+
+def check_label_metrics(cfg: Config, labels: Optional[list[str]]) -> None:
+    """Raise ConfigError if ``objective.metric`` or ``train.metric_for_best_model`` names a per-class metric the
+    data's classes do not log: with labels inferred from the data, validation could not know them. Runs once
+    the data is read, before the model loads."""
+    if labels:
+        problems = metric_problems(cfg.data, cfg.objective.metric, cfg.train.metric_for_best_model, labels)
+        if problems:
+            raise ConfigError(problems)
 
 
 def run_description(cfg: Config, data, trainable: int, metric: str, value: float) -> str:

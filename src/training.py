@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from src import console, distributed, tracking
-from src.config import Config, TrainConfig, objective, safe_metric_name
+from src.config import Config, TrainConfig, objective, per_label_metrics
 from src.data import TaskData
 from src.fast.classification import (
     PackedClassificationCollator,
@@ -104,18 +104,24 @@ def final_evaluation(trainer) -> dict[str, float]:
 
 
 class ClassificationMetrics:
-    """compute_metrics for single- and multi-label tasks; keeps the last report and confusion matrix."""
+    """compute_metrics for single- and multi-label tasks; keeps the last report and confusion matrix.
+
+    Every average is over all of the run's classes (or label columns), as classification_report.json is: a class
+    with no eval row and no prediction scores 0 in the macro F1, rather than vanishing from it (a 999:1 split
+    whose eval holds no minority row read eval_f1_macro 1.0 against the report's 0.5).
+    """
 
     def __init__(self, task: str, labels: list[str], threshold: float, keep: tuple[str, ...] = ()):
         self.task, self.labels, self.threshold = task, labels, threshold
+        self.metric_names = per_label_metrics(task, labels)
         self.keep = {name.removeprefix("eval_") for name in keep}  # per-class metrics logged at any class count
         self.last_report: dict[str, Any] = {}
         # [true, pred] (dense), or past MAX_CLASSES_PLOTTED classes the non-zero cells {"true", "pred", "count"}
         # (a dense matrix of 10,000 classes is 800 MB); per label [[tn, fp], [fn, tp]] if multilabel
         self.last_confusion: Optional[Union[np.ndarray, dict[str, np.ndarray]]] = None
 
-    def _per_class(self, prefix: str, scores) -> dict[str, float]:
-        named = {f"{prefix}{safe_metric_name(n)}": f for n, f in zip(self.labels, scores)}
+    def _per_class(self, scores) -> dict[str, float]:
+        named = {self.metric_names[n].removeprefix("eval_"): f for n, f in zip(self.labels, scores)}
         if len(self.labels) <= MAX_CLASS_METRICS:
             return named
         return {k: v for k, v in named.items() if k in self.keep}
@@ -126,31 +132,32 @@ class ClassificationMetrics:
         logits, y_true = eval_pred.predictions, eval_pred.label_ids
         logits = logits[0] if isinstance(logits, tuple) else logits
         names = self.labels
+        every = list(range(len(names)))  # the run's whole label set, not the classes this eval split holds
         if self.task == "multilabel":
             y_pred = (1 / (1 + np.exp(-logits)) >= self.threshold).astype(int)
             y_true = y_true.astype(int)
             out = {
-                f"f1_{avg}": skm.f1_score(y_true, y_pred, average=avg, zero_division=0)
+                f"f1_{avg}": skm.f1_score(y_true, y_pred, labels=every, average=avg, zero_division=0)
                 for avg in ("micro", "macro", "weighted", "samples")
             }
             out["subset_accuracy"] = skm.accuracy_score(y_true, y_pred)
-            self.last_confusion = skm.multilabel_confusion_matrix(y_true, y_pred)
-            out.update(self._per_class("f1_label_", skm.f1_score(y_true, y_pred, average=None, zero_division=0)))
+            self.last_confusion = skm.multilabel_confusion_matrix(y_true, y_pred, labels=every)
+            out.update(self._per_class(skm.f1_score(y_true, y_pred, labels=every, average=None, zero_division=0)))
         else:
             y_pred = logits.argmax(-1)
             out = {
                 "accuracy": skm.accuracy_score(y_true, y_pred),
-                "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
-                "mcc": skm.matthews_corrcoef(y_true, y_pred),
+                # the mean recall over every class (sklearn's balanced_accuracy_score skips classes with no row)
+                "balanced_accuracy": skm.recall_score(y_true, y_pred, labels=every, average="macro", zero_division=0),
+                "mcc": _mcc(y_true, y_pred),
             }
             out.update(
                 {
-                    f"f1_{avg}": skm.f1_score(y_true, y_pred, average=avg, zero_division=0)
+                    f"f1_{avg}": skm.f1_score(y_true, y_pred, labels=every, average=avg, zero_division=0)
                     for avg in ("micro", "macro", "weighted")
                 }
             )
-            per_class = skm.f1_score(y_true, y_pred, average=None, labels=range(len(names)), zero_division=0)
-            out.update(self._per_class("f1_class_", per_class))
+            out.update(self._per_class(skm.f1_score(y_true, y_pred, average=None, labels=every, zero_division=0)))
             n = len(names)
             if n > MAX_CLASSES_PLOTTED:
                 cells, counts = np.unique(np.asarray(y_true, dtype=np.int64) * n + y_pred, return_counts=True)
@@ -158,9 +165,21 @@ class ClassificationMetrics:
             else:
                 self.last_confusion = skm.confusion_matrix(y_true, y_pred, labels=range(n))
         self.last_report = skm.classification_report(
-            y_true, y_pred, labels=range(len(names)), target_names=names, output_dict=True, zero_division=0
+            y_true, y_pred, labels=every, target_names=names, output_dict=True, zero_division=0
         )
         return {k: float(v) for k, v in out.items()}
+
+
+def _mcc(y_true, y_pred) -> float:
+    """Matthews' correlation: unaffected by classes with no row, so sklearn's hint to pass every label (it has
+    no such argument) is noise."""
+    import warnings
+
+    from sklearn.metrics import matthews_corrcoef
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return matthews_corrcoef(y_true, y_pred)
 
 
 def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
@@ -346,7 +365,9 @@ def build_trainer(
         use_console(trainer)
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
-    metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=(objective(cfg)[0],))
+    best = cfg.train.metric_for_best_model or ""
+    keep = (objective(cfg)[0], best if best.startswith("eval_") else f"eval_{best}")  # per-class at any class count
+    metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=keep)
     common = dict(
         train_dataset=train_ds,
         eval_dataset=eval_ds,

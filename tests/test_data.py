@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from src import bundled
 from src.config import validate
-from src.data import DataError, iterative_stratification, load_data, read_table
+from src.data import DataError, load_data, read_table
+from src.splits import iterative_stratification
 from tests.conftest import SHARED_DATA, compose_config
 
 
@@ -99,7 +101,7 @@ def test_integer_labels_beyond_the_label_set_are_reported(tmp_path):
             "data.id_column=null",
         ]
     )
-    with pytest.raises(DataError, match=r"1 label\(s\) .* outside the label set \['0', '1'\]: 2 at row 2$"):
+    with pytest.raises(DataError, match=r"1 label\(s\) .* outside the label set \['0', '1'\]: '2' at row 2$"):
         load_data(cfg)
 
 
@@ -220,3 +222,191 @@ def test_shared_trec_loads_through_the_file_preset():
     data = load_data(cfg)
     assert len(data.labels) == 6
     assert data.train.num_rows + data.eval.num_rows == 5452
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels are the file's text, under one rule (src.labels.canonical_label via src.data.label_of)
+# ---------------------------------------------------------------------------------------------
+
+
+def _file(path, *extra: str):
+    return _data_cfg(
+        ["data=file", f"data.path={path}", "data.task=classification", "data.label_column=label", "data.id_column=null"]
+        + list(extra)
+    )
+
+
+def _classes(data) -> list[str]:
+    """The class name of every row of both splits, in file order."""
+    rows = [
+        (int(r), data.labels[y]) for split in (data.train, data.eval) for r, y in zip(split["row_id"], split["label"])
+    ]
+    return [name for _, name in sorted(rows)]
+
+
+@pytest.mark.parametrize("sep", [",", "\t"], ids=["csv", "tsv"])
+def test_csv_label_cells_are_their_text(tmp_path, sep):
+    """pandas read "01" as 1 and "02" as 2: four codes became two classes. "1.0" is still the class "1"."""
+    cells = ["01", "1", "02", "2", "1.0", "2.00"] * 4
+    path = tmp_path / ("d.csv" if sep == "," else "d.tsv")
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter=sep).writerows([["text", "label"], *[[f"t {i} 1.50", c] for i, c in enumerate(cells)]])
+    data = load_data(_file(path, "data.eval_fraction=0.25"))
+    assert data.labels == ["01", "02", "1", "2"]
+    assert _classes(data) == ["01", "1", "02", "2", "1", "2"] * 4
+    assert read_table(path)["text"][0] == "t 0 1.50"  # text cells too: no number parsing
+
+
+def test_json_numbers_are_exact_labels(tmp_path):
+    """A JSON column of ints and floats was float64: 2**53 + 1 rounded to 2**53, merging two classes."""
+    from src.data import label_of
+
+    big = 2**53
+    cells = [f"{big + 1}", f"{big}", "1.5", '"big"', f"{big + 1}.0", f"{big}.0"]  # as written in the file
+    expected = [str(big + 1), str(big), "1.5", "big", str(big + 1), str(big)]
+    rows = [f'{{"text": "t{i}", "label": {c}}}' for i, c in enumerate(cells)]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "d.json").write_text("[" + ", ".join(rows) + "]")
+    for name in ("d.jsonl", "d.json"):
+        assert [label_of(v) for v in read_table(tmp_path / name)["label"]] == expected, name
+
+
+def test_parquet_integer_labels_with_nulls_stay_exact(tmp_path):
+    import pandas as pd
+
+    from src.data import label_of
+
+    big = 2**53
+    pd.DataFrame({"label": pd.array([big + 1, None, big], dtype="Int64")}).to_parquet(tmp_path / "d.parquet")
+    assert [label_of(v) for v in read_table(tmp_path / "d.parquet")["label"]] == [str(big + 1), None, str(big)]
+
+
+def test_multilabel_cells_follow_the_label_rule(tmp_path):
+    """0/1 cells are read by the one rule: "1.0" and "true" are 1, the code "01" is not a 0/1 cell."""
+    path = _write_csv(
+        tmp_path / "d.csv",
+        ["id", "text", "a", "b"],
+        [[1, "x", "1.0", "0"], [2, "y", "01", "1"], [3, "z", "true", "FALSE"], [4, "w", "0", "1"]],
+    )
+    cfg = _data_cfg(["data=file", f"data.path={path}", "data.task=multilabel", "data.label_columns=[a,b]"])
+    with pytest.raises(DataError) as info:
+        load_data(cfg)
+    assert info.value.faults == ["train: multi-label column 'a' must hold 0/1, found '01' at id 2"]
+    rows = [[i, f"t{i}", "1.0" if i % 2 else "0", "true" if i % 3 else "FALSE"] for i in range(12)]
+    path = _write_csv(tmp_path / "ok.csv", ["id", "text", "a", "b"], rows)
+    args = ["data=file", f"data.path={path}", "data.task=multilabel", "data.label_columns=[a,b]"]
+    data = load_data(_data_cfg([*args, "data.eval_fraction=0.25"]))
+    matrix = {int(r): y for split in (data.train, data.eval) for r, y in zip(split["row_id"], split["labels"])}
+    assert [matrix[i] for i in range(12)] == [[float(i % 2), float(i % 3 > 0)] for i in range(12)]
+
+
+@pytest.mark.parametrize("blank", ["\u200b", "\u200b\u200d\ufeff", " \u2060 ", "\u00a0"])
+def test_a_label_of_invisible_characters_is_missing(tmp_path, blank):
+    rows = [[f"t{i}", "ab"[i % 2]] for i in range(8)]
+    rows[5][1] = blank
+    with pytest.raises(DataError) as info:
+        load_data(_file(_write_csv(tmp_path / "d.csv", ["text", "label"], rows)))
+    assert info.value.faults == ["train: 1 empty or missing label(s) in column 'label' at row 5"]
+
+
+def test_nfc_and_nfd_and_edge_invisibles_are_one_class(tmp_path):
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    cells = [nfc, nfd, "\u200bfood", "food\ufeff", "food"] * 4
+    path = _write_csv(tmp_path / "d.csv", ["text", "label"], [[f"t{i}", c] for i, c in enumerate(cells)])
+    data = load_data(_file(path, "data.eval_fraction=0.25"))
+    assert data.labels == [nfc, "food"]
+    assert _classes(data) == [nfc, nfc, "food", "food", "food"] * 4
+    # data.labels is read by the same rule: an NFD spelling there names the NFC class of the file.
+    assert load_data(_file(path, "data.eval_fraction=0.25", f"data.labels=[food,'{nfd}']")).labels == ["food", nfc]
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("A", "\uff21"), ("fi", "\ufb01"), ("ab", "a\u200bb"), ("x y", "x\u00a0y"), ("2", "\u00b2")],
+    ids=["fullwidth", "ligature", "zero-width-inside", "nbsp", "superscript"],
+)
+def test_labels_that_only_look_alike_are_refused_naming_both(tmp_path, one, other):
+    cells = [one, other, "zz"] * 3
+    path = _write_csv(tmp_path / "d.csv", ["text", "label"], [[f"t{i}", c] for i, c in enumerate(cells)])
+    with pytest.raises(DataError) as info:
+        load_data(_file(path))
+    (fault,) = info.value.faults
+    assert f"{one!r} at train row 0, 3, 6" in fault and f"{other!r} at train row 1, 4, 7" in fault, fault
+    assert "look alike" in fault
+    # In data.labels too, before any data is read.
+    from src.config import ConfigError
+
+    with pytest.raises(ConfigError, match="look alike"):
+        _file(path, f"data.labels=['{one}','{other}']")
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeated column names
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv"])
+def test_repeated_headers_are_refused_naming_them(tmp_path, suffix):
+    sep = "," if suffix == "csv" else "\t"
+    path = tmp_path / f"d.{suffix}"
+    path.write_text(sep.join(["text", "label", "id", "label"]) + "\n" + sep.join(["a", "x", "1", "y"]) + "\n")
+    with pytest.raises(DataError) as info:
+        read_table(path)
+    assert info.value.faults == [f"data file {path}: header repeats column name(s) 'label'; rename or drop one"]
+
+
+def test_repeated_json_keys_are_refused_naming_them(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x", "label": "y"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: line 2: key\(s\) 'label' repeated in one JSON object"):
+        read_table(jsonl)
+    whole = tmp_path / "d.json"
+    whole.write_text('[{"text": "a", "text": "b", "label": "x"}]')
+    with pytest.raises(DataError, match=r"d.json: key\(s\) 'text' repeated in one JSON object"):
+        read_table(whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# A made eval split holds every class it can
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("minority", [2, 3, 5])
+def test_made_split_keeps_an_eval_and_a_train_row_of_every_class(tmp_path, minority):
+    cells = ["major"] * 200 + ["minor"] * minority + ["pair", "pair"]
+    path = _write_csv(tmp_path / "d.csv", ["text", "label"], [[f"t{i}", c] for i, c in enumerate(cells)])
+    for fraction in ("0.1", "0.9"):
+        data = load_data(_file(path, f"data.eval_fraction={fraction}"))
+        for split in (data.train, data.eval):
+            assert sorted(set(split["label"])) == [0, 1, 2], (fraction, split)
+
+
+def test_classes_with_no_eval_row_are_named_in_a_warning(tmp_path, caplog):
+    cells = ["major"] * 40 + ["lonely", "solo"]
+    path = _write_csv(tmp_path / "d.csv", ["text", "label"], [[f"t{i}", c] for i, c in enumerate(cells)])
+    with caplog.at_level("WARNING", logger="src"):
+        load_data(_file(path, "data.eval_fraction=0.2"))
+    (warning,) = [r.getMessage() for r in caplog.records if "no eval row" in r.getMessage()]
+    assert "'lonely', 'solo'" in warning and "'major'" not in warning
+
+
+def test_made_multilabel_split_keeps_a_positive_of_every_label_in_each_split(tmp_path):
+    """Iterative stratification gave both positives of a 2-positive label to train at eval_fraction=0.2."""
+    rows = [[i, f"t{i}", int(i in (3, 17)), int(i % 2 == 0), int(i % 5 == 0)] for i in range(40)]
+    path = _write_csv(tmp_path / "d.csv", ["id", "text", "rare", "even", "fifth"], rows)
+    cfg = _data_cfg(["data=file", f"data.path={path}", "data.task=multilabel", "data.label_columns=[rare,even,fifth]"])
+    data = load_data(cfg)
+    for split in (data.train, data.eval):
+        assert np.asarray(split["labels"]).sum(axis=0).min() >= 1, split["row_id"]
+
+
+def test_hub_integer_labels_with_nulls_stay_exact(monkeypatch):
+    import datasets
+
+    from src.data import _read_hub, label_of
+
+    big = 2**53
+    table = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [big + 1, None, big]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: table)
+    hub = SimpleNamespace(hub_id="org/set", hub_config=None, revision=None)
+    assert [label_of(v) for v in _read_hub(hub, "train")["label"]] == [str(big + 1), None, str(big)]

@@ -33,6 +33,9 @@ CORE = {
         "tiny",
         "bundled",
         "names",
+        "labels",
+        "tables",
+        "splits",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).
