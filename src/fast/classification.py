@@ -65,13 +65,14 @@ def classification_loss(
 def loss_total(labels: torch.Tensor, weights: Optional[torch.Tensor], multilabel: bool) -> torch.Tensor:
     """The divisor of :func:`classification_loss`'s mean over ``labels``, as an fp32 tensor on their device: BCE's
     element count (``pos_weight`` weighs terms, not the divisor), cross-entropy's count of labels other than -100,
-    or with class weights the sum of their classes' weights, as torch's weighted mean divides."""
+    or with class weights the sum of their classes' weights, as torch's weighted mean divides. Computed on the
+    device without reading anything back (no host sync in a step)."""
     if multilabel:
-        return torch.tensor(float(labels.numel()), device=labels.device)
-    kept = labels[labels != -100]
+        return torch.full((), labels.numel(), dtype=torch.float32, device=labels.device)
+    kept = labels != -100
     if weights is None:
-        return torch.tensor(float(kept.numel()), device=labels.device)
-    return weights.to(labels.device, torch.float32)[kept].sum()
+        return kept.sum(dtype=torch.float32)
+    return (weights.to(labels.device, torch.float32)[labels.clamp(min=0)] * kept).sum()
 
 
 class ClassifierTrainer(Trainer):
@@ -103,19 +104,26 @@ class ClassifierTrainer(Trainer):
         where the Trainer averages over them (``average_tokens_across_devices``), as it does its count."""
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
-        total = sum(loss_total(b["labels"], self.label_weights, self.multilabel).to(device) for b in batch_samples)
+        totals = [loss_total(b["labels"], self._weights(b["labels"].device), self.multilabel) for b in batch_samples]
+        total = sum(t.to(device) for t in totals)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total).sum()
         return total
+
+    def _weights(self, device) -> Optional[torch.Tensor]:
+        """The class or ``pos_weight`` weights on ``device``, moved there once: a copy from host memory at every step
+        would wait for the GPU's queue to drain."""
+        if self.label_weights is not None and self.label_weights.device != torch.device(device):
+            self.label_weights = self.label_weights.to(device)
+        return self.label_weights
 
     def forward(self, model, inputs: dict[str, Any]) -> SequenceClassifierOutput:
         return model(**{k: v for k, v in inputs.items() if k != "labels"})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = self.forward(model, inputs)
-        loss = classification_loss(
-            outputs.logits, inputs["labels"], self.label_weights, self.multilabel, num_items_in_batch
-        )
+        weights = self._weights(outputs.logits.device)
+        loss = classification_loss(outputs.logits, inputs["labels"], weights, self.multilabel, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: the divisor counts every rank's examples and DDP averages the gradients over
             # the ranks, so each rank's loss is scaled back up by their number.
