@@ -6,7 +6,8 @@ padding, with per-example positions, and attention never crosses from one exampl
 sdpa on the CPU, one varlen flash call on a GPU: :mod:`src.fast.attention`). Each example is pooled at its
 own last token, as ``*ForSequenceClassification`` pools the last non-pad token of a padded row, and the head
 runs on the pooled states only. The losses are the padded path's (cross-entropy with class weights, BCE with
-``pos_weight``). Training and evaluation both run packed; ``train.fast_path=false`` keeps the padded path.
+``pos_weight``), each normalised over the whole optimizer step (:class:`ClassifierTrainer`). Training and
+evaluation both run packed; ``train.fast_path=false`` keeps the padded path.
 
 BERT is packed too: each example attends to all of itself and to nothing else (:func:`packed_encoder_attention`:
 one non-causal varlen flash call where there is no attention dropout, else the row's examples laid out as a padded
