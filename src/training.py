@@ -1,7 +1,8 @@
 """Trainers for each task, their metrics, and the callback that writes the MLflow metrics.
 
 Classification and multi-label use the HF ``Trainer`` (subclassed only at its documented
-``compute_loss`` hook, for class weights and ``pos_weight``); SFT uses TRL's ``SFTTrainer``
+``compute_loss`` hook, for class weights, ``pos_weight`` and a loss normalised over the whole accumulated
+step: :class:`src.fast.classification.ClassifierTrainer`); SFT uses TRL's ``SFTTrainer``
 with prompt/completion data, so the loss is on the response only and EOS is appended.
 """
 
@@ -15,16 +16,16 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from src import console, distributed, tracking
 from src.config import Config, TrainConfig, objective, per_label_metrics
 from src.data import TaskData
 from src.fast.classification import (
+    ClassifierTrainer,
     PackedClassificationCollator,
     PackedClassificationTrainer,
-    classification_loss,
     packing_attention,
     plan_fast_classifier,
 )
@@ -229,21 +230,6 @@ def log_confusion_matrix(metrics: ClassificationMetrics) -> None:
     plt.close(fig)
 
 
-class WeightedLossTrainer(Trainer):
-    """Trainer whose loss uses class weights (cross-entropy) or pos_weight (BCE)."""
-
-    def __init__(self, *args, label_weights: list[float], multilabel: bool, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.label_weights = torch.tensor(label_weights, dtype=torch.float32)
-        self.multilabel = multilabel
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        loss = classification_loss(outputs.logits, labels, self.label_weights, self.multilabel)
-        return (loss, outputs) if return_outputs else loss
-
-
 def perplexity(eval_loss: float) -> float:
     """exp(loss), capped at exp(50) so that a diverged run logs a number."""
     return math.exp(min(eval_loss, 50.0))
@@ -392,10 +378,8 @@ def build_trainer(
             cuda_graphs=micro is not None and micro.cuda_graphs,
             **common,
         )
-    elif data.label_weights is not None:
-        trainer = WeightedLossTrainer(label_weights=data.label_weights, multilabel=multilabel, **common)
     else:
-        trainer = Trainer(**common)
+        trainer = ClassifierTrainer(label_weights=data.label_weights, multilabel=multilabel, **common)
     use_console(trainer)
     return trainer, metrics, truncated
 

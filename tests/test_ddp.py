@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from src import modeling
 from src.config import ConfigError, validate
@@ -348,3 +349,40 @@ def test_a_sweep_job_with_two_ranks_is_one_finished_child_run(tmp_path, mlflow_s
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FINISHED" and child.data.params["train.world_size"] == "2"
     assert "job 1/1 (#0) FINISHED eval_f1_macro=" in done.stdout, done.stdout[-3000:]
+
+
+@pytest.mark.slow  # two DDP runs end to end and two single-process ones: about 2-3 minutes on 2 cores
+@pytest.mark.parametrize(
+    "overrides",
+    [["data.class_weights=[0.2,1.0,8.0]"], ["data=topics_multilabel", "train.fast_path=false"]],
+    ids=["class-weights-fast", "pos-weight-padded"],
+)
+def test_a_classifiers_step_over_two_ranks_and_accumulation_is_one_batchs_step(tmp_path, mlflow_store, overrides):
+    """All 16 rows in one optimizer step: 2 ranks x 2 micro-batches of 4, or one process with one batch of 16. The
+    loss is normalised by both ranks' weight total, so the logged loss and gradient norm and the saved adapter (plain
+    SGD: the update is the gradient) are the one batch's."""
+    from safetensors.torch import load_file
+
+    step = ["train.optim=sgd", "train.lr_scheduler_type=constant", "train.warmup_steps=0", "train.max_grad_norm=1e6"]
+    proc, _ = _train(tmp_path / "ddp", [*step, *overrides, "train.gradient_accumulation_steps=2", "lora.dropout=0.0"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = [o for o in DDP if "nproc" not in o and "per_device" not in o]
+    cmd = [sys.executable, "-m", "src.train", *single, *step, *overrides, "lora.dropout=0.0",
+           "train.per_device_train_batch_size=16", f"hydra.run.dir={tmp_path / 'single' / 'out'}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    client = mlflow.MlflowClient()
+    runs = {
+        r.data.params["train.world_size"]: r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+    }
+    assert set(runs) == {"1", "2"}
+    for metric in ("train_loss", "grad_norm"):
+        (ddp,), (one,) = (client.get_metric_history(runs[w].info.run_id, metric) for w in ("2", "1"))
+        assert ddp.step == one.step == 1 and ddp.value == pytest.approx(one.value, rel=1e-5), metric
+    adapters = [
+        load_file(tmp_path / name / "out" / "adapter" / "adapter_model.safetensors") for name in ("ddp", "single")
+    ]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, weight in adapters[1].items():
+        torch.testing.assert_close(adapters[0][name], weight, atol=1e-5, rtol=1e-5, msg=name)

@@ -161,7 +161,9 @@ def test_cuda_graph_steps_match_eager_steps():
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
     """A packed classifier's replayed steps (a new length captures, the same length replays on new rows) give the
-    eager packed step's loss and LoRA and head gradients; an epoch's smaller last batch is left to the eager step."""
+    eager packed step's loss and LoRA and head gradients; an epoch's smaller last batch gets a graph of its own. The
+    loss's divisor is a graph input: the step's loss total as the Trainer passes it (a GPU tensor; a step of one row:
+    the row's own), or else the row's, from its labels."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
@@ -169,6 +171,7 @@ def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
         GraphedClassifierSteps,
         PackedClassificationCollator,
         classification_loss,
+        loss_total,
         packed_logits,
     )
 
@@ -213,9 +216,10 @@ def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
     # binds the parameters' gradient accumulators to the default stream, and a capture on a side stream then fails.
     batches = [batch([37, 5, 60, 20]), batch([30, 40, 12, 21]), batch([3, 4, 5, 6]), batch([10, 20, 30])]
     replayed = []
-    for b in batches:
+    for i, b in enumerate(batches):
         assert graphs.accepts(b)
-        loss = graphs.step(model, b)
+        total = loss_total(b["labels"].cuda(), weights, multilabel) if i != 1 else None  # 1: the labels' own
+        loss = graphs.step(model, b, total)
         assert loss is not None and graphs.failed is None
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
         replayed.append((loss.float().clone(), grads))

@@ -22,6 +22,7 @@ from src.fast.classification import (
     GraphedClassifierSteps,
     PackedClassificationCollator,
     classification_loss,
+    loss_total,
     packed_logits,
     packing_attention,
 )
@@ -150,6 +151,50 @@ def test_a_graphed_classifier_step_pads_its_row_with_an_example_nothing_sees(
     torch.testing.assert_close(graphed_loss, loss.detach(), atol=TOL, rtol=TOL)
     got = _grads(model)
     assert set(got) == set(expected) and any("score" in n for n in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=TOL, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "multilabel", "weights"),
+    [(5, False, [0.5, 1.0, 2.0, 1.0, 0.25]), (5, False, None), (4, True, [2.0, 0.5, 1.0, 3.0])],
+    ids=["class-weights", "multiclass", "pos-weight"],
+)
+def test_a_graphed_classifier_step_divides_by_the_whole_steps_loss_total(
+    tiny_model_dir, num_labels, multilabel, weights
+):
+    """Two rows of one optimizer step, each through the graph's forward and backward (eagerly here) with the step's
+    ``num_items_in_batch`` (ClassifierTrainer's: the sum of both rows' loss_total), add up to one row of all their
+    examples: its loss (for class weights, sum(w_i * l_i) / sum(w_i) over the step) and gradients."""
+    tokenizer = modeling.load_tokenizer(validate(compose_config([])).model)
+    model = _model(tiny_model_dir, num_labels, multilabel)
+    assert fast_attention.use_varlen_attention(model)
+    generator = torch.Generator().manual_seed(3)
+    if multilabel:
+        labels = torch.randint(0, 2, (len(TEXTS), num_labels), generator=generator).tolist()
+    else:
+        labels = torch.randint(0, num_labels, (len(TEXTS),), generator=generator).tolist()
+    features = [{"input_ids": tokenizer(t)["input_ids"], "label": y} for t, y in zip(TEXTS, labels)]
+    collate = PackedClassificationCollator(multilabel)
+    weight_tensor = None if weights is None else torch.tensor(weights)
+
+    whole = collate(features)
+    logits = packed_logits(model, whole["input_ids"], whole["position_ids"], whole["last_token"], "varlen")
+    loss = classification_loss(logits, whole["labels"], weight_tensor, multilabel)
+    loss.backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    rows = [collate(features[:2]), collate(features[2:])]
+    total = sum(loss_total(row["labels"], weight_tensor, multilabel) for row in rows)
+    graphs = GraphedClassifierSteps(len(TEXTS), weight_tensor, multilabel, bucket=32)
+    losses = []
+    for row in rows:
+        length = graphs.padded_length(row["input_ids"].shape[1])
+        losses.append(graphs._forward_backward(model, graphs._inputs(row, length, total), length))
+    torch.testing.assert_close(sum(losses), loss.detach(), atol=TOL, rtol=TOL)
+    got = _grads(model)
+    assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=TOL, rtol=1e-4, msg=name)
 

@@ -10,6 +10,7 @@ import sys
 import mlflow
 import pytest
 import torch
+from transformers import set_seed
 
 from src import modeling, training
 from src.config import validate
@@ -228,3 +229,70 @@ def test_the_last_steps_evaluation_is_the_final_one_unless_the_best_checkpoint_i
     history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "eval_f1_macro")
     assert [m.step for m in history] == ([2, 4, 4] if best_at_end else [2, 4])
     assert value == run_.data.metrics["objective"] == history[-1].value
+
+
+def _one_step(tmp_path, overrides: list[str], micro_batch: int, accumulation: int):
+    """One optimizer step through ``build_trainer``: the step's log and the trainable weights after it.
+
+    Plain SGD with a constant rate and no effective clipping, so the update is the gradient times the rate (an Adam
+    step, normalised per weight, or a clipped one, would hide a gradient that is off by a constant factor)."""
+    raw = compose_config(
+        [
+            "data.subsample=32",
+            "data.eval_subsample=8",
+            "lora.dropout=0.0",
+            "train.max_steps=1",
+            "train.logging_steps=1",
+            "train.eval_strategy=no",
+            "train.optim=sgd",
+            "train.lr_scheduler_type=constant",
+            "train.warmup_steps=0",
+            "train.max_grad_norm=1e6",
+            f"train.per_device_train_batch_size={micro_batch}",
+            f"train.gradient_accumulation_steps={accumulation}",
+            *overrides,
+        ]
+    )
+    raw["output_dir"] = str(tmp_path / f"out-{micro_batch}x{accumulation}")
+    cfg = validate(raw)
+    data = load_data(cfg.data)
+    set_seed(cfg.train.seed)
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
+    model = modeling.apply_lora(model, cfg.lora, data.task)
+    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
+    trainer.train()
+    (log,) = [row for row in trainer.state.log_history if "loss" in row]
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return log, weights
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "padded"])
+@pytest.mark.parametrize(
+    "task",
+    [
+        ["data=topics"],
+        ["data=topics", "data.class_weights=[0.2,1.0,8.0]"],  # micro-batches of unequal weight totals
+        ["data=topics", "data.class_weights=balanced"],
+        ["data=topics_multilabel"],  # pos_weight=auto
+        ["data=topics_multilabel", "data.pos_weight=none"],
+        pytest.param(["data=instructions"], marks=pytest.mark.slow),  # SFT's loss is the model's, normalised by HF
+    ],
+    ids=["classification", "class-weights", "balanced", "multilabel-pos-weight", "multilabel", "sft"],
+)
+def test_gradient_accumulation_is_loss_and_gradient_neutral(tmp_path, mlflow_store, task, fast_path):
+    """A step of 16 examples as 4 micro-batches of 4 logs the loss and gradient norm of one batch of 16 and updates
+    the LoRA weights alike: a class-weighted loss is normalised by the whole step's weight total, as one batch is.
+    The console's line shows that loss too."""
+    from src import console
+
+    overrides = [*task, f"train.fast_path={str(fast_path).lower()}"]
+    one_log, one_weights = _one_step(tmp_path, overrides, 16, 1)
+    accumulated_log, accumulated_weights = _one_step(tmp_path, overrides, 4, 4)
+    assert accumulated_log["loss"] == pytest.approx(one_log["loss"], rel=1e-5, abs=1e-6)
+    assert accumulated_log["grad_norm"] == pytest.approx(one_log["grad_norm"], rel=1e-5, abs=1e-6)
+    assert one_weights.keys() == accumulated_weights.keys() and any("lora_B" in n for n in one_weights)
+    for name, weight in one_weights.items():
+        torch.testing.assert_close(accumulated_weights[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    line = console.metric_line(accumulated_log, 1, 1)
+    assert f"loss {console.number(one_log['loss'])}" in line

@@ -175,21 +175,12 @@ def seed_targets(model, workload: Workload) -> list[str]:
 
 def loss_trainer(*args, label_weights: Optional[list[float]], multilabel: bool, **kwargs):
     """HF Trainer whose loss is the recipe's: seed 000's ``CustomTrainer`` (BCE with ``pos_weight``), else
-    cross-entropy (what BertForSequenceClassification computes from its labels), both in fp32."""
-    from transformers import Trainer
+    cross-entropy (what BertForSequenceClassification computes from its labels), both in fp32, normalised over the
+    accumulated step as the project's padded path normalises it (:class:`src.fast.classification.ClassifierTrainer`),
+    so that both sides train the same steps."""
+    from src.fast.classification import ClassifierTrainer
 
-    from src.fast.classification import classification_loss
-
-    weights = None if label_weights is None else torch.tensor(label_weights, dtype=torch.float32)
-
-    class _LossTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = classification_loss(outputs.logits, labels, weights, multilabel)
-            return (loss, outputs) if return_outputs else loss
-
-    return _LossTrainer(*args, **kwargs)
+    return ClassifierTrainer(*args, label_weights=label_weights, multilabel=multilabel, **kwargs)
 
 
 def _dataset(rows: list[list[int]], labels: list, multilabel: bool):

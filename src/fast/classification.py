@@ -6,7 +6,8 @@ padding, with per-example positions, and attention never crosses from one exampl
 sdpa on the CPU, one varlen flash call on a GPU: :mod:`src.fast.attention`). Each example is pooled at its
 own last token, as ``*ForSequenceClassification`` pools the last non-pad token of a padded row, and the head
 runs on the pooled states only. The losses are the padded path's (cross-entropy with class weights, BCE with
-``pos_weight``). Training and evaluation both run packed; ``train.fast_path=false`` keeps the padded path.
+``pos_weight``), each normalised over the whole optimizer step (:class:`ClassifierTrainer`). Training and
+evaluation both run packed; ``train.fast_path=false`` keeps the padded path.
 
 BERT is packed too: each example attends to all of itself and to nothing else (:func:`packed_encoder_attention`:
 one non-causal varlen flash call where there is no attention dropout, else the row's examples laid out as a padded
@@ -38,15 +39,97 @@ GRAPH_BUCKETS_PER_ROW = 8
 
 
 def classification_loss(
-    logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], multilabel: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    multilabel: bool,
+    total: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Cross-entropy (class weights) or BCE (``pos_weight``), in fp32: the padded and packed paths' loss."""
+    """Cross-entropy (class weights) or BCE (``pos_weight``), in fp32: the padded and packed paths' loss.
+
+    ``total``: the summed loss is divided by it (:func:`loss_total` of a whole optimizer step's examples, of which
+    these are a part); None: the mean over these examples, as torch reduces it.
+    """
     logits = logits.float()
     if weights is not None:
         weights = weights.to(logits.device)
+    reduction = "mean" if total is None else "sum"
     if multilabel:
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
-    return torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.float(), pos_weight=weights, reduction=reduction
+        )
+    else:
+        loss = torch.nn.functional.cross_entropy(logits, labels, weight=weights, reduction=reduction)
+    return loss if total is None else loss / total.to(loss.device)
+
+
+def loss_total(labels: torch.Tensor, weights: Optional[torch.Tensor], multilabel: bool) -> torch.Tensor:
+    """The divisor of :func:`classification_loss`'s mean over ``labels``, as an fp32 tensor on their device: BCE's
+    element count (``pos_weight`` weighs terms, not the divisor), cross-entropy's count of labels other than -100,
+    or with class weights the sum of their classes' weights, as torch's weighted mean divides. Computed on the
+    device without reading anything back (no host sync in a step)."""
+    if multilabel:
+        return torch.full((), labels.numel(), dtype=torch.float32, device=labels.device)
+    kept = labels != -100
+    if weights is None:
+        return kept.sum(dtype=torch.float32)
+    return (weights.to(labels.device, torch.float32)[labels.clamp(min=0)] * kept).sum()
+
+
+class ClassifierTrainer(Trainer):
+    """HF Trainer whose loss is :func:`classification_loss` (its documented ``compute_loss`` hook), normalised over
+    the whole optimizer step, so that gradient accumulation is neutral: micro-batches of 4 accumulated 4 times give
+    the loss, gradient and update of one batch of 16.
+
+    A micro-batch's loss is its summed loss over the step's :func:`loss_total` (every micro-batch's, and under DDP
+    every rank's), which the Trainer passes as ``num_items_in_batch`` (:meth:`_get_num_items_in_batch`). So a
+    class-weighted step is ``sum(w_i * l_i) / sum(w_i)`` over all its examples, as one large batch's weighted mean
+    is; a mean per micro-batch divided by the accumulation steps would weigh a micro-batch of rare classes as much
+    as one of common ones, and an epoch's short last micro-batch as much as a full one. The logged ``loss`` (the
+    sum of the step's micro-batch losses) is then the step's per-example mean.
+
+    ``forward``: the logits of a batch (the padded path's model forward; the packed path overrides it).
+    """
+
+    def __init__(self, *args, label_weights: Optional[list[float]], multilabel: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_weights = None if label_weights is None else torch.tensor(label_weights, dtype=torch.float32)
+        self.multilabel = multilabel
+        # The loss is normalised by num_items_in_batch where the Trainer gives it, so the Trainer must not divide it
+        # again by the accumulation steps; where it gives none, it does (a micro-batch's mean / the steps).
+        self.model_accepts_loss_kwargs = True
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> Optional[torch.Tensor]:
+        """The step's loss divisor: the sum of its micro-batches' :func:`loss_total` (the Trainer's own counts
+        labels: not a weighted mean's divisor), summed over the ranks
+        where the Trainer averages over them (``average_tokens_across_devices``), as it does its count."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        totals = [loss_total(b["labels"], self._weights(b["labels"].device), self.multilabel) for b in batch_samples]
+        total = sum(t.to(device) for t in totals)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
+
+    def _weights(self, device) -> Optional[torch.Tensor]:
+        """The class or ``pos_weight`` weights on ``device``, moved there once: a copy from host memory at every step
+        would wait for the GPU's queue to drain."""
+        if self.label_weights is not None and self.label_weights.device != torch.device(device):
+            self.label_weights = self.label_weights.to(device)
+        return self.label_weights
+
+    def forward(self, model, inputs: dict[str, Any]) -> SequenceClassifierOutput:
+        return model(**{k: v for k, v in inputs.items() if k != "labels"})
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = self.forward(model, inputs)
+        weights = self._weights(outputs.logits.device)
+        loss = classification_loss(outputs.logits, inputs["labels"], weights, self.multilabel, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: the divisor counts every rank's examples and DDP averages the gradients over
+            # the ranks, so each rank's loss is scaled back up by their number.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
 
 class PackedClassificationCollator:
@@ -136,7 +219,9 @@ class GraphedClassifierSteps(GraphedSteps):
     tokens with one more example (token 0 at positions 0, 1, ...), which attends only to itself and is never pooled,
     so no logit, loss or gradient sees it. The loss is a mean over the row's examples and the pooled positions
     (``last_token``) and labels have their number as shape, so a graph is captured per padded length and number of
-    examples (an epoch's smaller last batch gets its own). ``bucket`` None: set from the first row
+    examples (an epoch's smaller last batch gets its own). The loss is summed over the examples and divided by the
+    step's :func:`loss_total` (the Trainer's ``num_items_in_batch``; else the row's own), an input of the graph, as
+    :class:`ClassifierTrainer`'s eager step divides it. ``bucket`` None: set from the first row
     (``MIN_GRAPH_BUCKET_TOKENS``, ``GRAPH_BUCKETS_PER_ROW``). The class or ``pos_weight`` weights are moved to the
     GPU once, before any capture.
     """
@@ -169,12 +254,16 @@ class GraphedClassifierSteps(GraphedSteps):
             "last_token": inputs["last_token"].cpu(),
             "labels": inputs["labels"].cpu(),
             "packed_cu_seqlens": torch.tensor([*inputs["bounds"], length], dtype=torch.int32),
+            "loss_total": loss_total(inputs["labels"], self.label_weights, self.multilabel).cpu()
+            if num_items_in_batch is None
+            else torch.as_tensor(num_items_in_batch, dtype=torch.float32),
         }
 
     def _forward_backward(self, model, static: dict[str, torch.Tensor], max_seqlen: int) -> torch.Tensor:
         extra = {"packed_cu_seqlens": static["packed_cu_seqlens"], "packed_max_seqlen": max_seqlen}
         logits = _decoder_logits(model, static["input_ids"], static["position_ids"], static["last_token"], extra)
-        loss = classification_loss(logits, static["labels"], self._weights(logits.device), self.multilabel)
+        weights = self._weights(logits.device)
+        loss = classification_loss(logits, static["labels"], weights, self.multilabel, static["loss_total"])
         loss.backward()
         return loss.detach()
 
@@ -184,28 +273,18 @@ class GraphedClassifierSteps(GraphedSteps):
         return self.label_weights
 
 
-class PackedClassificationTrainer(Trainer):
-    """HF Trainer on packed rows of classification examples (its documented ``compute_loss`` hook).
+class PackedClassificationTrainer(ClassifierTrainer):
+    """HF Trainer on packed rows of classification examples, with :class:`ClassifierTrainer`'s loss.
 
     ``cuda_graphs``: replay each micro-batch's step as a CUDA graph (:class:`GraphedClassifierSteps`; where
     :func:`src.fast.graphs.graphable` holds, in one process); a capture that fails leaves the rest of the run eager.
     """
 
-    def __init__(
-        self,
-        *args,
-        label_weights: Optional[list[float]],
-        multilabel: bool,
-        attention: str,
-        cuda_graphs: bool = False,
-        **kwargs,
-    ):
+    def __init__(self, *args, attention: str, cuda_graphs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.label_weights = None if label_weights is None else torch.tensor(label_weights, dtype=torch.float32)
-        self.multilabel = multilabel
         self.attention = attention
         self.graphs = (
-            GraphedClassifierSteps(self.args.per_device_train_batch_size, self.label_weights, multilabel)
+            GraphedClassifierSteps(self.args.per_device_train_batch_size, self.label_weights, self.multilabel)
             if cuda_graphs
             else None
         )
@@ -218,7 +297,7 @@ class PackedClassificationTrainer(Trainer):
         if graphs is not None and graphs.failed is None and graphs.accepts(inputs):
             model.train()
             with self.compute_loss_context_manager():
-                loss = graphs.step(model, inputs)
+                loss = graphs.step(model, inputs, num_items_in_batch)
             if loss is not None:
                 return loss
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -232,12 +311,11 @@ class PackedClassificationTrainer(Trainer):
         distributed.average_gradients([p.grad for p in params])
         return loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def forward(self, model, inputs: dict[str, Any]) -> SequenceClassifierOutput:
         logits = packed_logits(
             model, inputs["input_ids"], inputs["position_ids"], inputs["last_token"], self.attention, inputs["bounds"]
         )
-        loss = classification_loss(logits, inputs["labels"], self.label_weights, self.multilabel)
-        return (loss, SequenceClassifierOutput(logits=logits)) if return_outputs else loss
+        return SequenceClassifierOutput(logits=logits)
 
 
 def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Sequence[int]] = None):
