@@ -274,6 +274,16 @@ def process_start(pid: int) -> Optional[str]:
     return f"{namespace}@{fields[19]}"
 
 
+def same_process(pid: int, recorded_start: Optional[str]) -> Optional[bool]:
+    """Whether the process ``pid`` of this host is still the one whose :func:`process_start` was
+    ``recorded_start``: a pid reused by a later process is not. None when this process cannot tell:
+    no start was recorded, or it was recorded in another pid namespace (another container)."""
+    own = process_start(os.getpid())
+    if not recorded_start or own is None or recorded_start.split("@")[0] != own.split("@")[0]:
+        return None
+    return process_start(pid) == recorded_start
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

@@ -249,6 +249,38 @@ def test_interrupted_trials_are_failed_and_retried_once(tmp_path):
     assert study.ask(space).params == dead.params  # the next trial is the retry, with the same params
 
 
+def test_a_trial_whose_sweeper_pid_was_reused_is_failed_and_retried(tmp_path):
+    """Ownership is host + pid + process start: a live process that took a dead sweeper's pid does not keep the
+    trial RUNNING for good. A pid recorded in another pid namespace (another container) is not judged here."""
+    from src import tracking
+    from src.sweeps.study import set_owner
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    space = {"lora.r": CategoricalDistribution([4, 8, 16, 32])}
+    own = tracking.process_start(os.getpid())
+    namespace = own.split("@")[0]
+    host = os.uname().nodename
+    trials = {}
+    for name, pid, start in [
+        ("reused-by-this-process", os.getpid(), f"{namespace}@1"),
+        ("reused-by-init", 1, f"{namespace}@999999999"),
+        ("other-container", 2**22 + 12345, "pid:[1]@5"),
+    ]:
+        trials[name] = study.ask(space)
+        for key, value in (("sweeper_host", host), ("sweeper_pid", pid), ("sweeper_start", start)):
+            trials[name].set_user_attr(key, value)
+    trials["live"] = study.ask(space)
+    set_owner(trials["live"])
+    assert trials["live"].user_attrs["sweeper_start"] == own
+
+    retried = recover_interrupted(study)
+    assert retried == sorted(trials[n].number for n in ("reused-by-this-process", "reused-by-init"))
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[trials["other-container"].number] == TrialState.RUNNING
+    assert states[trials["live"].number] == TrialState.RUNNING
+
+
 def test_a_trial_whose_run_finished_after_its_sweep_died_is_adopted_not_retrained(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")

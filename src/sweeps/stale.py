@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -61,21 +60,15 @@ def _age_s(heartbeat: Optional[str], start_time_ms: int, now: float) -> float:
     return now - start_time_ms / 1000
 
 
-def _pid_namespace() -> Optional[str]:
-    """This process's pid namespace: pids recorded in another one (another container) cannot be checked here."""
-    own = tracking.process_start(os.getpid())
-    return own.split("@")[0] if own else None
-
-
 def stale_reason(tags: dict[str, str], start_time_ms: int, stale_after_s: float, now: float) -> Optional[str]:
     """Why a RUNNING run with these tags has no live process, or None if it may still be running."""
     host, pid = tags.get("host"), tags.get("pid")
     if not host or not pid:
         return None  # not started by tracked_run: its owner is unknown
-    recorded = tags.get("process_start") or ""
-    if host == socket.gethostname() and recorded.split("@")[0] == _pid_namespace():
-        if tracking.process_start(int(pid)) != recorded:
-            return f"process {pid} on {host} is gone (killed without closing its run)"
+    alive = tracking.same_process(int(pid), tags.get("process_start")) if host == socket.gethostname() else None
+    if alive is False:
+        return f"process {pid} on {host} is gone (killed without closing its run)"
+    if alive:
         return None  # alive here: a hung process is not a dead one
     age = _age_s(tags.get("heartbeat"), start_time_ms, now)
     if age > stale_after_s:

@@ -76,6 +76,8 @@ DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
 # Consecutive proposals of configs already tried before the space is taken as exhausted.
 MAX_DUPLICATE_PROPOSALS = 50
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# Trial user attrs naming the sweep process that runs it: host, pid and its start (src.tracking.process_start).
+OWNER_HOST_ATTR, OWNER_PID_ATTR, OWNER_START_ATTR = "sweeper_host", "sweeper_pid", "sweeper_start"
 # A worker with no trial left to take polls this often (seconds) for the others' outcomes.
 WAIT_POLL_S = 2.0
 # How long a worker that joins a study waits for the creator's MLflow parent run id.
@@ -236,19 +238,33 @@ def params_key(params: dict[str, Any]) -> str:
 
 
 def owner_alive(trial) -> bool:
-    """Whether the sweep process that runs a RUNNING trial is still alive (unknown hosts: assumed so)."""
-    host, pid = trial.user_attrs.get("sweeper_host"), trial.user_attrs.get("sweeper_pid")
+    """Whether the sweep process that runs a RUNNING trial is still alive: the same host, pid and process start
+    (a pid reused by another process is not the sweep). Unknown hosts and other containers: assumed alive."""
+    attrs = trial.user_attrs
+    host, pid = attrs.get(OWNER_HOST_ATTR), attrs.get(OWNER_PID_ATTR)
     if host is None or pid is None:
         return False
     if host != socket.gethostname():
         return True
-    try:
+    alive = tracking.same_process(int(pid), attrs.get(OWNER_START_ATTR))
+    if alive is not None:
+        return alive
+    if attrs.get(OWNER_START_ATTR):
+        return True  # recorded in another pid namespace: not ours to judge
+    try:  # a trial of a sweeper that recorded no start
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
     return True
+
+
+def set_owner(trial) -> None:
+    """Mark a trial as run by this sweep process (:func:`owner_alive`)."""
+    trial.set_user_attr(OWNER_HOST_ATTR, socket.gethostname())
+    trial.set_user_attr(OWNER_PID_ATTR, os.getpid())
+    trial.set_user_attr(OWNER_START_ATTR, tracking.process_start(os.getpid()) or "")
 
 
 def recover_interrupted(study, finished: Optional[dict[int, list[float]]] = None) -> list[int]:
@@ -647,8 +663,7 @@ class OptunaSweeper(Sweeper):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
                 trial = study.ask(space)
-            trial.set_user_attr("sweeper_host", socket.gethostname())
-            trial.set_user_attr("sweeper_pid", os.getpid())
+            set_owner(trial)
             key = params_key(trial.params)
             original = finished.get(key)
             in_flight = next((p for p in [*pending, *elsewhere] if params_key(p.params) == key), None)
