@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 from omegaconf import OmegaConf
 
+from src import outputs
 from src.errors import ProblemsError
 from src.tiny import PROJECT_ROOT
 
@@ -312,9 +313,11 @@ def compose(
 
 
 def register_configs() -> None:
-    """Register the resolvers the YAML files use (``project_root``, ``file_stem``)."""
+    """Register the resolvers the YAML files use (``project_root``, ``file_stem``, ``unique_dir``)."""
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("unique_dir"):  # cached: a sweep's jobs share the sweep's directory
+        OmegaConf.register_new_resolver("unique_dir", outputs.unique_dir, use_cache=True)
     if not OmegaConf.has_resolver("file_stem"):  # data=file names its runs after the file: reviews.csv -> reviews
         OmegaConf.register_new_resolver("file_stem", lambda path, default: Path(path).stem if path else default)
 

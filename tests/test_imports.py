@@ -31,6 +31,7 @@ CORE = {
         "distributed",
         "tiny",
         "bundled",
+        "outputs",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).

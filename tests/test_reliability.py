@@ -777,3 +777,76 @@ def test_full_disk_fails_the_run_with_no_space_left(tmp_path, mlflow_store):
     raw["output_dir"] = str(out)
     run_ = _failed_run(raw, mlflow_store)
     assert "No space left on device" in run_.data.tags["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories: two runs started in the same second get one each
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_taken_output_directory_is_never_handed_out_again(tmp_path):
+    from src.outputs import allocate_dir, unique_dir
+
+    base = str(tmp_path / "2026-12-07" / "12-00-00-tiny-topics")
+    assert allocate_dir(base) == base
+    assert allocate_dir(base) == f"{base}-2"
+    (tmp_path / "2026-12-07" / "12-00-00-tiny-topics-3").mkdir()  # taken by a run of another machine
+    assert allocate_dir(base) == f"{base}-4"
+
+    racing = str(tmp_path / "race" / "12-00-00")
+    got: list[str] = []
+    threads = [threading.Thread(target=lambda: got.append(allocate_dir(racing))) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(got)) == 16 and all(Path(p).is_dir() for p in got)
+
+    once = str(tmp_path / "resolved-twice")
+    assert unique_dir(once) == unique_dir(once) == once  # one process resolving its config again: the same dir
+
+
+def test_the_default_run_and_sweep_directories_are_allocated_uniquely():
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_hydra
+
+    hydra = OmegaConf.to_container(compose_hydra().hydra, resolve=False)
+    assert hydra["run"]["dir"].startswith("${unique_dir:outputs/${now:"), hydra["run"]
+    assert hydra["sweep"]["dir"].startswith("${unique_dir:multirun/${now:"), hydra["sweep"]
+
+
+@pytest.mark.slow  # two trainings at once, ~40 s on 2 CPU cores
+def test_two_runs_started_together_keep_their_own_output_and_adapter(tmp_path, mlflow_store):
+    """Both runs resolve one time-stamped name (as two started in the same second do): each gets a directory,
+    its adapter is its own (lora.r 4 and 8), and each run's output_dir tag names its directory."""
+    base = tmp_path / "outputs" / "12-00-00-tiny-topics"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "src.train",
+                *FAST,
+                "train.max_steps=1",
+                f"lora.r={r}",
+                f"hydra.run.dir=${{unique_dir:{base}}}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (4, 8)
+    ]
+    _finish(procs)
+    dirs = sorted(p for p in base.parent.iterdir())
+    assert [d.name for d in dirs] == [base.name, f"{base.name}-2"]
+    ranks = {json.loads((d / "adapter" / "adapter_config.json").read_text())["r"] for d in dirs}
+    assert ranks == {4, 8}
+    for out in dirs:
+        r = json.loads((out / "adapter" / "adapter_config.json").read_text())["r"]
+        assert f"r: {r}\n" in (out / "config.yaml").read_text()
+    runs = _runs(mlflow_store)
+    assert sorted(r.data.tags["output_dir"] for r in runs) == [str(d.resolve()) for d in dirs]
+    assert all(r.info.status == "FINISHED" for r in runs)
