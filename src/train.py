@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from src import console, distributed, tracking
 from src.config import FULL_FINE_TUNING, Config, ConfigError, objective, validate
 from src.data import DataError, load_data
+from src.reserve import DiskFullError
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
 from src.sweeps.job import run_job, run_pack_job, validated_job
 from src.sweeps.outcomes import quote
@@ -340,7 +341,7 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
         if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
             sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
         return run(raw, config)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, DiskFullError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # the whole report, without a traceback
         sys.exit(2)
 

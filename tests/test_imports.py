@@ -32,6 +32,7 @@ CORE = {
         "tiny",
         "bundled",
         "outputs",
+        "reserve",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from src import tracking
+from src import reserve, tracking
 
 # Heartbeats come every minute; a few missed ones (a long lock wait, a paused VM) are not death.
 STALE_AFTER_S = 900.0
@@ -41,7 +41,7 @@ def read_record(output_dir: Optional[str], run_id: str) -> Optional[dict]:
     (``src.tracking.close_run``), if there is one for this run."""
     if not output_dir:
         return None
-    path = Path(output_dir) / tracking.RECORD_NAME
+    path = Path(output_dir) / reserve.RECORD_NAME
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -130,7 +130,7 @@ def mark_stale_runs(
         if record is not None:
             status = record.get("status") if record.get("status") in ("FAILED", "KILLED") else "FAILED"
             tags = {str(k): str(v)[: tracking.MAX_TAG_LEN] for k, v in (record.get("tags") or {}).items()}
-            tags["recorded_by"] = f"{tracking.RECORD_NAME} of {record.get('written_at')}, applied by src.doctor"
+            tags["recorded_by"] = f"{reserve.RECORD_NAME} of {record.get('written_at')}, applied by src.doctor"
             run.reason = f"{run.reason}; its record says {status}: {tags.get('error_type', '?')}"
             run.status = status
         else:
@@ -138,4 +138,7 @@ def mark_stale_runs(
             message = f"{run.reason}; marked KILLED by src.doctor at {tracking.utc_now()}"
             tags = {"error_type": "ProcessLost", "error": message}
         tracking.terminate(client, run.run_id, status, tags)
+        store_dir = reserve.sqlite_dir(uri)
+        if store_dir is not None:  # the reserve it held beside the store (the one in its output dir is reused)
+            reserve.release([store_dir / f"{reserve.RESERVE_NAME}-{run.run_id}"])
     return stale
