@@ -76,6 +76,19 @@ DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
 # Consecutive proposals of configs already tried before the space is taken as exhausted.
 MAX_DUPLICATE_PROPOSALS = 50
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# Study user attr: the config every trial of the study shares (OptunaSweeper.definition), so that a sweep that
+# joins the study with another one is refused instead of ranking trials of two configurations together.
+DEFINITION_ATTR = "definition"
+# Keys that change where results go or how fast a trial runs, not what it trains or how it is scored.
+NOT_DEFINING = (
+    "tracking.",
+    "output_dir",
+    "train.resume_from_checkpoint",
+    "train.dataloader_num_workers",
+    "train.per_device_eval_batch_size",
+    "train.memory_budget_gb",
+    "data.num_sample_prompts",
+)
 # Trial user attrs naming the sweep process that runs it: host, pid and its start (src.tracking.process_start).
 OWNER_HOST_ATTR, OWNER_PID_ATTR, OWNER_START_ATTR = "sweeper_host", "sweeper_pid", "sweeper_start"
 # A worker with no trial left to take polls this often (seconds) for the others' outcomes.
@@ -301,6 +314,13 @@ def recover_interrupted(study, finished: Optional[dict[int, list[float]]] = None
     return [t.number for t in interrupted]
 
 
+def definition_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys whose value differs between a study's recorded definition and this sweep's, as ``key: old vs new``."""
+    missing = "(unset)"
+    keys = sorted(k for k in stored.keys() | current.keys() if stored.get(k, missing) != current.get(k, missing))
+    return [f"{k}: {json.dumps(stored.get(k, missing))} vs {json.dumps(current.get(k, missing))}" for k in keys]
+
+
 # ---------------------------------------------------------------------------------------------
 # The sweeper
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +411,30 @@ class OptunaSweeper(Sweeper):
         ).hexdigest()[:8]
         return f"{self.config.hydra.job.config_name or 'study'}-{digest}"
 
+    def definition(self, space: dict, fixed: list[str], directions: list[str]) -> dict[str, Any]:
+        """What defines the study: a trial's resolved config (the fixed overrides applied), less the searched and
+        derived keys (and what lies under a searched group) and :data:`NOT_DEFINING`, plus the metrics, their
+        directions and the derived expressions. As JSON would store it."""
+        job = self.hydra_context.config_loader.load_sweep_config(self.config, list(fixed))
+        raw = OmegaConf.to_container(job, resolve=False)
+        raw.pop("hydra", None)
+        raw.pop("output_dir", None)
+        flat = tracking.flatten(OmegaConf.to_container(OmegaConf.create(raw), resolve=True))
+        searched = {k.lstrip("+~") for k in [*space, *self.derived]}
+        kept = {
+            k: v
+            for k, v in flat.items()
+            if not k.startswith(NOT_DEFINING) and not any(k == s or k.startswith(f"{s}.") for s in searched)
+        }
+        kept.update(
+            {
+                "hydra.sweeper.metrics": self.metrics,
+                "hydra.sweeper.directions": directions,
+                "hydra.sweeper.derived": self.derived,
+            }
+        )
+        return json.loads(json.dumps(kept, default=str))
+
     def sweep_variables(self, space: dict) -> set[str]:
         """Params that are not config keys: allowed only when a derived expression uses them."""
         variables = {k for k in space if OmegaConf.select(self.config, k.lstrip("+~"), default=KeyError) is KeyError}
@@ -425,8 +469,10 @@ class OptunaSweeper(Sweeper):
                 out[int(run.data.tags["optuna_trial"])] = values
         return out
 
-    def open_study(self, name: str, directions: list[str]) -> tuple[Any, bool]:
-        """The study, and whether this worker created it (then it also creates the MLflow parent run)."""
+    def open_study(self, name: str, directions: list[str], definition: dict[str, Any]) -> tuple[Any, bool]:
+        """The study, and whether this worker created it (then it also creates the MLflow parent run). A study
+        recorded with another ``definition`` (:meth:`definition`) is refused, naming the keys, before it is
+        changed in any way."""
         import optuna
         from hydra.utils import instantiate
 
@@ -448,6 +494,18 @@ class OptunaSweeper(Sweeper):
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
             created = False
+        stored = study.user_attrs.get(DEFINITION_ATTR)
+        changes = definition_changes(stored, definition) if isinstance(stored, dict) else []
+        if changes:
+            raise SweepFailed(
+                f"study {name!r} in {self.storage} was run with another configuration; its trials would be ranked "
+                f"with this sweep's ({len(changes)} key(s) differ, study vs this sweep): "
+                + "; ".join(changes)
+                + ". Name another study (hydra.sweeper.study_name), or leave it unset for one named after the "
+                "overrides."
+            )
+        if stored is None:
+            study.set_user_attr(DEFINITION_ATTR, definition)
         study.set_user_attr(PRUNER_ATTR, spec)  # plain data: each trial rebuilds it with build_pruner
         with warnings.catch_warnings():  # optuna-dashboard shows these names instead of "Objective 0"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -486,7 +544,7 @@ class OptunaSweeper(Sweeper):
         except ValueError as exc:
             raise SweepFailed(str(exc)) from exc
         name = self.study_name or self.default_study_name(list(arguments), directions)
-        study, created = self.open_study(name, directions)
+        study, created = self.open_study(name, directions, self.definition(space, fixed, directions))
         retried = recover_interrupted(study, self.finished_trials(name))
         done = sum(counted(t) for t in study.get_trials(deepcopy=False))
         prior = prior_counts(study)
