@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import json
 import math
 import re
 import string
@@ -124,6 +125,14 @@ class ConfigError(ProblemsError):
     """The composed config is invalid; the message lists every problem found."""
 
     title = "invalid config"
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys whose value differs between two flat configs (a checkpoint's fingerprint, a study's definition)
+    and this run's, as ``key: old vs new``."""
+    unset = "(unset)"
+    keys = sorted(k for k in stored.keys() | current.keys() if stored.get(k, unset) != current.get(k, unset))
+    return [f"{k}: {json.dumps(stored.get(k, unset))} vs {json.dumps(current.get(k, unset))}" for k in keys]
 
 
 @dataclass

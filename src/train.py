@@ -66,6 +66,9 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
             # Raises DataError listing every fault (rows far over max_length included), before any model loads.
             data = load_data(cfg.data, tokenizer, cfg.model.max_length)
             checkpoint = guards.resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir / "checkpoints")
+            fingerprint = guards.run_fingerprint(cfg, data.task, data.labels)
+            if checkpoint:
+                guards.check_resume(checkpoint, fingerprint)  # another dataset, labels or base: refused here
             set_seed(cfg.train.seed)
             model = modeling.load_model(
                 cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
@@ -76,6 +79,7 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
         else:  # the pack's first trial to get here loads the base for all
             tokenizer, data, member = slot.shared.load(slot.index)
             checkpoint, model = None, member.model
+            fingerprint = guards.run_fingerprint(cfg, data.task, data.labels)
             trainable, total = member.pack.counts(member.adapter)
             targets = member.pack.targets(member.adapter)
         tracking.set_tags(tracking.device_tags())  # the GPUs, now that the model is on them
@@ -94,7 +98,13 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
         env = None if slot is None else slot.env
         pruning = trial_callbacks(objective(cfg)[0], env) if main_process else []
         trainer, metrics, truncated = training.build_trainer(
-            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), pruning, member
+            cfg,
+            model,
+            tokenizer,
+            data,
+            str(output_dir / "checkpoints"),
+            [*pruning, guards.FingerprintWriter(fingerprint)],
+            member,
         )
         skipped = data.long_rows if cfg.data.long_rows == "skip" else 0
         tracking.log_metrics({"data_truncated_rows": truncated, "data_skipped_rows": skipped})

@@ -437,6 +437,7 @@ def test_train_resume_from_checkpoint_latest_continues_the_loss_curve(tmp_path, 
 
     _, whole = history([], tmp_path / "whole")
     history([f"train.max_steps={N}"], tmp_path / "split")
+    assert (tmp_path / "split" / "checkpoints" / f"checkpoint-{N}" / guards.FINGERPRINT_NAME).is_file()
     resumed, tail = history(["train.resume_from_checkpoint=latest"], tmp_path / "split")
     assert resumed.data.tags["resumed_from"].endswith(f"checkpoint-{N}")
     assert sorted(tail) == list(range(N + 1, N + 11))
@@ -448,6 +449,60 @@ def test_resume_latest_without_a_checkpoint_starts_fresh_and_a_bad_path_is_an_er
     assert guards.resume_checkpoint("latest", tmp_path / "none-yet") is None
     with pytest.raises(FileNotFoundError, match="not a Trainer checkpoint"):
         guards.resume_checkpoint(str(tmp_path), tmp_path)
+
+
+def _checkpoint_of(cfg, tmp_path: Path) -> Path:
+    """A checkpoint as the Trainer leaves one (safetensors weights, trainer_state.json), with ``cfg``'s fingerprint."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(checkpoint / "adapter_model.safetensors"))
+    (checkpoint / "trainer_state.json").write_text("{}")
+    labels = load_data(cfg.data).labels
+    (checkpoint / guards.FINGERPRINT_NAME).write_text(json.dumps(guards.run_fingerprint(cfg, "classification", labels)))
+    return checkpoint
+
+
+def test_resume_from_a_checkpoint_of_another_configuration_is_refused_naming_the_keys(
+    tmp_path, mlflow_store, monkeypatch
+):
+    """Another data file with the same three classes, or another rank and max_length: refused before the model
+    loads, with each differing key as checkpoint vs this run. Before the fix the run trained on without a word."""
+    from src.config import ConfigError
+
+    checkpoint = _checkpoint_of(validate(compose_config(FAST)), tmp_path)
+    reordered = tmp_path / "other_topics.csv"  # the same label set, other rows
+    lines = (ROOT / "src" / "assets" / "data" / "topics_train.csv").read_text().splitlines(keepends=True)
+    reordered.write_text("".join([lines[0], *reversed(lines[1:])]))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the resume was checked")
+
+    monkeypatch.setattr(modeling, "load_model", no_model)
+    cases = [
+        ([f"data.path={reordered}"], ["data.path.sha256: "]),
+        (["lora.r=4", "model.max_length=32"], ["lora.r: 8 vs 4", "model.max_length: 128 vs 32"]),
+    ]
+    for i, (overrides, named) in enumerate(cases):
+        raw = compose_config([*FAST, f"train.resume_from_checkpoint={checkpoint}", *overrides])
+        raw["output_dir"] = str(tmp_path / f"second-{i}")
+        with pytest.raises(ConfigError) as refused:
+            train_run(raw)
+        message = str(refused.value)
+        assert "was trained on another configuration" in message and all(n in message for n in named), message
+        assert len(message.splitlines()) == 2 + len(named), message  # only the keys that differ
+        run_ = _runs(mlflow_store)[0]
+        assert run_.info.status == "FAILED" and named[0] in run_.data.tags["error"]
+
+
+def test_resume_with_the_checkpoints_own_configuration_is_not_refused(tmp_path, capsys):
+    cfg = validate(compose_config(FAST))
+    checkpoint = _checkpoint_of(cfg, tmp_path)
+    guards.check_resume(str(checkpoint), guards.run_fingerprint(cfg, "classification", load_data(cfg.data).labels))
+    (checkpoint / guards.FINGERPRINT_NAME).unlink()  # saved before fingerprints: a note, not a refusal
+    guards.check_resume(str(checkpoint), {"data.task": "sft"})
+    assert "has no run_fingerprint.json" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

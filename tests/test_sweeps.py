@@ -26,7 +26,6 @@ from src.sweeps.placement import assign_gpus, batch_size
 from src.sweeps.record import SweepFailed
 from src.sweeps.study import (
     counted,
-    definition_changes,
     evaluate_derived,
     recover_interrupted,
     search_space,
@@ -508,15 +507,17 @@ def test_optuna_study_resumes_after_sigterm_without_duplicates(tmp_path, mlflow_
     assert study.metric_names == ["eval_f1_macro"]
 
 
-def test_definition_changes_name_every_key_that_differs():
+def test_config_changes_name_every_key_that_differs():
+    from src.config import config_changes
+
     stored = {"train.max_steps": 400, "data.path": "a.csv", "lora.dropout": 0.1}
     current = {"train.max_steps": 5, "data.path": "a.csv", "data.subsample": 32}
-    assert definition_changes(stored, current) == [
+    assert config_changes(stored, current) == [
         'data.subsample: "(unset)" vs 32',
         'lora.dropout: 0.1 vs "(unset)"',
         "train.max_steps: 400 vs 5",
     ]
-    assert definition_changes(stored, dict(stored)) == []
+    assert config_changes(stored, dict(stored)) == []
 
 
 def test_a_named_study_refuses_a_sweep_with_another_configuration(tmp_path, mlflow_store):

@@ -49,6 +49,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
+from src.config import config_changes
 from src.sweeps import packs as packs_mod
 from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
@@ -314,13 +315,6 @@ def recover_interrupted(study, finished: Optional[dict[int, list[float]]] = None
     return [t.number for t in interrupted]
 
 
-def definition_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The keys whose value differs between a study's recorded definition and this sweep's, as ``key: old vs new``."""
-    missing = "(unset)"
-    keys = sorted(k for k in stored.keys() | current.keys() if stored.get(k, missing) != current.get(k, missing))
-    return [f"{k}: {json.dumps(stored.get(k, missing))} vs {json.dumps(current.get(k, missing))}" for k in keys]
-
-
 # ---------------------------------------------------------------------------------------------
 # The sweeper
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +489,7 @@ class OptunaSweeper(Sweeper):
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
             created = False
         stored = study.user_attrs.get(DEFINITION_ATTR)
-        changes = definition_changes(stored, definition) if isinstance(stored, dict) else []
+        changes = config_changes(stored, definition) if isinstance(stored, dict) else []
         if changes:
             raise SweepFailed(
                 f"study {name!r} in {self.storage} was run with another configuration; its trials would be ranked "
