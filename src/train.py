@@ -97,14 +97,9 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
         # torchrun stops the others.
         env = None if slot is None else slot.env
         pruning = trial_callbacks(objective(cfg)[0], env) if main_process else []
+        callbacks = [*pruning, guards.FingerprintWriter(fingerprint)]  # the fingerprint goes in each checkpoint
         trainer, metrics, truncated = training.build_trainer(
-            cfg,
-            model,
-            tokenizer,
-            data,
-            str(output_dir / "checkpoints"),
-            [*pruning, guards.FingerprintWriter(fingerprint)],
-            member,
+            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), callbacks, member
         )
         skipped = data.long_rows if cfg.data.long_rows == "skip" else 0
         tracking.log_metrics({"data_truncated_rows": truncated, "data_skipped_rows": skipped})

@@ -405,11 +405,15 @@ class OptunaSweeper(Sweeper):
         ).hexdigest()[:8]
         return f"{self.config.hydra.job.config_name or 'study'}-{digest}"
 
-    def definition(self, space: dict, fixed: list[str], directions: list[str]) -> dict[str, Any]:
+    def definition(self, space: dict, fixed: list[str], directions: list[str]) -> Optional[dict[str, Any]]:
         """What defines the study: a trial's resolved config (the fixed overrides applied), less the searched and
         derived keys (and what lies under a searched group) and :data:`NOT_DEFINING`, plus the metrics, their
-        directions and the derived expressions. As JSON would store it."""
-        job = self.hydra_context.config_loader.load_sweep_config(self.config, list(fixed))
+        directions and the derived expressions. As JSON would store it; None if the overrides do not compose
+        (each trial then fails with Hydra's own error)."""
+        try:
+            job = self.hydra_context.config_loader.load_sweep_config(self.config, list(fixed))
+        except Exception:  # noqa: BLE001
+            return None
         raw = OmegaConf.to_container(job, resolve=False)
         raw.pop("hydra", None)
         raw.pop("output_dir", None)
@@ -463,7 +467,7 @@ class OptunaSweeper(Sweeper):
                 out[int(run.data.tags["optuna_trial"])] = values
         return out
 
-    def open_study(self, name: str, directions: list[str], definition: dict[str, Any]) -> tuple[Any, bool]:
+    def open_study(self, name: str, directions: list[str], definition: Optional[dict[str, Any]]) -> tuple[Any, bool]:
         """The study, and whether this worker created it (then it also creates the MLflow parent run). A study
         recorded with another ``definition`` (:meth:`definition`) is refused, naming the keys, before it is
         changed in any way."""
@@ -489,7 +493,7 @@ class OptunaSweeper(Sweeper):
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
             created = False
         stored = study.user_attrs.get(DEFINITION_ATTR)
-        changes = config_changes(stored, definition) if isinstance(stored, dict) else []
+        changes = config_changes(stored, definition) if isinstance(stored, dict) and definition is not None else []
         if changes:
             raise SweepFailed(
                 f"study {name!r} in {self.storage} was run with another configuration; its trials would be ranked "
@@ -498,7 +502,7 @@ class OptunaSweeper(Sweeper):
                 + ". Name another study (hydra.sweeper.study_name), or leave it unset for one named after the "
                 "overrides."
             )
-        if stored is None:
+        if stored is None and definition is not None:
             study.set_user_attr(DEFINITION_ATTR, definition)
         study.set_user_attr(PRUNER_ATTR, spec)  # plain data: each trial rebuilds it with build_pruner
         with warnings.catch_warnings():  # optuna-dashboard shows these names instead of "Objective 0"
