@@ -194,13 +194,13 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(cfg: Config, task: str, labels: list) -> dict[str, Any]:
+def run_fingerprint(cfg: Config, task: str, labels: Optional[list]) -> dict[str, Any]:
     """What defines a run's checkpoints, as JSON stores it: the data (each local file's content hash, or the hub
     dataset's id, config, revision and splits), its task and labels, the base model and its revision,
     ``model.max_length``, and every ``quant`` and ``lora`` setting. A file's place is not part of it (a moved
     copy is the same data); the speed of training and where it logs are not either."""
     data = cfg.data
-    found: dict[str, Any] = {"data.task": task, "data.labels": list(labels)}
+    found: dict[str, Any] = {"data.task": task, "data.labels": None if labels is None else list(labels)}  # sft: None
     for key in ("path", "eval_path"):
         value = getattr(data, key)
         if value:

@@ -503,6 +503,7 @@ def test_resume_with_the_checkpoints_own_configuration_is_not_refused(tmp_path, 
     (checkpoint / guards.FINGERPRINT_NAME).unlink()  # saved before fingerprints: a note, not a refusal
     guards.check_resume(str(checkpoint), {"data.task": "sft"})
     assert "has no run_fingerprint.json" in capsys.readouterr().err
+    assert guards.run_fingerprint(cfg, "sft", None)["data.labels"] is None  # SFT has no labels
 
 
 # ---------------------------------------------------------------------------------------------
