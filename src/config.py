@@ -337,6 +337,12 @@ def resolve(cfg: Any) -> tuple[dict, dict[str, str]]:
     return walk(OmegaConf.to_container(cfg, resolve=False), ""), problems
 
 
+def refuse_unresolved(unresolved: dict[str, str]) -> None:
+    """Raise the ConfigError of :func:`resolve`'s problems, if it found any."""
+    if unresolved:
+        raise ConfigError(f"{key}: {problem}" for key, problem in unresolved.items())
+
+
 def _unresolved(written: Any, reason: str) -> str:
     env = re.search(r"\$\{oc\.env:([^,}]+)", str(written))
     if env:

@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
 
 from src import distributed
-from src.config import CONF_DIR, Config, ConfigError, validate
+from src.config import CONF_DIR, Config, ConfigError, refuse_unresolved, validate
 from src.errors import StoreError, cause_line
 from src.tiny import PROJECT_ROOT
 
@@ -194,8 +194,11 @@ def ensure_experiment(name: str, uri: str) -> str:
             return retry_locked(
                 client.create_experiment, name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
             )
-        except MlflowException:  # created meanwhile by a writer that does not take the lock (another host)
-            return retry_locked(client.get_experiment_by_name, name).experiment_id
+        except MlflowException:  # created meanwhile by a writer that does not take the lock (another host)?
+            experiment = retry_locked(client.get_experiment_by_name, name)
+            if experiment is None:  # no: the store refused the write (read-only)
+                raise
+            return experiment.experiment_id
 
 
 class RunNotFound(LookupError):
@@ -561,8 +564,7 @@ def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
     that could not be resolved (``src.config.resolve``), each a problem; the run is recorded only if the
     ``tracking`` section, which names its store, resolved."""
     try:
-        if unresolved:
-            raise ConfigError(f"{key}: {problem}" for key, problem in unresolved.items())
+        refuse_unresolved(unresolved or {})
         return validate(raw, for_training=True)
     except ConfigError as exc:
         if not any(key.startswith("tracking.") for key in unresolved or {}):

@@ -26,7 +26,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from src import console, distributed, tracking
-from src.config import FULL_FINE_TUNING, Config, ConfigError, objective, resolve
+from src.config import FULL_FINE_TUNING, Config, ConfigError, objective, refuse_unresolved, resolve, validate
 from src.data import load_data
 from src.errors import StoreError, exit_on_user_error, report
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
@@ -302,7 +302,8 @@ def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
     takes seconds), and an invalid config still ends as a FAILED run (:func:`src.tracking.record_invalid`),
     unless its store is what is broken or unknown (``unresolved``: :func:`src.config.resolve`'s problems)."""
     try:
-        return tracking.validated(raw, unresolved)
+        refuse_unresolved(unresolved or {})
+        return validate(raw, for_training=True)
     except ConfigError as exc:
         report(exc)  # before the store is opened, which takes seconds
         unknown = sorted(k for k in unresolved or {} if k.startswith("tracking."))
