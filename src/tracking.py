@@ -144,14 +144,17 @@ def sweep_view_url(base: str, experiment_id: str, sweep_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}"
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
 @contextlib.contextmanager
 def opening_store(uri: str) -> Iterator[None]:
     """Turn the errors of a store that cannot be opened or written (corrupt, read-only, unreachable) into a
     :class:`StoreError` naming it: nothing can be recorded there, which the message says. MLflow's SQL store logs
     each database error with its traceback before raising it; that error is the one line raised here."""
     sql_log = logging.getLogger("mlflow.store.db.utils")
-    level = sql_log.level
-    sql_log.setLevel(logging.CRITICAL)
+    sql_log.addFilter(_below_error)
     try:
         yield
     except (MlflowException, SQLAlchemyError, OSError) as exc:  # OSError: its lock file (a read-only directory)
@@ -160,7 +163,7 @@ def opening_store(uri: str) -> Iterator[None]:
             "aside, or choose another store (tracking.tracking_uri or $MLFLOW_TRACKING_URI)"
         ) from exc
     finally:
-        sql_log.setLevel(level)
+        sql_log.removeFilter(_below_error)
 
 
 def _deleted(experiment, uri: str) -> StoreError:
