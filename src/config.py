@@ -344,7 +344,7 @@ def refuse_unresolved(unresolved: dict[str, str]) -> None:
 
 
 def _unresolved(written: Any, reason: str) -> str:
-    env = re.search(r"\$\{oc\.env:([^,}]+)", str(written))
+    env = re.search(r"\$\{oc\.env:([^,}]+)", str(written)) or re.search(r"Environment variable '([^']+)'", reason)
     if env:
         name = env.group(1).strip()
         return f"{written}: environment variable {name} is not set; set it, or give a default: ${{oc.env:{name},...}}"

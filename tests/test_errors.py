@@ -257,3 +257,31 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line_and_a_failed_run(tmp_pat
     proc = _train(tmp_path, uri, "model.name_or_path=no-such-org/no-such-model", env=env)
     _one_error_line(proc, "model.name_or_path='no-such-org/no-such-model': cannot be loaded")
     _failed_run(uri, "ModelNotAvailable", "no-such-org/no-such-model")
+
+
+@pytest.mark.slow
+def test_an_unset_environment_variable_in_a_sweep_fails_its_jobs_with_the_cause(tmp_path, empty_mlflow_db):
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "LORA_TEST_UNSET_PATH"}
+    args = ["src.train", "--multirun", "lora.r=4,8", "data=file", "data.path=${oc.env:LORA_TEST_UNSET_PATH}"]
+    args += [
+        "data.task=classification",
+        "data.label_column=label",
+        *SMALL,
+        f"tracking.tracking_uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    ]
+    proc = _command(args, env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(jobs) == 2 and all(r.info.status == "FAILED" for r in jobs), [(r.info.status, r.data.tags) for r in runs]
+    assert all("environment variable LORA_TEST_UNSET_PATH is not set" in r.data.tags["error"] for r in jobs)
+
+
+def test_a_sweep_of_a_file_without_its_task_is_one_line(tmp_path):
+    sweep_dir = f"hydra.sweep.dir={tmp_path / 'multirun'}"
+    proc = _command(["src.train", "--multirun", "lora.r=4,8", "data=file", "data.path=x.csv", sweep_dir])
+    _one_error_line(proc, "data.task: missing; one of ['classification', 'multilabel', 'sft']")
