@@ -285,3 +285,11 @@ def test_a_sweep_of_a_file_without_its_task_is_one_line(tmp_path):
     sweep_dir = f"hydra.sweep.dir={tmp_path / 'multirun'}"
     proc = _command(["src.train", "--multirun", "lora.r=4,8", "data=file", "data.path=x.csv", sweep_dir])
     _one_error_line(proc, "data.task: missing; one of ['classification', 'multilabel', 'sft']")
+
+
+def test_an_invalid_config_on_a_broken_store_is_one_error_line_saying_it_is_not_recorded(tmp_path):
+    path = tmp_path / "mlflow.db"
+    with _corrupt(path):
+        proc = _train(tmp_path, f"sqlite:///{path}", "lora.r=0")
+    line = _one_error_line(proc, "lora.r: must be >= 1, got 0", "file is not a database; the run is not recorded")
+    assert line == "error: invalid config:"
