@@ -325,6 +325,46 @@ def literal(tree: Any) -> Any:
     return tree
 
 
+def resolve(cfg: Any) -> tuple[dict, dict[str, str]]:
+    """The composed config as a plain dict with every interpolation resolved, and the problems of those that
+    cannot be (``{key: problem}``: an unset ``${oc.env:...}``, a reference to a missing key), each value kept as
+    written. OmegaConf would stop at the first, with a traceback."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True), {}
+    except OmegaConfBaseException:
+        pass
+    problems: dict[str, str] = {}
+
+    def walk(written: Any, prefix: str) -> Any:
+        if isinstance(written, dict):
+            return {k: walk(v, f"{prefix}{k}.") for k, v in written.items()}
+        key = prefix[:-1]
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except OmegaConfBaseException as exc:
+            problems[key] = _unresolved(written, str(exc).strip().splitlines()[0])
+            return written
+
+    return walk(OmegaConf.to_container(cfg, resolve=False), ""), problems
+
+
+def refuse_unresolved(unresolved: dict[str, str]) -> None:
+    """Raise the ConfigError of :func:`resolve`'s problems, if it found any."""
+    if unresolved:
+        raise ConfigError(f"{key}: {problem}" for key, problem in unresolved.items())
+
+
+def _unresolved(written: Any, reason: str) -> str:
+    env = re.search(r"\$\{oc\.env:([^,}]+)", str(written)) or re.search(r"Environment variable '([^']+)'", reason)
+    if env:
+        name = env.group(1).strip()
+        return f"{written}: environment variable {name} is not set; set it, or give a default: ${{oc.env:{name},...}}"
+    return f"{written} cannot be resolved: {reason}"
+
+
 def register_configs() -> None:
     """Register the resolvers the YAML files use (``project_root``, ``file_stem``, ``unique_dir``)."""
     if not OmegaConf.has_resolver("project_root"):

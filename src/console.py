@@ -8,10 +8,14 @@ quoted strings. ``LORA_SWEEPS_VERBOSE=1`` shows what :func:`quiet_libraries` hid
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -97,6 +101,65 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true but no accelerator")
     warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast from")
+
+
+@contextlib.contextmanager
+def _hub_kernels_offline() -> Iterator[None]:
+    """While bitsandbytes imports: the hub offline (unless $HF_HUB_OFFLINE says otherwise) and its and ``kernels``'
+    warnings hidden (unless ``LORA_SWEEPS_VERBOSE=1``).
+
+    On a CPU with AVX512-BF16, importing bitsandbytes asks ``kernels.get_kernel`` for a CPU kernel from
+    kernels-community on the hub, on every import; neither has a switch for it, and it fails (no network, no
+    trusted publisher, a CUDA torch build), printing "Failed to load CPU gemm_4bit_forward". ``kernels`` reads
+    huggingface_hub's offline flag when called: offline, it takes a cached kernel or none, and makes no request.
+    The flag is restored after the import, so models still download."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    if "HF_HUB_OFFLINE" not in os.environ:
+        constants.HF_HUB_OFFLINE = True
+    loggers = [] if verbose() else [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+class _OfflineLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # resources and reloads see the real loader
+        with _hub_kernels_offline():
+            self.loader.exec_module(module)
+
+
+class _OfflineBitsandbytes(importlib.abc.MetaPathFinder):
+    """Imports bitsandbytes, however it is reached (peft, transformers' Trainer), through _hub_kernels_offline."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "bitsandbytes":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _OfflineLoader(spec.loader)
+        return spec
+
+
+def offline_bitsandbytes() -> None:
+    """Make bitsandbytes' import offline and quiet (:func:`_hub_kernels_offline`); ``src/__init__.py`` calls it, so
+    it holds before any entry point imports torch, peft or transformers."""
+    if "bitsandbytes" not in sys.modules and not any(isinstance(f, _OfflineBitsandbytes) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OfflineBitsandbytes())
 
 
 def log_to_file(path: Path) -> None:

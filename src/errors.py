@@ -1,15 +1,20 @@
 """The project's one family of user-facing errors, and the tail every command line shares.
 
-A :class:`UserError` is something the person at the keyboard can fix (a config key, a data row, a run id):
-the commands print it as ``error: ...`` and exit 2, without a traceback (:func:`run_cli`). A
-:class:`ProblemsError` lists every problem found, so one attempt shows them all.
+A :class:`UserError` is something the person at the keyboard can fix (a config key, a data row, a run id, a
+model path, a store): the commands print it as ``error: ...`` and exit 2, without a traceback (:func:`run_cli`,
+:func:`exit_on_user_error`). A :class:`ProblemsError` lists every problem found, so one attempt shows them all.
+A library's exception becomes one of these where it is raised, by the code that knows which file or key it
+concerns; anything else keeps its traceback, since it is a bug to report.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from typing import Optional
+from typing import Optional, TypeVar
+
+T = TypeVar("T")
+USER_ERROR_EXIT = 2
 
 
 class UserError(Exception):
@@ -26,10 +31,42 @@ class ProblemsError(UserError, ValueError):
         super().__init__(f"{self.title}:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+class StoreError(UserError):
+    """A store (MLflow's, Optuna's) that cannot be opened or written: corrupt, read-only, or a deleted experiment."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A library error's first line: SQLAlchemy and transformers append pages of background below it."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def cause_line(exc: BaseException) -> str:
+    """The first line of the innermost cause, under a library's wrappers (SQLAlchemy's ``orig``, ``raise ... from``):
+    a database's own words, such as "attempt to write a readonly database"."""
+    while getattr(exc, "orig", None) is not None or exc.__cause__ is not None:
+        exc = getattr(exc, "orig", None) or exc.__cause__
+    return first_line(exc)
+
+
+def report(exc: UserError) -> int:
+    """Print ``error: <message>`` on stderr; return the exit code of a user error."""
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
+
+
 def run_cli(body: Callable[[], Optional[int]]) -> int:
     """Run a command's body and return its exit code: 2, with the message on stderr, for a :class:`UserError`."""
     try:
         return body() or 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
+
+
+def exit_on_user_error(body: Callable[[], T]) -> T:
+    """Run ``body`` inside Hydra (``src.train``, the sweepers): a :class:`UserError` exits 2 with its one line;
+    Hydra would print any exception that reaches it with a traceback and exit 1."""
+    try:
+        return body()
+    except UserError as exc:
+        sys.exit(report(exc))

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from src.config import FULL_FINE_TUNING, LORA_PRESETS, LoraConfig, ModelConfig, QuantConfig
+from src.config import FULL_FINE_TUNING, LORA_PRESETS, ConfigError, LoraConfig, ModelConfig, QuantConfig
+from src.errors import UserError, first_line
 from src.guards import check_remote_code, check_weight_format
 from src.tiny import resolve as resolve_builtin
 
@@ -61,16 +64,41 @@ def to_bnb_config(quant: QuantConfig, task: str = "sft"):
     )
 
 
+class ModelNotAvailable(UserError):
+    """``model.name_or_path`` names no model this machine can load: no such directory, not a hub id, offline."""
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).expanduser().exists()
+
+
+@contextlib.contextmanager
+def loading_from(name_or_path: str) -> Iterator[None]:
+    """transformers says a model cannot be found or read with OSError; that is the config's to fix, in one line."""
+    try:
+        yield
+    except OSError as exc:
+        if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+            problem = "no such directory"
+        else:
+            problem = f"cannot be loaded ({first_line(exc)})"
+        raise ModelNotAvailable(
+            f"model.name_or_path={name_or_path!r}: {problem}; give a local model directory or a hub id this "
+            "machine can download (with model.revision)"
+        ) from exc
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     """Load the tokenizer; give it a pad token (eos, as Llama recipes do) if it has none."""
     from transformers import AutoTokenizer
 
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_builtin(model_cfg.name_or_path),
-        revision=model_cfg.revision,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    with loading_from(model_cfg.name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_builtin(model_cfg.name_or_path),
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
@@ -105,18 +133,19 @@ def load_model(
         torch.cuda.set_device(device)
         kwargs["device_map"] = {"": device}
     path = resolve_builtin(model_cfg.name_or_path)
-    if task == "sft":
-        model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
-    else:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-            problem_type="multi_label_classification" if task == "multilabel" else "single_label_classification",
-            output_loading_info=True,
-            **kwargs,
-        )
+    with loading_from(model_cfg.name_or_path):
+        if task == "sft":
+            model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        else:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+                problem_type="multi_label_classification" if task == "multilabel" else "single_label_classification",
+                output_loading_info=True,
+                **kwargs,
+            )
     warn_unexpected_loading(path, loading)
     # Decoder classifiers pool the last non-pad token: the config must know the pad id.
     model.config.pad_token_id = pad_token_id
@@ -217,18 +246,21 @@ def resolve_target_modules(model: torch.nn.Module, lora: LoraConfig) -> Union[st
         if item in LORA_PRESETS:
             found = _preset_paths(paths, item)
             if not found:
-                raise ValueError(
-                    f"LoRA preset {item!r} found no layers in {type(model).__name__}; "
-                    f"its block linear layers are: {paths}"
+                raise ConfigError(
+                    [f"lora.preset: {item!r} finds no layers in {type(model).__name__}; its block linears: {paths}"]
                 )
             block_paths.extend(p for p in found if p not in block_paths)
         else:
             names.append(item)
     module_names = [n for n, m in model.named_modules() if _is_linear(m)]
-    for name in names:
-        if not any(n == name or n.endswith("." + name) for n in module_names):
-            leaves = sorted({n.split(".")[-1] for n in module_names})
-            raise ValueError(f"lora.target_modules: {name!r} matches no linear layer; linear layer names: {leaves}")
+    unmatched = [name for name in names if not any(n == name or n.endswith("." + name) for n in module_names)]
+    if unmatched:
+        leaves = sorted({n.split(".")[-1] for n in module_names})
+        raise ConfigError(
+            f"lora.target_modules: {name!r} matches no linear layer of {type(model).__name__}; its linear layer "
+            f"names: {leaves}"
+            for name in unmatched
+        )
     if not block_paths:
         return names
     pattern = r".*\.\d+\.(?:" + "|".join(re.escape(p) for p in block_paths) + ")"

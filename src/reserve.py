@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from src.errors import UserError
+
 # Enough for SQLite to write a status and error tags (its journal and a few pages) and for the record, with
 # room to spare for MLflow's own writes on the way out.
 RESERVE_BYTES = 4 * 1024 * 1024
@@ -26,7 +28,7 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = ("no space left on device", "database or disk is full", "disk quota exceeded")
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """No room on a disk the run writes to for its reserve: the disk is nearly full."""
 
 

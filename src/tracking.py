@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -43,10 +44,12 @@ from typing import Any, Optional, TypeVar
 import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
+from sqlalchemy.exc import SQLAlchemyError
 
 from src import distributed
 from src import reserve as reserve_mod
-from src.config import CONF_DIR, Config, ConfigError, validate
+from src.config import CONF_DIR, Config, ConfigError, refuse_unresolved, validate
+from src.errors import StoreError, cause_line
 from src.names import filter_value, name_problem
 from src.tiny import PROJECT_ROOT
 
@@ -145,19 +148,52 @@ def sweep_view_url(base: str, experiment_id: str, sweep_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_view_key(sweep_id)}"
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def opening_store(uri: str) -> Iterator[None]:
+    """Turn the errors of a store that cannot be opened or written (corrupt, read-only, unreachable) into a
+    :class:`StoreError` naming it: nothing can be recorded there, which the message says. MLflow's SQL store logs
+    each database error with its traceback before raising it; that error is the one line raised here."""
+    sql_log = logging.getLogger("mlflow.store.db.utils")
+    sql_log.addFilter(_below_error)
+    try:
+        yield
+    except (MlflowException, SQLAlchemyError, OSError) as exc:  # OSError: its lock file (a read-only directory)
+        raise StoreError(
+            f"MLflow store {uri} cannot be used: {cause_line(exc)}; the run is not recorded: repair or move it "
+            "aside, or choose another store (tracking.tracking_uri or $MLFLOW_TRACKING_URI)"
+        ) from exc
+    finally:
+        sql_log.removeFilter(_below_error)
+
+
+def _deleted(experiment, uri: str) -> StoreError:
+    return StoreError(
+        f"MLflow experiment {experiment.name!r} (id {experiment.experiment_id}) is deleted in {uri}; the run is not "
+        f"recorded: restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+        f"{experiment.experiment_id}) or choose another tracking.experiment"
+    )
+
+
 def ensure_experiment(name: str, uri: str) -> str:
     """Set the store and return the experiment id, creating the store and experiment if needed.
 
     With the default store, artifacts go under ``<project>/mlruns`` whatever the working
     directory. Parallel jobs starting on a fresh SQLite store take turns through a file lock,
-    so exactly one creates the tables and the experiment.
+    so exactly one creates the tables and the experiment. A store that cannot be used, or an experiment
+    of that name in the deleted state, raises :class:`StoreError`.
     """
     if name_problem(name):  # validation refuses it first; this keeps artifacts inside the store whoever calls
         raise ConfigError([f"tracking.experiment: {name!r} {name_problem(name)}"])
     mlflow.set_tracking_uri(uri)
-    with _store_lock(uri):
+    with opening_store(uri), _store_lock(uri):
         client = retry_locked(mlflow.MlflowClient, uri)  # opening a store reads its schema
         experiment = retry_locked(client.get_experiment_by_name, name)
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise _deleted(experiment, uri)
         if experiment is not None:
             if EXPERIMENT_KIND_TAG not in experiment.tags:
                 retry_locked(client.set_experiment_tag, experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
@@ -167,8 +203,11 @@ def ensure_experiment(name: str, uri: str) -> str:
             return retry_locked(
                 client.create_experiment, name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
             )
-        except MlflowException:  # created meanwhile by a writer that does not take the lock (another host)
-            return retry_locked(client.get_experiment_by_name, name).experiment_id
+        except MlflowException:  # created meanwhile by a writer that does not take the lock (another host)?
+            experiment = retry_locked(client.get_experiment_by_name, name)
+            if experiment is None:  # no: the store refused the write (read-only)
+                raise
+            return experiment.experiment_id
 
 
 class RunNotFound(LookupError):
@@ -473,13 +512,14 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
     parent = os.environ.get(PARENT_RUN_ENV)
     if os.environ.get(SWEEP_ID_ENV):
         all_tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
-    run = retry_locked(
-        mlflow.start_run,
-        experiment_id=experiment_id,
-        run_name=run_name(raw),
-        tags=all_tags,
-        parent_run_id=parent or None,
-    )
+    with opening_store(uri):
+        run = retry_locked(
+            mlflow.start_run,
+            experiment_id=experiment_id,
+            run_name=run_name(raw),
+            tags=all_tags,
+            parent_run_id=parent or None,
+        )
     reserve: list[Path] = []
     previous = signal.getsignal(signal.SIGTERM)
     in_main_thread = True
@@ -518,13 +558,17 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
                 signal.signal(signal.SIGTERM, previous)
 
 
-def validated(raw: dict) -> Config:
+def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
     """The config validated for training (``src.config.validate``); an invalid one raises the ConfigError and
-    still ends as a FAILED run that lists every problem (:func:`record_invalid`)."""
+    still ends as a FAILED run that lists every problem (:func:`record_invalid`). ``unresolved``: the values
+    that could not be resolved (``src.config.resolve``), each a problem; the run is recorded only if the
+    ``tracking`` section, which names its store, resolved."""
     try:
+        refuse_unresolved(unresolved or {})
         return validate(raw, for_training=True)
     except ConfigError as exc:
-        record_invalid(raw, exc)
+        if not any(key.startswith("tracking.") for key in unresolved or {}):
+            record_invalid(raw, exc)
         raise
 
 

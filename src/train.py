@@ -26,9 +26,19 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from src import console, distributed, tracking
-from src.config import FULL_FINE_TUNING, Config, ConfigError, metric_problems, objective, per_label_metrics, validate
-from src.data import DataError, load_data
-from src.reserve import DiskFullError
+from src.config import (
+    FULL_FINE_TUNING,
+    Config,
+    ConfigError,
+    metric_problems,
+    objective,
+    per_label_metrics,
+    refuse_unresolved,
+    resolve,
+    validate,
+)
+from src.data import load_data
+from src.errors import StoreError, exit_on_user_error, report
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
 from src.sweeps.job import run_job, run_pack_job, validated_job
 from src.sweeps.outcomes import quote
@@ -319,14 +329,22 @@ def save_outputs(cfg: Config, model, tokenizer, data, saved_dir: Path, metrics) 
         training.log_confusion_matrix(metrics)
 
 
-def validated(raw: dict) -> Config:
+def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
     """Validate a config before anything heavy: the error shows at once (a model load or an MLflow store
-    takes seconds), and an invalid config still ends as a FAILED run (:func:`src.tracking.record_invalid`)."""
+    takes seconds), and an invalid config still ends as a FAILED run (:func:`src.tracking.record_invalid`),
+    unless its store is what is broken or unknown (``unresolved``: :func:`src.config.resolve`'s problems)."""
     try:
+        refuse_unresolved(unresolved or {})
         return validate(raw, for_training=True)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)  # before the store is opened, which takes seconds
-        tracking.record_invalid(raw, exc)
+        report(exc)  # before the store is opened, which takes seconds
+        unknown = sorted(k for k in unresolved or {} if k.startswith("tracking."))
+        try:
+            if unknown:
+                raise StoreError(f"the run is not recorded: {', '.join(unknown)} cannot be resolved")
+            tracking.record_invalid(raw, exc)
+        except StoreError as store:
+            print(f"  ({store})", file=sys.stderr)
         sys.exit(2)
 
 
@@ -341,7 +359,7 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw, unresolved = resolve(cfg)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # One job of a sweep: in a fresh process unless hydra.sweeper.isolate=false; errors (an invalid config
@@ -356,16 +374,15 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
             listed = read_pack(members)
             jobs = [(raw if i == 0 else m["raw"], m["env"] or None) for i, m in enumerate(listed)]
             return run_pack_job(jobs, src.train.pack, isolate=job.isolate, feasibility=job.feasibility)
-        return run_job(raw, validated_job(raw), src.train.run, isolate=job.isolate, feasibility=job.feasibility)
-    config = validated(raw)
-    try:
-        nproc = config.train.nproc_per_node
-        if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
-            sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
-        return run(raw, config)
-    except (ConfigError, DataError, DiskFullError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # the whole report, without a traceback
-        sys.exit(2)
+        config = validated_job(raw, unresolved)
+        return run_job(raw, config, src.train.run, isolate=job.isolate, feasibility=job.feasibility)
+    config = validated(raw, unresolved)
+    nproc = config.train.nproc_per_node
+    if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
+        sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
+    # A UserError (bad data, a model that is not there, a broken store...) is one line and exit 2; the run, if it
+    # started, ended FAILED with it (tracking.tracked_run). Anything else is a bug and keeps its traceback.
+    return exit_on_user_error(lambda: run(raw, config))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from src import console, modeling
 from tests.conftest import ROOT
 
@@ -102,3 +104,55 @@ def test_help_lists_the_groups_a_user_composes_and_nothing_internal():
         "quant",
         "train",
     }
+
+
+# The child records every connection or name lookup it tries, refusing it, and then reports what it saw. It imports
+# the 4-bit path as the commands do: src first, then peft, which imports bitsandbytes.
+NO_NETWORK_CHILD = """
+import json, socket, sys
+tried = []
+def refuse(*args, **kwargs):
+    tried.append(repr(args[:2]))
+    raise OSError("network refused by the test")
+socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse
+import src  # noqa
+from src.config import QuantConfig
+from src import modeling
+import peft  # noqa: imports bitsandbytes, as transformers' Trainer does
+modeling.to_bnb_config(QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16"))
+from bitsandbytes.functional import has_avx512bf16
+from huggingface_hub import constants
+print(json.dumps({"tried": tried, "fetches": bool(has_avx512bf16()), "offline_after": constants.HF_HUB_OFFLINE,
+                  "bnb": "bitsandbytes" in sys.modules}))
+"""
+
+
+def _bitsandbytes_import(env_changes: dict[str, str]) -> tuple[dict, str]:
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "LORA_SWEEPS_VERBOSE")}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK_CHILD], cwd=ROOT, capture_output=True, text=True, env={**env, **env_changes}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_bitsandbytes_imports_offline_and_quietly_by_default():
+    """bitsandbytes asks the hub for a CPU kernel at import (on CPUs with AVX512-BF16), and says
+    "Failed to load CPU gemm_4bit_forward from kernels-community" when it cannot have it. The project, not the
+    caller's environment, keeps that import offline and quiet; the hub stays online for models afterwards."""
+    seen, err = _bitsandbytes_import({})
+    assert seen["bnb"] and seen["tried"] == [], seen
+    assert "gemm_4bit_forward" not in err and "kernels-community" not in err, err
+    assert seen["offline_after"] is False  # models still download
+    if not seen["fetches"]:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes asks the hub for nothing here")
+
+
+def test_an_explicit_hf_hub_offline_0_lets_bitsandbytes_ask_the_hub():
+    seen, _ = _bitsandbytes_import({"HF_HUB_OFFLINE": "0"})
+    if not seen["fetches"]:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes asks the hub for nothing here")
+    assert seen["tried"], seen  # the user's own setting wins: the kernel was asked for (and the test refused it)

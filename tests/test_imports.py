@@ -69,7 +69,8 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in paths.items():
         imported = imported_names(ast.parse(path.read_text()), modules)
-        # A package's __init__ runs before any module of it: importing src.x.y imports src.x too; src itself is empty.
+        # A package's __init__ runs before any module of it: importing src.x.y imports src.x too; src itself imports
+        # only src.console.
         graph[name] = {m for m in imported if m != "src"} - {name}
     return graph
 

@@ -50,11 +50,16 @@ def merge(source: Source, tokenizer):
 
 def export(source: Source, out_dir: Path):
     """Write the merged model, tokenizer, label map and config to ``out_dir``; return (model, tokenizer)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InferenceError(f"--out {out_dir} is a file; choose a new directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InferenceError(f"--out {out_dir} exists and is not empty; choose a new directory")
+    try:  # before the model loads: a parent that is a file, or no permission, fails at once
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InferenceError(f"--out {out_dir}: cannot create it ({exc.strerror}); choose another directory") from exc
     tokenizer = load_tokenizer(source)
     model = merge(source, tokenizer)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)  # safetensors, the transformers default
     tokenizer.save_pretrained(out_dir)
     if (source.adapter_dir / LABEL_MAP_FILE).is_file():

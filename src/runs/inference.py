@@ -182,6 +182,87 @@ def _setting(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InferenceError(f"{path}: not readable JSON ({exc}); restore the file the run saved") from exc
+    if not isinstance(value, dict):
+        raise InferenceError(f"{path}: not a JSON object but a {type(value).__name__}; restore the file the run saved")
+    return value
+
+
+def read_adapter_config(path: Path) -> dict:
+    """``adapter_config.json``, checked for what loading it takes: a LoRA adapter with a positive rank and its
+    target modules; an edited file fails here, naming the key, not deep inside peft."""
+    config = _json_object(path)
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, not 'LORA' (the adapters this project trains)")
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(f"r is {r!r}, not a positive integer")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets) and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+    ):
+        problems.append(f"target_modules is {targets!r}, not a module name pattern or a list of names")
+    if problems:
+        raise InferenceError(f"{path}: {'; '.join(problems)}; restore the file the run saved")
+    return config
+
+
+def read_label_map(path: Path) -> dict:
+    """``label_map.json``: the task and, for a classifier, its distinct class or label names, in head order."""
+    label_map = _json_object(path)
+    task, labels = label_map.get("task"), label_map.get("labels")
+    if task not in DEFAULT_DATA_PRESETS:
+        problem = f"task is {task!r}, not one of {sorted(DEFAULT_DATA_PRESETS)}"
+    elif task == "sft":
+        problem = None
+    elif not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+        problem = f"labels is {labels!r}, not a list of names"
+    elif len(set(labels)) != len(labels):
+        problem = f"labels repeats a name: {sorted({x for x in labels if labels.count(x) > 1})}"
+    else:
+        problem = None
+    threshold = label_map.get("threshold", 0.5)
+    if problem is None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        problem = f"threshold is {threshold!r}, not a number"
+    if problem:
+        raise InferenceError(f"{path}: {problem}; restore the file the run saved")
+    return label_map
+
+
+def check_adapter_weights(adapter_dir: Path, peft_config: dict, labels: Optional[list[str]]) -> None:
+    """The saved weights agree with the adapter's config and label map: each LoRA weight's rank is ``r``, its
+    module is one ``target_modules`` names, and a classifier head has one output per label. peft would otherwise
+    fail with a page of size mismatches, or worse, start fresh adapters on modules the file does not hold."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # assert_safetensors_only, before the load, names what is missing
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    r, targets = peft_config["r"], peft_config["target_modules"]
+    lora_a = {k.removeprefix("base_model.model.").split(".lora_A.")[0]: v for k, v in shapes.items() if ".lora_A." in k}
+    ranks = sorted({shape[0] for shape in lora_a.values()} - {r})
+    untargeted = sorted(m for m in lora_a if not check_target_module_exists(LoraConfig(target_modules=targets), m))
+    heads = [v[0] for k, v in shapes.items() if k.split(".")[-2] in ("score", "classifier") and k.endswith(".weight")]
+    problems = []
+    if ranks and not peft_config.get("rank_pattern"):  # a rank_pattern gives some modules other ranks
+        problems.append(f"adapter_config.json: r={r}, but the saved LoRA weights have rank {ranks}")
+    if untargeted:
+        problems.append(f"adapter_config.json: target_modules does not name the saved modules {untargeted[:4]}")
+    if labels is not None and heads and heads[0] != len(labels):
+        problems.append(f"{LABEL_MAP_FILE}: {len(labels)} labels, but the saved classifier head has {heads[0]} outputs")
+    if problems:
+        raise InferenceError(f"{adapter_dir}: {'; '.join(problems)}; restore the files the run saved")
+
+
 def read_source(
     adapter_dir: Path, run_id: Optional[str] = None, base_model: Optional[str] = None, granted: Collection[str] = ()
 ) -> Source:
@@ -200,15 +281,17 @@ def read_source(
             f"{adapter_dir} is not an adapter directory (no adapter_config.json) nor a fully fine-tuned model "
             "(no config.json)"
         )
-    peft_config = {} if full_model else json.loads(adapter_config.read_text())
+    peft_config = {} if full_model else read_adapter_config(adapter_config)
     label_map_path = adapter_dir / LABEL_MAP_FILE
     if label_map_path.is_file():
-        label_map = json.loads(label_map_path.read_text())
+        label_map = read_label_map(label_map_path)
     elif peft_config.get("task_type") == "CAUSAL_LM":
         label_map = {"task": "sft", "labels": None}
     else:
         raise InferenceError(f"{adapter_dir} has no {LABEL_MAP_FILE}: the class names of this classifier are unknown")
     task = label_map["task"]
+    if not full_model:
+        check_adapter_weights(adapter_dir, peft_config, label_map.get("labels"))
 
     config_path = next(
         (p for p in (adapter_dir / CONFIG_ARTIFACT, adapter_dir.parent / CONFIG_ARTIFACT) if p.is_file()), None
@@ -311,12 +394,14 @@ def load_tokenizer(source: Source):
 
 
 def _base_available(source: Source, load):
+    from src.modeling import ModelNotAvailable
+
     try:
         return load()
-    except OSError as exc:
+    except ModelNotAvailable as exc:
         name = source.cfg.model.name_or_path
         raise InferenceError(
-            f"base model {name!r} (model.name_or_path) is not available here ({_one_line(exc)}); "
+            f"base model {name!r} (model.name_or_path) is not available here ({_one_line(exc.__cause__ or exc)}); "
             "download it, or point to a local copy with --base-model PATH"
         ) from exc
 
@@ -340,7 +425,15 @@ def load_finetuned(source: Source, tokenizer, quantized: bool = True):
     )
     if source.full_model:
         return base.eval()
-    model = PeftModel.from_pretrained(base, str(source.adapter_dir), is_trainable=False)
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    try:
+        model = PeftModel.from_pretrained(base, str(source.adapter_dir), is_trainable=False)
+    except NoMatchingPeftModuleError as exc:
+        raise InferenceError(
+            f"{source.adapter_dir / 'adapter_config.json'}: target_modules matches no module of the base model "
+            f"{source.cfg.model.name_or_path!r}; restore the file the run saved, or give its base with --base-model"
+        ) from exc
     return model.eval()
 
 

@@ -49,12 +49,13 @@ Train = Callable[[dict, Config], Optional[float]]  # src.train.run: the resolved
 PackTrain = Callable[[list[tuple[dict, Config, Optional[dict]]]], tuple[list[Train], Any]]
 
 
-def validated_job(raw: dict) -> Config:
-    """The job's config, validated for training; an invalid one raises JobFailed, and its MLflow run ends
-    FAILED with every problem (:func:`src.tracking.validated`)."""
+def validated_job(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
+    """The job's config, validated for training; an invalid one (or one with ``unresolved`` values:
+    :func:`src.config.resolve`) raises JobFailed, and its MLflow run ends FAILED with every problem
+    (:func:`src.tracking.validated`)."""
     before = _last_run_id()
     try:
-        return tracking.validated(raw)
+        return tracking.validated(raw, unresolved)
     except ConfigError as exc:
         run_id = _last_run_id()
         raise JobFailed(type(exc).__name__, str(exc), run_id if run_id != before else None) from exc

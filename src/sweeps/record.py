@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from src import console, tracking
-from src.config import OBJECTIVE_DEFAULTS
+from src.config import OBJECTIVE_DEFAULTS, ConfigError
 from src.sweeps.outcomes import Outcome, finite
 from src.sweeps.stale import mark_stale_runs
 
@@ -30,9 +30,20 @@ class SweepFailed(CompactHydraException):
     """Raised after the sweep, so the exit code says that jobs failed; the message is the summary."""
 
 
+def _task_defaults(config: DictConfig) -> tuple[str, str]:
+    """The task's default objective (metric, direction); the sweeper reads it before any job validates its config,
+    so a missing or unknown ``data.task`` (``data=file`` without it) is a ConfigError here, not a traceback."""
+    task = OmegaConf.select(config, "data.task", default=None, throw_on_missing=False)
+    if task not in OBJECTIVE_DEFAULTS:
+        raise ConfigError(
+            [f"data.task: {'missing' if task is None else repr(task)}; one of {list(OBJECTIVE_DEFAULTS)}"]
+        )
+    return OBJECTIVE_DEFAULTS[task]
+
+
 def objective_direction(config: DictConfig) -> str:
     """The direction of the config's objective: explicit, or the task's default."""
-    return config.objective.direction or OBJECTIVE_DEFAULTS[config.data.task][1]
+    return config.objective.direction or _task_defaults(config)[1]
 
 
 _ABSENT = object()
@@ -55,7 +66,7 @@ def swept_keys(params: dict[str, Any]) -> list[str]:
 
 def objective_name(config: DictConfig) -> str:
     """The metric behind a job's ``objective`` value (``eval_f1_macro``...): what sweep lines call it."""
-    return config.objective.metric or OBJECTIVE_DEFAULTS[config.data.task][0]
+    return config.objective.metric or _task_defaults(config)[0]
 
 
 BestSoFar = tuple[Optional[str], Optional[float]]  # as text, and the best objective value (one objective)

@@ -72,6 +72,7 @@ from src.sweeps.trial import (
     TRIAL_ENV,
     build_pruner,
     open_storage,
+    opening_study,
     pruner_spec,
 )
 from src.tiny import PROJECT_ROOT
@@ -503,31 +504,33 @@ class OptunaSweeper(Sweeper):
         except ValueError as exc:
             raise SweepFailed(str(exc)) from exc
         pruner = build_pruner(spec)
-        storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period)
-        try:
-            study = optuna.create_study(
-                study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
-            )
-            created = True
-        except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-            created = False
-        stored = study.user_attrs.get(DEFINITION_ATTR)
-        changes = config_changes(stored, definition) if isinstance(stored, dict) and definition is not None else []
-        if changes:
-            raise SweepFailed(
-                f"study {name!r} in {self.storage} was run with another configuration; its trials would be ranked "
-                f"with this sweep's ({len(changes)} key(s) differ, study vs this sweep): "
-                + "; ".join(changes)
-                + ". Name another study (hydra.sweeper.study_name), or leave it unset for one named after the "
-                "overrides."
-            )
-        if stored is None and definition is not None:
-            study.set_user_attr(DEFINITION_ATTR, definition)
-        study.set_user_attr(PRUNER_ATTR, spec)  # plain data: each trial rebuilds it with build_pruner
-        with warnings.catch_warnings():  # optuna-dashboard shows these names instead of "Objective 0"
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([objective_name(self.config) if m == "objective" else m for m in self.metrics])
+        with opening_study(self.storage):
+            storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period)
+            try:
+                study = optuna.create_study(
+                    study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
+                )
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+                created = False
+            stored = study.user_attrs.get(DEFINITION_ATTR)
+            changes = config_changes(stored, definition) if isinstance(stored, dict) and definition is not None else []
+            if changes:
+                raise SweepFailed(
+                    f"study {name!r} in {self.storage} was run with another configuration; its trials would be "
+                    f"ranked with this sweep's ({len(changes)} key(s) differ, study vs this sweep): "
+                    + "; ".join(changes)
+                    + ". Name another study (hydra.sweeper.study_name), or leave it unset for one named after the "
+                    "overrides."
+                )
+            if stored is None and definition is not None:
+                study.set_user_attr(DEFINITION_ATTR, definition)
+            study.set_user_attr(PRUNER_ATTR, spec)  # plain data: each trial rebuilds it with build_pruner
+            with warnings.catch_warnings():  # optuna-dashboard shows these names instead of "Objective 0"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                names = [objective_name(self.config) if m == "objective" else m for m in self.metrics]
+                study.set_metric_names(names)
         return study, created
 
     @staticmethod

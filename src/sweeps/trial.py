@@ -9,13 +9,17 @@ objective metric and raises ``optuna.TrialPruned`` when the study's pruner says 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
+
+from src.errors import StoreError, cause_line
 
 STORAGE_ENV = "LORA_OPTUNA_STORAGE"
 
@@ -52,6 +56,22 @@ def open_storage(spec: str, heartbeat_interval: Optional[int] = None, grace_peri
 
     Path(spec).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(spec))
+
+
+@contextlib.contextmanager
+def opening_study(spec: str) -> Iterator[None]:
+    """Turn the errors of a study storage that cannot be opened or written (a corrupt or read-only SQLite file, a
+    journal file that cannot be written) into a :class:`~src.errors.StoreError` naming it."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError) as exc:
+        raise StoreError(
+            f"Optuna storage {spec} cannot be used: {cause_line(exc)}; the sweep ran nothing: repair or move it "
+            "aside, or choose another (hydra.sweeper.storage)"
+        ) from exc
 
 
 def _rdb_storage(url: str, options: dict[str, Any], attempts: int = 5):
