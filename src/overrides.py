@@ -100,9 +100,19 @@ def _field_type(schema: type, key: str) -> Any:
 def group_options(
     primary_dir: Path, config_name: str, extra_dir: Optional[Path] = None
 ) -> Optional[dict[str, list[str]]]:
-    """The config groups outside ``hydra/`` and their options, as Hydra finds them for this primary config
-    (its own ``hydra.searchpath`` included: a sweep config reaches ``conf/`` through it) and ``-cd`` directory.
-    None when Hydra cannot read the primary config: Hydra reports that itself.
+    """The config groups outside ``hydra/`` and their options, as Hydra finds them for this primary config and
+    ``-cd`` directory (:func:`groups_on`)."""
+    sources = [("hydra", "pkg://hydra.conf")]
+    if extra_dir is not None:  # before the main directory, as Hydra puts a -cd directory
+        sources.append(("command-line", f"file://{Path(extra_dir).resolve()}"))
+    sources += [("main", f"file://{Path(primary_dir).resolve()}"), ("schema", "structured://")]
+    return groups_on(sources, config_name)
+
+
+def groups_on(sources: Sequence[tuple[str, str]], config_name: str) -> Optional[dict[str, list[str]]]:
+    """The config groups outside ``hydra/`` and their options on a search path of (provider, url) entries, with
+    the primary config's own ``hydra.searchpath`` (a sweep config reaches ``conf/`` through it). None when Hydra
+    cannot read the primary config: Hydra reports that itself.
 
     The search path is Hydra's without its plugins' additions, which only add ``hydra/`` groups: finding the
     plugins imports every one of them, seconds before a typo could be named.
@@ -118,11 +128,8 @@ def group_options(
     for source in (FileConfigSource, ImportlibResourcesConfigSource, StructuredConfigSource):
         SourcesRegistry.instance().register(source)
     search_path = ConfigSearchPathImpl()
-    search_path.append("hydra", "pkg://hydra.conf")
-    if extra_dir is not None:  # before the main directory, as Hydra puts a -cd directory
-        search_path.append("command-line", f"file://{Path(extra_dir).resolve()}")
-    search_path.append("main", f"file://{Path(primary_dir).resolve()}")
-    search_path.append("schema", "structured://")
+    for provider, url in sources:
+        search_path.append(provider, url)
     try:
         loader = ConfigLoaderImpl(config_search_path=search_path)
         groups = loader.get_group_options("", results_filter=ObjectType.GROUP, config_name=config_name)
