@@ -6,7 +6,10 @@ and names the closest keys or options ("lora.rank: unknown key; did you mean lor
 and those added or deleted (``+key``, ``++key``, ``~key``), are left to Hydra; sweep values (``lora.r=4,8``,
 ``range(...)``) are values like any other, and each option of a group's sweep (``lora=attn,mlp``) is checked.
 
-The schema is passed in (:class:`src.config.Config`), so this module imports no other of the project's.
+Where it runs: ``src.train``'s command line (:func:`src.train.preflight`, which also prints ``--help``),
+:func:`src.config.compose` (``src.plan`` and every other composing caller), and a sweep file's rows, params and
+derived keys (:func:`src.sweeps.configs.vet`). The schema is passed in (:class:`src.config.Config`), so this module
+imports no other of the project's.
 """
 
 from __future__ import annotations
