@@ -37,6 +37,8 @@ from src.config_rules import (
 from src.errors import ProblemsError
 from src.labels import canonical_label, lookalike_key, metric_suffixes
 from src.names import name_problem, text_problem
+from src.overrides import closest, group_options
+from src.overrides import problems as override_problems
 from src.tiny import PROJECT_ROOT
 
 # all_linear: every linear layer of the numbered blocks; all_but_head: every linear layer but the output head, the
@@ -300,11 +302,14 @@ def compose(
 
     A sweep config (``hydra.mode: MULTIRUN``) composes to its base config: the sweeper's search space lives
     under ``hydra``, which is dropped here. ``output_dir`` stands in for ``${hydra:runtime.output_dir}``,
-    which has no value outside a run.
+    which has no value outside a run. An unknown key or group option raises :class:`ConfigError`.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    problems = override_problems(overrides, Config, group_options(config_dir, config_name))
+    if problems:  # before Hydra, whose answer to a mistyped key is to add it with +
+        raise ConfigError(problems)
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         composed = hydra_compose(config_name=config_name, overrides=list(overrides))
     raw = OmegaConf.to_container(composed, resolve=False)
@@ -415,6 +420,12 @@ def _describe(choices: tuple) -> str:
     return " | ".join(_type_name(c) if isinstance(c, type) or typing.get_origin(c) else repr(c) for c in choices)
 
 
+def _unknown_key(path: str, key: str, known: Sequence[str]) -> str:
+    names = closest(key, known)
+    hint = f"did you mean {' or '.join(path + name for name in names)}?" if names else f"known: {', '.join(known)}"
+    return f"{path}{key}: unknown key; {hint}" if names else f"{path}{key}: unknown key ({hint})"
+
+
 def _check_structure(data: Any, cls: type, path: str, problems: list[str]) -> Any:
     """Check keys, types, choices and numeric domains (:func:`src.config_rules.bounded`) against dataclass ``cls``.
 
@@ -427,7 +438,7 @@ def _check_structure(data: Any, cls: type, path: str, problems: list[str]) -> An
     hints = _HINTS[cls]
     for key in data:
         if key not in hints:
-            problems.append(f"{path}{key}: unknown key (known: {', '.join(hints)})")
+            problems.append(_unknown_key(path, key, hints))
     kwargs: dict[str, Any] = {}
     invalid: set[str] = set()
     for f in dataclasses.fields(cls):
@@ -745,7 +756,7 @@ def validate(raw: Any, *, for_training: bool = False) -> Config:
     hints = _HINTS[Config]
     for key in raw:
         if key not in hints:
-            problems.append(f"{key}: unknown key (known: {', '.join(hints)})")
+            problems.append(_unknown_key("", key, hints))
     sections: dict[str, Any] = {}
     for name, tp in hints.items():
         if name not in raw:

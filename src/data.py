@@ -23,7 +23,7 @@ import pandas as pd
 from src import console
 from src.config import DataConfig
 from src.errors import ProblemsError
-from src.labels import canonical_label, lookalike_key
+from src.labels import canonical_label, label_notes, lookalike_key
 from src.splits import make_eval_split
 from src.tables import RepeatedKey, csv_header, exact_json, repeats
 
@@ -518,6 +518,10 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
                 columns[split] = {k: [v for v, o in zip(col, over) if not o] for k, col in columns[split].items()}
     if faults:
         raise DataError(faults)
+    if d.task == "classification":  # a label's typo is a class of its own: warn, as rare classes are real too
+        counts = np.bincount(np.asarray(columns["train"]["label"], dtype=int), minlength=len(labels))
+        for note in label_notes(dict(zip(labels, counts.tolist()))):
+            console.log.warning(note)
 
     if "eval" not in columns:
         train = columns["train"]

@@ -85,3 +85,96 @@ def metric_suffixes(labels: Sequence[str]) -> dict[str, str]:
         out[label] = f"{safe[label]}_{digest[:width]}"
         used.add(out[label])
     return {label: out[label] for label in labels}
+
+
+# Labels that may be typos of one another (:func:`label_notes`): a warning, since real label sets have rare classes.
+RARE_ROWS = 2  # a class with at most this many train rows is named
+MIN_EDIT_LENGTH = 4  # shorter labels are codes (A1, neg, pos), one character apart by design
+MAX_CLASSES_COMPARED = 2_000  # past this the one-character check (pairs of labels) is skipped, and a note says so
+MAX_NOTES = 20
+
+
+def _rows(count: int) -> str:
+    return f"{count} train row{'' if count == 1 else 's'}"
+
+
+def _squeezed(label: str) -> str:
+    """What two labels share when they differ only in case, spacing or punctuation."""
+    return "".join(c for c in label.casefold() if c.isalnum())
+
+
+def _how_alike(group: Sequence[str]) -> str:
+    """How labels with one :func:`_squeezed` form differ: in case, in spacing or punctuation, or in both."""
+    if len({label.casefold() for label in group}) == 1:
+        return "case"
+    if len({"".join(c for c in label if c.isalnum()) for label in group}) == 1:
+        return "spacing or punctuation"
+    return "case, spacing or punctuation"
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether distinct ``a`` and ``b`` are one insertion, deletion or substitution apart (Levenshtein 1)."""
+    if len(a) > len(b):
+        a, b = b, a
+    if len(b) - len(a) > 1:
+        return False
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
+    return a[i + 1 :] == b[i + 1 :] if len(a) == len(b) else a[i:] == b[i + 1 :]
+
+
+def _edit_candidates(labels: Sequence[str]) -> list[tuple[str, str]]:
+    """Pairs of labels one character apart, both at least MIN_EDIT_LENGTH long. Two such labels share a form with
+    one character deleted (or one is the other with one deleted), so only labels sharing one are compared. An
+    edit to a digit is a numbering (LABEL_1, LABEL_10), and a number's digits are its value: neither is a typo."""
+    by_deletion: dict[str, list[str]] = {}
+    for label in sorted(labels):
+        if len(label) >= MIN_EDIT_LENGTH and not _DECIMAL_LABEL.fullmatch(label):
+            for form in {label, *(label[:i] + label[i + 1 :] for i in range(len(label)))}:
+                by_deletion.setdefault(form, []).append(label)
+    pairs = set()
+    for group in by_deletion.values():
+        for i, a in enumerate(group):
+            for b in group[i + 1 :]:
+                if _one_edit_apart(a, b) and re.sub(r"[0-9]", "", a) != re.sub(r"[0-9]", "", b):
+                    pairs.add((a, b))
+    return sorted(pairs)
+
+
+def label_notes(counts: dict[str, int]) -> list[str]:
+    """Warnings about labels that may be typos, one line per finding: classes with at most RARE_ROWS train rows,
+    labels that differ only in case, spacing or punctuation, and labels one character apart. ``counts``: each
+    class's train rows. The one-character check is skipped past MAX_CLASSES_COMPARED classes."""
+    notes = []
+    rare = sorted((n, label) for label, n in counts.items() if n <= RARE_ROWS)
+    if rare:
+        shown = ", ".join(f"{label!r} ({_rows(n)})" for n, label in rare[:MAX_NOTES])
+        more = f", ... ({len(rare)} in all)" if len(rare) > MAX_NOTES else ""
+        notes.append(f"note: class(es) with {RARE_ROWS} or fewer train rows: {shown}{more}; a typo of another label?")
+    groups: dict[str, list[str]] = {}
+    for label in sorted(counts):
+        key = _squeezed(label)
+        if any(c.isalpha() for c in key):  # "-1" and "1" are two values, not one label spelled twice
+            groups.setdefault(key, []).append(label)
+    found = [
+        f"labels {', '.join(f'{label!r} ({_rows(counts[label])})' for label in group)} differ only in "
+        f"{_how_alike(group)}; spell each class one way"
+        for group in groups.values()
+        if len(group) > 1
+    ]
+    if len(counts) > MAX_CLASSES_COMPARED:
+        notes.append(
+            f"note: {len(counts)} classes: labels one character apart were not looked for (over {MAX_CLASSES_COMPARED})"
+        )
+    else:
+        same = {label: key for key, group in groups.items() for label in group}
+        found += [
+            f"labels {a!r} ({_rows(counts[a])}) and {b!r} ({_rows(counts[b])}) differ by one character; a typo?"
+            for a, b in _edit_candidates(list(counts))
+            if a not in same or same.get(a) != same.get(b)
+        ]
+    notes += [f"note: {line}" for line in found[:MAX_NOTES]]
+    if len(found) > MAX_NOTES:
+        notes.append(f"note: ... {len(found) - MAX_NOTES} more pair(s) of labels alike")
+    return notes

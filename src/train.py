@@ -25,8 +25,9 @@ import hydra
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from src import console, distributed, tracking
+from src import console, distributed, overrides, tracking
 from src.config import (
+    CONF_DIR,
     FULL_FINE_TUNING,
     Config,
     ConfigError,
@@ -354,6 +355,23 @@ def relaunch_argv(argv: list[str], output_dir: str) -> list[str]:
     return [*kept, f"hydra.run.dir={quote(output_dir)}"]
 
 
+def preflight(argv: list[str]) -> None:
+    """Before Hydra reads the command line: ``--help`` prints the groups and keys (from the schema's help, which
+    Hydra's own help cannot show), and a mistyped key or group option exits 2 naming the closest ones (where
+    Hydra would advise adding the key with +). Hydra's own flags and syntax errors are Hydra's."""
+    line = overrides.parse_command_line(argv)
+    primary = overrides.primary_dir(line.config_path, CONF_DIR, Path(__file__).parent)
+    extra = Path(line.config_dir) if line.config_dir else None
+    groups = overrides.group_options(primary, line.config_name or "config", extra)
+    if line.help:
+        print(overrides.help_text("python -m src.train", Config, groups))
+        sys.exit(0)
+    problems = overrides.problems(line.overrides, Config, groups)
+    if problems:
+        print(f"error: {ConfigError(problems)}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> Union[float, dict, None]:
     from hydra.core.hydra_config import HydraConfig
@@ -386,5 +404,6 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()
     distributed.exit_worker()  # a DDP rank whose run is complete leaves without tearing down its process group

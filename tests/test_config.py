@@ -92,7 +92,7 @@ def test_all_problems_are_reported_at_once():
         validate(raw)
     problems = info.value.problems
     text = "\n".join(problems)
-    assert "lora.rank: unknown key" in text
+    assert "lora.rank: unknown key; did you mean lora.r?" in text
     assert "lora.r: must be >= 1, got 0" in text
     assert "train: bf16 and fp16 cannot both be true" in text
     assert "data.task: expected one of 'sft' | 'classification' | 'multilabel', got 'regression'" in text
@@ -158,17 +158,113 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_unknown_preset_lists_the_options(tmp_path):
+def test_cli_names_the_closest_key_and_option_before_hydra(tmp_path):
+    """Hydra would answer lora.rank=16 with "To append to your config use +lora.rank=16", exit 1."""
     proc = subprocess.run(
-        [sys.executable, "-m", "src.train", "lora=qkvo", f"hydra.run.dir={tmp_path}"],
+        [
+            *(sys.executable, "-m", "src.train", "lora.rank=16", "model=tinyy", "lora=al_linear"),
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0
-    assert "Could not find 'lora/qkvo'" in proc.stderr
-    assert "all_linear" in proc.stderr  # Hydra lists the available presets
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "error" in line.lower()] == ["error: invalid config:"]
+    assert "  - lora.rank: unknown key; did you mean lora.r?" in proc.stderr
+    assert "  - model=tinyy: no such model option; did you mean tiny? (options: bert_large," in proc.stderr
+    assert "  - lora=al_linear: no such lora option; did you mean all_linear?" in proc.stderr
+    assert "append" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()  # nothing ran, nothing recorded
+
+
+def _preflight(argv: list[str], capsys) -> tuple[int, str]:
+    from src.train import preflight
+
+    try:
+        preflight(argv)
+    except SystemExit as exc:
+        return exc.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["lora.rnak=8"], "lora.rnak: unknown key; did you mean lora.r?"),
+        (["train.epochs=3"], "train.epochs: unknown key; did you mean train.num_train_epochs?"),
+        (["lora.learning_rate=1e-4"], "lora.learning_rate: unknown key; did you mean train.learning_rate?"),
+        (["lroa.r=8"], "lroa.r: unknown key; did you mean lora.r?"),
+        (["modle=tiny"], "modle: unknown key or group; did you mean model?"),
+        (["lora.r.x=1"], "lora.r.x: unknown key (lora.r takes a value, not keys)"),
+        (["train.lrate=1"], "train.lrate: unknown key (train keys: num_train_epochs, max_steps, learning_rate,"),
+        (["--multirun", "lora.r=4,8", "lora=attn_qv,al_linear"], "lora=al_linear: no such lora option"),
+        (["-m", "model=choice(tiny,bert_larg)"], "model=bert_larg: no such model option; did you mean bert_large?"),
+        (["quant=4bits"], "quant=4bits: no such quant option; did you mean 4bit"),
+        (["experiment=seed001"], "experiment=seed001: no such experiment option"),
+        (["-cd", "sweeps", "-cn", "seed_table", "data=topic"], "data=topic: no such data option; did you mean topics"),
+        (["-cd", "sweeps", "-cn", "rank_alpha", "train.max_step=5"], "did you mean train.max_steps?"),
+    ],
+)
+def test_a_mistyped_key_or_option_is_named_with_the_closest(argv, expected, capsys):
+    code, err = _preflight(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: invalid config:\n") and err.count("error") == 1
+    assert expected in err
+
+
+def _readme_train_commands() -> list[list[str]]:
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    found = []
+    for line in text.splitlines():
+        match = re.search(r"python -m src\.train((?: [^`|\\]*)?)(?:`|$)", line)
+        if match and "<" not in match.group(1):  # placeholders such as <a red_dot-shaped file>
+            found.append(shlex.split(match.group(1), comments=True))
+    return found
+
+
+def test_valid_overrides_pass_the_check(capsys):
+    """Every src.train command of the README, and overrides that only Hydra reads, pass untouched."""
+    commands = _readme_train_commands()
+    assert len(commands) >= 15
+    commands += [
+        ["lora.r=range(4,17,4)", "+lora.extra=1", "++train.seed=3", "~experiment", "hydra/launcher=local"],
+        ["experiment=null", "lora=glob(*)", "data.labels.0=a", "output_dir=x", "data.labels=[a,b]"],
+        ["model@model=tiny", "hydra.run.dir=x", "hydra.sweeper.n_trials=2", "train.learning_rate=interval(0.1,1)"],
+    ]
+    for argv in commands:
+        assert _preflight(argv, capsys) == (0, ""), argv
+
+
+def test_help_lists_the_groups_and_every_key_with_its_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.split() == ["quant", "4bit,", "8bit,", "none"] for line in lines)
+    lora_r = next(line for line in lines if line.split()[:1] == ["lora.r"])
+    assert "LoRA rank; null with preset 'none'" in lora_r and ">= 1" in lora_r
+    from src.config import Config
+    from src.overrides import schema_fields
+
+    listed = {line.split()[0] for line in lines if line.startswith("  ") and line.split()}
+    assert {key for key in schema_fields(Config) if key != "output_dir" and "." in key} <= listed
+
+
+def test_plan_names_the_closest_key_and_option(capsys):
+    from src import plan
+
+    assert plan.main(["lora.rank=16", "quant=4bits"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.rank: unknown key; did you mean lora.r?" in err and "did you mean 4bit" in err
+    assert plan.main(["--pack", "lora=al_linear", "--pack", "lora=attn"]) == 2
+    assert "lora=al_linear: no such lora option; did you mean all_linear?" in capsys.readouterr().err
 
 
 def _problems(overrides: list[str], for_training: bool = False) -> list[str]:

@@ -410,3 +410,69 @@ def test_hub_integer_labels_with_nulls_stay_exact(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: table)
     hub = SimpleNamespace(hub_id="org/set", hub_config=None, revision=None)
     assert [label_of(v) for v in _read_hub(hub, "train")["label"]] == [str(big + 1), None, str(big)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels that may be typos of one another are named in warnings
+# ---------------------------------------------------------------------------------------------
+
+
+def _label_warnings(tmp_path, caplog, cells: list[str]) -> list[str]:
+    path = _write_csv(tmp_path / "d.csv", ["text", "label"], [[f"t{i}", c] for i, c in enumerate(cells)])
+    with caplog.at_level("WARNING", logger="src"):
+        load_data(_file(path))
+    return [r.getMessage() for r in caplog.records if "no eval row" not in r.getMessage()]
+
+
+def test_a_one_row_typo_of_a_label_is_named_with_both_counts(tmp_path, caplog):
+    """HassTurnOnn, one row beside HassTurnOn, trained as a class of its own without a word."""
+    warnings = _label_warnings(tmp_path, caplog, ["HassTurnOn"] * 20 + ["HassTurnOff"] * 20 + ["HassTurnOnn"])
+    assert warnings == [
+        "note: class(es) with 2 or fewer train rows: 'HassTurnOnn' (1 train row); a typo of another label?",
+        "note: labels 'HassTurnOn' (20 train rows) and 'HassTurnOnn' (1 train row) differ by one character; a typo?",
+    ]
+
+
+def test_labels_alike_but_for_case_or_punctuation_are_named(tmp_path, caplog):
+    cells = ["Sports"] * 10 + ["sports"] * 5 + ["turn on"] * 6 + ["turn_on"] * 4 + ["Turn-Off"] * 3 + ["turn off"] * 3
+    warnings = _label_warnings(tmp_path, caplog, cells)
+    assert warnings == [
+        "note: labels 'Sports' (10 train rows), 'sports' (5 train rows) differ only in case; spell each class one way",
+        "note: labels 'Turn-Off' (3 train rows), 'turn off' (3 train rows) differ only in case, spacing or "
+        "punctuation; spell each class one way",
+        "note: labels 'turn on' (6 train rows), 'turn_on' (4 train rows) differ only in spacing or punctuation; "
+        "spell each class one way",
+    ]
+
+
+def test_numbered_short_and_numeric_labels_raise_no_typo_warning(tmp_path, caplog):
+    labels = [f"LABEL_{i}" for i in range(12)] + ["-1", "1", "10", "pos", "neg", "pot", "2019", "2018", "Level"]
+    assert _label_warnings(tmp_path, caplog, [label for label in labels for _ in range(3)]) == []
+
+
+@pytest.mark.parametrize(
+    ("a", "b"), [("billing", "biling"), ("refund", "refunx"), ("refund", "refunds"), ("cancel", "cancelX")]
+)
+def test_one_edit_apart_is_found_each_way(a, b):
+    from src.labels import label_notes
+
+    (note,) = label_notes({a: 5, b: 3, "unrelated": 4})
+    assert f"{min(a, b)!r}" in note and f"{max(a, b)!r}" in note and "one character" in note
+
+
+def test_a_transposition_or_two_edits_are_not_one_character():
+    from src.labels import label_notes
+
+    assert label_notes({"refund": 5, "rfeund": 5, "refudns": 5, "cancel": 5}) == []
+
+
+def test_the_one_character_check_is_skipped_past_the_cap_and_says_so():
+    from src.labels import MAX_CLASSES_COMPARED, label_notes
+
+    many = {f"intent{chr(97 + i % 26)}{i:05d}": 3 for i in range(MAX_CLASSES_COMPARED + 1)}
+    many.update({"HassTurnOn": 3, "HassTurnOnn": 3})
+    notes = label_notes(many)
+    assert any("one character apart were not looked for" in n and "2003 classes" in n for n in notes)
+    assert not any("HassTurnOnn" in n for n in notes)
+    many = dict(list(many.items())[-MAX_CLASSES_COMPARED:])  # at the cap, every pair is compared
+    assert any("'HassTurnOn' (3 train rows) and 'HassTurnOnn'" in n for n in label_notes(many))

@@ -38,6 +38,7 @@ CORE = {
         "splits",
         "outputs",
         "reserve",
+        "overrides",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).

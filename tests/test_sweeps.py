@@ -673,3 +673,77 @@ def test_sweeper_settings_outside_their_domain_are_refused_all_at_once():
         GridSweeper(max_batch_size=0, max_failure_rate=1.5)
     OptunaSweeper(sampler=None, pruner=None, n_trials=1, n_jobs=1)  # the smallest sensible study
     GridSweeper(max_failure_rate=0.0)
+
+
+GRID_WITH_TYPOS = """\
+defaults:
+  - config
+  - _self_
+hydra:
+  searchpath:
+    - file://${project_root:}/conf
+  mode: MULTIRUN
+  sweeper:
+    rows:
+      - lora=attn_qv lora.r=8
+      - lora=al_linear lora.rnak=8
+    params:
+      quant: 4bit,8bits
+"""
+STUDY_WITH_TYPOS = """\
+defaults:
+  - config
+  - override hydra/sweeper: lora_optuna
+  - _self_
+hydra:
+  searchpath:
+    - file://${project_root:}/conf
+  mode: MULTIRUN
+  sweeper:
+    params:
+      lora.dropuot: interval(0.0, 0.1)
+      lora: choice(attn, al_linear)
+      lora.alpha_ratio: choice(1, 2)
+    derived:
+      lora.alpah: lora.alpha_ratio * lora.r
+"""
+LORA_OPTIONS = "(options: all_but_head, all_linear, attn, attn_qv, mlp, none)"
+
+
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        (
+            GRID_WITH_TYPOS,
+            [
+                f"hydra.sweeper.rows[1]: lora=al_linear: no such lora option; did you mean all_linear? {LORA_OPTIONS}",
+                "hydra.sweeper.rows[1]: lora.rnak: unknown key; did you mean lora.r?",
+                "hydra.sweeper.params: quant=8bits: no such quant option; did you mean 8bit? "
+                "(options: 4bit, 8bit, none)",
+            ],
+        ),
+        (
+            STUDY_WITH_TYPOS,
+            [
+                "hydra.sweeper.params: lora.dropuot: unknown key; did you mean lora.dropout?",
+                f"hydra.sweeper.params: lora=al_linear: no such lora option; did you mean all_linear? {LORA_OPTIONS}",
+                "hydra.sweeper.derived: lora.alpah: unknown key; did you mean lora.alpha?",
+            ],
+        ),
+    ],
+)
+def test_a_sweep_configs_mistyped_keys_and_options_are_named_before_it_starts(tmp_path, sweep, expected):
+    """Hydra would fail each job with "To append to your config use +lora.rnak=8"."""
+    from src.sweeps.configs import SweepRefused, vet
+
+    (tmp_path / "typos.yaml").write_text(sweep)
+    with pytest.raises(SweepRefused) as info:
+        vet(compose_hydra(tmp_path, "typos"))
+    assert str(info.value).splitlines() == ["invalid config:", *(f"  - {line}" for line in expected)]
+
+
+@pytest.mark.parametrize("name", ["seed_table", "rank_alpha", "pareto"])
+def test_the_shipped_sweeps_keys_and_options_all_exist(name):
+    from src.sweeps.configs import sweep_key_problems
+
+    assert sweep_key_problems(compose_hydra(SWEEPS_DIR, name)) == []

@@ -8,6 +8,7 @@ pruner) or recorded (a path as the experiment's name).
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,8 +18,11 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from src.config import Config, ConfigError
 from src.config_rules import bounded
 from src.names import name_problem
+from src.overrides import groups_on
+from src.overrides import problems as override_problems
 
 PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
 
@@ -179,11 +183,38 @@ def refuse_targets(config: DictConfig) -> None:
 
 def vet(config: DictConfig) -> None:
     """Raise :class:`SweepRefused` before a sweep builds or records anything: for a ``_target_`` outside
-    :data:`VETTED_TARGETS` (:func:`refuse_targets`), or a ``tracking.experiment`` that is no name (a path)."""
+    :data:`VETTED_TARGETS` (:func:`refuse_targets`), a ``tracking.experiment`` that is no name (a path), or a
+    key or group option of the sweep's rows, params or derived keys that does not exist (:func:`sweep_key_problems`)."""
     refuse_targets(config)
     experiment = OmegaConf.select(config, "tracking.experiment")
     if isinstance(experiment, str) and name_problem(experiment):
         raise SweepRefused(f"tracking.experiment: {experiment!r} {name_problem(experiment)}")
+    problems = sweep_key_problems(config)
+    if problems:
+        raise SweepRefused(str(ConfigError(problems)))
+
+
+def sweep_key_problems(config: DictConfig) -> list[str]:
+    """The overrides a sweep's config holds (``hydra.sweeper.rows``, ``params``, ``derived``) checked as the
+    command line's are (:func:`src.overrides.problems`): a mistyped key fails the sweep at once, naming the
+    closest, not every job with Hydra's advice to add it with +. A param that feeds ``derived`` is no key."""
+    sweeper = OmegaConf.select(config, "hydra.sweeper") or {}
+    rows, params, derived = (sweeper.get(key) or {} for key in ("rows", "params", "derived"))
+    if not (rows or params or derived):
+        return []
+    sources = OmegaConf.select(config, "hydra.runtime.config_sources", default=None) or []
+    search = [(s.provider, f"{s.schema}://{s.path}") for s in sources] + [("schema", "structured://")]
+    groups = groups_on(search, OmegaConf.select(config, "hydra.job.config_name") or "config") if sources else None
+    variables = {factor.strip() for expression in derived.values() for factor in str(expression).split("*")}
+    found = [
+        f"hydra.sweeper.rows[{i}]: {problem}"
+        for i, row in enumerate(rows)
+        for problem in override_problems(shlex.split(row), Config, groups)
+    ]
+    swept = [f"{key}={value}" for key, value in params.items() if key not in variables]
+    found += [f"hydra.sweeper.params: {p}" for p in override_problems(swept, Config, groups)]
+    found += [f"hydra.sweeper.derived: {p}" for p in override_problems([f"{k}=0" for k in derived], Config, groups)]
+    return found
 
 
 class RefuseTargets(Callback):
