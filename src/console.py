@@ -216,7 +216,9 @@ def sweep_view_hint(tracking_uri: str, experiment_id: str, sweep_id: str) -> str
 
 def view_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The URL of the run, or the ``mlflow ui`` command that serves a local store."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    from src.tracking import ui_url
+
+    page = f"experiments/{experiment_id}/runs/{run_id}"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+        return ui_url(tracking_uri, page)
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then {ui_url('http://127.0.0.1:5000', page)}"

@@ -114,8 +114,10 @@ def load_model(
     labels: Optional[list[str]],
     pad_token_id: int,
     activation_checkpointing: bool = False,
+    training: bool = True,
 ):
-    """Load the base model for the task, quantized as configured, ready for adapters."""
+    """Load the base model for the task, quantized as configured, ready for adapters (``training``: to train them,
+    which keeps 4-bit weights where gradients pass, see :func:`keep_4bit_weights_differentiable`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
@@ -153,10 +155,25 @@ def load_model(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
+        if training:
+            keep_4bit_weights_differentiable(model)
     elif activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit``'s first forward in eval mode without grad (the first evaluation)
+    repacks its weight for good into a layout whose kernel (``gemv_4bit``) has no backward: every later training
+    step then backpropagates as if the base weights were zero, silently (only the residual stream and the adapters
+    pass gradient down), and the adapters below the top layer learn from a wrong gradient.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def unexpected_loading(loading: dict[str, Any]) -> list[str]:

@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -112,8 +113,22 @@ def artifact_location(uri: str, experiment: str) -> Optional[str]:
     return (db_path.parent / "mlruns" / experiment).as_uri()
 
 
-# MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI overview.
+# The experiment's type for MLflow 3 (a model-training experiment, not a GenAI app).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI opens an experiment in one of two modes, set by a global toggle in its sidebar (GenAI until the user
+# switches) or by a link's ``workflowType``; it ignores EXPERIMENT_KIND there. In GenAI mode an experiment opens on an
+# empty traces overview, so every UI link the project prints asks for the model-training mode: the runs table.
+UI_MODE = {"workflowType": "machine_learning"}
+
+
+def ui_url(base: str, page: str, **query: str) -> str:
+    """A link into the MLflow UI at ``base``, in its model-training mode; ``page`` is a route: ``experiments/1``."""
+    return f"{base.rstrip('/')}/#/{page}?{urllib.parse.urlencode({**query, **UI_MODE})}"
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The experiment's page: its runs table."""
+    return ui_url(base, f"experiments/{experiment_id}")
 
 
 # The MLflow UI loads a saved runs-table view from the experiment tag SHARED_VIEW_PREFIX + key when its URL has
@@ -145,7 +160,7 @@ def sweep_view_key(sweep_id: str) -> str:
 
 
 def sweep_view_url(base: str, experiment_id: str, sweep_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_view_key(sweep_id)}"
+    return ui_url(base, f"experiments/{experiment_id}/runs", viewStateShareKey=sweep_view_key(sweep_id))
 
 
 def _below_error(record: logging.LogRecord) -> bool:

@@ -121,3 +121,35 @@ def test_a_sweeps_one_click_view_shows_its_runs_with_the_sweep_columns(chromium,
     assert not missing, f"not shown in the sweep's view: {missing}; see {screenshot}"
     data = screenshot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_the_projects_links_open_the_runs_table_not_the_genai_overview(chromium, tmp_path):
+    """MLflow 3.17 opens an experiment in GenAI mode, on an empty traces overview, whatever its type; the links the
+    project prints (an experiment's, a run's) open in model-training mode. Screenshot: tests/artifacts/."""
+    import mlflow
+
+    from src import console, tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = tracking.ensure_experiment("ui-kind", uri)
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(experiment_id, run_name="ui-kind-run").info.run_id
+    client.log_metric(run_id, "objective", 0.9)
+    client.set_terminated(run_id)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with serve_mlflow(uri, tmp_path / "server-artifacts", tmp_path / "server.log") as base:
+        pages = {
+            "mlflow_experiment_runs_table.png": (tracking.experiment_url(base, experiment_id), "Run Name"),
+            "mlflow_run_page.png": (console.view_hint(base, experiment_id, run_id), "Model metrics"),
+        }
+        for name, (url, shown) in pages.items():
+            screenshot = ARTIFACTS / name
+            for attempt, budget_ms in enumerate((15_000, 30_000, 60_000)):  # a loaded machine renders slower
+                dom = render(chromium, url, tmp_path / f"profile-{name}{attempt}", screenshot, budget_ms)
+                if shown in dom and "ui-kind-run" in dom:
+                    break
+            assert shown in dom and "ui-kind-run" in dom, f"{url} does not show {shown!r}; see {screenshot}"
+            # The GenAI overview's own words, and its sidebar's.
+            genai = [text for text in ("Detect Issues", "No data available", ">Sessions<", ">Judges<") if text in dom]
+            assert not genai, f"{url} opened in GenAI mode ({genai}); see {screenshot}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from typing import Optional
 
 import pytest
 import torch
@@ -134,3 +135,37 @@ def test_four_bit_weights_count_their_real_size(tiny_model_dir):
     trainable, total = counts[16]
     # q and v adapters in both layers (q: 128->128, v: 128->64) plus the 2-class score head (128 x 2).
     assert trainable == 2 * (8 * (128 + 128) + 8 * (128 + 64)) + 128 * 2
+
+
+@pytest.mark.parametrize("task", ["classification", "sft"])
+def test_four_bit_training_keeps_its_gradients_after_an_evaluation(tiny_model_dir, monkeypatch, task):
+    """bitsandbytes repacks 4-bit weights for a CPU kernel without backward at the first no-grad eval forward, on
+    CPUs with AVX512-BF16: forced here, so every CPU checks it. The adapters' gradients must not change."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    quant = QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype="float32")
+    labels = ["a", "b"] if task == "classification" else None
+    model = modeling.load_model(tiny_model_config(tiny_model_dir), quant, task, labels, pad_token_id=2)
+    model = modeling.apply_lora(model, LORA, task)
+    batch = {"input_ids": torch.tensor([[1, 40, 41, 42, 43, 44]]), "labels": torch.tensor([1])}
+    if task == "sft":
+        batch["labels"] = batch["input_ids"]
+
+    def adapter_grads() -> dict[str, Optional[torch.Tensor]]:
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        # lora_B's: lora_A's are 0 while B is 0
+        return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+    before = adapter_grads()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    after = adapter_grads()
+    assert set(after) == set(before) and len(before) == 4
+    for name, grad in before.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert after[name] is not None, f"{name}: no gradient after an evaluation"
+        torch.testing.assert_close(after[name], grad, msg=f"{name}: its gradient changed after an evaluation")

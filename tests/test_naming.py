@@ -24,8 +24,8 @@ def test_run_names_carry_the_dataset():
     assert tracking.run_name(compose_config(["tracking.run_name=mine"])) == "mine"
 
 
-def test_experiments_open_on_their_runs_table_in_mlflow_3(tmp_path):
-    """MLflow 3.x opens an experiment without a kind on its GenAI overview; ours are model development."""
+def test_experiments_are_marked_as_model_training(tmp_path):
+    """MLflow 3's experiment type: ours are model development, new and old experiments alike."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -35,3 +35,22 @@ def test_experiments_open_on_their_runs_table_in_mlflow_3(tmp_path):
     old = client.create_experiment("made-before")  # a store from an earlier version gets the tag too
     assert tracking.ensure_experiment("made-before", uri) == old
     assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_every_ui_link_asks_for_the_model_training_mode():
+    """MLflow 3.17's UI ignores the experiment's type and opens in GenAI mode (an empty traces overview) unless the
+    link says ``workflowType=machine_learning`` (tests/test_browser.py loads these links in Chromium)."""
+    from src import console
+
+    mode = "workflowType=machine_learning"
+    assert tracking.experiment_url("http://h:5000/", "3") == f"http://h:5000/#/experiments/3?{mode}"
+    assert tracking.sweep_view_url("http://h:5000", "3", "s1") == (
+        f"http://h:5000/#/experiments/3/runs?viewStateShareKey=s1&{mode}"
+    )
+    served = console.view_hint("http://h:5000", "3", "abc")
+    assert served == f"http://h:5000/#/experiments/3/runs/abc?{mode}"
+    local = console.view_hint("sqlite:///m.db", "3", "abc")
+    assert local.endswith(f"then http://127.0.0.1:5000/#/experiments/3/runs/abc?{mode}")
+    assert console.sweep_view_hint("sqlite:///m.db", "3", "s1").startswith(
+        f"http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=s1&{mode}"
+    )

@@ -394,7 +394,7 @@ def test_grid_of_4_gives_4_finished_children_under_1_parent(tmp_path, mlflow_sto
         "metrics.`train_tokens_per_s`",
         "metrics.`train_runtime_s`",
     ]  # lora.r is swept and fixed both; "lora" (a group) shows as lora.preset
-    link = f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey={sweep_id}"
+    link = f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey={sweep_id}&workflowType=machine_learning"
     assert f"compare in the UI: http://127.0.0.1:5000/{link}" in result.stdout
 
 

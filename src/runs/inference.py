@@ -421,7 +421,10 @@ def load_finetuned(source: Source, tokenizer, quantized: bool = True):
         raise InferenceError(str(exc)) from exc
     quant = source.cfg.quant if quantized else dataclasses.replace(source.cfg.quant, bits=16)
     base = _base_available(
-        source, lambda: modeling.load_model(source.cfg.model, quant, source.task, source.labels, tokenizer.pad_token_id)
+        source,
+        lambda: modeling.load_model(
+            source.cfg.model, quant, source.task, source.labels, tokenizer.pad_token_id, training=False
+        ),
     )
     if source.full_model:
         return base.eval()
