@@ -36,6 +36,7 @@ CORE = {
         "labels",
         "tables",
         "splits",
+        "chat",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).
