@@ -137,7 +137,8 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
             mlflow.log_table(
                 {
                     "prompt": prompts,
-                    "reference": data.eval["completion"][: len(prompts)],
+                    # A chat template's reply ends in EOS, as the generations, decoded without it, do not.
+                    "reference": [c.removesuffix(tokenizer.eos_token) for c in data.eval["completion"][: len(prompts)]],
                     "before": before,
                     "after": after,
                 },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ from src import chat, modeling, training
 from src.bundled import DATA_DIR
 from src.config import ConfigError, validate
 from src.data import DataError, load_data
-from src.runs import predict
+from src.runs import compare, predict
 from src.tiny import resolve
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, train_run
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 MULTI_TURN = [
@@ -199,8 +200,8 @@ def chat_run(tmp_path_factory):
 
 
 @pytest.mark.slow  # about 30 s on 2 cores: a training subprocess
-def test_a_chat_run_trains_and_samples_with_the_chat_template(chat_run, tokenizer):
-    run_, _, client = chat_run
+def test_a_chat_run_trains_and_samples_with_the_chat_template(chat_run, tokenizer, capsys):
+    run_, uri, client = chat_run
     assert run_.info.status == "FINISHED"
     assert run_.data.params["data.format"] == "messages" and run_.data.params["data.name"] == "chat"
     assert run_.data.params["data.train_rows"] == "160" and run_.data.metrics["objective"] > 0
@@ -210,7 +211,12 @@ def test_a_chat_run_trains_and_samples_with_the_chat_template(chat_run, tokenize
     for i, prompt in enumerate(rows["prompt"]):  # the first eval rows, rendered as predict renders them
         context, reply = chat.split_at_last_reply(validation[i]["messages"])
         assert prompt == tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-        assert rows["reference"][i] == reply["content"] + tokenizer.eos_token
+        assert rows["reference"][i] == reply["content"]
+    capsys.readouterr()
+    assert compare.main(["--runs", run_.info.run_id, "--tracking-uri", uri, "--samples"]) == 0
+    shown = capsys.readouterr().out
+    first = validation[0]["messages"]
+    assert "<\\|user\\|> Repeat the words" in shown and f"| {first[-1]['content']} |" in shown
 
 
 @pytest.mark.slow
@@ -259,3 +265,23 @@ def test_predict_on_the_chat_validation_file_prompts_as_training_did(chat_run, t
     code = predict.main(["--run", run_.info.run_id, "--tracking-uri", uri, "--input", str(bad), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown role(s) 'robot'" in err and "at row 1" in err and "Traceback" not in err
+
+
+def test_a_model_without_a_chat_template_fails_the_run_before_it_loads(tmp_path, mlflow_store, monkeypatch):
+    plain = tmp_path / "plain-model"
+    shutil.copytree(resolve("builtin:tiny-llama"), plain)
+    (plain / "chat_template.jinja").unlink()
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    raw = compose_config(["data=chat", f"model.name_or_path={plain}"])
+    raw["output_dir"] = str(tmp_path / "out")
+    with pytest.raises(DataError, match=f"the tokenizer of {plain} has no chat template"):
+        train_run(raw)
+    (run_,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run_.info.status == "FAILED"
+
+
+def test_a_config_stored_before_data_format_reads_as_columns():
+    raw = compose_config(["data=instructions"])
+    del raw["data"]["format"], raw["data"]["messages_column"]
+    data = validate(raw).data
+    assert (data.format, data.messages_column) == ("columns", "messages")

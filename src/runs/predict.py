@@ -146,8 +146,7 @@ def chat_prompts(
         faults = chat.conversation_faults(cells, need_assistant=False)
         if faults:
             raise InferenceError(
-                "input: "
-                + "; ".join(f"column {d.messages_column!r}: {f} at row {_rows(m)}" for f, m in faults.items())
+                "input: " + "; ".join(f"column {d.messages_column!r}: {f} at row {_rows(m)}" for f, m in faults.items())
             )
         conversations = [chat.turns_of(cell) for cell in cells]
     contexts, references = [], []
