@@ -10,6 +10,7 @@ context. The functions here return faults as text and row positions; :mod:`src.d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -35,8 +36,10 @@ def template_problem(tokenizer) -> Optional[str]:
 
 def turn_faults(cell: Any, need_assistant: bool = True) -> list[str]:
     """What is wrong with one conversation cell (nothing: an empty list)."""
-    if not isinstance(cell, TURN_LISTS) or isinstance(cell, str):
-        return [f"not a list of turns (a {type(cell).__name__})"]
+    if isinstance(cell, str):  # a CSV cell, or a JSON string where a list was meant
+        return ["text, not a list of turns (a CSV cell cannot hold them: use JSONL, JSON or Parquet)"]
+    if not isinstance(cell, TURN_LISTS):
+        return [f"not a list of turns ({'empty' if _is_missing(cell) else f'a {type(cell).__name__}'})"]
     faults = []
     if not all(isinstance(t, dict) for t in cell):
         return ["a turn that is not a {role, content} object"]
@@ -50,6 +53,13 @@ def turn_faults(cell: Any, need_assistant: bool = True) -> list[str]:
     elif need_assistant and not faults and not _last_assistant(cell)["content"].strip():
         faults.append("an empty last assistant turn")
     return faults
+
+
+def _is_missing(cell: Any) -> bool:
+    """None, NaN, or pandas' NA or NaT (a JSON row without the key, a Parquet null)."""
+    if isinstance(cell, float):
+        return math.isnan(cell)
+    return cell is None or type(cell).__name__ in ("NAType", "NaTType")
 
 
 def conversation_faults(cells: Sequence[Any], need_assistant: bool = True) -> dict[str, np.ndarray]:

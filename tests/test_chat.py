@@ -89,7 +89,9 @@ def test_load_data_renders_each_conversation(tmp_path, tokenizer):
 
 
 BAD_ROWS = [
-    ("not a list", "not a list of turns (a str)"),
+    ("not a list", "text, not a list of turns (a CSV cell cannot hold them"),
+    (None, "not a list of turns (empty)"),
+    ({"role": "user", "content": "hi"}, "not a list of turns (a dict)"),
     ([["user", "hi"]], "a turn that is not a {role, content} object"),
     ([{"role": "user"}, {"role": "assistant", "content": "x"}], "a turn without a 'role' and 'content' string"),
     ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "without a 'role' and 'content'"),
