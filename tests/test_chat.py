@@ -78,9 +78,12 @@ def test_a_template_that_writes_the_bos_does_not_get_a_second_one(tokenizer):
     assert tokenizer(prompt + completion)["input_ids"].count(tokenizer.bos_token_id) == 1
 
 
-def test_load_data_renders_each_conversation(tmp_path, tokenizer):
+def test_load_data_renders_each_conversation(tmp_path, tokenizer, caplog):
     cfg = _chat_data(tmp_path, [MULTI_TURN, MULTI_TURN[1:3]])
-    data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+    with caplog.at_level("WARNING", logger="src"):
+        data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+    (note,) = [r.getMessage() for r in caplog.records if "assistant turn" in r.getMessage()]
+    assert note.startswith("note: 1 of 2 conversations have more than one assistant turn")
     assert data.task == "sft" and data.labels is None
     assert data.train["prompt"][1] == tokenizer.apply_chat_template(
         MULTI_TURN[1:2], tokenize=False, add_generation_prompt=True
