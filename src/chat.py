@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from src import console
+
 ROLES = ("system", "user", "assistant")
 # A Parquet list arrives as np.ndarray; JSON and JSONL give lists.
 TURN_LISTS = (list, tuple, np.ndarray)
@@ -69,6 +71,16 @@ def conversation_faults(cells: Sequence[Any], need_assistant: bool = True) -> di
         for fault in turn_faults(cell, need_assistant):
             found.setdefault(fault, np.zeros(len(cells), dtype=bool))[i] = True
     return found
+
+
+def note_earlier_replies(cells: Sequence[Any]) -> None:
+    """Say how many conversations hold assistant turns before their last: those are not trained on."""
+    earlier = sum(sum(t.get("role") == "assistant" for t in cell) > 1 for cell in cells)
+    if earlier:
+        console.log.warning(
+            f"note: {earlier} of {len(cells)} conversations have more than one assistant turn; the loss is on each "
+            "conversation's last assistant turn, the earlier ones are context"
+        )
 
 
 def turns_of(cell: Any) -> list[dict[str, str]]:

@@ -381,12 +381,8 @@ def _chat_columns(df: pd.DataFrame, d: DataConfig, tokenizer, split: str, faults
         completions.append(completion)
     for why, rows in refused.items():
         faults.append(f"{split}: the chat template cannot render the conversation ({why}) at {_row_ids(df, d, rows)}")
-    earlier = sum(sum(t.get("role") == "assistant" for t in cell) > 1 for cell in df[d.messages_column])
-    if earlier and split == "train":
-        console.log.warning(
-            f"note: {earlier} of {len(df)} conversations have more than one assistant turn; the loss is on each "
-            "conversation's last assistant turn, the earlier ones are context"
-        )
+    if split == "train":
+        chat.note_earlier_replies(df[d.messages_column].tolist())
     return prompts, completions
 
 
