@@ -147,6 +147,21 @@ def test_a_template_that_refuses_a_conversation_names_the_rows(tmp_path, tokeniz
     assert any("cannot render the conversation (no system turns) at id 1, 2" in f for f in err.value.faults)
 
 
+def test_predict_prompts_a_finished_conversation_as_training_did_and_an_open_one_for_the_next_turn(tokenizer):
+    import pandas as pd
+
+    d = validate(compose_config(["data=chat"])).data
+    open_turns = [*MULTI_TURN, {"role": "user", "content": "and?"}]
+    df = pd.DataFrame({"messages": [MULTI_TURN, open_turns]})
+    contexts, references, prompts = predict.chat_prompts(df, d, tokenizer, None)
+    assert prompts[0] == chat.prompt_completion(tokenizer, MULTI_TURN)[0]  # training's prompt, byte for byte
+    assert (contexts[0], references[0]) == (MULTI_TURN[:-1], "guitars")
+    assert (contexts[1], references[1]) == (open_turns, None)
+    assert prompts[1] == tokenizer.apply_chat_template(open_turns, tokenize=False, add_generation_prompt=True)
+    contexts, _, _ = predict.chat_prompts(pd.DataFrame({"q": ["hi"]}), d, tokenizer, "q")
+    assert contexts == [[{"role": "user", "content": "hi"}]]
+
+
 def test_messages_is_a_format_of_sft_only():
     with pytest.raises(ConfigError, match="data.format=messages: only for task 'sft'"):
         validate(compose_config(["data=topics", "data.format=messages"]))

@@ -128,8 +128,8 @@ def chat_prompts(
     df: pd.DataFrame, d: DataConfig, tokenizer, text_column: Optional[str]
 ) -> tuple[list[list[dict]], list[Optional[str]], list[str]]:
     """(the turns each prompt holds, the reply each row already has or None, the prompts) for a data.format=messages
-    run, rendered as training rendered them (:mod:`src.chat`): a conversation with an assistant turn is prompted up
-    to its last one, whose content is the reference; one without is prompted for the next turn. With
+    run, rendered as training rendered them (:mod:`src.chat`): a conversation that ends in an assistant turn is
+    prompted up to it, and its content is the reference; another is prompted for the next turn. With
     --text-column (or stdin lines) each cell is one user turn."""
     if problem := chat.template_problem(tokenizer):
         raise InferenceError(problem)
@@ -149,11 +149,11 @@ def chat_prompts(
                 "input: " + "; ".join(f"column {d.messages_column!r}: {f} at row {_rows(m)}" for f, m in faults.items())
             )
         conversations = [chat.turns_of(cell) for cell in cells]
-    contexts, references = [], []
-    for turns in conversations:
-        context, reply = chat.split_at_last_reply(turns)
-        contexts.append(context)
-        references.append(None if reply is None else reply["content"])
+    # A row that ends in an assistant turn is asked for that turn again, as training asked; a row that ends in
+    # another turn is asked for the next one.
+    replied = [bool(turns) and turns[-1]["role"] == "assistant" for turns in conversations]
+    contexts = [turns[:-1] if r else turns for turns, r in zip(conversations, replied)]
+    references = [turns[-1]["content"] if r else None for turns, r in zip(conversations, replied)]
     return contexts, references, [chat.prompt_of(tokenizer, context) for context in contexts]
 
 
