@@ -141,6 +141,28 @@ def make_sft(n: int, seed: int) -> list[dict]:
     return rows
 
 
+CHAT_SYSTEM = "You answer in as few words as you can."
+
+
+def _user_turn(instruction: str, source: str) -> dict:
+    return {"role": "user", "content": f"{instruction}\n{source}"}
+
+
+def make_chat(n: int, seed: int) -> list[dict]:
+    """Conversations (``messages``: role/content turns) over the SFT tasks: one exchange, or two (every fourth
+    row), the first answered already; every fifth row opens with a system turn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        turns = [{"role": "system", "content": CHAT_SYSTEM}] if i % 5 == 0 else []
+        for _ in range(2 if i % 4 == 1 else 1):
+            instruction, make_pair = rng.choice(SFT_TASKS)
+            source, target = make_pair(rng)
+            turns += [_user_turn(instruction, source), {"role": "assistant", "content": target}]
+        rows.append({"id": i, "messages": turns})
+    return rows
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
@@ -171,6 +193,10 @@ def write_all(out_dir: Path = DATA_DIR) -> list[Path]:
     for split, n, seed in (("train", 800, 30), ("validation", 200, 31)):
         path = out_dir / f"intents_{split}.csv"
         write_csv(path, make_intents(n, seed))
+        written.append(path)
+    for split, n, seed in (("train", 160, 40), ("validation", 40, 41)):
+        path = out_dir / f"chat_{split}.jsonl"
+        write_jsonl(path, make_chat(n, seed))
         written.append(path)
     return written
 

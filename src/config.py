@@ -203,6 +203,18 @@ class DataConfig:
     pos_weight: Any = field(metadata={"choices": ("none", "auto", "one_minus_share", list[float])})
     threshold: float = bounded(gt=0, lt=1)
     num_sample_prompts: int = bounded(ge=0)
+    # Defaults for configs stored before these keys existed; conf/config.yaml sets both.
+    format: str = field(
+        default="columns",
+        metadata={
+            "choices": ("columns", "messages"),
+            "help": "sft: 'columns' (instruction/input/response through prompt_template) or 'messages' "
+            "(role/content turns through the model's chat template; loss on the last assistant turn).",
+        },
+    )
+    messages_column: str = field(
+        default="messages", metadata={"help": "data.format=messages: the column of {role, content} turn lists."}
+    )
 
 
 @dataclass
@@ -530,6 +542,11 @@ def _check_values(sections: dict[str, Any], problems: list[str]) -> None:
                     key == "data.class_weights" and bool(weights) and not any(weights),
                     f"{key}: all weights are 0, so the loss is 0/0",
                 )
+    if _ok(d, "task", "format"):
+        check(
+            d.format == "messages" and d.task != "sft",
+            f"data.format=messages: only for task 'sft' (conversations to train a reply on), not {d.task!r}",
+        )
     if _ok(d, "task") and _ok(m, "architecture", "name"):
         check(
             d.task == "sft" and m.architecture == "encoder",

@@ -4,7 +4,7 @@
 the row ids at fault in one :class:`DataError`), makes an eval split when none is given
 (stratified for single-label, iterative stratification for multi-label), and returns plain
 ``datasets.Dataset`` objects: ``text``/``label`` for classification, ``text``/``labels`` for
-multi-label, and ``prompt``/``completion`` for SFT.
+multi-label, and ``prompt``/``completion`` for SFT (conversations rendered by :mod:`src.chat`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from src import console
+from src import chat, console
 from src.config import DataConfig
 from src.errors import ProblemsError
 from src.labels import canonical_label, label_notes, lookalike_key
@@ -230,6 +230,8 @@ def label_of(value: Any) -> Optional[str]:
 
 def _needed_columns(d: DataConfig) -> dict[str, list[str]]:
     """Column names the config expects, keyed by the config field that names them."""
+    if d.task == "sft" and d.format == "messages":
+        return {"data.messages_column": [d.messages_column]}
     if d.task == "sft":
         cols = {"data.response_column": [d.response_column]}
         if d.instruction_template:
@@ -364,6 +366,34 @@ def _sft_columns(df: pd.DataFrame, d: DataConfig) -> tuple[list[str], list[str]]
     return sft_prompts(df, d), [str(v) for v in df[d.response_column].tolist()]
 
 
+def _chat_columns(df: pd.DataFrame, d: DataConfig, tokenizer, split: str, faults: list[str]):
+    """(prompt, completion) of each conversation, through the tokenizer's chat template (:mod:`src.chat`)."""
+    from jinja2 import TemplateError
+
+    prompts, completions, refused = [], [], {}
+    for i, cell in enumerate(df[d.messages_column]):
+        try:
+            prompt, completion = chat.prompt_completion(tokenizer, chat.turns_of(cell))
+        except (TemplateError, ValueError) as exc:
+            refused.setdefault(str(exc), np.zeros(len(df), dtype=bool))[i] = True
+            prompt, completion = "", ""
+        prompts.append(prompt)
+        completions.append(completion)
+    for why, rows in refused.items():
+        faults.append(f"{split}: the chat template cannot render the conversation ({why}) at {_row_ids(df, d, rows)}")
+    if split == "train":
+        chat.note_earlier_replies(df[d.messages_column].tolist())
+    return prompts, completions
+
+
+def _check_conversations(df: pd.DataFrame, d: DataConfig, split: str, faults: list[str]) -> bool:
+    """Every cell of data.messages_column a list of known {role, content} turns with an assistant turn."""
+    found = chat.conversation_faults(df[d.messages_column].tolist())
+    for fault, rows in found.items():
+        faults.append(f"{split}: column {d.messages_column!r}: {fault} at {_row_ids(df, d, rows)}")
+    return not found
+
+
 def _check_split(df: pd.DataFrame, d: DataConfig, split: str, source: str, faults: list[str]) -> bool:
     """Column and emptiness checks for one split; False if columns are missing."""
     available = list(df.columns)
@@ -375,6 +405,8 @@ def _check_split(df: pd.DataFrame, d: DataConfig, split: str, source: str, fault
     if len(df) == 0:
         faults.append(f"{split}: {source} has no rows")
         return False
+    if d.task == "sft" and d.format == "messages":
+        return _check_conversations(df, d, split, faults)
     structured = False
     for col in dict.fromkeys(c for cols in _needed_columns(d).values() for c in cols):
         cells = np.array([isinstance(v, STRUCTURED) for v in df[col]], dtype=bool)
@@ -471,6 +503,8 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
     """
     from datasets import Dataset
 
+    if d.task == "sft" and d.format == "messages" and (problem := chat.template_problem(tokenizer)):
+        raise DataError([problem])
     if d.path:
         frames = {"train": (read_table(d.path), str(d.path))}
         if d.eval_path:
@@ -505,7 +539,9 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
         elif d.task == "multilabel":
             columns[split] = {"text": texts_of(df, d), "labels": _multilabel_matrix(df, d, split, faults)}
         else:
-            prompts, completions = _sft_columns(df, d)
+            prompts, completions = (
+                _chat_columns(df, d, tokenizer, split, faults) if d.format == "messages" else _sft_columns(df, d)
+            )
             columns[split] = {"prompt": prompts, "completion": completions}
         ids = df[d.id_column] if d.id_column and d.id_column in df.columns else pd.Series(range(len(df)))
         columns[split]["row_id"] = [str(i) for i in ids]

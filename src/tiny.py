@@ -7,7 +7,8 @@ LoRA has a language model to adapt rather than noise; then it saves both under
 ``.cache/tiny-llama`` in the project root. The instruction data is left out of pretraining:
 teaching that format is the SFT run's job. Every later
 load reads that directory like any local checkpoint, so the loading code is the same as for
-a hub model. Like Llama, the tokenizer has no pad token: the training code must set one.
+a hub model. Like Llama, the tokenizer has no pad token: the training code must set one. It has a
+small chat template (``<|user|>`` / ``<|assistant|>`` lines) for ``data.format=messages``.
 
 Run ``python -m src.tiny [OUT_DIR]`` to write it somewhere else.
 """
@@ -25,11 +26,19 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = {"tiny-llama": PROJECT_ROOT / ".cache" / "tiny-llama"}
 # Bump when the recipe below changes, so stale caches are rebuilt rather than reused.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 PRETRAIN_STEPS = 80
 PRETRAIN_BATCH = 32
 
 VOCAB_SIZE = 1024
+# A small chat template for data.format=messages: "<|role|>" lines, each assistant turn ended by EOS. The role
+# markers are plain text, not added tokens, so the vocabulary, the weights and the pinned losses stay as they were.
+# Newlines are Jinja expressions: transformers renders with trim_blocks, which drops a newline after a tag.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 ARCH = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -79,9 +88,11 @@ def build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=512
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def pretrain(model, tokenizer, steps: int = PRETRAIN_STEPS) -> list[float]:

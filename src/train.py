@@ -154,7 +154,8 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
             mlflow.log_table(
                 {
                     "prompt": prompts,
-                    "reference": data.eval["completion"][: len(prompts)],
+                    # A chat template's reply ends in EOS, as the generations, decoded without it, do not.
+                    "reference": [c.removesuffix(tokenizer.eos_token) for c in data.eval["completion"][: len(prompts)]],
                     "before": before,
                     "after": after,
                 },
@@ -307,8 +308,9 @@ def run_description(cfg: Config, data, trainable: int, metric: str, value: float
         how = f"Full fine-tuning of the {cfg.quant.bits}-bit {cfg.model.name}"
     else:
         how = f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {targets}; {cfg.quant.bits}-bit {cfg.model.name} base"
+    chat = " on conversations, loss on each last assistant turn" if cfg.data.format == "messages" else ""
     return (
-        f"{metric} = {value:.4g}. {how}; {trainable:,} trainable params; {cfg.data.name} ({data.task}, "
+        f"{metric} = {value:.4g}. {how}; {trainable:,} trainable params; {cfg.data.name} ({data.task}{chat}, "
         f"{data.train.num_rows} train rows)."
     )
 

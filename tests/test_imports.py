@@ -39,6 +39,7 @@ CORE = {
         "outputs",
         "reserve",
         "overrides",
+        "chat",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).

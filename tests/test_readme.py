@@ -34,10 +34,10 @@ def test_the_readme_marks_runnable_blocks():
     assert len(commands) >= 4 and any("-cn rank_alpha" in c for c in commands), commands
 
 
-# The default tier runs the study; the three training runs (over a minute together) run in the slow tier, where
+# The default tier runs the study; the four training runs (over a minute together) run in the slow tier, where
 # tests/test_train.py also checks that the default run learns. Their tasks stay in the default tier end to end:
-# `python -m src.train` shortened in tests/test_console.py, SFT and multilabel in tests/test_train.py.
-SLOW_COMMANDS = ("data=instructions", "data=topics_multilabel")
+# `python -m src.train` shortened in tests/test_console.py, SFT, chat and multilabel in tests/test_train.py.
+SLOW_COMMANDS = ("data=instructions", "data=chat", "data=topics_multilabel")
 
 
 def slow(command: str) -> bool:

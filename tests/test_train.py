@@ -48,6 +48,7 @@ def _artifacts(run_id, path=None):
         ("topics_multilabel", "none"),
         ("instructions", "none"),
         ("instructions", "4bit"),
+        ("chat", "none"),
     ],
 )
 def test_end_to_end_run_is_recorded_by_contract(tmp_path, mlflow_store, data, quant):
@@ -82,8 +83,9 @@ def test_end_to_end_run_is_recorded_by_contract(tmp_path, mlflow_store, data, qu
         "adapter/tokenizer.json",
     } <= set(adapter)
     assert not any(p.endswith((".bin", ".pt", ".pkl")) for p in adapter)
-    if data == "instructions":
+    if data in ("instructions", "chat"):
         assert "eval_perplexity" in metrics and "samples.json" in artifacts
+        assert params["data.format"] == ("messages" if data == "chat" else "columns")
     elif data == "topics":
         assert {
             "eval_accuracy",

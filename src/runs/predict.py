@@ -6,8 +6,9 @@
 
 The model is rebuilt from the run's own artifacts (:mod:`src.runs.inference`): the recorded base model
 with the run's quantization, the adapter and classification head, the label map and, for SFT,
-the run's prompt template. Input rows use the run's data columns (``data.text_columns`` or
-``data.instruction_column``/``data.input_column``); each stdin line is one text or instruction.
+the run's prompt template or chat template. Input rows use the run's data columns (``data.text_columns``,
+``data.instruction_column``/``data.input_column`` or ``data.messages_column``); each stdin line is one text,
+instruction or user message.
 Output is JSONL on stdout unless ``--output`` names a .csv or .jsonl file.
 """
 
@@ -25,6 +26,7 @@ from typing import Any, Optional, TextIO
 import numpy as np
 import pandas as pd
 
+from src import chat
 from src.config import DataConfig
 from src.data import STRUCTURED, DataError, read_table, sft_fields, sft_prompts, template_fields, texts_of
 from src.errors import run_cli
@@ -122,6 +124,61 @@ def sft_data(df: pd.DataFrame, d: DataConfig, text_column: Optional[str]) -> Dat
     return d
 
 
+def chat_prompts(
+    df: pd.DataFrame, d: DataConfig, tokenizer, text_column: Optional[str]
+) -> tuple[list[list[dict]], list[Optional[str]], list[str]]:
+    """(the turns each prompt holds, the reply each row already has or None, the prompts) for a data.format=messages
+    run, rendered as training rendered them (:mod:`src.chat`): a conversation that ends in an assistant turn is
+    prompted up to it, and its content is the reference; another is prompted for the next turn. With
+    --text-column (or stdin lines) each cell is one user turn."""
+    if problem := chat.template_problem(tokenizer):
+        raise InferenceError(problem)
+    if text_column:
+        _require(df, [text_column], "from --text-column")
+        conversations = [[{"role": "user", "content": str(v)}] for v in df[text_column]]
+    else:
+        if d.messages_column not in df.columns:
+            raise InferenceError(
+                f"input has no column {d.messages_column!r} (the run's data.messages_column); its columns are "
+                f"{list(df.columns)}; name a column of user messages with --text-column"
+            )
+        cells = df[d.messages_column].tolist()
+        faults = chat.conversation_faults(cells, need_assistant=False)
+        if faults:
+            raise InferenceError(
+                "input: " + "; ".join(f"column {d.messages_column!r}: {f} at row {_rows(m)}" for f, m in faults.items())
+            )
+        conversations = [chat.turns_of(cell) for cell in cells]
+    # A row that ends in an assistant turn is asked for that turn again, as training asked; a row that ends in
+    # another turn is asked for the next one.
+    replied = [bool(turns) and turns[-1]["role"] == "assistant" for turns in conversations]
+    contexts = [turns[:-1] if r else turns for turns, r in zip(conversations, replied)]
+    references = [turns[-1]["content"] if r else None for turns, r in zip(conversations, replied)]
+    return contexts, references, [chat.prompt_of(tokenizer, context) for context in contexts]
+
+
+def _rows(mask: np.ndarray) -> str:
+    rows = np.flatnonzero(mask).tolist()
+    return ", ".join(map(str, rows[:10])) + (f", ... ({len(rows)} in all)" if len(rows) > 10 else "")
+
+
+def _generate(model, tokenizer, prompts: list[str], args: argparse.Namespace, batch_size: int) -> list[str]:
+    if args.temperature > 0:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    return generate(
+        model,
+        tokenizer,
+        prompts,
+        batch_size,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        not args.no_progress,
+    )
+
+
 def predict(
     source: Source, model, tokenizer, df: pd.DataFrame, args: argparse.Namespace, from_lines: bool = False
 ) -> list[dict[str, Any]]:
@@ -132,17 +189,18 @@ def predict(
     progress = not args.no_progress
     id_column = cfg.data.id_column if cfg.data.id_column in df.columns else None
     ids = [{id_column: v} for v in df[id_column].tolist()] if id_column else [{} for _ in range(len(df))]
+    if source.task == "sft" and cfg.data.format == "messages":
+        contexts, references, prompts = chat_prompts(df, cfg.data, tokenizer, text_column)
+        generations = _generate(model, tokenizer, prompts, args, batch_size)
+        return [
+            {**row_id, "messages": c, **({"reference": r} if r is not None else {}), "generation": g}
+            for row_id, c, r, g in zip(ids, contexts, references, generations)
+        ]
     if source.task == "sft":
         data = sft_data(df, cfg.data, text_column)
         instructions, inputs = sft_fields(df, data)
         prompts = sft_prompts(df, data)  # training's own builder
-        if args.temperature > 0:
-            from transformers import set_seed
-
-            set_seed(args.seed)
-        generations = generate(
-            model, tokenizer, prompts, batch_size, args.max_new_tokens, args.temperature, args.top_p, progress
-        )
+        generations = _generate(model, tokenizer, prompts, args, batch_size)
         return [
             {**row_id, "instruction": i, **({"input": x} if x else {}), "generation": g}
             for row_id, i, x, g in zip(ids, instructions, inputs, generations)
@@ -185,8 +243,10 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     for key, value in record.items():
         if key == "probabilities":
             row.update({f"prob_{name}": q for name, q in value.items()})
-        elif isinstance(value, list):
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             row[key] = ";".join(value)
+        elif isinstance(value, list):  # a conversation's turns
+            row[key] = json.dumps(value, ensure_ascii=False)
         else:
             row[key] = value
     return row
