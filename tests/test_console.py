@@ -102,3 +102,17 @@ def test_help_lists_the_groups_a_user_composes_and_nothing_internal():
         "quant",
         "train",
     }
+
+
+def test_say_goes_to_stderr_where_no_logging_is_set_up(monkeypatch, capsys, caplog):
+    import logging
+
+    from src import console
+
+    monkeypatch.setattr(console.log, "hasHandlers", lambda: False)
+    console.say("one line")
+    assert capsys.readouterr().err == "one line\n"
+    monkeypatch.undo()
+    caplog.set_level(logging.INFO, logger="src")
+    console.say("through the logger")
+    assert "through the logger" in caplog.text and "through the logger" not in capsys.readouterr().err

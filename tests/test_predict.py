@@ -268,6 +268,21 @@ def test_an_input_column_named_as_a_prediction_column_is_kept(cls_run, tmp_path,
     assert all(r[f"prob_{labels[0]}"] == "x" and r["prediction_2"] in labels for r in result)
 
 
+def test_the_tiny_model_says_once_it_is_a_demo_on_a_users_text(cls_run, tmp_path, capsys, monkeypatch):
+    import io
+
+    common = ["--adapter", str(cls_run.adapter_dir)]
+    shipped = ROOT / "src/assets/data/topics_validation.csv"
+    code, _, err = _predict([*common, "--input", str(shipped)], capsys)
+    assert code == 0 and "demo model" not in err
+    mine = _write_jsonl(tmp_path / "mine.jsonl", [{"text": t} for t in TEXTS])
+    code, _, err = _predict([*common, "--input", str(mine)], capsys)
+    assert code == 0 and err.count("2-layer demo model") == 1 and "model=qwen25_05b" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(TEXTS[0] + "\n"))
+    code, _, err = _predict(common, capsys)
+    assert code == 0 and err.count("2-layer demo model") == 1
+
+
 # --- from an adapter directory, a sweep, stdin ------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ from src.runs.inference import (
     open_source_of,
     quiet_libraries,
 )
+from src.tiny import demo_note, is_builtin, is_bundled
 
 LINE_COLUMN = "text"  # stdin lines become this column; each is a whole text or instruction
 
@@ -263,6 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             df, from_lines = read_inputs(args.input, sys.stdin)
             if df.empty:
                 raise InferenceError(f"input {args.input if args.input != '-' else '(stdin)'} has no rows")
+            if is_builtin(source.cfg.model.name_or_path) and not is_bundled(args.input):
+                print(demo_note(), file=sys.stderr)  # stdin or a file the project does not ship: a user's text
             tokenizer = load_tokenizer(source)
             model = load_finetuned(source, tokenizer)
             predicted = predict(source, model, tokenizer, df, args, from_lines)
