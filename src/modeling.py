@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from src.config import FULL_FINE_TUNING, LORA_PRESETS, LoraConfig, ModelConfig, QuantConfig
-from src.guards import check_remote_code, check_weight_format
+from src.guards import ModelUnavailable, check_remote_code, check_weight_format, model_source_problem
 from src.tiny import resolve as resolve_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,10 +61,21 @@ def to_bnb_config(quant: QuantConfig, task: str = "sft"):
     )
 
 
+def require_model_source(model_cfg: ModelConfig) -> None:
+    """Raise :class:`ModelUnavailable` in seconds for a hub model that is not cached and cannot be downloaded now."""
+    problem = model_source_problem(model_cfg.name_or_path, model_cfg.revision, may_download=True)
+    if problem:
+        raise ModelUnavailable(
+            f"{problem}; connect to the hub, or save the model on a machine that can and pass "
+            "model.name_or_path=/path/to/dir"
+        )
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     """Load the tokenizer; give it a pad token (eos, as Llama recipes do) if it has none."""
     from transformers import AutoTokenizer
 
+    require_model_source(model_cfg)
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_builtin(model_cfg.name_or_path),
@@ -90,6 +101,7 @@ def load_model(
     """Load the base model for the task, quantized as configured, ready for adapters."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    require_model_source(model_cfg)
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     check_weight_format(model_cfg.name_or_path, model_cfg.allow_pickle_weights)
     kwargs: dict[str, Any] = {

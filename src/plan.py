@@ -85,6 +85,7 @@ from typing import Any, Optional
 from src.config import CONF_DIR, Config, compose, validate
 from src.config_rules import read_model_config
 from src.errors import UserError, run_cli
+from src.guards import model_source_problem
 from src.tiny import resolve as resolve_builtin
 
 GIB = 2**30
@@ -267,14 +268,20 @@ def load_model_config(name_or_path: str, revision: Optional[str], trust_remote_c
         raise PlanError(
             f"model.name_or_path={name_or_path}: no such directory; pass a directory holding the model's config.json"
         )
-    try:  # plan needs a config, never weights, and must work offline
+    missing = None if local.is_dir() else model_source_problem(path, revision, may_download=False)
+    if missing:  # the rule the model loading shares (src.guards), less the download plan never makes
+        raise PlanError(
+            f"{missing}, and plan never downloads. Pass model.name_or_path=/path/to/dir holding the model's "
+            f"config.json (on a machine with hub access: AutoConfig.from_pretrained('{name_or_path}')"
+            ".save_pretrained('DIR'))"
+        )
+    try:
         return read_model_config(str(local) if local.is_dir() else path, revision, trust_remote_code)
     except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
         raise PlanError(
-            f"model.name_or_path={name_or_path}: not a local directory and not in the local hub cache, and plan "
-            f"never downloads. Pass model.name_or_path=/path/to/dir holding the model's config.json (on a machine "
-            f"with hub access: AutoConfig.from_pretrained('{name_or_path}').save_pretrained('DIR')). "
-            f"[{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]"
+            f"model.name_or_path={name_or_path}: its config.json cannot be read "
+            f"[{type(exc).__name__}: {first[0] if first else ''}]"
         ) from exc
 
 

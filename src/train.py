@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import console, distributed, tiny, tracking
 from src.config import FULL_FINE_TUNING, Config, ConfigError, metric_problems, objective, per_label_metrics, validate
-from src.data import DataError, load_data
+from src.data import load_data
+from src.errors import UserError
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
 from src.sweeps.job import run_job, run_pack_job, validated_job
 from src.sweeps.outcomes import quote
@@ -366,8 +367,8 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
         if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
             sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
         return run(raw, config)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # the whole report, without a traceback
+    except UserError as exc:  # a bad config or data, a model that is not here: the whole report, no traceback
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -338,3 +338,33 @@ def test_the_tiny_model_on_a_users_data_says_once_it_is_a_demo(tmp_path, mlflow_
     if noted:
         assert all(f"model={name}" in notes[0] for name in ("qwen25_05b", "openllama3b", "mistral7b"))
         assert "model=tiny" not in notes[0].split(":", 2)[-1]  # the real choices, not the toy again
+
+
+@pytest.mark.slow  # a training subprocess (~15 s on 2 idle cores)
+def test_an_uncached_hub_model_without_network_fails_in_one_line_and_the_run_is_failed(tmp_path):
+    import os
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # no hub: refused at once, as a machine without network is
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.train",
+            "model.name_or_path=nobody-here/not-cached",
+            f"tracking.tracking_uri={uri}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.name_or_path=nobody-here/not-cached: ") and "cannot be reached" in last
+    client = mlflow.MlflowClient(uri)
+    run_ = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run_.info.status == "FAILED"
