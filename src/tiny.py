@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from src import console
 from src.bundled import DATA_DIR
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +160,13 @@ def resolve(name_or_path: str) -> str:
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent))
-        console.say(f"building the embedded tiny model once, into {out_dir} (up to a minute on a slow CPU) ...")
+        # stderr, not the src logger: this module sits below the console (src.config imports it), and a command
+        # without logging (src.predict, src.plan) shows the line too
+        print(
+            f"building the embedded tiny model once, into {out_dir} (up to a minute on a slow CPU) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         build(tmp)
         try:
             if out_dir.exists():

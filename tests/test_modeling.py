@@ -137,29 +137,26 @@ def test_four_bit_weights_count_their_real_size(tiny_model_dir):
     assert trainable == 2 * (8 * (128 + 128) + 8 * (128 + 64)) + 128 * 2
 
 
-def test_building_the_tiny_model_says_so_once_before_it_starts(tmp_path, monkeypatch, caplog):
+def test_building_the_tiny_model_says_so_once_before_it_starts(tmp_path, monkeypatch, capsys):
     """The first use builds the model (about a minute on a slow CPU): one line says so before the wait."""
-    import logging
-
     from src import tiny
 
     out_dir = tmp_path / "tiny-llama"
     monkeypatch.setitem(tiny.BUILTINS, "tiny-llama", out_dir)
-    caplog.set_level(logging.INFO, logger="src")
-    seen_before_build: list[str] = []
+    said_before_build: list[str] = []
 
     def build(into):
-        seen_before_build.append(caplog.text)
+        said_before_build.append(capsys.readouterr().err)
         (into / "RECIPE_VERSION").write_text(str(tiny.RECIPE_VERSION))
         return into
 
     monkeypatch.setattr(tiny, "build", build)
     assert tiny.resolve("builtin:tiny-llama") == str(out_dir)
-    assert len(seen_before_build) == 1
-    assert f"building the embedded tiny model once, into {out_dir}" in seen_before_build[0]
-    caplog.clear()
+    assert len(said_before_build) == 1
+    assert said_before_build[0].count("\n") == 1
+    assert said_before_build[0].startswith(f"building the embedded tiny model once, into {out_dir}")
     assert tiny.resolve("builtin:tiny-llama") == str(out_dir)  # built: quiet, and not built again
-    assert caplog.text == "" and len(seen_before_build) == 1
+    assert capsys.readouterr().err == "" and len(said_before_build) == 1
 
 
 UNCACHED = "nobody-here/not-a-cached-model"
