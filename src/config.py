@@ -12,6 +12,7 @@ runs were stored (``model.allow_pickle_weights``): its schema default lets an ol
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import string
@@ -24,6 +25,7 @@ from typing import Any, Optional, Union
 
 from omegaconf import OmegaConf
 
+from src import outputs
 from src.config_rules import (
     bounded,
     domain_problem,
@@ -115,6 +117,12 @@ class ConfigError(ProblemsError):
 # The settings that relax a safety rule, as dotted keys. Only the command that loads a model grants them: a run's
 # stored config.yaml never does (src.runs.inference refuses one that sets them, naming the flag that grants it).
 SAFETY_SETTINGS = ("model.trust_remote_code", "model.allow_pickle_weights")
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys whose value differs between two flat configs (a checkpoint's fingerprint, a study's definition)
+    and this run's, as ``key: old vs new``."""
+    unset = "(unset)"
+    keys = sorted(k for k in stored.keys() | current.keys() if stored.get(k, unset) != current.get(k, unset))
+    return [f"{k}: {json.dumps(stored.get(k, unset))} vs {json.dumps(current.get(k, unset))}" for k in keys]
 
 
 @dataclass
@@ -318,9 +326,11 @@ def literal(tree: Any) -> Any:
 
 
 def register_configs() -> None:
-    """Register the resolvers the YAML files use (``project_root``, ``file_stem``)."""
+    """Register the resolvers the YAML files use (``project_root``, ``file_stem``, ``unique_dir``)."""
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("unique_dir"):  # cached: a sweep's jobs share the sweep's directory
+        OmegaConf.register_new_resolver("unique_dir", outputs.unique_dir, use_cache=True)
     if not OmegaConf.has_resolver("file_stem"):  # data=file names its runs after the file: reviews.csv -> reviews
         OmegaConf.register_new_resolver("file_stem", lambda path, default: Path(path).stem if path else default)
 

@@ -7,17 +7,23 @@
 - :func:`check_remote_code` refuses a model that needs code from its checkpoint unless
   ``model.trust_remote_code=true``.
 - :func:`model_source_problem` stops a hub model that is not cached and cannot be downloaded, in seconds.
+- :func:`run_fingerprint` is what defines a run's checkpoints; :class:`FingerprintWriter` saves it in each
+  checkpoint, and :func:`check_resume` refuses to resume one with another (another dataset, labels, base, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from transformers import TrainerCallback
 
+from src.config import Config, ConfigError, config_changes
 from src.errors import UserError
 from src.tiny import resolve as resolve_builtin
 
@@ -177,6 +183,79 @@ def check_weight_format(name_or_path: str, allow_pickle: bool) -> None:
             f"model {name_or_path!r} holds only pickled weights ({', '.join(pickles[:3])}), which can run code when "
             "loaded; convert them to safetensors, or set model.allow_pickle_weights=true if you trust the files"
         )
+
+
+FINGERPRINT_NAME = "run_fingerprint.json"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(cfg: Config, task: str, labels: Optional[list]) -> dict[str, Any]:
+    """What defines a run's checkpoints, as JSON stores it: the data (each local file's content hash, or the hub
+    dataset's id, config, revision and splits), its task and labels, the base model and its revision,
+    ``model.max_length``, and every ``quant`` and ``lora`` setting. A file's place is not part of it (a moved
+    copy is the same data); the speed of training and where it logs are not either."""
+    data = cfg.data
+    found: dict[str, Any] = {"data.task": task, "data.labels": None if labels is None else list(labels)}  # sft: None
+    for key in ("path", "eval_path"):
+        value = getattr(data, key)
+        if value:
+            found[f"data.{key}.sha256"] = _sha256(value) if Path(value).is_file() else str(Path(value).resolve())
+    if data.hub_id:
+        for key in ("hub_id", "hub_config", "revision", "train_split", "eval_split"):
+            found[f"data.{key}"] = getattr(data, key)
+    found.update(
+        {
+            "model.name_or_path": cfg.model.name_or_path,
+            "model.revision": cfg.model.revision,
+            "model.max_length": cfg.model.max_length,
+        }
+    )
+    found.update({f"quant.{k}": v for k, v in dataclasses.asdict(cfg.quant).items()})
+    found.update({f"lora.{k}": v for k, v in dataclasses.asdict(cfg.lora).items()})
+    return json.loads(json.dumps(found, default=str))
+
+
+def check_resume(checkpoint: str, fingerprint: dict[str, Any]) -> None:
+    """Raise ConfigError, naming every key that differs (checkpoint vs this run), if ``checkpoint`` was trained
+    on another configuration. A checkpoint saved without a fingerprint cannot be checked: a note says so."""
+    path = Path(checkpoint) / FINGERPRINT_NAME
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        print(f"note: {checkpoint} has no {FINGERPRINT_NAME}; its data and settings are not checked", file=sys.stderr)
+        return
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"train.resume_from_checkpoint: {path} is unreadable ({exc})"]) from exc
+    changes = config_changes(stored if isinstance(stored, dict) else {}, fingerprint)
+    if changes:
+        raise ConfigError(
+            [
+                f"train.resume_from_checkpoint: {checkpoint} was trained on another configuration (checkpoint vs this "
+                "run); resume it with its own, or start afresh",
+                *changes,
+            ]
+        )
+
+
+class FingerprintWriter(TrainerCallback):
+    """Save the run's fingerprint (:func:`run_fingerprint`) in each checkpoint, beside its weights."""
+
+    def __init__(self, fingerprint: dict[str, Any]):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and directory.is_dir():
+            (directory / FINGERPRINT_NAME).write_text(json.dumps(self.fingerprint, indent=2) + "\n")
 
 
 HUB_PROBE_SECONDS = 5.0

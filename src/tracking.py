@@ -13,11 +13,9 @@ A process killed outright (SIGKILL, power loss) cannot close its run, so each ru
 ``host``, ``pid`` and ``process_start`` tags and a ``heartbeat`` tag refreshed every minute;
 ``python -m src.doctor`` marks the runs whose process is gone KILLED.
 
-A full disk must not lose the cause either. Each run holds a small reserve file in its output
-directory (:data:`RESERVE_NAME`); when the store cannot be written as the run ends, the reserve
-is freed, the error is written beside the output as ``run_failed.json`` (:data:`RECORD_NAME`),
-and the store is tried once more. ``src.doctor`` ends a run it finds RUNNING with such a record
-FAILED with the recorded error, not as a lost process.
+A full disk must not lose the cause either: each run sets disk space aside as it starts, and frees it to
+write how it ended (:mod:`src.reserve`). ``src.doctor`` ends a run it finds RUNNING with such a record
+(``run_failed.json`` beside the output) as the record says, not as a lost process.
 
 SQLite allows one writer at a time. MLflow waits 20 s for the lock and then raises
 ``database is locked``; every write made here goes through :func:`retry_locked`, which
@@ -47,6 +45,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from src import distributed
+from src import reserve as reserve_mod
 from src.config import CONF_DIR, Config, ConfigError, validate
 from src.names import filter_value, name_problem
 from src.tiny import PROJECT_ROOT
@@ -60,11 +59,6 @@ MAX_TAG_LEN = 5000
 # A writer that cannot get SQLite's lock keeps retrying for this long (each try waits 20 s in MLflow).
 LOCK_RETRY_BUDGET_S = 600.0
 HEARTBEAT_INTERVAL_S = 60.0
-# Space a run sets aside in its output directory, freed when the store cannot be written as it ends (a full
-# disk): enough for SQLite to write a status (its journal and a few pages) and for the last-resort record.
-RESERVE_NAME = ".lora_sweeps_reserve"
-RESERVE_BYTES = 256 * 1024
-RECORD_NAME = "run_failed.json"
 T = TypeVar("T")
 
 
@@ -286,6 +280,16 @@ def process_start(pid: int) -> Optional[str]:
     return f"{namespace}@{fields[19]}"
 
 
+def same_process(pid: int, recorded_start: Optional[str]) -> Optional[bool]:
+    """Whether the process ``pid`` of this host is still the one whose :func:`process_start` was
+    ``recorded_start``: a pid reused by a later process is not. None when this process cannot tell:
+    no start was recorded, or it was recorded in another pid namespace (another container)."""
+    own = process_start(os.getpid())
+    if not recorded_start or own is None or recorded_start.split("@")[0] != own.split("@")[0]:
+        return None
+    return process_start(pid) == recorded_start
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -363,20 +367,6 @@ def runs_of_output_dir(raw: dict, running_only: bool = False) -> list:
     )
 
 
-def reserve_space(output_dir: Optional[str]) -> Optional[Path]:
-    """Allocate the run's reserve file (:data:`RESERVE_BYTES`) in ``output_dir``; None if there is no room."""
-    if not output_dir or not Path(output_dir).is_dir():
-        return None
-    path = Path(output_dir) / RESERVE_NAME
-    try:
-        with open(path, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
-        return path
-    except OSError:  # already full, or a filesystem without fallocate: the run goes on without a reserve
-        path.unlink(missing_ok=True)
-        return None
-
-
 def terminate(client, run_id: str, status: str, tags: dict[str, str]) -> None:
     """Set ``tags`` on a run by id and end it with ``status``, each write retried while the store is locked."""
     for key, value in tags.items():
@@ -394,38 +384,27 @@ def _close_run(run_id: str, status: str, tags: dict[str, str]) -> None:
         terminate(mlflow.MlflowClient(), run_id, status, tags)
 
 
-def write_record(output_dir: Optional[str], record: dict[str, Any]) -> Optional[Path]:
-    """The last-resort record of how a run ended, beside its output; None if it could not be written."""
-    if not output_dir:
-        return None
-    path = Path(output_dir) / RECORD_NAME
-    try:
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        return path
-    except OSError:
-        path.unlink(missing_ok=True)  # not an empty or half-written record
-        return None
-
-
-def close_run(run_id: str, status: str, tags: dict[str, str], output_dir: Optional[str], reserve: Optional[Path]):
-    """End the run with ``status`` and ``tags``; if the store cannot be written (most often a full disk), free
-    the reserve, leave the record beside the output, and try once more. Raises only for a run that had no
+def close_run(
+    run_id: str, status: str, tags: dict[str, str], output_dir: Optional[str], reserve: list[Path], disk_full: bool
+):
+    """End the run with ``status`` and ``tags``. A run that ends on a full disk (``disk_full``) frees its reserve
+    and leaves its record beside the output first. If the store cannot be written, the reserve is freed, the
+    record (re)written with the store's error, and the store tried once more. Raises only for a run that had no
     error of its own (its error, if any, is the one the caller goes on raising)."""
+    record = {"run_id": run_id, "status": status, "tags": tags or {}, "written_at": utc_now()}
     try:
+        if disk_full:
+            reserve_mod.release(reserve)
+            reserve_mod.write_record(output_dir, record)
         _close_run(run_id, status, tags)
     except Exception as store_error:
-        if reserve is not None:
-            reserve.unlink(missing_ok=True)
-        record = {
-            "run_id": run_id,
-            "status": "FAILED" if status == "FINISHED" else status,
-            "tags": tags or {},
-            "store_error": f"{type(store_error).__name__}: {store_error}"[:MAX_TAG_LEN],
-            "written_at": utc_now(),
-        }
+        reserve_mod.release(reserve)
+        record["store_error"] = f"{type(store_error).__name__}: {store_error}"[:MAX_TAG_LEN]
         if status == "FINISHED":  # the run's own end was fine; the store write is what failed
-            record["tags"] = {"error_type": type(store_error).__name__, "error": record["store_error"]}
-        path = write_record(output_dir, record)
+            record.update(
+                status="FAILED", tags={"error_type": type(store_error).__name__, "error": record["store_error"]}
+            )
+        path = reserve_mod.write_record(output_dir, record)
         try:
             _close_run(run_id, record["status"], record["tags"])
             stored = "the store was written on a second try"
@@ -439,8 +418,7 @@ def close_run(run_id: str, status: str, tags: dict[str, str], output_dir: Option
         if status == "FINISHED":
             raise
     finally:
-        if reserve is not None:
-            reserve.unlink(missing_ok=True)
+        reserve_mod.release(reserve)
 
 
 class RankFailed(RuntimeError):
@@ -502,7 +480,7 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
         tags=all_tags,
         parent_run_id=parent or None,
     )
-    reserve = reserve_space(raw.get("output_dir"))
+    reserve: list[Path] = []
     previous = signal.getsignal(signal.SIGTERM)
     in_main_thread = True
     try:
@@ -511,6 +489,8 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
         in_main_thread = False
     status, error = "FINISHED", None
     try:
+        # Before anything else is written: a disk with no room for it fails the run while its cause can be kept.
+        reserve = reserve_mod.reserve_space(reserve_mod.reserve_paths(raw.get("output_dir"), uri, run.info.run_id))
         with heartbeat(uri, run.info.run_id):
             yield run
     except KeyboardInterrupt as exc:
@@ -531,7 +511,8 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
             error_type = error.error_type if isinstance(error, RankFailed) else type(error).__name__
             tags = {"error_type": error_type, "error": message}
         try:
-            close_run(run.info.run_id, status, tags, raw.get("output_dir"), reserve)
+            disk_full = error is not None and reserve_mod.is_disk_full(error)
+            close_run(run.info.run_id, status, tags, raw.get("output_dir"), reserve, disk_full)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)

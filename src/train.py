@@ -29,6 +29,7 @@ from src import console, distributed, tiny, tracking
 from src.config import FULL_FINE_TUNING, Config, ConfigError, metric_problems, objective, per_label_metrics, validate
 from src.data import load_data
 from src.errors import UserError
+from src.reserve import DiskFullError
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
 from src.sweeps.job import run_job, run_pack_job, validated_job
 from src.sweeps.outcomes import quote
@@ -71,6 +72,9 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
             data = load_data(cfg.data, tokenizer, cfg.model.max_length)
             check_label_metrics(cfg, data.labels)
             checkpoint = guards.resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir / "checkpoints")
+            fingerprint = guards.run_fingerprint(cfg, data.task, data.labels)
+            if checkpoint:
+                guards.check_resume(checkpoint, fingerprint)  # another dataset, labels or base: refused here
             set_seed(cfg.train.seed)
             model = modeling.load_model(
                 cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
@@ -81,6 +85,7 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
         else:  # the pack's first trial to get here loads the base for all
             tokenizer, data, member = slot.shared.load(slot.index)
             checkpoint, model = None, member.model
+            fingerprint = guards.run_fingerprint(cfg, data.task, data.labels)
             trainable, total = member.pack.counts(member.adapter)
             targets = member.pack.targets(member.adapter)
         tracking.set_tags(tracking.device_tags())  # the GPUs, now that the model is on them
@@ -100,8 +105,9 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
         # torchrun stops the others.
         env = None if slot is None else slot.env
         pruning = trial_callbacks(objective(cfg)[0], env) if main_process else []
+        callbacks = [*pruning, guards.FingerprintWriter(fingerprint)]  # the fingerprint goes in each checkpoint
         trainer, metrics, truncated = training.build_trainer(
-            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), pruning, member
+            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), callbacks, member
         )
         skipped = data.long_rows if cfg.data.long_rows == "skip" else 0
         tracking.log_metrics({"data_truncated_rows": truncated, "data_skipped_rows": skipped})
@@ -367,7 +373,7 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
         if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
             sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
         return run(raw, config)
-    except UserError as exc:  # a bad config or data, a model that is not here: the whole report, no traceback
+    except (UserError, DiskFullError) as exc:  # a bad config or data, a model not here, a full disk: no traceback
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

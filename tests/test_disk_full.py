@@ -2,9 +2,10 @@
 kept beside the output even when the store itself is on the full disk.
 
 The disk is real: a 8 MiB tmpfs mounted in a private mount namespace (``unshare -m``, or ``unshare -rm`` where
-user namespaces allow it without root), holding the run's output directory and, in the first case, its SQLite
+user namespaces allow it without root), holding the run's output directory and, in most cases, its SQLite
 store. A filler waits until the run has started (its ``config.yaml``, written after it took its reserve), then
-writes zeros until the disk is full, as a checkpoint or a neighbour's job would. What happened is read inside
+writes zeros until the disk is full, as a checkpoint or a neighbour's job would; or the disk is nearly full
+before the run starts. What happened is read inside
 the namespace (the tmpfs is gone with it) and printed as JSON.
 """
 
@@ -19,7 +20,7 @@ import sys
 import mlflow
 import pytest
 
-from src import tracking
+from src import reserve, tracking
 from src.sweeps.stale import mark_stale_runs
 from tests.conftest import ROOT
 
@@ -42,13 +43,19 @@ print(json.dumps({
 
 SCRIPT = """
 set -u
-disk=$1 uri=$2 log=$3
+disk=$1 uri=$2 log=$3 free_kb=$4
 mount -t tmpfs -o size=8m tmpfs "$disk" || exit 97
-(
-  for _ in $(seq 2400); do [ -f "$disk/out/config.yaml" ] && break; sleep 0.05; done  # the run has started
-  sleep 1
+if [ "$free_kb" = during ]; then
+  (
+    for _ in $(seq 2400); do [ -f "$disk/out/config.yaml" ] && break; sleep 0.05; done  # the run has started
+    sleep 1
+    dd if=/dev/zero of="$disk/fill" bs=64k 2>/dev/null
+  ) &
+else  # nearly full before the run starts: free_kb left once its store exists
+  MLFLOW_TRACKING_URI=$uri "$PYTHON" -c "from src import tracking; tracking.ensure_experiment('lora-sweeps', '$uri')"
   dd if=/dev/zero of="$disk/fill" bs=64k 2>/dev/null
-) &
+  truncate -s $(( $(stat -c %s "$disk/fill") - free_kb * 1024 )) "$disk/fill"
+fi
 MLFLOW_TRACKING_URI=$uri "$PYTHON" -m src.train model=tiny train.max_steps=400 train.logging_steps=1 \
   train.eval_strategy=no data.subsample=64 hydra.run.dir="$disk/out" >"$log" 2>&1
 echo "exit code $?" >>"$log"
@@ -68,14 +75,14 @@ def _namespace() -> list[str]:
     pytest.skip("cannot mount a tmpfs in a private mount namespace here (no root, no user namespaces)")
 
 
-def _fill_during_a_run(tmp_path, store_on_full_disk: bool) -> tuple[dict, str]:
+def _fill_during_a_run(tmp_path, store_on_full_disk: bool, free_kb: str = "during") -> tuple[dict, str]:
     disk = tmp_path / "disk"
     disk.mkdir()
     uri = f"sqlite:///{disk / 'mlflow.db'}" if store_on_full_disk else f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "train.log"
     env = {**os.environ, "PYTHON": sys.executable, "INSPECT": INSPECT}
     done = subprocess.run(
-        [*_namespace(), "bash", "-c", SCRIPT, "disk-full", str(disk), uri, str(log)],
+        [*_namespace(), "bash", "-c", SCRIPT, "disk-full", str(disk), uri, str(log), free_kb],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -91,19 +98,41 @@ def _disk_error(text: str) -> bool:
     return "disk is full" in text or "No space left on device" in text
 
 
+def _assert_failed_with_the_cause_on_disk(seen: dict) -> dict:
+    (run,) = seen["runs"]
+    assert run["status"] == "FAILED", run
+    assert _disk_error(run["tags"]["error"]), run["tags"]
+    record = seen["record"]  # beside the output, written in the space the reserve held
+    assert record is not None and record["run_id"] == run["run_id"] and record["status"] == "FAILED", seen
+    assert record["tags"]["error"] == run["tags"]["error"], record
+    assert not seen["reserve_left"]
+    return run
+
+
 def test_a_full_disk_under_the_store_and_the_output_ends_the_run_failed_with_the_cause(tmp_path):
     """Before the fix the run stayed RUNNING (its status write failed on the full disk), or ended FINISHED
     with error tags (MLflow's exit hook closed the still-active run)."""
     seen, output = _fill_during_a_run(tmp_path, store_on_full_disk=True)
     assert "exit code 1" in output, output[-3000:]
-    (run,) = seen["runs"]
-    assert run["status"] == "FAILED", run
-    assert _disk_error(run["tags"]["error"]), run["tags"]
-    record = seen["record"]  # the store failed as the run ended: the record beside the output says why
-    assert record is not None and record["run_id"] == run["run_id"] and record["status"] == "FAILED", seen
-    assert record["tags"]["error"] == run["tags"]["error"] and _disk_error(record["store_error"]), record
-    assert not seen["reserve_left"]
-    assert f"could not record run {run['run_id']} as FAILED" in output, output[-3000:]
+    _assert_failed_with_the_cause_on_disk(seen)
+
+
+def test_a_nearly_full_disk_fails_the_run_before_training_with_the_free_space(tmp_path):
+    """150 KiB free under the store and the output, less than the reserve: before the fix the reserve was
+    silently not taken, the run trained, and it was left RUNNING with no record when the disk filled."""
+    seen, output = _fill_during_a_run(tmp_path, store_on_full_disk=True, free_kb="150")
+    assert "exit code 2" in output, output[-3000:]
+    run = _assert_failed_with_the_cause_on_disk(seen)
+    assert run["tags"]["error_type"] == "DiskFullError" and "MiB free" in run["tags"]["error"], run
+    assert f"error: {run['tags']['error']}" in output and "Traceback" not in output, output[-3000:]
+    assert "train_loss" not in output and "step 1/" not in output  # it never trained
+
+
+@pytest.mark.slow  # ~1 min: the run trains, then the disk fills as it saves
+def test_a_disk_with_room_for_the_reserve_only_ends_the_run_failed_with_the_cause(tmp_path):
+    seen, output = _fill_during_a_run(tmp_path, store_on_full_disk=True, free_kb="4300")
+    assert "exit code 1" in output, output[-3000:]
+    _assert_failed_with_the_cause_on_disk(seen)
 
 
 @pytest.mark.slow  # ~1.5 min; a full disk: the store-and-output test above
@@ -111,10 +140,8 @@ def test_a_full_output_disk_ends_the_run_failed_with_the_cause_in_the_store(tmp_
     """The store is elsewhere: the run's own write to the full disk fails, and the store says so."""
     seen, output = _fill_during_a_run(tmp_path, store_on_full_disk=False)
     assert "exit code 1" in output, output[-3000:]
-    (run,) = seen["runs"]
-    assert run["status"] == "FAILED" and _disk_error(run["tags"]["error"]), run
-    assert seen["record"] is None  # the store took the status: no last-resort record needed
-    assert not seen["reserve_left"]
+    _assert_failed_with_the_cause_on_disk(seen)
+    assert not list(tmp_path.glob(f"{reserve.RESERVE_NAME}*"))  # the one beside the store (another disk) is freed
 
 
 DEAD_TAGS = {"host": "elsewhere", "pid": "7", "process_start": "x@1", "heartbeat": "2000-01-01T00:00:00+00:00"}
@@ -136,7 +163,7 @@ def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path, mlflow_store):
         ids[name] = run_id
         owner = run_id if name == "recorded" else "0" * 32
         error = {"error_type": "OSError", "error": "[Errno 28] No space left on device"}
-        (out / tracking.RECORD_NAME).write_text(
+        (out / reserve.RECORD_NAME).write_text(
             json.dumps({"run_id": owner, "status": "FAILED", "tags": error, "written_at": "2026-12-01T00:00:00"})
         )
     marked = {m.run_name: m for m in mark_stale_runs(uri)}
@@ -147,3 +174,51 @@ def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path, mlflow_store):
     assert "run_failed.json" in recorded.data.tags["recorded_by"]
     foreign = client.get_run(ids["foreign-record"])
     assert foreign.info.status == "KILLED" and foreign.data.tags["error_type"] == "ProcessLost"
+
+
+def test_a_disk_full_error_is_known_through_the_errors_that_wrap_it():
+    import errno
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as exc:
+            raise MlflowException("(sqlite3.OperationalError) ...") from exc
+    except MlflowException as wrapped:
+        assert reserve.is_disk_full(wrapped)
+    assert reserve.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not reserve.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not reserve.is_disk_full(RuntimeError("CUDA out of memory"))
+
+
+def _raises(code: int):
+    def fallocate(fd, offset, length):
+        raise OSError(code, os.strerror(code))
+
+    return fallocate
+
+
+def test_the_reserve_is_real_space_and_a_disk_without_it_is_refused(tmp_path, monkeypatch):
+    import errno
+
+    (made,) = reserve.reserve_space([tmp_path / "fallocated"])
+    assert os.stat(made).st_blocks * 512 >= reserve.RESERVE_BYTES  # allocated, not a sparse file
+    monkeypatch.setattr(os, "posix_fallocate", _raises(errno.EOPNOTSUPP))  # a filesystem without it: written out
+    (written,) = reserve.reserve_space([tmp_path / "written"])
+    assert os.stat(written).st_blocks * 512 >= reserve.RESERVE_BYTES
+
+    calls = []
+
+    def full_on_the_second_disk(fd, offset, length):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_on_the_second_disk)
+    first, second = tmp_path / "output-reserve", tmp_path / "store-reserve"
+    with pytest.raises(reserve.DiskFullError, match=r"MiB free, less than the 4 MiB"):
+        reserve.reserve_space([first, second])
+    assert not first.exists() and not second.exists()  # none left behind

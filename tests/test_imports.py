@@ -36,6 +36,8 @@ CORE = {
         "labels",
         "tables",
         "splits",
+        "outputs",
+        "reserve",
     )
 }
 # The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).

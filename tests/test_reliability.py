@@ -437,6 +437,7 @@ def test_train_resume_from_checkpoint_latest_continues_the_loss_curve(tmp_path, 
 
     _, whole = history([], tmp_path / "whole")
     history([f"train.max_steps={N}"], tmp_path / "split")
+    assert (tmp_path / "split" / "checkpoints" / f"checkpoint-{N}" / guards.FINGERPRINT_NAME).is_file()
     resumed, tail = history(["train.resume_from_checkpoint=latest"], tmp_path / "split")
     assert resumed.data.tags["resumed_from"].endswith(f"checkpoint-{N}")
     assert sorted(tail) == list(range(N + 1, N + 11))
@@ -448,6 +449,61 @@ def test_resume_latest_without_a_checkpoint_starts_fresh_and_a_bad_path_is_an_er
     assert guards.resume_checkpoint("latest", tmp_path / "none-yet") is None
     with pytest.raises(FileNotFoundError, match="not a Trainer checkpoint"):
         guards.resume_checkpoint(str(tmp_path), tmp_path)
+
+
+def _checkpoint_of(cfg, tmp_path: Path) -> Path:
+    """A checkpoint as the Trainer leaves one (safetensors weights, trainer_state.json), with ``cfg``'s fingerprint."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(checkpoint / "adapter_model.safetensors"))
+    (checkpoint / "trainer_state.json").write_text("{}")
+    labels = load_data(cfg.data).labels
+    (checkpoint / guards.FINGERPRINT_NAME).write_text(json.dumps(guards.run_fingerprint(cfg, "classification", labels)))
+    return checkpoint
+
+
+def test_resume_from_a_checkpoint_of_another_configuration_is_refused_naming_the_keys(
+    tmp_path, mlflow_store, monkeypatch
+):
+    """Another data file with the same three classes, or another rank and max_length: refused before the model
+    loads, with each differing key as checkpoint vs this run. Before the fix the run trained on without a word."""
+    from src.config import ConfigError
+
+    checkpoint = _checkpoint_of(validate(compose_config(FAST)), tmp_path)
+    reordered = tmp_path / "other_topics.csv"  # the same label set, other rows
+    lines = (ROOT / "src" / "assets" / "data" / "topics_train.csv").read_text().splitlines(keepends=True)
+    reordered.write_text("".join([lines[0], *reversed(lines[1:])]))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the resume was checked")
+
+    monkeypatch.setattr(modeling, "load_model", no_model)
+    cases = [
+        ([f"data.path={reordered}"], ["data.path.sha256: "]),
+        (["lora.r=4", "model.max_length=32"], ["lora.r: 8 vs 4", "model.max_length: 128 vs 32"]),
+    ]
+    for i, (overrides, named) in enumerate(cases):
+        raw = compose_config([*FAST, f"train.resume_from_checkpoint={checkpoint}", *overrides])
+        raw["output_dir"] = str(tmp_path / f"second-{i}")
+        with pytest.raises(ConfigError) as refused:
+            train_run(raw)
+        message = str(refused.value)
+        assert "was trained on another configuration" in message and all(n in message for n in named), message
+        assert len(message.splitlines()) == 2 + len(named), message  # only the keys that differ
+        run_ = _runs(mlflow_store)[0]
+        assert run_.info.status == "FAILED" and named[0] in run_.data.tags["error"]
+
+
+def test_resume_with_the_checkpoints_own_configuration_is_not_refused(tmp_path, capsys):
+    cfg = validate(compose_config(FAST))
+    checkpoint = _checkpoint_of(cfg, tmp_path)
+    guards.check_resume(str(checkpoint), guards.run_fingerprint(cfg, "classification", load_data(cfg.data).labels))
+    (checkpoint / guards.FINGERPRINT_NAME).unlink()  # saved before fingerprints: a note, not a refusal
+    guards.check_resume(str(checkpoint), {"data.task": "sft"})
+    assert "has no run_fingerprint.json" in capsys.readouterr().err
+    assert guards.run_fingerprint(cfg, "sft", None)["data.labels"] is None  # SFT has no labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,3 +833,76 @@ def test_full_disk_fails_the_run_with_no_space_left(tmp_path, mlflow_store):
     raw["output_dir"] = str(out)
     run_ = _failed_run(raw, mlflow_store)
     assert "No space left on device" in run_.data.tags["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories: two runs started in the same second get one each
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_taken_output_directory_is_never_handed_out_again(tmp_path):
+    from src.outputs import allocate_dir, unique_dir
+
+    base = str(tmp_path / "2026-12-07" / "12-00-00-tiny-topics")
+    assert allocate_dir(base) == base
+    assert allocate_dir(base) == f"{base}-2"
+    (tmp_path / "2026-12-07" / "12-00-00-tiny-topics-3").mkdir()  # taken by a run of another machine
+    assert allocate_dir(base) == f"{base}-4"
+
+    racing = str(tmp_path / "race" / "12-00-00")
+    got: list[str] = []
+    threads = [threading.Thread(target=lambda: got.append(allocate_dir(racing))) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(got)) == 16 and all(Path(p).is_dir() for p in got)
+
+    once = str(tmp_path / "resolved-twice")
+    assert unique_dir(once) == unique_dir(once) == once  # one process resolving its config again: the same dir
+
+
+def test_the_default_run_and_sweep_directories_are_allocated_uniquely():
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_hydra
+
+    hydra = OmegaConf.to_container(compose_hydra().hydra, resolve=False)
+    assert hydra["run"]["dir"].startswith("${unique_dir:outputs/${now:"), hydra["run"]
+    assert hydra["sweep"]["dir"].startswith("${unique_dir:multirun/${now:"), hydra["sweep"]
+
+
+@pytest.mark.slow  # two trainings at once, ~40 s on 2 CPU cores
+def test_two_runs_started_together_keep_their_own_output_and_adapter(tmp_path, mlflow_store):
+    """Both runs resolve one time-stamped name (as two started in the same second do): each gets a directory,
+    its adapter is its own (lora.r 4 and 8), and each run's output_dir tag names its directory."""
+    base = tmp_path / "outputs" / "12-00-00-tiny-topics"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "src.train",
+                *FAST,
+                "train.max_steps=1",
+                f"lora.r={r}",
+                f"hydra.run.dir=${{unique_dir:{base}}}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (4, 8)
+    ]
+    _finish(procs)
+    dirs = sorted(p for p in base.parent.iterdir())
+    assert [d.name for d in dirs] == [base.name, f"{base.name}-2"]
+    ranks = {json.loads((d / "adapter" / "adapter_config.json").read_text())["r"] for d in dirs}
+    assert ranks == {4, 8}
+    for out in dirs:
+        r = json.loads((out / "adapter" / "adapter_config.json").read_text())["r"]
+        assert f"r: {r}\n" in (out / "config.yaml").read_text()
+    runs = _runs(mlflow_store)
+    assert sorted(r.data.tags["output_dir"] for r in runs) == [str(d.resolve()) for d in dirs]
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -249,6 +249,38 @@ def test_interrupted_trials_are_failed_and_retried_once(tmp_path):
     assert study.ask(space).params == dead.params  # the next trial is the retry, with the same params
 
 
+def test_a_trial_whose_sweeper_pid_was_reused_is_failed_and_retried(tmp_path):
+    """Ownership is host + pid + process start: a live process that took a dead sweeper's pid does not keep the
+    trial RUNNING for good. A pid recorded in another pid namespace (another container) is not judged here."""
+    from src import tracking
+    from src.sweeps.study import set_owner
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    space = {"lora.r": CategoricalDistribution([4, 8, 16, 32])}
+    own = tracking.process_start(os.getpid())
+    namespace = own.split("@")[0]
+    host = os.uname().nodename
+    trials = {}
+    for name, pid, start in [
+        ("reused-by-this-process", os.getpid(), f"{namespace}@1"),
+        ("reused-by-init", 1, f"{namespace}@999999999"),
+        ("other-container", 2**22 + 12345, "pid:[1]@5"),
+    ]:
+        trials[name] = study.ask(space)
+        for key, value in (("sweeper_host", host), ("sweeper_pid", pid), ("sweeper_start", start)):
+            trials[name].set_user_attr(key, value)
+    trials["live"] = study.ask(space)
+    set_owner(trials["live"])
+    assert trials["live"].user_attrs["sweeper_start"] == own
+
+    retried = recover_interrupted(study)
+    assert retried == sorted(trials[n].number for n in ("reused-by-this-process", "reused-by-init"))
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[trials["other-container"].number] == TrialState.RUNNING
+    assert states[trials["live"].number] == TrialState.RUNNING
+
+
 def test_a_trial_whose_run_finished_after_its_sweep_died_is_adopted_not_retrained(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -475,6 +507,50 @@ def test_optuna_study_resumes_after_sigterm_without_duplicates(tmp_path, mlflow_
     text = mlflow.artifacts.load_text(f"runs:/{parents[0].info.run_id}/summary.txt")
     assert text.startswith(f"sweep {name}: 6 job(s), ") and "of them in this run of it (6 finished)" in text
     assert study.metric_names == ["eval_f1_macro"]
+
+
+def test_config_changes_name_every_key_that_differs():
+    from src.config import config_changes
+
+    stored = {"train.max_steps": 400, "data.path": "a.csv", "lora.dropout": 0.1}
+    current = {"train.max_steps": 5, "data.path": "a.csv", "data.subsample": 32}
+    assert config_changes(stored, current) == [
+        'data.subsample: "(unset)" vs 32',
+        'lora.dropout: 0.1 vs "(unset)"',
+        "train.max_steps: 400 vs 5",
+    ]
+    assert config_changes(stored, dict(stored)) == []
+
+
+def test_a_named_study_refuses_a_sweep_with_another_configuration(tmp_path, mlflow_store):
+    """One study name, two configurations (train.max_steps 2 and 3): the second sweep is refused before any trial,
+    naming the keys. The searched params, the sampler's seed and run control do not define a study. The trial
+    fails validation (lora.r=0), so nothing trains."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    base = [a for a in _optuna_args(storage, 1, "hydra.sweeper.study_name=shared") if not a.startswith("lora.")]
+    first = sweep([*base, "lora.r=choice(0)"], tmp_path)
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert len(study.trials) == 1 and "FAILED" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
+    assert study.user_attrs["definition"]["train.max_steps"] == 2 and "lora.r" not in study.user_attrs["definition"]
+
+    other = [a.replace("train.max_steps=2", "train.max_steps=3") for a in base]
+    refused = sweep([*other, "lora.r=choice(0)", "data.eval_subsample=8"], tmp_path)
+    text = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "2 key(s) differ" in text, text[-3000:]
+    assert "train.max_steps: 2 vs 3" in text and "data.eval_subsample: 16 vs 8" in text
+    assert len(optuna.load_study(study_name="shared", storage=storage).trials) == 1  # nothing ran
+
+    joined = sweep(
+        [
+            *[a.replace("seed=0", "seed=7") for a in base],
+            "lora.r=choice(0,2)",
+            "train.per_device_eval_batch_size=4",
+            "hydra.sweeper.max_failure_rate=1.0",
+        ],
+        tmp_path,
+    )
+    text = joined.stdout + joined.stderr
+    assert "differ" not in text and "1/1 trials done" in text, text[-3000:]
 
 
 @pytest.mark.slow

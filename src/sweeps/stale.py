@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from src import tracking
+from src import reserve, tracking
 
 # Heartbeats come every minute; a few missed ones (a long lock wait, a paused VM) are not death.
 STALE_AFTER_S = 900.0
@@ -42,7 +41,7 @@ def read_record(output_dir: Optional[str], run_id: str) -> Optional[dict]:
     (``src.tracking.close_run``), if there is one for this run."""
     if not output_dir:
         return None
-    path = Path(output_dir) / tracking.RECORD_NAME
+    path = Path(output_dir) / reserve.RECORD_NAME
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -61,21 +60,15 @@ def _age_s(heartbeat: Optional[str], start_time_ms: int, now: float) -> float:
     return now - start_time_ms / 1000
 
 
-def _pid_namespace() -> Optional[str]:
-    """This process's pid namespace: pids recorded in another one (another container) cannot be checked here."""
-    own = tracking.process_start(os.getpid())
-    return own.split("@")[0] if own else None
-
-
 def stale_reason(tags: dict[str, str], start_time_ms: int, stale_after_s: float, now: float) -> Optional[str]:
     """Why a RUNNING run with these tags has no live process, or None if it may still be running."""
     host, pid = tags.get("host"), tags.get("pid")
     if not host or not pid:
         return None  # not started by tracked_run: its owner is unknown
-    recorded = tags.get("process_start") or ""
-    if host == socket.gethostname() and recorded.split("@")[0] == _pid_namespace():
-        if tracking.process_start(int(pid)) != recorded:
-            return f"process {pid} on {host} is gone (killed without closing its run)"
+    alive = tracking.same_process(int(pid), tags.get("process_start")) if host == socket.gethostname() else None
+    if alive is False:
+        return f"process {pid} on {host} is gone (killed without closing its run)"
+    if alive:
         return None  # alive here: a hung process is not a dead one
     age = _age_s(tags.get("heartbeat"), start_time_ms, now)
     if age > stale_after_s:
@@ -137,7 +130,7 @@ def mark_stale_runs(
         if record is not None:
             status = record.get("status") if record.get("status") in ("FAILED", "KILLED") else "FAILED"
             tags = {str(k): str(v)[: tracking.MAX_TAG_LEN] for k, v in (record.get("tags") or {}).items()}
-            tags["recorded_by"] = f"{tracking.RECORD_NAME} of {record.get('written_at')}, applied by src.doctor"
+            tags["recorded_by"] = f"{reserve.RECORD_NAME} of {record.get('written_at')}, applied by src.doctor"
             run.reason = f"{run.reason}; its record says {status}: {tags.get('error_type', '?')}"
             run.status = status
         else:
@@ -145,4 +138,7 @@ def mark_stale_runs(
             message = f"{run.reason}; marked KILLED by src.doctor at {tracking.utc_now()}"
             tags = {"error_type": "ProcessLost", "error": message}
         tracking.terminate(client, run.run_id, status, tags)
+        store_dir = reserve.sqlite_dir(uri)
+        if store_dir is not None:  # the reserve it held beside the store (the one in its output dir is reused)
+            reserve.release([store_dir / f"{reserve.RESERVE_NAME}-{run.run_id}"])
     return stale

@@ -50,6 +50,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
+from src.config import config_changes
 from src.config_rules import domain_problems
 from src.names import filter_value, text_problem
 from src.sweeps import packs as packs_mod
@@ -80,6 +81,21 @@ DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
 # Consecutive proposals of configs already tried before the space is taken as exhausted.
 MAX_DUPLICATE_PROPOSALS = 50
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# Study user attr: the config every trial of the study shares (OptunaSweeper.definition), so that a sweep that
+# joins the study with another one is refused instead of ranking trials of two configurations together.
+DEFINITION_ATTR = "definition"
+# Keys that change where results go or how fast a trial runs, not what it trains or how it is scored.
+NOT_DEFINING = (
+    "tracking.",
+    "output_dir",
+    "train.resume_from_checkpoint",
+    "train.dataloader_num_workers",
+    "train.per_device_eval_batch_size",
+    "train.memory_budget_gb",
+    "data.num_sample_prompts",
+)
+# Trial user attrs naming the sweep process that runs it: host, pid and its start (src.tracking.process_start).
+OWNER_HOST_ATTR, OWNER_PID_ATTR, OWNER_START_ATTR = "sweeper_host", "sweeper_pid", "sweeper_start"
 # A worker with no trial left to take polls this often (seconds) for the others' outcomes.
 WAIT_POLL_S = 2.0
 # How long a worker that joins a study waits for the creator's MLflow parent run id.
@@ -257,19 +273,33 @@ def params_key(params: dict[str, Any]) -> str:
 
 
 def owner_alive(trial) -> bool:
-    """Whether the sweep process that runs a RUNNING trial is still alive (unknown hosts: assumed so)."""
-    host, pid = trial.user_attrs.get("sweeper_host"), trial.user_attrs.get("sweeper_pid")
+    """Whether the sweep process that runs a RUNNING trial is still alive: the same host, pid and process start
+    (a pid reused by another process is not the sweep). Unknown hosts and other containers: assumed alive."""
+    attrs = trial.user_attrs
+    host, pid = attrs.get(OWNER_HOST_ATTR), attrs.get(OWNER_PID_ATTR)
     if host is None or pid is None:
         return False
     if host != socket.gethostname():
         return True
-    try:
+    alive = tracking.same_process(int(pid), attrs.get(OWNER_START_ATTR))
+    if alive is not None:
+        return alive
+    if attrs.get(OWNER_START_ATTR):
+        return True  # recorded in another pid namespace: not ours to judge
+    try:  # a trial of a sweeper that recorded no start
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
     return True
+
+
+def set_owner(trial) -> None:
+    """Mark a trial as run by this sweep process (:func:`owner_alive`)."""
+    trial.set_user_attr(OWNER_HOST_ATTR, socket.gethostname())
+    trial.set_user_attr(OWNER_PID_ATTR, os.getpid())
+    trial.set_user_attr(OWNER_START_ATTR, tracking.process_start(os.getpid()) or "")
 
 
 def recover_interrupted(study, finished: Optional[dict[int, list[float]]] = None) -> list[int]:
@@ -400,6 +430,34 @@ class OptunaSweeper(Sweeper):
         ).hexdigest()[:8]
         return f"{self.config.hydra.job.config_name or 'study'}-{digest}"
 
+    def definition(self, space: dict, fixed: list[str], directions: list[str]) -> Optional[dict[str, Any]]:
+        """What defines the study: a trial's resolved config (the fixed overrides applied), less the searched and
+        derived keys (and what lies under a searched group) and :data:`NOT_DEFINING`, plus the metrics, their
+        directions and the derived expressions. As JSON would store it; None if the overrides do not compose
+        (each trial then fails with Hydra's own error)."""
+        try:
+            job = self.hydra_context.config_loader.load_sweep_config(self.config, list(fixed))
+        except Exception:  # noqa: BLE001
+            return None
+        raw = OmegaConf.to_container(job, resolve=False)
+        raw.pop("hydra", None)
+        raw.pop("output_dir", None)
+        flat = tracking.flatten(OmegaConf.to_container(OmegaConf.create(raw), resolve=True))
+        searched = {k.lstrip("+~") for k in [*space, *self.derived]}
+        kept = {
+            k: v
+            for k, v in flat.items()
+            if not k.startswith(NOT_DEFINING) and not any(k == s or k.startswith(f"{s}.") for s in searched)
+        }
+        kept.update(
+            {
+                "hydra.sweeper.metrics": self.metrics,
+                "hydra.sweeper.directions": directions,
+                "hydra.sweeper.derived": self.derived,
+            }
+        )
+        return json.loads(json.dumps(kept, default=str))
+
     def sweep_variables(self, space: dict) -> set[str]:
         """Params that are not config keys: allowed only when a derived expression uses them."""
         variables = {k for k in space if OmegaConf.select(self.config, k.lstrip("+~"), default=KeyError) is KeyError}
@@ -434,8 +492,10 @@ class OptunaSweeper(Sweeper):
                 out[int(run.data.tags["optuna_trial"])] = values
         return out
 
-    def open_study(self, name: str, directions: list[str]) -> tuple[Any, bool]:
-        """The study, and whether this worker created it (then it also creates the MLflow parent run)."""
+    def open_study(self, name: str, directions: list[str], definition: Optional[dict[str, Any]]) -> tuple[Any, bool]:
+        """The study, and whether this worker created it (then it also creates the MLflow parent run). A study
+        recorded with another ``definition`` (:meth:`definition`) is refused, naming the keys, before it is
+        changed in any way."""
         import optuna
 
         sampler = build_sampler(OmegaConf.to_container(self.sampler_conf, resolve=True))
@@ -453,6 +513,18 @@ class OptunaSweeper(Sweeper):
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
             created = False
+        stored = study.user_attrs.get(DEFINITION_ATTR)
+        changes = config_changes(stored, definition) if isinstance(stored, dict) and definition is not None else []
+        if changes:
+            raise SweepFailed(
+                f"study {name!r} in {self.storage} was run with another configuration; its trials would be ranked "
+                f"with this sweep's ({len(changes)} key(s) differ, study vs this sweep): "
+                + "; ".join(changes)
+                + ". Name another study (hydra.sweeper.study_name), or leave it unset for one named after the "
+                "overrides."
+            )
+        if stored is None and definition is not None:
+            study.set_user_attr(DEFINITION_ATTR, definition)
         study.set_user_attr(PRUNER_ATTR, spec)  # plain data: each trial rebuilds it with build_pruner
         with warnings.catch_warnings():  # optuna-dashboard shows these names instead of "Objective 0"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -493,7 +565,7 @@ class OptunaSweeper(Sweeper):
         name = self.study_name or self.default_study_name(list(arguments), directions)
         if text_problem(name):  # the name is the sweep id, which the MLflow searches of this study quote
             raise SweepFailed(f"hydra.sweeper.study_name: {name!r} {text_problem(name)}")
-        study, created = self.open_study(name, directions)
+        study, created = self.open_study(name, directions, self.definition(space, fixed, directions))
         retried = recover_interrupted(study, self.finished_trials(name))
         done = sum(counted(t) for t in study.get_trials(deepcopy=False))
         prior = prior_counts(study)
@@ -672,8 +744,7 @@ class OptunaSweeper(Sweeper):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
                 trial = study.ask(space)
-            trial.set_user_attr("sweeper_host", socket.gethostname())
-            trial.set_user_attr("sweeper_pid", os.getpid())
+            set_owner(trial)
             key = params_key(trial.params)
             original = finished.get(key)
             in_flight = next((p for p in [*pending, *elsewhere] if params_key(p.params) == key), None)
