@@ -283,6 +283,26 @@ def test_the_tiny_model_says_once_it_is_a_demo_on_a_users_text(cls_run, tmp_path
     assert code == 0 and err.count("2-layer demo model") == 1
 
 
+def test_multilabel_scores_need_every_label_column(tmp_path, capsys):
+    """A multi-label input scores only with all of the run's label columns (a row's labels are all of them); with
+    some, a note names the missing ones; with none, predict says nothing about scores."""
+    import pandas as pd
+
+    cfg = validate(compose_config(["data=topics_multilabel"]))
+    labels = list(cfg.data.label_columns)
+    source = inference.Source(adapter_dir=tmp_path, cfg=cfg, task="multilabel", labels=labels, threshold=0.5)
+    logits = np.array([[3.0, -3.0, -3.0, -3.0], [-3.0, 3.0, 3.0, -3.0]])
+    predicted = predict.Predicted([{}, {}], logits, 0.5)
+    full = pd.DataFrame({"text": ["a", "b"], **{c: [int(i == 0), int(i in (1, 2))] for i, c in enumerate(labels)}})
+    predict.report_scores(source, full, predicted, str(tmp_path / "out.jsonl"))
+    saved = json.loads((tmp_path / "out.jsonl.scores.json").read_text())
+    assert saved["rows_scored"] == 2 and saved["metrics"]["subset_accuracy"] == 1.0
+    predict.report_scores(source, full[["text", *labels[:2]]], predicted, None)
+    assert f"the input lacks the run's label column(s) {labels[2:]}" in capsys.readouterr().err
+    predict.report_scores(source, full[["text"]], predicted, None)
+    assert capsys.readouterr().err == ""
+
+
 # --- from an adapter directory, a sweep, stdin ------------------------------------------------------------------
 
 

@@ -243,6 +243,10 @@ def report_scores(source: Source, df: pd.DataFrame, predicted: Predicted, output
     """When the input holds the run's label column(s): print the scores, and save them beside ``output``."""
     if predicted.logits is None:
         return
+    columns = scoring.label_columns_of(source.task, source.cfg.data)
+    missing = [c for c in columns if c not in df.columns]
+    if missing and len(missing) < len(columns):  # some label columns, not all: a multi-label row is not known
+        print(f"note: not scored: the input lacks the run's label column(s) {missing}", file=sys.stderr)
     scores = scoring.score(df, source.task, source.cfg.data, source.labels, predicted.logits, predicted.threshold)
     if scores is None:
         return
