@@ -69,6 +69,15 @@ def metric_line(logs: dict[str, Any], step: int, max_steps: int) -> Optional[str
     return f"{'eval  ' if evaluation else ''}{where}  {body}"
 
 
+def say(message: str) -> None:
+    """One line for the user: through the ``src`` logger where the process set up logging (a run's train.log),
+    else on stderr, so a command without logging shows it too."""
+    if log.hasHandlers():
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
 

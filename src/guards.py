@@ -6,6 +6,7 @@
   checkpoints whose weights are pickles: unpickling runs code, safetensors cannot.
 - :func:`check_remote_code` refuses a model that needs code from its checkpoint unless
   ``model.trust_remote_code=true``.
+- :func:`model_source_problem` stops a hub model that is not cached and cannot be downloaded, in seconds.
 - :func:`run_fingerprint` is what defines a run's checkpoints; :class:`FingerprintWriter` saves it in each
   checkpoint, and :func:`check_resume` refuses to resume one with another (another dataset, labels, base, ...).
 """
@@ -23,6 +24,7 @@ from typing import Any, Optional, Union
 from transformers import TrainerCallback
 
 from src.config import Config, ConfigError, config_changes
+from src.errors import UserError
 from src.tiny import resolve as resolve_builtin
 
 SAFE_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
@@ -254,3 +256,70 @@ class FingerprintWriter(TrainerCallback):
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and directory.is_dir():
             (directory / FINGERPRINT_NAME).write_text(json.dumps(self.fingerprint, indent=2) + "\n")
+
+
+HUB_PROBE_SECONDS = 5.0
+
+
+class ModelUnavailable(UserError, OSError):
+    """A hub model that is neither a local directory nor in the local hub cache, and cannot be downloaded now."""
+
+
+def in_hub_cache(name_or_path: str, revision: Optional[str]) -> bool:
+    """Whether the local hub cache holds the model's config.json; never downloads."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str)
+    except Exception:  # not a valid repo id: the caller's own load says so
+        return False
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> Optional[str]:
+    """Why the hub cannot be reached now, or None: one request, bounded in time (proxy settings honoured). The
+    hub client would retry a dead connection for over a minute before failing with a traceback."""
+    import threading
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    failure: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+        except Exception as exc:  # DNS, refused, TLS, proxy: each means no download
+            failure.append(exc)
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    thread.start()
+    thread.join(timeout + 1.0)
+    if thread.is_alive():
+        return f"the hub ({constants.ENDPOINT}) gave no answer in {timeout:g} s"
+    if failure:
+        reason = str(failure[0]).strip().splitlines()
+        return (
+            f"the hub ({constants.ENDPOINT}) cannot be reached ({reason[0] if reason else type(failure[0]).__name__})"
+        )
+    return None
+
+
+def model_source_problem(name_or_path: str, revision: Optional[str], may_download: bool) -> Optional[str]:
+    """Why ``model.name_or_path`` cannot be read on this machine, in one line, or None; in seconds.
+
+    A builtin name or an existing path is not judged here (its loader says what is wrong with it). A hub id is
+    fine in the local hub cache, or, where ``may_download``, when the hub answers now. ``src.plan`` (which never
+    downloads) and the model and tokenizer loading (:mod:`src.modeling`) share this rule."""
+    from src.tiny import BUILTIN_PREFIX
+
+    if name_or_path.startswith(BUILTIN_PREFIX) or Path(name_or_path).expanduser().exists():
+        return None
+    if in_hub_cache(name_or_path, revision):
+        return None
+    where = f"model.name_or_path={name_or_path}: not a local directory and not in the local hub cache"
+    if not may_download:
+        return where
+    offline = hub_unreachable()
+    return f"{where}, and {offline}" if offline else None

@@ -18,8 +18,8 @@ from typing import Any, Optional, Union
 import torch
 
 from src.config import FULL_FINE_TUNING, LORA_PRESETS, ConfigError, LoraConfig, ModelConfig, QuantConfig
-from src.errors import UserError, first_line
-from src.guards import check_remote_code, check_weight_format
+from src.errors import first_line
+from src.guards import ModelUnavailable, check_remote_code, check_weight_format, model_source_problem
 from src.tiny import resolve as resolve_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,10 +64,6 @@ def to_bnb_config(quant: QuantConfig, task: str = "sft"):
     )
 
 
-class ModelNotAvailable(UserError):
-    """``model.name_or_path`` names no model this machine can load: no such directory, not a hub id, offline."""
-
-
 def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).expanduser().exists()
 
@@ -82,16 +78,27 @@ def loading_from(name_or_path: str) -> Iterator[None]:
             problem = "no such directory"
         else:
             problem = f"cannot be loaded ({first_line(exc)})"
-        raise ModelNotAvailable(
+        raise ModelUnavailable(
             f"model.name_or_path={name_or_path!r}: {problem}; give a local model directory or a hub id this "
             "machine can download (with model.revision)"
         ) from exc
+
+
+def require_model_source(model_cfg: ModelConfig) -> None:
+    """Raise :class:`ModelUnavailable` in seconds for a hub model that is not cached and cannot be downloaded now."""
+    problem = model_source_problem(model_cfg.name_or_path, model_cfg.revision, may_download=True)
+    if problem:
+        raise ModelUnavailable(
+            f"{problem}; connect to the hub, or save the model on a machine that can and pass "
+            "model.name_or_path=/path/to/dir"
+        )
 
 
 def load_tokenizer(model_cfg: ModelConfig):
     """Load the tokenizer; give it a pad token (eos, as Llama recipes do) if it has none."""
     from transformers import AutoTokenizer
 
+    require_model_source(model_cfg)
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     with loading_from(model_cfg.name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(
@@ -120,6 +127,7 @@ def load_model(
     which keeps 4-bit weights where gradients pass, see :func:`keep_4bit_weights_differentiable`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    require_model_source(model_cfg)
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     check_weight_format(model_cfg.name_or_path, model_cfg.allow_pickle_weights)
     kwargs: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
     python -m src.plan model=openllama3b quant=4bit lora=all_linear train=gpu
     python -m src.plan model=openllama3b model.name_or_path=/dir/with/config.json lora.r=16
-    python -m src.plan -cd sweeps -cn seed_table        # another config dir/name; a sweep plans its base config
+    python -m src.plan -cd sweeps -cn seed_table        # another config dir/name; each row of a sweep's rows
 
 It takes the same overrides as ``src.train``, builds the model from its ``config.json`` alone
 on PyTorch's meta device (no weights, no download, about a second for 3B parameters), applies
@@ -78,6 +78,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -85,6 +86,7 @@ from typing import Any, Optional
 from src.config import CONF_DIR, Config, compose, validate
 from src.config_rules import read_model_config
 from src.errors import UserError, run_cli
+from src.guards import model_source_problem
 from src.tiny import resolve as resolve_builtin
 
 GIB = 2**30
@@ -267,14 +269,20 @@ def load_model_config(name_or_path: str, revision: Optional[str], trust_remote_c
         raise PlanError(
             f"model.name_or_path={name_or_path}: no such directory; pass a directory holding the model's config.json"
         )
-    try:  # plan needs a config, never weights, and must work offline
+    missing = None if local.is_dir() else model_source_problem(path, revision, may_download=False)
+    if missing:  # the rule the model loading shares (src.guards), less the download plan never makes
+        raise PlanError(
+            f"{missing}, and plan never downloads. Pass model.name_or_path=/path/to/dir holding the model's "
+            f"config.json (on a machine with hub access: AutoConfig.from_pretrained('{name_or_path}')"
+            ".save_pretrained('DIR'))"
+        )
+    try:
         return read_model_config(str(local) if local.is_dir() else path, revision, trust_remote_code)
     except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
         raise PlanError(
-            f"model.name_or_path={name_or_path}: not a local directory and not in the local hub cache, and plan "
-            f"never downloads. Pass model.name_or_path=/path/to/dir holding the model's config.json (on a machine "
-            f"with hub access: AutoConfig.from_pretrained('{name_or_path}').save_pretrained('DIR')). "
-            f"[{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]"
+            f"model.name_or_path={name_or_path}: its config.json cannot be read "
+            f"[{type(exc).__name__}: {first[0] if first else ''}]"
         ) from exc
 
 
@@ -536,20 +544,38 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _composed(args, extra: Sequence[str] = ()) -> Config:
+    """The config of the command's overrides, then ``extra`` (a pack's trial, a sweep's row), with its label set."""
+    from hydra.errors import HydraException
+
+    try:
+        return with_label_set(validate(compose([*args.overrides, *extra], args.config_dir, args.config_name)))
+    except HydraException as exc:  # an unknown group option or a bad override: the user's to fix
+        raise PlanError(str(exc)) from exc
+
+
+def sweep_rows(args) -> list[str]:
+    """The rows of a grid sweep config (``hydra.sweeper.rows``, as the seed table lists them); [] for others."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=str(Path(args.config_dir).resolve()), version_base="1.3"):
+            composed = hydra_compose(args.config_name, list(args.overrides), return_hydra_config=True)
+    except HydraException as exc:
+        raise PlanError(str(exc)) from exc
+    rows = OmegaConf.select(composed, "hydra.sweeper.rows", default=None)
+    return [str(row) for row in OmegaConf.to_container(rows)] if rows else []
+
+
 def _main_pack(args) -> int:
     """``--pack``: each trial's table, then the pack's estimate and its JSON line."""
     import shlex
 
-    from hydra.errors import HydraException
-
     def body() -> None:
-        try:
-            cfgs = [
-                with_label_set(validate(compose([*args.overrides, *shlex.split(t)], args.config_dir, args.config_name)))
-                for t in args.pack
-            ]
-        except HydraException as exc:
-            raise PlanError(str(exc)) from exc
+        cfgs = [_composed(args, shlex.split(t)) for t in args.pack]
         result = plan_pack(cfgs)
         for trial, single in zip(args.pack, result["trials"]):
             print(f"--- trial: {trial}")
@@ -582,20 +608,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.pack:
         return _main_pack(args)
-    from hydra.errors import HydraException
-
     from src.console import quiet_libraries
 
     quiet_libraries()
 
     def body() -> None:
-        try:
-            cfg = with_label_set(validate(compose(args.overrides, args.config_dir, args.config_name)))
-        except HydraException as exc:  # an unknown group option or a bad override: the user's to fix
-            raise PlanError(str(exc)) from exc
-        result = plan(cfg)
-        print(format_table(result))
-        print(json.dumps(result))
+        import shlex
+
+        rows = sweep_rows(args)
+        for i, row in enumerate(rows or [""]):  # a sweep's rows each, as its jobs will train them; else the config
+            if rows:
+                print(f"--- row {i + 1}/{len(rows)}: {row}")
+            result = plan(_composed(args, shlex.split(row)))
+            print(format_table(result))
+            print(json.dumps(result))
 
     return run_cli(body)
 

@@ -19,6 +19,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from src.bundled import DATA_DIR
 
@@ -170,6 +171,13 @@ def resolve(name_or_path: str) -> str:
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent))
+        # stderr, not the src logger: this module sits below the console (src.config imports it), and a command
+        # without logging (src.predict, src.plan) shows the line too
+        print(
+            f"building the embedded tiny model once, into {out_dir} (up to a minute on a slow CPU) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         build(tmp)
         try:
             if out_dir.exists():
@@ -178,6 +186,25 @@ def resolve(name_or_path: str) -> str:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
     return str(out_dir)
+
+
+def is_builtin(name_or_path: str) -> bool:
+    return name_or_path.startswith(BUILTIN_PREFIX)
+
+
+def is_bundled(path: Optional[str]) -> bool:
+    """A file the project ships (src/assets/data): the data the tiny model was built for."""
+    return path is not None and Path(path).expanduser().resolve().parent == DATA_DIR.resolve()
+
+
+def demo_note() -> str:
+    """The line that says the builtin model is a toy and names the real ones (every other conf/model/ preset)."""
+    presets = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("*.yaml") if p.stem != "tiny")
+    return (
+        "note: model=tiny is a 2-layer demo model built for tests and offline demos; its results on your own data "
+        f"mean little. For real work pick a pretrained model: {', '.join(f'model={p}' for p in presets)} "
+        "(conf/model/)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import hydra
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from src import console, distributed, overrides, tracking
+from src import console, distributed, overrides, tiny, tracking
 from src.config import (
     CONF_DIR,
     FULL_FINE_TUNING,
@@ -73,6 +73,8 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
 
         from src import guards, modeling, training
 
+        if main_process and on_demo_model(cfg):
+            console.say(tiny.demo_note())
         member = None
         if slot is None:
             tokenizer = modeling.load_tokenizer(cfg.model)
@@ -289,6 +291,13 @@ def pack(jobs: list[tuple[dict, Config, Optional[dict]]]):
     shared = SharedBase([(raw, cfg) for raw, cfg, _ in jobs])
     trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, _, env) in enumerate(jobs)]
     return trains, shared
+
+
+def on_demo_model(cfg: Config) -> bool:
+    """The builtin tiny model on data the project does not ship (a user's file, a hub dataset)."""
+    paths = [p for p in (cfg.data.path, cfg.data.eval_path) if p is not None]
+    user_data = cfg.data.hub_id is not None or not all(tiny.is_bundled(p) for p in paths)
+    return tiny.is_builtin(cfg.model.name_or_path) and user_data
 
 
 def check_label_metrics(cfg: Config, labels: Optional[list[str]]) -> None:

@@ -254,7 +254,8 @@ def test_predict_on_the_chat_validation_file_prompts_as_training_did(chat_run, t
     assert len(records) == len(validation) == 40
     for record, row in zip(records, validation):
         context, reply = chat.split_at_last_reply(row["messages"])
-        assert record["id"] == row["id"] and record["messages"] == context
+        # every input column comes back as it was; the reply the conversation ends in is the reference
+        assert record["id"] == row["id"] and record["messages"] == row["messages"] and context == row["messages"][:-1]
         assert record["reference"] == reply["content"] and isinstance(record["generation"], str)
 
     lines = tmp_path / "lines.txt"
@@ -278,7 +279,8 @@ def test_predict_on_the_chat_validation_file_prompts_as_training_did(chat_run, t
         == 0
     )
     (row,) = list(csv.DictReader((tmp_path / "p.csv").open()))
-    assert json.loads(row["messages"]) == [{"role": "user", "content": "Give the plural of the word: guitar"}]
+    assert row[predict.LINE_COLUMN] == "Give the plural of the word: guitar"  # one user turn, prompted for a reply
+    assert "generation" in row and "reference" not in row
 
     bad = _write(tmp_path / "bad.jsonl", [MULTI_TURN, [{"role": "robot", "content": "hi"}]])
     capsys.readouterr()

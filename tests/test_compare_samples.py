@@ -61,3 +61,26 @@ def test_table_alone_has_no_samples(mlflow_store, capsys, flag):
     run_id = _sft_run("r", ["x", "y"])
     assert main(["--runs", run_id, *flag]) == 0
     assert "before and after" not in capsys.readouterr().out
+
+
+def test_a_long_prompt_shows_its_instruction_and_where_the_response_starts(mlflow_store, capsys):
+    """A long Alpaca prompt keeps the instruction's start and the "### Response:" end: the middle is cut, and the
+    template's preamble, the same in every row, is left out."""
+    from src.data import format_prompt
+
+    instruction = "Summarize the following customer review in one sentence for the support team."
+    review = " ".join(["the delivery was late and the box arrived open"] * 12)
+    prompts = [format_prompt(instruction, review, "alpaca"), format_prompt("Name | the topic.", "", "alpaca")]
+    with mlflow.start_run(run_name="long") as run:
+        mlflow.log_params({"data.task": "sft", "model.name": "tiny"})
+        mlflow.log_metric("objective", 1.0)
+        table = {"prompt": prompts, "reference": ["late", "x"], "before": ["", ""], "after": ["late box", "y"]}
+        mlflow.log_table(table, artifact_file="samples.json")
+    assert main(["--runs", run.info.run_id, "--samples"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ### Instruction:")]
+    long_cell, short_cell = (line.split(" | ")[0] for line in lines)
+    assert long_cell.startswith(f"| ### Instruction: {instruction} ")
+    assert long_cell.endswith("open ### Response:") and "…" in long_cell
+    assert len(long_cell) <= 2 + 120
+    assert short_cell == "| ### Instruction: Name \\| the topic. ### Response:"
+    assert "Below is an instruction" not in "\n".join(lines)

@@ -156,3 +156,17 @@ def test_an_explicit_hf_hub_offline_0_lets_bitsandbytes_ask_the_hub():
     if not seen["fetches"]:
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes asks the hub for nothing here")
     assert seen["tried"], seen  # the user's own setting wins: the kernel was asked for (and the test refused it)
+
+
+def test_say_goes_to_stderr_where_no_logging_is_set_up(monkeypatch, capsys, caplog):
+    import logging
+
+    from src import console
+
+    monkeypatch.setattr(console.log, "hasHandlers", lambda: False)
+    console.say("one line")
+    assert capsys.readouterr().err == "one line\n"
+    monkeypatch.undo()
+    caplog.set_level(logging.INFO, logger="src")
+    console.say("through the logger")
+    assert "through the logger" in caplog.text and "through the logger" not in capsys.readouterr().err

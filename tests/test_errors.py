@@ -131,7 +131,7 @@ def test_a_missing_model_directory_is_one_line_and_a_failed_run(tmp_path, empty_
     missing = tmp_path / "no-such-model"
     proc = _train(tmp_path, uri, f"model.name_or_path={missing}")
     _one_error_line(proc, f"model.name_or_path='{missing}': no such directory")
-    _failed_run(uri, "ModelNotAvailable", "no such directory")
+    _failed_run(uri, "ModelUnavailable", "no such directory")
 
 
 @pytest.mark.parametrize(
@@ -256,7 +256,7 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line_and_a_failed_run(tmp_pat
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = _train(tmp_path, uri, "model.name_or_path=no-such-org/no-such-model", env=env)
     _one_error_line(proc, "model.name_or_path='no-such-org/no-such-model': cannot be loaded")
-    _failed_run(uri, "ModelNotAvailable", "no-such-org/no-such-model")
+    _failed_run(uri, "ModelUnavailable", "no-such-org/no-such-model")
 
 
 @pytest.mark.slow

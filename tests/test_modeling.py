@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -169,3 +170,77 @@ def test_four_bit_training_keeps_its_gradients_after_an_evaluation(tiny_model_di
         assert grad is not None and grad.abs().sum() > 0, name
         assert after[name] is not None, f"{name}: no gradient after an evaluation"
         torch.testing.assert_close(after[name], grad, msg=f"{name}: its gradient changed after an evaluation")
+
+
+def test_building_the_tiny_model_says_so_once_before_it_starts(tmp_path, monkeypatch, capsys):
+    """The first use builds the model (about a minute on a slow CPU): one line says so before the wait."""
+    from src import tiny
+
+    out_dir = tmp_path / "tiny-llama"
+    monkeypatch.setitem(tiny.BUILTINS, "tiny-llama", out_dir)
+    said_before_build: list[str] = []
+
+    def build(into):
+        said_before_build.append(capsys.readouterr().err)
+        (into / "RECIPE_VERSION").write_text(str(tiny.RECIPE_VERSION))
+        return into
+
+    monkeypatch.setattr(tiny, "build", build)
+    assert tiny.resolve("builtin:tiny-llama") == str(out_dir)
+    assert len(said_before_build) == 1
+    assert said_before_build[0].count("\n") == 1
+    assert said_before_build[0].startswith(f"building the embedded tiny model once, into {out_dir}")
+    assert tiny.resolve("builtin:tiny-llama") == str(out_dir)  # built: quiet, and not built again
+    assert capsys.readouterr().err == "" and len(said_before_build) == 1
+
+
+UNCACHED = "nobody-here/not-a-cached-model"
+
+
+@pytest.mark.parametrize("offline_env", [False, True], ids=["no-network", "HF_HUB_OFFLINE"])
+def test_an_uncached_hub_model_without_the_hub_fails_in_seconds_in_one_line(monkeypatch, offline_env):
+    """No retries for a minute and no traceback: the tokenizer and the model loads stop at once, naming the model
+    and the way out (the hub client retried a dead connection for 83 s)."""
+    import time
+
+    from huggingface_hub import constants
+
+    from src.guards import ModelUnavailable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_env)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    cfg = replace(tiny_model_config(Path("unused")), name_or_path=UNCACHED)
+    loads = [
+        lambda: modeling.load_tokenizer(cfg),
+        lambda: modeling.load_model(cfg, QuantConfig(16, "nf4", False, "float32"), "classification", ["a", "b"], 0),
+    ]
+    for load in loads:
+        start = time.monotonic()
+        with pytest.raises(ModelUnavailable) as raised:
+            load()
+        assert time.monotonic() - start < 10
+        message = str(raised.value)
+        assert "\n" not in message and f"model.name_or_path={UNCACHED}" in message
+        assert "model.name_or_path=/path/to/dir" in message
+        assert ("HF_HUB_OFFLINE is set" if offline_env else "http://127.0.0.1:9) cannot be reached") in message
+
+
+def test_a_hub_that_answers_lets_the_download_go_on(monkeypatch):
+    """Any HTTP answer means the hub is there: the model's own load then downloads it (no false 'offline')."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from src.guards import model_source_problem
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert model_source_problem(UNCACHED, None, may_download=True) is None
+        assert "not in the local hub cache" in model_source_problem(UNCACHED, None, may_download=False)
+        assert model_source_problem("builtin:tiny-llama", None, may_download=False) is None
+    finally:
+        server.shutdown()

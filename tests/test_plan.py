@@ -385,3 +385,19 @@ def test_a_pack_plans_the_base_once_and_every_trial_s_adapter(openllama_dir, cap
     assert pack["est_peak_gpu_mem_gb"] == pytest.approx(expected, abs=2e-3)
     assert pack["est_solo_sum_gb"] == pytest.approx(sum(s["est_peak_gpu_mem_gb"] for s in solo), abs=2e-3)
     assert pack["est_peak_gpu_mem_gb"] < pack["est_solo_sum_gb"] - 1.5  # a 4-bit W3B base is ~2 GiB
+
+
+def test_a_sweep_with_rows_plans_each_row(openllama_dir, capsys):
+    """``src.plan -cd sweeps -cn seed_table`` plans the table's four rows, as its jobs train them, not its base: the
+    trainable parameters its header lists, row 4 on the 8-bit base."""
+    assert P.main(["-cd", str(ROOT / "sweeps"), "-cn", "seed_table", f"model.name_or_path={openllama_dir}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in out if line.startswith("{")]
+    assert [r["trainable_params"] for r in rows] == [2_662_400, 5_324_800, 12_994_560, 12_994_560]
+    assert [r["quant_bits"] for r in rows] == [4, 4, 4, 8]
+    assert [line for line in out if line.startswith("--- row ")] == [
+        "--- row 1/4: lora=attn_qv lora.r=8 quant=4bit",
+        "--- row 2/4: lora=attn_qv lora.r=16 quant=4bit",
+        "--- row 3/4: lora=all_linear lora.target_modules=[all_linear,lm_head] lora.r=8 quant=4bit",
+        "--- row 4/4: lora=all_linear lora.target_modules=[all_linear,lm_head] lora.r=8 quant=8bit",
+    ]

@@ -111,10 +111,10 @@ def _report_of(records: list[dict], eval_ds, task: str, labels: list[str], thres
 
     if task == "multilabel":
         y_true = np.asarray(eval_ds["labels"]).astype(int)
-        y_pred = np.array([[int(name in r["labels"]) for name in labels] for r in records])
+        y_pred = np.array([[int(name in r["prediction"]) for name in labels] for r in records])
     else:
         y_true = np.asarray(eval_ds["label"])
-        y_pred = np.array([labels.index(r["label"]) for r in records])
+        y_pred = np.array([labels.index(r["prediction"]) for r in records])
     report = classification_report(
         y_true, y_pred, labels=range(len(labels)), target_names=labels, output_dict=True, zero_division=0
     )
@@ -159,12 +159,12 @@ def test_classification_from_run_id_writes_labels_and_probabilities(cls_run, tmp
     with out.open() as f:
         result = list(csv.DictReader(f))
     labels = json.loads((cls_run.adapter_dir / "label_map.json").read_text())["labels"]
-    assert list(result[0]) == ["id", "text", "label", *[f"prob_{name}" for name in labels]]
+    assert list(result[0]) == ["id", "text", "extra", "prediction", *[f"prob_{name}" for name in labels]]
     assert [r["id"] for r in result] == [r["id"] for r in rows] and [r["text"] for r in result] == TEXTS
     for r in result:
         probs = np.array([float(r[f"prob_{name}"]) for name in labels])
         assert probs.sum() == pytest.approx(1.0, abs=1e-5) and (probs > 0).all()
-        assert r["label"] == labels[int(probs.argmax())]
+        assert r["prediction"] == labels[int(probs.argmax())] and r["extra"] == "ignored"
 
 
 def test_reloaded_classifier_reproduces_the_training_process_predictions(cls_run, tmp_path, capsys):
@@ -177,14 +177,130 @@ def _assert_predict_rebuilds_the_logged_report(trained: TrainedRun, saved: Path,
     cfg = validate(yaml.safe_load((trained.output_dir / "config.yaml").read_text()))
     eval_ds = load_data(cfg.data).eval
     source = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in eval_ds["text"]])
-    code, records, _ = _predict(
+    code, records, err = _predict(
         ["--run", trained.run_id, "--tracking-uri", trained.tracking_uri, "--input", str(source)], capsys
     )
     assert code == 0 and len(records) == len(eval_ds)
+    assert "scores" not in err  # no label column, nothing to score
     mlflow.set_tracking_uri(trained.tracking_uri)
     logged = mlflow.artifacts.load_dict(f"runs:/{trained.run_id}/classification_report.json")
     labels = json.loads((saved / "label_map.json").read_text())["labels"]
     assert _report_of(records, eval_ds, "classification", labels, 0.5) == pytest.approx(_flat_report(logged))
+
+    # With the run's label column in the input, predict scores the rows as training did: the same report.
+    labelled = _write_jsonl(
+        tmp_path / "labelled.jsonl",
+        [{"text": t, "label": labels[y]} for t, y in zip(eval_ds["text"], eval_ds["label"])],
+    )
+    out = tmp_path / "scored.jsonl"
+    args = ["--run", trained.run_id, "--tracking-uri", trained.tracking_uri, "--input", str(labelled)]
+    code, _, err = _predict([*args, "--output", str(out)], capsys)
+    assert code == 0
+    scores = json.loads(Path(f"{out}.scores.json").read_text())
+    assert scores["rows_scored"] == len(eval_ds) and scores["label_columns"] == ["label"]
+    assert _flat_report(scores["report"]) == pytest.approx(_flat_report(logged))
+    logged_metrics = mlflow.MlflowClient().get_run(trained.run_id).data.metrics
+    assert scores["metrics"]["f1_macro"] == pytest.approx(logged_metrics["eval_f1_macro"])
+    assert f"accuracy {logged['accuracy']:.4f}" in err and "f1_macro" in err
+
+
+def _cls_labels(run: TrainedRun) -> list[str]:
+    return json.loads((run.adapter_dir / "label_map.json").read_text())["labels"]
+
+
+def test_input_columns_are_kept_and_labels_scored_by_trainings_rule(cls_run, tmp_path, capsys):
+    """Every input column comes back as it was (the label column too); labels are read as training reads them
+    (" food", "Food" is another class), a label the run does not know is named by row and left out, and the report
+    covers every one of the run's labels, those with no row too."""
+    from sklearn.metrics import classification_report
+
+    labels = _cls_labels(cls_run)
+    given = [f" {labels[0]}", labels[1], "weather", "", labels[1].upper(), labels[0] + "\u200b"]
+    rows = [{"id": f"r{i}", "text": t, "label": g, "note": i} for i, (t, g) in enumerate(zip(TEXTS + TEXTS, given))]
+    source = tmp_path / "in.csv"
+    with source.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "text", "label", "note"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "pred.csv"
+    args = ["--adapter", str(cls_run.adapter_dir), "--input", str(source), "--output", str(out)]
+    code, _, err = _predict(args, capsys)
+    assert code == 0, err
+    with out.open(encoding="utf-8") as f:
+        result = list(csv.DictReader(f))
+    assert list(result[0])[:5] == ["id", "text", "label", "note", "prediction"]
+    assert [r["label"] for r in result] == given and [r["note"] for r in result] == [str(i) for i in range(6)]
+    scores = json.loads(Path(f"{out}.scores.json").read_text())
+    known = [0, 1, 5]  # " sports" and "sports<ZWSP>" are sports; "" has no label; "weather" and "FOOD" are unknown
+    assert scores["rows_scored"] == 3 and scores["unlabeled_rows"] == [3]
+    assert scores["unknown_labels"] == [
+        {"row": 2, "column": "label", "label": "weather"},
+        {"row": 4, "column": "label", "label": labels[1].upper()},
+    ]
+    assert "row 2 label='weather'" in err and "no label: row 3" in err
+    y_true = [labels.index(given[i].strip().replace("\u200b", "")) for i in known]
+    y_pred = [labels.index(result[i]["prediction"]) for i in known]
+    expected = classification_report(
+        y_true, y_pred, labels=range(len(labels)), target_names=labels, output_dict=True, zero_division=0
+    )
+    assert set(scores["report"]) >= set(labels)  # every class of the run, with or without rows here
+    assert _flat_report(scores["report"]) == pytest.approx(_flat_report(expected))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_an_input_column_named_as_a_prediction_column_is_kept(cls_run, tmp_path, capsys, suffix):
+    labels = _cls_labels(cls_run)
+    rows = [{"text": t, "prediction": "mine", f"prob_{labels[0]}": "x", "prediction_1": "also mine"} for t in TEXTS]
+    source = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / f"pred{suffix}"
+    code, _, err = _predict(
+        ["--adapter", str(cls_run.adapter_dir), "--input", str(source), "--output", str(out)], capsys
+    )
+    assert code == 0 and "predictions go to prediction_2" in err
+    if suffix == ".csv":
+        with out.open() as f:
+            result = list(csv.DictReader(f))
+        assert all(f"prob_{name}_2" in result[0] for name in labels)
+    else:
+        result = [json.loads(line) for line in out.read_text().splitlines()]
+        assert set(result[0]["probabilities_2"]) == set(labels)
+    assert all(r["prediction"] == "mine" and r["prediction_1"] == "also mine" for r in result)
+    assert all(r[f"prob_{labels[0]}"] == "x" and r["prediction_2"] in labels for r in result)
+
+
+def test_the_tiny_model_says_once_it_is_a_demo_on_a_users_text(cls_run, tmp_path, capsys, monkeypatch):
+    import io
+
+    common = ["--adapter", str(cls_run.adapter_dir)]
+    shipped = ROOT / "src/assets/data/topics_validation.csv"
+    code, _, err = _predict([*common, "--input", str(shipped)], capsys)
+    assert code == 0 and "demo model" not in err
+    mine = _write_jsonl(tmp_path / "mine.jsonl", [{"text": t} for t in TEXTS])
+    code, _, err = _predict([*common, "--input", str(mine)], capsys)
+    assert code == 0 and err.count("2-layer demo model") == 1 and "model=qwen25_05b" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(TEXTS[0] + "\n"))
+    code, _, err = _predict(common, capsys)
+    assert code == 0 and err.count("2-layer demo model") == 1
+
+
+def test_multilabel_scores_need_every_label_column(tmp_path, capsys):
+    """A multi-label input scores only with all of the run's label columns (a row's labels are all of them); with
+    some, a note names the missing ones; with none, predict says nothing about scores."""
+    import pandas as pd
+
+    cfg = validate(compose_config(["data=topics_multilabel"]))
+    labels = list(cfg.data.label_columns)
+    source = inference.Source(adapter_dir=tmp_path, cfg=cfg, task="multilabel", labels=labels, threshold=0.5)
+    logits = np.array([[3.0, -3.0, -3.0, -3.0], [-3.0, 3.0, 3.0, -3.0]])
+    predicted = predict.Predicted([{}, {}], logits, 0.5)
+    full = pd.DataFrame({"text": ["a", "b"], **{c: [int(i == 0), int(i in (1, 2))] for i, c in enumerate(labels)}})
+    predict.report_scores(source, full, predicted, str(tmp_path / "out.jsonl"))
+    saved = json.loads((tmp_path / "out.jsonl.scores.json").read_text())
+    assert saved["rows_scored"] == 2 and saved["metrics"]["subset_accuracy"] == 1.0
+    predict.report_scores(source, full[["text", *labels[:2]]], predicted, None)
+    assert f"the input lacks the run's label column(s) {labels[2:]}" in capsys.readouterr().err
+    predict.report_scores(source, full[["text"]], predicted, None)
+    assert capsys.readouterr().err == ""
 
 
 # --- from an adapter directory, a sweep, stdin ------------------------------------------------------------------
@@ -198,7 +314,7 @@ def test_adapter_directory_predicts_as_the_run_does(cls_run, tmp_path, capsys):
     assert code == 0
     code, from_dir, _ = _predict(["--adapter", str(cls_run.adapter_dir), "--input", str(source)], capsys)
     assert code == 0
-    assert [r["label"] for r in from_dir] == [r["label"] for r in from_run]
+    assert [r["prediction"] for r in from_dir] == [r["prediction"] for r in from_run]
     for a, b in zip(from_dir, from_run):
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
 
@@ -304,7 +420,7 @@ def test_a_txt_file_is_one_text_per_line(cls_run, tmp_path, capsys):
     code, from_table, _ = _predict(
         ["--run", cls_run.run_id, "--tracking-uri", cls_run.tracking_uri, "--input", str(table)], capsys
     )
-    assert [r["label"] for r in from_file] == [r["label"] for r in from_table]
+    assert [r["prediction"] for r in from_file] == [r["prediction"] for r in from_table]
 
 
 # --- errors: one line, exit code 2, no traceback ----------------------------------------------------------------
@@ -370,7 +486,7 @@ def test_bad_input_file_and_column(cls_run, tmp_path, capsys):
     code, _, err = _predict([*common, "--input", str(source)], capsys)
     _assert_one_line_error(code, err, "['text']", "'body'", "--text-column")
     code, records, _ = _predict([*common, "--input", str(source), "--text-column", "body"], capsys)
-    assert code == 0 and [r["text"] for r in records] == TEXTS[:2]
+    assert code == 0 and [r["body"] for r in records] == TEXTS[:2] and "text" not in records[0]
     code, _, err = _predict([*common, "--input", str(source), "--output", str(tmp_path / "out.parquet")], capsys)
     _assert_one_line_error(code, err, "--output must end in .csv or .jsonl")
     code, _, err = _predict([*common, "--input", str(_write_jsonl(tmp_path / "empty.jsonl", []))], capsys)
@@ -405,18 +521,36 @@ def test_multilabel_from_run_id_applies_the_threshold(multilabel_run, tmp_path, 
     labels, threshold = label_map["labels"], label_map["threshold"]
     for r in records:
         assert set(r["probabilities"]) == set(labels)
-        assert r["labels"] == [name for name in labels if r["probabilities"][name] >= threshold]
+        assert r["prediction"] == [name for name in labels if r["probabilities"][name] >= threshold]
     mlflow.set_tracking_uri(multilabel_run.tracking_uri)
     logged = mlflow.artifacts.load_dict(f"runs:/{multilabel_run.run_id}/classification_report.json")
     assert _report_of(records, eval_ds, "multilabel", labels, threshold) == pytest.approx(_flat_report(logged))
 
+    # The label columns in the input: scored with the run's threshold, as the run's report was; a cell that is not
+    # 0/1 is named and its row left out.
+    columns = label_map["labels"]
+    labelled = [
+        {"text": t, **{c: int(v) for c, v in zip(columns, y)}} for t, y in zip(eval_ds["text"], eval_ds["labels"])
+    ]
+    scored = _write_jsonl(
+        tmp_path / "labelled.jsonl", [*labelled, {"text": "odd", **{c: 0 for c in columns}, columns[0]: "maybe"}]
+    )
+    out = tmp_path / "scored.jsonl"
+    code, _, err = _predict([*common[:-1], str(scored), "--output", str(out)], capsys)
+    assert code == 0
+    scores = json.loads(Path(f"{out}.scores.json").read_text())
+    assert scores["rows_scored"] == len(eval_ds) and scores["label_columns"] == columns
+    assert scores["unknown_labels"] == [{"row": len(eval_ds), "column": columns[0], "label": "maybe"}]
+    assert _flat_report(scores["report"]) == pytest.approx(_flat_report(logged))
+    assert "subset_accuracy" in err
+
     code, low, _ = _predict([*common, "--threshold", "0.01"], capsys)
-    assert code == 0 and all(r["labels"] == labels for r in low)  # sigmoid > 0.01 everywhere after 3 steps
+    assert code == 0 and all(r["prediction"] == labels for r in low)  # sigmoid > 0.01 everywhere after 3 steps
     out = tmp_path / "pred.csv"
     assert predict.main([*common, "--output", str(out), "--no-progress"]) == 0
     with out.open() as f:
         first = next(csv.DictReader(f))
-    assert first["labels"] == ";".join(records[0]["labels"]) and f"prob_{labels[0]}" in first
+    assert first["prediction"] == ";".join(records[0]["prediction"]) and f"prob_{labels[0]}" in first
 
 
 @pytest.mark.slow
@@ -458,7 +592,7 @@ def test_sft_stdin_lines_are_instructions_and_sampling_is_seeded(sft_run, tmp_pa
     common = ["--adapter", str(sft_run.adapter_dir), "--max-new-tokens", "8"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("Name the topic of this sentence.\nRepeat the words.\n"))
     code, greedy, _ = _predict(common, capsys)
-    assert code == 0 and [r["instruction"] for r in greedy] == ["Name the topic of this sentence.", "Repeat the words."]
+    assert code == 0 and [r["text"] for r in greedy] == ["Name the topic of this sentence.", "Repeat the words."]
     assert all("input" not in r for r in greedy)
     sampled = []
     for _ in range(2):
@@ -557,7 +691,6 @@ def test_sft_prompts_of_predict_equal_training_for_missing_inputs(
     monkeypatch.setattr(predict, "generate", lambda _m, _t, prompts, *_: seen.extend(prompts) or [""] * len(prompts))
     args = predict.parse_args(["--adapter", str(tmp_path), "--input", str(path), "--no-progress"])
     source = inference.Source(adapter_dir=tmp_path, cfg=cfg, task="sft", labels=None, threshold=0.5)
-    records = predict.predict(source, None, None, predict.read_inputs(str(path), sys.stdin)[0], args)
-    assert seen == trained and len(seen) == len(SFT_ROWS)
+    predicted = predict.predict(source, None, None, predict.read_inputs(str(path), sys.stdin)[0], args)
+    assert seen == trained and len(seen) == len(predicted.outputs) == len(SFT_ROWS)
     assert not any("nan" in p or "None" in p for p in seen), seen
-    assert [r.get("input", "") for r in records] == ["", "", "", "", "", "the chef baked", "3"]

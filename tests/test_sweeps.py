@@ -747,3 +747,25 @@ def test_the_shipped_sweeps_keys_and_options_all_exist(name):
     from src.sweeps.configs import sweep_key_problems
 
     assert sweep_key_problems(compose_hydra(SWEEPS_DIR, name)) == []
+
+
+def test_the_pareto_summary_names_each_metric_and_the_trials_params():
+    """`#0 (6.5939, 28672.0)` said neither which metric nor which trial: each value now sits under its metric's name,
+    with the trial's params; one objective is named too."""
+    from src.sweeps.study import best_text
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for values in [(6.5939, 28672.0), (6.1, 57344.0), (7.0, 99999.0)]:  # the last is dominated by the first
+        trial = study.ask({"lora.r": IntDistribution(4, 16), "train.learning_rate": FloatDistribution(1e-4, 1e-2)})
+        study.tell(trial, values)
+    text, _ = best_text(study, ["eval_loss", "trainable_params"])
+    assert text.startswith("Pareto front of 2 trial(s): ")
+    assert f"#0 eval_loss=6.594 trainable_params=2.867e+04 (lora.r={study.trials[0].params['lora.r']}" in text
+    assert "train.learning_rate=" in text and "#2" not in text
+
+    single = optuna.create_study(direction="maximize")
+    trial = single.ask({"lora.r": IntDistribution(4, 16)})
+    single.tell(trial, 0.91)
+    text, value = best_text(single, ["eval_f1_macro"])
+    assert text == f"eval_f1_macro=0.91 (#0 lora.r={trial.params['lora.r']})" and value == 0.91

@@ -298,3 +298,75 @@ def test_gradient_accumulation_is_loss_and_gradient_neutral(tmp_path, mlflow_sto
         torch.testing.assert_close(accumulated_weights[name], weight, atol=1e-5, rtol=1e-5, msg=name)
     line = console.metric_line(accumulated_log, 1, 1)
     assert f"loss {console.number(one_log['loss'])}" in line
+
+
+class _StopBeforeLoading(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "overrides, noted",
+    [
+        ([], False),  # the quick start: the shipped data stays quiet
+        (["data=instructions"], False),
+        (["data.path=USER"], True),
+        (["data.eval_path=USER"], True),
+        (["data.path=null", "data.eval_path=null", "data.hub_id=someone/intents"], True),
+        (["model=qwen25_05b", "data.path=USER"], False),
+    ],
+    ids=["shipped", "shipped-sft", "user-train-file", "user-eval-file", "hub-dataset", "real-model"],
+)
+def test_the_tiny_model_on_a_users_data_says_once_it_is_a_demo(tmp_path, mlflow_store, monkeypatch, overrides, noted):
+    import shutil
+
+    from src import console
+    from src.bundled import DATA_DIR
+
+    user = tmp_path / "mine.csv"
+    shutil.copy(DATA_DIR / "topics_train.csv", user)
+    raw = compose_config([o.replace("USER", str(user)) for o in overrides])
+    raw["output_dir"] = str(tmp_path / "out")
+    said: list[str] = []
+    monkeypatch.setattr(console, "say", said.append)
+
+    def stop(*_args, **_kwargs):
+        raise _StopBeforeLoading
+
+    monkeypatch.setattr(modeling, "load_tokenizer", stop)  # the note comes first; nothing needs to train
+    with pytest.raises(_StopBeforeLoading):
+        train_run(raw)
+    notes = [line for line in said if "2-layer demo model" in line]
+    assert len(notes) == int(noted), said
+    if noted:
+        assert all(f"model={name}" in notes[0] for name in ("qwen25_05b", "openllama3b", "mistral7b"))
+        assert "model=tiny" not in notes[0].split(":", 2)[-1]  # the real choices, not the toy again
+
+
+@pytest.mark.slow  # a training subprocess (~15 s on 2 idle cores)
+def test_an_uncached_hub_model_without_network_fails_in_one_line_and_the_run_is_failed(tmp_path):
+    import os
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # no hub: refused at once, as a machine without network is
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.train",
+            "model.name_or_path=nobody-here/not-cached",
+            f"tracking.tracking_uri={uri}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.name_or_path=nobody-here/not-cached: ") and "cannot be reached" in last
+    client = mlflow.MlflowClient(uri)
+    run_ = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run_.info.status == "FAILED"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.config import OBJECTIVE_DEFAULTS
+from src.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from src.errors import UserError, run_cli
 from src.names import filter_value, text_problem
 
@@ -729,9 +730,22 @@ def compare(args: argparse.Namespace) -> str:
     return table + "\n\n" + samples_text(client, runs) if args.samples else table
 
 
-def _sample_cell(text: str, width: int = 80) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _sample_cell(text: str, width: int = 80, tail: int = 0) -> str:
+    """One Markdown cell: whitespace collapsed, cut to ``width`` in the middle, keeping the last ``tail`` characters
+    (0: cut at the end)."""
+    text = " ".join(str(text).split())
+    if len(text) > width:
+        text = text[: width - tail - 1] + "…" + (text[-tail:] if tail else "")
+    return text.replace("|", "\\|")
+
+
+def _prompt_cell(prompt: str, width: int = 120) -> str:
+    """A prompt as a reader needs it: the instruction from its start and the prompt's end, where the response
+    begins; the template's fixed preamble (the same in every row) and, when long, the middle left out."""
+    for template in (ALPACA_WITH_INPUT, ALPACA_NO_INPUT):
+        preamble = template.split("### Instruction:")[0]
+        prompt = prompt[len(preamble) :] if prompt.startswith(preamble) else prompt
+    return _sample_cell(prompt, width, tail=24)
 
 
 def samples_text(client, runs) -> str:
@@ -757,7 +771,7 @@ def samples_text(client, runs) -> str:
                 "|---|---|---|---|",
             ]
             lines += [
-                f"| {_sample_cell(r['prompt'][-120:])} | {_sample_cell(r['reference'])} | {_sample_cell(r['before'])} "
+                f"| {_prompt_cell(r['prompt'])} | {_sample_cell(r['reference'])} | {_sample_cell(r['before'])} "
                 f"| {_sample_cell(r['after'])} |"
                 for r in records
             ]

@@ -394,11 +394,11 @@ def load_tokenizer(source: Source):
 
 
 def _base_available(source: Source, load):
-    from src.modeling import ModelNotAvailable
+    from src.guards import ModelUnavailable
 
     try:
         return load()
-    except ModelNotAvailable as exc:
+    except ModelUnavailable as exc:
         name = source.cfg.model.name_or_path
         raise InferenceError(
             f"base model {name!r} (model.name_or_path) is not available here ({_one_line(exc.__cause__ or exc)}); "

@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
@@ -28,8 +29,9 @@ import pandas as pd
 
 from src import chat
 from src.config import DataConfig
-from src.data import STRUCTURED, DataError, read_table, sft_fields, sft_prompts, template_fields, texts_of
+from src.data import STRUCTURED, DataError, read_table, sft_prompts, template_fields, texts_of
 from src.errors import run_cli
+from src.runs import scoring
 from src.runs.inference import (
     InferenceError,
     Source,
@@ -41,6 +43,7 @@ from src.runs.inference import (
     open_source_of,
     quiet_libraries,
 )
+from src.tiny import demo_note, is_builtin, is_bundled
 
 LINE_COLUMN = "text"  # stdin lines become this column; each is a whole text or instruction
 
@@ -167,83 +170,94 @@ def _generate(model, tokenizer, prompts: list[str], args: argparse.Namespace, ba
         from transformers import set_seed
 
         set_seed(args.seed)
-    return generate(
-        model,
-        tokenizer,
-        prompts,
-        batch_size,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        not args.no_progress,
-    )
+    progress = not args.no_progress
+    return generate(model, tokenizer, prompts, batch_size, args.max_new_tokens, args.temperature, args.top_p, progress)
+
+
+PREDICTION, PROBABILITIES, GENERATION, REFERENCE = "prediction", "probabilities", "generation", "reference"
+PROB_PREFIX = "prob_"  # CSV: one column per class, prob_<label>
+
+
+@dataclass
+class Predicted:
+    """The model's output per row (prediction fields only) and, for classifiers, the logits behind it."""
+
+    outputs: list[dict[str, Any]]
+    logits: Optional[np.ndarray] = None
+    threshold: float = 0.5
 
 
 def predict(
     source: Source, model, tokenizer, df: pd.DataFrame, args: argparse.Namespace, from_lines: bool = False
-) -> list[dict[str, Any]]:
-    """One output record per input row; rows read from lines are whole texts or instructions."""
+) -> Predicted:
+    """The prediction of each input row; rows read from lines are whole texts or instructions."""
     cfg = source.cfg
     text_column = LINE_COLUMN if from_lines else args.text_column
     batch_size = args.batch_size or cfg.train.per_device_eval_batch_size
     progress = not args.no_progress
-    id_column = cfg.data.id_column if cfg.data.id_column in df.columns else None
-    ids = [{id_column: v} for v in df[id_column].tolist()] if id_column else [{} for _ in range(len(df))]
     if source.task == "sft" and cfg.data.format == "messages":
-        contexts, references, prompts = chat_prompts(df, cfg.data, tokenizer, text_column)
+        _, references, prompts = chat_prompts(df, cfg.data, tokenizer, text_column)
         generations = _generate(model, tokenizer, prompts, args, batch_size)
-        return [
-            {**row_id, "messages": c, **({"reference": r} if r is not None else {}), "generation": g}
-            for row_id, c, r, g in zip(ids, contexts, references, generations)
-        ]
+        return Predicted(
+            [{**({REFERENCE: r} if r is not None else {}), GENERATION: g} for r, g in zip(references, generations)]
+        )
     if source.task == "sft":
-        data = sft_data(df, cfg.data, text_column)
-        instructions, inputs = sft_fields(df, data)
-        prompts = sft_prompts(df, data)  # training's own builder
-        generations = _generate(model, tokenizer, prompts, args, batch_size)
-        return [
-            {**row_id, "instruction": i, **({"input": x} if x else {}), "generation": g}
-            for row_id, i, x, g in zip(ids, instructions, inputs, generations)
-        ]
+        prompts = sft_prompts(df, sft_data(df, cfg.data, text_column))  # training's own builder
+        return Predicted([{GENERATION: g} for g in _generate(model, tokenizer, prompts, args, batch_size)])
 
     texts = classification_texts(df, cfg.data, text_column)
     logits = classify_logits(model, tokenizer, texts, cfg.model.max_length, batch_size, progress)
-    records = []
     if source.task == "multilabel":
         threshold = args.threshold if args.threshold is not None else source.threshold
         probs = 1.0 / (1.0 + np.exp(-logits))
-        for row_id, text, p in zip(ids, texts, probs):
-            chosen = [name for name, q in zip(source.labels, p) if q >= threshold]
-            records.append(
-                {
-                    **row_id,
-                    "text": text,
-                    "labels": chosen,
-                    "probabilities": {name: float(q) for name, q in zip(source.labels, p)},
-                }
-            )
-        return records
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    for row_id, text, p in zip(ids, texts, probs):
-        records.append(
-            {
-                **row_id,
-                "text": text,
-                "label": source.labels[int(p.argmax())],
-                "probabilities": {name: float(q) for name, q in zip(source.labels, p)},
-            }
-        )
-    return records
+        chosen = [[name for name, q in zip(source.labels, p) if q >= threshold] for p in probs]
+    else:
+        threshold = source.threshold
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        chosen = [source.labels[int(p.argmax())] for p in probs]
+    outputs = [
+        {PREDICTION: c, PROBABILITIES: {name: float(q) for name, q in zip(source.labels, p)}}
+        for c, p in zip(chosen, probs)
+    ]
+    return Predicted(outputs, logits, threshold)
 
 
-def _flat(record: dict[str, Any]) -> dict[str, Any]:
-    """A CSV row: probabilities become prob_<label> columns, label lists join with ';'."""
+def output_suffix(columns: list[str], labels: Optional[list[str]]) -> str:
+    """ "" when no prediction column (JSONL or CSV name) is an input column's name, else the first free "_N"."""
+    taken = set(map(str, columns))
+    names = [PREDICTION, PROBABILITIES, GENERATION, REFERENCE, *(PROB_PREFIX + name for name in labels or [])]
+    n = 0
+    while any(name + (f"_{n}" if n else "") in taken for name in names):
+        n += 1
+    return f"_{n}" if n else ""
+
+
+def _plain(value: Any) -> Any:
+    """An input cell as JSON and CSV write it: a missing cell (NaN, None) is null, numpy numbers are numbers."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return None if value is pd.NA or value is pd.NaT else value
+
+
+def with_inputs(df: pd.DataFrame, outputs: list[dict[str, Any]], suffix: str) -> list[dict[str, Any]]:
+    """Each input row with every column as it was, then its prediction fields (named with ``suffix``)."""
+    rows = df.to_dict("records")
+    return [
+        {**{str(k): _plain(v) for k, v in row.items()}, **{k + suffix: v for k, v in out.items()}}
+        for row, out in zip(rows, outputs)
+    ]
+
+
+def _flat(record: dict[str, Any], probabilities: str, suffix: str) -> dict[str, Any]:
+    """A CSV row: the probabilities become prob_<label><suffix> columns, a predicted label list joins with ';'."""
     row: dict[str, Any] = {}
     for key, value in record.items():
-        if key == "probabilities":
-            row.update({f"prob_{name}": q for name, q in value.items()})
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if key == probabilities:
+            row.update({f"{PROB_PREFIX}{name}{suffix}": q for name, q in value.items()})
+        elif key == PREDICTION + suffix and isinstance(value, list):
             row[key] = ";".join(value)
         elif isinstance(value, list):  # a conversation's turns
             row[key] = json.dumps(value, ensure_ascii=False)
@@ -252,23 +266,44 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_records(records: list[dict[str, Any]], output: Optional[str], stdout: TextIO) -> None:
+def write_records(records: list[dict[str, Any]], output: Optional[str], stdout: TextIO, suffix: str = "") -> None:
     """Write JSONL to stdout, or a .jsonl/.csv file by its suffix."""
-    suffix = Path(output).suffix.lower() if output else ".jsonl"
-    if suffix == ".csv":
-        rows = [_flat(r) for r in records]
+    kind = Path(output).suffix.lower() if output else ".jsonl"
+    if kind == ".csv":
+        rows = [_flat(r, PROBABILITIES + suffix, suffix) for r in records]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         text = buffer.getvalue()
     else:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
     if output:
         Path(output).write_text(text, encoding="utf-8")
     else:
         stdout.write(text)
         stdout.flush()
+
+
+def scores_path(output: str) -> Path:
+    return Path(output + ".scores.json")
+
+
+def report_scores(source: Source, df: pd.DataFrame, predicted: Predicted, output: Optional[str]) -> None:
+    """When the input holds the run's label column(s): print the scores, and save them beside ``output``."""
+    if predicted.logits is None:
+        return
+    columns = scoring.label_columns_of(source.task, source.cfg.data)
+    missing = [c for c in columns if c not in df.columns]
+    if missing and len(missing) < len(columns):  # some label columns, not all: a multi-label row is not known
+        print(f"note: not scored: the input lacks the run's label column(s) {missing}", file=sys.stderr)
+    scores = scoring.score(df, source.task, source.cfg.data, source.labels, predicted.logits, predicted.threshold)
+    if scores is None:
+        return
+    print(scoring.summary(scores), file=sys.stderr)
+    if output:
+        scores_path(output).write_text(json.dumps(scores.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        print(f"scores saved to {scores_path(output)}", file=sys.stderr)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -283,10 +318,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             df, from_lines = read_inputs(args.input, sys.stdin)
             if df.empty:
                 raise InferenceError(f"input {args.input if args.input != '-' else '(stdin)'} has no rows")
+            if is_builtin(source.cfg.model.name_or_path) and not is_bundled(args.input):
+                print(demo_note(), file=sys.stderr)  # stdin or a file the project does not ship: a user's text
             tokenizer = load_tokenizer(source)
             model = load_finetuned(source, tokenizer)
-            records = predict(source, model, tokenizer, df, args, from_lines)
-        write_records(records, args.output, sys.stdout)
+            predicted = predict(source, model, tokenizer, df, args, from_lines)
+            suffix = output_suffix(list(df.columns), source.labels)
+            if suffix:
+                renamed = [GENERATION] if source.task == "sft" else [PREDICTION, PROBABILITIES, f"{PROB_PREFIX}<label>"]
+                print(
+                    "note: the input has a column named as a prediction column; predictions go to "
+                    + ", ".join(name + suffix for name in renamed),
+                    file=sys.stderr,
+                )
+            write_records(with_inputs(df, predicted.outputs, suffix), args.output, sys.stdout, suffix)
+            report_scores(source, df, predicted, args.output)
 
     return run_cli(body)
 

@@ -39,6 +39,7 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
@@ -598,7 +599,7 @@ class OptunaSweeper(Sweeper):
             resume_run_id=self.parent_run_id(study, created),
             prior=prior,
         )
-        best_name = record.objective if self.metrics[0] == "objective" else self.metrics[0]
+        metric_names = [record.objective if m == "objective" else m for m in self.metrics]  # the metrics' own names
         if study.user_attrs.get(PARENT_RUN_ATTR) != record.run_id:
             study.set_user_attr(PARENT_RUN_ATTR, record.run_id)
         previous = install_sigterm_handler()
@@ -632,7 +633,7 @@ class OptunaSweeper(Sweeper):
                 if not pending:
                     continue
                 if self.pack > 1:
-                    self._launch_packs(study, pending, fixed, variables, record, gpus, best_name)
+                    self._launch_packs(study, pending, fixed, variables, record, gpus, metric_names)
                     pending = []
                     continue
                 overrides = []
@@ -657,7 +658,7 @@ class OptunaSweeper(Sweeper):
                     outcome = job_outcome(trial.number, trial.user_attrs["overrides"][len(fixed) :], ret)
                     outcome = self.tell(study, trial, outcome)
                     done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-                    record.add(outcome, done, lambda: best_text(study, best_name))
+                    record.add(outcome, done, lambda: best_text(study, metric_names))
                 pending = []
             if exhausted:
                 print(
@@ -680,12 +681,14 @@ class OptunaSweeper(Sweeper):
             restore_sigterm_handler(previous)
         status = "FAILED" if stopped or (record.outcomes and not self.any_success(record)) else "FINISHED"
         with tempfile.TemporaryDirectory(prefix="lora-sweep-") as scratch:
-            record.finish(status, best_text(study, best_name)[0], **self.study_artifacts(study, Path(scratch)))
+            record.finish(status, best_text(study, metric_names)[0], **self.study_artifacts(study, Path(scratch)))
         if record.failed() or stopped:
             raise SweepFailed(record.failure_message(stopped))
         return study
 
-    def _launch_packs(self, study, pending: list, fixed: list, variables: set, record, gpus, best_name: str) -> None:
+    def _launch_packs(
+        self, study, pending: list, fixed: list, variables: set, record, gpus, metric_names: list[str]
+    ) -> None:
         """The asked trials as packs of one base (``hydra.sweeper.pack``), each launched as one job on the first
         GPU (a trial that cannot be packed alone); each trial is told its own outcome."""
         from optuna.storages._heartbeat import get_heartbeat_thread
@@ -728,7 +731,7 @@ class OptunaSweeper(Sweeper):
             for i, outcome in zip(unit, outcomes):
                 outcome = self.tell(study, pending[i], outcome)
                 done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-                record.add(outcome, done, lambda: best_text(study, best_name))
+                record.add(outcome, done, lambda: best_text(study, metric_names))
         self.job_idx += len(pending)
 
     def ask(self, study, space: dict, want: int) -> tuple[list, bool]:
@@ -856,19 +859,23 @@ def trial_summary(trial, metrics: list[str]) -> dict[str, Any]:
     }
 
 
-def best_text(study, name: str = "objective") -> tuple[Optional[str], Optional[float]]:
-    """Best value so far (one objective, called ``name``) or the Pareto front (several): as text, and the value."""
+def best_text(study, names: Sequence[str] = ("objective",)) -> tuple[Optional[str], Optional[float]]:
+    """Best value so far (one objective) or the Pareto front (several), each value under its metric's name in
+    ``names`` and with the trial's params: as text, and the value."""
     from optuna.trial import TrialState
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None, None
     if len(study.directions) == 1:
         best = best_trial(study)
-        return f"{name}={best.value:.4g} (#{best.number} {params_text(best.params)})", best.value
+        return f"{names[0]}={best.value:.4g} (#{best.number} {params_text(best.params)})", best.value
     front = pareto_front(study)
-    return f"Pareto front of {len(front)} trial(s): " + ", ".join(
-        f"#{t.number} {tuple(round(v, 4) for v in t.values)}" for t in front[:5]
-    ), None
+    shown = [
+        f"#{t.number} {' '.join(f'{n}={v:.4g}' for n, v in zip(names, t.values))} ({params_text(t.params)})"
+        for t in front[:5]
+    ]
+    more = f", ... ({len(front)} in all)" if len(front) > 5 else ""
+    return f"Pareto front of {len(front)} trial(s): " + ", ".join(shown) + more, None
 
 
 def params_text(params: dict[str, Any]) -> str:
