@@ -19,9 +19,6 @@ run ids and the standard deviations as separate fields. The pure pieces (:func:`
 from __future__ import annotations
 
 import argparse
-import csv
-import html
-import io
 import json
 import math
 import statistics
@@ -32,38 +29,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.config import OBJECTIVE_DEFAULTS
-from src.errors import UserError, run_cli
+from src.errors import run_cli
+from src.runs.table import Column, CompareError, format_table, is_number
+
+__all__ = ["Column", "CompareError", "format_table", "group_seeds", "main", "pareto_front", "pick_best"]
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "sweep_id"
 # Params that may differ between runs that repeat one config with another seed.
 SEED_FREE_PARAMS = frozenset({"train.seed", "output_dir", "tracking.run_name"})
 MAX_MISSING_LISTED = 30
-
-
-class CompareError(UserError):
-    """A selection or option that cannot be compared; the message is shown as one line."""
-
-
-@dataclass(frozen=True)
-class Column:
-    """One table column.
-
-    Attributes:
-        key: Name in csv and json, and for ``--sort`` and ``--pareto``.
-        header: Name in md and html.
-        fmt: Format spec for numbers in md and html; empty for text.
-        direction: ``"max"`` or ``"min"``: which way is better; None for text.
-    """
-
-    key: str
-    header: str
-    fmt: str = ""
-    direction: Optional[str] = None
-
-    @property
-    def numeric(self) -> bool:
-        return self.direction is not None
 
 
 CONFIG_COLUMNS = (
@@ -115,7 +90,7 @@ def pareto_front(points: Sequence[Sequence[Optional[float]]], directions: Sequen
         One flag per point. Equal points do not dominate each other, so both stay on the front.
     """
     signs = [1.0 if d == "max" else -1.0 for d in directions]
-    scored = [tuple(s * float(v) for s, v in zip(signs, p)) if all(_is_number(v) for v in p) else None for p in points]
+    scored = [tuple(s * float(v) for s, v in zip(signs, p)) if all(is_number(v) for v in p) else None for p in points]
 
     def dominates(a: tuple, b: tuple) -> bool:
         return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
@@ -133,10 +108,10 @@ def pick_best(rows: Sequence[dict], key: str, direction: str, tie_key: str = "tr
     best, best_score = None, None
     for i, row in enumerate(rows):
         value = row.get(key)
-        if not _is_number(value) or row.get("status", "FINISHED") != "FINISHED":
+        if not is_number(value) or row.get("status", "FINISHED") != "FINISHED":
             continue
         tie = row.get(tie_key)
-        score = (value if direction == "max" else -value, -tie if _is_number(tie) else -math.inf)
+        score = (value if direction == "max" else -value, -tie if is_number(tie) else -math.inf)
         if best_score is None or score > best_score:
             best, best_score = i, score
     return best
@@ -168,7 +143,7 @@ def group_seeds(rows: Sequence[dict], numeric_keys: Sequence[str]) -> list[dict]
         row["seeds"] = sorted(seed for m in members for seed in m["seeds"])
         row["std"] = {}
         for k in numeric_keys:
-            values = [m[k] for m in members if _is_number(m.get(k))]
+            values = [m[k] for m in members if is_number(m.get(k))]
             row[k] = statistics.fmean(values) if values else None
             if len(values) >= 2:
                 row["std"][k] = statistics.stdev(values)
@@ -178,123 +153,9 @@ def group_seeds(rows: Sequence[dict], numeric_keys: Sequence[str]) -> list[dict]
 
 def sort_rows(rows: Sequence[dict], key: str, direction: str) -> list[dict]:
     """Rows ordered best first on ``key``; rows without a value go last, in their order."""
-    present = [r for r in rows if _is_number(r.get(key))]
-    missing = [r for r in rows if not _is_number(r.get(key))]
+    present = [r for r in rows if is_number(r.get(key))]
+    missing = [r for r in rows if not is_number(r.get(key))]
     return sorted(present, key=lambda r: r[key], reverse=direction == "max") + missing
-
-
-def format_table(rows: Sequence[dict], columns: Sequence[Column], fmt: str) -> str:
-    """Render rows as ``md``, ``html``, ``csv`` or ``json``.
-
-    md and html show formatted cells ("0.8123 ± 0.0100"; no "± 0" for a zero spread; "-" when
-    missing) and a ``mark`` column ("best", "front"). csv adds ``run_id`` and a ``<key>_std``
-    column per numeric column that has one; json gives raw values with ``best``, ``pareto``,
-    ``run_ids`` and ``std`` per row.
-    """
-    if fmt == "json":
-        return json.dumps(
-            {
-                "columns": [{"key": c.key, "header": c.header, "direction": c.direction} for c in columns],
-                "rows": [_json_row(r, columns) for r in rows],
-            },
-            indent=2,
-        )
-    if fmt == "csv":
-        return _csv_table(rows, columns)
-    header = ["mark"] + [c.header for c in columns]
-    cells = [[_mark(r)] + [_cell(r, c) for c in columns] for r in rows]
-    if fmt == "html":
-        return _html_table(header, cells, rows, [False] + [c.numeric for c in columns])
-    if fmt == "md":
-        return _md_table(header, cells, [False] + [c.numeric for c in columns])
-    raise CompareError(f"unknown format {fmt!r} (known: md, csv, html, json)")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _mark(row: dict) -> str:
-    return " ".join(word for word, on in (("best", row.get("best")), ("front", row.get("pareto"))) if on)
-
-
-def _cell(row: dict, column: Column) -> str:
-    value = row.get(column.key)
-    if column.key == "seeds":
-        return ",".join(str(s) for s in value or [] if s is not None) or "-"
-    if value is None or value == "":
-        return "-"
-    if column.fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if math.isnan(value):
-            return "nan"
-        text = format(value, column.fmt)
-        std = (row.get("std") or {}).get(column.key)
-        # A zero spread (trainable params across seeds, say) is left out rather than shown as "± 0".
-        return text if not std or column.fmt == "d" else f"{text} ± {format(std, column.fmt)}"
-    return str(value)
-
-
-def _raw(value: Any) -> Any:
-    """A value for csv/json: floats lose only float noise (10 significant digits); NaN becomes None."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else float(f"{value:.10g}")
-    return value
-
-
-def _json_row(row: dict, columns: Sequence[Column]) -> dict:
-    out: dict[str, Any] = {"best": bool(row.get("best")), "pareto": row.get("pareto"), "run_ids": row["run_ids"]}
-    out.update({c.key: _raw(row.get(c.key)) for c in columns})
-    out["std"] = {k: _raw(v) for k, v in (row.get("std") or {}).items()}
-    return out
-
-
-def _csv_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
-    with_std = {k for r in rows for k in (r.get("std") or {})}
-    keys = ["mark", "run_id"]
-    for c in columns:
-        keys.append(c.key)
-        if c.key in with_std:
-            keys.append(f"{c.key}_std")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(keys)
-    for r in rows:
-        values = {"mark": _mark(r), "run_id": ";".join(r["run_ids"])}
-        for c in columns:
-            value = r.get(c.key)
-            values[c.key] = ",".join(str(s) for s in value) if c.key == "seeds" else _raw(value)
-            values[f"{c.key}_std"] = _raw((r.get("std") or {}).get(c.key))
-        writer.writerow(["" if values[k] is None else values[k] for k in keys])
-    return buffer.getvalue().rstrip("\n")
-
-
-def _md_table(header: list[str], cells: list[list[str]], right: list[bool]) -> str:
-    escaped = [[text.replace("|", "\\|") for text in row] for row in [header, *cells]]
-    widths = [max(3, *(len(row[i]) for row in escaped)) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        return "| " + " | ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(row, widths, right)) + " |"
-
-    rule = "| " + " | ".join("-" * (w - 1) + ":" if r else "-" * w for w, r in zip(widths, right)) + " |"
-    return "\n".join([line(escaped[0]), rule, *(line(row) for row in escaped[1:])])
-
-
-def _html_table(header: list[str], cells: list[list[str]], rows: Sequence[dict], right: list[bool]) -> str:
-    def cell(tag: str, text: str, is_right: bool) -> str:
-        style = ' style="text-align:right"' if is_right else ""
-        return f"<{tag}{style}>{html.escape(text)}</{tag}>"
-
-    lines = [
-        '<table class="compare">',
-        "<thead>",
-        "<tr>" + "".join(map(cell, ["th"] * len(header), header, right)) + "</tr>",
-        "</thead>",
-        "<tbody>",
-    ]
-    for texts, row in zip(cells, rows):
-        opening = '<tr class="best">' if row.get("best") else "<tr>"
-        lines.append(opening + "".join(map(cell, ["td"] * len(texts), texts, right)) + "</tr>")
-    return "\n".join([*lines, "</tbody>", "</table>"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +351,7 @@ def _scatter(rows: Sequence[dict], x: Column, y: Column, path: Path, log_x: bool
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if _is_number(r.get(x.key)) and _is_number(r.get(y.key))]
+    shown = [r for r in rows if is_number(r.get(x.key)) and is_number(r.get(y.key))]
     front = pareto_front([(r[x.key], r[y.key]) for r in shown], (x.direction, y.direction))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, on_front in zip(shown, front):
@@ -567,13 +428,13 @@ def make_plots(client, selection: Selection, rows: Sequence[dict], quality: Colu
     params_col = next(c for c in COST_COLUMNS if c.key == "trainable_params_m")
     memory_col = next(c for c in COST_COLUMNS if c.key == "peak_gpu_mem_gb")
     written = []
-    if any(_is_number(r.get(params_col.key)) and _is_number(r.get(quality.key)) for r in rows):
+    if any(is_number(r.get(params_col.key)) and is_number(r.get(quality.key)) for r in rows):
         _scatter(rows, params_col, quality, path, log_x=True)
         written.append(path)
     else:
         _note(f"skipped {path.name}: no run has both {quality.key} and trainable_params")
     memory_path = path.with_name(f"{path.stem}_memory.png")
-    if any(_is_number(r.get(memory_col.key)) and _is_number(r.get(quality.key)) for r in rows):
+    if any(is_number(r.get(memory_col.key)) and is_number(r.get(quality.key)) for r in rows):
         _scatter(rows, memory_col, quality, memory_path, log_x=False)
         written.append(memory_path)
     else:
@@ -712,7 +573,7 @@ def compare(args: argparse.Namespace) -> str:
         row["best"] = i == best
     if pareto_spec:
         (x, x_dir), (y, y_dir) = pareto_spec
-        if not any(_is_number(r.get(x.key)) and _is_number(r.get(y.key)) for r in rows):
+        if not any(is_number(r.get(x.key)) and is_number(r.get(y.key)) for r in rows):
             raise CompareError(f"--pareto {args.pareto}: no run has both {x.key} and {y.key}")
         points = [(r.get(x.key), r.get(y.key)) if r.get("status") == "FINISHED" else (None, None) for r in rows]
         for row, on in zip(rows, pareto_front(points, (x_dir, y_dir))):
@@ -737,7 +598,6 @@ def _sample_cell(text: str, width: int = 80) -> str:
 
 def samples_text(client, runs) -> str:
     """Markdown: each run's fixed prompts with the reference, the base model's and the tuned model's output."""
-    import json
     import tempfile
 
     from mlflow.exceptions import MlflowException
