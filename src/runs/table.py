@@ -30,12 +30,14 @@ class Column:
         header: Name in md and html.
         fmt: Format spec for numbers in md and html; empty for text.
         direction: ``"max"`` or ``"min"``: which way is better; None for text.
+        people_only: Shown in md and html only (csv and json carry what it abbreviates).
     """
 
     key: str
     header: str
     fmt: str = ""
     direction: Optional[str] = None
+    people_only: bool = False
 
     @property
     def numeric(self) -> bool:
@@ -50,6 +52,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[Column], fmt: str) -> s
     column per numeric column that has one; json gives raw values with ``best``, ``pareto``,
     ``run_ids`` and ``std`` per row.
     """
+    if fmt in ("csv", "json"):
+        columns = [c for c in columns if not c.people_only]
     if fmt == "json":
         return json.dumps(
             {
