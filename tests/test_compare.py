@@ -209,20 +209,22 @@ def test_compare_md_table_of_newest_sweep(sweep_store, capsys):
     assert err.strip() == "sweep 's2': 5 run(s) in 4 row(s); objective eval_f1_macro (max)"
     lines = out.rstrip("\n").split("\n")
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
-    assert cells[0] == ["mark", "run", "run id", "model", "data", "task", "base bits", "target modules", "r", "alpha",
-                        "seeds", "eval_f1_macro", "eval_accuracy", "trainable params (M)", "trainable %", "peak GPU mem (GB)",
-                        "tokens/s", "runtime (s)", "status"]
+    assert cells[0] == [
+        "mark", "run", "run id", "model", "data", "task", "base bits", "target modules", "r", "alpha", "seeds",
+        "eval_f1_macro", "eval_accuracy", "trainable params (M)", "trainable %", "peak GPU mem (GB)", "tokens/s",
+        "runtime (s)", "status"]
     # A and B (seeds 1, 2) are one row: mean ± sample std. It ties C on quality (0.75) and wins on fewer params.
     ids = {key: run_id[:8] for key, run_id in sweep_store["ids"].items()}
+    fixed = ["tiny", "topics", "classification", "16"]
     assert cells[2:] == [
-        ["best front", "tiny-16bit-attn_qv-r8-a16", f"{ids['A']},{ids['B']}", "tiny", "topics", "classification", "16", "q_proj,v_proj", "8",
+        ["best front", "tiny-16bit-attn_qv-r8-a16", f"{ids['A']},{ids['B']}", *fixed, "q_proj,v_proj", "8",
          "16", "1,2", "0.7500 ± 0.1768", "0.7500 ± 0.3536", "0.004096", "0.5", "2.00", "1100.0 ± 141.4", "11.0 ± 1.4",
          "FINISHED"],
-        ["", "tiny-16bit-all_linear-r16-a32", ids["C"], "tiny", "topics", "classification", "16", "q_proj,k_proj,v_proj,o_proj",
+        ["", "tiny-16bit-all_linear-r16-a32", ids["C"], *fixed, "q_proj,k_proj,v_proj,o_proj",
          "16", "32", "1", "0.7500", "0.8000", "0.03277", "4", "3.00", "800.0", "20.0", "FINISHED"],
-        ["front", "tiny-16bit-k_proj+o_proj-r4-a8", ids["D"], "tiny", "topics", "classification", "16", "k_proj,o_proj", "4",
+        ["front", "tiny-16bit-k_proj+o_proj-r4-a8", ids["D"], *fixed, "k_proj,o_proj", "4",
          "8", "1", "0.6000", "0.7000", "0.002048", "0.25", "1.50", "1500.0", "8.0", "FINISHED"],
-        ["", "tiny-16bit-mlp-r8-a16", ids["E"], "tiny", "topics", "classification", "16", "mlp", "8", "16", "1", "-", "-", "-",
+        ["", "tiny-16bit-mlp-r8-a16", ids["E"], *fixed, "mlp", "8", "16", "1", "-", "-", "-",
          "-", "-", "-", "-", "FAILED"],
     ]
     # The exact text: padded columns, numbers right-aligned (the ids stand in the template as AAAAAAAA, ...).
