@@ -56,8 +56,16 @@ SWEEP_ID_ENV = "LORA_SWEEP_ID"
 SWEEP_KEYS_ENV = "LORA_SWEEP_KEYS"
 # Keys the base run name already shows; a sweep over them needs no label.
 NAMED_KEYS = frozenset(
-    {"model.name", "data.name", "quant.bits", "lora.preset", "lora.target_modules", "lora.r", "lora.alpha"}
-    | {"tracking.run_name"}
+    {
+        "model.name",
+        "data.name",
+        "quant.bits",
+        "lora.preset",
+        "lora.target_modules",
+        "lora.r",
+        "lora.alpha",
+        "tracking.run_name",
+    }
 )
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -260,8 +268,10 @@ def sweep_label(raw: dict, keys: Sequence[str]) -> str:
 
 def _label_value(value: Any) -> str:
     """Short text of a config value: 4 significant digits, a path's last component, a list joined by '+'."""
-    if isinstance(value, bool) or value is None:
-        return str(value).lower() if value is not None else "null"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):

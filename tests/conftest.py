@@ -3,6 +3,7 @@ writes into the project tree."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -128,7 +129,10 @@ def empty_mlflow_db(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    # MLflow puts the Default experiment's artifacts in mlruns/ under the working directory of the store's creation:
+    # here, not the project, where a test that logs to the Default experiment would write them.
+    with contextlib.chdir(path.parent):
+        mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
 
 
