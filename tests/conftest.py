@@ -41,18 +41,9 @@ KEPT_OUTPUTS = frozenset({"tests/artifacts"})
 
 def untracked_state(root: Path = ROOT) -> dict[str, tuple[int, int]]:
     """Every ignored file of the tree at ``root``, and every untracked one at its top (caches and build state left
-    out), with its size
-    and modification time: a test that adds, or writes into, ``optuna.db``, ``mlflow.db``, ``mlruns/``, ``outputs/``
-    or ``multirun/`` changes it."""
-    listed = subprocess.run(
-        ["git", "status", "--porcelain", "--ignored", "-z"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout
-    # Ignored paths anywhere, untracked ones at the top: a source file being written beside the tests is not theirs.
-    entries = [
-        item[3:].rstrip("/")
-        for item in listed.split("\0")
-        if item[:2] == "!!" or (item[:2] == "??" and "/" not in item[3:].rstrip("/"))
-    ]
+    out), with its size and modification time: a test that adds, or writes into, ``optuna.db``, ``mlflow.db``,
+    ``mlruns/``, ``outputs/`` or ``multirun/`` changes it."""
+    entries = _untracked_entries(root)
     state: dict[str, tuple[int, int]] = {}
     for entry in entries:
         if _local_state(entry):
@@ -71,11 +62,25 @@ def untracked_state(root: Path = ROOT) -> dict[str, tuple[int, int]]:
     return state
 
 
+def _untracked_entries(root: Path) -> list[str]:
+    try:
+        listed = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "-z"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked sdist): every file counts
+        return [path.name for path in root.iterdir()]
+    # Ignored paths anywhere, untracked ones at the top: a source file being written beside the tests is not theirs.
+    return [
+        item[3:].rstrip("/")
+        for item in listed.split("\0")
+        if item[:2] == "!!" or (item[:2] == "??" and "/" not in item[3:].rstrip("/"))
+    ]
+
+
 def _local_state(relative: str) -> bool:
     parts = relative.split("/")
-    return (
-        any(part in LOCAL_STATE or part.endswith(".egg-info") for part in parts)
-        or any(relative == kept or relative.startswith(kept + "/") for kept in KEPT_OUTPUTS)
+    return any(part in LOCAL_STATE or part.endswith(".egg-info") for part in parts) or any(
+        relative == kept or relative.startswith(kept + "/") for kept in KEPT_OUTPUTS
     )
 
 
