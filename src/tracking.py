@@ -58,6 +58,21 @@ DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 # Set by the sweep driver for each job, so the job's run is nested under the sweep's parent.
 PARENT_RUN_ENV = "LORA_SWEEP_PARENT_RUN_ID"
 SWEEP_ID_ENV = "LORA_SWEEP_ID"
+# Set by the sweep driver: the config keys that tell its runs apart, comma-separated, for their names (run_name).
+SWEEP_KEYS_ENV = "LORA_SWEEP_KEYS"
+# Keys the base run name already shows; a sweep over them needs no label.
+NAMED_KEYS = frozenset(
+    {
+        "model.name",
+        "data.name",
+        "quant.bits",
+        "lora.preset",
+        "lora.target_modules",
+        "lora.r",
+        "lora.alpha",
+        "tracking.run_name",
+    }
+)
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
 # A writer that cannot get SQLite's lock keeps retrying for this long (each try waits 20 s in MLflow).
@@ -264,15 +279,24 @@ def resolve_run_id(client, ref: str) -> str:
     return matches[0].info.run_id
 
 
-def run_name(raw: dict) -> str:
+def run_name(raw: dict, swept: Optional[str] = None) -> str:
     """e.g. ``openllama3b-red_dot-4bit-all_linear-r8-a16``: model, dataset, base, targets (explicit ones join
-    with '+'), rank and alpha; ``phi3mini-mbti-16bit-full`` for full fine-tuning (lora=none).
+    with '+'), rank and alpha; ``phi3mini-mbti-16bit-full`` for full fine-tuning (lora=none). ``tracking.run_name``
+    replaces this base.
+
+    A run of a sweep adds what tells it apart from the sweep's other runs, the swept keys the base does not show
+    (``swept``, else $LORA_SWEEP_KEYS set by the sweep): ``tiny-topics-16bit-attn_qv-r8-a16-class_weights=balanced``.
 
     From the raw composed dict, not a validated Config: a run whose config fails validation is still opened, named
     and ended FAILED with the error, so nothing here may assume a field is present or well-typed."""
     tracking = raw.get("tracking") or {}
-    if tracking.get("run_name"):
-        return tracking["run_name"]
+    base = tracking.get("run_name") or _base_run_name(raw)
+    keys = swept if swept is not None else os.environ.get(SWEEP_KEYS_ENV, "")
+    label = sweep_label(raw, [k for k in keys.split(",") if k])
+    return f"{base}-{label}" if label else base
+
+
+def _base_run_name(raw: dict) -> str:
     model, quant, lora = raw.get("model") or {}, raw.get("quant") or {}, raw.get("lora") or {}
     data = raw.get("data") or {}
     targets = lora.get("target_modules")
@@ -280,6 +304,40 @@ def run_name(raw: dict) -> str:
     bits, r, alpha = quant.get("bits", "?"), lora.get("r", "?"), lora.get("alpha", "?")
     trained = "full" if lora.get("preset") == "none" else f"{target_name}-r{r}-a{alpha}"  # lora=none: full fine-tuning
     return f"{model.get('name', 'model')}-{data.get('name', 'data')}-{bits}bit-{trained}"
+
+
+_MISSING = object()
+
+
+def sweep_label(raw: dict, keys: Sequence[str]) -> str:
+    """``name=value`` of each key the base run name does not show, joined by ','; a key goes by its last
+    component (``class_weights``) unless two shown keys share it. Keys missing from ``raw`` are left out."""
+    shown: dict[str, Any] = {}
+    for key in keys:
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if key not in NAMED_KEYS and node is not _MISSING:
+            shown[key] = node
+    last = [key.rsplit(".", 1)[-1] for key in shown]
+    return ",".join(
+        f"{short if last.count(short) == 1 else key}={_label_value(value)}"
+        for (key, value), short in zip(shown.items(), last)
+    )
+
+
+def _label_value(value: Any) -> str:
+    """Short text of a config value: 4 significant digits, a path's last component, a list joined by '+'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "+".join(_label_value(v) for v in value)
+    text = str(value)
+    return text.rstrip("/").rsplit("/", 1)[-1] if "/" in text else text
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""Shared fixtures: composing the real config, a throwaway MLflow store, the tiny model."""
+"""Shared fixtures: composing the real config, a throwaway MLflow store, the tiny model, and a check that no test
+writes into the project tree."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,6 +32,73 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+# What tests may leave in the project tree: caches and build state, and the screenshots tests/test_browser.py keeps.
+LOCAL_STATE = frozenset({".venv", ".venv-floor", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache", ".whl"})
+KEPT_OUTPUTS = frozenset({"tests/artifacts"})
+
+
+def untracked_state(root: Path = ROOT) -> dict[str, tuple[int, int]]:
+    """Every ignored file of the tree at ``root``, and every untracked one at its top (caches and build state left
+    out), with its size and modification time: a test that adds, or writes into, ``optuna.db``, ``mlflow.db``,
+    ``mlruns/``, ``outputs/`` or ``multirun/`` changes it."""
+    entries = _untracked_entries(root)
+    state: dict[str, tuple[int, int]] = {}
+    for entry in entries:
+        if _local_state(entry):
+            continue
+        path = root / entry
+        files = [path] if not path.is_dir() else [f for f in path.rglob("*") if not f.is_dir()]
+        for file in files:
+            relative = file.relative_to(root).as_posix()
+            if _local_state(relative):
+                continue
+            try:
+                stat = file.lstat()
+            except FileNotFoundError:  # removed while listed
+                continue
+            state[relative] = (stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+def _untracked_entries(root: Path) -> list[str]:
+    try:
+        listed = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "-z"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked sdist): every file counts
+        return [path.name for path in root.iterdir()]
+    # Ignored paths anywhere, untracked ones at the top: a source file being written beside the tests is not theirs.
+    return [
+        item[3:].rstrip("/")
+        for item in listed.split("\0")
+        if item[:2] == "!!" or (item[:2] == "??" and "/" not in item[3:].rstrip("/"))
+    ]
+
+
+def _local_state(relative: str) -> bool:
+    parts = relative.split("/")
+    return any(part in LOCAL_STATE or part.endswith(".egg-info") for part in parts) or any(
+        relative == kept or relative.startswith(kept + "/") for kept in KEPT_OUTPUTS
+    )
+
+
+def written_into(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """The files that appeared or changed between two :func:`untracked_state` snapshots."""
+    return sorted(path for path, stat in after.items() if before.get(path) != stat)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def project_tree_untouched():
+    """Fail the session when a test wrote into the project tree (a sweep's ``optuna.db``, a run's ``mlruns/``):
+    the user's own stores and outputs live there. Tests write under their ``tmp_path``."""
+    before = untracked_state()
+    yield
+    written = written_into(before, untracked_state())
+    if written:
+        shown = ", ".join(written[:10]) + (f" and {len(written) - 10} more" if len(written) > 10 else "")
+        pytest.fail(f"tests wrote into the project tree {ROOT}: {shown}", pytrace=False)
 
 
 def compose_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR, config_name: str = "config"):
@@ -65,7 +134,10 @@ def empty_mlflow_db(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    # MLflow puts the Default experiment's artifacts in mlruns/ under the working directory of the store's creation:
+    # here, not the project, where a test that logs to the Default experiment would write them.
+    with contextlib.chdir(path.parent):
+        mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -193,12 +194,12 @@ def _run(capsys, *argv):
 
 
 EXPECTED_MD = """\
-| mark       | run                            | model | data   | task           | base bits | target modules              |   r | alpha | seeds |   eval_f1_macro |   eval_accuracy | trainable params (M) | trainable % | peak GPU mem (GB) |       tokens/s | runtime (s) | status   |
-| ---------- | ------------------------------ | ----- | ------ | -------------- | --------: | --------------------------- | --: | ----: | ----- | --------------: | --------------: | -------------------: | ----------: | ----------------: | -------------: | ----------: | -------- |
-| best front | tiny-16bit-attn_qv-r8-a16      | tiny  | topics | classification |        16 | q_proj,v_proj               |   8 |    16 | 1,2   | 0.7500 ± 0.1768 | 0.7500 ± 0.3536 |             0.004096 |         0.5 |              2.00 | 1100.0 ± 141.4 |  11.0 ± 1.4 | FINISHED |
-|            | tiny-16bit-all_linear-r16-a32  | tiny  | topics | classification |        16 | q_proj,k_proj,v_proj,o_proj |  16 |    32 | 1     |          0.7500 |          0.8000 |              0.03277 |           4 |              3.00 |          800.0 |        20.0 | FINISHED |
-| front      | tiny-16bit-k_proj+o_proj-r4-a8 | tiny  | topics | classification |        16 | k_proj,o_proj               |   4 |     8 | 1     |          0.6000 |          0.7000 |             0.002048 |        0.25 |              1.50 |         1500.0 |         8.0 | FINISHED |
-|            | tiny-16bit-mlp-r8-a16          | tiny  | topics | classification |        16 | mlp                         |   8 |    16 | 1     |               - |               - |                    - |           - |                 - |              - |           - | FAILED   |
+| mark       | run                            | run id            | model | data   | task           | base bits | target modules              |   r | alpha | seeds |   eval_f1_macro |   eval_accuracy | trainable params (M) | trainable % | peak GPU mem (GB) |       tokens/s | runtime (s) | status   |
+| ---------- | ------------------------------ | ----------------- | ----- | ------ | -------------- | --------: | --------------------------- | --: | ----: | ----- | --------------: | --------------: | -------------------: | ----------: | ----------------: | -------------: | ----------: | -------- |
+| best front | tiny-16bit-attn_qv-r8-a16      | AAAAAAAA,BBBBBBBB | tiny  | topics | classification |        16 | q_proj,v_proj               |   8 |    16 | 1,2   | 0.7500 ± 0.1768 | 0.7500 ± 0.3536 |             0.004096 |         0.5 |              2.00 | 1100.0 ± 141.4 |  11.0 ± 1.4 | FINISHED |
+|            | tiny-16bit-all_linear-r16-a32  | CCCCCCCC          | tiny  | topics | classification |        16 | q_proj,k_proj,v_proj,o_proj |  16 |    32 | 1     |          0.7500 |          0.8000 |              0.03277 |           4 |              3.00 |          800.0 |        20.0 | FINISHED |
+| front      | tiny-16bit-k_proj+o_proj-r4-a8 | DDDDDDDD          | tiny  | topics | classification |        16 | k_proj,o_proj               |   4 |     8 | 1     |          0.6000 |          0.7000 |             0.002048 |        0.25 |              1.50 |         1500.0 |         8.0 | FINISHED |
+|            | tiny-16bit-mlp-r8-a16          | EEEEEEEE          | tiny  | topics | classification |        16 | mlp                         |   8 |    16 | 1     |               - |               - |                    - |           - |                 - |              - |           - | FAILED   |
 """  # noqa: E501
 
 
@@ -208,23 +209,26 @@ def test_compare_md_table_of_newest_sweep(sweep_store, capsys):
     assert err.strip() == "sweep 's2': 5 run(s) in 4 row(s); objective eval_f1_macro (max)"
     lines = out.rstrip("\n").split("\n")
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
-    assert cells[0] == ["mark", "run", "model", "data", "task", "base bits", "target modules", "r", "alpha", "seeds",
-                        "eval_f1_macro", "eval_accuracy", "trainable params (M)", "trainable %", "peak GPU mem (GB)",
-                        "tokens/s", "runtime (s)", "status"]
+    assert cells[0] == [
+        "mark", "run", "run id", "model", "data", "task", "base bits", "target modules", "r", "alpha", "seeds",
+        "eval_f1_macro", "eval_accuracy", "trainable params (M)", "trainable %", "peak GPU mem (GB)", "tokens/s",
+        "runtime (s)", "status"]
     # A and B (seeds 1, 2) are one row: mean ± sample std. It ties C on quality (0.75) and wins on fewer params.
+    ids = {key: run_id[:8] for key, run_id in sweep_store["ids"].items()}
+    fixed = ["tiny", "topics", "classification", "16"]
     assert cells[2:] == [
-        ["best front", "tiny-16bit-attn_qv-r8-a16", "tiny", "topics", "classification", "16", "q_proj,v_proj", "8",
+        ["best front", "tiny-16bit-attn_qv-r8-a16", f"{ids['A']},{ids['B']}", *fixed, "q_proj,v_proj", "8",
          "16", "1,2", "0.7500 ± 0.1768", "0.7500 ± 0.3536", "0.004096", "0.5", "2.00", "1100.0 ± 141.4", "11.0 ± 1.4",
          "FINISHED"],
-        ["", "tiny-16bit-all_linear-r16-a32", "tiny", "topics", "classification", "16", "q_proj,k_proj,v_proj,o_proj",
+        ["", "tiny-16bit-all_linear-r16-a32", ids["C"], *fixed, "q_proj,k_proj,v_proj,o_proj",
          "16", "32", "1", "0.7500", "0.8000", "0.03277", "4", "3.00", "800.0", "20.0", "FINISHED"],
-        ["front", "tiny-16bit-k_proj+o_proj-r4-a8", "tiny", "topics", "classification", "16", "k_proj,o_proj", "4",
+        ["front", "tiny-16bit-k_proj+o_proj-r4-a8", ids["D"], *fixed, "k_proj,o_proj", "4",
          "8", "1", "0.6000", "0.7000", "0.002048", "0.25", "1.50", "1500.0", "8.0", "FINISHED"],
-        ["", "tiny-16bit-mlp-r8-a16", "tiny", "topics", "classification", "16", "mlp", "8", "16", "1", "-", "-", "-",
+        ["", "tiny-16bit-mlp-r8-a16", ids["E"], *fixed, "mlp", "8", "16", "1", "-", "-", "-",
          "-", "-", "-", "-", "FAILED"],
     ]
-    # The exact text: padded columns, numbers right-aligned.
-    assert out == EXPECTED_MD
+    # The exact text: padded columns, numbers right-aligned (the ids stand in the template as AAAAAAAA, ...).
+    assert out == re.sub("([A-E])\\1{7}", lambda m: ids[m.group(1)], EXPECTED_MD)
 
 
 def test_compare_csv_is_exact(sweep_store, capsys):
@@ -359,8 +363,97 @@ def test_mixed_tasks_and_empty_store(mlflow_store, tmp_path, capsys):
         _make_run(client, experiment_id, f"run{i}", 100 + i, {**CHILD_PARAMS, "data.task": task}, {"objective": 0.5},
                   "FINISHED", {})
     code, out, err = _run(capsys, "--experiment", "mixed")
-    assert (code, out, err) == (
-        2, "", "error: the runs mix tasks (classification: 1, sft: 2); select one sweep or pass --runs\n")
+    assert (code, out, err) == (2, "", "error: the runs mix tasks (classification: 1, sft: 2); pass --task "
+                                       "classification or sft, select one sweep, or pass --runs\n")
+
+
+@pytest.fixture
+def mixed_store(mlflow_store, tmp_path):
+    """What the README's three training examples and a study leave in one experiment: classification runs (one
+    FAILED), a multilabel run and an SFT run, newest last."""
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_store)
+    experiment_id = client.create_experiment("lora-sweeps", artifact_location=(tmp_path / "artifacts").as_uri())
+    made = {}
+    for name, start, params, metrics, status in [
+        ("cls-a", 100, {}, {"objective": 0.5, "eval_accuracy": 0.6}, "FINISHED"),
+        ("cls-b", 110, {"model.name": "other"}, {"objective": 0.7, "eval_accuracy": 0.9}, "FINISHED"),
+        ("cls-failed", 120, {"data.name": "intents"}, {}, "FAILED"),
+        ("multi", 130, {"data.task": "multilabel", "data.name": "topics_multilabel"},
+         {"objective": 0.4, "eval_subset_accuracy": 0.3}, "FINISHED"),
+        ("sft", 140, {"data.task": "sft", "data.name": "instructions"}, {"objective": 1.5, "eval_loss": 1.5},
+         "FINISHED"),
+    ]:
+        made[name] = _make_run(client, experiment_id, name, start, {**CHILD_PARAMS, **params}, metrics, status, {})
+    return made
+
+
+def _names(out: str) -> list[str]:
+    return [line.split(" | ")[1].strip() for line in out.strip().split("\n")[2:]]
+
+
+def test_a_metric_one_task_logs_compares_that_tasks_runs_with_a_note(mixed_store, capsys):
+    """The README's `--experiment lora-sweeps --metric eval_accuracy --sort eval_accuracy`, after its SFT and
+    multilabel examples: the classification runs are compared, the others are named as left out."""
+    argv = ["--experiment", "lora-sweeps", "--metric", "eval_accuracy", "--sort", "eval_accuracy"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert _names(out) == ["cls-b", "cls-a", "cls-failed"]  # best first; the failed run of the task stays
+    assert err.split("\n")[0] == ("left out 2 run(s) of tasks that do not log eval_accuracy (multilabel: 1, sft: 1); "
+                                  "--task classification selects the same runs")
+    code, same, err = _run(capsys, *argv, "--task", "classification")
+    assert (code, same) == (0, out) and "left out" not in err
+    # A metric every task logs cannot pick one: the error names --task.
+    code, _, err = _run(capsys, "--experiment", "lora-sweeps", "--metric", "objective", "--sort", "objective")
+    assert code == 2 and "the runs mix tasks (classification: 3, multilabel: 1, sft: 1); pass --task" in err
+    code, out, err = _run(capsys, "--experiment", "lora-sweeps", "--task", "sft")
+    assert code == 0 and _names(out) == ["sft"], err
+
+
+def test_task_data_and_model_filters(mixed_store, capsys):
+    code, out, err = _run(capsys, "--experiment", "lora-sweeps", "--task", "classification", "--data", "topics")
+    assert code == 0 and _names(out) == ["cls-a", "cls-b"], err
+    code, out, err = _run(capsys, "--experiment", "lora-sweeps", "--model", "other")
+    assert code == 0 and _names(out) == ["cls-b"], err
+    code, out, err = _run(capsys, "--task", "multilabel")  # no selector: the newest matching run's experiment
+    assert code == 0 and _names(out) == ["multi"], err
+    code, out, err = _run(capsys, "--runs", f"{mixed_store['cls-a']},{mixed_store['sft']}", "--task", "sft")
+    assert code == 0 and _names(out) == ["sft"], err
+    # The filter is searched in the store, before --limit: the newest run (SFT) does not take the only place.
+    code, out, err = _run(capsys, "--experiment", "lora-sweeps", "--task", "classification", "--limit", "1")
+    assert code == 0 and _names(out) == ["cls-failed"], err
+    code, out, err = _run(capsys, "--experiment", "lora-sweeps", "--task", "regression")
+    assert (code, out, err) == (2, "", "error: experiment 'lora-sweeps' has no runs with data.task=regression\n")
+    code, out, err = _run(capsys, "--data", "nope")
+    assert (code, out, err) == (2, "", "error: the store has no runs with data.name=nope\n")
+
+
+def test_runs_that_differ_only_in_a_param_show_it_and_their_ids(mlflow_store, tmp_path, capsys):
+    """Two runs named alike (a grid over data.class_weights, say): the table shows each run's id and a column for
+    every param that differs among its rows, and none for the params they share."""
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_store)
+    experiment_id = client.create_experiment("grid", artifact_location=(tmp_path / "artifacts").as_uri())
+    start, params, metrics, status = CHILDREN["C"]
+    made = [
+        _make_run(client, experiment_id, "same-name", start + i, {**CHILD_PARAMS, **params, **extra}, metrics, status,
+                  {})
+        for i, extra in enumerate([{"data.class_weights": "null"}, {"data.class_weights": "balanced"}])
+    ]
+    code, out, err = _run(capsys, "--experiment", "grid")
+    assert code == 0, err
+    header, _, *rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in out.strip().split("\n")]
+    assert header[:3] == ["mark", "run", "run id"] and "data.class_weights" in header
+    assert "lora.dropout" not in header and "train.seed" not in header  # the same in both rows, or a fixed column
+    at = header.index("data.class_weights")
+    assert [(row[1], row[2], row[at]) for row in rows] == [
+        ("same-name", made[0][:8], "-"), ("same-name", made[1][:8], "balanced")]
+    code, out, err = _run(capsys, "--experiment", "grid", "--format", "csv")
+    assert code == 0, err
+    keys = out.split("\n")[0].split(",")
+    assert "data.class_weights" in keys and "id" not in keys  # csv carries the whole run ids in run_id
 
 
 def test_command_line_entry_point(sweep_store):

@@ -54,3 +54,32 @@ def test_every_ui_link_asks_for_the_model_training_mode():
     assert console.sweep_view_hint("sqlite:///m.db", "3", "s1").startswith(
         f"http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=s1&{mode}"
     )
+
+
+def test_a_sweeps_runs_are_named_by_the_keys_it_varies(monkeypatch):
+    """Runs of a sweep that differ in a key the base name does not show get it appended, short: its last component
+    and its value. Keys the base name shows (lora.r, quant.bits...) and keys absent from the config add nothing."""
+    balanced = compose_config(["data.class_weights=balanced"])
+    assert (
+        tracking.run_name(balanced, "data.class_weights") == "tiny-topics-16bit-attn_qv-r8-a16-class_weights=balanced"
+    )
+    assert (
+        tracking.run_name(compose_config([]), "data.class_weights")
+        == "tiny-topics-16bit-attn_qv-r8-a16-class_weights=none"
+    )
+    several = compose_config(["lora.r=16", "train.learning_rate=0.00123456", "lora.dropout=0.1"])
+    assert (
+        tracking.run_name(several, "lora.r,train.learning_rate,lora.dropout,lora.alpha_ratio,quant.bits")
+        == "tiny-topics-16bit-attn_qv-r16-a16-learning_rate=0.001235,dropout=0.1"
+    )
+    # Two keys with one last component keep their whole names; a list joins with '+'.
+    raw = {**compose_config([]), "x": {"seed": 1}, "y": {"seed": 2, "modules": ["a", "b"]}}
+    assert tracking.sweep_label(raw, ["x.seed", "y.seed", "y.modules"]) == "x.seed=1,y.seed=2,modules=a+b"
+    # An explicit name replaces the base only; swept, it is the label itself.
+    mine = compose_config(["tracking.run_name=mine", "data.class_weights=balanced"])
+    assert tracking.run_name(mine, "data.class_weights,tracking.run_name") == "mine-class_weights=balanced"
+    # A job of a sweep learns its keys from the environment the sweep sets; outside a sweep nothing is added.
+    monkeypatch.setenv(tracking.SWEEP_KEYS_ENV, "data.class_weights")
+    assert tracking.run_name(balanced).endswith("-class_weights=balanced")
+    monkeypatch.delenv(tracking.SWEEP_KEYS_ENV)
+    assert tracking.run_name(balanced) == "tiny-topics-16bit-attn_qv-r8-a16"

@@ -1,8 +1,8 @@
 """The README's commands run as written: every block fenced as ```bash cpu``` is run here, line by line.
 
 Each runs in a scratch directory that links the project's conf/ and sweeps/ (so it looks like the project root,
-but its outputs/ and optuna.db are its own), with the project on PYTHONPATH and a scratch MLflow store; nothing
-else about the command is changed.
+but its outputs/ are its own), with the project on PYTHONPATH and a scratch MLflow store, beside which a study
+keeps its optuna.db; nothing else about the command is changed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def test_the_readme_marks_runnable_blocks():
 # tests/test_train.py also checks that the default run learns. Their tasks stay in the default tier end to end:
 # `python -m src.train` shortened in tests/test_console.py, SFT, chat and multilabel in tests/test_train.py.
 SLOW_COMMANDS = ("data=instructions", "data=chat", "data=topics_multilabel")
+OPTUNA_SWEEPS = ("rank_alpha", "pareto")
 
 
 def slow(command: str) -> bool:
@@ -60,9 +61,13 @@ def test_readme_command_runs_as_written(command, tmp_path):
         (tmp_path / folder).symlink_to(ROOT / folder)
     done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    studies = tmp_path / "optuna.db"
-    if studies.exists():  # a shrunk study must learn something: its trials differ
-        for summary in optuna.get_all_study_summaries(f"sqlite:///{studies}"):
-            study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{studies}")
-            values = [t.value for t in study.get_trials() if t.value is not None]
-            assert len(values) >= 2 and len(set(values)) > 1, values
+    if any(f"-cn {name}" in command for name in OPTUNA_SWEEPS):
+        # The study's storage is optuna.db beside the MLflow store (its first line says so), and a shrunk study
+        # must learn something: its trials differ.
+        storage = f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+        assert f"Optuna study in {storage} (default: beside the MLflow store)" in done.stdout, done.stdout[-2000:]
+        summaries = optuna.get_all_study_summaries(storage)
+        assert len(summaries) == 1, summaries
+        study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
+        values = [t.value for t in study.get_trials() if t.value is not None]
+        assert len(values) >= 2 and len(set(values)) > 1, values

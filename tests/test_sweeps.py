@@ -769,3 +769,28 @@ def test_the_pareto_summary_names_each_metric_and_the_trials_params():
     single.tell(trial, 0.91)
     text, value = best_text(single, ["eval_f1_macro"])
     assert text == f"eval_f1_macro=0.91 (#0 lora.r={trial.params['lora.r']})" and value == 0.91
+
+
+def test_named_keys_tell_a_sweeps_runs_apart():
+    """What each job's run name adds (src.tracking.run_name): the config keys a grid varies (group choices show in
+    the base name), or a study's searched and derived keys that are config keys; nothing for a one-job grid."""
+    from src.sweeps.record import named_keys
+
+    config = compose_hydra()
+    jobs = ["model=tiny data.class_weights=none lora.r=4", "model=tiny data.class_weights=balanced lora.r=8"]
+    assert named_keys({"jobs": jobs}, config) == ["data.class_weights", "lora.r"]
+    assert named_keys({"jobs": jobs[:1]}, config) == []
+    space = {"lora.r": "choice", "lora.alpha_ratio": "choice", "train.learning_rate": "log", "quant": "choice"}
+    assert named_keys({"space": space, "derived": {"lora.alpha": "lora.alpha_ratio * lora.r"}}, config) == [
+        "lora.r", "train.learning_rate", "lora.alpha"]
+
+
+@pytest.mark.slow  # ~1 min: two training jobs
+def test_a_grid_over_a_key_the_name_does_not_show_names_its_runs_apart(tmp_path, mlflow_store):
+    result = sweep(["--multirun", "data.class_weights=none,balanced", *TINY[1:]], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, children = split_runs(mlflow_store)
+    assert sorted(c.info.run_name for c in children) == [
+        "tiny-topics-16bit-attn_qv-r8-a16-class_weights=balanced",
+        "tiny-topics-16bit-attn_qv-r8-a16-class_weights=none",
+    ]

@@ -6,8 +6,13 @@
     python -m src.compare --pareto quality:max,params:min --plot sweep.png
 
 Runs are read from the MLflow store (``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the
-project's ``mlflow.db``) by the names in ``src/tracking.py``. A sweep is a parent run tagged
-``sweep_id`` plus the runs carrying the same tag and MLflow's ``mlflow.parentRunId``.
+project's ``mlflow.db``) by the names in ``src/tracking.py`` (which runs: :mod:`src.runs.selection`).
+``--task``, ``--data`` and ``--model`` keep the runs of one task, dataset or model. Runs of several tasks are
+compared only where ``--metric`` (or ``--sort``, ``--pareto``) names a metric that one task's runs alone log: the
+others are left out with a note (:func:`one_task`).
+
+Each row shows its run id's first 8 characters (what ``--runs`` takes) and, besides the fixed columns, a column
+for every param that differs among the rows shown (``data.class_weights``, ``train.learning_rate``...).
 
 Runs of one config that differ only in ``train.seed`` are shown as one row, mean ± sample
 standard deviation (``--no-group-seeds`` lists them apart); failed runs are never averaged in.
@@ -19,57 +24,38 @@ run ids and the standard deviations as separate fields. The pure pieces (:func:`
 from __future__ import annotations
 
 import argparse
-import csv
-import html
-import io
 import json
 import math
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from src.config import OBJECTIVE_DEFAULTS
 from src.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
-from src.errors import UserError, run_cli
-from src.names import filter_value, text_problem
+from src.errors import run_cli
+from src.runs.selection import Selection, param, select_runs
+from src.runs.table import Column, CompareError, format_table, is_number
 
-PARENT_TAG = "mlflow.parentRunId"
-SWEEP_TAG = "sweep_id"
+__all__ = ["Column", "CompareError", "format_table", "group_seeds", "main", "pareto_front", "pick_best"]
+
 # Params that may differ between runs that repeat one config with another seed.
 SEED_FREE_PARAMS = frozenset({"train.seed", "output_dir", "tracking.run_name"})
+# Params the fixed columns show: a param column is added for any other that differs among the rows shown.
+SHOWN_PARAMS = SEED_FREE_PARAMS | {
+    *("model.name", "data.name", "data.task", "quant.bits"),
+    *("lora.preset", "lora.resolved_targets", "lora.target_modules", "lora.r", "lora.alpha"),
+}
+# --task, --data and --model: the param each one matches.
+FILTERS = {"task": "data.task", "data": "data.name", "model": "model.name"}
 MAX_MISSING_LISTED = 30
-
-
-class CompareError(UserError):
-    """A selection or option that cannot be compared; the message is shown as one line."""
-
-
-@dataclass(frozen=True)
-class Column:
-    """One table column.
-
-    Attributes:
-        key: Name in csv and json, and for ``--sort`` and ``--pareto``.
-        header: Name in md and html.
-        fmt: Format spec for numbers in md and html; empty for text.
-        direction: ``"max"`` or ``"min"``: which way is better; None for text.
-    """
-
-    key: str
-    header: str
-    fmt: str = ""
-    direction: Optional[str] = None
-
-    @property
-    def numeric(self) -> bool:
-        return self.direction is not None
 
 
 CONFIG_COLUMNS = (
     Column("run", "run"),
+    Column("id", "run id", people_only=True),  # the 8 characters --runs, src.predict and src.export take
     Column("model", "model"),
     Column("data", "data"),
     Column("task", "task"),
@@ -117,7 +103,7 @@ def pareto_front(points: Sequence[Sequence[Optional[float]]], directions: Sequen
         One flag per point. Equal points do not dominate each other, so both stay on the front.
     """
     signs = [1.0 if d == "max" else -1.0 for d in directions]
-    scored = [tuple(s * float(v) for s, v in zip(signs, p)) if all(_is_number(v) for v in p) else None for p in points]
+    scored = [tuple(s * float(v) for s, v in zip(signs, p)) if all(is_number(v) for v in p) else None for p in points]
 
     def dominates(a: tuple, b: tuple) -> bool:
         return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
@@ -135,10 +121,10 @@ def pick_best(rows: Sequence[dict], key: str, direction: str, tie_key: str = "tr
     best, best_score = None, None
     for i, row in enumerate(rows):
         value = row.get(key)
-        if not _is_number(value) or row.get("status", "FINISHED") != "FINISHED":
+        if not is_number(value) or row.get("status", "FINISHED") != "FINISHED":
             continue
         tie = row.get(tie_key)
-        score = (value if direction == "max" else -value, -tie if _is_number(tie) else -math.inf)
+        score = (value if direction == "max" else -value, -tie if is_number(tie) else -math.inf)
         if best_score is None or score > best_score:
             best, best_score = i, score
     return best
@@ -170,7 +156,7 @@ def group_seeds(rows: Sequence[dict], numeric_keys: Sequence[str]) -> list[dict]
         row["seeds"] = sorted(seed for m in members for seed in m["seeds"])
         row["std"] = {}
         for k in numeric_keys:
-            values = [m[k] for m in members if _is_number(m.get(k))]
+            values = [m[k] for m in members if is_number(m.get(k))]
             row[k] = statistics.fmean(values) if values else None
             if len(values) >= 2:
                 row["std"][k] = statistics.stdev(values)
@@ -180,239 +166,13 @@ def group_seeds(rows: Sequence[dict], numeric_keys: Sequence[str]) -> list[dict]
 
 def sort_rows(rows: Sequence[dict], key: str, direction: str) -> list[dict]:
     """Rows ordered best first on ``key``; rows without a value go last, in their order."""
-    present = [r for r in rows if _is_number(r.get(key))]
-    missing = [r for r in rows if not _is_number(r.get(key))]
+    present = [r for r in rows if is_number(r.get(key))]
+    missing = [r for r in rows if not is_number(r.get(key))]
     return sorted(present, key=lambda r: r[key], reverse=direction == "max") + missing
-
-
-def format_table(rows: Sequence[dict], columns: Sequence[Column], fmt: str) -> str:
-    """Render rows as ``md``, ``html``, ``csv`` or ``json``.
-
-    md and html show formatted cells ("0.8123 ± 0.0100"; no "± 0" for a zero spread; "-" when
-    missing) and a ``mark`` column ("best", "front"). csv adds ``run_id`` and a ``<key>_std``
-    column per numeric column that has one; json gives raw values with ``best``, ``pareto``,
-    ``run_ids`` and ``std`` per row.
-    """
-    if fmt == "json":
-        return json.dumps(
-            {
-                "columns": [{"key": c.key, "header": c.header, "direction": c.direction} for c in columns],
-                "rows": [_json_row(r, columns) for r in rows],
-            },
-            indent=2,
-        )
-    if fmt == "csv":
-        return _csv_table(rows, columns)
-    header = ["mark"] + [c.header for c in columns]
-    cells = [[_mark(r)] + [_cell(r, c) for c in columns] for r in rows]
-    if fmt == "html":
-        return _html_table(header, cells, rows, [False] + [c.numeric for c in columns])
-    if fmt == "md":
-        return _md_table(header, cells, [False] + [c.numeric for c in columns])
-    raise CompareError(f"unknown format {fmt!r} (known: md, csv, html, json)")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _mark(row: dict) -> str:
-    return " ".join(word for word, on in (("best", row.get("best")), ("front", row.get("pareto"))) if on)
-
-
-def _cell(row: dict, column: Column) -> str:
-    value = row.get(column.key)
-    if column.key == "seeds":
-        return ",".join(str(s) for s in value or [] if s is not None) or "-"
-    if value is None or value == "":
-        return "-"
-    if column.fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if math.isnan(value):
-            return "nan"
-        text = format(value, column.fmt)
-        std = (row.get("std") or {}).get(column.key)
-        # A zero spread (trainable params across seeds, say) is left out rather than shown as "± 0".
-        return text if not std or column.fmt == "d" else f"{text} ± {format(std, column.fmt)}"
-    return str(value)
-
-
-def _raw(value: Any) -> Any:
-    """A value for csv/json: floats lose only float noise (10 significant digits); NaN becomes None."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else float(f"{value:.10g}")
-    return value
-
-
-def _json_row(row: dict, columns: Sequence[Column]) -> dict:
-    out: dict[str, Any] = {"best": bool(row.get("best")), "pareto": row.get("pareto"), "run_ids": row["run_ids"]}
-    out.update({c.key: _raw(row.get(c.key)) for c in columns})
-    out["std"] = {k: _raw(v) for k, v in (row.get("std") or {}).items()}
-    return out
-
-
-def _csv_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
-    with_std = {k for r in rows for k in (r.get("std") or {})}
-    keys = ["mark", "run_id"]
-    for c in columns:
-        keys.append(c.key)
-        if c.key in with_std:
-            keys.append(f"{c.key}_std")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(keys)
-    for r in rows:
-        values = {"mark": _mark(r), "run_id": ";".join(r["run_ids"])}
-        for c in columns:
-            value = r.get(c.key)
-            values[c.key] = ",".join(str(s) for s in value) if c.key == "seeds" else _raw(value)
-            values[f"{c.key}_std"] = _raw((r.get("std") or {}).get(c.key))
-        writer.writerow(["" if values[k] is None else values[k] for k in keys])
-    return buffer.getvalue().rstrip("\n")
-
-
-def _md_table(header: list[str], cells: list[list[str]], right: list[bool]) -> str:
-    escaped = [[text.replace("|", "\\|") for text in row] for row in [header, *cells]]
-    widths = [max(3, *(len(row[i]) for row in escaped)) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        return "| " + " | ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(row, widths, right)) + " |"
-
-    rule = "| " + " | ".join("-" * (w - 1) + ":" if r else "-" * w for w, r in zip(widths, right)) + " |"
-    return "\n".join([line(escaped[0]), rule, *(line(row) for row in escaped[1:])])
-
-
-def _html_table(header: list[str], cells: list[list[str]], rows: Sequence[dict], right: list[bool]) -> str:
-    def cell(tag: str, text: str, is_right: bool) -> str:
-        style = ' style="text-align:right"' if is_right else ""
-        return f"<{tag}{style}>{html.escape(text)}</{tag}>"
-
-    lines = [
-        '<table class="compare">',
-        "<thead>",
-        "<tr>" + "".join(map(cell, ["th"] * len(header), header, right)) + "</tr>",
-        "</thead>",
-        "<tbody>",
-    ]
-    for texts, row in zip(cells, rows):
-        opening = '<tr class="best">' if row.get("best") else "<tr>"
-        lines.append(opening + "".join(map(cell, ["td"] * len(texts), texts, right)) + "</tr>")
-    return "\n".join([*lines, "</tbody>", "</table>"])
 
 
 # ---------------------------------------------------------------------------------------------
 # From MLflow runs to rows.
-
-
-@dataclass
-class Selection:
-    """The runs to compare, oldest first, and the sweep parent that plots are logged to."""
-
-    runs: list  # mlflow.entities.Run
-    description: str
-    parent_run_id: Optional[str]
-
-
-def _is_parent(run) -> bool:
-    return SWEEP_TAG in run.data.tags and PARENT_TAG not in run.data.tags
-
-
-def _search(client, experiment_ids: list[str], filter_string: str = "", limit: Optional[int] = None) -> list:
-    """All matching active runs, newest first, following MLflow's pages."""
-    from mlflow.entities import ViewType
-
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            experiment_ids,
-            filter_string,
-            ViewType.ACTIVE_ONLY,
-            max_results=1000,
-            order_by=["attributes.start_time DESC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token or (limit is not None and len(runs) >= limit):
-            return runs[:limit] if limit is not None else runs
-
-
-def _sweep_runs(client, experiment_ids: list[str], sweep_id: str) -> Selection:
-    if text_problem(sweep_id):
-        raise CompareError(f"--sweep {sweep_id!r} {text_problem(sweep_id)}")
-    tagged = _search(client, experiment_ids, f"tags.{SWEEP_TAG} = {filter_value(sweep_id)}")
-    parents = [r for r in tagged if _is_parent(r)]
-    children = [r for r in tagged if not _is_parent(r)]
-    if not tagged:
-        raise CompareError(f"no sweep {sweep_id!r} in the store")
-    if not children:
-        raise CompareError(f"sweep {sweep_id!r} has no runs yet")
-    parent = parents[0].info.run_id if len(parents) == 1 else None
-    return Selection(children, f"sweep {sweep_id!r}", parent)
-
-
-def select_runs(
-    client,
-    experiment: Optional[str] = None,
-    sweep: Optional[str] = None,
-    run_ids: Optional[list[str]] = None,
-    limit: int = 100,
-) -> Selection:
-    """The runs to compare: one sweep, one experiment, given run ids, or by default the newest sweep.
-
-    Without a selector it takes the sweep of the newest parent run; with no sweep in the store,
-    the newest ``limit`` runs of the experiment holding the newest run.
-    """
-    from mlflow.exceptions import MlflowException
-
-    from src.tracking import RunNotFound, resolve_run_id
-
-    experiments = client.search_experiments()
-    all_ids = [e.experiment_id for e in experiments]
-    if run_ids:
-        runs = []
-        for run_id in run_ids:
-            try:
-                runs.append(client.get_run(resolve_run_id(client, run_id)))
-            except (MlflowException, RunNotFound) as exc:
-                raise CompareError(
-                    str(exc) if isinstance(exc, RunNotFound) else f"no run {run_id!r} in the store"
-                ) from None
-        parents = {r.data.tags.get(PARENT_TAG) for r in runs}
-        parent = parents.pop() if len(parents) == 1 else None
-        selection = Selection(runs, f"{len(runs)} given run(s)", parent)
-    elif sweep:
-        selection = _sweep_runs(client, all_ids, sweep)
-    elif experiment:
-        found = client.get_experiment_by_name(experiment)
-        if found is None or found.lifecycle_stage != "active":
-            known = ", ".join(sorted(e.name for e in experiments)) or "none"
-            raise CompareError(f"no experiment {experiment!r} in the store (known: {known})")
-        runs = [r for r in _search(client, [found.experiment_id], limit=limit) if not _is_parent(r)]
-        if not runs:
-            raise CompareError(f"experiment {experiment!r} has no runs")
-        parents = {r.data.tags.get(PARENT_TAG) for r in runs}
-        selection = Selection(runs, f"experiment {experiment!r}", parents.pop() if len(parents) == 1 else None)
-    else:
-        if not all_ids:
-            raise CompareError("the store has no experiments")
-        newest_parent = next((r for r in _search(client, all_ids, f"tags.{SWEEP_TAG} LIKE '%'") if _is_parent(r)), None)
-        if newest_parent is not None:
-            selection = _sweep_runs(client, all_ids, newest_parent.data.tags[SWEEP_TAG])
-        else:
-            newest = _search(client, all_ids, limit=1)
-            if not newest:
-                raise CompareError("the store has no runs")
-            experiment_id = newest[0].info.experiment_id
-            runs = [r for r in _search(client, [experiment_id], limit=limit) if not _is_parent(r)]
-            name = client.get_experiment(experiment_id).name
-            selection = Selection(runs, f"the newest {len(runs)} run(s) of experiment {name!r}", None)
-    selection.runs = sorted(selection.runs, key=lambda r: (r.info.start_time or 0, r.info.run_name or ""))
-    return selection
-
-
-def _param(params: dict, key: str) -> Optional[str]:
-    value = params.get(key)
-    return None if value in (None, "null", "None", "") else value
 
 
 def _int(text: Optional[str]) -> Optional[int]:
@@ -425,12 +185,12 @@ def _int(text: Optional[str]) -> Optional[int]:
 def target_modules(params: dict) -> Optional[str]:
     """The adapted modules: the resolved leaf names, else the configured list, else the preset; a full
     fine-tuning run (lora=none) trains them all."""
-    if _param(params, "lora.preset") == "none":
+    if param(params, "lora.preset") == "none":
         return "all weights (full fine-tuning)"
-    resolved = _param(params, "lora.resolved_targets")
+    resolved = param(params, "lora.resolved_targets")
     if resolved:
         return resolved
-    listed = _param(params, "lora.target_modules")
+    listed = param(params, "lora.target_modules")
     if listed:
         import ast
 
@@ -438,17 +198,17 @@ def target_modules(params: dict) -> Optional[str]:
             return ",".join(str(x) for x in ast.literal_eval(listed))
         except (ValueError, SyntaxError):
             return listed
-    return _param(params, "lora.preset")
+    return param(params, "lora.preset")
 
 
 def run_objective(params: dict) -> Optional[tuple[str, str]]:
     """The run's objective (metric, "max"|"min"): its config's, else its task's default; None if unknown."""
-    task = _param(params, "data.task")
+    task = param(params, "data.task")
     if task not in OBJECTIVE_DEFAULTS:
         return None
     metric, direction = OBJECTIVE_DEFAULTS[task]
-    metric = _param(params, "objective.metric") or metric
-    direction = _param(params, "objective.direction") or direction
+    metric = param(params, "objective.metric") or metric
+    direction = param(params, "objective.direction") or direction
     return metric, "max" if direction == "maximize" else "min"
 
 
@@ -459,14 +219,15 @@ def run_row(run, quality: Sequence[str], objective_metric: Optional[str]) -> dic
     row = {
         "run_ids": [run.info.run_id],
         "run": run.info.run_name,
-        "model": _param(params, "model.name"),
-        "data": _param(params, "data.name"),
-        "task": _param(params, "data.task"),
-        "bits": _int(_param(params, "quant.bits")),
+        "params": dict(params),
+        "model": param(params, "model.name"),
+        "data": param(params, "data.name"),
+        "task": param(params, "data.task"),
+        "bits": _int(param(params, "quant.bits")),
         "targets": target_modules(params),
-        "r": _int(_param(params, "lora.r")),
-        "alpha": _int(_param(params, "lora.alpha")),
-        "seeds": [_int(_param(params, "train.seed"))] if _param(params, "train.seed") else [],
+        "r": _int(param(params, "lora.r")),
+        "alpha": _int(param(params, "lora.alpha")),
+        "seeds": [_int(param(params, "train.seed"))] if param(params, "train.seed") else [],
         "trainable_params_m": trainable / 1e6 if trainable is not None else None,
         "trainable_pct": metrics.get("trainable_pct"),
         "peak_gpu_mem_gb": metrics.get("peak_gpu_mem_gb"),
@@ -490,7 +251,7 @@ def _scatter(rows: Sequence[dict], x: Column, y: Column, path: Path, log_x: bool
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if _is_number(r.get(x.key)) and _is_number(r.get(y.key))]
+    shown = [r for r in rows if is_number(r.get(x.key)) and is_number(r.get(y.key))]
     front = pareto_front([(r[x.key], r[y.key]) for r in shown], (x.direction, y.direction))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, on_front in zip(shown, front):
@@ -540,7 +301,7 @@ def _plot_curves(client, runs: Sequence, quality: str, path: Path) -> bool:
         for run in runs:
             history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
             if history:
-                seed = _param(run.data.params, "train.seed")
+                seed = param(run.data.params, "train.seed")
                 label = f"{run.info.run_name}" + (f" (seed {seed})" if seed else "")
                 ax.plot([m.step for m in history], [m.value for m in history], marker=".", label=label)
                 drawn = True
@@ -567,13 +328,13 @@ def make_plots(client, selection: Selection, rows: Sequence[dict], quality: Colu
     params_col = next(c for c in COST_COLUMNS if c.key == "trainable_params_m")
     memory_col = next(c for c in COST_COLUMNS if c.key == "peak_gpu_mem_gb")
     written = []
-    if any(_is_number(r.get(params_col.key)) and _is_number(r.get(quality.key)) for r in rows):
+    if any(is_number(r.get(params_col.key)) and is_number(r.get(quality.key)) for r in rows):
         _scatter(rows, params_col, quality, path, log_x=True)
         written.append(path)
     else:
         _note(f"skipped {path.name}: no run has both {quality.key} and trainable_params")
     memory_path = path.with_name(f"{path.stem}_memory.png")
-    if any(_is_number(r.get(memory_col.key)) and _is_number(r.get(quality.key)) for r in rows):
+    if any(is_number(r.get(memory_col.key)) and is_number(r.get(quality.key)) for r in rows):
         _scatter(rows, memory_col, quality, memory_path, log_x=False)
         written.append(memory_path)
     else:
@@ -616,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--experiment", help="All runs of this experiment (sweep parents excluded).")
     which.add_argument("--sweep", help="The child runs of this sweep id (tag sweep_id).")
     which.add_argument("--runs", help="Comma-separated run ids, or unique prefixes of them (the 8 characters printed).")
+    parser.add_argument("--task", help="Only runs of this task (data.task): classification, multilabel or sft.")
+    parser.add_argument("--data", help="Only runs on this dataset (data.name).")
+    parser.add_argument("--model", help="Only runs of this model (model.name).")
     parser.add_argument("--format", choices=("md", "csv", "html", "json"), default="md")
     parser.add_argument(
         "--sort",
@@ -663,13 +427,9 @@ def compare(args: argparse.Namespace) -> str:
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(args.tracking_uri))
     run_ids = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
-    selection = select_runs(client, args.experiment, args.sweep, run_ids, args.limit)
-    runs = selection.runs
-
-    tasks = {_param(r.data.params, "data.task") for r in runs} - {None}
-    if len(tasks) > 1:
-        counts = ", ".join(f"{t}: {sum(_param(r.data.params, 'data.task') == t for r in runs)}" for t in sorted(tasks))
-        raise CompareError(f"the runs mix tasks ({counts}); select one sweep or pass --runs")
+    wanted = {key: getattr(args, option) for option, key in FILTERS.items()}
+    selection = select_runs(client, args.experiment, args.sweep, run_ids, args.limit, wanted)
+    runs = one_task(selection.runs, requested_metrics(args))
     objectives = {o for o in (run_objective(r.data.params) for r in runs) if o}
     if len(objectives) > 1:
         raise CompareError(f"the runs optimize different objectives ({', '.join(sorted(m for m, _ in objectives))})")
@@ -707,16 +467,7 @@ def compare(args: argparse.Namespace) -> str:
     rows = [run_row(r, quality, objective_metric) for r in runs]
     if not args.no_group_seeds:
         rows = group_seeds(rows, [c.key for c in columns if c.numeric and c.fmt != "d"])
-    best = pick_best(rows, objective_metric, objective_direction)
-    for i, row in enumerate(rows):
-        row["best"] = i == best
-    if pareto_spec:
-        (x, x_dir), (y, y_dir) = pareto_spec
-        if not any(_is_number(r.get(x.key)) and _is_number(r.get(y.key)) for r in rows):
-            raise CompareError(f"--pareto {args.pareto}: no run has both {x.key} and {y.key}")
-        points = [(r.get(x.key), r.get(y.key)) if r.get("status") == "FINISHED" else (None, None) for r in rows]
-        for row, on in zip(rows, pareto_front(points, (x_dir, y_dir))):
-            row["pareto"] = on
+    mark_rows(rows, (objective_metric, objective_direction), pareto_spec, args.pareto)
     if sort_spec:
         rows = sort_rows(rows, sort_spec[0].key, sort_spec[1])
 
@@ -726,8 +477,68 @@ def compare(args: argparse.Namespace) -> str:
     )
     if args.plot:
         make_plots(client, selection, rows, columns[len(CONFIG_COLUMNS)], args.plot)
+    columns[len(CONFIG_COLUMNS) : len(CONFIG_COLUMNS)] = param_columns(rows)
     table = format_table(rows, columns, args.format)
     return table + "\n\n" + samples_text(client, runs) if args.samples else table
+
+
+def requested_metrics(args: argparse.Namespace) -> list[str]:
+    """The metrics that --metric, --sort and --pareto name, besides the objective and the fixed columns."""
+    names = [*args.metric, *([args.sort] if args.sort else []), *(args.pareto.split(",") if args.pareto else [])]
+    fixed = {c.key for c in (*CONFIG_COLUMNS, *COST_COLUMNS)} | {"quality", "objective"}
+    keys = [ALIASES.get(n.partition(":")[0].strip(), n.partition(":")[0].strip()) for n in names]
+    return [k for k in dict.fromkeys(keys) if k and k not in fixed]
+
+
+def one_task(runs: list, metrics: Sequence[str]) -> list:
+    """The runs of one task. Runs of several tasks are compared only where the requested ``metrics`` are logged by
+    one task's runs alone (``--metric eval_accuracy`` over classification and SFT runs): its runs are kept, and a
+    note says how many runs of other tasks were left out. A metric the other tasks never log cannot rank their
+    runs, and an objective of one task says nothing about another's."""
+    tasks = Counter(param(r.data.params, "data.task") for r in runs)
+    tasks.pop(None, None)
+    if len(tasks) <= 1:
+        return runs
+    counts = ", ".join(f"{task}: {n}" for task, n in sorted(tasks.items()))
+    logging = {param(r.data.params, "data.task") for r in runs if metrics and all(m in r.data.metrics for m in metrics)}
+    if len(logging) != 1 or None in logging:
+        raise CompareError(
+            f"the runs mix tasks ({counts}); pass --task {' or '.join(sorted(tasks))}, select one sweep, or pass --runs"
+        )
+    (task,) = logging
+    kept = [r for r in runs if param(r.data.params, "data.task") == task]
+    others = ", ".join(f"{t}: {n}" for t, n in sorted(tasks.items()) if t != task)
+    _note(
+        f"left out {len(runs) - len(kept)} run(s) of tasks that do not log {', '.join(metrics)} ({others}); "
+        f"--task {task} selects the same runs"
+    )
+    return kept
+
+
+def mark_rows(rows: list[dict], objective: tuple[str, str], pareto_spec, pareto_text: Optional[str]) -> None:
+    """Mark the best row on the objective and, with ``pareto_spec`` ((column, direction) for x and y), the front."""
+    best = pick_best(rows, *objective)
+    for i, row in enumerate(rows):
+        row["best"] = i == best
+        row["id"] = ",".join(run_id[:8] for run_id in row["run_ids"])
+    if pareto_spec:
+        (x, x_dir), (y, y_dir) = pareto_spec
+        if not any(is_number(r.get(x.key)) and is_number(r.get(y.key)) for r in rows):
+            raise CompareError(f"--pareto {pareto_text}: no run has both {x.key} and {y.key}")
+        points = [(r.get(x.key), r.get(y.key)) if r.get("status") == "FINISHED" else (None, None) for r in rows]
+        for row, on in zip(rows, pareto_front(points, (x_dir, y_dir))):
+            row["pareto"] = on
+
+
+def param_columns(rows: list[dict]) -> list[Column]:
+    """A column for every param that differs among ``rows`` and no fixed column shows (``data.class_weights``,
+    ``train.learning_rate``), in key order; each row gets its value (a run without the param shows "-")."""
+    keys = sorted({key for row in rows for key in row.get("params", {})} - SHOWN_PARAMS)
+    differing = [k for k in keys if len({row.get("params", {}).get(k) for row in rows}) > 1]
+    for row in rows:
+        for key in differing:
+            row[key] = param(row.get("params", {}), key)
+    return [Column(key, key) for key in differing]
 
 
 def _sample_cell(text: str, width: int = 80, tail: int = 0) -> str:
@@ -750,7 +561,6 @@ def _prompt_cell(prompt: str, width: int = 120) -> str:
 
 def samples_text(client, runs) -> str:
     """Markdown: each run's fixed prompts with the reference, the base model's and the tuned model's output."""
-    import json
     import tempfile
 
     from mlflow.exceptions import MlflowException

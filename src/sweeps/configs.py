@@ -75,7 +75,7 @@ class OptunaSweeperConf(JobConf):
     direction: Any = None  # minimize | maximize; null: the config's objective direction
     directions: Optional[list[Optional[str]]] = None  # multi-objective, one per metric; null items: as above
     metrics: list[str] = field(default_factory=lambda: ["objective"])  # "objective" or final MLflow metrics
-    storage: Optional[str] = None  # SQLAlchemy URL or journal file path; null: sqlite:///<project>/optuna.db
+    storage: Optional[str] = None  # SQLAlchemy URL or journal file path; null: optuna.db beside the MLflow store
     study_name: Optional[str] = None  # null: <config name>-<hash of the command's overrides and search space>
     params: Optional[dict[str, str]] = None  # search space, in Hydra's override grammar: choice(...), interval(...)
     derived: Optional[dict[str, str]] = None  # keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}

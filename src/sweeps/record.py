@@ -64,6 +64,15 @@ def swept_keys(params: dict[str, Any]) -> list[str]:
     return [k for k in dict.fromkeys(keys) if "." in k and not k.startswith("hydra.")]
 
 
+def named_keys(params: dict[str, Any], config: DictConfig) -> list[str]:
+    """The config keys that tell a sweep's runs apart, for their names (:func:`src.tracking.run_name`): those
+    whose value differs between a grid's jobs, a study's searched and derived keys. A grid of one job has none."""
+    if len(params.get("jobs", ["", ""])) < 2:
+        return []
+    keys = [*swept_keys(params), *(params.get("derived") or {})]
+    return [k for k in dict.fromkeys(keys) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
+
+
 def objective_name(config: DictConfig) -> str:
     """The metric behind a job's ``objective`` value (``eval_f1_macro``...): what sweep lines call it."""
     return config.objective.metric or _task_defaults(config)[0]
@@ -125,6 +134,7 @@ class SweepRecord:
             self._write(self.client.set_tag, self.run_id, key, value)
         # One click in the UI: this sweep's runs, best first, with their params and metrics as columns.
         swept = [k for k in swept_keys(params) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
+        self.named = named_keys(params, config)
         view = tracking.sweep_view_state(sweep_id, self.objective, objective_direction(config), swept)
         view_tag = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(sweep_id)
         self._write(self.client.set_experiment_tag, experiment_id, view_tag, view)
@@ -137,7 +147,11 @@ class SweepRecord:
         return tracking.retry_locked(fn, *args, **kwargs)  # parallel jobs share an SQLite store
 
     def job_env(self) -> dict[str, str]:
-        return {tracking.PARENT_RUN_ENV: self.run_id, tracking.SWEEP_ID_ENV: self.sweep_id}
+        return {
+            tracking.PARENT_RUN_ENV: self.run_id,
+            tracking.SWEEP_ID_ENV: self.sweep_id,
+            tracking.SWEEP_KEYS_ENV: ",".join(self.named),
+        }
 
     def starting(self, number: int, overrides: Sequence[str], gpu: Optional[str]) -> None:
         """Print the launch of one job with its own overrides (Hydra's launch lines, which also show the

@@ -2,14 +2,15 @@
 
     python -m src.train -cd sweeps -cn rank_alpha                     # run (or continue) the study
     python -m src.train -cd sweeps -cn rank_alpha hydra.sweeper.n_trials=60   # ... up to 60 trials
-    optuna-dashboard sqlite:///optuna.db                               # watch it
+    optuna-dashboard sqlite:///optuna.db                               # watch it (beside mlflow.db)
 
 The search space is ``hydra.sweeper.params`` plus the command line's sweeps, in Hydra's override
 grammar: ``choice(4,8,16)`` or ``4,8,16`` (categorical), ``range(1,9,2)`` (stepped), ``interval(0,0.1)``
 and ``tag(log, interval(1e-5,1e-3))`` (continuous). A param that is not a config key is a sweep
 variable that only feeds ``derived`` (``lora.alpha: lora.alpha_ratio * lora.r``).
 
-Resume: the study lives in ``storage`` under ``study_name`` (by default the config name plus a
+Resume: the study lives in ``storage`` (by default ``optuna.db`` beside the MLflow store:
+:func:`src.sweeps.trial.default_storage`) under ``study_name`` (by default the config name plus a
 hash of the command's overrides and search space), so re-running a command continues its study
 and ``n_trials`` counts every trial it ever ran. A config that already finished (completed, pruned
 or failed) is not run again: a repeated proposal is answered from the earlier trial, marked
@@ -72,13 +73,12 @@ from src.sweeps.trial import (
     STUDY_ENV,
     TRIAL_ENV,
     build_pruner,
+    default_storage,
     open_storage,
     opening_study,
     pruner_spec,
 )
-from src.tiny import PROJECT_ROOT
 
-DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
 # Consecutive proposals of configs already tried before the space is taken as exhausted.
 MAX_DUPLICATE_PROPOSALS = 50
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -375,7 +375,8 @@ class OptunaSweeper(Sweeper):
         self.n_trials, self.n_jobs = n_trials, n_jobs
         self.direction, self.directions = direction, directions
         self.metrics = list(metrics or ["objective"])
-        self.storage = storage or DEFAULT_STORAGE
+        self.storage = storage  # null: set up beside the config's MLflow store (default_storage)
+        self.storage_given = storage is not None
         self.study_name = study_name
         self.params = dict(params or {})
         self.derived = dict(derived or {})
@@ -394,6 +395,8 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
+        if not self.storage_given:
+            self.storage = default_storage(tracking.tracking_uri(config.tracking.tracking_uri))
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -573,7 +576,9 @@ class OptunaSweeper(Sweeper):
         done = sum(counted(t) for t in study.get_trials(deepcopy=False))
         prior = prior_counts(study)
         print(
-            f"[sweep {name}] Optuna study in {self.storage}: {done}/{self.n_trials} trials done"
+            f"[sweep {name}] Optuna study in {self.storage}"
+            + ("" if self.storage_given else " (default: beside the MLflow store)")
+            + f": {done}/{self.n_trials} trials done"
             + (f", retrying interrupted trial(s) {retried}" if retried else "")
             + f"; dashboard: optuna-dashboard {self.storage}",
             flush=True,

@@ -31,6 +31,27 @@ TRIAL_ENV = "LORA_OPTUNA_TRIAL"
 
 
 PRUNER_ATTR = "pruner"  # study user attr: the pruner's config, so any process can rebuild it
+STUDY_FILE = "optuna.db"
+
+
+def default_storage(tracking_uri: str) -> str:
+    """The study storage when ``hydra.sweeper.storage`` is unset: a SQLite file beside the MLflow store the sweep's
+    runs go to, so a store's studies always match its runs (a scratch store gets scratch studies).
+
+    ``sqlite:///DIR/mlflow.db`` gives ``sqlite:///DIR/optuna.db``; a local file store (``file:///DIR/mlruns`` or a
+    path) gives ``DIR/optuna.db``; a server or database store, which has no folder here, gives ``optuna.db`` in
+    the working directory. The path is absolute: a job may run in another directory."""
+    from urllib.parse import unquote, urlparse
+
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().parent
+    elif tracking_uri.startswith("file:"):
+        folder = Path(unquote(urlparse(tracking_uri).path)).expanduser().parent
+    elif "://" not in tracking_uri and ":" not in tracking_uri.split("/")[0]:  # a local file store's path
+        folder = Path(tracking_uri).expanduser().parent
+    else:
+        folder = Path.cwd()
+    return f"sqlite:///{folder.resolve() / STUDY_FILE}"
 
 
 def open_storage(spec: str, heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None):
