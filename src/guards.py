@@ -35,15 +35,19 @@ TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.
 NEVER_LOADED = {"training_args.bin"}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or inf."""
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(UserError, ValueError):
     """An adapter or checkpoint holds pickled weights, or a Trainer state file that needs code to load."""
 
 
-class RemoteCodeError(ValueError):
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """``train.resume_from_checkpoint`` names no Trainer checkpoint."""
+
+
+class RemoteCodeError(UserError, ValueError):
     """The model needs Python code from its checkpoint and model.trust_remote_code is false."""
 
 
@@ -130,7 +134,7 @@ def resume_checkpoint(setting: Optional[str], checkpoints_dir: Union[str, Path])
     else:
         path = setting
         if not (Path(path) / "trainer_state.json").is_file():
-            raise FileNotFoundError(
+            raise CheckpointNotFound(
                 f"train.resume_from_checkpoint={setting}: not a Trainer checkpoint (no trainer_state.json there)"
             )
     assert_safe_checkpoint(path)
@@ -164,7 +168,7 @@ def check_remote_code(name_or_path: str, revision: Optional[str], trust_remote_c
         )
 
 
-class PickleWeightsError(ValueError):
+class PickleWeightsError(UserError, ValueError):
     """The base model's weights exist only as pickle files and model.allow_pickle_weights is false."""
 
 

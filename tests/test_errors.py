@@ -103,6 +103,33 @@ def _read_only_store(path: Path, empty_db: Path) -> contextlib.AbstractContextMa
     return read_only(path)
 
 
+def test_a_resume_from_a_path_that_is_no_checkpoint_is_one_line_and_a_failed_run(tmp_path, empty_mlflow_db):
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "not-a-checkpoint").mkdir()
+    proc = _train(tmp_path, uri, f"train.resume_from_checkpoint={tmp_path / 'not-a-checkpoint'}")
+    _one_error_line(proc, "not a Trainer checkpoint (no trainer_state.json there)")
+    _failed_run(uri, "CheckpointNotFound", "not a Trainer checkpoint")
+
+
+def test_the_guards_refusals_are_user_errors():
+    """What the guards refuse (pickled weights, remote code, a NaN loss, a plan that cannot fit) is the user's to
+    fix: one ``error:`` line through ``exit_on_user_error``, not a traceback."""
+    from src import guards
+    from src.errors import UserError
+    from src.fast.budget import MemoryBudgetError
+
+    for error in (
+        guards.UnsafeFileError,
+        guards.RemoteCodeError,
+        guards.PickleWeightsError,
+        guards.NonFiniteLossError,
+        guards.CheckpointNotFound,
+        MemoryBudgetError,
+    ):
+        assert issubclass(error, UserError), error
+
+
 @pytest.mark.parametrize(
     ("broken", "cause"),
     [("corrupt", "file is not a database"), ("read-only", "attempt to write a readonly database")],

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from src.errors import UserError
 from src.modeling import base_model
 from src.plan import plan
 
@@ -39,7 +40,7 @@ DEFAULT_BUDGET_FRACTION = 0.9  # of the GPU's memory, when train.memory_budget_g
 PLAN_MARGIN = 0.88
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(UserError, ValueError):
     """Not even one example per micro-batch, with every layer checkpointed, fits the budget."""
 
 
