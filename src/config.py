@@ -307,6 +307,14 @@ _HINTS = {
 CONF_DIR = PROJECT_ROOT / "conf"
 
 
+def check_overrides(overrides: Sequence[str], config_dir: Path = CONF_DIR, config_name: str = "config") -> None:
+    """Raise :class:`ConfigError` naming every unknown key and group option with the closest names: before Hydra,
+    whose answer to a mistyped key is to add it with +."""
+    problems = override_problems(list(overrides), Config, group_options(config_dir, config_name))
+    if problems:
+        raise ConfigError(problems)
+
+
 def compose(
     overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "config", output_dir: str = "unused"
 ) -> dict:
@@ -319,9 +327,7 @@ def compose(
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    problems = override_problems(overrides, Config, group_options(config_dir, config_name))
-    if problems:  # before Hydra, whose answer to a mistyped key is to add it with +
-        raise ConfigError(problems)
+    check_overrides(overrides, config_dir, config_name)
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         composed = hydra_compose(config_name=config_name, overrides=list(overrides))
     raw = OmegaConf.to_container(composed, resolve=False)

@@ -19,7 +19,8 @@ import torch
 
 from src.config import FULL_FINE_TUNING, LORA_PRESETS, ConfigError, LoraConfig, ModelConfig, QuantConfig
 from src.errors import first_line
-from src.guards import ModelUnavailable, check_remote_code, check_weight_format, model_source_problem
+from src.guards import check_remote_code, check_weight_format
+from src.hub import ModelUnavailable, looks_local, model_source_problem
 from src.tiny import resolve as resolve_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,17 +65,13 @@ def to_bnb_config(quant: QuantConfig, task: str = "sft"):
     )
 
 
-def _looks_local(name_or_path: str) -> bool:
-    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).expanduser().exists()
-
-
 @contextlib.contextmanager
 def loading_from(name_or_path: str) -> Iterator[None]:
     """transformers says a model cannot be found or read with OSError; that is the config's to fix, in one line."""
     try:
         yield
     except OSError as exc:
-        if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
             problem = "no such directory"
         else:
             problem = f"cannot be loaded ({first_line(exc)})"
@@ -87,6 +84,8 @@ def loading_from(name_or_path: str) -> Iterator[None]:
 def require_model_source(model_cfg: ModelConfig) -> None:
     """Raise :class:`ModelUnavailable` in seconds for a hub model that is not cached and cannot be downloaded now."""
     problem = model_source_problem(model_cfg.name_or_path, model_cfg.revision, may_download=True)
+    if problem and looks_local(model_cfg.name_or_path):
+        raise ModelUnavailable(f"{problem}; give a local model directory or a hub id this machine can download")
     if problem:
         raise ModelUnavailable(
             f"{problem}; connect to the hub, or save the model on a machine that can and pass "

@@ -83,10 +83,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from src.config import CONF_DIR, Config, compose, validate
+from src.config import CONF_DIR, Config, check_overrides, compose, validate
 from src.config_rules import read_model_config
 from src.errors import UserError, run_cli
-from src.guards import model_source_problem
+from src.hub import model_source_problem
 from src.tiny import resolve as resolve_builtin
 
 GIB = 2**30
@@ -270,7 +270,7 @@ def load_model_config(name_or_path: str, revision: Optional[str], trust_remote_c
             f"model.name_or_path={name_or_path}: no such directory; pass a directory holding the model's config.json"
         )
     missing = None if local.is_dir() else model_source_problem(path, revision, may_download=False)
-    if missing:  # the rule the model loading shares (src.guards), less the download plan never makes
+    if missing:  # the rule the model loading shares (src.hub), less the download plan never makes
         raise PlanError(
             f"{missing}, and plan never downloads. Pass model.name_or_path=/path/to/dir holding the model's "
             f"config.json (on a machine with hub access: AutoConfig.from_pretrained('{name_or_path}')"
@@ -561,6 +561,7 @@ def sweep_rows(args) -> list[str]:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
+    check_overrides(args.overrides, args.config_dir, args.config_name)
     try:
         with initialize_config_dir(config_dir=str(Path(args.config_dir).resolve()), version_base="1.3"):
             composed = hydra_compose(args.config_name, list(args.overrides), return_hydra_config=True)

@@ -29,6 +29,7 @@ CORE = {
         "errors",
         "console",
         "guards",
+        "hub",
         "distributed",
         "tiny",
         "bundled",

@@ -205,7 +205,7 @@ def test_an_uncached_hub_model_without_the_hub_fails_in_seconds_in_one_line(monk
 
     from huggingface_hub import constants
 
-    from src.guards import ModelUnavailable
+    from src.hub import ModelUnavailable
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_env)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
@@ -232,7 +232,7 @@ def test_a_hub_that_answers_lets_the_download_go_on(monkeypatch):
 
     from huggingface_hub import constants
 
-    from src.guards import model_source_problem
+    from src.hub import model_source_problem
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -16,6 +16,9 @@ from src.runs import inference
 from src.sweeps.trial import PRUNER_ATTR, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, build_pruner, current_trial, pruner_spec
 from tests.conftest import compose_config
 
+# What a LoRA adapter_config.json holds besides its task: read_adapter_config refuses one without them.
+LORA_FIELDS = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]}
+
 
 def _remote_code_model(path):
     """A model directory whose config maps to its own Python code, which leaves a marker if it ever runs."""
@@ -32,7 +35,7 @@ def _stored_run(tmp_path, overrides):
     """A run's layout (adapter/ beside config.yaml) whose stored config is composed with ``overrides``."""
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM"}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM", **LORA_FIELDS}))
     raw = compose_config(["data=instructions", *overrides])
     (adapter.parent / "config.yaml").write_text(yaml.safe_dump(raw))
     return adapter
@@ -350,7 +353,7 @@ def test_a_stored_base_model_name_is_read_literally(tmp_path, monkeypatch):
         adapter = tmp_path / str(n) / "adapter"
         adapter.mkdir(parents=True)
         (adapter / "adapter_config.json").write_text(
-            json.dumps({"task_type": "CAUSAL_LM", "base_model_name_or_path": base})
+            json.dumps({"task_type": "CAUSAL_LM", "base_model_name_or_path": base, **LORA_FIELDS})
         )
         source = inference.read_source(adapter)
         assert source.cfg.model.name_or_path == base

@@ -249,7 +249,9 @@ def test_the_seed_table_sweep_is_seed_002_plus_its_rows():
 
 @pytest.mark.parametrize("seed", sorted(EXPERIMENTS))
 def test_each_experiment_trains_end_to_end_on_the_tiny_model(seed, tmp_path, mlflow_store):
-    raw = _compose(seed, *ON_CPU, "data.eval_subsample=16", *write_standin(seed, tmp_path / "data"))
+    # the tiny model has 512 positions; seeds 000 and 004 ask for 1024, which validation refuses for it
+    overrides = (*ON_CPU, "model.max_length=512", "data.eval_subsample=16")
+    raw = _compose(seed, *overrides, *write_standin(seed, tmp_path / "data"))
     raw["output_dir"] = str(tmp_path / "out")
     value = train_run(raw)
     (finished,) = mlflow.search_runs(search_all_experiments=True, output_format="list")

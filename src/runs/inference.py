@@ -394,7 +394,7 @@ def load_tokenizer(source: Source):
 
 
 def _base_available(source: Source, load):
-    from src.guards import ModelUnavailable
+    from src.hub import ModelUnavailable
 
     try:
         return load()
