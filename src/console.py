@@ -96,7 +96,6 @@ def quiet_libraries() -> None:
     """
     import warnings
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if verbose():
         return
     from transformers.utils import logging as hf_logging
@@ -110,6 +109,31 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true but no accelerator")
     warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast from")
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+# The loggers that narrate a new SQLite store's creation: "Creating initial MLflow database tables...",
+# "Updating database tables", alembic's "Context impl SQLiteImpl." and "Will assume non-transactional DDL.".
+_STORE_SETUP_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow's routine narration off every command's screen: a new store's table creation (its warnings and
+    errors stay) and the ``Downloading artifacts`` bars of the project's own downloads (compare's samples, a
+    run's adapter). ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` set by the user wins; ``LORA_SWEEPS_VERBOSE=1`` keeps
+    both. A filter, not a level: MLflow's logging setup (``dictConfig`` in older MLflow) resets the level of
+    every logger below the ones it configures, and it runs when mlflow is first imported, after this."""
+    if verbose():
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in _STORE_SETUP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _BelowWarning) for f in logger.filters):
+            logger.addFilter(_BelowWarning())
 
 
 @contextlib.contextmanager

@@ -4,11 +4,13 @@ A :class:`UserError` is something the person at the keyboard can fix (a config k
 model path, a store): the commands print it as ``error: ...`` and exit 2, without a traceback (:func:`run_cli`,
 :func:`exit_on_user_error`). A :class:`ProblemsError` lists every problem found, so one attempt shows them all.
 A library's exception becomes one of these where it is raised, by the code that knows which file or key it
-concerns; anything else keeps its traceback, since it is a bug to report.
+concerns; anything else keeps its traceback, since it is a bug to report. Ctrl-C or SIGTERM is no bug either:
+one line and the shell's exit code for the signal (:func:`report_interrupt`).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterable
 from typing import Optional, TypeVar
@@ -63,10 +65,24 @@ def run_cli(body: Callable[[], Optional[int]]) -> int:
         return report(exc)
 
 
+def report_interrupt(exc: KeyboardInterrupt) -> int:
+    """Print ``interrupted (SIGINT): run <id> ended KILLED`` on stderr; return 128 + the signal's number, as a
+    shell reports a process its signal ended. ``exc.signum`` (SIGTERM, set by ``src.tracking``) defaults to
+    Ctrl-C's SIGINT; ``exc.ended`` (run id, status) is set by ``tracking.tracked_run`` once the run is closed."""
+    signum = signal.Signals(getattr(exc, "signum", signal.SIGINT))
+    ended = getattr(exc, "ended", None)
+    where = f": run {ended[0]} ended {ended[1]}" if ended else ""
+    print(f"interrupted ({signum.name}){where}", file=sys.stderr, flush=True)
+    return 128 + signum.value
+
+
 def exit_on_user_error(body: Callable[[], T]) -> T:
-    """Run ``body`` inside Hydra (``src.train``, the sweepers): a :class:`UserError` exits 2 with its one line;
-    Hydra would print any exception that reaches it with a traceback and exit 1."""
+    """Run ``body`` inside Hydra (``src.train``): a :class:`UserError` exits 2 with its one line, Ctrl-C or
+    SIGTERM exits 130 or 143 with one line (:func:`report_interrupt`); Hydra would print any exception that
+    reaches it with a traceback."""
     try:
         return body()
     except UserError as exc:
         sys.exit(report(exc))
+    except KeyboardInterrupt as exc:
+        sys.exit(report_interrupt(exc))

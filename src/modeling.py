@@ -161,13 +161,20 @@ def load_model(
     if quant.bits in (4, 8):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
+        # peft's own checkpointing calls transformers' deprecated gradient_checkpointing_enable (a FutureWarning)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if training:
             keep_4bit_weights_differentiable(model)
-    elif activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass, with inputs that carry gradients (the
+    frozen embeddings would cut the LoRA layers' gradient off otherwise). Non-reentrant: torch's recommended kind."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 
 
 def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:

@@ -544,6 +544,8 @@ class RankFailed(RuntimeError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so the run ends KILLED through the same path as Ctrl-C."""
 
+    signum = signal.SIGTERM
+
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(f"received signal {signal.Signals(signum).name}")
@@ -626,6 +628,8 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
         try:
             disk_full = error is not None and reserve_mod.is_disk_full(error)
             close_run(run.info.run_id, status, tags, raw.get("output_dir"), reserve, disk_full)
+            if isinstance(error, KeyboardInterrupt):  # for the command's one line (errors.report_interrupt)
+                error.ended = (run.info.run_id, status)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)

@@ -77,7 +77,7 @@ def test_a_run_prints_metric_lines_and_a_summary_and_logs_to_its_file(tmp_path, 
     assert "step 2/4" in log and " finished: eval_f1_macro " in log
 
 
-def test_a_config_error_shows_before_the_store_is_touched_and_still_ends_failed(tmp_path):
+def test_a_config_error_is_the_one_message_and_still_ends_failed(tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -85,7 +85,7 @@ def test_a_config_error_shows_before_the_store_is_touched_and_still_ends_failed(
     proc = subprocess.run([*cmd, f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     err = proc.stderr
-    assert err.index("error: invalid config") < err.index("Creating initial MLflow database tables"), err
+    assert not [line for line in STORE_SETUP_LINES if line in err], err  # the new store is made quietly
     assert err.count("lora.r: must be >= 1, got 0") == 1, err
     assert "train.learning_rate: must be > 0, got -1.0" in err and "Traceback" not in err, err
     (run,) = mlflow.MlflowClient(uri).search_runs(["1"])
@@ -170,3 +170,84 @@ def test_say_goes_to_stderr_where_no_logging_is_set_up(monkeypatch, capsys, capl
     caplog.set_level(logging.INFO, logger="src")
     console.say("through the logger")
     assert "through the logger" in caplog.text and "through the logger" not in capsys.readouterr().err
+
+
+def _child_env(**changes: str) -> dict[str, str]:
+    """The environment of a new user's shell: none of the switches this process (``import src``) may have set."""
+    import os
+
+    unset = ("LORA_SWEEPS_VERBOSE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    return {**{k: v for k, v in os.environ.items() if k not in unset}, **changes}
+
+
+@pytest.mark.parametrize("quant", ["4bit", "none"])
+def test_activation_checkpointing_raises_no_deprecation(tiny_model_dir, quant):
+    """The 4-bit path once reached transformers' deprecated ``gradient_checkpointing_enable`` through peft."""
+    child = f"""
+import src  # noqa
+from src.config import compose, validate
+from src import modeling
+cfg = validate(compose(["model.name_or_path={tiny_model_dir}", "quant={quant}"]))
+model = modeling.load_model(cfg.model, cfg.quant, "classification", ["a", "b"], 0, activation_checkpointing=True)
+print("checkpointing", model.is_activation_checkpointing)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, env=_child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpointing True" in proc.stdout
+    assert "is deprecated" not in proc.stderr, proc.stderr
+
+
+# A new SQLite store, opened as every command opens it. "floor": MLflow 3.9's own logging setup (a dictConfig that
+# gives alembic an INFO handler and resets the levels of every logger below mlflow's and alembic's).
+NEW_STORE_CHILD = """
+import logging.config, sys
+import src  # noqa
+import mlflow  # noqa
+if sys.argv[2] == "floor":
+    handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    loggers = {name: {"handlers": ["h"], "level": "INFO", "propagate": False} for name in ("mlflow", "alembic")}
+    logging.config.dictConfig(
+        {"version": 1, "disable_existing_loggers": False, "handlers": {"h": handler}, "loggers": loggers}
+    )
+from src.tracking import ensure_experiment
+ensure_experiment("lora-sweeps", sys.argv[1])
+"""
+STORE_SETUP_LINES = ("Creating initial MLflow database tables", "Updating database tables", "Context impl", "DDL")
+
+
+@pytest.mark.parametrize("logging_setup", ["installed", "floor"])
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_new_store_is_created_without_narration(tmp_path, logging_setup, verbose):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = _child_env(**({"LORA_SWEEPS_VERBOSE": "1"} if verbose else {}))
+    proc = subprocess.run(
+        [sys.executable, "-c", NEW_STORE_CHILD, uri, logging_setup], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "mlflow.db").exists()
+    shown = [line for line in STORE_SETUP_LINES if line in proc.stderr]
+    if verbose:  # LORA_SWEEPS_VERBOSE=1 shows what MLflow says
+        assert "Creating initial MLflow database tables" in shown, proc.stderr
+        assert logging_setup == "installed" or "Context impl" in shown, proc.stderr
+    else:
+        assert shown == [], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "bars"),
+    [({}, False), ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true"}, True), ({"LORA_SWEEPS_VERBOSE": "1"}, True)],
+)
+def test_compare_samples_downloads_without_progress_bars(mlflow_store, env, bars):
+    """A user's own MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins, and LORA_SWEEPS_VERBOSE=1 shows the bars."""
+    import mlflow
+
+    with mlflow.start_run(run_name="sft") as run:
+        mlflow.log_params({"data.task": "sft", "model.name": "tiny"})
+        mlflow.log_metric("objective", 1.0)
+        table = {"prompt": ["### Instruction:\nName it.\n"], "reference": ["x"], "before": [""], "after": ["x"]}
+        mlflow.log_table(table, artifact_file="samples.json")
+    cmd = [sys.executable, "-m", "src.compare", "--runs", run.info.run_id, "--samples", "--tracking-uri", mlflow_store]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_child_env(**env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "before and after fine-tuning" in proc.stdout
+    assert ("Downloading artifacts" in proc.stderr) is bars, proc.stderr

@@ -180,19 +180,26 @@ def test_invalid_config_still_leaves_a_failed_run(tmp_path, mlflow_store):
     assert run_.info.status == "FAILED" and run_.data.tags["error_type"] == "ConfigError"
 
 
-def test_sigterm_ends_the_run_killed(tmp_path, mlflow_store):
+@pytest.mark.parametrize(
+    ("signum", "error_type"), [(signal.SIGTERM, "Terminated"), (signal.SIGINT, "KeyboardInterrupt")]
+)
+def test_sigterm_or_ctrl_c_ends_the_run_killed_in_one_line(tmp_path, mlflow_store, signum, error_type):
+    """The run ends KILLED; the screen gets one line, no traceback, and the shell's code for the signal."""
     uri = mlflow_store
     proc = start_training_until_it_logs(tmp_path, uri)
     try:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode != 0
+    output = (tmp_path / "train-output.log").read_text()
     client = mlflow.MlflowClient(uri)
     run_ = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     assert run_.info.status == "KILLED"
-    assert run_.data.tags["error_type"] == "Terminated"
+    assert run_.data.tags["error_type"] == error_type
+    assert "Traceback" not in output, output[-3000:]
+    assert output.splitlines()[-1] == f"interrupted ({signum.name}): run {run_.info.run_id} ended KILLED", output[-500:]
+    assert proc.returncode == 128 + signum
 
 
 @pytest.mark.slow  # the default run end to end, shortened: tests/test_console.py

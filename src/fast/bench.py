@@ -359,10 +359,10 @@ def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device:
         device_map={"": 0} if device != "cpu" else None,
     )
     if workload.bits in (4, 8):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    else:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # Not peft's use_gradient_checkpointing: it calls transformers' deprecated gradient_checkpointing_enable.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
     model = get_peft_model(
         model,
         LoraConfig(

@@ -223,10 +223,10 @@ def run_seed_classifier(
     if not encoder:
         model.config.pad_token_id = pad_id  # seed 000: pad = EOS, for the pooling of the last non-pad token
     if quant is not None:
-        model = prepare_model_for_kbit_training(model)  # gradient checkpointing on, its default
-    else:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # Not peft's use_gradient_checkpointing: it calls transformers' deprecated gradient_checkpointing_enable.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
     lora = cfg.lora
     model = get_peft_model(
         model,
