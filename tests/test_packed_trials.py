@@ -164,6 +164,7 @@ def test_the_metric_lines_of_a_pack_say_which_trial_each_is(tmp_path, mlflow_sto
     for name, own in labelled.items():  # two train lines, one eval line, the end-of-training line
         assert len(own) == 4, (name, lines)
         assert f"[{name}] eval  step 2/2" in "\n".join(own)
+        assert all("tokens/s " in line for line in own if "eval  " not in line), own
 
 
 @pytest.mark.slow  # ~45 s on a shared CPU: a packed grid of 2 as a real sweep, its trials' lines on its output
@@ -183,6 +184,7 @@ def test_each_step_line_of_a_packed_sweep_names_its_trial(tmp_path, mlflow_store
     for name, own in labelled.items():  # two train lines, one eval line, the end-of-training line
         assert len(own) == 4, (name, lines)
         assert f"[{name}] eval  step 2/2" in "\n".join(own)
+        assert all("tokens/s " in line for line in own if "eval  " not in line), own
 
 
 @pytest.mark.slow  # ~1 min: an Optuna study in packs of 2, pruning (the median of the trials completed before)
