@@ -49,9 +49,9 @@ def number(value: Any) -> str:
     return f"{value:.2e}" if magnitude < 1e-3 or magnitude >= 1e5 else f"{value:.4g}"
 
 
-def metric_line(logs: dict[str, Any], step: int, max_steps: int) -> Optional[str]:
+def metric_line(logs: dict[str, Any], step: int, max_steps: int, label: Optional[str] = None) -> Optional[str]:
     """One line for one HF log call, or None when it holds nothing to read. Per-class and per-label scores
-    stay in MLflow: a line holds the headline numbers."""
+    stay in MLflow: a line holds the headline numbers. ``label`` (whose run it is) leads the line."""
     shown = {
         k: v
         for k, v in logs.items()
@@ -66,7 +66,8 @@ def metric_line(logs: dict[str, Any], step: int, max_steps: int) -> Optional[str
     if "epoch" in logs:
         where += f"  epoch {logs['epoch']:.2f}"
     body = "  ".join(f"{_SHORT.get(k, k)} {number(v)}" for k, v in shown.items())
-    return f"{'eval  ' if evaluation else ''}{where}  {body}"
+    line = f"{'eval  ' if evaluation else ''}{where}  {body}"
+    return f"[{label}] {line}" if label else line
 
 
 def say(message: str) -> None:

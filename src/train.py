@@ -58,7 +58,7 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
     ``slot``: the run is one trial of a pack (:func:`pack`), on the pack's shared base."""
     console.quiet_libraries()
     tags = None if slot is None else slot.tags()
-    with tracking.tracked_run(raw, tags):
+    with tracking.tracked_run(raw, tags) as active:
         main_process = distributed.is_main_process()  # tracking.* writes nothing on other DDP ranks
         # output_dir is a tag (tracking.tracked_run), not a param: it differs between every two runs, and the UI's
         # compare view would list it as the one parameter that always differs.
@@ -116,8 +116,10 @@ def run(raw: dict, cfg: Config, slot: Optional[PackSlot] = None) -> Optional[flo
         env = None if slot is None else slot.env
         pruning = trial_callbacks(objective(cfg)[0], env) if main_process else []
         callbacks = [*pruning, guards.FingerprintWriter(fingerprint)]  # the fingerprint goes in each checkpoint
+        # A pack's trials print from one process: each of their lines carries the trial's run name.
+        label = active.info.run_name if slot is not None and active is not None else None
         trainer, metrics, truncated = training.build_trainer(
-            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), callbacks, member
+            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), callbacks, member, label
         )
         skipped = data.long_rows if cfg.data.long_rows == "skip" else 0
         tracking.log_metrics({"data_truncated_rows": truncated, "data_skipped_rows": skipped})

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -32,13 +33,17 @@ from src.fast.classification import (
 from src.guards import NonFiniteLossGuard
 
 # HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
-HF_TO_MLFLOW = {"loss": "train_loss", "train_loss": "train_loss_mean", "train_runtime": "train_runtime_s"}
+HF_TO_MLFLOW = {
+    "loss": "train_loss",
+    "train_loss": "train_loss_mean",
+    "train_runtime": "train_runtime_s",
+    "train_tokens_per_second": "train_tokens_per_s",  # TokenRate's, not HF's
+}
 NOT_METRICS = {
     "epoch",
     "total_flos",
     "train_samples_per_second",
     "train_steps_per_second",
-    "train_tokens_per_second",
     "eval_samples_per_second",
     "eval_steps_per_second",
     "eval_runtime",
@@ -251,17 +256,84 @@ class MlflowMetricsCallback(TrainerCallback):
             metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
         if "train_runtime_s" in metrics and state.num_input_tokens_seen:
             metrics["train_tokens"] = float(state.num_input_tokens_seen)
-            metrics["train_tokens_per_s"] = state.num_input_tokens_seen / max(metrics["train_runtime_s"], 1e-9)
         if metrics:
             tracking.log_metrics(metrics, step=state.global_step)  # waits out a locked store
 
 
+class TokenRate:
+    """Training throughput: the non-padding tokens the optimizer steps consumed (every micro-batch of each
+    accumulated step, every rank), over the wall time they took, evaluations left out. :meth:`window` is the rate
+    since the last call (one log line's), :meth:`overall` the rate since :meth:`start`."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.started = self.marked = 0.0
+        self.tokens_started = self.tokens_marked = 0
+        self.excluded_s = self.excluded_since_mark_s = 0.0
+
+    def start(self, tokens_seen: int) -> None:
+        self.started = self.marked = self.clock()
+        self.tokens_started = self.tokens_marked = tokens_seen
+        self.excluded_s = self.excluded_since_mark_s = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something other than training steps (an evaluation) since the last mark."""
+        self.excluded_s += seconds
+        self.excluded_since_mark_s += seconds
+
+    def window(self, tokens_seen: int) -> Optional[float]:
+        now = self.clock()
+        rate = _rate(tokens_seen - self.tokens_marked, now - self.marked - self.excluded_since_mark_s)
+        self.marked, self.tokens_marked, self.excluded_since_mark_s = now, tokens_seen, 0.0
+        return rate
+
+    def overall(self, tokens_seen: int) -> Optional[float]:
+        return _rate(tokens_seen - self.tokens_started, self.clock() - self.started - self.excluded_s)
+
+
+def _rate(tokens: int, seconds: float) -> Optional[float]:
+    return tokens / seconds if tokens > 0 and seconds > 0 else None
+
+
+class TokenRateCallback(TrainerCallback):
+    """Writes :class:`TokenRate`'s ``train_tokens_per_second`` into each training log, in place of HF's (the
+    session's tokens over the time since training began, evaluations included), so that the console line and
+    MLflow's ``train_tokens_per_s`` read one number: a log line's window, and at the end the whole run's rate.
+    It must come before the callbacks that read the logs."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.rate = TokenRate(clock)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.rate.start(state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        logs.pop("train_tokens_per_second", None)
+        if "eval_runtime" in logs:
+            self.rate.exclude(logs["eval_runtime"])
+            return
+        if "loss" in logs:
+            rate = self.rate.window(state.num_input_tokens_seen)
+        elif "train_loss" in logs:  # the end-of-training summary
+            rate = self.rate.overall(state.num_input_tokens_seen)
+        else:
+            return
+        if rate is not None:
+            logs["train_tokens_per_second"] = rate
+
+
 class MetricLines(TrainerCallback):
-    """Logs each training and eval log of the main process as one compact line (src.console)."""
+    """Logs each training and eval log of the main process as one compact line (src.console), led by ``label``
+    where one process trains several runs (a pack's trials), so that each line says whose it is."""
+
+    def __init__(self, label: Optional[str] = None):
+        self.label = label
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            line = console.metric_line(logs, state.global_step, state.max_steps)
+            line = console.metric_line(logs, state.global_step, state.max_steps, self.label)
             if line:
                 console.log.info(line)
 
@@ -273,13 +345,13 @@ class ProgressBar(ProgressCallback):
         return
 
 
-def use_console(trainer) -> None:
+def use_console(trainer, label: Optional[str] = None) -> None:
     """Replace HF's printing callbacks: a progress bar on a terminal, and compact metric lines everywhere."""
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if sys.stderr.isatty():
         trainer.add_callback(ProgressBar)
-    trainer.add_callback(MetricLines)
+    trainer.add_callback(MetricLines(label))
 
 
 def tokenize_classification(data: TaskData, tokenizer, max_length: int) -> tuple[Any, Any, int]:
@@ -316,9 +388,11 @@ def build_trainer(
     output_dir: str,
     extra_callbacks: Sequence[TrainerCallback] = (),
     member=None,
+    label: Optional[str] = None,
 ):
     """The trainer for the task; ``extra_callbacks`` come after the project's own (a sweep trial's pruning);
-    ``member``: the run is a trial of a pack (:class:`src.fast.pack.PackMember`; SFT on the fast path).
+    ``member``: the run is a trial of a pack (:class:`src.fast.pack.PackMember`; SFT on the fast path);
+    ``label`` leads its console lines (a pack trial's run name).
 
     Returns (trainer, metrics, truncated): metrics keeps the last per-class report (None for
     SFT), and truncated counts the rows longer than model.max_length.
@@ -327,7 +401,8 @@ def build_trainer(
 
     args = training_arguments(cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss)
     distributed.one_gpu_per_process(args)
-    callbacks: list[TrainerCallback] = [MlflowMetricsCallback(perplexity=data.task == "sft")]
+    # TokenRateCallback first: the callbacks after it read the rate it writes into the logs.
+    callbacks: list[TrainerCallback] = [TokenRateCallback(), MlflowMetricsCallback(perplexity=data.task == "sft")]
     if cfg.train.stop_on_nonfinite_loss:
         callbacks.append(NonFiniteLossGuard())  # after the metrics callback: the bad loss is logged first
     if cfg.train.early_stopping_patience is not None:
@@ -348,7 +423,7 @@ def build_trainer(
                 tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
         else:
             trainer = SFTTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **inputs)
-        use_console(trainer)
+        use_console(trainer, label)
         return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
     train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
     best = cfg.train.metric_for_best_model or ""
@@ -380,7 +455,7 @@ def build_trainer(
         )
     else:
         trainer = ClassifierTrainer(label_weights=data.label_weights, multilabel=multilabel, **common)
-    use_console(trainer)
+    use_console(trainer, label)
     return trainer, metrics, truncated
 
 

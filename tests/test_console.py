@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -251,3 +252,93 @@ def test_compare_samples_downloads_without_progress_bars(mlflow_store, env, bars
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "before and after fine-tuning" in proc.stdout
     assert ("Downloading artifacts" in proc.stderr) is bars, proc.stderr
+
+
+class _State:
+    """The two TrainerState fields TokenRateCallback reads."""
+
+    def __init__(self):
+        self.num_input_tokens_seen = 0
+        self.global_step = 0
+
+
+def _train_with_fake_clock(accumulation: int, steps: int, tokens_per_micro_batch: int, micro_batch_s: float):
+    """A Trainer's calls to TokenRateCallback for ``steps`` optimizer steps of ``accumulation`` micro-batches each,
+    logged every step and evaluated (2 s) after every second; returns the logs as the callbacks after it see them."""
+    from src.training import TokenRateCallback
+
+    now = [100.0]
+    callback, state, logs = TokenRateCallback(clock=lambda: now[0]), _State(), []
+    callback.on_train_begin(None, state, None)
+    for step in range(1, steps + 1):
+        for _ in range(accumulation):  # the Trainer counts every micro-batch's tokens
+            now[0] += micro_batch_s
+            state.num_input_tokens_seen += tokens_per_micro_batch
+        state.global_step = step
+        # HF's own rate: the session's tokens over the time since training began, evaluations included
+        logs.append({"loss": 1.0, "train_tokens_per_second": 1e9, "train_runtime": 1.0})
+        callback.on_log(None, state, None, logs=logs[-1])
+        if step % 2 == 0:
+            now[0] += 2.0
+            logs.append({"eval_loss": 1.0, "eval_runtime": 2.0})
+            callback.on_log(None, state, None, logs=logs[-1])
+    logs.append({"train_loss": 1.0, "train_runtime": now[0] - 100.0})
+    callback.on_log(None, state, None, logs=logs[-1])
+    return logs
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_tokens_per_second_counts_every_micro_batch_over_the_time_they_took(accumulation):
+    logs = _train_with_fake_clock(accumulation, steps=4, tokens_per_micro_batch=500, micro_batch_s=0.25)
+    train = [entry["train_tokens_per_second"] for entry in logs if "loss" in entry]
+    assert train == pytest.approx([2000.0] * 4)  # 500 tokens in 0.25 s, whatever the accumulation
+    assert logs[-1]["train_tokens_per_second"] == pytest.approx(2000.0)  # the run's: its evaluations left out
+    assert all("train_tokens_per_second" not in entry for entry in logs if "eval_loss" in entry)
+
+
+def test_tokens_per_second_is_each_lines_window():
+    from src.training import TokenRate
+
+    now = [0.0]
+    rate = TokenRate(clock=lambda: now[0])
+    rate.start(tokens_seen=1000)  # a resumed run: the tokens before it are not this session's
+    now[0] = 2.0
+    assert rate.window(1000 + 400) == pytest.approx(200.0)
+    now[0] = 3.0
+    rate.exclude(0.5)
+    assert rate.window(1000 + 400 + 300) == pytest.approx(600.0)  # 300 tokens in the 0.5 s not evaluating
+    assert rate.window(1700) is None  # no step since the last line: no rate, not 0 or a division by zero
+    assert rate.overall(1700) == pytest.approx(700 / 2.5)
+
+
+def _metric_lines(records) -> list[str]:
+    return [r.getMessage() for r in records if r.name == "src" and r.getMessage().startswith("step ")]
+
+
+def test_the_console_shows_the_tokens_per_second_mlflow_logs_at_any_accumulation(tmp_path, mlflow_store, caplog):
+    """Each step line's tokens/s is the MLflow curve's value at that step, the end-of-training line's is the run's
+    ``train_tokens_per_s``, with or without gradient accumulation; the final evaluation's time is not training
+    time. (That the rate does not grow with accumulation is checked on a fake clock above: on a shared CPU two
+    runs' rates differ by more than any factor a test could hold them to.)"""
+    import mlflow
+
+    from tests.conftest import compose_config, train_run
+
+    common = ["data.subsample=48", "data.eval_subsample=128", "train.per_device_train_batch_size=4"]
+    common += ["train.max_steps=3", "train.logging_steps=1", "train.eval_strategy=steps", "train.eval_steps=3"]
+    for accumulation in (1, 4):
+        raw = compose_config([*common, f"train.gradient_accumulation_steps={accumulation}"])
+        raw["output_dir"] = str(tmp_path / f"ga{accumulation}")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="src"):
+            train_run(raw)
+        run_id = mlflow.last_active_run().info.run_id
+        history = sorted(mlflow.MlflowClient().get_metric_history(run_id, "train_tokens_per_s"), key=lambda m: m.step)
+        lines = _metric_lines(caplog.records)
+        shown = [re.search(r"tokens/s (\S+)", line) for line in lines]
+        shown = [float(m.group(1)) if m else None for m in shown]
+        final = mlflow.get_run(run_id).data.metrics["train_tokens_per_s"]
+        steps = [rate for line, rate in zip(lines, shown) if "mean loss" not in line]
+        assert len(steps) == 3 and min(steps) / 1.5 <= final <= max(steps) * 1.5, (accumulation, lines, final)
+        assert "mean loss" in lines[-1] and shown[-1] == float(console.number(final)), lines
+        assert [console.number(v) for v in shown] == [console.number(m.value) for m in history], (lines, history)

@@ -142,6 +142,51 @@ def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, 
     assert parents[0].data.metrics["jobs_finished"] == 4
 
 
+def _step_lines_by_name(output: str, names: list[str], max_steps: int) -> tuple[list[str], dict[str, list[str]]]:
+    """The metric lines in ``output`` (train, eval and end-of-training), and those that start with each name."""
+    lines = [line for line in output.splitlines() if f"/{max_steps}  " in line and "loss" in line]
+    return lines, {name: [line for line in lines if f"[{name}] " in line] for name in names}
+
+
+def test_the_metric_lines_of_a_pack_say_which_trial_each_is(tmp_path, mlflow_store, caplog):
+    import src.train
+
+    trials = [["lora=attn_qv", "lora.r=2"], ["lora=attn_qv", "lora.r=4"]]
+    steps = ["train.max_steps=2", "train.eval_strategy=steps", "train.eval_steps=2"]
+    members = [(_raw(tmp_path, f"pack{i}", [*o, *steps]), None) for i, o in enumerate(trials)]
+    with caplog.at_level("INFO", logger="src"):
+        result = run_pack_job(members, src.train.pack, isolate=False)["pack"]
+    assert [r["status"] for r in result] == ["ok", "ok"], result
+    names = [mlflow.get_run(r["run_id"]).info.run_name for r in result]
+    assert len(set(names)) == 2
+    lines, labelled = _step_lines_by_name("\n".join(r.getMessage() for r in caplog.records), names, 2)
+    assert len(lines) == sum(len(own) for own in labelled.values()), lines  # no line without its trial's name
+    for name, own in labelled.items():  # two train lines, one eval line, the end-of-training line
+        assert len(own) == 4, (name, lines)
+        assert f"[{name}] eval  step 2/2" in "\n".join(own)
+        assert all("tokens/s " in line for line in own if "eval  " not in line), own
+
+
+@pytest.mark.slow  # ~45 s on a shared CPU: a packed grid of 2 as a real sweep, its trials' lines on its output
+def test_each_step_line_of_a_packed_sweep_names_its_trial(tmp_path, mlflow_store):
+    from tests.test_sweeps import split_runs, sweep
+
+    args = ["--multirun", "train.learning_rate=1e-3,5e-3", "hydra.sweeper.pack=2", *COMMON[:3]]
+    args += ["train.max_steps=2", "train.logging_steps=1", "train.eval_strategy=steps", "train.eval_steps=2"]
+    result = sweep([*args, "tracking.log_adapter=false"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 jobs as 1 launches (hydra.sweeper.pack=2: 1 packs)" in result.stdout
+    _, children = split_runs(mlflow_store)
+    names = sorted(c.info.run_name for c in children)
+    assert len(set(names)) == 2 and all(c.data.tags["pack_size"] == "2" for c in children)
+    lines, labelled = _step_lines_by_name(result.stdout + result.stderr, names, 2)
+    assert len(lines) == sum(len(own) for own in labelled.values()), lines  # no line without its trial's name
+    for name, own in labelled.items():  # two train lines, one eval line, the end-of-training line
+        assert len(own) == 4, (name, lines)
+        assert f"[{name}] eval  step 2/2" in "\n".join(own)
+        assert all("tokens/s " in line for line in own if "eval  " not in line), own
+
+
 @pytest.mark.slow  # ~1 min: an Optuna study in packs of 2, pruning (the median of the trials completed before)
 def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
     import optuna
