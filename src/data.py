@@ -449,6 +449,16 @@ def _warn_unevaluated(task: str, labels: list[str], eval_columns: dict[str, Any]
         )
 
 
+def _say_inferred_weight_order(d: DataConfig, labels: list[str]) -> None:
+    """A list of class weights goes to the classes in label order; without ``data.labels`` that order is the
+    data's labels sorted as text ("10" before "2"), which a list written in numeric order would silently miss."""
+    if d.task == "classification" and isinstance(d.class_weights, list) and not d.labels:
+        pairs = ", ".join(f"{label!r}: {float(w):g}" for label, w in zip(labels, d.class_weights))
+        console.log.warning(
+            f"note: data.class_weights go to the classes in sorted order ({pairs}); set data.labels to choose it"
+        )
+
+
 def _weights(task: str, d: DataConfig, y: np.ndarray, n_labels: int, faults: list[str]) -> Optional[list[float]]:
     spec = d.class_weights if task == "classification" else d.pos_weight
     if spec in ("none", None):
@@ -590,6 +600,7 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
         weights = _weights(d.task, d, y_train, len(labels), faults)
         if faults:
             raise DataError(faults)
+        _say_inferred_weight_order(d, labels)
 
     def to_dataset(cols: dict[str, Any]) -> Dataset:
         cols = {k: (np.asarray(v).tolist() if k == "labels" else list(v)) for k, v in cols.items()}

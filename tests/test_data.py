@@ -476,3 +476,16 @@ def test_the_one_character_check_is_skipped_past_the_cap_and_says_so():
     assert not any("HassTurnOnn" in n for n in notes)
     many = dict(list(many.items())[-MAX_CLASSES_COMPARED:])  # at the cap, every pair is compared
     assert any("'HassTurnOn' (3 train rows) and 'HassTurnOnn'" in n for n in label_notes(many))
+
+
+def test_class_weights_without_named_labels_say_which_class_each_weight_goes_to(caplog):
+    """Labels inferred from the data are sorted as text ("10" before "2"): the run says where each weight went."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="src")
+    data = load_data(_data_cfg(["data.class_weights=[1.0,2.0,3.0]"]))
+    pairs = ", ".join(f"{label!r}: {w:g}" for label, w in zip(data.labels, [1.0, 2.0, 3.0]))
+    assert f"data.class_weights go to the classes in sorted order ({pairs})" in caplog.text
+    caplog.clear()
+    load_data(_data_cfg(["data.class_weights=[1.0,2.0,3.0]", f"data.labels=[{','.join(data.labels)}]"]))
+    assert "data.class_weights go to" not in caplog.text  # named labels: the order is the user's own
