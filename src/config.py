@@ -249,8 +249,8 @@ class TrainConfig:
     activation_checkpointing: bool
     fast_path: bool = field(
         metadata={
-            "help": "Packed rows without padding: SFT micro-batches sized to memory_budget_gb (src/fast/), and "
-            "decoder classifiers, each example pooled at its last token (src/fast/classification.py)."
+            "help": "Packed rows without padding: SFT micro-batches sized to memory_budget_gb (src/engine/), and "
+            "decoder classifiers, each example pooled at its last token (src/engine/classification.py)."
         }
     )
     memory_budget_gb: Optional[float] = bounded(

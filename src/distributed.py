@@ -238,7 +238,7 @@ def ddp_training_kwargs() -> dict[str, Any]:
 def average_gradients(grads: list) -> None:
     """Average gradient tensors over the ranks in place, as DDP does: one all-reduce per dtype.
 
-    For steps whose backward DDP's hooks do not see (a CUDA graph replay, :class:`src.fast.graphs.GraphedSteps`).
+    For steps whose backward DDP's hooks do not see (a CUDA graph replay, :class:`src.engine.graphs.GraphedSteps`).
     The gradients are flattened into one buffer per dtype, reduced in that dtype (as DDP reduces in the
     parameters' dtype), divided by the world size and copied back.
     """

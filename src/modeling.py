@@ -33,8 +33,8 @@ FUSED_QKV_NAMES = {"qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "in_p
 ATTENTION_PARENTS = {"self_attn", "attention", "attn", "self_attention", "mixer"}
 OUTPUT_HEADS = {"lm_head", "score", "classifier", "qa_outputs", "cls"}
 CLASSIFIER_HEADS = {"score", "classifier"}  # AutoModelForSequenceClassification's heads (decoders, encoders)
-# Encoders whose classifier trains on packed rows (src.fast.classification): BERT's pooling and head are known there.
-PACKED_ENCODER_TYPES = {"bert"}
+# Encoders whose classifier trains on packed rows (src.engine.classification): BERT's pooling and head are known there.
+FLAT_ENCODER_TYPES = {"bert"}
 _BLOCK = re.compile(r"^(?:.*\.)?\d+\.(.+)$")
 
 

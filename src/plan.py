@@ -16,18 +16,18 @@ Memory model, in bytes; the estimate is their sum over 2**30 (GiB), comparable w
 constant below. Calibrated on an H100 with transformers 5.23, peft 0.21, trl 1.16, bitsandbytes
 0.50 (OpenLLaMA-3B shape, random weights, seq 512, batch 2-16, 23 runs): 4- and 16-bit runs land
 within 3% of the measured peak; 8-bit within 2%, but from two runs only. Checked since against
-``python -m src.bench`` (``tests/device/BENCH_RESULTS.md``, Run 4): the seeds' recipe at 4/8/16 bits
+``python -m src.bench`` (``benchmarks/results/BENCH_RESULTS.md``, Run 4): the seeds' recipe at 4/8/16 bits
 +1%, +3%, -5%; the fast path (packed rows, bf16 weights, varlen attention, cached dequantized
 4-bit weights, CUDA graphs) from -12% to +6% across W3B at 4/8/16 bits, the 8 GiB budget and
-Mistral-7B 4-bit (the last on an H200). Re-measured (``tests/device/BENCH_RESULTS.md`` run 5, H100): seed
+Mistral-7B 4-bit (the last on an H200). Re-measured (``benchmarks/results/BENCH_RESULTS.md`` run 5, H100): seed
 -9% to +2%, fast -10% to +8%, now with cached 8-bit weights and Mistral-7B on an H100. Other
 architectures (GELU MLPs, encoders) use the same coefficients, unmeasured.
 
-The fast SFT path (``src/fast/``) asks :func:`plan` for one packed row of ``n x max_length``
+The fast SFT path (``src/engine/``) asks :func:`plan` for one packed row of ``n x max_length``
 tokens per micro-batch and adds what the plan does not model: the cached dequantized 4/8-bit weights
-(2 bytes a weight, :func:`src.fast.weights.cache_dequantized_weights`; a cached int8 layer no longer keeps
+(2 bytes a weight, :func:`src.engine.weights.cache_dequantized_weights`; a cached int8 layer no longer keeps
 bitsandbytes' input copy, which the plan still counts: +6% to +8% measured) and, under the mask attention, the
-math kernel's ``heads x T x T`` matrices (:func:`src.fast.attention.mask_attention_gb`).
+math kernel's ``heads x T x T`` matrices (:func:`src.engine.attention.mask_attention_gb`).
 
 - **Base weights.** 16-bit: every parameter at ``model.dtype``. 4- and 8-bit: bitsandbytes
   quantizes the ``nn.Linear`` layers except the output head (transformers'
@@ -60,7 +60,7 @@ math kernel's ``heads x T x T`` matrices (:func:`src.fast.attention.mask_attenti
   (half at bf16: measured +3% on the fast path), with or without checkpointing.
 - **Logits.** TRL's ``SFTTrainer`` (the plain SFT path, ``train.fast_path=false``) computes
   log-probabilities through a fused, tiled LM head and never holds ``batch x seq x vocab``
-  logits; measured, it adds nothing to the peak. The fast path's trainer (``src/fast/``) takes
+  logits; measured, it adds nothing to the peak. The fast path's trainer (``src/engine/``) takes
   the model's own loss, which materializes them: ``tokens x vocab x LOGITS_BYTES`` times
   ``LOSS_LOGITS_FACTOR`` (bf16 logits, their fp32 copy and log-softmax: measured 9 bytes a logit)
   or, with checkpointing, where the peak falls in the backward pass, ``LOSS_LOGITS_FACTOR_CKPT``
@@ -111,7 +111,7 @@ ACT_MATMUL_PER_INTERMEDIATE = 4.0  # values kept per layer, x intermediate_size,
 # An MLP without a gate (BERT's up projection and GELU) keeps two of those four: the up output and the activation's.
 ACT_MATMUL_PER_INTERMEDIATE_UNGATED = 2.0
 # BERT's residual-width values per layer, x hidden_size: fitted on BERT-large, 4-bit, the packed fast path (bf16
-# autocast, fp32 LayerNorm outputs), one H200 run (tests/device/cls_run1/bert.json: 2.38 GiB at 1,047 tokens a
+# autocast, fp32 LayerNorm outputs), one H200 run (benchmarks/results/cls_run1/bert.json: 2.38 GiB at 1,047 tokens a
 # micro-batch; the decoders' 7.5 gave 3.19 GiB, +34%).
 ACT_RESIDUAL_PER_HIDDEN_ENCODER = 3.0
 CKPT_RESIDUAL_PER_HIDDEN = 1.33  # values kept per checkpointed layer, x hidden_size, at the residual width
@@ -379,7 +379,7 @@ def activation_widths(cfg: Config) -> Widths:
     norms and embeddings), else ``model.dtype``; matmuls give 2 bytes under bf16/fp16 autocast.
 
     The fast paths of a decoder (SFT, and the packed classifier) train a 4/8-bit base in bf16 with those weights
-    cast back to bf16 (``src.fast.weights.cast_frozen_to_bf16``): its residual stream is 2 bytes wide. An encoder's
+    cast back to bf16 (``src.engine.weights.cast_frozen_to_bf16``): its residual stream is 2 bytes wide. An encoder's
     stays fp32 (autocast runs BERT's LayerNorm, which ends every residual add, in fp32)."""
     residual = 4 if cfg.quant.bits in (4, 8) else DTYPE_BYTES[cfg.model.dtype]
     fast_decoder = getattr(cfg.train, "fast_path", False) and (
@@ -391,35 +391,35 @@ def activation_widths(cfg: Config) -> Widths:
 
 
 def plans_own_micro_batches(cfg: Config) -> bool:
-    """Whether ``src.train`` trains the config on packed rows (``src/fast/``), which size their own micro-batches
+    """Whether ``src.train`` trains the config on packed rows (``src/engine/``), which size their own micro-batches
     and checkpointing to ``train.memory_budget_gb``: SFT and decoder classifiers on the fast path, and BERT's
-    (``src.modeling.PACKED_ENCODER_TYPES``, read from the model's local config.json; a config plan cannot read
+    (``src.modeling.FLAT_ENCODER_TYPES``, read from the model's local config.json; a config plan cannot read
     counts as padded)."""
     if not getattr(cfg.train, "fast_path", False):
         return False
     if cfg.data.task == "sft" or cfg.model.architecture == "decoder":
         return True
-    from src.modeling import PACKED_ENCODER_TYPES
+    from src.modeling import FLAT_ENCODER_TYPES
 
     try:
         model_config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     except PlanError:
         return False
-    return model_config.model_type in PACKED_ENCODER_TYPES
+    return model_config.model_type in FLAT_ENCODER_TYPES
 
 
 def plan(cfg: Config, tokens_per_micro_batch: Optional[int] = None) -> dict[str, Any]:
     """Exact parameter counts and the peak-memory estimate for a validated config (reads no data).
 
     ``tokens_per_micro_batch``: size the activations for one packed row of that many tokens (a fast path's
-    micro-batch, from the data's lengths: :func:`src.fast.budget.largest_micro_batch_tokens`) instead of
+    micro-batch, from the data's lengths: :func:`src.engine.budget.largest_micro_batch_tokens`) instead of
     ``per_device_train_batch_size`` rows of ``model.max_length``.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from src.modeling import apply_lora, base_model, count_params, is_full_fine_tuning, target_leaf_names
 
-    # The fast SFT path (src/fast/) takes the model's own loss; the plain path, TRL's fused head.
+    # The fast SFT path (src/engine/) takes the model's own loss; the plain path, TRL's fused head.
     fast_path = getattr(cfg.train, "fast_path", False)
     model_config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     base = build_meta_model(model_config, cfg)
@@ -488,7 +488,7 @@ PACK_SHARED = ("weights", "overhead")  # what the trials of a pack share; the re
 
 
 def pack_estimate_gb(breakdowns: list[dict[str, float]]) -> float:
-    """A pack's peak-memory estimate (``hydra.sweeper.pack``, :mod:`src.fast.pack`) from its trials' breakdowns
+    """A pack's peak-memory estimate (``hydra.sweeper.pack``, :mod:`src.packs.model`) from its trials' breakdowns
     (:func:`plan`'s ``est_mem_breakdown_gb``): the base's weights and overhead once, and every trial's adapter
     states, activations and logits."""
     shared = max(sum(b[k] for k in PACK_SHARED) for b in breakdowns)

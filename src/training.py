@@ -2,7 +2,7 @@
 
 Classification and multi-label use the HF ``Trainer`` (subclassed only at its documented
 ``compute_loss`` hook, for class weights, ``pos_weight`` and a loss normalised over the whole accumulated
-step: :class:`src.fast.classification.ClassifierTrainer`); SFT uses TRL's ``SFTTrainer``
+step: :class:`src.engine.classification.ClassifierTrainer`); SFT uses TRL's ``SFTTrainer``
 with prompt/completion data, so the loss is on the response only and EOS is appended.
 """
 
@@ -12,7 +12,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -21,16 +21,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from src import console, distributed, tracking
-from src.config import Config, TrainConfig, objective, per_label_metrics
+from src.config import TrainConfig, per_label_metrics
 from src.data import TaskData
-from src.fast.classification import (
-    ClassifierTrainer,
-    PackedClassificationCollator,
-    PackedClassificationTrainer,
-    packing_attention,
-    plan_fast_classifier,
-)
-from src.guards import NonFiniteLossGuard
 
 # HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
 HF_TO_MLFLOW = {
@@ -378,85 +370,6 @@ def count_truncated_sft(data: TaskData, tokenizer, max_length: int) -> int:
         texts = [p + c for p, c in zip(split["prompt"], split["completion"])]
         n += sum(len(ids) + 1 > max_length for ids in tokenizer(texts, verbose=False)["input_ids"])
     return n
-
-
-def build_trainer(
-    cfg: Config,
-    model,
-    tokenizer,
-    data: TaskData,
-    output_dir: str,
-    extra_callbacks: Sequence[TrainerCallback] = (),
-    member=None,
-    label: Optional[str] = None,
-):
-    """The trainer for the task; ``extra_callbacks`` come after the project's own (a sweep trial's pruning);
-    ``member``: the run is a trial of a pack (:class:`src.fast.pack.PackMember`; SFT on the fast path);
-    ``label`` leads its console lines (a pack trial's run name).
-
-    Returns (trainer, metrics, truncated): metrics keeps the last per-class report (None for
-    SFT), and truncated counts the rows longer than model.max_length.
-    """
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback
-
-    args = training_arguments(cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss)
-    distributed.one_gpu_per_process(args)
-    # TokenRateCallback first: the callbacks after it read the rate it writes into the logs.
-    callbacks: list[TrainerCallback] = [TokenRateCallback(), MlflowMetricsCallback(perplexity=data.task == "sft")]
-    if cfg.train.stop_on_nonfinite_loss:
-        callbacks.append(NonFiniteLossGuard())  # after the metrics callback: the bad loss is logged first
-    if cfg.train.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    callbacks += list(extra_callbacks)
-    inputs = dict(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)  # every task's trainer
-    if data.task == "sft":
-        from trl import SFTTrainer
-
-        from src.fast.trainer import build_packed_sft_trainer
-
-        train_ds, eval_ds = data.train.remove_columns("row_id"), data.eval.remove_columns("row_id")
-        if cfg.train.fast_path:  # padding-free packed micro-batches sized to the memory budget
-            trainer, micro = build_packed_sft_trainer(
-                cfg, model, tokenizer, args, train_ds, eval_ds, callbacks, member=member
-            )
-            if micro.est_peak_gpu_mem_gb is not None:  # the plan the fast path follows, to set against the peak
-                tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
-        else:
-            trainer = SFTTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **inputs)
-        use_console(trainer, label)
-        return trainer, None, count_truncated_sft(data, tokenizer, cfg.model.max_length)
-    train_ds, eval_ds, truncated = tokenize_classification(data, tokenizer, cfg.model.max_length)
-    best = cfg.train.metric_for_best_model or ""
-    keep = (objective(cfg)[0], best if best.startswith("eval_") else f"eval_{best}")  # per-class at any class count
-    metrics = ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=keep)
-    common = dict(
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=metrics,
-        **inputs,
-    )
-    multilabel = data.task == "multilabel"
-    attention = packing_attention(model) if cfg.train.fast_path else None
-    if attention is not None:  # a decoder or BERT: several examples per row, each pooled at its own token
-        lengths = [len(ids) for ids in train_ds["input_ids"]]  # the plan sizes micro-batches by their tokens
-        args, micro = plan_fast_classifier(cfg, model, args, attention, lengths)
-        args.include_num_input_tokens_seen = "all"  # a packed row has no padding
-        common.update(args=args, data_collator=PackedClassificationCollator(multilabel))
-        if micro is not None:
-            console.log.info(micro.describe().replace("fast path:", "fast path (classification):"))
-            tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
-        trainer = PackedClassificationTrainer(
-            label_weights=data.label_weights,
-            multilabel=multilabel,
-            attention=attention,
-            cuda_graphs=micro is not None and micro.cuda_graphs,
-            **common,
-        )
-    else:
-        trainer = ClassifierTrainer(label_weights=data.label_weights, multilabel=multilabel, **common)
-    use_console(trainer, label)
-    return trainer, metrics, truncated
 
 
 @torch.no_grad()

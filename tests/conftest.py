@@ -119,10 +119,10 @@ def compose_hydra(config_dir: Path = CONF_DIR, config_name: str = "config", over
 
 
 def train_run(raw: dict):
-    """``src.train.run`` on a composed config, validated first as ``src.train.main`` validates it at its edge
+    """``src.fit.run`` on a composed config, validated first as ``src.train.main`` validates it at its edge
     (``src.tracking.validated``: an invalid config raises ConfigError and still leaves a FAILED run)."""
     from src import tracking
-    from src.train import run
+    from src.fit import run
 
     return run(raw, tracking.validated(raw))
 

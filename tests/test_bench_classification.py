@@ -1,4 +1,4 @@
-"""src.bench's classification workloads (src/fast/bench_classification.py) on CPU, on 2-layer models.
+"""src.bench's classification workloads (benchmarks/classification.py) on CPU, on 2-layer models.
 
 The numbers mean nothing on a CPU; the code paths are the GPU run's: each seed recipe written out as its tutorial
 wrote it, and the project's packed classifier planned from the rows' token counts (at a 1 GiB budget: a CPU run
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from src.fast import bench
-from src.fast import bench_classification as cls
+from benchmarks import sft as bench
+from benchmarks import classification as cls
 
 
 def test_classification_arguments_match_the_training_code():

@@ -199,7 +199,7 @@ def test_ddp_sft_loss_is_the_token_mean_over_both_ranks(tmp_path, mlflow_store):
 
 
 def test_average_gradients_gives_ddps_gradients(tmp_path):
-    """What the packed trainer's CUDA-graph steps use under DDP instead of DDP's hooks (``src.fast.graphs``)."""
+    """What the packed trainer's CUDA-graph steps use under DDP instead of DDP's hooks (``src.engine.graphs``)."""
     import socket
 
     import torch
@@ -238,14 +238,14 @@ def test_runs_record_the_gpus_they_were_pinned_to(monkeypatch):
 
 
 def test_token_balanced_sampler_keeps_each_steps_examples_and_evens_the_ranks():
-    """Under DDP the packed trainer deals each step's examples so the ranks get as many tokens (src.fast.sampler)."""
+    """Under DDP the packed trainer deals each step's examples so the ranks get as many tokens (src.engine.sampler)."""
     import random
 
     import torch
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from src.fast.sampler import TokenBalancedSampler
+    from src.engine.sampler import TokenBalancedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(64, 256) for _ in range(100)]  # 6 full steps of 2 ranks x 8, and 4 left over
@@ -273,10 +273,10 @@ def test_packed_trainer_samples_token_balanced_only_under_ddp(monkeypatch):
 
     from datasets import Dataset
 
-    from src.fast.sampler import TokenBalancedSampler
-    from src.fast.trainer import PackedTrainer
+    from src.engine.sampler import TokenBalancedSampler
+    from src.engine.trainer import FlatTrainer
 
-    trainer = PackedTrainer.__new__(PackedTrainer)
+    trainer = FlatTrainer.__new__(FlatTrainer)
     trainer.train_dataset = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 5, 7, 9)]})
     trainer.args = types.SimpleNamespace(
         train_sampling_strategy="random", data_seed=None, seed=7, per_device_train_batch_size=2

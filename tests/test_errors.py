@@ -116,8 +116,8 @@ def test_the_guards_refusals_are_user_errors():
     """What the guards refuse (pickled weights, remote code, a NaN loss, a plan that cannot fit) is the user's to
     fix: one ``error:`` line through ``exit_on_user_error``, not a traceback."""
     from src import guards
+    from src.engine.budget import MemoryBudgetError
     from src.errors import UserError
-    from src.fast.budget import MemoryBudgetError
 
     for error in (
         guards.UnsafeFileError,

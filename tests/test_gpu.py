@@ -13,10 +13,10 @@ import types
 import pytest
 import torch
 
-from src.fast import attention as fast_attention
-from src.fast import graphs as fast_graphs
-from src.fast import trainer as fast_trainer
-from src.fast import weights as fast_weights
+from src.engine import attention as fast_attention
+from src.engine import graphs as fast_graphs
+from src.engine import trainer as fast_trainer
+from src.engine import weights as fast_weights
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,7 +39,7 @@ def _model(attention: str, head_dim: int, kv_heads: int):
         attn_implementation="sdpa",
     )
     model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
-    assert {"varlen": fast_attention.use_varlen_attention, "per-example": fast_attention.use_packed_attention}[
+    assert {"varlen": fast_attention.use_varlen_attention, "per-example": fast_attention.use_flat_attention}[
         attention
     ](model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
@@ -59,8 +59,8 @@ def _packed(lengths, seed=0):
 
 
 def _trainer(attention: str):
-    """A PackedTrainer with only what compute_loss reads: the attention and one argument (one process)."""
-    trainer = fast_trainer.PackedTrainer.__new__(fast_trainer.PackedTrainer)
+    """A FlatTrainer with only what compute_loss reads: the attention and one argument (one process)."""
+    trainer = fast_trainer.FlatTrainer.__new__(fast_trainer.FlatTrainer)
     trainer.attention = attention
     trainer.args = types.SimpleNamespace(average_tokens_across_devices=False)
     return trainer
@@ -167,12 +167,12 @@ def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from src.fast.classification import (
+    from src.engine.classification import (
+        FlatClassificationCollator,
         GraphedClassifierSteps,
-        PackedClassificationCollator,
         classification_loss,
+        flat_logits,
         loss_total,
-        packed_logits,
     )
 
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
             param.data = torch.randn_like(param) * 0.1
     weights = None if multilabel else torch.tensor([0.5, 1.0, 2.0, 1.0])
     graphs = GraphedClassifierSteps(4, weights, multilabel, bucket=64)
-    collate = PackedClassificationCollator(multilabel)
+    collate = FlatClassificationCollator(multilabel)
     generator = torch.Generator().manual_seed(1)
 
     def batch(lengths):
@@ -228,7 +228,7 @@ def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
     assert not graphs.accepts(batch([1] * 5))  # more examples than the micro-batch
     for b, (loss, grads) in zip(batches, replayed):
         device = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-        logits = packed_logits(
+        logits = flat_logits(
             model, device["input_ids"], device["position_ids"], device["last_token"], "varlen", b["bounds"]
         )
         loss_ref = classification_loss(logits, device["labels"], weights, multilabel)
@@ -248,7 +248,7 @@ def _ddp_graph_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = _model("varlen", head_dim=100, kv_heads=8)  # seeded: the same weights on both ranks
     graphs = fast_graphs.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128, world_size=2)
-    graphs.stream = torch.cuda.Stream()  # as PackedTrainer.train: DDP built on the stream the graphs use
+    graphs.stream = torch.cuda.Stream()  # as FlatTrainer.train: DDP built on the stream the graphs use
     graphs.stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(graphs.stream):
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
@@ -272,7 +272,7 @@ def _ddp_graph_steps(rank: int, model, ddp, graphs) -> list[dict]:
         cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
         max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         model.zero_grad(set_to_none=True)
-        outputs = ddp(**batch, packed_cu_seqlens=cu, packed_max_seqlen=max_len, use_cache=False,
+        outputs = ddp(**batch, flat_cu_seqlens=cu, flat_max_seqlen=max_len, use_cache=False,
                       num_items_in_batch=num_items)  # fmt: skip
         loss_ref = outputs.loss * 2  # as Trainer.compute_loss scales it under DDP
         loss_ref.backward()

@@ -1,8 +1,9 @@
 """The import graph of src/: no circle, and every import runs down the layers, never up.
 
-The layers, top down: the entry points (``src/<name>.py``, what users type), then ``src.runs`` (finished runs)
-and ``src.sweeps`` (many runs), then ``src.fast`` (the fast paths; ``src.runs`` predicts with it), then the core
-(the other flat modules).
+The layers, top down: the entry points (``src/<name>.py``, what users type); ``src.runs`` (finished runs) and
+``src.sweeps`` (many runs); ``src.packs`` (trials sharing one base); ``src.fit`` (one run); ``src.engine`` (the fast
+path's flat batches, CUDA graphs and memory budget; ``src.runs`` predicts with it); then the core (the other flat
+modules). ``docs/architecture.md`` draws the same table.
 Every ``import src.x`` / ``from src import x`` / ``from src.x import y`` counts, at module level or inside a
 function (an import inside a function still makes a circle, only a hidden one).
 """
@@ -41,10 +42,10 @@ CORE = {
         "reserve",
         "overrides",
         "chat",
+        "classifier",
+        "trial",
     )
 }
-# The one core module that reaches a package: training builds the fast path's trainers (SFT; decoder classifiers).
-CORE_USES_FAST = {"src.training"}
 
 
 def module_name(path: Path) -> str:
@@ -84,16 +85,18 @@ def layer(name: str) -> str:
     if name in CORE:
         return "core"
     package = name.split(".")[1]
-    assert package in ("runs", "sweeps", "fast"), f"{name}: not in a known layer; add it to tests/test_imports.py"
+    assert package in ALLOWED, f"{name}: not in a known layer; add it to tests/test_imports.py"
     return package
 
 
 # What each layer may import, besides its own modules.
 ALLOWED = {
-    "entry": {"entry", "runs", "sweeps", "fast", "core"},
-    "runs": {"core", "fast"},  # predict classifies packed rows, as training does
-    "sweeps": {"core"},
-    "fast": {"core"},
+    "entry": {"entry", "runs", "sweeps", "packs", "fit", "engine", "core"},
+    "runs": {"core", "engine"},  # predict classifies flat rows, as training does
+    "sweeps": {"core", "packs", "fit"},  # a job runs src.fit.run, a pack job src.packs.runtime, both by name
+    "packs": {"core", "engine", "fit"},
+    "fit": {"core", "engine"},
+    "engine": {"core"},
     "core": {"core"},
 }
 
@@ -121,8 +124,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_has_no_circle():
     graph = import_graph()
-    assert {"src.train", "src.sweeps.job", "src.sweeps.grid", "src.fast.trainer", "src.training"} <= set(graph)
-    assert "src.training" in graph["src.train"] and "src.sweeps.job" in graph["src.train"]  # the walk sees imports
+    assert {"src.train", "src.sweeps.job", "src.sweeps.grid", "src.engine.trainer", "src.training", "src.fit"} <= set(graph)
+    assert "src.fit" in graph["src.train"] and "src.sweeps.job" in graph["src.train"]  # the walk sees imports
     assert not cycles(graph), cycles(graph)
 
 
@@ -134,7 +137,7 @@ def test_the_core_imports_no_sweep_module():
 
 
 def test_every_import_runs_down_the_layers():
-    """Core <- fast, core <- sweeps, core <- runs, fast <- runs, all of them <- the entry points: no import runs back
+    """Each layer imports only the layers ALLOWED says, all below it: no import runs back
     up (the sweeps never import src.train, which hands them its training function), and no other package knows
     another."""
     graph = import_graph()
@@ -145,7 +148,7 @@ def test_every_import_runs_down_the_layers():
         here = layer(name)
         for other in imported:
             there = layer(other)
-            if there == here or there in ALLOWED[here] or (there == "fast" and name in CORE_USES_FAST):
+            if there == here or there in ALLOWED[here]:
                 continue
             offenders.setdefault(name, []).append(other)
     assert not offenders, offenders
@@ -161,10 +164,10 @@ def test_the_entry_points_stay_where_users_type_them():
 
 
 def test_the_walk_sees_function_level_imports():
-    tree = ast.parse("def f():\n    from src.sweeps import job\n    import src.fast.trainer\n")
-    assert imported_names(tree, {"src.sweeps", "src.sweeps.job", "src.fast.trainer"}) == {
+    tree = ast.parse("def f():\n    from src.sweeps import job\n    import src.engine.trainer\n")
+    assert imported_names(tree, {"src.sweeps", "src.sweeps.job", "src.engine.trainer"}) == {
         "src.sweeps.job",
-        "src.fast.trainer",
+        "src.engine.trainer",
     }
 
 

@@ -65,7 +65,7 @@ def test_real_datasets_the_old_guard_refused_load_with_the_defaults():
 def test_sft_rows_whose_prompts_fill_max_length_are_one_clear_error():
     from datasets import Dataset
 
-    from src.fast import rows as fast_rows
+    from src.engine import rows as fast_rows
 
     cfg = validate(compose_config(["data=instructions"]))
     tokenizer = modeling.load_tokenizer(cfg.model)

@@ -1,7 +1,7 @@
 """A study written through the sweeps' storage in one process is read by plain Optuna in another.
 
 This is the contract ``optuna-dashboard <storage>`` relies on: the writer opens the storage as the
-Optuna sweeper does (``src.sweeps.trial.open_storage``: an SQLAlchemy URL, else a journal file)
+Optuna sweeper does (``src.trial.open_storage``: an SQLAlchemy URL, else a journal file)
 and the reader, a separate interpreter that imports nothing from this project, sees the same
 study, trials, states, params, values, intermediate values and user attrs.
 """
@@ -21,7 +21,7 @@ WRITER = textwrap.dedent("""
     import json, sys
     import optuna
     from optuna.trial import TrialState
-    from src.sweeps.trial import open_storage
+    from src.trial import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="rank-alpha", storage=open_storage(sys.argv[1]), direction="maximize",
@@ -112,8 +112,8 @@ def test_study_written_by_one_process_is_read_by_optuna_in_another(tmp_path, kin
 def test_the_default_study_storage_sits_beside_the_mlflow_store(tmp_path, monkeypatch):
     """Without hydra.sweeper.storage a study lives beside the runs' store, never in the project by itself: a test's
     scratch store gets a scratch study, and the user's store in the project root gets the project's optuna.db."""
-    from src.sweeps.trial import default_storage
     from src.tracking import DEFAULT_TRACKING_URI
+    from src.trial import default_storage
 
     monkeypatch.chdir(tmp_path)
     scratch = tmp_path / "store"

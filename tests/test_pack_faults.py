@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from src import tracking
+from src.packs.runtime import trial_functions
 from src.sweeps.job import run_pack_job
 from tests.conftest import compose_config
 from tests.test_packed_trials import TRIALS, _raw
@@ -22,7 +23,7 @@ HANG_S = 120  # a pack of 2 tiny trials takes ~10 s on CPU; past this it waits f
 def _run_pack_in_thread(members, pack_train, isolate=False) -> list:
     """run_pack_job in a thread, so that a pack that waits forever fails the test instead of hanging it."""
     out: list = []
-    worker = threading.Thread(target=lambda: out.append(run_pack_job(members, pack_train, isolate=isolate)))
+    worker = threading.Thread(target=lambda: out.append(run_pack_job(members, isolate=isolate, trials=pack_train)))
     worker.daemon = True
     worker.start()
     worker.join(HANG_S)
@@ -33,25 +34,22 @@ def _run_pack_in_thread(members, pack_train, isolate=False) -> list:
 def test_a_trial_that_fails_before_the_base_loads_does_not_hold_up_the_others(tmp_path, mlflow_store):
     """Trial 1's output directory cannot be made (a file is in the way): it fails at once, before it asks for the
     base, while trial 0 loads it. Trial 0 must train on without it, not wait in Pack.step for its steps."""
-    import src.train
 
     good = _raw(tmp_path, "good", TRIALS[0])
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
     bad = _raw(tmp_path, "bad", TRIALS[1])
     bad["output_dir"] = str(blocked / "out")
-    result = _run_pack_in_thread([(good, None), (bad, None)], src.train.pack)
+    result = _run_pack_in_thread([(good, None), (bad, None)], trial_functions)
     assert result[0]["status"] == "ok", result
     assert result[1]["status"] == "failed", result
     assert mlflow.get_run(result[0]["run_id"]).info.status == "FINISHED"
 
 
 def _stopping_while_the_base_loads(jobs):
-    """src.train.pack, its base's load preceded by a stop (SIGTERM of the pack's process arriving while the base
+    """trial_functions, its base's load preceded by a stop (SIGTERM of the pack's process arriving while the base
     loads, which on a GPU takes minutes)."""
-    import src.train
-
-    trains, shared = src.train.pack(jobs)
+    trains, shared = trial_functions(jobs)
     load = shared.load
 
     def load_after_a_stop(index):
@@ -75,12 +73,11 @@ def test_a_stop_while_the_base_loads_stops_every_trial(tmp_path, mlflow_store):
 def test_sigterm_of_a_pack_in_the_sweepers_process_stops_the_sweep(tmp_path, mlflow_store):
     """hydra.sweeper.isolate=false: the pack trains in the sweeper's process. A SIGTERM there ends every trial's
     run KILLED and then reaches the sweeper (raised, as for a job alone), which must not go on to its next job."""
-    import src.train
 
     shared_of = []
 
     def pack_train(jobs):
-        trains, shared = src.train.pack(jobs)
+        trains, shared = trial_functions(jobs)
         shared_of.append(shared)
         return trains, shared
 
@@ -96,7 +93,7 @@ def test_sigterm_of_a_pack_in_the_sweepers_process_stops_the_sweep(tmp_path, mlf
     members = [(_raw(tmp_path, f"t{i}", [*TRIALS[i], "train.max_steps=200"]), None) for i in range(2)]
     threading.Thread(target=kill_once_stepping, daemon=True).start()
     with pytest.raises(tracking.Terminated):
-        run_pack_job(members, pack_train, isolate=False)
+        run_pack_job(members, isolate=False, trials=pack_train)
     runs = tracking.runs_of_output_dir(members[0][0]) + tracking.runs_of_output_dir(members[1][0])
     assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
 
@@ -104,7 +101,7 @@ def test_sigterm_of_a_pack_in_the_sweepers_process_stops_the_sweep(tmp_path, mlf
 def test_grouping_says_why_a_job_trains_alone():
     """Jobs of other data never share a pack; a job that cannot be packed is a unit alone, and the sweep is told
     why (else ``pack=4`` that runs one job at a time looks like a bug)."""
-    from src.sweeps.packs import group
+    from src.sweeps.grouping import group
 
     def raw(overrides):
         return {**compose_config(overrides), "output_dir": "unused"}
@@ -127,11 +124,9 @@ def test_grouping_says_why_a_job_trains_alone():
 
 
 def slow_loading_pack(jobs):
-    """src.train.pack whose base takes 30 s to load (a 7B model from disk): a trial's thread cannot be interrupted
+    """trial_functions whose base takes 30 s to load (a 7B model from disk): a trial's thread cannot be interrupted
     there, so a SIGTERM waits for it. Module level: the pack's process gets it by name."""
-    import src.train
-
-    trains, shared = src.train.pack(jobs)
+    trains, shared = trial_functions(jobs)
     load = shared.load
 
     def slow_load(index):
@@ -163,7 +158,7 @@ def test_a_pack_killed_after_its_stop_grace_leaves_no_run_running(tmp_path, mlfl
     previous = install_sigterm_handler()  # as the sweeper does: SIGTERM raises
     try:
         with pytest.raises(tracking.Terminated):
-            run_pack_job(members, slow_loading_pack, isolate=True)
+            run_pack_job(members, isolate=True, trials=slow_loading_pack)
     finally:
         restore_sigterm_handler(previous)
     runs = [r for raw, _ in members for r in tracking.runs_of_output_dir(raw)]
@@ -175,11 +170,10 @@ def test_the_trials_tokenizers_do_not_race(tmp_path):
     """A fast tokenizer's padding and truncation are state that each call sets: one trial generating its samples
     (``padding=True``) while another tokenizes its rows (no padding) made the first fail ("Unable to create tensor,
     you should probably activate ... padding") when they shared one. Each trial has its own."""
-    import src.train
     from src import tracking as tracking_mod
 
     raws = [_raw(tmp_path, f"t{i}", TRIALS[i]) for i in range(2)]
-    _, shared = src.train.pack([(raw, tracking_mod.validated(raw), None) for raw in raws])
+    _, shared = trial_functions([(raw, tracking_mod.validated(raw), None) for raw in raws])
     generating, encoding = shared.load(0)[0], shared.load(1)[0]
     errors: list[str] = []
     until = time.monotonic() + 3
@@ -208,7 +202,6 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
     one that had finished stays a finished job in the result the sweeper reads."""
     import multiprocessing
 
-    import src.train
 
     members = [
         (_raw(tmp_path, "short", [*TRIALS[0], "train.max_steps=1"]), None),
@@ -226,7 +219,7 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
             time.sleep(0.2)
 
     threading.Thread(target=kill_once_the_short_one_finished, daemon=True).start()
-    result = run_pack_job(members, src.train.pack, isolate=True)["pack"]
+    result = run_pack_job(members, isolate=True)["pack"]
     assert result[0]["status"] == "ok", result
     assert result[1]["status"] == "failed" and result[1]["error_type"] == "Terminated", result
     assert tracking.runs_of_output_dir(members[1][0])[0].info.status == "KILLED"

@@ -1,4 +1,4 @@
-"""The classification fast path (src/fast/classification.py) against the padded path, on CPU in fp32.
+"""The classification fast path (src/engine/classification.py) against the padded path, on CPU in fp32.
 
 Both sides run the same LoRA model on the same examples: padded (right padding, the model pools the last non-pad
 token, HF's own forward) and packed (one row, per-example attention, each example pooled at its last token). The
@@ -17,14 +17,14 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from src import modeling
 from src.config import validate
-from src.fast import attention as fast_attention
-from src.fast.classification import (
+from src.engine import attention as fast_attention
+from src.engine.classification import (
+    FlatClassificationCollator,
     GraphedClassifierSteps,
-    PackedClassificationCollator,
     classification_loss,
+    flat_attention,
+    flat_logits,
     loss_total,
-    packed_logits,
-    packing_attention,
 )
 from tests.conftest import compose_config, train_run
 
@@ -74,7 +74,7 @@ def test_packed_and_padded_paths_agree_on_logits_loss_and_lora_gradients(
     padded_model = _model(tiny_model_dir, num_labels, multilabel)
     padded_model.config.pad_token_id = tokenizer.pad_token_id
     packed_model = copy.deepcopy(padded_model)
-    attention = packing_attention(packed_model)
+    attention = flat_attention(packed_model)
     assert attention == "bounds"  # per-example sdpa on the CPU
 
     generator = torch.Generator().manual_seed(1)
@@ -93,9 +93,9 @@ def test_packed_and_padded_paths_agree_on_logits_loss_and_lora_gradients(
     padded_loss = classification_loss(padded_logits, target, weight_tensor, multilabel)
     padded_loss.backward()
 
-    batch = PackedClassificationCollator(multilabel)(features)
+    batch = FlatClassificationCollator(multilabel)(features)
     assert batch["input_ids"].shape == (1, sum(lengths))  # no padding
-    logits = packed_logits(packed_model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
+    logits = flat_logits(packed_model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
     loss = classification_loss(logits, batch["labels"], weight_tensor, multilabel)
     loss.backward()
 
@@ -124,12 +124,12 @@ def test_a_graphed_classifier_step_pads_its_row_with_an_example_nothing_sees(
         labels = torch.randint(0, 2, (len(TEXTS), num_labels), generator=generator).tolist()
     else:
         labels = torch.randint(0, num_labels, (len(TEXTS),), generator=generator).tolist()
-    batch = PackedClassificationCollator(multilabel)(
+    batch = FlatClassificationCollator(multilabel)(
         [{"input_ids": tokenizer(t)["input_ids"], "label": y} for t, y in zip(TEXTS, labels)]
     )
     weight_tensor = None if weights is None else torch.tensor(weights)
 
-    logits = packed_logits(model, batch["input_ids"], batch["position_ids"], batch["last_token"], "varlen")
+    logits = flat_logits(model, batch["input_ids"], batch["position_ids"], batch["last_token"], "varlen")
     loss = classification_loss(logits, batch["labels"], weight_tensor, multilabel)
     loss.backward()
     expected = _grads(model)
@@ -139,13 +139,13 @@ def test_a_graphed_classifier_step_pads_its_row_with_an_example_nothing_sees(
     tokens = batch["input_ids"].shape[1]
     length = graphs.padded_length(tokens)
     assert length % 32 == 0 and length > tokens and graphs.accepts(batch)
-    short = PackedClassificationCollator(multilabel)([{"input_ids": [5, 6], "label": labels[0]}] * 2)
+    short = FlatClassificationCollator(multilabel)([{"input_ids": [5, 6], "label": labels[0]}] * 2)
     assert graphs.accepts(short) and graphs._key(short, 32) != graphs._key(batch, 32)  # its own graph
     too_many = [{"input_ids": [5, 6], "label": labels[0]}] * (len(TEXTS) + 1)
-    assert not graphs.accepts(PackedClassificationCollator(multilabel)(too_many))  # more than the micro-batch
+    assert not graphs.accepts(FlatClassificationCollator(multilabel)(too_many))  # more than the micro-batch
     host = graphs._inputs(batch, length)
     assert host["input_ids"].shape == host["position_ids"].shape == (1, length)
-    assert host["packed_cu_seqlens"].tolist() == [*batch["bounds"], length]  # one pad example at the end
+    assert host["flat_cu_seqlens"].tolist() == [*batch["bounds"], length]  # one pad example at the end
     assert host["position_ids"][0, tokens:].tolist() == list(range(length - tokens))
     graphed_loss = graphs._forward_backward(model, host, length)
     torch.testing.assert_close(graphed_loss, loss.detach(), atol=TOL, rtol=TOL)
@@ -175,11 +175,11 @@ def test_a_graphed_classifier_step_divides_by_the_whole_steps_loss_total(
     else:
         labels = torch.randint(0, num_labels, (len(TEXTS),), generator=generator).tolist()
     features = [{"input_ids": tokenizer(t)["input_ids"], "label": y} for t, y in zip(TEXTS, labels)]
-    collate = PackedClassificationCollator(multilabel)
+    collate = FlatClassificationCollator(multilabel)
     weight_tensor = None if weights is None else torch.tensor(weights)
 
     whole = collate(features)
-    logits = packed_logits(model, whole["input_ids"], whole["position_ids"], whole["last_token"], "varlen")
+    logits = flat_logits(model, whole["input_ids"], whole["position_ids"], whole["last_token"], "varlen")
     loss = classification_loss(logits, whole["labels"], weight_tensor, multilabel)
     loss.backward()
     expected = _grads(model)
@@ -203,13 +203,13 @@ def test_an_example_never_attends_to_another_in_its_row(tiny_model_dir):
     """Changing the first example of a row leaves the logits of the others as they were."""
     tokenizer = modeling.load_tokenizer(validate(compose_config([])).model)
     model = _model(tiny_model_dir, 3, False)
-    attention = packing_attention(model)
-    collate = PackedClassificationCollator(False)
+    attention = flat_attention(model)
+    collate = FlatClassificationCollator(False)
 
     def logits(texts):
         batch = collate([{"input_ids": tokenizer(t)["input_ids"], "label": 0} for t in texts])
         with torch.no_grad():
-            return packed_logits(model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
+            return flat_logits(model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
 
     first = logits(TEXTS)
     second = logits(["a different first sentence entirely, longer than the other one", *TEXTS[1:]])
@@ -310,7 +310,7 @@ def test_packed_and_padded_bert_agree_on_logits_loss_and_lora_gradients(num_labe
     """BERT packed: bidirectional attention within each example, pooled at its own [CLS] through the pooler."""
     padded_model = _bert(num_labels, multilabel)
     packed_model = copy.deepcopy(padded_model)
-    attention = packing_attention(packed_model)
+    attention = flat_attention(packed_model)
     assert attention == "bidirectional"
     generator = torch.Generator().manual_seed(1)
     if multilabel:
@@ -328,9 +328,9 @@ def test_packed_and_padded_bert_agree_on_logits_loss_and_lora_gradients(num_labe
     padded_loss = classification_loss(padded_logits, target, weight_tensor, multilabel)
     padded_loss.backward()
 
-    batch = PackedClassificationCollator(multilabel)(features)
+    batch = FlatClassificationCollator(multilabel)(features)
     assert batch["input_ids"].shape == (1, int(mask.sum()))  # no padding
-    logits = packed_logits(
+    logits = flat_logits(
         packed_model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention, batch["bounds"]
     )
     loss = classification_loss(logits, batch["labels"], weight_tensor, multilabel)
@@ -348,13 +348,13 @@ def test_packed_and_padded_bert_agree_on_logits_loss_and_lora_gradients(num_labe
 
 def test_a_bert_example_never_attends_to_another_and_keeps_its_attention_dropout():
     model = _bert(3, False, dropout=0.1)
-    attention = packing_attention(model)
-    collate = PackedClassificationCollator(False)
+    attention = flat_attention(model)
+    collate = FlatClassificationCollator(False)
     features = _bert_features([0] * 6)
 
     def logits(rows):
         batch = collate(rows)
-        return packed_logits(model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
+        return flat_logits(model, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
 
     model.eval()
     with torch.no_grad():
@@ -374,7 +374,7 @@ def test_a_bert_example_never_attends_to_another_and_keeps_its_attention_dropout
     batch = collate(features)
     with torch.no_grad():
         twice = [
-            packed_logits(attention_only, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
+            flat_logits(attention_only, batch["input_ids"], batch["position_ids"], batch["last_token"], attention)
             for _ in range(2)
         ]
     assert not torch.allclose(twice[0], twice[1])
@@ -386,8 +386,8 @@ def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
     import dataclasses
 
     from src import plan as P
-    from src.fast import budget as fast_budget
-    from src.fast.classification import epochs_trained, plan_fast_classifier
+    from src.engine import budget as fast_budget
+    from src.engine.classification import epochs_trained, plan_fast_classifier
     from src.training import training_arguments
 
     cfg = validate(compose_config(["train.memory_budget_gb=8", "model.max_length=512"]))
@@ -395,7 +395,7 @@ def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
     args = training_arguments(cfg.train, "unused", "classification", cfg.model.max_length)
     lengths = [5, 60, 12, 33, 7, 60, 2, 18, 40, 9, 11]
     per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
-    args, micro = plan_fast_classifier(cfg, model, args, packing_attention(model), lengths)
+    args, micro = plan_fast_classifier(cfg, model, args, flat_attention(model), lengths)
     assert (micro.micro_batch_size, micro.gradient_accumulation_steps, micro.checkpointed_layers) == (per_step, 1, 0)
     sized = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, optim=fast_budget.fast_optimizer(cfg.train.optim))
@@ -403,7 +403,7 @@ def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
     tokens = fast_budget.largest_micro_batch_tokens(lengths, epochs_trained(cfg, len(lengths)))(per_step)
     assert tokens <= sum(sorted(lengths, reverse=True)[:per_step])
     assert micro.est_peak_gpu_mem_gb == P.plan(sized, tokens_per_micro_batch=tokens)["est_peak_gpu_mem_gb"]
-    _, unsized = plan_fast_classifier(cfg, _model(tiny_model_dir, 3, False), args, packing_attention(model))
+    _, unsized = plan_fast_classifier(cfg, _model(tiny_model_dir, 3, False), args, flat_attention(model))
     assert unsized.est_peak_gpu_mem_gb == P.plan(sized)["est_peak_gpu_mem_gb"] > micro.est_peak_gpu_mem_gb
 
 

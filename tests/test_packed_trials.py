@@ -1,4 +1,4 @@
-"""Packed trials (``hydra.sweeper.pack``, :mod:`src.fast.pack`): several trials on one base, each as if alone."""
+"""Packed trials (``hydra.sweeper.pack``, :mod:`src.packs.model`): several trials on one base, each as if alone."""
 
 from __future__ import annotations
 
@@ -46,13 +46,12 @@ def _adapter(tmp_path, name: str) -> dict[str, torch.Tensor]:
 
 
 def test_each_trial_of_a_pack_trains_as_it_would_alone(tmp_path, mlflow_store):
-    import src.train
 
     alone = []
     for i, overrides in enumerate(TRIALS):
         train_run(_raw(tmp_path, f"alone{i}", overrides))
         alone.append(mlflow.last_active_run().info.run_id)
-    result = run_pack_job([(_raw(tmp_path, f"pack{i}", o), None) for i, o in enumerate(TRIALS)], src.train.pack)
+    result = run_pack_job([(_raw(tmp_path, f"pack{i}", o), None) for i, o in enumerate(TRIALS)])
     packed = result["pack"]
     assert [r["status"] for r in packed] == ["ok"] * 3, packed
     for i, (solo_id, trial) in enumerate(zip(alone, packed)):
@@ -75,11 +74,10 @@ def test_each_trial_of_a_pack_trains_as_it_would_alone(tmp_path, mlflow_store):
 
 
 def test_a_trial_that_fails_fails_alone(tmp_path, mlflow_store):
-    import src.train
 
     bad = ["lora=attn_qv", "train.learning_rate=1e30", "train.stop_on_nonfinite_loss=true"]
     members = [(_raw(tmp_path, "good", TRIALS[0]), None), (_raw(tmp_path, "bad", bad), None)]
-    result = run_pack_job(members, src.train.pack)["pack"]
+    result = run_pack_job(members)["pack"]
     assert result[0]["status"] == "ok", result
     assert result[1]["status"] == "failed" and result[1]["run_id"], result
     assert mlflow.get_run(result[1]["run_id"]).info.status == "FAILED"
@@ -87,16 +85,15 @@ def test_a_trial_that_fails_fails_alone(tmp_path, mlflow_store):
 
 
 def test_an_invalid_trial_fails_before_the_pack_starts(tmp_path, mlflow_store):
-    import src.train
 
     members = [(_raw(tmp_path, "good", TRIALS[0]), None), (_raw(tmp_path, "bad", ["lora.r=0"]), None)]
-    result = run_pack_job(members, src.train.pack, isolate=False)["pack"]
+    result = run_pack_job(members, isolate=False)["pack"]
     assert [r["status"] for r in result] == ["ok", "failed"], result
     assert result[1]["error_type"] == "ConfigError"
 
 
 def test_unpackable_names_why():
-    from src.sweeps.packs import unpackable
+    from src.sweeps.grouping import unpackable
 
     def cfg(overrides):
         raw = compose_config(overrides)
@@ -149,13 +146,12 @@ def _step_lines_by_name(output: str, names: list[str], max_steps: int) -> tuple[
 
 
 def test_the_metric_lines_of_a_pack_say_which_trial_each_is(tmp_path, mlflow_store, caplog):
-    import src.train
 
     trials = [["lora=attn_qv", "lora.r=2"], ["lora=attn_qv", "lora.r=4"]]
     steps = ["train.max_steps=2", "train.eval_strategy=steps", "train.eval_steps=2"]
     members = [(_raw(tmp_path, f"pack{i}", [*o, *steps]), None) for i, o in enumerate(trials)]
     with caplog.at_level("INFO", logger="src"):
-        result = run_pack_job(members, src.train.pack, isolate=False)["pack"]
+        result = run_pack_job(members, isolate=False)["pack"]
     assert [r["status"] for r in result] == ["ok", "ok"], result
     names = [mlflow.get_run(r["run_id"]).info.run_name for r in result]
     assert len(set(names)) == 2
@@ -273,8 +269,8 @@ def test_the_pack_bench_runs_both_sides_on_cpu(tmp_path):
 def _tiny_pack(*loras: list[str], dropout: float):
     """The tiny model with one adapter per ``loras`` (their overrides) as a pack, on per-example attention."""
     from src import modeling
-    from src.fast import pack as pack_mod
-    from src.fast.attention import use_packed_attention
+    from src.engine.attention import use_flat_attention
+    from src.packs import model as pack_model
 
     cfgs = []
     for lora in loras:
@@ -283,29 +279,29 @@ def _tiny_pack(*loras: list[str], dropout: float):
         cfgs.append(validate(raw, for_training=True))
     tokenizer = modeling.load_tokenizer(cfgs[0].model)
     model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
-    pack = pack_mod.build_pack(model, [c.lora for c in cfgs], "sft", [0] * len(cfgs))
-    use_packed_attention(pack.model)
+    pack = pack_model.build_pack(model, [c.lora for c in cfgs], "sft", [0] * len(cfgs))
+    use_flat_attention(pack.model)
     return pack
 
 
 def test_one_trial_s_nan_weights_leave_the_others_finite():
     """The routed layers never put two trials' weights in one matmul: NaN in t1's adapter (forward and backward)
     stays in t1's tokens and gradients."""
-    from src.fast import pack as pack_mod
+    from src.packs import model as pack_model
 
     pack = _tiny_pack(["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.1)
     with torch.no_grad():
-        for _, param in pack_mod.adapter_parameters(pack.model, "t1"):
+        for _, param in pack_model.adapter_parameters(pack.model, "t1"):
             param.fill_(float("nan"))
     ids = torch.randint(5, 500, (1, 24))
     positions = torch.arange(12).repeat(2).unsqueeze(0)
-    route = (pack_mod.Segment("t0", 0, 12), pack_mod.Segment("t1", 12, 24))
-    with pack_mod._route(route):
+    route = (pack_model.Segment("t0", 0, 12), pack_model.Segment("t1", 12, 24))
+    with pack_model._route(route):
         bounds = (0, 12, 24)
-        logits = pack.model(input_ids=ids, position_ids=positions, use_cache=False, packed_seq_bounds=bounds).logits
+        logits = pack.model(input_ids=ids, position_ids=positions, use_cache=False, flat_seq_bounds=bounds).logits
         assert torch.isfinite(logits[:, :12]).all() and torch.isnan(logits[:, 12:]).all()
         logits[:, :12].float().logsumexp(-1).sum().backward()
-    grads = [p.grad for _, p in pack_mod.adapter_parameters(pack.model, "t0")]
+    grads = [p.grad for _, p in pack_model.adapter_parameters(pack.model, "t0")]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().max() > 0 for g in grads)
 
@@ -316,7 +312,7 @@ def test_a_joint_step_that_fails_on_one_trial_s_row_fails_that_trial_alone():
     import contextlib
     from types import SimpleNamespace
 
-    from src.fast import pack as pack_mod
+    from src.packs import model as pack_model
 
     pack = _tiny_pack(["lora=attn_qv", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.0)
     trainer = SimpleNamespace(attention="per-example", compute_loss_context_manager=contextlib.nullcontext)
@@ -333,5 +329,5 @@ def test_a_joint_step_that_fails_on_one_trial_s_row_fails_that_trial_alone():
     results = pack._run_step({"t0": (trainer, row(False), 11), "t1": (trainer, row(True), 11)})
     assert isinstance(results["t1"], Exception) and not isinstance(results["t0"], Exception), results
     assert torch.isfinite(results["t0"])
-    grads = [p.grad for _, p in pack_mod.adapter_parameters(pack.model, "t0")]
+    grads = [p.grad for _, p in pack_model.adapter_parameters(pack.model, "t0")]
     assert all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)

@@ -1,4 +1,4 @@
-"""The fast SFT path (src/fast/) computes what the plain path computes.
+"""The fast SFT path (src/engine/) computes what the plain path computes.
 
 Tolerances: float32 on CPU. Packed and padded batches run the same matmuls on differently
 shaped tensors, so results agree to rounding: per-token losses and logits within atol 1e-5,
@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from src.config import validate
-from src.fast import attention as fast_attention
-from src.fast import budget as fast_budget
-from src.fast import graphs as fast_graphs
-from src.fast import trainer as fast_trainer
-from src.fast import weights as fast_weights
+from src.engine import attention as fast_attention
+from src.engine import budget as fast_budget
+from src.engine import graphs as fast_graphs
+from src.engine import trainer as fast_trainer
+from src.engine import weights as fast_weights
 from tests.conftest import ROOT, compose_config, tiny_model_config
 
 ATOL = 1e-5
@@ -35,10 +35,10 @@ def _tiny_lora_model(tiny_model_dir, attn: str, targets=("q_proj", "v_proj", "lm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    impl = "sdpa" if attn == fast_attention.PACKED_ATTENTION else attn
+    impl = "sdpa" if attn == fast_attention.FLAT_ATTENTION else attn
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=impl)
-    if attn == fast_attention.PACKED_ATTENTION:
-        assert fast_attention.use_packed_attention(model)
+    if attn == fast_attention.FLAT_ATTENTION:
+        assert fast_attention.use_flat_attention(model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets)))
     generator = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
@@ -63,10 +63,10 @@ def _collate(examples, padding_free: bool):
 
 
 def _with_bounds(batch):
-    """A packed batch with its examples' bounds, as PackedTrainer passes them (other attentions ignore them)."""
+    """A packed batch with its examples' bounds, as FlatTrainer passes them (other attentions ignore them)."""
     if "position_ids" not in batch:
         return batch
-    return {**batch, "packed_seq_bounds": fast_attention.seq_bounds(batch["position_ids"])}
+    return {**batch, "flat_seq_bounds": fast_attention.seq_bounds(batch["position_ids"])}
 
 
 def _per_token_losses(model, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -94,7 +94,7 @@ def _lora_grads(model, batch, num_items: int) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", fast_attention.PACKED_ATTENTION])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", fast_attention.FLAT_ATTENTION])
 def test_packed_batch_matches_padded_batch_per_token_and_in_lora_gradients(tiny_model_dir, attn):
     model = _tiny_lora_model(tiny_model_dir, attn)
     examples = _examples([9, 17, 5, 12])
@@ -117,7 +117,7 @@ def test_packed_batch_matches_padded_batch_per_token_and_in_lora_gradients(tiny_
         torch.testing.assert_close(grads_packed[name], grad, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", fast_attention.PACKED_ATTENTION])
+@pytest.mark.parametrize("attn", ["sdpa", fast_attention.FLAT_ATTENTION])
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, attn):
     model = _tiny_lora_model(tiny_model_dir, attn)
     a, b, c = _examples([11, 8, 6], seed=3)
@@ -213,7 +213,7 @@ def test_fast_and_plain_paths_see_the_same_data_and_learn_the_same(tmp_path, mlf
 
     plain, plain_seen, plain_losses = _train_sft(tmp_path, ["train.fast_path=false"], "plain")
     fast, fast_seen, fast_losses = _train_sft(tmp_path, [], "fast")
-    assert type(plain) is SFTTrainer and isinstance(fast, fast_trainer.PackedTrainer)
+    assert type(plain) is SFTTrainer and isinstance(fast, fast_trainer.FlatTrainer)
     for column in ("input_ids", "labels"):  # tokenize_sft prepares the rows exactly as TRL does
         assert fast.train_dataset[column] == plain.train_dataset[column]
     assert fast_seen[:4] == plain_seen[:4]  # the same examples in every step (and the same order)
@@ -287,8 +287,8 @@ def test_bench_runs_on_cpu(tmp_path):
 
 
 def test_bench_sft_arguments_match_the_training_code():
+    from benchmarks import sft as bench
     from src import training
-    from src.fast import bench
 
     cfg = validate(compose_config(["data=instructions", "train=gpu", "train.bf16=false", "train.tf32=null"]))
     ours = bench.sft_arguments(cfg, "x").to_dict()
@@ -398,7 +398,7 @@ def test_cached_dequantized_weights_give_the_eight_bit_forward_and_gradients(tin
 
 @pytest.mark.slow  # torch.compile on CPU, ~40 s; the fast path's other numerics stay
 def test_compiled_decoder_layers_compute_the_eager_losses_and_gradients(tiny_model_dir):
-    model = _tiny_lora_model(tiny_model_dir, fast_attention.PACKED_ATTENTION)
+    model = _tiny_lora_model(tiny_model_dir, fast_attention.FLAT_ATTENTION)
     batches = [
         _collate(_examples(lengths, seed=seed), padding_free=True)
         for seed, lengths in enumerate([[9, 17, 5, 12], [7, 30], [4, 4, 4, 11, 20]])
@@ -422,7 +422,7 @@ def test_graphed_steps_pad_a_packed_row_with_one_ignored_example(tiny_model_dir)
     assert graphs.accepts(batch) and graphs.padded_length(15) == 16 and graphs.padded_length(16) == 32
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     host = graphs._inputs(batch, 16, num_items)
-    assert host["packed_cu_seqlens"].tolist() == [0, 5, 12, 15, 16, 16]  # the pad example, then an empty one
+    assert host["flat_cu_seqlens"].tolist() == [0, 5, 12, 15, 16, 16]  # the pad example, then an empty one
     assert host["input_ids"][0, 15] == 2 and host["labels"][0, 15] == -100 and host["position_ids"][0, 15] == 0
     assert not graphs.accepts(_collate(_examples([4] * 5), padding_free=True))  # more examples than captured
     assert not graphs.accepts(_collate(_examples([4, 6]), padding_free=False))  # a padded batch
@@ -431,6 +431,6 @@ def test_graphed_steps_pad_a_packed_row_with_one_ignored_example(tiny_model_dir)
     assert fast_attention.use_varlen_attention(model)
     with torch.no_grad():
         reference = model(**_with_bounds(batch), use_cache=False, num_items_in_batch=num_items)
-        padded = model(**host, packed_max_seqlen=16, use_cache=False)
+        padded = model(**host, flat_max_seqlen=16, use_cache=False)
     torch.testing.assert_close(padded.loss, reference.loss, atol=ATOL, rtol=0)
     torch.testing.assert_close(padded.logits[:, :15], reference.logits, atol=ATOL, rtol=0)

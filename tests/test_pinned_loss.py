@@ -1,4 +1,4 @@
-"""Pinned numerics: the tiny model's training losses through ``src.train.run``, exact to 1e-5 relative.
+"""Pinned numerics: the tiny model's training losses through ``src.fit.run``, exact to 1e-5 relative.
 
 A refactor that changes what trains (the data order, the loss, the LoRA init, the optimizer, the schedule)
 fails here, as torchtune's recipe tests do. The values were recorded on CPU in float32 (16-bit base, no

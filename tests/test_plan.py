@@ -353,7 +353,7 @@ def test_which_configs_plan_their_own_micro_batches(openllama_dir, tmp_path):
 def test_a_micro_batch_is_planned_for_the_largest_of_many_shuffles_never_above_its_longest_examples():
     import numpy as np
 
-    from src.fast.budget import largest_micro_batch_tokens
+    from src.engine.budget import largest_micro_batch_tokens
 
     lengths = [5, 60, 12, 33, 7, 60, 2]
     tokens = largest_micro_batch_tokens(lengths)

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from src.sweeps.placement import assign_gpus, batch_size, visible_gpus
 from src.sweeps.study import counted, fail_stale, in_budget
-from src.sweeps.trial import open_storage
+from src.trial import open_storage
 from tests.conftest import compose_hydra
 from tests.test_sweeps import TINY
 
@@ -334,7 +334,7 @@ import sys, time, warnings
 import optuna
 from optuna.trial import TrialState
 from src.sweeps.study import counted, in_budget, occupies
-from src.sweeps.trial import open_storage
+from src.trial import open_storage
 from tests.test_sweeps import TINY
 
 storage_url, total, deadline = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])

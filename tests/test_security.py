@@ -13,7 +13,7 @@ import yaml
 
 from src import guards
 from src.runs import inference
-from src.sweeps.trial import PRUNER_ATTR, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, build_pruner, current_trial, pruner_spec
+from src.trial import PRUNER_ATTR, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, build_pruner, current_trial, pruner_spec
 from tests.conftest import compose_config
 
 # What a LoRA adapter_config.json holds besides its task: read_adapter_config refuses one without them.

@@ -311,7 +311,7 @@ def test_every_sweep_file_composes_and_validates(path):
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         from src.sweeps.study import build_sampler
-        from src.sweeps.trial import build_pruner, pruner_spec
+        from src.trial import build_pruner, pruner_spec
 
         assert isinstance(build_sampler(sweeper["sampler"]), optuna.samplers.BaseSampler)
         assert isinstance(build_pruner(pruner_spec(sweeper["pruner"])), optuna.pruners.BasePruner)

@@ -456,12 +456,12 @@ def classify_logits(
 ) -> np.ndarray:
     """Float32 logits (rows x classes), texts truncated to max_length as in training.
 
-    A decoder classifier runs each batch as one packed row without padding (``src.fast.classification``, as it
+    A decoder classifier runs each batch as one packed row without padding (``src.engine.classification``, as it
     trained); an encoder, or ``packed=False``, padded batches."""
-    from src.fast.classification import PackedClassificationCollator, packed_logits, packing_attention
+    from src.engine.classification import FlatClassificationCollator, flat_attention, flat_logits
 
-    attention = packing_attention(model) if packed else None
-    collate = PackedClassificationCollator(multilabel=False)
+    attention = flat_attention(model) if packed else None
+    collate = FlatClassificationCollator(multilabel=False)
     out = []
     for batch in _batches(texts, batch_size, progress, "classify"):
         ids = tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]
@@ -469,7 +469,7 @@ def classify_logits(
             row = collate([{"input_ids": x, "label": 0} for x in ids])
             device = next(model.parameters()).device
             tensors = [row[k].to(device) for k in ("input_ids", "position_ids", "last_token")]
-            logits = packed_logits(model, *tensors, attention, row["bounds"])
+            logits = flat_logits(model, *tensors, attention, row["bounds"])
         else:  # an empty text (a tokenizer without BOS) has no last token to pool: the padded path
             enc = tokenizer(batch, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             logits = model(**enc.to(model.device)).logits

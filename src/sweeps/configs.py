@@ -57,7 +57,7 @@ class GridSweeperConf(JobConf):
         "Stop once more than this fraction of all jobs has failed (1.0: never).", default=1.0, ge=0, le=1
     )
     pack: int = bounded(
-        "Up to this many jobs of one base (model, quant, data) train at once on one GPU (src/fast/pack.py).",
+        "Up to this many jobs of one base (model, quant, data) train at once on one GPU (src/packs/model.py).",
         default=1,
         ge=1,
     )
@@ -82,7 +82,7 @@ class OptunaSweeperConf(JobConf):
     max_failure_rate: float = bounded(
         "Stop once more than this fraction of n_trials has failed.", default=0.5, ge=0, le=1
     )
-    # Up to this many trials of one base train at once on one GPU (src/fast/pack.py); asks n_jobs x pack trials at a
+    # Up to this many trials of one base train at once on one GPU (src/packs/model.py); asks n_jobs x pack trials at a
     # time: with TPE, hydra/sweeper/sampler=tpe hydra.sweeper.sampler.constant_liar=true spreads them.
     pack: int = bounded(default=1, ge=1)
     # Several workers on one study (RDB storage only): each RUNNING trial beats every heartbeat_interval
@@ -140,7 +140,7 @@ def register_configs() -> None:
 
 # The only keys of a composed config that may name code to build. Hydra builds a sweeper or launcher only from its
 # plugin packages, and the sweeper builds its sampler and pruner only from Optuna's own classes, by name
-# (src.sweeps.study.build_sampler, src.sweeps.trial.pruner_spec). Any other _target_, at any depth, is refused.
+# (src.sweeps.study.build_sampler, src.trial.pruner_spec). Any other _target_, at any depth, is refused.
 CALLBACK = "refuse_targets"  # conf/config.yaml: hydra.callbacks.refuse_targets
 VETTED_TARGETS = frozenset(
     f"hydra.{key}._target_"

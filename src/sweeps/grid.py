@@ -18,7 +18,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from src.config_rules import domain_problems
-from src.sweeps import packs as packs_mod
+from src.sweeps import grouping
 from src.sweeps.configs import GridSweeperConf, vet
 from src.sweeps.outcomes import env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, gpu_batches, job_processes, visible_gpus
@@ -162,10 +162,10 @@ class GridSweeper(Sweeper):
         raws = []
         for number, job in enumerate(jobs):
             try:
-                raws.append(packs_mod.member_config(self.hydra_context.config_loader, self.config, job, number))
+                raws.append(grouping.member_config(self.hydra_context.config_loader, self.config, job, number))
             except Exception:  # noqa: BLE001  the job then runs alone and fails with Hydra's own error
                 raws.append(None)
-        units = packs_mod.group(
+        units = grouping.group(
             raws, self.pack, say=lambda n, why: print(f"[sweep {record.sweep_id}] job #{n} trains alone: {why}")
         )
         print(
@@ -177,11 +177,11 @@ class GridSweeper(Sweeper):
         (gpu,) = assign_gpus(1, gpus)
         for unit in units:
             first = unit[0]
-            env = {**record.job_env(), "CUDA_VISIBLE_DEVICES": gpu, packs_mod.PACK_ENV: ""}
+            env = {**record.job_env(), "CUDA_VISIBLE_DEVICES": gpu, grouping.PACK_ENV: ""}
             if len(unit) > 1:
                 path = sweep_dir / "packs" / f"pack-{first}.json"
-                packs_mod.write_pack(path, [(n, raws[n], {}) for n in unit])
-                env[packs_mod.PACK_ENV] = str(path.absolute())
+                grouping.write_pack(path, [(n, raws[n], {}) for n in unit])
+                env[grouping.PACK_ENV] = str(path.absolute())
             for n in unit:
                 record.starting(n, [o for o in jobs[n] if o not in common], gpu)
             results = self.launcher.launch([jobs[first] + env_overrides(env)], initial_job_idx=first)

@@ -2,7 +2,7 @@
 
 In a multirun, ``src.train.main`` validates each job's resolved config (:func:`validated_job`: an invalid
 one is a FAILED job, its run FAILED with the reason) and hands it to :func:`run_job`, with the training function
-(``src.train.run``: the sweeps never import ``src.train``). By default
+(:func:`src.fit.run`, imported by name; the sweeps never import ``src.train``). By default
 the job trains in a fresh process, forked from a server process that has imported the training
 stack once but never touched a GPU: an out-of-memory error, a crash or a leaked CUDA context in
 trial k cannot reach trial k+1, and no job pays the imports again. The result travels back as a
@@ -37,16 +37,17 @@ from src.config import Config, ConfigError, literal
 from src.plan import PlanError, plan, plans_own_micro_batches
 from src.sweeps.configs import FeasibilityConf
 from src.sweeps.outcomes import JobFailed, JobSkipped, quote
-from src.sweeps.trial import STUDY_ENV, TRIAL_ENV
+from src.trial import STUDY_ENV, TRIAL_ENV
 
 RESULT_FILE = "job_result.json"
 # How long a job waits for its trial process to end after passing on SIGTERM or Ctrl-C.
 STOP_GRACE_S = 60
 
 
-Train = Callable[[dict, Config], Optional[float]]  # src.train.run: the resolved config as a dict and validated
-# src.train.pack: a pack's (raw, cfg, env) jobs -> one Train per trial, and their shared base (stop, leave)
-PackTrain = Callable[[list[tuple[dict, Config, Optional[dict]]]], tuple[list[Train], Any]]
+Train = Callable[[dict, Config], Optional[float]]  # src.fit.run, or one pack trial's (src.packs.runtime)
+# src.packs.runtime.trial_functions: a pack's (raw, cfg, env) jobs -> one Train per trial and their shared base.
+# Tests pass their own (a base that loads slowly) to run_pack_job; a sweep never does.
+Trials = Callable[[list[tuple[dict, Config, Optional[dict]]]], tuple[list[Train], Any]]
 
 
 def validated_job(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
@@ -62,9 +63,9 @@ def validated_job(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Con
 
 
 def run_job(
-    raw: dict, cfg: Config, train: Train, isolate: bool = True, feasibility: Optional[FeasibilityConf] = None
+    raw: dict, cfg: Config, isolate: bool = True, feasibility: Optional[FeasibilityConf] = None
 ) -> dict[str, Any]:
-    """Train one job with ``train`` (``src.train.run``) and return ``{"run_id", "metrics"}``.
+    """Train one job (:func:`src.fit.run`) and return ``{"run_id", "metrics"}``.
 
     ``raw`` is the job's resolved config as a plain dict (the run logs it as params), ``cfg`` the same validated
     (:func:`validated_job`). Raises JobFailed, JobSkipped or optuna.TrialPruned (see the module docstring).
@@ -78,14 +79,14 @@ def run_job(
         )
         isolate = False
     if not isolate:
-        return _run(raw, cfg, feasibility, train)
+        return _run(raw, cfg, feasibility)
     result_path = Path(raw["output_dir"]) / RESULT_FILE
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
     sweeper = (os.getpid(), tracking.process_start(os.getpid()))
     process = _context().Process(
         target=_trial_process,
-        args=(raw, cfg, feasibility, train, dict(os.environ), str(result_path), sweeper),
+        args=(raw, cfg, feasibility, dict(os.environ), str(result_path), sweeper),
         name="lora-sweep-job",
     )
     process.start()
@@ -192,7 +193,6 @@ def _trial_process(
     raw: dict,
     cfg: Config,
     feasibility: FeasibilityConf,
-    train: Train,
     env: dict[str, str],
     result_path: str,
     sweeper: tuple[int, Optional[str]],
@@ -208,7 +208,7 @@ def _trial_process(
     console.log_to_file(Path(cfg.output_dir) / "train.log")  # the parent's Hydra logging is not ours here
 
     try:
-        result: dict[str, Any] = {"status": "ok", **_run(raw, cfg, feasibility, train)}
+        result: dict[str, Any] = {"status": "ok", **_run(raw, cfg, feasibility)}
     except optuna.TrialPruned as exc:
         result = {"status": "pruned", "message": str(exc)}
     except JobSkipped as exc:
@@ -251,12 +251,13 @@ def _read_result(path: Path, exitcode: Optional[int]) -> dict[str, Any]:
     raise JobFailed(result["error_type"], result["message"], result.get("run_id"))
 
 
-def _run(raw: dict, cfg: Config, feasibility: FeasibilityConf, train: Train) -> dict[str, Any]:
-    """Check feasibility, train with ``train``, and gather the run's id and final metrics."""
+def _run(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> dict[str, Any]:
+    """Check feasibility, train (:func:`src.fit.run`), and gather the run's id and final metrics."""
+    from src.fit import run
     raw, cfg, note = check_feasibility(raw, cfg, feasibility)
     if cfg.train.nproc_per_node > 1 and not distributed.under_torchrun():
         return _run_ddp(raw, cfg, note)
-    return _train_and_collect(raw, cfg, train, note, None)
+    return _train_and_collect(raw, cfg, run, note, None)
 
 
 def write_ddp_config(raw: dict, output_dir: Path) -> Path:
@@ -303,9 +304,9 @@ def _run_ddp(raw: dict, cfg: Config, feasibility_note: Optional[str]) -> dict[st
 
 def run_pack_job(
     members: list[tuple[dict, Optional[dict]]],
-    pack_train: PackTrain,
     isolate: bool = True,
     feasibility: Optional[FeasibilityConf] = None,
+    trials: Optional[Trials] = None,
 ) -> dict[str, Any]:
     """Train a pack of jobs (``hydra.sweeper.pack``; their resolved configs and Optuna environments) on one base,
     in one fresh process; ``{"pack": [one result per job]}``, each ``{"status": "ok", "run_id", "metrics"}`` or
@@ -327,7 +328,7 @@ def run_pack_job(
         sweeper = (os.getpid(), tracking.process_start(os.getpid()))
         process = _context().Process(
             target=_pack_process,
-            args=(valid, feasibility, pack_train, dict(os.environ), str(result_path), sweeper),
+            args=(valid, feasibility, trials, dict(os.environ), str(result_path), sweeper),
             name="lora-sweep-pack",
         )
         process.start()
@@ -340,7 +341,7 @@ def run_pack_job(
             raise
         packed = _read_pack_result(result_path, process.exitcode, valid)
     elif valid:
-        packed = _run_pack(valid, feasibility, pack_train)
+        packed = _run_pack(valid, feasibility, trials)
     else:
         packed = []
     for (i, *_), result in zip(valid, packed):
@@ -360,7 +361,7 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     return {"status": "failed", "error_type": type(exc).__name__, "message": str(exc), "run_id": None}
 
 
-def _pack_process(valid, feasibility, pack_train, env, result_path, sweeper) -> None:
+def _pack_process(valid, feasibility, trials, env, result_path, sweeper) -> None:
     """Entry point of a pack's fresh process: the jobs' trials in threads, then one result file for all."""
     os.environ.clear()
     os.environ.update(env)
@@ -369,7 +370,7 @@ def _pack_process(valid, feasibility, pack_train, env, result_path, sweeper) -> 
     _die_with_sweeper(sweeper)
     console.log_to_file(Path(valid[0][2].output_dir) / "train.log")
     try:
-        results = _run_pack(valid, feasibility, pack_train)
+        results = _run_pack(valid, feasibility, trials)
     except tracking.Terminated as exc:  # SIGTERM: the trials that finished before it stay finished
         results = getattr(exc, "pack_results", None) or [_failure(exc)] * len(valid)
     except BaseException as exc:  # noqa: B036  the pack process reports everything
@@ -390,7 +391,7 @@ def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[s
     return results
 
 
-def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> list[dict[str, Any]]:
+def _run_pack(valid, feasibility: FeasibilityConf, trials: Optional[Trials] = None) -> list[dict[str, Any]]:
     """Each trial of the pack in its own thread, on one shared base; SIGTERM stops them all (their runs end
     KILLED). Memory: the feasibility check of the first job sets the budget the pack plans within."""
     import threading
@@ -402,7 +403,7 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
         results: list[dict[str, Any]] = []
         for group in groups:
             try:
-                results += _run_pack([valid[i] for i in group], feasibility, pack_train)
+                results += _run_pack([valid[i] for i in group], feasibility, trials)
             except tracking.Terminated as exc:  # the parts not started end as the stop
                 done = results + getattr(exc, "pack_results", [_failure(exc)] * len(group))
                 exc.pack_results = done + [_failure(exc)] * (len(valid) - len(done))
@@ -417,7 +418,9 @@ def _run_pack(valid, feasibility: FeasibilityConf, pack_train: PackTrain) -> lis
             raw = {**raw, "train": {**raw["train"], "memory_budget_gb": budget}}
             cfg = replace(cfg, train=replace(cfg.train, memory_budget_gb=budget))
         jobs.append((raw, cfg, env))
-    trains, shared = pack_train(jobs)
+    from src.packs.runtime import trial_functions
+
+    trains, shared = (trials or trial_functions)(jobs)
     results = [{}] * len(jobs)
 
     def trial(index: int) -> None:
@@ -590,7 +593,7 @@ def check_feasibility(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> t
 
     if plans_own_micro_batches(cfg):
         # The packed fast path (SFT, decoder classifiers, BERT) sizes its own micro-batches and checkpointing to
-        # train.memory_budget_gb (src/fast/budget.py); its default is 90% of the card, whatever other processes
+        # train.memory_budget_gb (src/engine/budget.py); its default is 90% of the card, whatever other processes
         # hold: give it what is free.
         budget = cfg.train.memory_budget_gb
         if budget is not None and budget <= available:

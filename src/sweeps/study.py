@@ -10,7 +10,7 @@ and ``tag(log, interval(1e-5,1e-3))`` (continuous). A param that is not a config
 variable that only feeds ``derived`` (``lora.alpha: lora.alpha_ratio * lora.r``).
 
 Resume: the study lives in ``storage`` (by default ``optuna.db`` beside the MLflow store:
-:func:`src.sweeps.trial.default_storage`) under ``study_name`` (by default the config name plus a
+:func:`src.trial.default_storage`) under ``study_name`` (by default the config name plus a
 hash of the command's overrides and search space), so re-running a command continues its study
 and ``n_trials`` counts every trial it ever ran. A config that already finished (completed, pruned
 or failed) is not run again: a repeated proposal is answered from the earlier trial, marked
@@ -54,7 +54,7 @@ from src import tracking
 from src.config import config_changes
 from src.config_rules import domain_problems
 from src.names import filter_value, text_problem
-from src.sweeps import packs as packs_mod
+from src.sweeps import grouping
 from src.sweeps.configs import OptunaSweeperConf, unvetted_targets, vet
 from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome, pack_outcomes
 from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
@@ -67,7 +67,7 @@ from src.sweeps.record import (
     objective_name,
     restore_sigterm_handler,
 )
-from src.sweeps.trial import (
+from src.trial import (
     PRUNER_ATTR,
     STORAGE_ENV,
     STUDY_ENV,
@@ -704,7 +704,7 @@ class OptunaSweeper(Sweeper):
         for i, (trial, job) in enumerate(zip(pending, jobs)):
             trial.set_user_attr("overrides", job)
             try:
-                raws.append(packs_mod.member_config(loader, self.config, job, self.job_idx + i))
+                raws.append(grouping.member_config(loader, self.config, job, self.job_idx + i))
             except Exception:  # noqa: BLE001  it runs alone and fails with Hydra's own error
                 raws.append(None)
         envs = [{STORAGE_ENV: self.storage, STUDY_ENV: record.sweep_id, TRIAL_ENV: str(t.number)} for t in pending]
@@ -714,13 +714,13 @@ class OptunaSweeper(Sweeper):
         def say(i: int, why: str) -> None:
             print(f"[sweep {record.sweep_id}] trial #{pending[i].number} trains alone: {why}", flush=True)
 
-        for unit in packs_mod.group(raws, self.pack, say=say):
+        for unit in grouping.group(raws, self.pack, say=say):
             first = unit[0]
-            env = {**record.job_env(), **envs[first], "CUDA_VISIBLE_DEVICES": gpu, packs_mod.PACK_ENV: ""}
+            env = {**record.job_env(), **envs[first], "CUDA_VISIBLE_DEVICES": gpu, grouping.PACK_ENV: ""}
             if len(unit) > 1:
                 path = sweep_dir / "packs" / f"pack-{self.job_idx + first}.json"
-                packs_mod.write_pack(path, [(self.job_idx + i, raws[i], envs[i]) for i in unit])
-                env[packs_mod.PACK_ENV] = str(path.absolute())
+                grouping.write_pack(path, [(self.job_idx + i, raws[i], envs[i]) for i in unit])
+                env[grouping.PACK_ENV] = str(path.absolute())
             for i in unit:
                 record.starting(pending[i].number, jobs[i][len(fixed) :], gpu)
             with ExitStack() as beating:

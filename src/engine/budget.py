@@ -36,7 +36,7 @@ FUSED_ADAMW = "adamw_torch_fused"
 DEFAULT_BUDGET_FRACTION = 0.9  # of the GPU's memory, when train.memory_budget_gb is null
 
 # The fast path plans for this fraction of the budget: src.plan's estimate fell up to 12% short of the measured
-# peak on the fast path (tests/device/BENCH_RESULTS.md, Run 4), so a plan that fills the budget could overrun it.
+# peak on the fast path (benchmarks/results/BENCH_RESULTS.md, Run 4), so a plan that fills the budget could overrun it.
 PLAN_MARGIN = 0.88
 
 
@@ -55,7 +55,7 @@ class MicroBatchPlan:
     num_layers: int
     budget_gb: Optional[float]
     est_peak_gpu_mem_gb: Optional[float]
-    attention: str = "mask"  # or "per-example", "varlen": chosen by build_packed_sft_trainer
+    attention: str = "mask"  # or "per-example", "varlen": chosen by build_flat_sft_trainer
     dequantized_layers: int = 0  # 4/8-bit linear layers run on a cached dequantized weight
     dequantized_gb: float = 0.0  # what those cached weights hold
     compiled: bool = False

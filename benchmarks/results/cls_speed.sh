@@ -2,7 +2,7 @@
 # Classification speed through src.train, packed (train.fast_path=true, the default) against padded (false), on
 # one GPU: a random-weight OpenLLaMA-3B shape at 4 bits, lora=all_linear, train=gpu, the real SST-2 train set
 # (3,000 rows of short sentences), as issue 16 measured its baseline. Run from the repo root on the GPU machine:
-#   bash tests/device/cls_speed.sh OUT_DIR SST2_DIR [extra overrides...]
+#   bash benchmarks/results/cls_speed.sh OUT_DIR SST2_DIR [extra overrides...]
 # Prints each run's train_tokens_per_s, steps/s and peak GPU memory from its MLflow record.
 set -euo pipefail
 out=${1:?output dir}; sst2=${2:?directory with SST-2 train.csv and dev.csv}; shift 2

@@ -1,8 +1,8 @@
 """Attention over packed rows: transformers' block-causal mask, sdpa per example, or varlen flash attention.
 
-Registered with transformers' ``AttentionInterface`` under :data:`PACKED_ATTENTION` (sdpa per example),
+Registered with transformers' ``AttentionInterface`` under :data:`FLAT_ATTENTION` (sdpa per example),
 :data:`VARLEN_ATTENTION` (one flash call per packed row, CUDA in bf16/fp16) and, for bidirectional encoders,
-:data:`ENCODER_ATTENTION` (:func:`packed_encoder_attention`); :func:`mask_attention_gb` is what the block mask costs
+:data:`ENCODER_ATTENTION` (:func:`flat_encoder_attention`); :func:`mask_attention_gb` is what the block mask costs
 where sdpa falls back to its math kernel.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from src.modeling import base_model
 
-PACKED_ATTENTION = "sdpa_packed"
+FLAT_ATTENTION = "sdpa_flat"
 
 # sdpa's math kernel (a boolean mask and a head size that is not a multiple of 8) keeps about this
 # many bytes per head x query x key per layer for the backward: measured on W3B 4-bit, an H100, packed
@@ -23,8 +23,8 @@ PACKED_ATTENTION = "sdpa_packed"
 MATH_ATTENTION_BYTES = 4.3
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_bounds=None, **kwargs):
-    """sdpa, run causally on each example of a packed row when ``packed_seq_bounds`` is given.
+def flat_sdpa_attention(module, query, key, value, attention_mask, flat_seq_bounds=None, **kwargs):
+    """sdpa, run causally on each example of a packed row when ``flat_seq_bounds`` is given.
 
     transformers' own packed-row path builds a block-causal boolean mask, which rules out sdpa's
     flash kernel and, for head sizes that are not a multiple of 8 (OpenLLaMA-3B's 100), its
@@ -34,9 +34,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if packed_seq_bounds is None:
+    if flat_seq_bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    bounds = packed_seq_bounds
+    bounds = flat_seq_bounds
     outputs = [
         sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
         for a, b in zip(bounds[:-1], bounds[1:])
@@ -45,17 +45,17 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_
     return torch.cat(outputs, dim=1), None
 
 
-def use_packed_attention(model) -> bool:
-    """Switch an sdpa model to :func:`packed_sdpa_attention` (masks as for sdpa); False if it is not sdpa."""
+def use_flat_attention(model) -> bool:
+    """Switch an sdpa model to :func:`flat_sdpa_attention` (masks as for sdpa); False if it is not sdpa."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     base = base_model(model)
-    if base.config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
+    if base.config._attn_implementation not in ("sdpa", FLAT_ATTENTION):
         return False
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-    base.set_attn_implementation(PACKED_ATTENTION)
+    AttentionInterface.register(FLAT_ATTENTION, flat_sdpa_attention)
+    AttentionMaskInterface.register(FLAT_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(FLAT_ATTENTION)
     return True
 
 
@@ -98,30 +98,30 @@ def varlen_available(device: torch.device) -> bool:
     return device.type == "cuda" and _varlen_attn() is not None
 
 
-def packed_varlen_attention(
+def flat_varlen_attention(
     module,
     query,
     key,
     value,
     attention_mask,
-    packed_cu_seqlens=None,
-    packed_max_seqlen=None,
-    packed_seq_bounds=None,
+    flat_cu_seqlens=None,
+    flat_max_seqlen=None,
+    flat_seq_bounds=None,
     **kwargs,
 ):
     """Causal flash attention over every example of a packed row in one call (``varlen_attn``).
 
-    Needs ``packed_cu_seqlens`` (int32 offsets of the examples, on the device) and
-    ``packed_max_seqlen``, which :class:`PackedTrainer` passes with every packed row. Head sizes
+    Needs ``flat_cu_seqlens`` (int32 offsets of the examples, on the device) and
+    ``flat_max_seqlen``, which :class:`FlatTrainer` passes with every packed row. Head sizes
     that are not a multiple of 8 (OpenLLaMA-3B's 100) are zero-padded to one: zero query/key
     columns add nothing to the scores, zero value columns are cut from the output, and the softmax
     scale stays ``module.scaling``. Without the offsets (padded batches, generation), off CUDA or
-    in fp32 (the flash kernel takes bf16/fp16 only), this is :func:`packed_sdpa_attention`.
+    in fp32 (the flash kernel takes bf16/fp16 only), this is :func:`flat_sdpa_attention`.
     """
-    if packed_cu_seqlens is None or not varlen_available(query.device) or query.dtype not in HALF_DTYPES:
-        bounds = packed_seq_bounds if packed_cu_seqlens is None else tuple(packed_cu_seqlens.tolist())
-        return packed_sdpa_attention(module, query, key, value, attention_mask, packed_seq_bounds=bounds, **kwargs)
-    return _varlen_call(module, query, key, value, packed_cu_seqlens, packed_max_seqlen)
+    if flat_cu_seqlens is None or not varlen_available(query.device) or query.dtype not in HALF_DTYPES:
+        bounds = flat_seq_bounds if flat_cu_seqlens is None else tuple(flat_cu_seqlens.tolist())
+        return flat_sdpa_attention(module, query, key, value, attention_mask, flat_seq_bounds=bounds, **kwargs)
+    return _varlen_call(module, query, key, value, flat_cu_seqlens, flat_max_seqlen)
 
 
 @torch.compiler.disable  # a compiled decoder layer calls the kernel as it is, shapes and all
@@ -155,16 +155,16 @@ def _varlen_call(module, query, key, value, cu_seqlens, max_seqlen, causal: bool
 
 
 def use_varlen_attention(model) -> bool:
-    """Switch an sdpa model to :func:`packed_varlen_attention`; False if it is not sdpa.
+    """Switch an sdpa model to :func:`flat_varlen_attention`; False if it is not sdpa.
 
     Padded batches (evaluation, generation) still get sdpa's masks; rows without padding get none
-    (packed rows carry ``packed_cu_seqlens``, a single row is causal).
+    (packed rows carry ``flat_cu_seqlens``, a single row is causal).
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     base = base_model(model)
-    if base.config._attn_implementation not in ("sdpa", PACKED_ATTENTION, VARLEN_ATTENTION):
+    if base.config._attn_implementation not in ("sdpa", FLAT_ATTENTION, VARLEN_ATTENTION):
         return False
 
     def varlen_mask(*args, **kwargs):
@@ -174,13 +174,13 @@ def use_varlen_attention(model) -> bool:
             return None
         return sdpa_mask(*args, **kwargs)
 
-    AttentionInterface.register(VARLEN_ATTENTION, packed_varlen_attention)
+    AttentionInterface.register(VARLEN_ATTENTION, flat_varlen_attention)
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
     base.set_attn_implementation(VARLEN_ATTENTION)
     return True
 
 
-ENCODER_ATTENTION = "sdpa_packed_encoder"
+ENCODER_ATTENTION = "sdpa_flat_encoder"
 
 
 @dataclass(frozen=True)
@@ -232,29 +232,29 @@ class EncoderRow:
         return out[self.scatter].unsqueeze(0)
 
 
-def packed_encoder_attention(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, packed_row=None, **kwargs
+def flat_encoder_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, flat_row=None, **kwargs
 ):
-    """Bidirectional attention within each example of a packed row (``packed_row``, an :class:`EncoderRow`).
+    """Bidirectional attention within each example of a packed row (``flat_row``, an :class:`EncoderRow`).
 
     Without dropout on CUDA in bf16/fp16: one non-causal varlen flash call (no padding at all). With attention
     dropout (BERT's 0.1 in training; the flash varlen kernel has none), or on the CPU: sdpa over the row's
     examples laid out as a padded batch for the attention alone, so the dropout is the padded path's; the
-    linear layers still run on the packed tokens only. Without ``packed_row`` (padded batches): transformers' sdpa.
+    linear layers still run on the packed tokens only. Without ``flat_row`` (padded batches): transformers' sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if packed_row is None:
+    if flat_row is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if dropout == 0.0 and varlen_available(query.device) and query.dtype in HALF_DTYPES:
-        return _varlen_call(module, query, key, value, packed_row.cu_seqlens, packed_row.max_seqlen, False, scaling)
-    return packed_row.attend(query, key, value, dropout, scaling), None
+        return _varlen_call(module, query, key, value, flat_row.cu_seqlens, flat_row.max_seqlen, False, scaling)
+    return flat_row.attend(query, key, value, dropout, scaling), None
 
 
 def use_encoder_attention(model) -> bool:
-    """Switch an sdpa encoder to :func:`packed_encoder_attention` (padded batches keep sdpa's masks); False if it is
+    """Switch an sdpa encoder to :func:`flat_encoder_attention` (padded batches keep sdpa's masks); False if it is
     not sdpa."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -262,7 +262,7 @@ def use_encoder_attention(model) -> bool:
     base = base_model(model)
     if base.config._attn_implementation not in ("sdpa", ENCODER_ATTENTION):
         return False
-    AttentionInterface.register(ENCODER_ATTENTION, packed_encoder_attention)
+    AttentionInterface.register(ENCODER_ATTENTION, flat_encoder_attention)
     AttentionMaskInterface.register(ENCODER_ATTENTION, sdpa_mask)
     base.set_attn_implementation(ENCODER_ATTENTION)
     return True

@@ -2,7 +2,7 @@
 # The classification workloads of src.bench on one GPU (issue 16): each seed recipe against the packed classifier,
 # in the same process, on random weights and synthetic rows. Run from the repo root on the GPU machine, with the
 # wheels installed to /tmp/site and PYTHONPATH=/tmp/site exported:
-#   bash tests/device/cls_bench.sh OUT_DIR [short] [bert] [bert-plan] [mistral]   (default: short bert mistral)
+#   bash benchmarks/results/cls_bench.sh OUT_DIR [short] [bert] [bert-plan] [mistral]   (default: short bert mistral)
 # Three invocations, shortest first, each writing OUT_DIR/<name>.json and .log as it ends (one that fails or is cut
 # short leaves the others' results):
 #   short    w3b-4bit-cls-short, 512 rows of 10-60 tokens, the default budget (the target has none)

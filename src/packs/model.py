@@ -1,9 +1,9 @@
 """Packed trials: several LoRA trials of a sweep train at once on one frozen base (``hydra.sweeper.pack``).
 
-The trials of a pack share a base key (:func:`src.sweeps.packs.base_key`: model, quantization, data, task, max
+The trials of a pack share a base key (:func:`src.sweeps.grouping.base_key`: model, quantization, data, task, max
 length, precision), so the process loads the base once and attaches one named peft adapter per trial, each with its
 own r, alpha, dropout and targets. Every trial keeps its own HF ``Trainer`` (:class:`PackMemberTrainer`, a
-:class:`src.fast.trainer.PackedTrainer`): its own data order and seed, learning rate and schedule, optimizer state,
+:class:`src.engine.trainer.FlatTrainer`): its own data order and seed, learning rate and schedule, optimizer state,
 evaluation, early stopping, pruning callback and MLflow run. The trainers run in threads of one process; what they
 share is the step:
 
@@ -21,7 +21,7 @@ stops its own trial (``train.stop_on_nonfinite_loss``). ``tests/test_packed_tria
 a pack of 3 (different r, targets and learning rates) gives the losses and final adapter weights of the same trial
 run alone.
 
-Packs take SFT on the fast path with plain LoRA (no bias) on one process: :func:`src.sweeps.packs.unpackable`
+Packs take SFT on the fast path with plain LoRA (no bias) on one process: :func:`src.sweeps.grouping.unpackable`
 names what keeps a job out, and such jobs run alone.
 """
 
@@ -318,16 +318,16 @@ def _route(route: tuple[Segment, ...]) -> Iterator[None]:
 
 def attention_inputs(attention: str, bounds: tuple[int, ...], device) -> dict[str, Any]:
     """The packed-attention inputs of a row whose examples start at ``bounds`` (and end at its last), as
-    :meth:`PackedTrainer.compute_loss` passes them; the offsets reach the GPU without waiting for it."""
+    :meth:`FlatTrainer.compute_loss` passes them; the offsets reach the GPU without waiting for it."""
     if attention == "mask":
         return {}
     if attention == "varlen":
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         return {
-            "packed_cu_seqlens": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
-            "packed_max_seqlen": max(lengths),
+            "flat_cu_seqlens": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
+            "flat_max_seqlen": max(lengths),
         }
-    return {"packed_seq_bounds": bounds}
+    return {"flat_seq_bounds": bounds}
 
 
 class TrialModel(torch.nn.Module):
@@ -398,16 +398,22 @@ class PackMember:
     pack: Pack
     adapter: str
     model: TrialModel
-    micro: Any = None  # src.fast.budget.MicroBatchPlan
+    micro: Any = None  # src.engine.budget.MicroBatchPlan
     attention: str = "auto"
+
+    def build_trainer(self, cfg, tokenizer, args, train_dataset, eval_dataset, callbacks):
+        """This trial's trainer and plan (:func:`src.packs.trainer.build_pack_member_trainer`)."""
+        from src.packs.trainer import build_pack_member_trainer
+
+        return build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, self)
 
 
 def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool) -> list[PackMember]:
     """Plan the pack's step and set up the shared base once: each trial's micro-batches within its share of the
     budget (:func:`split_budget`), checkpointing as many layers as the most needing trial, a 4/8-bit base's weights
     in bf16 under bf16 training, and its dequantized weights cached in the room the pack's estimate leaves."""
-    from src.fast import budget as budget_mod
-    from src.fast import weights
+    from src.engine import budget as budget_mod
+    from src.engine import weights
     from src.plan import pack_estimate_gb, plan
 
     model = pack.model

@@ -2,7 +2,7 @@
 
 A pack is up to K jobs with the same base key (:func:`base_key`), launched as one job: the launcher runs the first
 job's overrides with ``LORA_SWEEP_PACK`` naming a file of every member's resolved config (:func:`write_pack`), and
-``src.train`` trains them together (:func:`src.sweeps.job.run_pack_job`, :mod:`src.fast.pack`). A job that cannot
+``src.train`` trains them together (:func:`src.sweeps.job.run_pack_job`, :mod:`src.packs.model`). A job that cannot
 be packed (:func:`unpackable`) runs alone, as without ``pack``.
 """
 

@@ -1,6 +1,6 @@
 """Print the runs of a sweep's MLflow store: name, status, pinned GPU, start and end (UTC), as a table.
 
-python tests/device/sweep_report.py sqlite:////tmp/sweep.db
+python benchmarks/results/sweep_report.py sqlite:////tmp/sweep.db
 """
 
 import datetime

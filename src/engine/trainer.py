@@ -1,6 +1,6 @@
 """The fast SFT path: padding-free packed rows, varlen flash attention, CUDA graphs, a memory budget.
 
-``train.fast_path=true`` (the default) trains SFT with :class:`PackedTrainer`;
+``train.fast_path=true`` (the default) trains SFT with :class:`FlatTrainer`;
 ``train.fast_path=false`` goes back to TRL's plain ``SFTTrainer`` on padded batches.
 
 What the fast path changes, and why learning does not change:
@@ -19,11 +19,11 @@ What the fast path changes, and why learning does not change:
   only how they are split into forward/backward passes changes, and the loss is normalized by
   the step's token count either way (HF's ``num_items_in_batch``).
 - **Attention.** On CUDA in bf16/fp16: flash attention over the whole packed row in one call per
-  layer, with the examples' offsets (``torch.nn.attention.varlen``, :func:`packed_varlen_attention`;
+  layer, with the examples' offsets (``torch.nn.attention.varlen``, :func:`flat_varlen_attention`;
   head sizes that are not a multiple of 8 are zero-padded). Elsewhere transformers' block-causal
   mask, which rules out sdpa's flash kernel (and for head sizes that are not a multiple of 8, its
   memory-efficient kernel: the math kernel then keeps ``heads x T x T`` matrices per layer), where
-  those fit the budget; else causal attention per example (:func:`packed_sdpa_attention`).
+  those fit the budget; else causal attention per example (:func:`flat_sdpa_attention`).
 - **bf16 weights under a 4/8-bit base** (:func:`cast_frozen_to_bf16`): fewer dtype casts per step.
 - **Cached dequantized 4/8-bit weights** (:func:`cache_dequantized_weights`), as many layers as the
   budget leaves room for: the same matmul without dequantizing every weight in every pass (8-bit:
@@ -63,28 +63,28 @@ from transformers import Trainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from src import distributed
-from src.fast.attention import (
+from src.engine.attention import (
     HALF_DTYPES,
     mask_attention_gb,
     seq_bounds,
-    use_packed_attention,
+    use_flat_attention,
     use_varlen_attention,
     varlen_available,
 )
-from src.fast.budget import (
+from src.engine.budget import (
     MicroBatchPlan,
     decoder_layers,
     fast_optimizer,
     plan_step,
     set_checkpointed_layers,
 )
-from src.fast.graphs import GraphedSteps, graphable
-from src.fast.rows import tokenize_sft
-from src.fast.sampler import TokenBalancedSampler
-from src.fast.weights import prepare_frozen_weights
+from src.engine.graphs import GraphedSteps, graphable
+from src.engine.rows import tokenize_sft
+from src.engine.sampler import TokenBalancedSampler
+from src.engine.weights import prepare_frozen_weights
 
 
-class PackedTrainer(Trainer):
+class FlatTrainer(Trainer):
     """HF Trainer on padding-free packed batches of tokenized SFT rows.
 
     Overrides the documented hooks ``compute_loss`` (no KV cache, which would hide the packing;
@@ -179,9 +179,9 @@ class PackedTrainer(Trainer):
             if self.attention == "varlen":
                 cu = torch.tensor(bounds, dtype=torch.int32, device=inputs["input_ids"].device)
                 lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-                inputs = {**inputs, "packed_cu_seqlens": cu, "packed_max_seqlen": max(lengths)}
+                inputs = {**inputs, "flat_cu_seqlens": cu, "flat_max_seqlen": max(lengths)}
             else:
-                inputs = {**inputs, "packed_seq_bounds": bounds}
+                inputs = {**inputs, "flat_seq_bounds": bounds}
         # use_cache=False: with a cache transformers ignores the packed position_ids and masks causally only.
         outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
         loss = outputs.loss
@@ -199,43 +199,6 @@ class PackedTrainer(Trainer):
             self.data_collator = train_collator
 
 
-class PackMemberTrainer(PackedTrainer):
-    """One trial of a pack (:mod:`src.fast.pack`): its micro-batches run in the pack's joint step, its optimizer,
-    schedule, clipping, evaluation and callbacks are its own."""
-
-    def __init__(self, *args, member, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.member = member
-        self.model_accepts_loss_kwargs = True  # the joint step normalizes each loss by its step's tokens
-
-    def _set_signature_columns_if_needed(self) -> None:
-        """The columns a run alone keeps: the base model's forward arguments (the trial model takes ``**inputs``)."""
-        if self._signature_columns is None:
-            import inspect
-
-            forward = self.member.pack.model.get_base_model().forward
-            self._signature_columns = [*inspect.signature(forward).parameters, "label", "label_ids", *self.label_names]
-
-    def _prepare_input(self, data):
-        """As the Trainer's, but host-to-device copies do not wait for the GPU: the joint step is queued while the
-        last one runs (a blocking copy would drain the GPU's queue at every trial's every step)."""
-        if isinstance(data, torch.Tensor):
-            return data.to(self.args.device, non_blocking=True)
-        return super()._prepare_input(data)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        bounds = seq_bounds(inputs["position_ids"])  # the host batch: no device sync
-        inputs = self._prepare_inputs(inputs)
-        return self.member.pack.step(self.member.adapter, self, {**inputs, "bounds": bounds}, num_items_in_batch)
-
-    def train(self, *args, **kwargs):
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            self.member.pack.leave(self.member.adapter)
-
-
 def compile_decoder_layers(model) -> int:
     """``torch.compile`` every decoder layer, with dynamic shapes (packed rows vary in length); the count.
 
@@ -249,7 +212,7 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-def build_packed_sft_trainer(
+def build_flat_sft_trainer(
     cfg,
     model,
     tokenizer,
@@ -262,17 +225,16 @@ def build_packed_sft_trainer(
     dequantize: Optional[bool] = None,
     compile_layers: bool = False,
     cuda_graphs: Optional[bool] = None,
-    member=None,
-) -> tuple[PackedTrainer, MicroBatchPlan]:
+) -> tuple[FlatTrainer, MicroBatchPlan]:
     """The fast-path trainer for an SFT run, and the micro-batch plan it follows.
 
     Args:
         cfg: the validated :class:`src.config.Config`.
         args: the plain path's ``SFTConfig``; its batch, checkpointing and optimizer fields are replanned.
         train_dataset / eval_dataset: prompt/completion rows, or already tokenized ``input_ids``.
-        attention: ``varlen`` (:func:`packed_varlen_attention`: flash over the whole packed row,
+        attention: ``varlen`` (:func:`flat_varlen_attention`: flash over the whole packed row,
             CUDA only), ``mask`` (transformers' block-causal mask), ``per-example``
-            (:func:`packed_sdpa_attention`), or ``auto``: varlen where it runs (CUDA, bf16/fp16); else the mask
+            (:func:`flat_sdpa_attention`), or ``auto``: varlen where it runs (CUDA, bf16/fp16); else the mask
             when the plan plus :func:`mask_attention_gb` fits the budget, else per example.
         bf16_weights: under bf16 training of a 4/8-bit base, cast its fp32 weights and the adapters to
             bf16 (:func:`cast_frozen_to_bf16`).
@@ -284,11 +246,7 @@ def build_packed_sft_trainer(
             None: wherever it applies (CUDA, bf16, varlen attention, one micro-batch per step, a 16- or
             4-bit base or an 8-bit one whose every layer is cached; also under DDP); a step whose capture
             fails runs eagerly, and so do the rest.
-        member: a trial of a pack (:class:`src.fast.pack.PackMember`), whose base the pack has set up and planned
-            (``model`` is the trial's :class:`src.fast.pack.TrialModel`); no CUDA graphs.
     """
-    if member is not None:
-        return _build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, member)
     budget, micro = plan_step(cfg, model)
     set_checkpointed_layers(model, micro.checkpointed_layers)
     tokens = micro.micro_batch_size * cfg.model.max_length
@@ -303,7 +261,7 @@ def build_packed_sft_trainer(
     if attention == "varlen" and not use_varlen_attention(model):
         attention = "mask"
     if attention == "per-example":
-        use_packed_attention(model)
+        use_flat_attention(model)
     estimated = micro.est_peak_gpu_mem_gb
     if attention == "mask" and estimated is not None:
         estimated += mask_attention_gb(model, tokens, micro.checkpointed_layers)
@@ -345,14 +303,14 @@ def build_packed_sft_trainer(
         ddp_broadcast_buffers=False,  # under DDP: the cached dequantized weights are buffers, equal on every rank
     )
     distributed.one_gpu_per_process(args)  # dataclasses.replace set the devices up anew
-    trainer = _sft_trainer(
-        PackedTrainer, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, graphs=graphs
+    trainer = sft_trainer(
+        FlatTrainer, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, graphs=graphs
     )
     print(micro.describe(), file=sys.stderr)
     return trainer, micro
 
 
-def _sft_trainer(cls, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, **extra):
+def sft_trainer(cls, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, **extra):
     """A packed SFT trainer (``cls``) on the rows tokenized as TRL does, padding-free for training and padded for
     evaluation."""
     completion_only = args.completion_only_loss is not False  # TRL's None: on for prompt/completion rows
@@ -370,47 +328,3 @@ def _sft_trainer(cls, cfg, model, tokenizer, args, train_dataset, eval_dataset, 
         attention=attention,
         **extra,
     )
-
-
-def _pack_attention(model, args) -> str:
-    """A pack's attention: varlen where it runs, else per-example sdpa. Never transformers' block-causal mask over
-    the joint row: a masked score is added to -inf, so one trial's inf activations (a diverging learning rate)
-    would turn the other trials' softmax to NaN; computed apart, a trial's NaN stays its own."""
-    half = args.bf16 or next(model.parameters()).dtype in HALF_DTYPES
-    if half and varlen_available(next(model.parameters()).device) and use_varlen_attention(model):
-        return "varlen"
-    use_packed_attention(model)
-    return "per-example"
-
-
-def _build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, member):
-    micro = member.micro
-    if member.attention == "auto":
-        member.attention = _pack_attention(member.pack.model, args)
-    micro = dataclasses.replace(micro, attention=member.attention)
-    args = dataclasses.replace(
-        args,
-        per_device_train_batch_size=micro.micro_batch_size,
-        gradient_accumulation_steps=micro.gradient_accumulation_steps,
-        activation_checkpointing=False,
-        optim=fast_optimizer(args.optim),
-        include_num_input_tokens_seen="all",
-        # the trial's data order from its own seed alone (the trials' Trainers seed the global RNG in any order)
-        data_seed=args.data_seed if args.data_seed is not None else args.seed,
-        label_names=["labels"],  # the Trainer finds them in the model's forward signature, here **inputs
-    )
-    distributed.one_gpu_per_process(args)
-    trainer = _sft_trainer(
-        PackMemberTrainer,
-        cfg,
-        member.model,
-        tokenizer,
-        args,
-        train_dataset,
-        eval_dataset,
-        callbacks,
-        member.attention,
-        member=member,
-    )
-    print(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"), file=sys.stderr)
-    return trainer, micro

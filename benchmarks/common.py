@@ -1,7 +1,7 @@
 """What the bench's SFT and classification workloads share: the workload, the synthetic rows' tokenizer, the meter
 and profiler of a side's steps, the memory readings and ``src.plan``'s estimate, and a side's result record.
 
-Split from :mod:`src.fast.bench` so that :mod:`src.fast.bench_classification` and it both build on these, and
+Split from :mod:`benchmarks.sft` so that :mod:`benchmarks.classification` and it both build on these, and
 neither imports the other's way round.
 """
 
@@ -32,7 +32,7 @@ class Workload:
     bits: int
     lengths: tuple[int, int] = (64, 256)
     vocab_size: int = 32000
-    task: str = "sft"  # or classification, multilabel: src.fast.bench_classification
+    task: str = "sft"  # or classification, multilabel: benchmarks.classification
     recipe: tuple[str, ...] = ()  # a classifier's project config: the overrides of its seed recipe
     fast: tuple[tuple[str, Any], ...] = ()  # train fields the fast side sets on a GPU
     seed_targets: tuple[str, ...] = ()  # the seed's LoRA targets; empty: every linear layer (seed 001's way)

@@ -17,9 +17,9 @@ the same synthetic rows (random token ids, lengths uniform in the workload's ran
   (seed 000's ``pad_sequence`` collator; seed 001's pre-tokenized data is taken as padded to the longest in its
   batch too, the kinder reading). BERT's head is kept out of 4-bit, as the tutorial meant.
 - **fast**: the project's trainer as ``src.train`` builds it for classification (``src.training.build_trainer``):
-  ``src.modeling`` loads and adapts the model, :func:`src.fast.classification.packing_attention` switches it to
-  packed rows, :func:`src.fast.classification.plan_fast_classifier` plans the step from the rows' token counts at
-  the ``--budgets`` given, and :class:`src.fast.classification.PackedClassificationTrainer` trains. Its config is
+  ``src.modeling`` loads and adapts the model, :func:`src.engine.classification.flat_attention` switches it to
+  packed rows, :func:`src.engine.classification.plan_fast_classifier` plans the step from the rows' token counts at
+  the ``--budgets`` given, and :class:`src.engine.classification.FlatClassifierTrainer` trains. Its config is
   the recipe's with the GPU precision of ``conf/train/gpu.yaml`` (``train.bf16=true``), which the fast path
   needs for its bf16 weights and flash attention; on CPU, fp32.
 
@@ -43,8 +43,7 @@ from typing import Any, Optional
 
 import torch
 
-from src import distributed
-from src.fast.bench_common import (
+from benchmarks.common import (
     QUANT_GROUPS,
     Meter,
     StepProfiler,
@@ -56,6 +55,7 @@ from src.fast.bench_common import (
     side_result,
     training_kwargs,
 )
+from src import distributed
 
 MULTILABEL_POSITIVE_RATE = 0.3
 
@@ -163,7 +163,7 @@ def seed_targets(model, workload: Workload) -> list[str]:
     is not among them, being unquantized)."""
     if workload.seed_targets:
         return list(workload.seed_targets)
-    from src.fast.weights import quantized_layers
+    from src.engine.weights import quantized_layers
 
     layers = {id(m) for m in quantized_layers(model)}
     names = set()
@@ -176,9 +176,9 @@ def seed_targets(model, workload: Workload) -> list[str]:
 def loss_trainer(*args, label_weights: Optional[list[float]], multilabel: bool, **kwargs):
     """HF Trainer whose loss is the recipe's: seed 000's ``CustomTrainer`` (BCE with ``pos_weight``), else
     cross-entropy (what BertForSequenceClassification computes from its labels), both in fp32, normalised over the
-    accumulated step as the project's padded path normalises it (:class:`src.fast.classification.ClassifierTrainer`),
+    accumulated step as the project's padded path normalises it (:class:`src.engine.classification.ClassifierTrainer`),
     so that both sides train the same steps."""
-    from src.fast.classification import ClassifierTrainer
+    from src.classifier import ClassifierTrainer
 
     return ClassifierTrainer(*args, label_weights=label_weights, multilabel=multilabel, **kwargs)
 
@@ -299,10 +299,10 @@ def run_fast_classifier(
 ) -> dict[str, Any]:
     """(b) The project's trainer, as ``src.training.build_trainer`` builds it for a classifier."""
     from src import modeling
-    from src.fast.classification import (
-        PackedClassificationCollator,
-        PackedClassificationTrainer,
-        packing_attention,
+    from src.engine.classification import (
+        FlatClassificationCollator,
+        FlatClassifierTrainer,
+        flat_attention,
         plan_fast_classifier,
     )
 
@@ -334,12 +334,12 @@ def run_fast_classifier(
         collate = meter.wrap(lambda examples: pad_classification(examples, pad_id, multilabel))
         trainer = loss_trainer(args=args, data_collator=collate, **common)
     else:
-        attention = packing_attention(model)
+        attention = flat_attention(model)
         args, micro = plan_fast_classifier(cfg, model, args, attention, [len(r) for r in rows])
         args.include_num_input_tokens_seen = "all"  # a packed row has no padding
-        collate = meter.wrap(PackedClassificationCollator(multilabel))
+        collate = meter.wrap(FlatClassificationCollator(multilabel))
         graphed = micro is not None and micro.cuda_graphs and variant != "no-graphs"
-        trainer = PackedClassificationTrainer(
+        trainer = FlatClassifierTrainer(
             args=args, data_collator=collate, attention=attention, cuda_graphs=graphed, **common
         )
     optim = trainer.args.optim

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The packed classifier planned to a memory budget, on one GPU: random-weight Qwen2.5-0.5B shape, rows that fill
 # model.max_length=512, batch 16, train.memory_budget_gb=3. Prints the plan and the measured peak.
-#   bash tests/device/cls_budget.sh OUT_DIR
+#   bash benchmarks/results/cls_budget.sh OUT_DIR
 set -euo pipefail
 out=${1:?output dir}; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

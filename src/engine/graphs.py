@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import torch
 
-from src.fast.attention import seq_bounds
-from src.fast.weights import quantized_layers
+from src.engine.attention import seq_bounds
+from src.engine.weights import quantized_layers
 
 GRAPH_BUCKET_TOKENS = 256  # packed rows are padded up to a multiple of this: one captured graph per length
 
@@ -58,15 +58,15 @@ class GraphedSteps:
     on the parameters after every replay, so the Trainer's clipping, optimizer step and
     ``zero_grad`` work as usual. Only for one micro-batch per optimizer step (nothing accumulates
     across replays) and varlen attention: the fast path turns graphs on only then
-    (:func:`build_packed_sft_trainer`).
+    (:func:`build_flat_sft_trainer`).
 
     Under DDP (``world_size`` > 1) the graph runs the model without its DDP wrapper, whose hooks
     would put NCCL calls into the capture; each rank captures its own lengths. As
     ``Trainer.compute_loss`` does under DDP, the loss is multiplied by the world size
-    (``num_items_in_batch`` counts every rank's tokens); :meth:`PackedTrainer.training_step` then
+    (``num_items_in_batch`` counts every rank's tokens); :meth:`FlatTrainer.training_step` then
     averages the gradients over the ranks. DDP keeps the parameters' gradient accumulators alive,
     bound to the stream it was built on, and a capture on any other stream fails; so under DDP the
-    warm-up and capture run on ``stream``, the stream :meth:`PackedTrainer.train` trains on (and
+    warm-up and capture run on ``stream``, the stream :meth:`FlatTrainer.train` trains on (and
     builds DDP on), as PyTorch's notes on graphs with DDP prescribe.
     """
 
@@ -94,7 +94,7 @@ class GraphedSteps:
             "input_ids": ids,
             "position_ids": positions,
             "labels": torch.cat([labels, torch.full((1, pad), -100, dtype=labels.dtype)], dim=1),
-            "packed_cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
+            "flat_cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
             "num_items_in_batch": torch.as_tensor(num_items_in_batch),
         }
 
@@ -117,8 +117,8 @@ class GraphedSteps:
             input_ids=static["input_ids"],
             position_ids=static["position_ids"],
             labels=static["labels"],
-            packed_cu_seqlens=static["packed_cu_seqlens"],
-            packed_max_seqlen=max_seqlen,
+            flat_cu_seqlens=static["flat_cu_seqlens"],
+            flat_max_seqlen=max_seqlen,
             num_items_in_batch=static["num_items_in_batch"],
             use_cache=False,
         )

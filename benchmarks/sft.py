@@ -9,7 +9,7 @@
 
 The classifier workloads (``mistral7b-4bit-multilabel``, ``w3b-4bit-cls-short``, ``bert-large-4bit-cls`` and their
 CPU smoke tests ``tiny-cls``, ``tiny-multilabel``, ``tiny-bert-cls``) set a seed's classification recipe against
-the packed classifier: :mod:`src.fast.bench_classification`. What follows describes the SFT workloads.
+the packed classifier: :mod:`benchmarks.classification`. What follows describes the SFT workloads.
 
 Both sides run in one process, one after the other, on the same synthetic data and the same
 random-weight model (built from the architecture's config and saved once under
@@ -18,7 +18,7 @@ random-weight model (built from the architecture's config and saved once under
 - **seed**: the seeds' recipe. HF ``Trainer`` + peft + bitsandbytes, batches of 8 padded to the
   longest row, gradient checkpointing on, ``paged_adamw_8bit``, bf16 autocast.
 - **fast**: the project's trainer with its defaults (``conf/train/gpu.yaml``): the SFT fast path
-  of :mod:`src.fast` as ``src.train`` builds it, at the memory budget given by ``--budgets``
+  of :mod:`src.engine` as ``src.train`` builds it, at the memory budget given by ``--budgets``
   (``default``: the config's null, 90% of the GPU).
 
 Both use the same hyperparameters from ``conf/train/gpu.yaml`` (batch 8, lr 2e-4, one epoch) and
@@ -54,8 +54,7 @@ from typing import Any, Optional
 
 import torch
 
-from src import distributed
-from src.fast.bench_common import (
+from benchmarks.common import (
     Meter,
     StepProfiler,
     Workload,
@@ -66,6 +65,7 @@ from src.fast.bench_common import (
     side_result,
     training_kwargs,
 )
+from src import distributed
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,7 +101,7 @@ WORKLOADS = {
         Workload("w3b-16bit", "openllama3b", "llama", W3B, 16),
         Workload("mistral7b-4bit", "mistral7b", "mistral", MISTRAL7B, 4),
         Workload("tiny", "tiny", "llama", TINY, 16, lengths=(16, 64), vocab_size=1024),
-        # Classifiers (src/fast/bench_classification.py): seed 000's multi-label recipe on title + abstract lengths,
+        # Classifiers (benchmarks/classification.py): seed 000's multi-label recipe on title + abstract lengths,
         # short single sentences (SST-2, TREC) on the seeds' QLoRA recipe, seed 001's BERT on spoken commands.
         Workload(
             "mistral7b-4bit-multilabel",
@@ -426,12 +426,12 @@ def run_fast(
     variant: str = "",
     profile: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """(b) The project's trainer with its defaults: src.modeling + src.fast, as src.train builds them."""
+    """(b) The project's trainer with its defaults: src.modeling + src.engine, as src.train builds them."""
     from datasets import Dataset
 
     from src import modeling
-    from src.fast.attention import mask_attention_gb
-    from src.fast.trainer import build_packed_sft_trainer
+    from src.engine.attention import mask_attention_gb
+    from src.engine.trainer import build_flat_sft_trainer
 
     overrides = [] if budget is None else [f"train.memory_budget_gb={budget}"]
     if variant.startswith("batch"):  # a larger optimizer step: learning differs from the seeds' batch of 8
@@ -450,7 +450,7 @@ def run_fast(
     model = modeling.apply_lora(model, cfg.lora, "sft")
     meter = Meter(warmup, device)
     profiler = None if profile is None else StepProfiler(profile, start=warmup + 4, device=device)
-    trainer, micro = build_packed_sft_trainer(
+    trainer, micro = build_flat_sft_trainer(
         cfg,
         model,
         tokenizer,
@@ -604,7 +604,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         n_params = non_embedding_params(workload)
         results = []
         if workload.task != "sft":
-            from src.fast import bench_classification
+            from benchmarks import classification as bench_classification
 
             results, warmup = bench_classification.run_sides(
                 workload,

@@ -3,13 +3,13 @@
 A padded batch of short texts is mostly padding: SST-2's sentences are 10-60 tokens, and a batch padded to its
 longest runs the base model over every pad. Here a batch's examples are concatenated into one row without
 padding, with per-example positions, and attention never crosses from one example into another (per-example
-sdpa on the CPU, one varlen flash call on a GPU: :mod:`src.fast.attention`). Each example is pooled at its
+sdpa on the CPU, one varlen flash call on a GPU: :mod:`src.engine.attention`). Each example is pooled at its
 own last token, as ``*ForSequenceClassification`` pools the last non-pad token of a padded row, and the head
 runs on the pooled states only. The losses are the padded path's (cross-entropy with class weights, BCE with
 ``pos_weight``), each normalised over the whole optimizer step (:class:`ClassifierTrainer`). Training and
 evaluation both run packed; ``train.fast_path=false`` keeps the padded path.
 
-BERT is packed too: each example attends to all of itself and to nothing else (:func:`packed_encoder_attention`:
+BERT is packed too: each example attends to all of itself and to nothing else (:func:`flat_encoder_attention`:
 one non-causal varlen flash call where there is no attention dropout, else the row's examples laid out as a padded
 batch for the attention alone, so that BERT's attention dropout stays), and it is pooled at its own first token
 ([CLS]) through BERT's pooler. Other encoders stay padded.
@@ -21,15 +21,15 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-from transformers import Trainer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from src import distributed
-from src.fast import attention as attention_mod
-from src.fast import budget as budget_mod
-from src.fast import weights
-from src.fast.graphs import GraphedSteps, graphable, pad_row
-from src.modeling import CLASSIFIER_HEADS, PACKED_ENCODER_TYPES, base_model
+from src.classifier import ClassifierTrainer, classification_loss, loss_total
+from src.engine import attention as attention_mod
+from src.engine import budget as budget_mod
+from src.engine import weights
+from src.engine.graphs import GraphedSteps, graphable, pad_row
+from src.modeling import CLASSIFIER_HEADS, FLAT_ENCODER_TYPES, base_model
 
 # A classifier's rows can be short (8 sentences of SST-2: ~300 tokens) or long (8 abstracts: ~2,000), so its graphs'
 # lengths step by 1/8 of the first row's tokens, rounded up to a power of two and at least 64: ~12% padding at most,
@@ -38,101 +38,7 @@ MIN_GRAPH_BUCKET_TOKENS = 64
 GRAPH_BUCKETS_PER_ROW = 8
 
 
-def classification_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    weights: Optional[torch.Tensor],
-    multilabel: bool,
-    total: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Cross-entropy (class weights) or BCE (``pos_weight``), in fp32: the padded and packed paths' loss.
-
-    ``total``: the summed loss is divided by it (:func:`loss_total` of a whole optimizer step's examples, of which
-    these are a part); None: the mean over these examples, as torch reduces it.
-    """
-    logits = logits.float()
-    if weights is not None:
-        weights = weights.to(logits.device)
-    reduction = "mean" if total is None else "sum"
-    if multilabel:
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, labels.float(), pos_weight=weights, reduction=reduction
-        )
-    else:
-        loss = torch.nn.functional.cross_entropy(logits, labels, weight=weights, reduction=reduction)
-    return loss if total is None else loss / total.to(loss.device)
-
-
-def loss_total(labels: torch.Tensor, weights: Optional[torch.Tensor], multilabel: bool) -> torch.Tensor:
-    """The divisor of :func:`classification_loss`'s mean over ``labels``, as an fp32 tensor on their device: BCE's
-    element count (``pos_weight`` weighs terms, not the divisor), cross-entropy's count of labels other than -100,
-    or with class weights the sum of their classes' weights, as torch's weighted mean divides. Computed on the
-    device without reading anything back (no host sync in a step)."""
-    if multilabel:
-        return torch.full((), labels.numel(), dtype=torch.float32, device=labels.device)
-    kept = labels != -100
-    if weights is None:
-        return kept.sum(dtype=torch.float32)
-    return (weights.to(labels.device, torch.float32)[labels.clamp(min=0)] * kept).sum()
-
-
-class ClassifierTrainer(Trainer):
-    """HF Trainer whose loss is :func:`classification_loss` (its documented ``compute_loss`` hook), normalised over
-    the whole optimizer step, so that gradient accumulation is neutral: micro-batches of 4 accumulated 4 times give
-    the loss, gradient and update of one batch of 16.
-
-    A micro-batch's loss is its summed loss over the step's :func:`loss_total` (every micro-batch's, and under DDP
-    every rank's), which the Trainer passes as ``num_items_in_batch`` (:meth:`_get_num_items_in_batch`). So a
-    class-weighted step is ``sum(w_i * l_i) / sum(w_i)`` over all its examples, as one large batch's weighted mean
-    is; a mean per micro-batch divided by the accumulation steps would weigh a micro-batch of rare classes as much
-    as one of common ones, and an epoch's short last micro-batch as much as a full one. The logged ``loss`` (the
-    sum of the step's micro-batch losses) is then the step's per-example mean.
-
-    ``forward``: the logits of a batch (the padded path's model forward; the packed path overrides it).
-    """
-
-    def __init__(self, *args, label_weights: Optional[list[float]], multilabel: bool, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.label_weights = None if label_weights is None else torch.tensor(label_weights, dtype=torch.float32)
-        self.multilabel = multilabel
-        # The loss is normalised by num_items_in_batch where the Trainer gives it, so the Trainer must not divide it
-        # again by the accumulation steps; where it gives none, it does (a micro-batch's mean / the steps).
-        self.model_accepts_loss_kwargs = True
-
-    def _get_num_items_in_batch(self, batch_samples: list, device) -> Optional[torch.Tensor]:
-        """The step's loss divisor: the sum of its micro-batches' :func:`loss_total` (the Trainer's own counts
-        labels: not a weighted mean's divisor), summed over the ranks
-        where the Trainer averages over them (``average_tokens_across_devices``), as it does its count."""
-        if not batch_samples or "labels" not in batch_samples[0]:
-            return None
-        totals = [loss_total(b["labels"], self._weights(b["labels"].device), self.multilabel) for b in batch_samples]
-        total = sum(t.to(device) for t in totals)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            total = self.accelerator.gather(total).sum()
-        return total
-
-    def _weights(self, device) -> Optional[torch.Tensor]:
-        """The class or ``pos_weight`` weights on ``device``, moved there once: a copy from host memory at every step
-        would wait for the GPU's queue to drain."""
-        if self.label_weights is not None and self.label_weights.device != torch.device(device):
-            self.label_weights = self.label_weights.to(device)
-        return self.label_weights
-
-    def forward(self, model, inputs: dict[str, Any]) -> SequenceClassifierOutput:
-        return model(**{k: v for k, v in inputs.items() if k != "labels"})
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = self.forward(model, inputs)
-        weights = self._weights(outputs.logits.device)
-        loss = classification_loss(outputs.logits, inputs["labels"], weights, self.multilabel, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # As Trainer.compute_loss: the divisor counts every rank's examples and DDP averages the gradients over
-            # the ranks, so each rank's loss is scaled back up by their number.
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
-
-
-class PackedClassificationCollator:
+class FlatClassificationCollator:
     """Tokenized examples (``input_ids`` and ``label``/``labels``) to one packed row.
 
     Returns ``input_ids`` and ``position_ids`` of shape [1, tokens], ``last_token`` (each example's last
@@ -168,7 +74,7 @@ def classifier_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     raise ValueError(f"{type(classifier).__name__} has no classification head among {sorted(CLASSIFIER_HEADS)}")
 
 
-def packed_logits(
+def flat_logits(
     model, input_ids, position_ids, last_token, attention: str, bounds: Optional[tuple[int, ...]] = None
 ) -> torch.Tensor:
     """Logits [examples, classes] of a packed row: the transformer once over the row, each example pooled at its
@@ -179,9 +85,9 @@ def packed_logits(
     if attention == "varlen":
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         cu = torch.tensor(bounds, dtype=torch.int32).to(input_ids.device, non_blocking=True)
-        extra = {"packed_cu_seqlens": cu, "packed_max_seqlen": max(lengths)}
+        extra = {"flat_cu_seqlens": cu, "flat_max_seqlen": max(lengths)}
     else:
-        extra = {"packed_seq_bounds": tuple(bounds)}
+        extra = {"flat_seq_bounds": tuple(bounds)}
     if attention == "bidirectional":
         return _encoder_logits(model, *classifier_parts(model), input_ids, position_ids, bounds)
     return _decoder_logits(model, input_ids, position_ids, last_token, extra)
@@ -205,7 +111,7 @@ def _encoder_logits(model, backbone, head, input_ids, position_ids, bounds: tupl
         input_ids=input_ids,
         position_ids=position_ids,
         token_type_ids=torch.zeros_like(input_ids),
-        packed_row=row,
+        flat_row=row,
     ).last_hidden_state
     first = torch.tensor(bounds[:-1]).to(hidden.device, non_blocking=True)
     pooled = backbone.pooler(hidden[0, first].unsqueeze(1))
@@ -215,7 +121,7 @@ def _encoder_logits(model, backbone, head, input_ids, position_ids, bounds: tupl
 class GraphedClassifierSteps(GraphedSteps):
     """A packed classifier's forward, pooling, head, loss and backward as one CUDA graph replay per padded row length.
 
-    As :class:`src.fast.graphs.GraphedSteps` does for SFT rows: the row is padded up to a multiple of ``bucket``
+    As :class:`src.engine.graphs.GraphedSteps` does for SFT rows: the row is padded up to a multiple of ``bucket``
     tokens with one more example (token 0 at positions 0, 1, ...), which attends only to itself and is never pooled,
     so no logit, loss or gradient sees it. The loss is a mean over the row's examples and the pooled positions
     (``last_token``) and labels have their number as shape, so a graph is captured per padded length and number of
@@ -253,14 +159,14 @@ class GraphedClassifierSteps(GraphedSteps):
             "position_ids": positions,
             "last_token": inputs["last_token"].cpu(),
             "labels": inputs["labels"].cpu(),
-            "packed_cu_seqlens": torch.tensor([*inputs["bounds"], length], dtype=torch.int32),
+            "flat_cu_seqlens": torch.tensor([*inputs["bounds"], length], dtype=torch.int32),
             "loss_total": loss_total(inputs["labels"], self.label_weights, self.multilabel).cpu()
             if num_items_in_batch is None
             else torch.as_tensor(num_items_in_batch, dtype=torch.float32),
         }
 
     def _forward_backward(self, model, static: dict[str, torch.Tensor], max_seqlen: int) -> torch.Tensor:
-        extra = {"packed_cu_seqlens": static["packed_cu_seqlens"], "packed_max_seqlen": max_seqlen}
+        extra = {"flat_cu_seqlens": static["flat_cu_seqlens"], "flat_max_seqlen": max_seqlen}
         logits = _decoder_logits(model, static["input_ids"], static["position_ids"], static["last_token"], extra)
         weights = self._weights(logits.device)
         loss = classification_loss(logits, static["labels"], weights, self.multilabel, static["loss_total"])
@@ -273,11 +179,11 @@ class GraphedClassifierSteps(GraphedSteps):
         return self.label_weights
 
 
-class PackedClassificationTrainer(ClassifierTrainer):
+class FlatClassifierTrainer(ClassifierTrainer):
     """HF Trainer on packed rows of classification examples, with :class:`ClassifierTrainer`'s loss.
 
     ``cuda_graphs``: replay each micro-batch's step as a CUDA graph (:class:`GraphedClassifierSteps`; where
-    :func:`src.fast.graphs.graphable` holds, in one process); a capture that fails leaves the rest of the run eager.
+    :func:`src.engine.graphs.graphable` holds, in one process); a capture that fails leaves the rest of the run eager.
     """
 
     def __init__(self, *args, attention: str, cuda_graphs: bool = False, **kwargs):
@@ -312,19 +218,19 @@ class PackedClassificationTrainer(ClassifierTrainer):
         return loss
 
     def forward(self, model, inputs: dict[str, Any]) -> SequenceClassifierOutput:
-        logits = packed_logits(
+        logits = flat_logits(
             model, inputs["input_ids"], inputs["position_ids"], inputs["last_token"], self.attention, inputs["bounds"]
         )
         return SequenceClassifierOutput(logits=logits)
 
 
 def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Sequence[int]] = None):
-    """Replan a packed classifier's step as the SFT fast path does (:func:`src.fast.budget.plan_micro_batches`), where
+    """Replan a packed classifier's step as the SFT fast path does (:func:`src.engine.budget.plan_micro_batches`), where
     a memory budget is known (``train.memory_budget_gb``, else 90% of the GPU): the largest micro-batch that fits,
     checkpointing as few layers as it needs (none, for short texts on a large GPU), fused AdamW, a 4/8-bit base's
     fp32 weights and adapters in bf16 under bf16 training, and its dequantized weights cached in the room left.
     ``lengths``: the training examples' token counts; a micro-batch of n examples is then planned for the largest
-    of n in many shuffles of them (:func:`src.fast.budget.largest_micro_batch_tokens`), else for n x
+    of n in many shuffles of them (:func:`src.engine.budget.largest_micro_batch_tokens`), else for n x
     ``model.max_length``.
     Returns (the TrainingArguments to train with, the plan); without a budget, ``args`` as they are and None.
     """
@@ -374,23 +280,23 @@ def epochs_trained(cfg, examples: int) -> float:
     return float(cfg.train.num_train_epochs)
 
 
-def packing_attention(model) -> Optional[str]:
+def flat_attention(model) -> Optional[str]:
     """Switch the model's attention to a packed-row kernel and name it: ``varlen`` on a GPU (one flash call per
     row in bf16/fp16; in fp32 it runs per-example sdpa itself), else ``bounds`` (per-example sdpa); for BERT,
-    ``bidirectional`` (:func:`packed_encoder_attention`); None where the model cannot be packed (another encoder,
+    ``bidirectional`` (:func:`flat_encoder_attention`); None where the model cannot be packed (another encoder,
     or an attention other than sdpa)."""
     classifier = base_model(model)
-    if classifier.config.model_type in PACKED_ENCODER_TYPES:
+    if classifier.config.model_type in FLAT_ENCODER_TYPES:
         return "bidirectional" if attention_mod.use_encoder_attention(model) else None
     if classifier.config.model_type in ENCODER_TYPES:
         return None
     device = next(classifier.parameters()).device
     if attention_mod.varlen_available(device) and attention_mod.use_varlen_attention(model):
         return "varlen"
-    return "bounds" if attention_mod.use_packed_attention(model) else None
+    return "bounds" if attention_mod.use_flat_attention(model) else None
 
 
 # Bidirectional attention: packed where the pooling and head are BertForSequenceClassification's (pooler on the
-# first token, dropout, linear head: src.modeling.PACKED_ENCODER_TYPES); the others pool or embed differently and
+# first token, dropout, linear head: src.modeling.FLAT_ENCODER_TYPES); the others pool or embed differently and
 # stay padded.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "modernbert"}

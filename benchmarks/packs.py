@@ -1,0 +1,254 @@
+"""Training throughput and memory: the seeds' QLoRA recipe against the fast path (:mod:`benchmarks.sft`), and packed
+trials against the same trials one after another.
+
+python -m src.bench                                        # W3B 4-bit; fast path at the default and 8 GiB budgets
+python -m src.bench --device cpu --workload tiny --examples 16   # smoke test: the code paths, not the numbers
+torchrun --standalone --nproc_per_node 2 -m src.bench --sides fast --budgets default   # DDP on 2 GPUs
+python -m src.bench --workload w3b-4bit-pack4              # 4 trials one by one, then as one pack (issue 19)
+python -m src.bench --workload tiny-pack3 --device cpu --examples 24   # its smoke test
+
+A pack workload trains its trials through ``src.train`` itself, in this process: first each alone (``src.fit.run``,
+the sequential side), then all as one pack (``src.sweeps.job.run_pack_job``, the packed side), on the same random-
+weight base (``benchmarks.sft.ensure_checkpoint``, with the tiny model's tokenizer) and the same synthetic
+instruction rows (``--examples`` rows, lengths like the bench's SFT rows), tracked in a throwaway MLflow store. Per
+side: the wall time, tokens/s summed over the trials (each trial's ``train_tokens`` over the side's wall time),
+MFU, the peak GPU memory, and each trial's final ``eval_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class PackWorkload:
+    name: str
+    base: str  # a benchmarks.sft workload: the architecture and base bits
+    trials: tuple[tuple[str, ...], ...]  # each trial's overrides
+    train: tuple[str, ...] = ()
+
+
+ALL_LINEAR_AND_HEAD = ("lora=all_linear", "lora.target_modules=[all_linear,lm_head]")
+PACK_WORKLOADS = {
+    w.name: w
+    for w in (
+        # The issue's grid: r in {8, 16} x targets in {q,v ; all linear + lm_head} on W3B 4-bit, the seeds' lr.
+        PackWorkload(
+            "w3b-4bit-pack4",
+            "w3b-4bit",
+            (
+                ("lora=attn_qv", "lora.r=8"),
+                ("lora=attn_qv", "lora.r=16"),
+                (*ALL_LINEAR_AND_HEAD, "lora.r=8"),
+                (*ALL_LINEAR_AND_HEAD, "lora.r=16"),
+            ),
+            ("train=gpu",),
+        ),
+        PackWorkload(
+            "tiny-pack3",
+            "tiny",
+            (("lora=attn_qv", "lora.r=4"), ("lora=all_linear", "lora.r=8"), (*ALL_LINEAR_AND_HEAD, "lora.r=2")),
+        ),
+    )
+}
+
+
+def text_checkpoint(model_dir: Path) -> Path:
+    """The bench's random-weight checkpoint with the tiny model's tokenizer beside it (src.train reads text)."""
+    from transformers import AutoTokenizer
+
+    from src.tiny import resolve
+
+    out = model_dir.with_name(model_dir.name + "-text")
+    if (out / "DONE").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name.endswith((".safetensors", ".json")) and "token" not in item.name:
+            target = out / item.name
+            if not target.exists():
+                target.symlink_to(item.resolve())
+    AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(out)
+    (out / "DONE").write_text("1")
+    return out
+
+
+def instruction_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` instruction/response rows of random words: instructions of 8-30 words, responses of 30-160."""
+    import random
+
+    rng = random.Random(seed)
+    words = [w for w in "the of and to in is for on with as by at from that this it an be are or was we can".split()]
+    words += [f"word{i}" for i in range(200)]
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    return [{"instruction": text(8, 30), "input": "", "output": text(30, 160)} for _ in range(n)]
+
+
+def run_pack_workload(
+    workload: PackWorkload,
+    examples: int,
+    device: str,
+    model_root: Path,
+    work: Path,
+    sides_run: tuple[str, ...] = ("sequential", "packed"),
+) -> dict:
+    """Both sides of a pack workload (or those in ``sides_run``), one after the other; their measurements."""
+    import mlflow
+    import torch
+
+    import src.fit
+    from benchmarks.sft import WORKLOADS, bf16_matmul_tflops, ensure_checkpoint, non_embedding_params
+    from src.config import compose, validate
+    from src.sweeps.job import run_pack_job
+
+    base = WORKLOADS[workload.base]
+    model_dir = text_checkpoint(ensure_checkpoint(base, model_root, device))
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    rows = instruction_rows(examples + 128)
+    for name, part in (("train", rows[:examples]), ("eval", rows[examples:])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    common = [
+        f"model={base.model_group}",
+        f"model.name_or_path={model_dir}",
+        f"quant={base.quant_group}",
+        "data=instructions",
+        f"data.path={data / 'train.jsonl'}",
+        f"data.eval_path={data / 'eval.jsonl'}",
+        "data.num_sample_prompts=0",
+        *workload.train,
+        "train.max_steps=-1",
+        "train.num_train_epochs=1",
+        "train.eval_strategy=no",
+        "train.save_strategy=no",
+        "train.logging_steps=10",
+        "tracking.log_adapter=false",
+    ]
+    if device == "cpu":
+        common += ["train.bf16=false", "train.tf32=null", "quant.compute_dtype=float32"]
+
+    def config(side: str, i: int) -> tuple[dict, Any]:
+        raw = compose([*common, *workload.trials[i]], output_dir=str(work / side / f"t{i}"))
+        return raw, validate(raw, for_training=True)
+
+    def reset() -> None:
+        import gc
+
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    sides: dict[str, dict[str, Any]] = {}
+    # The sequential side: each trial alone, as a sweep with pack=1 trains it (without the process start).
+    if "sequential" in sides_run:
+        run_ids, peaks = [], []
+        start = time.perf_counter()
+        for i in range(len(workload.trials)):
+            reset()
+            src.fit.run(*config("sequential", i))
+            run_ids.append(mlflow.last_active_run().info.run_id)
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+        sides["sequential"] = {"wall_s": time.perf_counter() - start, "run_ids": run_ids, "peak_gb": peaks}
+    if "packed" in sides_run:  # all trials as one pack
+        reset()
+        start = time.perf_counter()
+        members = [(config("packed", i)[0], None) for i in range(len(workload.trials))]
+        result = run_pack_job(members, isolate=False)
+        wall = time.perf_counter() - start
+        bad = [r for r in result["pack"] if r["status"] != "ok"]
+        if bad:
+            raise RuntimeError(f"packed side: {bad}")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        sides["packed"] = {"wall_s": wall, "run_ids": [r["run_id"] for r in result["pack"]], "peak_gb": [peak]}
+
+    peak_flops = bf16_matmul_tflops(device) * 1e12
+    params = non_embedding_params(base)
+    client = mlflow.MlflowClient()
+    for side in sides.values():
+        runs_ = [client.get_run(run_id) for run_id in side["run_ids"]]
+        tokens = sum(r.data.metrics.get("train_tokens", 0.0) for r in runs_)
+        side["tokens_per_s"] = tokens / side["wall_s"]
+        side["mfu"] = 4 * params * side["tokens_per_s"] / peak_flops  # benchmarks.sft's MFU (LoRA: no weight grads)
+        side["eval_loss"] = [r.data.metrics.get("eval_loss") for r in runs_]
+        side["train_tokens"] = tokens
+    result = {"workload": workload.name, "examples": examples, "trials": [" ".join(t) for t in workload.trials]}
+    result["sides"] = sides
+    if len(sides) == 2:
+        seq, packed = sides["sequential"], sides["packed"]
+        result["speedup"] = seq["wall_s"] / packed["wall_s"]
+        result["eval_loss_rel_diff"] = [
+            None if a is None or b is None else abs(b - a) / abs(a)
+            for a, b in zip(seq["eval_loss"], packed["eval_loss"])
+        ]
+    return result
+
+
+def format_pack(result: dict) -> str:
+
+    def gb(values: list[Optional[float]]) -> str:
+        known = [v for v in values if v is not None]
+        return f"{max(known):.2f}" if known else "-"
+
+    lines = [
+        f"{result['workload']}: {len(result['trials'])} trials, {result['examples']} examples each",
+        f"{'side':<11} {'wall s':>8} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9}  eval_loss per trial",
+    ]
+    for name, side in result["sides"].items():
+        losses = ", ".join("-" if v is None else f"{v:.4f}" for v in side["eval_loss"])
+        lines.append(
+            f"{name:<11} {side['wall_s']:>8.1f} {side['tokens_per_s']:>10,.0f} {side['mfu']:>6.1%} "
+            f"{gb(side['peak_gb']):>9}  {losses}"
+        )
+    if "speedup" in result:
+        diffs = ", ".join("-" if d is None else f"{d:.2%}" for d in result["eval_loss_rel_diff"])
+        lines.append(f"packed is {result['speedup']:.2f}x faster; eval_loss differences: {diffs}")
+    return "\n".join(lines)
+
+
+def pack_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m src.bench", description="Packed trials against one by one.")
+    parser.add_argument("--workload", required=True, help=f"one of {', '.join(PACK_WORKLOADS)}")
+    parser.add_argument("--examples", type=int, default=2048, help="training rows (one epoch each trial)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--sides", default="sequential,packed", help="which sides to run")
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-bench-models")
+    parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/<date>-<workload>.json")
+    args = parser.parse_args(argv)
+    from benchmarks.sft import versions
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with tempfile.TemporaryDirectory(prefix="lora-bench-pack-") as work:
+            workload = PACK_WORKLOADS[args.workload]
+            sides = tuple(args.sides.split(","))
+            result = run_pack_workload(workload, args.examples, args.device, args.model_dir, Path(work), sides)
+    finally:  # the throwaway store is gone
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    result.update(versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"), device=args.device)
+    if args.device == "cuda":
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name()
+    print(format_pack(result))
+    out = args.json or Path("outputs/bench") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.workload}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"results: {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,304 @@
+"""One run: load the data and the model, fit, log to MLflow, save the adapter, and return the objective.
+
+:func:`run` is what ``python -m src.train`` calls for one configuration, what a sweep job calls by name
+(:mod:`src.sweeps.job`), and what each trial of a pack calls on its shared base (:mod:`src.packs.runtime`). Under DDP
+every rank runs it; rank 0 alone writes MLflow and the adapter (``src/distributed.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow
+from omegaconf import OmegaConf
+from transformers import TrainerCallback
+
+from src import console, distributed, tiny, tracking, training
+from src.classifier import ClassifierTrainer
+from src.config import FULL_FINE_TUNING, Config, ConfigError, metric_problems, objective, per_label_metrics
+from src.data import TaskData, load_data
+from src.engine.classification import (
+    FlatClassificationCollator,
+    FlatClassifierTrainer,
+    flat_attention,
+    plan_fast_classifier,
+)
+from src.engine.trainer import build_flat_sft_trainer
+from src.guards import NonFiniteLossGuard
+from src.trial import trial_callbacks
+
+# Where a run saves what it trained: a LoRA adapter, or with lora=none (full fine-tuning) the whole model.
+ADAPTER_DIR, MODEL_DIR = "adapter", "model"
+# Each class's (or label's) per-class metric name, as {label: metric}: src.labels.metric_suffixes.
+METRIC_NAMES_FILE = "metric_names.json"
+
+
+def run(raw: dict, cfg: Config, slot: Any = None) -> Optional[float]:
+    """Train one configuration and return the objective value: ``cfg`` validated (:func:`validated`, or a sweep
+    job's :func:`src.sweeps.job.validated_job`), ``raw`` the same resolved config as a plain dict, logged as params.
+    ``slot``: the run is one trial of a pack (:func:`pack`), on the pack's shared base."""
+    console.quiet_libraries()
+    tags = None if slot is None else slot.tags()
+    with tracking.tracked_run(raw, tags) as active:
+        main_process = distributed.is_main_process()  # tracking.* writes nothing on other DDP ranks
+        # output_dir is a tag (tracking.tracked_run), not a param: it differs between every two runs, and the UI's
+        # compare view would list it as the one parameter that always differs.
+        params = {k: v for k, v in tracking.flatten(raw).items() if k != "output_dir"}
+        tracking.log_params({**params, "train.world_size": distributed.world_size()})
+        output_dir = Path(cfg.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if main_process:
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+            mlflow.log_artifact(str(output_dir / "config.yaml"))
+        from transformers import set_seed
+
+        from src import guards, modeling, training
+
+        if main_process and on_demo_model(cfg):
+            console.say(tiny.demo_note())
+        member = None
+        if slot is None:
+            tokenizer = modeling.load_tokenizer(cfg.model)
+            # Raises DataError listing every fault (rows far over max_length included), before any model loads.
+            data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+            check_label_metrics(cfg, data.labels)
+            checkpoint = guards.resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir / "checkpoints")
+            fingerprint = guards.run_fingerprint(cfg, data.task, data.labels)
+            if checkpoint:
+                guards.check_resume(checkpoint, fingerprint)  # another dataset, labels or base: refused here
+            set_seed(cfg.train.seed)
+            model = modeling.load_model(
+                cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
+            )
+            model = modeling.apply_lora(model, cfg.lora, data.task)
+            trainable, total = modeling.count_params(model)
+            targets = modeling.target_leaf_names(model)
+        else:  # the pack's first trial to get here loads the base for all
+            tokenizer, data, member = slot.shared.load(slot.index)
+            checkpoint, model = None, member.model
+            fingerprint = guards.run_fingerprint(cfg, data.task, data.labels)
+            trainable, total = member.pack.counts(member.adapter)
+            targets = member.pack.targets(member.adapter)
+        tracking.set_tags(tracking.device_tags())  # the GPUs, now that the model is on them
+        tracking.log_params(
+            {
+                "lora.resolved_targets": ",".join(targets),
+                "data.train_rows": data.train.num_rows,
+                "data.eval_rows": data.eval.num_rows,
+            }
+        )
+        tracking.log_metrics(
+            {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
+        )
+        if main_process and data.labels:  # which metric is which class: "R&D" and "R+D" both need a name
+            mlflow.log_dict(per_label_metrics(data.task, data.labels), METRIC_NAMES_FILE)
+        # An Optuna trial reports its evaluations and may be pruned; under DDP rank 0 reports, and if it prunes,
+        # torchrun stops the others.
+        env = None if slot is None else slot.env
+        pruning = trial_callbacks(objective(cfg)[0], env) if main_process else []
+        callbacks = [*pruning, guards.FingerprintWriter(fingerprint)]  # the fingerprint goes in each checkpoint
+        # A pack's trials print from one process: each of their lines carries the trial's run name.
+        label = active.info.run_name if slot is not None and active is not None else None
+        trainer, metrics, truncated = build_trainer(
+            cfg, model, tokenizer, data, str(output_dir / "checkpoints"), callbacks, member, label
+        )
+        skipped = data.long_rows if cfg.data.long_rows == "skip" else 0
+        tracking.log_metrics({"data_truncated_rows": truncated, "data_skipped_rows": skipped})
+        if data.long_rows:
+            what = "skipped" if skipped else "truncated to model.max_length"
+            console.log.warning(
+                f"note: {data.long_rows} row(s) over {cfg.data.max_length_factor:g} x model.max_length="
+                f"{cfg.model.max_length} tokens were {what} (data.long_rows=truncate|skip|error)"
+            )
+        if truncated:
+            console.log.warning(
+                f"note: {truncated} row(s) longer than model.max_length={cfg.model.max_length} were truncated"
+            )
+        sampled = data.task == "sft" and main_process
+        prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if sampled else []
+        with modeling.adapters_disabled(model) if member is None else member.pack.routed(None) as base:
+            before = training.generate(model if member is None else base, tokenizer, prompts)
+        if checkpoint:
+            tracking.set_tags({"resumed_from": checkpoint})
+        trainer.train(resume_from_checkpoint=checkpoint)
+        final = training.final_evaluation(trainer)
+        if data.task == "sft" and "eval_loss" in final:  # an objective src.config allows (DERIVED_METRICS)
+            final["eval_perplexity"] = training.perplexity(final["eval_loss"])
+        peak = training.peak_gpu_mem_gb()
+        if peak is not None:
+            tracking.log_metrics({"peak_gpu_mem_gb": peak})
+        saved_dir = output_dir / (MODEL_DIR if modeling.is_full_fine_tuning(cfg.lora) else ADAPTER_DIR)
+        if main_process:
+            save_outputs(cfg, model, tokenizer, data, saved_dir, metrics)
+        if prompts and member is None:
+            after = training.generate(model, tokenizer, prompts)
+        elif prompts:
+            with member.pack.routed(member.adapter) as routed:
+                after = training.generate(routed, tokenizer, prompts)
+        if prompts:
+            mlflow.log_table(
+                {
+                    "prompt": prompts,
+                    # A chat template's reply ends in EOS, as the generations, decoded without it, do not.
+                    "reference": [c.removesuffix(tokenizer.eos_token) for c in data.eval["completion"][: len(prompts)]],
+                    "before": before,
+                    "after": after,
+                },
+                artifact_file="samples.json",
+            )
+
+        metric, _ = objective(cfg)
+        value = final.get(metric)
+        if value is None:
+            raise KeyError(f"objective metric {metric!r} not in the final evaluation: {sorted(final)}")
+        tracking.log_metrics({"objective": value})
+        tracking.set_tags({"mlflow.note.content": run_description(cfg, data, trainable, metric, value)})
+        if main_process:
+            active = mlflow.active_run()
+            console.log.info(
+                console.summary(
+                    active.info.run_id,
+                    active.info.run_name,
+                    metric,
+                    final,
+                    saved_dir.resolve(),
+                    mlflow.get_tracking_uri(),
+                    active.info.experiment_id,
+                )
+            )
+        distributed.finish()  # every rank gets here; under DDP they leave together
+        return float(value)
+
+
+def on_demo_model(cfg: Config) -> bool:
+    """The builtin tiny model on data the project does not ship (a user's file, a hub dataset)."""
+    paths = [p for p in (cfg.data.path, cfg.data.eval_path) if p is not None]
+    user_data = cfg.data.hub_id is not None or not all(tiny.is_bundled(p) for p in paths)
+    return tiny.is_builtin(cfg.model.name_or_path) and user_data
+
+
+def check_label_metrics(cfg: Config, labels: Optional[list[str]]) -> None:
+    """Raise ConfigError if ``objective.metric`` or ``train.metric_for_best_model`` names a per-class metric the
+    data's classes do not log: with labels inferred from the data, validation could not know them. Runs once
+    the data is read, before the model loads."""
+    if labels:
+        problems = metric_problems(cfg.data, cfg.objective.metric, cfg.train.metric_for_best_model, labels)
+        if problems:
+            raise ConfigError(problems)
+
+
+def run_description(cfg: Config, data, trainable: int, metric: str, value: float) -> str:
+    """The run's MLflow description (the runs table's Description column): what was trained and how it scored."""
+    targets = ", ".join(cfg.lora.target_modules or [cfg.lora.preset])
+    if cfg.lora.preset == FULL_FINE_TUNING:
+        how = f"Full fine-tuning of the {cfg.quant.bits}-bit {cfg.model.name}"
+    else:
+        how = f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {targets}; {cfg.quant.bits}-bit {cfg.model.name} base"
+    chat = " on conversations, loss on each last assistant turn" if cfg.data.format == "messages" else ""
+    return (
+        f"{metric} = {value:.4g}. {how}; {trainable:,} trainable params; {cfg.data.name} ({data.task}{chat}, "
+        f"{data.train.num_rows} train rows)."
+    )
+
+
+def save_outputs(cfg: Config, model, tokenizer, data, saved_dir: Path, metrics) -> None:
+    """Save the adapter (or, with lora=none, the whole model) with tokenizer and label map, and log it and the
+    classification report. The artifact is named as the directory: ``adapter/`` or ``model/``."""
+    from src import training
+
+    model.save_pretrained(saved_dir)
+    tokenizer.save_pretrained(saved_dir)
+    (saved_dir / "label_map.json").write_text(
+        json.dumps({"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2)
+    )
+    if cfg.tracking.log_adapter:
+        mlflow.log_artifacts(str(saved_dir), artifact_path=saved_dir.name)
+    if metrics is not None:
+        mlflow.log_dict(metrics.last_report, "classification_report.json")
+        training.log_confusion_matrix(metrics)
+
+
+def build_trainer(
+    cfg: Config,
+    model,
+    tokenizer,
+    data: TaskData,
+    output_dir: str,
+    extra_callbacks: Sequence[TrainerCallback] = (),
+    member=None,
+    label: Optional[str] = None,
+):
+    """The trainer for the task; ``extra_callbacks`` come after the project's own (a sweep trial's pruning);
+    ``member``: the run is a trial of a pack (:class:`src.packs.model.PackMember`; SFT on the fast path);
+    ``label`` leads its console lines (a pack trial's run name).
+
+    Returns (trainer, metrics, truncated): metrics keeps the last per-class report (None for
+    SFT), and truncated counts the rows longer than model.max_length.
+    """
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback
+
+    args = training.training_arguments(
+        cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss
+    )
+    distributed.one_gpu_per_process(args)
+    # TokenRateCallback first: the callbacks after it read the rate it writes into the logs.
+    callbacks: list[TrainerCallback] = [
+        training.TokenRateCallback(),
+        training.MlflowMetricsCallback(perplexity=data.task == "sft"),
+    ]
+    if cfg.train.stop_on_nonfinite_loss:
+        callbacks.append(NonFiniteLossGuard())  # after the metrics callback: the bad loss is logged first
+    if cfg.train.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    callbacks += list(extra_callbacks)
+    inputs = dict(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)  # every task's trainer
+    if data.task == "sft":
+        from trl import SFTTrainer
+
+        train_ds, eval_ds = data.train.remove_columns("row_id"), data.eval.remove_columns("row_id")
+        if cfg.train.fast_path:  # padding-free packed micro-batches sized to the memory budget
+            if member is None:
+                trainer, micro = build_flat_sft_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, callbacks)
+            else:  # src.packs.runtime hands its trials in: its module, not this one, knows packs
+                trainer, micro = member.build_trainer(cfg, tokenizer, args, train_ds, eval_ds, callbacks)
+            if micro.est_peak_gpu_mem_gb is not None:  # the plan the fast path follows, to set against the peak
+                tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
+        else:
+            trainer = SFTTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **inputs)
+        training.use_console(trainer, label)
+        return trainer, None, training.count_truncated_sft(data, tokenizer, cfg.model.max_length)
+    train_ds, eval_ds, truncated = training.tokenize_classification(data, tokenizer, cfg.model.max_length)
+    best = cfg.train.metric_for_best_model or ""
+    keep = (objective(cfg)[0], best if best.startswith("eval_") else f"eval_{best}")  # per-class at any class count
+    metrics = training.ClassificationMetrics(data.task, data.labels, cfg.data.threshold, keep=keep)
+    common = dict(
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=metrics,
+        **inputs,
+    )
+    multilabel = data.task == "multilabel"
+    attention = flat_attention(model) if cfg.train.fast_path else None
+    if attention is not None:  # a decoder or BERT: several examples per row, each pooled at its own token
+        lengths = [len(ids) for ids in train_ds["input_ids"]]  # the plan sizes micro-batches by their tokens
+        args, micro = plan_fast_classifier(cfg, model, args, attention, lengths)
+        args.include_num_input_tokens_seen = "all"  # a packed row has no padding
+        common.update(args=args, data_collator=FlatClassificationCollator(multilabel))
+        if micro is not None:
+            console.log.info(micro.describe().replace("fast path:", "fast path (classification):"))
+            tracking.log_metrics({"fast_path_est_peak_gpu_mem_gb": micro.est_peak_gpu_mem_gb})
+        trainer = FlatClassifierTrainer(
+            label_weights=data.label_weights,
+            multilabel=multilabel,
+            attention=attention,
+            cuda_graphs=micro is not None and micro.cuda_graphs,
+            **common,
+        )
+    else:
+        trainer = ClassifierTrainer(label_weights=data.label_weights, multilabel=multilabel, **common)
+    training.use_console(trainer, label)
+    return trainer, metrics, truncated

@@ -1,0 +1,122 @@
+"""The trial-pack runtime: the trials of a pack train in threads of one process, on one base loaded once.
+
+:func:`trial_functions` turns a pack's jobs into one training function per trial (:func:`src.fit.run` on a
+:class:`PackSlot`) and their :class:`SharedBase`; :mod:`src.sweeps.job` runs them (``hydra.sweeper.pack``).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from src.config import Config
+from src.data import load_data
+from src.fit import check_label_metrics, run
+
+
+@dataclass
+class SharedBase:
+    """What the trials of a pack share: the tokenizer, the data and the base with every trial's adapter, loaded
+    once, by the first trial to ask (after its MLflow run has started: a base that fails to load fails every
+    trial's run with the reason)."""
+
+    jobs: list[tuple[dict, Config]]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    loaded: Optional[tuple[Any, Any, list]] = None
+    error: Optional[BaseException] = None
+    pack: Any = None
+    left: set[int] = field(default_factory=set)  # trials that ended, some before the pack was made
+    stopping: Optional[BaseException] = None
+
+    def load(self, index: int):
+        from transformers import set_seed
+
+        from src import modeling
+        from src.packs import model as pack_model
+
+        with self.lock:
+            if self.error is not None:
+                raise self.error
+            if self.stopping is not None:
+                raise self.stopping
+            if self.loaded is None:
+                try:
+                    cfg = self.jobs[0][1]
+                    tokenizer = modeling.load_tokenizer(cfg.model)
+                    data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+                    for _, job in self.jobs:
+                        check_label_metrics(job, data.labels)
+                    set_seed(cfg.train.seed)
+                    model = modeling.load_model(
+                        cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False
+                    )
+                    cfgs = [c for _, c in self.jobs]
+                    self.pack = pack_model.build_pack(
+                        model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs]
+                    )
+                    members = pack_model.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16))
+                    # One tokenizer each: a fast tokenizer's padding and truncation are state that every call sets,
+                    # so one trial's generate (padding=True) would race another's tokenize_sft (no padding).
+                    tokenizers = [tokenizer, *(copy.deepcopy(tokenizer) for _ in cfgs[1:])]
+                    self.loaded = (tokenizers, data, members)
+                except BaseException as exc:
+                    self.error = exc
+                    raise
+                # Trials that ended before the pack was made (their setup raised) would be waited for in its step.
+                for gone in self.left:
+                    self.pack.leave(self.pack.adapters[gone])
+            if self.stopping is not None:  # a stop (SIGTERM) came while the base loaded
+                raise self.stopping
+        tokenizers, data, members = self.loaded
+        return tokenizers[index], data, members[index]
+
+    def stop(self, reason: BaseException) -> None:
+        """Stop every trial: at its next step, or before it starts (:meth:`load`). Called from a signal handler,
+        so it does not wait for the lock a loading trial holds (``load`` reads ``stopping`` after ``pack`` is set)."""
+        self.stopping = reason
+        if self.pack is not None:
+            self.pack.stop(reason)
+
+    def leave(self, index: int) -> None:
+        """A trial's thread is done, however it ended: the others no longer wait for its steps."""
+        with self.lock:  # not while the pack is being made: load applies it then
+            self.left.add(index)
+            pack = self.pack
+        if pack is not None:
+            pack.leave(pack.adapters[index])
+
+
+@dataclass
+class PackSlot:
+    """One trial's place in a pack: the shared base, its index, and its own environment (an Optuna trial's)."""
+
+    shared: SharedBase
+    index: int
+    env: Optional[dict[str, str]] = None
+
+    def tags(self) -> dict[str, str]:
+        return {"pack_size": str(len(self.shared.jobs)), "pack_trial": f"t{self.index}"}
+
+
+def trial_functions(jobs: list[tuple[dict, Config, Optional[dict]]]):
+    """The trials of a pack (resolved config, validated config, environment), as one training function each
+    (``train(raw, cfg)``, to run each in its own thread) and their shared base (``stop``, ``leave``)."""
+    import functools
+
+    # Imported here, once: the trials' threads would race through transformers' and TRL's lazy modules, which
+    # are not thread-safe ("cannot import name 'SFTConfig' from 'trl'").
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: F401
+
+    from src import guards, modeling, training  # noqa: F401
+    from src.engine import trainer as fast_trainer  # noqa: F401
+    from src.packs import model as pack_model  # noqa: F401
+
+    shared = SharedBase([(raw, cfg) for raw, cfg, _ in jobs])
+    trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, _, env) in enumerate(jobs)]
+    return trains, shared
