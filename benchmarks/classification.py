@@ -79,7 +79,7 @@ def _composed(recipe: tuple[str, ...], bits: int, max_length: int, model_dir: st
     from src.config import compose
 
     base = [
-        "hydra/sweeper=basic",  # the project's sweepers import mlflow, which the bench does without
+        "hydra/sweeper=basic",  # one run's config: the project's sweeper and its settings are not needed
         *recipe,
         f"quant={QUANT_GROUPS[bits]}",
         f"model.name_or_path={model_dir}",

@@ -95,7 +95,7 @@ def project_config(workload: Workload, model_dir: Path, device: str, overrides: 
     from src.config import compose, validate
 
     base = [
-        "hydra/sweeper=basic",  # the project's sweepers import mlflow, which the bench does without
+        "hydra/sweeper=basic",  # one run's config: the project's sweeper and its settings are not needed
         f"model={workload.model_group}",
         f"model.name_or_path={model_dir}",
         f"model.max_length={workload.lengths[1]}",
