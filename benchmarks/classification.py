@@ -16,7 +16,7 @@ the same synthetic rows (random token ids, lengths uniform in the workload's ran
   loss of the recipe (BCE with seed 000's ``pos_weight``, cross-entropy), and batches padded to the longest row
   (seed 000's ``pad_sequence`` collator; seed 001's pre-tokenized data is taken as padded to the longest in its
   batch too, the kinder reading). BERT's head is kept out of 4-bit, as the tutorial meant.
-- **fast**: the project's trainer as ``src.train`` builds it for classification (``src.training.build_trainer``):
+- **fast**: the project's trainer as ``src.train`` builds it for classification (``src.fit.build_trainer``):
   ``src.modeling`` loads and adapts the model, :func:`src.engine.classification.flat_attention` switches it to
   packed rows, :func:`src.engine.classification.plan_fast_classifier` plans the step from the rows' token counts at
   the ``--budgets`` given, and :class:`src.engine.classification.FlatClassifierTrainer` trains. Its config is
@@ -53,9 +53,9 @@ from benchmarks.common import (
     plan_estimate_gb,
     reset_memory,
     side_result,
-    training_kwargs,
 )
-from src import distributed
+from src import console, distributed
+from src.training_args import training_arguments
 
 MULTILABEL_POSITIVE_RATE = 0.3
 
@@ -79,7 +79,7 @@ def _composed(recipe: tuple[str, ...], bits: int, max_length: int, model_dir: st
     from src.config import compose
 
     base = [
-        "hydra/sweeper=basic",  # the project's sweepers import mlflow, which the bench does without
+        "hydra/sweeper=basic",  # one run's config: the project's sweeper and its settings are not needed
         *recipe,
         f"quant={QUANT_GROUPS[bits]}",
         f"model.name_or_path={model_dir}",
@@ -136,14 +136,6 @@ def label_weights(cfg, labels: list) -> Optional[list[float]]:
     raise ValueError(f"the bench has no synthetic weights for {spec!r}")
 
 
-def classification_arguments(cfg, output_dir: str):
-    """The TrainingArguments ``src.training.training_arguments`` builds for a classifier (that module needs mlflow;
-    the bench must not). ``tests/test_bench_classification.py`` checks the two stay equal."""
-    from transformers import TrainingArguments
-
-    return TrainingArguments(**training_kwargs(cfg, output_dir, TrainingArguments))
-
-
 def pad_classification(examples: list[dict], pad_id: int, multilabel: bool) -> dict[str, torch.Tensor]:
     """Seed 000's collator: input ids padded on the right with the pad id, the attention mask, the labels stacked."""
     ids = [torch.tensor(e["input_ids"]) for e in examples]
@@ -193,15 +185,48 @@ def run_seed_classifier(
     workload: Workload, model_dir: Path, rows: list[list[int]], labels: list, device: str, warmup: int
 ) -> dict[str, Any]:
     """(a) The recipe, written out as its tutorial wrote it (see the module docstring)."""
+    cfg = classifier_config(workload, model_dir, device, {"fast_path": False})
+    multilabel = cfg.data.task == "multilabel"
+    base = reset_memory(device)
+    pad_id = bench_tokenizer().pad_token_id
+    model = seed_classifier_model(workload, model_dir, device, cfg, pad_id)
+    args = distributed.one_gpu_per_process(seed_classifier_arguments(cfg))
+    meter = Meter(warmup, device)
+    trainer = loss_trainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(rows, labels, multilabel),
+        data_collator=meter.wrap(lambda examples: pad_classification(examples, pad_id, multilabel)),
+        callbacks=[meter.callback()],
+        label_weights=label_weights(cfg, labels),
+        multilabel=multilabel,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    peak = peak_memory_gb(device)
+    t = cfg.train
+    batch = t.per_device_train_batch_size
+    longest = meter.max_micro_batch_rows_x_len // batch  # the widest padded micro-batch
+    estimate = plan_estimate_gb(cfg, batch, longest, 1.0, t.optim)
+    _release(trainer, device)
+    del trainer, model
+    settings = dict(
+        micro_batch_size=batch, gradient_accumulation_steps=t.gradient_accumulation_steps, checkpointed="all"
+    )
+    return side_result("seed", None, meter, wall, peak, estimate, base, settings)
+
+
+def seed_classifier_model(workload: Workload, model_dir: Path, device: str, cfg, pad_id: int):
+    """The recipe's model: ``AutoModelForSequenceClassification`` on the bitsandbytes base, every layer
+    checkpointed, peft's LoRA on the tutorial's targets."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, TrainingArguments
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
     from src.modeling import DTYPES
 
-    cfg = classifier_config(workload, model_dir, device, {"fast_path": False})
     multilabel = cfg.data.task == "multilabel"
     encoder = cfg.model.architecture == "encoder"
-    base = reset_memory(device)
     quant = None
     if workload.bits == 4:
         quant = BitsAndBytesConfig(
@@ -211,7 +236,6 @@ def run_seed_classifier(
             bnb_4bit_compute_dtype=DTYPES[cfg.quant.compute_dtype],
             llm_int8_skip_modules=["classifier"] if encoder else None,  # seed 001 quantized its head: not meant
         )
-    pad_id = bench_tokenizer().pad_token_id
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir,
         num_labels=len(label_names(cfg)),
@@ -227,20 +251,23 @@ def run_seed_classifier(
     # Not peft's use_gradient_checkpointing: it calls transformers' deprecated gradient_checkpointing_enable.
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    lora = cfg.lora
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            bias=lora.bias,
-            target_modules=seed_targets(model, workload),
-            task_type="SEQ_CLS",  # trains and saves the head (score, classifier)
-        ),
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        bias=cfg.lora.bias,
+        target_modules=seed_targets(model, workload),
+        task_type="SEQ_CLS",  # trains and saves the head (score, classifier)
     )
+    return get_peft_model(model, lora)
+
+
+def seed_classifier_arguments(cfg):
+    """The recipe's TrainingArguments as its tutorial wrote them: batch, accumulation, optimizer and precision."""
+    from transformers import TrainingArguments
+
     t = cfg.train
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -260,30 +287,6 @@ def run_seed_classifier(
         disable_tqdm=True,
         remove_unused_columns=False,
     )
-    distributed.one_gpu_per_process(args)
-    meter = Meter(warmup, device)
-    trainer = loss_trainer(
-        model=model,
-        args=args,
-        train_dataset=_dataset(rows, labels, multilabel),
-        data_collator=meter.wrap(lambda examples: pad_classification(examples, pad_id, multilabel)),
-        callbacks=[meter.callback()],
-        label_weights=label_weights(cfg, labels),
-        multilabel=multilabel,
-    )
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    peak = peak_memory_gb(device)
-    batch = t.per_device_train_batch_size
-    longest = meter.max_micro_batch_rows_x_len // batch  # the widest padded micro-batch
-    estimate = plan_estimate_gb(cfg, batch, longest, 1.0, t.optim)
-    _release(trainer, device)
-    del trainer, model
-    settings = dict(
-        micro_batch_size=batch, gradient_accumulation_steps=t.gradient_accumulation_steps, checkpointed="all"
-    )
-    return side_result("seed", None, meter, wall, peak, estimate, base, settings)
 
 
 def run_fast_classifier(
@@ -297,65 +300,30 @@ def run_fast_classifier(
     variant: str = "",
     profile: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """(b) The project's trainer, as ``src.training.build_trainer`` builds it for a classifier."""
+    """(b) The project's trainer, as ``src.fit.build_trainer`` builds it for a classifier."""
     from src import modeling
-    from src.engine.classification import (
-        FlatClassificationCollator,
-        FlatClassifierTrainer,
-        flat_attention,
-        plan_fast_classifier,
-    )
 
     if variant not in ("", "profile", "length-grouped", "no-graphs"):
         raise ValueError(f"no variant {variant!r} for a classification workload (length-grouped, no-graphs)")
     train = dict(workload.fast) if device != "cpu" else {}
     cfg = classifier_config(workload, model_dir, device, train | {"memory_budget_gb": budget})
-    multilabel = cfg.data.task == "multilabel"
     base = reset_memory(device)
     pad_id = bench_tokenizer().pad_token_id
     model = modeling.load_model(
         cfg.model, cfg.quant, cfg.data.task, label_names(cfg), pad_id, cfg.train.activation_checkpointing
     )
     model = modeling.apply_lora(model, cfg.lora, cfg.data.task)
-    args = distributed.one_gpu_per_process(classification_arguments(cfg, cfg.output_dir))
     meter = Meter(warmup, device)
     profiler = None if profile is None else StepProfiler(profile, start=warmup + 4, device=device)
-    common = dict(
-        model=model,
-        train_dataset=_dataset(rows, labels, multilabel),
-        callbacks=[meter.callback()] + ([profiler.callback()] if profiler else []),
-        label_weights=label_weights(cfg, labels),
-        multilabel=multilabel,
-    )
-    if variant == "length-grouped":  # padded batches of like lengths; planned as padded (max_length an example)
-        attention = "padded"
-        args, micro = plan_fast_classifier(cfg, model, args, attention)
-        args.train_sampling_strategy = "group_by_length"
-        collate = meter.wrap(lambda examples: pad_classification(examples, pad_id, multilabel))
-        trainer = loss_trainer(args=args, data_collator=collate, **common)
-    else:
-        attention = flat_attention(model)
-        args, micro = plan_fast_classifier(cfg, model, args, attention, [len(r) for r in rows])
-        args.include_num_input_tokens_seen = "all"  # a packed row has no padding
-        collate = meter.wrap(FlatClassificationCollator(multilabel))
-        graphed = micro is not None and micro.cuda_graphs and variant != "no-graphs"
-        trainer = FlatClassifierTrainer(
-            args=args, data_collator=collate, attention=attention, cuda_graphs=graphed, **common
-        )
+    callbacks = [meter.callback()] + ([profiler.callback()] if profiler else [])
+    trainer, micro, attention = fast_classifier_trainer(cfg, model, rows, labels, variant, meter, callbacks)
     optim = trainer.args.optim
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     peak = peak_memory_gb(device)
     meter.gather()
-    checkpointed = 0.0 if micro is None else micro.checkpointed_layers / micro.num_layers
-    if variant == "length-grouped":
-        batch = trainer.args.per_device_train_batch_size
-        observed = plan_estimate_gb(cfg, batch, meter.max_micro_batch_rows_x_len // batch, checkpointed, optim)
-    else:
-        observed = plan_estimate_gb(cfg, 1, meter.max_micro_batch_tokens, checkpointed, optim)
-    if observed is not None and micro is not None:
-        observed += micro.dequantized_gb
+    observed = observed_estimate(cfg, trainer, meter, micro, variant, optim)
     graphs = getattr(trainer, "graphs", None)  # the length-grouped side's Trainer has none
     graph_note = None if graphs is None else graphs.summary()
     _release(trainer, device)
@@ -368,6 +336,56 @@ def run_fast_classifier(
     if profiler is not None:
         result["profile"] = profiler.summary
     return result
+
+
+def fast_classifier_trainer(cfg, model, rows: list[list[int]], labels: list, variant: str, meter: Meter, callbacks):
+    """(trainer, micro-batch plan, attention) of the fast side: packed rows planned from their token counts, or for
+    ``length-grouped`` padded batches of like lengths, planned as padded (max_length an example)."""
+    from src.engine.classification import (
+        FlatClassificationCollator,
+        FlatClassifierTrainer,
+        flat_attention,
+        plan_fast_classifier,
+    )
+
+    multilabel = cfg.data.task == "multilabel"
+    args = training_arguments(cfg.train, cfg.output_dir, cfg.data.task, cfg.model.max_length)
+    args = distributed.one_gpu_per_process(args)
+    common = dict(
+        model=model,
+        train_dataset=_dataset(rows, labels, multilabel),
+        callbacks=callbacks,
+        label_weights=label_weights(cfg, labels),
+        multilabel=multilabel,
+    )
+    if variant == "length-grouped":
+        pad_id = bench_tokenizer().pad_token_id
+        args, micro = plan_fast_classifier(cfg, model, args, "padded")
+        args.train_sampling_strategy = "group_by_length"
+        collate = meter.wrap(lambda examples: pad_classification(examples, pad_id, multilabel))
+        return loss_trainer(args=args, data_collator=collate, **common), micro, "padded"
+    attention = flat_attention(model)
+    args, micro = plan_fast_classifier(cfg, model, args, attention, [len(r) for r in rows])
+    args.include_num_input_tokens_seen = "all"  # a packed row has no padding
+    collate = meter.wrap(FlatClassificationCollator(multilabel))
+    graphed = micro is not None and micro.cuda_graphs and variant != "no-graphs"
+    trainer = FlatClassifierTrainer(
+        args=args, data_collator=collate, attention=attention, cuda_graphs=graphed, **common
+    )
+    return trainer, micro, attention
+
+
+def observed_estimate(cfg, trainer, meter: Meter, micro, variant: str, optim: str) -> Optional[float]:
+    """src.plan's peak at the largest micro-batch the side saw (padded: its rows x longest), plus the cached weights."""
+    checkpointed = 0.0 if micro is None else micro.checkpointed_layers / micro.num_layers
+    if variant == "length-grouped":
+        batch = trainer.args.per_device_train_batch_size
+        observed = plan_estimate_gb(cfg, batch, meter.max_micro_batch_rows_x_len // batch, checkpointed, optim)
+    else:
+        observed = plan_estimate_gb(cfg, 1, meter.max_micro_batch_tokens, checkpointed, optim)
+    if observed is not None and micro is not None:
+        observed += micro.dequantized_gb
+    return observed
 
 
 def run_sides(
@@ -383,8 +401,6 @@ def run_sides(
     profile: Optional[Path] = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Every side of a classification workload, on labels drawn for ``rows``; (results, warm-up steps)."""
-    import sys
-
     recipe = classifier_config(workload, model_dir, device)
     multilabel = recipe.data.task == "multilabel"
     labels = synthetic_labels(len(rows), len(label_names(recipe)), multilabel)
@@ -402,7 +418,7 @@ def run_sides(
                     run_fast_classifier(workload, model_dir, rows, labels, device, warmup, budgets[0], variant)
                 )
             except Exception as exc:
-                print(f"variant {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                console.log.warning(f"variant {variant} failed: {type(exc).__name__}: {exc}")
                 failed.append({"workload": workload.name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
         if profile is not None:
             path = profile / f"{workload.name}-rank{distributed.rank()}.txt"

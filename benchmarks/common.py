@@ -1,15 +1,11 @@
 """What the bench's SFT and classification workloads share: the workload, the synthetic rows' tokenizer, the meter
 and profiler of a side's steps, the memory readings and ``src.plan``'s estimate, and a side's result record.
-
-Split from :mod:`benchmarks.sft` so that :mod:`benchmarks.classification` and it both build on these, and
-neither imports the other's way round.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from src import distributed
+from src import console
 
 QUANT_GROUPS = {4: "4bit", 8: "8bit", 16: "none"}  # conf/quant/<group>.yaml by base bits
 
@@ -206,7 +202,7 @@ class StepProfiler:
             "gpu_busy": kernel_us / 1e6 / wall if self.cuda else None,
             "table": str(self.path),
         }
-        print(f"profile: {self.summary}", file=sys.stderr)
+        console.say(f"profile: {self.summary}")
 
 
 def reset_memory(device: str) -> float:
@@ -237,7 +233,7 @@ def plan_estimate_gb(cfg, rows: int, row_len: int, checkpointed: float, optim: s
         full = peak(False)
         return full if checkpointed == 0 else full - (full - peak(True)) * checkpointed
     except Exception as exc:  # the planner is optional here: report without it
-        print(f"note: src.plan estimate unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        console.say(f"note: src.plan estimate unavailable ({type(exc).__name__}: {exc})")
         return None
 
 
@@ -259,21 +255,3 @@ def side_result(side, budget, meter: Meter, wall, peak, estimate, base, settings
         "max_micro_batch_rows_x_len": meter.max_micro_batch_rows_x_len,
         "settings": settings,
     }
-
-
-def training_kwargs(cfg, output_dir: str, arguments_cls) -> dict[str, Any]:
-    """The keyword arguments ``src.training.training_arguments`` gives ``arguments_cls`` (TrainingArguments or TRL's
-    SFTConfig): every ``train`` field it takes, and the project's logging, saving and DDP settings (that module needs
-    mlflow; the bench must not)."""
-    names = {f.name for f in dataclasses.fields(arguments_cls)}
-    kwargs = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name in names}
-    kwargs.update(
-        output_dir=output_dir,
-        report_to="none",
-        logging_nan_inf_filter=False,
-        include_num_input_tokens_seen="non_padding",
-        save_only_model=False,
-        disable_tqdm=True,
-    )
-    kwargs.update(distributed.ddp_training_kwargs())
-    return kwargs

@@ -9,7 +9,7 @@ python -m src.bench --workload tiny-pack3 --device cpu --examples 24   # its smo
 
 A pack workload trains its trials through ``src.train`` itself, in this process: first each alone (``src.fit.run``,
 the sequential side), then all as one pack (``src.sweeps.job.run_pack_job``, the packed side), on the same random-
-weight base (``benchmarks.sft.ensure_checkpoint``, with the tiny model's tokenizer) and the same synthetic
+weight base (``benchmarks.workloads.ensure_checkpoint``, with the tiny model's tokenizer) and the same synthetic
 instruction rows (``--examples`` rows, lengths like the bench's SFT rows), tracked in a throwaway MLflow store. Per
 side: the wall time, tokens/s summed over the trials (each trial's ``train_tokens`` over the side's wall time),
 MFU, the peak GPU memory, and each trial's final ``eval_loss``.
@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from src import console
+
 
 @dataclass(frozen=True)
 class PackWorkload:
     name: str
-    base: str  # a benchmarks.sft workload: the architecture and base bits
+    base: str  # a benchmarks.workloads workload: the architecture and base bits
     trials: tuple[tuple[str, ...], ...]  # each trial's overrides
     train: tuple[str, ...] = ()
 
@@ -103,22 +104,42 @@ def run_pack_workload(
     sides_run: tuple[str, ...] = ("sequential", "packed"),
 ) -> dict:
     """Both sides of a pack workload (or those in ``sides_run``), one after the other; their measurements."""
-    import mlflow
-    import torch
-
-    import src.fit
-    from benchmarks.sft import WORKLOADS, bf16_matmul_tflops, ensure_checkpoint, non_embedding_params
-    from src.config import compose, validate
-    from src.sweeps.job import run_pack_job
+    from benchmarks.workloads import WORKLOADS, ensure_checkpoint
 
     base = WORKLOADS[workload.base]
     model_dir = text_checkpoint(ensure_checkpoint(base, model_root, device))
-    data = work / "data"
+    data = write_rows(work / "data", examples)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    common = pack_overrides(workload, base, model_dir, data, device)
+    sides: dict[str, dict[str, Any]] = {}
+    if "sequential" in sides_run:
+        sides["sequential"] = run_sequential(workload, common, work, device)
+    if "packed" in sides_run:
+        sides["packed"] = run_packed(workload, common, work, device)
+    measure(sides, base, device)
+    result = {"workload": workload.name, "examples": examples, "trials": [" ".join(t) for t in workload.trials]}
+    result["sides"] = sides
+    if len(sides) == 2:
+        seq, packed = sides["sequential"], sides["packed"]
+        result["speedup"] = seq["wall_s"] / packed["wall_s"]
+        result["eval_loss_rel_diff"] = [
+            None if a is None or b is None else abs(b - a) / abs(a)
+            for a, b in zip(seq["eval_loss"], packed["eval_loss"])
+        ]
+    return result
+
+
+def write_rows(data: Path, examples: int) -> Path:
+    """``examples`` training rows and 128 eval rows as JSON lines in ``data``."""
     data.mkdir(parents=True, exist_ok=True)
     rows = instruction_rows(examples + 128)
     for name, part in (("train", rows[:examples]), ("eval", rows[examples:])):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    return data
+
+
+def pack_overrides(workload: PackWorkload, base, model_dir: Path, data: Path, device: str) -> list[str]:
+    """The overrides every trial of both sides shares: the base, the rows, one untimed-eval epoch."""
     common = [
         f"model={base.model_group}",
         f"model.name_or_path={model_dir}",
@@ -137,41 +158,70 @@ def run_pack_workload(
     ]
     if device == "cpu":
         common += ["train.bf16=false", "train.tf32=null", "quant.compute_dtype=float32"]
+    return common
 
-    def config(side: str, i: int) -> tuple[dict, Any]:
-        raw = compose([*common, *workload.trials[i]], output_dir=str(work / side / f"t{i}"))
-        return raw, validate(raw, for_training=True)
 
-    def reset() -> None:
-        import gc
+def trial_config(workload: PackWorkload, common: list[str], output_dir: Path, i: int) -> tuple[dict, Any]:
+    """Trial ``i``'s composed (raw, validated) config."""
+    from src.config import compose, validate
 
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+    raw = compose([*common, *workload.trials[i]], output_dir=str(output_dir / f"t{i}"))
+    return raw, validate(raw, for_training=True)
 
-    sides: dict[str, dict[str, Any]] = {}
-    # The sequential side: each trial alone, as a sweep with pack=1 trains it (without the process start).
-    if "sequential" in sides_run:
-        run_ids, peaks = [], []
-        start = time.perf_counter()
-        for i in range(len(workload.trials)):
-            reset()
-            src.fit.run(*config("sequential", i))
-            run_ids.append(mlflow.last_active_run().info.run_id)
-            peaks.append(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
-        sides["sequential"] = {"wall_s": time.perf_counter() - start, "run_ids": run_ids, "peak_gb": peaks}
-    if "packed" in sides_run:  # all trials as one pack
-        reset()
-        start = time.perf_counter()
-        members = [(config("packed", i)[0], None) for i in range(len(workload.trials))]
-        result = run_pack_job(members, isolate=False)
-        wall = time.perf_counter() - start
-        bad = [r for r in result["pack"] if r["status"] != "ok"]
-        if bad:
-            raise RuntimeError(f"packed side: {bad}")
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-        sides["packed"] = {"wall_s": wall, "run_ids": [r["run_id"] for r in result["pack"]], "peak_gb": [peak]}
+
+def reset_peak(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device: str) -> Optional[float]:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def run_sequential(workload: PackWorkload, common: list[str], work: Path, device: str) -> dict[str, Any]:
+    """Each trial alone, as a sweep with pack=1 trains it (without the process start)."""
+    import mlflow
+
+    import src.fit
+
+    run_ids, peaks = [], []
+    start = time.perf_counter()
+    for i in range(len(workload.trials)):
+        reset_peak(device)
+        src.fit.run(*trial_config(workload, common, work / "sequential", i))
+        run_ids.append(mlflow.last_active_run().info.run_id)
+        peaks.append(peak_gb(device))
+    return {"wall_s": time.perf_counter() - start, "run_ids": run_ids, "peak_gb": peaks}
+
+
+def run_packed(workload: PackWorkload, common: list[str], work: Path, device: str) -> dict[str, Any]:
+    """All trials as one pack."""
+    from src.sweeps.job import run_pack_job
+
+    reset_peak(device)
+    start = time.perf_counter()
+    members = [(trial_config(workload, common, work / "packed", i)[0], None) for i in range(len(workload.trials))]
+    result = run_pack_job(members, isolate=False)
+    wall = time.perf_counter() - start
+    bad = [r for r in result["pack"] if r["status"] != "ok"]
+    if bad:
+        raise RuntimeError(f"packed side: {bad}")
+    return {"wall_s": wall, "run_ids": [r["run_id"] for r in result["pack"]], "peak_gb": [peak_gb(device)]}
+
+
+def measure(sides: dict[str, dict[str, Any]], base, device: str) -> None:
+    """Each side's tokens/s (its trials' train_tokens over its wall time), MFU and eval losses, from MLflow."""
+    import mlflow
+
+    from benchmarks.workloads import bf16_matmul_tflops, non_embedding_params
 
     peak_flops = bf16_matmul_tflops(device) * 1e12
     params = non_embedding_params(base)
@@ -183,16 +233,6 @@ def run_pack_workload(
         side["mfu"] = 4 * params * side["tokens_per_s"] / peak_flops  # benchmarks.sft's MFU (LoRA: no weight grads)
         side["eval_loss"] = [r.data.metrics.get("eval_loss") for r in runs_]
         side["train_tokens"] = tokens
-    result = {"workload": workload.name, "examples": examples, "trials": [" ".join(t) for t in workload.trials]}
-    result["sides"] = sides
-    if len(sides) == 2:
-        seq, packed = sides["sequential"], sides["packed"]
-        result["speedup"] = seq["wall_s"] / packed["wall_s"]
-        result["eval_loss_rel_diff"] = [
-            None if a is None or b is None else abs(b - a) / abs(a)
-            for a, b in zip(seq["eval_loss"], packed["eval_loss"])
-        ]
-    return result
 
 
 def format_pack(result: dict) -> str:
@@ -228,7 +268,7 @@ def pack_main(argv: list[str]) -> int:
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-bench-models")
     parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/<date>-<workload>.json")
     args = parser.parse_args(argv)
-    from benchmarks.sft import versions
+    from benchmarks.workloads import versions
 
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     try:
@@ -250,5 +290,5 @@ def pack_main(argv: list[str]) -> int:
     out = args.json or Path("outputs/bench") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.workload}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"results: {out}", file=sys.stderr)
+    console.say(f"results: {out}")
     return 0

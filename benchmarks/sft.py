@@ -35,7 +35,8 @@ written as JSON.
 Under torchrun (fast side only) each rank trains its shard with the per-GPU batch, and tokens/s
 counts every rank's tokens over the slowest rank's time; MFU is per GPU. A single process uses one
 GPU even where it sees several (``src.distributed.one_gpu_per_process``).
-Needs transformers, peft, trl, datasets and bitsandbytes; mlflow is not imported.
+Needs transformers, peft, trl, datasets and bitsandbytes. The fast side's Trainer arguments come from
+:func:`src.training_args.training_arguments`, as a run's do.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,204 +62,29 @@ from benchmarks.common import (
     plan_estimate_gb,
     reset_memory,
     side_result,
-    training_kwargs,
 )
-from src import distributed
+from benchmarks.workloads import (
+    WORKLOADS,
+    bf16_matmul_tflops,
+    ensure_checkpoint,
+    non_embedding_params,
+    synthetic_examples,
+    versions,
+)
+from src import console, distributed
+from src.training_args import training_arguments
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-W3B = dict(
-    hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32, num_key_value_heads=32
-)
-MISTRAL7B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
-)
-BERT_LARGE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-TINY_BERT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 SEED_BATCH_SIZE = 8
 LORA_TARGETS = "[all_linear,lm_head]"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-
-
-# The classifiers' recipes, as project overrides (the experiment files encode the tutorials' settings). The labels
-# come from the bench, not from a data file: seed 000's six label columns, seed 001's five classes.
-SEED000 = ("experiment=seed000_mistral7b_multilabel", "data.path=synthetic.csv")
-SEED001 = ("experiment=seed001_bert_large_intents", "data.labels=[c0,c1,c2,c3,c4]")
-SHORT_TEXTS = ("lora=all_linear", "data=topics", "data.labels=[negative,positive]", "train=gpu")  # the seeds' QLoRA
-GPU_PRECISION = (("bf16", True), ("tf32", True))  # conf/train/gpu.yaml's (seeds 000 and 001 train in fp32)
-
-
-WORKLOADS = {
-    w.name: w
-    for w in (
-        Workload("w3b-4bit", "openllama3b", "llama", W3B, 4),
-        Workload("w3b-8bit", "openllama3b", "llama", W3B, 8),
-        Workload("w3b-16bit", "openllama3b", "llama", W3B, 16),
-        Workload("mistral7b-4bit", "mistral7b", "mistral", MISTRAL7B, 4),
-        Workload("tiny", "tiny", "llama", TINY, 16, lengths=(16, 64), vocab_size=1024),
-        # Classifiers (benchmarks/classification.py): seed 000's multi-label recipe on title + abstract lengths,
-        # short single sentences (SST-2, TREC) on the seeds' QLoRA recipe, seed 001's BERT on spoken commands.
-        Workload(
-            "mistral7b-4bit-multilabel",
-            "mistral7b",
-            "mistral",
-            MISTRAL7B,
-            4,
-            lengths=(150, 350),
-            task="multilabel",
-            recipe=SEED000,
-            fast=GPU_PRECISION,
-            seed_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-        ),
-        Workload(
-            "w3b-4bit-cls-short",
-            "openllama3b",
-            "llama",
-            W3B,
-            4,
-            lengths=(10, 60),
-            task="classification",
-            recipe=("model=openllama3b", *SHORT_TEXTS),
-        ),
-        Workload(
-            "bert-large-4bit-cls",
-            "bert_large",
-            "bert",
-            BERT_LARGE,
-            4,
-            lengths=(6, 24),
-            vocab_size=30522,
-            task="classification",
-            recipe=SEED001,
-            fast=GPU_PRECISION,
-        ),
-        # Their CPU smoke tests: the same recipes on 2-layer models.
-        Workload(
-            "tiny-cls",
-            "tiny",
-            "llama",
-            TINY,
-            4,
-            lengths=(4, 24),
-            vocab_size=1024,
-            task="classification",
-            recipe=("model=tiny", *SHORT_TEXTS),
-        ),
-        Workload(
-            "tiny-multilabel",
-            "tiny",
-            "llama",
-            TINY,
-            4,
-            lengths=(8, 32),
-            vocab_size=1024,
-            task="multilabel",
-            recipe=(*SEED000, "model=tiny"),
-            fast=GPU_PRECISION,
-            seed_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-        ),
-        Workload(
-            "tiny-bert-cls",
-            "bert_large",
-            "bert",
-            TINY_BERT,
-            4,
-            lengths=(4, 24),
-            vocab_size=1024,
-            task="classification",
-            recipe=SEED001,
-            fast=GPU_PRECISION,
-        ),
-    )
-}
-
-
-# ---------------------------------------------------------------------------------------------- data and model
-
-
-def synthetic_examples(n: int, lengths: tuple[int, int], vocab_size: int, seed: int = 0) -> list[list[int]]:
-    """``n`` rows of random token ids (3..vocab), lengths uniform in ``lengths`` (inclusive)."""
-    generator = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=generator).tolist()
-    return [torch.randint(3, vocab_size, (size,), generator=generator).tolist() for size in sizes]
-
-
-def model_config(workload: Workload):
-    from transformers import BertConfig, LlamaConfig, MistralConfig
-
-    if workload.model_type == "bert":
-        return BertConfig(vocab_size=workload.vocab_size, max_position_embeddings=512, **workload.arch)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig}[workload.model_type]
-    return cls(
-        vocab_size=workload.vocab_size,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        **workload.arch,
-    )
-
-
-def ensure_checkpoint(workload: Workload, root: Path, device: str) -> Path:
-    """A random-weight bf16 checkpoint of the architecture (seeded), saved once and reused (an encoder: its bare
-    ``BertModel``, from which the classifier loads with a new head)."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    directory = root / f"{workload.model_type}-{workload.arch['hidden_size']}-{workload.arch['num_hidden_layers']}"
-    if (directory / "DONE").exists():
-        return directory
-    torch.manual_seed(0)
-    builder = AutoModel if workload.model_type == "bert" else AutoModelForCausalLM
-    with torch.device(device):
-        model = builder.from_config(model_config(workload), dtype=torch.bfloat16)
-    model.save_pretrained(directory)
-    bench_tokenizer().save_pretrained(directory)
-    (directory / "DONE").write_text("1")
-    del model
-    return directory
-
-
-def non_embedding_params(workload: Workload) -> int:
-    """Parameters that do matmul work per token: all but the input embedding (lm_head counts). A classifier's:
-    the linear layers of its transformer (its head runs on one pooled token an example)."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    if workload.task != "sft":
-        with torch.device("meta"):
-            backbone = AutoModel.from_config(model_config(workload))
-        return sum(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Linear))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config(workload))
-    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-
-
-def bf16_matmul_tflops(device: str) -> float:
-    """The measured dense matmul rate: bf16 8192^3 on CUDA (median of 10), fp32 on CPU."""
-    if device == "cpu":
-        a = torch.randn(1024, 1024)
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ a
-        return 5 * 2 * 1024**3 / (time.perf_counter() - start) / 1e12
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n**3 / statistics.median(times) / 1e12
+FAST_VARIANTS = (
+    "configured-optim, mask-attention, per-example-attention, fp32-weights, no-dequant, no-graphs, compile, "
+    "compile-no-dequant, liger, batch<N>"
+)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -271,7 +95,7 @@ def project_config(workload: Workload, model_dir: Path, device: str, overrides: 
     from src.config import compose, validate
 
     base = [
-        "hydra/sweeper=basic",  # the project's sweepers import mlflow, which the bench does without
+        "hydra/sweeper=basic",  # one run's config: the project's sweeper and its settings are not needed
         f"model={workload.model_group}",
         f"model.name_or_path={model_dir}",
         f"model.max_length={workload.lengths[1]}",
@@ -293,23 +117,7 @@ def project_config(workload: Workload, model_dir: Path, device: str, overrides: 
     return validate(raw)
 
 
-def sft_arguments(cfg, output_dir: str):
-    """The SFTConfig ``src.training.training_arguments`` builds (that module needs mlflow; the bench must not).
-
-    ``tests/test_packing.py`` checks the two stay equal.
-    """
-    from trl import SFTConfig
-
-    kwargs = training_kwargs(cfg, output_dir, SFTConfig)
-    return SFTConfig(
-        max_length=cfg.model.max_length, packing=False, completion_only_loss=cfg.data.response_only_loss, **kwargs
-    )
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-# ---------------------------------------------------------------------------------------------- the two sides
+# ---------------------------------------------------------------------------------------------- the seed side
 
 
 def pad_to_longest(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -327,8 +135,7 @@ def pad_to_longest(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]
 def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device: str, warmup: int) -> dict[str, Any]:
     """(a) The seeds' recipe, written out as the seeds wrote it."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
+    from transformers import Trainer
 
     cfg = project_config(
         workload,
@@ -342,6 +149,37 @@ def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device:
         + (["train.optim=paged_adamw_8bit"] if device != "cpu" else []),
     )
     base = reset_memory(device)
+    model = seed_model(workload, model_dir, device, cfg)
+    args = distributed.one_gpu_per_process(
+        seed_arguments(cfg)
+    )  # one GPU, as the seeds ran it, also on a host with more
+    meter = Meter(warmup, device)
+    pad_id = bench_tokenizer().pad_token_id
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": rows}),
+        data_collator=meter.wrap(lambda examples: pad_to_longest(examples, pad_id)),
+        callbacks=[meter.callback()],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    peak = peak_memory_gb(device)
+    longest = meter.max_micro_batch_rows_x_len // SEED_BATCH_SIZE  # the widest padded batch
+    estimate = plan_estimate_gb(cfg, SEED_BATCH_SIZE, longest, 1.0, cfg.train.optim)
+    trainer.accelerator.free_memory()
+    del trainer, model
+    return side_result(
+        "seed", None, meter, wall, peak, estimate, base, dict(micro_batch_size=SEED_BATCH_SIZE, checkpointed="all")
+    )
+
+
+def seed_model(workload: Workload, model_dir: Path, device: str, cfg):
+    """The seeds' model: the base at its bits through bitsandbytes, every layer checkpointed, peft's LoRA."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     quant = {
         4: BitsAndBytesConfig(
             load_in_4bit=True,
@@ -363,18 +201,22 @@ def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device:
     # Not peft's use_gradient_checkpointing: it calls transformers' deprecated gradient_checkpointing_enable.
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=LLAMA_LINEARS,
-            task_type="CAUSAL_LM",
-        ),
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=LLAMA_LINEARS,
+        task_type="CAUSAL_LM",
     )
+    return get_peft_model(model, lora)
+
+
+def seed_arguments(cfg):
+    """The seeds' TrainingArguments, written out as they wrote them: the project's hyperparameters, their batch."""
+    from transformers import TrainingArguments
+
     t = cfg.train
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=SEED_BATCH_SIZE,
         activation_checkpointing=True,
@@ -393,27 +235,9 @@ def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device:
         report_to="none",
         disable_tqdm=True,
     )
-    distributed.one_gpu_per_process(args)  # one GPU, as the seeds ran it, also on a host with more
-    meter = Meter(warmup, device)
-    pad_id = bench_tokenizer().pad_token_id
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_dict({"input_ids": rows}),
-        data_collator=meter.wrap(lambda examples: pad_to_longest(examples, pad_id)),
-        callbacks=[meter.callback()],
-    )
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    peak = peak_memory_gb(device)
-    longest = meter.max_micro_batch_rows_x_len // SEED_BATCH_SIZE  # the widest padded batch
-    estimate = plan_estimate_gb(cfg, SEED_BATCH_SIZE, longest, 1.0, t.optim)
-    trainer.accelerator.free_memory()
-    del trainer, model
-    return side_result(
-        "seed", None, meter, wall, peak, estimate, base, dict(micro_batch_size=SEED_BATCH_SIZE, checkpointed="all")
-    )
+
+
+# ---------------------------------------------------------------------------------------------- the fast side
 
 
 def run_fast(
@@ -427,42 +251,14 @@ def run_fast(
     profile: Optional[Path] = None,
 ) -> dict[str, Any]:
     """(b) The project's trainer with its defaults: src.modeling + src.engine, as src.train builds them."""
-    from datasets import Dataset
-
-    from src import modeling
-    from src.engine.attention import mask_attention_gb
-    from src.engine.trainer import build_flat_sft_trainer
-
-    overrides = [] if budget is None else [f"train.memory_budget_gb={budget}"]
-    if variant.startswith("batch"):  # a larger optimizer step: learning differs from the seeds' batch of 8
-        overrides.append(f"train.per_device_train_batch_size={int(variant[len('batch') :])}")
-    cfg = project_config(workload, model_dir, device, overrides)
+    cfg = fast_config(workload, model_dir, device, budget, variant)
     base = reset_memory(device)
     if variant == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
-
-        patch = {"llama": apply_liger_kernel_to_llama, "mistral": apply_liger_kernel_to_mistral}[workload.model_type]
-        patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
-    tokenizer = bench_tokenizer()
-    model = modeling.load_model(
-        cfg.model, cfg.quant, "sft", None, tokenizer.pad_token_id, cfg.train.activation_checkpointing
-    )
-    model = modeling.apply_lora(model, cfg.lora, "sft")
+        apply_liger(workload)
     meter = Meter(warmup, device)
     profiler = None if profile is None else StepProfiler(profile, start=warmup + 4, device=device)
-    trainer, micro = build_flat_sft_trainer(
-        cfg,
-        model,
-        tokenizer,
-        sft_arguments(cfg, cfg.output_dir),
-        Dataset.from_dict({"input_ids": rows}),
-        callbacks=[meter.callback()] + ([profiler.callback()] if profiler else []),
-        attention={"mask-attention": "mask", "per-example-attention": "per-example"}.get(variant, "auto"),
-        bf16_weights=variant != "fp32-weights",
-        dequantize=False if variant in ("no-dequant", "compile-no-dequant") else None,
-        compile_layers=variant in ("compile", "compile-no-dequant"),
-        cuda_graphs=False if variant == "no-graphs" else None,
-    )
+    callbacks = [meter.callback()] + ([profiler.callback()] if profiler else [])
+    trainer, micro, model = fast_trainer(cfg, rows, variant, callbacks)
     if variant.startswith("compile"):  # a dedicated run compiles once, outside the timed steps
         warm_compiled(trainer, rows[: SEED_BATCH_SIZE * 2])
     if variant == "configured-optim":  # measure what fused AdamW buys
@@ -474,13 +270,7 @@ def run_fast(
     wall = time.perf_counter() - start
     peak = peak_memory_gb(device)
     meter.gather()
-    estimate = plan_estimate_gb(  # at the largest packed micro-batch seen (the plan bounds it by max_length rows)
-        cfg, 1, meter.max_micro_batch_tokens, micro.checkpointed_layers / micro.num_layers, optim
-    )
-    if estimate is not None and micro.attention == "mask":
-        estimate += mask_attention_gb(model, meter.max_micro_batch_tokens, micro.checkpointed_layers)
-    if estimate is not None:
-        estimate += micro.dequantized_gb
+    estimate = fast_estimate(cfg, model, meter, micro, optim)
     graphs = trainer.graphs
     graph_note = None if graphs is None else graphs.summary()
     trainer.accelerator.free_memory()
@@ -491,6 +281,65 @@ def run_fast(
         result["profile"] = profiler.summary
     result["planned_est_peak_gpu_mem_gb"] = micro.est_peak_gpu_mem_gb
     return result
+
+
+def fast_config(workload: Workload, model_dir: Path, device: str, budget: Optional[float], variant: str):
+    """The project's config of the fast side: the workload's, at the budget (and a variant's batch)."""
+    overrides = [] if budget is None else [f"train.memory_budget_gb={budget}"]
+    if variant.startswith("batch"):  # a larger optimizer step: learning differs from the seeds' batch of 8
+        overrides.append(f"train.per_device_train_batch_size={int(variant[len('batch') :])}")
+    return project_config(workload, model_dir, device, overrides)
+
+
+def apply_liger(workload: Workload) -> None:
+    """Liger's kernels for the architecture's RoPE, RMSNorm and SwiGLU (the loss stays the project's)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
+
+    patch = {"llama": apply_liger_kernel_to_llama, "mistral": apply_liger_kernel_to_mistral}[workload.model_type]
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def fast_trainer(cfg, rows: list[list[int]], variant: str, callbacks: list):
+    """The SFT fast path's (trainer, micro-batch plan, model) as src.fit builds it, with a variant's switch turned."""
+    from datasets import Dataset
+
+    from src import modeling
+    from src.engine.trainer import build_flat_sft_trainer
+
+    tokenizer = bench_tokenizer()
+    model = modeling.load_model(
+        cfg.model, cfg.quant, "sft", None, tokenizer.pad_token_id, cfg.train.activation_checkpointing
+    )
+    model = modeling.apply_lora(model, cfg.lora, "sft")
+    args = training_arguments(cfg.train, cfg.output_dir, "sft", cfg.model.max_length, cfg.data.response_only_loss)
+    trainer, micro = build_flat_sft_trainer(
+        cfg,
+        model,
+        tokenizer,
+        args,
+        Dataset.from_dict({"input_ids": rows}),
+        callbacks=callbacks,
+        attention={"mask-attention": "mask", "per-example-attention": "per-example"}.get(variant, "auto"),
+        bf16_weights=variant != "fp32-weights",
+        dequantize=False if variant in ("no-dequant", "compile-no-dequant") else None,
+        compile_layers=variant in ("compile", "compile-no-dequant"),
+        cuda_graphs=False if variant == "no-graphs" else None,
+    )
+    return trainer, micro, model
+
+
+def fast_estimate(cfg, model, meter: Meter, micro, optim: str) -> Optional[float]:
+    """src.plan's peak at the largest packed micro-batch seen (the plan bounds it by max_length rows), with what the
+    fast path adds: the mask attention's mask, the dequantized weights' cache."""
+    from src.engine.attention import mask_attention_gb
+
+    checkpointed = micro.checkpointed_layers / micro.num_layers
+    estimate = plan_estimate_gb(cfg, 1, meter.max_micro_batch_tokens, checkpointed, optim)
+    if estimate is None:
+        return None
+    if micro.attention == "mask":
+        estimate += mask_attention_gb(model, meter.max_micro_batch_tokens, micro.checkpointed_layers)
+    return estimate + micro.dequantized_gb
 
 
 def warm_compiled(trainer, rows: list[list[int]]) -> None:
@@ -506,19 +355,7 @@ def warm_compiled(trainer, rows: list[list[int]]) -> None:
     model.zero_grad(set_to_none=True)
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0], "cuda": str(torch.version.cuda)}
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "liger-kernel"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+# ---------------------------------------------------------------------------------------------- command
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
@@ -544,7 +381,8 @@ def parse_budgets(text: str) -> list[Optional[float]]:
     return [None if b == "default" else float(b) for b in text.split(",") if b]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The command line, with ``sides``, ``budgets`` and ``variants`` as lists."""
     parser = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="w3b-4bit", help=f"comma-separated: {', '.join(WORKLOADS)}")
     parser.add_argument("--examples", type=int, default=2048, help="synthetic rows (one epoch)")
@@ -557,9 +395,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--variants",
         default="",
-        help="extra fast runs (comma-separated): configured-optim, mask-attention, per-example-attention, "
-        "fp32-weights, no-dequant, no-graphs, compile, compile-no-dequant, liger, batch<N>; for a classifier: "
-        "length-grouped, no-graphs",
+        help=f"extra fast runs (comma-separated): {FAST_VARIANTS}; for a classifier: length-grouped, no-graphs",
     )
     parser.add_argument("--sides", default="seed,fast", help="which sides to run")
     parser.add_argument("--warmup-steps", type=int, default=3, help="optimizer steps left out of the timing")
@@ -575,89 +411,100 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu for a smoke test")
-    sides = args.sides.split(",")
-    budgets = parse_budgets(args.budgets or ("default,8" if args.device == "cuda" else "default"))
-    variants = [v for v in args.variants.split(",") if v]
+    args.sides = args.sides.split(",")
+    args.budgets = parse_budgets(args.budgets or ("default,8" if args.device == "cuda" else "default"))
+    args.variants = [v for v in args.variants.split(",") if v]
+    if distributed.world_size() > 1 and "seed" in args.sides:
+        parser.error("under torchrun run --sides fast (the seed recipe is measured on one GPU)")
+    return args
 
+
+def start_ranks(device: str) -> int:
+    """Under torchrun, the process group (the fast side only, data-parallel; rank 0 reports); the world size."""
     world = distributed.world_size()
-    if world > 1:  # under torchrun: the fast side only, data-parallel; rank 0 reports
-        if "seed" in sides:
-            parser.error("under torchrun run --sides fast (the seed recipe is measured on one GPU)")
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    main_process = distributed.is_main_process()
-    failed: list[dict[str, str]] = []
-    peak_tflops = bf16_matmul_tflops(args.device)
-    print(f"measured matmul peak: {peak_tflops:.0f} TFLOP/s", file=sys.stderr)
-    runs = []
-    for name in args.workload.split(","):
-        workload = WORKLOADS[name]
-        if main_process:  # one rank writes the checkpoint, the others wait for it
-            model_dir = ensure_checkpoint(workload, args.model_dir, args.device)
-        if world > 1:
-            torch.distributed.barrier()
-        model_dir = ensure_checkpoint(workload, args.model_dir, args.device)
-        rows = synthetic_examples(args.examples, workload.lengths, workload.vocab_size)
-        steps = -(-len(rows) // SEED_BATCH_SIZE)
-        warmup = min(args.warmup_steps, steps // 4)
-        n_params = non_embedding_params(workload)
-        results = []
-        if workload.task != "sft":
-            from benchmarks import classification as bench_classification
-
-            results, warmup = bench_classification.run_sides(
-                workload,
-                model_dir,
-                rows,
-                args.device,
-                sides,
-                budgets,
-                variants,
-                args.warmup_steps,
-                failed,
-                args.profile,
-            )
-        elif "seed" in sides:
-            results.append(run_seed(workload, model_dir, rows, args.device, warmup))
-        if "fast" in sides and workload.task == "sft":
-            for budget in budgets:
-                results.append(run_fast(workload, model_dir, rows, args.device, warmup, budget))
-            for variant in variants:  # experiments: one that breaks is reported, not fatal
-                try:
-                    results.append(run_fast(workload, model_dir, rows, args.device, warmup, budgets[0], variant))
-                except Exception as exc:
-                    print(f"variant {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-                    failed.append({"workload": name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
-            if args.profile is not None:
-                path = args.profile / f"{name}-rank{distributed.rank()}.txt"
-                results.append(run_fast(workload, model_dir, rows, args.device, warmup, budgets[0], "profile", path))
-        seed_rate = next((r["tokens_per_s"] for r in results if r["side"] == "seed"), None)
-        for r in results:  # MFU over every GPU of the run
-            r["world_size"] = world
-            r["mfu"] = 4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12 * world)
-            r["ratio_over_seed"] = r["tokens_per_s"] / seed_rate if seed_rate and r["side"] == "fast" else None
-        runs.append(
-            {
-                "workload": name,
-                "examples": len(rows),
-                "dataset_tokens": sum(len(r) for r in rows),
-                "non_embedding_params": n_params,
-                "warmup_steps": warmup,
-                "sides": results,
-            }
-        )
-        if main_process:
-            print(format_table(runs[-1:]), flush=True)
-
     if world > 1:
-        torch.distributed.destroy_process_group()
-        if not main_process:
-            return 0
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    return world
+
+
+def shared_checkpoint(workload: Workload, root: Path, device: str, world: int) -> Path:
+    """The workload's random-weight checkpoint: one rank writes it, the others wait for it."""
+    if distributed.is_main_process():
+        ensure_checkpoint(workload, root, device)
+    if world > 1:
+        torch.distributed.barrier()
+    return ensure_checkpoint(workload, root, device)
+
+
+def sft_sides(
+    workload: Workload, model_dir: Path, rows: list[list[int]], args: argparse.Namespace, warmup: int, failed: list
+) -> list[dict[str, Any]]:
+    """The seed side, the fast side at each budget, its variants and its profiled run, as the command asks."""
+    results = []
+    if "seed" in args.sides:
+        results.append(run_seed(workload, model_dir, rows, args.device, warmup))
+    if "fast" not in args.sides:
+        return results
+    for budget in args.budgets:
+        results.append(run_fast(workload, model_dir, rows, args.device, warmup, budget))
+    for variant in args.variants:  # experiments: one that breaks is reported, not fatal
+        try:
+            results.append(run_fast(workload, model_dir, rows, args.device, warmup, args.budgets[0], variant))
+        except Exception as exc:
+            console.log.warning(f"variant {variant} failed: {type(exc).__name__}: {exc}")
+            failed.append({"workload": workload.name, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
+    if args.profile is not None:
+        path = args.profile / f"{workload.name}-rank{distributed.rank()}.txt"
+        results.append(run_fast(workload, model_dir, rows, args.device, warmup, args.budgets[0], "profile", path))
+    return results
+
+
+def run_workload(name: str, args: argparse.Namespace, world: int, peak_tflops: float, failed: list) -> dict[str, Any]:
+    """Every side of one workload on its synthetic rows; the run's record, MFU and fast/seed ratios included."""
+    workload = WORKLOADS[name]
+    model_dir = shared_checkpoint(workload, args.model_dir, args.device, world)
+    rows = synthetic_examples(args.examples, workload.lengths, workload.vocab_size)
+    n_params = non_embedding_params(workload)
+    if workload.task != "sft":
+        from benchmarks import classification
+
+        results, warmup = classification.run_sides(
+            workload,
+            model_dir,
+            rows,
+            args.device,
+            args.sides,
+            args.budgets,
+            args.variants,
+            args.warmup_steps,
+            failed,
+            args.profile,
+        )
+    else:
+        warmup = min(args.warmup_steps, -(-len(rows) // SEED_BATCH_SIZE) // 4)
+        results = sft_sides(workload, model_dir, rows, args, warmup, failed)
+    seed_rate = next((r["tokens_per_s"] for r in results if r["side"] == "seed"), None)
+    for r in results:  # MFU over every GPU of the run
+        r["world_size"] = world
+        r["mfu"] = 4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12 * world)
+        r["ratio_over_seed"] = r["tokens_per_s"] / seed_rate if seed_rate and r["side"] == "fast" else None
+    return {
+        "workload": name,
+        "examples": len(rows),
+        "dataset_tokens": sum(len(r) for r in rows),
+        "non_embedding_params": n_params,
+        "warmup_steps": warmup,
+        "sides": results,
+    }
+
+
+def write_report(args: argparse.Namespace, runs: list, failed: list, peak_tflops: float, world: int) -> Path:
+    """The JSON of the whole invocation, with device, versions and date; its path."""
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "versions": versions(),
         "matmul_peak_tflops": peak_tflops,
         "world_size": world,
@@ -667,10 +514,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = args.json or Path("outputs") / "bench" / f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    world = start_ranks(args.device)
+    main_process = distributed.is_main_process()
+    failed: list[dict[str, str]] = []
+    peak_tflops = bf16_matmul_tflops(args.device)
+    console.say(f"measured matmul peak: {peak_tflops:.0f} TFLOP/s")
+    runs = []
+    for name in args.workload.split(","):
+        runs.append(run_workload(name, args, world, peak_tflops, failed))
+        if main_process:
+            print(format_table(runs[-1:]), flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if not main_process:
+            return 0
+    path = write_report(args, runs, failed, peak_tflops, world)
     print("\n" + format_table(runs))
     print(f"results: {path}")
     return 0
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

@@ -8,7 +8,6 @@ with prompt/completion data, so the loss is on the response only and EOS is appe
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -20,9 +19,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from src import console, distributed, tracking
-from src.config import TrainConfig, per_label_metrics
+from src import console, tracking
+from src.config import per_label_metrics
 from src.data import TaskData
+from src.training_args import training_arguments as training_arguments  # src.fit builds its Trainer's here
 
 # HF's per-step "loss" is our "train_loss" curve; its end-of-training average is "train_loss_mean".
 HF_TO_MLFLOW = {
@@ -49,40 +49,6 @@ MAX_CLASSES_PLOTTED = 50
 # Past this many classes (or labels) per-class F1 goes to classification_report.json only, not one MLflow metric
 # each per evaluation (10,000 classes made 10,000 metrics a run); the objective's own class is still logged.
 MAX_CLASS_METRICS = 100
-
-# TrainConfig fields read by src/train.py and build_trainer, not TrainingArguments fields.
-NOT_TRAINING_ARGUMENTS = {
-    "early_stopping_patience",
-    "stop_on_nonfinite_loss",
-    "resume_from_checkpoint",
-    "fast_path",
-    "memory_budget_gb",
-    "dequantize_weights",
-    "nproc_per_node",
-}
-
-
-def training_arguments(
-    train: TrainConfig, output_dir: str, task: str, max_length: int, response_only_loss: bool = True
-):
-    """TrainingArguments (or TRL's SFTConfig) from the config; the field names are the same."""
-    kwargs = {f.name: getattr(train, f.name) for f in dataclasses.fields(train) if f.name not in NOT_TRAINING_ARGUMENTS}
-    kwargs.update(
-        output_dir=output_dir,
-        report_to="none",  # MLflow is written by MlflowMetricsCallback, under the project's names
-        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
-        include_num_input_tokens_seen="non_padding",
-        save_only_model=False,
-        disable_tqdm=True,
-    )
-    kwargs.update(distributed.ddp_training_kwargs())  # under torchrun (src/distributed.py)
-    if task == "sft":
-        from trl import SFTConfig
-
-        return SFTConfig(max_length=max_length, packing=False, completion_only_loss=response_only_loss, **kwargs)
-    from transformers import TrainingArguments
-
-    return TrainingArguments(**kwargs)
 
 
 def final_evaluation(trainer) -> dict[str, float]:

@@ -13,43 +13,34 @@ import pytest
 
 from benchmarks import classification as cls
 from benchmarks import sft as bench
-
-
-def test_classification_arguments_match_the_training_code():
-    from src import training
-
-    for name in ("mistral7b-4bit-multilabel", "w3b-4bit-cls-short", "bert-large-4bit-cls"):
-        cfg = cls.classifier_config(bench.WORKLOADS[name], "unused", "cpu")
-        ours = cls.classification_arguments(cfg, "x").to_dict()
-        theirs = training.training_arguments(cfg.train, "x", cfg.data.task, cfg.model.max_length).to_dict()
-        assert ours == theirs, name
+from benchmarks.workloads import WORKLOADS
 
 
 def test_the_workloads_are_the_seed_recipes():
-    seed000 = cls.classifier_config(bench.WORKLOADS["mistral7b-4bit-multilabel"], "unused", "cuda")
+    seed000 = cls.classifier_config(WORKLOADS["mistral7b-4bit-multilabel"], "unused", "cuda")
     assert (seed000.lora.r, seed000.lora.alpha, seed000.lora.preset, seed000.quant.bits) == (16, 8, "attn", 4)
     assert len(cls.label_names(seed000)) == 6 and seed000.data.pos_weight == "one_minus_share"
     assert (seed000.train.learning_rate, seed000.train.weight_decay, seed000.train.bf16) == (1e-4, 0.01, False)
-    seed001 = cls.classifier_config(bench.WORKLOADS["bert-large-4bit-cls"], "unused", "cuda")
+    seed001 = cls.classifier_config(WORKLOADS["bert-large-4bit-cls"], "unused", "cuda")
     lora = seed001.lora
     assert (lora.r, lora.alpha, lora.bias, lora.preset) == (32, 64, "all", "all_but_head")
     batch = (seed001.train.per_device_train_batch_size, seed001.train.gradient_accumulation_steps)
     assert batch == (8, 8) and seed001.train.optim == "paged_adamw_8bit" and len(cls.label_names(seed001)) == 5
-    short = cls.classifier_config(bench.WORKLOADS["w3b-4bit-cls-short"], "unused", "cuda")
+    short = cls.classifier_config(WORKLOADS["w3b-4bit-cls-short"], "unused", "cuda")
     assert short.lora.preset == "all_linear" and short.train.bf16 and short.train.optim == "paged_adamw_8bit"
-    assert bench.WORKLOADS["w3b-4bit-cls-short"].lengths == (10, 60)
+    assert WORKLOADS["w3b-4bit-cls-short"].lengths == (10, 60)
 
 
 def test_synthetic_labels_and_seed_000s_pos_weight():
     labels = cls.synthetic_labels(200, 6, multilabel=True)
     assert all(sum(row) >= 1 for row in labels) and {v for row in labels for v in row} == {0.0, 1.0}
-    cfg = cls.classifier_config(bench.WORKLOADS["mistral7b-4bit-multilabel"], "unused", "cpu")
+    cfg = cls.classifier_config(WORKLOADS["mistral7b-4bit-multilabel"], "unused", "cpu")
     positives = [sum(row[j] for row in labels) for j in range(6)]
     expected = [1 - p / sum(positives) for p in positives]  # 1 - labels.sum(0) / labels.sum()
     assert cls.label_weights(cfg, labels) == pytest.approx(expected)
     classes = cls.synthetic_labels(200, 5, multilabel=False)
     assert set(classes) == set(range(5))
-    bert = cls.classifier_config(bench.WORKLOADS["bert-large-4bit-cls"], "unused", "cpu")
+    bert = cls.classifier_config(WORKLOADS["bert-large-4bit-cls"], "unused", "cpu")
     assert cls.label_weights(bert, classes) is None  # seed 001: plain cross-entropy
 
 

@@ -44,6 +44,7 @@ CORE = {
         "chat",
         "classifier",
         "trial",
+        "training_args",
     )
 }
 

@@ -10,7 +10,6 @@ batch) moves the loss by far more.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -284,17 +283,6 @@ def test_bench_runs_on_cpu(tmp_path):
     assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0 and summary["gpu_busy"] is None
     table = (tmp_path / "profile" / "tiny-rank0.txt").read_text()
     assert summary["table"] == str(tmp_path / "profile" / "tiny-rank0.txt") and "aten::" in table
-
-
-def test_bench_sft_arguments_match_the_training_code():
-    from benchmarks import sft as bench
-    from src import training
-
-    cfg = validate(compose_config(["data=instructions", "train=gpu", "train.bf16=false", "train.tf32=null"]))
-    ours = bench.sft_arguments(cfg, "x").to_dict()
-    theirs = training.training_arguments(cfg.train, "x", "sft", cfg.model.max_length, True).to_dict()
-    assert ours == theirs
-    assert dataclasses.is_dataclass(cfg.train)
 
 
 def _four_bit_lora_model(tiny_model_dir, bits: int = 4):

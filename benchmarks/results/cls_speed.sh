@@ -9,7 +9,7 @@ out=${1:?output dir}; sst2=${2:?directory with SST-2 train.csv and dev.csv}; shi
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 model=/tmp/w3b-random
-python3 -m tests.device.random_w3b "$model"
+python3 -m benchmarks.results.random_w3b "$model"
 uri="sqlite:///$out/mlflow.db"
 for fast in true false; do
   python3 -m src.train model=openllama3b model.name_or_path="$model" quant=4bit lora=all_linear train=gpu \

@@ -1,5 +1,5 @@
 """Save a random-weight OpenLLaMA-3B shape (the seed table's) with the tiny model's tokenizer, once, for the device
-scripts, from the repo root: python3 -m tests.device.random_w3b DIR (nothing to do when DIR/DONE exists)."""
+scripts, from the repo root: python3 -m benchmarks.results.random_w3b DIR (nothing to do when DIR/DONE exists)."""
 
 import sys
 import time
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from src.console import say
 from src.tiny import resolve
 
 out = Path(sys.argv[1])
@@ -29,4 +30,4 @@ if not (out / "DONE").is_file():
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(out)
     (out / "DONE").write_text("1")
-    print(f"random-weight OpenLLaMA-3B shape saved in {time.time() - start:.0f}s")
+    say(f"random-weight OpenLLaMA-3B shape saved in {time.time() - start:.0f}s")

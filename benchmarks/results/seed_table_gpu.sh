@@ -8,7 +8,7 @@ out=${1:?output dir}; shift
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 model=/tmp/w3b-random
-python3 -m tests.device.random_w3b "$model"
+python3 -m benchmarks.results.random_w3b "$model"
 uri="sqlite:///$out/mlflow.db"
 start=$(date +%s)
 set +e

@@ -18,8 +18,8 @@ from src.modeling import base_model
 FLAT_ATTENTION = "sdpa_flat"
 
 # sdpa's math kernel (a boolean mask and a head size that is not a multiple of 8) keeps about this
-# many bytes per head x query x key per layer for the backward: measured on W3B 4-bit, an H100, packed
-# rows of up to 1,652 tokens, 26 layers x 32 heads: 19.74 GiB peak with the mask, 10.69 per example.
+# many bytes per head x query x key per layer for the backward: fitted on W3B 4-bit packed rows, the mask
+# attention's peak against per-example attention's (benchmarks/results/BENCH_RESULTS.md, run 2).
 MATH_ATTENTION_BYTES = 4.3
 
 

@@ -106,7 +106,7 @@ class FlatTrainer(Trainer):
 
         transformers' own count moves each step's count to the GPU, gathers it and reads it back: a
         host sync every step, after which the CPU can only queue the next step once this one has run
-        (measured: the GPU idled ~35% of each fast-path step). A packed row has no padding, so every
+        (the GPU idled; benchmarks/results/BENCH_RESULTS.md, run 5). A packed row has no padding, so every
         token of ``input_ids`` counts, and ``inputs`` is still the host batch here.
         """
         if self.args.include_num_input_tokens_seen != "no" and "input_ids" in inputs:

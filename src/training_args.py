@@ -1,0 +1,46 @@
+"""The Trainer's arguments from the ``train`` config: one builder for the trainer (``src.fit``) and the benchmarks.
+
+Pure and MLflow-free: the benchmarks time the trainers without the tracker, so this module imports nothing of it
+(``tests/test_training_args.py`` checks in a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from src import distributed
+from src.config import TrainConfig
+
+# TrainConfig fields read by src.fit and src.engine, not TrainingArguments fields.
+NOT_TRAINING_ARGUMENTS = {
+    "early_stopping_patience",
+    "stop_on_nonfinite_loss",
+    "resume_from_checkpoint",
+    "fast_path",
+    "memory_budget_gb",
+    "dequantize_weights",
+    "nproc_per_node",
+}
+
+
+def training_arguments(
+    train: TrainConfig, output_dir: str, task: str, max_length: int, response_only_loss: bool = True
+):
+    """TrainingArguments (or TRL's SFTConfig for ``task="sft"``) from the config; the field names are the same."""
+    kwargs = {f.name: getattr(train, f.name) for f in dataclasses.fields(train) if f.name not in NOT_TRAINING_ARGUMENTS}
+    kwargs.update(
+        output_dir=output_dir,
+        report_to="none",  # MLflow is written by src.training.MlflowMetricsCallback, under the project's names
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+        disable_tqdm=True,
+    )
+    kwargs.update(distributed.ddp_training_kwargs())  # under torchrun (src/distributed.py)
+    if task == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig(max_length=max_length, packing=False, completion_only_loss=response_only_loss, **kwargs)
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**kwargs)
