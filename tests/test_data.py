@@ -207,7 +207,7 @@ def test_text_template_joins_columns(tmp_path):
     assert "Title: On spin\n\nAbstract: We study spin." in texts
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "trec").exists(), reason="../shared/data is not beside this clone")
+@pytest.mark.skipif(not (SHARED_DATA / "trec").exists(), reason=f"no public datasets in {SHARED_DATA}")
 def test_shared_trec_loads_through_the_file_preset():
     cfg = _data_cfg(
         [

@@ -44,8 +44,8 @@ def test_a_split_mostly_far_too_long_is_a_broken_file_whatever_the_setting(tmp_p
         load_data(cfg.data, tokenizer, cfg.model.max_length)
 
 
-@pytest.mark.slow  # reads the public datasets in ../shared/data
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+@pytest.mark.slow  # reads the public datasets in SHARED_DATA (tests/conftest.py)
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs the public datasets in {SHARED_DATA}")
 def test_real_datasets_the_old_guard_refused_load_with_the_defaults():
     """The Alpaca demo (59 rows over 10 x 128 tokens) and GoEmotions (one comment of braille art)."""
     alpaca = SHARED_DATA / "alpaca_en_demo" / "alpaca_en_demo.jsonl"

@@ -1,8 +1,8 @@
 """The five seed experiments (conf/experiment/seed*.yaml): each encodes its tutorial's recipe, runs end to end on
 the tiny model, and plans the trainable-parameter count of its real architecture; and full fine-tuning (lora=none).
 
-The recipe table below is ../shared/seeds/README.md's, setting by setting; the counts of seeds 000 and 002 are
-worked out here again from the layer shapes.
+The recipe table below is each tutorial's (docs/configuration.md cites them), setting by setting; the counts of seeds
+000 and 002 are worked out here again from the layer shapes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from src.data import load_data
 from tests.conftest import ROOT, compose_config, train_run
 from tests.seed_standins import EXPERIMENTS, write_standin
 
-# What ../shared/seeds/README.md fixes for each seed, as the composed config spells it.
+# What each tutorial fixes for its seed, as the composed config spells it.
 RECIPES = {
     "000": {
         "model.name_or_path": "mistralai/Mistral-7B-v0.1",
@@ -219,11 +219,24 @@ def test_each_experiment_composes_validates_and_encodes_its_recipe(seed):
     assert not wrong, f"seed {seed}: (composed, the recipe's) {wrong}"
 
 
-def test_each_experiment_names_its_seed_file_and_its_command():
+# The public title of each seed's tutorial, as docs/configuration.md cites it.
+TUTORIALS = {
+    "000": "Multilabel Classification using Mistral-7B on a single GPU with quantization and LoRA",
+    "001": "Fine-Tuning BERT for Classification",
+    "002": "Efficient Fine-Tuning with LoRA: A Guide to Optimal Parameter Selection for Large Language Models",
+    "003": "Elevating Mistral-7B's Performance through QLoRA",
+    "004": "Fine Tune LLM for Classification",
+}
+
+
+def test_each_experiment_names_its_tutorial_and_its_command():
+    cited = (ROOT / "docs" / "configuration.md").read_text()
     for seed, name in EXPERIMENTS.items():
         lines = (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text().splitlines()
         assert lines[1].startswith(f"# python -m src.train experiment={name}")
-        assert f"../shared/seeds/{seed}_" in "\n".join(lines[:6]), f"{name} does not name its tutorial"
+        header = " ".join(line.removeprefix("# ") for line in lines[2:6])
+        assert f'as published in "{TUTORIALS[seed]}"' in header, f"{name} does not name its tutorial"
+        assert TUTORIALS[seed] in cited, f"docs/configuration.md does not cite seed {seed}'s tutorial"
 
 
 def test_group_overrides_on_the_command_line_win_over_an_experiments_choices():
