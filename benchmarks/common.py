@@ -221,14 +221,14 @@ def peak_memory_gb(device: str) -> Optional[float]:
 def plan_estimate_gb(cfg, rows: int, row_len: int, checkpointed: float, optim: str) -> Optional[float]:
     """src.plan's peak estimate for rows x row_len tokens, with a fraction of the layers checkpointed."""
     try:
-        from src.plan import plan
+        from src.memory import plan
 
         def peak(ckpt: bool) -> float:
             model = dataclasses.replace(cfg.model, max_length=max(1, row_len))
             train = dataclasses.replace(
                 cfg.train, per_device_train_batch_size=rows, activation_checkpointing=ckpt, optim=optim
             )
-            return plan(dataclasses.replace(cfg, model=model, train=train))["est_peak_gpu_mem_gb"]
+            return plan(dataclasses.replace(cfg, model=model, train=train)).est_peak_gpu_mem_gb
 
         full = peak(False)
         return full if checkpointed == 0 else full - (full - peak(True)) * checkpointed

@@ -392,10 +392,10 @@ def row_key(run) -> tuple[int, int, bool]:
     return int(run.data.params["quant.bits"]), int(run.data.params["lora.r"]), has_lm_head(run)
 
 
-def planned(overrides: list[str], config_dir: Path, name: str) -> dict:
+def planned(overrides: list[str], config_dir: Path, name: str):
     """src.plan's result (what ``python -m src.plan -cd DIR -cn NAME OVERRIDES`` prints last) for a config."""
     from src.config import validate
-    from src.plan import plan
+    from src.memory import plan
 
     return plan(validate(compose_config(overrides, config_dir, name)))
 
@@ -532,7 +532,7 @@ def test_seed_table_sweep_as_shipped_finishes_with_exact_counts_and_compares(see
         for number, row in enumerate(seed_table.rows):
             (run,) = [c for c in children if job_number(c) == number]
             overrides = [*seed_table.plan_overrides, *shlex.split(row)]
-            assert metric(run, "trainable_params") == planned(overrides, SWEEPS_DIR, "seed_table")["trainable_params"]
+            assert metric(run, "trainable_params") == planned(overrides, SWEEPS_DIR, "seed_table").trainable_params
     else:
         assert {row_key(c): int(metric(c, "trainable_params")) for c in children} == SEED_TABLE_COUNTS
         for run in children:
@@ -895,7 +895,7 @@ def capped_sweep(suite, tmp_path_factory):
         "train.max_steps=2",
     ]
     estimate = {
-        b: planned([*common, f"train.per_device_train_batch_size={b}"], config_dir, "capped")["est_peak_gpu_mem_gb"]
+        b: planned([*common, f"train.per_device_train_batch_size={b}"], config_dir, "capped").est_peak_gpu_mem_gb
         for b in (batch, batch // 2)
     }
     cap = round((estimate[batch] + estimate[batch // 2]) / 2, 3)
@@ -1030,6 +1030,6 @@ def test_a_packed_grid_trains_every_trial_on_one_base(suite, tmp_path):
     assert sorted(j.data.tags["pack_trial"] for j in jobs) == ["t0", "t1", "t2", "t3"]
     for job in jobs:
         overrides = [*common, f"lora={job.data.params['lora.preset']}", f"lora.r={job.data.params['lora.r']}"]
-        assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config")["trainable_params"]
+        assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config").trainable_params
         assert metric(job, "eval_loss") > 0
         assert Path(job.data.tags["output_dir"], "adapter", "adapter_model.safetensors").is_file()

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from src.config import validate
-from src.plan import plan, with_label_set
+from src.memory import plan, with_label_set
 from tests.conftest import OPENLLAMA_3B, ROOT, compose_config
 from tests.seed_standins import EXPERIMENTS, write_standin
 from tests.test_gpu_acceptance import BUILD_CHECKPOINTS, Command, Store, _env, metric, run_together, tail
@@ -112,19 +112,19 @@ def test_every_seed_experiment_finishes_on_its_architecture_and_its_peak_meets_t
         peak = metric(finished, "peak_gpu_mem_gb")
         # The SFT fast path plans its own micro-batches (rows packed up to the budget, dequantized weights cached
         # in the room left): its estimate is the one the run followed; src.plan's is for batch x max_length.
-        followed = finished.data.metrics.get("fast_path_est_peak_gpu_mem_gb", estimate["est_peak_gpu_mem_gb"])
+        followed = finished.data.metrics.get("fast_path_est_peak_gpu_mem_gb", estimate.est_peak_gpu_mem_gb)
         report[seed] = {
             "experiment": EXPERIMENTS[seed],
             "run_name": finished.info.run_name,
             "trainable_params": int(metric(finished, "trainable_params")),
             "peak_gpu_mem_gb": round(peak, 3),
-            "src_plan_est_peak_gpu_mem_gb": estimate["est_peak_gpu_mem_gb"],
+            "src_plan_est_peak_gpu_mem_gb": estimate.est_peak_gpu_mem_gb,
             "est_peak_gpu_mem_gb": round(followed, 3),
             "plan_error": round(followed / peak - 1, 3),
             "train_runtime_s": round(metric(finished, "train_runtime_s"), 1),
             "objective": metric(finished, "objective"),
         }
-        assert report[seed]["trainable_params"] == estimate["trainable_params"]
+        assert report[seed]["trainable_params"] == estimate.trainable_params
     print(json.dumps(report, indent=2))
     if os.environ.get("LORA_GPU_SEEDS_OUT"):
         Path(os.environ["LORA_GPU_SEEDS_OUT"]).write_text(json.dumps(report, indent=2))

@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 SRC = ROOT / "src"
-ENTRY_POINTS = {"src.train", "src.compare", "src.predict", "src.export", "src.bench", "src.doctor"}
+ENTRY_POINTS = {"src.train", "src.compare", "src.predict", "src.export", "src.bench", "src.doctor", "src.plan"}
 CORE = {
     f"src.{name}"
     for name in (
@@ -26,7 +26,7 @@ CORE = {
         "modeling",
         "training",
         "tracking",
-        "plan",
+        "memory",
         "errors",
         "console",
         "guards",

@@ -385,7 +385,7 @@ def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
     above the n longest together), not for n x model.max_length tokens."""
     import dataclasses
 
-    from src import plan as P
+    from src import memory as P
     from src.engine import budget as fast_budget
     from src.engine.classification import epochs_trained, plan_fast_classifier
     from src.training import training_arguments
@@ -402,9 +402,9 @@ def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
     )
     tokens = fast_budget.largest_micro_batch_tokens(lengths, epochs_trained(cfg, len(lengths)))(per_step)
     assert tokens <= sum(sorted(lengths, reverse=True)[:per_step])
-    assert micro.est_peak_gpu_mem_gb == P.plan(sized, tokens_per_micro_batch=tokens)["est_peak_gpu_mem_gb"]
+    assert micro.est_peak_gpu_mem_gb == P.plan(sized, tokens_per_micro_batch=tokens).est_peak_gpu_mem_gb
     _, unsized = plan_fast_classifier(cfg, _model(tiny_model_dir, 3, False), args, flat_attention(model))
-    assert unsized.est_peak_gpu_mem_gb == P.plan(sized)["est_peak_gpu_mem_gb"] > micro.est_peak_gpu_mem_gb
+    assert unsized.est_peak_gpu_mem_gb == P.plan(sized).est_peak_gpu_mem_gb > micro.est_peak_gpu_mem_gb
 
 
 def test_a_sweeps_memory_cap_reaches_a_packed_bert_as_its_budget(tmp_path):

@@ -228,7 +228,7 @@ def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
 
 def test_a_pack_that_does_not_fit_is_split():
     """The pack's estimate at its least (src.plan: the base once) against a forced free memory."""
-    from src.plan import pack_estimate_gb, plan
+    from src.memory import pack_estimate_gb, plan
     from src.sweeps.configs import FeasibilityConf
     from src.sweeps.job import fit_pack
 
@@ -239,7 +239,7 @@ def test_a_pack_that_does_not_fit_is_split():
         return validate(raw, for_training=True)
 
     cfgs = [cfg(["lora=attn_qv"]), cfg(["lora=all_linear"]), cfg(["lora=attn_qv", "lora.r=16"])]
-    least = [plan(c)["est_mem_breakdown_gb"] for c in cfgs]
+    least = [plan(c).est_mem_breakdown_gb for c in cfgs]
     two, three = pack_estimate_gb(least[:2]), pack_estimate_gb(least)
     assert two < three
     assert fit_pack(cfgs, FeasibilityConf(mode="off")) == [[0, 1, 2]]

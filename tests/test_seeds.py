@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from src import memory as P
 from src import modeling
-from src import plan as P
 from src.config import ConfigError, validate
 from src.data import load_data
 from tests.conftest import ROOT, compose_config, train_run
@@ -295,7 +295,7 @@ def config_only_models(tmp_path_factory):
 def test_the_planner_counts_each_seeds_trainable_parameters_on_its_architecture(seed, config_only_models):
     path = config_only_models / SEED_MODELS[seed]
     result = P.plan(P.with_label_set(validate(_compose(seed, f"model.name_or_path={path}"))))  # as src.plan does
-    assert result["trainable_params"] == SEED_COUNTS[seed]
+    assert result.trainable_params == SEED_COUNTS[seed]
 
 
 def test_seed_000_and_002_counts_by_hand_from_the_layer_shapes():
@@ -364,14 +364,14 @@ def test_full_fine_tuning_trains_and_saves_every_weight(tmp_path, mlflow_store, 
 
 def test_the_planner_counts_full_fine_tunings_gradients_and_optimizer_state(tiny_model_dir):
     result = P.plan(validate(compose_config(["lora=none", "train.optim=adamw_torch"])))
-    params = result["total_params"]
-    assert result["trainable_params"] == params and result["lora_resolved_targets"] == ""
-    breakdown = result["est_mem_breakdown_gb"]
+    params = result.total_params
+    assert result.trainable_params == params and result.lora_resolved_targets == ""
+    breakdown = result.est_mem_breakdown_gb
     # fp32 weights (counted once), an fp32 gradient and AdamW's two fp32 moments each
-    assert breakdown["weights"] == pytest.approx(params * 4 / 2**30, abs=1e-3)
-    assert breakdown["trainable_states"] == pytest.approx(params * (4 + 8) / 2**30, abs=1e-3)
+    assert breakdown.weights == pytest.approx(params * 4 / 2**30, abs=1e-3)
+    assert breakdown.trainable_states == pytest.approx(params * (4 + 8) / 2**30, abs=1e-3)
     eight_bit = P.plan(validate(compose_config(["lora=none", "train.optim=adamw_bnb_8bit"])))
-    assert eight_bit["est_mem_breakdown_gb"]["trainable_states"] == pytest.approx(params * (4 + 2) / 2**30, abs=1e-3)
+    assert eight_bit.est_mem_breakdown_gb.trainable_states == pytest.approx(params * (4 + 2) / 2**30, abs=1e-3)
 
 
 def test_one_minus_share_pos_weight_is_seed_000s_formula(tmp_path):
@@ -414,7 +414,7 @@ def test_a_4bit_bert_classifier_trains_its_head_unquantized(tmp_path, mlflow_sto
     train_run(raw)
     (finished,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert finished.info.status == "FINISHED"
-    assert finished.data.metrics["trainable_params"] == P.plan(P.with_label_set(validate(raw)))["trainable_params"]
+    assert finished.data.metrics["trainable_params"] == P.plan(P.with_label_set(validate(raw))).trainable_params
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")

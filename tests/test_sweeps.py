@@ -112,7 +112,7 @@ def test_a_job_reads_isolate_and_feasibility_from_its_sweeper_or_the_schema():
 def test_feasibility_uses_src_plan_and_an_injected_free_memory():
     from dataclasses import replace
 
-    from src.plan import plan
+    from src.memory import plan
 
     # the padded path, whose batch the check shrinks (the packed one plans to a budget: the test below)
     raw = compose_config(
@@ -120,7 +120,7 @@ def test_feasibility_uses_src_plan_and_an_injected_free_memory():
     )
     cfg = validate(raw)
     est = {
-        bs: plan(replace(cfg, train=replace(cfg.train, per_device_train_batch_size=bs)))["est_peak_gpu_mem_gb"]
+        bs: plan(replace(cfg, train=replace(cfg.train, per_device_train_batch_size=bs))).est_peak_gpu_mem_gb
         for bs in (16, 8)
     }
     assert est[16] > est[8]
@@ -325,7 +325,7 @@ def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
     """The four rows of seed_table give the seed's trainable counts, through src.plan (no weights)."""
     from transformers import LlamaConfig
 
-    from src.plan import plan
+    from src.memory import plan
 
     LlamaConfig(**OPENLLAMA_3B).save_pretrained(tmp_path)
     rows = list(compose_hydra(SWEEPS_DIR, "seed_table").hydra.sweeper.rows)
@@ -333,7 +333,7 @@ def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
     for row in rows:
         raw = compose_config([*row.split(), f"model.name_or_path={tmp_path}"], SWEEPS_DIR, "seed_table")
         result = plan(validate(raw))
-        counts.append((result["quant_bits"], result["trainable_params"]))
+        counts.append((result.quant_bits, result.trainable_params))
     assert counts == [(4, 2_662_400), (4, 5_324_800), (4, 12_994_560), (8, 12_994_560)]
 
 

@@ -1,8 +1,9 @@
 """The fast path's memory budget: micro-batches and checkpointed layers sized to ``train.memory_budget_gb``.
 
-``train.memory_budget_gb`` (null: 90% of the GPU's memory; no budget on CPU), less :data:`PLAN_MARGIN` for
-the plan's error, and ``src.plan``'s estimate choose the largest micro-batch that fits, and activation
-checkpointing only for as many decoder layers as memory needs (:func:`plan_micro_batches`).
+:func:`resolve_budget` turns ``train.memory_budget_gb`` (null: 90% of the GPU's memory; no budget on CPU) into the
+GiB a plan fills, less :data:`PLAN_MARGIN` for the plan's error; :func:`src.memory.plan`'s estimate then chooses the
+largest micro-batch that fits, and activation checkpointing only for as many decoder layers as memory needs
+(:func:`plan_micro_batches`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from src.errors import UserError
+from src.memory import MemoryPlan, plan
 from src.modeling import base_model
-from src.plan import plan
 
 # Optimizers with AdamW's update rule; on CUDA the fast path runs them as one fused kernel.
 ADAMW_VARIANTS = {
@@ -35,8 +36,8 @@ FUSED_ADAMW = "adamw_torch_fused"
 
 DEFAULT_BUDGET_FRACTION = 0.9  # of the GPU's memory, when train.memory_budget_gb is null
 
-# The fast path plans for this fraction of the budget: src.plan's estimate fell up to 12% short of the measured
-# peak on the fast path (benchmarks/results/BENCH_RESULTS.md, Run 4), so a plan that fills the budget could overrun it.
+# The fast path plans for this fraction of the budget: the plan's estimate can fall short of the measured peak on the
+# fast path (by up to 12%: benchmarks/results/), so a plan that fills the budget could overrun it.
 PLAN_MARGIN = 0.88
 
 
@@ -110,21 +111,34 @@ def plan_micro_batches(
     )
 
 
+def resolve_budget(memory_budget_gb: Optional[float]) -> Optional[float]:
+    """The GiB a fast path's plan may fill: ``train.memory_budget_gb`` (null: :data:`DEFAULT_BUDGET_FRACTION` of this
+    process's GPU) less :data:`PLAN_MARGIN`; None without a budget (a CPU). The one place either is applied."""
+    budget = memory_budget_gb if memory_budget_gb is not None else default_budget_gb()
+    return None if budget is None else budget * PLAN_MARGIN
+
+
 def plan_step(cfg, model, tokens: Optional[Callable[[int], int]] = None) -> tuple[Optional[float], MicroBatchPlan]:
-    """A fast path's step under the run's memory budget (``train.memory_budget_gb``, else 90% of the GPU; less the
-    planner's margin): the budget, or None where there is none (a CPU), and the micro-batch plan for it.
+    """A fast path's step under the run's memory budget (:func:`resolve_budget`): the budget it planned within, or
+    None where there is none (a CPU), and the micro-batch plan for it.
 
     ``tokens(micro_batch_size)``: the most tokens a packed micro-batch of that many examples holds
     (:func:`largest_micro_batch_tokens` of the training data); None: ``model.max_length`` an example."""
-    budget = cfg.train.memory_budget_gb if cfg.train.memory_budget_gb is not None else default_budget_gb()
-    if budget is not None:
-        budget *= PLAN_MARGIN  # the plan may fall short of the measured peak by this much
+    budget = resolve_budget(cfg.train.memory_budget_gb)
+    return budget, plan_step_within(budget, cfg, model, tokens)
+
+
+def plan_step_within(
+    budget_gb: Optional[float], cfg, model, tokens: Optional[Callable[[int], int]] = None
+) -> MicroBatchPlan:
+    """The micro-batch plan of a step within ``budget_gb``, already resolved (:func:`resolve_budget`; a trial pack
+    gives each trial its share); None plans one micro-batch, no checkpointing."""
     examples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
     num_layers = len(decoder_layers(model))
-    if budget is None:
-        return None, plan_micro_batches(examples_per_step, num_layers, None, lambda size, ckpt: 0.0)
+    if budget_gb is None:
+        return plan_micro_batches(examples_per_step, num_layers, None, lambda size, ckpt: 0.0)
     estimate, _ = plan_estimator(cfg, tokens)
-    return budget, plan_micro_batches(examples_per_step, num_layers, budget, estimate)
+    return plan_micro_batches(examples_per_step, num_layers, budget_gb, estimate)
 
 
 def default_budget_gb() -> Optional[float]:
@@ -177,15 +191,16 @@ def largest_micro_batch_tokens(lengths: Sequence[int], epochs: float = 1.0, seed
 
 
 def plan_estimator(cfg, tokens: Optional[Callable[[int], int]] = None) -> tuple[Callable[[int, bool], float], int]:
-    """``src.plan``'s peak-memory estimate as ``estimate(micro_batch_size, checkpoint_all)``, and the layer count.
+    """:func:`src.memory.plan`'s peak-memory estimate as ``estimate(micro_batch_size, checkpoint_all)``, and the
+    layer count.
 
     A micro-batch of n examples is estimated as one packed row of ``tokens(n)`` tokens, or, without ``tokens``,
     as n rows of ``model.max_length`` tokens: packed rows hold at most that many, so both are upper bounds. Short
     texts make the second a loose one (SST-2 packs about 66 tokens an example, not 512).
     """
-    cache: dict[tuple[int, bool], dict[str, Any]] = {}
+    cache: dict[tuple[int, bool], MemoryPlan] = {}
 
-    def run(size: int, ckpt: bool) -> dict[str, Any]:
+    def run(size: int, ckpt: bool) -> MemoryPlan:
         if (size, ckpt) not in cache:
             train = dataclasses.replace(
                 cfg.train,
@@ -197,8 +212,8 @@ def plan_estimator(cfg, tokens: Optional[Callable[[int], int]] = None) -> tuple[
             cache[size, ckpt] = plan(dataclasses.replace(cfg, train=train), tokens_per_micro_batch=packed)
         return cache[size, ckpt]
 
-    num_layers = run(1, False)["model_shape"]["num_layers"]
-    return (lambda size, ckpt: run(size, ckpt)["est_peak_gpu_mem_gb"]), num_layers
+    num_layers = run(1, False).model_shape.num_layers
+    return (lambda size, ckpt: run(size, ckpt).est_peak_gpu_mem_gb), num_layers
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -380,13 +380,6 @@ def split_budget(budget: Optional[float], shared_gb: float, trials: int) -> Opti
     return shared_gb + max(0.0, budget - shared_gb) / trials
 
 
-def shared_gb(breakdown: dict[str, float]) -> float:
-    """What a trial's breakdown holds that the pack shares (the base's weights, the overhead)."""
-    from src.plan import PACK_SHARED
-
-    return sum(breakdown[k] for k in PACK_SHARED)
-
-
 def replace_train(cfg, **changes):
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
@@ -414,29 +407,24 @@ def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool) -> list[PackMember]:
     in bf16 under bf16 training, and its dequantized weights cached in the room the pack's estimate leaves."""
     from src.engine import budget as budget_mod
     from src.engine import weights
-    from src.plan import pack_estimate_gb, plan
+    from src.memory import pack_estimate_gb, plan
 
     model = pack.model
     first = cfgs[0]
-    budget = first.train.memory_budget_gb
-    if budget is None:
-        budget = budget_mod.default_budget_gb()
-    micros = []
+    budget = budget_mod.resolve_budget(first.train.memory_budget_gb)
     estimate = None
     if budget is not None:
         fast = [replace_train(c, optim=budget_mod.fast_optimizer(c.train.optim)) for c in cfgs]
-        breakdowns = [plan(c)["est_mem_breakdown_gb"] for c in fast]
-        share = split_budget(budget, max(shared_gb(b) for b in breakdowns), len(cfgs))
-        for cfg in cfgs:
-            _, micro = budget_mod.plan_step(replace_train(cfg, memory_budget_gb=share), model)
-            micros.append(micro)
+        breakdowns = [plan(c).est_mem_breakdown_gb for c in fast]
+        share = split_budget(budget, max(b.shared for b in breakdowns), len(cfgs))
+        micros = [budget_mod.plan_step_within(share, cfg, model) for cfg in cfgs]
         sized = [
-            plan(replace_train(c, per_device_train_batch_size=m.micro_batch_size))["est_mem_breakdown_gb"]
+            plan(replace_train(c, per_device_train_batch_size=m.micro_batch_size)).est_mem_breakdown_gb
             for c, m in zip(fast, micros)
         ]
         estimate = pack_estimate_gb(sized)
     else:
-        micros = [budget_mod.plan_step(cfg, model)[1] for cfg in cfgs]
+        micros = [budget_mod.plan_step_within(None, cfg, model) for cfg in cfgs]
     checkpointed = max(m.checkpointed_layers for m in micros)
     budget_mod.set_checkpointed_layers(model, checkpointed)
     cached, cache_gb = weights.prepare_frozen_weights(
@@ -444,7 +432,7 @@ def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool) -> list[PackMember]:
         first.quant.bits,
         bf16=bf16,
         dequantize=first.train.dequantize_weights and budget is not None,
-        room_gb=None if budget is None else max(0.0, budget * budget_mod.PLAN_MARGIN - (estimate or 0.0)),
+        room_gb=None if budget is None else max(0.0, budget - (estimate or 0.0)),
         int8_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
     pack.estimate_gb = None if estimate is None else estimate + cache_gb

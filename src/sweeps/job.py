@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from src import console, distributed, tracking
 from src.config import Config, ConfigError, literal
-from src.plan import PlanError, plan, plans_own_micro_batches
+from src.memory import PlanError, plan, plans_own_micro_batches
 from src.sweeps.configs import FeasibilityConf
 from src.sweeps.outcomes import JobFailed, JobSkipped, quote
 from src.trial import STUDY_ENV, TRIAL_ENV
@@ -467,7 +467,7 @@ def fit_pack(cfgs: list[Config], feasibility: FeasibilityConf) -> list[list[int]
     per micro-batch, every layer checkpointed: ``src.plan``'s pack estimate, the base once); all as one where no GPU
     is measured, the check is off, or the plan cannot be made. A job that does not fit even alone is a pack of one
     (its run then reports the memory error)."""
-    from src.plan import pack_estimate_gb
+    from src.memory import pack_estimate_gb
 
     available = feasibility.available_gpu_mem_gb if feasibility.mode != "off" else None
     if available is None and feasibility.mode != "off":
@@ -484,7 +484,7 @@ def fit_pack(cfgs: list[Config], feasibility: FeasibilityConf) -> list[list[int]
         return [list(range(len(cfgs)))]
     groups: list[list[int]] = [[]]
     for i, result in enumerate(least):
-        trial = [least[j]["est_mem_breakdown_gb"] for j in groups[-1]] + [result["est_mem_breakdown_gb"]]
+        trial = [least[j].est_mem_breakdown_gb for j in groups[-1]] + [result.est_mem_breakdown_gb]
         if groups[-1] and pack_estimate_gb(trial) > available:
             groups.append([])
         groups[-1].append(i)
@@ -600,7 +600,7 @@ def check_feasibility(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> t
             return raw, cfg, None
         smallest = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=1, activation_checkpointing=True))
         try:
-            least = plan(smallest)["est_peak_gpu_mem_gb"]
+            least = plan(smallest).est_peak_gpu_mem_gb
         except PlanError as exc:
             print(f"warning: feasibility check skipped: {exc}", file=sys.stderr)
             least = 0.0
@@ -616,7 +616,7 @@ def check_feasibility(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> t
 
     def estimate(micro_batch: int) -> float:
         sized = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=micro_batch))
-        return plan(sized)["est_peak_gpu_mem_gb"]
+        return plan(sized).est_peak_gpu_mem_gb
 
     train = cfg.train
     try:
