@@ -157,13 +157,15 @@ class DataConfig:
     split_seed: int = bounded("Seed of the evaluation split made from train.", ge=0)  # numpy takes no negative seed
     id_column: Optional[str] = setting("Column of row ids in error reports; row numbers where it is absent.")
     text_columns: list[str] = setting("Columns the model reads; joined unless text_template is set.")
-    text_template: Optional[str] = setting("Python format string over text_columns.")
+    text_template: Optional[str] = setting("A Python format string over text_columns; null: the columns joined.")
     label_column: Optional[str] = setting("classification: the column of each row's label.")
     label_columns: Optional[list[str]] = setting("multilabel: one 0/1 column per label.")
     labels: Optional[list[str]] = setting("Label set and order; null: the sorted labels of the train split.")
     prompt_template: str = choice("sft, format=columns: the prompt's layout.", "alpaca", "plain")
     instruction_column: str = setting("sft: the column of each row's instruction.")
-    instruction_template: Optional[str] = setting("Format string over columns; else the column.")
+    instruction_template: Optional[str] = setting(
+        "sft: a format string over columns that builds the instruction; null: the column."
+    )
     input_column: Optional[str] = setting("sft: the column of each row's optional input; null: none.")
     response_column: str = setting("sft: the column of the response the model learns.")
     response_only_loss: bool = setting("sft: loss on the response tokens only; false: on the prompt too.")
@@ -205,13 +207,17 @@ class TrainConfig:
     max_steps: int = bounded("> 0 overrides num_train_epochs; -1 or 0: train by epochs.", ge=-1)
     learning_rate: float = bounded("Peak learning rate.", gt=0)
     lr_scheduler_type: str = setting("A transformers SchedulerType, e.g. linear, cosine, constant_with_warmup.")
-    warmup_steps: float = bounded("A value in [0, 1) is a fraction of the total steps.", ge=0)
+    warmup_steps: float = bounded(
+        "Scheduler warmup in steps; a value in [0, 1) is a fraction of the total steps.", ge=0
+    )
     per_device_train_batch_size: int = bounded("Rows per training batch on each device.", ge=1)
     per_device_eval_batch_size: int = bounded("Rows per evaluation batch on each device.", ge=1)
     gradient_accumulation_steps: int = bounded("Batches per optimizer step.", ge=1)
     optim: str = setting("A transformers optimizer name, e.g. adamw_torch, paged_adamw_8bit.")
     weight_decay: float = bounded("Decoupled weight decay.", ge=0)
-    max_grad_norm: float = bounded("0 turns clipping off; a negative norm would flip the gradient.", ge=0)
+    max_grad_norm: float = bounded(
+        "Gradient norm to clip to; 0 turns clipping off (a negative norm would flip the gradient).", ge=0
+    )
     logging_steps: int = bounded("Steps between logged training metrics.", ge=1)
     eval_strategy: str = choice("When to evaluate: never, every eval_steps, or each epoch.", "no", "steps", "epoch")
     eval_steps: Optional[int] = bounded("Steps between evaluations with eval_strategy=steps.", ge=1)
@@ -221,7 +227,9 @@ class TrainConfig:
     )
     save_steps: Optional[int] = bounded("Steps between checkpoints with save_strategy=steps.", ge=1)
     save_total_limit: Optional[int] = bounded("Checkpoints kept; null keeps every one.", ge=1)
-    load_best_model_at_end: bool = setting("Reload the best checkpoint after training; needs save = eval strategy.")
+    load_best_model_at_end: bool = setting(
+        "Reload the best checkpoint after training; needs save_strategy equal to eval_strategy."
+    )
     metric_for_best_model: Optional[str] = setting(
         "The metric (eval_ prefix optional) that picks the best checkpoint; null: the Trainer's (the loss)."
     )
