@@ -257,6 +257,73 @@ def test_help_lists_the_groups_and_every_key_with_its_help():
     assert {key for key in schema_fields(Config) if key != "output_dir" and "." in key} <= listed
 
 
+def test_every_field_of_every_section_has_help_that_help_shows():
+    import dataclasses
+
+    from src.config_schema import SCHEMA, Config
+    from src.overrides import help_text, schema_fields
+
+    fields = [(f"{cls.__name__}.{f.name}", f) for cls in SCHEMA for f in dataclasses.fields(cls)]
+    assert len(fields) >= 97, len(fields)  # the walk finds every section's fields
+    without = [name for name, f in fields if not str(f.metadata.get("help", "")).strip()]
+    assert not without, without
+    lines = {line.split()[0]: line for line in help_text("src.train", Config, None).splitlines() if line[:2] == "  "}
+    for key, f in schema_fields(Config).items():
+        if key in lines:
+            assert f.metadata["help"].rstrip(".") in lines[key], key
+    assert {key for key in schema_fields(Config) if "." in key} <= set(lines)
+
+
+def test_a_schema_default_is_the_value_the_yaml_composes_to():
+    """Defaults live in conf/. The few the schema also has (for runs stored before their key existed) must be the
+    value the shipped YAML gives, so the two cannot silently disagree."""
+    import dataclasses
+
+    from src.config_schema import HINTS, Config
+
+    raw = compose_config([])
+    defaults = {
+        (section, f.name): f.default
+        for section, cls in HINTS[Config].items()
+        if dataclasses.is_dataclass(cls)
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    assert defaults, "the schema has no default: drop this test"
+    for (section, key), default in defaults.items():
+        assert key in raw[section], f"{section}.{key}: a schema default the YAML does not write"
+        assert raw[section][key] == default, f"{section}.{key}: schema {default!r}, YAML {raw[section][key]!r}"
+
+
+def test_lora_presets_say_only_their_own_values():
+    """conf/config.yaml holds the base values of every LoRA preset; a preset file sets its targets."""
+    base = {"r": 8, "alpha": 16, "dropout": 0.05, "bias": "none", "target_modules": None, "modules_to_save": None}
+    for path in sorted((CONF_DIR / "lora").glob("*.yaml")):
+        lora = validate(compose_config([f"lora={path.stem}"])).lora
+        assert lora.preset == path.stem
+        if path.stem != "none":
+            assert {key: getattr(lora, key) for key in base} == base, path.stem
+            assert not any(line.startswith(tuple(base)) for line in path.read_text().splitlines()), path
+    full = validate(compose_config(["lora=none"])).lora
+    assert (full.r, full.alpha, full.bias) == (None, None, "none")
+
+
+def test_the_structure_check_keeps_the_failed_fields_beside_the_section():
+    from src.config_checks import check_section
+    from src.config_schema import LoraConfig
+
+    lora = compose_config(["lora.r=0", "lora.bias=some"])["lora"]
+    section, failed, problems = check_section(lora, LoraConfig, "lora.")
+    assert failed == {"r", "bias"} and len(problems) == 2
+    assert (section.r, section.bias, section.alpha) == (None, None, 16)
+    assert set(vars(section)) == {f for f in lora}  # nothing added to the dataclass
+
+
+def test_multilabel_without_label_columns_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.label_columns: required for task 'multilabel'"):
+        validate(compose_config(["data=topics_multilabel", "data.label_columns=null"]))
+
+
 def test_plan_names_the_closest_key_and_option(capsys):
     from src import plan
 
@@ -280,14 +347,14 @@ def _numeric_fields() -> list[tuple[str, object]]:
     import dataclasses
     import typing
 
-    from src.config import _HINTS, Config
+    from src.config_schema import HINTS, Config
 
     found = []
-    for section, cls in _HINTS[Config].items():
+    for section, cls in HINTS[Config].items():
         if not dataclasses.is_dataclass(cls):
             continue
         for f in dataclasses.fields(cls):
-            args = set(typing.get_args(_HINTS[cls][f.name])) or {_HINTS[cls][f.name]}
+            args = set(typing.get_args(HINTS[cls][f.name])) or {HINTS[cls][f.name]}
             if args & {int, float} and f.name != "bits":  # quant.bits is a choice of 4, 8, 16
                 found.append((f"{section}.{f.name}", f))
     return found

@@ -22,6 +22,8 @@ CORE = {
     for name in (
         "config",
         "config_rules",
+        "config_schema",
+        "config_checks",
         "data",
         "modeling",
         "training",

@@ -1,0 +1,300 @@
+"""The schema of the composed Hydra config: one dataclass per section, a help string on every field.
+
+Every field is a :func:`dataclasses.field` whose metadata holds ``help`` (``python -m src.train --help`` shows it)
+and, where the value is constrained, ``choices`` (:func:`choice`) or a domain (:func:`src.config_rules.bounded`).
+Defaults live in the YAML files under ``conf/``; the schema has none, so a key the YAML forgets is reported as
+missing rather than silently filled in. The exceptions are keys added after runs were stored, whose schema default
+lets an older run's config.yaml validate; tests/test_config.py keeps each equal to the value the YAML composes to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from src.config_rules import bounded
+
+# all_linear: every linear layer of the numbered blocks; all_but_head: every linear layer but the output head, the
+# ones outside the blocks too (BERT's pooler), as QLoRA's find_all_linear_names picks them (seed 001).
+LORA_PRESETS = ("attn_qv", "attn", "all_linear", "mlp", "all_but_head")
+# lora.preset=none (conf/lora/none.yaml): no adapter, every weight of the model trains (full fine-tuning), the
+# baseline row beside a sweep's LoRA rows (seed 004).
+FULL_FINE_TUNING = "none"
+OBJECTIVE_DEFAULTS = {  # task -> (metric, direction)
+    "classification": ("eval_f1_macro", "maximize"),
+    "multilabel": ("eval_f1_micro", "maximize"),
+    "sft": ("eval_loss", "minimize"),
+}
+# The metrics each task's evaluation returns (src/training.py computes them; tests/test_hardening.py keeps the
+# two in step), besides one F1 per class or label under PER_LABEL_METRIC. objective.metric and
+# train.metric_for_best_model are checked against them, so a typo fails before the model loads, not after training.
+TASK_METRICS = {
+    "classification": (
+        "eval_loss",
+        "eval_accuracy",
+        "eval_balanced_accuracy",
+        "eval_mcc",
+        "eval_f1_micro",
+        "eval_f1_macro",
+        "eval_f1_weighted",
+    ),
+    "multilabel": (
+        "eval_loss",
+        "eval_f1_micro",
+        "eval_f1_macro",
+        "eval_f1_weighted",
+        "eval_f1_samples",
+        "eval_subset_accuracy",
+    ),
+    "sft": ("eval_loss",),
+}
+PER_LABEL_METRIC = {"classification": "eval_f1_class_", "multilabel": "eval_f1_label_"}
+# Computed by src/fit.py from the final evaluation: an objective, not a metric the Trainer picks a best model by.
+DERIVED_METRICS = {"sft": ("eval_perplexity",)}
+# transformers' OptimizerNames and SchedulerType values, listed here because importing transformers.training_args
+# imports peft and bitsandbytes (seconds, and bitsandbytes starts CUDA); a test checks them against the installed ones.
+OPTIMIZERS = (
+    *("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor"),
+    *("adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad"),
+    *("adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit"),
+    *("paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit"),
+    *("paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
+    *("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise"),
+    *("galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw"),
+    *("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise"),
+    "stable_adamw",
+)
+LR_SCHEDULERS = (
+    *("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    *("inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr"),
+    *("warmup_stable_decay", "greedy"),
+)
+# A LoRA rank at or above a layer's width is no longer low-rank: it costs more than a full update and can express
+# no more. 4096 is the width of the 7B/8B models this project targets and above the ranks the LoRA literature
+# tries (<= 2048), so a larger value is a typo (r=80000), not an experiment.
+MAX_LORA_RANK = 4096
+# The settings that relax a safety rule, as dotted keys. Only the command that loads a model grants them: a run's
+# stored config.yaml never does (src.runs.inference refuses one that sets them, naming the flag that grants it).
+SAFETY_SETTINGS = ("model.trust_remote_code", "model.allow_pickle_weights")
+
+
+def setting(help: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field described by ``help``; ``default`` only for a key that runs stored before it existed lack."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def choice(help: str, *values: Any, default: Any = dataclasses.MISSING) -> Any:
+    """A field whose value must be one of ``values`` (a type among them admits any value of it).
+
+    OmegaConf cannot store ``Literal`` annotations, so the allowed values live in metadata.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": values})
+
+
+@dataclass
+class ModelConfig:
+    name: str = setting("Short id in run names and output directories, e.g. openllama3b.")
+    name_or_path: str = setting("Hub id, local directory, or builtin:tiny-llama.")
+    architecture: str = choice(
+        "decoder: a causal LM (SFT, or a classifier pooled at the last token); encoder: a BERT-style classifier.",
+        *("decoder", "encoder"),
+    )
+    revision: Optional[str] = setting("Hub branch, tag or commit of the model; null: the default branch.")
+    dtype: str = choice("Dtype of the unquantized weights.", "float32", "bfloat16", "float16")
+    max_length: int = bounded("Tokens per row; at most the model's max_position_embeddings.", ge=8)
+    trust_remote_code: bool = setting("Run the checkpoint's own modeling code (a hub repo's .py files).")
+    allow_pickle_weights: bool = setting(
+        "Load a base model stored only as pickle (.bin/.pt); else safetensors only.", default=False
+    )
+
+
+@dataclass
+class QuantConfig:
+    bits: int = choice("Base weights: 4 (QLoRA), 8 (LLM.int8), both by bitsandbytes; 16: unquantized.", 4, 8, 16)
+    quant_type: str = choice("4-bit data type: NormalFloat (QLoRA) or plain float.", "nf4", "fp4")
+    double_quant: bool = setting("4-bit: quantize the quantization constants too (QLoRA's double quantization).")
+    compute_dtype: str = choice("4-bit: dtype the dequantized weights multiply in.", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoraConfig:
+    preset: str = setting(f"One of {LORA_PRESETS}, resolved on the loaded model; or 'none': full fine-tuning.")
+    r: Optional[int] = bounded(
+        "LoRA rank; null with preset 'none'.", ge=1, le=MAX_LORA_RANK, why_high="a rank that wide is no longer low-rank"
+    )
+    alpha: Optional[int] = bounded("LoRA alpha (the update is scaled by alpha / r); null with 'none'.", gt=0)
+    dropout: float = bounded("Dropout on the input of each LoRA update.", ge=0, lt=1)
+    bias: str = choice(
+        "Biases that train: none, every one, or those of the adapted layers.", "none", "all", "lora_only"
+    )
+    target_modules: Optional[list[str]] = setting(
+        "Overrides the preset. Items may be module names (q_proj, lm_head) or preset names."
+    )
+    modules_to_save: Optional[list[str]] = setting(
+        "Modules trained in full and saved with the adapter; a classification head is added without asking."
+    )
+
+
+@dataclass
+class DataConfig:
+    name: str = setting("Short id of the dataset in run names and output directories.")
+    task: str = choice(
+        "sft: a causal LM learns responses; classification: one label a row; multilabel: a 0/1 column per label.",
+        *("sft", "classification", "multilabel"),
+    )
+    path: Optional[str] = setting("Local CSV/TSV/JSON/JSONL/Parquet file; set this or hub_id.")
+    eval_path: Optional[str] = setting("Local evaluation file beside data.path; null: one is split off train.")
+    hub_id: Optional[str] = setting("Hub dataset id; set this or data.path.")
+    hub_config: Optional[str] = setting("The hub dataset's configuration (subset) name.")
+    revision: Optional[str] = setting("Hub branch, tag or commit of the dataset; null: the default branch.")
+    train_split: str = setting("Hub split to train on.")
+    eval_split: Optional[str] = setting("Hub split to evaluate on; null: one is split off train (stratified).")
+    eval_fraction: float = bounded(
+        "Share of train split off for evaluation when no eval split or file is given.", gt=0, lt=1
+    )
+    split_seed: int = bounded("Seed of the evaluation split made from train.", ge=0)  # numpy takes no negative seed
+    id_column: Optional[str] = setting("Column of row ids in error reports; row numbers where it is absent.")
+    text_columns: list[str] = setting("Columns the model reads; joined unless text_template is set.")
+    text_template: Optional[str] = setting("A Python format string over text_columns; null: the columns joined.")
+    label_column: Optional[str] = setting("classification: the column of each row's label.")
+    label_columns: Optional[list[str]] = setting("multilabel: one 0/1 column per label.")
+    labels: Optional[list[str]] = setting("Label set and order; null: the sorted labels of the train split.")
+    prompt_template: str = choice("sft, format=columns: the prompt's layout.", "alpaca", "plain")
+    instruction_column: str = setting("sft: the column of each row's instruction.")
+    instruction_template: Optional[str] = setting(
+        "sft: a format string over columns that builds the instruction; null: the column."
+    )
+    input_column: Optional[str] = setting("sft: the column of each row's optional input; null: none.")
+    response_column: str = setting("sft: the column of the response the model learns.")
+    response_only_loss: bool = setting("sft: loss on the response tokens only; false: on the prompt too.")
+    max_length_factor: Optional[float] = bounded(
+        "Rows longer than this many times model.max_length tokens are far too long; null: none are.", ge=1
+    )
+    # A broken file is an error whatever this says: over half of a split far too long means a wrong column.
+    long_rows: str = choice("What far too long rows get (counted and logged either way).", "truncate", "skip", "error")
+    subsample: Optional[int] = bounded("Keep this many training rows (seeded); null: all.", ge=1)
+    eval_subsample: Optional[int] = bounded("Keep this many evaluation rows (seeded): faster sweeps; null: all.", ge=1)
+    subsample_seed: int = bounded("Seed of both subsamples.", ge=0)
+    class_weights: Any = choice(
+        "classification: a loss weight per class: none, balanced (inverse frequency), or one per label in order.",
+        *("none", "balanced", list[float]),
+    )
+    pos_weight: Any = choice(
+        "multilabel: a positive weight per label: none, auto (neg/pos), one_minus_share (1 - share), or a list.",
+        *("none", "auto", "one_minus_share", list[float]),
+    )
+    threshold: float = bounded("multilabel: the probability at or above which a label is predicted.", gt=0, lt=1)
+    num_sample_prompts: int = bounded("sft: prompts generated before and after training, logged to MLflow.", ge=0)
+    format: str = choice(
+        "sft: 'columns' (instruction/input/response through prompt_template) or 'messages' "
+        "(role/content turns through the model's chat template; loss on the last assistant turn).",
+        *("columns", "messages"),
+        default="columns",
+    )
+    messages_column: str = setting(
+        "data.format=messages: the column of {role, content} turn lists.", default="messages"
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Fields named as in the installed transformers' TrainingArguments, plus early stopping,
+    the non-finite loss guard and the checkpoint to resume from (read by src/fit.py, not passed on)."""
+
+    num_train_epochs: float = bounded("Epochs to train when max_steps <= 0.", ge=0)
+    max_steps: int = bounded("> 0 overrides num_train_epochs; -1 or 0: train by epochs.", ge=-1)
+    learning_rate: float = bounded("Peak learning rate.", gt=0)
+    lr_scheduler_type: str = setting("A transformers SchedulerType, e.g. linear, cosine, constant_with_warmup.")
+    warmup_steps: float = bounded(
+        "Scheduler warmup in steps; a value in [0, 1) is a fraction of the total steps.", ge=0
+    )
+    per_device_train_batch_size: int = bounded("Rows per training batch on each device.", ge=1)
+    per_device_eval_batch_size: int = bounded("Rows per evaluation batch on each device.", ge=1)
+    gradient_accumulation_steps: int = bounded("Batches per optimizer step.", ge=1)
+    optim: str = setting("A transformers optimizer name, e.g. adamw_torch, paged_adamw_8bit.")
+    weight_decay: float = bounded("Decoupled weight decay.", ge=0)
+    max_grad_norm: float = bounded(
+        "Gradient norm to clip to; 0 turns clipping off (a negative norm would flip the gradient).", ge=0
+    )
+    logging_steps: int = bounded("Steps between logged training metrics.", ge=1)
+    eval_strategy: str = choice("When to evaluate: never, every eval_steps, or each epoch.", "no", "steps", "epoch")
+    eval_steps: Optional[int] = bounded("Steps between evaluations with eval_strategy=steps.", ge=1)
+    save_strategy: str = choice(
+        "When to save a checkpoint: never, every save_steps, each epoch, or at each new best.",
+        *("no", "steps", "epoch", "best"),
+    )
+    save_steps: Optional[int] = bounded("Steps between checkpoints with save_strategy=steps.", ge=1)
+    save_total_limit: Optional[int] = bounded("Checkpoints kept; null keeps every one.", ge=1)
+    load_best_model_at_end: bool = setting(
+        "Reload the best checkpoint after training; needs save_strategy equal to eval_strategy."
+    )
+    metric_for_best_model: Optional[str] = setting(
+        "The metric (eval_ prefix optional) that picks the best checkpoint; null: the Trainer's (the loss)."
+    )
+    early_stopping_patience: Optional[int] = bounded(
+        "Evaluations without improvement before training stops; null: no early stopping.", ge=1
+    )
+    stop_on_nonfinite_loss: bool = setting("Fail the run at the first NaN/inf training loss.")
+    resume_from_checkpoint: Optional[str] = setting(
+        "null, 'latest' (newest checkpoint-N in the output dir, if any) or a checkpoint path."
+    )
+    activation_checkpointing: bool = setting(
+        "Recompute activations in the backward pass to save memory; the fast path picks the layers itself."
+    )
+    fast_path: bool = setting(
+        "Packed rows without padding: SFT micro-batches sized to memory_budget_gb (src/engine/), and "
+        "decoder classifiers, each example pooled at its last token (src/engine/classification.py)."
+    )
+    memory_budget_gb: Optional[float] = bounded(
+        "Fast path: peak GPU memory to plan micro-batches for; null: 90% of the GPU.", gt=0
+    )
+    dequantize_weights: bool = setting(
+        "Fast path: keep dequantized copies of a 4/8-bit base's weights where the budget has room "
+        "(8-bit: the activations are then not rounded to int8 as LLM.int8 does); false: bitsandbytes' matmuls."
+    )
+    # numpy's legacy seeding, which transformers' set_seed calls, takes [0, 2**32).
+    seed: int = bounded("Seed of initialization, data order and dropout.", ge=0, lt=2**32)
+    bf16: bool = setting("Mixed precision in bfloat16 (a CUDA GPU).")
+    fp16: bool = setting("Mixed precision in float16 (a CUDA GPU).")
+    tf32: Optional[bool] = setting("TF32 matmuls on an Ampere or newer GPU; null: torch's default.")
+    dataloader_num_workers: int = bounded("Processes loading batches; 0: the training process itself.", ge=0)
+    nproc_per_node: int = bounded(
+        "Processes (GPUs) for one DDP run; > 1 relaunches src.train on that many local ranks.", ge=1
+    )
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = setting("The MLflow experiment the run is logged to.")
+    tracking_uri: Optional[str] = setting("MLflow store; null: $MLFLOW_TRACKING_URI, else sqlite in the project.")
+    run_name: Optional[str] = setting(
+        "MLflow run name; null: made from the config (openllama3b-4bit-all_linear-r8-a16)."
+    )
+    log_adapter: bool = setting("Log the saved adapter (or, with lora=none, the model) as an MLflow artifact.")
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: Optional[str] = setting("The metric a sweep optimizes; null: the task's default, e.g. eval_f1_macro.")
+    direction: Optional[str] = choice(
+        "Whether a sweep maximizes or minimizes it; null: the task's.", "maximize", "minimize", None
+    )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = setting("The base model (conf/model/).")
+    quant: QuantConfig = setting("Quantization of the base model's weights (conf/quant/).")
+    lora: LoraConfig = setting("The adapter, or full fine-tuning (conf/lora/).")
+    data: DataConfig = setting("The dataset and its task (conf/data/; base values in conf/config.yaml).")
+    train: TrainConfig = setting("The training recipe (conf/train/).")
+    tracking: TrackingConfig = setting("Where and under which name the run is logged (MLflow).")
+    objective: ObjectiveConfig = setting("What a sweep optimizes.")
+    output_dir: str = setting("The run's directory: hydra.run.dir, or a sweep job's hydra.sweep.dir/subdir.")
+
+
+SCHEMA = (Config, ModelConfig, QuantConfig, LoraConfig, DataConfig, TrainConfig, TrackingConfig, ObjectiveConfig)
+# The resolved annotations of every schema dataclass (``from __future__ import annotations`` leaves them strings).
+HINTS = {cls: typing.get_type_hints(cls) for cls in SCHEMA}
