@@ -219,7 +219,8 @@ def _readme_train_commands() -> list[list[str]]:
     import re
     import shlex
 
-    text = (ROOT / "README.md").read_text()
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages)
     found = []
     for line in text.splitlines():
         match = re.search(r"python -m src\.train((?: [^`|\\]*)?)(?:`|$)", line)
@@ -229,7 +230,7 @@ def _readme_train_commands() -> list[list[str]]:
 
 
 def test_valid_overrides_pass_the_check(capsys):
-    """Every src.train command of the README, and overrides that only Hydra reads, pass untouched."""
+    """Every src.train command of the README and docs/, and overrides that only Hydra reads, pass untouched."""
     commands = _readme_train_commands()
     assert len(commands) >= 15
     commands += [
