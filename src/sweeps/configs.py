@@ -8,8 +8,8 @@ pruner) or recorded (a path as the experiment's name).
 
 from __future__ import annotations
 
+import logging
 import shlex
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -91,7 +91,8 @@ class OptunaSweeperConf(JobConf):
     grace_period: Optional[int] = bounded(default=None, ge=1)
 
 
-SAMPLERS = {
+# The presets of hydra/sweeper/sampler and hydra/sweeper/pruner (a sampler or pruner class and its arguments).
+SAMPLER_PRESETS = {
     # constant_liar: trials asked together (n_jobs, pack) are spread apart, each in flight counted as a bad value
     "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": None, "constant_liar": False},
     "random": {"_target_": "optuna.samplers.RandomSampler", "seed": None},
@@ -99,7 +100,7 @@ SAMPLERS = {
 }
 
 
-PRUNERS = {
+PRUNER_PRESETS = {
     "nop": {"_target_": "optuna.pruners.NopPruner"},
     "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0},
     "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "reduction_factor": 3},
@@ -132,9 +133,9 @@ def register_configs() -> None:
         cs.store(group="hydra/launcher", name=name, node=node, provider="lora-sweeps")
     cs.store(group="hydra/sweeper", name="lora_grid", node=GridSweeperConf, provider="lora-sweeps")
     cs.store(group="hydra/sweeper", name="lora_optuna", node=OptunaSweeperConf, provider="lora-sweeps")
-    for name, node in SAMPLERS.items():
+    for name, node in SAMPLER_PRESETS.items():
         cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="lora-sweeps")
-    for name, node in PRUNERS.items():
+    for name, node in PRUNER_PRESETS.items():
         cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="lora-sweeps")
 
 
@@ -226,7 +227,9 @@ class RefuseTargets(Callback):
         try:
             vet(config)
         except SweepRefused as exc:  # Hydra turns a callback's exception into a warning and goes on: exit instead
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            from src.sweeps.record import show
+
+            show(f"error: {exc}", logging.ERROR)
             raise SystemExit(2) from exc
 
 
