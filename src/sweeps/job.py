@@ -282,8 +282,8 @@ def run_pack_job(
     trials: Optional[Trials] = None,
 ) -> dict[str, Any]:
     """Train a pack of jobs (``hydra.sweeper.pack``; their resolved configs and Optuna environments) on one base,
-    in one fresh process; ``{"pack": [one result per job]}``, each ``{"status": "ok", "run_id", "metrics"}`` or
-    ``{"status": "failed" | "pruned" | "skipped", ...}``: a job that fails, is pruned or skipped is that job's
+    in one fresh process; ``{"pack": [one result per job]}``, each a :class:`~src.sweeps.outcomes.JobResult` as JSON
+    (:meth:`~src.sweeps.outcomes.JobResult.to_json`): a job that fails, is pruned or skipped is that job's
     outcome alone. A job whose config does not validate fails alone, before the pack starts."""
     feasibility = feasibility or FeasibilityConf()
     results: list[Optional[dict[str, Any]]] = [None] * len(members)

@@ -150,18 +150,7 @@ class SweepRecord:
         for stale in mark_stale_runs(uri, config.tracking.experiment):
             show(f"[sweep {sweep_id}] marked run {stale.run_id} KILLED: {stale.reason}")
         self.client = MlflowClient(uri)
-        self.run_id = None
-        if resume_run_id:
-            try:
-                resumed = self._write(self.client.get_run, resume_run_id)
-                if resumed.info.lifecycle_stage == "active":
-                    self._write(self.client.update_run, resume_run_id, status="RUNNING")
-                    for stale in (ERROR_TAG, ERROR_TYPE_TAG):  # the interruption is over; the run goes on
-                        if stale in resumed.data.tags:
-                            self._write(self.client.delete_tag, resume_run_id, stale)
-                    self.run_id = resume_run_id
-            except MlflowException:
-                pass  # deleted, or another store: start a new parent run
+        self.run_id = self._resumed(resume_run_id) if resume_run_id else None
         if self.run_id is None:
             tags = {SWEEP_ID_TAG: sweep_id, SWEEP_KIND_TAG: kind}
             self.run_id = self._write(self.client.create_run, experiment_id, run_name=run_name, tags=tags).info.run_id
@@ -169,15 +158,32 @@ class SweepRecord:
                 self._write(self.client.log_param, self.run_id, key, str(value)[: tracking.MAX_PARAM_LEN])
         for key, value in {**tracking.process_tags(), PLANNED_TAG: str(planned)}.items():
             self._write(self.client.set_tag, self.run_id, key, value)
-        # One click in the UI: this sweep's runs, best first, with their params and metrics as columns.
-        swept = [k for k in swept_keys(params) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
         self.named = named_keys(params, config)
-        view = tracking.sweep_view_state(sweep_id, self.objective, objective_direction(config), swept)
-        view_tag = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(sweep_id)
-        self._write(self.client.set_experiment_tag, experiment_id, view_tag, view)
+        self._save_view(config, params)
         self._heartbeat = contextlib.ExitStack()
         self._heartbeat.enter_context(tracking.heartbeat(uri, self.run_id))
         show(f"[sweep {sweep_id}] MLflow parent run {self.run_id} ({uri})")
+
+    def _resumed(self, run_id: str) -> Optional[str]:
+        """The parent run of an earlier run of this sweep, RUNNING again; None if it is deleted or elsewhere."""
+        try:
+            resumed = self._write(self.client.get_run, run_id)
+            if resumed.info.lifecycle_stage != "active":
+                return None
+            self._write(self.client.update_run, run_id, status="RUNNING")
+            for stale in (ERROR_TAG, ERROR_TYPE_TAG):  # the interruption is over; the run goes on
+                if stale in resumed.data.tags:
+                    self._write(self.client.delete_tag, run_id, stale)
+            return run_id
+        except MlflowException:
+            return None  # deleted, or another store: start a new parent run
+
+    def _save_view(self, config: DictConfig, params: dict[str, Any]) -> None:
+        """One click in the UI: this sweep's runs, best first, with their params and metrics as columns."""
+        swept = [k for k in swept_keys(params) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
+        view = tracking.sweep_view_state(self.sweep_id, self.objective, objective_direction(config), swept)
+        view_tag = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(self.sweep_id)
+        self._write(self.client.set_experiment_tag, self.experiment_id, view_tag, view)
 
     @staticmethod
     def _write(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
