@@ -820,6 +820,7 @@ def test_a_job_result_reads_back_as_written_and_raises_as_its_status_says():
     assert skipped.reason == "needs ~9 GiB" and skipped.status.label == "SKIPPED" and Status.OK.label == "FINISHED"
     with pytest.raises(JobSkipped, match="needs ~9 GiB"):
         skipped.raise_unless_ok()
+    assert JobResult.from_json({}).status is Status.FAILED  # a pack's trial that never reported
 
 
 def test_a_sweeper_takes_every_default_from_its_config_dataclass():

@@ -112,8 +112,12 @@ class JobResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobResult:
+        """Read :meth:`to_json`'s form back; a result without a known status (a pack's trial that never reported)
+        is FAILED."""
         known = {key: data.get(key) for key in ("run_id", "error_type", "message", "traceback")}
-        return cls(Status(data["status"]), metrics=dict(data.get("metrics") or {}), **known)
+        status = data.get("status")
+        status = Status(status) if status in {s.value for s in Status} else Status.FAILED
+        return cls(status, metrics=dict(data.get("metrics") or {}), **known)
 
     def raise_unless_ok(self) -> dict[str, Any]:
         """An OK result's ``{"run_id", "metrics"}`` (what a job returns to Hydra); else the job's exception."""
