@@ -279,8 +279,8 @@ class OptunaSweeper(SweeperBase):
                     return False  # the sweeps running the rest finish them
                 time.sleep(WAIT_POLL_S)
                 continue
-            pending, exhausted = self.ask(plan.space, min(plan.size * self.conf.pack, free))
-            self.pending = self.within_budget(pending)
+            self.pending, exhausted = self.ask(plan.space, min(plan.size * self.conf.pack, free))
+            self.pending = self.within_budget(self.pending)
             if self.pending:
                 self.run_trials(plan)
             if exhausted:
