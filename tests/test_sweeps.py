@@ -831,3 +831,18 @@ def test_a_sweeper_takes_every_default_from_its_config_dataclass():
     study = OptunaSweeper(sampler=None, pruner=None)
     assert study.conf == OptunaSweeperConf(sampler=None, pruner=None) and study.metrics == ["objective"]
     assert GridSweeper().conf == GridSweeperConf()
+
+
+def test_every_sweeper_setting_has_help():
+    import dataclasses
+
+    from src.sweeps.configs import FeasibilityConf, GridSweeperConf, OptunaSweeperConf
+
+    hydra_keys = {"_target_", "_recursive_", "defaults"}
+    without = [
+        f"{conf.__name__}.{f.name}"
+        for conf in (FeasibilityConf, GridSweeperConf, OptunaSweeperConf)
+        for f in dataclasses.fields(conf)
+        if f.name not in hydra_keys and not str(f.metadata.get("help", "")).strip()
+    ]
+    assert without == []
