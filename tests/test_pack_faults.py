@@ -143,7 +143,7 @@ def test_a_pack_killed_after_its_stop_grace_leaves_no_run_running(tmp_path, mlfl
     from src.sweeps import job
     from src.sweeps.record import install_sigterm_handler, restore_sigterm_handler
 
-    monkeypatch.setattr(job, "STOP_GRACE_S", 2)
+    monkeypatch.setattr(job, "TRIAL_STOP_GRACE_S", 2)
     members = [(_raw(tmp_path, f"t{i}", TRIALS[i]), None) for i in range(2)]
 
     def kill_once_both_runs_started():

@@ -24,13 +24,8 @@ from src.sweeps.job import check_feasibility, fit_micro_batch
 from src.sweeps.outcomes import JobSkipped
 from src.sweeps.placement import assign_gpus, batch_size
 from src.sweeps.record import SweepFailed
-from src.sweeps.study import (
-    counted,
-    evaluate_derived,
-    recover_interrupted,
-    search_space,
-    trial_overrides,
-)
+from src.sweeps.space import evaluate_derived, search_space, trial_overrides
+from src.sweeps.study_trials import counted, recover_interrupted
 from tests.conftest import OPENLLAMA_3B, ROOT, compose_config, compose_hydra
 
 SWEEPS_DIR = ROOT / "sweeps"
@@ -253,7 +248,7 @@ def test_a_trial_whose_sweeper_pid_was_reused_is_failed_and_retried(tmp_path):
     """Ownership is host + pid + process start: a live process that took a dead sweeper's pid does not keep the
     trial RUNNING for good. A pid recorded in another pid namespace (another container) is not judged here."""
     from src import tracking
-    from src.sweeps.study import set_owner
+    from src.sweeps.study_trials import set_owner
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -752,7 +747,7 @@ def test_the_shipped_sweeps_keys_and_options_all_exist(name):
 def test_the_pareto_summary_names_each_metric_and_the_trials_params():
     """`#0 (6.5939, 28672.0)` said neither which metric nor which trial: each value now sits under its metric's name,
     with the trial's params; one objective is named too."""
-    from src.sweeps.study import best_text
+    from src.sweeps.study_report import best_text
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"])
@@ -782,7 +777,10 @@ def test_named_keys_tell_a_sweeps_runs_apart():
     assert named_keys({"jobs": jobs[:1]}, config) == []
     space = {"lora.r": "choice", "lora.alpha_ratio": "choice", "train.learning_rate": "log", "quant": "choice"}
     assert named_keys({"space": space, "derived": {"lora.alpha": "lora.alpha_ratio * lora.r"}}, config) == [
-        "lora.r", "train.learning_rate", "lora.alpha"]
+        "lora.r",
+        "train.learning_rate",
+        "lora.alpha",
+    ]
 
 
 @pytest.mark.slow  # ~1 min: two training jobs
@@ -794,3 +792,57 @@ def test_a_grid_over_a_key_the_name_does_not_show_names_its_runs_apart(tmp_path,
         "tiny-topics-16bit-attn_qv-r8-a16-class_weights=balanced",
         "tiny-topics-16bit-attn_qv-r8-a16-class_weights=none",
     ]
+
+
+def test_a_job_result_reads_back_as_written_and_raises_as_its_status_says():
+    import optuna
+
+    from src.sweeps.outcomes import JobFailed, JobResult, Status
+
+    ok = JobResult(Status.OK, "r1", {"objective": 0.5})
+    assert ok.to_json() == {"status": "ok", "run_id": "r1", "metrics": {"objective": 0.5}}  # job_result.json
+    assert JobResult.from_json(ok.to_json()) == ok and ok.raise_unless_ok() == {"run_id": "r1", "metrics": ok.metrics}
+    failed = JobResult.of_exception(JobFailed("OutOfMemoryError", "CUDA out of memory", "r2"))
+    assert failed.to_json() == {
+        "status": "failed",
+        "run_id": "r2",
+        "error_type": "OutOfMemoryError",
+        "message": "CUDA out of memory",
+    }
+    assert failed.reason == "OutOfMemoryError: CUDA out of memory" and failed.status.label == "FAILED"
+    with pytest.raises(JobFailed, match="OutOfMemoryError: CUDA out of memory") as info:
+        JobResult.from_json(failed.to_json()).raise_unless_ok()
+    assert info.value.run_id == "r2"
+    pruned = JobResult.of_exception(optuna.TrialPruned("pruned at step 4"))
+    with pytest.raises(optuna.TrialPruned, match="step 4"):
+        JobResult.from_json(pruned.to_json()).raise_unless_ok()
+    skipped = JobResult.from_json({"status": "skipped", "message": "needs ~9 GiB"})
+    assert skipped.reason == "needs ~9 GiB" and skipped.status.label == "SKIPPED" and Status.OK.label == "FINISHED"
+    with pytest.raises(JobSkipped, match="needs ~9 GiB"):
+        skipped.raise_unless_ok()
+    assert JobResult.from_json({}).status is Status.FAILED  # a pack's trial that never reported
+
+
+def test_a_sweeper_takes_every_default_from_its_config_dataclass():
+    from src.sweeps.configs import GridSweeperConf, OptunaSweeperConf
+    from src.sweeps.grid import GridSweeper
+    from src.sweeps.study import OptunaSweeper
+
+    study = OptunaSweeper(sampler=None, pruner=None)
+    assert study.conf == OptunaSweeperConf(sampler=None, pruner=None) and study.metrics == ["objective"]
+    assert GridSweeper().conf == GridSweeperConf()
+
+
+def test_every_sweeper_setting_has_help():
+    import dataclasses
+
+    from src.sweeps.configs import FeasibilityConf, GridSweeperConf, OptunaSweeperConf
+
+    hydra_keys = {"_target_", "_recursive_", "defaults"}
+    without = [
+        f"{conf.__name__}.{f.name}"
+        for conf in (FeasibilityConf, GridSweeperConf, OptunaSweeperConf)
+        for f in dataclasses.fields(conf)
+        if f.name not in hydra_keys and not str(f.metadata.get("help", "")).strip()
+    ]
+    assert without == []

@@ -25,10 +25,14 @@ with a parallel launcher) are pinned to their own GPUs through ``CUDA_VISIBLE_DE
 Hydra only instantiates sweepers found under the ``hydra_plugins`` namespace: the classes Hydra
 sees are the thin subclasses in ``hydra_plugins/lora_sweeps/sweepers.py``.
 
-The modules, sweeper side first: ``configs`` (the Hydra configs and their defaults), ``grid`` and ``study`` (the two
-sweepers), ``placement`` (GPUs per job), ``record`` (the parent run and summary), ``stale`` (runs a killed
-process left RUNNING); ``outcomes`` (what jobs and sweepers tell each other); job side: ``job`` (one job: its
-process, feasibility) and ``trial`` (its Optuna trial: storage, pruner, pruning callback).
-Sweeps build on the core (``src.config``, ``src.tracking``, ``src.plan``, ...) and never import ``src.train``:
-``src.train`` hands each job its training function (``src.train.run``), and the core never imports a sweep module.
+The modules, sweeper side first: ``configs`` (the Hydra configs and their defaults), ``base`` (what both sweepers
+share: settings, setup, one launch path for jobs and packs), ``grid`` and ``study`` (the two sweepers), ``space``,
+``study_trials`` and ``study_report`` (the study's search space, its trials' bookkeeping, its best trials and
+artifacts), ``optuna_compat`` (the Optuna internals the sweeper needs), ``grouping`` (jobs into packs of one base),
+``placement`` (GPUs per job), ``record`` (the parent run, the sweep's lines and summary), ``stale`` (runs a killed
+process left RUNNING); ``outcomes`` (what jobs and sweepers tell each other: :class:`~src.sweeps.outcomes.JobResult`,
+its status, the tag and attribute names); job side: ``job`` (one job: its process, feasibility), and
+:mod:`src.trial` (its Optuna trial: storage, pruner, pruning callback).
+Sweeps build on the core (``src.config``, ``src.tracking``, ``src.plan``, ...) and ``src.fit`` (a job's run, imported
+by name), never on ``src.train``; the core never imports a sweep module.
 """

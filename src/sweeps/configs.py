@@ -8,8 +8,8 @@ pruner) or recorded (a path as the experiment's name).
 
 from __future__ import annotations
 
+import logging
 import shlex
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -27,11 +27,20 @@ from src.overrides import problems as override_problems
 PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
 
 
+def setting(help: str, default: Any = None, factory: Any = None) -> Any:
+    """A field with its help text (``factory``: a mutable default's maker)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class FeasibilityConf:
     """Before a job trains, src.plan's peak-memory estimate is compared with its GPU's free memory."""
 
-    mode: str = "shrink"  # off | skip (record the reason, run nothing) | shrink (halve micro-batch, double accum)
+    mode: str = setting(
+        "off | skip (record the reason, run nothing) | shrink (halve the micro-batch, double accumulation).", "shrink"
+    )
     available_gpu_mem_gb: Optional[float] = bounded(
         "Free GPU memory to plan against; null: measure the job's GPU (CPU: no check).", default=None, gt=0
     )
@@ -41,15 +50,15 @@ class FeasibilityConf:
 class JobConf:
     """What each job of a sweep reads of ``hydra.sweeper``; both sweepers' configs extend it."""
 
-    isolate: bool = True  # each job in a fresh process
-    feasibility: FeasibilityConf = field(default_factory=FeasibilityConf)
+    isolate: bool = setting("Each job in a fresh process.", True)
+    feasibility: FeasibilityConf = setting("The memory check before each job trains.", factory=FeasibilityConf)
 
 
 @dataclass
 class GridSweeperConf(JobConf):
     _target_: str = f"{PLUGIN_MODULE}.GridSweeper"
-    params: Optional[dict[str, str]] = None  # like Hydra's basic sweeper: {lora.r: "8,16"}
-    rows: Optional[list[str]] = None  # explicit jobs, each the overrides of one job as on the command line
+    params: Optional[dict[str, str]] = setting('Sweeps, as Hydra\'s basic sweeper takes them: {lora.r: "8,16"}.')
+    rows: Optional[list[str]] = setting("Explicit jobs, each the overrides of one job as on the command line.")
     max_batch_size: Optional[int] = bounded(
         "Jobs handed to the launcher at once; null: one per GPU (1 on CPU).", default=None, ge=1
     )
@@ -68,30 +77,44 @@ class OptunaSweeperConf(JobConf):
     _target_: str = f"{PLUGIN_MODULE}.OptunaSweeper"
     _recursive_: bool = False  # the sweeper builds the sampler and pruner itself; jobs rebuild the pruner
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "nop"}])
-    sampler: Any = MISSING  # hydra/sweeper/sampler: tpe | random | nsgaii, or another optuna.samplers class
-    pruner: Any = MISSING  # hydra/sweeper/pruner: nop | median | hyperband, or another optuna.pruners class
+    sampler: Any = setting("hydra/sweeper/sampler: tpe | random | nsgaii, or another optuna.samplers class.", MISSING)
+    pruner: Any = setting("hydra/sweeper/pruner: nop | median | hyperband, or another optuna.pruners class.", MISSING)
     n_trials: int = bounded("Trials in the study in total, counting earlier runs of the same study.", default=20, ge=1)
     n_jobs: int = bounded("Trials handed to the launcher at once (parallel with a parallel launcher).", default=1, ge=1)
-    direction: Any = None  # minimize | maximize; null: the config's objective direction
-    directions: Optional[list[Optional[str]]] = None  # multi-objective, one per metric; null items: as above
-    metrics: list[str] = field(default_factory=lambda: ["objective"])  # "objective" or final MLflow metrics
-    storage: Optional[str] = None  # SQLAlchemy URL or journal file path; null: optuna.db beside the MLflow store
-    study_name: Optional[str] = None  # null: <config name>-<hash of the command's overrides and search space>
-    params: Optional[dict[str, str]] = None  # search space, in Hydra's override grammar: choice(...), interval(...)
-    derived: Optional[dict[str, str]] = None  # keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}
+    direction: Any = setting("minimize | maximize; null: the config's objective direction.")
+    directions: Optional[list[Optional[str]]] = setting("Several objectives: one per metric; null items: as above.")
+    metrics: list[str] = setting(
+        '"objective" or final MLflow metrics, one per direction.', factory=lambda: ["objective"]
+    )
+    storage: Optional[str] = setting("SQLAlchemy URL or journal file path; null: optuna.db beside the MLflow store.")
+    study_name: Optional[str] = setting("null: <config name>-<hash of the command's overrides and search space>.")
+    params: Optional[dict[str, str]] = setting(
+        "The search space in Hydra's override grammar: choice(...), interval(...)."
+    )
+    derived: Optional[dict[str, str]] = setting("Keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}.")
     max_failure_rate: float = bounded(
         "Stop once more than this fraction of n_trials has failed.", default=0.5, ge=0, le=1
     )
-    # Up to this many trials of one base train at once on one GPU (src/packs/model.py); asks n_jobs x pack trials at a
-    # time: with TPE, hydra/sweeper/sampler=tpe hydra.sweeper.sampler.constant_liar=true spreads them.
-    pack: int = bounded(default=1, ge=1)
-    # Several workers on one study (RDB storage only): each RUNNING trial beats every heartbeat_interval
-    # seconds; one silent for grace_period (null: 2 x interval) is failed and retried by another worker.
-    heartbeat_interval: Optional[int] = bounded(default=None, ge=1)
-    grace_period: Optional[int] = bounded(default=None, ge=1)
+    # With TPE, hydra/sweeper/sampler=tpe hydra.sweeper.sampler.constant_liar=true spreads the trials asked together.
+    pack: int = bounded(
+        "Up to this many trials of one base train at once on one GPU (src/packs/model.py); n_jobs x pack are asked at "
+        "a time.",
+        default=1,
+        ge=1,
+    )
+    # Several workers on one study (RDB storage only): one silent for grace_period is retried by another worker.
+    heartbeat_interval: Optional[int] = bounded(
+        "Seconds between a RUNNING trial's heartbeats; null: no heartbeat.", default=None, ge=1
+    )
+    grace_period: Optional[int] = bounded(
+        "Seconds without a heartbeat before a trial is failed and retried; null: 2 x heartbeat_interval.",
+        default=None,
+        ge=1,
+    )
 
 
-SAMPLERS = {
+# The presets of hydra/sweeper/sampler and hydra/sweeper/pruner (a sampler or pruner class and its arguments).
+SAMPLER_PRESETS = {
     # constant_liar: trials asked together (n_jobs, pack) are spread apart, each in flight counted as a bad value
     "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": None, "constant_liar": False},
     "random": {"_target_": "optuna.samplers.RandomSampler", "seed": None},
@@ -99,7 +122,7 @@ SAMPLERS = {
 }
 
 
-PRUNERS = {
+PRUNER_PRESETS = {
     "nop": {"_target_": "optuna.pruners.NopPruner"},
     "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0},
     "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "reduction_factor": 3},
@@ -132,9 +155,9 @@ def register_configs() -> None:
         cs.store(group="hydra/launcher", name=name, node=node, provider="lora-sweeps")
     cs.store(group="hydra/sweeper", name="lora_grid", node=GridSweeperConf, provider="lora-sweeps")
     cs.store(group="hydra/sweeper", name="lora_optuna", node=OptunaSweeperConf, provider="lora-sweeps")
-    for name, node in SAMPLERS.items():
+    for name, node in SAMPLER_PRESETS.items():
         cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="lora-sweeps")
-    for name, node in PRUNERS.items():
+    for name, node in PRUNER_PRESETS.items():
         cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="lora-sweeps")
 
 
@@ -226,7 +249,9 @@ class RefuseTargets(Callback):
         try:
             vet(config)
         except SweepRefused as exc:  # Hydra turns a callback's exception into a warning and goes on: exit instead
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            from src.sweeps.record import show
+
+            show(f"error: {exc}", logging.ERROR)
             raise SystemExit(2) from exc
 
 

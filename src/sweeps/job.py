@@ -36,12 +36,12 @@ from src import console, distributed, tracking
 from src.config import Config, ConfigError, literal
 from src.memory import PlanError, plan, plans_own_micro_batches
 from src.sweeps.configs import FeasibilityConf
-from src.sweeps.outcomes import JobFailed, JobSkipped, quote
+from src.sweeps.outcomes import JobFailed, JobResult, JobSkipped, Status, quote
 from src.trial import STUDY_ENV, TRIAL_ENV
 
 RESULT_FILE = "job_result.json"
 # How long a job waits for its trial process to end after passing on SIGTERM or Ctrl-C.
-STOP_GRACE_S = 60
+TRIAL_STOP_GRACE_S = 60
 
 
 Train = Callable[[dict, Config], Optional[float]]  # src.fit.run, or one pack trial's (src.packs.runtime)
@@ -152,7 +152,7 @@ def forkserver_preload() -> list[str]:
 def _stop(process) -> None:
     if process.is_alive():
         process.terminate()  # SIGTERM: tracked_run ends the MLflow run KILLED
-        process.join(STOP_GRACE_S)
+        process.join(TRIAL_STOP_GRACE_S)
     if process.is_alive():
         process.kill()
         process.join()
@@ -203,33 +203,14 @@ def _trial_process(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _die_with_parent()
     _die_with_sweeper(sweeper)
-    import optuna
-
     console.log_to_file(Path(cfg.output_dir) / "train.log")  # the parent's Hydra logging is not ours here
 
     try:
-        result: dict[str, Any] = {"status": "ok", **_run(raw, cfg, feasibility)}
-    except optuna.TrialPruned as exc:
-        result = {"status": "pruned", "message": str(exc)}
-    except JobSkipped as exc:
-        result = {"status": "skipped", "message": str(exc)}
-    except JobFailed as exc:
-        result = {
-            "status": "failed",
-            "error_type": exc.error_type,
-            "message": exc.message,
-            "run_id": exc.run_id,
-            "traceback": traceback.format_exc(),
-        }
+        result = JobResult(Status.OK, **_run(raw, cfg, feasibility))
     except BaseException as exc:  # noqa: B036  the trial process reports everything, Ctrl-C included
-        result = {
-            "status": "failed",
-            "error_type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": traceback.format_exc(),
-        }
-    Path(result_path).write_text(json.dumps(result, indent=2, default=str))
-    sys.exit(0 if result["status"] == "ok" else 1)
+        result = JobResult.of_exception(exc, traceback.format_exc())
+    Path(result_path).write_text(json.dumps(result.to_json(), indent=2, default=str))
+    sys.exit(0 if result.status is Status.OK else 1)
 
 
 def _read_result(path: Path, exitcode: Optional[int]) -> dict[str, Any]:
@@ -237,18 +218,10 @@ def _read_result(path: Path, exitcode: Optional[int]) -> dict[str, Any]:
         how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
         hint = " (out of host memory?)" if exitcode == -signal.SIGKILL else ""
         raise JobFailed("TrialProcessDied", f"the trial process {how}{hint} before writing a result")
-    result = json.loads(path.read_text())
-    status = result.pop("status")
-    if status == "ok":
-        return result
-    if status == "pruned":
-        import optuna
-
-        raise optuna.TrialPruned(result["message"])
-    if status == "skipped":
-        raise JobSkipped(result["message"])
-    print(result.get("traceback", ""), file=sys.stderr)
-    raise JobFailed(result["error_type"], result["message"], result.get("run_id"))
+    result = JobResult.from_json(json.loads(path.read_text()))
+    if result.traceback:
+        console.log.error(result.traceback)
+    return result.raise_unless_ok()
 
 
 def _run(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> dict[str, Any]:
@@ -309,8 +282,8 @@ def run_pack_job(
     trials: Optional[Trials] = None,
 ) -> dict[str, Any]:
     """Train a pack of jobs (``hydra.sweeper.pack``; their resolved configs and Optuna environments) on one base,
-    in one fresh process; ``{"pack": [one result per job]}``, each ``{"status": "ok", "run_id", "metrics"}`` or
-    ``{"status": "failed" | "pruned" | "skipped", ...}``: a job that fails, is pruned or skipped is that job's
+    in one fresh process; ``{"pack": [one result per job]}``, each a :class:`~src.sweeps.outcomes.JobResult` as JSON
+    (:meth:`~src.sweeps.outcomes.JobResult.to_json`): a job that fails, is pruned or skipped is that job's
     outcome alone. A job whose config does not validate fails alone, before the pack starts."""
     feasibility = feasibility or FeasibilityConf()
     results: list[Optional[dict[str, Any]]] = [None] * len(members)
@@ -350,15 +323,7 @@ def run_pack_job(
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
-    import optuna
-
-    if isinstance(exc, optuna.TrialPruned):
-        return {"status": "pruned", "message": str(exc)}
-    if isinstance(exc, JobSkipped):
-        return {"status": "skipped", "message": str(exc)}
-    if isinstance(exc, JobFailed):
-        return {"status": "failed", "error_type": exc.error_type, "message": exc.message, "run_id": exc.run_id}
-    return {"status": "failed", "error_type": type(exc).__name__, "message": str(exc), "run_id": None}
+    return JobResult.of_exception(exc).to_json()
 
 
 def _pack_process(valid, feasibility, trials, env, result_path, sweeper) -> None:
@@ -381,14 +346,15 @@ def _pack_process(valid, feasibility, trials, env, result_path, sweeper) -> None
 
 def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[str, Any]]:
     if path.is_file():
-        return json.loads(path.read_text())
+        return [JobResult.from_json(result).to_json() for result in json.loads(path.read_text())]
     how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
     reason = f"the pack's process {how} before writing a result"
-    results = []
-    for _, raw, cfg, _ in valid:
-        run_id = close_lost_run(raw, cfg, reason)
-        results.append({"status": "failed", "error_type": "TrialProcessDied", "message": reason, "run_id": run_id})
-    return results
+    return [
+        JobResult(
+            Status.FAILED, close_lost_run(raw, cfg, reason), error_type="TrialProcessDied", message=reason
+        ).to_json()
+        for _, raw, cfg, _ in valid
+    ]
 
 
 def _run_pack(valid, feasibility: FeasibilityConf, trials: Optional[Trials] = None) -> list[dict[str, Any]]:

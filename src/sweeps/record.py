@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,8 +23,44 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import console, tracking
 from src.config import OBJECTIVE_DEFAULTS, ConfigError
-from src.sweeps.outcomes import Outcome, finite
+from src.sweeps.outcomes import (
+    BEST_TAG,
+    ERROR_TAG,
+    ERROR_TYPE_TAG,
+    PLANNED_TAG,
+    SWEEP_ID_TAG,
+    SWEEP_KIND_TAG,
+    Outcome,
+    Status,
+    finite,
+)
 from src.sweeps.stale import mark_stale_runs
+
+# The sweep's own lines: each job's launch and outcome, the summary. They are the sweep command's output, on
+# stdout (errors on stderr), through a logger of their own: Hydra's logging setup for each in-process job resets the
+# handlers of every logger below ``src``, so :func:`show` attaches its handler again when it is gone.
+log = logging.getLogger("src.sweeps")
+
+
+class _Streams(logging.Handler):
+    """INFO to stdout, WARNING and above to stderr: the streams of the moment (a test may swap them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        stream.write(self.format(record) + "\n")
+        stream.flush()
+
+
+_HANDLER = _Streams()
+
+
+def show(line: str, level: int = logging.INFO) -> None:
+    """One line of the sweep's output (:data:`log`)."""
+    if _HANDLER not in log.handlers:
+        log.addHandler(_HANDLER)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    log.log(level, line)
 
 
 class SweepFailed(CompactHydraException):
@@ -99,7 +136,7 @@ class SweepRecord:
         planned: int,
         params: dict[str, Any],
         resume_run_id: Optional[str] = None,
-        prior: Optional[dict[str, int]] = None,
+        prior: Optional[dict[Status, int]] = None,
     ):
         """``prior``: the jobs of a resumed sweep that ended before this run of it, by status, so that the
         parent's counts and summary describe the whole sweep."""
@@ -111,36 +148,42 @@ class SweepRecord:
         experiment_id = tracking.ensure_experiment(config.tracking.experiment, uri)
         self.uri, self.experiment_id = uri, experiment_id
         for stale in mark_stale_runs(uri, config.tracking.experiment):
-            print(f"[sweep {sweep_id}] marked run {stale.run_id} KILLED: {stale.reason}", flush=True)
+            show(f"[sweep {sweep_id}] marked run {stale.run_id} KILLED: {stale.reason}")
         self.client = MlflowClient(uri)
-        self.run_id = None
-        if resume_run_id:
-            try:
-                resumed = self._write(self.client.get_run, resume_run_id)
-                if resumed.info.lifecycle_stage == "active":
-                    self._write(self.client.update_run, resume_run_id, status="RUNNING")
-                    for stale in ("error", "error_type"):  # the interruption is over; the run goes on
-                        if stale in resumed.data.tags:
-                            self._write(self.client.delete_tag, resume_run_id, stale)
-                    self.run_id = resume_run_id
-            except MlflowException:
-                pass  # deleted, or another store: start a new parent run
+        self.run_id = self._resumed(resume_run_id) if resume_run_id else None
         if self.run_id is None:
-            tags = {"sweep_id": sweep_id, "sweep_kind": kind}
+            tags = {SWEEP_ID_TAG: sweep_id, SWEEP_KIND_TAG: kind}
             self.run_id = self._write(self.client.create_run, experiment_id, run_name=run_name, tags=tags).info.run_id
             for key, value in tracking.flatten({"sweep": params}).items():
                 self._write(self.client.log_param, self.run_id, key, str(value)[: tracking.MAX_PARAM_LEN])
-        for key, value in {**tracking.process_tags(), "planned_jobs": str(planned)}.items():
+        for key, value in {**tracking.process_tags(), PLANNED_TAG: str(planned)}.items():
             self._write(self.client.set_tag, self.run_id, key, value)
-        # One click in the UI: this sweep's runs, best first, with their params and metrics as columns.
-        swept = [k for k in swept_keys(params) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
         self.named = named_keys(params, config)
-        view = tracking.sweep_view_state(sweep_id, self.objective, objective_direction(config), swept)
-        view_tag = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(sweep_id)
-        self._write(self.client.set_experiment_tag, experiment_id, view_tag, view)
+        self._save_view(config, params)
         self._heartbeat = contextlib.ExitStack()
         self._heartbeat.enter_context(tracking.heartbeat(uri, self.run_id))
-        print(f"[sweep {sweep_id}] MLflow parent run {self.run_id} ({uri})", flush=True)
+        show(f"[sweep {sweep_id}] MLflow parent run {self.run_id} ({uri})")
+
+    def _resumed(self, run_id: str) -> Optional[str]:
+        """The parent run of an earlier run of this sweep, RUNNING again; None if it is deleted or elsewhere."""
+        try:
+            resumed = self._write(self.client.get_run, run_id)
+            if resumed.info.lifecycle_stage != "active":
+                return None
+            self._write(self.client.update_run, run_id, status="RUNNING")
+            for stale in (ERROR_TAG, ERROR_TYPE_TAG):  # the interruption is over; the run goes on
+                if stale in resumed.data.tags:
+                    self._write(self.client.delete_tag, run_id, stale)
+            return run_id
+        except MlflowException:
+            return None  # deleted, or another store: start a new parent run
+
+    def _save_view(self, config: DictConfig, params: dict[str, Any]) -> None:
+        """One click in the UI: this sweep's runs, best first, with their params and metrics as columns."""
+        swept = [k for k in swept_keys(params) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
+        view = tracking.sweep_view_state(self.sweep_id, self.objective, objective_direction(config), swept)
+        view_tag = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(self.sweep_id)
+        self._write(self.client.set_experiment_tag, self.experiment_id, view_tag, view)
 
     @staticmethod
     def _write(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -156,31 +199,34 @@ class SweepRecord:
     def starting(self, number: int, overrides: Sequence[str], gpu: Optional[str]) -> None:
         """Print the launch of one job with its own overrides (Hydra's launch lines, which also show the
         sweep's internal ``hydra.job.env_set`` overrides, are silenced in conf/config.yaml)."""
-        label = "trial" if self.kind == "optuna" else "job"
         where = f" on GPU {gpu}" if gpu is not None else ""
-        print(f"[sweep {self.sweep_id}] {label} #{number} starting{where}: {' '.join(overrides)}", flush=True)
+        show(f"[sweep {self.sweep_id}] {self.label} #{number} starting{where}: {' '.join(overrides)}")
 
     def add(self, outcome: Outcome, done: int, best_so_far: Callable[[], BestSoFar]) -> None:
         """Record one outcome and print ``job k/N``: its status, value and the best so far."""
         self.outcomes.append(outcome)
         best, best_value = best_so_far()
         step = sum(self.prior.values()) + len(self.outcomes)  # a resumed sweep's history goes on
-        metrics = [_metric(f"jobs_{status.lower()}", count, step) for status, count in self.counts().items()]
+        metrics = [_metric(f"jobs_{status.label.lower()}", count, step) for status, count in self.counts().items()]
         if finite(best_value):
             metrics.append(_metric("best_objective", best_value, step))
         self._write(self.client.log_batch, self.run_id, metrics=metrics)
-        label = "trial" if self.kind == "optuna" else "job"
         value = outcome.metrics.get("objective")
         shown = f"{self.objective}={value:.4g}" if finite(value) else (outcome.reason or "")
-        line = f"[sweep {self.sweep_id}] {label} {done}/{self.planned} (#{outcome.number}) {outcome.status} {shown}"
-        print(line + (f" | best so far: {best}" if best else ""), flush=True)
+        status = outcome.status.label
+        line = f"[sweep {self.sweep_id}] {self.label} {done}/{self.planned} (#{outcome.number}) {status} {shown}"
+        show(line + (f" | best so far: {best}" if best else ""))
 
-    def counts(self) -> dict[str, int]:
-        statuses = ("FINISHED", "FAILED", "PRUNED", "SKIPPED")
-        return {s: self.prior.get(s, 0) + sum(o.status == s for o in self.outcomes) for s in statuses}
+    @property
+    def label(self) -> str:
+        """What the sweep's lines call one job."""
+        return "trial" if self.kind == "optuna" else "job"
+
+    def counts(self) -> dict[Status, int]:
+        return {s: self.prior.get(s, 0) + sum(o.status is s for o in self.outcomes) for s in Status}
 
     def failed(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status == "FAILED"]
+        return [o for o in self.outcomes if o.status is Status.FAILED]
 
     def failure_message(self, stopped: bool) -> str:
         numbers = ", ".join(f"#{o.number}" for o in self.failed())
@@ -188,14 +234,14 @@ class SweepRecord:
         return f"sweep {self.sweep_id}: {why}{len(self.failed())} job(s) failed ({numbers}); see the summary above"
 
     def summary(self, best: Optional[str]) -> str:
-        counts = ", ".join(f"{n} {s.lower()}" for s, n in self.counts().items() if n)
+        counts = ", ".join(f"{n} {s.label.lower()}" for s, n in self.counts().items() if n)
         total = sum(self.counts().values())
         here = f", {len(self.outcomes)} of them in this run of it" if self.prior else " ran here"
         lines = [f"sweep {self.sweep_id}: {total} job(s){here} ({counts or 'none'}); MLflow parent run {self.run_id}"]
         for o in self.outcomes:
-            if o.status in ("FAILED", "SKIPPED"):
+            if o.status in (Status.FAILED, Status.SKIPPED):
                 run = f" [run {o.run_id}]" if o.run_id else ""
-                lines.append(f"  {o.status} #{o.number} {' '.join(o.overrides)}{run}: {(o.reason or '')[:500]}")
+                lines.append(f"  {o.status.label} #{o.number} {' '.join(o.overrides)}{run}: {(o.reason or '')[:500]}")
         if best:
             lines.append(f"  best: {best}")
         lines.append(f"  view: {console.view_hint(self.uri, self.experiment_id, self.run_id)}")
@@ -215,9 +261,9 @@ class SweepRecord:
             "sweep_id": self.sweep_id,
             "kind": self.kind,
             "planned": self.planned,
-            "counts": self.counts(),
+            "counts": {s.label: n for s, n in self.counts().items()},
             "best": best,
-            "jobs": [asdict(o) for o in self.outcomes],
+            "jobs": [o.to_json() for o in self.outcomes],
         }
         write = self._write
         write(self.client.log_dict, self.run_id, json.loads(json.dumps(payload, default=str)), "summary.json")
@@ -227,16 +273,16 @@ class SweepRecord:
         for local, folder in files:
             write(self.client.log_artifact, self.run_id, str(local), folder)
         if best:
-            write(self.client.set_tag, self.run_id, "best", best[: tracking.MAX_TAG_LEN])
+            write(self.client.set_tag, self.run_id, BEST_TAG, best[: tracking.MAX_TAG_LEN])
         self._heartbeat.close()
         write(self.client.set_terminated, self.run_id, status)
-        print(text, flush=True)
+        show(text)
         return text
 
     def end_early(self, exc: BaseException) -> None:
         """End the parent run when the sweep itself stops: KILLED on SIGTERM or Ctrl-C, else FAILED."""
         self._heartbeat.close()
-        self._write(self.client.set_tag, self.run_id, "error", f"{type(exc).__name__}: {exc}"[: tracking.MAX_TAG_LEN])
+        self._write(self.client.set_tag, self.run_id, ERROR_TAG, f"{type(exc).__name__}: {exc}"[: tracking.MAX_TAG_LEN])
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         self._write(self.client.set_terminated, self.run_id, status)
 
@@ -248,7 +294,7 @@ def _metric(key: str, value: float, step: int):
 def final_status(record: SweepRecord, stopped: bool) -> str:
     """FAILED when every job failed or the failure budget stopped the sweep, else FINISHED."""
     ran = record.outcomes
-    if stopped or (ran and all(o.status in ("FAILED", "SKIPPED") for o in ran) and record.failed()):
+    if stopped or (ran and all(o.status in (Status.FAILED, Status.SKIPPED) for o in ran) and record.failed()):
         return "FAILED"
     return "FINISHED"
 

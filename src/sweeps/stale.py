@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from src import reserve, tracking
+from src.sweeps.outcomes import ERROR_TAG, ERROR_TYPE_TAG
 
 # Heartbeats come every minute; a few missed ones (a long lock wait, a paused VM) are not death.
 STALE_AFTER_S = 900.0
@@ -131,12 +132,12 @@ def mark_stale_runs(
             status = record.get("status") if record.get("status") in ("FAILED", "KILLED") else "FAILED"
             tags = {str(k): str(v)[: tracking.MAX_TAG_LEN] for k, v in (record.get("tags") or {}).items()}
             tags["recorded_by"] = f"{reserve.RECORD_NAME} of {record.get('written_at')}, applied by src.doctor"
-            run.reason = f"{run.reason}; its record says {status}: {tags.get('error_type', '?')}"
+            run.reason = f"{run.reason}; its record says {status}: {tags.get(ERROR_TYPE_TAG, '?')}"
             run.status = status
         else:
             status = "KILLED"
             message = f"{run.reason}; marked KILLED by src.doctor at {tracking.utc_now()}"
-            tags = {"error_type": "ProcessLost", "error": message}
+            tags = {ERROR_TYPE_TAG: "ProcessLost", ERROR_TAG: message}
         tracking.terminate(client, run.run_id, status, tags)
         store_dir = reserve.sqlite_dir(uri)
         if store_dir is not None:  # the reserve it held beside the store (the one in its output dir is reused)

@@ -35,37 +35,57 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
-from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, Transformer
-from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
 from src.config import config_changes
-from src.config_rules import domain_problems
 from src.names import filter_value, text_problem
-from src.sweeps import grouping
-from src.sweeps.configs import OptunaSweeperConf, unvetted_targets, vet
-from src.sweeps.outcomes import Outcome, env_overrides, finite, job_outcome, pack_outcomes
+from src.sweeps import optuna_compat
+from src.sweeps.base import Job, SweeperBase
+from src.sweeps.configs import OptunaSweeperConf, unvetted_targets
+from src.sweeps.optuna_compat import fail_stale
+from src.sweeps.outcomes import (
+    DEFINITION_ATTR,
+    DUPLICATE_OF_ATTR,
+    FAIL_REASON_ATTR,
+    OVER_BUDGET_ATTR,
+    OVERRIDES_ATTR,
+    PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
+    SKIPPED_ATTR,
+    STUDY_TAG,
+    TRIAL_TAG,
+    Outcome,
+    Status,
+    finite,
+)
 from src.sweeps.placement import assign_gpus, batch_size, job_processes, visible_gpus
 from src.sweeps.record import (
     SweepFailed,
     SweepRecord,
     failure_budget_exceeded,
-    install_sigterm_handler,
     objective_direction,
     objective_name,
-    restore_sigterm_handler,
+    show,
+)
+from src.sweeps.space import search_space, trial_overrides
+from src.sweeps.study_report import best_text, study_artifacts
+from src.sweeps.study_trials import (
+    counted,
+    in_budget,
+    occupies,
+    params_key,
+    prior_counts,
+    recover_interrupted,
+    set_owner,
 )
 from src.trial import (
     PRUNER_ATTR,
@@ -81,10 +101,6 @@ from src.trial import (
 
 # Consecutive proposals of configs already tried before the space is taken as exhausted.
 MAX_DUPLICATE_PROPOSALS = 50
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-# Study user attr: the config every trial of the study shares (OptunaSweeper.definition), so that a sweep that
-# joins the study with another one is refused instead of ranking trials of two configurations together.
-DEFINITION_ATTR = "definition"
 # Keys that change where results go or how fast a trial runs, not what it trains or how it is scored.
 NOT_DEFINING = (
     "tracking.",
@@ -95,96 +111,14 @@ NOT_DEFINING = (
     "train.memory_budget_gb",
     "data.num_sample_prompts",
 )
-# Trial user attrs naming the sweep process that runs it: host, pid and its start (src.tracking.process_start).
-OWNER_HOST_ATTR, OWNER_PID_ATTR, OWNER_START_ATTR = "sweeper_host", "sweeper_pid", "sweeper_start"
 # A worker with no trial left to take polls this often (seconds) for the others' outcomes.
 WAIT_POLL_S = 2.0
 # How long a worker that joins a study waits for the creator's MLflow parent run id.
 PARENT_WAIT_S = 120.0
 
 
-# ---------------------------------------------------------------------------------------------
-# The search space
-# ---------------------------------------------------------------------------------------------
-
-
-def distribution(override: Override):
-    """The Optuna distribution of a sweep override (choice, range, interval, tag(log, ...))."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    key = override.get_key_element()
-    if override.is_choice_sweep():
-        values = [
-            v if v is None or isinstance(v, (int, float, bool)) else Transformer.str(v)
-            for v in override.sweep_iterator()
-        ]
-        return CategoricalDistribution(values)
-    if override.is_range_sweep():
-        values = list(override.sweep_iterator())
-        sweep = override.value()
-        if all(isinstance(v, int) for v in values):
-            return IntDistribution(min(values), max(values), step=abs(int(sweep.step)))
-        return FloatDistribution(min(values), max(values), step=abs(float(sweep.step)))
-    if override.is_interval_sweep():
-        sweep = override.value()
-        log = "log" in sweep.tags
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
-            return IntDistribution(sweep.start, sweep.end, log=log)
-        return FloatDistribution(float(sweep.start), float(sweep.end), log=log)
-    raise SweepFailed(f"{key}: unsupported sweep {override.input_line!r}")
-
-
-def search_space(parser: OverridesParser, params: Optional[dict], arguments: list[str]) -> tuple[dict, list[str]]:
-    """(name -> distribution, fixed overrides): ``params`` from the config, then the command line's."""
-    items = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
-    space: dict[str, Any] = {}
-    fixed: dict[str, str] = {}
-    for override in parser.parse_overrides(items):  # later items win, as on Hydra's command line
-        key = override.get_key_element()
-        space.pop(key, None)
-        fixed.pop(key, None)
-        if override.is_sweep_override():
-            space[key] = distribution(override)
-        else:
-            fixed[key] = f"{key}={override.get_value_element_as_str()}"
-    return space, list(fixed.values())
-
-
-def evaluate_derived(expression: str, params: dict[str, Any]) -> Any:
-    """A product of params and numbers, e.g. ``lora.alpha_ratio * lora.r``; integral results are ints."""
-    value: float = 1.0
-    for factor in expression.split("*"):
-        factor = factor.strip()
-        if factor in params:
-            value *= params[factor]
-        else:
-            try:
-                value *= float(factor)
-            except ValueError:
-                raise SweepFailed(
-                    f"hydra.sweeper.derived: {factor!r} in {expression!r} is neither a param "
-                    f"nor a number (params: {', '.join(params)})"
-                ) from None
-    return int(value) if float(value).is_integer() else value
-
-
-def trial_overrides(params: dict[str, Any], variables: set[str], derived: dict[str, str]) -> list[str]:
-    """A trial's overrides: its params (sweep variables left out) and the derived keys."""
-    out = []
-    for key, value in params.items():
-        if key not in variables:
-            out.append(f"{key}={value if isinstance(value, str) else Transformer.str(value)}")
-    for key, expression in derived.items():
-        out.append(f"{key}={evaluate_derived(expression, params)}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Study bookkeeping: which trials count, duplicates, interrupted trials
-# ---------------------------------------------------------------------------------------------
-
-
-SAMPLERS = (
+# The optuna.samplers classes hydra.sweeper.sampler may name (its presets: src.sweeps.configs.SAMPLER_PRESETS).
+SAMPLER_CLASSES = (
     "TPESampler",
     "RandomSampler",
     "NSGAIISampler",
@@ -194,18 +128,20 @@ SAMPLERS = (
     "QMCSampler",
     "GridSampler",
     "BruteForceSampler",
-)  # the classes hydra.sweeper.sampler may name
+)
 
 
 def build_sampler(conf: dict):
-    """The Optuna sampler of ``hydra.sweeper.sampler``: a class of :data:`SAMPLERS`, called with the other keys as
-    plain values. Nothing in them is built: a ``_target_`` at any depth, or another ``_``-key, is refused."""
+    """The Optuna sampler of ``hydra.sweeper.sampler``: a class of :data:`SAMPLER_CLASSES`, called with the other
+    keys as plain values. Nothing in them is built: a ``_target_`` at any depth, or another ``_``-key, is refused."""
     import optuna
 
     target = str(conf.get("_target_", ""))
     name = target.removeprefix("optuna.samplers.")
-    if target != f"optuna.samplers.{name}" or name not in SAMPLERS:
-        raise SweepFailed(f"hydra.sweeper.sampler: {target!r} is not one of optuna.samplers' {', '.join(SAMPLERS)}")
+    if target != f"optuna.samplers.{name}" or name not in SAMPLER_CLASSES:
+        raise SweepFailed(
+            f"hydra.sweeper.sampler: {target!r} is not one of optuna.samplers' {', '.join(SAMPLER_CLASSES)}"
+        )
     kwargs = {k: v for k, v in conf.items() if k != "_target_"}
     odd = [f"hydra.sweeper.sampler.{k}" for k in kwargs if str(k).startswith("_")]
     odd += unvetted_targets(kwargs, "hydra.sweeper.sampler")
@@ -214,196 +150,229 @@ def build_sampler(conf: dict):
     return getattr(optuna.samplers, name)(**kwargs)
 
 
-def counted(trial) -> bool:
-    """A trial that reached its own outcome: not a duplicate, not interrupted (those are retried)."""
-    from optuna.trial import TrialState
+@dataclass(frozen=True)
+class StudyPlan:
+    """What one sweep of a study works from, settled before any trial runs."""
 
-    if "duplicate_of" in trial.user_attrs or "over_budget" in trial.user_attrs:
-        return False
-    if trial.state == TrialState.FAIL:
-        return "fail_reason" in trial.user_attrs
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def prior_counts(study) -> dict[str, int]:
-    """The study's trials that reached their outcome before this sweep started, by the sweep's statuses."""
-    from optuna.trial import TrialState
-
-    counts = {"FINISHED": 0, "FAILED": 0, "PRUNED": 0, "SKIPPED": 0}
-    for trial in study.get_trials(deepcopy=False):
-        if counted(trial):
-            if trial.state == TrialState.COMPLETE:
-                counts["FINISHED"] += 1
-            elif trial.state == TrialState.PRUNED:
-                counts["PRUNED"] += 1
-            else:
-                counts["SKIPPED" if trial.user_attrs.get("skipped") else "FAILED"] += 1
-    return counts
+    name: str  # the study's name, also the sweep's id
+    space: dict[str, Any]  # param -> Optuna distribution
+    fixed: list[str]  # the overrides every trial shares
+    variables: set[str]  # params that are no config key: they only feed hydra.sweeper.derived
+    directions: list[str]  # one per metric
+    metric_names: list[str]  # the metrics by their own names (the objective's metric for "objective")
+    gpus: list[Optional[str]]  # the visible GPUs
+    processes: int  # GPUs per trial (train.nproc_per_node)
+    size: int  # trials launched at once
 
 
-def occupies(trial) -> bool:
-    """Whether a trial takes one of the study's ``n_trials`` places: done, running or queued."""
-    from optuna.trial import TrialState
-
-    if counted(trial):
-        return True
-    skipped = "duplicate_of" in trial.user_attrs or "over_budget" in trial.user_attrs
-    return trial.state in (TrialState.RUNNING, TrialState.WAITING) and not skipped
-
-
-def in_budget(trial_number: int, trials: list, n_trials: int) -> bool:
-    """Whether a just-asked trial is within ``n_trials``: fewer than that many older trials occupy a place.
-
-    Trial numbers are given out atomically by the storage, so workers that ask at the same time
-    agree on which of their trials fit.
-    """
-    return sum(occupies(t) for t in trials if t.number < trial_number) < n_trials
-
-
-def fail_stale(study) -> None:
-    """Fail (and, through the storage's callback, enqueue again) trials whose worker stopped beating."""
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
-def params_key(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True, default=str)
-
-
-def owner_alive(trial) -> bool:
-    """Whether the sweep process that runs a RUNNING trial is still alive: the same host, pid and process start
-    (a pid reused by another process is not the sweep). Unknown hosts and other containers: assumed alive."""
-    attrs = trial.user_attrs
-    host, pid = attrs.get(OWNER_HOST_ATTR), attrs.get(OWNER_PID_ATTR)
-    if host is None or pid is None:
-        return False
-    if host != socket.gethostname():
-        return True
-    alive = tracking.same_process(int(pid), attrs.get(OWNER_START_ATTR))
-    if alive is not None:
-        return alive
-    if attrs.get(OWNER_START_ATTR):
-        return True  # recorded in another pid namespace: not ours to judge
-    try:  # a trial of a sweeper that recorded no start
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def set_owner(trial) -> None:
-    """Mark a trial as run by this sweep process (:func:`owner_alive`)."""
-    trial.set_user_attr(OWNER_HOST_ATTR, socket.gethostname())
-    trial.set_user_attr(OWNER_PID_ATTR, os.getpid())
-    trial.set_user_attr(OWNER_START_ATTR, tracking.process_start(os.getpid()) or "")
-
-
-def recover_interrupted(study, finished: Optional[dict[int, list[float]]] = None) -> list[int]:
-    """Settle the trials a killed sweep left RUNNING, and enqueue every interrupted trial once more.
-
-    ``finished``: trial number -> values of the trials whose MLflow run FINISHED (a trial can end after its
-    sweep died). Those are adopted as COMPLETE with their run's values instead of being trained again; the
-    others are failed and retried."""
-    from optuna.trial import TrialState
-
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if owner_alive(trial):
-            continue
-        values = (finished or {}).get(trial.number)
-        if values is not None:
-            study._storage.set_trial_user_attr(trial._trial_id, "adopted", "its run FINISHED after the sweep stopped")
-            study.tell(trial.number, values if len(values) > 1 else values[0])
-        else:
-            study.tell(trial.number, state=TrialState.FAIL)
-    trials = study.get_trials(deepcopy=False)
-    # retry_of: enqueued here; failed_trial: by the heartbeat's RetryFailedTrialCallback
-    retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
-    interrupted = [
-        t
-        for t in trials
-        if t.state == TrialState.FAIL
-        and "fail_reason" not in t.user_attrs
-        and "duplicate_of" not in t.user_attrs
-        and "over_budget" not in t.user_attrs
-        and t.number not in retried
-    ]
-    for trial in interrupted:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-    return [t.number for t in interrupted]
-
-
-# ---------------------------------------------------------------------------------------------
-# The sweeper
-# ---------------------------------------------------------------------------------------------
-
-
-class OptunaSweeper(Sweeper):
+class OptunaSweeper(SweeperBase):
     """Ask Optuna for trials, launch them through Hydra's launcher, tell Optuna what happened."""
 
-    def __init__(
-        self,
-        sampler: Any,
-        pruner: Any,
-        n_trials: int,
-        n_jobs: int,
-        direction: Any = None,
-        directions: Optional[list] = None,
-        metrics: Optional[list[str]] = None,
-        storage: Optional[str] = None,
-        study_name: Optional[str] = None,
-        params: Optional[dict] = None,
-        derived: Optional[dict] = None,
-        max_failure_rate: float = 0.5,
-        heartbeat_interval: Optional[int] = None,
-        grace_period: Optional[int] = None,
-        isolate: bool = True,
-        feasibility: Any = None,
-        pack: int = 1,
-    ):
-        settings = {"n_trials": n_trials, "n_jobs": n_jobs, "max_failure_rate": max_failure_rate, "pack": pack}
-        settings |= {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
-        problems = domain_problems(OptunaSweeperConf, {**settings, "feasibility": feasibility or {}}, "hydra.sweeper.")
-        if problems:
-            raise SweepFailed("; ".join(problems))
-        self.pack = pack
-        self.sampler_conf, self.pruner_conf = sampler, pruner
-        self.n_trials, self.n_jobs = n_trials, n_jobs
-        self.direction, self.directions = direction, directions
-        self.metrics = list(metrics or ["objective"])
-        self.storage = storage  # null: set up beside the config's MLflow store (default_storage)
-        self.storage_given = storage is not None
-        self.study_name = study_name
-        self.params = dict(params or {})
-        self.derived = dict(derived or {})
-        self.max_failure_rate = max_failure_rate
-        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
-        self.config: Optional[DictConfig] = None
-        self.launcher = None
-        self.hydra_context = None
+    CONF = OptunaSweeperConf
+
+    def __init__(self, **settings: Any):
+        super().__init__(**settings)
+        self.params = dict(self.conf.params or {})
+        self.derived = dict(self.conf.derived or {})
+        self.metrics = list(self.conf.metrics)
+        self.storage = self.conf.storage  # null: set up beside the config's MLflow store (default_storage)
+        self.study = None
+        self.pending: list = []  # the trials asked and not yet told
         self.job_idx = 0
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
-        from hydra.core.plugins import Plugins
-
-        vet(config)  # before the launcher, sampler or pruner is built (also for a config without the callback)
-        self.config, self.hydra_context = config, hydra_context
-        self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config
-        )
-        if not self.storage_given:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        if self.conf.storage is None:
             self.storage = default_storage(tracking.tracking_uri(config.tracking.tracking_uri))
 
-    # -- configuration ------------------------------------------------------------------------
+    # -- the sweep ------------------------------------------------------------------------------
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import optuna
+
+        assert self.config is not None and self.launcher is not None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        plan = self.plan(list(arguments))
+        definition = self.definition(plan.space, plan.fixed, plan.directions)
+        self.study, created = self.open_study(plan.name, plan.directions, definition)
+        self.start_record(plan, created)
+        with self.guarded():
+            stopped = self.optimize(plan)
+        self.finish(plan, stopped)
+        return self.study
+
+    def plan(self, arguments: list[str]) -> StudyPlan:
+        """The search space, directions, GPUs and study name; a sweep that cannot run fails here, before the study
+        is opened."""
+        parser = OverridesParser.create(config_loader=self.loader)
+        space, fixed = search_space(parser, self.params, arguments)
+        directions = self.resolved_directions()
+        variables = self.sweep_variables(space)
+        gpus = visible_gpus()
+        if any(key.lstrip("+~") == "train.nproc_per_node" for key in space):
+            raise SweepFailed("hydra.sweeper.params: train.nproc_per_node cannot be searched (it sets GPUs per trial)")
+        processes = job_processes(self.loader, self.config, fixed)  # GPUs per trial
+        try:
+            size = batch_size(self.conf.n_jobs, gpus, processes)
+        except ValueError as exc:
+            raise SweepFailed(str(exc)) from exc
+        name = self.conf.study_name or self.default_study_name(arguments, directions)
+        if text_problem(name):  # the name is the sweep id, which the MLflow searches of this study quote
+            raise SweepFailed(f"hydra.sweeper.study_name: {name!r} {text_problem(name)}")
+        objective = objective_name(self.config)
+        metric_names = [objective if m == "objective" else m for m in self.metrics]
+        return StudyPlan(name, space, fixed, variables, directions, metric_names, gpus, processes, size)
+
+    def start_record(self, plan: StudyPlan, created: bool) -> None:
+        """Settle what a stopped sweep left, say where the study stands, and open (or resume) the parent run."""
+        retried = recover_interrupted(self.study, self.finished_trials(plan.name))
+        prior = prior_counts(self.study)
+        given = self.conf.storage is not None
+        show(
+            f"[sweep {plan.name}] Optuna study in {self.storage}"
+            + ("" if given else " (default: beside the MLflow store)")
+            + f": {self.done_count()}/{self.conf.n_trials} trials done"
+            + (f", retrying interrupted trial(s) {retried}" if retried else "")
+            + f"; dashboard: optuna-dashboard {self.storage}"
+        )
+        self.save_sweep_config()
+        self.record = SweepRecord(
+            kind="optuna",
+            sweep_id=plan.name,
+            run_name=f"study-{plan.name}",
+            config=self.config,
+            planned=self.conf.n_trials,
+            params=self.record_params(plan),
+            resume_run_id=self.parent_run_id(self.study, created),
+            prior=prior,
+        )
+        if self.study.user_attrs.get(PARENT_RUN_ATTR) != self.record.run_id:
+            self.study.set_user_attr(PARENT_RUN_ATTR, self.record.run_id)
+
+    def record_params(self, plan: StudyPlan) -> dict[str, Any]:
+        """The parent run's params: what the study searches, and how."""
+        return {
+            "study": plan.name,
+            "storage": self.storage,
+            "space": {k: repr(v) for k, v in plan.space.items()},
+            "fixed": plan.fixed,
+            "derived": self.derived,
+            "metrics": self.metrics,
+            "directions": plan.directions,
+            "sampler": OmegaConf.to_container(self.conf.sampler),
+        }
+
+    def optimize(self, plan: StudyPlan) -> bool:
+        """Ask, launch and tell until the study holds ``n_trials`` outcomes; True if the failure budget stopped it.
+
+        A worker of a shared study with nothing left to take waits for the others (one may die and need a retry)."""
+        while True:
+            if self.conf.heartbeat_interval:
+                fail_stale(self.study)
+            free = self.free_places()
+            if free is None:
+                return False
+            if self.over_failure_budget():
+                return True
+            if free <= 0:
+                if not self.conf.heartbeat_interval:
+                    return False  # the sweeps running the rest finish them
+                time.sleep(WAIT_POLL_S)
+                continue
+            self.pending, exhausted = self.ask(plan.space, min(plan.size * self.conf.pack, free))
+            self.pending = self.within_budget(self.pending)
+            if self.pending:
+                self.run_trials(plan)
+            if exhausted:
+                show(
+                    f"[sweep {plan.name}] stopping: the sampler proposed {MAX_DUPLICATE_PROPOSALS} configs in a row "
+                    "that were already tried (is the search space exhausted?)"
+                )
+                return False
+
+    def free_places(self) -> Optional[int]:
+        """Places of ``n_trials`` no trial holds (done, running or queued); None once ``n_trials`` are done."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        done = sum(counted(t) for t in trials)
+        if done >= self.conf.n_trials:
+            return None
+        running = sum(occupies(t) and t.state == TrialState.RUNNING for t in trials)
+        return self.conf.n_trials - done - running
+
+    def over_failure_budget(self) -> bool:
+        from optuna.trial import TrialState
+
+        failed = sum(counted(t) and t.state == TrialState.FAIL for t in self.study.get_trials(deepcopy=False))
+        if not failure_budget_exceeded(failed, self.conf.n_trials, self.conf.max_failure_rate):
+            return False
+        show(
+            f"[sweep {self.record.sweep_id}] stopping: more than {self.conf.max_failure_rate:.0%} of "
+            f"{self.conf.n_trials} trials failed"
+        )
+        return True
+
+    def run_trials(self, plan: StudyPlan) -> None:
+        """Launch the pending trials (each alone on its GPUs, or as packs on the first GPU) and tell each its
+        outcome."""
+        jobs = [self.trial_job(plan, trial, i) for i, trial in enumerate(self.pending)]
+        if self.conf.pack > 1:
+            (gpu,) = assign_gpus(1, plan.gpus)
+            for unit in self.pack_units(jobs):
+                self.settle(plan, unit, self.launch_pack(unit, gpu))
+        else:
+            self.settle(plan, jobs, self.launch(jobs, assign_gpus(len(jobs), plan.gpus, [plan.processes] * len(jobs))))
+        self.job_idx += len(jobs)
+        self.pending = []
+
+    def trial_job(self, plan: StudyPlan, trial, offset: int) -> Job:
+        """A trial as a job: its overrides (recorded on the trial) and its Optuna environment."""
+        overrides = plan.fixed + trial_overrides(trial.params, plan.variables, self.derived)
+        trial.set_user_attr(OVERRIDES_ATTR, overrides)
+        env = {STORAGE_ENV: self.storage, STUDY_ENV: plan.name, TRIAL_ENV: str(trial.number)}
+        return Job(trial.number, self.job_idx + offset, overrides, overrides[len(plan.fixed) :], env, trial)
+
+    def settle(self, plan: StudyPlan, jobs: list[Job], outcomes: list[Outcome]) -> None:
+        for job, outcome in zip(jobs, outcomes):
+            outcome = self.tell(job.trial, outcome)
+            self.record.add(outcome, self.done_count(), lambda: best_text(self.study, plan.metric_names))
+
+    def running(self, jobs: list[Job]):
+        return optuna_compat.heartbeat(self.study, [job.trial for job in jobs])
+
+    def interrupted(self, exc: BaseException) -> None:
+        """The pending trials fail without a reason, so the next run of the command retries them."""
+        from optuna.trial import TrialState
+
+        for trial in self.pending:
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        numbers = ", ".join(f"#{t.number}" for t in self.pending) or "none"
+        show(
+            f"[sweep {self.record.sweep_id}] interrupted ({type(exc).__name__}: {exc}); trial(s) {numbers} will be "
+            "retried: run the same command again to continue the study"
+        )
+
+    def finish(self, plan: StudyPlan, stopped: bool) -> None:
+        """End the parent run with the study's artifacts; raise SweepFailed if trials failed."""
+        record = self.record
+        succeeded = any(o.status in (Status.OK, Status.PRUNED) for o in record.outcomes)
+        status = "FAILED" if stopped or (record.outcomes and not succeeded) else "FINISHED"
+        with tempfile.TemporaryDirectory(prefix="lora-sweep-") as scratch:
+            files = study_artifacts(self.study, self.metrics, plan.metric_names, Path(scratch))
+            record.finish(status, best_text(self.study, plan.metric_names)[0], **files)
+        if record.failed() or stopped:
+            raise SweepFailed(record.failure_message(stopped))
+
+    def done_count(self) -> int:
+        return sum(counted(t) for t in self.study.get_trials(deepcopy=False))
+
+    # -- the study ------------------------------------------------------------------------------
 
     def resolved_directions(self) -> list[str]:
-        if self.direction is not None and self.directions is not None:
+        if self.conf.direction is not None and self.conf.directions is not None:
             raise SweepFailed("hydra.sweeper: set direction or directions, not both")
-        given = self.directions if self.directions is not None else self.direction
+        given = self.conf.directions if self.conf.directions is not None else self.conf.direction
         if given is None or isinstance(given, str):
             given = [given]
         given = list(given)
@@ -486,14 +455,14 @@ class OptunaSweeper(Sweeper):
         runs = tracking.retry_locked(
             client.search_runs,
             [experiment_id],
-            filter_string=f"tags.optuna_study = {filter_value(study_name)} and attributes.status = 'FINISHED'",
+            filter_string=f"tags.{STUDY_TAG} = {filter_value(study_name)} and attributes.status = 'FINISHED'",
             max_results=50000,
         )
         out = {}
         for run in runs:
             values = [run.data.metrics.get(m) for m in self.metrics]
-            if "optuna_trial" in run.data.tags and all(finite(v) for v in values):
-                out[int(run.data.tags["optuna_trial"])] = values
+            if TRIAL_TAG in run.data.tags and all(finite(v) for v in values):
+                out[int(run.data.tags[TRIAL_TAG])] = values
         return out
 
     def open_study(self, name: str, directions: list[str], definition: Optional[dict[str, Any]]) -> tuple[Any, bool]:
@@ -502,14 +471,14 @@ class OptunaSweeper(Sweeper):
         changed in any way."""
         import optuna
 
-        sampler = build_sampler(OmegaConf.to_container(self.sampler_conf, resolve=True))
+        sampler = build_sampler(OmegaConf.to_container(self.conf.sampler, resolve=True))
         try:
-            spec = pruner_spec(OmegaConf.to_container(self.pruner_conf, resolve=True))
+            spec = pruner_spec(OmegaConf.to_container(self.conf.pruner, resolve=True))
         except ValueError as exc:
             raise SweepFailed(str(exc)) from exc
         pruner = build_pruner(spec)
         with opening_study(self.storage):
-            storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period)
+            storage = open_storage(self.storage, self.conf.heartbeat_interval, self.conf.grace_period)
             try:
                 study = optuna.create_study(
                     study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
@@ -547,203 +516,13 @@ class OptunaSweeper(Sweeper):
                 return run_id
             time.sleep(0.5)
 
-    # -- the loop -----------------------------------------------------------------------------
+    # -- ask and tell ---------------------------------------------------------------------------
 
-    def sweep(self, arguments: list[str]) -> Any:
-        import optuna
-        from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize uses per trial
-        from optuna.trial import TrialState
-
-        assert self.config is not None and self.launcher is not None
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        space, fixed = search_space(parser, self.params, list(arguments))
-        directions = self.resolved_directions()
-        variables = self.sweep_variables(space)
-        gpus = visible_gpus()
-        if any(key.lstrip("+~") == "train.nproc_per_node" for key in space):
-            raise SweepFailed("hydra.sweeper.params: train.nproc_per_node cannot be searched (it sets GPUs per trial)")
-        processes = job_processes(self.hydra_context.config_loader, self.config, fixed)  # GPUs per trial
-        try:
-            size = batch_size(self.n_jobs, gpus, processes)
-        except ValueError as exc:
-            raise SweepFailed(str(exc)) from exc
-        name = self.study_name or self.default_study_name(list(arguments), directions)
-        if text_problem(name):  # the name is the sweep id, which the MLflow searches of this study quote
-            raise SweepFailed(f"hydra.sweeper.study_name: {name!r} {text_problem(name)}")
-        study, created = self.open_study(name, directions, self.definition(space, fixed, directions))
-        retried = recover_interrupted(study, self.finished_trials(name))
-        done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-        prior = prior_counts(study)
-        print(
-            f"[sweep {name}] Optuna study in {self.storage}"
-            + ("" if self.storage_given else " (default: beside the MLflow store)")
-            + f": {done}/{self.n_trials} trials done"
-            + (f", retrying interrupted trial(s) {retried}" if retried else "")
-            + f"; dashboard: optuna-dashboard {self.storage}",
-            flush=True,
-        )
-        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, Path(self.config.hydra.sweep.dir) / "multirun.yaml")
-        record = SweepRecord(
-            kind="optuna",
-            sweep_id=name,
-            run_name=f"study-{name}",
-            config=self.config,
-            planned=self.n_trials,
-            params={
-                "study": name,
-                "storage": self.storage,
-                "space": {k: repr(v) for k, v in space.items()},
-                "fixed": fixed,
-                "derived": self.derived,
-                "metrics": self.metrics,
-                "directions": directions,
-                "sampler": OmegaConf.to_container(self.sampler_conf),
-            },
-            resume_run_id=self.parent_run_id(study, created),
-            prior=prior,
-        )
-        metric_names = [record.objective if m == "objective" else m for m in self.metrics]  # the metrics' own names
-        if study.user_attrs.get(PARENT_RUN_ATTR) != record.run_id:
-            study.set_user_attr(PARENT_RUN_ATTR, record.run_id)
-        previous = install_sigterm_handler()
-        pending: list = []
-        stopped = exhausted = False
-        try:
-            while not exhausted:
-                if self.heartbeat_interval:
-                    fail_stale(study)
-                trials = study.get_trials(deepcopy=False)
-                done = sum(counted(t) for t in trials)
-                if done >= self.n_trials:
-                    break
-                if failure_budget_exceeded(self.failed_count(study), self.n_trials, self.max_failure_rate):
-                    stopped = True
-                    print(
-                        f"[sweep {name}] stopping: more than {self.max_failure_rate:.0%} of {self.n_trials} "
-                        "trials failed",
-                        flush=True,
-                    )
-                    break
-                running = sum(occupies(t) and t.state == TrialState.RUNNING for t in trials)
-                free = self.n_trials - done - running
-                if free <= 0:
-                    if not self.heartbeat_interval:
-                        break  # the sweeps running the rest finish them
-                    time.sleep(WAIT_POLL_S)  # wait for the others: one of them may die and need a retry
-                    continue
-                pending, exhausted = self.ask(study, space, min(size * self.pack, free))
-                pending = self.within_budget(study, pending)
-                if not pending:
-                    continue
-                if self.pack > 1:
-                    self._launch_packs(study, pending, fixed, variables, record, gpus, metric_names)
-                    pending = []
-                    continue
-                overrides = []
-                for trial, gpu in zip(pending, assign_gpus(len(pending), gpus, [processes] * len(pending))):
-                    job = fixed + trial_overrides(trial.params, variables, self.derived)
-                    trial.set_user_attr("overrides", job)
-                    env = {
-                        **record.job_env(),
-                        STORAGE_ENV: self.storage,
-                        STUDY_ENV: name,
-                        TRIAL_ENV: str(trial.number),
-                        "CUDA_VISIBLE_DEVICES": gpu,
-                    }
-                    overrides.append(job + env_overrides(env))
-                    record.starting(trial.number, trial.user_attrs["overrides"][len(fixed) :], gpu)
-                with ExitStack() as beating:
-                    for trial in pending:
-                        beating.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
-                    results = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-                self.job_idx += len(results)
-                for trial, ret in zip(pending, results):
-                    outcome = job_outcome(trial.number, trial.user_attrs["overrides"][len(fixed) :], ret)
-                    outcome = self.tell(study, trial, outcome)
-                    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-                    record.add(outcome, done, lambda: best_text(study, metric_names))
-                pending = []
-            if exhausted:
-                print(
-                    f"[sweep {name}] stopping: the sampler proposed {MAX_DUPLICATE_PROPOSALS} configs in a row "
-                    "that were already tried (is the search space exhausted?)",
-                    flush=True,
-                )
-        except BaseException as exc:
-            for trial in pending:  # interrupted: failed without a reason, so the next run retries them
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            record.end_early(exc)
-            numbers = ", ".join(f"#{t.number}" for t in pending) or "none"
-            print(
-                f"[sweep {name}] interrupted ({type(exc).__name__}: {exc}); trial(s) {numbers} will be retried: "
-                "run the same command again to continue the study",
-                flush=True,
-            )
-            raise
-        finally:
-            restore_sigterm_handler(previous)
-        status = "FAILED" if stopped or (record.outcomes and not self.any_success(record)) else "FINISHED"
-        with tempfile.TemporaryDirectory(prefix="lora-sweep-") as scratch:
-            record.finish(status, best_text(study, metric_names)[0], **self.study_artifacts(study, Path(scratch)))
-        if record.failed() or stopped:
-            raise SweepFailed(record.failure_message(stopped))
-        return study
-
-    def _launch_packs(
-        self, study, pending: list, fixed: list, variables: set, record, gpus, metric_names: list[str]
-    ) -> None:
-        """The asked trials as packs of one base (``hydra.sweeper.pack``), each launched as one job on the first
-        GPU (a trial that cannot be packed alone); each trial is told its own outcome."""
-        from optuna.storages._heartbeat import get_heartbeat_thread
-
-        loader = self.hydra_context.config_loader
-        jobs = [fixed + trial_overrides(t.params, variables, self.derived) for t in pending]
-        raws = []
-        for i, (trial, job) in enumerate(zip(pending, jobs)):
-            trial.set_user_attr("overrides", job)
-            try:
-                raws.append(grouping.member_config(loader, self.config, job, self.job_idx + i))
-            except Exception:  # noqa: BLE001  it runs alone and fails with Hydra's own error
-                raws.append(None)
-        envs = [{STORAGE_ENV: self.storage, STUDY_ENV: record.sweep_id, TRIAL_ENV: str(t.number)} for t in pending]
-        (gpu,) = assign_gpus(1, gpus)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-
-        def say(i: int, why: str) -> None:
-            print(f"[sweep {record.sweep_id}] trial #{pending[i].number} trains alone: {why}", flush=True)
-
-        for unit in grouping.group(raws, self.pack, say=say):
-            first = unit[0]
-            env = {**record.job_env(), **envs[first], "CUDA_VISIBLE_DEVICES": gpu, grouping.PACK_ENV: ""}
-            if len(unit) > 1:
-                path = sweep_dir / "packs" / f"pack-{self.job_idx + first}.json"
-                grouping.write_pack(path, [(self.job_idx + i, raws[i], envs[i]) for i in unit])
-                env[grouping.PACK_ENV] = str(path.absolute())
-            for i in unit:
-                record.starting(pending[i].number, jobs[i][len(fixed) :], gpu)
-            with ExitStack() as beating:
-                for i in unit:
-                    beating.enter_context(get_heartbeat_thread(pending[i]._trial_id, study._storage))
-                results = self.launcher.launch([jobs[first] + env_overrides(env)], initial_job_idx=self.job_idx + first)
-            shown = [jobs[i][len(fixed) :] for i in unit]
-            numbers = [pending[i].number for i in unit]
-            if len(unit) > 1:
-                outcomes = pack_outcomes(numbers, shown, results[0])
-            else:
-                outcomes = [job_outcome(numbers[0], shown[0], results[0])]
-            for i, outcome in zip(unit, outcomes):
-                outcome = self.tell(study, pending[i], outcome)
-                done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-                record.add(outcome, done, lambda: best_text(study, metric_names))
-        self.job_idx += len(pending)
-
-    def ask(self, study, space: dict, want: int) -> tuple[list, bool]:
+    def ask(self, space: dict, want: int) -> tuple[list, bool]:
         """Up to ``want`` new trials whose params were never tried (or are in flight); True if exhausted."""
         from optuna.trial import TrialState
 
-        trials = study.get_trials(deepcopy=False)
+        trials = self.study.get_trials(deepcopy=False)
         finished = {params_key(t.params): t for t in trials if counted(t)}
         elsewhere = [t for t in trials if t.state == TrialState.RUNNING]  # another sweep on this study runs them
         pending: list = []
@@ -751,7 +530,7 @@ class OptunaSweeper(Sweeper):
         while len(pending) < want:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
-                trial = study.ask(space)
+                trial = self.study.ask(space)
             set_owner(trial)
             key = params_key(trial.params)
             original = finished.get(key)
@@ -760,163 +539,49 @@ class OptunaSweeper(Sweeper):
                 pending.append(trial)
                 streak = 0
                 continue
-            trial.set_user_attr("duplicate_of", (original or in_flight).number)
+            trial.set_user_attr(DUPLICATE_OF_ATTR, (original or in_flight).number)
             if original is not None and original.state == TrialState.COMPLETE:
-                study.tell(trial, original.values)  # the sampler learns the known value without a rerun
+                self.study.tell(trial, original.values)  # the sampler learns the known value without a rerun
             else:
-                study.tell(trial, state=TrialState.FAIL)
+                self.study.tell(trial, state=TrialState.FAIL)
             streak += 1
             if streak >= MAX_DUPLICATE_PROPOSALS:
                 return pending, True
         return pending, False
 
-    def within_budget(self, study, pending: list) -> list:
+    def within_budget(self, pending: list) -> list:
         """The asked trials within ``n_trials``; the others (asked at once by other workers) are dropped."""
         from optuna.trial import TrialState
 
-        trials = study.get_trials(deepcopy=False)
+        trials = self.study.get_trials(deepcopy=False)
         kept = []
         for trial in pending:
-            if in_budget(trial.number, trials, self.n_trials):
+            if in_budget(trial.number, trials, self.conf.n_trials):
                 kept.append(trial)
             else:
-                trial.set_user_attr("over_budget", True)
-                study.tell(trial, state=TrialState.FAIL)
+                trial.set_user_attr(OVER_BUDGET_ATTR, True)
+                self.study.tell(trial, state=TrialState.FAIL)
         return kept
 
-    def tell(self, study, trial, outcome: Outcome) -> Outcome:
+    def tell(self, trial, outcome: Outcome) -> Outcome:
         """Tell Optuna the job's outcome; a FINISHED job without a usable value becomes FAILED."""
         from optuna.trial import TrialState
 
         if outcome.run_id:
-            trial.set_user_attr("mlflow_run_id", outcome.run_id)
-        if outcome.status == "FINISHED":
+            trial.set_user_attr(RUN_ID_ATTR, outcome.run_id)
+        if outcome.status is Status.OK:
             values = [outcome.metrics.get(m) for m in self.metrics]
             bad = [m for m, v in zip(self.metrics, values) if not finite(v)]
             if not bad:
-                study.tell(trial, [float(v) for v in values])
+                self.study.tell(trial, [float(v) for v in values])
                 return outcome
-            outcome.status = "FAILED"
+            outcome.status = Status.FAILED
             outcome.reason = "; ".join(f"{m} is {outcome.metrics.get(m)!r}" for m in bad)
-        if outcome.status == "PRUNED":
-            study.tell(trial, state=TrialState.PRUNED)
+        if outcome.status is Status.PRUNED:
+            self.study.tell(trial, state=TrialState.PRUNED)
             return outcome
-        trial.set_user_attr("fail_reason", outcome.reason or outcome.status)
-        if outcome.status == "SKIPPED":
-            trial.set_user_attr("skipped", True)
-        study.tell(trial, state=TrialState.FAIL)
+        trial.set_user_attr(FAIL_REASON_ATTR, outcome.reason or outcome.status.label)
+        if outcome.status is Status.SKIPPED:
+            trial.set_user_attr(SKIPPED_ATTR, True)
+        self.study.tell(trial, state=TrialState.FAIL)
         return outcome
-
-    @staticmethod
-    def failed_count(study) -> int:
-        from optuna.trial import TrialState
-
-        return sum(counted(t) and t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False))
-
-    @staticmethod
-    def any_success(record: SweepRecord) -> bool:
-        return any(o.status in ("FINISHED", "PRUNED") for o in record.outcomes)
-
-    def study_artifacts(self, study, out: Path) -> dict[str, Any]:
-        """best.json or pareto_front.json, trials.csv and the plots, for the parent run."""
-        from optuna.trial import TrialState
-
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        artifacts: dict[str, Any] = {}
-        if complete:
-            if len(study.directions) == 1:
-                artifacts["best.json"] = trial_summary(best_trial(study), self.metrics)
-            else:
-                artifacts["pareto_front.json"] = {
-                    "metrics": self.metrics,
-                    "directions": [d.name.lower() for d in study.directions],
-                    "trials": [trial_summary(t, self.metrics) for t in pareto_front(study)],
-                }
-        files: list[tuple[Path, Optional[str]]] = []
-        if study.trials:
-            study.trials_dataframe().to_csv(out / "trials.csv", index=False)
-            files.append((out / "trials.csv", None))
-        task_metric = objective_name(self.config)
-        names = [task_metric if m == "objective" else m for m in self.metrics]  # axis labels
-        files += [(path, "plots") for path in save_plots(study, names, out / "plots")]
-        return {"artifacts": artifacts, "files": files}
-
-
-def best_trial(study):
-    """The best trial that ran (a duplicate answered from an earlier trial points back to it)."""
-    best = study.best_trial
-    original = best.user_attrs.get("duplicate_of")
-    return best if original is None else study.trials[original]
-
-
-def pareto_front(study) -> list:
-    """The Pareto-optimal trials that ran (duplicates left out: they repeat an original's values)."""
-    return [t for t in study.best_trials if "duplicate_of" not in t.user_attrs]
-
-
-def trial_summary(trial, metrics: list[str]) -> dict[str, Any]:
-    return {
-        "trial": trial.number,
-        "values": dict(zip(metrics, trial.values)),
-        "params": trial.params,
-        "overrides": trial.user_attrs.get("overrides"),
-        "run_id": trial.user_attrs.get("mlflow_run_id"),
-    }
-
-
-def best_text(study, names: Sequence[str] = ("objective",)) -> tuple[Optional[str], Optional[float]]:
-    """Best value so far (one objective) or the Pareto front (several), each value under its metric's name in
-    ``names`` and with the trial's params: as text, and the value."""
-    from optuna.trial import TrialState
-
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return None, None
-    if len(study.directions) == 1:
-        best = best_trial(study)
-        return f"{names[0]}={best.value:.4g} (#{best.number} {params_text(best.params)})", best.value
-    front = pareto_front(study)
-    shown = [
-        f"#{t.number} {' '.join(f'{n}={v:.4g}' for n, v in zip(names, t.values))} ({params_text(t.params)})"
-        for t in front[:5]
-    ]
-    more = f", ... ({len(front)} in all)" if len(front) > 5 else ""
-    return f"Pareto front of {len(front)} trial(s): " + ", ".join(shown) + more, None
-
-
-def params_text(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-def save_plots(study, metrics: list[str], out: Path) -> list[Path]:
-    """Optuna's matplotlib plots as PNG: history, importances, and the Pareto front (several objectives)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.trial import TrialState
-    from optuna.visualization import matplotlib as ovm
-
-    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 1:
-        return []
-    out.mkdir(parents=True, exist_ok=True)
-    multi = len(study.directions) > 1
-    target = {"target": (lambda t: t.values[0]), "target_name": metrics[0]} if multi else {"target_name": metrics[0]}
-    plots = {
-        "optimization_history.png": lambda: ovm.plot_optimization_history(study, **target),
-        "param_importances.png": lambda: ovm.plot_param_importances(study, **target),
-    }
-    if multi:
-        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=metrics)
-    saved = []
-    for name, draw in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = draw()
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            figure.savefig(out / name, bbox_inches="tight", dpi=100)
-            plt.close(figure)
-            saved.append(out / name)
-        except Exception as exc:  # e.g. importances need two completed trials with varying params
-            print(f"note: no {name}: {type(exc).__name__}: {exc}")
-    return saved

@@ -1,0 +1,116 @@
+"""What a study reports: its best trial (or Pareto front) as a line, and the parent run's artifacts (best.json or
+pareto_front.json, trials.csv, Optuna's plots)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from src.sweeps.outcomes import DUPLICATE_OF_ATTR, OVERRIDES_ATTR, RUN_ID_ATTR
+from src.sweeps.record import show
+
+
+def study_artifacts(study, metrics: list[str], names: list[str], out: Path) -> dict[str, Any]:
+    """The parent run's artifacts of a study: best.json or pareto_front.json, trials.csv and the plots (in
+    ``out``). ``metrics``: as the sweeper names them (``objective``...); ``names``: their own (the plots' axes)."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    artifacts: dict[str, Any] = {}
+    if complete:
+        if len(study.directions) == 1:
+            artifacts["best.json"] = trial_summary(best_trial(study), metrics)
+        else:
+            artifacts["pareto_front.json"] = {
+                "metrics": metrics,
+                "directions": [d.name.lower() for d in study.directions],
+                "trials": [trial_summary(t, metrics) for t in pareto_front(study)],
+            }
+    files: list[tuple[Path, Optional[str]]] = []
+    if study.trials:
+        study.trials_dataframe().to_csv(out / "trials.csv", index=False)
+        files.append((out / "trials.csv", None))
+    files += [(path, "plots") for path in save_plots(study, names, out / "plots")]
+    return {"artifacts": artifacts, "files": files}
+
+
+def best_trial(study):
+    """The best trial that ran (a duplicate answered from an earlier trial points back to it)."""
+    best = study.best_trial
+    original = best.user_attrs.get(DUPLICATE_OF_ATTR)
+    return best if original is None else study.trials[original]
+
+
+def pareto_front(study) -> list:
+    """The Pareto-optimal trials that ran (duplicates left out: they repeat an original's values)."""
+    return [t for t in study.best_trials if DUPLICATE_OF_ATTR not in t.user_attrs]
+
+
+def trial_summary(trial, metrics: list[str]) -> dict[str, Any]:
+    return {
+        "trial": trial.number,
+        "values": dict(zip(metrics, trial.values)),
+        "params": trial.params,
+        "overrides": trial.user_attrs.get(OVERRIDES_ATTR),
+        "run_id": trial.user_attrs.get(RUN_ID_ATTR),
+    }
+
+
+def best_text(study, names: Sequence[str] = ("objective",)) -> tuple[Optional[str], Optional[float]]:
+    """Best value so far (one objective) or the Pareto front (several), each value under its metric's name in
+    ``names`` and with the trial's params: as text, and the value."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None, None
+    if len(study.directions) == 1:
+        best = best_trial(study)
+        return f"{names[0]}={best.value:.4g} (#{best.number} {params_text(best.params)})", best.value
+    front = pareto_front(study)
+    shown = [
+        f"#{t.number} {' '.join(f'{n}={v:.4g}' for n, v in zip(names, t.values))} ({params_text(t.params)})"
+        for t in front[:5]
+    ]
+    more = f", ... ({len(front)} in all)" if len(front) > 5 else ""
+    return f"Pareto front of {len(front)} trial(s): " + ", ".join(shown) + more, None
+
+
+def params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def save_plots(study, metrics: list[str], out: Path) -> list[Path]:
+    """Optuna's matplotlib plots as PNG: history, importances, and the Pareto front (several objectives)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 1:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    multi = len(study.directions) > 1
+    target = {"target": (lambda t: t.values[0]), "target_name": metrics[0]} if multi else {"target_name": metrics[0]}
+    plots = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, **target),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, **target),
+    }
+    if multi:
+        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=metrics)
+    saved = []
+    for name, draw in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw()
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.savefig(out / name, bbox_inches="tight", dpi=100)
+            plt.close(figure)
+            saved.append(out / name)
+        except Exception as exc:  # e.g. importances need two completed trials with varying params
+            show(f"note: no {name}: {type(exc).__name__}: {exc}")
+    return saved
