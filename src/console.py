@@ -70,13 +70,28 @@ def metric_line(logs: dict[str, Any], step: int, max_steps: int, label: Optional
     return f"[{label}] {line}" if label else line
 
 
-def say(message: str) -> None:
-    """One line for the user: through the ``src`` logger where the process set up logging (a run's train.log),
-    else on stderr, so a command without logging shows it too."""
-    if log.hasHandlers():
-        log.info(message)
+class _Stderr(logging.StreamHandler):
+    """Bare lines on ``sys.stderr`` as it is when each line is written (a test's capture swaps it)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
+_STDERR = _Stderr()
+
+
+def say(message: str, level: int = logging.INFO) -> None:
+    """One line for the user: through the ``src`` logger where the process set up logging that shows it (Hydra's,
+    :func:`log_to_file`), else bare on stderr, so a command without logging shows it too. ``level`` files it in
+    a run's train.log (``logging.WARNING`` for a note or warning, ``logging.ERROR`` for ``error: ...``)."""
+    if log.hasHandlers() and log.isEnabledFor(logging.INFO):
+        log.log(level, message)
     else:
-        print(message, file=sys.stderr, flush=True)
+        _STDERR.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
 
 
 def verbose() -> bool:
