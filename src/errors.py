@@ -10,10 +10,13 @@ one line and the shell's exit code for the signal (:func:`report_interrupt`).
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections.abc import Callable, Iterable
 from typing import Optional, TypeVar
+
+from src.logger import say
 
 T = TypeVar("T")
 USER_ERROR_EXIT = 2
@@ -53,7 +56,7 @@ def cause_line(exc: BaseException) -> str:
 
 def report(exc: UserError) -> int:
     """Print ``error: <message>`` on stderr; return the exit code of a user error."""
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+    say(f"error: {exc}", logging.ERROR)
     return USER_ERROR_EXIT
 
 
@@ -72,7 +75,7 @@ def report_interrupt(exc: KeyboardInterrupt) -> int:
     signum = signal.Signals(getattr(exc, "signum", signal.SIGINT))
     ended = getattr(exc, "ended", None)
     where = f": run {ended[0]} ended {ended[1]}" if ended else ""
-    print(f"interrupted ({signum.name}){where}", file=sys.stderr, flush=True)
+    say(f"interrupted ({signum.name}){where}", logging.WARNING)
     return 128 + signum.value
 
 

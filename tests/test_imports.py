@@ -29,6 +29,8 @@ CORE = {
         "plan",
         "errors",
         "console",
+        "logger",
+        "paths",
         "guards",
         "hub",
         "distributed",

@@ -55,7 +55,6 @@ Evaluation uses the plain padded collator, so ``eval_loss`` is computed as on th
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Optional
 
 import torch
@@ -82,6 +81,7 @@ from src.engine.graphs import GraphedSteps, graphable
 from src.engine.rows import tokenize_sft
 from src.engine.sampler import TokenBalancedSampler
 from src.engine.weights import prepare_frozen_weights
+from src.logger import say
 
 
 class FlatTrainer(Trainer):
@@ -306,7 +306,7 @@ def build_flat_sft_trainer(
     trainer = sft_trainer(
         FlatTrainer, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, graphs=graphs
     )
-    print(micro.describe(), file=sys.stderr)
+    say(micro.describe())
     return trainer, micro
 
 

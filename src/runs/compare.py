@@ -36,6 +36,7 @@ from typing import Any, Optional
 from src.config import OBJECTIVE_DEFAULTS
 from src.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from src.errors import run_cli
+from src.logger import say
 from src.runs.selection import Selection, param, select_runs
 from src.runs.table import Column, CompareError, format_table, is_number
 
@@ -358,7 +359,7 @@ def make_plots(client, selection: Selection, rows: Sequence[dict], quality: Colu
 
 
 def _note(message: str) -> None:
-    print(message, file=sys.stderr)
+    say(message)
 
 
 def _parse_ranked(spec: str, resolve) -> tuple[Column, str]:

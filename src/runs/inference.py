@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -28,6 +29,7 @@ import yaml
 
 from src.config import OBJECTIVE_DEFAULTS, SAFETY_SETTINGS, Config, ConfigError, compose, validate
 from src.errors import UserError
+from src.logger import say
 from src.names import filter_value, text_problem
 
 ADAPTER_ARTIFACT = "adapter"
@@ -309,9 +311,9 @@ def read_source(
                 f"{adapter_dir}: no {CONFIG_ARTIFACT} beside it and no base_model_name_or_path in "
                 "adapter_config.json; pass --base-model"
             )
-        print(
+        say(
             f"note: no {CONFIG_ARTIFACT} beside {adapter_dir}; using the project defaults with base model {base}",
-            file=sys.stderr,
+            logging.WARNING,
         )
         cfg = _default_config(base, task, label_map.get("labels"))
     cfg = _granted_only(cfg, config_path, granted)
@@ -346,7 +348,7 @@ def open_source(
         return
     if sweep_best is not None:
         run = best_sweep_run(sweep_best, tracking_uri)
-        print(f"note: best run of sweep {sweep_best} is {run}", file=sys.stderr)
+        say(f"note: best run of sweep {sweep_best} is {run}", logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="lora-run-") as tmp:
         run = full_run_id(run, tracking_uri)
         saved_dir = download_run(run, Path(tmp), tracking_uri)
