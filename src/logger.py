@@ -27,10 +27,12 @@ _STDERR = _Stderr()
 
 
 def say(message: str, level: int = logging.INFO) -> None:
-    """One line for the user: through the ``src`` logger where the process set up logging that shows it (Hydra's,
-    :func:`src.console.log_to_file`), else bare on stderr, so a command without logging shows it too. ``level``
-    files it in a run's train.log: ``logging.WARNING`` for a note or warning, ``logging.ERROR`` for an error."""
-    if log.hasHandlers() and log.isEnabledFor(logging.INFO):
+    """One line for the user: through the ``src`` logger where the process set that logger up to show it (a run's
+    Hydra job logging, :func:`src.console.log_to_file`), else bare on stderr, so that a command without logging,
+    or with only someone else's (Hydra's own ``[HYDRA]`` lines on stdout in a sweep's parent process), shows it
+    as it is. ``level`` files it in a run's train.log: ``logging.WARNING`` for a note or warning,
+    ``logging.ERROR`` for an error."""
+    if logging.NOTSET < log.level <= logging.INFO and log.hasHandlers():
         log.log(level, message)
     else:
         _STDERR.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
