@@ -55,7 +55,7 @@ def cause_line(exc: BaseException) -> str:
 
 
 def report(exc: UserError) -> int:
-    """Print ``error: <message>`` on stderr; return the exit code of a user error."""
+    """Say ``error: <message>`` (on stderr, and in a run's train.log); return the exit code of a user error."""
     say(f"error: {exc}", logging.ERROR)
     return USER_ERROR_EXIT
 
@@ -69,7 +69,7 @@ def run_cli(body: Callable[[], Optional[int]]) -> int:
 
 
 def report_interrupt(exc: KeyboardInterrupt) -> int:
-    """Print ``interrupted (SIGINT): run <id> ended KILLED`` on stderr; return 128 + the signal's number, as a
+    """Say ``interrupted (SIGINT): run <id> ended KILLED`` on stderr; return 128 + the signal's number, as a
     shell reports a process its signal ended. ``exc.signum`` (SIGTERM, set by ``src.tracking``) defaults to
     Ctrl-C's SIGINT; ``exc.ended`` (run id, status) is set by ``tracking.tracked_run`` once the run is closed."""
     signum = signal.Signals(getattr(exc, "signum", signal.SIGINT))
