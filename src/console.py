@@ -1,6 +1,7 @@
 """What a run prints: a progress bar on a terminal, compact metric lines, a summary at the end, and no noise.
 
-Every line goes through the ``src`` logger (src/training.py holds the Trainer callbacks that write them), so
+Every line goes through the ``src`` logger (:mod:`src.logger`: ``log``, and ``say`` for a line the user must see;
+``print`` only for a command's stdout payload; src/training.py holds the Trainer callbacks that write them), so
 Hydra's job logging also writes it to ``<output_dir>/train.log``; a sweep's trial process writes that file
 itself (:func:`log_to_file`). Numbers are numbers: ``step 20/40  loss 0.4123  lr 1.9e-04``, not HF's dict of
 quoted strings. ``LORA_SWEEPS_VERBOSE=1`` shows what :func:`quiet_libraries` hides.
@@ -19,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-log = logging.getLogger("src")
+from src.logger import log, say  # noqa: F401  (the project logger; here for its callers)
+
 VERBOSE_ENV = "LORA_SWEEPS_VERBOSE"
 
 # HF log keys that are bookkeeping, not something to read while training (all still go to MLflow).
@@ -68,15 +70,6 @@ def metric_line(logs: dict[str, Any], step: int, max_steps: int, label: Optional
     body = "  ".join(f"{_SHORT.get(k, k)} {number(v)}" for k, v in shown.items())
     line = f"{'eval  ' if evaluation else ''}{where}  {body}"
     return f"[{label}] {line}" if label else line
-
-
-def say(message: str) -> None:
-    """One line for the user: through the ``src`` logger where the process set up logging (a run's train.log),
-    else on stderr, so a command without logging shows it too."""
-    if log.hasHandlers():
-        log.info(message)
-    else:
-        print(message, file=sys.stderr, flush=True)
 
 
 def verbose() -> bool:

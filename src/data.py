@@ -9,12 +9,8 @@ multi-label, and ``prompt``/``completion`` for SFT (conversations rendered by :m
 
 from __future__ import annotations
 
-import codecs
-import io
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -22,10 +18,9 @@ import pandas as pd
 
 from src import chat, console
 from src.config import DataConfig
-from src.errors import ProblemsError
 from src.labels import canonical_label, label_notes, lookalike_key
 from src.splits import make_eval_split
-from src.tables import RepeatedKey, csv_header, exact_json, repeats
+from src.tables import MAX_IDS_SHOWN, DataError, read_table
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -36,20 +31,9 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-MAX_IDS_SHOWN = 20
 # Cells a text or label column must not hold: lists (JSON arrays, Parquet lists as np.ndarray) and mappings
 # (JSON objects, Parquet structs); str() would train on their Python repr, e.g. "['food']".
 STRUCTURED = (list, tuple, set, dict, np.ndarray)
-
-
-class DataError(ProblemsError):
-    """The data failed validation; the message lists every fault with the rows at fault."""
-
-    title = "invalid data"
-
-    @property
-    def faults(self) -> list[str]:
-        return self.problems
 
 
 @dataclass
@@ -62,124 +46,6 @@ class TaskData:
     labels: Optional[list[str]]  # class or label-column names; None for SFT
     label_weights: Optional[list[float]]  # class weights or pos_weight; None when unweighted
     long_rows: int = 0  # rows over data.max_length_factor x max_length: truncated or skipped (data.long_rows)
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read CSV, TSV, JSON, JSONL or Parquet exactly: no NA guessing, quoted newlines kept.
-
-    A file that cannot be read (a directory, 0 bytes, invalid UTF-8, a broken JSON line, a header and no
-    rows, ...) is one DataError that names the file and, where there is one, the line.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if not path.exists():
-        raise DataError([f"data file not found: {path}"])
-    if path.is_dir():
-        raise DataError([f"data file {path} is a directory, not a file"])
-    if suffix not in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
-        raise DataError([f"unsupported data file type {suffix!r} ({path}); use .csv, .tsv, .json, .jsonl or .parquet"])
-    try:
-        if path.stat().st_size == 0:
-            raise DataError([f"data file {path} is empty (0 bytes)"])
-        if suffix == ".parquet":
-            df = _read_parquet(path)
-        else:
-            df = _read_text_table(path, suffix, _decode(path.read_bytes(), path))
-    except OSError as exc:  # unreadable: permissions, a broken mount
-        raise DataError([f"cannot read data file {path}: {exc.strerror or exc}"]) from exc
-    if len(df) == 0:
-        header = f", only a header (columns {list(df.columns)})" if len(df.columns) else ""
-        raise DataError([f"data file {path} has no rows{header}"])
-    return df
-
-
-def _decode(raw: bytes, path: Path) -> str:
-    """The file's text; a byte-order mark (Excel's "CSV UTF-8") is dropped."""
-    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[start:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = start + exc.start
-        line = raw.count(b"\n", 0, offset) + 1
-        raise DataError(
-            [
-                f"data file {path} is not valid UTF-8 at line {line} (byte offset {offset}: "
-                f"0x{raw[offset]:02x}); save it as UTF-8"
-            ]
-        ) from None
-
-
-def _read_text_table(path: Path, suffix: str, text: str) -> pd.DataFrame:
-    if suffix in (".csv", ".tsv"):
-        sep = "\t" if suffix == ".tsv" else ","
-        try:
-            # Every cell as its text (dtype=str): pandas would read "01" as 1 and "1.50" as 1.5, merging labels
-            # before canonical_label sees them. keep_default_na=False: "NA" or "null" is data; empty cells stay "".
-            df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[])
-        except pd.errors.EmptyDataError:
-            raise DataError([f"data file {path} has no header row (only blank lines)"]) from None
-        except pd.errors.ParserError as exc:  # pandas names the line: "Expected 2 fields in line 3, saw 3"
-            raise DataError([f"data file {path}: cannot parse it as {suffix[1:].upper()}: {exc}".strip()]) from None
-        _refuse_repeats(csv_header(text, sep), f"data file {path}: header")
-        return df
-    if suffix == ".jsonl":
-        return pd.DataFrame(_json_lines(path, text), dtype=object)
-    try:
-        table = exact_json(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            [f"data file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"]
-        ) from None
-    except RepeatedKey as exc:
-        raise DataError([f"data file {path}: {exc}"]) from None
-    if isinstance(table, list) and not all(isinstance(row, dict) for row in table):
-        raise DataError([f"data file {path}: JSON that is not a table of rows (a list of items that are not objects)"])
-    if not isinstance(table, (list, dict)):
-        raise DataError([f"data file {path}: JSON that is not a table of rows (a {type(table).__name__})"])
-    try:  # a list of row objects, or pandas' default orient: {column: {row: value}} or {column: [values]}
-        return pd.DataFrame(table, dtype=object)
-    except ValueError as exc:  # ragged columns
-        raise DataError([f"data file {path}: JSON that is not a table of rows ({exc})"]) from None
-
-
-def _refuse_repeats(names: list[Any], where: str) -> None:
-    repeated = repeats(names)
-    if repeated:
-        raise DataError([f"{where} repeats column name(s) {', '.join(map(repr, repeated))}; rename or drop one"])
-
-
-def _json_lines(path: Path, text: str) -> list[dict]:
-    """The records of a JSONL file; every line that is not a JSON object is reported, by line number."""
-    records, bad = [], []
-    # split("\n"), not splitlines(): a JSON string may hold U+2028 and other line separators unescaped.
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = exact_json(line)
-        except json.JSONDecodeError as exc:
-            bad.append(f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        except RepeatedKey as exc:
-            bad.append(f"line {number}: {exc}")
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad.append(f"line {number} is not a JSON object (a {type(record).__name__})")
-    if bad:
-        more = f"; ... ({len(bad)} lines in all)" if len(bad) > MAX_IDS_SHOWN else ""
-        raise DataError([f"data file {path}: {'; '.join(bad[:MAX_IDS_SHOWN])}{more}"])
-    return records
-
-
-def _read_parquet(path: Path) -> pd.DataFrame:
-    try:
-        # integer_object_nulls: an int column with nulls stays ints (None for null), not float64, which rounds
-        # past 2**53 and would merge two labels.
-        return pd.read_parquet(path, to_pandas_kwargs={"integer_object_nulls": True})
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: "magic bytes not found", ...
-        raise DataError([f"data file {path}: cannot read it as Parquet ({exc})"]) from None
 
 
 def _read_hub(d: DataConfig, split: str) -> pd.DataFrame:
@@ -511,102 +377,134 @@ def load_data(d: DataConfig, tokenizer=None, max_length: Optional[int] = None) -
     With a tokenizer and ``max_length``, rows over ``data.max_length_factor`` x ``max_length``
     tokens are faults too, in the same report.
     """
-    from datasets import Dataset
-
     if d.task == "sft" and d.format == "messages" and (problem := chat.template_problem(tokenizer)):
         raise DataError([problem])
-    if d.path:
-        frames = {"train": (read_table(d.path), str(d.path))}
-        if d.eval_path:
-            frames["eval"] = (read_table(d.eval_path), str(d.eval_path))
-    else:
-        frames = {"train": (_read_hub(d, d.train_split), f"{d.hub_id}:{d.train_split}")}
-        if d.eval_split:
-            frames["eval"] = (_read_hub(d, d.eval_split), f"{d.hub_id}:{d.eval_split}")
-
+    frames = _read_frames(d)
     faults: list[str] = []
     ok = {split: _check_split(df, d, split, source, faults) for split, (df, source) in frames.items()}
     if not all(ok.values()):
         raise DataError(faults)
-
-    labels: Optional[list[str]] = None
-    if d.task == "classification":
-        if d.labels:
-            labels = [canonical_label(label) for label in d.labels]
-        else:
-            labels = sorted({n for n in map(label_of, frames["train"][0][d.label_column]) if n is not None})
-        if len(labels) < 2:
-            faults.append(f"train: column {d.label_column!r} holds fewer than 2 classes: {labels}")
-        _lookalike_labels(frames, d, faults)
-    elif d.task == "multilabel":
-        labels = list(d.label_columns)
-
+    labels = _labels(frames, d, faults)
     columns: dict[str, dict[str, Any]] = {}
     long_rows = 0
     for split, (df, _) in frames.items():
-        if d.task == "classification":
-            columns[split] = {"text": texts_of(df, d), "label": _label_index(df, d, labels, split, faults)}
-        elif d.task == "multilabel":
-            columns[split] = {"text": texts_of(df, d), "labels": _multilabel_matrix(df, d, split, faults)}
-        else:
-            prompts, completions = (
-                _chat_columns(df, d, tokenizer, split, faults) if d.format == "messages" else _sft_columns(df, d)
-            )
-            columns[split] = {"prompt": prompts, "completion": completions}
-        ids = df[d.id_column] if d.id_column and d.id_column in df.columns else pd.Series(range(len(df)))
-        columns[split]["row_id"] = [str(i) for i in ids]
+        columns[split] = _task_columns(df, d, labels, tokenizer, split, faults)
         if tokenizer is not None and max_length and d.max_length_factor is not None:
-            cols = columns[split]
-            texts = cols["text"] if "text" in cols else [p + c for p, c in zip(cols["prompt"], cols["completion"])]
-            over = _check_lengths(df, d, texts, split, tokenizer, max_length, faults)
-            long_rows += int(over.sum())
-            if d.long_rows == "skip" and over.any():
-                columns[split] = {k: [v for v, o in zip(col, over) if not o] for k, col in columns[split].items()}
+            columns[split], over = _long_rows(df, d, columns[split], split, tokenizer, max_length, faults)
+            long_rows += over
     if faults:
         raise DataError(faults)
     if d.task == "classification":  # a label's typo is a class of its own: warn, as rare classes are real too
         counts = np.bincount(np.asarray(columns["train"]["label"], dtype=int), minlength=len(labels))
         for note in label_notes(dict(zip(labels, counts.tolist()))):
             console.log.warning(note)
-
     if "eval" not in columns:
-        train = columns["train"]
-        y = train.get("label", train.get("labels"))
-        n = len(train["row_id"])
-        mask = make_eval_split(d.task, np.asarray(y) if y is not None else None, n, d)
-        if mask.all() or not mask.any():  # an empty split fails only after the model has loaded
-            empty, fix = ("train", "lower") if mask.all() else ("eval", "raise")
-            how = {"classification": " (stratified by class)", "multilabel": " (iterative stratification)"}
-            raise DataError(
-                [
-                    f"{empty} split is empty: {n} row(s) with data.eval_fraction={d.eval_fraction:g}"
-                    f"{how.get(d.task, '')}; {fix} data.eval_fraction, or give data.eval_path"
-                ]
-            )
-        columns = {
-            "train": {k: [v for v, m in zip(col, mask) if not m] for k, col in train.items()},
-            "eval": {k: [v for v, m in zip(col, mask) if m] for k, col in train.items()},
-        }
+        columns = _split_eval(columns["train"], d)
     for split, n in (("train", d.subsample), ("eval", d.eval_subsample)):
-        if n and n < len(columns[split]["row_id"]):
-            keep = sorted(np.random.default_rng(d.subsample_seed).permutation(len(columns[split]["row_id"]))[:n])
-            columns[split] = {k: [col[i] for i in keep] for k, col in columns[split].items()}
-
+        columns[split] = _subsample(columns[split], n, d.subsample_seed)
+    weights = None
     if labels is not None:
         _warn_unevaluated(d.task, labels, columns["eval"])
-    weights = None
-    if d.task != "sft":
         y_train = np.asarray(columns["train"]["label" if d.task == "classification" else "labels"])
         weights = _weights(d.task, d, y_train, len(labels), faults)
         if faults:
             raise DataError(faults)
         _say_inferred_weight_order(d, labels)
+    return TaskData(d.task, _to_dataset(columns["train"]), _to_dataset(columns["eval"]), labels, weights, long_rows)
 
-    def to_dataset(cols: dict[str, Any]) -> Dataset:
-        cols = {k: (np.asarray(v).tolist() if k == "labels" else list(v)) for k, v in cols.items()}
-        if "label" in cols:
-            cols["label"] = [int(v) for v in cols["label"]]
-        return Dataset.from_dict(cols)
 
-    train, eval_ = to_dataset(columns["train"]), to_dataset(columns["eval"])
-    return TaskData(d.task, train, eval_, labels, weights, long_rows)
+def _read_frames(d: DataConfig) -> dict[str, tuple[pd.DataFrame, str]]:
+    """The train split, and the eval split where one is given: (table, where it came from) by split."""
+    if d.path:
+        frames = {"train": (read_table(d.path), str(d.path))}
+        if d.eval_path:
+            frames["eval"] = (read_table(d.eval_path), str(d.eval_path))
+        return frames
+    frames = {"train": (_read_hub(d, d.train_split), f"{d.hub_id}:{d.train_split}")}
+    if d.eval_split:
+        frames["eval"] = (_read_hub(d, d.eval_split), f"{d.hub_id}:{d.eval_split}")
+    return frames
+
+
+def _labels(frames: dict[str, tuple[pd.DataFrame, str]], d: DataConfig, faults: list[str]) -> Optional[list[str]]:
+    """The class names (given, else the train split's, sorted as text) or label columns; None for SFT."""
+    if d.task == "multilabel":
+        return list(d.label_columns)
+    if d.task != "classification":
+        return None
+    if d.labels:
+        labels = [canonical_label(label) for label in d.labels]
+    else:
+        labels = sorted({n for n in map(label_of, frames["train"][0][d.label_column]) if n is not None})
+    if len(labels) < 2:
+        faults.append(f"train: column {d.label_column!r} holds fewer than 2 classes: {labels}")
+    _lookalike_labels(frames, d, faults)
+    return labels
+
+
+def _task_columns(
+    df: pd.DataFrame, d: DataConfig, labels: Optional[list[str]], tokenizer, split: str, faults: list[str]
+) -> dict[str, list]:
+    """One split's columns for its task, and ``row_id`` (data.id_column's, else the row number)."""
+    if d.task == "classification":
+        columns = {"text": texts_of(df, d), "label": _label_index(df, d, labels, split, faults)}
+    elif d.task == "multilabel":
+        columns = {"text": texts_of(df, d), "labels": _multilabel_matrix(df, d, split, faults)}
+    else:
+        prompts, completions = (
+            _chat_columns(df, d, tokenizer, split, faults) if d.format == "messages" else _sft_columns(df, d)
+        )
+        columns = {"prompt": prompts, "completion": completions}
+    ids = df[d.id_column] if d.id_column and d.id_column in df.columns else pd.Series(range(len(df)))
+    columns["row_id"] = [str(i) for i in ids]
+    return columns
+
+
+def _long_rows(
+    df: pd.DataFrame, d: DataConfig, columns: dict[str, list], split: str, tokenizer, max_length: int, faults
+) -> tuple[dict[str, list], int]:
+    """The split's columns, less its over-long rows where data.long_rows=skip, and how many rows are over."""
+    texts = columns["text"] if "text" in columns else [p + c for p, c in zip(columns["prompt"], columns["completion"])]
+    over = _check_lengths(df, d, texts, split, tokenizer, max_length, faults)
+    if d.long_rows == "skip" and over.any():
+        columns = {k: [v for v, o in zip(col, over) if not o] for k, col in columns.items()}
+    return columns, int(over.sum())
+
+
+def _split_eval(train: dict[str, list], d: DataConfig) -> dict[str, dict[str, list]]:
+    """The eval split cut from the train split (data.eval_fraction); an empty side is a DataError now, not after
+    the model has loaded."""
+    y = train.get("label", train.get("labels"))
+    n = len(train["row_id"])
+    mask = make_eval_split(d.task, np.asarray(y) if y is not None else None, n, d)
+    if mask.all() or not mask.any():
+        empty, fix = ("train", "lower") if mask.all() else ("eval", "raise")
+        how = {"classification": " (stratified by class)", "multilabel": " (iterative stratification)"}
+        raise DataError(
+            [
+                f"{empty} split is empty: {n} row(s) with data.eval_fraction={d.eval_fraction:g}"
+                f"{how.get(d.task, '')}; {fix} data.eval_fraction, or give data.eval_path"
+            ]
+        )
+    return {
+        "train": {k: [v for v, m in zip(col, mask) if not m] for k, col in train.items()},
+        "eval": {k: [v for v, m in zip(col, mask) if m] for k, col in train.items()},
+    }
+
+
+def _subsample(columns: dict[str, list], n: Optional[int], seed: int) -> dict[str, list]:
+    """``n`` rows drawn with ``seed``, in their order; all of them where ``n`` is unset or not fewer."""
+    if not n or n >= len(columns["row_id"]):
+        return columns
+    keep = sorted(np.random.default_rng(seed).permutation(len(columns["row_id"]))[:n])
+    return {k: [col[i] for i in keep] for k, col in columns.items()}
+
+
+def _to_dataset(columns: dict[str, Any]):
+    """A ``datasets.Dataset`` of plain lists (multi-label rows as lists, class indices as ints)."""
+    from datasets import Dataset
+
+    columns = {k: (np.asarray(v).tolist() if k == "labels" else list(v)) for k, v in columns.items()}
+    if "label" in columns:
+        columns["label"] = [int(v) for v in columns["label"]]
+    return Dataset.from_dict(columns)

@@ -14,12 +14,15 @@ which alone would read as KILLED: rank 0 finds the marker and ends the run FAILE
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
+
+from src.logger import say
 
 MARKER_DIR = "ddp_errors"
 
@@ -158,8 +161,7 @@ def relaunch(nproc: int, argv: list[str]) -> int:
                 if failed is None:
                     failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
                     if failed is not None:
-                        print(f"error: rank {failed[0]} exited with code {failed[1]}; stopping the others",
-                              file=sys.stderr)  # fmt: skip
+                        say(f"error: rank {failed[0]} exited with code {failed[1]}; stopping the others", logging.ERROR)
                         stop()
                         stopping_since = time.monotonic()
                 if all(c is not None for c in codes):
@@ -192,7 +194,7 @@ def record_failure(output_dir: Optional[str], exc: BaseException) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"rank": rank(), "error_type": type(exc).__name__, "error": str(exc)}))
     except OSError as write_error:
-        print(f"note: rank {rank()} could not record its failure: {write_error}", file=sys.stderr)
+        say(f"note: rank {rank()} could not record its failure: {write_error}", logging.WARNING)
 
 
 def peer_failures(output_dir: Optional[str]) -> list[dict[str, Any]]:

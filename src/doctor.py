@@ -13,6 +13,7 @@ import sys
 from typing import Optional
 
 from src import tracking
+from src.logger import say
 from src.sweeps.stale import STALE_AFTER_S, mark_stale_runs
 
 
@@ -30,7 +31,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{run.run_id}  {run.run_name}: {verb}: {run.reason}")
     statuses = sorted({run.status for run in stale}) or ["KILLED"]
     verb = "stale (not marked, --dry-run)" if args.dry_run else f"marked {' or '.join(statuses)}"
-    print(f"{len(stale)} run(s) {verb} in {uri}", file=sys.stderr)
+    say(f"{len(stale)} run(s) {verb} in {uri}")
     return 0
 
 

@@ -10,10 +10,13 @@ one line and the shell's exit code for the signal (:func:`report_interrupt`).
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections.abc import Callable, Iterable
 from typing import Optional, TypeVar
+
+from src.logger import say
 
 T = TypeVar("T")
 USER_ERROR_EXIT = 2
@@ -52,8 +55,8 @@ def cause_line(exc: BaseException) -> str:
 
 
 def report(exc: UserError) -> int:
-    """Print ``error: <message>`` on stderr; return the exit code of a user error."""
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+    """Say ``error: <message>`` (on stderr, and in a run's train.log); return the exit code of a user error."""
+    say(f"error: {exc}", logging.ERROR)
     return USER_ERROR_EXIT
 
 
@@ -66,13 +69,13 @@ def run_cli(body: Callable[[], Optional[int]]) -> int:
 
 
 def report_interrupt(exc: KeyboardInterrupt) -> int:
-    """Print ``interrupted (SIGINT): run <id> ended KILLED`` on stderr; return 128 + the signal's number, as a
+    """Say ``interrupted (SIGINT): run <id> ended KILLED`` on stderr; return 128 + the signal's number, as a
     shell reports a process its signal ended. ``exc.signum`` (SIGTERM, set by ``src.tracking``) defaults to
     Ctrl-C's SIGINT; ``exc.ended`` (run id, status) is set by ``tracking.tracked_run`` once the run is closed."""
     signum = signal.Signals(getattr(exc, "signum", signal.SIGINT))
     ended = getattr(exc, "ended", None)
     where = f": run {ended[0]} ended {ended[1]}" if ended else ""
-    print(f"interrupted ({signum.name}){where}", file=sys.stderr, flush=True)
+    say(f"interrupted ({signum.name}){where}", logging.WARNING)
     return 128 + signum.value
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from src.config import Config, ConfigError, config_changes
 from src.errors import UserError
+from src.logger import say
 from src.tiny import resolve as resolve_builtin
 
 SAFE_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
@@ -129,7 +130,7 @@ def resume_checkpoint(setting: Optional[str], checkpoints_dir: Union[str, Path])
 
         path = get_last_checkpoint(str(checkpoints_dir)) if Path(checkpoints_dir).is_dir() else None
         if path is None:
-            print(f"note: no checkpoint in {checkpoints_dir} to resume from; starting from step 0", file=sys.stderr)
+            say(f"note: no checkpoint in {checkpoints_dir} to resume from; starting from step 0", logging.WARNING)
             return None
     else:
         path = setting
@@ -233,7 +234,7 @@ def check_resume(checkpoint: str, fingerprint: dict[str, Any]) -> None:
     try:
         stored = json.loads(path.read_text())
     except FileNotFoundError:
-        print(f"note: {checkpoint} has no {FINGERPRINT_NAME}; its data and settings are not checked", file=sys.stderr)
+        say(f"note: {checkpoint} has no {FINGERPRINT_NAME}; its data and settings are not checked", logging.WARNING)
         return
     except (OSError, ValueError) as exc:
         raise ConfigError([f"train.resume_from_checkpoint: {path} is unreadable ({exc})"]) from exc
@@ -260,4 +261,3 @@ class FingerprintWriter(TrainerCallback):
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and directory.is_dir():
             (directory / FINGERPRINT_NAME).write_text(json.dumps(self.fingerprint, indent=2) + "\n")
-

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 from src.bundled import DATA_DIR
+from src.logger import say
+from src.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = {"tiny-llama": PROJECT_ROOT / ".cache" / "tiny-llama"}
 # Bump when the recipe below changes, so stale caches are rebuilt rather than reused.
@@ -171,13 +172,7 @@ def resolve(name_or_path: str) -> str:
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent))
-        # stderr, not the src logger: this module sits below the console (src.config imports it), and a command
-        # without logging (src.predict, src.plan) shows the line too
-        print(
-            f"building the embedded tiny model once, into {out_dir} (up to a minute on a slow CPU) ...",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"building the embedded tiny model once, into {out_dir} (up to a minute on a slow CPU) ...")
         build(tmp)
         try:
             if out_dir.exists():

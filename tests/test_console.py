@@ -173,6 +173,29 @@ def test_say_goes_to_stderr_where_no_logging_is_set_up(monkeypatch, capsys, capl
     assert "through the logger" in caplog.text and "through the logger" not in capsys.readouterr().err
 
 
+def test_say_goes_to_stderr_where_the_logging_set_up_hides_its_lines(capsys, caplog):
+    """A handler that would drop an INFO line (a library's logging at WARNING) does not swallow the user's line."""
+    import logging
+
+    from src import console
+
+    caplog.set_level(logging.WARNING, logger="src")
+    console.say("a line nobody would see")
+    assert capsys.readouterr().err == "a line nobody would see\n"
+
+
+def test_a_user_error_is_filed_as_an_error_in_the_runs_log_and_bare_on_a_plain_stderr(capsys, caplog):
+    import logging
+
+    from src.errors import UserError, report
+
+    assert report(UserError("no such run")) == 2
+    assert capsys.readouterr().err == "error: no such run\n"  # no logging set up: the line as the command shows it
+    caplog.set_level(logging.INFO, logger="src")
+    report(UserError("no such run"))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.ERROR, "error: no such run")]
+
+
 def _child_env(**changes: str) -> dict[str, str]:
     """The environment of a new user's shell: none of the switches this process (``import src``) may have set."""
     import os

@@ -31,6 +31,8 @@ CORE = {
         "memory",
         "errors",
         "console",
+        "logger",
+        "paths",
         "guards",
         "hub",
         "distributed",

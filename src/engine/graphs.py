@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any, Optional
 
 import torch
 
 from src.engine.attention import seq_bounds
 from src.engine.weights import quantized_layers
+from src.logger import say
 
 GRAPH_BUCKET_TOKENS = 256  # packed rows are padded up to a multiple of this: one captured graph per length
 
@@ -167,7 +168,7 @@ class GraphedSteps:
             except RuntimeError as exc:  # e.g. an op that syncs with the host: train eagerly from here on
                 self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             if self.failed is not None:
-                print(f"note: CUDA graph capture failed, training eagerly ({self.failed})", file=sys.stderr)
+                say(f"note: CUDA graph capture failed, training eagerly ({self.failed})", logging.WARNING)
                 for p in model.parameters():
                     p.grad = None
                 return None

@@ -55,7 +55,6 @@ Evaluation uses the plain padded collator, so ``eval_loss`` is computed as on th
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Optional
 
 import torch
@@ -82,6 +81,7 @@ from src.engine.graphs import GraphedSteps, graphable
 from src.engine.rows import tokenize_sft
 from src.engine.sampler import TokenBalancedSampler
 from src.engine.weights import prepare_frozen_weights
+from src.logger import say
 
 
 class FlatTrainer(Trainer):
@@ -249,35 +249,11 @@ def build_flat_sft_trainer(
     """
     budget, micro = plan_step(cfg, model)
     set_checkpointed_layers(model, micro.checkpointed_layers)
-    tokens = micro.micro_batch_size * cfg.model.max_length
-    if attention == "auto":
-        half = args.bf16 or args.fp16 or next(model.parameters()).dtype in HALF_DTYPES
-        if half and varlen_available(next(model.parameters()).device):
-            attention = "varlen"
-        else:
-            extra = mask_attention_gb(model, tokens, micro.checkpointed_layers)
-            fits = budget is None or (micro.est_peak_gpu_mem_gb or 0.0) + extra <= budget
-            attention = "mask" if fits else "per-example"
-    if attention == "varlen" and not use_varlen_attention(model):
-        attention = "mask"
-    if attention == "per-example":
-        use_flat_attention(model)
+    attention = choose_attention(attention, model, args, micro, cfg.model.max_length, budget)
     estimated = micro.est_peak_gpu_mem_gb
     if attention == "mask" and estimated is not None:
-        estimated += mask_attention_gb(model, tokens, micro.checkpointed_layers)
-    if dequantize is None and not cfg.train.dequantize_weights:
-        dequantize = False
-    room = None if dequantize else (0.0 if budget is None else max(0.0, budget - (estimated or 0.0)))
-    dequantized, cache_gb = prepare_frozen_weights(
-        model,
-        cfg.quant.bits,
-        bf16=bf16_weights and args.bf16,
-        dequantize=dequantize is not False,
-        room_gb=room,
-        int8_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
-    )
-    if estimated is not None:
-        estimated += cache_gb
+        estimated += mask_attention_gb(model, micro.micro_batch_size * cfg.model.max_length, micro.checkpointed_layers)
+    dequantized, cache_gb = _prepare_frozen(model, cfg, args, budget, estimated, bf16_weights, dequantize)
     if compile_layers:
         compile_decoder_layers(model)
     if cuda_graphs is None:
@@ -291,23 +267,66 @@ def build_flat_sft_trainer(
         dequantized_gb=cache_gb,
         compiled=compile_layers,
         cuda_graphs=bool(cuda_graphs),
-        est_peak_gpu_mem_gb=estimated,
+        est_peak_gpu_mem_gb=None if estimated is None else estimated + cache_gb,
     )
+    args = flat_training_args(args, micro)
+    trainer = sft_trainer(
+        FlatTrainer, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, graphs=graphs
+    )
+    say(micro.describe())
+    return trainer, micro
+
+
+def choose_attention(attention: str, model, args, micro: MicroBatchPlan, max_length: int, budget) -> str:
+    """The attention a flat batch runs (``attention``, or ``auto``'s pick), set up on ``model``: varlen where it
+    runs (CUDA, half precision), else the block-causal mask where the plan plus the mask fits ``budget``, else per
+    example; varlen falls back to the mask where the model cannot take it."""
+    if attention == "auto":
+        half = args.bf16 or args.fp16 or next(model.parameters()).dtype in HALF_DTYPES
+        if half and varlen_available(next(model.parameters()).device):
+            attention = "varlen"
+        else:
+            extra = mask_attention_gb(model, micro.micro_batch_size * max_length, micro.checkpointed_layers)
+            fits = budget is None or (micro.est_peak_gpu_mem_gb or 0.0) + extra <= budget
+            attention = "mask" if fits else "per-example"
+    if attention == "varlen" and not use_varlen_attention(model):
+        attention = "mask"
+    if attention == "per-example":
+        use_flat_attention(model)
+    return attention
+
+
+def _prepare_frozen(model, cfg, args, budget, estimated, bf16_weights: bool, dequantize: Optional[bool]):
+    """:func:`prepare_frozen_weights` for the run: the dequantized copies get the room the budget leaves above
+    ``estimated`` (all layers where ``dequantize`` is True, none where ``train.dequantize_weights`` is off).
+    Returns (dequantized layers, their GB)."""
+    if dequantize is None and not cfg.train.dequantize_weights:
+        dequantize = False
+    room = None if dequantize else (0.0 if budget is None else max(0.0, budget - (estimated or 0.0)))
+    return prepare_frozen_weights(
+        model,
+        cfg.quant.bits,
+        bf16=bf16_weights and args.bf16,
+        dequantize=dequantize is not False,
+        room_gb=room,
+        int8_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
+    )
+
+
+def flat_training_args(args, micro: MicroBatchPlan):
+    """The plain path's Trainer arguments replanned for flat batches: the plan's micro-batch and accumulation,
+    checkpointing per layer (set by the plan, not the Trainer), the fast optimizer, one GPU per process."""
     args = dataclasses.replace(
         args,
         per_device_train_batch_size=micro.micro_batch_size,
         gradient_accumulation_steps=micro.gradient_accumulation_steps,
-        activation_checkpointing=False,  # set per layer above; the Trainer would turn on every layer
+        activation_checkpointing=False,  # set per layer by the plan; the Trainer would turn on every layer
         optim=fast_optimizer(args.optim),
         include_num_input_tokens_seen="all",  # a packed row has no padding (and EOS may be the pad id)
         ddp_broadcast_buffers=False,  # under DDP: the cached dequantized weights are buffers, equal on every rank
     )
     distributed.one_gpu_per_process(args)  # dataclasses.replace set the devices up anew
-    trainer = sft_trainer(
-        FlatTrainer, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, graphs=graphs
-    )
-    print(micro.describe(), file=sys.stderr)
-    return trainer, micro
+    return args
 
 
 def sft_trainer(cls, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, **extra):

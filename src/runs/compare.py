@@ -24,7 +24,6 @@ run ids and the standard deviations as separate fields. The pure pieces (:func:`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -34,8 +33,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.config import OBJECTIVE_DEFAULTS
-from src.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from src.errors import run_cli
+from src.logger import say
+from src.runs.samples import samples_text
 from src.runs.selection import Selection, param, select_runs
 from src.runs.table import Column, CompareError, format_table, is_number
 
@@ -358,7 +358,7 @@ def make_plots(client, selection: Selection, rows: Sequence[dict], quality: Colu
 
 
 def _note(message: str) -> None:
-    print(message, file=sys.stderr)
+    say(message)
 
 
 def _parse_ranked(spec: str, resolve) -> tuple[Column, str]:
@@ -419,28 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def compare(args: argparse.Namespace) -> str:
-    """Select, tabulate and plot as the parsed arguments say; return the table text."""
-    import mlflow
-
-    from src.tracking import tracking_uri
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(args.tracking_uri))
-    run_ids = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
-    wanted = {key: getattr(args, option) for option, key in FILTERS.items()}
-    selection = select_runs(client, args.experiment, args.sweep, run_ids, args.limit, wanted)
-    runs = one_task(selection.runs, requested_metrics(args))
+def _objective(runs: list) -> tuple[str, str]:
+    """The (metric, direction) the runs optimize; ("objective", "max") where none says."""
     objectives = {o for o in (run_objective(r.data.params) for r in runs) if o}
     if len(objectives) > 1:
         raise CompareError(f"the runs optimize different objectives ({', '.join(sorted(m for m, _ in objectives))})")
-    objective_metric, objective_direction = objectives.pop() if objectives else ("objective", "max")
+    return objectives.pop() if objectives else ("objective", "max")
 
-    logged = {key for r in runs for key in r.data.metrics}
-    quality = [objective_metric]
-    columns = [*CONFIG_COLUMNS, Column(objective_metric, objective_metric, ".4f", objective_direction), *COST_COLUMNS]
+
+def _column_resolver(columns: list[Column], quality: list[str], logged: set[str], objective_metric: str):
+    """``resolve(name)``: a column by key, alias or logged metric name; a new metric becomes a quality column,
+    added to ``columns`` (after the quality columns so far) and to ``quality``."""
 
     def resolve(name: str) -> Column:
-        """A column by key, alias or logged metric name (a new metric becomes a quality column)."""
         key = objective_metric if name in ("quality", "objective") else ALIASES.get(name, name)
         for column in columns:
             if column.key == key:
@@ -454,6 +445,24 @@ def compare(args: argparse.Namespace) -> str:
         quality.append(key)
         return column
 
+    return resolve
+
+
+def compare(args: argparse.Namespace) -> str:
+    """Select, tabulate and plot as the parsed arguments say; return the table text."""
+    import mlflow
+
+    from src.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(args.tracking_uri))
+    run_ids = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
+    wanted = {key: getattr(args, option) for option, key in FILTERS.items()}
+    selection = select_runs(client, args.experiment, args.sweep, run_ids, args.limit, wanted)
+    runs = one_task(selection.runs, requested_metrics(args))
+    objective_metric, objective_direction = _objective(runs)
+    quality = [objective_metric]
+    columns = [*CONFIG_COLUMNS, Column(objective_metric, objective_metric, ".4f", objective_direction), *COST_COLUMNS]
+    resolve = _column_resolver(columns, quality, {key for r in runs for key in r.data.metrics}, objective_metric)
     for name in args.metric:
         resolve(name)
     pareto_spec = None
@@ -539,56 +548,6 @@ def param_columns(rows: list[dict]) -> list[Column]:
         for key in differing:
             row[key] = param(row.get("params", {}), key)
     return [Column(key, key) for key in differing]
-
-
-def _sample_cell(text: str, width: int = 80, tail: int = 0) -> str:
-    """One Markdown cell: whitespace collapsed, cut to ``width`` in the middle, keeping the last ``tail`` characters
-    (0: cut at the end)."""
-    text = " ".join(str(text).split())
-    if len(text) > width:
-        text = text[: width - tail - 1] + "…" + (text[-tail:] if tail else "")
-    return text.replace("|", "\\|")
-
-
-def _prompt_cell(prompt: str, width: int = 120) -> str:
-    """A prompt as a reader needs it: the instruction from its start and the prompt's end, where the response
-    begins; the template's fixed preamble (the same in every row) and, when long, the middle left out."""
-    for template in (ALPACA_WITH_INPUT, ALPACA_NO_INPUT):
-        preamble = template.split("### Instruction:")[0]
-        prompt = prompt[len(preamble) :] if prompt.startswith(preamble) else prompt
-    return _sample_cell(prompt, width, tail=24)
-
-
-def samples_text(client, runs) -> str:
-    """Markdown: each run's fixed prompts with the reference, the base model's and the tuned model's output."""
-    import tempfile
-
-    from mlflow.exceptions import MlflowException
-
-    sections = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in runs:
-            try:
-                path = client.download_artifacts(run.info.run_id, "samples.json", tmp)
-            except (MlflowException, OSError):
-                continue
-            table = json.loads(Path(path).read_text())
-            records = [dict(zip(table["columns"], row)) for row in table["data"]]
-            lines = [
-                f"### {run.info.run_name} ({run.info.run_id[:8]}): before and after fine-tuning",
-                "",
-                "| prompt | reference | before | after |",
-                "|---|---|---|---|",
-            ]
-            lines += [
-                f"| {_prompt_cell(r['prompt'])} | {_sample_cell(r['reference'])} | {_sample_cell(r['before'])} "
-                f"| {_sample_cell(r['after'])} |"
-                for r in records
-            ]
-            sections.append("\n".join(lines))
-    if not sections:
-        raise CompareError("--samples: no selected run logged samples.json (SFT runs log it)")
-    return "\n\n".join(sections)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from src.errors import run_cli
+from src.errors import UserError, report, run_cli
+from src.logger import say
 from src.runs.inference import (
     LABEL_MAP_FILE,
     InferenceError,
@@ -109,17 +110,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.log_to_mlflow and args.adapter is not None:
-        print("error: --log-to-mlflow needs the run to log to: use --run or --sweep-best", file=sys.stderr)
-        return 2
+        return report(UserError("--log-to-mlflow needs the run to log to: use --run or --sweep-best"))
     quiet_libraries()
 
     def body() -> None:
         with open_source_of(args) as source:
             model, tokenizer = export(source, args.out)
-            print(f"merged model written to {args.out}", file=sys.stderr)
+            say(f"merged model written to {args.out}")
             if args.log_to_mlflow:
                 uri = log_to_mlflow(model, tokenizer, source.run_id, source.task)
-                print(f"logged to run {source.run_id} as {uri}", file=sys.stderr)
+                say(f"logged to run {source.run_id} as {uri}")
 
     return run_cli(body)
 

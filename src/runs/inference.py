@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -28,6 +29,7 @@ import yaml
 
 from src.config import OBJECTIVE_DEFAULTS, SAFETY_SETTINGS, Config, ConfigError, compose, validate
 from src.errors import UserError
+from src.logger import say
 from src.names import filter_value, text_problem
 
 ADAPTER_ARTIFACT = "adapter"
@@ -282,38 +284,11 @@ def read_source(
             "(no config.json)"
         )
     peft_config = {} if full_model else read_adapter_config(adapter_config)
-    label_map_path = adapter_dir / LABEL_MAP_FILE
-    if label_map_path.is_file():
-        label_map = read_label_map(label_map_path)
-    elif peft_config.get("task_type") == "CAUSAL_LM":
-        label_map = {"task": "sft", "labels": None}
-    else:
-        raise InferenceError(f"{adapter_dir} has no {LABEL_MAP_FILE}: the class names of this classifier are unknown")
+    label_map = _label_map(adapter_dir, peft_config)
     task = label_map["task"]
     if not full_model:
         check_adapter_weights(adapter_dir, peft_config, label_map.get("labels"))
-
-    config_path = next(
-        (p for p in (adapter_dir / CONFIG_ARTIFACT, adapter_dir.parent / CONFIG_ARTIFACT) if p.is_file()), None
-    )
-    if config_path is not None:
-        try:
-            cfg = validate(yaml.safe_load(config_path.read_text()))
-        except ConfigError as exc:
-            problems = "; ".join(exc.problems)
-            raise InferenceError(f"the run's config ({config_path}) no longer validates: {problems}") from exc
-    else:
-        base = peft_config.get("base_model_name_or_path")
-        if not base:
-            raise InferenceError(
-                f"{adapter_dir}: no {CONFIG_ARTIFACT} beside it and no base_model_name_or_path in "
-                "adapter_config.json; pass --base-model"
-            )
-        print(
-            f"note: no {CONFIG_ARTIFACT} beside {adapter_dir}; using the project defaults with base model {base}",
-            file=sys.stderr,
-        )
-        cfg = _default_config(base, task, label_map.get("labels"))
+    cfg, config_path = _run_config(adapter_dir, peft_config, task, label_map.get("labels"))
     cfg = _granted_only(cfg, config_path, granted)
     if base_model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=base_model))
@@ -324,6 +299,43 @@ def read_source(
     if full_model:  # the fine-tuned weights are the model: load them from here, at the dtype they trained in
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(adapter_dir)))
     return Source(adapter_dir, cfg, task, label_map.get("labels"), threshold, run_id, config_path, full_model)
+
+
+def _label_map(adapter_dir: Path, peft_config: dict[str, Any]) -> dict[str, Any]:
+    """The run's task and class names: its label map, else (an SFT adapter from elsewhere) task ``sft``."""
+    label_map_path = adapter_dir / LABEL_MAP_FILE
+    if label_map_path.is_file():
+        return read_label_map(label_map_path)
+    if peft_config.get("task_type") == "CAUSAL_LM":
+        return {"task": "sft", "labels": None}
+    raise InferenceError(f"{adapter_dir} has no {LABEL_MAP_FILE}: the class names of this classifier are unknown")
+
+
+def _run_config(
+    adapter_dir: Path, peft_config: dict[str, Any], task: str, labels: Optional[list]
+) -> tuple[Config, Optional[Path]]:
+    """The run's config and its path: the ``config.yaml`` in or beside ``adapter_dir``, else the project defaults
+    around the adapter's base model (path None)."""
+    config_path = next(
+        (p for p in (adapter_dir / CONFIG_ARTIFACT, adapter_dir.parent / CONFIG_ARTIFACT) if p.is_file()), None
+    )
+    if config_path is not None:
+        try:
+            return validate(yaml.safe_load(config_path.read_text())), config_path
+        except ConfigError as exc:
+            problems = "; ".join(exc.problems)
+            raise InferenceError(f"the run's config ({config_path}) no longer validates: {problems}") from exc
+    base = peft_config.get("base_model_name_or_path")
+    if not base:
+        raise InferenceError(
+            f"{adapter_dir}: no {CONFIG_ARTIFACT} beside it and no base_model_name_or_path in "
+            "adapter_config.json; pass --base-model"
+        )
+    say(
+        f"note: no {CONFIG_ARTIFACT} beside {adapter_dir}; using the project defaults with base model {base}",
+        logging.WARNING,
+    )
+    return _default_config(base, task, labels), None
 
 
 @contextlib.contextmanager
@@ -346,7 +358,7 @@ def open_source(
         return
     if sweep_best is not None:
         run = best_sweep_run(sweep_best, tracking_uri)
-        print(f"note: best run of sweep {sweep_best} is {run}", file=sys.stderr)
+        say(f"note: best run of sweep {sweep_best} is {run}", logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="lora-run-") as tmp:
         run = full_run_id(run, tracking_uri)
         saved_dir = download_run(run, Path(tmp), tracking_uri)

@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ import pandas as pd
 from src import chat
 from src.config import DataConfig
 from src.data import STRUCTURED, DataError, read_table, sft_prompts, template_fields, texts_of
-from src.errors import run_cli
+from src.errors import UserError, report, run_cli
+from src.logger import say
 from src.runs import scoring
 from src.runs.inference import (
     InferenceError,
@@ -296,21 +298,20 @@ def report_scores(source: Source, df: pd.DataFrame, predicted: Predicted, output
     columns = scoring.label_columns_of(source.task, source.cfg.data)
     missing = [c for c in columns if c not in df.columns]
     if missing and len(missing) < len(columns):  # some label columns, not all: a multi-label row is not known
-        print(f"note: not scored: the input lacks the run's label column(s) {missing}", file=sys.stderr)
+        say(f"note: not scored: the input lacks the run's label column(s) {missing}", logging.WARNING)
     scores = scoring.score(df, source.task, source.cfg.data, source.labels, predicted.logits, predicted.threshold)
     if scores is None:
         return
-    print(scoring.summary(scores), file=sys.stderr)
+    say(scoring.summary(scores))
     if output:
         scores_path(output).write_text(json.dumps(scores.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
-        print(f"scores saved to {scores_path(output)}", file=sys.stderr)
+        say(f"scores saved to {scores_path(output)}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".jsonl"):
-        print(f"error: --output must end in .csv or .jsonl, got {args.output}", file=sys.stderr)
-        return 2
+        return report(UserError(f"--output must end in .csv or .jsonl, got {args.output}"))
     quiet_libraries()
 
     def body() -> None:
@@ -319,17 +320,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             if df.empty:
                 raise InferenceError(f"input {args.input if args.input != '-' else '(stdin)'} has no rows")
             if is_builtin(source.cfg.model.name_or_path) and not is_bundled(args.input):
-                print(demo_note(), file=sys.stderr)  # stdin or a file the project does not ship: a user's text
+                say(demo_note(), logging.WARNING)  # stdin or a file the project does not ship: a user's text
             tokenizer = load_tokenizer(source)
             model = load_finetuned(source, tokenizer)
             predicted = predict(source, model, tokenizer, df, args, from_lines)
             suffix = output_suffix(list(df.columns), source.labels)
             if suffix:
                 renamed = [GENERATION] if source.task == "sft" else [PREDICTION, PROBABILITIES, f"{PROB_PREFIX}<label>"]
-                print(
+                say(
                     "note: the input has a column named as a prediction column; predictions go to "
                     + ", ".join(name + suffix for name in renamed),
-                    file=sys.stderr,
+                    logging.WARNING,
                 )
             write_records(with_inputs(df, predicted.outputs, suffix), args.output, sys.stdout, suffix)
             report_scores(source, df, predicted, args.output)
