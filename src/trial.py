@@ -10,9 +10,9 @@ objective metric and raises ``optuna.TrialPruned`` when the study's pruner says 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.errors import StoreError, cause_line
+from src.logger import say
 
 STORAGE_ENV = "LORA_OPTUNA_STORAGE"
 
@@ -160,7 +161,7 @@ def build_pruner(spec: Any):
             raise ValueError(f"pruner {name!r} with {kwargs!r}")
         return getattr(optuna.pruners, name)(**{str(k): v for k, v in kwargs.items()})
     except (ValueError, TypeError, KeyError) as exc:
-        print(f"warning: the study's stored pruner is not a plain Optuna pruner ({exc}); not pruning", file=sys.stderr)
+        say(f"warning: the study's stored pruner is not a plain Optuna pruner ({exc}); not pruning", logging.WARNING)
         return optuna.pruners.NopPruner()
 
 

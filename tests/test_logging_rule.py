@@ -20,8 +20,8 @@ SRC = ROOT / "src"
 STDOUT_PAYLOAD = {
     "src.runs.compare:main": "the comparison (a table, CSV, JSON or HTML), which a user pipes or redirects",
     "src.doctor:main": "the stale runs, one per line (the count goes to stderr through the logger)",
-    "src.plan:main.body": "the memory plan: its table, then its JSON",
-    "src.plan:_main_pack.body": "a pack's plan: each trial's table, then the pack's table and JSON",
+    "src.plan:print_plans": "the memory plan: its table, then its JSON",
+    "src.plan:print_pack": "a pack's plan: each trial's table, then the pack's table and JSON",
     "src.train:preflight": "--help text",
     "src.bundled:<module>": "python -m src.bundled: the paths of the files it wrote",
     "src.tiny:<module>": "python -m src.tiny: the model's directory",

@@ -140,14 +140,14 @@ class Pack:
             self.pending.pop(adapter, None)
             self.lock.notify_all()
             if not self.live and self.started is not None:
-                import sys
                 import time
 
+                from src.logger import say
+
                 wall = time.perf_counter() - self.started
-                print(
+                say(
                     f"pack: {self.steps} joint steps of {self.trial_steps / max(self.steps, 1):.2f} trials on average "
-                    f"in {wall:.1f} s, {self.joint_s:.1f} s of it on the host queuing them",
-                    file=sys.stderr,
+                    f"in {wall:.1f} s, {self.joint_s:.1f} s of it on the host queuing them"
                 )
                 self.started = None  # said once
 

@@ -5,7 +5,6 @@ own."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import torch
 
@@ -13,6 +12,7 @@ from src import distributed
 from src.engine.attention import HALF_DTYPES, seq_bounds, use_flat_attention, use_varlen_attention, varlen_available
 from src.engine.budget import fast_optimizer
 from src.engine.trainer import FlatTrainer, sft_trainer
+from src.logger import say
 
 
 class PackMemberTrainer(FlatTrainer):
@@ -92,5 +92,5 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
         member.attention,
         member=member,
     )
-    print(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"), file=sys.stderr)
+    say(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"))
     return trainer, micro
