@@ -65,7 +65,7 @@ def text_checkpoint(model_dir: Path) -> Path:
     """The bench's random-weight checkpoint with the tiny model's tokenizer beside it (src.train reads text)."""
     from transformers import AutoTokenizer
 
-    from src.tiny import resolve
+    from src.tiny import resolve_builtin
 
     out = model_dir.with_name(model_dir.name + "-text")
     if (out / "DONE").exists():
@@ -76,7 +76,7 @@ def text_checkpoint(model_dir: Path) -> Path:
             target = out / item.name
             if not target.exists():
                 target.symlink_to(item.resolve())
-    AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama")).save_pretrained(out)
     (out / "DONE").write_text("1")
     return out
 

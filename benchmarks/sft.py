@@ -358,7 +358,7 @@ def warm_compiled(trainer, rows: list[list[int]]) -> None:
 # ---------------------------------------------------------------------------------------------- command
 
 
-def format_table(runs: list[dict[str, Any]]) -> str:
+def format_bench_table(runs: list[dict[str, Any]]) -> str:
     header = ("workload", "side", "budget", "tokens/s", "peak GiB", "plan GiB (err)", "MFU", "fast/seed")
     lines = [header]
     for run in runs:
@@ -528,13 +528,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in args.workload.split(","):
         runs.append(run_workload(name, args, world, peak_tflops, failed))
         if main_process:
-            print(format_table(runs[-1:]), flush=True)
+            print(format_bench_table(runs[-1:]), flush=True)
     if world > 1:
         torch.distributed.destroy_process_group()
         if not main_process:
             return 0
     path = write_report(args, runs, failed, peak_tflops, world)
-    print("\n" + format_table(runs))
+    print("\n" + format_bench_table(runs))
     print(f"results: {path}")
     return 0
 

@@ -80,7 +80,7 @@ __all__ = [
     "objective",
     "per_label_metrics",
     "refuse_unresolved",
-    "register_configs",
+    "register_resolvers",
     "resolve",
     "template_problems",
     "validate",
@@ -185,7 +185,7 @@ def _unresolved(written: Any, reason: str) -> str:
     return f"{written} cannot be resolved: {reason}"
 
 
-def register_configs() -> None:
+def register_resolvers() -> None:
     """Register the resolvers the YAML files use (``project_root``, ``file_stem``, ``unique_dir``)."""
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
@@ -215,4 +215,4 @@ def objective(cfg: Config) -> tuple[str, str]:
     return cfg.objective.metric or metric, cfg.objective.direction or direction
 
 
-register_configs()
+register_resolvers()

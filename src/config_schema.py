@@ -80,8 +80,12 @@ MAX_LORA_RANK = 4096
 SAFETY_SETTINGS = ("model.trust_remote_code", "model.allow_pickle_weights")
 
 
-def setting(help: str, default: Any = dataclasses.MISSING) -> Any:
-    """A field described by ``help``; ``default`` only for a key that runs stored before it existed lack."""
+def setting(help: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A field described by ``help``. In the run config's schema, ``default`` only for a key that runs stored before
+    it existed lack (the defaults live in conf/); the sweepers' settings have theirs here (``factory``: a mutable
+    default's maker)."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 

@@ -120,7 +120,7 @@ def run(raw: dict, cfg: Config, slot: Any = None) -> Optional[float]:
         sampled = data.task == "sft" and main_process
         prompts = data.eval["prompt"][: cfg.data.num_sample_prompts] if sampled else []
         with modeling.adapters_disabled(model) if member is None else member.pack.routed(None) as base:
-            before = training.generate(model if member is None else base, tokenizer, prompts)
+            before = training.generate_samples(model if member is None else base, tokenizer, prompts)
         if checkpoint:
             tracking.set_tags({"resumed_from": checkpoint})
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -134,10 +134,10 @@ def run(raw: dict, cfg: Config, slot: Any = None) -> Optional[float]:
         if main_process:
             save_outputs(cfg, model, tokenizer, data, saved_dir, metrics)
         if prompts and member is None:
-            after = training.generate(model, tokenizer, prompts)
+            after = training.generate_samples(model, tokenizer, prompts)
         elif prompts:
             with member.pack.routed(member.adapter) as routed:
-                after = training.generate(routed, tokenizer, prompts)
+                after = training.generate_samples(routed, tokenizer, prompts)
         if prompts:
             mlflow.log_table(
                 {

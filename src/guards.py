@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from src.config import Config, ConfigError, config_changes
 from src.errors import UserError
 from src.logger import say
-from src.tiny import resolve as resolve_builtin
+from src.tiny import resolve_builtin
 
 SAFE_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}

@@ -69,7 +69,7 @@ from src.config import Config
 from src.config_rules import read_model_config
 from src.errors import UserError
 from src.hub import model_source_problem
-from src.tiny import resolve as resolve_builtin
+from src.tiny import resolve_builtin
 
 GIB = 2**30
 

@@ -21,7 +21,7 @@ from src.config import FULL_FINE_TUNING, LORA_PRESETS, ConfigError, LoraConfig, 
 from src.errors import first_line
 from src.guards import check_remote_code, check_weight_format
 from src.hub import ModelUnavailable, looks_local, model_source_problem
-from src.tiny import resolve as resolve_builtin
+from src.tiny import resolve_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -40,7 +40,7 @@ def _memory_rows(result: MemoryPlan) -> list[tuple[str, str]]:
     return rows
 
 
-def format_table(result: MemoryPlan) -> str:
+def format_plan_table(result: MemoryPlan) -> str:
     """The human-readable summary printed above the JSON line."""
     tokens = result.batch_size * result.seq_len
     rows = [
@@ -98,7 +98,7 @@ def print_pack(args) -> None:
     result = plan_pack([_composed(args, shlex.split(t)) for t in args.pack])
     for trial, single in zip(args.pack, result.trials):
         print(f"--- trial: {trial}")
-        print(format_table(single))
+        print(format_plan_table(single))
     print(
         f"--- pack of {result.pack_size}: est. peak GPU mem {result.est_peak_gpu_mem_gb:.2f} GiB, the base "
         f"once ({result.est_solo_sum_gb:.2f} GiB as {result.pack_size} runs at once); "
@@ -114,7 +114,7 @@ def print_plans(args) -> None:
         if rows:
             print(f"--- row {i + 1}/{len(rows)}: {row}")
         result = plan(_composed(args, shlex.split(row)))
-        print(format_table(result))
+        print(format_plan_table(result))
         print(json.dumps(result.as_dict()))
 
 

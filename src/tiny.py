@@ -155,7 +155,7 @@ def build(out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve(name_or_path: str) -> str:
+def resolve_builtin(name_or_path: str) -> str:
     """Map ``builtin:NAME`` to its built directory (building it once); pass other values through."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
@@ -203,4 +203,4 @@ def demo_note() -> str:
 
 
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1])) if len(sys.argv) > 1 else resolve("builtin:tiny-llama"))
+    print(build(Path(sys.argv[1])) if len(sys.argv) > 1 else resolve_builtin("builtin:tiny-llama"))

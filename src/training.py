@@ -339,7 +339,7 @@ def count_truncated_sft(data: TaskData, tokenizer, max_length: int) -> int:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
     """Greedy completions for the prompts, decoded without the prompt."""
     if not prompts:
         return []

@@ -158,9 +158,9 @@ def mlflow_store(tmp_path, monkeypatch, empty_mlflow_db):
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The built tiny Llama (built once per machine under .cache/)."""
-    from src.tiny import resolve
+    from src.tiny import resolve_builtin
 
-    return Path(resolve("builtin:tiny-llama"))
+    return Path(resolve_builtin("builtin:tiny-llama"))
 
 
 def tiny_model_config(tiny_model_dir: Path):

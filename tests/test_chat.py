@@ -17,7 +17,7 @@ from src.bundled import DATA_DIR
 from src.config import ConfigError, validate
 from src.data import DataError, load_data
 from src.runs import compare, predict
-from src.tiny import resolve
+from src.tiny import resolve_builtin
 from tests.conftest import ROOT, compose_config, train_run
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -71,7 +71,7 @@ def test_prompt_and_completion_are_the_chat_template_byte_for_byte(tokenizer, tu
 
 
 def test_a_template_that_writes_the_bos_does_not_get_a_second_one(tokenizer):
-    tokenizer = tokenizer.__class__.from_pretrained(resolve("builtin:tiny-llama"))
+    tokenizer = tokenizer.__class__.from_pretrained(resolve_builtin("builtin:tiny-llama"))
     tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
     prompt, completion = chat.prompt_completion(tokenizer, MULTI_TURN[1:3])
     assert not prompt.startswith(tokenizer.bos_token)
@@ -126,7 +126,7 @@ def test_a_missing_messages_column_is_named(tmp_path, tokenizer):
 
 
 def test_a_tokenizer_without_a_chat_template_is_refused_before_the_data_is_read(tmp_path, tokenizer):
-    plain = tokenizer.__class__.from_pretrained(resolve("builtin:tiny-llama"))
+    plain = tokenizer.__class__.from_pretrained(resolve_builtin("builtin:tiny-llama"))
     plain.chat_template = None
     cfg = _chat_data(tmp_path, [MULTI_TURN])
     with pytest.raises(DataError, match="has no chat template"):
@@ -136,7 +136,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused_before_the_data_is_read(
 
 
 def test_a_template_that_refuses_a_conversation_names_the_rows(tmp_path, tokenizer):
-    strict = tokenizer.__class__.from_pretrained(resolve("builtin:tiny-llama"))
+    strict = tokenizer.__class__.from_pretrained(resolve_builtin("builtin:tiny-llama"))
     strict.chat_template = (
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
         + strict.chat_template
@@ -291,7 +291,7 @@ def test_predict_on_the_chat_validation_file_prompts_as_training_did(chat_run, t
 
 def test_a_model_without_a_chat_template_fails_the_run_before_it_loads(tmp_path, mlflow_store, monkeypatch):
     plain = tmp_path / "plain-model"
-    shutil.copytree(resolve("builtin:tiny-llama"), plain)
+    shutil.copytree(resolve_builtin("builtin:tiny-llama"), plain)
     (plain / "chat_template.jinja").unlink()
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     raw = compose_config(["data=chat", f"model.name_or_path={plain}"])

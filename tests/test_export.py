@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from src.runs import export, inference
-from src.tiny import resolve
+from src.tiny import resolve_builtin
 from tests.test_predict import TEXTS, TrainedRun, trained_run
 
 FIXED_INPUTS = TEXTS + ["", "music music music", "a very long sentence about " + "the league and the stadium " * 10]
@@ -59,7 +59,7 @@ def test_merged_classifier_is_standalone_and_matches_base_plus_adapter(cls_run, 
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()  # plain transformers, no peft
     tokenizer = AutoTokenizer.from_pretrained(out)
     source = inference.read_source(cls_run.adapter_dir)
-    unmerged = inference.load_finetuned(source, inference.load_tokenizer(source), quantized=False)
+    unmerged = inference.load_finetuned(source, inference.load_run_tokenizer(source), quantized=False)
     max_length = source.cfg.model.max_length
     expected = inference.classify_logits(unmerged, tokenizer, FIXED_INPUTS, max_length, batch_size=4)
     got = inference.classify_logits(merged, tokenizer, FIXED_INPUTS, max_length, batch_size=4)
@@ -67,7 +67,7 @@ def test_merged_classifier_is_standalone_and_matches_base_plus_adapter(cls_run, 
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(expected), atol=1e-4, rtol=1e-4)
     assert (got.argmax(1) == expected.argmax(1)).all()
     # The merge did fold the adapter in: the merged weights differ from the base checkpoint's.
-    base = AutoModelForCausalLM.from_pretrained(resolve(source.cfg.model.name_or_path))
+    base = AutoModelForCausalLM.from_pretrained(resolve_builtin(source.cfg.model.name_or_path))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(dict(merged.named_parameters())[name], dict(base.named_parameters())[name])
 
@@ -125,7 +125,7 @@ def test_merged_sft_model_generates_as_base_plus_adapter(sft_run, tmp_path, caps
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     source = inference.read_source(sft_run.adapter_dir)
-    unmerged = inference.load_finetuned(source, inference.load_tokenizer(source), quantized=False)
+    unmerged = inference.load_finetuned(source, inference.load_run_tokenizer(source), quantized=False)
     batch = tokenizer(FIXED_INPUTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, unmerged(**batch).logits, atol=1e-4, rtol=1e-4)

@@ -86,9 +86,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from src.tiny import resolve
+from src.tiny import resolve_builtin
 
-tokenizer = AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
+tokenizer = AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama"))
 for directory, model_type, arch in json.loads(sys.argv[1]):
     directory = Path(directory)
     if (directory / "DONE").is_file():
@@ -134,7 +134,7 @@ with torch.no_grad():
     with inference.open_source(run=run_id, tracking_uri=uri) as source:
         model_cfg = dataclasses.replace(source.cfg.model, dtype="float32")
         source = dataclasses.replace(source, cfg=dataclasses.replace(source.cfg, model=model_cfg))
-        unmerged = inference.load_finetuned(source, inference.load_tokenizer(source), quantized=False)
+        unmerged = inference.load_finetuned(source, inference.load_run_tokenizer(source), quantized=False)
         expected = unmerged(**batch).logits.float()[valid]
         with unmerged.disable_adapter():
             base = unmerged(**batch).logits.float()[valid]
@@ -188,9 +188,9 @@ class Suite:
 
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory) -> Suite:
-    from src.tiny import resolve
+    from src.tiny import resolve_builtin
 
-    resolve("builtin:tiny-llama")  # built once, before any parallel process needs it
+    resolve_builtin("builtin:tiny-llama")  # built once, before any parallel process needs it
     if not ON_GPU:
         return Suite(gpu=False, model_dirs={})
     root = Path(os.environ.get("LORA_GPU_SUITE_CACHE") or tmp_path_factory.mktemp("models"))

@@ -179,3 +179,42 @@ def test_the_walk_sees_function_level_imports():
 
 def test_the_check_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+
+
+# The names several modules define on purpose, each meaning the same thing in its own module: a command's entry and
+# argument parser, the module logger, a type variable.
+SAME_IDEA_EVERYWHERE = {"main", "parse_args", "log", "T", "__all__"}
+
+
+def top_level_names(paths, base: Path = ROOT) -> dict[str, list[str]]:
+    """Each public top-level function, class and constant of the modules, with the modules (relative to ``base``)
+    that define it."""
+    defined: dict[str, list[str]] = {}
+    for path in paths:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in names:
+                if not name.startswith("_"):
+                    defined.setdefault(name, []).append(str(path.relative_to(base)))
+    return defined
+
+
+def test_no_two_modules_give_one_name_to_two_things():
+    """One word per idea: a public name defined in two modules (``SAMPLERS`` a dict here and a tuple there,
+    ``format_table`` three times) reads as one thing and is two; import aliases then dodge the clash."""
+    paths = [*SRC.rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+    twins = {n: where for n, where in top_level_names(paths).items() if len(where) > 1}
+    assert not {n: w for n, w in twins.items() if n not in SAME_IDEA_EVERYWHERE}, twins
+
+
+def test_the_twin_check_finds_a_twin(tmp_path):
+    (tmp_path / "a.py").write_text("SAMPLERS = {}\ndef _private(): ...\nclass Pack: ...\n")
+    (tmp_path / "b.py").write_text("SAMPLERS: tuple = ()\ndef _private(): ...\ndef main(): ...\n")
+    found = top_level_names(sorted(tmp_path.glob("*.py")), base=tmp_path)
+    assert found == {"SAMPLERS": ["a.py", "b.py"], "Pack": ["a.py"], "main": ["b.py"]}

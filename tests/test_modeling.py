@@ -186,11 +186,11 @@ def test_building_the_tiny_model_says_so_once_before_it_starts(tmp_path, monkeyp
         return into
 
     monkeypatch.setattr(tiny, "build", build)
-    assert tiny.resolve("builtin:tiny-llama") == str(out_dir)
+    assert tiny.resolve_builtin("builtin:tiny-llama") == str(out_dir)
     assert len(said_before_build) == 1
     assert said_before_build[0].count("\n") == 1
     assert said_before_build[0].startswith(f"building the embedded tiny model once, into {out_dir}")
-    assert tiny.resolve("builtin:tiny-llama") == str(out_dir)  # built: quiet, and not built again
+    assert tiny.resolve_builtin("builtin:tiny-llama") == str(out_dir)  # built: quiet, and not built again
     assert capsys.readouterr().err == "" and len(said_before_build) == 1
 
 

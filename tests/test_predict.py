@@ -608,7 +608,7 @@ def test_a_4bit_run_is_loaded_quantized_and_reproduces_its_report(tmp_path_facto
     run_4bit = trained_run("classification", tmp_path_factory, ("quant=4bit",))
     with inference.open_source(run=run_4bit.run_id, tracking_uri=run_4bit.tracking_uri) as source:
         assert source.cfg.quant.bits == 4
-        model = inference.load_finetuned(source, inference.load_tokenizer(source))
+        model = inference.load_finetuned(source, inference.load_run_tokenizer(source))
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     cfg = validate(yaml.safe_load((run_4bit.output_dir / "config.yaml").read_text()))
     eval_ds = load_data(cfg.data).eval
@@ -647,7 +647,7 @@ def test_a_full_fine_tuning_run_predicts_and_exports_as_it_trained(tmp_path_fact
 def test_a_decoder_classifier_predicts_packed_rows_as_it_would_padded_ones(cls_run):
     """src.predict classifies each batch as one packed row (as it trained): the logits of the padded batches."""
     with inference.open_source(run=cls_run.run_id, tracking_uri=cls_run.tracking_uri) as source:
-        tokenizer = inference.load_tokenizer(source)
+        tokenizer = inference.load_run_tokenizer(source)
         model = inference.load_finetuned(source, tokenizer)
         texts = [*TEXTS, " ".join(TEXTS * 3)]  # lengths of a few tokens to about 100 in one batch
         padded = inference.classify_logits(model, tokenizer, texts, 128, batch_size=4, packed=False)

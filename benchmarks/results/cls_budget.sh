@@ -9,12 +9,12 @@ model=/tmp/qwen-random
 python3 - "$model" <<'PY'
 import sys, torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from src.tiny import resolve
+from src.tiny import resolve_builtin
 from tests.test_gpu_acceptance import QWEN25_05B
 torch.manual_seed(0)
 with torch.device("cuda"):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **QWEN25_05B), dtype=torch.bfloat16)
-model.save_pretrained(sys.argv[1]); AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(sys.argv[1])
+model.save_pretrained(sys.argv[1]); AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama")).save_pretrained(sys.argv[1])
 PY
 long=$(python3 -c "print('{text} ' * 60)")
 python3 -m src.train model=qwen25_05b model.name_or_path=$model model.max_length=512 quant=4bit train=gpu \

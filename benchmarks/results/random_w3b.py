@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from src.console import say
-from src.tiny import resolve
+from src.tiny import resolve_builtin
 
 out = Path(sys.argv[1])
 if not (out / "DONE").is_file():
@@ -28,6 +28,6 @@ if not (out / "DONE").is_file():
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama")).save_pretrained(out)
     (out / "DONE").write_text("1")
     say(f"random-weight OpenLLaMA-3B shape saved in {time.time() - start:.0f}s")

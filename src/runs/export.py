@@ -29,9 +29,9 @@ from src.runs.inference import (
     Source,
     add_source_arguments,
     load_finetuned,
-    load_tokenizer,
+    load_run_tokenizer,
     open_source_of,
-    quiet_libraries,
+    quiet_inference_libraries,
 )
 
 MERGED_MODEL_NAME = "merged_model"
@@ -59,7 +59,7 @@ def export(source: Source, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InferenceError(f"--out {out_dir}: cannot create it ({exc.strerror}); choose another directory") from exc
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_run_tokenizer(source)
     model = merge(source, tokenizer)
     model.save_pretrained(out_dir)  # safetensors, the transformers default
     tokenizer.save_pretrained(out_dir)
@@ -111,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.log_to_mlflow and args.adapter is not None:
         return report(UserError("--log-to-mlflow needs the run to log to: use --run or --sweep-best"))
-    quiet_libraries()
+    quiet_inference_libraries()
 
     def body() -> None:
         with open_source_of(args) as source:

@@ -389,7 +389,7 @@ def open_source_of(args: argparse.Namespace) -> contextlib.AbstractContextManage
     return open_source(args.run, args.sweep_best, args.adapter, args.tracking_uri, args.base_model, granted)
 
 
-def load_tokenizer(source: Source):
+def load_run_tokenizer(source: Source):
     """The tokenizer saved with the adapter (with its pad token), else the base model's."""
     from transformers import AutoTokenizer
 
@@ -522,7 +522,7 @@ def generate(
     return completions
 
 
-def quiet_libraries() -> None:
+def quiet_inference_libraries() -> None:
     """Keep a command's stderr to its own progress bar and errors: no download bars, load reports or deprecations.
 
     The load report would call the classifier head "missing": it is, in the base checkpoint, and loads with the adapter.

@@ -41,9 +41,9 @@ from src.runs.inference import (
     classify_logits,
     generate,
     load_finetuned,
-    load_tokenizer,
+    load_run_tokenizer,
     open_source_of,
-    quiet_libraries,
+    quiet_inference_libraries,
 )
 from src.tiny import demo_note, is_builtin, is_bundled
 
@@ -302,7 +302,7 @@ def report_scores(source: Source, df: pd.DataFrame, predicted: Predicted, output
     scores = scoring.score(df, source.task, source.cfg.data, source.labels, predicted.logits, predicted.threshold)
     if scores is None:
         return
-    say(scoring.summary(scores))
+    say(scoring.scores_summary(scores))
     if output:
         scores_path(output).write_text(json.dumps(scores.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
         say(f"scores saved to {scores_path(output)}")
@@ -312,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".jsonl"):
         return report(UserError(f"--output must end in .csv or .jsonl, got {args.output}"))
-    quiet_libraries()
+    quiet_inference_libraries()
 
     def body() -> None:
         with open_source_of(args) as source:
@@ -321,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise InferenceError(f"input {args.input if args.input != '-' else '(stdin)'} has no rows")
             if is_builtin(source.cfg.model.name_or_path) and not is_bundled(args.input):
                 say(demo_note(), logging.WARNING)  # stdin or a file the project does not ship: a user's text
-            tokenizer = load_tokenizer(source)
+            tokenizer = load_run_tokenizer(source)
             model = load_finetuned(source, tokenizer)
             predicted = predict(source, model, tokenizer, df, args, from_lines)
             suffix = output_suffix(list(df.columns), source.labels)

@@ -109,7 +109,7 @@ def _rows(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:MAX_ROWS_SHOWN])) + more
 
 
-def summary(scores: Scores) -> str:
+def scores_summary(scores: Scores) -> str:
     """What a user reads on stderr: the rows left out, the headline metrics and the per-label report."""
     lines = []
     if scores.unknown:

@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from src.config import Config, ConfigError
 from src.config_rules import bounded
+from src.config_schema import setting as schema_setting
 from src.names import name_problem
 from src.overrides import groups_on
 from src.overrides import problems as override_problems
@@ -27,18 +28,17 @@ from src.overrides import problems as override_problems
 PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
 
 
-def setting(help: str, default: Any = None, factory: Any = None) -> Any:
-    """A field with its help text (``factory``: a mutable default's maker)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+def sweeper_setting(help: str, default: Any = None, factory: Any = None) -> Any:
+    """A sweeper setting with its help (:func:`src.config_schema.setting`): None unless a default or a ``factory``
+    (a mutable default's maker) is given."""
+    return schema_setting(help, default=default) if factory is None else schema_setting(help, factory=factory)
 
 
 @dataclass
 class FeasibilityConf:
     """Before a job trains, src.plan's peak-memory estimate is compared with its GPU's free memory."""
 
-    mode: str = setting(
+    mode: str = sweeper_setting(
         "off | skip (record the reason, run nothing) | shrink (halve the micro-batch, double accumulation).", "shrink"
     )
     available_gpu_mem_gb: Optional[float] = bounded(
@@ -50,15 +50,17 @@ class FeasibilityConf:
 class JobConf:
     """What each job of a sweep reads of ``hydra.sweeper``; both sweepers' configs extend it."""
 
-    isolate: bool = setting("Each job in a fresh process.", True)
-    feasibility: FeasibilityConf = setting("The memory check before each job trains.", factory=FeasibilityConf)
+    isolate: bool = sweeper_setting("Each job in a fresh process.", True)
+    feasibility: FeasibilityConf = sweeper_setting("The memory check before each job trains.", factory=FeasibilityConf)
 
 
 @dataclass
 class GridSweeperConf(JobConf):
     _target_: str = f"{PLUGIN_MODULE}.GridSweeper"
-    params: Optional[dict[str, str]] = setting('Sweeps, as Hydra\'s basic sweeper takes them: {lora.r: "8,16"}.')
-    rows: Optional[list[str]] = setting("Explicit jobs, each the overrides of one job as on the command line.")
+    params: Optional[dict[str, str]] = sweeper_setting(
+        'Sweeps, as Hydra\'s basic sweeper takes them: {lora.r: "8,16"}.'
+    )
+    rows: Optional[list[str]] = sweeper_setting("Explicit jobs, each the overrides of one job as on the command line.")
     max_batch_size: Optional[int] = bounded(
         "Jobs handed to the launcher at once; null: one per GPU (1 on CPU).", default=None, ge=1
     )
@@ -77,21 +79,33 @@ class OptunaSweeperConf(JobConf):
     _target_: str = f"{PLUGIN_MODULE}.OptunaSweeper"
     _recursive_: bool = False  # the sweeper builds the sampler and pruner itself; jobs rebuild the pruner
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "nop"}])
-    sampler: Any = setting("hydra/sweeper/sampler: tpe | random | nsgaii, or another optuna.samplers class.", MISSING)
-    pruner: Any = setting("hydra/sweeper/pruner: nop | median | hyperband, or another optuna.pruners class.", MISSING)
+    sampler: Any = sweeper_setting(
+        "hydra/sweeper/sampler: tpe | random | nsgaii, or another optuna.samplers class.", MISSING
+    )
+    pruner: Any = sweeper_setting(
+        "hydra/sweeper/pruner: nop | median | hyperband, or another optuna.pruners class.", MISSING
+    )
     n_trials: int = bounded("Trials in the study in total, counting earlier runs of the same study.", default=20, ge=1)
     n_jobs: int = bounded("Trials handed to the launcher at once (parallel with a parallel launcher).", default=1, ge=1)
-    direction: Any = setting("minimize | maximize; null: the config's objective direction.")
-    directions: Optional[list[Optional[str]]] = setting("Several objectives: one per metric; null items: as above.")
-    metrics: list[str] = setting(
+    direction: Any = sweeper_setting("minimize | maximize; null: the config's objective direction.")
+    directions: Optional[list[Optional[str]]] = sweeper_setting(
+        "Several objectives: one per metric; null items: as above."
+    )
+    metrics: list[str] = sweeper_setting(
         '"objective" or final MLflow metrics, one per direction.', factory=lambda: ["objective"]
     )
-    storage: Optional[str] = setting("SQLAlchemy URL or journal file path; null: optuna.db beside the MLflow store.")
-    study_name: Optional[str] = setting("null: <config name>-<hash of the command's overrides and search space>.")
-    params: Optional[dict[str, str]] = setting(
+    storage: Optional[str] = sweeper_setting(
+        "SQLAlchemy URL or journal file path; null: optuna.db beside the MLflow store."
+    )
+    study_name: Optional[str] = sweeper_setting(
+        "null: <config name>-<hash of the command's overrides and search space>."
+    )
+    params: Optional[dict[str, str]] = sweeper_setting(
         "The search space in Hydra's override grammar: choice(...), interval(...)."
     )
-    derived: Optional[dict[str, str]] = setting("Keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}.")
+    derived: Optional[dict[str, str]] = sweeper_setting(
+        "Keys computed from params: {lora.alpha: lora.alpha_ratio * lora.r}."
+    )
     max_failure_rate: float = bounded(
         "Stop once more than this fraction of n_trials has failed.", default=0.5, ge=0, le=1
     )
@@ -149,7 +163,7 @@ LAUNCHERS = {
 }
 
 
-def register_configs() -> None:
+def register_sweeper_configs() -> None:
     cs = ConfigStore.instance()
     for name, node in LAUNCHERS.items():
         cs.store(group="hydra/launcher", name=name, node=node, provider="lora-sweeps")
@@ -262,4 +276,4 @@ def job_conf(sweeper: DictConfig) -> JobConf:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConf), given))
 
 
-register_configs()
+register_sweeper_configs()

@@ -3,7 +3,7 @@
 Optuna's own trial loop (``Study.optimize``) runs one trial at a time in its process; the sweeper asks trials,
 launches them as Hydra jobs and tells their outcomes, so it does by hand what ``optimize`` does for itself:
 
-- :func:`heartbeat`: ``optuna.storages._heartbeat.get_heartbeat_thread`` is what ``optimize`` starts for each
+- :func:`trial_heartbeats`: ``optuna.storages._heartbeat.get_heartbeat_thread`` is what ``optimize`` starts for each
   trial when the storage has a heartbeat; nothing public starts one for an asked trial. It needs the trial's
   storage id (``Trial._trial_id``) and the study's storage (``Study._storage``).
 - :func:`set_frozen_user_attr`: a user attr on a finished or stale RUNNING trial, known only as a
@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 
 @contextmanager
-def heartbeat(study: Any, trials: list) -> Iterator[None]:
+def trial_heartbeats(study: Any, trials: list) -> Iterator[None]:
     """Each of ``trials`` (asked, RUNNING) beats while the block runs, as under ``Study.optimize``: a no-op unless
     the storage was opened with a heartbeat interval."""
     from optuna.storages._heartbeat import get_heartbeat_thread

@@ -339,7 +339,7 @@ class OptunaSweeper(SweeperBase):
             self.record.add(outcome, self.done_count(), lambda: best_text(self.study, plan.metric_names))
 
     def running(self, jobs: list[Job]):
-        return optuna_compat.heartbeat(self.study, [job.trial for job in jobs])
+        return optuna_compat.trial_heartbeats(self.study, [job.trial for job in jobs])
 
     def interrupted(self, exc: BaseException) -> None:
         """The pending trials fail without a reason, so the next run of the command retries them."""

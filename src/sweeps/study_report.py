@@ -26,7 +26,7 @@ def study_artifacts(study, metrics: list[str], names: list[str], out: Path) -> d
             artifacts["pareto_front.json"] = {
                 "metrics": metrics,
                 "directions": [d.name.lower() for d in study.directions],
-                "trials": [trial_summary(t, metrics) for t in pareto_front(study)],
+                "trials": [trial_summary(t, metrics) for t in pareto_trials(study)],
             }
     files: list[tuple[Path, Optional[str]]] = []
     if study.trials:
@@ -43,7 +43,7 @@ def best_trial(study):
     return best if original is None else study.trials[original]
 
 
-def pareto_front(study) -> list:
+def pareto_trials(study) -> list:
     """The Pareto-optimal trials that ran (duplicates left out: they repeat an original's values)."""
     return [t for t in study.best_trials if DUPLICATE_OF_ATTR not in t.user_attrs]
 
@@ -68,7 +68,7 @@ def best_text(study, names: Sequence[str] = ("objective",)) -> tuple[Optional[st
     if len(study.directions) == 1:
         best = best_trial(study)
         return f"{names[0]}={best.value:.4g} (#{best.number} {params_text(best.params)})", best.value
-    front = pareto_front(study)
+    front = pareto_trials(study)
     shown = [
         f"#{t.number} {' '.join(f'{n}={v:.4g}' for n, v in zip(names, t.values))} ({params_text(t.params)})"
         for t in front[:5]
