@@ -157,7 +157,7 @@ def run_pack_workload(
         start = time.perf_counter()
         for i in range(len(workload.trials)):
             reset()
-            src.fit.run(*config("sequential", i))
+            src.fit.run(config("sequential", i)[1])
             run_ids.append(mlflow.last_active_run().info.run_id)
             peaks.append(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
         sides["sequential"] = {"wall_s": time.perf_counter() - start, "run_ids": run_ids, "peak_gb": peaks}

@@ -11,6 +11,7 @@ runs were stored (``model.allow_pickle_weights``): its schema default lets an ol
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -296,6 +297,21 @@ class Config:
     tracking: TrackingConfig
     objective: ObjectiveConfig
     output_dir: str
+
+    # Not a field (no annotation): the resolved dict :func:`validate` read, kept as it was written (an int where a
+    # float field reads 1.0, no key a stored config lacks), which a run logs as params and saves as config.yaml.
+    _resolved = None
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as a plain dict: the one it was validated from, else (built or replaced by hand) its fields."""
+        return copy.deepcopy(self._resolved) if self._resolved is not None else dataclasses.asdict(self)
+
+    def with_train(self, **changes: Any) -> Config:
+        """This config with ``train`` fields changed, in its resolved dict too."""
+        changed = dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+        resolved = self.resolved()
+        changed._resolved = {**resolved, "train": {**resolved["train"], **changes}}
+        return changed
 
 
 _HINTS = {
@@ -799,7 +815,9 @@ def validate(raw: Any, *, for_training: bool = False) -> Config:
     for section in sections.values():
         if dataclasses.is_dataclass(section):
             del section._invalid
-    return Config(**sections)
+    config = Config(**sections)
+    config._resolved = copy.deepcopy(raw)
+    return config
 
 
 def objective(cfg: Config) -> tuple[str, str]:

@@ -34,11 +34,11 @@ import random
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -79,6 +79,7 @@ MAX_TAG_LEN = 5000
 LOCK_RETRY_BUDGET_S = 600.0
 HEARTBEAT_INTERVAL_S = 60.0
 T = TypeVar("T")
+log = logging.getLogger("src")  # the project logger (src.console.log, which imports this module)
 
 
 def _is_lock_error(exc: BaseException) -> bool:
@@ -100,7 +101,7 @@ def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         except Exception as exc:
             if not _is_lock_error(exc) or time.monotonic() + delay > deadline:
                 raise
-            print(f"note: MLflow store is locked, retrying in {delay:.1f} s", file=sys.stderr)
+            log.warning(f"note: MLflow store is locked, retrying in {delay:.1f} s")
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 15.0)
 
@@ -238,45 +239,6 @@ def ensure_experiment(name: str, uri: str) -> str:
             if experiment is None:  # no: the store refused the write (read-only)
                 raise
             return experiment.experiment_id
-
-
-class RunNotFound(LookupError):
-    """No run, or more than one (``candidates``), matches a run id or its prefix."""
-
-    def __init__(self, message: str, candidates: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.candidates = candidates
-
-
-def resolve_run_id(client, ref: str) -> str:
-    """The full id of the run that ``ref`` names: a whole run id, or a unique prefix of one (``src.compare``
-    prints the first 8 characters). Raises RunNotFound, naming the candidates when the prefix is ambiguous."""
-    from mlflow.entities import ViewType
-
-    ref = ref.strip()
-    try:
-        return client.get_run(ref).info.run_id
-    except MlflowException:
-        pass
-    if len(ref) < 4 or not all(c in "0123456789abcdef" for c in ref.lower()):
-        raise RunNotFound(f"no run {ref!r} in the store")
-    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-    matches, token = [], None
-    while experiments:
-        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=50000, page_token=token)
-        matches += [r for r in page if r.info.run_id.startswith(ref.lower())]
-        token = page.token
-        if not token:
-            break
-    if not matches:
-        raise RunNotFound(f"no run {ref!r} in the store")
-    if len(matches) > 1:
-        named = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:5])
-        raise RunNotFound(
-            f"run id prefix {ref!r} is ambiguous: {len(matches)} runs start with it: {named}",
-            tuple(r.info.run_id for r in matches),
-        )
-    return matches[0].info.run_id
 
 
 def run_name(raw: dict, swept: Optional[str] = None) -> str:
@@ -443,7 +405,7 @@ def heartbeat(uri: str, run_id: str, interval_s: float = HEARTBEAT_INTERVAL_S) -
             try:
                 retry_locked(client.set_tag, run_id, "heartbeat", utc_now())
             except Exception as exc:  # a missed beat must not kill training; the doctor allows for gaps
-                print(f"note: heartbeat for run {run_id} not written: {exc}", file=sys.stderr)
+                log.warning(f"note: heartbeat for run {run_id} not written: {exc}")
 
     thread = threading.Thread(target=beat, name=f"mlflow-heartbeat-{run_id}", daemon=True)
     thread.start()
@@ -523,10 +485,7 @@ def close_run(
         except Exception:
             stored = "the store could not be written; python -m src.doctor applies the record later"
         where = f"the record is in {path}" if path else "no record could be written beside the output"
-        print(
-            f"error: could not record run {run_id} as {status}: {record['store_error']}; {stored}; {where}",
-            file=sys.stderr,
-        )
+        log.error(f"error: could not record run {run_id} as {status}: {record['store_error']}; {stored}; {where}")
         if status == "FINISHED":
             raise
     finally:
@@ -557,56 +516,55 @@ def base_experiment() -> str:
     return str(OmegaConf.load(CONF_DIR / "config.yaml").tracking.experiment)
 
 
-@contextlib.contextmanager
-def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Optional[mlflow.ActiveRun]]:
-    """Start the run for a composed config and end it with its true status, whatever happens.
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run is recorded, what it is called, and the output directory that finds it again (its tag)."""
 
-    ``raw`` is the composed config as a plain dict; only its ``tracking`` section and run-name
-    fields are read here, so even an invalid config gets a FAILED run that says why.
+    uri: str
+    experiment: str
+    name: str
+    output_dir: Optional[str]
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunPlace:
+        uri = tracking_uri(cfg.tracking.tracking_uri)
+        return cls(uri, cfg.tracking.experiment, run_name(cfg.resolved()), cfg.output_dir)
+
+    @classmethod
+    def of_invalid(cls, raw: dict) -> RunPlace:
+        """From the raw text of a config that failed validation: nothing may be assumed present or well-typed."""
+        tracking = raw.get("tracking") or {}
+        experiment = tracking.get("experiment")
+        if not isinstance(experiment, str) or name_problem(experiment):  # refused by validation: record it elsewhere
+            experiment = base_experiment()
+        uri, output_dir = tracking_uri(tracking.get("tracking_uri")), raw.get("output_dir")
+        return cls(uri, experiment, run_name(raw), str(output_dir) if output_dir else None)
+
+
+def tracked_run(cfg: Config, tags: Optional[dict[str, str]] = None):
+    """The run of a validated config (:func:`recorded_run`), named after it (:func:`run_name`)."""
+    return recorded_run(RunPlace.of(cfg), tags)
+
+
+@contextlib.contextmanager
+def recorded_run(place: RunPlace, tags: Optional[dict[str, str]] = None) -> Iterator[Optional[mlflow.ActiveRun]]:
+    """Start a run and end it with its true status, whatever happens.
+
     Under DDP only rank 0 has a run; the other ranks get ``None`` and record their own failure
     for rank 0, which ends the run FAILED with it when torchrun stops rank 0 (src/distributed.py).
     """
     if not distributed.is_main_process():
-        try:
+        with _other_rank(place.output_dir):
             yield None
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:
-            distributed.record_failure(raw.get("output_dir"), exc)
-            raise
         return
-    tracking = raw.get("tracking") or {}
-    uri = tracking_uri(tracking.get("tracking_uri"))
-    experiment = tracking.get("experiment")
-    if not isinstance(experiment, str) or name_problem(experiment):  # refused by validation: record it elsewhere
-        experiment = base_experiment()
-    experiment_id = ensure_experiment(experiment, uri)
-    all_tags = {**process_tags(), **(tags or {})}
-    if raw.get("output_dir"):  # how a sweep and src.doctor find the run of an output directory
-        all_tags["output_dir"] = str(raw["output_dir"])
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if os.environ.get(SWEEP_ID_ENV):
-        all_tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
-    with opening_store(uri):
-        run = retry_locked(
-            mlflow.start_run,
-            experiment_id=experiment_id,
-            run_name=run_name(raw),
-            tags=all_tags,
-            parent_run_id=parent or None,
-        )
+    run = _start_run(place, tags)
+    previous, in_main_thread = _catch_sigterm()
     reserve: list[Path] = []
-    previous = signal.getsignal(signal.SIGTERM)
-    in_main_thread = True
-    try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread (e.g. a joblib worker thread): leave signals alone
-        in_main_thread = False
     status, error = "FINISHED", None
     try:
         # Before anything else is written: a disk with no room for it fails the run while its cause can be kept.
-        reserve = reserve_mod.reserve_space(reserve_mod.reserve_paths(raw.get("output_dir"), uri, run.info.run_id))
-        with heartbeat(uri, run.info.run_id):
+        reserve = reserve_mod.reserve_space(reserve_mod.reserve_paths(place.output_dir, place.uri, run.info.run_id))
+        with heartbeat(place.uri, run.info.run_id):
             yield run
     except KeyboardInterrupt as exc:
         status, error = "KILLED", exc
@@ -617,22 +575,73 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
     finally:
         if in_main_thread:  # a second SIGTERM must not cut the status write short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        peers = distributed.peer_failures(raw.get("output_dir")) if error is not None else []
-        if peers:  # another DDP rank failed first: torchrun stopped this one, or a collective broke
-            status, error = "FAILED", RankFailed(peers[0])
-        tags = {}
-        if error is not None:
-            message = str(error)[:MAX_TAG_LEN] or ("interrupted" if status == "KILLED" else "")
-            error_type = error.error_type if isinstance(error, RankFailed) else type(error).__name__
-            tags = {"error_type": error_type, "error": message}
         try:
-            disk_full = error is not None and reserve_mod.is_disk_full(error)
-            close_run(run.info.run_id, status, tags, raw.get("output_dir"), reserve, disk_full)
-            if isinstance(error, KeyboardInterrupt):  # for the command's one line (errors.report_interrupt)
-                error.ended = (run.info.run_id, status)
+            _end_run(run.info.run_id, status, error, place.output_dir, reserve)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _other_rank(output_dir: Optional[str]) -> Iterator[None]:
+    """A DDP rank other than 0: its failure is recorded for rank 0 to end the run with."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        distributed.record_failure(output_dir, exc)
+        raise
+
+
+def _start_run(place: RunPlace, tags: Optional[dict[str, str]]) -> mlflow.ActiveRun:
+    experiment_id = ensure_experiment(place.experiment, place.uri)
+    all_tags = {**process_tags(), **(tags or {})}
+    if place.output_dir:  # how a sweep and src.doctor find the run of an output directory
+        all_tags["output_dir"] = place.output_dir
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if os.environ.get(SWEEP_ID_ENV):
+        all_tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+    with opening_store(place.uri):
+        return retry_locked(
+            mlflow.start_run,
+            experiment_id=experiment_id,
+            run_name=place.name,
+            tags=all_tags,
+            parent_run_id=parent or None,
+        )
+
+
+def _catch_sigterm() -> tuple[Any, bool]:
+    """SIGTERM raises :class:`Terminated` (the run ends KILLED); returns the handler it replaced and whether this
+    is the main thread (elsewhere, e.g. a joblib worker thread, signals are left alone)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return previous, False
+    return previous, True
+
+
+def _end_run(run_id: str, status: str, error: Optional[BaseException], output_dir: Optional[str], reserve) -> None:
+    peers = distributed.peer_failures(output_dir) if error is not None else []
+    if peers:  # another DDP rank failed first: torchrun stopped this one, or a collective broke
+        status, error = "FAILED", RankFailed(peers[0])
+    tags = {}
+    if error is not None:
+        message = str(error)[:MAX_TAG_LEN] or ("interrupted" if status == "KILLED" else "")
+        error_type = error.error_type if isinstance(error, RankFailed) else type(error).__name__
+        tags = {"error_type": error_type, "error": message}
+    disk_full = error is not None and reserve_mod.is_disk_full(error)
+    close_run(run_id, status, tags, output_dir, reserve, disk_full)
+    if isinstance(error, KeyboardInterrupt):  # for the command's one line (errors.report_interrupt)
+        error.ended = (run_id, status)
+
+
+def run_params(cfg: Config) -> dict[str, Any]:
+    """The params of a run: its resolved config flattened, less ``output_dir``. That is a tag (:func:`recorded_run`):
+    it differs between every two runs, and the UI's compare view would list it as the one param that always differs."""
+    return {k: v for k, v in flatten(cfg.resolved()).items() if k != "output_dir"}
 
 
 def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
@@ -652,7 +661,7 @@ def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
 def record_invalid(raw: dict, error: ConfigError) -> None:
     """A FAILED run for a config that did not validate, with every problem: a sweep's table shows why it did not
     train, and so does the store after a command line's typo."""
-    with contextlib.suppress(ConfigError), tracked_run(raw):
+    with contextlib.suppress(ConfigError), recorded_run(RunPlace.of_invalid(raw)):
         raise error
 
 

@@ -22,7 +22,7 @@ class SharedBase:
     once, by the first trial to ask (after its MLflow run has started: a base that fails to load fails every
     trial's run with the reason)."""
 
-    jobs: list[tuple[dict, Config]]
+    cfgs: list[Config]
     lock: threading.Lock = field(default_factory=threading.Lock)
     loaded: Optional[tuple[Any, Any, list]] = None
     error: Optional[BaseException] = None
@@ -43,16 +43,16 @@ class SharedBase:
                 raise self.stopping
             if self.loaded is None:
                 try:
-                    cfg = self.jobs[0][1]
+                    cfg = self.cfgs[0]
                     tokenizer = modeling.load_tokenizer(cfg.model)
                     data = load_data(cfg.data, tokenizer, cfg.model.max_length)
-                    for _, job in self.jobs:
+                    for job in self.cfgs:
                         check_label_metrics(job, data.labels)
                     set_seed(cfg.train.seed)
                     model = modeling.load_model(
                         cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False
                     )
-                    cfgs = [c for _, c in self.jobs]
+                    cfgs = self.cfgs
                     self.pack = pack_model.build_pack(
                         model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs]
                     )
@@ -97,12 +97,12 @@ class PackSlot:
     env: Optional[dict[str, str]] = None
 
     def tags(self) -> dict[str, str]:
-        return {"pack_size": str(len(self.shared.jobs)), "pack_trial": f"t{self.index}"}
+        return {"pack_size": str(len(self.shared.cfgs)), "pack_trial": f"t{self.index}"}
 
 
-def trial_functions(jobs: list[tuple[dict, Config, Optional[dict]]]):
-    """The trials of a pack (resolved config, validated config, environment), as one training function each
-    (``train(raw, cfg)``, to run each in its own thread) and their shared base (``stop``, ``leave``)."""
+def trial_functions(jobs: list[tuple[Config, Optional[dict]]]):
+    """The trials of a pack (config, environment), as one training function each (``train(cfg)``, to run each
+    in its own thread) and their shared base (``stop``, ``leave``)."""
     import functools
 
     # Imported here, once: the trials' threads would race through transformers' and TRL's lazy modules, which
@@ -117,6 +117,6 @@ def trial_functions(jobs: list[tuple[dict, Config, Optional[dict]]]):
     from src.engine import trainer as fast_trainer  # noqa: F401
     from src.packs import model as pack_model  # noqa: F401
 
-    shared = SharedBase([(raw, cfg) for raw, cfg, _ in jobs])
-    trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, _, env) in enumerate(jobs)]
+    shared = SharedBase([cfg for cfg, _ in jobs])
+    trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, env) in enumerate(jobs)]
     return trains, shared
