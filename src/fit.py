@@ -79,7 +79,7 @@ def run(cfg: Config, slot: Any = None) -> Optional[float]:
 
 def start(cfg: Config) -> Path:
     """Log the config as params (and as ``config.yaml``) and make the output directory."""
-    tracking.log_params({**tracking.run_params(cfg), "train.world_size": distributed.world_size()})
+    tracking.log_params({**run_params(cfg), "train.world_size": distributed.world_size()})
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main_process():  # tracking.* writes nothing on other DDP ranks
@@ -88,6 +88,13 @@ def start(cfg: Config) -> Path:
         if on_demo_model(cfg):
             console.say(tiny.demo_note())
     return output_dir
+
+
+def run_params(cfg: Config) -> dict[str, Any]:
+    """The run's params: its resolved config flattened (``lora.r``), as it was written, less ``output_dir``. That is a
+    tag (``tracking.tracked_run``): it differs between every two runs, and the UI's compare view would list it as the
+    one parameter that always differs."""
+    return {k: v for k, v in tracking.flatten(cfg.resolved()).items() if k != "output_dir"}
 
 
 def load(cfg: Config, output_dir: Path) -> Loaded:

@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
-import json
 import logging
 import os
 import random
-import re
 import signal
 import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,52 +127,6 @@ def artifact_location(uri: str, experiment: str) -> Optional[str]:
 
 # The experiment's type for MLflow 3 (a model-training experiment, not a GenAI app).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-# MLflow 3.17's UI opens an experiment in one of two modes, set by a global toggle in its sidebar (GenAI until the user
-# switches) or by a link's ``workflowType``; it ignores EXPERIMENT_KIND there. In GenAI mode an experiment opens on an
-# empty traces overview, so every UI link the project prints asks for the model-training mode: the runs table.
-UI_MODE = {"workflowType": "machine_learning"}
-
-
-def ui_url(base: str, page: str, **query: str) -> str:
-    """A link into the MLflow UI at ``base``, in its model-training mode; ``page`` is a route: ``experiments/1``."""
-    return f"{base.rstrip('/')}/#/{page}?{urllib.parse.urlencode({**query, **UI_MODE})}"
-
-
-def experiment_url(base: str, experiment_id: str) -> str:
-    """The experiment's page: its runs table."""
-    return ui_url(base, f"experiments/{experiment_id}")
-
-
-# The MLflow UI loads a saved runs-table view from the experiment tag SHARED_VIEW_PREFIX + key when its URL has
-# ?viewStateShareKey=key: filter, sort and columns (a JSON object; MLflow 3's "share view" writes the same tag).
-SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
-SWEEP_VIEW_PARAMS = ("data.name", "quant.bits", "lora.preset", "lora.resolved_targets", "lora.r", "lora.alpha")
-SWEEP_VIEW_METRICS = ("objective", "trainable_params", "peak_gpu_mem_gb", "train_tokens_per_s", "train_runtime_s")
-
-
-def sweep_view_state(sweep_id: str, objective: str, direction: str, swept: Sequence[str] = ()) -> str:
-    """The runs-table view of one sweep: its runs, best first, with the columns a comparison needs."""
-    params = list(dict.fromkeys([*SWEEP_VIEW_PARAMS, *swept]))
-    metrics = list(dict.fromkeys([SWEEP_VIEW_METRICS[0], objective, *SWEEP_VIEW_METRICS[1:]]))
-    return json.dumps(
-        {
-            "searchFilter": f"tags.sweep_id = {filter_value(sweep_id)}",
-            "orderByKey": "metrics.`objective`",
-            "orderByAsc": direction == "minimize",
-            "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics],
-        }
-    )
-
-
-def sweep_view_key(sweep_id: str) -> str:
-    """The key of a sweep's saved view: the sweep id where MLflow takes it as a tag name and a URL as it is, else
-    the id made so with a hash of it (a study may be named ``Bob's study``)."""
-    key = re.sub(r"[^0-9A-Za-z_.-]", "_", sweep_id)
-    return key if key == sweep_id else f"{key}-{hashlib.sha1(sweep_id.encode()).hexdigest()[:8]}"
-
-
-def sweep_view_url(base: str, experiment_id: str, sweep_id: str) -> str:
-    return ui_url(base, f"experiments/{experiment_id}/runs", viewStateShareKey=sweep_view_key(sweep_id))
 
 
 def _below_error(record: logging.LogRecord) -> bool:
@@ -426,15 +376,14 @@ def end_run(run_id: str, status: str) -> None:
         retry_locked(mlflow.MlflowClient().set_terminated, run_id, status)
 
 
-def runs_of_output_dir(raw: dict, running_only: bool = False) -> list:
-    """The runs of a composed job config's output directory (its ``output_dir`` tag), newest first: how a sweep
-    finds the run of a trial process that died or of a DDP job's rank 0."""
-    settings = raw["tracking"]  # a composed config: conf/config.yaml gives every tracking key
-    client = mlflow.MlflowClient(tracking_uri(settings["tracking_uri"]))
-    experiment = retry_locked(client.get_experiment_by_name, settings["experiment"])
+def runs_of_output_dir(cfg: Config, running_only: bool = False) -> list:
+    """The runs of a job's output directory (their ``output_dir`` tag), newest first: how a sweep finds the run of
+    a trial process that died or of a DDP job's rank 0."""
+    client = mlflow.MlflowClient(tracking_uri(cfg.tracking.tracking_uri))
+    experiment = retry_locked(client.get_experiment_by_name, cfg.tracking.experiment)
     if experiment is None:
         return []
-    where = f"tags.output_dir = {filter_value(str(raw['output_dir']))}"
+    where = f"tags.output_dir = {filter_value(cfg.output_dir)}"
     where += " and attributes.status = 'RUNNING'" if running_only else ""
     return retry_locked(
         client.search_runs, [experiment.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"]
@@ -541,7 +490,7 @@ class RunPlace:
         return cls(uri, experiment, run_name(raw), str(output_dir) if output_dir else None)
 
 
-def tracked_run(cfg: Config, tags: Optional[dict[str, str]] = None):
+def tracked_run(cfg: Config, tags: Optional[dict[str, str]] = None) -> contextlib.AbstractContextManager:
     """The run of a validated config (:func:`recorded_run`), named after it (:func:`run_name`)."""
     return recorded_run(RunPlace.of(cfg), tags)
 
@@ -553,12 +502,21 @@ def recorded_run(place: RunPlace, tags: Optional[dict[str, str]] = None) -> Iter
     Under DDP only rank 0 has a run; the other ranks get ``None`` and record their own failure
     for rank 0, which ends the run FAILED with it when torchrun stops rank 0 (src/distributed.py).
     """
-    if not distributed.is_main_process():
-        with _other_rank(place.output_dir):
+    if not distributed.is_main_process():  # its failure is recorded for rank 0 to end the run with
+        try:
             yield None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            distributed.record_failure(place.output_dir, exc)
+            raise
         return
     run = _start_run(place, tags)
-    previous, in_main_thread = _catch_sigterm()
+    previous, in_main_thread = signal.getsignal(signal.SIGTERM), True
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (e.g. a joblib worker thread): leave signals alone
+        in_main_thread = False
     reserve: list[Path] = []
     status, error = "FINISHED", None
     try:
@@ -582,18 +540,6 @@ def recorded_run(place: RunPlace, tags: Optional[dict[str, str]] = None) -> Iter
                 signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _other_rank(output_dir: Optional[str]) -> Iterator[None]:
-    """A DDP rank other than 0: its failure is recorded for rank 0 to end the run with."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:
-        distributed.record_failure(output_dir, exc)
-        raise
-
-
 def _start_run(place: RunPlace, tags: Optional[dict[str, str]]) -> mlflow.ActiveRun:
     experiment_id = ensure_experiment(place.experiment, place.uri)
     all_tags = {**process_tags(), **(tags or {})}
@@ -612,17 +558,6 @@ def _start_run(place: RunPlace, tags: Optional[dict[str, str]]) -> mlflow.Active
         )
 
 
-def _catch_sigterm() -> tuple[Any, bool]:
-    """SIGTERM raises :class:`Terminated` (the run ends KILLED); returns the handler it replaced and whether this
-    is the main thread (elsewhere, e.g. a joblib worker thread, signals are left alone)."""
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:
-        return previous, False
-    return previous, True
-
-
 def _end_run(run_id: str, status: str, error: Optional[BaseException], output_dir: Optional[str], reserve) -> None:
     peers = distributed.peer_failures(output_dir) if error is not None else []
     if peers:  # another DDP rank failed first: torchrun stopped this one, or a collective broke
@@ -636,12 +571,6 @@ def _end_run(run_id: str, status: str, error: Optional[BaseException], output_di
     close_run(run_id, status, tags, output_dir, reserve, disk_full)
     if isinstance(error, KeyboardInterrupt):  # for the command's one line (errors.report_interrupt)
         error.ended = (run_id, status)
-
-
-def run_params(cfg: Config) -> dict[str, Any]:
-    """The params of a run: its resolved config flattened, less ``output_dir``. That is a tag (:func:`recorded_run`):
-    it differs between every two runs, and the UI's compare view would list it as the one param that always differs."""
-    return {k: v for k, v in flatten(cfg.resolved()).items() if k != "output_dir"}
 
 
 def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:

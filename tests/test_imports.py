@@ -44,6 +44,7 @@ CORE = {
         "chat",
         "classifier",
         "trial",
+        "ui_links",
     )
 }
 

@@ -388,7 +388,7 @@ def test_an_optuna_sweep_with_quotes_in_its_names_records_true_statuses(tmp_path
 
     import mlflow
 
-    from src import tracking
+    from src import ui_links
     from src.sweeps.outcomes import quote
     from tests.conftest import ROOT
     from tests.test_sweeps import TINY
@@ -416,7 +416,7 @@ def test_an_optuna_sweep_with_quotes_in_its_names_records_true_statuses(tmp_path
     assert "'" in trials[0].data.tags["output_dir"]
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["FINISHED"] and parents[0].data.tags["sweep_id"] == study
-    assert tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(study) in experiment.tags
+    assert ui_links.SHARED_VIEW_PREFIX + ui_links.sweep_view_key(study) in experiment.tags
 
 
 def test_resolved_text_handed_to_a_job_on_its_command_line_is_read_literally(tmp_path, monkeypatch):
