@@ -296,12 +296,25 @@ def build_trainer(
     Returns (trainer, metrics, truncated): metrics keeps the last per-class report (None for
     SFT), and truncated counts the rows longer than model.max_length.
     """
-    from transformers import EarlyStoppingCallback
-
     args = training.training_arguments(
         cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss
     )
     distributed.one_gpu_per_process(args)
+    callbacks = [*_callbacks(cfg, data), *extra_callbacks]
+    inputs = dict(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)  # every task's trainer
+    if data.task == "sft":
+        trainer = _sft_trainer(cfg, data, inputs, member)
+        metrics, truncated = None, training.count_truncated_sft(data, tokenizer, cfg.model.max_length)
+    else:
+        trainer, metrics, truncated = _classification_trainer(cfg, data, inputs)
+    training.use_console(trainer, label)
+    return trainer, metrics, truncated
+
+
+def _callbacks(cfg: Config, data: TaskData) -> list[TrainerCallback]:
+    """The project's own callbacks: token rate, metrics to MLflow, the non-finite loss guard, early stopping."""
+    from transformers import EarlyStoppingCallback
+
     # TokenRateCallback first: the callbacks after it read the rate it writes into the logs.
     callbacks: list[TrainerCallback] = [
         training.TokenRateCallback(),
@@ -311,15 +324,7 @@ def build_trainer(
         callbacks.append(guards.NonFiniteLossGuard())  # after the metrics callback: the bad loss is logged first
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    callbacks += list(extra_callbacks)
-    inputs = dict(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)  # every task's trainer
-    if data.task == "sft":
-        trainer = _sft_trainer(cfg, data, inputs, member)
-        metrics, truncated = None, training.count_truncated_sft(data, tokenizer, cfg.model.max_length)
-    else:
-        trainer, metrics, truncated = _classification_trainer(cfg, data, inputs)
-    training.use_console(trainer, label)
-    return trainer, metrics, truncated
+    return callbacks
 
 
 def _sft_trainer(cfg: Config, data: TaskData, inputs: dict[str, Any], member):

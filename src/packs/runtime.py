@@ -31,11 +31,7 @@ class SharedBase:
     stopping: Optional[BaseException] = None
 
     def load(self, index: int):
-        from transformers import set_seed
-
-        from src import modeling
-        from src.packs import model as pack_model
-
+        """Trial ``index``'s tokenizer, the data and its :class:`src.packs.model.PackMember`; the first call loads."""
         with self.lock:
             if self.error is not None:
                 raise self.error
@@ -43,24 +39,7 @@ class SharedBase:
                 raise self.stopping
             if self.loaded is None:
                 try:
-                    cfg = self.cfgs[0]
-                    tokenizer = modeling.load_tokenizer(cfg.model)
-                    data = load_data(cfg.data, tokenizer, cfg.model.max_length)
-                    for job in self.cfgs:
-                        check_label_metrics(job, data.labels)
-                    set_seed(cfg.train.seed)
-                    model = modeling.load_model(
-                        cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False
-                    )
-                    cfgs = self.cfgs
-                    self.pack = pack_model.build_pack(
-                        model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs]
-                    )
-                    members = pack_model.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16))
-                    # One tokenizer each: a fast tokenizer's padding and truncation are state that every call sets,
-                    # so one trial's generate (padding=True) would race another's tokenize_sft (no padding).
-                    tokenizers = [tokenizer, *(copy.deepcopy(tokenizer) for _ in cfgs[1:])]
-                    self.loaded = (tokenizers, data, members)
+                    self.loaded = self._load_base()
                 except BaseException as exc:
                     self.error = exc
                     raise
@@ -71,6 +50,26 @@ class SharedBase:
                 raise self.stopping
         tokenizers, data, members = self.loaded
         return tokenizers[index], data, members[index]
+
+    def _load_base(self) -> tuple[list, Any, list]:
+        from transformers import set_seed
+
+        from src import modeling
+        from src.packs import model as pack_model
+
+        cfgs, cfg = self.cfgs, self.cfgs[0]
+        tokenizer = modeling.load_tokenizer(cfg.model)
+        data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+        for job in cfgs:
+            check_label_metrics(job, data.labels)
+        set_seed(cfg.train.seed)
+        model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False)
+        self.pack = pack_model.build_pack(model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs])
+        members = pack_model.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16))
+        # One tokenizer each: a fast tokenizer's padding and truncation are state that every call sets, so one
+        # trial's generate (padding=True) would race another's tokenize_sft (no padding).
+        tokenizers = [tokenizer, *(copy.deepcopy(tokenizer) for _ in cfgs[1:])]
+        return tokenizers, data, members
 
     def stop(self, reason: BaseException) -> None:
         """Stop every trial: at its next step, or before it starts (:meth:`load`). Called from a signal handler,
