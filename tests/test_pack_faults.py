@@ -208,7 +208,6 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
     one that had finished stays a finished job in the result the sweeper reads."""
     import multiprocessing
 
-
     members = [
         (_raw(tmp_path, "short", [*TRIALS[0], "train.max_steps=1"]), None),
         (_raw(tmp_path, "long", [*TRIALS[1], "train.max_steps=400"]), None),

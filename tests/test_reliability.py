@@ -27,7 +27,7 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
 
-from src import guards, modeling, tracking, training
+from src import fit, guards, modeling, tracking
 from src.config import validate
 from src.data import DataError, load_data, read_table
 from src.sweeps.stale import mark_stale_runs
@@ -329,7 +329,7 @@ def test_guard_stops_within_one_logging_step_of_the_first_nan(tmp_path, mlflow_s
     tokenizer = modeling.load_tokenizer(cfg.model)
     model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
     model = modeling.apply_lora(model, cfg.lora, data.task)
-    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, str(tmp_path / "ckpt"))
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, str(tmp_path / "ckpt"))
     trainer.add_callback(NanFromStep(model, step=5))
     if guard_on:
         with pytest.raises(guards.NonFiniteLossError, match="at step 6"):  # steps 4-6 are one logging window
@@ -381,7 +381,7 @@ def _fresh_trainer(cfg, data, tokenizer, output_dir: Path):
     set_seed(cfg.train.seed)
     model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
     model = modeling.apply_lora(model, cfg.lora, data.task)
-    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, str(output_dir))
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, str(output_dir))
     return trainer, model
 
 
