@@ -196,7 +196,7 @@ def run_sequential(workload: PackWorkload, common: list[str], work: Path, device
     start = time.perf_counter()
     for i in range(len(workload.trials)):
         reset_peak(device)
-        src.fit.run(*trial_config(workload, common, work / "sequential", i))
+        src.fit.run(trial_config(workload, common, work / "sequential", i)[1])
         run_ids.append(mlflow.last_active_run().info.run_id)
         peaks.append(peak_gb(device))
     return {"wall_s": time.perf_counter() - start, "run_ids": run_ids, "peak_gb": peaks}

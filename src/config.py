@@ -8,6 +8,7 @@ instead of stopping at the first as OmegaConf's structured merge would. The sche
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Sequence
@@ -206,7 +207,9 @@ def validate(raw: Any, *, for_training: bool = False) -> Config:
     problems += rule_problems(checked, for_training=for_training)
     if problems:
         raise ConfigError(problems)
-    return Config(**checked.sections)
+    config = Config(**checked.sections)
+    config._resolved = copy.deepcopy(raw)
+    return config
 
 
 def objective(cfg: Config) -> tuple[str, str]:

@@ -9,6 +9,7 @@ lets an older run's config.yaml validate; tests/test_config.py keeps each equal 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass
@@ -297,6 +298,22 @@ class Config:
     tracking: TrackingConfig = setting("Where and under which name the run is logged (MLflow).")
     objective: ObjectiveConfig = setting("What a sweep optimizes.")
     output_dir: str = setting("The run's directory: hydra.run.dir, or a sweep job's hydra.sweep.dir/subdir.")
+
+    # Not a field (no annotation): the resolved dict :func:`src.config.validate` read, kept as it was written (an int
+    # where a float field reads 1.0, no key a stored config lacks), which a run logs as params and saves as
+    # config.yaml. Below the entry point the Config is the only carrier; this is how it carries the text.
+    _resolved = None
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as a plain dict: the one it was validated from, else (built or replaced by hand) its fields."""
+        return copy.deepcopy(self._resolved) if self._resolved is not None else dataclasses.asdict(self)
+
+    def with_train(self, **changes: Any) -> Config:
+        """This config with ``train`` fields changed, in its resolved dict too."""
+        changed = dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+        resolved = self.resolved()
+        changed._resolved = {**resolved, "train": {**resolved["train"], **changes}}
+        return changed
 
 
 SCHEMA = (Config, ModelConfig, QuantConfig, LoraConfig, DataConfig, TrainConfig, TrackingConfig, ObjectiveConfig)

@@ -233,8 +233,8 @@ def summary(
 
 
 def sweep_view_hint(tracking_uri: str, experiment_id: str, sweep_id: str) -> str:
-    """The URL of a sweep's saved runs-table view (:func:`src.tracking.sweep_view_state`)."""
-    from src.tracking import sweep_view_url
+    """The URL of a sweep's saved runs-table view (:func:`src.ui_links.sweep_view_state`)."""
+    from src.ui_links import sweep_view_url
 
     if tracking_uri.startswith(("http://", "https://")):
         return sweep_view_url(tracking_uri, experiment_id, sweep_id)
@@ -243,7 +243,7 @@ def sweep_view_hint(tracking_uri: str, experiment_id: str, sweep_id: str) -> str
 
 def view_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The URL of the run, or the ``mlflow ui`` command that serves a local store."""
-    from src.tracking import ui_url
+    from src.ui_links import ui_url
 
     page = f"experiments/{experiment_id}/runs/{run_id}"
     if tracking_uri.startswith(("http://", "https://")):

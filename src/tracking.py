@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
-import json
 import logging
 import os
 import random
-import re
 import signal
 import socket
-import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -79,6 +75,7 @@ MAX_TAG_LEN = 5000
 LOCK_RETRY_BUDGET_S = 600.0
 HEARTBEAT_INTERVAL_S = 60.0
 T = TypeVar("T")
+log = logging.getLogger("src")  # the project logger (src.console.log, which imports this module)
 
 
 def _is_lock_error(exc: BaseException) -> bool:
@@ -100,7 +97,7 @@ def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         except Exception as exc:
             if not _is_lock_error(exc) or time.monotonic() + delay > deadline:
                 raise
-            print(f"note: MLflow store is locked, retrying in {delay:.1f} s", file=sys.stderr)
+            log.warning(f"note: MLflow store is locked, retrying in {delay:.1f} s")
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 15.0)
 
@@ -130,52 +127,6 @@ def artifact_location(uri: str, experiment: str) -> Optional[str]:
 
 # The experiment's type for MLflow 3 (a model-training experiment, not a GenAI app).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-# MLflow 3.17's UI opens an experiment in one of two modes, set by a global toggle in its sidebar (GenAI until the user
-# switches) or by a link's ``workflowType``; it ignores EXPERIMENT_KIND there. In GenAI mode an experiment opens on an
-# empty traces overview, so every UI link the project prints asks for the model-training mode: the runs table.
-UI_MODE = {"workflowType": "machine_learning"}
-
-
-def ui_url(base: str, page: str, **query: str) -> str:
-    """A link into the MLflow UI at ``base``, in its model-training mode; ``page`` is a route: ``experiments/1``."""
-    return f"{base.rstrip('/')}/#/{page}?{urllib.parse.urlencode({**query, **UI_MODE})}"
-
-
-def experiment_url(base: str, experiment_id: str) -> str:
-    """The experiment's page: its runs table."""
-    return ui_url(base, f"experiments/{experiment_id}")
-
-
-# The MLflow UI loads a saved runs-table view from the experiment tag SHARED_VIEW_PREFIX + key when its URL has
-# ?viewStateShareKey=key: filter, sort and columns (a JSON object; MLflow 3's "share view" writes the same tag).
-SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
-SWEEP_VIEW_PARAMS = ("data.name", "quant.bits", "lora.preset", "lora.resolved_targets", "lora.r", "lora.alpha")
-SWEEP_VIEW_METRICS = ("objective", "trainable_params", "peak_gpu_mem_gb", "train_tokens_per_s", "train_runtime_s")
-
-
-def sweep_view_state(sweep_id: str, objective: str, direction: str, swept: Sequence[str] = ()) -> str:
-    """The runs-table view of one sweep: its runs, best first, with the columns a comparison needs."""
-    params = list(dict.fromkeys([*SWEEP_VIEW_PARAMS, *swept]))
-    metrics = list(dict.fromkeys([SWEEP_VIEW_METRICS[0], objective, *SWEEP_VIEW_METRICS[1:]]))
-    return json.dumps(
-        {
-            "searchFilter": f"tags.sweep_id = {filter_value(sweep_id)}",
-            "orderByKey": "metrics.`objective`",
-            "orderByAsc": direction == "minimize",
-            "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics],
-        }
-    )
-
-
-def sweep_view_key(sweep_id: str) -> str:
-    """The key of a sweep's saved view: the sweep id where MLflow takes it as a tag name and a URL as it is, else
-    the id made so with a hash of it (a study may be named ``Bob's study``)."""
-    key = re.sub(r"[^0-9A-Za-z_.-]", "_", sweep_id)
-    return key if key == sweep_id else f"{key}-{hashlib.sha1(sweep_id.encode()).hexdigest()[:8]}"
-
-
-def sweep_view_url(base: str, experiment_id: str, sweep_id: str) -> str:
-    return ui_url(base, f"experiments/{experiment_id}/runs", viewStateShareKey=sweep_view_key(sweep_id))
 
 
 def _below_error(record: logging.LogRecord) -> bool:
@@ -238,45 +189,6 @@ def ensure_experiment(name: str, uri: str) -> str:
             if experiment is None:  # no: the store refused the write (read-only)
                 raise
             return experiment.experiment_id
-
-
-class RunNotFound(LookupError):
-    """No run, or more than one (``candidates``), matches a run id or its prefix."""
-
-    def __init__(self, message: str, candidates: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.candidates = candidates
-
-
-def resolve_run_id(client, ref: str) -> str:
-    """The full id of the run that ``ref`` names: a whole run id, or a unique prefix of one (``src.compare``
-    prints the first 8 characters). Raises RunNotFound, naming the candidates when the prefix is ambiguous."""
-    from mlflow.entities import ViewType
-
-    ref = ref.strip()
-    try:
-        return client.get_run(ref).info.run_id
-    except MlflowException:
-        pass
-    if len(ref) < 4 or not all(c in "0123456789abcdef" for c in ref.lower()):
-        raise RunNotFound(f"no run {ref!r} in the store")
-    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-    matches, token = [], None
-    while experiments:
-        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=50000, page_token=token)
-        matches += [r for r in page if r.info.run_id.startswith(ref.lower())]
-        token = page.token
-        if not token:
-            break
-    if not matches:
-        raise RunNotFound(f"no run {ref!r} in the store")
-    if len(matches) > 1:
-        named = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:5])
-        raise RunNotFound(
-            f"run id prefix {ref!r} is ambiguous: {len(matches)} runs start with it: {named}",
-            tuple(r.info.run_id for r in matches),
-        )
-    return matches[0].info.run_id
 
 
 def run_name(raw: dict, swept: Optional[str] = None) -> str:
@@ -443,7 +355,7 @@ def heartbeat(uri: str, run_id: str, interval_s: float = HEARTBEAT_INTERVAL_S) -
             try:
                 retry_locked(client.set_tag, run_id, "heartbeat", utc_now())
             except Exception as exc:  # a missed beat must not kill training; the doctor allows for gaps
-                print(f"note: heartbeat for run {run_id} not written: {exc}", file=sys.stderr)
+                log.warning(f"note: heartbeat for run {run_id} not written: {exc}")
 
     thread = threading.Thread(target=beat, name=f"mlflow-heartbeat-{run_id}", daemon=True)
     thread.start()
@@ -464,15 +376,14 @@ def end_run(run_id: str, status: str) -> None:
         retry_locked(mlflow.MlflowClient().set_terminated, run_id, status)
 
 
-def runs_of_output_dir(raw: dict, running_only: bool = False) -> list:
-    """The runs of a composed job config's output directory (its ``output_dir`` tag), newest first: how a sweep
-    finds the run of a trial process that died or of a DDP job's rank 0."""
-    settings = raw["tracking"]  # a composed config: conf/config.yaml gives every tracking key
-    client = mlflow.MlflowClient(tracking_uri(settings["tracking_uri"]))
-    experiment = retry_locked(client.get_experiment_by_name, settings["experiment"])
+def runs_of_output_dir(cfg: Config, running_only: bool = False) -> list:
+    """The runs of a job's output directory (their ``output_dir`` tag), newest first: how a sweep finds the run of
+    a trial process that died or of a DDP job's rank 0."""
+    client = mlflow.MlflowClient(tracking_uri(cfg.tracking.tracking_uri))
+    experiment = retry_locked(client.get_experiment_by_name, cfg.tracking.experiment)
     if experiment is None:
         return []
-    where = f"tags.output_dir = {filter_value(str(raw['output_dir']))}"
+    where = f"tags.output_dir = {filter_value(cfg.output_dir)}"
     where += " and attributes.status = 'RUNNING'" if running_only else ""
     return retry_locked(
         client.search_runs, [experiment.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"]
@@ -523,10 +434,7 @@ def close_run(
         except Exception:
             stored = "the store could not be written; python -m src.doctor applies the record later"
         where = f"the record is in {path}" if path else "no record could be written beside the output"
-        print(
-            f"error: could not record run {run_id} as {status}: {record['store_error']}; {stored}; {where}",
-            file=sys.stderr,
-        )
+        log.error(f"error: could not record run {run_id} as {status}: {record['store_error']}; {stored}; {where}")
         if status == "FINISHED":
             raise
     finally:
@@ -557,56 +465,64 @@ def base_experiment() -> str:
     return str(OmegaConf.load(CONF_DIR / "config.yaml").tracking.experiment)
 
 
-@contextlib.contextmanager
-def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Optional[mlflow.ActiveRun]]:
-    """Start the run for a composed config and end it with its true status, whatever happens.
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run is recorded, what it is called, and the output directory that finds it again (its tag)."""
 
-    ``raw`` is the composed config as a plain dict; only its ``tracking`` section and run-name
-    fields are read here, so even an invalid config gets a FAILED run that says why.
+    uri: str
+    experiment: str
+    name: str
+    output_dir: Optional[str]
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunPlace:
+        uri = tracking_uri(cfg.tracking.tracking_uri)
+        return cls(uri, cfg.tracking.experiment, run_name(cfg.resolved()), cfg.output_dir)
+
+    @classmethod
+    def of_invalid(cls, raw: dict) -> RunPlace:
+        """From the raw text of a config that failed validation: nothing may be assumed present or well-typed."""
+        tracking = raw.get("tracking") or {}
+        experiment = tracking.get("experiment")
+        if not isinstance(experiment, str) or name_problem(experiment):  # refused by validation: record it elsewhere
+            experiment = base_experiment()
+        uri, output_dir = tracking_uri(tracking.get("tracking_uri")), raw.get("output_dir")
+        return cls(uri, experiment, run_name(raw), str(output_dir) if output_dir else None)
+
+
+def tracked_run(cfg: Config, tags: Optional[dict[str, str]] = None) -> contextlib.AbstractContextManager:
+    """The run of a validated config (:func:`recorded_run`), named after it (:func:`run_name`)."""
+    return recorded_run(RunPlace.of(cfg), tags)
+
+
+@contextlib.contextmanager
+def recorded_run(place: RunPlace, tags: Optional[dict[str, str]] = None) -> Iterator[Optional[mlflow.ActiveRun]]:
+    """Start a run and end it with its true status, whatever happens.
+
     Under DDP only rank 0 has a run; the other ranks get ``None`` and record their own failure
     for rank 0, which ends the run FAILED with it when torchrun stops rank 0 (src/distributed.py).
     """
-    if not distributed.is_main_process():
+    if not distributed.is_main_process():  # its failure is recorded for rank 0 to end the run with
         try:
             yield None
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
-            distributed.record_failure(raw.get("output_dir"), exc)
+            distributed.record_failure(place.output_dir, exc)
             raise
         return
-    tracking = raw.get("tracking") or {}
-    uri = tracking_uri(tracking.get("tracking_uri"))
-    experiment = tracking.get("experiment")
-    if not isinstance(experiment, str) or name_problem(experiment):  # refused by validation: record it elsewhere
-        experiment = base_experiment()
-    experiment_id = ensure_experiment(experiment, uri)
-    all_tags = {**process_tags(), **(tags or {})}
-    if raw.get("output_dir"):  # how a sweep and src.doctor find the run of an output directory
-        all_tags["output_dir"] = str(raw["output_dir"])
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if os.environ.get(SWEEP_ID_ENV):
-        all_tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
-    with opening_store(uri):
-        run = retry_locked(
-            mlflow.start_run,
-            experiment_id=experiment_id,
-            run_name=run_name(raw),
-            tags=all_tags,
-            parent_run_id=parent or None,
-        )
-    reserve: list[Path] = []
-    previous = signal.getsignal(signal.SIGTERM)
-    in_main_thread = True
+    run = _start_run(place, tags)
+    previous, in_main_thread = signal.getsignal(signal.SIGTERM), True
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (e.g. a joblib worker thread): leave signals alone
         in_main_thread = False
+    reserve: list[Path] = []
     status, error = "FINISHED", None
     try:
         # Before anything else is written: a disk with no room for it fails the run while its cause can be kept.
-        reserve = reserve_mod.reserve_space(reserve_mod.reserve_paths(raw.get("output_dir"), uri, run.info.run_id))
-        with heartbeat(uri, run.info.run_id):
+        reserve = reserve_mod.reserve_space(reserve_mod.reserve_paths(place.output_dir, place.uri, run.info.run_id))
+        with heartbeat(place.uri, run.info.run_id):
             yield run
     except KeyboardInterrupt as exc:
         status, error = "KILLED", exc
@@ -617,22 +533,44 @@ def tracked_run(raw: dict, tags: Optional[dict[str, str]] = None) -> Iterator[Op
     finally:
         if in_main_thread:  # a second SIGTERM must not cut the status write short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        peers = distributed.peer_failures(raw.get("output_dir")) if error is not None else []
-        if peers:  # another DDP rank failed first: torchrun stopped this one, or a collective broke
-            status, error = "FAILED", RankFailed(peers[0])
-        tags = {}
-        if error is not None:
-            message = str(error)[:MAX_TAG_LEN] or ("interrupted" if status == "KILLED" else "")
-            error_type = error.error_type if isinstance(error, RankFailed) else type(error).__name__
-            tags = {"error_type": error_type, "error": message}
         try:
-            disk_full = error is not None and reserve_mod.is_disk_full(error)
-            close_run(run.info.run_id, status, tags, raw.get("output_dir"), reserve, disk_full)
-            if isinstance(error, KeyboardInterrupt):  # for the command's one line (errors.report_interrupt)
-                error.ended = (run.info.run_id, status)
+            _end_run(run.info.run_id, status, error, place.output_dir, reserve)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _start_run(place: RunPlace, tags: Optional[dict[str, str]]) -> mlflow.ActiveRun:
+    experiment_id = ensure_experiment(place.experiment, place.uri)
+    all_tags = {**process_tags(), **(tags or {})}
+    if place.output_dir:  # how a sweep and src.doctor find the run of an output directory
+        all_tags["output_dir"] = place.output_dir
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if os.environ.get(SWEEP_ID_ENV):
+        all_tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+    with opening_store(place.uri):
+        return retry_locked(
+            mlflow.start_run,
+            experiment_id=experiment_id,
+            run_name=place.name,
+            tags=all_tags,
+            parent_run_id=parent or None,
+        )
+
+
+def _end_run(run_id: str, status: str, error: Optional[BaseException], output_dir: Optional[str], reserve) -> None:
+    peers = distributed.peer_failures(output_dir) if error is not None else []
+    if peers:  # another DDP rank failed first: torchrun stopped this one, or a collective broke
+        status, error = "FAILED", RankFailed(peers[0])
+    tags = {}
+    if error is not None:
+        message = str(error)[:MAX_TAG_LEN] or ("interrupted" if status == "KILLED" else "")
+        error_type = error.error_type if isinstance(error, RankFailed) else type(error).__name__
+        tags = {"error_type": error_type, "error": message}
+    disk_full = error is not None and reserve_mod.is_disk_full(error)
+    close_run(run_id, status, tags, output_dir, reserve, disk_full)
+    if isinstance(error, KeyboardInterrupt):  # for the command's one line (errors.report_interrupt)
+        error.ended = (run_id, status)
 
 
 def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
@@ -652,7 +590,7 @@ def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
 def record_invalid(raw: dict, error: ConfigError) -> None:
     """A FAILED run for a config that did not validate, with every problem: a sweep's table shows why it did not
     train, and so does the store after a command line's typo."""
-    with contextlib.suppress(ConfigError), tracked_run(raw):
+    with contextlib.suppress(ConfigError), recorded_run(RunPlace.of_invalid(raw)):
         raise error
 
 

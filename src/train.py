@@ -20,7 +20,7 @@ from typing import Optional, Union
 import hydra
 from omegaconf import DictConfig
 
-from src import distributed, overrides, tracking
+from src import console, distributed, overrides, tracking
 from src.config import CONF_DIR, Config, ConfigError, refuse_unresolved, resolve, validate
 from src.errors import StoreError, exit_on_user_error, report
 from src.sweeps import configs as sweep_configs  # registers the hydra/sweeper and hydra/launcher configs
@@ -29,10 +29,11 @@ from src.sweeps.job import run_job, run_pack_job, validated_job
 from src.sweeps.outcomes import quote
 
 
-def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
+def validated_or_exit(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
     """Validate a config before anything heavy: the error shows at once (a model load or an MLflow store
     takes seconds), and an invalid config still ends as a FAILED run (:func:`src.tracking.record_invalid`),
-    unless its store is what is broken or unknown (``unresolved``: :func:`src.config.resolve`'s problems)."""
+    unless its store is what is broken or unknown (``unresolved``: :func:`src.config.resolve`'s problems); then
+    exit 2. Below this point only the validated Config travels: it keeps the resolved dict (``Config.resolved``)."""
     try:
         refuse_unresolved(unresolved or {})
         return validate(raw, for_training=True)
@@ -44,7 +45,7 @@ def validated(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
                 raise StoreError(f"the run is not recorded: {', '.join(unknown)} cannot be resolved")
             tracking.record_invalid(raw, exc)
         except StoreError as store:
-            print(f"  ({store})", file=sys.stderr)
+            console.say(f"  ({store})")
         sys.exit(2)
 
 
@@ -67,7 +68,7 @@ def preflight(argv: list[str]) -> None:
         sys.exit(0)
     problems = overrides.problems(line.overrides, Config, groups)
     if problems:
-        print(f"error: {ConfigError(problems)}", file=sys.stderr)
+        console.say(f"error: {ConfigError(problems)}")
         sys.exit(2)
 
 
@@ -88,8 +89,8 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
             jobs = [(raw if i == 0 else m["raw"], m["env"] or None) for i, m in enumerate(listed)]
             return run_pack_job(jobs, isolate=job.isolate, feasibility=job.feasibility)
         config = validated_job(raw, unresolved)
-        return run_job(raw, config, isolate=job.isolate, feasibility=job.feasibility)
-    config = validated(raw, unresolved)
+        return run_job(config, isolate=job.isolate, feasibility=job.feasibility)
+    config = validated_or_exit(raw, unresolved)
     nproc = config.train.nproc_per_node
     if nproc > 1 and not distributed.under_torchrun():  # DDP: the same command on nproc ranks
         sys.exit(distributed.relaunch(nproc, relaunch_argv(sys.argv[1:], hydra_cfg.runtime.output_dir)))
@@ -97,7 +98,7 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
     # started, ended FAILED with it (tracking.tracked_run). Anything else is a bug and keeps its traceback.
     from src.fit import run  # torch and transformers load here, after the config is known to be valid
 
-    return exit_on_user_error(lambda: run(raw, config))
+    return exit_on_user_error(lambda: run(config))
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def train_run(raw: dict):
     from src import tracking
     from src.fit import run
 
-    return run(raw, tracking.validated(raw))
+    return run(tracking.validated(raw))
 
 
 @pytest.fixture(scope="session")

@@ -128,7 +128,7 @@ def test_the_projects_links_open_the_runs_table_not_the_genai_overview(chromium,
     project prints (an experiment's, a run's) open in model-training mode. Screenshot: tests/artifacts/."""
     import mlflow
 
-    from src import console, tracking
+    from src import console, tracking, ui_links
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = tracking.ensure_experiment("ui-kind", uri)
@@ -140,7 +140,7 @@ def test_the_projects_links_open_the_runs_table_not_the_genai_overview(chromium,
     ARTIFACTS.mkdir(exist_ok=True)
     with serve_mlflow(uri, tmp_path / "server-artifacts", tmp_path / "server.log") as base:
         pages = {
-            "mlflow_experiment_runs_table.png": (tracking.experiment_url(base, experiment_id), "Run Name"),
+            "mlflow_experiment_runs_table.png": (ui_links.experiment_url(base, experiment_id), "Run Name"),
             "mlflow_run_page.png": (console.view_hint(base, experiment_id, run_id), "Model metrics"),
         }
         for name, (url, shown) in pages.items():

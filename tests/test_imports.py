@@ -49,6 +49,7 @@ CORE = {
         "classifier",
         "trial",
         "training_args",
+        "ui_links",
     )
 }
 

@@ -27,34 +27,6 @@ STDOUT_PAYLOAD = {
     "src.tiny:<module>": "python -m src.tiny: the model's directory",
 }
 
-# Owned by other branches at the time of writing: "module:function" -> how many prints it still holds that the
-# rule refuses. Emptied as those branches convert them.
-PENDING = {
-    "src.packs.model:Pack.leave": 1,
-    "src.packs.trainer:build_pack_member_trainer": 1,
-    "src.sweeps.configs:RefuseTargets.on_multirun_start": 1,
-    "src.sweeps.grid:GridSweeper.sweep": 1,
-    "src.sweeps.grid:GridSweeper._sweep_packs": 3,
-    "src.sweeps.job:run_job": 1,
-    "src.sweeps.job:_read_result": 1,
-    "src.sweeps.job:_run_pack": 1,
-    "src.sweeps.job:fit_pack": 1,
-    "src.sweeps.job:check_feasibility": 4,
-    "src.sweeps.record:SweepRecord.__init__": 2,
-    "src.sweeps.record:SweepRecord.starting": 1,
-    "src.sweeps.record:SweepRecord.add": 1,
-    "src.sweeps.record:SweepRecord.finish": 1,
-    "src.sweeps.study:OptunaSweeper.sweep": 4,
-    "src.sweeps.study:OptunaSweeper._launch_packs.say": 1,
-    "src.sweeps.study:save_plots": 1,
-    "src.tracking:retry_locked": 1,
-    "src.tracking:heartbeat.beat": 1,
-    "src.tracking:close_run": 1,
-    "src.train:validated": 1,
-    "src.train:preflight": 1,
-    "src.trial:build_pruner": 1,
-}
-
 
 def _is_stderr(node: ast.AST) -> bool:
     return isinstance(node, ast.Attribute) and node.attr == "stderr" and ast.unparse(node.value) == "sys"
@@ -103,10 +75,7 @@ def _all_lines_out() -> list[tuple[str, int, str]]:
 
 def test_every_line_goes_through_the_logger_and_print_is_only_a_commands_stdout_payload():
     counts = Counter(key for key, _, _ in refused(_all_lines_out()))
-    new = {key: n for key, n in counts.items() if n > PENDING.get(key, 0)}
-    assert not new, f"print to stderr, or outside a stdout payload: use src.logger.say / log instead: {new}"
-    done = {key: (n, counts.get(key, 0)) for key, n in PENDING.items() if counts.get(key, 0) != n}
-    assert not done, f"PENDING (listed, found) is out of date: lower or drop these entries: {done}"
+    assert not counts, f"print to stderr, or outside a stdout payload: use src.logger.say / log instead: {counts}"
 
 
 def test_every_stdout_payload_function_still_prints():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from src import tracking
+from src import tracking, ui_links
 from tests.conftest import compose_config
 
 
@@ -43,8 +43,8 @@ def test_every_ui_link_asks_for_the_model_training_mode():
     from src import console
 
     mode = "workflowType=machine_learning"
-    assert tracking.experiment_url("http://h:5000/", "3") == f"http://h:5000/#/experiments/3?{mode}"
-    assert tracking.sweep_view_url("http://h:5000", "3", "s1") == (
+    assert ui_links.experiment_url("http://h:5000/", "3") == f"http://h:5000/#/experiments/3?{mode}"
+    assert ui_links.sweep_view_url("http://h:5000", "3", "s1") == (
         f"http://h:5000/#/experiments/3/runs?viewStateShareKey=s1&{mode}"
     )
     served = console.view_hint("http://h:5000", "3", "abc")

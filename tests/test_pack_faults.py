@@ -12,12 +12,18 @@ import mlflow
 import pytest
 
 from src import tracking
+from src.config import validate
 from src.packs.runtime import trial_functions
 from src.sweeps.job import run_pack_job
 from tests.conftest import compose_config
 from tests.test_packed_trials import TRIALS, _raw
 
 HANG_S = 120  # a pack of 2 tiny trials takes ~10 s on CPU; past this it waits for a trial that is gone
+
+
+def _runs(raw: dict) -> list:
+    """The runs of a job's output directory, newest first."""
+    return tracking.runs_of_output_dir(validate(raw))
 
 
 def _run_pack_in_thread(members, pack_train, isolate=False) -> list:
@@ -65,7 +71,7 @@ def test_a_stop_while_the_base_loads_stops_every_trial(tmp_path, mlflow_store):
     result = _run_pack_in_thread(members, _stopping_while_the_base_loads)
     assert [r["status"] for r in result] == ["failed", "failed"], result
     assert {r["error_type"] for r in result} == {"Terminated"}, result
-    runs = tracking.runs_of_output_dir(members[0][0]) + tracking.runs_of_output_dir(members[1][0])
+    runs = _runs(members[0][0]) + _runs(members[1][0])
     assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
     assert all("train_loss" not in r.data.metrics for r in runs)  # stopped before any step
 
@@ -94,7 +100,7 @@ def test_sigterm_of_a_pack_in_the_sweepers_process_stops_the_sweep(tmp_path, mlf
     threading.Thread(target=kill_once_stepping, daemon=True).start()
     with pytest.raises(tracking.Terminated):
         run_pack_job(members, isolate=False, trials=pack_train)
-    runs = tracking.runs_of_output_dir(members[0][0]) + tracking.runs_of_output_dir(members[1][0])
+    runs = _runs(members[0][0]) + _runs(members[1][0])
     assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
 
 
@@ -149,7 +155,7 @@ def test_a_pack_killed_after_its_stop_grace_leaves_no_run_running(tmp_path, mlfl
     def kill_once_both_runs_started():
         deadline = time.monotonic() + HANG_S
         while time.monotonic() < deadline:
-            if all(tracking.runs_of_output_dir(raw) for raw, _ in members):
+            if all(_runs(raw) for raw, _ in members):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             time.sleep(0.2)
@@ -161,7 +167,7 @@ def test_a_pack_killed_after_its_stop_grace_leaves_no_run_running(tmp_path, mlfl
             run_pack_job(members, isolate=True, trials=slow_loading_pack)
     finally:
         restore_sigterm_handler(previous)
-    runs = [r for raw, _ in members for r in tracking.runs_of_output_dir(raw)]
+    runs = [r for raw, _ in members for r in _runs(raw)]
     assert [r.info.status for r in runs] == ["FAILED", "FAILED"], [r.data.tags.get("error") for r in runs]
     assert all(r.data.tags["error_type"] == "TrialProcessDied" for r in runs)
 
@@ -173,7 +179,7 @@ def test_the_trials_tokenizers_do_not_race(tmp_path):
     from src import tracking as tracking_mod
 
     raws = [_raw(tmp_path, f"t{i}", TRIALS[i]) for i in range(2)]
-    _, shared = trial_functions([(raw, tracking_mod.validated(raw), None) for raw in raws])
+    _, shared = trial_functions([(tracking_mod.validated(raw), None) for raw in raws])
     generating, encoding = shared.load(0)[0], shared.load(1)[0]
     errors: list[str] = []
     until = time.monotonic() + 3
@@ -202,7 +208,6 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
     one that had finished stays a finished job in the result the sweeper reads."""
     import multiprocessing
 
-
     members = [
         (_raw(tmp_path, "short", [*TRIALS[0], "train.max_steps=1"]), None),
         (_raw(tmp_path, "long", [*TRIALS[1], "train.max_steps=400"]), None),
@@ -211,7 +216,7 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
     def kill_once_the_short_one_finished():
         deadline = time.monotonic() + HANG_S
         while time.monotonic() < deadline:
-            runs = tracking.runs_of_output_dir(members[0][0])
+            runs = _runs(members[0][0])
             if runs and runs[0].info.status == "FINISHED":
                 (process,) = [p for p in multiprocessing.active_children() if p.name == "lora-sweep-pack"]
                 os.kill(process.pid, signal.SIGTERM)
@@ -222,4 +227,4 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
     result = run_pack_job(members, isolate=True)["pack"]
     assert result[0]["status"] == "ok", result
     assert result[1]["status"] == "failed" and result[1]["error_type"] == "Terminated", result
-    assert tracking.runs_of_output_dir(members[1][0])[0].info.status == "KILLED"
+    assert _runs(members[1][0])[0].info.status == "KILLED"

@@ -413,12 +413,12 @@ def test_a_sweeps_memory_cap_reaches_a_packed_bert_as_its_budget(tmp_path):
     from transformers import BertConfig
 
     from src.sweeps.configs import FeasibilityConf
-    from src.sweeps.job import check_feasibility
+    from src.sweeps.feasibility import check_feasibility
 
     BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128).save_pretrained(
         tmp_path / "bert"
     )
     raw = compose_config(["model=bert_large", f"model.name_or_path={tmp_path / 'bert'}", "data=driver_intents"])
-    budgeted, budgeted_cfg, note = check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 0.5))
-    assert budgeted["train"]["memory_budget_gb"] == 0.5 and budgeted_cfg.train.memory_budget_gb == 0.5
-    assert budgeted["train"]["per_device_train_batch_size"] == raw["train"]["per_device_train_batch_size"]
+    budgeted, note = check_feasibility(validate(raw), FeasibilityConf("shrink", 0.5))
+    assert budgeted.resolved()["train"]["memory_budget_gb"] == 0.5 and budgeted.train.memory_budget_gb == 0.5
+    assert budgeted.train.per_device_train_batch_size == raw["train"]["per_device_train_batch_size"]

@@ -230,7 +230,7 @@ def test_a_pack_that_does_not_fit_is_split():
     """The pack's estimate at its least (src.plan: the base once) against a forced free memory."""
     from src.memory import pack_estimate_gb, plan
     from src.sweeps.configs import FeasibilityConf
-    from src.sweeps.job import fit_pack
+    from src.sweeps.feasibility import fit_pack
 
     def cfg(overrides):
         raw = compose_config(["data=instructions", "train.per_device_train_batch_size=1", *overrides])

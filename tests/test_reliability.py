@@ -69,7 +69,7 @@ uri, index, go, n_params, n_steps = sys.argv[1], int(sys.argv[2]), Path(sys.argv
 Path(f"{go}.ready{index}").touch()
 while not go.exists():
     time.sleep(0.05)
-with tracking.tracked_run({"tracking": {"tracking_uri": uri, "experiment": "parallel", "run_name": f"w{index}"}}):
+with tracking.recorded_run(tracking.RunPlace(uri, "parallel", f"w{index}", None)):
     tracking.log_params({f"p{k}": f"{index}-{k}" for k in range(n_params)})
     for step in range(n_steps):
         tracking.log_metrics({"loss": index + step / 1000, "step_seen": step}, step=step)
@@ -175,7 +175,7 @@ from pathlib import Path
 from src import tracking
 
 uri, ready = sys.argv[1], Path(sys.argv[2])
-with tracking.tracked_run({"tracking": {"tracking_uri": uri, "run_name": "sigkilled"}}):
+with tracking.recorded_run(tracking.RunPlace(uri, tracking.base_experiment(), "sigkilled", None)):
     tracking.log_metrics({"train_loss": 1.0}, step=1)
     ready.touch()
     time.sleep(600)
@@ -212,7 +212,7 @@ def test_doctor_marks_runs_of_dead_processes_killed_and_leaves_live_ones_running
         "not-ours": {},
     }
     ids = {name: client.create_run(experiment_id, run_name=name, tags=tags).info.run_id for name, tags in made.items()}
-    with tracking.tracked_run({"tracking": {"tracking_uri": uri, "run_name": "alive"}}) as alive:
+    with tracking.recorded_run(tracking.RunPlace(uri, tracking.base_experiment(), "alive", None)) as alive:
         assert {r.info.run_name for r in _runs(uri) if r.info.status == "RUNNING"} == {"sigkilled", "alive", *made}
         result = subprocess.run(
             [sys.executable, "-m", "src.doctor", "--tracking-uri", uri],

@@ -242,13 +242,13 @@ def test_an_apostrophe_in_a_sweep_dir_or_study_name_keeps_runs_true(tmp_path):
         raw = compose_config([f"tracking.tracking_uri={uri}"])
         raw["output_dir"] = str(tmp_path / sweep_dir / f"{n}-tiny")
         cfg = validate(raw)
-        with tracking.tracked_run(raw, {"optuna_study": study_name, "optuna_trial": str(n)}):  # finishes
+        with tracking.tracked_run(cfg, {"optuna_study": study_name, "optuna_trial": str(n)}):  # finishes
             mlflow.log_metric("objective", 0.5 + n)
-        finished = tracking.runs_of_output_dir(raw)
+        finished = tracking.runs_of_output_dir(cfg)
         assert [r.info.status for r in finished] == ["FINISHED"]
         client = mlflow.MlflowClient(uri)
         lost = client.create_run(finished[0].info.experiment_id, tags={"output_dir": raw["output_dir"]})  # kill -9
-        assert close_lost_run(raw, cfg, "the trial process died") == lost.info.run_id
+        assert close_lost_run(cfg, "the trial process died") == lost.info.run_id
         assert client.get_run(lost.info.run_id).info.status == "FAILED"
         assert client.get_run(finished[0].info.run_id).info.status == "FINISHED"
     sweeper = OptunaSweeper(sampler=None, pruner=None, n_trials=2, n_jobs=1)
@@ -365,6 +365,7 @@ def test_a_ddp_job_config_is_read_back_literally(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from src.config import validate
     from src.sweeps.job import write_ddp_config
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -372,7 +373,7 @@ def test_a_ddp_job_config_is_read_back_literally(tmp_path, monkeypatch):
     raw["data"]["labels"] = list(STORED_TEXT)
     raw["tracking"]["run_name"] = STORED_TEXT[1]
     raw["output_dir"] = str(tmp_path / "out ${now:%H}")
-    path = write_ddp_config(raw, tmp_path / "job")
+    path = write_ddp_config(validate(raw), tmp_path / "job")
     with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
         composed = compose(config_name=path.stem)
     assert OmegaConf.to_container(composed, resolve=True) == raw
@@ -387,7 +388,7 @@ def test_an_optuna_sweep_with_quotes_in_its_names_records_true_statuses(tmp_path
 
     import mlflow
 
-    from src import tracking
+    from src import ui_links
     from src.sweeps.outcomes import quote
     from tests.conftest import ROOT
     from tests.test_sweeps import TINY
@@ -415,7 +416,7 @@ def test_an_optuna_sweep_with_quotes_in_its_names_records_true_statuses(tmp_path
     assert "'" in trials[0].data.tags["output_dir"]
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["FINISHED"] and parents[0].data.tags["sweep_id"] == study
-    assert tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(study) in experiment.tags
+    assert ui_links.SHARED_VIEW_PREFIX + ui_links.sweep_view_key(study) in experiment.tags
 
 
 def test_resolved_text_handed_to_a_job_on_its_command_line_is_read_literally(tmp_path, monkeypatch):

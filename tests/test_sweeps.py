@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from src.config import validate
 from src.sweeps.configs import FeasibilityConf
+from src.sweeps.feasibility import check_feasibility, fit_micro_batch
 from src.sweeps.grid import grid_jobs
-from src.sweeps.job import check_feasibility, fit_micro_batch
 from src.sweeps.outcomes import JobSkipped
 from src.sweeps.placement import assign_gpus, batch_size
 from src.sweeps.record import SweepFailed
@@ -119,16 +119,18 @@ def test_feasibility_uses_src_plan_and_an_injected_free_memory():
         for bs in (16, 8)
     }
     assert est[16] > est[8]
-    shrunk, shrunk_cfg, note = check_feasibility(raw, cfg, FeasibilityConf("shrink", (est[16] + est[8]) / 2))
-    assert (shrunk["train"]["per_device_train_batch_size"], shrunk["train"]["gradient_accumulation_steps"]) == (8, 2)
-    assert shrunk_cfg == validate(shrunk)  # the validated config changed as the dict did
+    shrunk, note = check_feasibility(cfg, FeasibilityConf("shrink", (est[16] + est[8]) / 2))
+    assert (shrunk.train.per_device_train_batch_size, shrunk.train.gradient_accumulation_steps) == (8, 2)
+    train = shrunk.resolved()["train"]  # what the run logs as params: changed as the config was
+    assert (train["per_device_train_batch_size"], train["gradient_accumulation_steps"]) == (8, 2)
+    assert shrunk == validate(shrunk.resolved())
     assert "micro-batch 16 -> 8" in note
-    assert check_feasibility(raw, cfg, FeasibilityConf("shrink", est[16] + 1)) == (raw, cfg, None)
-    assert check_feasibility(raw, cfg, FeasibilityConf("off", 1e-9)) == (raw, cfg, None)
+    assert check_feasibility(cfg, FeasibilityConf("shrink", est[16] + 1)) == (cfg, None)
+    assert check_feasibility(cfg, FeasibilityConf("off", 1e-9)) == (cfg, None)
     with pytest.raises(JobSkipped):
-        check_feasibility(raw, cfg, FeasibilityConf("skip", (est[16] + est[8]) / 2))
+        check_feasibility(cfg, FeasibilityConf("skip", (est[16] + est[8]) / 2))
     # On CPU with nothing injected there is no GPU to compare with: the config runs as is.
-    assert check_feasibility(raw, cfg, FeasibilityConf("shrink", None)) == (raw, cfg, None)
+    assert check_feasibility(cfg, FeasibilityConf("shrink", None)) == (cfg, None)
 
 
 @pytest.mark.parametrize("data", ["instructions", "topics"])
@@ -136,15 +138,14 @@ def test_feasibility_hands_the_free_memory_to_the_fast_path_as_its_budget(data):
     """The packed paths (SFT, a decoder classifier) plan their own micro-batches from train.memory_budget_gb: that
     is what must shrink (a shrunk batch alone the packed classifier would plan back up to 90% of the card)."""
     raw = compose_config([f"data={data}", "train.per_device_train_batch_size=16"])
-    budgeted, budgeted_cfg, note = check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 7.5))
-    assert budgeted["train"]["memory_budget_gb"] == 7.5 and budgeted["train"]["per_device_train_batch_size"] == 16
-    assert budgeted_cfg.train.memory_budget_gb == 7.5
+    budgeted, note = check_feasibility(validate(raw), FeasibilityConf("shrink", 7.5))
+    assert budgeted.train.memory_budget_gb == 7.5 and budgeted.train.per_device_train_batch_size == 16
+    assert budgeted.resolved()["train"]["memory_budget_gb"] == 7.5
     assert "train.memory_budget_gb None -> 7.50" in note
     with pytest.raises(JobSkipped, match="at micro-batch 1 with every layer checkpointed"):  # nothing fits
-        check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 0.001))
-    smaller = compose_config([f"data={data}", "train.memory_budget_gb=4"])
-    within = validate(smaller)
-    assert check_feasibility(smaller, within, FeasibilityConf("shrink", 7.5)) == (smaller, within, None)
+        check_feasibility(validate(raw), FeasibilityConf("shrink", 0.001))
+    within = validate(compose_config([f"data={data}", "train.memory_budget_gb=4"]))
+    assert check_feasibility(within, FeasibilityConf("shrink", 7.5)) == (within, None)
 
 
 def test_search_space_reads_hydra_override_grammar():

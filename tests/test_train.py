@@ -120,6 +120,29 @@ def test_resolved_config_artifact_round_trips(tmp_path, mlflow_store):
     assert run_.data.params["lora.resolved_targets"] == "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
 
 
+def test_a_run_logs_its_config_as_written_from_the_validated_config_alone():
+    """The Config is the one carrier below the entry point: it keeps the resolved dict it was validated from, which
+    the run logs as params and config.yaml as written (the schema reads 3 epochs as 3.0 and fills data.format,
+    which a config stored before that key lacks), and a changed copy (a sweep job's smaller micro-batch) changes
+    both alike."""
+    from src.fit import run_params
+
+    raw = compose_config(["train.num_train_epochs=3"])
+    raw["output_dir"] = "out"
+    del raw["data"]["format"]
+    cfg = validate(raw)
+    assert cfg.train.num_train_epochs == 3.0 and cfg.data.format == "columns"
+    assert cfg.resolved() == raw
+    params = run_params(cfg)
+    assert str(params["train.num_train_epochs"]) == "3" and "data.format" not in params and "output_dir" not in params
+    smaller = cfg.with_train(per_device_train_batch_size=cfg.train.per_device_train_batch_size + 1)
+    size = smaller.train.per_device_train_batch_size
+    assert smaller.resolved()["train"]["per_device_train_batch_size"] == size
+    assert smaller == validate(smaller.resolved()) and cfg.resolved() == raw  # the original is left as it was
+    cfg.resolved()["lora"]["r"] = 99
+    assert cfg.resolved()["lora"]["r"] == raw["lora"]["r"]  # each call hands out a copy
+
+
 def test_class_weights_change_the_loss(tmp_path, mlflow_store):
     _, plain = _run(tmp_path / "a", [])
     _, weighted = _run(tmp_path / "b", ["data.class_weights=[1.0,1.0,50.0]"])

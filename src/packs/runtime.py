@@ -22,7 +22,7 @@ class SharedBase:
     once, by the first trial to ask (after its MLflow run has started: a base that fails to load fails every
     trial's run with the reason)."""
 
-    jobs: list[tuple[dict, Config]]
+    cfgs: list[Config]
     lock: threading.Lock = field(default_factory=threading.Lock)
     loaded: Optional[tuple[Any, Any, list]] = None
     error: Optional[BaseException] = None
@@ -31,11 +31,7 @@ class SharedBase:
     stopping: Optional[BaseException] = None
 
     def load(self, index: int):
-        from transformers import set_seed
-
-        from src import modeling
-        from src.packs import model as pack_model
-
+        """Trial ``index``'s tokenizer, the data and its :class:`src.packs.model.PackMember`; the first call loads."""
         with self.lock:
             if self.error is not None:
                 raise self.error
@@ -43,24 +39,7 @@ class SharedBase:
                 raise self.stopping
             if self.loaded is None:
                 try:
-                    cfg = self.jobs[0][1]
-                    tokenizer = modeling.load_tokenizer(cfg.model)
-                    data = load_data(cfg.data, tokenizer, cfg.model.max_length)
-                    for _, job in self.jobs:
-                        check_label_metrics(job, data.labels)
-                    set_seed(cfg.train.seed)
-                    model = modeling.load_model(
-                        cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False
-                    )
-                    cfgs = [c for _, c in self.jobs]
-                    self.pack = pack_model.build_pack(
-                        model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs]
-                    )
-                    members = pack_model.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16))
-                    # One tokenizer each: a fast tokenizer's padding and truncation are state that every call sets,
-                    # so one trial's generate (padding=True) would race another's tokenize_sft (no padding).
-                    tokenizers = [tokenizer, *(copy.deepcopy(tokenizer) for _ in cfgs[1:])]
-                    self.loaded = (tokenizers, data, members)
+                    self.loaded = self._load_base()
                 except BaseException as exc:
                     self.error = exc
                     raise
@@ -71,6 +50,26 @@ class SharedBase:
                 raise self.stopping
         tokenizers, data, members = self.loaded
         return tokenizers[index], data, members[index]
+
+    def _load_base(self) -> tuple[list, Any, list]:
+        from transformers import set_seed
+
+        from src import modeling
+        from src.packs import model as pack_model
+
+        cfgs, cfg = self.cfgs, self.cfgs[0]
+        tokenizer = modeling.load_tokenizer(cfg.model)
+        data = load_data(cfg.data, tokenizer, cfg.model.max_length)
+        for job in cfgs:
+            check_label_metrics(job, data.labels)
+        set_seed(cfg.train.seed)
+        model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False)
+        self.pack = pack_model.build_pack(model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs])
+        members = pack_model.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16))
+        # One tokenizer each: a fast tokenizer's padding and truncation are state that every call sets, so one
+        # trial's generate (padding=True) would race another's tokenize_sft (no padding).
+        tokenizers = [tokenizer, *(copy.deepcopy(tokenizer) for _ in cfgs[1:])]
+        return tokenizers, data, members
 
     def stop(self, reason: BaseException) -> None:
         """Stop every trial: at its next step, or before it starts (:meth:`load`). Called from a signal handler,
@@ -97,12 +96,12 @@ class PackSlot:
     env: Optional[dict[str, str]] = None
 
     def tags(self) -> dict[str, str]:
-        return {"pack_size": str(len(self.shared.jobs)), "pack_trial": f"t{self.index}"}
+        return {"pack_size": str(len(self.shared.cfgs)), "pack_trial": f"t{self.index}"}
 
 
-def trial_functions(jobs: list[tuple[dict, Config, Optional[dict]]]):
-    """The trials of a pack (resolved config, validated config, environment), as one training function each
-    (``train(raw, cfg)``, to run each in its own thread) and their shared base (``stop``, ``leave``)."""
+def trial_functions(jobs: list[tuple[Config, Optional[dict]]]):
+    """The trials of a pack (config, environment), as one training function each (``train(cfg)``, to run each
+    in its own thread) and their shared base (``stop``, ``leave``)."""
     import functools
 
     # Imported here, once: the trials' threads would race through transformers' and TRL's lazy modules, which
@@ -117,6 +116,6 @@ def trial_functions(jobs: list[tuple[dict, Config, Optional[dict]]]):
     from src.engine import trainer as fast_trainer  # noqa: F401
     from src.packs import model as pack_model  # noqa: F401
 
-    shared = SharedBase([(raw, cfg) for raw, cfg, _ in jobs])
-    trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, _, env) in enumerate(jobs)]
+    shared = SharedBase([cfg for cfg, _ in jobs])
+    trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, env) in enumerate(jobs)]
     return trains, shared

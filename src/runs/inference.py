@@ -75,12 +75,12 @@ def _client(tracking_uri: Optional[str]):
 
 def full_run_id(run_id: str, tracking_uri: Optional[str] = None) -> str:
     """A run id from a whole id or a unique prefix (the 8 characters ``src.compare`` prints)."""
-    from src import tracking
+    from src.runs.selection import RunNotFound, resolve_run_id
 
     client, uri = _client(tracking_uri)
     try:
-        return tracking.resolve_run_id(client, run_id)
-    except tracking.RunNotFound as exc:
+        return resolve_run_id(client, run_id)
+    except RunNotFound as exc:
         raise InferenceError(f"{exc} ({uri})" if exc.candidates else f"no MLflow run {run_id!r} in {uri}") from exc
 
 

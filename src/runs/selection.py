@@ -118,8 +118,6 @@ def select_runs(
 def _given_runs(client, run_ids: list[str], wanted: dict[str, Optional[str]], shown: str) -> Selection:
     from mlflow.exceptions import MlflowException
 
-    from src.tracking import RunNotFound, resolve_run_id
-
     runs = []
     for run_id in run_ids:
         try:
@@ -162,3 +160,43 @@ def _newest_runs(client, all_ids: list[str], limit: int, where: str, shown: str)
 def param(params: dict, key: str) -> Optional[str]:
     value = params.get(key)
     return None if value in (None, "null", "None", "") else value
+
+
+class RunNotFound(LookupError):
+    """No run, or more than one (``candidates``), matches a run id or its prefix."""
+
+    def __init__(self, message: str, candidates: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.candidates = candidates
+
+
+def resolve_run_id(client, ref: str) -> str:
+    """The full id of the run that ``ref`` names: a whole run id, or a unique prefix of one (``src.compare``
+    prints the first 8 characters). Raises RunNotFound, naming the candidates when the prefix is ambiguous."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    ref = ref.strip()
+    try:
+        return client.get_run(ref).info.run_id
+    except MlflowException:
+        pass
+    if len(ref) < 4 or not all(c in "0123456789abcdef" for c in ref.lower()):
+        raise RunNotFound(f"no run {ref!r} in the store")
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    matches, token = [], None
+    while experiments:
+        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=50000, page_token=token)
+        matches += [r for r in page if r.info.run_id.startswith(ref.lower())]
+        token = page.token
+        if not token:
+            break
+    if not matches:
+        raise RunNotFound(f"no run {ref!r} in the store")
+    if len(matches) > 1:
+        named = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:5])
+        raise RunNotFound(
+            f"run id prefix {ref!r} is ambiguous: {len(matches)} runs start with it: {named}",
+            tuple(r.info.run_id for r in matches),
+        )
+    return matches[0].info.run_id

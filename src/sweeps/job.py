@@ -1,8 +1,9 @@
-"""One job of a sweep, seen from the job: a fresh process, a memory check, and a result (pruning: ``trial``).
+"""One job of a sweep, seen from the job: a fresh process, a memory check (:mod:`src.sweeps.feasibility`), and a
+result (pruning: ``src.trial``).
 
 In a multirun, ``src.train.main`` validates each job's resolved config (:func:`validated_job`: an invalid
-one is a FAILED job, its run FAILED with the reason) and hands it to :func:`run_job`, with the training function
-(:func:`src.fit.run`, imported by name; the sweeps never import ``src.train``). By default
+one is a FAILED job, its run FAILED with the reason) and hands the validated config to :func:`run_job`, which
+trains it with :func:`src.fit.run` (imported by name; the sweeps never import ``src.train``). By default
 the job trains in a fresh process, forked from a server process that has imported the training
 stack once but never touched a GPU: an out-of-memory error, a crash or a leaked CUDA context in
 trial k cannot reach trial k+1, and no job pays the imports again. The result travels back as a
@@ -28,15 +29,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 from src import console, distributed, tracking
 from src.config import Config, ConfigError, literal
-from src.memory import PlanError, plan, plans_own_micro_batches
 from src.sweeps.configs import FeasibilityConf
-from src.sweeps.outcomes import JobFailed, JobResult, JobSkipped, Status, quote
+from src.sweeps.feasibility import check_feasibility, fit_pack
+from src.sweeps.outcomes import JobFailed, JobResult, Status, quote
 from src.trial import STUDY_ENV, TRIAL_ENV
 
 RESULT_FILE = "job_result.json"
@@ -44,10 +44,10 @@ RESULT_FILE = "job_result.json"
 TRIAL_STOP_GRACE_S = 60
 
 
-Train = Callable[[dict, Config], Optional[float]]  # src.fit.run, or one pack trial's (src.packs.runtime)
-# src.packs.runtime.trial_functions: a pack's (raw, cfg, env) jobs -> one Train per trial and their shared base.
+Train = Callable[[Config], Optional[float]]  # src.fit.run, or one pack trial's (src.packs.runtime)
+# src.packs.runtime.trial_functions: a pack's (cfg, env) jobs -> one Train per trial and their shared base.
 # Tests pass their own (a base that loads slowly) to run_pack_job; a sweep never does.
-Trials = Callable[[list[tuple[dict, Config, Optional[dict]]]], tuple[list[Train], Any]]
+Trials = Callable[[list[tuple[Config, Optional[dict]]]], tuple[list[Train], Any]]
 
 
 def validated_job(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Config:
@@ -62,31 +62,28 @@ def validated_job(raw: dict, unresolved: Optional[dict[str, str]] = None) -> Con
         raise JobFailed(type(exc).__name__, str(exc), run_id if run_id != before else None) from exc
 
 
-def run_job(
-    raw: dict, cfg: Config, isolate: bool = True, feasibility: Optional[FeasibilityConf] = None
-) -> dict[str, Any]:
+def run_job(cfg: Config, isolate: bool = True, feasibility: Optional[FeasibilityConf] = None) -> dict[str, Any]:
     """Train one job (:func:`src.fit.run`) and return ``{"run_id", "metrics"}``.
 
-    ``raw`` is the job's resolved config as a plain dict (the run logs it as params), ``cfg`` the same validated
-    (:func:`validated_job`). Raises JobFailed, JobSkipped or optuna.TrialPruned (see the module docstring).
+    ``cfg`` is the job's validated config (:func:`validated_job`). Raises JobFailed, JobSkipped or
+    optuna.TrialPruned (see the module docstring).
     """
     feasibility = feasibility or FeasibilityConf()
     if isolate and multiprocessing.current_process().daemon:
-        print(
+        console.log.warning(
             "warning: this launcher runs jobs in daemon processes, which cannot start one: the job runs "
-            "in the launcher's process (hydra.sweeper.isolate=false)",
-            file=sys.stderr,
+            "in the launcher's process (hydra.sweeper.isolate=false)"
         )
         isolate = False
     if not isolate:
-        return _run(raw, cfg, feasibility)
-    result_path = Path(raw["output_dir"]) / RESULT_FILE
+        return _run(cfg, feasibility)
+    result_path = Path(cfg.output_dir) / RESULT_FILE
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
     sweeper = (os.getpid(), tracking.process_start(os.getpid()))
     process = _context().Process(
         target=_trial_process,
-        args=(raw, cfg, feasibility, dict(os.environ), str(result_path), sweeper),
+        args=(cfg, feasibility, dict(os.environ), str(result_path), sweeper),
         name="lora-sweep-job",
     )
     process.start()
@@ -99,16 +96,16 @@ def run_job(
         return _read_result(result_path, process.exitcode)
     except JobFailed as exc:
         if exc.error_type == "TrialProcessDied":
-            exc.run_id = close_lost_run(raw, cfg, str(exc)) or exc.run_id
+            exc.run_id = close_lost_run(cfg, str(exc)) or exc.run_id
         raise
 
 
-def close_lost_run(raw: dict, cfg: Config, reason: str) -> Optional[str]:
+def close_lost_run(cfg: Config, reason: str) -> Optional[str]:
     """End FAILED the MLflow run of a trial process that died without a word (``kill -9``, the OOM killer):
     it would stay RUNNING, and its last eval could be ranked as if it had finished. Returns its id."""
     import mlflow
 
-    runs = tracking.runs_of_output_dir(raw, running_only=True)
+    runs = tracking.runs_of_output_dir(cfg, running_only=True)
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg.tracking.tracking_uri))
     tags = {"error_type": "TrialProcessDied", "error": reason[: tracking.MAX_TAG_LEN]}
     for run in runs:
@@ -190,7 +187,6 @@ def _die_with_sweeper(sweeper: tuple[int, Optional[str]], interval_s: float = 1.
 
 
 def _trial_process(
-    raw: dict,
     cfg: Config,
     feasibility: FeasibilityConf,
     env: dict[str, str],
@@ -206,7 +202,7 @@ def _trial_process(
     console.log_to_file(Path(cfg.output_dir) / "train.log")  # the parent's Hydra logging is not ours here
 
     try:
-        result = JobResult(Status.OK, **_run(raw, cfg, feasibility))
+        result = JobResult(Status.OK, **_run(cfg, feasibility))
     except BaseException as exc:  # noqa: B036  the trial process reports everything, Ctrl-C included
         result = JobResult.of_exception(exc, traceback.format_exc())
     Path(result_path).write_text(json.dumps(result.to_json(), indent=2, default=str))
@@ -224,34 +220,35 @@ def _read_result(path: Path, exitcode: Optional[int]) -> dict[str, Any]:
     return result.raise_unless_ok()
 
 
-def _run(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> dict[str, Any]:
+def _run(cfg: Config, feasibility: FeasibilityConf) -> dict[str, Any]:
     """Check feasibility, train (:func:`src.fit.run`), and gather the run's id and final metrics."""
     from src.fit import run
-    raw, cfg, note = check_feasibility(raw, cfg, feasibility)
+
+    cfg, note = check_feasibility(cfg, feasibility)
     if cfg.train.nproc_per_node > 1 and not distributed.under_torchrun():
-        return _run_ddp(raw, cfg, note)
-    return _train_and_collect(raw, cfg, run, note, None)
+        return _run_ddp(cfg, note)
+    return _train_and_collect(cfg, run, note, None)
 
 
-def write_ddp_config(raw: dict, output_dir: Path) -> Path:
+def write_ddp_config(cfg: Config, output_dir: Path) -> Path:
     """The job's resolved config as the config file its DDP ranks compose: escaped, so that Hydra resolving it
     again reads every value as it is (:func:`src.config.literal`)."""
     from omegaconf import OmegaConf
 
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "ddp_config.yaml"
-    OmegaConf.save(OmegaConf.create(literal(raw)), path)
+    OmegaConf.save(OmegaConf.create(literal(cfg.resolved())), path)
     return path
 
 
-def _run_ddp(raw: dict, cfg: Config, feasibility_note: Optional[str]) -> dict[str, Any]:
+def _run_ddp(cfg: Config, feasibility_note: Optional[str]) -> dict[str, Any]:
     """A job with ``train.nproc_per_node`` > 1: src.train under torchrun on the job's GPUs, from the job's
     resolved config; rank 0's MLflow run (found by its ``output_dir`` tag) is the job's run."""
     import mlflow
     import optuna
 
     output_dir = Path(cfg.output_dir).resolve()
-    write_ddp_config(raw, output_dir)
+    write_ddp_config(cfg, output_dir)
     argv = [
         f"--config-path={output_dir}",
         "--config-name=ddp_config",
@@ -260,7 +257,7 @@ def _run_ddp(raw: dict, cfg: Config, feasibility_note: Optional[str]) -> dict[st
     ]
     code = distributed.relaunch(cfg.train.nproc_per_node, argv)
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.tracking_uri))
-    runs = tracking.runs_of_output_dir(raw)
+    runs = tracking.runs_of_output_dir(cfg)
     if not runs:
         raise JobFailed("TrialProcessDied", f"the DDP ranks exited with code {code} before rank 0 started its run")
     run_ = runs[0]
@@ -290,12 +287,11 @@ def run_pack_job(
     valid = []
     for i, (raw, env) in enumerate(members):
         try:
-            valid.append((i, raw, validated_job(raw), env))
+            valid.append((i, validated_job(raw), env))
         except JobFailed as exc:
             results[i] = _failure(exc)
     if valid and isolate and not multiprocessing.current_process().daemon:
-        first = valid[0][1]
-        result_path = Path(first["output_dir"]) / RESULT_FILE
+        result_path = Path(valid[0][1].output_dir) / RESULT_FILE
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.unlink(missing_ok=True)
         sweeper = (os.getpid(), tracking.process_start(os.getpid()))
@@ -333,7 +329,7 @@ def _pack_process(valid, feasibility, trials, env, result_path, sweeper) -> None
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _die_with_parent()
     _die_with_sweeper(sweeper)
-    console.log_to_file(Path(valid[0][2].output_dir) / "train.log")
+    console.log_to_file(Path(valid[0][1].output_dir) / "train.log")
     try:
         results = _run_pack(valid, feasibility, trials)
     except tracking.Terminated as exc:  # SIGTERM: the trials that finished before it stay finished
@@ -350,55 +346,62 @@ def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[s
     how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
     reason = f"the pack's process {how} before writing a result"
     return [
-        JobResult(
-            Status.FAILED, close_lost_run(raw, cfg, reason), error_type="TrialProcessDied", message=reason
-        ).to_json()
-        for _, raw, cfg, _ in valid
+        JobResult(Status.FAILED, close_lost_run(cfg, reason), error_type="TrialProcessDied", message=reason).to_json()
+        for _, cfg, _ in valid
     ]
 
 
 def _run_pack(valid, feasibility: FeasibilityConf, trials: Optional[Trials] = None) -> list[dict[str, Any]]:
     """Each trial of the pack in its own thread, on one shared base; SIGTERM stops them all (their runs end
     KILLED). Memory: the feasibility check of the first job sets the budget the pack plans within."""
-    import threading
-
-    groups = fit_pack([cfg for _, _, cfg, _ in valid], feasibility)
+    groups = fit_pack([cfg for _, cfg, _ in valid], feasibility)
     if len(groups) > 1:
-        sizes = ", ".join(str(len(g)) for g in groups)
-        print(f"feasibility: the pack of {len(valid)} does not fit; split into packs of {sizes}", file=sys.stderr)
-        results: list[dict[str, Any]] = []
-        for group in groups:
-            try:
-                results += _run_pack([valid[i] for i in group], feasibility, trials)
-            except tracking.Terminated as exc:  # the parts not started end as the stop
-                done = results + getattr(exc, "pack_results", [_failure(exc)] * len(group))
-                exc.pack_results = done + [_failure(exc)] * (len(valid) - len(done))
-                raise
-        return results
-    first_raw, first_cfg = valid[0][1], valid[0][2]
-    _, checked, note = check_feasibility(first_raw, first_cfg, feasibility)
+        return _run_split_pack(valid, groups, feasibility, trials)
+    checked, note = check_feasibility(valid[0][1], feasibility)
     budget = checked.train.memory_budget_gb
-    jobs = []
-    for _, raw, cfg, env in valid:
-        if budget != cfg.train.memory_budget_gb:
-            raw = {**raw, "train": {**raw["train"], "memory_budget_gb": budget}}
-            cfg = replace(cfg, train=replace(cfg.train, memory_budget_gb=budget))
-        jobs.append((raw, cfg, env))
+    jobs = [
+        (cfg if cfg.train.memory_budget_gb == budget else cfg.with_train(memory_budget_gb=budget), env)
+        for _, cfg, env in valid
+    ]
     from src.packs.runtime import trial_functions
 
     trains, shared = (trials or trial_functions)(jobs)
     results = [{}] * len(jobs)
 
     def trial(index: int) -> None:
-        raw, cfg, env = jobs[index]
+        cfg, env = jobs[index]
         try:
-            results[index] = {"status": "ok", **_train_and_collect(raw, cfg, trains[index], note, env)}
+            results[index] = {"status": "ok", **_train_and_collect(cfg, trains[index], note, env)}
         except BaseException as exc:  # noqa: B036  one trial's end is its own
             results[index] = _failure(exc)
         finally:
             shared.leave(index)
 
-    threads = [threading.Thread(target=trial, args=(i,), name=f"lora-pack-t{i}") for i in range(len(jobs))]
+    _run_threads(trial, len(jobs), shared, results)
+    return results
+
+
+def _run_split_pack(valid, groups: list[list[int]], feasibility: FeasibilityConf, trials) -> list[dict[str, Any]]:
+    """A pack too big for the GPU, as the consecutive packs of ``groups`` (:func:`fit_pack`), one after another."""
+    sizes = ", ".join(str(len(g)) for g in groups)
+    console.say(f"feasibility: the pack of {len(valid)} does not fit; split into packs of {sizes}")
+    results: list[dict[str, Any]] = []
+    for group in groups:
+        try:
+            results += _run_pack([valid[i] for i in group], feasibility, trials)
+        except tracking.Terminated as exc:  # the parts not started end as the stop
+            done = results + getattr(exc, "pack_results", [_failure(exc)] * len(group))
+            exc.pack_results = done + [_failure(exc)] * (len(valid) - len(done))
+            raise
+    return results
+
+
+def _run_threads(trial: Callable[[int], None], count: int, shared, results: list) -> None:
+    """``trial(i)`` for each trial in a thread of its own; a SIGTERM (in the main thread) or Ctrl-C stops them all
+    (:meth:`src.packs.runtime.SharedBase.stop`) and is raised once they end, with ``results`` as they are."""
+    import threading
+
+    threads = [threading.Thread(target=trial, args=(i,), name=f"lora-pack-t{i}") for i in range(count)]
     previous = None
     terminated: list[BaseException] = []
     if threading.current_thread() is threading.main_thread():
@@ -425,39 +428,9 @@ def _run_pack(valid, feasibility: FeasibilityConf, trials: Optional[Trials] = No
     if terminated:  # the trials' runs ended KILLED; the signal goes on to the sweeper, as a job alone's does
         terminated[0].pack_results = results  # what the pack's process still reports (_pack_process)
         raise terminated[0]
-    return results
 
 
-def fit_pack(cfgs: list[Config], feasibility: FeasibilityConf) -> list[list[int]]:
-    """The pack's jobs (by index) as consecutive packs that each fit the GPU's free memory at their least (one example
-    per micro-batch, every layer checkpointed: ``src.plan``'s pack estimate, the base once); all as one where no GPU
-    is measured, the check is off, or the plan cannot be made. A job that does not fit even alone is a pack of one
-    (its run then reports the memory error)."""
-    from src.memory import pack_estimate_gb
-
-    available = feasibility.available_gpu_mem_gb if feasibility.mode != "off" else None
-    if available is None and feasibility.mode != "off":
-        available = free_gpu_mem_gb()
-    if available is None or len(cfgs) < 2:
-        return [list(range(len(cfgs)))]
-    try:
-        least = [
-            plan(replace(c, train=replace(c.train, per_device_train_batch_size=1, activation_checkpointing=True)))
-            for c in cfgs
-        ]
-    except PlanError as exc:
-        print(f"warning: feasibility check of the pack skipped: {exc}", file=sys.stderr)
-        return [list(range(len(cfgs)))]
-    groups: list[list[int]] = [[]]
-    for i, result in enumerate(least):
-        trial = [least[j].est_mem_breakdown_gb for j in groups[-1]] + [result.est_mem_breakdown_gb]
-        if groups[-1] and pack_estimate_gb(trial) > available:
-            groups.append([])
-        groups[-1].append(i)
-    return groups
-
-
-def _train_and_collect(raw: dict, cfg: Config, train: Train, note: Optional[str], env) -> dict[str, Any]:
+def _train_and_collect(cfg: Config, train: Train, note: Optional[str], env) -> dict[str, Any]:
     """Train one job and gather its run's id and final metrics (a pack trial: in its own thread, whose MLflow run
     is its own); raises JobFailed or optuna.TrialPruned with the run's id."""
     import mlflow
@@ -465,7 +438,7 @@ def _train_and_collect(raw: dict, cfg: Config, train: Train, note: Optional[str]
 
     before = _last_run_id()
     try:
-        value = train(raw, cfg)
+        value = train(cfg)
     except BaseException as exc:
         run_id = _last_run_id()
         run_id = run_id if run_id != before else None
@@ -507,101 +480,3 @@ def _tag_run(run_id: str, feasibility_note: Optional[str], env: Optional[dict] =
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
-
-
-def fit_micro_batch(
-    micro_batch: int, grad_accum: int, available_gb: float, estimate_gb: Callable[[int], float], shrink: bool
-) -> tuple[int, int]:
-    """The largest micro-batch (halving from ``micro_batch``) whose estimate fits ``available_gb``.
-
-    Gradient accumulation grows so the effective batch stays at least ``micro_batch * grad_accum``.
-    Raises JobSkipped when it does not fit, or would only fit smaller and ``shrink`` is false.
-    """
-    need = estimate_gb(micro_batch)
-    if need <= available_gb:
-        return micro_batch, grad_accum
-    if not shrink:
-        raise JobSkipped(f"needs ~{need:.2f} GiB of GPU memory, {available_gb:.2f} GiB free")
-    effective = micro_batch * grad_accum
-    while micro_batch > 1:
-        micro_batch //= 2
-        if estimate_gb(micro_batch) <= available_gb:
-            return micro_batch, -(-effective // micro_batch)
-    raise JobSkipped(
-        f"needs ~{need:.2f} GiB of GPU memory ({estimate_gb(1):.2f} GiB at micro-batch 1), {available_gb:.2f} GiB free"
-    )
-
-
-def free_gpu_mem_gb() -> Optional[float]:
-    """Free memory of this process's GPU in GiB, or None without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    free, _total = torch.cuda.mem_get_info()
-    return free / 2**30
-
-
-def check_feasibility(raw: dict, cfg: Config, feasibility: FeasibilityConf) -> tuple[dict, Config, Optional[str]]:
-    """Return the config to run, as a dict and validated (with a smaller micro-batch if needed), and a note
-    saying what changed.
-
-    Skipped on CPU unless ``available_gpu_mem_gb`` is given; a model whose config.json src.plan cannot read
-    is run as is (run reports its own errors).
-    """
-    if feasibility.mode == "off":
-        return raw, cfg, None
-    available = feasibility.available_gpu_mem_gb
-    if available is None:
-        available = free_gpu_mem_gb()
-    if available is None:
-        return raw, cfg, None
-
-    if plans_own_micro_batches(cfg):
-        # The packed fast path (SFT, decoder classifiers, BERT) sizes its own micro-batches and checkpointing to
-        # train.memory_budget_gb (src/engine/budget.py); its default is 90% of the card, whatever other processes
-        # hold: give it what is free.
-        budget = cfg.train.memory_budget_gb
-        if budget is not None and budget <= available:
-            return raw, cfg, None
-        smallest = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=1, activation_checkpointing=True))
-        try:
-            least = plan(smallest).est_peak_gpu_mem_gb
-        except PlanError as exc:
-            print(f"warning: feasibility check skipped: {exc}", file=sys.stderr)
-            least = 0.0
-        if least > available:  # not even one example with every layer checkpointed: the run could only fail
-            raise JobSkipped(
-                f"needs ~{least:.2f} GiB of GPU memory at micro-batch 1 with every layer checkpointed, "
-                f"{available:.2f} GiB free"
-            )
-        note = f"train.memory_budget_gb {budget} -> {available:.2f} (GiB free): the fast path plans within it"
-        print(f"feasibility: {note}", file=sys.stderr)
-        changed = {"memory_budget_gb": round(available, 2)}
-        return {**raw, "train": {**raw["train"], **changed}}, replace(cfg, train=replace(cfg.train, **changed)), note
-
-    def estimate(micro_batch: int) -> float:
-        sized = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=micro_batch))
-        return plan(sized).est_peak_gpu_mem_gb
-
-    train = cfg.train
-    try:
-        micro_batch, grad_accum = fit_micro_batch(
-            train.per_device_train_batch_size,
-            train.gradient_accumulation_steps,
-            available,
-            estimate,
-            shrink=feasibility.mode == "shrink",
-        )
-    except PlanError as exc:
-        print(f"warning: feasibility check skipped: {exc}", file=sys.stderr)
-        return raw, cfg, None
-    if (micro_batch, grad_accum) == (train.per_device_train_batch_size, train.gradient_accumulation_steps):
-        return raw, cfg, None
-    note = (
-        f"micro-batch {train.per_device_train_batch_size} -> {micro_batch}, gradient accumulation "
-        f"{train.gradient_accumulation_steps} -> {grad_accum} to fit {available:.2f} GiB free"
-    )
-    print(f"feasibility: {note}", file=sys.stderr)
-    changed = {"per_device_train_batch_size": micro_batch, "gradient_accumulation_steps": grad_accum}
-    return {**raw, "train": {**raw["train"], **changed}}, replace(cfg, train=replace(cfg.train, **changed)), note

@@ -21,7 +21,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from src import console, tracking
+from src import console, tracking, ui_links
 from src.config import OBJECTIVE_DEFAULTS, ConfigError
 from src.sweeps.outcomes import (
     BEST_TAG,
@@ -181,8 +181,8 @@ class SweepRecord:
     def _save_view(self, config: DictConfig, params: dict[str, Any]) -> None:
         """One click in the UI: this sweep's runs, best first, with their params and metrics as columns."""
         swept = [k for k in swept_keys(params) if OmegaConf.select(config, k, default=_ABSENT) is not _ABSENT]
-        view = tracking.sweep_view_state(self.sweep_id, self.objective, objective_direction(config), swept)
-        view_tag = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(self.sweep_id)
+        view = ui_links.sweep_view_state(self.sweep_id, self.objective, objective_direction(config), swept)
+        view_tag = ui_links.SHARED_VIEW_PREFIX + ui_links.sweep_view_key(self.sweep_id)
         self._write(self.client.set_experiment_tag, self.experiment_id, view_tag, view)
 
     @staticmethod
