@@ -27,6 +27,18 @@ OPENLLAMA_3B = dict(
     tie_word_embeddings=False,
 )
 
+# Shrinks any job to seconds on CPU; eval only at the end, on 16 rows.
+TINY = [
+    "model=tiny",
+    "data=topics",
+    "train=default",
+    "train.max_steps=2",
+    "data.subsample=32",
+    "data.eval_subsample=16",
+    "train.eval_strategy=no",
+    "tracking.log_adapter=false",
+]
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

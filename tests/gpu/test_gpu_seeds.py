@@ -27,9 +27,9 @@ import torch
 from src.config import validate
 from src.plan import plan, with_label_set
 from tests.conftest import OPENLLAMA_3B, ROOT, compose_config
+from tests.gpu.test_gpu_acceptance import BUILD_CHECKPOINTS, Command, Store, _env, metric, run_together, tail
 from tests.seed_standins import EXPERIMENTS, write_standin
-from tests.test_gpu_acceptance import BUILD_CHECKPOINTS, Command, Store, _env, metric, run_together, tail
-from tests.test_seeds import ARCHITECTURES, SEED_COUNTS, SEED_MODELS
+from tests.unit.test_seeds import ARCHITECTURES, SEED_COUNTS, SEED_MODELS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

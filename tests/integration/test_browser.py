@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_mlflow_server import serve_mlflow
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+from tests.integration.test_mlflow_server import serve_mlflow
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_sweeps import TINY, split_runs, sweep
+from tests.conftest import ROOT, TINY
+from tests.integration.sweeping import split_runs, sweep
 
-PROBE_DIR = ROOT / "tests" / "cuda_probe"
+PROBE_DIR = ROOT / "tests" / "integration" / "cuda_probe"
 
 
 def _probe_env(log: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ import mlflow
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_predict import TrainedRun, trained_run
+from tests.unit.runs.test_predict import TrainedRun, trained_run
 
 SMALL = ["train.max_steps=1", "data.subsample=16", "data.eval_subsample=8", "train.eval_strategy=no"]
 

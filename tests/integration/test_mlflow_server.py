@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+
+from tests.conftest import compose_config
 
 SERVER_START_TIMEOUT_S = 90
 

@@ -25,13 +25,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from src.sweeps.placement import assign_gpus, batch_size, visible_gpus
 from src.sweeps.study import counted, fail_stale, in_budget
 from src.trial import open_storage
-from tests.conftest import compose_hydra
-from tests.test_sweeps import TINY
+from tests.conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,32 +206,6 @@ def test_a_trial_is_in_budget_while_fewer_than_n_trials_older_ones_are_done_runn
     assert not in_budget(5, trials, n_trials=2)
 
 
-def test_parallel_trials_follow_the_gpus_in_cuda_visible_devices(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    gpus = visible_gpus()
-    assert gpus == ["3", "5"]
-    assert batch_size(None, gpus) == 2 and batch_size(8, gpus) == 2  # never two trials on one GPU
-    assert assign_gpus(2, gpus) == ["3", "5"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa, GPU-bb,GPU-cc")
-    assert assign_gpus(batch_size(None, visible_gpus()), visible_gpus()) == ["GPU-aa", "GPU-bb", "GPU-cc"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # hidden GPUs: CPU trials, one at a time by default
-    assert visible_gpus() == [] and batch_size(None, visible_gpus()) == 1
-
-
-def test_launcher_configs_compose():
-    """conf/hydra/launcher: submitit on SLURM (one GPU per trial) and its local executor, and joblib."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
-
-    expected = {
-        "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
-        "local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
-    }
-    for name, target in expected.items():
-        assert compose_hydra(overrides=(f"hydra/launcher={name}",)).hydra.launcher._target_ == target
-    cfg = compose_hydra(overrides=("hydra/launcher=slurm",))
-    assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
-
-
 def test_a_trial_whose_worker_stops_beating_is_failed_and_queued_again(postgres):
     storage = open_storage(create_database(postgres, "heartbeat"), heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(study_name="s", storage=storage)
@@ -335,7 +307,7 @@ import optuna
 from optuna.trial import TrialState
 from src.sweeps.study import counted, in_budget, occupies
 from src.trial import open_storage
-from tests.test_sweeps import TINY
+from tests.conftest import TINY
 
 storage_url, total, deadline = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 warnings.simplefilter("ignore")

@@ -12,8 +12,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT
-from tests.test_sweeps import TINY, split_runs, sweep
+from tests.conftest import ROOT, TINY
+from tests.integration.sweeping import split_runs, sweep
 
 FAULTS_DIR = ROOT / "tests" / "fault_injection"
 

@@ -16,9 +16,8 @@ import time
 import mlflow
 import pytest
 
-from src.runs.compare import pick_best
-from tests.conftest import ROOT
-from tests.test_sweeps import TINY, split_runs
+from tests.conftest import ROOT, TINY
+from tests.integration.sweeping import split_runs
 
 LONG = [*TINY[1:], "train.logging_steps=1"]
 
@@ -67,15 +66,6 @@ def test_a_sigkilled_trial_ends_failed_and_the_sweep_goes_on(tmp_path, mlflow_st
     assert "TrialProcessDied" in out
     _, children = split_runs(mlflow_store)
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]  # the sweep went on
-
-
-def test_compare_never_ranks_a_run_that_did_not_finish():
-    rows = [
-        {"objective": 0.99, "status": "KILLED", "trainable_params_m": 1.0},
-        {"objective": 0.95, "status": "RUNNING", "trainable_params_m": 1.0},
-        {"objective": 0.50, "status": "FINISHED", "trainable_params_m": 1.0},
-    ]
-    assert pick_best(rows, "objective", "max") == 2
 
 
 @pytest.mark.slow

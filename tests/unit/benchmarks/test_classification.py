@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from benchmarks import sft as bench
 from benchmarks import classification as cls
+from benchmarks import sft as bench
 
 
 def test_classification_arguments_match_the_training_code():

@@ -15,7 +15,7 @@ from src import tracking
 from src.packs.runtime import trial_functions
 from src.sweeps.job import run_pack_job
 from tests.conftest import compose_config
-from tests.test_packed_trials import TRIALS, _raw
+from tests.unit.packs.test_packs import TRIALS, _raw
 
 HANG_S = 120  # a pack of 2 tiny trials takes ~10 s on CPU; past this it waits for a trial that is gone
 
@@ -195,31 +195,3 @@ def test_the_trials_tokenizers_do_not_race(tmp_path):
     for thread in threads:
         thread.join()
     assert errors == [], errors[:1]
-
-
-def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path, mlflow_store):
-    """SIGTERM of the pack's own process (its sweeper still waiting): the trial still training ends KILLED, and the
-    one that had finished stays a finished job in the result the sweeper reads."""
-    import multiprocessing
-
-
-    members = [
-        (_raw(tmp_path, "short", [*TRIALS[0], "train.max_steps=1"]), None),
-        (_raw(tmp_path, "long", [*TRIALS[1], "train.max_steps=400"]), None),
-    ]
-
-    def kill_once_the_short_one_finished():
-        deadline = time.monotonic() + HANG_S
-        while time.monotonic() < deadline:
-            runs = tracking.runs_of_output_dir(members[0][0])
-            if runs and runs[0].info.status == "FINISHED":
-                (process,) = [p for p in multiprocessing.active_children() if p.name == "lora-sweep-pack"]
-                os.kill(process.pid, signal.SIGTERM)
-                return
-            time.sleep(0.2)
-
-    threading.Thread(target=kill_once_the_short_one_finished, daemon=True).start()
-    result = run_pack_job(members, isolate=True)["pack"]
-    assert result[0]["status"] == "ok", result
-    assert result[1]["status"] == "failed" and result[1]["error_type"] == "Terminated", result
-    assert tracking.runs_of_output_dir(members[1][0])[0].info.status == "KILLED"

@@ -106,39 +106,6 @@ def test_unpackable_names_why():
     assert "fast_path" in unpackable(cfg(["data=instructions", "train.fast_path=false"]))
 
 
-def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, mlflow_store):
-    """``hydra.sweeper.pack=3`` over a grid of 4 SFT jobs: one pack of 3 and one job alone, as subprocesses."""
-    from tests.test_sweeps import runs, split_runs, sweep
-
-    args = [
-        "--multirun",
-        "lora.r=2,4",
-        "lora=attn_qv,all_linear",
-        "hydra.sweeper.pack=3",
-        *COMMON[:3],
-        "train.max_steps=2",
-        "train.eval_strategy=no",
-        "tracking.log_adapter=false",
-    ]
-    result = sweep(args, tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "4 jobs as 2 launches (hydra.sweeper.pack=3: 1 packs)" in result.stdout
-    parents, children = split_runs(mlflow_store)
-    assert len(parents) == 1 and len(children) == 4 and len(runs(mlflow_store)) == 5
-    assert {c.info.status for c in children} == {"FINISHED"}
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    packed = sorted(c.data.tags.get("pack_trial", "-") for c in children)
-    assert packed == ["-", "t0", "t1", "t2"]  # the 4th job of the grid ran alone
-    assert sorted((c.data.params["lora.r"], c.data.params["lora.preset"]) for c in children) == [
-        ("2", "all_linear"),
-        ("2", "attn_qv"),
-        ("4", "all_linear"),
-        ("4", "attn_qv"),
-    ]
-    assert len({c.data.tags["output_dir"] for c in children}) == 4
-    assert parents[0].data.metrics["jobs_finished"] == 4
-
-
 def _step_lines_by_name(output: str, names: list[str], max_steps: int) -> tuple[list[str], dict[str, list[str]]]:
     """The metric lines in ``output`` (train, eval and end-of-training), and those that start with each name."""
     lines = [line for line in output.splitlines() if f"/{max_steps}  " in line and "loss" in line]
@@ -161,69 +128,6 @@ def test_the_metric_lines_of_a_pack_say_which_trial_each_is(tmp_path, mlflow_sto
         assert len(own) == 4, (name, lines)
         assert f"[{name}] eval  step 2/2" in "\n".join(own)
         assert all("tokens/s " in line for line in own if "eval  " not in line), own
-
-
-@pytest.mark.slow  # ~45 s on a shared CPU: a packed grid of 2 as a real sweep, its trials' lines on its output
-def test_each_step_line_of_a_packed_sweep_names_its_trial(tmp_path, mlflow_store):
-    from tests.test_sweeps import split_runs, sweep
-
-    args = ["--multirun", "train.learning_rate=1e-3,5e-3", "hydra.sweeper.pack=2", *COMMON[:3]]
-    args += ["train.max_steps=2", "train.logging_steps=1", "train.eval_strategy=steps", "train.eval_steps=2"]
-    result = sweep([*args, "tracking.log_adapter=false"], tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 jobs as 1 launches (hydra.sweeper.pack=2: 1 packs)" in result.stdout
-    _, children = split_runs(mlflow_store)
-    names = sorted(c.info.run_name for c in children)
-    assert len(set(names)) == 2 and all(c.data.tags["pack_size"] == "2" for c in children)
-    lines, labelled = _step_lines_by_name(result.stdout + result.stderr, names, 2)
-    assert len(lines) == sum(len(own) for own in labelled.values()), lines  # no line without its trial's name
-    for name, own in labelled.items():  # two train lines, one eval line, the end-of-training line
-        assert len(own) == 4, (name, lines)
-        assert f"[{name}] eval  step 2/2" in "\n".join(own)
-        assert all("tokens/s " in line for line in own if "eval  " not in line), own
-
-
-@pytest.mark.slow  # ~1 min: an Optuna study in packs of 2, pruning (the median of the trials completed before)
-def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
-    import optuna
-
-    from tests.test_sweeps import split_runs, sweep
-
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = [
-        "--multirun",
-        "hydra/sweeper=lora_optuna",
-        "hydra/sweeper/pruner=median",
-        "hydra.sweeper.pruner.n_startup_trials=0",
-        "hydra.sweeper.sampler.seed=0",
-        "hydra.sweeper.sampler.constant_liar=true",
-        "hydra.sweeper.n_trials=6",
-        "hydra.sweeper.pack=2",
-        f"hydra.sweeper.storage={storage}",
-        "hydra.sweeper.study_name=packed",
-        "lora.r=choice(2,4,8,16)",
-        "train.learning_rate=interval(1e-5,1e-1)",
-        *COMMON[:4],
-        "train.max_steps=6",
-        "train.eval_strategy=steps",
-        "train.eval_steps=2",
-        "tracking.log_adapter=false",
-    ]
-    result = sweep(args, tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    trials = optuna.load_study(study_name="packed", storage=storage).trials
-    states = sorted(t.state.name for t in trials)
-    assert len(trials) == 6 and "PRUNED" in states and "COMPLETE" in states, states
-    _, children = split_runs(mlflow_store)
-    assert len(children) == 6 and {c.data.tags["pack_size"] for c in children} == {"2"}
-    by_trial = {int(c.data.tags["optuna_trial"]): c for c in children}
-    for trial in trials:
-        run_ = by_trial[trial.number]
-        if trial.state.name == "PRUNED":
-            assert run_.info.status == "KILLED" and run_.data.tags["status"] == "PRUNED"
-        else:
-            assert run_.info.status == "FINISHED"
-            assert run_.data.metrics["objective"] == pytest.approx(trial.value)
 
 
 def test_a_pack_that_does_not_fit_is_split():

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from src.runs import export, inference
 from src.tiny import resolve
-from tests.test_predict import TEXTS, TrainedRun, trained_run
+from tests.unit.runs.test_predict import TEXTS, TrainedRun, trained_run
 
 FIXED_INPUTS = TEXTS + ["", "music music music", "a very long sentence about " + "the league and the stadium " * 10]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,35 +376,6 @@ def test_sweep_best_predicts_with_the_best_run(cls_run, tmp_path, capsys):
     )
     assert code == 0 and len(records) == 2
     assert f"best run of sweep s-real is {cls_run.run_id}" in err
-
-
-@pytest.mark.slow  # predict end to end in-process: the tests above through src.predict.main
-def test_stdin_lines_through_a_real_subprocess(cls_run, tmp_path):
-    lines = "\n".join([TEXTS[0], "", TEXTS[1], TEXTS[2]]) + "\n"  # blank lines are skipped
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "src.predict",
-            "--run",
-            cls_run.run_id,
-            "--tracking-uri",
-            cls_run.tracking_uri,
-            "--input",
-            "-",
-        ],
-        input=lines,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    records = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [r["text"] for r in records] == TEXTS[:3]
-    assert "classify" in proc.stderr  # the progress bar goes to stderr, the predictions alone to stdout
-    labels = json.loads((cls_run.adapter_dir / "label_map.json").read_text())["labels"]
-    assert all(set(r["probabilities"]) == set(labels) for r in records)
 
 
 def test_a_txt_file_is_one_text_per_line(cls_run, tmp_path, capsys):
