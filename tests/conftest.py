@@ -232,3 +232,95 @@ def start_training_until_it_logs(tmp_path: Path, uri: str, timeout_s: float = 30
             )
         time.sleep(1)
     return proc
+
+
+def run_module(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m <argv>`` in this process, as the interpreter would run it (``runpy``, ``__main__``), with its
+    exit code and what it wrote to stdout and stderr. Saves a new interpreter (seconds of imports) where the test is
+    about what the command says and records; what a command changes in the process (logging set up by Hydra, signal
+    handlers, environment, an active MLflow run, Hydra's global state) is put back afterwards."""
+    import io
+    import logging
+    import runpy
+    import signal
+
+    import mlflow
+    from hydra.core.global_hydra import GlobalHydra
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
+    loggers = [
+        logging.getLogger(),
+        *(log for log in list(logging.Logger.manager.loggerDict.values()) if isinstance(log, logging.Logger)),
+    ]
+    saved_logging = [(log, log.handlers[:], log.level, log.propagate, log.disabled) for log in loggers]
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    saved_argv, saved_env, saved_uri = sys.argv[:], dict(os.environ), mlflow_uri._tracking_uri
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        sys.argv = [argv[0], *argv[1:]]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        GlobalHydra.instance().clear()
+        for log, handlers, level, propagate, disabled in saved_logging:
+            for handler in log.handlers:
+                if handler not in handlers:
+                    handler.close()
+            log.handlers[:] = handlers
+            log.setLevel(level)
+            log.propagate, log.disabled = propagate, disabled
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+        sys.argv = saved_argv
+        mlflow_uri._tracking_uri = saved_uri  # the store a command set (mlflow.set_tracking_uri) is its own
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["python", "-m", *argv], code, out.getvalue(), err.getvalue())
+
+
+# FS_IOC_GETFLAGS / FS_IOC_SETFLAGS and FS_IMMUTABLE_FL (linux/fs.h): what ``chattr +i`` sets.
+_GET_FLAGS, _SET_FLAGS, _IMMUTABLE = 0x80086601, 0x40086602, 0x10
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """``path`` read-only even for root (who ignores file modes): the immutable attribute where the filesystem
+    has it, else the test skips."""
+    path.chmod(0o444)
+    immutable = os.geteuid() == 0
+    if immutable:
+        try:
+            _set_immutable(path, True)
+        except OSError:
+            path.chmod(0o644)
+            pytest.skip("running as root on a filesystem without the immutable attribute: no file is read-only here")
+    try:
+        yield
+    finally:
+        if immutable:
+            _set_immutable(path, False)
+        path.chmod(0o644)
+
+
+def _set_immutable(path: Path, on: bool) -> None:
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (flags,) = struct.unpack("i", fcntl.ioctl(fd, _GET_FLAGS, struct.pack("i", 0)))
+        flags = flags | _IMMUTABLE if on else flags & ~_IMMUTABLE
+        fcntl.ioctl(fd, _SET_FLAGS, struct.pack("i", flags))
+    finally:
+        os.close(fd)
