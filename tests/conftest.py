@@ -46,6 +46,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker a core, at most 4, since each holds torch and starts training
+    processes of its own; none for a tier that selects the GPU tests, which share the GPUs and time them."""
+    marks = (config.getoption("markexpr") or "").replace("not gpu", "")
+    if "gpu" in marks:
+        return 0
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 # What tests may leave in the project tree: caches and build state, and the screenshots tests/test_browser.py keeps.
 LOCAL_STATE = frozenset({".venv", ".venv-floor", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache", ".whl"})
 KEPT_OUTPUTS = frozenset({"tests/artifacts"})
