@@ -184,6 +184,39 @@ def tiny_model_dir() -> Path:
     return Path(resolve("builtin:tiny-llama"))
 
 
+# A small encoder's shape: random checkpoints of BERT and RoBERTa that plan, pack and train in seconds on CPU.
+SMALL_ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory, tiny_model_dir):
+    """``random_checkpoint(model_type, weights=False, **architecture)``: a model directory, made once a session for
+    each architecture. Its config.json; with ``weights``, random weights (seed 0) and the tiny model's tokenizer
+    too. Config-only directories are for the planner (built on the meta device, never loaded). Shared: copy one
+    before changing it."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    made: dict[tuple, Path] = {}
+
+    def make(model_type: str, weights: bool = False, **architecture) -> Path:
+        key = (model_type, weights, *sorted(architecture.items()))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"{model_type}-{'random' if weights else 'config'}")
+            config = AutoConfig.for_model(model_type, **architecture)
+            if weights:
+                import torch
+
+                torch.manual_seed(0)
+                AutoModel.from_config(config).save_pretrained(path)
+                AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+            else:
+                config.save_pretrained(path)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
 def tiny_model_config(tiny_model_dir: Path):
     """A ``ModelConfig`` for the built tiny Llama, in float32 with 64-token rows."""
     from src.config import ModelConfig

@@ -13,18 +13,15 @@ import pytest
 
 from src import plan as P
 from src.config import validate
-from tests.conftest import OPENLLAMA_3B
+from tests.conftest import OPENLLAMA_3B, SMALL_ENCODER
 
 ROOT = P.CONF_DIR.parent
 OPENLLAMA_3B_PARAMS = 3_426_473_600
 
 
 @pytest.fixture(scope="module")
-def openllama_dir(tmp_path_factory):
-    from transformers import LlamaConfig
-
-    path = tmp_path_factory.mktemp("open_llama_3b_config")
-    LlamaConfig(**OPENLLAMA_3B).save_pretrained(path)
+def openllama_dir(random_checkpoint):
+    path = random_checkpoint("llama", **OPENLLAMA_3B)
     assert [p.name for p in path.iterdir()] == ["config.json"]
     return path
 
@@ -278,9 +275,9 @@ def test_fast_path_sft_under_a_quantized_base_has_a_bf16_residual_stream(openlla
     assert widths("quant=none", "train=gpu") == P.Widths(residual=2, matmul=2)  # model.dtype bf16
 
 
-def test_a_packed_decoder_classifier_has_a_bf16_residual_stream_and_an_encoder_does_not(openllama_dir, tmp_path):
-    from transformers import BertConfig
-
+def test_a_packed_decoder_classifier_has_a_bf16_residual_stream_and_an_encoder_does_not(
+    openllama_dir, random_checkpoint
+):
     from src.plan import activation_widths, compose
 
     def widths(*overrides):
@@ -289,11 +286,9 @@ def test_a_packed_decoder_classifier_has_a_bf16_residual_stream_and_an_encoder_d
     decoder = ["model=openllama3b", f"model.name_or_path={openllama_dir}"]
     assert widths(*decoder) == P.Widths(residual=2, matmul=2)  # packed: its frozen weights cast to bf16
     assert widths(*decoder, "train.fast_path=false") == P.Widths(residual=4, matmul=2)  # padded: fp32 norms
-    BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128).save_pretrained(
-        tmp_path / "bert"
-    )
+    bert = random_checkpoint("bert", **SMALL_ENCODER)
     # BERT packs too, but autocast runs its LayerNorm (the end of every residual add) in fp32
-    assert widths("model=bert_large", f"model.name_or_path={tmp_path / 'bert'}") == P.Widths(residual=4, matmul=2)
+    assert widths("model=bert_large", f"model.name_or_path={bert}") == P.Widths(residual=4, matmul=2)
 
 
 def test_a_packed_micro_batch_is_planned_for_its_tokens(openllama_dir):
@@ -313,12 +308,8 @@ def test_a_packed_micro_batch_is_planned_for_its_tokens(openllama_dir):
     assert packed["trainable_params"] == padded["trainable_params"]
 
 
-def test_which_configs_plan_their_own_micro_batches(openllama_dir, tmp_path):
-    from transformers import BertConfig, RobertaConfig
-
-    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    BertConfig(**small).save_pretrained(tmp_path / "bert")
-    RobertaConfig(**small).save_pretrained(tmp_path / "roberta")
+def test_which_configs_plan_their_own_micro_batches(openllama_dir, random_checkpoint, tmp_path):
+    checkpoints = {name: random_checkpoint(name, **SMALL_ENCODER) for name in ("bert", "roberta")}
 
     def packs(*overrides):
         return P.plans_own_micro_batches(validate(P.compose([*overrides, "train=gpu"])))
@@ -326,8 +317,8 @@ def test_which_configs_plan_their_own_micro_batches(openllama_dir, tmp_path):
     decoder = ["model=openllama3b", f"model.name_or_path={openllama_dir}"]
     assert packs(*decoder, "data=red_dot") and packs(*decoder, "data=topics")
     assert not packs(*decoder, "data=topics", "train.fast_path=false")
-    assert packs("model=bert_large", f"model.name_or_path={tmp_path / 'bert'}", "data=topics")
-    assert not packs("model=bert_large", f"model.name_or_path={tmp_path / 'roberta'}", "data=topics")  # stays padded
+    assert packs("model=bert_large", f"model.name_or_path={checkpoints['bert']}", "data=topics")
+    assert not packs("model=bert_large", f"model.name_or_path={checkpoints['roberta']}", "data=topics")  # stays padded
     assert not packs("model=bert_large", f"model.name_or_path={tmp_path / 'absent'}", "data=topics")  # unreadable
 
 

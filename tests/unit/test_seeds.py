@@ -18,7 +18,7 @@ from src import modeling
 from src import plan as P
 from src.config import ConfigError, validate
 from src.data import load_data
-from tests.conftest import ROOT, compose_config, train_run
+from tests.conftest import ROOT, SMALL_ENCODER, compose_config, train_run
 from tests.seed_standins import EXPERIMENTS, write_standin
 
 # What ../shared/seeds/README.md fixes for each seed, as the composed config spells it.
@@ -266,19 +266,14 @@ def test_each_experiment_trains_end_to_end_on_the_tiny_model(seed, tmp_path, mlf
 
 
 @pytest.fixture(scope="module")
-def config_only_models(tmp_path_factory):
-    """config.json-only directories of the seeds' real architectures (no weights)."""
-    from transformers import AutoConfig
-
-    root = tmp_path_factory.mktemp("architectures")
-    for name, (model_type, arch) in ARCHITECTURES.items():
-        AutoConfig.for_model(model_type, **arch).save_pretrained(root / name)
-    return root
+def config_only_models(random_checkpoint):
+    """config.json-only directories of the seeds' real architectures (no weights), by name."""
+    return {name: random_checkpoint(model_type, **arch) for name, (model_type, arch) in ARCHITECTURES.items()}
 
 
 @pytest.mark.parametrize("seed", sorted(SEED_COUNTS))
 def test_the_planner_counts_each_seeds_trainable_parameters_on_its_architecture(seed, config_only_models):
-    path = config_only_models / SEED_MODELS[seed]
+    path = config_only_models[SEED_MODELS[seed]]
     result = P.plan(P.with_label_set(validate(_compose(seed, f"model.name_or_path={path}"))))  # as src.plan does
     assert result["trainable_params"] == SEED_COUNTS[seed]
 
@@ -386,15 +381,11 @@ def test_all_but_head_adds_berts_pooler_and_leaves_the_head_out():
     assert modeling.resolve_target_modules(llama, lora) == modeling.resolve_target_modules(llama, all_linear)
 
 
-def test_a_4bit_bert_classifier_trains_its_head_unquantized(tmp_path, mlflow_store, tiny_model_dir):
+def test_a_4bit_bert_classifier_trains_its_head_unquantized(tmp_path, mlflow_store, random_checkpoint):
     """Seed 001's base: transformers found BERT's head by its last parameter, classifier.bias, named no module,
     and quantized the head, whose 4-bit weight then failed in training (bitsandbytes' AssertionError)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    BertModel(config).save_pretrained(tmp_path / "bert")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "bert")
-    raw = _compose("001", *ON_CPU, f"model.name_or_path={tmp_path / 'bert'}", "model.max_length=64")
+    bert = random_checkpoint("bert", weights=True, **SMALL_ENCODER)
+    raw = _compose("001", *ON_CPU, f"model.name_or_path={bert}", "model.max_length=64")
     raw["output_dir"] = str(tmp_path / "out")
     train_run(raw)
     (finished,) = mlflow.search_runs(search_all_experiments=True, output_format="list")

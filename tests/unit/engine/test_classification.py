@@ -26,7 +26,7 @@ from src.engine.classification import (
     flat_logits,
     loss_total,
 )
-from tests.conftest import compose_config, train_run
+from tests.conftest import SMALL_ENCODER, compose_config, train_run
 
 TOL = 1e-5
 # Texts of very different lengths in one row: 2 to about 60 tokens.
@@ -407,18 +407,14 @@ def test_the_packed_classifier_plans_for_its_rows_tokens(tiny_model_dir):
     assert unsized.est_peak_gpu_mem_gb == P.plan(sized)["est_peak_gpu_mem_gb"] > micro.est_peak_gpu_mem_gb
 
 
-def test_a_sweeps_memory_cap_reaches_a_packed_bert_as_its_budget(tmp_path):
+def test_a_sweeps_memory_cap_reaches_a_packed_bert_as_its_budget(random_checkpoint):
     """BERT plans its own micro-batches as the decoders do: a sweep's feasibility check hands it the free memory as
     train.memory_budget_gb instead of shrinking its batch (which the packed classifier would plan back up)."""
-    from transformers import BertConfig
-
     from src.sweeps.configs import FeasibilityConf
     from src.sweeps.job import check_feasibility
 
-    BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128).save_pretrained(
-        tmp_path / "bert"
-    )
-    raw = compose_config(["model=bert_large", f"model.name_or_path={tmp_path / 'bert'}", "data=driver_intents"])
+    bert = random_checkpoint("bert", **SMALL_ENCODER)
+    raw = compose_config(["model=bert_large", f"model.name_or_path={bert}", "data=driver_intents"])
     budgeted, budgeted_cfg, note = check_feasibility(raw, validate(raw), FeasibilityConf("shrink", 0.5))
     assert budgeted["train"]["memory_budget_gb"] == 0.5 and budgeted_cfg.train.memory_budget_gb == 0.5
     assert budgeted["train"]["per_device_train_batch_size"] == raw["train"]["per_device_train_batch_size"]

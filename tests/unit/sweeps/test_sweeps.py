@@ -282,17 +282,15 @@ def test_every_sweep_file_composes_and_validates(path):
         assert sweeper["rows"]
 
 
-def test_seed_table_counts_on_a_config_only_openllama3b(tmp_path):
+def test_seed_table_counts_on_a_config_only_openllama3b(random_checkpoint):
     """The four rows of seed_table give the seed's trainable counts, through src.plan (no weights)."""
-    from transformers import LlamaConfig
-
     from src.plan import plan
 
-    LlamaConfig(**OPENLLAMA_3B).save_pretrained(tmp_path)
+    openllama = random_checkpoint("llama", **OPENLLAMA_3B)
     rows = list(compose_hydra(SWEEPS_DIR, "seed_table").hydra.sweeper.rows)
     counts = []
     for row in rows:
-        raw = compose_config([*row.split(), f"model.name_or_path={tmp_path}"], SWEEPS_DIR, "seed_table")
+        raw = compose_config([*row.split(), f"model.name_or_path={openllama}"], SWEEPS_DIR, "seed_table")
         result = plan(validate(raw))
         counts.append((result["quant_bits"], result["trainable_params"]))
     assert counts == [(4, 2_662_400), (4, 5_324_800), (4, 12_994_560), (8, 12_994_560)]
