@@ -285,6 +285,7 @@ def run_module(argv: list[str], env: dict[str, str] | None = None) -> subprocess
     import logging
     import runpy
     import signal
+    import warnings
 
     import mlflow
     from hydra.core.global_hydra import GlobalHydra
@@ -306,7 +307,9 @@ def run_module(argv: list[str], env: dict[str, str] | None = None) -> subprocess
         sys.argv = [argv[0], *argv[1:]]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+                with warnings.catch_warnings():  # the module ran as __main__ beside its imported self, as with -m
+                    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
                 if isinstance(exc.code, str):

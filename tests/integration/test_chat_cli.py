@@ -21,7 +21,6 @@ from tests.unit.test_chat import MULTI_TURN, _write
 tokenizer = test_chat.tokenizer  # the in-process tests' fixture
 
 
-
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     """``python -m src.train data=chat train.max_steps=2`` as a user types it, in its own store."""
@@ -42,6 +41,7 @@ def chat_run(tmp_path_factory):
     (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     return run_, uri, client
 
+
 @pytest.mark.slow  # about 30 s on 2 cores: a training subprocess
 def test_a_chat_run_trains_and_samples_with_the_chat_template(chat_run, tokenizer, capsys):
     run_, uri, client = chat_run
@@ -60,6 +60,7 @@ def test_a_chat_run_trains_and_samples_with_the_chat_template(chat_run, tokenize
     shown = capsys.readouterr().out
     first = validation[0]["messages"]
     assert "<\\|user\\|> Repeat the words" in shown and f"| {first[-1]['content']} |" in shown
+
 
 @pytest.mark.slow
 def test_predict_on_the_chat_validation_file_prompts_as_training_did(chat_run, tmp_path, capsys):

@@ -39,6 +39,7 @@ def test_a_run_prints_metric_lines_and_a_summary_and_logs_to_its_file(tmp_path, 
     log = (out / "train.log").read_text()
     assert "step 2/4" in log and " finished: eval_f1_macro " in log
 
+
 def test_a_config_error_is_the_one_message_and_still_ends_failed(tmp_path):
     import mlflow
 
@@ -53,18 +54,6 @@ def test_a_config_error_is_the_one_message_and_still_ends_failed(tmp_path):
     (run,) = mlflow.MlflowClient(uri).search_runs(["1"])
     assert run.info.status == "FAILED" and run.data.tags["error_type"] == "ConfigError"
 
-def test_help_lists_the_groups_a_user_composes_and_nothing_internal():
-    proc = subprocess.run([sys.executable, "-m", "src.train", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    groups = proc.stdout.split("Config groups")[1].split("Keys (")[0].splitlines()[1:]
-    assert {line.split()[0] for line in groups if line.strip()} == {
-        "data",
-        "experiment",
-        "lora",
-        "model",
-        "quant",
-        "train",
-    }
 
 # The child records every connection or name lookup it tries, refusing it, and then reports what it saw. It imports
 # the 4-bit path as the commands do: src first, then peft, which imports bitsandbytes.
@@ -86,6 +75,7 @@ print(json.dumps({"tried": tried, "fetches": bool(has_avx512bf16()), "offline_af
                   "bnb": "bitsandbytes" in sys.modules}))
 """
 
+
 def _bitsandbytes_import(env_changes: dict[str, str]) -> tuple[dict, str]:
     import json
     import os
@@ -96,6 +86,7 @@ def _bitsandbytes_import(env_changes: dict[str, str]) -> tuple[dict, str]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
 
 def test_bitsandbytes_imports_offline_and_quietly_by_default():
     """bitsandbytes asks the hub for a CPU kernel at import (on CPUs with AVX512-BF16), and says
@@ -108,11 +99,13 @@ def test_bitsandbytes_imports_offline_and_quietly_by_default():
     if not seen["fetches"]:
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes asks the hub for nothing here")
 
+
 def test_an_explicit_hf_hub_offline_0_lets_bitsandbytes_ask_the_hub():
     seen, _ = _bitsandbytes_import({"HF_HUB_OFFLINE": "0"})
     if not seen["fetches"]:
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes asks the hub for nothing here")
     assert seen["tried"], seen  # the user's own setting wins: the kernel was asked for (and the test refused it)
+
 
 def _child_env(**changes: str) -> dict[str, str]:
     """The environment of a new user's shell: none of the switches this process (``import src``) may have set."""
@@ -120,6 +113,7 @@ def _child_env(**changes: str) -> dict[str, str]:
 
     unset = ("LORA_SWEEPS_VERBOSE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     return {**{k: v for k, v in os.environ.items() if k not in unset}, **changes}
+
 
 @pytest.mark.parametrize("quant", ["4bit", "none"])
 def test_activation_checkpointing_raises_no_deprecation(tiny_model_dir, quant):
@@ -136,6 +130,7 @@ print("checkpointing", model.is_activation_checkpointing)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpointing True" in proc.stdout
     assert "is deprecated" not in proc.stderr, proc.stderr
+
 
 # A new SQLite store, opened as every command opens it. "floor": MLflow 3.9's own logging setup (a dictConfig that
 # gives alembic an INFO handler and resets the levels of every logger below mlflow's and alembic's).
@@ -155,6 +150,7 @@ ensure_experiment("lora-sweeps", sys.argv[1])
 
 STORE_SETUP_LINES = ("Creating initial MLflow database tables", "Updating database tables", "Context impl", "DDL")
 
+
 @pytest.mark.parametrize("logging_setup", ["installed", "floor"])
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_new_store_is_created_without_narration(tmp_path, logging_setup, verbose):
@@ -171,6 +167,7 @@ def test_a_new_store_is_created_without_narration(tmp_path, logging_setup, verbo
         assert logging_setup == "installed" or "Context impl" in shown, proc.stderr
     else:
         assert shown == [], proc.stderr
+
 
 @pytest.mark.parametrize(
     ("env", "bars"),

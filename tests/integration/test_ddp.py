@@ -106,15 +106,6 @@ def test_a_failure_on_rank_1_ends_the_run_failed_and_the_launcher_nonzero(tmp_pa
     assert "adapter" not in _artifacts(run_.info.run_id)
 
 
-def test_an_invalid_config_fails_once_before_relaunching(tmp_path, mlflow_store):
-    proc, runs = _train(tmp_path, ["lora.r=0"])
-    assert proc.returncode == 2
-    assert "lora.r: must be >= 1" in proc.stderr
-    assert "torch.distributed" not in proc.stderr  # nothing was relaunched
-    assert len(runs) == 1 and runs[0].info.status == "FAILED"
-    assert runs[0].data.tags["error_type"] == "ConfigError"
-
-
 @pytest.mark.slow  # DDP end to end: test_sft_run_under_ddp_is_one_finished_run_with_the_adapter
 def test_ddp_sft_loss_is_the_token_mean_over_both_ranks(tmp_path, mlflow_store):
     """HF divides each rank's loss by the token count of all ranks; the packed trainer must scale it back up by

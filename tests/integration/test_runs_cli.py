@@ -17,11 +17,11 @@ cls_run = test_predict.cls_run
 TEXTS = test_predict.TEXTS
 
 
-
 def test_command_line_entry_point(sweep_store):
     """``python -m src.compare`` as a user runs it, with the store from $MLFLOW_TRACKING_URI."""
-    done = subprocess.run([sys.executable, "-m", "src.compare", "--format", "json"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "src.compare", "--format", "json"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)["rows"]
     assert [r["run_ids"] for r in rows] == [[sweep_store["ids"][k] for k in keys] for keys in ("AB", "C", "D", "E")]

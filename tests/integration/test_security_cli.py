@@ -37,6 +37,7 @@ def test_a_sweep_naming_code_stops_before_anything_is_built(tmp_path):
     assert victim.read_text() == "precious"
     assert not (tmp_path / "ms").exists() and not (tmp_path / "o.db").exists()
 
+
 @pytest.mark.slow
 def test_an_optuna_sweep_with_quotes_in_its_names_records_true_statuses(tmp_path, mlflow_store):
     """A real study named with an apostrophe, in a sweep directory with one: its trial's run FINISHED, the parent

@@ -77,6 +77,7 @@ def test_grid_of_4_gives_4_finished_children_under_1_parent(tmp_path, mlflow_sto
     link = f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey={sweep_id}&workflowType=machine_learning"
     assert f"compare in the UI: http://127.0.0.1:5000/{link}" in result.stdout
 
+
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, mlflow_store):
     result = sweep(["--multirun", "lora.r=0,4", *TINY[1:]], tmp_path)
     assert result.returncode != 0, "a failed job must show in the exit code"
@@ -91,6 +92,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, mlflow_store)
     assert "-r0-" in failed.info.run_name and failed.data.tags["error_type"] == "ConfigError"
     assert "lora.r: must be >= 1" in failed.data.tags["error"]
     assert parents[0].data.metrics["jobs_failed"] == 1 and parents[0].data.metrics["jobs_finished"] == 1
+
 
 @pytest.mark.slow
 def test_seed_table_runs_its_four_rows_on_the_tiny_model(tmp_path, mlflow_store):
@@ -114,6 +116,7 @@ def test_seed_table_runs_its_four_rows_on_the_tiny_model(tmp_path, mlflow_store)
     )
     assert rows == [("4", "16", False), ("4", "8", False), ("4", "8", True), ("8", "8", True)]
 
+
 @pytest.mark.slow
 def test_an_infeasible_job_is_skipped_with_its_reason(tmp_path, mlflow_store):
     """With 1 MiB of GPU memory (injected, so it runs on CPU) nothing fits: the job is skipped, not run."""
@@ -125,6 +128,7 @@ def test_an_infeasible_job_is_skipped_with_its_reason(tmp_path, mlflow_store):
     parents, children = split_runs(mlflow_store)
     assert len(parents) == 1 and children == []
     assert parents[0].data.metrics["jobs_skipped"] == 1
+
 
 def _optuna_args(storage: str, n_trials: int, *extra: str) -> list[str]:
     return [
@@ -139,6 +143,7 @@ def _optuna_args(storage: str, n_trials: int, *extra: str) -> list[str]:
         *TINY[1:],
         *extra,
     ]
+
 
 @pytest.mark.slow
 def test_optuna_study_resumes_after_sigterm_without_duplicates(tmp_path, mlflow_store):
@@ -183,6 +188,7 @@ def test_optuna_study_resumes_after_sigterm_without_duplicates(tmp_path, mlflow_
     assert text.startswith(f"sweep {name}: 6 job(s), ") and "of them in this run of it (6 finished)" in text
     assert study.metric_names == ["eval_f1_macro"]
 
+
 def test_a_named_study_refuses_a_sweep_with_another_configuration(tmp_path, mlflow_store):
     """One study name, two configurations (train.max_steps 2 and 3): the second sweep is refused before any trial,
     naming the keys. The searched params, the sampler's seed and run control do not define a study. The trial
@@ -212,6 +218,7 @@ def test_a_named_study_refuses_a_sweep_with_another_configuration(tmp_path, mlfl
     )
     text = joined.stdout + joined.stderr
     assert "differ" not in text and "1/1 trials done" in text, text[-3000:]
+
 
 @pytest.mark.slow
 def test_optuna_failing_and_pruned_trials(tmp_path, mlflow_store):
@@ -250,6 +257,7 @@ def test_optuna_failing_and_pruned_trials(tmp_path, mlflow_store):
     pruned = by_status["KILLED"]
     assert pruned.data.params["lora.r"] == "4" and pruned.data.tags["status"] == "PRUNED"
     assert pruned.data.tags["optuna_trial"] == str(trials[4].number)
+
 
 @pytest.mark.slow
 def test_pareto_sweep_is_multi_objective(tmp_path, mlflow_store):
@@ -290,6 +298,7 @@ def test_pareto_sweep_is_multi_objective(tmp_path, mlflow_store):
         ).read_text()
     )
     assert {t["trial"] for t in front["trials"]} == {t.number for t in study.best_trials if counted(t)}
+
 
 @pytest.mark.slow  # ~1 min: two training jobs
 def test_a_grid_over_a_key_the_name_does_not_show_names_its_runs_apart(tmp_path, mlflow_store):

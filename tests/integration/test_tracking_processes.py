@@ -28,6 +28,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 300) -> Non
         assert time.time() < deadline, f"{path} did not appear"
         time.sleep(0.2)
 
+
 WRITER = """
 import sys, time
 from pathlib import Path
@@ -45,6 +46,7 @@ with tracking.tracked_run({"tracking": {"tracking_uri": uri, "experiment": "para
     tracking.set_tags({"writer": str(index)})
 """
 
+
 def _start_writers(uri: str, go: Path, n_params: int, n_steps: int, n: int = 8) -> list[subprocess.Popen]:
     procs = [
         subprocess.Popen(
@@ -60,6 +62,7 @@ def _start_writers(uri: str, go: Path, n_params: int, n_steps: int, n: int = 8) 
         _wait_for(Path(f"{go}.ready{i}"), proc)
     return procs
 
+
 def _finish(procs: list[subprocess.Popen]) -> list[str]:
     outputs = []
     for proc in procs:
@@ -67,6 +70,7 @@ def _finish(procs: list[subprocess.Popen]) -> list[str]:
         assert proc.returncode == 0, out[-3000:]
         outputs.append(out)
     return outputs
+
 
 @pytest.mark.slow
 def test_eight_processes_starting_on_a_fresh_store_make_one_experiment(tmp_path):
@@ -82,6 +86,7 @@ def test_eight_processes_starting_on_a_fresh_store_make_one_experiment(tmp_path)
     assert [e.name for e in client.search_experiments()].count("parallel") == 1
     runs = _runs(uri)
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+
 
 @pytest.mark.slow
 def test_eight_writers_on_one_sqlite_store_outlast_a_held_lock_and_lose_nothing(tmp_path):
@@ -110,6 +115,7 @@ def test_eight_writers_on_one_sqlite_store_outlast_a_held_lock_and_lose_nothing(
         assert sorted(m.step for m in history) == list(range(n_steps))
         assert {m.step: m.value for m in history}[n_steps - 1] == pytest.approx(index + (n_steps - 1) / 1000)
 
+
 DIES = """
 import sys, time
 from pathlib import Path
@@ -122,9 +128,11 @@ with tracking.tracked_run({"tracking": {"tracking_uri": uri, "run_name": "sigkil
     time.sleep(600)
 """
 
+
 def _iso(seconds_ago: float) -> str:
     moment = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds_ago)
     return moment.isoformat(timespec="seconds")
+
 
 def test_doctor_marks_runs_of_dead_processes_killed_and_leaves_live_ones_running(tmp_path, mlflow_store):
     uri = mlflow_store
@@ -179,6 +187,7 @@ def test_doctor_marks_runs_of_dead_processes_killed_and_leaves_live_ones_running
     assert mark_stale_runs(uri) == []
     assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
 
+
 @pytest.mark.slow
 def test_sigkilled_training_run_is_marked_killed_by_the_next_sweep_start(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
@@ -190,6 +199,7 @@ def test_sigkilled_training_run_is_marked_killed_by_the_next_sweep_start(tmp_pat
     run_ = _runs(uri)[0]
     assert [m.run_id for m in marked] == [run_.info.run_id]
     assert run_.info.status == "KILLED" and run_.data.tags["error_type"] == "ProcessLost"
+
 
 @pytest.mark.slow  # two trainings at once, ~40 s on 2 CPU cores
 def test_two_runs_started_together_keep_their_own_output_and_adapter(tmp_path, mlflow_store):

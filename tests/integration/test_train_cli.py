@@ -34,6 +34,7 @@ def test_sigterm_or_ctrl_c_ends_the_run_killed_in_one_line(tmp_path, mlflow_stor
     assert output.splitlines()[-1] == f"interrupted ({signum.name}): run {run_.info.run_id} ended KILLED", output[-500:]
     assert proc.returncode == 128 + signum
 
+
 @pytest.mark.slow  # the default run end to end, shortened: tests/test_console.py
 def test_offline_default_learns_above_the_majority_baseline(tmp_path):
     """The README's main command, as a user runs it (~15-30 s on 2 cores)."""
@@ -54,6 +55,7 @@ def test_offline_default_learns_above_the_majority_baseline(tmp_path):
     assert run_.data.metrics["eval_f1_macro"] > 0.6
     label_map = json.loads((tmp_path / "out" / "adapter" / "label_map.json").read_text())
     assert label_map["labels"] == ["food", "sports", "tech"]
+
 
 @pytest.mark.slow  # a training subprocess (~15 s on 2 idle cores)
 def test_an_uncached_hub_model_without_network_fails_in_one_line_and_the_run_is_failed(tmp_path):

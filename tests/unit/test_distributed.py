@@ -22,13 +22,13 @@ DDP = [
 ]
 
 
-
 def test_nproc_per_node_is_validated():
     with pytest.raises(ConfigError, match=r"train.nproc_per_node: must be >= 1, got 0"):
         validate(compose_config(["train.nproc_per_node=0"]))
     with pytest.raises(ConfigError, match=r"train.nproc_per_node: expected int"):
         validate(compose_config(["train.nproc_per_node=two"]))
     assert validate(compose_config([])).train.nproc_per_node == 1
+
 
 def test_ddp_jobs_get_their_own_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
@@ -53,6 +53,7 @@ def test_ddp_jobs_get_their_own_gpus(monkeypatch):
     assert visible_gpus() == [] and batch_size(None, [], 2) == 1
     assert assign_gpus(2, [], [2, 2]) == [None, None] and gpu_batches([2, 2], 2, []) == [range(0, 2)]
 
+
 def test_one_process_trains_on_one_gpu_without_data_parallel(tmp_path):
     from transformers import TrainingArguments
 
@@ -64,6 +65,7 @@ def test_one_process_trains_on_one_gpu_without_data_parallel(tmp_path):
     assert one_gpu_per_process(args) is args
     assert args.n_gpu == 1 and args.train_batch_size == 8
 
+
 def test_runs_record_the_gpus_they_were_pinned_to(monkeypatch):
     from src import tracking
 
@@ -72,6 +74,7 @@ def test_runs_record_the_gpus_they_were_pinned_to(monkeypatch):
     assert "gpus" not in tracking.device_tags()  # no CUDA in use here: the tag would start it, so it waits
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert "cuda_visible_devices" not in tracking.device_tags()
+
 
 def test_token_balanced_sampler_keeps_each_steps_examples_and_evens_the_ranks():
     """Under DDP the packed trainer deals each step's examples so the ranks get as many tokens (src.engine.sampler)."""
@@ -101,6 +104,7 @@ def test_token_balanced_sampler_keeps_each_steps_examples_and_evens_the_ranks():
         assert max(gaps) <= max(lengths)  # greedy dealing: the ranks differ by less than one example
         assert sum(gaps) < sum(default_gaps) / 4, (gaps, default_gaps)
         assert list(sampler)[96:] == default[96:]  # the last, incomplete group keeps the default order
+
 
 def test_packed_trainer_samples_token_balanced_only_under_ddp(monkeypatch):
     import types

@@ -13,7 +13,7 @@ import pytest
 
 from src import plan as P
 from src.config import validate
-from tests.conftest import OPENLLAMA_3B, SMALL_ENCODER
+from tests.conftest import OPENLLAMA_3B, SMALL_ENCODER, run_module
 
 ROOT = P.CONF_DIR.parent
 OPENLLAMA_3B_PARAMS = 3_426_473_600
@@ -373,3 +373,18 @@ def test_a_sweep_with_rows_plans_each_row(openllama_dir, capsys):
         "--- row 3/4: lora=all_linear lora.target_modules=[all_linear,lm_head] lora.r=8 quant=4bit",
         "--- row 4/4: lora=all_linear lora.target_modules=[all_linear,lm_head] lora.r=8 quant=8bit",
     ]
+
+
+def test_cli_counts_qlora_all_linear_with_lm_head(openllama_dir):
+    overrides = openllama(openllama_dir, "quant=4bit", "lora=all_linear", "lora.target_modules=[all_linear,lm_head]")
+    proc = run_module(["src.plan", *overrides])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["trainable_params"] == 12_994_560
+    assert result["base_params"] == OPENLLAMA_3B_PARAMS
+    assert result["total_params"] == OPENLLAMA_3B_PARAMS + 12_994_560
+    assert result["lora_resolved_targets"] == "down_proj,gate_proj,k_proj,lm_head,o_proj,q_proj,up_proj,v_proj"
+    assert result["est_peak_gpu_mem_gb"] > 0
+    assert any("lm_head" in w for w in result["warnings"])  # TRL's SFTTrainer refuses an adapter on the head
+    assert any(line.startswith("trainable params") and "12,994,560" in line for line in lines[:-1])

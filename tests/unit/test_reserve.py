@@ -13,6 +13,7 @@ from src.sweeps.stale import mark_stale_runs
 
 DEAD_TAGS = {"host": "elsewhere", "pid": "7", "process_start": "x@1", "heartbeat": "2000-01-01T00:00:00+00:00"}
 
+
 def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path, mlflow_store):
     """A run whose store write failed even on the second try is left RUNNING; its record beside the output
     holds the cause, and src.doctor applies it (FAILED with the error), not ProcessLost. A record of another
@@ -41,6 +42,7 @@ def test_doctor_ends_a_lost_run_as_its_record_says(tmp_path, mlflow_store):
     foreign = client.get_run(ids["foreign-record"])
     assert foreign.info.status == "KILLED" and foreign.data.tags["error_type"] == "ProcessLost"
 
+
 def test_a_disk_full_error_is_known_through_the_errors_that_wrap_it():
     import errno
     import sqlite3
@@ -58,11 +60,13 @@ def test_a_disk_full_error_is_known_through_the_errors_that_wrap_it():
     assert not reserve.is_disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not reserve.is_disk_full(RuntimeError("CUDA out of memory"))
 
+
 def _raises(code: int):
     def fallocate(fd, offset, length):
         raise OSError(code, os.strerror(code))
 
     return fallocate
+
 
 def test_the_reserve_is_real_space_and_a_disk_without_it_is_refused(tmp_path, monkeypatch):
     import errno

@@ -19,6 +19,7 @@ def test_parallel_trials_follow_the_gpus_in_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # hidden GPUs: CPU trials, one at a time by default
     assert visible_gpus() == [] and batch_size(None, visible_gpus()) == 1
 
+
 def test_launcher_configs_compose():
     """conf/hydra/launcher: submitit on SLURM (one GPU per trial) and its local executor, and joblib."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
