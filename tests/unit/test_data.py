@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from src import bundled
+from src import bundled, modeling
 from src.config import validate
 from src.data import DataError, load_data, read_table
 from src.splits import iterative_stratification
-from tests.conftest import SHARED_DATA, compose_config
+from tests.conftest import SHARED_DATA, compose_config, train_run
+from tests.unit.test_tracking import FAST, _runs
 
 
 def _data_cfg(overrides: list[str]):
@@ -489,3 +493,194 @@ def test_class_weights_without_named_labels_say_which_class_each_weight_goes_to(
     caplog.clear()
     load_data(_data_cfg(["data.class_weights=[1.0,2.0,3.0]", f"data.labels=[{','.join(data.labels)}]"]))
     assert "data.class_weights go to" not in caplog.text  # named labels: the order is the user's own
+
+
+def _file_cfg(path: Path, *extra: str, task: str = "classification"):
+    label = ["data.label_column=label"] if task == "classification" else []
+    return _data_cfg(["data=file", f"data.path={path}", f"data.task={task}", "data.id_column=null", *label, *extra])
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_structured_cells_are_rejected_naming_column_and_rows(tmp_path):
+    # Parquet: a list column reads as np.ndarray cells, a struct column as dicts.
+    frame = pd.DataFrame({"text": [["food"], ["tech", "x"]], "label": [{"name": "a"}, {"name": "b"}]})
+    frame.to_parquet(tmp_path / "d.parquet")
+    df = read_table(tmp_path / "d.parquet")
+    assert isinstance(df["text"][1], np.ndarray) and isinstance(df["label"][0], dict)
+    # JSONL: arrays and objects among plain cells.
+    rows = [{"text": f"t{i}", "label": "a" if i % 2 else "b"} for i in range(6)]
+    rows[1]["text"], rows[4]["text"], rows[2]["label"] = ["food"], {"title": "x"}, ["a"]
+    _write_jsonl(tmp_path / "d.jsonl", rows)
+    for name, text_rows, label_rows in (("d.parquet", "0, 1", "0, 1"), ("d.jsonl", "1, 4", "2")):
+        with pytest.raises(DataError) as info:
+            load_data(_file_cfg(tmp_path / name))
+        assert info.value.faults == [
+            f"train: column 'text' holds lists, arrays or mappings, not text, at row {text_rows}",
+            f"train: column 'label' holds lists, arrays or mappings, not text, at row {label_rows}",
+        ]
+
+
+def _bad_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A broken data file of one kind and the fragment its DataError must hold (besides the path)."""
+    if kind == "invalid_utf8":
+        path = tmp_path / "d.csv"
+        path.write_bytes(b"text,label\nfine,a\ncaf\xe9,b\n")
+        return path, "is not valid UTF-8 at line 3 (byte offset 21: 0xe9)"
+    if kind == "broken_jsonl_line":
+        path = tmp_path / "d.jsonl"
+        path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c", "label": \n')
+        return path, "line 3 is not valid JSON"
+    if kind == "jsonl_line_not_an_object":
+        path = tmp_path / "d.jsonl"
+        path.write_text('{"text": "a", "label": "x"}\n["b", "y"]\n')
+        return path, "line 2 is not a JSON object"
+    if kind == "broken_json":
+        path = tmp_path / "d.json"
+        path.write_text('[{"text": "a", "label": "x"},\n {"text": "b" "label": "y"}]')
+        return path, "not valid JSON (line 2"
+    if kind == "empty_csv":
+        path = tmp_path / "d.csv"
+        path.write_bytes(b"")
+        return path, "is empty (0 bytes)"
+    if kind == "header_only_csv":
+        path = tmp_path / "d.csv"
+        path.write_text("text,label\n")
+        return path, "has no rows, only a header"
+    if kind == "ragged_csv":
+        path = tmp_path / "d.csv"
+        path.write_text("text,label\na,x\nb,y,extra\n")
+        return path, "line 3"
+    if kind == "directory":
+        path = tmp_path / "x.csv"
+        path.mkdir()
+        return path, "is a directory, not a file"
+    if kind == "not_parquet":
+        path = tmp_path / "d.parquet"
+        path.write_text("text,label\na,x\n")
+        return path, "cannot read it as Parquet"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "invalid_utf8",
+        "broken_jsonl_line",
+        "jsonl_line_not_an_object",
+        "broken_json",
+        "empty_csv",
+        "header_only_csv",
+        "ragged_csv",
+        "directory",
+        "not_parquet",
+    ],
+)
+def test_unreadable_files_are_one_data_error_naming_the_file(tmp_path, kind):
+    path, expected = _bad_file(tmp_path, kind)
+    with pytest.raises(DataError) as info:
+        read_table(path)
+    assert len(info.value.faults) == 1 and str(path) in info.value.faults[0] and expected in info.value.faults[0]
+    with pytest.raises(DataError):  # and through load_data, as training reads it
+        load_data(_file_cfg(path))
+
+
+def test_an_eval_file_that_cannot_be_read_names_that_file(tmp_path):
+    train = _write_csv(tmp_path / "train.csv", ["text", "label"], [["a", "x"], ["b", "y"]])
+    (tmp_path / "eval.csv").write_text("text,label\n")
+    with pytest.raises(DataError, match=r"eval\.csv has no rows"):
+        load_data(_file_cfg(train, f"data.eval_path={tmp_path / 'eval.csv'}"))
+
+
+def _tokenizer_only_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A model directory with the tiny tokenizer but no config or weights: loading the model fails."""
+    model_dir = tmp_path / "tokenizer-only"
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, model_dir / name)
+    return model_dir
+
+
+def test_every_data_fault_is_reported_in_one_report_before_the_model_loads(tmp_path, mlflow_store, tiny_model_dir):
+    rows = [
+        {"id": "r1", "text": "a fine row", "label": 0},
+        {"id": "r2", "text": "", "label": 1},
+        {"id": "r3", "text": None, "label": 1},
+        {"id": "r4", "text": "a string label", "label": "two"},
+        {"id": "r5", "text": "a label past the set", "label": 7},
+        {"id": "r6", "text": "word " * 2000, "label": 2},
+        {"id": "r7", "text": "fine again", "label": 1},
+        {"id": "r8", "text": "and again", "label": 2},
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    model_dir = _tokenizer_only_model(tmp_path, tiny_model_dir)
+    raw = compose_config(
+        [
+            *FAST,
+            "data=file",
+            f"data.path={path}",
+            "data.task=classification",
+            "data.label_column=label",
+            "data.labels=['0','1','2']",  # a label is its value: the int 1 is the class "1"
+            "data.long_rows=error",  # the default truncates one far too long row
+            f"model.name_or_path={model_dir}",
+        ]
+    )
+    raw["output_dir"] = str(tmp_path / "out")
+    with pytest.raises(DataError) as info:
+        train_run(raw)
+    faults = info.value.faults
+    assert len(faults) == 3, faults
+    assert "2 empty or missing text(s) in column 'text' at id r2, r3" in faults[0]
+    assert "2 label(s) in column 'label' outside the label set ['0', '1', '2']" in faults[1]
+    assert "'two' at id r4" in faults[1] and "7 at id r5" in faults[1]
+    assert "1 row(s) longer than 10 x model.max_length=128 tokens" in faults[2] and "id r6" in faults[2]
+    run_ = _runs(mlflow_store)[0]
+    assert run_.info.status == "FAILED" and run_.data.tags["error_type"] == "DataError"  # not the model's OSError
+
+
+def test_multilabel_faults_and_overlong_rows_share_one_report(tmp_path):
+    path = tmp_path / "ml.csv"
+    long_text = "word " * 1500
+    path.write_text(f"id,text,a,b\n1,fine,1,0\n2,,0,1\n3,odd cell,2,1\n4,{long_text},0,yes\n5,ok,0,1\n")
+    cfg = validate(
+        compose_config(
+            [
+                "data=file",
+                f"data.path={path}",
+                "data.task=multilabel",
+                "data.label_columns=[a,b]",
+                "data.long_rows=error",
+            ]
+        )
+    )
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    with pytest.raises(DataError) as info:
+        load_data(cfg.data, tokenizer, cfg.model.max_length)
+    report = str(info.value)
+    assert "empty or missing text(s) in column 'text' at id 2" in report
+    assert "multi-label column 'a' must hold 0/1, found '2' at id 3" in report
+    assert "multi-label column 'b' must hold 0/1, found 'yes' at id 4" in report
+    assert "1 row(s) longer than 10 x model.max_length=128 tokens" in report and ": id 4" in report
+    cfg.data.max_length_factor = None  # null: long rows are truncated in training, not faults
+    with pytest.raises(DataError) as info:
+        load_data(cfg.data, tokenizer, cfg.model.max_length)
+    assert "longer than" not in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_csv_and_tsv_with_a_byte_order_mark_quotes_and_newlines_are_read_exactly(tmp_path, suffix):
+    import csv
+
+    rows = [["1", 'She said "hi,\tthere"\nand left.', "ja"], ["2", "naïve café — 東京, 😀", "nein"]]
+    path = tmp_path / f"bom{suffix}"
+    with path.open("w", encoding="utf-8-sig", newline="") as f:  # Excel's "CSV UTF-8" starts with a BOM
+        csv.writer(f, delimiter="\t" if suffix == ".tsv" else ",").writerows([["id", "text", "label"], *rows])
+    df = read_table(path)
+    assert list(df.columns) == ["id", "text", "label"]
+    assert df["text"].tolist() == [r[1] for r in rows]
+    assert df["id"].tolist() == ["1", "2"]  # the text as written: no number parsing

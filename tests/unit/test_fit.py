@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
-from src import modeling, training
+from src import guards, modeling, training
 from src.config import validate
 from src.data import load_data
-from tests.conftest import compose_config, train_run
+from tests.conftest import ROOT, compose_config, train_run
+from tests.unit.test_tracking import FAST as LOGGED_EACH_STEP
+from tests.unit.test_tracking import _runs
 
 FAST = [
     "train.max_steps=4",
@@ -298,3 +303,164 @@ def test_the_tiny_model_on_a_users_data_says_once_it_is_a_demo(tmp_path, mlflow_
     if noted:
         assert all(f"model={name}" in notes[0] for name in ("qwen25_05b", "openllama3b", "mistral7b"))
         assert "model=tiny" not in notes[0].split(":", 2)[-1]  # the real choices, not the toy again
+
+
+N = 4
+
+RESUME = [
+    *LOGGED_EACH_STEP,
+    f"train.max_steps={N + 10}",
+    "train.save_strategy=steps",
+    f"train.save_steps={N}",
+    "train.save_total_limit=null",
+    "lora.dropout=0.1",  # dropout draws random numbers: the RNG state must be restored too
+]
+
+
+class StopAt(TrainerCallback):
+    """Stop training after ``step``, as a killed job would (its checkpoint-``step`` is written first)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+class StepRecorder(TrainerCallback):
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def _fresh_trainer(cfg, data, tokenizer, output_dir: Path):
+    """A new model and trainer, as a new process builds them."""
+    set_seed(cfg.train.seed)
+    model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
+    model = modeling.apply_lora(model, cfg.lora, data.task)
+    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, str(output_dir))
+    return trainer, model
+
+
+def _losses(trainer) -> dict[int, float]:
+    return {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow  # two trainings and a resume, ~25 s
+@pytest.mark.parametrize("quant", ["none", pytest.param("4bit", marks=pytest.mark.slow)])
+def test_resumed_run_continues_as_the_uninterrupted_one(tmp_path, mlflow_store, quant):
+    cfg = validate(compose_config([*RESUME, f"quant={quant}"]))
+    data = load_data(cfg.data)
+    tokenizer = modeling.load_tokenizer(cfg.model)
+
+    whole, whole_model = _fresh_trainer(cfg, data, tokenizer, tmp_path / "whole")
+    whole.train()
+
+    first, _ = _fresh_trainer(cfg, data, tokenizer, tmp_path / "split")
+    first.add_callback(StopAt(N))
+    first.train()
+    assert first.state.global_step == N and (tmp_path / "split" / f"checkpoint-{N}").is_dir()
+
+    checkpoint = guards.resume_checkpoint("latest", tmp_path / "split")
+    assert checkpoint == str(tmp_path / "split" / f"checkpoint-{N}")
+    second, second_model = _fresh_trainer(cfg, data, tokenizer, tmp_path / "split")
+    trained = StepRecorder()
+    second.add_callback(trained)
+    second.train(resume_from_checkpoint=checkpoint)
+
+    assert trained.steps == list(range(N + 1, N + 11))  # only the steps after the checkpoint ran
+    expected, got = _losses(whole), _losses(second)
+    assert got == pytest.approx(expected, abs=2e-4)  # the Trainer rounds logged losses
+    for name, value in _lora_state(second_model).items():
+        torch.testing.assert_close(value, _lora_state(whole_model)[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_train_resume_from_checkpoint_latest_continues_the_loss_curve(tmp_path, mlflow_store):
+    """Through the entrypoint: the second run resumes checkpoint-N and logs the steps after it."""
+    constant = [*RESUME, "train.lr_scheduler_type=constant", "train.warmup_steps=0"]
+
+    def history(overrides, out):
+        raw = compose_config([*constant, *overrides])
+        raw["output_dir"] = str(out)
+        train_run(raw)
+        run_ = _runs(mlflow_store)[0]
+        steps = mlflow.MlflowClient(mlflow_store).get_metric_history(run_.info.run_id, "train_loss")
+        return run_, {m.step: m.value for m in steps}
+
+    _, whole = history([], tmp_path / "whole")
+    history([f"train.max_steps={N}"], tmp_path / "split")
+    assert (tmp_path / "split" / "checkpoints" / f"checkpoint-{N}" / guards.FINGERPRINT_NAME).is_file()
+    resumed, tail = history(["train.resume_from_checkpoint=latest"], tmp_path / "split")
+    assert resumed.data.tags["resumed_from"].endswith(f"checkpoint-{N}")
+    assert sorted(tail) == list(range(N + 1, N + 11))
+    assert tail == pytest.approx({s: whole[s] for s in tail}, abs=2e-4)
+
+
+def test_resume_latest_without_a_checkpoint_starts_fresh_and_a_bad_path_is_an_error(tmp_path):
+    assert guards.resume_checkpoint(None, tmp_path) is None
+    assert guards.resume_checkpoint("latest", tmp_path / "none-yet") is None
+    with pytest.raises(FileNotFoundError, match="not a Trainer checkpoint"):
+        guards.resume_checkpoint(str(tmp_path), tmp_path)
+
+
+def _checkpoint_of(cfg, tmp_path: Path) -> Path:
+    """A checkpoint as the Trainer leaves one (safetensors weights, trainer_state.json), with ``cfg``'s fingerprint."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(checkpoint / "adapter_model.safetensors"))
+    (checkpoint / "trainer_state.json").write_text("{}")
+    labels = load_data(cfg.data).labels
+    (checkpoint / guards.FINGERPRINT_NAME).write_text(json.dumps(guards.run_fingerprint(cfg, "classification", labels)))
+    return checkpoint
+
+
+def test_resume_from_a_checkpoint_of_another_configuration_is_refused_naming_the_keys(
+    tmp_path, mlflow_store, monkeypatch
+):
+    """Another data file with the same three classes, or another rank and max_length: refused before the model
+    loads, with each differing key as checkpoint vs this run. Before the fix the run trained on without a word."""
+    from src.config import ConfigError
+
+    checkpoint = _checkpoint_of(validate(compose_config(LOGGED_EACH_STEP)), tmp_path)
+    reordered = tmp_path / "other_topics.csv"  # the same label set, other rows
+    lines = (ROOT / "src" / "assets" / "data" / "topics_train.csv").read_text().splitlines(keepends=True)
+    reordered.write_text("".join([lines[0], *reversed(lines[1:])]))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the resume was checked")
+
+    monkeypatch.setattr(modeling, "load_model", no_model)
+    cases = [
+        ([f"data.path={reordered}"], ["data.path.sha256: "]),
+        (["lora.r=4", "model.max_length=32"], ["lora.r: 8 vs 4", "model.max_length: 128 vs 32"]),
+    ]
+    for i, (overrides, named) in enumerate(cases):
+        raw = compose_config([*LOGGED_EACH_STEP, f"train.resume_from_checkpoint={checkpoint}", *overrides])
+        raw["output_dir"] = str(tmp_path / f"second-{i}")
+        with pytest.raises(ConfigError) as refused:
+            train_run(raw)
+        message = str(refused.value)
+        assert "was trained on another configuration" in message and all(n in message for n in named), message
+        assert len(message.splitlines()) == 2 + len(named), message  # only the keys that differ
+        run_ = _runs(mlflow_store)[0]
+        assert run_.info.status == "FAILED" and named[0] in run_.data.tags["error"]
+
+
+def test_resume_with_the_checkpoints_own_configuration_is_not_refused(tmp_path, capsys):
+    cfg = validate(compose_config(LOGGED_EACH_STEP))
+    checkpoint = _checkpoint_of(cfg, tmp_path)
+    guards.check_resume(str(checkpoint), guards.run_fingerprint(cfg, "classification", load_data(cfg.data).labels))
+    (checkpoint / guards.FINGERPRINT_NAME).unlink()  # saved before fingerprints: a note, not a refusal
+    guards.check_resume(str(checkpoint), {"data.task": "sft"})
+    assert "has no run_fingerprint.json" in capsys.readouterr().err
+    assert guards.run_fingerprint(cfg, "sft", None)["data.labels"] is None  # SFT has no labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -9,10 +10,11 @@ from typing import Optional
 
 import pytest
 import torch
+from transformers import set_seed
 
 from src import modeling
-from src.config import LoraConfig, QuantConfig
-from tests.conftest import OPENLLAMA_3B, tiny_model_config
+from src.config import LoraConfig, QuantConfig, validate
+from tests.conftest import OPENLLAMA_3B, compose_config, tiny_model_config
 
 LORA = LoraConfig(preset="attn_qv", r=8, alpha=16, dropout=0.0, bias="none", target_modules=None, modules_to_save=None)
 
@@ -244,3 +246,48 @@ def test_a_hub_that_answers_lets_the_download_go_on(monkeypatch):
         assert model_source_problem("builtin:tiny-llama", None, may_download=False) is None
     finally:
         server.shutdown()
+
+
+TEXTS = [
+    "the football match went to extra time",
+    "garlic",
+    "a new phone with a faster chip and a bigger battery was announced today",
+    "bake the bread",
+]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    cfg = validate(compose_config([]))
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    set_seed(0)
+    model = modeling.load_model(cfg.model, cfg.quant, "classification", ["a", "b", "c"], tokenizer.pad_token_id)
+    return tokenizer, modeling.apply_lora(model, cfg.lora, "classification").eval()
+
+
+def test_decoder_classifier_takes_a_padded_batch_of_four_without_a_pad_token(tiny_model_dir, classifier):
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tiny_model_dir).pad_token is None  # Llama-style: no pad token
+    assert json.loads((tiny_model_dir / "config.json").read_text())["pad_token_id"] is None
+    tokenizer, model = classifier
+    assert tokenizer.pad_token == tokenizer.eos_token
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (4, 3) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_an_example_alone_and_inside_a_padded_batch_gets_the_same_logits(classifier, side):
+    tokenizer, model = classifier
+    previous, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        with torch.no_grad():
+            batch = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+            alone = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in TEXTS])
+    finally:
+        tokenizer.padding_side = previous
+    torch.testing.assert_close(batch, alone, rtol=1e-4, atol=1e-5)
