@@ -138,7 +138,7 @@ def label_weights(cfg, labels: list) -> Optional[list[float]]:
 
 def classification_arguments(cfg, output_dir: str):
     """The TrainingArguments ``src.training.training_arguments`` builds for a classifier (that module needs mlflow;
-    the bench must not). ``tests/test_bench_classification.py`` checks the two stay equal."""
+    the bench must not). ``tests/unit/benchmarks/test_classification.py`` checks the two stay equal."""
     from transformers import TrainingArguments
 
     return TrainingArguments(**training_kwargs(cfg, output_dir, TrainingArguments))

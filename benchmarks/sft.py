@@ -296,7 +296,7 @@ def project_config(workload: Workload, model_dir: Path, device: str, overrides: 
 def sft_arguments(cfg, output_dir: str):
     """The SFTConfig ``src.training.training_arguments`` builds (that module needs mlflow; the bench must not).
 
-    ``tests/test_packing.py`` checks the two stay equal.
+    ``tests/unit/engine/test_flat.py`` checks the two stay equal.
     """
     from trl import SFTConfig
 

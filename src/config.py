@@ -52,7 +52,7 @@ OBJECTIVE_DEFAULTS = {  # task -> (metric, direction)
     "multilabel": ("eval_f1_micro", "maximize"),
     "sft": ("eval_loss", "minimize"),
 }
-# The metrics each task's evaluation returns (src/training.py computes them; tests/test_hardening.py keeps the
+# The metrics each task's evaluation returns (src/training.py computes them; tests/unit/test_training.py keeps the
 # two in step), besides one F1 per class or label under PER_LABEL_METRIC. objective.metric and
 # train.metric_for_best_model are checked against them, so a typo fails before the model loads, not after training.
 TASK_METRICS = {

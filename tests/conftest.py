@@ -55,7 +55,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
-# What tests may leave in the project tree: caches and build state, and the screenshots tests/test_browser.py keeps.
+# What tests may leave in the project tree: caches and build state, and the screenshots that
+# tests/integration/test_browser.py keeps.
 LOCAL_STATE = frozenset({".venv", ".venv-floor", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache", ".whl"})
 KEPT_OUTPUTS = frozenset({"tests/artifacts"})
 

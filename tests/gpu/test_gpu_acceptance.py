@@ -1,7 +1,7 @@
 """GPU acceptance suite: the issue's cases end to end, as a user runs them, on one GPU.
 
-    python -m pytest -m gpu tests/test_gpu_acceptance.py -q -rA --durations=0                          # a CUDA machine
-    LORA_GPU_SUITE_ON_CPU=1 python -m pytest -m gpu tests/test_gpu_acceptance.py -x -q --durations=0   # dry run, CPU
+    python -m pytest -m gpu tests/gpu/test_gpu_acceptance.py -q -rA --durations=0                       # a CUDA machine
+    LORA_GPU_SUITE_ON_CPU=1 python -m pytest -m gpu tests/gpu/test_gpu_acceptance.py -x -q --durations=0  # dry run, CPU
 
 Every case is a real subprocess (``python -m src.train``, ``src.compare``, ``src.predict``,
 ``src.export``) run from the project root, with its own SQLite MLflow store (``MLFLOW_TRACKING_URI``),
@@ -623,13 +623,13 @@ def test_predict_and_export_the_best_seed_table_run(seed_table, suite, tmp_path)
     assert stats["adapter_effect"] > 1e-3 * stats["logit_scale"], stats
     if suite.gpu:
         # ... bf16 storage of W + BA rounds each merged weight by up to half a bf16 step (2^-9 relative):
-        # logits of order 1 agree to a few 1e-2 (as tests/test_gpu.py allows for bf16), far closer than
+        # logits of order 1 agree to a few 1e-2 (as tests/gpu/test_gpu.py allows for bf16), far closer than
         # the base alone, and the argmax over 32,000 random-weight logits flips only at near-ties.
         assert stats["merge_error"] <= 3e-2 * max(stats["logit_scale"], 1.0), stats
         assert stats["merge_error"] <= 0.1 * stats["adapter_effect"], stats
         assert stats["argmax_agreement"] >= 0.9, stats
     else:
-        # float32 throughout: tests/test_export.py's tolerance.
+        # float32 throughout: tests/unit/runs/test_export.py's tolerance.
         assert stats["merge_error"] <= 1e-4 * max(stats["logit_scale"], 1.0), stats
         assert stats["argmax_agreement"] == 1.0, stats
 

@@ -2,7 +2,7 @@
 steps on random weights of its real architecture (Mistral-7B, BERT-large, OpenLLaMA-3B, Phi-3-mini) with stand-in
 data, ends FINISHED, and logs its peak GPU memory, which is set against ``src.plan``'s estimate.
 
-    python -m pytest -m gpu tests/test_gpu_seeds.py -q -rA -s        # a CUDA machine; LORA_GPU_SEEDS_OUT=FILE.json
+    python -m pytest -m gpu tests/gpu/test_gpu_seeds.py -q -rA -s        # a CUDA machine; LORA_GPU_SEEDS_OUT=FILE.json
 
 The five run at once (about 60 GiB together on an H200). Each keeps its experiment's recipe and changes only what a
 few-step check needs: the model directory, ``train.max_steps``, a shorter ``model.max_length`` (256; BERT's 512 and

@@ -1,8 +1,8 @@
-"""Functions that ``torch.multiprocessing.spawn`` runs as ranks in tests/test_ddp.py.
+"""Functions that ``torch.multiprocessing.spawn`` runs as ranks in tests/integration/test_ddp.py.
 
 They live apart from the test module because a spawned rank imports the module its function comes from: this one
-imports torch and src.distributed only, where tests/test_ddp.py would cost each rank MLflow, transformers and peft
-(about 20 s of the test on 2 cores).
+imports torch and src.distributed only, where tests/integration/test_ddp.py would cost each rank MLflow, transformers
+and peft (about 20 s of the test on 2 cores).
 """
 
 from __future__ import annotations

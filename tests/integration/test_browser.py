@@ -1,6 +1,6 @@
 """The MLflow UI in headless Chromium (Debian's ``chromium``) lists the runs of an experiment.
 
-Slow tier: ``pytest -m slow tests/test_browser.py``. Skips when ``chromium`` is not installed
+Slow tier: ``pytest -m slow tests/integration/test_browser.py``. Skips when ``chromium`` is not installed
 (``apt-get install -y chromium``). The screenshot is kept in ``tests/artifacts/``.
 """
 

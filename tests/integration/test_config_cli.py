@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.slow  # its command and checks run in the default tier in tests/test_console.py (a config error)
+@pytest.mark.slow  # its command and checks run in the default tier (tests/integration/test_console_cli.py)
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     proc = subprocess.run(
         [

@@ -2,8 +2,8 @@
 
 A process that starts CUDA and then forks leaves its children unable to use the GPU ("Cannot re-initialize CUDA
 in forked subprocess"): on a GPU machine every isolated trial then fails. CI has no GPU, so
-tests/cuda_probe/sitecustomize.py records, in every process of the sweep, each call that would start CUDA, and
-makes the CPU build of torch look like a CUDA build so that the GPU code paths run.
+tests/integration/cuda_probe/sitecustomize.py records, in every process of the sweep, each call that would start CUDA,
+and makes the CPU build of torch look like a CUDA build so that the GPU code paths run.
 """
 
 from __future__ import annotations

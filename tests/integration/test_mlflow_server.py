@@ -2,7 +2,7 @@
 
 This is what the MLflow UI and any other client see: params, metrics and their history, the
 sweep's parent/child link, and the adapter artifacts, listed and downloaded over plain HTTP.
-``serve_mlflow`` is shared with the slow-tier browser test (tests/test_browser.py).
+``serve_mlflow`` is shared with the slow-tier browser test (tests/integration/test_browser.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each test that needs PostgreSQL starts its own throwaway cluster (initdb in a te
 only, as the ``postgres`` user when run as root) and skips when the binaries are missing:
 ``apt-get install postgresql`` (``.ci/run`` does it). The slow tier holds the end-to-end runs:
 
-    python -m pytest -q -m slow tests/test_scaleout.py
+    python -m pytest -q -m slow tests/integration/test_scaleout.py
 """
 
 from __future__ import annotations

@@ -61,8 +61,9 @@ def test_grid_of_4_gives_4_finished_children_under_1_parent(tmp_path, mlflow_sto
     assert "best: eval_f1_macro=" in result.stdout
     for child in children:  # each trial process logged its run to the job's own train.log
         assert " finished: eval_f1_macro " in (Path(child.data.tags["output_dir"]) / "train.log").read_text()
-    # The one-click view of the sweep in the MLflow UI (tests/test_browser.py opens it in Chromium): a shared
-    # view on the experiment, this sweep's runs best first, the swept keys and the comparison's metrics as columns.
+    # The one-click view of the sweep in the MLflow UI (tests/integration/test_browser.py opens it in Chromium): a
+    # shared view on the experiment, this sweep's runs best first, the swept keys and the comparison's metrics as
+    # columns.
     experiment = mlflow.MlflowClient().get_experiment(parent.info.experiment_id)
     view = json.loads(experiment.tags[f"mlflow.sharedViewState.{sweep_id}"])
     assert view["searchFilter"] == f"tags.sweep_id = '{sweep_id}'"

@@ -35,7 +35,7 @@ def test_sigterm_or_ctrl_c_ends_the_run_killed_in_one_line(tmp_path, mlflow_stor
     assert proc.returncode == 128 + signum
 
 
-@pytest.mark.slow  # the default run end to end, shortened: tests/test_console.py
+@pytest.mark.slow  # the default run end to end, shortened: tests/integration/test_console_cli.py
 def test_offline_default_learns_above_the_majority_baseline(tmp_path):
     """The README's main command, as a user runs it (~15-30 s on 2 cores)."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"

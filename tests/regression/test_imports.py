@@ -85,7 +85,7 @@ def layer(name: str) -> str:
     if name in CORE:
         return "core"
     package = name.split(".")[1]
-    assert package in ALLOWED, f"{name}: not in a known layer; add it to tests/test_imports.py"
+    assert package in ALLOWED, f"{name}: not in a known layer; add it to tests/regression/test_imports.py"
     return package
 
 

@@ -35,8 +35,9 @@ def test_the_readme_marks_runnable_blocks():
 
 
 # The default tier runs the study; the four training runs (over a minute together) run in the slow tier, where
-# tests/test_train.py also checks that the default run learns. Their tasks stay in the default tier end to end:
-# `python -m src.train` shortened in tests/test_console.py, SFT, chat and multilabel in tests/test_train.py.
+# tests/integration/test_train_cli.py also checks that the default run learns. Their tasks stay in the default tier end
+# to end: `python -m src.train` shortened in tests/integration/test_console_cli.py, SFT, chat and multilabel in
+# tests/unit/test_fit.py.
 SLOW_COMMANDS = ("data=instructions", "data=chat", "data=topics_multilabel")
 OPTUNA_SWEEPS = ("rank_alpha", "pareto")
 

@@ -38,7 +38,7 @@ def test_every_group_has_options():
 def test_every_conf_yaml_composes_and_validates(group, option):
     raw = compose_config([f"{group}={option}", *REQUIRED_EXTRAS.get((group, option), [])])
     cfg = validate(raw)
-    if group == "experiment":  # a global diff, each seed's own model (tests/test_seeds.py checks the rest)
+    if group == "experiment":  # a global diff, each seed's own model (tests/unit/test_seeds.py checks the rest)
         assert cfg.model.name != "tiny" and "experiment" not in raw
     else:
         assert getattr(cfg, group) is not None

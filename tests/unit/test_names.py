@@ -39,7 +39,7 @@ def test_experiments_are_marked_as_model_training(tmp_path):
 
 def test_every_ui_link_asks_for_the_model_training_mode():
     """MLflow 3.17's UI ignores the experiment's type and opens in GenAI mode (an empty traces overview) unless the
-    link says ``workflowType=machine_learning`` (tests/test_browser.py loads these links in Chromium)."""
+    link says ``workflowType=machine_learning`` (tests/integration/test_browser.py loads these links in Chromium)."""
     from src import console
 
     mode = "workflowType=machine_learning"

@@ -314,7 +314,7 @@ def test_cached_dequantized_weights_give_the_four_bit_forward_and_gradients(tiny
 
 def test_cached_dequantized_weights_give_the_eight_bit_forward_and_gradients(tiny_model_dir):
     """On CPU bitsandbytes' int8 layer multiplies by its dequantized weight: the cache must give the same values.
-    (On CUDA, LLM.int8 also rounds the activations; tests/test_gpu.py measures that difference.)"""
+    (On CUDA, LLM.int8 also rounds the activations; tests/gpu/test_gpu.py measures that difference.)"""
     model = _four_bit_lora_model(tiny_model_dir, bits=8)
     batch = _collate(_examples([9, 17, 5, 12]), padding_free=True)
     num_items = sum(n - 3 for n in (9, 17, 5, 12))
