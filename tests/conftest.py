@@ -280,59 +280,63 @@ def start_training_until_it_logs(tmp_path: Path, uri: str, timeout_s: float = 30
 def run_module(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m <argv>`` in this process, as the interpreter would run it (``runpy``, ``__main__``), with its
     exit code and what it wrote to stdout and stderr. Saves a new interpreter (seconds of imports) where the test is
-    about what the command says and records; what a command changes in the process (logging set up by Hydra, signal
-    handlers, environment, an active MLflow run, Hydra's global state) is put back afterwards."""
+    about what the command says and records; what the command changes in the process is put back
+    (:func:`_process_state`)."""
     import io
-    import logging
     import runpy
-    import signal
     import warnings
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with _process_state(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        sys.argv = list(argv)
+        try:
+            with warnings.catch_warnings():  # the module runs as __main__ beside its imported self, as with -m
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["python", "-m", *argv], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _process_state():
+    """Put back what a command changes in its process: the logging Hydra set up, signal handlers, sys.argv, the
+    environment, the MLflow store it selected and its active run, Hydra's global state."""
+    import logging
+    import signal
 
     import mlflow
     from hydra.core.global_hydra import GlobalHydra
     from mlflow.tracking._tracking_service import utils as mlflow_uri
 
-    loggers = [
-        logging.getLogger(),
-        *(log for log in list(logging.Logger.manager.loggerDict.values()) if isinstance(log, logging.Logger)),
-    ]
+    named = list(logging.Logger.manager.loggerDict.values())
+    loggers = [logging.getLogger(), *(log for log in named if isinstance(log, logging.Logger))]
     saved_logging = [(log, log.handlers[:], log.level, log.propagate, log.disabled) for log in loggers]
     saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     saved_argv, saved_env, saved_uri = sys.argv[:], dict(os.environ), mlflow_uri._tracking_uri
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
     try:
-        if env is not None:
-            os.environ.clear()
-            os.environ.update(env)
-        sys.argv = [argv[0], *argv[1:]]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                with warnings.catch_warnings():  # the module ran as __main__ beside its imported self, as with -m
-                    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
-                    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-                if isinstance(exc.code, str):
-                    print(exc.code, file=sys.stderr)
+        yield
     finally:
         while mlflow.active_run():
             mlflow.end_run()
         GlobalHydra.instance().clear()
         for log, handlers, level, propagate, disabled in saved_logging:
-            for handler in log.handlers:
-                if handler not in handlers:
-                    handler.close()
+            for handler in set(log.handlers) - set(handlers):
+                handler.close()
             log.handlers[:] = handlers
             log.setLevel(level)
             log.propagate, log.disabled = propagate, disabled
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
-        sys.argv = saved_argv
-        mlflow_uri._tracking_uri = saved_uri  # the store a command set (mlflow.set_tracking_uri) is its own
+        sys.argv, mlflow_uri._tracking_uri = saved_argv, saved_uri
         os.environ.clear()
         os.environ.update(saved_env)
-    return subprocess.CompletedProcess(["python", "-m", *argv], code, out.getvalue(), err.getvalue())
 
 
 # FS_IOC_GETFLAGS / FS_IOC_SETFLAGS and FS_IMMUTABLE_FL (linux/fs.h): what ``chattr +i`` sets.

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from src import chat, modeling, training
+from src import chat, fit, modeling
 from src.config import ConfigError, validate
 from src.data import DataError, load_data
 from src.runs import predict
@@ -181,7 +181,7 @@ def test_the_loss_covers_exactly_the_last_assistant_reply(tmp_path, mlflow_store
     data = load_data(cfg.data, tokenizer, cfg.model.max_length)
     model = modeling.load_model(cfg.model, cfg.quant, "sft", None, tokenizer.pad_token_id)
     model = modeling.apply_lora(model, cfg.lora, "sft")
-    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
     for i, row in enumerate(trainer.train_dataset):
         batch = trainer.data_collator([row])
         ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()

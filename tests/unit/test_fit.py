@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import TrainerCallback, set_seed
 
-from src import guards, modeling, training
+from src import fit, guards, modeling
 from src.config import validate
 from src.data import load_data
 from tests.conftest import ROOT, compose_config, train_run
@@ -136,7 +136,7 @@ def test_adapter_learns_while_base_stays_frozen_and_reload_predicts_the_same(tmp
         modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id), cfg.lora, data.task
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, str(tmp_path / "ckpt"))
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, str(tmp_path / "ckpt"))
     trainer.train()
     after = dict(model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
@@ -225,7 +225,7 @@ def _one_step(tmp_path, overrides: list[str], micro_batch: int, accumulation: in
     tokenizer = modeling.load_tokenizer(cfg.model)
     model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
     model = modeling.apply_lora(model, cfg.lora, data.task)
-    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
     trainer.train()
     (log,) = [row for row in trainer.state.log_history if "loss" in row]
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -341,7 +341,7 @@ def _fresh_trainer(cfg, data, tokenizer, output_dir: Path):
     set_seed(cfg.train.seed)
     model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
     model = modeling.apply_lora(model, cfg.lora, data.task)
-    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, str(output_dir))
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, str(output_dir))
     return trainer, model
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from src import guards, modeling, training
+from src import fit, guards, modeling
 from src.config import validate
 from src.data import load_data
 from tests.conftest import ROOT, compose_config, train_run
@@ -77,7 +77,7 @@ def test_guard_stops_within_one_logging_step_of_the_first_nan(tmp_path, mlflow_s
     tokenizer = modeling.load_tokenizer(cfg.model)
     model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
     model = modeling.apply_lora(model, cfg.lora, data.task)
-    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, str(tmp_path / "ckpt"))
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, str(tmp_path / "ckpt"))
     trainer.add_callback(NanFromStep(model, step=5))
     if guard_on:
         with pytest.raises(guards.NonFiniteLossError, match="at step 6"):  # steps 4-6 are one logging window

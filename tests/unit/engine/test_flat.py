@@ -164,10 +164,10 @@ def test_fast_path_is_the_default_and_can_be_switched_off():
 
 
 def _train_sft(tmp_path, overrides, name):
-    """Train briefly through src.training.build_trainer; return the trainer and the batches it saw."""
+    """Train briefly through src.fit.build_trainer; return the trainer and the batches it saw."""
     from transformers import set_seed
 
-    from src import modeling, training
+    from src import fit, modeling
     from src.data import load_data
 
     raw = compose_config(
@@ -190,7 +190,7 @@ def _train_sft(tmp_path, overrides, name):
     tokenizer = modeling.load_tokenizer(cfg.model)
     model = modeling.load_model(cfg.model, cfg.quant, "sft", None, tokenizer.pad_token_id)
     model = modeling.apply_lora(model, cfg.lora, "sft")
-    trainer, _, _ = training.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
     seen: list[list[tuple[int, ...]]] = []  # per micro-batch: the examples' token ids
     collate = trainer.data_collator
 
