@@ -55,6 +55,28 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
+# The default tier's longest files (their tests' seconds, summed, from --durations), started first: under
+# --dist loadfile a long file dealt out last keeps one worker busy while the others idle.
+LONGEST_FIRST = (
+    "tests/regression/test_readme.py",
+    "tests/unit/test_seeds.py",
+    "tests/unit/test_fit.py",
+    "tests/integration/test_train_cli.py",
+    "tests/integration/test_disk_full.py",
+    "tests/integration/test_console_cli.py",
+    "tests/integration/test_sweeps.py",
+    "tests/integration/test_packs_cli.py",
+    "tests/unit/test_config.py",
+    "tests/unit/engine/test_classification.py",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The files of LONGEST_FIRST first, in its order; the others after, in collection order (a stable sort)."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 # What tests may leave in the project tree: caches and build state, and the screenshots that
 # tests/integration/test_browser.py keeps.
 LOCAL_STATE = frozenset({".venv", ".venv-floor", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache", ".whl"})

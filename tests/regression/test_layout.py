@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 
-from tests.conftest import ROOT
+from tests.conftest import LONGEST_FIRST, ROOT
 
 TESTS = ROOT / "tests"
 LAYERS = ("unit", "integration", "gpu", "regression")
@@ -72,3 +72,7 @@ def test_every_test_file_sits_in_a_layer():
         if path.relative_to(TESTS).parts[0] not in LAYERS
     ]
     assert not stray, f"test files outside tests/{{{','.join(LAYERS)}}}/: {stray}"
+
+
+def test_the_files_started_first_exist():
+    assert [path for path in LONGEST_FIRST if not (ROOT / path).is_file()] == []
