@@ -199,12 +199,19 @@ def mlflow_store(tmp_path, monkeypatch, empty_mlflow_db):
         mlflow.end_run()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def tiny_model_dir() -> Path:
-    """The built tiny Llama (built once per machine under .cache/)."""
-    from src.tiny import resolve
+    """The built tiny Llama, built once per machine under .cache/, before a session's first test and under a lock:
+    parallel workers (pytest-xdist) never build it side by side (the second would remove the first's copy while
+    its tests read it), and the commands their tests start find it built."""
+    from filelock import FileLock
 
-    return Path(resolve("builtin:tiny-llama"))
+    from src.tiny import BUILTINS, resolve
+
+    cache = BUILTINS["tiny-llama"].parent
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache / ".tiny-llama.lock"):
+        return Path(resolve("builtin:tiny-llama"))
 
 
 # A small encoder's shape: random checkpoints of BERT and RoBERTa that plan, pack and train in seconds on CPU.
