@@ -4,7 +4,7 @@ Every field is a :func:`dataclasses.field` whose metadata holds ``help`` (``pyth
 and, where the value is constrained, ``choices`` (:func:`choice`) or a domain (:func:`src.config_rules.bounded`).
 Defaults live in the YAML files under ``conf/``; the schema has none, so a key the YAML forgets is reported as
 missing rather than silently filled in. The exceptions are keys added after runs were stored, whose schema default
-lets an older run's config.yaml validate; tests/test_config.py keeps each equal to the value the YAML composes to.
+lets an older run's config.yaml validate; tests/unit/test_config.py keeps each equal to the value the YAML composes to.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ OBJECTIVE_DEFAULTS = {  # task -> (metric, direction)
     "multilabel": ("eval_f1_micro", "maximize"),
     "sft": ("eval_loss", "minimize"),
 }
-# The metrics each task's evaluation returns (src/training.py computes them; tests/test_hardening.py keeps the
+# The metrics each task's evaluation returns (src/training.py computes them; tests/unit/test_training.py keeps the
 # two in step), besides one F1 per class or label under PER_LABEL_METRIC. objective.metric and
 # train.metric_for_best_model are checked against them, so a typo fails before the model loads, not after training.
 TASK_METRICS = {

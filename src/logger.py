@@ -1,7 +1,7 @@
 """The project logger: ``log`` (the ``src`` logger) and :func:`say`, one line for the user.
 
 A leaf module (no project import), so that every module can log, also those that :mod:`src.console` reaches
-through :mod:`src.tracking`. ``print`` is only for a command's stdout payload (tests/test_logging_rule.py).
+through :mod:`src.tracking`. ``print`` is only for a command's stdout payload (tests/regression/test_logging_rule.py).
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ ARCH = {
 
 
 # The tokenizer's and pretraining's corpus: the bundled sets it was first built from, named so that a set added
-# later (seed 001's intents) leaves the tiny model, and the losses pinned in tests/test_pinned_loss.py, as they were.
+# later (seed 001's intents) leaves the tiny model, and the losses pinned in tests/regression/test_pinned_loss.py,
+# as they were.
 CORPUS_FILES = ("instructions_train.jsonl", "topics_multilabel_train.csv", "topics_train.csv")
 
 

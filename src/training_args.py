@@ -1,7 +1,7 @@
 """The Trainer's arguments from the ``train`` config: one builder for the trainer (``src.fit``) and the benchmarks.
 
 Pure and MLflow-free: the benchmarks time the trainers without the tracker, so this module imports nothing of it
-(``tests/test_training_args.py`` checks in a fresh interpreter).
+(``tests/integration/test_training_args.py`` checks in a fresh interpreter).
 """
 
 from __future__ import annotations

@@ -27,6 +27,18 @@ OPENLLAMA_3B = dict(
     tie_word_embeddings=False,
 )
 
+# Shrinks any job to seconds on CPU; eval only at the end, on 16 rows.
+TINY = [
+    "model=tiny",
+    "data=topics",
+    "train=default",
+    "train.max_steps=2",
+    "data.subsample=32",
+    "data.eval_subsample=16",
+    "train.eval_strategy=no",
+    "tracking.log_adapter=false",
+]
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -34,7 +46,39 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
-# What tests may leave in the project tree: caches and build state, and the screenshots tests/test_browser.py keeps.
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker a core, at most 4, since each holds torch and starts training
+    processes of its own; none for a tier that selects the GPU tests, which share the GPUs and time them."""
+    marks = (config.getoption("markexpr") or "").replace("not gpu", "")
+    if "gpu" in marks:
+        return 0
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+# The default tier's longest files (their tests' seconds, summed, from --durations), started first: under
+# --dist loadfile a long file dealt out last keeps one worker busy while the others idle.
+LONGEST_FIRST = (
+    "tests/regression/test_readme.py",
+    "tests/unit/test_seeds.py",
+    "tests/unit/test_fit.py",
+    "tests/integration/test_train_cli.py",
+    "tests/integration/test_disk_full.py",
+    "tests/integration/test_console_cli.py",
+    "tests/integration/test_sweeps.py",
+    "tests/integration/test_packs_cli.py",
+    "tests/unit/test_config.py",
+    "tests/unit/engine/test_classification.py",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The files of LONGEST_FIRST first, in its order; the others after, in collection order (a stable sort)."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+# What tests may leave in the project tree: caches and build state, and the screenshots that
+# tests/integration/test_browser.py keeps.
 LOCAL_STATE = frozenset({".venv", ".venv-floor", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache", ".whl"})
 KEPT_OUTPUTS = frozenset({"tests/artifacts"})
 
@@ -155,12 +199,52 @@ def mlflow_store(tmp_path, monkeypatch, empty_mlflow_db):
         mlflow.end_run()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def tiny_model_dir() -> Path:
-    """The built tiny Llama (built once per machine under .cache/)."""
-    from src.tiny import resolve_builtin
+    """The built tiny Llama, built once per machine under .cache/, before a session's first test and under a lock:
+    parallel workers (pytest-xdist) never build it side by side (the second would remove the first's copy while
+    its tests read it), and the commands their tests start find it built."""
+    from filelock import FileLock
 
-    return Path(resolve_builtin("builtin:tiny-llama"))
+    from src.tiny import BUILTINS, resolve_builtin
+
+    cache = BUILTINS["tiny-llama"].parent
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache / ".tiny-llama.lock"):
+        return Path(resolve_builtin("builtin:tiny-llama"))
+
+
+# A small encoder's shape: random checkpoints of BERT and RoBERTa that plan, pack and train in seconds on CPU.
+SMALL_ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory, tiny_model_dir):
+    """``random_checkpoint(model_type, weights=False, **architecture)``: a model directory, made once a session for
+    each architecture. Its config.json; with ``weights``, random weights (seed 0) and the tiny model's tokenizer
+    too. Config-only directories are for the planner (built on the meta device, never loaded). Shared: copy one
+    before changing it."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    made: dict[tuple, Path] = {}
+
+    def make(model_type: str, weights: bool = False, **architecture) -> Path:
+        key = (model_type, weights, *sorted(architecture.items()))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"{model_type}-{'random' if weights else 'config'}")
+            config = AutoConfig.for_model(model_type, **architecture)
+            if weights:
+                import torch
+
+                torch.manual_seed(0)
+                AutoModel.from_config(config).save_pretrained(path)
+                AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+            else:
+                config.save_pretrained(path)
+            made[key] = path
+        return made[key]
+
+    return make
 
 
 def tiny_model_config(tiny_model_dir: Path):
@@ -220,3 +304,102 @@ def start_training_until_it_logs(tmp_path: Path, uri: str, timeout_s: float = 30
             )
         time.sleep(1)
     return proc
+
+
+def run_module(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m <argv>`` in this process, as the interpreter would run it (``runpy``, ``__main__``), with its
+    exit code and what it wrote to stdout and stderr. Saves a new interpreter (seconds of imports) where the test is
+    about what the command says and records; what the command changes in the process is put back
+    (:func:`_process_state`)."""
+    import io
+    import runpy
+    import warnings
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with _process_state(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        sys.argv = list(argv)
+        try:
+            with warnings.catch_warnings():  # the module runs as __main__ beside its imported self, as with -m
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["python", "-m", *argv], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _process_state():
+    """Put back what a command changes in its process: the logging Hydra set up, signal handlers, sys.argv, the
+    environment, the MLflow store it selected and its active run, Hydra's global state."""
+    import logging
+    import signal
+
+    import mlflow
+    from hydra.core.global_hydra import GlobalHydra
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
+    named = list(logging.Logger.manager.loggerDict.values())
+    loggers = [logging.getLogger(), *(log for log in named if isinstance(log, logging.Logger))]
+    saved_logging = [(log, log.handlers[:], log.level, log.propagate, log.disabled) for log in loggers]
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    saved_argv, saved_env, saved_uri = sys.argv[:], dict(os.environ), mlflow_uri._tracking_uri
+    try:
+        yield
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        GlobalHydra.instance().clear()
+        for log, handlers, level, propagate, disabled in saved_logging:
+            for handler in set(log.handlers) - set(handlers):
+                handler.close()
+            log.handlers[:] = handlers
+            log.setLevel(level)
+            log.propagate, log.disabled = propagate, disabled
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+        sys.argv, mlflow_uri._tracking_uri = saved_argv, saved_uri
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+# FS_IOC_GETFLAGS / FS_IOC_SETFLAGS and FS_IMMUTABLE_FL (linux/fs.h): what ``chattr +i`` sets.
+_GET_FLAGS, _SET_FLAGS, _IMMUTABLE = 0x80086601, 0x40086602, 0x10
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """``path`` read-only even for root (who ignores file modes): the immutable attribute where the filesystem
+    has it, else the test skips."""
+    path.chmod(0o444)
+    immutable = os.geteuid() == 0
+    if immutable:
+        try:
+            _set_immutable(path, True)
+        except OSError:
+            path.chmod(0o644)
+            pytest.skip("running as root on a filesystem without the immutable attribute: no file is read-only here")
+    try:
+        yield
+    finally:
+        if immutable:
+            _set_immutable(path, False)
+        path.chmod(0o644)
+
+
+def _set_immutable(path: Path, on: bool) -> None:
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (flags,) = struct.unpack("i", fcntl.ioctl(fd, _GET_FLAGS, struct.pack("i", 0)))
+        flags = flags | _IMMUTABLE if on else flags & ~_IMMUTABLE
+        fcntl.ioctl(fd, _SET_FLAGS, struct.pack("i", flags))
+    finally:
+        os.close(fd)

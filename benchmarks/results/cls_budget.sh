@@ -10,7 +10,7 @@ python3 - "$model" <<'PY'
 import sys, torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from src.tiny import resolve_builtin
-from tests.test_gpu_acceptance import QWEN25_05B
+from tests.gpu.test_gpu_acceptance import QWEN25_05B
 torch.manual_seed(0)
 with torch.device("cuda"):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **QWEN25_05B), dtype=torch.bfloat16)

@@ -12,7 +12,7 @@ What the fast path changes, and why learning does not change:
   (``masking_utils.find_packed_sequence_indices``; only without a KV cache, so the trainer passes
   ``use_cache=False``), so an example never attends to another one,
   and the label of each example's first token is -100, so no token is predicted across a
-  boundary. No FLOP is spent on padding. ``tests/test_packing.py`` checks the per-token loss
+  boundary. No FLOP is spent on padding. ``tests/unit/engine/test_flat.py`` checks the per-token loss
   and the LoRA gradients against the padded batch of the same examples.
 - **The optimizer step is the config's.** Each step still takes
   ``per_device_train_batch_size x gradient_accumulation_steps`` examples, in the same order;

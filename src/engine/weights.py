@@ -94,7 +94,7 @@ def cache_dequantized_weights(
     activations row-wise to int8 (keeping outlier columns above its threshold in fp16) and finds
     those columns on the host, a GPU sync in every layer that rules out CUDA graphs. The cached
     forward multiplies the unquantized activations, as bitsandbytes' CPU path does; so the weights
-    are the 8-bit base's, the activations are not rounded to 8 bits. ``tests/test_gpu.py`` measures
+    are the 8-bit base's, the activations are not rounded to 8 bits. ``tests/gpu/test_gpu.py`` measures
     the difference. The quantized weights stay (saving and merging still see them).
     """
     cached, used = 0, 0.0

@@ -17,7 +17,7 @@ share is the step:
   per-example attention over the examples' bounds).
 
 A trial that finishes, is pruned or fails leaves the pack (:meth:`Pack.leave`), and the rest go on; a NaN loss
-stops its own trial (``train.stop_on_nonfinite_loss``). ``tests/test_packed_trials.py`` checks that each trial of
+stops its own trial (``train.stop_on_nonfinite_loss``). ``tests/unit/packs/test_packs.py`` checks that each trial of
 a pack of 3 (different r, targets and learning rates) gives the losses and final adapter weights of the same trial
 run alone.
 

@@ -129,7 +129,7 @@ def forkserver_preload() -> list[str]:
     in forked subprocess"). bitsandbytes starts it at import (``torch.cuda.get_device_capability``), and peft
     imports bitsandbytes, as does transformers' Trainer through peft; so with a CUDA build of torch each trial
     imports those itself (a few seconds); with a CPU build there is no CUDA to start, and the server imports
-    them too. tests/test_cuda_isolation.py records any CUDA start outside a trial.
+    them too. tests/integration/test_cuda_isolation.py records any CUDA start outside a trial.
     Not src.train itself: the server runs the main module as __mp_main__, and a preloaded copy would make
     that a second import of the same module.
     """

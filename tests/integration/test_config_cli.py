@@ -1,0 +1,33 @@
+"""Config errors through the real command: one message, no traceback, before the model loads; and ``--help``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow  # its command and checks run in the default tier (tests/integration/test_console_cli.py)
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.train",
+            "lora.r=0",
+            "train.learning_rate=-1",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "lora.r: must be >= 1, got 0" in proc.stderr
+    assert "train.learning_rate: must be > 0, got -1.0" in proc.stderr
+    assert "Traceback" not in proc.stderr

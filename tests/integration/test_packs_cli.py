@@ -1,0 +1,138 @@
+"""Packed trials (``hydra.sweeper.pack``) as real sweeps: child runs, step lines, pruning, a SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from src import tracking
+from src.sweeps.job import run_pack_job
+from tests.unit.packs.test_faults import HANG_S
+from tests.unit.packs.test_packs import COMMON, TRIALS, _raw, _step_lines_by_name
+
+
+def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, mlflow_store):
+    """``hydra.sweeper.pack=3`` over a grid of 4 SFT jobs: one pack of 3 and one job alone, as subprocesses."""
+    from tests.integration.sweeping import runs, split_runs, sweep
+
+    args = [
+        "--multirun",
+        "lora.r=2,4",
+        "lora=attn_qv,all_linear",
+        "hydra.sweeper.pack=3",
+        *COMMON[:3],
+        "train.max_steps=2",
+        "train.eval_strategy=no",
+        "tracking.log_adapter=false",
+    ]
+    result = sweep(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 jobs as 2 launches (hydra.sweeper.pack=3: 1 packs)" in result.stdout
+    parents, children = split_runs(mlflow_store)
+    assert len(parents) == 1 and len(children) == 4 and len(runs(mlflow_store)) == 5
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    packed = sorted(c.data.tags.get("pack_trial", "-") for c in children)
+    assert packed == ["-", "t0", "t1", "t2"]  # the 4th job of the grid ran alone
+    assert sorted((c.data.params["lora.r"], c.data.params["lora.preset"]) for c in children) == [
+        ("2", "all_linear"),
+        ("2", "attn_qv"),
+        ("4", "all_linear"),
+        ("4", "attn_qv"),
+    ]
+    assert len({c.data.tags["output_dir"] for c in children}) == 4
+    assert parents[0].data.metrics["jobs_finished"] == 4
+
+
+@pytest.mark.slow  # ~45 s on a shared CPU: a packed grid of 2 as a real sweep, its trials' lines on its output
+def test_each_step_line_of_a_packed_sweep_names_its_trial(tmp_path, mlflow_store):
+    from tests.integration.sweeping import split_runs, sweep
+
+    args = ["--multirun", "train.learning_rate=1e-3,5e-3", "hydra.sweeper.pack=2", *COMMON[:3]]
+    args += ["train.max_steps=2", "train.logging_steps=1", "train.eval_strategy=steps", "train.eval_steps=2"]
+    result = sweep([*args, "tracking.log_adapter=false"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 jobs as 1 launches (hydra.sweeper.pack=2: 1 packs)" in result.stdout
+    _, children = split_runs(mlflow_store)
+    names = sorted(c.info.run_name for c in children)
+    assert len(set(names)) == 2 and all(c.data.tags["pack_size"] == "2" for c in children)
+    lines, labelled = _step_lines_by_name(result.stdout + result.stderr, names, 2)
+    assert len(lines) == sum(len(own) for own in labelled.values()), lines  # no line without its trial's name
+    for name, own in labelled.items():  # two train lines, one eval line, the end-of-training line
+        assert len(own) == 4, (name, lines)
+        assert f"[{name}] eval  step 2/2" in "\n".join(own)
+        assert all("tokens/s " in line for line in own if "eval  " not in line), own
+
+
+@pytest.mark.slow  # ~1 min: an Optuna study in packs of 2, pruning (the median of the trials completed before)
+def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
+    import optuna
+
+    from tests.integration.sweeping import split_runs, sweep
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [
+        "--multirun",
+        "hydra/sweeper=lora_optuna",
+        "hydra/sweeper/pruner=median",
+        "hydra.sweeper.pruner.n_startup_trials=0",
+        "hydra.sweeper.sampler.seed=0",
+        "hydra.sweeper.sampler.constant_liar=true",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.pack=2",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=packed",
+        "lora.r=choice(2,4,8,16)",
+        "train.learning_rate=interval(1e-5,1e-1)",
+        *COMMON[:4],
+        "train.max_steps=6",
+        "train.eval_strategy=steps",
+        "train.eval_steps=2",
+        "tracking.log_adapter=false",
+    ]
+    result = sweep(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = optuna.load_study(study_name="packed", storage=storage).trials
+    states = sorted(t.state.name for t in trials)
+    assert len(trials) == 6 and "PRUNED" in states and "COMPLETE" in states, states
+    _, children = split_runs(mlflow_store)
+    assert len(children) == 6 and {c.data.tags["pack_size"] for c in children} == {"2"}
+    by_trial = {int(c.data.tags["optuna_trial"]): c for c in children}
+    for trial in trials:
+        run_ = by_trial[trial.number]
+        if trial.state.name == "PRUNED":
+            assert run_.info.status == "KILLED" and run_.data.tags["status"] == "PRUNED"
+        else:
+            assert run_.info.status == "FINISHED"
+            assert run_.data.metrics["objective"] == pytest.approx(trial.value)
+
+
+def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path, mlflow_store):
+    """SIGTERM of the pack's own process (its sweeper still waiting): the trial still training ends KILLED, and the
+    one that had finished stays a finished job in the result the sweeper reads."""
+    import multiprocessing
+
+    members = [
+        (_raw(tmp_path, "short", [*TRIALS[0], "train.max_steps=1"]), None),
+        (_raw(tmp_path, "long", [*TRIALS[1], "train.max_steps=400"]), None),
+    ]
+
+    def kill_once_the_short_one_finished():
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
+            runs = tracking.runs_of_output_dir(members[0][0])
+            if runs and runs[0].info.status == "FINISHED":
+                (process,) = [p for p in multiprocessing.active_children() if p.name == "lora-sweep-pack"]
+                os.kill(process.pid, signal.SIGTERM)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=kill_once_the_short_one_finished, daemon=True).start()
+    result = run_pack_job(members, isolate=True)["pack"]
+    assert result[0]["status"] == "ok", result
+    assert result[1]["status"] == "failed" and result[1]["error_type"] == "Terminated", result
+    assert tracking.runs_of_output_dir(members[1][0])[0].info.status == "KILLED"

@@ -1,0 +1,237 @@
+"""Packed trials (``hydra.sweeper.pack``, :mod:`src.packs.model`): several trials on one base, each as if alone."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from src.config import validate
+from src.sweeps.job import run_pack_job
+from tests.conftest import compose_config, train_run
+
+COMMON = [
+    "data=instructions",
+    "data.subsample=40",
+    "data.eval_subsample=8",
+    "data.num_sample_prompts=1",
+    "train.max_steps=4",
+    "train.logging_steps=1",
+    "train.eval_strategy=no",
+    "train.per_device_train_batch_size=4",
+    "lora.dropout=0.0",
+]
+# Three trials of different rank, targets and learning rate (and one a different schedule and seed).
+TRIALS = [
+    ["lora=attn_qv", "lora.r=4", "train.learning_rate=2e-3"],
+    ["lora=all_linear", "lora.r=8", "lora.alpha=8", "train.learning_rate=5e-3", "train.seed=7"],
+    ["lora=attn_qv", "lora.r=2", "train.learning_rate=1e-2", "train.lr_scheduler_type=constant", "train.max_steps=3"],
+]
+
+
+def _raw(tmp_path, name: str, overrides: list[str]) -> dict:
+    raw = compose_config([*COMMON, *overrides])
+    raw["output_dir"] = str(tmp_path / name)
+    return raw
+
+
+def _losses(run_id: str) -> list[float]:
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def _adapter(tmp_path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+
+
+def test_each_trial_of_a_pack_trains_as_it_would_alone(tmp_path, mlflow_store):
+
+    alone = []
+    for i, overrides in enumerate(TRIALS):
+        train_run(_raw(tmp_path, f"alone{i}", overrides))
+        alone.append(mlflow.last_active_run().info.run_id)
+    result = run_pack_job([(_raw(tmp_path, f"pack{i}", o), None) for i, o in enumerate(TRIALS)])
+    packed = result["pack"]
+    assert [r["status"] for r in packed] == ["ok"] * 3, packed
+    for i, (solo_id, trial) in enumerate(zip(alone, packed)):
+        solo_losses, pack_losses = _losses(solo_id), _losses(trial["run_id"])
+        assert len(pack_losses) == (3 if i == 2 else 4)
+        assert pack_losses == pytest.approx(solo_losses, rel=1e-5, abs=1e-6), (i, solo_losses, pack_losses)
+        solo_w, pack_w = _adapter(tmp_path, f"alone{i}"), _adapter(tmp_path, f"pack{i}")
+        assert sorted(solo_w) == sorted(pack_w)
+        for key in solo_w:  # the issue's tolerance: 1e-5 (Adam's step amplifies float noise in tiny gradients)
+            torch.testing.assert_close(pack_w[key], solo_w[key], rtol=1e-5, atol=1e-5)
+        lora_b = [key for key in pack_w if "lora_B" in key]
+        assert all(pack_w[key].abs().max() > 0 for key in lora_b)  # it trained (B starts at zero)
+        run_ = mlflow.get_run(trial["run_id"])
+        assert run_.info.status == "FINISHED"
+        assert run_.data.tags["pack_size"] == "3" and run_.data.tags["pack_trial"] == f"t{i}"
+        solo_run = mlflow.get_run(solo_id)
+        for metric in ("trainable_params", "total_params"):
+            assert run_.data.metrics[metric] == solo_run.data.metrics[metric], metric
+        assert run_.data.params["lora.resolved_targets"] == solo_run.data.params["lora.resolved_targets"]
+
+
+def test_a_trial_that_fails_fails_alone(tmp_path, mlflow_store):
+
+    bad = ["lora=attn_qv", "train.learning_rate=1e30", "train.stop_on_nonfinite_loss=true"]
+    members = [(_raw(tmp_path, "good", TRIALS[0]), None), (_raw(tmp_path, "bad", bad), None)]
+    result = run_pack_job(members)["pack"]
+    assert result[0]["status"] == "ok", result
+    assert result[1]["status"] == "failed" and result[1]["run_id"], result
+    assert mlflow.get_run(result[1]["run_id"]).info.status == "FAILED"
+    assert len(_losses(result[0]["run_id"])) == 4
+
+
+def test_an_invalid_trial_fails_before_the_pack_starts(tmp_path, mlflow_store):
+
+    members = [(_raw(tmp_path, "good", TRIALS[0]), None), (_raw(tmp_path, "bad", ["lora.r=0"]), None)]
+    result = run_pack_job(members, isolate=False)["pack"]
+    assert [r["status"] for r in result] == ["ok", "failed"], result
+    assert result[1]["error_type"] == "ConfigError"
+
+
+def test_unpackable_names_why():
+    from src.sweeps.grouping import unpackable
+
+    def cfg(overrides):
+        raw = compose_config(overrides)
+        raw["output_dir"] = "unused"
+        return validate(raw, for_training=True)
+
+    assert unpackable(cfg(["data=instructions"])) is None
+    assert "data.task=classification" in unpackable(cfg(["data=topics"]))
+    assert "lora.bias" in unpackable(cfg(["data=instructions", "lora.bias=all"]))
+    assert "fast_path" in unpackable(cfg(["data=instructions", "train.fast_path=false"]))
+
+
+def _step_lines_by_name(output: str, names: list[str], max_steps: int) -> tuple[list[str], dict[str, list[str]]]:
+    """The metric lines in ``output`` (train, eval and end-of-training), and those that start with each name."""
+    lines = [line for line in output.splitlines() if f"/{max_steps}  " in line and "loss" in line]
+    return lines, {name: [line for line in lines if f"[{name}] " in line] for name in names}
+
+
+def test_the_metric_lines_of_a_pack_say_which_trial_each_is(tmp_path, mlflow_store, caplog):
+
+    trials = [["lora=attn_qv", "lora.r=2"], ["lora=attn_qv", "lora.r=4"]]
+    steps = ["train.max_steps=2", "train.eval_strategy=steps", "train.eval_steps=2"]
+    members = [(_raw(tmp_path, f"pack{i}", [*o, *steps]), None) for i, o in enumerate(trials)]
+    with caplog.at_level("INFO", logger="src"):
+        result = run_pack_job(members, isolate=False)["pack"]
+    assert [r["status"] for r in result] == ["ok", "ok"], result
+    names = [mlflow.get_run(r["run_id"]).info.run_name for r in result]
+    assert len(set(names)) == 2
+    lines, labelled = _step_lines_by_name("\n".join(r.getMessage() for r in caplog.records), names, 2)
+    assert len(lines) == sum(len(own) for own in labelled.values()), lines  # no line without its trial's name
+    for name, own in labelled.items():  # two train lines, one eval line, the end-of-training line
+        assert len(own) == 4, (name, lines)
+        assert f"[{name}] eval  step 2/2" in "\n".join(own)
+        assert all("tokens/s " in line for line in own if "eval  " not in line), own
+
+
+def test_a_pack_that_does_not_fit_is_split():
+    """The pack's estimate at its least (src.plan: the base once) against a forced free memory."""
+    from src.memory import pack_estimate_gb, plan
+    from src.sweeps.configs import FeasibilityConf
+    from src.sweeps.feasibility import fit_pack
+
+    def cfg(overrides):
+        raw = compose_config(["data=instructions", "train.per_device_train_batch_size=1", *overrides])
+        raw["train"]["activation_checkpointing"] = True  # the least the check plans for
+        raw["output_dir"] = "unused"
+        return validate(raw, for_training=True)
+
+    cfgs = [cfg(["lora=attn_qv"]), cfg(["lora=all_linear"]), cfg(["lora=attn_qv", "lora.r=16"])]
+    least = [plan(c).est_mem_breakdown_gb for c in cfgs]
+    two, three = pack_estimate_gb(least[:2]), pack_estimate_gb(least)
+    assert two < three
+    assert fit_pack(cfgs, FeasibilityConf(mode="off")) == [[0, 1, 2]]
+    assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=1000.0)) == [[0, 1, 2]]
+    assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=(two + three) / 2)) == [[0, 1], [2]]
+    assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=0.001)) == [[0], [1], [2]]
+
+
+@pytest.mark.slow  # ~20 s; its sides are the default tier's pack and solo runs, which the tests above check
+def test_the_pack_bench_runs_both_sides_on_cpu(tmp_path):
+    """``python -m src.bench --workload tiny-pack3 --device cpu``: its code paths, not its numbers."""
+    import json
+
+    from src.bench import main
+
+    out = tmp_path / "bench.json"
+    args = ["--workload", "tiny-pack3", "--device", "cpu", "--examples", "16", "--model-dir", str(tmp_path / "m")]
+    assert main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    seq, packed = result["sides"]["sequential"], result["sides"]["packed"]
+    assert len(seq["run_ids"]) == len(packed["run_ids"]) == 3
+    assert seq["train_tokens"] == packed["train_tokens"] > 0  # the same rows, once per trial, on both sides
+    assert all(isinstance(v, float) for v in seq["eval_loss"] + packed["eval_loss"])
+    assert result["speedup"] == pytest.approx(seq["wall_s"] / packed["wall_s"])
+
+
+def _tiny_pack(*loras: list[str], dropout: float):
+    """The tiny model with one adapter per ``loras`` (their overrides) as a pack, on per-example attention."""
+    from src import modeling
+    from src.engine.attention import use_flat_attention
+    from src.packs import model as pack_model
+
+    cfgs = []
+    for lora in loras:
+        raw = compose_config(["data=instructions", f"lora.dropout={dropout}", *lora])
+        raw["output_dir"] = "unused"
+        cfgs.append(validate(raw, for_training=True))
+    tokenizer = modeling.load_tokenizer(cfgs[0].model)
+    model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
+    pack = pack_model.build_pack(model, [c.lora for c in cfgs], "sft", [0] * len(cfgs))
+    use_flat_attention(pack.model)
+    return pack
+
+
+def test_one_trial_s_nan_weights_leave_the_others_finite():
+    """The routed layers never put two trials' weights in one matmul: NaN in t1's adapter (forward and backward)
+    stays in t1's tokens and gradients."""
+    from src.packs import model as pack_model
+
+    pack = _tiny_pack(["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.1)
+    with torch.no_grad():
+        for _, param in pack_model.adapter_parameters(pack.model, "t1"):
+            param.fill_(float("nan"))
+    ids = torch.randint(5, 500, (1, 24))
+    positions = torch.arange(12).repeat(2).unsqueeze(0)
+    route = (pack_model.Segment("t0", 0, 12), pack_model.Segment("t1", 12, 24))
+    with pack_model._route(route):
+        bounds = (0, 12, 24)
+        logits = pack.model(input_ids=ids, position_ids=positions, use_cache=False, flat_seq_bounds=bounds).logits
+        assert torch.isfinite(logits[:, :12]).all() and torch.isnan(logits[:, 12:]).all()
+        logits[:, :12].float().logsumexp(-1).sum().backward()
+    grads = [p.grad for _, p in pack_model.adapter_parameters(pack.model, "t0")]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)
+
+
+def test_a_joint_step_that_fails_on_one_trial_s_row_fails_that_trial_alone():
+    """One trial's row breaks the joint step (here its labels are out of the vocabulary): each row then runs alone,
+    so the trial whose own step fails gets the error and the other its loss and gradients."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from src.packs import model as pack_model
+
+    pack = _tiny_pack(["lora=attn_qv", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.0)
+    trainer = SimpleNamespace(attention="per-example", compute_loss_context_manager=contextlib.nullcontext)
+    vocab = pack.model.get_base_model().config.vocab_size
+
+    def row(bad: bool) -> dict:
+        ids = torch.randint(5, 500, (1, 12))
+        labels = ids.clone()
+        labels[0, 0] = -100
+        if bad:
+            labels[0, 5] = vocab + 7
+        return {"input_ids": ids, "position_ids": torch.arange(12).unsqueeze(0), "labels": labels, "bounds": (0, 12)}
+
+    results = pack._run_step({"t0": (trainer, row(False), 11), "t1": (trainer, row(True), 11)})
+    assert isinstance(results["t1"], Exception) and not isinstance(results["t0"], Exception), results
+    assert torch.isfinite(results["t0"])
+    grads = [p.grad for _, p in pack_model.adapter_parameters(pack.model, "t0")]
+    assert all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
