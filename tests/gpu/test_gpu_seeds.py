@@ -4,11 +4,12 @@ data, ends FINISHED, and logs its peak GPU memory, which is set against ``src.pl
 
     python -m pytest -m gpu tests/gpu/test_gpu_seeds.py -q -rA -s        # a CUDA machine; LORA_GPU_SEEDS_OUT=FILE.json
 
-The five run at once (about 60 GiB together on an H200). Each keeps its experiment's recipe and changes only what a
-few-step check needs: the model directory, ``train.max_steps``, a shorter ``model.max_length`` (256; BERT's 512 and
-Phi-3's 4,096 would make the stand-in batches no more telling), eval sizes, and a memory budget for the SFT fast path
-(five processes each planning for 90% of one GPU would overrun it). The stand-in texts fill ``model.max_length``, so
-the planner's full-length batches are the batches that run.
+The five run at once where the card has room for their plans together (an H200), else in waves that each fit
+(an 80 GB H100: Phi-3-mini's full fine-tuning alone plans ~44 GiB). Each keeps its experiment's recipe and changes
+only what a few-step check needs: the model directory, ``train.max_steps``, a shorter ``model.max_length`` (256;
+BERT's 512 and Phi-3's 4,096 would make the stand-in batches no more telling), eval sizes, and a memory budget for
+the SFT fast path (five processes each planning for 90% of one GPU would overrun it). The stand-in texts fill
+``model.max_length``, so the planner's full-length batches are the batches that run.
 """
 
 from __future__ import annotations
@@ -57,6 +58,41 @@ def _output_root(seed: str, root: Path) -> Path:
     return root
 
 
+def _needed_gb(overrides: list[str]) -> float:
+    """What a seed's run may take of the card: its plan's need, or the SFT fast path's budget where that is more."""
+    cfg = with_label_set(validate(compose_config(overrides)))
+    return max(plan(cfg).est_gpu_mem_needed_gb, cfg.train.memory_budget_gb or 0.0)
+
+
+def _free_gpu_gb() -> float:
+    """The first GPU's free memory, read by nvidia-smi: this process starts no CUDA context of its own."""
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(out.split()[0]) / 1024
+
+
+def waves(needed_gb: dict[str, float], free_gb: float, room: float = 0.9) -> list[list[str]]:
+    """The seeds in waves, in order, each wave's needs summing to at most ``room`` of the free memory (a seed that
+    does not fit even alone is a wave of its own)."""
+    found: list[list[str]] = [[]]
+    for seed, need in needed_gb.items():
+        if found[-1] and sum(needed_gb[s] for s in found[-1]) + need > room * free_gb:
+            found.append([])
+        found[-1].append(seed)
+    return found
+
+
+def test_the_seeds_run_in_waves_that_fit_the_card():
+    needs = {"000": 7.0, "001": 1.5, "002": 16.0, "003": 16.0, "004": 45.0}
+    assert waves(needs, 139.0) == [["000", "001", "002", "003", "004"]]  # an H200: all at once
+    assert waves(needs, 79.0) == [["000", "001", "002", "003"], ["004"]]  # an H100
+    assert waves({"a": 90.0, "b": 1.0}, 79.0) == [["a"], ["b"]]
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = Path(os.environ.get("LORA_GPU_SUITE_CACHE") or tmp_path_factory.mktemp("seed-models"))
@@ -102,7 +138,9 @@ def test_every_seed_experiment_finishes_on_its_architecture_and_its_peak_meets_t
             in_memory.append(output_root)
         args = [*overrides[seed], f"hydra.run.dir={output_root / 'out'}"]
         commands[seed] = Command("src.train", args, Store(root))
-    results = dict(zip(commands, run_together(*commands.values())))
+    results = {}
+    for wave in waves({seed: _needed_gb(overrides[seed]) for seed in commands}, _free_gpu_gb()):
+        results.update(zip(wave, run_together(*(commands[seed] for seed in wave))))
     report = {}
     for seed, result in results.items():
         assert result.returncode == 0, f"seed {seed}: " + tail(result)
