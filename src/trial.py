@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from src.errors import StoreError, cause_line
 from src.logger import say
+from src.optuna_compat import reopen_trial
 
 STORAGE_ENV = "LORA_OPTUNA_STORAGE"
 
@@ -178,10 +179,7 @@ def current_trial(env: Optional[dict[str, str]] = None):
     stored = study.user_attrs.get(PRUNER_ATTR)
     if stored:
         study.pruner = build_pruner(stored)
-    number = int(env[TRIAL_ENV])
-    # Optuna has no public way to reopen a running trial by number from another process.
-    trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number)
-    return optuna.trial.Trial(study, trial_id)
+    return reopen_trial(study, int(env[TRIAL_ENV]))
 
 
 def trial_callbacks(metric: str, env: Optional[dict[str, str]] = None) -> list:

@@ -28,11 +28,12 @@ sees are the thin subclasses in ``hydra_plugins/lora_sweeps/sweepers.py``.
 The modules, sweeper side first: ``configs`` (the Hydra configs and their defaults), ``base`` (what both sweepers
 share: settings, setup, one launch path for jobs and packs), ``grid`` and ``study`` (the two sweepers), ``space``,
 ``study_trials`` and ``study_report`` (the study's search space, its trials' bookkeeping, its best trials and
-artifacts), ``optuna_compat`` (the Optuna internals the sweeper needs), ``grouping`` (jobs into packs of one base),
+artifacts), ``grouping`` (jobs into packs of one base),
 ``placement`` (GPUs per job), ``record`` (the parent run, the sweep's lines and summary), ``stale`` (runs a killed
 process left RUNNING); ``outcomes`` (what jobs and sweepers tell each other: :class:`~src.sweeps.outcomes.JobResult`,
-its status, the tag and attribute names); job side: ``job`` (one job: its process, feasibility), and
+its status, the tag and attribute names); job side: ``job`` (one job: its process and result), ``feasibility``
+(its memory check), and
 :mod:`src.trial` (its Optuna trial: storage, pruner, pruning callback).
-Sweeps build on the core (``src.config``, ``src.tracking``, ``src.plan``, ...) and ``src.fit`` (a job's run, imported
+Sweeps build on the core (``src.config``, ``src.tracking``, ``src.memory``, ...) and ``src.fit`` (a job's run, imported
 by name), never on ``src.train``; the core never imports a sweep module.
 """

@@ -45,13 +45,12 @@ from typing import Any, Optional
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from src import tracking
+from src import optuna_compat, tracking
 from src.config import config_changes
 from src.names import filter_value, text_problem
-from src.sweeps import optuna_compat
+from src.optuna_compat import fail_stale
 from src.sweeps.base import Job, SweeperBase
 from src.sweeps.configs import OptunaSweeperConf, unvetted_targets
-from src.sweeps.optuna_compat import fail_stale
 from src.sweeps.outcomes import (
     DEFINITION_ATTR,
     DUPLICATE_OF_ATTR,

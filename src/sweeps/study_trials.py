@@ -9,8 +9,7 @@ import os
 import socket
 from typing import Any, Optional
 
-from src import tracking
-from src.sweeps import optuna_compat
+from src import optuna_compat, tracking
 from src.sweeps.outcomes import (
     ADOPTED_ATTR,
     DUPLICATE_OF_ATTR,

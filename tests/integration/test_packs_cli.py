@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from src import tracking
 from src.sweeps.job import run_pack_job
-from tests.unit.packs.test_faults import HANG_S
+from tests.unit.packs.test_faults import HANG_S, _runs
 from tests.unit.packs.test_packs import COMMON, TRIALS, _raw, _step_lines_by_name
 
 
@@ -124,7 +123,7 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
     def kill_once_the_short_one_finished():
         deadline = time.monotonic() + HANG_S
         while time.monotonic() < deadline:
-            runs = tracking.runs_of_output_dir(members[0][0])
+            runs = _runs(members[0][0])
             if runs and runs[0].info.status == "FINISHED":
                 (process,) = [p for p in multiprocessing.active_children() if p.name == "lora-sweep-pack"]
                 os.kill(process.pid, signal.SIGTERM)
@@ -135,4 +134,4 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
     result = run_pack_job(members, isolate=True)["pack"]
     assert result[0]["status"] == "ok", result
     assert result[1]["status"] == "failed" and result[1]["error_type"] == "Terminated", result
-    assert tracking.runs_of_output_dir(members[1][0])[0].info.status == "KILLED"
+    assert _runs(members[1][0])[0].info.status == "KILLED"

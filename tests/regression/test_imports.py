@@ -48,6 +48,7 @@ CORE = {
         "chat",
         "classifier",
         "trial",
+        "optuna_compat",
         "training_args",
         "ui_links",
     )

@@ -1,4 +1,5 @@
-"""The Optuna internals the sweeper needs, in one place; checked on Optuna 5.1.0 (``pyproject.toml`` pins >= 4).
+"""The Optuna internals the sweeper and its jobs need, in one place; checked on Optuna 5.1.0 (``pyproject.toml`` pins
+>= 4). A core module, so that :mod:`src.trial` (what a job's run reports to) uses it too.
 
 Optuna's own trial loop (``Study.optimize``) runs one trial at a time in its process; the sweeper asks trials,
 launches them as Hydra jobs and tells their outcomes, so it does by hand what ``optimize`` does for itself:
@@ -13,7 +14,8 @@ launches them as Hydra jobs and tells their outcomes, so it does by hand what ``
   its warning is silenced here).
 - :func:`fail_stale`: ``optuna.storages.fail_stale_trials`` (public, experimental: as above).
 
-src/trial.py (core) also reaches ``FrozenTrial._trial_id`` to rebuild a job's ``optuna.trial.Trial``.
+- :func:`reopen_trial`: a job's ``optuna.trial.Trial`` in another process, by its number: Optuna has no public way
+  to reopen a RUNNING trial, so through ``FrozenTrial._trial_id``.
 """
 
 from __future__ import annotations
@@ -57,3 +59,11 @@ def fail_stale(study: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def reopen_trial(study: Any, number: int) -> Any:
+    """The RUNNING trial ``number`` of ``study`` as an ``optuna.trial.Trial`` this process can report to and prune."""
+    import optuna
+
+    trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number)
+    return optuna.trial.Trial(study, trial_id)
