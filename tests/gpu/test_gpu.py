@@ -39,9 +39,9 @@ def _model(attention: str, head_dim: int, kv_heads: int):
         attn_implementation="sdpa",
     )
     model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
-    assert {"varlen": fast_attention.use_varlen_attention, "per-example": fast_attention.use_flat_attention}[
-        attention
-    ](model)
+    assert {"varlen": fast_attention.use_varlen_attention, "per-example": fast_attention.use_flat_attention}[attention](
+        model
+    )
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
     for name, param in model.named_parameters():
         if "lora_B" in name:

@@ -18,8 +18,15 @@ from tests.integration.test_mlflow_server import serve_mlflow
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
     "--window-size=1600,1000",
 ]
 # name -> objective; the UI is asked to sort by it, best first.
@@ -42,9 +49,18 @@ def render(chromium: str, url: str, profile: Path, screenshot: Path, budget_ms: 
     flags = [f for f in CHROMIUM_FLAGS if not (size and f.startswith("--window-size="))]
     flags += [f"--window-size={size}"] if size else []
     done = subprocess.run(
-        [chromium, *flags, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
-         f"--screenshot={screenshot}", "--dump-dom", url],
-        capture_output=True, text=True, timeout=180,
+        [
+            chromium,
+            *flags,
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            f"--screenshot={screenshot}",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -52,8 +52,20 @@ def serve_mlflow(backend_uri: str, artifact_root: Path, log_path: Path) -> Itera
     process group, and its output is kept in ``log_path`` for a failing test to show.
     """
     port = free_port()
-    cmd = [mlflow_executable(), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", backend_uri, "--default-artifact-root", artifact_root.as_uri()]
+    cmd = [
+        mlflow_executable(),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend_uri,
+        "--default-artifact-root",
+        artifact_root.as_uri(),
+    ]
     base = f"http://127.0.0.1:{port}"
     # The GenAI job runner starts a dozen worker processes that reading runs does not need.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -92,8 +104,9 @@ def get_json(base: str, route: str, **query) -> dict:
 
 
 def post_json(base: str, route: str, body: dict) -> dict:
-    request = urllib.request.Request(f"{base}{route}", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}{route}", data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 
@@ -119,13 +132,23 @@ def trained_store(tmp_path_factory):
     objectives = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for name, env in (("standalone", {}),
-                          ("child", {tracking.PARENT_RUN_ENV: parent, tracking.SWEEP_ID_ENV: "sweep-1"})):
+        for name, env in (
+            ("standalone", {}),
+            ("child", {tracking.PARENT_RUN_ENV: parent, tracking.SWEEP_ID_ENV: "sweep-1"}),
+        ):
             for key, value in env.items():
                 mp.setenv(key, value)
-            raw = compose_config(["train.max_steps=2", "train.logging_steps=1", "train.eval_strategy=no",
-                                  "data.subsample=32", "data.eval_fraction=0.02",
-                                  "tracking.experiment=server-test", f"tracking.run_name={name}"])
+            raw = compose_config(
+                [
+                    "train.max_steps=2",
+                    "train.logging_steps=1",
+                    "train.eval_strategy=no",
+                    "data.subsample=32",
+                    "data.eval_fraction=0.02",
+                    "tracking.experiment=server-test",
+                    f"tracking.run_name={name}",
+                ]
+            )
             raw["output_dir"] = str(root / name)
             objectives[name] = train_run(raw)
     client.set_terminated(parent, "FINISHED")
@@ -142,12 +165,16 @@ def server(trained_store):
 
 
 def test_rest_api_reads_back_params_metrics_links_and_artifacts(trained_store, server):
-    found = post_json(server, "/api/2.0/mlflow/runs/search",
-                      {"experiment_ids": [trained_store["experiment_id"]], "max_results": 10})
+    found = post_json(
+        server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [trained_store["experiment_id"]], "max_results": 10}
+    )
     runs = {r["info"]["run_name"]: r for r in found["runs"]}
     assert set(runs) == {"sweep-parent", "standalone", "child"}
     assert {name: r["info"]["status"] for name, r in runs.items()} == {
-        "sweep-parent": "FINISHED", "standalone": "FINISHED", "child": "FINISHED"}
+        "sweep-parent": "FINISHED",
+        "standalone": "FINISHED",
+        "child": "FINISHED",
+    }
 
     def as_dict(run: dict, field: str) -> dict:
         return {item["key"]: item["value"] for item in run["data"].get(field, [])}
@@ -158,18 +185,40 @@ def test_rest_api_reads_back_params_metrics_links_and_artifacts(trained_store, s
     child_tags, standalone_tags = as_dict(runs["child"], "tags"), as_dict(runs["standalone"], "tags")
     assert child_tags["mlflow.parentRunId"] == parent_id and child_tags["sweep_id"] == "sweep-1"
     assert "mlflow.parentRunId" not in standalone_tags and "sweep_id" not in standalone_tags
-    found = post_json(server, "/api/2.0/mlflow/runs/search", {
-        "experiment_ids": [trained_store["experiment_id"]], "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'"})
+    found = post_json(
+        server,
+        "/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [trained_store["experiment_id"]], "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'"},
+    )
     assert [r["info"]["run_name"] for r in found["runs"]] == ["child"]
 
     for name in ("standalone", "child"):
         run_id = runs[name]["info"]["run_id"]
         params = as_dict(runs[name], "params")
-        assert {k: params[k] for k in ("model.name", "data.task", "quant.bits", "lora.preset", "lora.r", "lora.alpha",
-                                       "lora.resolved_targets", "train.max_steps", "data.subsample")} == {
-            "model.name": "tiny", "data.task": "classification", "quant.bits": "16", "lora.preset": "attn_qv",
-            "lora.r": "8", "lora.alpha": "16", "lora.resolved_targets": "q_proj,v_proj", "train.max_steps": "2",
-            "data.subsample": "32"}
+        assert {
+            k: params[k]
+            for k in (
+                "model.name",
+                "data.task",
+                "quant.bits",
+                "lora.preset",
+                "lora.r",
+                "lora.alpha",
+                "lora.resolved_targets",
+                "train.max_steps",
+                "data.subsample",
+            )
+        } == {
+            "model.name": "tiny",
+            "data.task": "classification",
+            "quant.bits": "16",
+            "lora.preset": "attn_qv",
+            "lora.r": "8",
+            "lora.alpha": "16",
+            "lora.resolved_targets": "q_proj,v_proj",
+            "train.max_steps": "2",
+            "data.subsample": "32",
+        }
         metrics = as_dict(runs[name], "metrics")
         assert metrics["objective"] == pytest.approx(trained_store["objectives"][name])
         assert metrics["objective"] == metrics["eval_f1_macro"]
@@ -213,8 +262,16 @@ def test_compare_reads_the_real_runs(trained_store, tmp_path, capsys, monkeypatc
     metrics = child.data.metrics
     assert row["run_ids"] == [child.info.run_id] and row["best"] is True
     assert {k: row[k] for k in ("run", "model", "task", "bits", "targets", "r", "alpha", "seeds", "status")} == {
-        "run": "child", "model": "tiny", "task": "classification", "bits": 16, "targets": "q_proj,v_proj", "r": 8,
-        "alpha": 16, "seeds": [42], "status": "FINISHED"}
+        "run": "child",
+        "model": "tiny",
+        "task": "classification",
+        "bits": 16,
+        "targets": "q_proj,v_proj",
+        "r": 8,
+        "alpha": 16,
+        "seeds": [42],
+        "status": "FINISHED",
+    }
     assert row["eval_f1_macro"] == pytest.approx(trained_store["objectives"]["child"])
     assert row["trainable_params_m"] == pytest.approx(metrics["trainable_params"] / 1e6)
     assert row["train_runtime_s"] == pytest.approx(metrics["train_runtime_s"])

@@ -70,8 +70,7 @@ READER = textwrap.dedent("""
 
 
 def _python(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -90,21 +89,41 @@ def test_study_written_by_one_process_is_read_by_optuna_in_another(tmp_path, kin
     proposed = []
     for _ in range(5):
         trial = replay.ask()
-        proposed.append({"lora.r": trial.suggest_categorical("lora.r", [4, 8, 16]),
-                         "train.learning_rate": trial.suggest_float("train.learning_rate", 1e-4, 1e-2, log=True)})
+        proposed.append(
+            {
+                "lora.r": trial.suggest_categorical("lora.r", [4, 8, 16]),
+                "train.learning_rate": trial.suggest_float("train.learning_rate", 1e-4, 1e-2, log=True),
+            }
+        )
         replay.tell(trial, 0.0)
 
     assert seen["modules"] == []  # the reader is plain Optuna
     states = ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
     # A pruned trial's value is its last reported intermediate value (Optuna's rule).
-    values = [p["lora.r"] / 16 + p["train.learning_rate"] if s == "COMPLETE" else 0.1 if s == "PRUNED" else None
-              for p, s in zip(proposed, states)]
+    values = [
+        p["lora.r"] / 16 + p["train.learning_rate"] if s == "COMPLETE" else 0.1 if s == "PRUNED" else None
+        for p, s in zip(proposed, states)
+    ]
     assert seen["trials"] == [
-        {"number": i, "state": s, "params": p, "value": v, "intermediate": {"1": 0.1} if s == "PRUNED" else {},
-         "user_attrs": {"mlflow_run_id": f"run-{i}", **({"fail_reason": "RuntimeError: boom"} if s == "FAIL" else {})}}
+        {
+            "number": i,
+            "state": s,
+            "params": p,
+            "value": v,
+            "intermediate": {"1": 0.1} if s == "PRUNED" else {},
+            "user_attrs": {
+                "mlflow_run_id": f"run-{i}",
+                **({"fail_reason": "RuntimeError: boom"} if s == "FAIL" else {}),
+            },
+        }
         for i, (s, p, v) in enumerate(zip(states, proposed, values))
     ]
     best = max((i for i, s in enumerate(states) if s == "COMPLETE"), key=lambda i: values[i])
     assert seen["best"] == {"number": best, "value": values[best], "params": proposed[best]}
-    assert seen["summary"] == {"name": "rank-alpha", "direction": "MAXIMIZE", "n_trials": 5, "best_trial": best,
-                               "user_attrs": {"mlflow_parent_run_id": "0123abcd"}}
+    assert seen["summary"] == {
+        "name": "rank-alpha",
+        "direction": "MAXIMIZE",
+        "n_trials": 5,
+        "best_trial": best,
+        "user_attrs": {"mlflow_parent_run_id": "0123abcd"},
+    }

@@ -239,8 +239,6 @@ def test_lora_on_lm_head_trains_on_the_fast_path(tmp_path, mlflow_store):
     assert head_b and head_b[0].abs().max() > 0  # zero at init: only a gradient moves it
 
 
-
-
 def _four_bit_lora_model(tiny_model_dir, bits: int = 4):
     from src import modeling
     from src.config import LoraConfig, QuantConfig

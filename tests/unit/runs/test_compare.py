@@ -52,13 +52,24 @@ def test_pick_best_respects_direction_and_breaks_ties_by_fewer_params():
 
 
 def _row(name, seed, value, status="FINISHED", config="a"):
-    return {"run": name, "run_ids": [f"id-{name}-{seed}"], "seeds": [seed], "q": value, "status": status,
-            "config_key": config}
+    return {
+        "run": name,
+        "run_ids": [f"id-{name}-{seed}"],
+        "seeds": [seed],
+        "q": value,
+        "status": status,
+        "config_key": config,
+    }
 
 
 def test_group_seeds_means_and_sample_std_of_finished_runs_only():
-    rows = [_row("a", 1, 0.6), _row("b", 1, 0.5, config="b"), _row("a", 2, 0.8), _row("a", 3, None),
-            _row("a", 4, 0.1, status="FAILED")]
+    rows = [
+        _row("a", 1, 0.6),
+        _row("b", 1, 0.5, config="b"),
+        _row("a", 2, 0.8),
+        _row("a", 3, None),
+        _row("a", 4, 0.1, status="FAILED"),
+    ]
     grouped = group_seeds(rows, ["q"])
     assert [r["run"] for r in grouped] == ["a", "b", "a"]
     a, b, failed = grouped
@@ -72,8 +83,16 @@ def test_group_seeds_means_and_sample_std_of_finished_runs_only():
 def test_format_table_md_csv_json_html():
     columns = [Column("run", "run"), Column("q", "quality", ".3f", "max"), Column("status", "status")]
     rows = [
-        {"run": "x|y", "run_ids": ["r1", "r2"], "seeds": [1, 2], "q": 0.5, "std": {"q": 0.25}, "status": "FINISHED",
-         "best": True, "pareto": True},
+        {
+            "run": "x|y",
+            "run_ids": ["r1", "r2"],
+            "seeds": [1, 2],
+            "q": 0.5,
+            "std": {"q": 0.25},
+            "status": "FINISHED",
+            "best": True,
+            "pareto": True,
+        },
         {"run": "z", "run_ids": ["r3"], "seeds": [1], "q": None, "status": "FAILED", "best": False, "pareto": False},
     ]
     assert format_table(rows, columns, "md") == (
@@ -83,18 +102,26 @@ def test_format_table_md_csv_json_html():
         "|            | z    |             - | FAILED   |"
     )
     assert format_table(rows, columns, "csv") == (
-        "mark,run_id,run,q,q_std,status\n"
-        "best front,r1;r2,x|y,0.5,0.25,FINISHED\n"
-        ",r3,z,,,FAILED"
+        "mark,run_id,run,q,q_std,status\nbest front,r1;r2,x|y,0.5,0.25,FINISHED\n,r3,z,,,FAILED"
     )
     assert json.loads(format_table(rows, columns, "json")) == {
-        "columns": [{"key": "run", "header": "run", "direction": None},
-                    {"key": "q", "header": "quality", "direction": "max"},
-                    {"key": "status", "header": "status", "direction": None}],
-        "rows": [{"best": True, "pareto": True, "run_ids": ["r1", "r2"], "run": "x|y", "q": 0.5, "status": "FINISHED",
-                  "std": {"q": 0.25}},
-                 {"best": False, "pareto": False, "run_ids": ["r3"], "run": "z", "q": None, "status": "FAILED",
-                  "std": {}}],
+        "columns": [
+            {"key": "run", "header": "run", "direction": None},
+            {"key": "q", "header": "quality", "direction": "max"},
+            {"key": "status", "header": "status", "direction": None},
+        ],
+        "rows": [
+            {
+                "best": True,
+                "pareto": True,
+                "run_ids": ["r1", "r2"],
+                "run": "x|y",
+                "q": 0.5,
+                "status": "FINISHED",
+                "std": {"q": 0.25},
+            },
+            {"best": False, "pareto": False, "run_ids": ["r3"], "run": "z", "q": None, "status": "FAILED", "std": {}},
+        ],
     }
     page = format_table(rows, columns, "html")
     assert '<tr class="best"><td>best front</td><td>x|y</td><td style="text-align:right">0.500 ± 0.250</td>' in page
@@ -104,31 +131,106 @@ def test_format_table_md_csv_json_html():
 # --- the command on a real MLflow store ------------------------------------------------------------
 
 CHILD_PARAMS = {
-    "model.name": "tiny", "data.name": "topics", "data.task": "classification", "quant.bits": "16",
-    "lora.target_modules": "null", "objective.metric": "null", "objective.direction": "null", "lora.dropout": "0.05",
+    "model.name": "tiny",
+    "data.name": "topics",
+    "data.task": "classification",
+    "quant.bits": "16",
+    "lora.target_modules": "null",
+    "objective.metric": "null",
+    "objective.direction": "null",
+    "lora.dropout": "0.05",
 }
 # name -> (start, params, final metrics, status). Runs A and B repeat one config with seeds 1 and 2.
 CHILDREN = {
-    "A": (2100, {"lora.preset": "attn_qv", "lora.resolved_targets": "q_proj,v_proj", "lora.r": "8",
-                 "lora.alpha": "16", "train.seed": "1"},
-          {"objective": 0.625, "eval_accuracy": 0.5, "trainable_params": 4096, "trainable_pct": 0.5,
-           "train_tokens_per_s": 1000.0, "train_runtime_s": 10.0, "peak_gpu_mem_gb": 2.0}, "FINISHED"),
-    "B": (2200, {"lora.preset": "attn_qv", "lora.resolved_targets": "q_proj,v_proj", "lora.r": "8",
-                 "lora.alpha": "16", "train.seed": "2"},
-          {"objective": 0.875, "eval_accuracy": 1.0, "trainable_params": 4096, "trainable_pct": 0.5,
-           "train_tokens_per_s": 1200.0, "train_runtime_s": 12.0, "peak_gpu_mem_gb": 2.0}, "FINISHED"),
-    "C": (2300, {"lora.preset": "all_linear", "lora.resolved_targets": "q_proj,k_proj,v_proj,o_proj", "lora.r": "16",
-                 "lora.alpha": "32", "train.seed": "1"},
-          {"objective": 0.75, "eval_accuracy": 0.8, "trainable_params": 32768, "trainable_pct": 4.0,
-           "train_tokens_per_s": 800.0, "train_runtime_s": 20.0, "peak_gpu_mem_gb": 3.0}, "FINISHED"),
-    "D": (2400, {"lora.preset": "attn_qv", "lora.target_modules": "['k_proj', 'o_proj']", "lora.r": "4",
-                 "lora.alpha": "8", "train.seed": "1"},
-          {"objective": 0.6, "eval_accuracy": 0.7, "trainable_params": 2048, "trainable_pct": 0.25,
-           "train_tokens_per_s": 1500.0, "train_runtime_s": 8.0, "peak_gpu_mem_gb": 1.5}, "FINISHED"),
+    "A": (
+        2100,
+        {
+            "lora.preset": "attn_qv",
+            "lora.resolved_targets": "q_proj,v_proj",
+            "lora.r": "8",
+            "lora.alpha": "16",
+            "train.seed": "1",
+        },
+        {
+            "objective": 0.625,
+            "eval_accuracy": 0.5,
+            "trainable_params": 4096,
+            "trainable_pct": 0.5,
+            "train_tokens_per_s": 1000.0,
+            "train_runtime_s": 10.0,
+            "peak_gpu_mem_gb": 2.0,
+        },
+        "FINISHED",
+    ),
+    "B": (
+        2200,
+        {
+            "lora.preset": "attn_qv",
+            "lora.resolved_targets": "q_proj,v_proj",
+            "lora.r": "8",
+            "lora.alpha": "16",
+            "train.seed": "2",
+        },
+        {
+            "objective": 0.875,
+            "eval_accuracy": 1.0,
+            "trainable_params": 4096,
+            "trainable_pct": 0.5,
+            "train_tokens_per_s": 1200.0,
+            "train_runtime_s": 12.0,
+            "peak_gpu_mem_gb": 2.0,
+        },
+        "FINISHED",
+    ),
+    "C": (
+        2300,
+        {
+            "lora.preset": "all_linear",
+            "lora.resolved_targets": "q_proj,k_proj,v_proj,o_proj",
+            "lora.r": "16",
+            "lora.alpha": "32",
+            "train.seed": "1",
+        },
+        {
+            "objective": 0.75,
+            "eval_accuracy": 0.8,
+            "trainable_params": 32768,
+            "trainable_pct": 4.0,
+            "train_tokens_per_s": 800.0,
+            "train_runtime_s": 20.0,
+            "peak_gpu_mem_gb": 3.0,
+        },
+        "FINISHED",
+    ),
+    "D": (
+        2400,
+        {
+            "lora.preset": "attn_qv",
+            "lora.target_modules": "['k_proj', 'o_proj']",
+            "lora.r": "4",
+            "lora.alpha": "8",
+            "train.seed": "1",
+        },
+        {
+            "objective": 0.6,
+            "eval_accuracy": 0.7,
+            "trainable_params": 2048,
+            "trainable_pct": 0.25,
+            "train_tokens_per_s": 1500.0,
+            "train_runtime_s": 8.0,
+            "peak_gpu_mem_gb": 1.5,
+        },
+        "FINISHED",
+    ),
     "E": (2500, {"lora.preset": "mlp", "lora.r": "8", "lora.alpha": "16", "train.seed": "1"}, {}, "FAILED"),
 }
-RUN_NAMES = {"A": "tiny-16bit-attn_qv-r8-a16", "B": "tiny-16bit-attn_qv-r8-a16", "C": "tiny-16bit-all_linear-r16-a32",
-             "D": "tiny-16bit-k_proj+o_proj-r4-a8", "E": "tiny-16bit-mlp-r8-a16"}
+RUN_NAMES = {
+    "A": "tiny-16bit-attn_qv-r8-a16",
+    "B": "tiny-16bit-attn_qv-r8-a16",
+    "C": "tiny-16bit-all_linear-r16-a32",
+    "D": "tiny-16bit-k_proj+o_proj-r4-a8",
+    "E": "tiny-16bit-mlp-r8-a16",
+}
 
 
 def _make_run(client, experiment_id, name, start, params, metrics, status, tags):
@@ -141,8 +243,10 @@ def _make_run(client, experiment_id, name, start, params, metrics, status, tags)
     curves = []
     if "objective" in metrics:  # history: train_loss per step, eval_f1_macro per evaluation ending at the objective
         curves = [Metric("train_loss", 2.0 / step, start + step, step) for step in (1, 2, 3)]
-        curves += [Metric("eval_f1_macro", metrics["objective"] / 2, start + 2, 2),
-                   Metric("eval_f1_macro", metrics["objective"], start + 3, 3)]
+        curves += [
+            Metric("eval_f1_macro", metrics["objective"] / 2, start + 2, 2),
+            Metric("eval_f1_macro", metrics["objective"], start + 3, 3),
+        ]
     if final or curves:
         client.log_batch(run_id, metrics=final + curves)
     if status == "FAILED":
@@ -161,14 +265,29 @@ def sweep_store_template(tmp_path_factory):
     client.create_experiment("empty", artifact_location=(root / "empty").as_uri())
     experiment_id = client.create_experiment("cmp", artifact_location=(root / "artifacts").as_uri())
     old_parent = _make_run(client, experiment_id, "sweep-old", 1000, {}, {}, "FINISHED", {"sweep_id": "s1"})
-    _make_run(client, experiment_id, "old-child", 1100, {**CHILD_PARAMS, **CHILDREN["C"][1]}, {"objective": 0.1},
-              "FINISHED", {"sweep_id": "s1", "mlflow.parentRunId": old_parent})
+    _make_run(
+        client,
+        experiment_id,
+        "old-child",
+        1100,
+        {**CHILD_PARAMS, **CHILDREN["C"][1]},
+        {"objective": 0.1},
+        "FINISHED",
+        {"sweep_id": "s1", "mlflow.parentRunId": old_parent},
+    )
     parent = _make_run(client, experiment_id, "sweep-s2", 2000, {}, {}, "FINISHED", {"sweep_id": "s2"})
     ids = {}
     for key, (start, params, metrics, status) in CHILDREN.items():
-        ids[key] = _make_run(client, experiment_id, RUN_NAMES[key], start,
-                             {**CHILD_PARAMS, **params, "output_dir": f"/tmp/out/{key}"}, metrics, status,
-                             {"sweep_id": "s2", "mlflow.parentRunId": parent})
+        ids[key] = _make_run(
+            client,
+            experiment_id,
+            RUN_NAMES[key],
+            start,
+            {**CHILD_PARAMS, **params, "output_dir": f"/tmp/out/{key}"},
+            metrics,
+            status,
+            {"sweep_id": "s2", "mlflow.parentRunId": parent},
+        )
     return {"db": root / "mlflow.db", "experiment_id": experiment_id, "parent": parent, "ids": ids}
 
 
@@ -208,22 +327,102 @@ def test_compare_md_table_of_newest_sweep(sweep_store, capsys):
     lines = out.rstrip("\n").split("\n")
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
     assert cells[0] == [
-        "mark", "run", "run id", "model", "data", "task", "base bits", "target modules", "r", "alpha", "seeds",
-        "eval_f1_macro", "eval_accuracy", "trainable params (M)", "trainable %", "peak GPU mem (GB)", "tokens/s",
-        "runtime (s)", "status"]
+        "mark",
+        "run",
+        "run id",
+        "model",
+        "data",
+        "task",
+        "base bits",
+        "target modules",
+        "r",
+        "alpha",
+        "seeds",
+        "eval_f1_macro",
+        "eval_accuracy",
+        "trainable params (M)",
+        "trainable %",
+        "peak GPU mem (GB)",
+        "tokens/s",
+        "runtime (s)",
+        "status",
+    ]
     # A and B (seeds 1, 2) are one row: mean ± sample std. It ties C on quality (0.75) and wins on fewer params.
     ids = {key: run_id[:8] for key, run_id in sweep_store["ids"].items()}
     fixed = ["tiny", "topics", "classification", "16"]
     assert cells[2:] == [
-        ["best front", "tiny-16bit-attn_qv-r8-a16", f"{ids['A']},{ids['B']}", *fixed, "q_proj,v_proj", "8",
-         "16", "1,2", "0.7500 ± 0.1768", "0.7500 ± 0.3536", "0.004096", "0.5", "2.00", "1100.0 ± 141.4", "11.0 ± 1.4",
-         "FINISHED"],
-        ["", "tiny-16bit-all_linear-r16-a32", ids["C"], *fixed, "q_proj,k_proj,v_proj,o_proj",
-         "16", "32", "1", "0.7500", "0.8000", "0.03277", "4", "3.00", "800.0", "20.0", "FINISHED"],
-        ["front", "tiny-16bit-k_proj+o_proj-r4-a8", ids["D"], *fixed, "k_proj,o_proj", "4",
-         "8", "1", "0.6000", "0.7000", "0.002048", "0.25", "1.50", "1500.0", "8.0", "FINISHED"],
-        ["", "tiny-16bit-mlp-r8-a16", ids["E"], *fixed, "mlp", "8", "16", "1", "-", "-", "-",
-         "-", "-", "-", "-", "FAILED"],
+        [
+            "best front",
+            "tiny-16bit-attn_qv-r8-a16",
+            f"{ids['A']},{ids['B']}",
+            *fixed,
+            "q_proj,v_proj",
+            "8",
+            "16",
+            "1,2",
+            "0.7500 ± 0.1768",
+            "0.7500 ± 0.3536",
+            "0.004096",
+            "0.5",
+            "2.00",
+            "1100.0 ± 141.4",
+            "11.0 ± 1.4",
+            "FINISHED",
+        ],
+        [
+            "",
+            "tiny-16bit-all_linear-r16-a32",
+            ids["C"],
+            *fixed,
+            "q_proj,k_proj,v_proj,o_proj",
+            "16",
+            "32",
+            "1",
+            "0.7500",
+            "0.8000",
+            "0.03277",
+            "4",
+            "3.00",
+            "800.0",
+            "20.0",
+            "FINISHED",
+        ],
+        [
+            "front",
+            "tiny-16bit-k_proj+o_proj-r4-a8",
+            ids["D"],
+            *fixed,
+            "k_proj,o_proj",
+            "4",
+            "8",
+            "1",
+            "0.6000",
+            "0.7000",
+            "0.002048",
+            "0.25",
+            "1.50",
+            "1500.0",
+            "8.0",
+            "FINISHED",
+        ],
+        [
+            "",
+            "tiny-16bit-mlp-r8-a16",
+            ids["E"],
+            *fixed,
+            "mlp",
+            "8",
+            "16",
+            "1",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "FAILED",
+        ],
     ]
     # The exact text: padded columns, numbers right-aligned (the ids stand in the template as AAAAAAAA, ...).
     assert out == re.sub("([A-E])\\1{7}", lambda m: ids[m.group(1)], EXPECTED_MD)
@@ -240,12 +439,12 @@ def test_compare_csv_is_exact(sweep_store, capsys):
         "mark,run_id,run,model,data,task,bits,targets,r,alpha,seeds,eval_f1_macro,eval_f1_macro_std,trainable_params_m,"
         "trainable_params_m_std,trainable_pct,trainable_pct_std,peak_gpu_mem_gb,peak_gpu_mem_gb_std,"
         "train_tokens_per_s,train_tokens_per_s_std,train_runtime_s,train_runtime_s_std,status",
-        f"best,{ids['A']};{ids['B']},tiny-16bit-attn_qv-r8-a16,tiny,topics,classification,16,\"q_proj,v_proj\",8,16,\"1,2\","
+        f'best,{ids["A"]};{ids["B"]},tiny-16bit-attn_qv-r8-a16,tiny,topics,classification,16,"q_proj,v_proj",8,16,"1,2",'
         f"0.75,{float(f'{std_q:.10g}')},0.004096,0.0,0.5,0.0,2.0,0.0,1100.0,{float(f'{std_tokens:.10g}')},11.0,"
         f"{float(f'{std_runtime:.10g}')},FINISHED",
-        f",{ids['C']},tiny-16bit-all_linear-r16-a32,tiny,topics,classification,16,\"q_proj,k_proj,v_proj,o_proj\",16,32,1,"
+        f',{ids["C"]},tiny-16bit-all_linear-r16-a32,tiny,topics,classification,16,"q_proj,k_proj,v_proj,o_proj",16,32,1,'
         "0.75,,0.032768,,4.0,,3.0,,800.0,,20.0,,FINISHED",
-        f",{ids['D']},tiny-16bit-k_proj+o_proj-r4-a8,tiny,topics,classification,16,\"k_proj,o_proj\",4,8,1,"
+        f',{ids["D"]},tiny-16bit-k_proj+o_proj-r4-a8,tiny,topics,classification,16,"k_proj,o_proj",4,8,1,'
         "0.6,,0.002048,,0.25,,1.5,,1500.0,,8.0,,FINISHED",
         f",{ids['E']},tiny-16bit-mlp-r8-a16,tiny,topics,classification,16,mlp,8,16,1,,,,,,,,,,,,,FAILED",
     ]
@@ -253,24 +452,70 @@ def test_compare_csv_is_exact(sweep_store, capsys):
 
 def test_compare_json_is_exact_and_sorts(sweep_store, capsys):
     ids = sweep_store["ids"]
-    code, out, err = _run(capsys, "--experiment", "cmp", "--format", "json", "--no-group-seeds",
-                          "--sort", "params", "--pareto", "eval_f1_macro:max,memory")
+    code, out, err = _run(
+        capsys,
+        "--experiment",
+        "cmp",
+        "--format",
+        "json",
+        "--no-group-seeds",
+        "--sort",
+        "params",
+        "--pareto",
+        "eval_f1_macro:max,memory",
+    )
     assert code == 0, err
     table = json.loads(out)
     assert [c["key"] for c in table["columns"]] == [
-        "run", "model", "data", "task", "bits", "targets", "r", "alpha", "seeds", "eval_f1_macro", "trainable_params_m",
-        "trainable_pct", "peak_gpu_mem_gb", "train_tokens_per_s", "train_runtime_s", "status"]
+        "run",
+        "model",
+        "data",
+        "task",
+        "bits",
+        "targets",
+        "r",
+        "alpha",
+        "seeds",
+        "eval_f1_macro",
+        "trainable_params_m",
+        "trainable_pct",
+        "peak_gpu_mem_gb",
+        "train_tokens_per_s",
+        "train_runtime_s",
+        "status",
+    ]
     rows = table["rows"]
     # The experiment holds the old sweep's child too; sorted by params, fewest first, missing last.
-    assert [r["run_ids"] for r in rows] == [[ids["D"]], [ids["A"]], [ids["B"]], [ids["C"]], [rows[4]["run_ids"][0]],
-                                            [ids["E"]]]
+    assert [r["run_ids"] for r in rows] == [
+        [ids["D"]],
+        [ids["A"]],
+        [ids["B"]],
+        [ids["C"]],
+        [rows[4]["run_ids"][0]],
+        [ids["E"]],
+    ]
     assert rows[4]["eval_f1_macro"] == 0.1  # the old sweep's child
     assert rows[1] == {
-        "best": False, "pareto": False, "run_ids": [ids["A"]], "run": "tiny-16bit-attn_qv-r8-a16", "model": "tiny",
-        "data": "topics", "task": "classification", "bits": 16, "targets": "q_proj,v_proj", "r": 8, "alpha": 16,
+        "best": False,
+        "pareto": False,
+        "run_ids": [ids["A"]],
+        "run": "tiny-16bit-attn_qv-r8-a16",
+        "model": "tiny",
+        "data": "topics",
+        "task": "classification",
+        "bits": 16,
+        "targets": "q_proj,v_proj",
+        "r": 8,
+        "alpha": 16,
         "seeds": [1],
-        "eval_f1_macro": 0.625, "trainable_params_m": 0.004096, "trainable_pct": 0.5, "peak_gpu_mem_gb": 2.0,
-        "train_tokens_per_s": 1000.0, "train_runtime_s": 10.0, "status": "FINISHED", "std": {},
+        "eval_f1_macro": 0.625,
+        "trainable_params_m": 0.004096,
+        "trainable_pct": 0.5,
+        "peak_gpu_mem_gb": 2.0,
+        "train_tokens_per_s": 1000.0,
+        "train_runtime_s": 10.0,
+        "status": "FINISHED",
+        "std": {},
     }
     # Ungrouped, B (0.875) is best. Front on (quality max, memory min): D (0.6, 1.5) and B (0.875, 2.0);
     # A (0.625, 2.0) is dominated by B, C (0.75, 3.0) by B, the old child (0.1, no memory) has no point.
@@ -336,9 +581,12 @@ def test_memory_plot_is_skipped_with_a_note_when_no_run_logged_memory(mlflow_sto
         (["--experiment", "empty"], "error: experiment 'empty' has no runs"),
         (["--sweep", "nope"], "error: no sweep 'nope' in the store"),
         (["--runs", "0123abc"], "error: no run '0123abc' in the store"),
-        (["--metric", "eval_bogus"], "error: unknown metric 'eval_bogus': no selected run logged it (logged: "
-                                     "eval_accuracy, eval_f1_macro, objective, peak_gpu_mem_gb, train_loss, "
-                                     "train_runtime_s, train_tokens_per_s, trainable_params, trainable_pct)"),
+        (
+            ["--metric", "eval_bogus"],
+            "error: unknown metric 'eval_bogus': no selected run logged it (logged: "
+            "eval_accuracy, eval_f1_macro, objective, peak_gpu_mem_gb, train_loss, "
+            "train_runtime_s, train_tokens_per_s, trainable_params, trainable_pct)",
+        ),
         (["--pareto", "quality"], "error: --pareto takes two columns X,Y, got 'quality'"),
         (["--sort", "targets"], "error: cannot rank by 'targets': give a direction, e.g. targets:max or targets:min"),
     ],
@@ -358,11 +606,23 @@ def test_mixed_tasks_and_empty_store(mlflow_store, tmp_path, capsys):
     assert (code, err) == (2, "error: the store has no runs\n")  # only the Default experiment
     experiment_id = client.create_experiment("mixed", artifact_location=(tmp_path / "artifacts").as_uri())
     for i, task in enumerate(["classification", "sft", "sft"]):
-        _make_run(client, experiment_id, f"run{i}", 100 + i, {**CHILD_PARAMS, "data.task": task}, {"objective": 0.5},
-                  "FINISHED", {})
+        _make_run(
+            client,
+            experiment_id,
+            f"run{i}",
+            100 + i,
+            {**CHILD_PARAMS, "data.task": task},
+            {"objective": 0.5},
+            "FINISHED",
+            {},
+        )
     code, out, err = _run(capsys, "--experiment", "mixed")
-    assert (code, out, err) == (2, "", "error: the runs mix tasks (classification: 1, sft: 2); pass --task "
-                                       "classification or sft, select one sweep, or pass --runs\n")
+    assert (code, out, err) == (
+        2,
+        "",
+        "error: the runs mix tasks (classification: 1, sft: 2); pass --task "
+        "classification or sft, select one sweep, or pass --runs\n",
+    )
 
 
 @pytest.fixture
@@ -378,10 +638,20 @@ def mixed_store(mlflow_store, tmp_path):
         ("cls-a", 100, {}, {"objective": 0.5, "eval_accuracy": 0.6}, "FINISHED"),
         ("cls-b", 110, {"model.name": "other"}, {"objective": 0.7, "eval_accuracy": 0.9}, "FINISHED"),
         ("cls-failed", 120, {"data.name": "intents"}, {}, "FAILED"),
-        ("multi", 130, {"data.task": "multilabel", "data.name": "topics_multilabel"},
-         {"objective": 0.4, "eval_subset_accuracy": 0.3}, "FINISHED"),
-        ("sft", 140, {"data.task": "sft", "data.name": "instructions"}, {"objective": 1.5, "eval_loss": 1.5},
-         "FINISHED"),
+        (
+            "multi",
+            130,
+            {"data.task": "multilabel", "data.name": "topics_multilabel"},
+            {"objective": 0.4, "eval_subset_accuracy": 0.3},
+            "FINISHED",
+        ),
+        (
+            "sft",
+            140,
+            {"data.task": "sft", "data.name": "instructions"},
+            {"objective": 1.5, "eval_loss": 1.5},
+            "FINISHED",
+        ),
     ]:
         made[name] = _make_run(client, experiment_id, name, start, {**CHILD_PARAMS, **params}, metrics, status, {})
     return made
@@ -398,8 +668,10 @@ def test_a_metric_one_task_logs_compares_that_tasks_runs_with_a_note(mixed_store
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
     assert _names(out) == ["cls-b", "cls-a", "cls-failed"]  # best first; the failed run of the task stays
-    assert err.split("\n")[0] == ("left out 2 run(s) of tasks that do not log eval_accuracy (multilabel: 1, sft: 1); "
-                                  "--task classification selects the same runs")
+    assert err.split("\n")[0] == (
+        "left out 2 run(s) of tasks that do not log eval_accuracy (multilabel: 1, sft: 1); "
+        "--task classification selects the same runs"
+    )
     code, same, err = _run(capsys, *argv, "--task", "classification")
     assert (code, same) == (0, out) and "left out" not in err
     # A metric every task logs cannot pick one: the error names --task.
@@ -436,8 +708,9 @@ def test_runs_that_differ_only_in_a_param_show_it_and_their_ids(mlflow_store, tm
     experiment_id = client.create_experiment("grid", artifact_location=(tmp_path / "artifacts").as_uri())
     start, params, metrics, status = CHILDREN["C"]
     made = [
-        _make_run(client, experiment_id, "same-name", start + i, {**CHILD_PARAMS, **params, **extra}, metrics, status,
-                  {})
+        _make_run(
+            client, experiment_id, "same-name", start + i, {**CHILD_PARAMS, **params, **extra}, metrics, status, {}
+        )
         for i, extra in enumerate([{"data.class_weights": "null"}, {"data.class_weights": "balanced"}])
     ]
     code, out, err = _run(capsys, "--experiment", "grid")
@@ -447,7 +720,9 @@ def test_runs_that_differ_only_in_a_param_show_it_and_their_ids(mlflow_store, tm
     assert "lora.dropout" not in header and "train.seed" not in header  # the same in both rows, or a fixed column
     at = header.index("data.class_weights")
     assert [(row[1], row[2], row[at]) for row in rows] == [
-        ("same-name", made[0][:8], "-"), ("same-name", made[1][:8], "balanced")]
+        ("same-name", made[0][:8], "-"),
+        ("same-name", made[1][:8], "balanced"),
+    ]
     code, out, err = _run(capsys, "--experiment", "grid", "--format", "csv")
     assert code == 0, err
     keys = out.split("\n")[0].split(",")
