@@ -18,7 +18,7 @@ def classification_loss(
     multilabel: bool,
     total: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Cross-entropy (class weights) or BCE (``pos_weight``), in fp32: the padded and packed paths' loss.
+    """Cross-entropy (class weights) or BCE (``pos_weight``), in fp32: the padded and flat paths' loss.
 
     ``total``: the summed loss is divided by it (:func:`loss_total` of a whole optimizer step's examples, of which
     these are a part); None: the mean over these examples, as torch reduces it.
@@ -61,7 +61,7 @@ class ClassifierTrainer(Trainer):
     as one of common ones, and an epoch's short last micro-batch as much as a full one. The logged ``loss`` (the
     sum of the step's micro-batch losses) is then the step's per-example mean.
 
-    ``forward``: the logits of a batch (the padded path's model forward; the packed path overrides it).
+    ``forward``: the logits of a batch (the padded path's model forward; the flat path overrides it).
     """
 
     def __init__(self, *args, label_weights: Optional[list[float]], multilabel: bool, **kwargs):

@@ -249,7 +249,7 @@ class TrainConfig:
         "Recompute activations in the backward pass to save memory; the fast path picks the layers itself."
     )
     fast_path: bool = setting(
-        "Packed rows without padding: SFT micro-batches sized to memory_budget_gb (src/engine/), and "
+        "Flat rows without padding: SFT micro-batches sized to memory_budget_gb (src/engine/), and "
         "decoder classifiers, each example pooled at its last token (src/engine/classification.py)."
     )
     memory_budget_gb: Optional[float] = bounded(

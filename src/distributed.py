@@ -216,7 +216,7 @@ def one_gpu_per_process(args):
 
     A process that sees k > 1 GPUs outside torchrun makes the Trainer wrap the model in
     ``nn.DataParallel`` and multiply the batch by k: a silent change of the optimizer step (and, for a
-    packed row that cannot be split, k times the examples on one GPU). The model sits on one GPU
+    flat row that cannot be split, k times the examples on one GPU). The model sits on one GPU
     (``src.modeling.load_model``), so the run trains there with the configured batch;
     ``train.nproc_per_node`` uses several. Returns ``args``.
     """

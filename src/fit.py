@@ -367,7 +367,7 @@ def _classification_trainer(cfg: Config, data: TaskData, inputs: dict[str, Any])
     # A decoder or BERT: several examples per row, each pooled at its own token.
     lengths = [len(ids) for ids in train_ds["input_ids"]]  # the plan sizes micro-batches by their tokens
     args, micro = plan_fast_classifier(cfg, model, args, attention, lengths)
-    args.include_num_input_tokens_seen = "all"  # a packed row has no padding
+    args.include_num_input_tokens_seen = "all"  # a flat row has no padding
     common.update(args=args, data_collator=FlatClassificationCollator(multilabel))
     if micro is not None:
         console.log.info(micro.describe().replace("fast path:", "fast path (classification):"))

@@ -10,7 +10,7 @@ Memory model, in bytes; the estimate is their sum over 2**30 (GiB), comparable w
 (``torch.cuda.max_memory_allocated``). Every coefficient is a named constant below, fitted on measured peaks; the
 measurements, and the estimate's error against them per workload, are in ``benchmarks/results/``.
 
-The fast SFT path (``src/engine/``) asks :func:`plan` for one packed row of ``n x max_length`` tokens per
+The fast SFT path (``src/engine/``) asks :func:`plan` for one flat row of ``n x max_length`` tokens per
 micro-batch and adds what the plan does not model: the cached dequantized 4/8-bit weights (2 bytes a weight,
 :func:`src.engine.weights.cache_dequantized_weights`; a cached int8 layer does not keep bitsandbytes' input copy,
 which the plan still counts) and, under the mask attention, the math kernel's ``heads x T x T`` matrices
@@ -190,7 +190,7 @@ class MemoryPlan:
     trainable_pct: float
     batch_size: int
     seq_len: int
-    tokens_per_micro_batch: Optional[int]  # one packed row of that many tokens, where given
+    tokens_per_micro_batch: Optional[int]  # one flat row of that many tokens, where given
     optim: str
     activation_checkpointing: bool
     fused_lm_head: bool  # SFT through TRL's fused LM head (no materialized logits)
@@ -461,7 +461,7 @@ def activation_widths(cfg: Config) -> Widths:
 
 
 def plans_own_micro_batches(cfg: Config) -> bool:
-    """Whether ``src.train`` trains the config on packed rows (``src/engine/``), which size their own micro-batches
+    """Whether ``src.train`` trains the config on flat rows (``src/engine/``), which size their own micro-batches
     and checkpointing to ``train.memory_budget_gb``: flat decoders (:func:`flat_decoder`), and BERT's
     (``src.modeling.FLAT_ENCODER_TYPES``, read from the model's local config.json; a config plan cannot read
     counts as padded) on the fast path."""
@@ -479,7 +479,7 @@ def plans_own_micro_batches(cfg: Config) -> bool:
 
 
 def _breakdown(cfg: Config, shape: ModelShape, model, trainable: int, tokens: Optional[int]) -> MemoryBreakdown:
-    """The config's breakdown: ``per_device_train_batch_size`` rows of ``model.max_length``, or one packed row of
+    """The config's breakdown: ``per_device_train_batch_size`` rows of ``model.max_length``, or one flat row of
     ``tokens``."""
     from src.modeling import is_full_fine_tuning
 
@@ -523,7 +523,7 @@ def _warnings(cfg: Config, model) -> tuple[str, ...]:
 def plan(cfg: Config, tokens_per_micro_batch: Optional[int] = None) -> MemoryPlan:
     """Exact parameter counts and the peak-memory estimate for a validated config (reads no data).
 
-    ``tokens_per_micro_batch``: size the activations for one packed row of that many tokens (a fast path's
+    ``tokens_per_micro_batch``: size the activations for one flat row of that many tokens (a fast path's
     micro-batch, from the data's lengths: :func:`src.engine.budget.largest_micro_batch_tokens`) instead of
     ``per_device_train_batch_size`` rows of ``model.max_length``."""
     from src.modeling import apply_lora, base_model, count_params, target_leaf_names

@@ -33,7 +33,7 @@ FUSED_QKV_NAMES = {"qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "in_p
 ATTENTION_PARENTS = {"self_attn", "attention", "attn", "self_attention", "mixer"}
 OUTPUT_HEADS = {"lm_head", "score", "classifier", "qa_outputs", "cls"}
 CLASSIFIER_HEADS = {"score", "classifier"}  # AutoModelForSequenceClassification's heads (decoders, encoders)
-# Encoders whose classifier trains on packed rows (src.engine.classification): BERT's pooling and head are known there.
+# Encoders whose classifier trains on flat rows (src.engine.classification): BERT's pooling and head are known there.
 FLAT_ENCODER_TYPES = {"bert"}
 _BLOCK = re.compile(r"^(?:.*\.)?\d+\.(.+)$")
 

@@ -1,7 +1,7 @@
-"""Attention over packed rows: transformers' block-causal mask, sdpa per example, or varlen flash attention.
+"""Attention over flat rows: transformers' block-causal mask, sdpa per example, or varlen flash attention.
 
 Registered with transformers' ``AttentionInterface`` under :data:`FLAT_ATTENTION` (sdpa per example),
-:data:`VARLEN_ATTENTION` (one flash call per packed row, CUDA in bf16/fp16) and, for bidirectional encoders,
+:data:`VARLEN_ATTENTION` (one flash call per flat row, CUDA in bf16/fp16) and, for bidirectional encoders,
 :data:`ENCODER_ATTENTION` (:func:`flat_encoder_attention`); :func:`mask_attention_gb` is what the block mask costs
 where sdpa falls back to its math kernel.
 """
@@ -18,13 +18,13 @@ from src.modeling import base_model
 FLAT_ATTENTION = "sdpa_flat"
 
 # sdpa's math kernel (a boolean mask and a head size that is not a multiple of 8) keeps about this
-# many bytes per head x query x key per layer for the backward: fitted on W3B 4-bit packed rows, the mask
+# many bytes per head x query x key per layer for the backward: fitted on W3B 4-bit flat rows, the mask
 # attention's peak against per-example attention's (benchmarks/results/BENCH_RESULTS.md, run 2).
 MATH_ATTENTION_BYTES = 4.3
 
 
 def flat_sdpa_attention(module, query, key, value, attention_mask, flat_seq_bounds=None, **kwargs):
-    """sdpa, run causally on each example of a packed row when ``flat_seq_bounds`` is given.
+    """sdpa, run causally on each example of a flat row when ``flat_seq_bounds`` is given.
 
     transformers' own packed-row path builds a block-causal boolean mask, which rules out sdpa's
     flash kernel and, for head sizes that are not a multiple of 8 (OpenLLaMA-3B's 100), its
@@ -60,7 +60,7 @@ def use_flat_attention(model) -> bool:
 
 
 def mask_attention_gb(model, tokens: int, checkpointed_layers: int) -> float:
-    """Extra peak memory of transformers' block-mask attention over a packed row of ``tokens``, in GiB.
+    """Extra peak memory of transformers' block-mask attention over a flat row of ``tokens``, in GiB.
 
     Zero where sdpa's memory-efficient kernel takes the mask (head size a multiple of 8); else the
     math kernel's attention matrices of every layer not checkpointed, plus one being recomputed.
@@ -75,7 +75,7 @@ def mask_attention_gb(model, tokens: int, checkpointed_layers: int) -> float:
 
 
 def seq_bounds(position_ids: torch.Tensor) -> tuple[int, ...]:
-    """Start of every example in a packed row (where positions restart at 0), and the row's end."""
+    """Start of every example in a flat row (where positions restart at 0), and the row's end."""
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     return (*starts, position_ids.shape[1])
 
@@ -86,7 +86,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)  # the flash kernel's
 
 
 def _varlen_attn():
-    """``torch.nn.attention.varlen.varlen_attn`` (flash, one call per packed row) or None where absent."""
+    """``torch.nn.attention.varlen.varlen_attn`` (flash, one call per flat row) or None where absent."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
@@ -109,10 +109,10 @@ def flat_varlen_attention(
     flat_seq_bounds=None,
     **kwargs,
 ):
-    """Causal flash attention over every example of a packed row in one call (``varlen_attn``).
+    """Causal flash attention over every example of a flat row in one call (``varlen_attn``).
 
     Needs ``flat_cu_seqlens`` (int32 offsets of the examples, on the device) and
-    ``flat_max_seqlen``, which :class:`FlatTrainer` passes with every packed row. Head sizes
+    ``flat_max_seqlen``, which :class:`FlatTrainer` passes with every flat row. Head sizes
     that are not a multiple of 8 (OpenLLaMA-3B's 100) are zero-padded to one: zero query/key
     columns add nothing to the scores, zero value columns are cut from the output, and the softmax
     scale stays ``module.scaling``. Without the offsets (padded batches, generation), off CUDA or
@@ -158,7 +158,7 @@ def use_varlen_attention(model) -> bool:
     """Switch an sdpa model to :func:`flat_varlen_attention`; False if it is not sdpa.
 
     Padded batches (evaluation, generation) still get sdpa's masks; rows without padding get none
-    (packed rows carry ``flat_cu_seqlens``, a single row is causal).
+    (flat rows carry ``flat_cu_seqlens``, a single row is causal).
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -168,8 +168,8 @@ def use_varlen_attention(model) -> bool:
         return False
 
     def varlen_mask(*args, **kwargs):
-        # Rows without a padding mask need none: packed rows carry their offsets, single rows are causal.
-        # (transformers would build a block mask for packed rows, with host syncs a CUDA graph cannot hold.)
+        # Rows without a padding mask need none: flat rows carry their offsets, single rows are causal.
+        # (transformers would build a block mask for flat rows, with host syncs a CUDA graph cannot hold.)
         if kwargs.get("attention_mask") is None:
             return None
         return sdpa_mask(*args, **kwargs)
@@ -185,7 +185,7 @@ ENCODER_ATTENTION = "sdpa_flat_encoder"
 
 @dataclass(frozen=True)
 class EncoderRow:
-    """A packed row of a bidirectional encoder's examples, and how to lay it out as a padded batch for attention.
+    """A flat row of a bidirectional encoder's examples, and how to lay it out as a padded batch for attention.
 
     ``gather`` picks, for each of ``examples x longest`` padded slots, its token of the row (or the row's end,
     where a zero stands in for padding); ``scatter`` picks each token of the row back out of the padded slots;
@@ -235,7 +235,7 @@ class EncoderRow:
 def flat_encoder_attention(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, flat_row=None, **kwargs
 ):
-    """Bidirectional attention within each example of a packed row (``flat_row``, an :class:`EncoderRow`).
+    """Bidirectional attention within each example of a flat row (``flat_row``, an :class:`EncoderRow`).
 
     Without dropout on CUDA in bf16/fp16: one non-causal varlen flash call (no padding at all). With attention
     dropout (BERT's 0.1 in training; the flash varlen kernel has none), or on the CPU: sdpa over the row's

@@ -194,8 +194,8 @@ def plan_estimator(cfg, tokens: Optional[Callable[[int], int]] = None) -> tuple[
     """:func:`src.memory.plan`'s peak-memory estimate as ``estimate(micro_batch_size, checkpoint_all)``, and the
     layer count.
 
-    A micro-batch of n examples is estimated as one packed row of ``tokens(n)`` tokens, or, without ``tokens``,
-    as n rows of ``model.max_length`` tokens: packed rows hold at most that many, so both are upper bounds. Short
+    A micro-batch of n examples is estimated as one flat row of ``tokens(n)`` tokens, or, without ``tokens``,
+    as n rows of ``model.max_length`` tokens: flat rows hold at most that many, so both are upper bounds. Short
     texts make the second a loose one (SST-2 packs about 66 tokens an example, not 512).
     """
     cache: dict[tuple[int, bool], MemoryPlan] = {}

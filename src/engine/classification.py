@@ -1,4 +1,4 @@
-"""Sequence classification on packed rows: a decoder classifier's fast path (``train.fast_path``, the default).
+"""Sequence classification on flat rows: a decoder classifier's fast path (``train.fast_path``, the default).
 
 A padded batch of short texts is mostly padding: SST-2's sentences are 10-60 tokens, and a batch padded to its
 longest runs the base model over every pad. Here a batch's examples are concatenated into one row without
@@ -39,7 +39,7 @@ GRAPH_BUCKETS_PER_ROW = 8
 
 
 class FlatClassificationCollator:
-    """Tokenized examples (``input_ids`` and ``label``/``labels``) to one packed row.
+    """Tokenized examples (``input_ids`` and ``label``/``labels``) to one flat row.
 
     Returns ``input_ids`` and ``position_ids`` of shape [1, tokens], ``last_token`` (each example's last
     position in the row), ``bounds`` (each example's start and the row's end, as host ints: the attention reads
@@ -77,7 +77,7 @@ def classifier_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
 def flat_logits(
     model, input_ids, position_ids, last_token, attention: str, bounds: Optional[tuple[int, ...]] = None
 ) -> torch.Tensor:
-    """Logits [examples, classes] of a packed row: the transformer once over the row, each example pooled at its
+    """Logits [examples, classes] of a flat row: the transformer once over the row, each example pooled at its
     last token (``attention``: ``varlen`` for one flash call, else per-example sdpa). ``bounds``: the collator's
     host copy of the examples' offsets; else read from ``last_token``."""
     if bounds is None:
@@ -94,7 +94,7 @@ def flat_logits(
 
 
 def _decoder_logits(model, input_ids, position_ids, last_token, attention_inputs: dict[str, Any]) -> torch.Tensor:
-    """The transformer once over a packed row (its attention's inputs: offsets or bounds), each example pooled at its
+    """The transformer once over a flat row (its attention's inputs: offsets or bounds), each example pooled at its
     last token, the head on the pooled states."""
     backbone, head = classifier_parts(model)
     hidden = backbone(
@@ -104,7 +104,7 @@ def _decoder_logits(model, input_ids, position_ids, last_token, attention_inputs
 
 
 def _encoder_logits(model, backbone, head, input_ids, position_ids, bounds: tuple[int, ...]) -> torch.Tensor:
-    """BERT over a packed row: each example pooled at its first token ([CLS]), as BertForSequenceClassification
+    """BERT over a flat row: each example pooled at its first token ([CLS]), as BertForSequenceClassification
     pools ``hidden[:, 0]`` of a padded row (its pooler, dropout and head)."""
     row = attention_mod.EncoderRow.from_bounds(bounds, input_ids.device)
     hidden = backbone(
@@ -119,7 +119,8 @@ def _encoder_logits(model, backbone, head, input_ids, position_ids, bounds: tupl
 
 
 class GraphedClassifierSteps(GraphedSteps):
-    """A packed classifier's forward, pooling, head, loss and backward as one CUDA graph replay per padded row length.
+    """A flat-batch classifier's forward, pooling, head, loss and backward as one CUDA graph replay per padded row
+    length.
 
     As :class:`src.engine.graphs.GraphedSteps` does for SFT rows: the row is padded up to a multiple of ``bucket``
     tokens with one more example (token 0 at positions 0, 1, ...), which attends only to itself and is never pooled,
@@ -180,7 +181,7 @@ class GraphedClassifierSteps(GraphedSteps):
 
 
 class FlatClassifierTrainer(ClassifierTrainer):
-    """HF Trainer on packed rows of classification examples, with :class:`ClassifierTrainer`'s loss.
+    """HF Trainer on flat rows of classification examples, with :class:`ClassifierTrainer`'s loss.
 
     ``cuda_graphs``: replay each micro-batch's step as a CUDA graph (:class:`GraphedClassifierSteps`; where
     :func:`src.engine.graphs.graphable` holds, in one process); a capture that fails leaves the rest of the run eager.
@@ -225,10 +226,11 @@ class FlatClassifierTrainer(ClassifierTrainer):
 
 
 def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Sequence[int]] = None):
-    """Replan a packed classifier's step as the SFT fast path does (:func:`src.engine.budget.plan_micro_batches`), where
-    a memory budget is known (``train.memory_budget_gb``, else 90% of the GPU): the largest micro-batch that fits,
-    checkpointing as few layers as it needs (none, for short texts on a large GPU), fused AdamW, a 4/8-bit base's
-    fp32 weights and adapters in bf16 under bf16 training, and its dequantized weights cached in the room left.
+    """Replan a flat-batch classifier's step as the SFT fast path does
+    (:func:`src.engine.budget.plan_micro_batches`), where a memory budget is known (``train.memory_budget_gb``, else
+    90% of the GPU): the largest micro-batch that fits, checkpointing as few layers as it needs (none, for short
+    texts on a large GPU), fused AdamW, a 4/8-bit base's fp32 weights and adapters in bf16 under bf16 training, and
+    its dequantized weights cached in the room left.
     ``lengths``: the training examples' token counts; a micro-batch of n examples is then planned for the largest
     of n in many shuffles of them (:func:`src.engine.budget.largest_micro_batch_tokens`), else for n x
     ``model.max_length``.

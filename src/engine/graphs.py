@@ -11,7 +11,7 @@ from src.engine.attention import seq_bounds
 from src.engine.weights import quantized_layers
 from src.logger import say
 
-GRAPH_BUCKET_TOKENS = 256  # packed rows are padded up to a multiple of this: one captured graph per length
+GRAPH_BUCKET_TOKENS = 256  # flat rows are padded up to a multiple of this: one captured graph per length
 
 
 def graphable(
@@ -31,7 +31,7 @@ def graphable(
 
 
 def pad_row(inputs: dict[str, Any], length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed row's ``input_ids`` and ``position_ids`` on the host, padded to ``length`` with one more example
+    """A flat row's ``input_ids`` and ``position_ids`` on the host, padded to ``length`` with one more example
     (``pad_token_id`` at positions 0, 1, ...), which attends only to itself."""
     ids, positions = inputs["input_ids"].cpu(), inputs["position_ids"].cpu()
     pad = length - ids.shape[1]
@@ -46,7 +46,7 @@ class GraphedSteps:
 
     A small step is bound by the CPU: eager PyTorch launches ~5,000 kernels (norms, rotary
     embeddings, every adapter's dropout/matmuls/scale/add, their backward) for ~20 TFLOP of work.
-    A CUDA graph launches them all at once. Graphs need fixed shapes, so a packed row is padded up to
+    A CUDA graph launches them all at once. Graphs need fixed shapes, so a flat row is padded up to
     a multiple of ``bucket`` tokens with one more example of pad tokens whose labels are -100 (it
     attends only to itself and adds nothing to the loss, whose divisor ``num_items_in_batch`` is the
     real examples' label count), and the offsets are padded with empty examples up to
@@ -108,7 +108,7 @@ class GraphedSteps:
         return length
 
     def accepts(self, inputs: dict[str, Any]) -> bool:
-        """A packed row (no padding mask) with at most ``max_examples`` examples."""
+        """A flat row (no padding mask) with at most ``max_examples`` examples."""
         if "attention_mask" in inputs or "position_ids" not in inputs:
             return False
         return int((inputs["position_ids"][0] == 0).sum()) <= self.max_examples
@@ -152,7 +152,7 @@ class GraphedSteps:
         return {"graph": graph, "static": static, "loss": loss, "params": params, "grads": grads}
 
     def step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> Optional[torch.Tensor]:
-        """Forward and backward of one packed row; the gradients are on the parameters afterwards.
+        """Forward and backward of one flat row; the gradients are on the parameters afterwards.
 
         None where the graph could not be captured (the caller then runs the step eagerly).
         """

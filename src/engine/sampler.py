@@ -10,7 +10,7 @@ class TokenBalancedSampler(torch.utils.data.Sampler):
 
     Under DDP each optimizer step runs ``world_size`` micro-batches of ``batch_size`` examples at once,
     one per rank (accelerate's ``BatchSamplerShard`` deals consecutive batches of this order round-robin),
-    and waits at the gradient all-reduce for the slowest. A packed row's time is proportional to its
+    and waits at the gradient all-reduce for the slowest. A flat row's time is proportional to its
     tokens, and 8 random examples differ by ~12% in tokens between two ranks. This sampler takes the
     permutation the default sampler would (``torch.randperm`` seeded with ``seed + epoch``, as
     accelerate's ``SeedableRandomSampler``), so every step holds the same examples, and within each

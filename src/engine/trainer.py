@@ -1,4 +1,4 @@
-"""The fast SFT path: padding-free packed rows, varlen flash attention, CUDA graphs, a memory budget.
+"""The fast SFT path: padding-free flat rows, varlen flash attention, CUDA graphs, a memory budget.
 
 ``train.fast_path=true`` (the default) trains SFT with :class:`FlatTrainer`;
 ``train.fast_path=false`` goes back to TRL's plain ``SFTTrainer`` on padded batches.
@@ -18,7 +18,7 @@ What the fast path changes, and why learning does not change:
   ``per_device_train_batch_size x gradient_accumulation_steps`` examples, in the same order;
   only how they are split into forward/backward passes changes, and the loss is normalized by
   the step's token count either way (HF's ``num_items_in_batch``).
-- **Attention.** On CUDA in bf16/fp16: flash attention over the whole packed row in one call per
+- **Attention.** On CUDA in bf16/fp16: flash attention over the whole flat row in one call per
   layer, with the examples' offsets (``torch.nn.attention.varlen``, :func:`flat_varlen_attention`;
   head sizes that are not a multiple of 8 are zero-padded). Elsewhere transformers' block-causal
   mask, which rules out sdpa's flash kernel (and for head sizes that are not a multiple of 8, its
@@ -106,7 +106,7 @@ class FlatTrainer(Trainer):
 
         transformers' own count moves each step's count to the GPU, gathers it and reads it back: a
         host sync every step, after which the CPU can only queue the next step once this one has run
-        (the GPU idled; benchmarks/results/BENCH_RESULTS.md, run 5). A packed row has no padding, so every
+        (the GPU idled; benchmarks/results/BENCH_RESULTS.md, run 5). A flat row has no padding, so every
         token of ``input_ids`` counts, and ``inputs`` is still the host batch here.
         """
         if self.args.include_num_input_tokens_seen != "no" and "input_ids" in inputs:
@@ -175,7 +175,7 @@ class FlatTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "position_ids" in inputs and "attention_mask" not in inputs and self.attention != "mask":
-            bounds = seq_bounds(inputs["position_ids"])  # a packed row: bounds once per micro-batch
+            bounds = seq_bounds(inputs["position_ids"])  # a flat row: bounds once per micro-batch
             if self.attention == "varlen":
                 cu = torch.tensor(bounds, dtype=torch.int32, device=inputs["input_ids"].device)
                 lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
@@ -200,7 +200,7 @@ class FlatTrainer(Trainer):
 
 
 def compile_decoder_layers(model) -> int:
-    """``torch.compile`` every decoder layer, with dynamic shapes (packed rows vary in length); the count.
+    """``torch.compile`` every decoder layer, with dynamic shapes (flat rows vary in length); the count.
 
     The layers share their code, so one compiled graph serves them all. Inductor fuses the norms,
     rotary embeddings, SwiGLU, residual adds, dtype casts and the adapters' scale-and-add, which
@@ -232,7 +232,7 @@ def build_flat_sft_trainer(
         cfg: the validated :class:`src.config.Config`.
         args: the plain path's ``SFTConfig``; its batch, checkpointing and optimizer fields are replanned.
         train_dataset / eval_dataset: prompt/completion rows, or already tokenized ``input_ids``.
-        attention: ``varlen`` (:func:`flat_varlen_attention`: flash over the whole packed row,
+        attention: ``varlen`` (:func:`flat_varlen_attention`: flash over the whole flat row,
             CUDA only), ``mask`` (transformers' block-causal mask), ``per-example``
             (:func:`flat_sdpa_attention`), or ``auto``: varlen where it runs (CUDA, bf16/fp16); else the mask
             when the plan plus :func:`mask_attention_gb` fits the budget, else per example.
@@ -322,7 +322,7 @@ def flat_training_args(args, micro: MicroBatchPlan):
         gradient_accumulation_steps=micro.gradient_accumulation_steps,
         activation_checkpointing=False,  # set per layer by the plan; the Trainer would turn on every layer
         optim=fast_optimizer(args.optim),
-        include_num_input_tokens_seen="all",  # a packed row has no padding (and EOS may be the pad id)
+        include_num_input_tokens_seen="all",  # a flat row has no padding (and EOS may be the pad id)
         ddp_broadcast_buffers=False,  # under DDP: the cached dequantized weights are buffers, equal on every rank
     )
     distributed.one_gpu_per_process(args)  # dataclasses.replace set the devices up anew
@@ -330,7 +330,7 @@ def flat_training_args(args, micro: MicroBatchPlan):
 
 
 def sft_trainer(cls, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, **extra):
-    """A packed SFT trainer (``cls``) on the rows tokenized as TRL does, padding-free for training and padded for
+    """A flat SFT trainer (``cls``) on the rows tokenized as TRL does, padding-free for training and padded for
     evaluation."""
     completion_only = args.completion_only_loss is not False  # TRL's None: on for prompt/completion rows
     prepare = dict(tokenizer=tokenizer, max_length=cfg.model.max_length, completion_only_loss=completion_only)

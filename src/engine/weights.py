@@ -115,7 +115,7 @@ def cache_dequantized_weights(
 def prepare_frozen_weights(
     model, bits: int, *, bf16: bool, dequantize: bool, room_gb: Optional[float], int8_dtype: torch.dtype
 ) -> tuple[int, float]:
-    """A fast path's frozen base, set up once before training (SFT, the packed classifier and a pack share it).
+    """A fast path's frozen base, set up once before training (SFT, the flat-batch classifier and a pack share it).
 
     Under a 4/8-bit base: with ``bf16``, its fp32 weights and the adapters cast to bf16 (:func:`cast_frozen_to_bf16`);
     with ``dequantize``, dequantized copies of as many quantized layers as ``room_gb`` holds (None: all of them;

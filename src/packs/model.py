@@ -1,4 +1,4 @@
-"""Packed trials: several LoRA trials of a sweep train at once on one frozen base (``hydra.sweeper.pack``).
+"""Trial packs: several LoRA trials of a sweep train at once on one frozen base (``hydra.sweeper.pack``).
 
 The trials of a pack share a base key (:func:`src.sweeps.grouping.base_key`: model, quantization, data, task, max
 length, precision), so the process loads the base once and attaches one named peft adapter per trial, each with its
@@ -7,7 +7,7 @@ own r, alpha, dropout and targets. Every trial keeps its own HF ``Trainer`` (:cl
 evaluation, early stopping, pruning callback and MLflow run. The trainers run in threads of one process; what they
 share is the step:
 
-- each trainer hands its micro-batch (one padding-free packed row) to the :class:`Pack` instead of running it;
+- each trainer hands its micro-batch (one padding-free flat row) to the :class:`Pack` instead of running it;
 - once every live trial has handed one in, the pack concatenates the rows into one, runs the base model once over
   it with each trial's tokens routed through its own adapter (:func:`routed_lora_forward`: peft refuses
   mixed-adapter batches in training mode, so the routing is the project's), computes each trial's loss on its own

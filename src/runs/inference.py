@@ -468,7 +468,7 @@ def classify_logits(
 ) -> np.ndarray:
     """Float32 logits (rows x classes), texts truncated to max_length as in training.
 
-    A decoder classifier runs each batch as one packed row without padding (``src.engine.classification``, as it
+    A decoder classifier runs each batch as one flat row without padding (``src.engine.classification``, as it
     trained); an encoder, or ``packed=False``, padded batches."""
     from src.engine.classification import FlatClassificationCollator, flat_attention, flat_logits
 
