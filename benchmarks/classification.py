@@ -18,7 +18,7 @@ the same synthetic rows (random token ids, lengths uniform in the workload's ran
   batch too, the kinder reading). BERT's head is kept out of 4-bit, as the tutorial meant.
 - **fast**: the project's trainer as ``src.train`` builds it for classification (``src.fit.build_trainer``):
   ``src.modeling`` loads and adapts the model, :func:`src.engine.classification.flat_attention` switches it to
-  packed rows, :func:`src.engine.classification.plan_fast_classifier` plans the step from the rows' token counts at
+  flat rows, :func:`src.engine.classification.plan_fast_classifier` plans the step from the rows' token counts at
   the ``--budgets`` given, and :class:`src.engine.classification.FlatClassifierTrainer` trains. Its config is
   the recipe's with the GPU precision of ``conf/train/gpu.yaml`` (``train.bf16=true``), which the fast path
   needs for its bf16 weights and flash attention; on CPU, fp32.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,10 +48,10 @@ from benchmarks.common import (
     StepProfiler,
     Workload,
     bench_tokenizer,
-    peak_memory_gb,
     plan_estimate_gb,
     reset_memory,
     side_result,
+    timed_train,
 )
 from src import console, distributed
 from src.training_args import training_arguments
@@ -201,10 +200,7 @@ def run_seed_classifier(
         label_weights=label_weights(cfg, labels),
         multilabel=multilabel,
     )
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    peak = peak_memory_gb(device)
+    wall, peak = timed_train(trainer, device)
     t = cfg.train
     batch = t.per_device_train_batch_size
     longest = meter.max_micro_batch_rows_x_len // batch  # the widest padded micro-batch
@@ -318,10 +314,7 @@ def run_fast_classifier(
     callbacks = [meter.callback()] + ([profiler.callback()] if profiler else [])
     trainer, micro, attention = fast_classifier_trainer(cfg, model, rows, labels, variant, meter, callbacks)
     optim = trainer.args.optim
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    peak = peak_memory_gb(device)
+    wall, peak = timed_train(trainer, device)
     meter.gather()
     observed = observed_estimate(cfg, trainer, meter, micro, variant, optim)
     graphs = getattr(trainer, "graphs", None)  # the length-grouped side's Trainer has none
@@ -339,7 +332,7 @@ def run_fast_classifier(
 
 
 def fast_classifier_trainer(cfg, model, rows: list[list[int]], labels: list, variant: str, meter: Meter, callbacks):
-    """(trainer, micro-batch plan, attention) of the fast side: packed rows planned from their token counts, or for
+    """(trainer, micro-batch plan, attention) of the fast side: flat rows planned from their token counts, or for
     ``length-grouped`` padded batches of like lengths, planned as padded (max_length an example)."""
     from src.engine.classification import (
         FlatClassificationCollator,
@@ -366,7 +359,7 @@ def fast_classifier_trainer(cfg, model, rows: list[list[int]], labels: list, var
         return loss_trainer(args=args, data_collator=collate, **common), micro, "padded"
     attention = flat_attention(model)
     args, micro = plan_fast_classifier(cfg, model, args, attention, [len(r) for r in rows])
-    args.include_num_input_tokens_seen = "all"  # a packed row has no padding
+    args.include_num_input_tokens_seen = "all"  # a flat row has no padding
     collate = meter.wrap(FlatClassificationCollator(multilabel))
     graphed = micro is not None and micro.cuda_graphs and variant != "no-graphs"
     trainer = FlatClassifierTrainer(

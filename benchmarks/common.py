@@ -218,6 +218,13 @@ def peak_memory_gb(device: str) -> Optional[float]:
     return None if device == "cpu" else torch.cuda.max_memory_allocated() / 2**30
 
 
+def timed_train(trainer, device: str) -> tuple[float, Optional[float]]:
+    """Train; the wall seconds it took and the peak GPU memory (GiB; None on the CPU)."""
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start, peak_memory_gb(device)
+
+
 def plan_estimate_gb(cfg, rows: int, row_len: int, checkpointed: float, optim: str) -> Optional[float]:
     """src.plan's peak estimate for rows x row_len tokens, with a fraction of the layers checkpointed."""
     try:

@@ -260,7 +260,9 @@ def format_pack(result: dict) -> str:
 def pack_main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m src.bench", description="Packed trials against one by one.")
+    parser = argparse.ArgumentParser(
+        prog="python -m src.bench", description="Trial packs against the same trials one by one."
+    )
     parser.add_argument("--workload", required=True, help=f"one of {', '.join(PACK_WORKLOADS)}")
     parser.add_argument("--examples", type=int, default=2048, help="training rows (one epoch each trial)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])

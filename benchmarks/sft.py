@@ -9,7 +9,7 @@
 
 The classifier workloads (``mistral7b-4bit-multilabel``, ``w3b-4bit-cls-short``, ``bert-large-4bit-cls`` and their
 CPU smoke tests ``tiny-cls``, ``tiny-multilabel``, ``tiny-bert-cls``) set a seed's classification recipe against
-the packed classifier: :mod:`benchmarks.classification`. What follows describes the SFT workloads.
+the flat-batch classifier: :mod:`benchmarks.classification`. What follows describes the SFT workloads.
 
 Both sides run in one process, one after the other, on the same synthetic data and the same
 random-weight model (built from the architecture's config and saved once under
@@ -47,7 +47,6 @@ import datetime
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,10 +57,10 @@ from benchmarks.common import (
     StepProfiler,
     Workload,
     bench_tokenizer,
-    peak_memory_gb,
     plan_estimate_gb,
     reset_memory,
     side_result,
+    timed_train,
 )
 from benchmarks.workloads import (
     WORKLOADS,
@@ -162,10 +161,7 @@ def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device:
         data_collator=meter.wrap(lambda examples: pad_to_longest(examples, pad_id)),
         callbacks=[meter.callback()],
     )
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    peak = peak_memory_gb(device)
+    wall, peak = timed_train(trainer, device)
     longest = meter.max_micro_batch_rows_x_len // SEED_BATCH_SIZE  # the widest padded batch
     estimate = plan_estimate_gb(cfg, SEED_BATCH_SIZE, longest, 1.0, cfg.train.optim)
     trainer.accelerator.free_memory()
@@ -265,10 +261,7 @@ def run_fast(
         trainer.args.optim = cfg.train.optim
     optim = trainer.args.optim
     trainer.data_collator = meter.wrap(trainer.data_collator)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    peak = peak_memory_gb(device)
+    wall, peak = timed_train(trainer, device)
     meter.gather()
     estimate = fast_estimate(cfg, model, meter, micro, optim)
     graphs = trainer.graphs
@@ -343,7 +336,7 @@ def fast_estimate(cfg, model, meter: Meter, micro, optim: str) -> Optional[float
 
 
 def warm_compiled(trainer, rows: list[list[int]]) -> None:
-    """Run the compiled layers forward and backward on two packed rows of other lengths, so that
+    """Run the compiled layers forward and backward on two flat rows of other lengths, so that
     compilation (once per dynamic-shape graph) is not timed; nothing is updated."""
     model = trainer.model
     for size in (len(rows) // 2, len(rows)):

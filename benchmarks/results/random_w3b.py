@@ -8,22 +8,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from benchmarks.workloads import W3B
 from src.console import say
 from src.tiny import resolve_builtin
 
 out = Path(sys.argv[1])
 if not (out / "DONE").is_file():
     start = time.time()
-    config = LlamaConfig(
-        hidden_size=3200,
-        intermediate_size=8640,
-        num_hidden_layers=26,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        max_position_embeddings=2048,
-    )
+    config = LlamaConfig(**W3B, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
