@@ -2,19 +2,22 @@
 
 The trials of a pack share a base key (:func:`src.sweeps.grouping.base_key`: model, quantization, data, task, max
 length, precision), so the process loads the base once and attaches one named peft adapter per trial, each with its
-own r, alpha, dropout and targets. Every trial keeps its own HF ``Trainer`` (:class:`PackMemberTrainer`, a
-:class:`src.engine.trainer.FlatTrainer`): its own data order and seed, learning rate and schedule, optimizer state,
-evaluation, early stopping, pruning callback and MLflow run. The trainers run in threads of one process; what they
-share is the step:
+own r, alpha, dropout and targets, initialized as a run alone initializes its own. Their weights then train in one
+slot bank (:mod:`src.packs.engine`).
 
-- each trainer hands its micro-batch (one padding-free flat row) to the :class:`Pack` instead of running it;
-- once every live trial has handed one in, the pack concatenates the rows into one, runs the base model once over
-  it with each trial's tokens routed through its own adapter (:func:`routed_lora_forward`: peft refuses
-  mixed-adapter batches in training mode, so the routing is the project's), computes each trial's loss on its own
-  tokens with the model's own loss function, and runs one backward over their sum;
-- each trainer then clips, steps and schedules its own adapter. A trial's gradient is that of its own loss: the
-  adapters are disjoint, and attention never crosses from one example (or trial) into another (varlen or
-  per-example attention over the examples' bounds).
+Each trial keeps its own HF ``Trainer`` (:class:`src.packs.trainer.PackMemberTrainer`) for what makes it its own
+experiment: its data order and seed, learning-rate schedule, logging, evaluation, early stopping, pruning callback
+and MLflow run. The trainers run in threads of one process, but none of them runs a kernel of training: the hot loop
+is the :class:`Pack`'s, in one thread at a time:
+
+- each trainer hands its micro-batch (one padding-free flat row) to the pack, with whether its optimizer steps after
+  it and its settings (learning rate from its own schedule, betas, weight decay, clipping);
+- once every live trial has handed one in, the pack lays the rows end to end, each padded to one length, runs the
+  base once over them with each slot's tokens through its own adapter (two batched matmuls a LoRA layer for all
+  slots), computes every trial's loss in one cross-entropy, runs one backward of their sum, and one AdamW step
+  (:class:`src.packs.engine.SlotAdamW`) for the trials whose accumulation window ends;
+- each trainer gets back its loss and gradient norm (device tensors: no host sync) and goes on with its own
+  bookkeeping.
 
 A trial that finishes, is pruned or fails leaves the pack (:meth:`Pack.leave`), and the rest go on; a NaN loss
 stops its own trial (``train.stop_on_nonfinite_loss``). ``tests/unit/packs/test_packs.py`` checks that each trial of
@@ -40,96 +43,56 @@ from typing import Any, Optional
 
 import torch
 
-
-@dataclass(frozen=True)
-class Segment:
-    """Tokens ``start:end`` of the row (dimension 1) go through ``adapter``; ``end`` None: to the end."""
-
-    adapter: Optional[str]  # None: the base alone
-    start: int = 0
-    end: Optional[int] = None
+from src.packs import engine
 
 
-class _Routing:
-    route: tuple[Segment, ...] = ()
+@dataclass
+class Submission:
+    """One trial's micro-batch, handed to the pack's joint step by its trainer."""
 
-
-_ROUTING = _Routing()
-# The route of the forward running now, and of its backward, whose checkpointed layers recompute the forward
-# (on a GPU in autograd's own thread: so process-wide, not per thread). Every other forward waits for Pack.lock.
-
-
-def routed_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """A peft LoRA layer's forward with its input's tokens routed to the adapters of :data:`_ROUTING`.
-
-    As peft's own forward for one active adapter, ``base(x) + B(A(dropout(x))) * scaling``, each segment of the row
-    through its own adapter's matmuls; a segment whose adapter does not target this layer adds nothing. The trials'
-    weights never meet in one matmul: one trial's inf or NaN weights (a diverging learning rate) would turn the
-    others' outputs or input gradients to NaN through ``0 * inf``, and a trial that fails must fail alone. Dropout
-    runs once over the row where the adapters' rates agree (each token's mask is its own either way)."""
-    result = self.base_layer(x, *args, **kwargs)
-    route = _ROUTING.route
-    present = [s.adapter for s in route if s.adapter is not None and s.adapter in self.lora_A]
-    if not present:
-        return result
-    first = self.lora_A[present[0]].weight
-    x = x.to(first.dtype)
-    if len({getattr(self.lora_dropout[n], "p", 0.0) for n in present}) == 1:
-        x = self.lora_dropout[present[0]](x)
-        dropped = True
-    else:
-        dropped = False
-    if len(route) == 1:
-        name = present[0]
-        delta = self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
-        return (result + delta).to(result.dtype)
-    pieces = []
-    for segment in route:
-        name = segment.adapter
-        part = x[:, segment.start : segment.end]
-        if name is None or name not in self.lora_A:
-            pieces.append(part.new_zeros((*part.shape[:-1], result.shape[-1])))
-            continue
-        if not dropped:
-            part = self.lora_dropout[name](part)
-        pieces.append(self.lora_B[name](self.lora_A[name](part)) * self.scaling[name])
-    return (result + torch.cat(pieces, dim=1)).to(result.dtype)
-
-
-def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+    row: engine.SlotRow
+    stepping: bool  # its accumulation window ends with this micro-batch: its optimizer steps
+    hyper: tuple[float, ...]  # lr, beta1, beta2, eps, weight decay, max grad norm (for SlotAdamW)
+    autocast: Any  # the trainer's compute_loss_context_manager
 
 
 def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """The adapter's own LoRA weights (``...lora_A.<adapter>.weight``, ``...lora_B.<adapter>.weight``)."""
+    """The adapter's own LoRA weights in the peft model (``...lora_A.<adapter>.weight``, ...): the copy a slot is
+    loaded from and stored to (:class:`src.packs.engine.SlotBank`)."""
     marks = (f".lora_A.{adapter}.", f".lora_B.{adapter}.")
     return [(name, p) for name, p in model.named_parameters() if any(m in name for m in marks)]
 
 
 class Pack:
-    """The trials' shared base and their joint step. Its trials are named ``t0``, ``t1``, ... in order."""
+    """The trials' shared base, their slot bank and optimizer, and their joint step. Its trials are named ``t0``,
+    ``t1``, ... in order, and trial ``tI`` holds slot I of the bank (:mod:`src.packs.engine`)."""
 
     def __init__(self, model: torch.nn.Module, adapters: Sequence[str], seed: int):
-        self.model = model  # a PeftModel holding every trial's adapter
+        self.model = model  # a PeftModel holding every trial's adapter: where the bank's slots load from and save to
         self.adapters = list(adapters)
         self.seed = seed
         self.lock = threading.Condition()
         self.live = set(self.adapters)
-        self.pending: dict[str, tuple[Any, dict, Any]] = {}
+        self.pending: dict[str, Submission] = {}
         self.done: dict[str, Any] = {}
         self.steps = 0  # joint steps run
         self.trial_steps = 0  # trials' micro-batches run in them
         self.stopping: Optional[BaseException] = None
         self.estimate_gb: Optional[float] = None  # the pack's planned peak (prepare)
         self.started: Optional[float] = None
-        self.joint_s = 0.0  # host time spent queuing the joint steps' forwards and backwards
-        for layer in lora_layers(model):
-            layer.forward = types.MethodType(routed_lora_forward, layer)
-        for adapter in self.adapters:
-            for _, param in adapter_parameters(model, adapter):
-                param.requires_grad_(True)  # peft leaves only its active adapter trainable
+        self.joint_s = 0.0  # host time spent queuing the joint steps
+        self.pad_token_id = 0
+        self.attention = "per-example"
+        self.length_multiple = 1  # rows are padded up to a multiple of this (64 on a GPU: fewer distinct shapes)
+        for _, param in model.named_parameters():
+            param.requires_grad_(False)  # the bank holds what trains; peft's copies only load and save it
+        self.bank = engine.SlotBank.for_adapters(model, self.adapters)
+        self.optimizer = engine.SlotAdamW(self.bank)
+        for layer in engine.lora_layers(model):
+            layer.forward = types.MethodType(engine.bank_lora_forward, layer)
+
+    def slot(self, adapter: str) -> int:
+        return self.adapters.index(adapter)
 
     # ---- membership -------------------------------------------------------------------------------------------
 
@@ -161,22 +124,24 @@ class Pack:
 
     @contextlib.contextmanager
     def routed(self, adapter: Optional[str]) -> Iterator[torch.nn.Module]:
-        """The shared model with every token routed to ``adapter`` (None: the base alone), for one forward or
+        """The shared model running ``adapter``'s slot alone (None: the base alone), for one forward or
         generation; the other trials wait. Raises the pack's stop (SIGTERM) if one came."""
-        with self.lock, _route((Segment(adapter),)):
+        slot = None if adapter is None else self.slot(adapter)
+        with self.lock, engine.active(engine.OneSlot(self.bank, slot)):
             if self.stopping is not None:
                 raise self.stopping
             yield self.model
 
     def forward_one(self, adapter: str, training: bool, inputs: dict[str, Any]):
-        """One trial's own forward (an evaluation batch): the model in the trial's mode, its adapter only."""
+        """One trial's own forward (an evaluation batch): the model in the trial's mode, its slot only."""
         with self.routed(adapter) as model:
             if model.training != training:
                 model.train(training)
             return model(**inputs)
 
-    def step(self, adapter: str, trainer, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor:
-        """Hand in the trial's micro-batch and wait for the joint step that runs it; its loss (detached).
+    def step(self, adapter: str, submission: Submission):
+        """Hand in the trial's micro-batch and wait for the joint step that runs it: its (loss, gradient norm),
+        both on the device; the norm is None unless the trial's optimizer stepped.
 
         The step runs once every live trial has handed one in, in the thread of the last to arrive."""
         with self.lock:
@@ -184,7 +149,7 @@ class Pack:
                 raise self.stopping
             if adapter not in self.live:  # it would wait for a step that never counts it
                 raise RuntimeError(f"pack trial {adapter} stepped after it left the pack")
-            self.pending[adapter] = (trainer, inputs, num_items_in_batch)
+            self.pending[adapter] = submission
             while adapter not in self.done:
                 if self.stopping is not None:
                     self.pending.pop(adapter, None)
@@ -200,10 +165,10 @@ class Pack:
             raise result
         return result
 
-    def _run_step(self, batch: dict[str, tuple[Any, dict, Any]]) -> dict[str, Any]:
-        """Each trial's loss of the joint step, or the exception its trial raises. Where the joint step fails (an
-        out-of-memory error on one trial's long row, say), each trial's row runs again alone, so that only the trials
-        whose own step fails fail (their gradients start from zero either way: none was accumulated)."""
+    def _run_step(self, batch: dict[str, Submission]) -> dict[str, Any]:
+        """Each trial's (loss, norm) of the joint step, or the exception its trial raises. Where the joint step fails
+        (an out-of-memory error on one trial's long row, say), each trial's row runs again alone, so that only the
+        trials whose own step fails fail (their gradients of this window start again from zero)."""
         try:
             return self._joint_step(batch)
         except KeyboardInterrupt as exc:  # a stop: every trial of the step ends with it
@@ -217,19 +182,21 @@ class Pack:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        grad = self.bank.weights.grad
         results: dict[str, Any] = {}
         for name, entry in batch.items():
-            for _, param in adapter_parameters(self.model, name):
-                param.grad = None  # the failed joint backward may have written part of it
+            if grad is not None:
+                with torch.no_grad():
+                    grad[self.slot(name)].zero_()  # the failed joint backward may have written part of it
             try:
                 results.update(self._joint_step({name: entry}))
             except Exception as exc:  # noqa: BLE001  this trial's own step fails
                 results[name] = exc
         return results
 
-    def _joint_step(self, batch: dict[str, tuple[Any, dict, Any]]) -> dict[str, torch.Tensor]:
-        """Forward the trials' rows as one row, each trial's tokens through its adapter, and backward the sum of
-        their losses (each the model's own loss over its tokens, normalized by its own token count)."""
+    def _joint_step(self, batch: dict[str, Submission]) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """One forward over the trials' rows laid end to end (each slot's tokens through its own adapter), one
+        backward of the sum of their losses, and one optimizer step for the trials whose window ends here."""
         import time
 
         began = time.perf_counter()
@@ -237,41 +204,45 @@ class Pack:
             torch.manual_seed(self.seed)  # the trials' setups ran in any order; their dropout starts here
             self.started = began
         names = [a for a in self.adapters if a in batch]
-        segments, start = [], 0
-        for name in names:
-            length = batch[name][1]["input_ids"].shape[1]
-            segments.append(Segment(name, start, start + length))
-            start += length
-        rows = [batch[name][1] for name in names]
-        input_ids = torch.cat([r["input_ids"] for r in rows], dim=1)
-        position_ids = torch.cat([r["position_ids"] for r in rows], dim=1)
-        bounds = [0]  # every trial's examples' bounds, from the host (no device sync)
-        for segment, row in zip(segments, rows):
-            bounds += [segment.start + b for b in row["bounds"][1:]]
-        first = batch[names[0]][0]
-        extra = attention_inputs(first.attention, tuple(bounds), input_ids.device)
+        rows = [batch[name].row for name in names]
+        length = engine.padded_length(rows, self.length_multiple)
+        joint = engine.joint_inputs(rows, length, self.pad_token_id)
+        device = self.bank.weights.device
+        input_ids = joint["input_ids"].to(device, non_blocking=True)
+        position_ids = joint["position_ids"].to(device, non_blocking=True)
+        extra = attention_inputs(self.attention, joint["bounds"], device)
         model = self.model
         if not model.training:
             model.train()
-        with _route(tuple(segments)):
-            with first.compute_loss_context_manager():
+        first = batch[names[0]]
+        with engine.active(engine.joint_step(self.bank, [r.slot for r in rows], length)):
+            with first.autocast():
                 logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
-            inner = model.get_base_model()
-            losses = {}
-            for segment in segments:
-                trainer, inputs, count = batch[segment.adapter]
-                loss = inner.loss_function(
-                    logits[:, segment.start : segment.end],
-                    inputs["labels"],
-                    vocab_size=inner.config.vocab_size,
-                    num_items_in_batch=count,
-                )
-                losses[segment.adapter] = loss
-            torch.stack(list(losses.values())).sum().backward()
+            counts = torch.stack([torch.as_tensor(r.count, device=device).float() for r in rows])
+            losses = engine.slot_losses(logits, joint["shift_labels"], counts)
+            losses.sum().backward()
+        norms = self._optimizer_step(batch)
         self.steps += 1
         self.trial_steps += len(names)
         self.joint_s += time.perf_counter() - began
-        return {name: loss.detach() for name, loss in losses.items()}
+        return {
+            name: (losses[i].detach(), norms[self.slot(name)] if batch[name].stepping else None)
+            for i, name in enumerate(names)
+        }
+
+    def _optimizer_step(self, batch: dict[str, Submission]) -> torch.Tensor:
+        """The optimizer step of every trial of ``batch`` whose accumulation window ends; each slot's norm."""
+        slots = self.bank.slots
+        stepping = torch.zeros(slots, 1, dtype=torch.bool)
+        hyper = torch.zeros(slots, 6)
+        for name, submission in batch.items():
+            if submission.stepping:
+                stepping[self.slot(name)] = True
+                hyper[self.slot(name)] = torch.tensor(submission.hyper)
+        device = self.bank.weights.device
+        if not bool(stepping.any()):
+            return torch.zeros(slots, device=device)
+        return self.optimizer.step(stepping.to(device, non_blocking=True), hyper.to(device, non_blocking=True))
 
     # ---- outputs --------------------------------------------------------------------------------------------
 
@@ -281,6 +252,7 @@ class Pack:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with self.lock, tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+            self.bank.store(self.slot(adapter))
             self.model.save_pretrained(tmp, selected_adapters=[adapter])
             saved = Path(tmp) / adapter
             for item in [*saved.iterdir(), *(p for p in Path(tmp).iterdir() if p.is_file())]:  # peft's model card
@@ -307,15 +279,6 @@ class Pack:
         return sorted({n.split(".")[-1] for n, m in self.model.named_modules() if adapter in getattr(m, "lora_A", {})})
 
 
-@contextlib.contextmanager
-def _route(route: tuple[Segment, ...]) -> Iterator[None]:
-    previous, _ROUTING.route = _ROUTING.route, route
-    try:
-        yield
-    finally:
-        _ROUTING.route = previous
-
-
 def attention_inputs(attention: str, bounds: tuple[int, ...], device) -> dict[str, Any]:
     """The packed-attention inputs of a row whose examples start at ``bounds`` (and end at its last), as
     :meth:`FlatTrainer.compute_loss` passes them; the offsets reach the GPU without waiting for it."""
@@ -331,8 +294,9 @@ def attention_inputs(attention: str, bounds: tuple[int, ...], device) -> dict[st
 
 
 class TrialModel(torch.nn.Module):
-    """What one trial's Trainer holds as its model: the trial's adapter weights as its parameters (so its optimizer,
-    gradient clipping and ``zero_grad`` see those alone), its forward the shared model's with its adapter."""
+    """What one trial's Trainer holds as its model: its forward is the shared model's with the trial's slot alone,
+    and its parameters peft's copy of the trial's adapter (frozen: the bank trains; the Trainer's optimizer and
+    clipping are the pack's, :class:`src.packs.trainer.PackMemberTrainer`)."""
 
     def __init__(self, pack: Pack, adapter: str):
         super().__init__()

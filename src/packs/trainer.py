@@ -1,10 +1,11 @@
-"""The trainer of one trial of a pack: a :class:`src.engine.trainer.FlatTrainer` whose micro-batches run in the pack's
-joint step (:meth:`src.packs.model.Pack.step`); its optimizer, schedule, clipping, evaluation and callbacks are its
-own."""
+"""The trainer of one trial of a pack: a :class:`src.engine.trainer.FlatTrainer` whose micro-batches, clipping and
+optimizer step run in the pack's joint step (:meth:`src.packs.model.Pack.step`); its schedule, logging, evaluation and
+callbacks are its own."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -13,16 +14,32 @@ from src.engine.attention import HALF_DTYPES, seq_bounds, use_flat_attention, us
 from src.engine.budget import fast_optimizer
 from src.engine.trainer import FlatTrainer, sft_trainer
 from src.logger import say
+from src.packs import engine
+from src.packs.model import Submission
+
+
+class ScheduleOnly(torch.optim.Optimizer):
+    """The optimizer a pack trial's Trainer holds: its learning-rate schedule runs on it, and its ``step`` does
+    nothing. The trial's weights step in the pack's joint step (:class:`src.packs.engine.SlotAdamW`), at the
+    learning rate this optimizer's group holds then."""
+
+    def __init__(self, lr: float):
+        super().__init__([torch.zeros(1, requires_grad=True)], {"lr": lr})
+
+    def step(self, closure=None):  # noqa: D102  the pack's joint step moved the weights
+        return None
 
 
 class PackMemberTrainer(FlatTrainer):
-    """One trial of a pack (:mod:`src.packs.model`): its micro-batches run in the pack's joint step, its optimizer,
-    schedule, clipping, evaluation and callbacks are its own."""
+    """One trial of a pack (:mod:`src.packs.model`). Its micro-batches, clipping and optimizer step run in the pack's
+    joint step; its loop (:meth:`Trainer._run_epoch`), schedule, logging, evaluation and callbacks are its own."""
 
     def __init__(self, *args, member, **kwargs):
         super().__init__(*args, **kwargs)
         self.member = member
-        self.model_accepts_loss_kwargs = True  # the joint step normalizes each loss by its step's tokens
+        self.model_accepts_loss_kwargs = True  # the joint step normalizes each loss by its window's tokens
+        self._window = 0  # micro-batches left in this accumulation window
+        self._norm: Optional[torch.Tensor] = None  # the last step's gradient norm, before clipping (on the device)
 
     def _set_signature_columns_if_needed(self) -> None:
         """The columns a run alone keeps: the base model's forward arguments (the trial model takes ``**inputs``)."""
@@ -32,18 +49,48 @@ class PackMemberTrainer(FlatTrainer):
             forward = self.member.pack.model.get_base_model().forward
             self._signature_columns = [*inspect.signature(forward).parameters, "label", "label_ids", *self.label_names]
 
-    def _prepare_input(self, data):
-        """As the Trainer's, but host-to-device copies do not wait for the GPU: the joint step is queued while the
-        last one runs (a blocking copy would drain the GPU's queue at every trial's every step)."""
-        if isinstance(data, torch.Tensor):
-            return data.to(self.args.device, non_blocking=True)
-        return super()._prepare_input(data)
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = ScheduleOnly(self.args.learning_rate)
+        return self.optimizer
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """As the Trainer's; and how many micro-batches this window holds (its last steps the optimizer)."""
+        samples, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window = len(samples)
+        return samples, count
+
+    def _clip_grad_norm(self, model):
+        return self._norm  # the pack clipped the trial's gradient in its joint step
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return self._norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
-        bounds = seq_bounds(inputs["position_ids"])  # the host batch: no device sync
-        inputs = self._prepare_inputs(inputs)
-        return self.member.pack.step(self.member.adapter, self, {**inputs, "bounds": bounds}, num_items_in_batch)
+        self._window -= 1
+        args = self.args
+        hyper = (
+            self.lr_scheduler.get_last_lr()[0],
+            args.adam_beta1,
+            args.adam_beta2,
+            args.adam_epsilon,
+            args.weight_decay,
+            args.max_grad_norm,
+        )
+        row = engine.SlotRow(
+            self.member.pack.slot(self.member.adapter),
+            inputs["input_ids"],
+            inputs["position_ids"],
+            inputs["labels"],
+            seq_bounds(inputs["position_ids"]),  # the host batch: no device sync
+            num_items_in_batch,
+        )
+        submission = Submission(row, self._window <= 0, hyper, self.compute_loss_context_manager)
+        loss, norm = self.member.pack.step(self.member.adapter, submission)
+        if norm is not None:
+            self._norm = norm
+        return loss
 
     def train(self, *args, **kwargs):
         try:
@@ -68,6 +115,10 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
     if member.attention == "auto":
         member.attention = pack_attention(member.pack.model, args)
     micro = dataclasses.replace(micro, attention=member.attention)
+    pack = member.pack
+    pack.attention = member.attention
+    pack.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pack.length_multiple = 64 if torch.cuda.is_available() else 1  # fewer distinct shapes for the GPU's kernels
     args = dataclasses.replace(
         args,
         per_device_train_batch_size=micro.micro_batch_size,

@@ -1,0 +1,363 @@
+"""The pack engine: K trials' LoRA adapters in one slot bank, one forward and backward over all their rows, and one
+optimizer step for all of them.
+
+A pack's trials share one frozen base. What differs is small: each trial's LoRA A and B (its rank, alpha, targets
+and dropout), its rows, and its optimizer's settings. The engine keeps those apart without a loop over trials:
+
+- **The slot bank** (:class:`SlotBank`). Every trial's adapter weights sit in one row of a ``[slots, P]`` fp32
+  parameter: the same layout for every slot, each LoRA layer's A (``r_max x in``) and B (``out x r_max``) at fixed
+  offsets, ``r_max`` the largest rank any slot gives that layer. A slot of smaller rank, or one that does not target
+  the layer, has zeros there: their gradients are zero (a zero B gives A no gradient and a zero A gives B none), and
+  so are AdamW's updates of them, so they stay zero.
+- **A grouped LoRA matmul** (:func:`bank_lora_forward`). In a joint step every slot's row is padded to one length
+  ``L``, so a layer's input is ``[slots, L, in]`` and on a GPU the adapters of all slots run as two batched matmuls
+  (``torch.bmm``: a grouped matmul whose groups the padding makes equal) and one scale, whatever the number of
+  trials: a few kernels a layer where a loop over K trials queues 4K. Elsewhere (:data:`GROUPED`) a loop. Outside a joint step (a trial's evaluation or its
+  sample generations) one slot's adapter runs as peft's own ``B(A(dropout(x))) * scale``.
+- **One loss for all.** Each slot's labels are shifted within its own row, and one cross-entropy over the joint
+  row gives every token's loss; summed per slot and divided by the slot's own token count
+  (``num_items_in_batch``), it is each trial's loss as its run alone computes it.
+- **One optimizer step** (:class:`SlotAdamW`): AdamW over the bank's rows with each slot's own learning rate,
+  betas, epsilon, weight decay and gradient clipping as ``[slots]`` tensors, on the slots whose accumulation window
+  ends this step; no value is read back to the host.
+
+A trial's math never meets another's: the batched matmuls, the per-slot clipping and the optimizer's update are
+row by row, and attention never crosses from one example into another. One trial's NaN stays its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BankLayer:
+    """Where one LoRA layer's weights sit in a bank row."""
+
+    index: int  # the layer's column in the bank's per-layer tables (scales)
+    a_offset: int
+    b_offset: int
+    rank: int  # r_max: the largest rank any slot gives this layer
+    in_features: int
+    out_features: int
+
+
+def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+class SlotBank:
+    """The trials' adapter weights as rows of one ``[slots, P]`` parameter (see the module's docstring).
+
+    ``model`` is the peft model; a slot's weights are copied in from its peft adapter (:meth:`load`), which peft
+    initialized as a run alone initializes its own, and back out to save it (:meth:`store`)."""
+
+    def __init__(self, model: torch.nn.Module, slots: int, ranks: dict[torch.nn.Module, int]):
+        self.model = model
+        self.slots = slots
+        self.layers: dict[torch.nn.Module, BankLayer] = {}
+        offset = 0
+        for index, (layer, rank) in enumerate(ranks.items()):
+            base = layer.get_base_layer()
+            fan_in, fan_out = base.in_features, base.out_features
+            self.layers[layer] = BankLayer(index, offset, offset + rank * fan_in, rank, fan_in, fan_out)
+            offset += rank * (fan_in + fan_out)
+        device = next(model.parameters()).device
+        self.weights = torch.nn.Parameter(torch.zeros(slots, offset, device=device))
+        self.scales = torch.zeros(slots, len(self.layers), device=device)  # 0: the slot does not target the layer
+        self.dropout = [0.0] * slots
+        self.adapters: list[Optional[str]] = [None] * slots  # the peft adapter each slot holds
+        self.targeted = [[False] * len(self.layers) for _ in range(slots)]
+        self.ranks = [[0] * len(self.layers) for _ in range(slots)]  # each slot's own rank of each layer
+
+    @classmethod
+    def for_adapters(cls, model: torch.nn.Module, adapters: Sequence[str], slots: Optional[int] = None) -> SlotBank:
+        """A bank sized for ``adapters`` (their union of layers, each layer's largest rank), each loaded in order."""
+        ranks: dict[torch.nn.Module, int] = {}
+        for layer in lora_layers(model):
+            rs = [layer.r[a] for a in adapters if a in layer.lora_A]
+            if rs:
+                ranks[layer] = max(rs)
+        bank = cls(model, slots or len(adapters), ranks)
+        for slot, adapter in enumerate(adapters):
+            bank.load(slot, adapter)
+        return bank
+
+    def _views(self, row: torch.Tensor, entry: BankLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's (A ``[r_max, in]``, B ``[out, r_max]``) of one layer: views, no copy."""
+        a = row[entry.a_offset : entry.a_offset + entry.rank * entry.in_features].view(entry.rank, entry.in_features)
+        b = row[entry.b_offset : entry.b_offset + entry.out_features * entry.rank]
+        return a, b.view(entry.out_features, entry.rank)
+
+    @torch.no_grad()
+    def load(self, slot: int, adapter: str) -> None:
+        """Put peft adapter ``adapter``'s weights, scales and dropout into ``slot`` (its other entries zeroed)."""
+        row = self.weights[slot]
+        row.zero_()
+        self.scales[slot].zero_()
+        self.targeted[slot] = [False] * len(self.layers)
+        self.ranks[slot] = [0] * len(self.layers)
+        for layer, entry in self.layers.items():
+            if adapter not in layer.lora_A:
+                continue
+            a, b = self._views(row, entry)
+            source_a, source_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            a[: source_a.shape[0]].copy_(source_a)
+            b[:, : source_b.shape[1]].copy_(source_b)
+            self.scales[slot, entry.index] = float(layer.scaling[adapter])
+            self.targeted[slot][entry.index] = True
+            self.ranks[slot][entry.index] = source_a.shape[0]
+            self.dropout[slot] = float(getattr(layer.lora_dropout[adapter], "p", 0.0))
+        self.adapters[slot] = adapter
+
+    @torch.no_grad()
+    def store(self, slot: int) -> None:
+        """Copy ``slot``'s weights back into its peft adapter (to save it as a run alone saves its own)."""
+        adapter, row = self.adapters[slot], self.weights[slot]
+        for layer, entry in self.layers.items():
+            if adapter in layer.lora_A:
+                a, b = self._views(row, entry)
+                target_a, target_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+                target_a.copy_(a[: target_a.shape[0]])
+                target_b.copy_(b[:, : target_b.shape[1]])
+
+    def trainable(self, slot: int) -> int:
+        """The slot's own adapter parameters (its rank, its layers): what a run alone counts as trainable."""
+        adapter = self.adapters[slot]
+        return sum(
+            layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
+            for layer in self.layers
+            if adapter in layer.lora_A
+        )
+
+
+class SlotAdamW:
+    """AdamW over the bank's rows, each slot with its own settings, as ``torch.optim.AdamW`` steps one run's
+    adapter: ``p -= lr * wd * p``, then the moments and the bias-corrected update. Gradient clipping first, per
+    slot, as ``torch.nn.utils.clip_grad_norm_`` (``max_norm / (norm + 1e-6)``, at most 1; ``max_norm`` 0: none).
+
+    Only the slots in ``stepping`` move; the others keep their weights, moments and accumulated gradients.
+    Every value stays on the device."""
+
+    def __init__(self, bank: SlotBank):
+        self.bank = bank
+        weights = bank.weights
+        self.exp_avg = torch.zeros_like(weights)
+        self.exp_avg_sq = torch.zeros_like(weights)
+        self.steps = torch.zeros(bank.slots, 1, device=weights.device)
+
+    def reset(self, slot: int) -> None:
+        """A new trial in ``slot``: no moments, step 0, no gradient."""
+        with torch.no_grad():
+            self.exp_avg[slot].zero_()
+            self.exp_avg_sq[slot].zero_()
+            self.steps[slot].zero_()
+            if self.bank.weights.grad is not None:
+                self.bank.weights.grad[slot].zero_()
+
+    @torch.no_grad()
+    def step(self, stepping: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """One step of the slots where ``stepping`` ([slots, 1], bool) holds, with ``hyper`` ([slots, 6]: lr,
+        beta1, beta2, eps, weight decay, max grad norm). Returns each slot's gradient norm before clipping."""
+        weights = self.bank.weights
+        grad = weights.grad if weights.grad is not None else torch.zeros_like(weights)
+        lr, beta1, beta2, eps, decay, max_norm = hyper.unbind(1)
+        lr, beta1, beta2, eps, decay, max_norm = (h[:, None] for h in (lr, beta1, beta2, eps, decay, max_norm))
+        norms = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
+        clip = torch.where(max_norm > 0, (max_norm / (norms + 1e-6)).clamp(max=1.0), torch.ones_like(norms))
+        grad = grad * clip
+        steps = self.steps + stepping.to(self.steps.dtype)
+        exp_avg = torch.lerp(self.exp_avg, grad, 1.0 - beta1)
+        exp_avg_sq = self.exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+        safe = steps.clamp(min=1.0)
+        correction1 = 1.0 - beta1**safe
+        correction2 = 1.0 - beta2**safe
+        denom = exp_avg_sq.sqrt() / correction2.sqrt() + eps
+        updated = weights * (1.0 - lr * decay) - (lr / correction1) * exp_avg / denom
+        weights.copy_(torch.where(stepping, updated, weights))  # rows not stepping: exactly as they were
+        self.exp_avg.copy_(torch.where(stepping, exp_avg, self.exp_avg))
+        self.exp_avg_sq.copy_(torch.where(stepping, exp_avg_sq, self.exp_avg_sq))
+        self.steps.copy_(steps)
+        if weights.grad is not None:  # the stepped slots start their next window from zero
+            weights.grad.copy_(torch.where(stepping, torch.zeros_like(weights.grad), weights.grad))
+        return norms[:, 0]
+
+
+# ---- the forward of a pack's LoRA layers -------------------------------------------------------------------------
+
+
+@dataclass
+class JointStep:
+    """The forward running now: every slot in ``slots`` has a row of ``length`` tokens, in that order."""
+
+    bank: SlotBank
+    weights: torch.Tensor  # the bank's rows of ``slots`` ([len(slots), P]), in the compute dtype
+    scales: torch.Tensor  # [len(slots), layers]
+    slots: tuple[int, ...]
+    length: int
+    dropout: Optional[torch.Tensor]  # [len(slots), 1, 1] keep probabilities where the slots' rates differ
+    rate: float  # the slots' one dropout rate where they agree
+    active: list[bool]  # per layer: does any slot of the step target it
+    grouped: bool = True  # two batched matmuls for all slots; False: a loop over the slots (GROUPED)
+
+
+# Where the slots' LoRA matmuls run batched (``torch.bmm``, one group a slot): on a GPU, where one kernel for K
+# adapters saves K-1 launches a matmul. Elsewhere a loop over the slots runs peft's own kernels, so that on a CPU a
+# pack's trial computes exactly what its run alone does (tests/unit/packs/test_engine.py checks the two agree).
+GROUPED = {"cuda": True}
+
+
+@dataclass
+class OneSlot:
+    """The forward running now is one slot's (an evaluation, a generation); ``slot`` None: the base alone."""
+
+    bank: SlotBank
+    slot: Optional[int]
+
+
+class _Active:
+    step: Any = None
+
+
+_ACTIVE = _Active()
+# The forward running now, and its backward's (checkpointed layers recompute the forward in autograd's own thread on
+# a GPU): process-wide, not per thread. Every other forward waits for the pack's lock.
+
+
+@contextlib.contextmanager
+def active(step: Any) -> Iterator[None]:
+    previous, _ACTIVE.step = _ACTIVE.step, step
+    try:
+        yield
+    finally:
+        _ACTIVE.step = previous
+
+
+def joint_step(bank: SlotBank, slots: Sequence[int], length: int) -> JointStep:
+    """The context of a joint forward over ``slots``' rows of ``length`` tokens each."""
+    index = torch.tensor(list(slots), device=bank.weights.device)
+    weights = bank.weights.index_select(0, index)
+    if torch.is_autocast_enabled(weights.device.type):  # one cast of all the step's weights, not one per layer
+        weights = weights.to(torch.get_autocast_dtype(weights.device.type))
+    rates = [bank.dropout[s] for s in slots]
+    dropout = None
+    if len(set(rates)) > 1:
+        keep = torch.tensor([1.0 - r for r in rates], device=weights.device)
+        dropout = keep[:, None, None]
+    active_layers = [any(bank.targeted[s][i] for s in slots) for i in range(len(bank.layers))]
+    grouped = GROUPED.get(weights.device.type, False)
+    scales = bank.scales.index_select(0, index)
+    return JointStep(bank, weights, scales, tuple(slots), length, dropout, rates[0], active_layers, grouped)
+
+
+def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A peft LoRA layer's forward, its adapters read from the bank of the step running now (:data:`_ACTIVE`)."""
+    result = self.base_layer(x, *args, **kwargs)
+    step = _ACTIVE.step
+    if step is None:
+        return result
+    entry = step.bank.layers.get(self)
+    if entry is None:
+        return result
+    if isinstance(step, OneSlot):
+        return _one_slot(self, step, entry, x, result)
+    if not step.active[entry.index]:
+        return result
+    count, length = len(step.slots), step.length
+    row = step.weights
+    a = row[:, entry.a_offset : entry.a_offset + entry.rank * entry.in_features].view(count, entry.rank, -1)
+    b = row[:, entry.b_offset : entry.b_offset + entry.out_features * entry.rank].view(count, -1, entry.rank)
+    xs = x.reshape(count, length, entry.in_features).to(row.dtype)
+    if self.training and step.dropout is not None:
+        keep = step.dropout
+        xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep
+    elif self.training and step.rate > 0:
+        xs = F.dropout(xs, step.rate, training=True)
+    if step.grouped:
+        hidden = torch.bmm(xs, a.transpose(1, 2)) * step.scales[:, entry.index, None, None].to(xs.dtype)
+        delta = torch.bmm(hidden, b.transpose(1, 2))
+    else:  # a loop over the slots, each at its own rank: the kernels of peft's forward for a run alone
+        pieces = []
+        for i, slot in enumerate(step.slots):
+            rank = step.bank.ranks[slot][entry.index]
+            piece = F.linear(F.linear(xs[i], a[i, :rank]), b[i, :, :rank]) * step.scales[i, entry.index]
+            pieces.append(piece)
+        delta = torch.stack(pieces)
+    return (result + delta.reshape(result.shape)).to(result.dtype)
+
+
+def _one_slot(layer, step: OneSlot, entry: BankLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    bank, slot = step.bank, step.slot
+    if slot is None or not bank.targeted[slot][entry.index]:
+        return result
+    a, b = bank._views(bank.weights[slot], entry)
+    x = x.to(a.dtype)
+    if layer.training and bank.dropout[slot] > 0:
+        x = F.dropout(x, bank.dropout[slot], training=True)
+    delta = F.linear(F.linear(x, a), b) * bank.scales[slot, entry.index]
+    return (result + delta).to(result.dtype)
+
+
+# ---- the joint step ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlotRow:
+    """One slot's micro-batch of a joint step, on the host except ``count`` (its window's label count)."""
+
+    slot: int
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    labels: torch.Tensor  # [1, T]
+    bounds: tuple[int, ...]  # its examples' starts, and its end
+    count: Any  # num_items_in_batch: the labels of the slot's accumulation window
+
+
+def padded_length(rows: Sequence[SlotRow], multiple: int = 1) -> int:
+    """One length for all the step's rows: the longest, plus one pad token, up to a multiple of ``multiple``."""
+    longest = max(r.input_ids.shape[1] for r in rows) + 1
+    return -(-longest // multiple) * multiple
+
+
+def joint_inputs(rows: Sequence[SlotRow], length: int, pad_token_id: int) -> dict[str, Any]:
+    """The rows laid end to end, each padded to ``length`` with one pad example (labels -100), with each slot's
+    labels shifted within its own row, and every example's bounds."""
+    ids, positions, shifted, bounds = [], [], [], [0]
+    for i, row in enumerate(rows):
+        tokens = row.input_ids.shape[1]
+        pad = length - tokens
+        ids.append(torch.cat([row.input_ids[0].cpu(), torch.full((pad,), pad_token_id, dtype=torch.long)]))
+        positions.append(torch.cat([row.position_ids[0].cpu(), torch.arange(pad)]))
+        labels = row.labels[0].cpu()
+        shifted.append(torch.cat([labels[1:], torch.full((pad + 1,), -100, dtype=labels.dtype)]))
+        start = i * length
+        bounds += [start + b for b in row.bounds[1:]]
+        if pad:
+            bounds.append(start + length)
+    return {
+        "input_ids": torch.stack(ids).view(1, -1),
+        "position_ids": torch.stack(positions).view(1, -1),
+        "shift_labels": torch.stack(shifted),
+        "bounds": tuple(bounds),
+    }
+
+
+def slot_losses(logits: torch.Tensor, shift_labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each slot's loss: its tokens' summed cross-entropy over its own label count (HF's ``ForCausalLMLoss`` with
+    ``num_items_in_batch``). ``logits`` [1, slots x L, V], ``shift_labels`` [slots, L], ``counts`` [slots]."""
+    slots, length = shift_labels.shape
+    tokens = F.cross_entropy(
+        logits.reshape(slots * length, -1).float(),
+        shift_labels.reshape(-1).to(logits.device),
+        ignore_index=-100,
+        reduction="none",
+    )
+    return tokens.view(slots, length).sum(1) / counts
