@@ -334,16 +334,6 @@ def build_pack(model: torch.nn.Module, loras: Sequence[Any], task: str, seeds: S
     return Pack(peft_model, names, seed=seeds[0])
 
 
-def split_budget(budget: Optional[float], shared_gb: float, trials: int) -> Optional[float]:
-    """Each trial's share of a pack's memory budget: the shared base once, the rest split evenly.
-
-    A trial planned to ``shared + (budget - shared) / K`` leaves, summed over K trials less K-1 copies of the
-    shared part, exactly ``budget``."""
-    if budget is None:
-        return None
-    return shared_gb + max(0.0, budget - shared_gb) / trials
-
-
 def replace_train(cfg, **changes):
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
@@ -365,30 +355,56 @@ class PackMember:
         return build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, self)
 
 
+def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional[float]):
+    """The micro-batch plan of every trial of a pack, and what it says: one micro-batch size for all trials (so
+    their rows are alike in length and the joint step pads little), the largest that fits the budget with all
+    trials' activations and no layer checkpointed; checkpointing only where even one example a trial does not fit
+    (memory forces it). Returns (plans, note)."""
+    import math
+
+    from src.engine import budget as budget_mod
+    from src.memory import pack_estimate_gb, plan
+
+    steps = [c.train.per_device_train_batch_size * c.train.gradient_accumulation_steps for c in cfgs]
+    if budget is None:
+        return [budget_mod.plan_step_within(None, c, model) for c in cfgs], None
+    common = math.gcd(*steps)
+    fast = [replace_train(c, optim=budget_mod.fast_optimizer(c.train.optim)) for c in cfgs]
+
+    def estimate(size: int, ckpt: bool) -> float:
+        sized = [replace_train(c, per_device_train_batch_size=size, activation_checkpointing=ckpt) for c in fast]
+        return pack_estimate_gb([plan(c).est_mem_breakdown_gb for c in sized])
+
+    layers = len(budget_mod.decoder_layers(model))
+    common_plan = budget_mod.plan_micro_batches(common, layers, budget, estimate)
+    size, ckpt = common_plan.micro_batch_size, common_plan.checkpointed_layers
+    plans = [
+        dataclasses.replace(common_plan, examples_per_step=n, gradient_accumulation_steps=n // size) for n in steps
+    ]
+    note = f"pack of {len(cfgs)}: micro-batches of {size} example(s) a trial, est. peak {common_plan.est_peak_gpu_mem_gb:.1f} GiB"
+    if ckpt:
+        note += (
+            f"; activation checkpointing on {ckpt}/{layers} layers: even one example a trial needs "
+            f"{estimate(1, False):.1f} GiB without it, over the {budget:.1f} GiB planned"
+        )
+    return plans, note
+
+
 def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool) -> list[PackMember]:
-    """Plan the pack's step and set up the shared base once: each trial's micro-batches within its share of the
-    budget (:func:`split_budget`), checkpointing as many layers as the most needing trial, a 4/8-bit base's weights
-    in bf16 under bf16 training, and its dequantized weights cached in the room the pack's estimate leaves."""
+    """Plan the pack's step (:func:`plan_pack_step`) and set up the shared base once: checkpointing where the plan
+    needs it, a 4/8-bit base's weights in bf16 under bf16 training, and its dequantized weights cached in the room
+    the pack's estimate leaves."""
     from src.engine import budget as budget_mod
     from src.engine import weights
-    from src.memory import pack_estimate_gb, plan
+    from src.logger import say
 
     model = pack.model
     first = cfgs[0]
     budget = budget_mod.resolve_budget(first.train.memory_budget_gb)
-    estimate = None
-    if budget is not None:
-        fast = [replace_train(c, optim=budget_mod.fast_optimizer(c.train.optim)) for c in cfgs]
-        breakdowns = [plan(c).est_mem_breakdown_gb for c in fast]
-        share = split_budget(budget, max(b.shared for b in breakdowns), len(cfgs))
-        micros = [budget_mod.plan_step_within(share, cfg, model) for cfg in cfgs]
-        sized = [
-            plan(replace_train(c, per_device_train_batch_size=m.micro_batch_size)).est_mem_breakdown_gb
-            for c, m in zip(fast, micros)
-        ]
-        estimate = pack_estimate_gb(sized)
-    else:
-        micros = [budget_mod.plan_step_within(None, cfg, model) for cfg in cfgs]
+    micros, note = plan_pack_step(cfgs, model, budget)
+    if note:
+        say(note)
+    estimate = micros[0].est_peak_gpu_mem_gb
     checkpointed = max(m.checkpointed_layers for m in micros)
     budget_mod.set_checkpointed_layers(model, checkpointed)
     cached, cache_gb = weights.prepare_frozen_weights(
