@@ -562,11 +562,16 @@ def plan(cfg: Config, tokens_per_micro_batch: Optional[int] = None) -> MemoryPla
     )
 
 
-def pack_estimate_gb(breakdowns: list[MemoryBreakdown]) -> float:
+def pack_estimate_gb(breakdowns: list[MemoryBreakdown], slots: Optional[int] = None) -> float:
     """A pack's peak-memory estimate (``hydra.sweeper.pack``, :mod:`src.packs.model`) from its trials' breakdowns:
-    the base's weights and overhead once, and every trial's adapter states, activations and logits."""
+    the base's weights and overhead once; a bank of ``slots`` (None: one a trial) adapter slots, each as large as the
+    largest trial's adapter and its optimizer states (:class:`src.packs.engine.SlotBank`); and the activations and
+    logits of the ``slots`` trials that need the most, training at once."""
+    slots = min(slots or len(breakdowns), len(breakdowns))
     shared = max(b.shared for b in breakdowns)
-    return shared + sum(v for b in breakdowns for v in (b.trainable_states, b.activations, b.logits))
+    states = slots * max(b.trainable_states for b in breakdowns)
+    working = sorted((b.activations + b.logits for b in breakdowns), reverse=True)[:slots]
+    return shared + states + sum(working)
 
 
 def plan_pack(cfgs: list[Config]) -> PackPlan:

@@ -80,16 +80,14 @@ class SlotBank:
 
     @classmethod
     def for_adapters(cls, model: torch.nn.Module, adapters: Sequence[str], slots: Optional[int] = None) -> SlotBank:
-        """A bank sized for ``adapters`` (their union of layers, each layer's largest rank), each loaded in order."""
+        """A bank of ``slots`` (None: one an adapter) laid out for any of ``adapters`` (their union of layers, each
+        layer's largest rank). A trial's adapter is loaded into a free slot when it starts training (:meth:`load`)."""
         ranks: dict[torch.nn.Module, int] = {}
         for layer in lora_layers(model):
             rs = [layer.r[a] for a in adapters if a in layer.lora_A]
             if rs:
                 ranks[layer] = max(rs)
-        bank = cls(model, slots or len(adapters), ranks)
-        for slot, adapter in enumerate(adapters):
-            bank.load(slot, adapter)
-        return bank
+        return cls(model, slots or len(adapters), ranks)
 
     def _views(self, row: torch.Tensor, entry: BankLayer) -> tuple[torch.Tensor, torch.Tensor]:
         """A row's (A ``[r_max, in]``, B ``[out, r_max]``) of one layer: views, no copy."""
@@ -217,10 +215,12 @@ GROUPED = {"cuda": True}
 
 @dataclass
 class OneSlot:
-    """The forward running now is one slot's (an evaluation, a generation); ``slot`` None: the base alone."""
+    """The forward running now is one trial's (an evaluation, a generation): its bank ``slot`` while it trains,
+    else (``slot`` None) its peft ``adapter``, which holds its weights once it left the bank; both None: the base."""
 
     bank: SlotBank
     slot: Optional[int]
+    adapter: Optional[str] = None
 
 
 class _Active:
@@ -295,8 +295,15 @@ def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
 
 
 def _one_slot(layer, step: OneSlot, entry: BankLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    bank, slot = step.bank, step.slot
-    if slot is None or not bank.targeted[slot][entry.index]:
+    bank, slot, adapter = step.bank, step.slot, step.adapter
+    if slot is None:  # peft's own forward for one adapter: B(A(dropout(x))) * scaling
+        if adapter is None or adapter not in layer.lora_A:
+            return result
+        a = layer.lora_A[adapter]
+        x = x.to(a.weight.dtype)
+        delta = layer.lora_B[adapter](a(layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
+        return (result + delta).to(result.dtype)
+    if not bank.targeted[slot][entry.index]:
         return result
     a, b = bank._views(bank.weights[slot], entry)
     x = x.to(a.dtype)

@@ -67,12 +67,14 @@ class Pack:
     """The trials' shared base, their slot bank and optimizer, and their joint step. Its trials are named ``t0``,
     ``t1``, ... in order, and trial ``tI`` holds slot I of the bank (:mod:`src.packs.engine`)."""
 
-    def __init__(self, model: torch.nn.Module, adapters: Sequence[str], seed: int):
+    def __init__(self, model: torch.nn.Module, adapters: Sequence[str], seed: int, slots: Optional[int] = None):
         self.model = model  # a PeftModel holding every trial's adapter: where the bank's slots load from and save to
         self.adapters = list(adapters)
         self.seed = seed
         self.lock = threading.Condition()
-        self.live = set(self.adapters)
+        self.live: set[str] = set()  # the trials training now (joined, not yet left)
+        self.slot_of: dict[str, int] = {}  # the bank slot each live trial holds
+        self.trained: list[str] = []  # every trial that joined, in order
         self.pending: dict[str, Submission] = {}
         self.done: dict[str, Any] = {}
         self.steps = 0  # joint steps run
@@ -86,33 +88,52 @@ class Pack:
         self.length_multiple = 1  # rows are padded up to a multiple of this (64 on a GPU: fewer distinct shapes)
         for _, param in model.named_parameters():
             param.requires_grad_(False)  # the bank holds what trains; peft's copies only load and save it
-        self.bank = engine.SlotBank.for_adapters(model, self.adapters)
+        self.bank = engine.SlotBank.for_adapters(model, self.adapters, slots=slots or len(self.adapters))
         self.optimizer = engine.SlotAdamW(self.bank)
         for layer in engine.lora_layers(model):
             layer.forward = types.MethodType(engine.bank_lora_forward, layer)
 
     def slot(self, adapter: str) -> int:
-        return self.adapters.index(adapter)
+        return self.slot_of[adapter]
 
     # ---- membership -------------------------------------------------------------------------------------------
 
+    def join(self, adapter: str) -> None:
+        """The trial starts training: it takes a free slot of the bank (its adapter's weights loaded, its optimizer
+        state fresh), and the joint steps wait for its micro-batches from now on."""
+        with self.lock:
+            if self.stopping is not None:
+                raise self.stopping
+            free = sorted(set(range(self.bank.slots)) - set(self.slot_of.values()))
+            if not free:
+                raise RuntimeError(f"pack trial {adapter}: all {self.bank.slots} slots are taken")
+            slot = self.slot_of[adapter] = free[0]
+            self.bank.load(slot, adapter)
+            self.optimizer.reset(slot)
+            self.live.add(adapter)
+            self.trained.append(adapter)
+
     def leave(self, adapter: str) -> None:
-        """The trial is done (finished, pruned or failed): the others step without it."""
+        """The trial is done training (finished, pruned or failed): its weights go back to its peft adapter (where
+        its final evaluation, samples and save read them), its slot is free, and the others step without it."""
         with self.lock:
             self.live.discard(adapter)
             self.pending.pop(adapter, None)
+            slot = self.slot_of.pop(adapter, None)
+            if slot is not None:
+                self.bank.store(slot)
             self.lock.notify_all()
-            if not self.live and self.started is not None:
-                import time
 
-                from src.logger import say
+    def summary(self) -> str:
+        """What the pack did: the trials it trained, its joint steps and the host's share of them."""
+        import time
 
-                wall = time.perf_counter() - self.started
-                say(
-                    f"pack: {self.steps} joint steps of {self.trial_steps / max(self.steps, 1):.2f} trials on average "
-                    f"in {wall:.1f} s, {self.joint_s:.1f} s of it on the host queuing them"
-                )
-                self.started = None  # said once
+        wall = 0.0 if self.started is None else time.perf_counter() - self.started
+        return (
+            f"pack: trained {len(self.trained)} trial(s) in {self.bank.slots} slot(s) on one base; {self.steps} joint "
+            f"steps of {self.trial_steps / max(self.steps, 1):.2f} trials on average in {wall:.1f} s, "
+            f"{self.joint_s:.1f} s of it on the host queuing them"
+        )
 
     def stop(self, reason: BaseException) -> None:
         """Stop every trial at its next step (SIGTERM of the pack's process): each raises ``reason``."""
@@ -126,8 +147,7 @@ class Pack:
     def routed(self, adapter: Optional[str]) -> Iterator[torch.nn.Module]:
         """The shared model running ``adapter``'s slot alone (None: the base alone), for one forward or
         generation; the other trials wait. Raises the pack's stop (SIGTERM) if one came."""
-        slot = None if adapter is None else self.slot(adapter)
-        with self.lock, engine.active(engine.OneSlot(self.bank, slot)):
+        with self.lock, engine.active(engine.OneSlot(self.bank, self.slot_of.get(adapter), adapter)):
             if self.stopping is not None:
                 raise self.stopping
             yield self.model
@@ -252,7 +272,8 @@ class Pack:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with self.lock, tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
-            self.bank.store(self.slot(adapter))
+            if adapter in self.slot_of:  # a checkpoint while it trains: its weights are in the bank
+                self.bank.store(self.slot(adapter))
             self.model.save_pretrained(tmp, selected_adapters=[adapter])
             saved = Path(tmp) / adapter
             for item in [*saved.iterdir(), *(p for p in Path(tmp).iterdir() if p.is_file())]:  # peft's model card
@@ -314,9 +335,12 @@ class TrialModel(torch.nn.Module):
         self.pack.save_adapter(self.adapter, Path(directory))
 
 
-def build_pack(model: torch.nn.Module, loras: Sequence[Any], task: str, seeds: Sequence[int]) -> Pack:
+def build_pack(
+    model: torch.nn.Module, loras: Sequence[Any], task: str, seeds: Sequence[int], slots: Optional[int] = None
+) -> Pack:
     """Attach one adapter per trial (``t0``, ``t1``, ...) to the loaded base, each initialized as a run alone
-    initializes its own (the global seed set to the trial's ``train.seed`` just before), and make the pack."""
+    initializes its own (the global seed set to the trial's ``train.seed`` just before), and make the pack: a bank
+    of ``slots`` (None: one a trial) in which the trials train, at most ``slots`` at once."""
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -331,7 +355,7 @@ def build_pack(model: torch.nn.Module, loras: Sequence[Any], task: str, seeds: S
             peft_model = get_peft_model(model, config, adapter_name=name)
         else:
             peft_model.add_adapter(name, config)
-    return Pack(peft_model, names, seed=seeds[0])
+    return Pack(peft_model, names, seed=seeds[0], slots=slots)
 
 
 def replace_train(cfg, **changes):
@@ -355,7 +379,7 @@ class PackMember:
         return build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, self)
 
 
-def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional[float]):
+def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional[float], slots: Optional[int] = None):
     """The micro-batch plan of every trial of a pack, and what it says: one micro-batch size for all trials (so
     their rows are alike in length and the joint step pads little), the largest that fits the budget with all
     trials' activations and no layer checkpointed; checkpointing only where even one example a trial does not fit
@@ -373,7 +397,7 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
 
     def estimate(size: int, ckpt: bool) -> float:
         sized = [replace_train(c, per_device_train_batch_size=size, activation_checkpointing=ckpt) for c in fast]
-        return pack_estimate_gb([plan(c).est_mem_breakdown_gb for c in sized])
+        return pack_estimate_gb([plan(c).est_mem_breakdown_gb for c in sized], slots)
 
     layers = len(budget_mod.decoder_layers(model))
     common_plan = budget_mod.plan_micro_batches(common, layers, budget, estimate)
@@ -381,7 +405,10 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
     plans = [
         dataclasses.replace(common_plan, examples_per_step=n, gradient_accumulation_steps=n // size) for n in steps
     ]
-    note = f"pack of {len(cfgs)}: micro-batches of {size} example(s) a trial, est. peak {common_plan.est_peak_gpu_mem_gb:.1f} GiB"
+    note = (
+        f"pack of {len(cfgs)} trial(s) in {min(slots or len(cfgs), len(cfgs))} slot(s): micro-batches of {size} "
+        f"example(s) a trial, est. peak {common_plan.est_peak_gpu_mem_gb:.1f} GiB"
+    )
     if ckpt:
         note += (
             f"; activation checkpointing on {ckpt}/{layers} layers: even one example a trial needs "
@@ -390,7 +417,7 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
     return plans, note
 
 
-def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool) -> list[PackMember]:
+def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool, slots: Optional[int] = None) -> list[PackMember]:
     """Plan the pack's step (:func:`plan_pack_step`) and set up the shared base once: checkpointing where the plan
     needs it, a 4/8-bit base's weights in bf16 under bf16 training, and its dequantized weights cached in the room
     the pack's estimate leaves."""
@@ -401,7 +428,7 @@ def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool) -> list[PackMember]:
     model = pack.model
     first = cfgs[0]
     budget = budget_mod.resolve_budget(first.train.memory_budget_gb)
-    micros, note = plan_pack_step(cfgs, model, budget)
+    micros, note = plan_pack_step(cfgs, model, budget, slots)
     if note:
         say(note)
     estimate = micros[0].est_peak_gpu_mem_gb

@@ -23,11 +23,11 @@ class SharedBase:
     trial's run with the reason)."""
 
     cfgs: list[Config]
+    slots: Optional[int] = None  # trials training at once (the pack's size); None: all
     lock: threading.Lock = field(default_factory=threading.Lock)
     loaded: Optional[tuple[Any, Any, list]] = None
     error: Optional[BaseException] = None
     pack: Any = None
-    left: set[int] = field(default_factory=set)  # trials that ended, some before the pack was made
     stopping: Optional[BaseException] = None
 
     def load(self, index: int):
@@ -43,9 +43,6 @@ class SharedBase:
                 except BaseException as exc:
                     self.error = exc
                     raise
-                # Trials that ended before the pack was made (their setup raised) would be waited for in its step.
-                for gone in self.left:
-                    self.pack.leave(self.pack.adapters[gone])
             if self.stopping is not None:  # a stop (SIGTERM) came while the base loaded
                 raise self.stopping
         tokenizers, data, members = self.loaded
@@ -64,8 +61,10 @@ class SharedBase:
             check_label_metrics(job, data.labels)
         set_seed(cfg.train.seed)
         model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, False)
-        self.pack = pack_model.build_pack(model, [c.lora for c in cfgs], data.task, [c.train.seed for c in cfgs])
-        members = pack_model.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16))
+        loras, seeds = [c.lora for c in cfgs], [c.train.seed for c in cfgs]
+        slots = min(self.slots or len(cfgs), len(cfgs))
+        self.pack = pack_model.build_pack(model, loras, data.task, seeds, slots=slots)
+        members = pack_model.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16), slots=slots)
         # One tokenizer each: a fast tokenizer's padding and truncation are state that every call sets, so one
         # trial's generate (padding=True) would race another's tokenize_sft (no padding).
         tokenizers = [tokenizer, *(copy.deepcopy(tokenizer) for _ in cfgs[1:])]
@@ -79,12 +78,14 @@ class SharedBase:
             self.pack.stop(reason)
 
     def leave(self, index: int) -> None:
-        """A trial's thread is done, however it ended: the others no longer wait for its steps."""
-        with self.lock:  # not while the pack is being made: load applies it then
-            self.left.add(index)
-            pack = self.pack
+        """A trial's thread is done, however it ended: its slot is free (if it held one)."""
+        pack = self.pack
         if pack is not None:
             pack.leave(pack.adapters[index])
+
+    def summary(self) -> Optional[str]:
+        """What the pack did (:meth:`src.packs.model.Pack.summary`); None if it never loaded."""
+        return None if self.pack is None else self.pack.summary()
 
 
 @dataclass
@@ -96,12 +97,13 @@ class PackSlot:
     env: Optional[dict[str, str]] = None
 
     def tags(self) -> dict[str, str]:
-        return {"pack_size": str(len(self.shared.cfgs)), "pack_trial": f"t{self.index}"}
+        slots = self.shared.slots or len(self.shared.cfgs)
+        return {"pack_size": str(min(slots, len(self.shared.cfgs))), "pack_trial": f"t{self.index}"}
 
 
-def trial_functions(jobs: list[tuple[Config, Optional[dict]]]):
+def trial_functions(jobs: list[tuple[Config, Optional[dict]]], slots: Optional[int] = None):
     """The trials of a pack (config, environment), as one training function each (``train(cfg)``, to run each
-    in its own thread) and their shared base (``stop``, ``leave``)."""
+    in its own thread, at most ``slots`` at once) and their shared base (``stop``, ``leave``, ``slots``)."""
     import functools
 
     # Imported here, once: the trials' threads would race through transformers' and TRL's lazy modules, which
@@ -116,6 +118,6 @@ def trial_functions(jobs: list[tuple[Config, Optional[dict]]]):
     from src.engine import trainer as fast_trainer  # noqa: F401
     from src.packs import model as pack_model  # noqa: F401
 
-    shared = SharedBase([cfg for cfg, _ in jobs])
+    shared = SharedBase([cfg for cfg, _ in jobs], slots)
     trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, env) in enumerate(jobs)]
     return trains, shared

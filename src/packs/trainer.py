@@ -93,6 +93,8 @@ class PackMemberTrainer(FlatTrainer):
         return loss
 
     def train(self, *args, **kwargs):
+        """Train in a slot of the pack's bank: taken here, given back when training ends, however it ends."""
+        self.member.pack.join(self.member.adapter)
         try:
             return super().train(*args, **kwargs)
         finally:

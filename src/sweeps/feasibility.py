@@ -114,11 +114,11 @@ def free_gpu_mem_gb() -> Optional[float]:
     return free / 2**30
 
 
-def fit_pack(cfgs: list[Config], feasibility: FeasibilityConf) -> list[list[int]]:
+def fit_pack(cfgs: list[Config], feasibility: FeasibilityConf, slots: Optional[int] = None) -> list[list[int]]:
     """The pack's jobs (by index) as consecutive packs that each fit the GPU's free memory at their least (one example
-    per micro-batch, every layer checkpointed: ``src.memory``'s pack estimate, the base once); all as one where no GPU
-    is measured, the check is off, or the plan cannot be made. A job that does not fit even alone is a pack of one
-    (its run then reports the memory error)."""
+    per micro-batch, every layer checkpointed: ``src.memory``'s pack estimate, the base once, ``slots`` trials at
+    once); all as one where no GPU is measured, the check is off, or the plan cannot be made. A job that does not fit
+    even alone is a pack of one (its run then reports the memory error)."""
     from src.memory import pack_estimate_gb
 
     available = feasibility.available_gpu_mem_gb if feasibility.mode != "off" else None
@@ -134,7 +134,7 @@ def fit_pack(cfgs: list[Config], feasibility: FeasibilityConf) -> list[list[int]
     groups: list[list[int]] = [[]]
     for i, result in enumerate(least):
         trial = [least[j].est_mem_breakdown_gb for j in groups[-1]] + [result.est_mem_breakdown_gb]
-        if groups[-1] and pack_estimate_gb(trial) > available:
+        if groups[-1] and pack_estimate_gb(trial, slots) > available:
             groups.append([])
         groups[-1].append(i)
     return groups

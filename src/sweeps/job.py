@@ -277,9 +277,11 @@ def run_pack_job(
     isolate: bool = True,
     feasibility: Optional[FeasibilityConf] = None,
     trials: Optional[Trials] = None,
+    slots: Optional[int] = None,
 ) -> dict[str, Any]:
     """Train a pack of jobs (``hydra.sweeper.pack``; their resolved configs and Optuna environments) on one base,
-    in one fresh process; ``{"pack": [one result per job]}``, each a :class:`~src.sweeps.outcomes.JobResult` as JSON
+    in one fresh process, at most ``slots`` at once (None: all): as one ends, the next takes its slot, on the base
+    loaded once. Returns ``{"pack": [one result per job]}``, each a :class:`~src.sweeps.outcomes.JobResult` as JSON
     (:meth:`~src.sweeps.outcomes.JobResult.to_json`): a job that fails, is pruned or skipped is that job's
     outcome alone. A job whose config does not validate fails alone, before the pack starts."""
     feasibility = feasibility or FeasibilityConf()
@@ -297,7 +299,7 @@ def run_pack_job(
         sweeper = (os.getpid(), tracking.process_start(os.getpid()))
         process = _context().Process(
             target=_pack_process,
-            args=(valid, feasibility, trials, dict(os.environ), str(result_path), sweeper),
+            args=(valid, feasibility, trials, slots, dict(os.environ), str(result_path), sweeper),
             name="lora-sweep-pack",
         )
         process.start()
@@ -310,7 +312,7 @@ def run_pack_job(
             raise
         packed = _read_pack_result(result_path, process.exitcode, valid)
     elif valid:
-        packed = _run_pack(valid, feasibility, trials)
+        packed = _run_pack(valid, feasibility, trials, slots)
     else:
         packed = []
     for (i, *_), result in zip(valid, packed):
@@ -322,7 +324,7 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     return JobResult.of_exception(exc).to_json()
 
 
-def _pack_process(valid, feasibility, trials, env, result_path, sweeper) -> None:
+def _pack_process(valid, feasibility, trials, slots, env, result_path, sweeper) -> None:
     """Entry point of a pack's fresh process: the jobs' trials in threads, then one result file for all."""
     os.environ.clear()
     os.environ.update(env)
@@ -331,7 +333,7 @@ def _pack_process(valid, feasibility, trials, env, result_path, sweeper) -> None
     _die_with_sweeper(sweeper)
     console.log_to_file(Path(valid[0][1].output_dir) / "train.log")
     try:
-        results = _run_pack(valid, feasibility, trials)
+        results = _run_pack(valid, feasibility, trials, slots)
     except tracking.Terminated as exc:  # SIGTERM: the trials that finished before it stay finished
         results = getattr(exc, "pack_results", None) or [_failure(exc)] * len(valid)
     except BaseException as exc:  # noqa: B036  the pack process reports everything
@@ -351,12 +353,15 @@ def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[s
     ]
 
 
-def _run_pack(valid, feasibility: FeasibilityConf, trials: Optional[Trials] = None) -> list[dict[str, Any]]:
-    """Each trial of the pack in its own thread, on one shared base; SIGTERM stops them all (their runs end
-    KILLED). Memory: the feasibility check of the first job sets the budget the pack plans within."""
-    groups = fit_pack([cfg for _, cfg, _ in valid], feasibility)
+def _run_pack(
+    valid, feasibility: FeasibilityConf, trials: Optional[Trials] = None, slots: Optional[int] = None
+) -> list[dict[str, Any]]:
+    """Each trial of the pack in its own thread, at most ``slots`` at once, on one shared base; SIGTERM stops them
+    all (their runs end KILLED). Memory: the feasibility check of the first job sets the budget the pack plans
+    within."""
+    groups = fit_pack([cfg for _, cfg, _ in valid], feasibility, slots)
     if len(groups) > 1:
-        return _run_split_pack(valid, groups, feasibility, trials)
+        return _run_split_pack(valid, groups, feasibility, trials, slots)
     checked, note = check_feasibility(valid[0][1], feasibility)
     budget = checked.train.memory_budget_gb
     jobs = [
@@ -365,7 +370,7 @@ def _run_pack(valid, feasibility: FeasibilityConf, trials: Optional[Trials] = No
     ]
     from src.packs.runtime import trial_functions
 
-    trains, shared = (trials or trial_functions)(jobs)
+    trains, shared = (trials or trial_functions)(jobs, slots)
     results = [{}] * len(jobs)
 
     def trial(index: int) -> None:
@@ -377,18 +382,23 @@ def _run_pack(valid, feasibility: FeasibilityConf, trials: Optional[Trials] = No
         finally:
             shared.leave(index)
 
-    _run_threads(trial, len(jobs), shared, results)
+    _run_threads(trial, len(jobs), shared, results, slots)
+    summary = shared.summary()
+    if summary:
+        console.say(summary)
     return results
 
 
-def _run_split_pack(valid, groups: list[list[int]], feasibility: FeasibilityConf, trials) -> list[dict[str, Any]]:
+def _run_split_pack(
+    valid, groups: list[list[int]], feasibility: FeasibilityConf, trials, slots: Optional[int] = None
+) -> list[dict[str, Any]]:
     """A pack too big for the GPU, as the consecutive packs of ``groups`` (:func:`fit_pack`), one after another."""
     sizes = ", ".join(str(len(g)) for g in groups)
     console.say(f"feasibility: the pack of {len(valid)} does not fit; split into packs of {sizes}")
     results: list[dict[str, Any]] = []
     for group in groups:
         try:
-            results += _run_pack([valid[i] for i in group], feasibility, trials)
+            results += _run_pack([valid[i] for i in group], feasibility, trials, slots)
         except tracking.Terminated as exc:  # the parts not started end as the stop
             done = results + getattr(exc, "pack_results", [_failure(exc)] * len(group))
             exc.pack_results = done + [_failure(exc)] * (len(valid) - len(done))
@@ -396,12 +406,26 @@ def _run_split_pack(valid, groups: list[list[int]], feasibility: FeasibilityConf
     return results
 
 
-def _run_threads(trial: Callable[[int], None], count: int, shared, results: list) -> None:
-    """``trial(i)`` for each trial in a thread of its own; a SIGTERM (in the main thread) or Ctrl-C stops them all
-    (:meth:`src.packs.runtime.SharedBase.stop`) and is raised once they end, with ``results`` as they are."""
+def _run_threads(
+    trial: Callable[[int], None], count: int, shared, results: list, slots: Optional[int] = None
+) -> None:
+    """``trial(i)`` for each trial in a thread of its own, at most ``slots`` at a time (None: all): as one ends the
+    next starts. A SIGTERM (in the main thread) or Ctrl-C stops them all (:meth:`src.packs.runtime.SharedBase.stop`)
+    and is raised once they end, with ``results`` as they are (a trial never started keeps its empty result)."""
     import threading
 
-    threads = [threading.Thread(target=trial, args=(i,), name=f"lora-pack-t{i}") for i in range(count)]
+    free = threading.Semaphore(slots or count)
+
+    def held(index: int) -> None:
+        try:
+            if shared_stopping(shared) is None:
+                trial(index)
+            else:
+                results[index] = _failure(shared_stopping(shared))
+        finally:
+            free.release()
+
+    threads = [threading.Thread(target=held, args=(i,), name=f"lora-pack-t{i}") for i in range(count)]
     previous = None
     terminated: list[BaseException] = []
     if threading.current_thread() is threading.main_thread():
@@ -413,6 +437,8 @@ def _run_threads(trial: Callable[[int], None], count: int, shared, results: list
         previous = signal.signal(signal.SIGTERM, terminate)
     try:
         for thread in threads:
+            while not free.acquire(timeout=0.5):  # the main thread stays free to take SIGTERM
+                pass
             thread.start()
         for thread in threads:
             while thread.is_alive():
@@ -428,6 +454,11 @@ def _run_threads(trial: Callable[[int], None], count: int, shared, results: list
     if terminated:  # the trials' runs ended KILLED; the signal goes on to the sweeper, as a job alone's does
         terminated[0].pack_results = results  # what the pack's process still reports (_pack_process)
         raise terminated[0]
+
+
+def shared_stopping(shared) -> Optional[BaseException]:
+    """The stop (SIGTERM, Ctrl-C) a pack's shared base was given, or None."""
+    return getattr(shared, "stopping", None)
 
 
 def _train_and_collect(cfg: Config, train: Train, note: Optional[str], env) -> dict[str, Any]:

@@ -28,6 +28,8 @@ def _tiny_pack(*loras: list[str], dropout: float):
     model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
     pack = pack_model.build_pack(model, [c.lora for c in cfgs], "sft", [0] * len(cfgs))
     use_flat_attention(pack.model)
+    for adapter in pack.adapters:
+        pack.join(adapter)  # each takes its slot, in order
     return pack
 
 

@@ -52,10 +52,10 @@ def test_a_trial_that_fails_before_the_base_loads_does_not_hold_up_the_others(tm
     assert mlflow.get_run(result[0]["run_id"]).info.status == "FINISHED"
 
 
-def _stopping_while_the_base_loads(jobs):
+def _stopping_while_the_base_loads(jobs, slots=None):
     """trial_functions, its base's load preceded by a stop (SIGTERM of the pack's process arriving while the base
     loads, which on a GPU takes minutes)."""
-    trains, shared = trial_functions(jobs)
+    trains, shared = trial_functions(jobs, slots)
     load = shared.load
 
     def load_after_a_stop(index):
@@ -82,8 +82,8 @@ def test_sigterm_of_a_pack_in_the_sweepers_process_stops_the_sweep(tmp_path, mlf
 
     shared_of = []
 
-    def pack_train(jobs):
-        trains, shared = trial_functions(jobs)
+    def pack_train(jobs, slots=None):
+        trains, shared = trial_functions(jobs, slots)
         shared_of.append(shared)
         return trains, shared
 
@@ -129,10 +129,10 @@ def test_grouping_says_why_a_job_trains_alone():
     assert said == {}  # pack=1: every job is alone anyway
 
 
-def slow_loading_pack(jobs):
+def slow_loading_pack(jobs, slots=None):
     """trial_functions whose base takes 30 s to load (a 7B model from disk): a trial's thread cannot be interrupted
     there, so a SIGTERM waits for it. Module level: the pack's process gets it by name."""
-    trains, shared = trial_functions(jobs)
+    trains, shared = trial_functions(jobs, slots)
     load = shared.load
 
     def slow_load(index):
