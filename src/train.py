@@ -85,9 +85,9 @@ def main(cfg: DictConfig) -> Union[float, dict, None]:
         job = sweep_configs.job_conf(hydra_cfg.sweeper)
         members = os.environ.get(PACK_ENV)
         if members:  # a pack (hydra.sweeper.pack): this job's config and the others', trained on one base
-            listed = read_pack(members)
+            slots, listed = read_pack(members)
             jobs = [(raw if i == 0 else m["raw"], m["env"] or None) for i, m in enumerate(listed)]
-            return run_pack_job(jobs, isolate=job.isolate, feasibility=job.feasibility)
+            return run_pack_job(jobs, isolate=job.isolate, feasibility=job.feasibility, slots=slots)
         config = validated_job(raw, unresolved)
         return run_job(config, isolate=job.isolate, feasibility=job.feasibility)
     config = validated_or_exit(raw, unresolved)

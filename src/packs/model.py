@@ -390,8 +390,10 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
     from src.memory import pack_estimate_gb, plan
 
     steps = [c.train.per_device_train_batch_size * c.train.gradient_accumulation_steps for c in cfgs]
+    held = min(slots or len(cfgs), len(cfgs))
     if budget is None:
-        return [budget_mod.plan_step_within(None, c, model) for c in cfgs], None
+        note = f"pack of {len(cfgs)} trial(s) in {held} slot(s): no memory budget (no GPU)"
+        return [budget_mod.plan_step_within(None, c, model) for c in cfgs], note
     common = math.gcd(*steps)
     fast = [replace_train(c, optim=budget_mod.fast_optimizer(c.train.optim)) for c in cfgs]
 
@@ -406,7 +408,7 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
         dataclasses.replace(common_plan, examples_per_step=n, gradient_accumulation_steps=n // size) for n in steps
     ]
     note = (
-        f"pack of {len(cfgs)} trial(s) in {min(slots or len(cfgs), len(cfgs))} slot(s): micro-batches of {size} "
+        f"pack of {len(cfgs)} trial(s) in {held} slot(s): micro-batches of {size} "
         f"example(s) a trial, est. peak {common_plan.est_peak_gpu_mem_gb:.1f} GiB"
     )
     if ckpt:

@@ -111,8 +111,8 @@ class SweeperBase(Sweeper):
         return [job_outcome(job.number, job.shown, ret) for job, ret in zip(jobs, results)]
 
     def pack_units(self, jobs: list[Job]) -> list[list[Job]]:
-        """``jobs`` in launch units: packs of up to ``hydra.sweeper.pack`` jobs of one base, and jobs alone (one
-        that cannot be packed says why)."""
+        """``jobs`` in launch units: packs of the jobs of one base (up to :meth:`pack_jobs` of them, trained
+        ``hydra.sweeper.pack`` at a time), and jobs alone (one that cannot be packed says why)."""
         for job in jobs:
             try:
                 job.raw = grouping.member_config(self.loader, self.config, job.overrides, job.index)
@@ -122,8 +122,12 @@ class SweeperBase(Sweeper):
         def alone(i: int, why: str) -> None:
             show(f"[sweep {self.record.sweep_id}] {self.record.label} #{jobs[i].number} trains alone: {why}")
 
-        units = grouping.group([job.raw for job in jobs], self.conf.pack, say=alone)
+        units = grouping.group([job.raw for job in jobs], self.conf.pack, say=alone, jobs=self.pack_jobs())
         return [[jobs[i] for i in unit] for unit in units]
+
+    def pack_jobs(self) -> Optional[int]:
+        """The jobs one pack process trains (``hydra.sweeper.pack_jobs``; None: every job of its base)."""
+        return self.conf.pack_jobs
 
     def launch_pack(self, unit: list[Job], gpu: Optional[str]) -> list[Outcome]:
         """One unit of :meth:`pack_units` as one launcher job on ``gpu``: a pack trains its jobs on one base
@@ -132,7 +136,7 @@ class SweeperBase(Sweeper):
         env = {**self.record.job_env(), **first.env, "CUDA_VISIBLE_DEVICES": gpu, grouping.PACK_ENV: ""}
         if len(unit) > 1:
             path = Path(self.config.hydra.sweep.dir) / "packs" / f"pack-{first.index}.json"
-            grouping.write_pack(path, [(job.index, job.raw, job.env) for job in unit])
+            grouping.write_pack(path, [(job.index, job.raw, job.env) for job in unit], self.conf.pack)
             env[grouping.PACK_ENV] = str(path.absolute())
         for job in unit:
             self.record.starting(job.number, job.shown, gpu)

@@ -72,6 +72,12 @@ class GridSweeperConf(JobConf):
         default=1,
         ge=1,
     )
+    pack_jobs: Optional[int] = bounded(
+        "With pack > 1: the jobs of one base that one pack process trains, pack at a time; as one ends the next takes "
+        "its slot on the base already loaded. null: every job of that base.",
+        default=None,
+        ge=1,
+    )
 
 
 @dataclass
@@ -111,9 +117,14 @@ class OptunaSweeperConf(JobConf):
     )
     # With TPE, hydra/sweeper/sampler=tpe hydra.sweeper.sampler.constant_liar=true spreads the trials asked together.
     pack: int = bounded(
-        "Up to this many trials of one base train at once on one GPU (src/packs/model.py); n_jobs x pack are asked at "
-        "a time.",
+        "Up to this many trials of one base train at once on one GPU (src/packs/model.py).",
         default=1,
+        ge=1,
+    )
+    pack_jobs: Optional[int] = bounded(
+        "With pack > 1: the trials one pack process trains, pack at a time (a pruned or finished trial's slot goes to "
+        "the next, on the base already loaded); n_jobs x pack_jobs are asked at a time. null: 4 x pack.",
+        default=None,
         ge=1,
     )
     # Several workers on one study (RDB storage only): one silent for grace_period is retried by another worker.
@@ -140,6 +151,15 @@ PRUNER_PRESETS = {
     "nop": {"_target_": "optuna.pruners.NopPruner"},
     "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0},
     "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "reduction_factor": 3},
+    # Successive halving: at steps min_resource x reduction_factor^k (its rungs; evaluate at those steps), a trial
+    # goes on only if it is in the best 1/reduction_factor of the trials that reached that rung. In a pack, a trial
+    # it stops frees its slot for the next (hydra.sweeper.pack).
+    "successive_halving": {
+        "_target_": "optuna.pruners.SuccessiveHalvingPruner",
+        "min_resource": 1,
+        "reduction_factor": 2,
+        "min_early_stopping_rate": 0,
+    },
 }
 
 

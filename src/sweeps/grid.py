@@ -114,7 +114,8 @@ class GridSweeper(SweeperBase):
         units = self.pack_units(jobs)
         show(
             f"[sweep {self.record.sweep_id}] {len(jobs)} jobs as {len(units)} launches "
-            f"(hydra.sweeper.pack={self.conf.pack}: {sum(len(u) > 1 for u in units)} packs)"
+            f"(hydra.sweeper.pack={self.conf.pack}: {sum(len(u) > 1 for u in units)} pack processes, each training "
+            f"{self.conf.pack} at a time)"
         )
         (gpu,) = assign_gpus(1, gpus)
         done = 0

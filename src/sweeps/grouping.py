@@ -1,8 +1,9 @@
 """Packs of a sweep (``hydra.sweeper.pack=K``): which jobs may train together on one base, and how they are grouped.
 
-A pack is up to K jobs with the same base key (:func:`base_key`), launched as one job: the launcher runs the first
-job's overrides with ``LORA_SWEEP_PACK`` naming a file of every member's resolved config (:func:`write_pack`), and
-``src.train`` trains them together (:func:`src.sweeps.job.run_pack_job`, :mod:`src.packs.model`). A job that cannot
+A pack is the jobs with the same base key (:func:`base_key`; up to ``pack_jobs`` of them), launched as one job that
+trains K at a time: the launcher runs the first job's overrides with ``LORA_SWEEP_PACK`` naming a file of the slots
+and every member's resolved config (:func:`write_pack`), and ``src.train`` trains them on one base
+(:func:`src.sweeps.job.run_pack_job`, :mod:`src.packs.model`): as one ends, the next takes its slot. A job that cannot
 be packed (:func:`unpackable`) runs alone, as without ``pack``.
 """
 
@@ -69,11 +70,14 @@ def member_config(config_loader, config: DictConfig, overrides: Sequence[str], n
 
 
 def group(
-    raws: Sequence[Optional[dict]], size: int, say: Optional[Callable[[int, str], None]] = None
+    raws: Sequence[Optional[dict]],
+    size: int,
+    say: Optional[Callable[[int, str], None]] = None,
+    jobs: Optional[int] = None,
 ) -> list[list[int]]:
-    """The jobs (by index) as units to launch: packs of up to ``size`` jobs of one base key, in the order of their
-    first job; a job that cannot be packed (or whose config did not compose: None) is a unit alone, and ``say`` is
-    told its index and why."""
+    """The jobs (by index) as units to launch: packs of up to ``jobs`` (None: all) jobs of one base key, trained
+    ``size`` at a time, in the order of their first job; a job that cannot be packed (or whose config did not
+    compose: None) is a unit alone, and ``say`` is told its index and why. ``size`` 1: every job alone."""
     units: list[list[int]] = []
     open_packs: dict[str, list[int]] = {}
     for index, raw in enumerate(raws):
@@ -88,7 +92,7 @@ def group(
             continue
         key = base_key(raw)
         pack = open_packs.get(key)
-        if pack is None or len(pack) >= size:
+        if pack is None or (jobs is not None and len(pack) >= jobs):
             pack = open_packs[key] = []
             units.append(pack)
         pack.append(index)
@@ -104,12 +108,16 @@ def why_alone(raw: dict) -> Optional[str]:
     return unpackable(cfg)
 
 
-def write_pack(path: Path, members: Sequence[tuple[int, dict, dict[str, str]]]) -> Path:
-    """The member file of a pack job: each member's number, resolved config and own environment."""
+def write_pack(path: Path, members: Sequence[tuple[int, dict, dict[str, str]]], slots: int) -> Path:
+    """The member file of a pack job: its slots (trials at once) and each member's number, resolved config and own
+    environment."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{"number": n, "raw": raw, "env": env} for n, raw, env in members], default=str))
+    listed = [{"number": n, "raw": raw, "env": env} for n, raw, env in members]
+    path.write_text(json.dumps({"slots": slots, "members": listed}, default=str))
     return path
 
 
-def read_pack(path: str) -> list[dict[str, Any]]:
-    return json.loads(Path(path).read_text())
+def read_pack(path: str) -> tuple[int, list[dict[str, Any]]]:
+    """(slots, members) of a member file (:func:`write_pack`)."""
+    written = json.loads(Path(path).read_text())
+    return written["slots"], written["members"]

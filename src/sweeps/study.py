@@ -112,6 +112,9 @@ NOT_DEFINING = (
 )
 # A worker with no trial left to take polls this often (seconds) for the others' outcomes.
 WAIT_POLL_S = 2.0
+# A pack process of a study trains this many times ``pack`` trials (pack_jobs: null): slots refill within it as trials
+# are pruned or finish, and the sampler still sees the outcomes of the process before.
+STUDY_PACK_JOBS = 4
 # How long a worker that joins a study waits for the creator's MLflow parent run id.
 PARENT_WAIT_S = 120.0
 
@@ -278,7 +281,7 @@ class OptunaSweeper(SweeperBase):
                     return False  # the sweeps running the rest finish them
                 time.sleep(WAIT_POLL_S)
                 continue
-            self.pending, exhausted = self.ask(plan.space, min(plan.size * self.conf.pack, free))
+            self.pending, exhausted = self.ask(plan.space, min(plan.size * self.pack_jobs(), free))
             self.pending = self.within_budget(self.pending)
             if self.pending:
                 self.run_trials(plan)
@@ -288,6 +291,12 @@ class OptunaSweeper(SweeperBase):
                     "that were already tried (is the search space exhausted?)"
                 )
                 return False
+
+    def pack_jobs(self) -> int:
+        """The trials one pack process trains (``pack_jobs``, null: 4 x ``pack``); 1 without packs."""
+        if self.conf.pack <= 1:
+            return 1
+        return self.conf.pack_jobs or STUDY_PACK_JOBS * self.conf.pack
 
     def free_places(self) -> Optional[int]:
         """Places of ``n_trials`` no trial holds (done, running or queued); None once ``n_trials`` are done."""

@@ -15,7 +15,8 @@ from tests.unit.packs.test_packs import COMMON, TRIALS, _raw, _step_lines_by_nam
 
 
 def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, mlflow_store):
-    """``hydra.sweeper.pack=3`` over a grid of 4 SFT jobs: one pack of 3 and one job alone, as subprocesses."""
+    """``hydra.sweeper.pack=3`` over a grid of 4 SFT jobs: one pack process trains all 4, 3 at a time (the 4th takes
+    the first free slot), on the base loaded once."""
     from tests.integration.sweeping import runs, split_runs, sweep
 
     args = [
@@ -30,13 +31,16 @@ def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, 
     ]
     result = sweep(args, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "4 jobs as 2 launches (hydra.sweeper.pack=3: 1 packs)" in result.stdout
+    output = result.stdout + result.stderr
+    assert "4 jobs as 1 launches (hydra.sweeper.pack=3: 1 pack processes, each training 3 at a time)" in output
+    assert output.count("pack of 4 trial(s) in 3 slot(s)") == 1  # one plan: the base loaded once
+    assert "pack: trained 4 trial(s) in 3 slot(s) on one base" in output
     parents, children = split_runs(mlflow_store)
     assert len(parents) == 1 and len(children) == 4 and len(runs(mlflow_store)) == 5
     assert {c.info.status for c in children} == {"FINISHED"}
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     packed = sorted(c.data.tags.get("pack_trial", "-") for c in children)
-    assert packed == ["-", "t0", "t1", "t2"]  # the 4th job of the grid ran alone
+    assert packed == ["t0", "t1", "t2", "t3"] and {c.data.tags["pack_size"] for c in children} == {"3"}
     assert sorted((c.data.params["lora.r"], c.data.params["lora.preset"]) for c in children) == [
         ("2", "all_linear"),
         ("2", "attn_qv"),
@@ -55,7 +59,7 @@ def test_each_step_line_of_a_packed_sweep_names_its_trial(tmp_path, mlflow_store
     args += ["train.max_steps=2", "train.logging_steps=1", "train.eval_strategy=steps", "train.eval_steps=2"]
     result = sweep([*args, "tracking.log_adapter=false"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 jobs as 1 launches (hydra.sweeper.pack=2: 1 packs)" in result.stdout
+    assert "2 jobs as 1 launches (hydra.sweeper.pack=2: 1 pack processes, each training 2 at a time)" in result.stdout
     _, children = split_runs(mlflow_store)
     names = sorted(c.info.run_name for c in children)
     assert len(set(names)) == 2 and all(c.data.tags["pack_size"] == "2" for c in children)
@@ -67,8 +71,10 @@ def test_each_step_line_of_a_packed_sweep_names_its_trial(tmp_path, mlflow_store
         assert all("tokens/s " in line for line in own if "eval  " not in line), own
 
 
-@pytest.mark.slow  # ~1 min: an Optuna study in packs of 2, pruning (the median of the trials completed before)
-def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
+@pytest.mark.slow  # ~1 min: an Optuna study in packs of 3, successive halving at steps 2 and 4
+def test_an_optuna_pack_prunes_its_trials_and_refills_their_slots(tmp_path, mlflow_store):
+    """6 trials in packs of 3: one pack process trains all 6 on one base, a pruned or finished trial's slot
+    going to the next."""
     import optuna
 
     from tests.integration.sweeping import split_runs, sweep
@@ -77,12 +83,12 @@ def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
     args = [
         "--multirun",
         "hydra/sweeper=lora_optuna",
-        "hydra/sweeper/pruner=median",
-        "hydra.sweeper.pruner.n_startup_trials=0",
+        "hydra/sweeper/pruner=successive_halving",
+        "hydra.sweeper.pruner.min_resource=2",
         "hydra.sweeper.sampler.seed=0",
         "hydra.sweeper.sampler.constant_liar=true",
         "hydra.sweeper.n_trials=6",
-        "hydra.sweeper.pack=2",
+        "hydra.sweeper.pack=3",
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=packed",
         "lora.r=choice(2,4,8,16)",
@@ -98,8 +104,11 @@ def test_an_optuna_pack_prunes_its_trials_one_by_one(tmp_path, mlflow_store):
     trials = optuna.load_study(study_name="packed", storage=storage).trials
     states = sorted(t.state.name for t in trials)
     assert len(trials) == 6 and "PRUNED" in states and "COMPLETE" in states, states
+    output = result.stdout + result.stderr
+    assert output.count("pack of 6 trial(s) in 3 slot(s)") == 1  # the base loaded once, for all 6
+    assert "pack: trained 6 trial(s) in 3 slot(s) on one base" in output
     _, children = split_runs(mlflow_store)
-    assert len(children) == 6 and {c.data.tags["pack_size"] for c in children} == {"2"}
+    assert len(children) == 6 and {c.data.tags["pack_size"] for c in children} == {"3"}
     by_trial = {int(c.data.tags["optuna_trial"]): c for c in children}
     for trial in trials:
         run_ = by_trial[trial.number]
