@@ -290,14 +290,14 @@ def build_trainer(
     label: Optional[str] = None,
 ):
     """The trainer for the task; ``extra_callbacks`` come after the project's own (a sweep trial's pruning);
-    ``member``: the run is a trial of a pack (:class:`src.packs.model.PackMember`; SFT on the fast path);
+    ``member``: the run is a trial of a pack (:class:`src.packs.model.PackMember`; on the fast path);
     ``label`` leads its console lines (a pack trial's run name).
 
     Returns (trainer, metrics, truncated): metrics keeps the last per-class report (None for
     SFT), and truncated counts the rows longer than model.max_length.
     """
     args = training.training_arguments(
-        cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss
+        cfg.train, output_dir, data.task, cfg.model.max_length, cfg.data.response_only_loss, member is not None
     )
     distributed.one_gpu_per_process(args)
     callbacks = [*_callbacks(cfg, data), *extra_callbacks]
@@ -306,7 +306,7 @@ def build_trainer(
         trainer = _sft_trainer(cfg, data, inputs, member)
         metrics, truncated = None, training.count_truncated_sft(data, tokenizer, cfg.model.max_length)
     else:
-        trainer, metrics, truncated = _classification_trainer(cfg, data, inputs)
+        trainer, metrics, truncated = _classification_trainer(cfg, data, inputs, member)
     training.use_console(trainer, label)
     return trainer, metrics, truncated
 
@@ -344,7 +344,7 @@ def _sft_trainer(cfg: Config, data: TaskData, inputs: dict[str, Any], member):
     return trainer
 
 
-def _classification_trainer(cfg: Config, data: TaskData, inputs: dict[str, Any]):
+def _classification_trainer(cfg: Config, data: TaskData, inputs: dict[str, Any], member=None):
     from transformers import DataCollatorWithPadding
 
     model, tokenizer, args = inputs["model"], inputs["processing_class"], inputs["args"]
@@ -360,6 +360,10 @@ def _classification_trainer(cfg: Config, data: TaskData, inputs: dict[str, Any])
         **inputs,
     )
     multilabel = data.task == "multilabel"
+    if member is not None:  # a pack's trial (src.packs.runtime): its module, not this one, knows packs
+        common.pop("data_collator")
+        trainer, micro = member.build_classifier_trainer(data, args, common)
+        return trainer, metrics, truncated
     attention = flat_attention(model) if cfg.train.fast_path else None
     if attention is None:
         trainer = ClassifierTrainer(label_weights=data.label_weights, multilabel=multilabel, **common)

@@ -24,9 +24,18 @@ NOT_TRAINING_ARGUMENTS = {
 
 
 def training_arguments(
-    train: TrainConfig, output_dir: str, task: str, max_length: int, response_only_loss: bool = True
+    train: TrainConfig,
+    output_dir: str,
+    task: str,
+    max_length: int,
+    response_only_loss: bool = True,
+    shared_state: bool = False,
 ):
-    """TrainingArguments (or TRL's SFTConfig for ``task="sft"``) from the config; the field names are the same."""
+    """TrainingArguments (or TRL's SFTConfig for ``task="sft"``) from the config; the field names are the same.
+
+    ``shared_state``: one of several trainers in threads of one process (a trial pack's): the arguments use the
+    process's accelerate state as it is, where by default setting up their devices resets it, under the feet of
+    the trainers already training (``AcceleratorState._reset_state() was called``)."""
     kwargs = {f.name: getattr(train, f.name) for f in dataclasses.fields(train) if f.name not in NOT_TRAINING_ARGUMENTS}
     kwargs.update(
         output_dir=output_dir,
@@ -37,6 +46,11 @@ def training_arguments(
         disable_tqdm=True,
     )
     kwargs.update(distributed.ddp_training_kwargs())  # under torchrun (src/distributed.py)
+    if shared_state:
+        from accelerate import PartialState
+
+        PartialState()  # made once, before any thread's trainer: the state the arguments then use as it is
+        kwargs["accelerator_config"] = {"use_configured_state": True}
     if task == "sft":
         from trl import SFTConfig
 

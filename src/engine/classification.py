@@ -75,11 +75,18 @@ def classifier_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def flat_logits(
-    model, input_ids, position_ids, last_token, attention: str, bounds: Optional[tuple[int, ...]] = None
+    model,
+    input_ids,
+    position_ids,
+    last_token,
+    attention: str,
+    bounds: Optional[tuple[int, ...]] = None,
+    first_token: Optional[tuple[int, ...]] = None,
 ) -> torch.Tensor:
     """Logits [examples, classes] of a flat row: the transformer once over the row, each example pooled at its
     last token (``attention``: ``varlen`` for one flash call, else per-example sdpa). ``bounds``: the collator's
-    host copy of the examples' offsets; else read from ``last_token``."""
+    host copy of the examples' offsets; else read from ``last_token``. ``first_token``: where BERT pools (None: at
+    every example's start; a trial pack's row has pad examples that pool nowhere)."""
     if bounds is None:
         bounds = (0, *(int(b) + 1 for b in last_token.tolist()))
     if attention == "varlen":
@@ -89,7 +96,7 @@ def flat_logits(
     else:
         extra = {"flat_seq_bounds": tuple(bounds)}
     if attention == "bidirectional":
-        return _encoder_logits(model, *classifier_parts(model), input_ids, position_ids, bounds)
+        return _encoder_logits(model, *classifier_parts(model), input_ids, position_ids, bounds, first_token)
     return _decoder_logits(model, input_ids, position_ids, last_token, extra)
 
 
@@ -103,7 +110,9 @@ def _decoder_logits(model, input_ids, position_ids, last_token, attention_inputs
     return head(hidden[0, last_token.to(hidden.device)])
 
 
-def _encoder_logits(model, backbone, head, input_ids, position_ids, bounds: tuple[int, ...]) -> torch.Tensor:
+def _encoder_logits(
+    model, backbone, head, input_ids, position_ids, bounds: tuple[int, ...], first_token=None
+) -> torch.Tensor:
     """BERT over a flat row: each example pooled at its first token ([CLS]), as BertForSequenceClassification
     pools ``hidden[:, 0]`` of a padded row (its pooler, dropout and head)."""
     row = attention_mod.EncoderRow.from_bounds(bounds, input_ids.device)
@@ -113,7 +122,8 @@ def _encoder_logits(model, backbone, head, input_ids, position_ids, bounds: tupl
         token_type_ids=torch.zeros_like(input_ids),
         flat_row=row,
     ).last_hidden_state
-    first = torch.tensor(bounds[:-1]).to(hidden.device, non_blocking=True)
+    starts = bounds[:-1] if first_token is None else first_token
+    first = torch.tensor(starts).to(hidden.device, non_blocking=True)
     pooled = backbone.pooler(hidden[0, first].unsqueeze(1))
     return head(base_model(model).dropout(pooled))
 

@@ -12,8 +12,10 @@ and dropout), its rows, and its optimizer's settings. The engine keeps those apa
 - **A grouped LoRA matmul** (:func:`bank_lora_forward`). In a joint step every slot's row is padded to one length
   ``L``, so a layer's input is ``[slots, L, in]`` and on a GPU the adapters of all slots run as two batched matmuls
   (``torch.bmm``: a grouped matmul whose groups the padding makes equal) and one scale, whatever the number of
-  trials: a few kernels a layer where a loop over K trials queues 4K. Elsewhere (:data:`GROUPED`) a loop. Outside a joint step (a trial's evaluation or its
-  sample generations) one slot's adapter runs as peft's own ``B(A(dropout(x))) * scale``.
+  trials: a few kernels a layer where a loop over K trials queues 4K. Elsewhere (:data:`GROUPED`) a loop. Outside a
+  joint step (a trial's evaluation or its sample generations) one slot's adapter runs as peft's own
+  ``B(A(dropout(x))) * scale``. A classifier's heads (peft's ``modules_to_save``) sit in the bank too, a whole head a
+  slot (:func:`bank_head_forward`).
 - **One loss for all.** Each slot's labels are shifted within its own row, and one cross-entropy over the joint
   row gives every token's loss; summed per slot and divided by the slot's own token count
   (``num_items_in_batch``), it is each trial's loss as its run alone computes it.
@@ -48,10 +50,28 @@ class BankLayer:
     out_features: int
 
 
+@dataclass(frozen=True)
+class BankHead:
+    """Where a classification head's own copy (a trial's ``modules_to_save``: the head's weight and bias) sits in a
+    bank row: each slot holds a whole head."""
+
+    weight_offset: int
+    bias_offset: Optional[int]
+    in_features: int
+    out_features: int
+
+
 def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def head_wrappers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """peft's wrappers of a classifier's head (``ModulesToSaveWrapper``): a copy of the head per adapter."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
 class SlotBank:
@@ -60,7 +80,7 @@ class SlotBank:
     ``model`` is the peft model; a slot's weights are copied in from its peft adapter (:meth:`load`), which peft
     initialized as a run alone initializes its own, and back out to save it (:meth:`store`)."""
 
-    def __init__(self, model: torch.nn.Module, slots: int, ranks: dict[torch.nn.Module, int]):
+    def __init__(self, model: torch.nn.Module, slots: int, ranks: dict[torch.nn.Module, int], heads: Sequence = ()):
         self.model = model
         self.slots = slots
         self.layers: dict[torch.nn.Module, BankLayer] = {}
@@ -70,6 +90,13 @@ class SlotBank:
             fan_in, fan_out = base.in_features, base.out_features
             self.layers[layer] = BankLayer(index, offset, offset + rank * fan_in, rank, fan_in, fan_out)
             offset += rank * (fan_in + fan_out)
+        self.heads: dict[torch.nn.Module, BankHead] = {}
+        for wrapper in heads:
+            head = wrapper.original_module
+            fan_in, fan_out = head.in_features, head.out_features
+            bias = None if head.bias is None else offset + fan_in * fan_out
+            self.heads[wrapper] = BankHead(offset, bias, fan_in, fan_out)
+            offset += fan_in * fan_out + (0 if head.bias is None else fan_out)
         device = next(model.parameters()).device
         self.weights = torch.nn.Parameter(torch.zeros(slots, offset, device=device))
         self.scales = torch.zeros(slots, len(self.layers), device=device)  # 0: the slot does not target the layer
@@ -87,13 +114,21 @@ class SlotBank:
             rs = [layer.r[a] for a in adapters if a in layer.lora_A]
             if rs:
                 ranks[layer] = max(rs)
-        return cls(model, slots or len(adapters), ranks)
+        return cls(model, slots or len(adapters), ranks, head_wrappers(model))
 
     def _views(self, row: torch.Tensor, entry: BankLayer) -> tuple[torch.Tensor, torch.Tensor]:
         """A row's (A ``[r_max, in]``, B ``[out, r_max]``) of one layer: views, no copy."""
         a = row[entry.a_offset : entry.a_offset + entry.rank * entry.in_features].view(entry.rank, entry.in_features)
         b = row[entry.b_offset : entry.b_offset + entry.out_features * entry.rank]
         return a, b.view(entry.out_features, entry.rank)
+
+    def head_views(self, row: torch.Tensor, entry: BankHead) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A row's (weight ``[out, in]``, bias ``[out]`` or None) of one classification head: views."""
+        size = entry.in_features * entry.out_features
+        weight = row[entry.weight_offset : entry.weight_offset + size].view(entry.out_features, entry.in_features)
+        if entry.bias_offset is None:
+            return weight, None
+        return weight, row[entry.bias_offset : entry.bias_offset + entry.out_features]
 
     @torch.no_grad()
     def load(self, slot: int, adapter: str) -> None:
@@ -114,6 +149,12 @@ class SlotBank:
             self.targeted[slot][entry.index] = True
             self.ranks[slot][entry.index] = source_a.shape[0]
             self.dropout[slot] = float(getattr(layer.lora_dropout[adapter], "p", 0.0))
+        for wrapper, entry in self.heads.items():
+            own = wrapper.modules_to_save[adapter]
+            weight, bias = self.head_views(row, entry)
+            weight.copy_(own.weight)
+            if bias is not None:
+                bias.copy_(own.bias)
         self.adapters[slot] = adapter
 
     @torch.no_grad()
@@ -126,15 +167,22 @@ class SlotBank:
                 target_a, target_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
                 target_a.copy_(a[: target_a.shape[0]])
                 target_b.copy_(b[:, : target_b.shape[1]])
+        for wrapper, entry in self.heads.items():
+            own = wrapper.modules_to_save[adapter]
+            weight, bias = self.head_views(row, entry)
+            own.weight.copy_(weight)
+            if bias is not None:
+                own.bias.copy_(bias)
 
     def trainable(self, slot: int) -> int:
         """The slot's own adapter parameters (its rank, its layers): what a run alone counts as trainable."""
         adapter = self.adapters[slot]
-        return sum(
+        lora = sum(
             layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
             for layer in self.layers
             if adapter in layer.lora_A
         )
+        return lora + sum(p.numel() for w in self.heads for p in w.modules_to_save[adapter].parameters())
 
 
 class SlotAdamW:
@@ -205,6 +253,7 @@ class JointStep:
     rate: float  # the slots' one dropout rate where they agree
     active: list[bool]  # per layer: does any slot of the step target it
     grouped: bool = True  # two batched matmuls for all slots; False: a loop over the slots (GROUPED)
+    examples: Optional[list[int]] = None  # a classifier's step: each slot's pooled examples, in order
 
 
 # Where the slots' LoRA matmuls run batched (``torch.bmm``, one group a slot): on a GPU, where one kernel for K
@@ -241,8 +290,9 @@ def active(step: Any) -> Iterator[None]:
         _ACTIVE.step = previous
 
 
-def joint_step(bank: SlotBank, slots: Sequence[int], length: int) -> JointStep:
-    """The context of a joint forward over ``slots``' rows of ``length`` tokens each."""
+def joint_step(bank: SlotBank, slots: Sequence[int], length: int, examples: Optional[list[int]] = None) -> JointStep:
+    """The context of a joint forward over ``slots``' rows of ``length`` tokens each (a classifier's: with
+    ``examples`` pooled from each, in order, for the slots' own heads)."""
     index = torch.tensor(list(slots), device=bank.weights.device)
     weights = bank.weights.index_select(0, index)
     if torch.is_autocast_enabled(weights.device.type):  # one cast of all the step's weights, not one per layer
@@ -255,7 +305,7 @@ def joint_step(bank: SlotBank, slots: Sequence[int], length: int) -> JointStep:
     active_layers = [any(bank.targeted[s][i] for s in slots) for i in range(len(bank.layers))]
     grouped = GROUPED.get(weights.device.type, False)
     scales = bank.scales.index_select(0, index)
-    return JointStep(bank, weights, scales, tuple(slots), length, dropout, rates[0], active_layers, grouped)
+    return JointStep(bank, weights, scales, tuple(slots), length, dropout, rates[0], active_layers, grouped, examples)
 
 
 def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -273,6 +323,8 @@ def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
         return result
     count, length = len(step.slots), step.length
     row = step.weights
+    if x.shape[:-1].numel() != count * length:  # a layer after pooling (BERT's pooler): rows are examples
+        return _by_example(self, step, entry, x, result)
     a = row[:, entry.a_offset : entry.a_offset + entry.rank * entry.in_features].view(count, entry.rank, -1)
     b = row[:, entry.b_offset : entry.b_offset + entry.out_features * entry.rank].view(count, -1, entry.rank)
     xs = x.reshape(count, length, entry.in_features).to(row.dtype)
@@ -294,6 +346,25 @@ def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     return (result + delta.reshape(result.shape)).to(result.dtype)
 
 
+def _by_example(layer, step: JointStep, entry: BankLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """A joint step's LoRA layer over pooled examples (``x``'s first dimension, slot by slot in ``step.examples``):
+    each slot's examples through its own adapter."""
+    pieces, start = [], 0
+    for i, (slot, count) in enumerate(zip(step.slots, step.examples)):
+        part = x[start : start + count]
+        start += count
+        rank = step.bank.ranks[slot][entry.index]
+        if rank == 0:
+            pieces.append(torch.zeros_like(result[start - count : start]))
+            continue
+        a, b = step.bank._views(step.weights[i], entry)
+        part = part.to(a.dtype)
+        if layer.training and step.bank.dropout[slot] > 0:
+            part = F.dropout(part, step.bank.dropout[slot], training=True)
+        pieces.append(F.linear(F.linear(part, a[:rank]), b[:, :rank]) * step.scales[i, entry.index])
+    return (result + torch.cat(pieces).to(result.dtype)).to(result.dtype)
+
+
 def _one_slot(layer, step: OneSlot, entry: BankLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     bank, slot, adapter = step.bank, step.slot, step.adapter
     if slot is None:  # peft's own forward for one adapter: B(A(dropout(x))) * scaling
@@ -313,6 +384,30 @@ def _one_slot(layer, step: OneSlot, entry: BankLayer, x: torch.Tensor, result: t
     return (result + delta).to(result.dtype)
 
 
+def bank_head_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A classification head's forward (peft's ``ModulesToSaveWrapper``), each trial's own copy read from the bank
+    of the step running now: in a joint step, each slot's pooled examples (``x``'s rows, slot by slot) through its
+    slot's head; for one trial, its slot's (or, once it left the bank, its peft copy); else the base's head."""
+    step = _ACTIVE.step
+    entry = None if step is None else step.bank.heads.get(self)
+    if entry is None:
+        return self.original_module(x, *args, **kwargs)
+    bank = step.bank
+    if isinstance(step, OneSlot):
+        if step.slot is None:
+            module = self.modules_to_save[step.adapter] if step.adapter is not None else self.original_module
+            return module(x, *args, **kwargs)
+        weight, bias = bank.head_views(bank.weights[step.slot], entry)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    pieces, start = [], 0
+    for i, count in enumerate(step.examples):
+        weight, bias = bank.head_views(step.weights[i], entry)
+        part = x[start : start + count]
+        pieces.append(F.linear(part, weight.to(part.dtype), None if bias is None else bias.to(part.dtype)))
+        start += count
+    return torch.cat(pieces)
+
+
 # ---- the joint step ------------------------------------------------------------------------------------------------
 
 
@@ -325,7 +420,8 @@ class SlotRow:
     position_ids: torch.Tensor  # [1, T]
     labels: torch.Tensor  # [1, T]
     bounds: tuple[int, ...]  # its examples' starts, and its end
-    count: Any  # num_items_in_batch: the labels of the slot's accumulation window
+    count: Any  # num_items_in_batch: the labels of the slot's accumulation window (a classifier: its loss total)
+    last_token: Optional[torch.Tensor] = None  # a classifier's row: each example's last position, where it pools
 
 
 def padded_length(rows: Sequence[SlotRow], multiple: int = 1) -> int:
@@ -368,3 +464,56 @@ def slot_losses(logits: torch.Tensor, shift_labels: torch.Tensor, counts: torch.
         reduction="none",
     )
     return tokens.view(slots, length).sum(1) / counts
+
+
+def joint_classification_inputs(rows: Sequence[SlotRow], length: int) -> dict[str, Any]:
+    """A classifier's rows laid end to end, each padded to ``length`` with one pad example (token 0, never pooled):
+    the ids and positions, every example's bounds, where each real example pools (its last token; its first, for
+    BERT), their labels, and each slot's number of examples."""
+    ids, positions, bounds, last, first, labels, examples = [], [], [0], [], [], [], []
+    for i, row in enumerate(rows):
+        tokens = row.input_ids.shape[1]
+        pad = length - tokens
+        start = i * length
+        ids.append(torch.cat([row.input_ids[0].cpu(), torch.zeros(pad, dtype=torch.long)]))
+        positions.append(torch.cat([row.position_ids[0].cpu(), torch.arange(pad)]))
+        bounds += [start + b for b in row.bounds[1:]]
+        if pad:
+            bounds.append(start + length)
+        last.append(row.last_token.cpu() + start)
+        first += [start + b for b in row.bounds[:-1]]
+        labels.append(row.labels.cpu())
+        examples.append(len(row.bounds) - 1)
+    return {
+        "input_ids": torch.stack(ids).view(1, -1),
+        "position_ids": torch.stack(positions).view(1, -1),
+        "bounds": tuple(bounds),
+        "last_token": torch.cat(last),
+        "first_token": tuple(first),
+        "labels": torch.cat(labels),
+        "examples": examples,
+    }
+
+
+def slot_classification_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    examples: Sequence[int],
+    weights: Optional[torch.Tensor],
+    multilabel: bool,
+    totals: torch.Tensor,
+) -> torch.Tensor:
+    """Each slot's loss: its examples' summed cross-entropy (class weights) or BCE (``pos_weight``) over its own
+    total (:func:`src.classifier.loss_total` of its window), as :func:`src.classifier.classification_loss` gives a
+    run alone. ``logits`` [examples, classes], slot by slot in ``examples``' counts."""
+    logits = logits.float()
+    labels = labels.to(logits.device)
+    if weights is not None:
+        weights = weights.to(logits.device)
+    if multilabel:
+        each = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights, reduction="none").sum(1)
+    else:
+        each = F.cross_entropy(logits, labels, weight=weights, reduction="none")
+    owner = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(list(examples)))
+    summed = torch.zeros(len(examples), device=logits.device).index_add(0, owner.to(logits.device), each)
+    return summed / totals

@@ -57,9 +57,10 @@ class Submission:
 
 
 def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """The adapter's own LoRA weights in the peft model (``...lora_A.<adapter>.weight``, ...): the copy a slot is
-    loaded from and stored to (:class:`src.packs.engine.SlotBank`)."""
-    marks = (f".lora_A.{adapter}.", f".lora_B.{adapter}.")
+    """The adapter's own weights in the peft model (``...lora_A.<adapter>.weight``, ..., and a classifier's head
+    copy ``...modules_to_save.<adapter>.weight``): the copy a slot is loaded from and stored to
+    (:class:`src.packs.engine.SlotBank`)."""
+    marks = (f".lora_A.{adapter}.", f".lora_B.{adapter}.", f".modules_to_save.{adapter}.")
     return [(name, p) for name, p in model.named_parameters() if any(m in name for m in marks)]
 
 
@@ -92,6 +93,10 @@ class Pack:
         self.optimizer = engine.SlotAdamW(self.bank)
         for layer in engine.lora_layers(model):
             layer.forward = types.MethodType(engine.bank_lora_forward, layer)
+        for wrapper in engine.head_wrappers(model):
+            wrapper.forward = types.MethodType(engine.bank_head_forward, wrapper)
+        self.task = "sft"  # or a classifier's (src.packs.trainer sets it, with its class weights)
+        self.label_weights: Optional[torch.Tensor] = None
 
     def slot(self, adapter: str) -> int:
         return self.slot_of[adapter]
@@ -223,24 +228,15 @@ class Pack:
         if self.steps == 0:
             torch.manual_seed(self.seed)  # the trials' setups ran in any order; their dropout starts here
             self.started = began
-        names = [a for a in self.adapters if a in batch]
+        names = sorted(batch, key=self.slot)
         rows = [batch[name].row for name in names]
         length = engine.padded_length(rows, self.length_multiple)
-        joint = engine.joint_inputs(rows, length, self.pad_token_id)
+        if not self.model.training:
+            self.model.train()
         device = self.bank.weights.device
-        input_ids = joint["input_ids"].to(device, non_blocking=True)
-        position_ids = joint["position_ids"].to(device, non_blocking=True)
-        extra = attention_inputs(self.attention, joint["bounds"], device)
-        model = self.model
-        if not model.training:
-            model.train()
-        first = batch[names[0]]
-        with engine.active(engine.joint_step(self.bank, [r.slot for r in rows], length)):
-            with first.autocast():
-                logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
-            counts = torch.stack([torch.as_tensor(r.count, device=device).float() for r in rows])
-            losses = engine.slot_losses(logits, joint["shift_labels"], counts)
-            losses.sum().backward()
+        counts = torch.stack([torch.as_tensor(r.count, device=device).float() for r in rows])
+        losses = self._losses(rows, length, counts, batch[names[0]].autocast)
+        losses.sum().backward()
         norms = self._optimizer_step(batch)
         self.steps += 1
         self.trial_steps += len(names)
@@ -249,6 +245,34 @@ class Pack:
             name: (losses[i].detach(), norms[self.slot(name)] if batch[name].stepping else None)
             for i, name in enumerate(names)
         }
+
+    def _losses(self, rows: list[engine.SlotRow], length: int, counts: torch.Tensor, autocast) -> torch.Tensor:
+        """Each row's slot's loss: one forward over all rows, each slot's tokens through its adapter (and, for a
+        classifier, its examples through its own head)."""
+        device = self.bank.weights.device
+        slots = [r.slot for r in rows]
+        if self.task == "sft":
+            joint = engine.joint_inputs(rows, length, self.pad_token_id)
+            extra = attention_inputs(self.attention, joint["bounds"], device)
+            ids, positions = (joint[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids"))
+            with engine.active(engine.joint_step(self.bank, slots, length)):
+                with autocast():
+                    logits = self.model(input_ids=ids, position_ids=positions, use_cache=False, **extra).logits
+                return engine.slot_losses(logits, joint["shift_labels"], counts)
+        from src.engine.classification import flat_logits
+
+        joint = engine.joint_classification_inputs(rows, length)
+        keys = ("input_ids", "position_ids", "last_token")
+        ids, positions, last = (joint[k].to(device, non_blocking=True) for k in keys)
+        with engine.active(engine.joint_step(self.bank, slots, length, joint["examples"])):
+            with autocast():
+                logits = flat_logits(
+                    self.model, ids, positions, last, self.attention, joint["bounds"], joint["first_token"]
+                )
+            multilabel = self.task == "multilabel"
+            return engine.slot_classification_losses(
+                logits, joint["labels"], joint["examples"], self.label_weights, multilabel, counts
+            )
 
     def _optimizer_step(self, batch: dict[str, Submission]) -> torch.Tensor:
         """The optimizer step of every trial of ``batch`` whose accumulation window ends; each slot's norm."""
@@ -339,8 +363,9 @@ def build_pack(
     model: torch.nn.Module, loras: Sequence[Any], task: str, seeds: Sequence[int], slots: Optional[int] = None
 ) -> Pack:
     """Attach one adapter per trial (``t0``, ``t1``, ...) to the loaded base, each initialized as a run alone
-    initializes its own (the global seed set to the trial's ``train.seed`` just before), and make the pack: a bank
-    of ``slots`` (None: one a trial) in which the trials train, at most ``slots`` at once."""
+    initializes its own (the global seed set to the trial's ``train.seed`` just before; a classifier's head drawn
+    anew from it first, as loading the base draws it for a run alone, and copied into the trial's adapter), and make
+    the pack: a bank of ``slots`` (None: one a trial) in which the trials train, at most ``slots`` at once."""
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -349,13 +374,28 @@ def build_pack(
     names = [f"t{i}" for i in range(len(loras))]
     configs = [to_lora_config(lora, resolve_target_modules(model, lora), task) for lora in loras]  # on the bare base
     peft_model = None
+    classifier = model
     for name, config, seed in zip(names, configs, seeds):
         set_seed(seed)
+        if task != "sft":
+            _draw_heads(classifier)
         if peft_model is None:
             peft_model = get_peft_model(model, config, adapter_name=name)
         else:
             peft_model.add_adapter(name, config)
     return Pack(peft_model, names, seed=seeds[0], slots=slots)
+
+
+@torch.no_grad()
+def _draw_heads(classifier: torch.nn.Module) -> None:
+    """Initialize the classifier's head as ``from_pretrained`` initializes a head the checkpoint lacks (the model's
+    own ``_init_weights``), from the global RNG as it is now; under peft, the head it wraps."""
+    from src.modeling import CLASSIFIER_HEADS
+
+    for name in sorted(CLASSIFIER_HEADS):
+        head = getattr(classifier, name, None)
+        if head is not None:
+            classifier._init_weights(getattr(head, "original_module", head))
 
 
 def replace_train(cfg, **changes):
@@ -377,6 +417,12 @@ class PackMember:
         from src.packs.trainer import build_pack_member_trainer
 
         return build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, self)
+
+    def build_classifier_trainer(self, data, args, common: dict):
+        """This trial's classifier trainer and plan (:func:`src.packs.trainer.build_pack_classifier_trainer`)."""
+        from src.packs.trainer import build_pack_classifier_trainer
+
+        return build_pack_classifier_trainer(data, args, common, self)
 
 
 def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional[float], slots: Optional[int] = None):

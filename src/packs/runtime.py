@@ -110,6 +110,7 @@ def trial_functions(jobs: list[tuple[Config, Optional[dict]]], slots: Optional[i
     # are not thread-safe ("cannot import name 'SFTConfig' from 'trl'").
     import peft  # noqa: F401
     import transformers  # noqa: F401
+    from accelerate import PartialState
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer  # noqa: F401
     from trl import SFTConfig, SFTTrainer  # noqa: F401
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: F401
@@ -117,6 +118,8 @@ def trial_functions(jobs: list[tuple[Config, Optional[dict]]], slots: Optional[i
     from src import guards, modeling, training  # noqa: F401
     from src.engine import trainer as fast_trainer  # noqa: F401
     from src.packs import model as pack_model  # noqa: F401
+
+    PartialState()  # accelerate's process state, made once: the trials' trainers then share it (shared_state)
 
     shared = SharedBase([cfg for cfg, _ in jobs], slots)
     trains = [functools.partial(run, slot=PackSlot(shared, i, env)) for i, (_, env) in enumerate(jobs)]

@@ -5,17 +5,22 @@ callbacks are its own."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from src import distributed
 from src.engine.attention import HALF_DTYPES, seq_bounds, use_flat_attention, use_varlen_attention, varlen_available
 from src.engine.budget import fast_optimizer
+from src.engine.classification import FlatClassificationCollator, FlatClassifierTrainer, flat_attention, flat_logits
 from src.engine.trainer import FlatTrainer, sft_trainer
 from src.logger import say
 from src.packs import engine
 from src.packs.model import Submission
+
+# A joint step's rows are padded up to a multiple of this many tokens on a GPU: fewer distinct shapes for its kernels
+# (and its caching allocator) to meet.
+LENGTH_MULTIPLE = 64 if torch.cuda.is_available() else 1
 
 
 class ScheduleOnly(torch.optim.Optimizer):
@@ -30,14 +35,16 @@ class ScheduleOnly(torch.optim.Optimizer):
         return None
 
 
-class PackMemberTrainer(FlatTrainer):
-    """One trial of a pack (:mod:`src.packs.model`). Its micro-batches, clipping and optimizer step run in the pack's
-    joint step; its loop (:meth:`Trainer._run_epoch`), schedule, logging, evaluation and callbacks are its own."""
+class SlotTrainer:
+    """What makes a Trainer a pack trial's (mixed into a flat-batch trainer): its micro-batches, clipping and
+    optimizer step run in the pack's joint step; its loop (:meth:`Trainer._run_epoch`), schedule, logging, evaluation
+    and callbacks are its own."""
 
-    def __init__(self, *args, member, **kwargs):
-        super().__init__(*args, **kwargs)
+    member: Any
+
+    def _setup_slot(self, member) -> None:
         self.member = member
-        self.model_accepts_loss_kwargs = True  # the joint step normalizes each loss by its window's tokens
+        self.model_accepts_loss_kwargs = True  # the joint step normalizes each loss by its window's total
         self._window = 0  # micro-batches left in this accumulation window
         self._norm: Optional[torch.Tensor] = None  # the last step's gradient norm, before clipping (on the device)
 
@@ -66,6 +73,18 @@ class PackMemberTrainer(FlatTrainer):
     def _get_grad_norm(self, model, grad_norm=None):
         return self._norm
 
+    def slot_row(self, inputs, count) -> engine.SlotRow:
+        """The trial's micro-batch as the pack's joint step takes it (host tensors: no device sync)."""
+        return engine.SlotRow(
+            self.member.pack.slot(self.member.adapter),
+            inputs["input_ids"],
+            inputs["position_ids"],
+            inputs["labels"],
+            tuple(inputs["bounds"]) if "bounds" in inputs else seq_bounds(inputs["position_ids"]),
+            count,
+            inputs.get("last_token"),
+        )
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         self._window -= 1
@@ -78,14 +97,7 @@ class PackMemberTrainer(FlatTrainer):
             args.weight_decay,
             args.max_grad_norm,
         )
-        row = engine.SlotRow(
-            self.member.pack.slot(self.member.adapter),
-            inputs["input_ids"],
-            inputs["position_ids"],
-            inputs["labels"],
-            seq_bounds(inputs["position_ids"]),  # the host batch: no device sync
-            num_items_in_batch,
-        )
+        row = self.slot_row(inputs, num_items_in_batch)
         submission = Submission(row, self._window <= 0, hyper, self.compute_loss_context_manager)
         loss, norm = self.member.pack.step(self.member.adapter, submission)
         if norm is not None:
@@ -99,6 +111,36 @@ class PackMemberTrainer(FlatTrainer):
             return super().train(*args, **kwargs)
         finally:
             self.member.pack.leave(self.member.adapter)
+
+
+class PackMemberTrainer(SlotTrainer, FlatTrainer):
+    """One SFT trial of a pack (:mod:`src.packs.model`)."""
+
+    def __init__(self, *args, member, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_slot(member)
+
+
+class PackClassifierTrainer(SlotTrainer, FlatClassifierTrainer):
+    """One classification trial of a pack: its evaluation runs the shared model with its slot alone."""
+
+    def __init__(self, *args, member, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_slot(member)
+
+    def forward(self, model, inputs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        with self.member.pack.routed(self.member.adapter) as shared:
+            logits = flat_logits(
+                shared,
+                inputs["input_ids"],
+                inputs["position_ids"],
+                inputs["last_token"],
+                self.attention,
+                inputs["bounds"],
+            )
+        return SequenceClassifierOutput(logits=logits)
 
 
 def pack_attention(model, args) -> str:
@@ -120,7 +162,27 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
     pack = member.pack
     pack.attention = member.attention
     pack.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pack.length_multiple = 64 if torch.cuda.is_available() else 1  # fewer distinct shapes for the GPU's kernels
+    pack.length_multiple = LENGTH_MULTIPLE
+    trainer = sft_trainer(
+        PackMemberTrainer,
+        cfg,
+        member.model,
+        tokenizer,
+        _pack_args(args, member),
+        train_dataset,
+        eval_dataset,
+        callbacks,
+        member.attention,
+        member=member,
+    )
+    say(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"))
+    return trainer, micro
+
+
+def _pack_args(args, member):
+    """The trial's Trainer arguments on the pack's plan: its micro-batches, no checkpointing of its own (the pack
+    set it), the fast optimizer's name (its step is the pack's), its own data order."""
+    micro = member.micro
     args = dataclasses.replace(
         args,
         per_device_train_batch_size=micro.micro_batch_size,
@@ -131,18 +193,32 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
         # the trial's data order from its own seed alone (the trials' Trainers seed the global RNG in any order)
         data_seed=args.data_seed if args.data_seed is not None else args.seed,
         label_names=["labels"],  # the Trainer finds them in the model's forward signature, here **inputs
+        # the process's accelerate state as it is (src.training_args: shared_state); transformers pops the flag
+        # from the arguments it was given, so each new copy is given it again
+        accelerator_config={"use_configured_state": True},
     )
-    distributed.one_gpu_per_process(args)
-    trainer = sft_trainer(
-        PackMemberTrainer,
-        cfg,
-        member.model,
-        tokenizer,
-        args,
-        train_dataset,
-        eval_dataset,
-        callbacks,
-        member.attention,
+    return distributed.one_gpu_per_process(args)
+
+
+def build_pack_classifier_trainer(data, args, common: dict, member):
+    """A classification trial's trainer on the pack (:class:`PackClassifierTrainer`) and its plan. ``common``: the
+    trainer's arguments as a run alone gets them (datasets, metrics, callbacks, tokenizer)."""
+    pack = member.pack
+    if member.attention == "auto":
+        member.attention = flat_attention(pack.model) or "bounds"
+    pack.attention = member.attention
+    pack.length_multiple = LENGTH_MULTIPLE
+    pack.task = data.task
+    if data.label_weights is not None and pack.label_weights is None:
+        pack.label_weights = torch.tensor(data.label_weights, dtype=torch.float32)
+    micro = dataclasses.replace(member.micro, attention=member.attention)
+    multilabel = data.task == "multilabel"
+    trainer = PackClassifierTrainer(
+        **{**common, "model": member.model, "args": _pack_args(args, member)},
+        data_collator=FlatClassificationCollator(multilabel),
+        label_weights=data.label_weights,
+        multilabel=multilabel,
+        attention=member.attention,
         member=member,
     )
     say(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"))

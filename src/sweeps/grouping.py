@@ -17,14 +17,18 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import ConfigError, validate
+from src.memory import plans_own_micro_batches
 
 PACK_ENV = "LORA_SWEEP_PACK"  # a pack job's member file
 
 
 def unpackable(cfg) -> Optional[str]:
     """Why a validated config cannot train in a pack, or None."""
-    if cfg.data.task != "sft":
-        return f"data.task={cfg.data.task}: packs train SFT (a classifier's head is per trial)"
+    if cfg.data.task != "sft" and not plans_own_micro_batches(cfg):
+        return (
+            f"data.task={cfg.data.task} on {cfg.model.name}: a pack's classifiers train on flat rows, which take "
+            "decoders and BERT (its config.json must be local)"
+        )
     if cfg.lora.preset == "none":
         return "lora=none trains the whole base, which the pack shares"
     if cfg.lora.bias != "none":

@@ -406,9 +406,7 @@ def _run_split_pack(
     return results
 
 
-def _run_threads(
-    trial: Callable[[int], None], count: int, shared, results: list, slots: Optional[int] = None
-) -> None:
+def _run_threads(trial: Callable[[int], None], count: int, shared, results: list, slots: Optional[int] = None) -> None:
     """``trial(i)`` for each trial in a thread of its own, at most ``slots`` at a time (None: all): as one ends the
     next starts. A SIGTERM (in the main thread) or Ctrl-C stops them all (:meth:`src.packs.runtime.SharedBase.stop`)
     and is raised once they end, with ``results`` as they are (a trial never started keeps its empty result)."""

@@ -60,7 +60,7 @@ def test_the_batched_matmuls_give_the_loop_s_outputs_and_gradients(monkeypatch):
     with torch.no_grad():  # B starts at zero: give every slot a delta to compute
         pack.bank.weights.normal_(0, 0.02)
         for slot in range(2):
-            for layer, entry in pack.bank.layers.items():
+            for entry in pack.bank.layers.values():
                 a, b = pack.bank._views(pack.bank.weights[slot], entry)
                 rank = pack.bank.ranks[slot][entry.index]
                 a[rank:] = 0
@@ -102,7 +102,9 @@ def test_slot_adamw_steps_each_slot_as_torch_adamw_steps_a_run_alone():
     )
     alone = [torch.nn.Parameter(bank.weights[i].detach().clone()) for i in range(3)]
     optims = [
-        torch.optim.AdamW([p], lr=float(h[0]), betas=(float(h[1]), float(h[2])), eps=float(h[3]), weight_decay=float(h[4]))
+        torch.optim.AdamW(
+            [p], lr=float(h[0]), betas=(float(h[1]), float(h[2])), eps=float(h[3]), weight_decay=float(h[4])
+        )
         for p, h in zip(alone, hyper)
     ]
     grads = [torch.randn(3, 40) * 3 for _ in range(2)]
@@ -145,9 +147,7 @@ def test_a_joint_step_that_fails_on_one_trial_s_row_fails_that_trial_alone():
     pack = _tiny_pack(["lora=attn_qv", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.0)
     vocab = pack.model.get_base_model().config.vocab_size
     before = pack.bank.weights.detach().clone()
-    results = pack._run_step(
-        {"t0": _submission(_row(0, 12)), "t1": _submission(_row(1, 12, vocab_bad=vocab + 7))}
-    )
+    results = pack._run_step({"t0": _submission(_row(0, 12)), "t1": _submission(_row(1, 12, vocab_bad=vocab + 7))})
     assert isinstance(results["t1"], Exception) and not isinstance(results["t0"], Exception), results
     loss, norm = results["t0"]
     assert torch.isfinite(loss) and norm > 0
