@@ -345,7 +345,8 @@ def test_a_micro_batch_is_planned_for_the_largest_of_many_shuffles_never_above_i
 
 
 def test_a_pack_plans_the_base_once_and_every_trial_s_adapter(openllama_dir, capsys):
-    """``src.plan --pack``: W3B 4-bit with q,v r=8 and all linear r=16 as one pack: the base's weights once."""
+    """``src.plan --pack``: W3B 4-bit with q,v r=8 and all linear r=16 as one pack: the base's weights once, and two
+    bank slots each as large as the larger adapter (with its optimizer states)."""
     common = openllama(openllama_dir, "quant=4bit", "train=gpu")
     trials = ["lora=attn_qv lora.r=8", "lora=all_linear lora.r=16"]
     assert cli.main([*common, *(arg for t in trials for arg in ("--pack", t))]) == 0
@@ -353,7 +354,8 @@ def test_a_pack_plans_the_base_once_and_every_trial_s_adapter(openllama_dir, cap
     solo = [plan_for([*common, *t.split()]) for t in trials]
     shared = [s.est_mem_breakdown_gb.shared for s in solo]
     assert shared[0] == pytest.approx(shared[1])  # the same base
-    expected = sum(s.est_peak_gpu_mem_gb for s in solo) - shared[0]
+    states = [s.est_mem_breakdown_gb.trainable_states for s in solo]
+    expected = sum(s.est_peak_gpu_mem_gb for s in solo) - shared[0] + (max(states) - min(states))
     assert pack["pack_size"] == 2
     assert pack["est_peak_gpu_mem_gb"] == pytest.approx(expected, abs=2e-3)
     assert pack["est_solo_sum_gb"] == pytest.approx(sum(s.est_peak_gpu_mem_gb for s in solo), abs=2e-3)
@@ -433,27 +435,69 @@ def test_the_budget_is_resolved_once_with_its_margin(monkeypatch):
     assert budget.resolve_budget(None) == pytest.approx(72.0 * budget.PLAN_MARGIN)
 
 
-def test_a_pack_s_trials_share_its_planned_budget_with_the_margin_taken_once():
-    """Each trial of a pack is planned to its share of the budget less PLAN_MARGIN (split_budget): summed over the
-    K trials less K-1 copies of the shared base, exactly the margined budget (the base's margin taken once, not K
-    times)."""
+def _tiny_pack_cfgs(budget_gb: float, *loras: list[str]):
     from src import modeling
-    from src.engine import budget
     from src.packs import model as pack_model
 
     cfgs = []
-    for lora in (["lora=attn_qv"], ["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=16"]):
-        raw = compose(["data=instructions", "train.memory_budget_gb=0.01", *lora])
+    for lora in loras:
+        raw = compose(["data=instructions", f"train.memory_budget_gb={budget_gb}", *lora])
         raw["output_dir"] = "unused"
         cfgs.append(validate(raw, for_training=True))
     tokenizer = modeling.load_tokenizer(cfgs[0].model)
     model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
-    pack = pack_model.build_pack(model, [c.lora for c in cfgs], "sft", [0] * len(cfgs))
-    members = pack_model.prepare(pack, cfgs, bf16=False)
-    shared = max(M.plan(c).est_mem_breakdown_gb.shared for c in cfgs)
-    shares = {m.micro.budget_gb for m in members}
-    assert len(shares) == 1
-    assert 3 * shares.pop() - 2 * shared == pytest.approx(0.01 * budget.PLAN_MARGIN, rel=1e-9)
+    return cfgs, pack_model.build_pack(model, [c.lora for c in cfgs], "sft", [0] * len(cfgs))
+
+
+LORAS = (["lora=attn_qv"], ["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=16"])
+
+
+def test_a_pack_plans_one_micro_batch_size_and_no_checkpointing_where_it_fits():
+    """Room for the pack's trials with no layer checkpointed: the largest micro-batch size that fits (all trials
+    alike), no checkpointing, and the pack's estimate (one base, K slots of the largest adapter, K trials'
+    activations) within the margined budget."""
+    from src.engine import budget
+    from src.packs import model as pack_model
+
+    generous = 1.0
+    cfgs, pack = _tiny_pack_cfgs(generous, *LORAS)
+    plans, note = pack_model.plan_pack_step(cfgs, pack.model, budget.resolve_budget(generous), slots=2)
+    assert {p.checkpointed_layers for p in plans} == {0} and "checkpointing" not in note
+    assert len({p.micro_batch_size for p in plans}) == 1
+    size = plans[0].micro_batch_size
+    breakdowns = [
+        M.plan(c.with_train(per_device_train_batch_size=size, optim=budget.fast_optimizer(c.train.optim)))
+        .est_mem_breakdown_gb
+        for c in cfgs
+    ]
+    estimate = M.pack_estimate_gb(breakdowns, slots=2)
+    assert plans[0].est_peak_gpu_mem_gb == pytest.approx(estimate)
+    assert estimate <= budget.resolve_budget(generous)
+    assert "pack of 3 trial(s) in 2 slot(s)" in note
+
+
+def test_a_pack_checkpoints_only_where_one_example_a_trial_does_not_fit_and_says_why():
+    from src.engine import budget
+    from src.packs import model as pack_model
+
+    tight = 0.01
+    cfgs, pack = _tiny_pack_cfgs(tight, *LORAS)
+    plans, note = pack_model.plan_pack_step(cfgs, pack.model, budget.resolve_budget(tight))
+    assert plans[0].micro_batch_size == 1 and plans[0].checkpointed_layers > 0
+    assert "activation checkpointing" in note and "even one example a trial needs" in note
+
+
+def test_a_pack_s_estimate_counts_its_slots_not_its_trials():
+    """Six trials in two slots: the bank's two slots of the largest adapter, and the two largest activations."""
+    cfgs, _ = _tiny_pack_cfgs(1.0, *LORAS, *LORAS)
+    breakdowns = [M.plan(c).est_mem_breakdown_gb for c in cfgs]
+    two = M.pack_estimate_gb(breakdowns, slots=2)
+    six = M.pack_estimate_gb(breakdowns)
+    shared = max(b.shared for b in breakdowns)
+    largest = max(b.trainable_states for b in breakdowns)
+    working = sorted((b.activations + b.logits for b in breakdowns), reverse=True)
+    assert two == pytest.approx(shared + 2 * largest + sum(working[:2]))
+    assert six == pytest.approx(shared + 6 * largest + sum(working)) and six > two
 
 
 def test_cli_counts_qlora_all_linear_with_lm_head(openllama_dir):
