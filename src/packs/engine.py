@@ -293,14 +293,14 @@ def active(step: Any) -> Iterator[None]:
 def joint_step(bank: SlotBank, slots: Sequence[int], length: int, examples: Optional[list[int]] = None) -> JointStep:
     """The context of a joint forward over ``slots``' rows of ``length`` tokens each (a classifier's: with
     ``examples`` pooled from each, in order, for the slots' own heads)."""
-    index = torch.tensor(list(slots), device=bank.weights.device)
+    index = torch.tensor(list(slots)).to(bank.weights.device, non_blocking=True)  # host copies never wait
     weights = bank.weights.index_select(0, index)
     if torch.is_autocast_enabled(weights.device.type):  # one cast of all the step's weights, not one per layer
         weights = weights.to(torch.get_autocast_dtype(weights.device.type))
     rates = [bank.dropout[s] for s in slots]
     dropout = None
     if len(set(rates)) > 1:
-        keep = torch.tensor([1.0 - r for r in rates], device=weights.device)
+        keep = torch.tensor([1.0 - r for r in rates]).to(weights.device, non_blocking=True)
         dropout = keep[:, None, None]
     active_layers = [any(bank.targeted[s][i] for s in slots) for i in range(len(bank.layers))]
     grouped = GROUPED.get(weights.device.type, False)
@@ -424,6 +424,16 @@ class SlotRow:
     last_token: Optional[torch.Tensor] = None  # a classifier's row: each example's last position, where it pools
 
 
+@dataclass
+class Submission:
+    """One trial's micro-batch, handed to the pack's joint step by its trainer."""
+
+    row: SlotRow
+    stepping: bool  # its accumulation window ends with this micro-batch: its optimizer steps
+    hyper: tuple[float, ...]  # lr, beta1, beta2, eps, weight decay, max grad norm (for SlotAdamW)
+    autocast: Any  # the trainer's compute_loss_context_manager
+
+
 def padded_length(rows: Sequence[SlotRow], multiple: int = 1) -> int:
     """One length for all the step's rows: the longest, plus one pad token, up to a multiple of ``multiple``."""
     longest = max(r.input_ids.shape[1] for r in rows) + 1
@@ -459,7 +469,7 @@ def slot_losses(logits: torch.Tensor, shift_labels: torch.Tensor, counts: torch.
     slots, length = shift_labels.shape
     tokens = F.cross_entropy(
         logits.reshape(slots * length, -1).float(),
-        shift_labels.reshape(-1).to(logits.device),
+        shift_labels.reshape(-1).to(logits.device, non_blocking=True),
         ignore_index=-100,
         reduction="none",
     )
@@ -507,7 +517,7 @@ def slot_classification_losses(
     total (:func:`src.classifier.loss_total` of its window), as :func:`src.classifier.classification_loss` gives a
     run alone. ``logits`` [examples, classes], slot by slot in ``examples``' counts."""
     logits = logits.float()
-    labels = labels.to(logits.device)
+    labels = labels.to(logits.device, non_blocking=True)
     if weights is not None:
         weights = weights.to(logits.device)
     if multilabel:
@@ -515,5 +525,6 @@ def slot_classification_losses(
     else:
         each = F.cross_entropy(logits, labels, weight=weights, reduction="none")
     owner = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(list(examples)))
-    summed = torch.zeros(len(examples), device=logits.device).index_add(0, owner.to(logits.device), each)
+    owner = owner.to(logits.device, non_blocking=True)
+    summed = torch.zeros(len(examples), device=logits.device).index_add(0, owner, each)
     return summed / totals

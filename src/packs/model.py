@@ -46,16 +46,6 @@ import torch
 from src.packs import engine
 
 
-@dataclass
-class Submission:
-    """One trial's micro-batch, handed to the pack's joint step by its trainer."""
-
-    row: engine.SlotRow
-    stepping: bool  # its accumulation window ends with this micro-batch: its optimizer steps
-    hyper: tuple[float, ...]  # lr, beta1, beta2, eps, weight decay, max grad norm (for SlotAdamW)
-    autocast: Any  # the trainer's compute_loss_context_manager
-
-
 def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
     """The adapter's own weights in the peft model (``...lora_A.<adapter>.weight``, ..., and a classifier's head
     copy ``...modules_to_save.<adapter>.weight``): the copy a slot is loaded from and stored to
@@ -76,7 +66,7 @@ class Pack:
         self.live: set[str] = set()  # the trials training now (joined, not yet left)
         self.slot_of: dict[str, int] = {}  # the bank slot each live trial holds
         self.trained: list[str] = []  # every trial that joined, in order
-        self.pending: dict[str, Submission] = {}
+        self.pending: dict[str, engine.Submission] = {}
         self.done: dict[str, Any] = {}
         self.steps = 0  # joint steps run
         self.trial_steps = 0  # trials' micro-batches run in them
@@ -164,7 +154,7 @@ class Pack:
                 model.train(training)
             return model(**inputs)
 
-    def step(self, adapter: str, submission: Submission):
+    def step(self, adapter: str, submission: engine.Submission):
         """Hand in the trial's micro-batch and wait for the joint step that runs it: its (loss, gradient norm),
         both on the device; the norm is None unless the trial's optimizer stepped.
 
@@ -190,7 +180,7 @@ class Pack:
             raise result
         return result
 
-    def _run_step(self, batch: dict[str, Submission]) -> dict[str, Any]:
+    def _run_step(self, batch: dict[str, engine.Submission]) -> dict[str, Any]:
         """Each trial's (loss, norm) of the joint step, or the exception its trial raises. Where the joint step fails
         (an out-of-memory error on one trial's long row, say), each trial's row runs again alone, so that only the
         trials whose own step fails fail (their gradients of this window start again from zero)."""
@@ -219,7 +209,9 @@ class Pack:
                 results[name] = exc
         return results
 
-    def _joint_step(self, batch: dict[str, Submission]) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def _joint_step(
+        self, batch: dict[str, engine.Submission]
+    ) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """One forward over the trials' rows laid end to end (each slot's tokens through its own adapter), one
         backward of the sum of their losses, and one optimizer step for the trials whose window ends here."""
         import time
@@ -261,6 +253,8 @@ class Pack:
                 return engine.slot_losses(logits, joint["shift_labels"], counts)
         from src.engine.classification import flat_logits
 
+        if self.label_weights is not None and self.label_weights.device != device:
+            self.label_weights = self.label_weights.to(device)  # once: a host copy every step would wait for the GPU
         joint = engine.joint_classification_inputs(rows, length)
         keys = ("input_ids", "position_ids", "last_token")
         ids, positions, last = (joint[k].to(device, non_blocking=True) for k in keys)
@@ -274,7 +268,7 @@ class Pack:
                 logits, joint["labels"], joint["examples"], self.label_weights, multilabel, counts
             )
 
-    def _optimizer_step(self, batch: dict[str, Submission]) -> torch.Tensor:
+    def _optimizer_step(self, batch: dict[str, engine.Submission]) -> torch.Tensor:
         """The optimizer step of every trial of ``batch`` whose accumulation window ends; each slot's norm."""
         slots = self.bank.slots
         stepping = torch.zeros(slots, 1, dtype=torch.bool)

@@ -16,7 +16,6 @@ from src.engine.classification import FlatClassificationCollator, FlatClassifier
 from src.engine.trainer import FlatTrainer, sft_trainer
 from src.logger import say
 from src.packs import engine
-from src.packs.model import Submission
 
 # A joint step's rows are padded up to a multiple of this many tokens on a GPU: fewer distinct shapes for its kernels
 # (and its caching allocator) to meet.
@@ -98,7 +97,7 @@ class SlotTrainer:
             args.max_grad_norm,
         )
         row = self.slot_row(inputs, num_items_in_batch)
-        submission = Submission(row, self._window <= 0, hyper, self.compute_loss_context_manager)
+        submission = engine.Submission(row, self._window <= 0, hyper, self.compute_loss_context_manager)
         loss, norm = self.member.pack.step(self.member.adapter, submission)
         if norm is not None:
             self._norm = norm

@@ -1001,7 +1001,7 @@ def test_oom_trial_fails_and_the_next_starts_at_clean_gpu_memory(suite, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
-# Packed trials (hydra.sweeper.pack, issue 19)
+# Packed trials (hydra.sweeper.pack, issues 19 and 30)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1023,7 +1023,7 @@ def test_a_packed_grid_trains_every_trial_on_one_base(suite, tmp_path):
     args = ["--multirun", "lora.r=4,8", "lora=attn_qv,all_linear", "hydra.sweeper.pack=4", *common]
     result = cli("src.train", [*args, f"hydra.sweep.dir={tmp_path / 'multirun'}"], store)
     assert result.returncode == 0, tail(result)
-    assert "4 jobs as 1 launches (hydra.sweeper.pack=4: 1 packs)" in result.stdout
+    assert "4 jobs as 1 launches (hydra.sweeper.pack=4: 1 pack processes, each training 4 at a time)" in result.stdout
     parents, jobs = store.split()
     assert len(parents) == 1 and len(jobs) == 4
     assert {j.info.status for j in jobs} == {"FINISHED"}
@@ -1033,3 +1033,85 @@ def test_a_packed_grid_trains_every_trial_on_one_base(suite, tmp_path):
         assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config").trainable_params
         assert metric(job, "eval_loss") > 0
         assert Path(job.data.tags["output_dir"], "adapter", "adapter_model.safetensors").is_file()
+
+
+def test_a_packed_classification_grid_refills_its_slots(suite, tmp_path):
+    """A multi-label grid of 4 (r 4/8 x q,v / all linear, pos_weight) on a 4-bit base in 2 slots: one pack process
+    trains all 4, each trial FINISHED in its own run with its own exact trainable count (LoRA and its head)."""
+    store = Store(tmp_path)
+    common = [
+        *suite.model("qwen"),
+        *suite.train,
+        "quant=4bit",
+        "data=topics_multilabel",
+        "data.subsample=64",
+        "data.eval_subsample=16",
+        "train.max_steps=4",
+        "train.save_strategy=no",
+    ]
+    args = ["--multirun", "lora.r=4,8", "lora=attn_qv,all_linear", "hydra.sweeper.pack=2", *common]
+    result = cli("src.train", [*args, f"hydra.sweep.dir={tmp_path / 'multirun'}"], store)
+    assert result.returncode == 0, tail(result)
+    output = result.stdout + result.stderr
+    assert "4 jobs as 1 launches (hydra.sweeper.pack=2: 1 pack processes, each training 2 at a time)" in output
+    assert "pack: trained 4 trial(s) in 2 slot(s) on one base" in output
+    parents, jobs = store.split()
+    assert len(parents) == 1 and len(jobs) == 4
+    assert {j.info.status for j in jobs} == {"FINISHED"}
+    assert sorted(j.data.tags["pack_trial"] for j in jobs) == ["t0", "t1", "t2", "t3"]
+    for job in jobs:
+        overrides = [*common, f"lora={job.data.params['lora.preset']}", f"lora.r={job.data.params['lora.r']}"]
+        assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config").trainable_params
+        assert 0.0 <= metric(job, "eval_f1_macro") <= 1.0
+        assert Path(job.data.tags["output_dir"], "adapter", "adapter_model.safetensors").is_file()
+
+
+def test_a_pruned_packed_study_refills_the_slots_of_its_pruned_trials(suite, tmp_path):
+    """6 Optuna trials in 3 slots, pruning made certain: a ThresholdPruner prunes every evaluation from step 2, and
+    ``train.max_steps`` is in the space (2: the trial completes, its step-2 evaluation never reported; 4: pruned at
+    step 2). One pack process trains all 6; the counts match the sampled max_steps exactly."""
+    import optuna
+    from optuna.trial import TrialState
+
+    store = Store(tmp_path)
+    args = [
+        "--multirun",
+        "hydra/sweeper=lora_optuna",
+        *suite.model("qwen"),
+        *suite.train,
+        "quant=4bit",
+        "data=instructions",
+        "data.subsample=64",
+        "data.eval_subsample=16",
+        "data.num_sample_prompts=0",
+        "train.eval_strategy=steps",
+        "train.eval_steps=2",
+        "train.save_strategy=no",
+        "tracking.log_adapter=false",
+        "lora.r=choice(4,8)",
+        "train.max_steps=choice(2,4)",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.pack=3",
+        "hydra.sweeper.sampler.seed=0",
+        f"hydra.sweeper.storage={store.optuna}",
+        "hydra.sweeper.study_name=packed",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "+hydra.sweeper.pruner.upper=0.0",
+        "+hydra.sweeper.pruner.n_warmup_steps=2",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    ]
+    result = cli("src.train", args, store)
+    assert result.returncode == 0, tail(result)
+    output = result.stdout + result.stderr
+    assert "pack: trained 6 trial(s) in 3 slot(s) on one base" in output
+    trials = optuna.load_study(study_name="packed", storage=store.optuna).get_trials()
+    assert len(trials) == 6
+    for trial in trials:
+        expected = TrialState.PRUNED if trial.params["train.max_steps"] == 4 else TrialState.COMPLETE
+        assert trial.state == expected, (trial.number, trial.state, trial.params)
+    _, jobs = store.split()
+    assert len(jobs) == 6
+    by_trial = {int(j.data.tags["optuna_trial"]): j for j in jobs}
+    for trial in trials:
+        status = "KILLED" if trial.state == TrialState.PRUNED else "FINISHED"
+        assert by_trial[trial.number].info.status == status

@@ -466,8 +466,9 @@ def test_a_pack_plans_one_micro_batch_size_and_no_checkpointing_where_it_fits():
     assert len({p.micro_batch_size for p in plans}) == 1
     size = plans[0].micro_batch_size
     breakdowns = [
-        M.plan(c.with_train(per_device_train_batch_size=size, optim=budget.fast_optimizer(c.train.optim)))
-        .est_mem_breakdown_gb
+        M.plan(
+            c.with_train(per_device_train_batch_size=size, optim=budget.fast_optimizer(c.train.optim))
+        ).est_mem_breakdown_gb
         for c in cfgs
     ]
     estimate = M.pack_estimate_gb(breakdowns, slots=2)

@@ -45,9 +45,7 @@ def _row(slot: int, tokens: int, vocab_bad: int | None = None) -> engine.SlotRow
 
 
 def _submission(row: engine.SlotRow, stepping: bool = True, lr: float = 1e-2):
-    from src.packs.model import Submission
-
-    return Submission(row, stepping, (lr, 0.9, 0.999, 1e-8, 0.01, 1.0), contextlib.nullcontext)
+    return engine.Submission(row, stepping, (lr, 0.9, 0.999, 1e-8, 0.01, 1.0), contextlib.nullcontext)
 
 
 def test_the_batched_matmuls_give_the_loop_s_outputs_and_gradients(monkeypatch):
