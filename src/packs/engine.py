@@ -104,6 +104,7 @@ class SlotBank:
         self.adapters: list[Optional[str]] = [None] * slots  # the peft adapter each slot holds
         self.targeted = [[False] * len(self.layers) for _ in range(slots)]
         self.ranks = [[0] * len(self.layers) for _ in range(slots)]  # each slot's own rank of each layer
+        self.compute_dtype: Optional[torch.dtype] = None  # the adapters' matmuls (None: the weights', fp32)
 
     @classmethod
     def for_adapters(cls, model: torch.nn.Module, adapters: Sequence[str], slots: Optional[int] = None) -> SlotBank:
@@ -295,8 +296,11 @@ def joint_step(bank: SlotBank, slots: Sequence[int], length: int, examples: Opti
     ``examples`` pooled from each, in order, for the slots' own heads)."""
     index = torch.tensor(list(slots)).to(bank.weights.device, non_blocking=True)  # host copies never wait
     weights = bank.weights.index_select(0, index)
-    if torch.is_autocast_enabled(weights.device.type):  # one cast of all the step's weights, not one per layer
-        weights = weights.to(torch.get_autocast_dtype(weights.device.type))
+    dtype = bank.compute_dtype
+    if torch.is_autocast_enabled(weights.device.type):
+        dtype = torch.get_autocast_dtype(weights.device.type)
+    if dtype is not None:  # one cast of all the step's weights, not one per layer
+        weights = weights.to(dtype)
     rates = [bank.dropout[s] for s in slots]
     dropout = None
     if len(set(rates)) > 1:
@@ -377,6 +381,8 @@ def _one_slot(layer, step: OneSlot, entry: BankLayer, x: torch.Tensor, result: t
     if not bank.targeted[slot][entry.index]:
         return result
     a, b = bank._views(bank.weights[slot], entry)
+    if bank.compute_dtype is not None:
+        a, b = a.to(bank.compute_dtype), b.to(bank.compute_dtype)
     x = x.to(a.dtype)
     if layer.training and bank.dropout[slot] > 0:
         x = F.dropout(x, bank.dropout[slot], training=True)

@@ -227,20 +227,20 @@ class Pack:
             self.model.train()
         device = self.bank.weights.device
         counts = torch.stack([torch.as_tensor(r.count, device=device).float() for r in rows])
-        losses = self._losses(rows, length, counts, batch[names[0]].autocast)
-        losses.sum().backward()
+        losses = self._forward_backward(rows, length, counts, batch[names[0]].autocast)
         norms = self._optimizer_step(batch)
         self.steps += 1
         self.trial_steps += len(names)
         self.joint_s += time.perf_counter() - began
         return {
-            name: (losses[i].detach(), norms[self.slot(name)] if batch[name].stepping else None)
-            for i, name in enumerate(names)
+            name: (losses[i], norms[self.slot(name)] if batch[name].stepping else None) for i, name in enumerate(names)
         }
 
-    def _losses(self, rows: list[engine.SlotRow], length: int, counts: torch.Tensor, autocast) -> torch.Tensor:
-        """Each row's slot's loss: one forward over all rows, each slot's tokens through its adapter (and, for a
-        classifier, its examples through its own head)."""
+    def _forward_backward(self, rows: list[engine.SlotRow], length: int, counts: torch.Tensor, autocast):
+        """One forward over all rows, each slot's tokens through its adapter (and, for a classifier, its examples
+        through its own head), and one backward of the sum of the slots' losses, inside the step's context (a
+        checkpointed layer recomputes its forward, adapters included, during the backward). Each row's slot's loss,
+        detached."""
         device = self.bank.weights.device
         slots = [r.slot for r in rows]
         if self.task == "sft":
@@ -250,7 +250,9 @@ class Pack:
             with engine.active(engine.joint_step(self.bank, slots, length)):
                 with autocast():
                     logits = self.model(input_ids=ids, position_ids=positions, use_cache=False, **extra).logits
-                return engine.slot_losses(logits, joint["shift_labels"], counts)
+                losses = engine.slot_losses(logits, joint["shift_labels"], counts)
+                losses.sum().backward()
+            return losses.detach()
         from src.engine.classification import flat_logits
 
         if self.label_weights is not None and self.label_weights.device != device:
@@ -264,9 +266,11 @@ class Pack:
                     self.model, ids, positions, last, self.attention, joint["bounds"], joint["first_token"]
                 )
             multilabel = self.task == "multilabel"
-            return engine.slot_classification_losses(
+            losses = engine.slot_classification_losses(
                 logits, joint["labels"], joint["examples"], self.label_weights, multilabel, counts
             )
+            losses.sum().backward()
+        return losses.detach()
 
     def _optimizer_step(self, batch: dict[str, engine.Submission]) -> torch.Tensor:
         """The optimizer step of every trial of ``batch`` whose accumulation window ends; each slot's norm."""
@@ -485,6 +489,8 @@ def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool, slots: Optional[int] = 
         int8_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
     pack.estimate_gb = None if estimate is None else estimate + cache_gb
+    if bf16:  # the base now computes in bf16: so do the adapters (the bank keeps fp32 master weights)
+        pack.bank.compute_dtype = torch.bfloat16
     members = []
     for adapter, micro in zip(pack.adapters, micros):
         micro = dataclasses.replace(

@@ -169,3 +169,25 @@ def test_a_slot_loads_and_stores_its_peft_adapter_exactly():
     assert pack.bank.trainable(0) == sum(v.numel() for v in original.values())
     assert not all(pack.bank.targeted[0]) and all(pack.bank.targeted[1])
     assert pytest.approx(pack.bank.scales[1].max().item()) == 16 / 8
+
+
+def test_checkpointed_layers_recompute_the_adapters_in_the_backward():
+    """With every decoder layer checkpointed, the backward recomputes each layer's forward, adapters included: the
+    slots' gradients are those of the step without checkpointing."""
+    from src.engine.budget import decoder_layers, set_checkpointed_layers
+
+    pack = _tiny_pack(["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        pack.bank.weights.normal_(0, 0.02)  # B starts at zero, and A's gradient with it
+    rows = [_row(0, 14), _row(1, 9)]
+    length = engine.padded_length(rows)
+    counts = torch.tensor([12.0, 7.0])
+    grads = []
+    for layers in (0, len(decoder_layers(pack.model))):
+        set_checkpointed_layers(pack.model, layers)
+        pack.bank.weights.grad = None
+        pack._forward_backward(rows, length, counts, contextlib.nullcontext)
+        grads.append(pack.bank.weights.grad.clone())
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
