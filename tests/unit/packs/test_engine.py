@@ -177,6 +177,7 @@ def test_checkpointed_layers_recompute_the_adapters_in_the_backward():
     from src.engine.budget import decoder_layers, set_checkpointed_layers
 
     pack = _tiny_pack(["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.0)
+    pack.model.train()  # checkpointing applies in training mode only
     torch.manual_seed(5)
     with torch.no_grad():
         pack.bank.weights.normal_(0, 0.02)  # B starts at zero, and A's gradient with it
