@@ -1052,7 +1052,7 @@ def test_a_packed_classification_grid_refills_its_slots(suite, tmp_path):
     args = ["--multirun", "lora.r=4,8", "lora=attn_qv,all_linear", "hydra.sweeper.pack=2", *common]
     result = cli("src.train", [*args, f"hydra.sweep.dir={tmp_path / 'multirun'}"], store)
     assert result.returncode == 0, tail(result)
-    output = result.stdout + result.stderr
+    output = result.stdout  # stderr merged into it
     assert "4 jobs as 1 launches (hydra.sweeper.pack=2: 1 pack processes, each training 2 at a time)" in output
     assert "pack: trained 4 trial(s) in 2 slot(s) on one base" in output
     parents, jobs = store.split()
@@ -1069,7 +1069,8 @@ def test_a_packed_classification_grid_refills_its_slots(suite, tmp_path):
 def test_a_pruned_packed_study_refills_the_slots_of_its_pruned_trials(suite, tmp_path):
     """6 Optuna trials in 3 slots, pruning made certain: a ThresholdPruner prunes every evaluation from step 2, and
     ``train.max_steps`` is in the space (2: the trial completes, its step-2 evaluation never reported; 4: pruned at
-    step 2). One pack process trains all 6; the counts match the sampled max_steps exactly."""
+    step 2). Pack processes of 3 slots train all 6 (one, unless the sampler repeats a proposal, which is asked again);
+    the counts match the sampled max_steps exactly."""
     import optuna
     from optuna.trial import TrialState
 
@@ -1088,7 +1089,8 @@ def test_a_pruned_packed_study_refills_the_slots_of_its_pruned_trials(suite, tmp
         "train.eval_steps=2",
         "train.save_strategy=no",
         "tracking.log_adapter=false",
-        "lora.r=choice(4,8)",
+        "lora.r=choice(4,8,16)",
+        "train.learning_rate=choice(1e-4,3e-4,1e-3)",
         "train.max_steps=choice(2,4)",
         "hydra.sweeper.n_trials=6",
         "hydra.sweeper.pack=3",
@@ -1102,8 +1104,9 @@ def test_a_pruned_packed_study_refills_the_slots_of_its_pruned_trials(suite, tmp
     ]
     result = cli("src.train", args, store)
     assert result.returncode == 0, tail(result)
-    output = result.stdout + result.stderr
-    assert "pack: trained 6 trial(s) in 3 slot(s) on one base" in output
+    output = result.stdout  # stderr merged into it
+    trained = re.findall(r"pack: trained (\d+) trial\(s\) in 3 slot\(s\) on one base", output)
+    assert sum(map(int, trained)) == 6 and 1 <= len(trained) <= 2, output[-6000:]  # a repeated proposal is re-asked
     trials = optuna.load_study(study_name="packed", storage=store.optuna).get_trials()
     assert len(trials) == 6
     for trial in trials:
