@@ -6,6 +6,8 @@ python -m src.bench --device cpu --workload tiny --examples 16   # smoke test: t
 torchrun --standalone --nproc_per_node 2 -m src.bench --sides fast --budgets default   # DDP on 2 GPUs
 python -m src.bench --workload w3b-4bit-pack4              # 4 trials one by one, then as one pack (issue 19)
 python -m src.bench --workload tiny-pack3 --device cpu --examples 24   # its smoke test
+python -m src.bench --workload w3b-4bit-grid16             # a whole grid sweep: pack=1, then pack=4 (makespan.py)
+python -m src.bench --workload w3b-4bit-study16            # a whole study: pack=1, then pack=4 with pruning
 
 A pack workload trains its trials through ``src.train`` itself, in this process: first each alone (``src.fit.run``,
 the sequential side), then all as one pack (``src.sweeps.job.run_pack_job``, the packed side), on the same random-
@@ -13,6 +15,10 @@ weight base (``benchmarks.workloads.ensure_checkpoint``, with the tiny model's t
 instruction rows (``--examples`` rows, lengths like the bench's SFT rows), tracked in a throwaway MLflow store. Per
 side: the wall time, tokens/s summed over the trials (each trial's ``train_tokens`` over the side's wall time),
 MFU, the peak GPU memory, and each trial's final ``eval_loss``.
+
+The sweep makespan workloads (``w3b-4bit-grid16``, ``w3b-4bit-study16`` and their CPU smoke tests ``tiny-grid4``,
+``tiny-study4``) live in :mod:`benchmarks.makespan`: they time whole sweeps as ``python -m src.train --multirun``
+subprocesses, on this module's base and rows (:func:`text_checkpoint`, :func:`write_rows`, :func:`pack_overrides`).
 """
 
 from __future__ import annotations
@@ -261,7 +267,7 @@ def format_pack(result: dict) -> str:
 
 
 def workload_parser(description: str, workloads: Iterable[str]) -> argparse.ArgumentParser:
-    """The arguments of a bench of one workload: the workload, its rows, the device, where the random-weight
+    """The arguments the pack and makespan benches share: one workload, its rows, the device, where the random-weight
     bases are kept and where the JSON goes."""
     parser = argparse.ArgumentParser(prog="python -m src.bench", description=description)
     parser.add_argument("--workload", required=True, choices=list(workloads), help="the workload to run")
