@@ -78,7 +78,7 @@ def _run(tmp_path, workload: str) -> dict:
     return result
 
 
-@pytest.mark.slow  # ~3 min on a shared 2-core CPU: 4 sweeps as processes, each a forkserver and 4 tiny trainings
+@pytest.mark.slow  # 1.5-3 min on a 2-core CPU: 4 sweeps as processes, each a forkserver and 4 tiny trainings
 def test_both_tiny_makespan_workloads_run_their_sweeps_on_cpu(tmp_path):
     grid = _run(tmp_path, "tiny-grid4")
     for side in grid["sides"].values():
@@ -92,7 +92,8 @@ def test_both_tiny_makespan_workloads_run_their_sweeps_on_cpu(tmp_path):
     sequential, packed = study["sides"]["sequential"], study["sides"]["packed"]
     assert sequential["states"] == {"COMPLETE": 4} and sequential["finished"] == 4
     assert sum(packed["states"].values()) == 4 and set(packed["states"]) <= {"COMPLETE", "PRUNED"}
-    # the seeded trials differ at the first rung by far more than a pack's 1e-5: some are pruned, the best is not
+    # Successive halving (factor 2) promotes a trial at a rung only if it is the best of the 2 to 4 there so far; the
+    # seeded trials differ by far more than a pack's 1e-5, so some are pruned (which ones: which slot reports first)
     assert packed["states"].get("PRUNED", 0) >= 1 and packed["finished"] == packed["states"]["COMPLETE"]
     assert {run["status"] for run in packed["runs"]} == {"FINISHED", "KILLED"}  # a pruned trial's run: KILLED
     assert [t["params"] for t in sequential["trials"]] == [t["params"] for t in packed["trials"]]
