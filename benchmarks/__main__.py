@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from benchmarks.makespan import MAKESPAN_WORKLOADS, makespan_main
 from benchmarks.packs import PACK_WORKLOADS, pack_main
 from benchmarks.sft import main as sft_main
 
@@ -15,6 +16,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     workloads += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--workload"]
     if any(w in PACK_WORKLOADS for w in workloads):
         return pack_main(argv)
+    if any(w in MAKESPAN_WORKLOADS for w in workloads):
+        return makespan_main(argv)
     return sft_main(argv)
 
 

@@ -6,6 +6,8 @@ python -m src.bench --device cpu --workload tiny --examples 16   # smoke test: t
 torchrun --standalone --nproc_per_node 2 -m src.bench --sides fast --budgets default   # DDP on 2 GPUs
 python -m src.bench --workload w3b-4bit-pack4              # 4 trials one by one, then as one pack (issue 19)
 python -m src.bench --workload tiny-pack3 --device cpu --examples 24   # its smoke test
+python -m src.bench --workload w3b-4bit-grid16             # a whole grid sweep: pack=1, then pack=4 (makespan.py)
+python -m src.bench --workload w3b-4bit-study16            # a whole study: pack=1, then pack=4 with pruning
 
 A pack workload trains its trials through ``src.train`` itself, in this process: first each alone (``src.fit.run``,
 the sequential side), then all as one pack (``src.sweeps.job.run_pack_job``, the packed side), on the same random-
@@ -13,14 +15,20 @@ weight base (``benchmarks.workloads.ensure_checkpoint``, with the tiny model's t
 instruction rows (``--examples`` rows, lengths like the bench's SFT rows), tracked in a throwaway MLflow store. Per
 side: the wall time, tokens/s summed over the trials (each trial's ``train_tokens`` over the side's wall time),
 MFU, the peak GPU memory, and each trial's final ``eval_loss``.
+
+The sweep makespan workloads (``w3b-4bit-grid16``, ``w3b-4bit-study16`` and their CPU smoke tests ``tiny-grid4``,
+``tiny-study4``) live in :mod:`benchmarks.makespan`: they time whole sweeps as ``python -m src.train --multirun``
+subprocesses, on this module's base and rows (:func:`text_checkpoint`, :func:`write_rows`, :func:`pack_overrides`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -110,7 +118,7 @@ def run_pack_workload(
     model_dir = text_checkpoint(ensure_checkpoint(base, model_root, device))
     data = write_rows(work / "data", examples)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    common = pack_overrides(workload, base, model_dir, data, device)
+    common = pack_overrides(workload.train, base, model_dir, data, device)
     sides: dict[str, dict[str, Any]] = {}
     if "sequential" in sides_run:
         sides["sequential"] = run_sequential(workload, common, work, device)
@@ -138,8 +146,9 @@ def write_rows(data: Path, examples: int) -> Path:
     return data
 
 
-def pack_overrides(workload: PackWorkload, base, model_dir: Path, data: Path, device: str) -> list[str]:
-    """The overrides every trial of both sides shares: the base, the rows, one untimed-eval epoch."""
+def pack_overrides(train: tuple[str, ...], base, model_dir: Path, data: Path, device: str) -> list[str]:
+    """The overrides every trial of both sides shares: the base, the rows, one epoch evaluated only at its end, and
+    the workload's ``train`` overrides."""
     common = [
         f"model={base.model_group}",
         f"model.name_or_path={model_dir}",
@@ -148,7 +157,7 @@ def pack_overrides(workload: PackWorkload, base, model_dir: Path, data: Path, de
         f"data.path={data / 'train.jsonl'}",
         f"data.eval_path={data / 'eval.jsonl'}",
         "data.num_sample_prompts=0",
-        *workload.train,
+        *train,
         "train.max_steps=-1",
         "train.num_train_epochs=1",
         "train.eval_strategy=no",
@@ -257,21 +266,22 @@ def format_pack(result: dict) -> str:
     return "\n".join(lines)
 
 
-def pack_main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m src.bench", description="Trial packs against the same trials one by one."
-    )
-    parser.add_argument("--workload", required=True, help=f"one of {', '.join(PACK_WORKLOADS)}")
+def workload_parser(description: str, workloads: Iterable[str]) -> argparse.ArgumentParser:
+    """The arguments the pack and makespan benches share: one workload, its rows, the device, where the random-weight
+    bases are kept and where the JSON goes."""
+    parser = argparse.ArgumentParser(prog="python -m src.bench", description=description)
+    parser.add_argument("--workload", required=True, choices=list(workloads), help="the workload to run")
     parser.add_argument("--examples", type=int, default=2048, help="training rows (one epoch each trial)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--sides", default="sequential,packed", help="which sides to run")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-bench-models")
     parser.add_argument("--json", type=Path, default=None, help="default: outputs/bench/<date>-<workload>.json")
-    args = parser.parse_args(argv)
-    from benchmarks.workloads import versions
+    return parser
 
+
+def pack_main(argv: list[str]) -> int:
+    parser = workload_parser("Trial packs against the same trials one by one.", PACK_WORKLOADS)
+    parser.add_argument("--sides", default="sequential,packed", help="which sides to run")
+    args = parser.parse_args(argv)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         with tempfile.TemporaryDirectory(prefix="lora-bench-pack-") as work:
@@ -283,14 +293,23 @@ def pack_main(argv: list[str]) -> int:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
-    result.update(versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"), device=args.device)
-    if args.device == "cuda":
+    print(format_pack(result))
+    write_result(result, args.device, args.json)
+    return 0
+
+
+def write_result(result: dict, device: str, out: Optional[Path]) -> Path:
+    """The result, with the versions, date and device (and GPU) added, as JSON at ``out`` (None:
+    outputs/bench/<date>-<workload>.json)."""
+    from benchmarks.workloads import versions
+
+    result.update(versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"), device=device)
+    if device == "cuda":
         import torch
 
         result["gpu"] = torch.cuda.get_device_name()
-    print(format_pack(result))
-    out = args.json or Path("outputs/bench") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.workload}.json"
+    out = out or Path("outputs/bench") / f"{time.strftime('%Y%m%d-%H%M%S')}-{result['workload']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     console.say(f"results: {out}")
-    return 0
+    return out
