@@ -191,8 +191,8 @@ class SlotAdamW:
     adapter: ``p -= lr * wd * p``, then the moments and the bias-corrected update. Gradient clipping first, per
     slot, as ``torch.nn.utils.clip_grad_norm_`` (``max_norm / (norm + 1e-6)``, at most 1; ``max_norm`` 0: none).
 
-    Only the slots in ``stepping`` move; the others keep their weights, moments and accumulated gradients.
-    Every value stays on the device."""
+    Only the slots in ``stepping`` move; the others keep their weights, moments and accumulated gradients. The
+    update runs in place, with two ``[slots, P]`` temporaries. Every value stays on the device."""
 
     def __init__(self, bank: SlotBank):
         self.bank = bank
@@ -215,26 +215,26 @@ class SlotAdamW:
         """One step of the slots where ``stepping`` ([slots, 1], bool) holds, with ``hyper`` ([slots, 6]: lr,
         beta1, beta2, eps, weight decay, max grad norm). Returns each slot's gradient norm before clipping."""
         weights = self.bank.weights
-        grad = weights.grad if weights.grad is not None else torch.zeros_like(weights)
-        lr, beta1, beta2, eps, decay, max_norm = hyper.unbind(1)
-        lr, beta1, beta2, eps, decay, max_norm = (h[:, None] for h in (lr, beta1, beta2, eps, decay, max_norm))
+        if weights.grad is None:
+            weights.grad = torch.zeros_like(weights)
+        grad = weights.grad
+        lr, beta1, beta2, eps, decay, max_norm = (h[:, None] for h in hyper.unbind(1))
+        on = stepping.to(weights.dtype)  # 1.0 where the slot steps: every update below is weighted by it, in place
         norms = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
-        clip = torch.where(max_norm > 0, (max_norm / (norms + 1e-6)).clamp(max=1.0), torch.ones_like(norms))
-        grad = grad * clip
-        steps = self.steps + stepping.to(self.steps.dtype)
-        exp_avg = torch.lerp(self.exp_avg, grad, 1.0 - beta1)
-        exp_avg_sq = self.exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
-        safe = steps.clamp(min=1.0)
-        correction1 = 1.0 - beta1**safe
-        correction2 = 1.0 - beta2**safe
-        denom = exp_avg_sq.sqrt() / correction2.sqrt() + eps
-        updated = weights * (1.0 - lr * decay) - (lr / correction1) * exp_avg / denom
-        weights.copy_(torch.where(stepping, updated, weights))  # rows not stepping: exactly as they were
-        self.exp_avg.copy_(torch.where(stepping, exp_avg, self.exp_avg))
-        self.exp_avg_sq.copy_(torch.where(stepping, exp_avg_sq, self.exp_avg_sq))
-        self.steps.copy_(steps)
-        if weights.grad is not None:  # the stepped slots start their next window from zero
-            weights.grad.copy_(torch.where(stepping, torch.zeros_like(weights.grad), weights.grad))
+        clipping = stepping & (max_norm > 0)
+        grad.mul_(torch.where(clipping, (max_norm / (norms + 1e-6)).clamp(max=1.0), torch.ones_like(norms)))
+        self.steps.add_(on)
+        safe = self.steps.clamp(min=1.0)
+        correction1, correction2 = 1.0 - beta1**safe, 1.0 - beta2**safe
+        self.exp_avg.lerp_(grad, (1.0 - beta1) * on)
+        self.exp_avg_sq.mul_(torch.where(stepping, beta2, torch.ones_like(beta2)))
+        self.exp_avg_sq.addcmul_(grad, grad * ((1.0 - beta2) * on))
+        # the rows not stepping get a denominator of at least 1 (an empty slot's settings are zeros: no 0 / 0)
+        update = self.exp_avg_sq.sqrt().div_(correction2.sqrt()).add_(eps + (1.0 - on))
+        torch.div(self.exp_avg, update, out=update)
+        weights.mul_(1.0 - lr * decay * on)
+        weights.sub_(update.mul_((lr / correction1) * on))
+        grad.masked_fill_(stepping, 0.0)  # the stepped slots start their next window from zero
         return norms[:, 0]
 
 

@@ -192,3 +192,22 @@ def test_checkpointed_layers_recompute_the_adapters_in_the_backward():
         grads.append(pack.bank.weights.grad.clone())
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_slot_adamw_leaves_a_slot_that_does_not_step_exactly_as_it_was():
+    """A slot outside the step (empty: its settings all zero, as the pack leaves them) keeps its weights, moments and
+    gradient bit for bit: no 0 / 0 from its zero epsilon."""
+
+    class Bank:
+        slots = 2
+        weights = torch.nn.Parameter(torch.randn(2, 16))
+
+    bank = Bank()
+    optimizer = engine.SlotAdamW(bank)
+    bank.weights.grad = torch.randn(2, 16)
+    before, grad = bank.weights.detach().clone(), bank.weights.grad.clone()
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0], [0.0] * 6])
+    optimizer.step(torch.tensor([[True], [False]]), hyper)
+    assert torch.equal(bank.weights[1], before[1]) and torch.equal(bank.weights.grad[1], grad[1])
+    assert torch.equal(optimizer.exp_avg[1], torch.zeros(16)) and optimizer.steps[1].item() == 0
+    assert not torch.equal(bank.weights[0], before[0]) and torch.equal(bank.weights.grad[0], torch.zeros(16))
