@@ -35,7 +35,8 @@ def training_arguments(
 
     ``shared_state``: one of several trainers in threads of one process (a trial pack's): the arguments use the
     process's accelerate state as it is, where by default setting up their devices resets it, under the feet of
-    the trainers already training (``AcceleratorState._reset_state() was called``)."""
+    the trainers already training (``AcceleratorState._reset_state() was called``). The process makes that state
+    before its threads start (:func:`src.packs.runtime.trial_functions`)."""
     kwargs = {f.name: getattr(train, f.name) for f in dataclasses.fields(train) if f.name not in NOT_TRAINING_ARGUMENTS}
     kwargs.update(
         output_dir=output_dir,
@@ -47,9 +48,6 @@ def training_arguments(
     )
     kwargs.update(distributed.ddp_training_kwargs())  # under torchrun (src/distributed.py)
     if shared_state:
-        from accelerate import PartialState
-
-        PartialState()  # made once, before any thread's trainer: the state the arguments then use as it is
         kwargs["accelerator_config"] = {"use_configured_state": True}
     if task == "sft":
         from trl import SFTConfig

@@ -175,16 +175,6 @@ class SlotBank:
             if bias is not None:
                 own.bias.copy_(bias)
 
-    def trainable(self, slot: int) -> int:
-        """The slot's own adapter parameters (its rank, its layers): what a run alone counts as trainable."""
-        adapter = self.adapters[slot]
-        lora = sum(
-            layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
-            for layer in self.layers
-            if adapter in layer.lora_A
-        )
-        return lora + sum(p.numel() for w in self.heads for p in w.modules_to_save[adapter].parameters())
-
 
 class SlotAdamW:
     """AdamW over the bank's rows, each slot with its own settings, as ``torch.optim.AdamW`` steps one run's
@@ -341,12 +331,10 @@ def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
         hidden = torch.bmm(xs, a.transpose(1, 2)) * step.scales[:, entry.index, None, None].to(xs.dtype)
         delta = torch.bmm(hidden, b.transpose(1, 2))
     else:  # a loop over the slots, each at its own rank: the kernels of peft's forward for a run alone
-        pieces = []
-        for i, slot in enumerate(step.slots):
-            rank = step.bank.ranks[slot][entry.index]
-            piece = F.linear(F.linear(xs[i], a[i, :rank]), b[i, :, :rank]) * step.scales[i, entry.index]
-            pieces.append(piece)
-        delta = torch.stack(pieces)
+        ranks = [step.bank.ranks[slot][entry.index] for slot in step.slots]
+        delta = torch.stack(
+            [_delta(xs[i], a[i], b[i], rank, step.scales[i, entry.index]) for i, rank in enumerate(ranks)]
+        )
     return (result + delta.reshape(result.shape)).to(result.dtype)
 
 
@@ -365,8 +353,14 @@ def _by_example(layer, step: JointStep, entry: BankLayer, x: torch.Tensor, resul
         part = part.to(a.dtype)
         if layer.training and step.bank.dropout[slot] > 0:
             part = F.dropout(part, step.bank.dropout[slot], training=True)
-        pieces.append(F.linear(F.linear(part, a[:rank]), b[:, :rank]) * step.scales[i, entry.index])
+        pieces.append(_delta(part, a, b, rank, step.scales[i, entry.index]))
     return (result + torch.cat(pieces).to(result.dtype)).to(result.dtype)
+
+
+def _delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank: int, scale) -> torch.Tensor:
+    """One slot's LoRA term ``B(A(x)) * scale`` at its own rank (the bank's rows past it are zeros): the kernels
+    of peft's forward for one adapter."""
+    return F.linear(F.linear(x, a[:rank]), b[:, :rank]) * scale
 
 
 def _one_slot(layer, step: OneSlot, entry: BankLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -386,7 +380,7 @@ def _one_slot(layer, step: OneSlot, entry: BankLayer, x: torch.Tensor, result: t
     x = x.to(a.dtype)
     if layer.training and bank.dropout[slot] > 0:
         x = F.dropout(x, bank.dropout[slot], training=True)
-    delta = F.linear(F.linear(x, a), b) * bank.scales[slot, entry.index]
+    delta = _delta(x, a, b, bank.ranks[slot][entry.index], bank.scales[slot, entry.index])
     return (result + delta).to(result.dtype)
 
 
@@ -403,15 +397,17 @@ def bank_head_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
         if step.slot is None:
             module = self.modules_to_save[step.adapter] if step.adapter is not None else self.original_module
             return module(x, *args, **kwargs)
-        weight, bias = bank.head_views(bank.weights[step.slot], entry)
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return _head(x, *bank.head_views(bank.weights[step.slot], entry))
     pieces, start = [], 0
     for i, count in enumerate(step.examples):
-        weight, bias = bank.head_views(step.weights[i], entry)
-        part = x[start : start + count]
-        pieces.append(F.linear(part, weight.to(part.dtype), None if bias is None else bias.to(part.dtype)))
+        pieces.append(_head(x[start : start + count], *bank.head_views(step.weights[i], entry)))
         start += count
     return torch.cat(pieces)
+
+
+def _head(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A slot's classification head over ``x``, in ``x``'s dtype."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 # ---- the joint step ------------------------------------------------------------------------------------------------

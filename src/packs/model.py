@@ -45,6 +45,8 @@ import torch
 
 from src.packs import engine
 
+LENGTH_MULTIPLE = 64  # a joint step's rows on a GPU are padded up to a multiple of this many tokens
+
 
 def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
     """The adapter's own weights in the peft model (``...lora_A.<adapter>.weight``, ..., and a classifier's head
@@ -63,8 +65,7 @@ class Pack:
         self.adapters = list(adapters)
         self.seed = seed
         self.lock = threading.Condition()
-        self.live: set[str] = set()  # the trials training now (joined, not yet left)
-        self.slot_of: dict[str, int] = {}  # the bank slot each live trial holds
+        self.slot_of: dict[str, int] = {}  # the trials training now (joined, not yet left): the bank slot each holds
         self.trained: list[str] = []  # every trial that joined, in order
         self.pending: dict[str, engine.Submission] = {}
         self.done: dict[str, Any] = {}
@@ -76,11 +77,12 @@ class Pack:
         self.joint_s = 0.0  # host time spent queuing the joint steps
         self.pad_token_id = 0
         self.attention = "per-example"
-        self.length_multiple = 1  # rows are padded up to a multiple of this (64 on a GPU: fewer distinct shapes)
         for _, param in model.named_parameters():
             param.requires_grad_(False)  # the bank holds what trains; peft's copies only load and save it
         self.bank = engine.SlotBank.for_adapters(model, self.adapters, slots=slots or len(self.adapters))
         self.optimizer = engine.SlotAdamW(self.bank)
+        # rows are padded up to a multiple of this: on a GPU, fewer distinct shapes for its kernels and allocator
+        self.length_multiple = LENGTH_MULTIPLE if self.bank.weights.is_cuda else 1
         for layer in engine.lora_layers(model):
             layer.forward = types.MethodType(engine.bank_lora_forward, layer)
         for wrapper in engine.head_wrappers(model):
@@ -105,14 +107,12 @@ class Pack:
             slot = self.slot_of[adapter] = free[0]
             self.bank.load(slot, adapter)
             self.optimizer.reset(slot)
-            self.live.add(adapter)
             self.trained.append(adapter)
 
     def leave(self, adapter: str) -> None:
         """The trial is done training (finished, pruned or failed): its weights go back to its peft adapter (where
         its final evaluation, samples and save read them), its slot is free, and the others step without it."""
         with self.lock:
-            self.live.discard(adapter)
             self.pending.pop(adapter, None)
             slot = self.slot_of.pop(adapter, None)
             if slot is not None:
@@ -162,14 +162,14 @@ class Pack:
         with self.lock:
             if self.stopping is not None:
                 raise self.stopping
-            if adapter not in self.live:  # it would wait for a step that never counts it
+            if adapter not in self.slot_of:  # it would wait for a step that never counts it
                 raise RuntimeError(f"pack trial {adapter} stepped after it left the pack")
             self.pending[adapter] = submission
             while adapter not in self.done:
                 if self.stopping is not None:
                     self.pending.pop(adapter, None)
                     raise self.stopping
-                if self.pending and len(self.pending) == len(self.live):
+                if self.pending and len(self.pending) == len(self.slot_of):
                     batch, self.pending = self.pending, {}
                     self.done.update(self._run_step(batch))
                     self.lock.notify_all()
@@ -372,11 +372,10 @@ def build_pack(
     names = [f"t{i}" for i in range(len(loras))]
     configs = [to_lora_config(lora, resolve_target_modules(model, lora), task) for lora in loras]  # on the bare base
     peft_model = None
-    classifier = model
     for name, config, seed in zip(names, configs, seeds):
         set_seed(seed)
         if task != "sft":
-            _draw_heads(classifier)
+            _draw_head(model)
         if peft_model is None:
             peft_model = get_peft_model(model, config, adapter_name=name)
         else:
@@ -385,15 +384,14 @@ def build_pack(
 
 
 @torch.no_grad()
-def _draw_heads(classifier: torch.nn.Module) -> None:
+def _draw_head(classifier: torch.nn.Module) -> None:
     """Initialize the classifier's head as ``from_pretrained`` initializes a head the checkpoint lacks (the model's
     own ``_init_weights``), from the global RNG as it is now; under peft, the head it wraps."""
-    from src.modeling import CLASSIFIER_HEADS
+    from src.engine.classification import classifier_parts
+    from src.modeling import base_model
 
-    for name in sorted(CLASSIFIER_HEADS):
-        head = getattr(classifier, name, None)
-        if head is not None:
-            classifier._init_weights(getattr(head, "original_module", head))
+    _, head = classifier_parts(classifier)
+    base_model(classifier)._init_weights(getattr(head, "original_module", head))
 
 
 def replace_train(cfg, **changes):
@@ -475,8 +473,7 @@ def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool, slots: Optional[int] = 
     first = cfgs[0]
     budget = budget_mod.resolve_budget(first.train.memory_budget_gb)
     micros, note = plan_pack_step(cfgs, model, budget, slots)
-    if note:
-        say(note)
+    say(note)
     estimate = micros[0].est_peak_gpu_mem_gb
     checkpointed = max(m.checkpointed_layers for m in micros)
     budget_mod.set_checkpointed_layers(model, checkpointed)

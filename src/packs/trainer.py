@@ -17,10 +17,6 @@ from src.engine.trainer import FlatTrainer, sft_trainer
 from src.logger import say
 from src.packs import engine
 
-# A joint step's rows are padded up to a multiple of this many tokens on a GPU: fewer distinct shapes for its kernels
-# (and its caching allocator) to meet.
-LENGTH_MULTIPLE = 64 if torch.cuda.is_available() else 1
-
 
 class ScheduleOnly(torch.optim.Optimizer):
     """The optimizer a pack trial's Trainer holds: its learning-rate schedule runs on it, and its ``step`` does
@@ -41,7 +37,8 @@ class SlotTrainer:
 
     member: Any
 
-    def _setup_slot(self, member) -> None:
+    def __init__(self, *args, member, **kwargs):
+        super().__init__(*args, **kwargs)
         self.member = member
         self.model_accepts_loss_kwargs = True  # the joint step normalizes each loss by its window's total
         self._window = 0  # micro-batches left in this accumulation window
@@ -115,17 +112,9 @@ class SlotTrainer:
 class PackMemberTrainer(SlotTrainer, FlatTrainer):
     """One SFT trial of a pack (:mod:`src.packs.model`)."""
 
-    def __init__(self, *args, member, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_slot(member)
-
 
 class PackClassifierTrainer(SlotTrainer, FlatClassifierTrainer):
     """One classification trial of a pack: its evaluation runs the shared model with its slot alone."""
-
-    def __init__(self, *args, member, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_slot(member)
 
     def forward(self, model, inputs):
         from transformers.modeling_outputs import SequenceClassifierOutput
@@ -154,14 +143,11 @@ def pack_attention(model, args) -> str:
 
 
 def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset, callbacks, member):
-    micro = member.micro
+    """An SFT trial's trainer on the pack (:class:`PackMemberTrainer`) and its plan."""
     if member.attention == "auto":
         member.attention = pack_attention(member.pack.model, args)
-    micro = dataclasses.replace(micro, attention=member.attention)
-    pack = member.pack
-    pack.attention = member.attention
-    pack.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pack.length_multiple = LENGTH_MULTIPLE
+    micro = _trial_plan(member)
+    member.pack.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = sft_trainer(
         PackMemberTrainer,
         cfg,
@@ -174,8 +160,15 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
         member.attention,
         member=member,
     )
-    say(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"))
     return trainer, micro
+
+
+def _trial_plan(member):
+    """The trial's plan with the pack's attention (set on the pack too), as its run's log shows it."""
+    member.pack.attention = member.attention
+    micro = dataclasses.replace(member.micro, attention=member.attention)
+    say(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"))
+    return micro
 
 
 def _pack_args(args, member):
@@ -205,12 +198,10 @@ def build_pack_classifier_trainer(data, args, common: dict, member):
     pack = member.pack
     if member.attention == "auto":
         member.attention = flat_attention(pack.model) or "bounds"
-    pack.attention = member.attention
-    pack.length_multiple = LENGTH_MULTIPLE
+    micro = _trial_plan(member)
     pack.task = data.task
     if data.label_weights is not None and pack.label_weights is None:
         pack.label_weights = torch.tensor(data.label_weights, dtype=torch.float32)
-    micro = dataclasses.replace(member.micro, attention=member.attention)
     multilabel = data.task == "multilabel"
     trainer = PackClassifierTrainer(
         **{**common, "model": member.model, "args": _pack_args(args, member)},
@@ -220,5 +211,4 @@ def build_pack_classifier_trainer(data, args, common: dict, member):
         attention=member.attention,
         member=member,
     )
-    say(micro.describe().replace("fast path:", f"fast path (pack trial {member.adapter}):"))
     return trainer, micro

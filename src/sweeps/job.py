@@ -416,10 +416,10 @@ def _run_threads(trial: Callable[[int], None], count: int, shared, results: list
 
     def held(index: int) -> None:
         try:
-            if shared_stopping(shared) is None:
+            if shared.stopping is None:
                 trial(index)
-            else:
-                results[index] = _failure(shared_stopping(shared))
+            else:  # a stop came before its slot freed: it ends as the stop, never started
+                results[index] = _failure(shared.stopping)
         finally:
             free.release()
 
@@ -452,11 +452,6 @@ def _run_threads(trial: Callable[[int], None], count: int, shared, results: list
     if terminated:  # the trials' runs ended KILLED; the signal goes on to the sweeper, as a job alone's does
         terminated[0].pack_results = results  # what the pack's process still reports (_pack_process)
         raise terminated[0]
-
-
-def shared_stopping(shared) -> Optional[BaseException]:
-    """The stop (SIGTERM, Ctrl-C) a pack's shared base was given, or None."""
-    return getattr(shared, "stopping", None)
 
 
 def _train_and_collect(cfg: Config, train: Train, note: Optional[str], env) -> dict[str, Any]:

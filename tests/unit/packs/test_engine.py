@@ -166,7 +166,7 @@ def test_a_slot_loads_and_stores_its_peft_adapter_exactly():
     pack.bank.store(0)
     for name, p in adapter_parameters(pack.model, "t0"):
         torch.testing.assert_close(p, original[name], rtol=0, atol=0)
-    assert pack.bank.trainable(0) == sum(v.numel() for v in original.values())
+    assert pack.counts("t0")[0] == sum(v.numel() for v in original.values())
     assert not all(pack.bank.targeted[0]) and all(pack.bank.targeted[1])
     assert pytest.approx(pack.bank.scales[1].max().item()) == 16 / 8
 
