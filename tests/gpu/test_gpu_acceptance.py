@@ -1005,56 +1005,27 @@ def test_oom_trial_fails_and_the_next_starts_at_clean_gpu_memory(suite, tmp_path
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_packed_grid_trains_every_trial_on_one_base(suite, tmp_path):
-    """A grid of 4 trials (r 4/8 x q,v / all linear) on a 4-bit base as one pack: one process, one joint step
-    (varlen attention on the GPU), each trial FINISHED in its own child run with its own exact trainable count."""
+def _packed_grid(suite, tmp_path, data: list[str], pack: int) -> tuple[str, list]:
+    """A grid of 4 trials (r 4/8 x q,v / all linear) on a 4-bit base with ``hydra.sweeper.pack=pack``: one pack
+    process, each trial FINISHED in its own child run with its own exact trainable count and its adapter. Returns the
+    sweep's output and the trials' runs."""
     store = Store(tmp_path)
     common = [
         *suite.model("qwen"),
         *suite.train,
         "quant=4bit",
-        "data=instructions",
-        "data.subsample=64",
-        "data.eval_subsample=16",
-        "data.num_sample_prompts=1",
-        "train.max_steps=4",
-        "train.save_strategy=no",
-    ]
-    args = ["--multirun", "lora.r=4,8", "lora=attn_qv,all_linear", "hydra.sweeper.pack=4", *common]
-    result = cli("src.train", [*args, f"hydra.sweep.dir={tmp_path / 'multirun'}"], store)
-    assert result.returncode == 0, tail(result)
-    assert "4 jobs as 1 launches (hydra.sweeper.pack=4: 1 pack processes, each training 4 at a time)" in result.stdout
-    parents, jobs = store.split()
-    assert len(parents) == 1 and len(jobs) == 4
-    assert {j.info.status for j in jobs} == {"FINISHED"}
-    assert sorted(j.data.tags["pack_trial"] for j in jobs) == ["t0", "t1", "t2", "t3"]
-    for job in jobs:
-        overrides = [*common, f"lora={job.data.params['lora.preset']}", f"lora.r={job.data.params['lora.r']}"]
-        assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config").trainable_params
-        assert metric(job, "eval_loss") > 0
-        assert Path(job.data.tags["output_dir"], "adapter", "adapter_model.safetensors").is_file()
-
-
-def test_a_packed_classification_grid_refills_its_slots(suite, tmp_path):
-    """A multi-label grid of 4 (r 4/8 x q,v / all linear, pos_weight) on a 4-bit base in 2 slots: one pack process
-    trains all 4, each trial FINISHED in its own run with its own exact trainable count (LoRA and its head)."""
-    store = Store(tmp_path)
-    common = [
-        *suite.model("qwen"),
-        *suite.train,
-        "quant=4bit",
-        "data=topics_multilabel",
+        *data,
         "data.subsample=64",
         "data.eval_subsample=16",
         "train.max_steps=4",
         "train.save_strategy=no",
     ]
-    args = ["--multirun", "lora.r=4,8", "lora=attn_qv,all_linear", "hydra.sweeper.pack=2", *common]
+    args = ["--multirun", "lora.r=4,8", "lora=attn_qv,all_linear", f"hydra.sweeper.pack={pack}", *common]
     result = cli("src.train", [*args, f"hydra.sweep.dir={tmp_path / 'multirun'}"], store)
     assert result.returncode == 0, tail(result)
     output = result.stdout  # stderr merged into it
-    assert "4 jobs as 1 launches (hydra.sweeper.pack=2: 1 pack processes, each training 2 at a time)" in output
-    assert "pack: trained 4 trial(s) in 2 slot(s) on one base" in output
+    launch = f"4 jobs as 1 launches (hydra.sweeper.pack={pack}: 1 pack processes, each training {pack} at a time)"
+    assert launch in output
     parents, jobs = store.split()
     assert len(parents) == 1 and len(jobs) == 4
     assert {j.info.status for j in jobs} == {"FINISHED"}
@@ -1062,8 +1033,24 @@ def test_a_packed_classification_grid_refills_its_slots(suite, tmp_path):
     for job in jobs:
         overrides = [*common, f"lora={job.data.params['lora.preset']}", f"lora.r={job.data.params['lora.r']}"]
         assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config").trainable_params
-        assert 0.0 <= metric(job, "eval_f1_macro") <= 1.0
         assert Path(job.data.tags["output_dir"], "adapter", "adapter_model.safetensors").is_file()
+    return output, jobs
+
+
+def test_a_packed_grid_trains_every_trial_on_one_base(suite, tmp_path):
+    """An SFT grid of 4 as one pack of 4 (varlen attention on the GPU, one joint step for all)."""
+    _, jobs = _packed_grid(suite, tmp_path, ["data=instructions", "data.num_sample_prompts=1"], pack=4)
+    for job in jobs:
+        assert metric(job, "eval_loss") > 0
+
+
+def test_a_packed_classification_grid_refills_its_slots(suite, tmp_path):
+    """A multi-label grid of 4 (pos_weight) in 2 slots: one pack process trains all 4, the last two in the slots the
+    first two free; each trial's trainable count takes in its head."""
+    output, jobs = _packed_grid(suite, tmp_path, ["data=topics_multilabel"], pack=2)
+    assert "pack: trained 4 trial(s) in 2 slot(s) on one base" in output
+    for job in jobs:
+        assert 0.0 <= metric(job, "eval_f1_macro") <= 1.0
 
 
 def test_a_pruned_packed_study_refills_the_slots_of_its_pruned_trials(suite, tmp_path):
