@@ -120,10 +120,11 @@ def run_pack_workload(
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     common = pack_overrides(workload.train, base, model_dir, data, device)
     sides: dict[str, dict[str, Any]] = {}
-    if "sequential" in sides_run:
-        sides["sequential"] = run_sequential(workload, common, work, device)
-    if "packed" in sides_run:
-        sides["packed"] = run_packed(workload, common, work, device)
+    runners = {"sequential": run_sequential, "packed": run_packed}
+    for name in sides_run:
+        sides[name] = runners[name](workload, common, work, device)
+        # Said as each side ends, so that a bench cut short still tells what it measured.
+        console.say(f"{workload.name} {name}: {sides[name]['wall_s']:.1f} s, peak {sides[name]['peak_gb']}")
     measure(sides, base, device)
     result = {"workload": workload.name, "examples": examples, "trials": [" ".join(t) for t in workload.trials]}
     result["sides"] = sides
