@@ -168,23 +168,31 @@ class StepProfiler:
 
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step == outer.start and outer.prof is None:
-                    outer._sync()
-                    acts = [torch.profiler.ProfilerActivity.CPU]
-                    acts += [torch.profiler.ProfilerActivity.CUDA] if outer.cuda else []
-                    outer.prof = torch.profiler.profile(activities=acts)
-                    outer.prof.__enter__()
-                    outer.t0 = time.perf_counter()
+                    outer.begin()
 
             def on_step_end(self, args, state, control, **kwargs):
                 done = state.global_step - outer.start
                 last = done == outer.steps or state.global_step >= state.max_steps
                 if outer.prof is not None and not outer.summary and last:
-                    outer._sync()
-                    wall = time.perf_counter() - outer.t0
-                    outer.prof.__exit__(None, None, None)
-                    outer.finish(wall, done)
+                    outer.end(done)
 
         return _Callback()
+
+    def begin(self) -> None:
+        """Start profiling (once the device's queued work is done)."""
+        self._sync()
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        acts += [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
+        self.prof = torch.profiler.profile(activities=acts)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def end(self, steps: int) -> None:
+        """Stop after ``steps`` steps (once their work is done); write the table and the summary."""
+        self._sync()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        self.finish(wall, steps)
 
     def finish(self, wall: float, steps: int) -> None:
         kernel_us = sum(

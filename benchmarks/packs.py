@@ -28,7 +28,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -110,8 +111,10 @@ def run_pack_workload(
     model_root: Path,
     work: Path,
     sides_run: tuple[str, ...] = ("sequential", "packed"),
+    profile: Optional[Path] = None,
 ) -> dict:
-    """Both sides of a pack workload (or those in ``sides_run``), one after the other; their measurements."""
+    """Both sides of a pack workload (or those in ``sides_run``), one after the other; their measurements. With
+    ``profile``, one joint step of the packed side is profiled into that file."""
     from benchmarks.workloads import WORKLOADS, ensure_checkpoint
 
     base = WORKLOADS[workload.base]
@@ -120,9 +123,11 @@ def run_pack_workload(
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     common = pack_overrides(workload.train, base, model_dir, data, device)
     sides: dict[str, dict[str, Any]] = {}
-    runners = {"sequential": run_sequential, "packed": run_packed}
     for name in sides_run:
-        sides[name] = runners[name](workload, common, work, device)
+        if name == "packed":
+            sides[name] = run_packed(workload, common, work, device, profile)
+        else:
+            sides[name] = run_sequential(workload, common, work, device)
         # Said as each side ends, so that a bench cut short still tells what it measured.
         console.say(f"{workload.name} {name}: {sides[name]['wall_s']:.1f} s, peak {sides[name]['peak_gb']}")
     measure(sides, base, device)
@@ -212,19 +217,56 @@ def run_sequential(workload: PackWorkload, common: list[str], work: Path, device
     return {"wall_s": time.perf_counter() - start, "run_ids": run_ids, "peak_gb": peaks}
 
 
-def run_packed(workload: PackWorkload, common: list[str], work: Path, device: str) -> dict[str, Any]:
-    """All trials as one pack."""
+def run_packed(
+    workload: PackWorkload, common: list[str], work: Path, device: str, profile: Optional[Path] = None
+) -> dict[str, Any]:
+    """All trials as one pack; with ``profile``, one joint step is profiled (:func:`profiled_joint_step`)."""
     from src.sweeps.job import run_pack_job
 
     reset_peak(device)
     start = time.perf_counter()
     members = [(trial_config(workload, common, work / "packed", i)[0], None) for i in range(len(workload.trials))]
-    result = run_pack_job(members, isolate=False)
+    with profiled_joint_step(profile, device) as summary:
+        result = run_pack_job(members, isolate=False)
     wall = time.perf_counter() - start
     bad = [r for r in result["pack"] if r["status"] != "ok"]
     if bad:
         raise RuntimeError(f"packed side: {bad}")
-    return {"wall_s": wall, "run_ids": [r["run_id"] for r in result["pack"]], "peak_gb": [peak_gb(device)]}
+    side = {"wall_s": wall, "run_ids": [r["run_id"] for r in result["pack"]], "peak_gb": [peak_gb(device)]}
+    if summary:
+        side["profile"] = summary
+    return side
+
+
+@contextmanager
+def profiled_joint_step(path: Optional[Path], device: str, at: int = 10) -> Iterator[dict[str, Any]]:
+    """With ``path``: the pack's joint step number ``at`` (one forward, backward and optimizer step of all its live
+    trials, in the thread that runs it) under ``torch.profiler``, its operators by GPU time written to ``path``; the
+    yielded dict gets the summary (:class:`benchmarks.common.StepProfiler`). The profiled step is slower than the
+    others; the side's timing includes it."""
+    if path is None:
+        yield {}
+        return
+    from benchmarks.common import StepProfiler
+    from src.packs.model import Pack
+
+    profiler = StepProfiler(path, start=at, device=device, steps=1)
+    unprofiled = Pack._joint_step
+
+    def joint_step(pack, batch):
+        if pack.steps != at:
+            return unprofiled(pack, batch)
+        profiler.begin()
+        try:
+            return unprofiled(pack, batch)
+        finally:
+            profiler.end(1)
+
+    Pack._joint_step = joint_step
+    try:
+        yield profiler.summary
+    finally:
+        Pack._joint_step = unprofiled
 
 
 def measure(sides: dict[str, dict[str, Any]], base, device: str) -> None:
@@ -282,13 +324,18 @@ def workload_parser(description: str, workloads: Iterable[str]) -> argparse.Argu
 def pack_main(argv: list[str]) -> int:
     parser = workload_parser("Trial packs against the same trials one by one.", PACK_WORKLOADS)
     parser.add_argument("--sides", default="sequential,packed", help="which sides to run")
+    parser.add_argument("--profile", type=Path, default=None, help="profile one joint step of the pack into FILE")
     args = parser.parse_args(argv)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         with tempfile.TemporaryDirectory(prefix="lora-bench-pack-") as work:
             workload = PACK_WORKLOADS[args.workload]
             sides = tuple(args.sides.split(","))
-            result = run_pack_workload(workload, args.examples, args.device, args.model_dir, Path(work), sides)
+            if not sides or set(sides) - {"sequential", "packed"}:
+                parser.error(f"--sides: sequential, packed or both, comma-separated; got {args.sides!r}")
+            result = run_pack_workload(
+                workload, args.examples, args.device, args.model_dir, Path(work), sides, args.profile
+            )
     finally:  # the throwaway store is gone
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

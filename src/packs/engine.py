@@ -43,6 +43,7 @@ class BankLayer:
     """Where one LoRA layer's weights sit in a bank row."""
 
     index: int  # the layer's column in the bank's per-layer tables (scales)
+    piece: int  # its A's segment in the bank's layout (B's is the next): a joint step's split of the row
     a_offset: int
     b_offset: int
     rank: int  # r_max: the largest rank any slot gives this layer
@@ -55,6 +56,7 @@ class BankHead:
     """Where a classification head's own copy (a trial's ``modules_to_save``: the head's weight and bias) sits in a
     bank row: each slot holds a whole head."""
 
+    piece: int  # its weight's segment in the bank's layout (the bias's, if any, is the next)
     weight_offset: int
     bias_offset: Optional[int]
     in_features: int
@@ -84,18 +86,22 @@ class SlotBank:
         self.model = model
         self.slots = slots
         self.layers: dict[torch.nn.Module, BankLayer] = {}
+        self.segments: list[int] = []  # the row's layout: each layer's A and B, then each head's weight and bias
         offset = 0
         for index, (layer, rank) in enumerate(ranks.items()):
             base = layer.get_base_layer()
             fan_in, fan_out = base.in_features, base.out_features
-            self.layers[layer] = BankLayer(index, offset, offset + rank * fan_in, rank, fan_in, fan_out)
+            piece = len(self.segments)
+            self.layers[layer] = BankLayer(index, piece, offset, offset + rank * fan_in, rank, fan_in, fan_out)
+            self.segments += [rank * fan_in, fan_out * rank]
             offset += rank * (fan_in + fan_out)
         self.heads: dict[torch.nn.Module, BankHead] = {}
         for wrapper in heads:
             head = wrapper.original_module
             fan_in, fan_out = head.in_features, head.out_features
             bias = None if head.bias is None else offset + fan_in * fan_out
-            self.heads[wrapper] = BankHead(offset, bias, fan_in, fan_out)
+            self.heads[wrapper] = BankHead(len(self.segments), offset, bias, fan_in, fan_out)
+            self.segments += [fan_in * fan_out] + ([] if head.bias is None else [fan_out])
             offset += fan_in * fan_out + (0 if head.bias is None else fan_out)
         device = next(model.parameters()).device
         self.weights = torch.nn.Parameter(torch.zeros(slots, offset, device=device))
@@ -236,7 +242,10 @@ class JointStep:
     """The forward running now: every slot in ``slots`` has a row of ``length`` tokens, in that order."""
 
     bank: SlotBank
-    weights: torch.Tensor  # the bank's rows of ``slots`` ([len(slots), P]), in the compute dtype
+    # The bank's rows of ``slots`` ([len(slots), P]) in the compute dtype, split once into the layout's segments
+    # (SlotBank.segments): one backward node gathers every layer's gradient, where a slice per layer would each
+    # write a whole [len(slots), P] gradient in the backward.
+    pieces: tuple[torch.Tensor, ...]
     scales: torch.Tensor  # [len(slots), layers]
     slots: tuple[int, ...]
     length: int
@@ -245,6 +254,17 @@ class JointStep:
     active: list[bool]  # per layer: does any slot of the step target it
     grouped: bool = True  # two batched matmuls for all slots; False: a loop over the slots (GROUPED)
     examples: Optional[list[int]] = None  # a classifier's step: each slot's pooled examples, in order
+
+    def lora(self, entry: BankLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's (A ``[slots, r_max, in]``, B ``[slots, out, r_max]``) of one layer: views, no copy."""
+        count = len(self.slots)
+        a = self.pieces[entry.piece].view(count, entry.rank, entry.in_features)
+        return a, self.pieces[entry.piece + 1].view(count, entry.out_features, entry.rank)
+
+    def head(self, entry: BankHead, i: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The ``i``-th slot's (weight ``[out, in]``, bias ``[out]`` or None) of one classification head."""
+        weight = self.pieces[entry.piece][i].view(entry.out_features, entry.in_features)
+        return weight, None if entry.bias_offset is None else self.pieces[entry.piece + 1][i]
 
 
 # Where the slots' LoRA matmuls run batched (``torch.bmm``, one group a slot): on a GPU, where one kernel for K
@@ -299,7 +319,8 @@ def joint_step(bank: SlotBank, slots: Sequence[int], length: int, examples: Opti
     active_layers = [any(bank.targeted[s][i] for s in slots) for i in range(len(bank.layers))]
     grouped = GROUPED.get(weights.device.type, False)
     scales = bank.scales.index_select(0, index)
-    return JointStep(bank, weights, scales, tuple(slots), length, dropout, rates[0], active_layers, grouped, examples)
+    pieces = weights.split(bank.segments, dim=1)
+    return JointStep(bank, pieces, scales, tuple(slots), length, dropout, rates[0], active_layers, grouped, examples)
 
 
 def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -316,12 +337,10 @@ def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     if not step.active[entry.index]:
         return result
     count, length = len(step.slots), step.length
-    row = step.weights
     if x.shape[:-1].numel() != count * length:  # a layer after pooling (BERT's pooler): rows are examples
         return _by_example(self, step, entry, x, result)
-    a = row[:, entry.a_offset : entry.a_offset + entry.rank * entry.in_features].view(count, entry.rank, -1)
-    b = row[:, entry.b_offset : entry.b_offset + entry.out_features * entry.rank].view(count, -1, entry.rank)
-    xs = x.reshape(count, length, entry.in_features).to(row.dtype)
+    a, b = step.lora(entry)
+    xs = x.reshape(count, length, entry.in_features).to(a.dtype)
     if self.training and step.dropout is not None:
         keep = step.dropout
         xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep
@@ -342,6 +361,7 @@ def _by_example(layer, step: JointStep, entry: BankLayer, x: torch.Tensor, resul
     """A joint step's LoRA layer over pooled examples (``x``'s first dimension, slot by slot in ``step.examples``):
     each slot's examples through its own adapter."""
     pieces, start = [], 0
+    weights_a, weights_b = step.lora(entry)
     for i, (slot, count) in enumerate(zip(step.slots, step.examples)):
         part = x[start : start + count]
         start += count
@@ -349,7 +369,7 @@ def _by_example(layer, step: JointStep, entry: BankLayer, x: torch.Tensor, resul
         if rank == 0:
             pieces.append(torch.zeros_like(result[start - count : start]))
             continue
-        a, b = step.bank._views(step.weights[i], entry)
+        a, b = weights_a[i], weights_b[i]
         part = part.to(a.dtype)
         if layer.training and step.bank.dropout[slot] > 0:
             part = F.dropout(part, step.bank.dropout[slot], training=True)
@@ -400,7 +420,7 @@ def bank_head_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
         return _head(x, *bank.head_views(bank.weights[step.slot], entry))
     pieces, start = [], 0
     for i, count in enumerate(step.examples):
-        pieces.append(_head(x[start : start + count], *bank.head_views(step.weights[i], entry)))
+        pieces.append(_head(x[start : start + count], *step.head(entry, i)))
         start += count
     return torch.cat(pieces)
 
