@@ -259,6 +259,10 @@ class TrainConfig:
         "Fast path: keep dequantized copies of a 4/8-bit base's weights where the budget has room "
         "(8-bit: the activations are then not rounded to int8 as LLM.int8 does); false: bitsandbytes' matmuls."
     )
+    pack_cuda_graphs: bool = setting(
+        "Trial packs: replay the SFT joint step as CUDA graphs (src/packs/graphs.py). Off by default until its GPU "
+        "test (tests/gpu/test_gpu.py) has passed on a GPU."
+    )
     # numpy's legacy seeding, which transformers' set_seed calls, takes [0, 2**32).
     seed: int = bounded("Seed of initialization, data order and dropout.", ge=0, lt=2**32)
     bf16: bool = setting("Mixed precision in bfloat16 (a CUDA GPU).")

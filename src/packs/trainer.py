@@ -171,9 +171,12 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
 
 
 def _graphable(cfg, args, member) -> bool:
-    """Whether the pack's SFT joint steps replay as CUDA graphs (:mod:`src.packs.graphs`): where a run alone's steps
-    would (one micro-batch a step or several: the graphs accumulate), and no layer of the base is checkpointed."""
+    """Whether the pack's SFT joint steps replay as CUDA graphs (:mod:`src.packs.graphs`): with
+    ``train.pack_cuda_graphs``, where a run alone's steps would (one micro-batch a step or several: the graphs
+    accumulate), and no layer of the base is checkpointed."""
     micro = member.micro
+    if not cfg.train.pack_cuda_graphs:
+        return False
     graphs_apply = graphable(args, member.attention, 1, cfg.quant.bits, micro.dequantized_layers, member.pack.model)
     return graphs_apply and micro.checkpointed_layers == 0
 
