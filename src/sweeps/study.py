@@ -194,8 +194,9 @@ class OptunaSweeper(SweeperBase):
 
     def start_record(self, plan: StudyPlan, created: bool) -> None:
         """Settle what a stopped sweep left, say where the study stands, and open (or resume) the parent run."""
-        sampler = sampler_text(self.sampler_conf(), len(plan.directions), plan.size * self.pack_jobs())
-        show(f"[sweep {plan.name}] sampler: {sampler}; {plan.size * self.pack_jobs()} trial(s) asked at a time")
+        asked = min(plan.size * self.pack_jobs(), self.conf.n_trials)
+        sampler = sampler_text(self.sampler_conf(), len(plan.directions), asked)
+        show(f"[sweep {plan.name}] sampler: {sampler}; up to {asked} trial(s) asked at a time")
         retried = recover_interrupted(self.study, self.finished_trials(plan.name))
         prior = prior_counts(self.study)
         given = self.conf.storage is not None
