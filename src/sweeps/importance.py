@@ -91,7 +91,7 @@ def importance_of(copy, names: list[str]) -> Importance:
     found = Importance({}, len(trials), target)
     varying = varying_params(trials)
     if len(trials) < MIN_TRIALS:
-        found.notes.append(f"no importances: {len(trials)} completed trial(s), they need {MIN_TRIALS}")
+        found.notes.append(f"no importances: {len(trials)} completed trial(s); they need at least {MIN_TRIALS}")
     elif not varying:
         found.notes.append("no importances: no param varies among the completed trials")
     else:
@@ -135,7 +135,8 @@ def importance_plots(copy, found: Importance, names: list[str], out: Path) -> li
     if found.values:  # else importance_of noted why
         plots["param_importances.png"] = lambda: ovm.plot_param_importances(copy, params=ranked)
     if len(copy.trials) < MIN_TRIALS:
-        found.notes.append(f"no slice or contour plot: {len(copy.trials)} completed trial(s), they need {MIN_TRIALS}")
+        few = f"{len(copy.trials)} completed trial(s); they need at least {MIN_TRIALS}"
+        found.notes.append(f"no slice or contour plot: {few}")
     elif not ranked:
         found.notes.append("no slice or contour plot: no param varies among the completed trials")
     else:

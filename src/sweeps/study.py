@@ -28,7 +28,10 @@ others log their trials under it.
 Trials are told to Optuna from the job's outcome: FINISHED -> COMPLETE (a missing, None or NaN
 value -> FAIL), PRUNED -> PRUNED, FAILED and SKIPPED -> FAIL, with the reason in the trial's user
 attr ``fail_reason``. The parent run gets best params and value (``best.json``), the Pareto front
-(``pareto_front.json``) for several objectives, ``trials.csv``, and Optuna's plots under ``plots/``.
+(``pareto_front.json``) for several objectives, ``trials.csv``, Optuna's plots under ``plots/``, and the params'
+importances with the slice and contour plots (:mod:`src.sweeps.importance`).
+
+The sweep's first line states the sampler and its settings (:func:`src.sweeps.configs.sampler_text`).
 """
 
 from __future__ import annotations

@@ -76,8 +76,8 @@ def test_too_few_trials_give_notes_not_a_failure(tmp_path):
     found, files, out = _files(tmp_path, _study(tmp_path, 1))
     assert files == {"importance.md"} and found.values == {} and found.metrics() == {}
     assert found.notes == [
-        "no importances: 1 completed trial(s), they need 2",
-        "no slice or contour plot: 1 completed trial(s), they need 2",
+        "no importances: 1 completed trial(s); they need at least 2",
+        "no slice or contour plot: 1 completed trial(s); they need at least 2",
     ]
     assert "note: no importances: 1 completed trial(s)" in (out / "importance.md").read_text()
 
