@@ -30,6 +30,7 @@ from typing import Any, Optional
 from src.errors import StoreError, UserError
 from src.names import filter_value, text_problem
 from src.sweeps.outcomes import DUPLICATE_OF_ATTR, SWEEP_ID_TAG, SWEEP_KIND_TAG
+from src.trial import open_storage, opening_study
 
 # Completed trials the importances, the slice and the contour plots need: with one, every param looks alike.
 MIN_TRIALS = 2
@@ -95,9 +96,13 @@ def importance_of(copy, names: list[str]) -> Importance:
     elif not varying:
         found.notes.append("no importances: no param varies among the completed trials")
     else:
-        with warnings.catch_warnings():  # PED-ANOVA warns that few trials make a rough estimate: the title says so
-            warnings.simplefilter("ignore")
-            found.values = dict(optuna.importance.get_param_importances(copy, params=varying))
+        try:
+            with warnings.catch_warnings():  # PED-ANOVA warns that few trials make a rough estimate: the title says so
+                warnings.simplefilter("ignore")
+                found.values = dict(optuna.importance.get_param_importances(copy, params=varying))
+        except Exception as exc:  # noqa: BLE001  what mattered never fails the sweep
+            found.notes.append(f"no importances: {type(exc).__name__}: {exc}")
+            return found
         if len(varying) == 1:
             found.notes.append(f"only {varying[0]} varies among the completed trials: it takes all the importance")
     return found
@@ -206,13 +211,17 @@ def load_parent_study(parent):
     name, storage = params.get("sweep.study"), params.get("sweep.storage")
     if not name or not storage:
         raise UserError(f"parent run {parent.info.run_id} names no Optuna study (params sweep.study, sweep.storage)")
+    file = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else None
+    if file is None and "://" not in storage:
+        file = storage  # a journal file
+    if file is not None and not Path(file).expanduser().exists():  # opening it would create an empty one
+        raise StoreError(f"the Optuna storage {storage} that parent run {parent.info.run_id} names is gone")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError as exc:
-        raise StoreError(f"study {name!r} is not in {storage} (the storage the parent run names)") from exc
-    except Exception as exc:  # noqa: BLE001  SQLAlchemy's or the journal's errors, many kinds
-        raise StoreError(f"cannot open the Optuna storage {storage}: {type(exc).__name__}: {exc}") from exc
+    with opening_study(storage):
+        try:
+            return optuna.load_study(study_name=name, storage=open_storage(storage))
+        except KeyError as exc:
+            raise StoreError(f"study {name!r} is not in {storage} (the storage the parent run names)") from exc
 
 
 def sweep_importance(sweep_id: str, tracking_uri: str) -> tuple[Importance, str]:

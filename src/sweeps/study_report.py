@@ -34,7 +34,11 @@ def study_artifacts(study, metrics: list[str], names: list[str], out: Path) -> d
         study.trials_dataframe().to_csv(out / "trials.csv", index=False)
         files.append((out / "trials.csv", None))
     files += [(path, "plots") for path in save_plots(study, names, out / "plots")]
-    found, importance = importance_files(study, names, out)
+    try:
+        found, importance = importance_files(study, names, out)
+    except Exception as exc:  # noqa: BLE001  what mattered never keeps the parent run from ending
+        show(f"note: no importances: {type(exc).__name__}: {exc}")
+        return {"artifacts": artifacts, "files": files}
     show(f"[sweep {study.study_name}] importance: {short_text(found)}")
     for note in found.notes if found.values else []:
         show(f"note: {note}")

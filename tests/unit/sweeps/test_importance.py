@@ -138,4 +138,5 @@ def test_compare_importance_needs_an_optuna_study(tmp_path, mlflow_store, capsys
     study = _study(tmp_path, 2)
     _parent(study, f"sqlite:///{tmp_path / 'gone.db'}", mlflow_store)
     assert compare.main(["--sweep", "s", "--importance"]) == 2
-    assert "error: study 's' is not in sqlite:///" in capsys.readouterr().err
+    assert f"error: the Optuna storage sqlite:///{tmp_path / 'gone.db'} that parent run" in capsys.readouterr().err
+    assert not (tmp_path / "gone.db").exists()  # not created empty by the look
