@@ -196,7 +196,8 @@ class OptunaSweeper(SweeperBase):
         return StudyPlan(name, space, fixed, variables, directions, metric_names, gpus, processes, size)
 
     def start_record(self, plan: StudyPlan, created: bool) -> None:
-        """Settle what a stopped sweep left, say where the study stands, and open (or resume) the parent run."""
+        """State the sampler (the first line), settle what a stopped sweep left, say where the study stands, and open
+        (or resume) the parent run."""
         asked = min(plan.size * self.pack_jobs(), self.conf.n_trials)
         sampler = sampler_text(self.sampler_conf(), len(plan.directions), asked)
         show(f"[sweep {plan.name}] sampler: {sampler}; up to {asked} trial(s) asked at a time")
