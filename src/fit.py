@@ -203,7 +203,7 @@ def forgetting_text(cfg: Config) -> Optional[str]:
     return Path(path).expanduser().read_text(encoding="utf-8")
 
 
-def text_loss(loaded: Loaded, text: str, max_length: int, trained: bool) -> float:
+def forgetting_loss(loaded: Loaded, text: str, max_length: int, trained: bool) -> float:
     """The model's LM loss on ``text``: with the run's adapter (``trained``) or without it (the base)."""
     model, member, tokenizer = loaded.model, loaded.member, loaded.tokenizer
     if member is not None:
@@ -219,7 +219,7 @@ def log_base_loss(cfg: Config, loaded: Loaded, text: Optional[str]) -> Optional[
     """The base's LM loss on the forgetting text, before training (``forgetting_loss_base``); None without text."""
     if text is None:
         return None
-    base_loss = text_loss(loaded, text, cfg.model.max_length, trained=False)
+    base_loss = forgetting_loss(loaded, text, cfg.model.max_length, trained=False)
     tracking.log_metrics({FORGETTING_BASE: base_loss})
     return base_loss
 
@@ -229,7 +229,7 @@ def log_forgetting(cfg: Config, loaded: Loaded, text: Optional[str], base_loss: 
     the adapted model's LM loss on it (``forgetting_loss_after``) and ``forgetting_loss_delta`` = after - base."""
     if text is None or base_loss is None:
         return
-    after = text_loss(loaded, text, cfg.model.max_length, trained=True)
+    after = forgetting_loss(loaded, text, cfg.model.max_length, trained=True)
     tracking.log_metrics({FORGETTING_AFTER: after, FORGETTING_DELTA: after - base_loss})
 
 

@@ -517,5 +517,5 @@ def test_the_forgetting_delta_of_an_adapter_with_b_zero_is_zero(tmp_path, mlflow
     with torch.no_grad():
         for p in lora_b:
             p.fill_(0.05)
-    assert fit.text_loss(loaded, text, cfg.model.max_length, trained=True) != base
-    assert fit.text_loss(loaded, text, cfg.model.max_length, trained=False) == base  # the base, adapter or not
+    assert fit.forgetting_loss(loaded, text, cfg.model.max_length, trained=True) != base
+    assert fit.forgetting_loss(loaded, text, cfg.model.max_length, trained=False) == base  # the base, adapter or not
