@@ -17,12 +17,14 @@ log = logging.getLogger("src")
 
 
 def wanted(setting: Optional[bool]) -> bool:
-    """Whether a run logs system metrics: ``setting`` if given, else whether a CUDA GPU is here."""
+    """Whether a run logs system metrics: ``setting`` if given, else whether a CUDA GPU is here (and psutil, which
+    MLflow's monitor refuses to start without, a declared dependency that an older environment may lack)."""
     if setting is not None:
         return setting
     import torch
 
-    return torch.cuda.device_count() > 0  # NVML's count: CUDA is not started (a sweeper's process forks trials)
+    # NVML's count: CUDA is not started (a sweeper's process forks trials).
+    return torch.cuda.device_count() > 0 and importlib.util.find_spec("psutil") is not None
 
 
 @functools.cache
