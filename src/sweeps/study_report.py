@@ -1,5 +1,6 @@
 """What a study reports: its best trial (or Pareto front) as a line, and the parent run's artifacts (best.json or
-pareto_front.json, trials.csv, Optuna's plots, and what mattered: :mod:`src.sweeps.importance`)."""
+pareto_front.json, trials.csv, Optuna's plots, the best learning rate of each rank: :mod:`src.sweeps.lr_by_rank`, and
+what mattered: :mod:`src.sweeps.importance`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.sweeps.importance import importance_files, save_plot, short_text
+from src.sweeps.lr_by_rank import lr_by_rank_files
+from src.sweeps.lr_by_rank import short_text as lr_text
 from src.sweeps.outcomes import DUPLICATE_OF_ATTR, OVERRIDES_ATTR, RUN_ID_ATTR
 from src.sweeps.record import show
 
@@ -34,15 +37,24 @@ def study_artifacts(study, metrics: list[str], names: list[str], out: Path) -> d
         study.trials_dataframe().to_csv(out / "trials.csv", index=False)
         files.append((out / "trials.csv", None))
     files += [(path, "plots") for path in save_plots(study, names, out / "plots")]
+    metrics: dict[str, Any] = {}
+    try:
+        by_rank, rank_files, metrics = lr_by_rank_files(study, names[0], out)
+    except Exception as exc:  # noqa: BLE001  nor does the learning rate by rank
+        show(f"note: no best learning rate by rank: {type(exc).__name__}: {exc}")
+        by_rank, rank_files = [], []
+    if by_rank:
+        show(f"[sweep {study.study_name}] best learning rate by rank: {lr_text(by_rank)}")
+    files += rank_files
     try:
         found, importance = importance_files(study, names, out)
     except Exception as exc:  # noqa: BLE001  what mattered never keeps the parent run from ending
         show(f"note: no importances: {type(exc).__name__}: {exc}")
-        return {"artifacts": artifacts, "files": files}
+        return {"artifacts": artifacts, "files": files, "metrics": metrics}
     show(f"[sweep {study.study_name}] importance: {short_text(found)}")
     for note in found.notes if found.values else []:
         show(f"note: {note}")
-    return {"artifacts": artifacts, "files": files + importance, "metrics": found.metrics()}
+    return {"artifacts": artifacts, "files": files + importance, "metrics": {**metrics, **found.metrics()}}
 
 
 def best_trial(study):
