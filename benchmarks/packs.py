@@ -66,6 +66,19 @@ PACK_WORKLOADS = {
             "tiny",
             (("lora=attn_qv", "lora.r=4"), ("lora=all_linear", "lora.r=8"), (*ALL_LINEAR_AND_HEAD, "lora.r=2")),
         ),
+        # The issue's classification target: seed 000's recipe (Mistral-7B 4-bit, multi-label, pos_weight, q/k/v/o)
+        # as a grid of 4 over rank and alpha, in bf16 on the GPU, one epoch.
+        PackWorkload(
+            "mistral7b-4bit-multilabel-pack4",
+            "mistral7b-4bit-multilabel",
+            tuple((f"lora.r={r}", f"lora.alpha={a}") for r in (8, 16) for a in (8, 32)),
+            ("train.bf16=true", "train.tf32=true"),
+        ),
+        PackWorkload(  # its CPU smoke test
+            "tiny-multilabel-pack2",
+            "tiny-multilabel",
+            (("lora.r=4", "lora.alpha=8"), ("lora.r=8", "lora.alpha=8")),
+        ),
     )
 }
 
@@ -119,7 +132,7 @@ def run_pack_workload(
 
     base = WORKLOADS[workload.base]
     model_dir = text_checkpoint(ensure_checkpoint(base, model_root, device))
-    data = write_rows(work / "data", examples)
+    data = write_rows(work / "data", examples, base)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     common = pack_overrides(workload.train, base, model_dir, data, device)
     sides: dict[str, dict[str, Any]] = {}
@@ -143,25 +156,76 @@ def run_pack_workload(
     return result
 
 
-def write_rows(data: Path, examples: int) -> Path:
-    """``examples`` training rows and 128 eval rows as JSON lines in ``data``."""
+def write_rows(data: Path, examples: int, base=None) -> Path:
+    """``examples`` training rows and 128 eval rows in ``data``: instruction rows as JSON lines, or for a multi-label
+    workload (``base``'s task) seed 000's columns as CSV (:func:`paper_rows`)."""
     data.mkdir(parents=True, exist_ok=True)
+    if base is not None and base.task == "multilabel":
+        import csv
+
+        rows = paper_rows(examples + 128)
+        for name, part in (("train", rows[:examples]), ("eval", rows[examples:])):
+            with open(data / f"{name}.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(part[0]))
+                writer.writeheader()
+                writer.writerows(part)
+        return data
     rows = instruction_rows(examples + 128)
     for name, part in (("train", rows[:examples]), ("eval", rows[examples:])):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return data
 
 
+def paper_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` rows with seed 000's columns (conf/data/research_topics.yaml): an ID, a title of 6-14 random words, an
+    abstract of 90-220, and its six 0/1 label columns (each on at probability 0.3, at least one on)."""
+    import random
+
+    from benchmarks.classification import synthetic_labels
+
+    rng = random.Random(seed)
+    words = "the of and to in is for on with as by at from that this it an be are or was we can".split()
+    words += [f"word{i}" for i in range(200)]
+    columns = LABEL_COLUMNS
+    labels = synthetic_labels(n, len(columns), multilabel=True, seed=seed + 1)
+    return [
+        {
+            "ID": i,
+            "TITLE": " ".join(rng.choice(words) for _ in range(rng.randint(6, 14))),
+            "ABSTRACT": " ".join(rng.choice(words) for _ in range(rng.randint(90, 220))),
+            **{c: int(v) for c, v in zip(columns, row)},
+        }
+        for i, row in enumerate(labels)
+    ]
+
+
+# conf/data/research_topics.yaml's label columns (seed 000's)
+LABEL_COLUMNS = (
+    "Computer Science",
+    "Physics",
+    "Mathematics",
+    "Statistics",
+    "Quantitative Biology",
+    "Quantitative Finance",
+)
+
+
 def pack_overrides(train: tuple[str, ...], base, model_dir: Path, data: Path, device: str) -> list[str]:
     """The overrides every trial of both sides shares: the base, the rows, one epoch evaluated only at its end, and
     the workload's ``train`` overrides."""
+    if base.task == "sft":
+        recipe = []
+        rows = ["data=instructions", f"data.path={data / 'train.jsonl'}", f"data.eval_path={data / 'eval.jsonl'}"]
+    else:  # the seed recipe first (what follows overrides it), on the rows written here, with no best-model reload
+        recipe = [r for r in base.recipe if not r.startswith("data.path=")]
+        rows = [f"data.path={data / 'train.csv'}", f"data.eval_path={data / 'eval.csv'}"]
+        rows += ["train.load_best_model_at_end=false", "train.activation_checkpointing=false"]
     common = [
+        *recipe,
         f"model={base.model_group}",
         f"model.name_or_path={model_dir}",
         f"quant={base.quant_group}",
-        "data=instructions",
-        f"data.path={data / 'train.jsonl'}",
-        f"data.eval_path={data / 'eval.jsonl'}",
+        *rows,
         "data.num_sample_prompts=0",
         *train,
         "train.max_steps=-1",

@@ -20,8 +20,8 @@ from typing import Any, Optional
 from src.sweeps.outcomes import DUPLICATE_OF_ATTR
 
 RANK, LR = "lora.r", "train.learning_rate"
-TABLE, CSV_FILE, PLOT = "best_lr_by_rank.md", "best_lr_by_rank.csv", "lr_by_rank.png"
-METRIC_PREFIX = "best_lr/r"
+RANK_TABLE, RANK_CSV, RANK_PLOT = "best_lr_by_rank.md", "best_lr_by_rank.csv", "lr_by_rank.png"
+BEST_LR_PREFIX = "best_lr/r"
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def best_by_rank(study) -> list[RankBest]:
     return found
 
 
-def table(found: list[RankBest], metric: str) -> str:
+def rank_table(found: list[RankBest], metric: str) -> str:
     lines = [
         f"Best learning rate per LoRA rank, by {metric} ({sum(b.trials for b in found)} completed trial(s))",
         "",
@@ -67,7 +67,7 @@ def table(found: list[RankBest], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(study, found: list[RankBest], metric: str, path: Path) -> Optional[str]:
+def rank_plot(study, found: list[RankBest], metric: str, path: Path) -> Optional[str]:
     """Every trial's objective against its learning rate (log scale), one colour a rank, each rank's best circled;
     why not, if drawing failed."""
     import matplotlib
@@ -102,21 +102,21 @@ def lr_by_rank_files(study, metric: str, out: Path) -> tuple[list[RankBest], lis
     found = best_by_rank(study)
     if not found:
         return [], [], {}
-    (out / TABLE).write_text(table(found, metric))
-    with open(out / CSV_FILE, "w", newline="") as handle:
+    (out / RANK_TABLE).write_text(rank_table(found, metric))
+    with open(out / RANK_CSV, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["lora.r", "learning_rate", metric, "trial", "trials"])
         writer.writerows([b.rank, b.learning_rate, b.value, b.trial, b.trials] for b in found)
-    files: list[tuple[Path, Optional[str]]] = [(out / TABLE, None), (out / CSV_FILE, None)]
-    why = plot(study, found, metric, out / "plots" / PLOT)
+    files: list[tuple[Path, Optional[str]]] = [(out / RANK_TABLE, None), (out / RANK_CSV, None)]
+    why = rank_plot(study, found, metric, out / "plots" / RANK_PLOT)
     if why is None:
-        files.append((out / "plots" / PLOT, "plots"))
+        files.append((out / "plots" / RANK_PLOT, "plots"))
     else:
-        with open(out / TABLE, "a") as handle:
+        with open(out / RANK_TABLE, "a") as handle:
             handle.write(f"\nnote: no plot: {why}\n")
-    metrics: dict[str, Any] = {f"{METRIC_PREFIX}{b.rank}": b.learning_rate for b in found}
+    metrics: dict[str, Any] = {f"{BEST_LR_PREFIX}{b.rank}": b.learning_rate for b in found}
     return found, files, metrics
 
 
-def short_text(found: list[RankBest]) -> str:
+def best_lr_text(found: list[RankBest]) -> str:
     return ", ".join(f"r={b.rank}: {b.learning_rate:.3g} ({b.value:.4g})" for b in found)

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.sweeps.importance import importance_files, save_plot, short_text
-from src.sweeps.lr_by_rank import lr_by_rank_files
-from src.sweeps.lr_by_rank import short_text as lr_text
+from src.sweeps.lr_by_rank import best_lr_text, lr_by_rank_files
 from src.sweeps.outcomes import DUPLICATE_OF_ATTR, OVERRIDES_ATTR, RUN_ID_ATTR
 from src.sweeps.record import show
 
@@ -44,7 +43,7 @@ def study_artifacts(study, metrics: list[str], names: list[str], out: Path) -> d
         show(f"note: no best learning rate by rank: {type(exc).__name__}: {exc}")
         by_rank, rank_files = [], []
     if by_rank:
-        show(f"[sweep {study.study_name}] best learning rate by rank: {lr_text(by_rank)}")
+        show(f"[sweep {study.study_name}] best learning rate by rank: {best_lr_text(by_rank)}")
     files += rank_files
     try:
         found, importance = importance_files(study, names, out)

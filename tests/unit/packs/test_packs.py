@@ -155,19 +155,21 @@ def test_a_pack_that_does_not_fit_is_split():
     assert fit_pack(cfgs, FeasibilityConf(available_gpu_mem_gb=0.001)) == [[0], [1], [2]]
 
 
-@pytest.mark.slow  # ~20 s; its sides are the default tier's pack and solo runs, which the tests above check
-def test_the_pack_bench_runs_both_sides_on_cpu(tmp_path):
-    """``python -m src.bench --workload tiny-pack3 --device cpu``: its code paths, not its numbers."""
+@pytest.mark.slow  # 20 s to 3 min; its sides are the default tier's pack and solo runs, which the tests above check
+@pytest.mark.parametrize("workload,trials", [("tiny-pack3", 3), ("tiny-multilabel-pack2", 2)])
+def test_the_pack_bench_runs_both_sides_on_cpu(tmp_path, workload, trials):
+    """``python -m src.bench --workload tiny-pack3 --device cpu`` (SFT) and its seed-000 multi-label twin: their
+    code paths, not their numbers."""
     import json
 
     from src.bench import main
 
     out = tmp_path / "bench.json"
-    args = ["--workload", "tiny-pack3", "--device", "cpu", "--examples", "16", "--model-dir", str(tmp_path / "m")]
+    args = ["--workload", workload, "--device", "cpu", "--examples", "16", "--model-dir", str(tmp_path / "m")]
     assert main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     seq, packed = result["sides"]["sequential"], result["sides"]["packed"]
-    assert len(seq["run_ids"]) == len(packed["run_ids"]) == 3
+    assert len(seq["run_ids"]) == len(packed["run_ids"]) == trials
     assert seq["train_tokens"] == packed["train_tokens"] > 0  # the same rows, once per trial, on both sides
     assert all(isinstance(v, float) for v in seq["eval_loss"] + packed["eval_loss"])
     assert result["speedup"] == pytest.approx(seq["wall_s"] / packed["wall_s"])
