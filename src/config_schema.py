@@ -94,6 +94,15 @@ def changes_base(init: Any) -> bool:
     return isinstance(init, str) and (init in BASE_CHANGING_INITS or PISSA_NITER.fullmatch(init) is not None)
 
 
+def variant_name(lora: dict) -> str:
+    """``-rslora-dora-loraplus16-init=pissa``: a raw ``lora`` section's variant where it is not plain LoRA, else ''."""
+    ratio, init = lora.get("loraplus_lr_ratio"), lora.get("init", True)
+    parts = [name for name in ("rslora", "dora") if lora.get(f"use_{name}") is True]
+    parts += [f"loraplus{ratio:g}"] if isinstance(ratio, (int, float)) else []
+    parts += [f"init={str(init).lower()}"] if init is not True else []
+    return "".join(f"-{part}" for part in parts)
+
+
 def setting(help: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
     """A field described by ``help``. In the run config's schema, ``default`` only for a key that runs stored before
     it existed lack (the defaults live in conf/); the sweepers' settings have theirs here (``factory``: a mutable
