@@ -269,7 +269,7 @@ def save_outputs(cfg: Config, model, tokenizer, data, saved_dir: Path, metrics) 
     classification report. The artifact is named as the directory: ``adapter/`` or ``model/``."""
     from src import training
 
-    model.save_pretrained(saved_dir, **modeling.plain_lora_conversion(cfg.lora, saved_dir.parent))
+    modeling.save_adapter(model, cfg.lora, saved_dir)
     tokenizer.save_pretrained(saved_dir)
     (saved_dir / "label_map.json").write_text(
         json.dumps({"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2)

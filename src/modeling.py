@@ -357,11 +357,22 @@ def save_initial_adapter(model: torch.nn.Module, lora: LoraConfig, output_dir: P
         model.save_pretrained(output_dir / INITIAL_ADAPTER_DIR)
 
 
-def plain_lora_conversion(lora: LoraConfig, output_dir: Path) -> dict[str, str]:
-    """``save_pretrained``'s arguments that convert a base-changing init's adapter to a plain LoRA, else none."""
+def save_adapter(model: torch.nn.Module, lora: LoraConfig, directory: Path) -> None:
+    """``model.save_pretrained(directory)``; after a base-changing init, converted to a plain LoRA on the original
+    base against the adapter as it started (:func:`save_initial_adapter`, beside ``directory``). peft's conversion
+    keeps the LoRA weights alone, so a classifier's trained head (``modules_to_save``) is added back to its file."""
     if not changes_base(lora.init):
-        return {}
-    return {"path_initial_model_for_weight_conversion": str(output_dir / INITIAL_ADAPTER_DIR)}
+        model.save_pretrained(directory)
+        return
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    initial = directory.parent / INITIAL_ADAPTER_DIR
+    model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial))
+    heads = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items() if "lora_" not in k}
+    if heads:
+        weights = directory / "adapter_model.safetensors"
+        save_file({**load_file(str(weights)), **heads}, str(weights), metadata={"format": "pt"})
 
 
 def unshareable_variant(lora: LoraConfig) -> Optional[str]:

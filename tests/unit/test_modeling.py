@@ -72,7 +72,7 @@ def test_a_base_changing_init_saves_a_plain_lora_that_the_original_base_reproduc
             if "lora_" in name:
                 param.add_(0.05 * torch.randn_like(param))
         trained = model(ids).logits
-    model.save_pretrained(tmp_path / "adapter", **modeling.plain_lora_conversion(lora, tmp_path))
+    modeling.save_adapter(model, lora, tmp_path / "adapter")
     base = modeling.load_model(cfg, QUANT_16, "sft", None, pad_token_id=2, training=False)
     with torch.no_grad():
         original = base(ids).logits
