@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from src import fit, guards, modeling
-from src.config import validate
+from src.config import ConfigError, validate
 from src.data import load_data
 from tests.conftest import ROOT, compose_config, train_run
 from tests.unit.test_tracking import FAST as LOGGED_EACH_STEP
@@ -548,3 +548,15 @@ def test_resume_with_the_checkpoints_own_configuration_is_not_refused(tmp_path, 
     guards.check_resume(str(checkpoint), {"data.task": "sft"})
     assert "has no run_fingerprint.json" in capsys.readouterr().err
     assert guards.run_fingerprint(cfg, "sft", None)["data.labels"] is None  # SFT has no labels
+
+
+def test_a_checkpoint_saved_before_the_lora_variant_keys_resumes_as_plain_lora_and_not_as_dora(tmp_path, capsys):
+    cfg = validate(compose_config(LOGGED_EACH_STEP))
+    checkpoint = _checkpoint_of(cfg, tmp_path)
+    fingerprint = json.loads((checkpoint / guards.FINGERPRINT_NAME).read_text())
+    assert not {"lora.use_dora", "lora.use_rslora", "lora.loraplus_lr_ratio", "lora.init"} & set(fingerprint)
+    labels = load_data(cfg.data).labels
+    guards.check_resume(str(checkpoint), guards.run_fingerprint(cfg, "classification", labels))
+    dora = validate(compose_config([*LOGGED_EACH_STEP, "lora.use_dora=true"]))
+    with pytest.raises(ConfigError, match=r"lora.use_dora: \"\(unset\)\" vs true"):
+        guards.check_resume(str(checkpoint), guards.run_fingerprint(dora, "classification", labels))
