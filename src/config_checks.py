@@ -208,6 +208,17 @@ def _full_fine_tuning_problems(checked: Checked) -> list[str]:
     return problems
 
 
+def loraplus_problems(checked: Checked) -> list[str]:
+    """LoRA+ gives peft's parameter groups to the optimizer ``train.optim`` names: LOMO takes the model instead."""
+    lora, train = checked.section("lora", "loraplus_lr_ratio"), checked.section("train", "optim")
+    if lora is None or train is None or lora.loraplus_lr_ratio is None or train.optim not in ("lomo", "adalomo"):
+        return []
+    return [
+        f"lora.loraplus_lr_ratio with train.optim={train.optim}: LOMO updates the model in its backward pass and takes "
+        "no parameter groups; use an AdamW (adamw_torch, paged_adamw_8bit)"
+    ]
+
+
 # peft's init_lora_weights values lora.init refuses, and why (src.config_schema.LORA_INITS says what it takes).
 UNSUPPORTED_INITS = {
     "eva": "needs peft's EVA pass over training batches",
@@ -422,6 +433,7 @@ RULES: tuple[Callable[[Checked], list[str]], ...] = (
     model_length_problems,
     adapter_problems,
     lora_init_problems,
+    loraplus_problems,
     quantized_full_fine_tuning_problems,
     data_source_problems,
     data_column_problems,

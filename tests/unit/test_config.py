@@ -264,6 +264,7 @@ ALLOWED_INITS = "allowed: true, false, gaussian, orthogonal, pissa, pissa_niter_
         (["lora=none", "lora.use_dora=true"], "lora.use_dora: must be false with lora=none"),
         (["lora=none", "lora.loraplus_lr_ratio=4"], "lora.loraplus_lr_ratio: must be null with lora=none"),
         (["lora=none", "lora.init=gaussian"], "lora.init: must be true with lora=none"),
+        (["lora.loraplus_lr_ratio=4", "train.optim=lomo"], "lora.loraplus_lr_ratio with train.optim=lomo: LOMO"),
     ],
 )
 def test_a_lora_variant_outside_what_peft_and_the_run_can_do_is_refused(overrides, expected):
