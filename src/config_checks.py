@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from src.config_rules import (
@@ -70,11 +71,12 @@ def check_structure(raw: Mapping[str, Any]) -> tuple[Checked, list[str]]:
     problems = [_unknown_key("", key, hints) for key in raw if key not in hints]
     sections: dict[str, Any] = {}
     failed: dict[str, frozenset[str]] = {}
+    optional = {f.name for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
     for name, tp in hints.items():
-        if name not in raw:
+        if name not in raw and name not in optional:
             problems.append(f"{name}: missing")
-        elif dataclasses.is_dataclass(tp):
-            sections[name], failed[name], found = check_section(raw[name], tp, f"{name}.")
+        elif dataclasses.is_dataclass(tp):  # an optional section absent (a stored config older than it): its defaults
+            sections[name], failed[name], found = check_section(raw.get(name, {}), tp, f"{name}.")
             problems += found
         elif not _matches(raw[name], tp):
             problems.append(f"{name}: expected {_annotation_text(tp)}, got {raw[name]!r}")
@@ -428,6 +430,31 @@ def machine_problems(checked: Checked) -> list[str]:
     return problems
 
 
+def forgetting_task_problems(checked: Checked) -> list[str]:
+    """The forgetting text is scored by the model's LM head, which only an SFT run uses."""
+    evaluation, data = checked.section("eval", "forgetting_path"), checked.section("data", "task")
+    if evaluation is None or data is None or evaluation.forgetting_path is None or data.task == "sft":
+        return []
+    return [
+        f"eval.forgetting_path: measures a causal LM's loss on text, but data.task={data.task} trains a classifier "
+        "whose base's LM head is not in use; set it for sft runs only (or eval.forgetting_path=null)"
+    ]
+
+
+def forgetting_text_problems(checked: Checked) -> list[str]:
+    """The forgetting text is read before training starts: a run that trains here needs it here, as UTF-8 text."""
+    evaluation = checked.section("eval", "forgetting_path")
+    if evaluation is None or evaluation.forgetting_path is None:
+        return []
+    path = Path(evaluation.forgetting_path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or type(exc).__name__
+        return [f"eval.forgetting_path: {str(path)!r} cannot be read: {reason}"]
+    return [] if text.strip() else [f"eval.forgetting_path: {str(path)!r} holds no text"]
+
+
 # Every rule of a valid config, in the order its problems are listed.
 RULES: tuple[Callable[[Checked], list[str]], ...] = (
     model_length_problems,
@@ -446,12 +473,13 @@ RULES: tuple[Callable[[Checked], list[str]], ...] = (
     objective_problems,
     quant_backend_problems,
     name_rule_problems,
+    forgetting_task_problems,
 )
 
 
 def rule_problems(checked: Checked, for_training: bool = False) -> list[str]:
-    """Every rule's problems; ``for_training`` adds :func:`machine_problems`."""
-    rules = (*RULES, machine_problems) if for_training else RULES
+    """Every rule's problems; ``for_training`` adds the checks of this machine and its files."""
+    rules = (*RULES, machine_problems, forgetting_text_problems) if for_training else RULES
     return [problem for rule in rules for problem in rule(checked)]
 
 

@@ -296,6 +296,10 @@ class TrainConfig:
         "Fast path: keep dequantized copies of a 4/8-bit base's weights where the budget has room "
         "(8-bit: the activations are then not rounded to int8 as LLM.int8 does); false: bitsandbytes' matmuls."
     )
+    pack_cuda_graphs: bool = setting(
+        "Trial packs: replay the SFT joint step as CUDA graphs (src/packs/graphs.py). Off by default until its GPU "
+        "test (tests/gpu/test_gpu.py) has passed on a GPU."
+    )
     # numpy's legacy seeding, which transformers' set_seed calls, takes [0, 2**32).
     seed: int = bounded("Seed of initialization, data order and dropout.", ge=0, lt=2**32)
     bf16: bool = setting("Mixed precision in bfloat16 (a CUDA GPU).")
@@ -315,6 +319,18 @@ class TrackingConfig:
         "MLflow run name; null: made from the config (openllama3b-4bit-all_linear-r8-a16)."
     )
     log_adapter: bool = setting("Log the saved adapter (or, with lora=none, the model) as an MLflow artifact.")
+    system_metrics: Optional[bool] = setting(
+        "MLflow's system metrics (GPU utilisation and memory, CPU, every 10 s); null: on when a CUDA GPU is here.",
+        default=None,
+    )
+
+
+@dataclass
+class EvalConfig:
+    forgetting_path: Optional[str] = setting(
+        "sft: a plain-text file; the base's and the adapted model's LM loss on it are logged (forgetting_loss_*).",
+        default=None,
+    )
 
 
 @dataclass
@@ -335,6 +351,8 @@ class Config:
     tracking: TrackingConfig = setting("Where and under which name the run is logged (MLflow).")
     objective: ObjectiveConfig = setting("What a sweep optimizes.")
     output_dir: str = setting("The run's directory: hydra.run.dir, or a sweep job's hydra.sweep.dir/subdir.")
+    # Last: a config stored before the section existed lacks it (src.config_checks.check_structure).
+    eval: EvalConfig = setting("What a run measures besides its objective (conf/eval/).", factory=EvalConfig)
 
     # Not a field (no annotation): the resolved dict :func:`src.config.validate` read, kept as it was written (an int
     # where a float field reads 1.0, no key a stored config lacks), which a run logs as params and saves as
@@ -353,6 +371,9 @@ class Config:
         return changed
 
 
-SCHEMA = (Config, ModelConfig, QuantConfig, LoraConfig, DataConfig, TrainConfig, TrackingConfig, ObjectiveConfig)
+SCHEMA = (
+    *(Config, ModelConfig, QuantConfig, LoraConfig, DataConfig, TrainConfig, TrackingConfig, ObjectiveConfig),
+    EvalConfig,
+)
 # The resolved annotations of every schema dataclass (``from __future__ import annotations`` leaves them strings).
 HINTS = {cls: typing.get_type_hints(cls) for cls in SCHEMA}

@@ -85,7 +85,8 @@ def quiet_libraries() -> None:
     - PyTorch's ``pin_memory`` warning with no accelerator (pinning is then a no-op);
     - bitsandbytes' note that 8-bit layers cast float32 inputs to float16, once per layer and step, and its
       hint on CPU that the ``kernels`` package would be faster;
-    - datasets' progress bars over a few hundred rows.
+    - datasets' progress bars over a few hundred rows;
+    - MLflow's lines as each run's system metrics monitor starts and stops (``tracking.system_metrics``).
     Warnings that a user can act on are kept.
     """
     import warnings
@@ -100,6 +101,7 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()  # "Map: 100%" bars of a few hundred rows
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU only: "pip install kernels" for speed
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true but no accelerator")
     warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast from")

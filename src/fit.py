@@ -34,6 +34,9 @@ from src.trial import trial_callbacks
 ADAPTER_DIR, MODEL_DIR = "adapter", "model"
 # Each class's (or label's) per-class metric name, as {label: metric}: src.labels.metric_suffixes.
 METRIC_NAMES_FILE = "metric_names.json"
+# The LM loss on eval.forgetting_path's text: the base's before training, the adapted model's after, and after - base.
+FORGETTING_BASE, FORGETTING_AFTER = "forgetting_loss_base", "forgetting_loss_after"
+FORGETTING_DELTA = "forgetting_loss_delta"
 
 
 @dataclass
@@ -66,10 +69,13 @@ def run(cfg: Config, slot: Any = None) -> Optional[float]:
         trainer, metrics = prepare_trainer(cfg, loaded, output_dir, None if slot is None else slot.env, label)
         prompts = sample_prompts(cfg, loaded.data)
         before = sample_generations(loaded, prompts, trained=False)
+        forgetting = forgetting_text(cfg)
+        base_loss = log_base_loss(cfg, loaded, forgetting)
         if loaded.checkpoint:
             tracking.set_tags({"resumed_from": loaded.checkpoint})
         trainer.train(resume_from_checkpoint=loaded.checkpoint)
         final, saved_dir = evaluate_and_save(cfg, loaded, trainer, metrics, output_dir)
+        log_forgetting(cfg, loaded, forgetting, base_loss)
         if prompts:
             log_samples(loaded, prompts, before, sample_generations(loaded, prompts, trained=True))
         value = summarize(cfg, loaded, final, saved_dir)
@@ -188,6 +194,45 @@ def sample_generations(loaded: Loaded, prompts: list[str], trained: bool) -> lis
         return training.generate_samples(model, loaded.tokenizer, prompts)
     with modeling.adapters_disabled(model):
         return training.generate_samples(model, loaded.tokenizer, prompts)
+
+
+def forgetting_text(cfg: Config) -> Optional[str]:
+    """The text whose LM loss the run logs before and after training (``eval.forgetting_path``, checked readable by
+    validation; an SFT run's alone); None: none, or a DDP rank other than 0, which logs nothing."""
+    path = cfg.eval.forgetting_path
+    if path is None or not distributed.is_main_process():
+        return None
+    return Path(path).expanduser().read_text(encoding="utf-8")
+
+
+def forgetting_loss(loaded: Loaded, text: str, max_length: int, trained: bool) -> float:
+    """The model's LM loss on ``text``: with the run's adapter (``trained``) or without it (the base)."""
+    model, member, tokenizer = loaded.model, loaded.member, loaded.tokenizer
+    if member is not None:
+        with member.pack.routed(member.adapter if trained else None) as routed:
+            return training.text_loss(routed, tokenizer, text, max_length)
+    if trained:
+        return training.text_loss(model, tokenizer, text, max_length)
+    with modeling.adapters_disabled(model):
+        return training.text_loss(model, tokenizer, text, max_length)
+
+
+def log_base_loss(cfg: Config, loaded: Loaded, text: Optional[str]) -> Optional[float]:
+    """The base's LM loss on the forgetting text, before training (``forgetting_loss_base``); None without text."""
+    if text is None:
+        return None
+    base_loss = forgetting_loss(loaded, text, cfg.model.max_length, trained=False)
+    tracking.log_metrics({FORGETTING_BASE: base_loss})
+    return base_loss
+
+
+def log_forgetting(cfg: Config, loaded: Loaded, text: Optional[str], base_loss: Optional[float]) -> None:
+    """What training cost on other text ("LoRA Learns Less and Forgets Less", https://arxiv.org/abs/2405.09673):
+    the adapted model's LM loss on it (``forgetting_loss_after``) and ``forgetting_loss_delta`` = after - base."""
+    if text is None or base_loss is None:
+        return
+    after = forgetting_loss(loaded, text, cfg.model.max_length, trained=True)
+    tracking.log_metrics({FORGETTING_AFTER: after, FORGETTING_DELTA: after - base_loss})
 
 
 def evaluate_and_save(cfg: Config, loaded: Loaded, trainer, metrics, output_dir: Path) -> tuple[dict, Path]:

@@ -43,7 +43,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
 
-from src import distributed
+from src import distributed, system_metrics
 from src import reserve as reserve_mod
 from src.config import CONF_DIR, Config, ConfigError, refuse_unresolved, validate
 from src.config_schema import variant_name
@@ -463,17 +463,19 @@ def base_experiment() -> str:
 
 @dataclass(frozen=True)
 class RunPlace:
-    """Where a run is recorded, what it is called, and the output directory that finds it again (its tag)."""
+    """Where a run is recorded, what it is called, the output directory that finds it again (its tag), and whether
+    it logs MLflow's system metrics (:mod:`src.system_metrics`)."""
 
     uri: str
     experiment: str
     name: str
     output_dir: Optional[str]
+    system_metrics: bool = False
 
     @classmethod
     def of(cls, cfg: Config) -> RunPlace:
-        uri = tracking_uri(cfg.tracking.tracking_uri)
-        return cls(uri, cfg.tracking.experiment, run_name(cfg.resolved()), cfg.output_dir)
+        uri, metrics = tracking_uri(cfg.tracking.tracking_uri), system_metrics.wanted(cfg.tracking.system_metrics)
+        return cls(uri, cfg.tracking.experiment, run_name(cfg.resolved()), cfg.output_dir, metrics)
 
     @classmethod
     def of_invalid(cls, raw: dict) -> RunPlace:
@@ -544,6 +546,8 @@ def _start_run(place: RunPlace, tags: Optional[dict[str, str]]) -> mlflow.Active
     parent = os.environ.get(PARENT_RUN_ENV)
     if os.environ.get(SWEEP_ID_ENV):
         all_tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+    if place.system_metrics:
+        system_metrics.warn_if_gpu_unseen()
     with opening_store(place.uri):
         return retry_locked(
             mlflow.start_run,
@@ -551,6 +555,7 @@ def _start_run(place: RunPlace, tags: Optional[dict[str, str]]) -> mlflow.Active
             run_name=place.name,
             tags=all_tags,
             parent_run_id=parent or None,
+            log_system_metrics=place.system_metrics,  # False also where $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set
         )
 
 
@@ -588,7 +593,3 @@ def record_invalid(raw: dict, error: ConfigError) -> None:
     train, and so does the store after a command line's typo."""
     with contextlib.suppress(ConfigError), recorded_run(RunPlace.of_invalid(raw)):
         raise error
-
-
-def log_dir_artifacts(local_dir: Path, artifact_path: str) -> None:
-    mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)

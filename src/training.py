@@ -380,5 +380,28 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int =
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def text_loss(model, tokenizer, text: str, max_length: int) -> float:
+    """A causal LM's mean next-token loss on ``text``, cut into chunks of ``max_length`` tokens; every predicted token
+    counts alike, so a short last chunk weighs by its length. In eval mode (no dropout), without gradients."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    chunks = [chunk for chunk in chunks if len(chunk) > 1]  # a lone token predicts nothing
+    if not chunks:
+        raise ValueError(f"the text is {len(ids)} token(s) long: too short to score")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for chunk in chunks:
+                input_ids = torch.tensor([chunk], device=model.device)
+                loss = model(input_ids=input_ids, labels=input_ids).loss  # the mean over the chunk's predictions
+                total += float(loss) * (len(chunk) - 1)
+                count += len(chunk) - 1
+    finally:
+        model.train(was_training)
+    return total / count
+
+
 def peak_gpu_mem_gb() -> Optional[float]:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None

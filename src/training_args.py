@@ -19,6 +19,7 @@ NOT_TRAINING_ARGUMENTS = {
     "fast_path",
     "memory_budget_gb",
     "dequantize_weights",
+    "pack_cuda_graphs",
     "nproc_per_node",
 }
 

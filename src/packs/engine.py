@@ -301,10 +301,29 @@ def active(step: Any) -> Iterator[None]:
         _ACTIVE.step = previous
 
 
-def joint_step(bank: SlotBank, slots: Sequence[int], length: int, examples: Optional[list[int]] = None) -> JointStep:
+def step_tensors(bank: SlotBank, slots: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """What a joint step over ``slots`` reads from the host, on the device: the slots' indices, and each slot's
+    dropout keep probability (``[slots, 1, 1]``) where their rates differ, else None. Host copies never wait; a CUDA
+    graph makes them once, before its capture (:mod:`src.packs.graphs`)."""
+    device = bank.weights.device
+    index = torch.tensor(list(slots)).to(device, non_blocking=True)
+    rates = [bank.dropout[s] for s in slots]
+    if len(set(rates)) == 1:
+        return index, None
+    return index, torch.tensor([1.0 - r for r in rates]).to(device, non_blocking=True)[:, None, None]
+
+
+def joint_step(
+    bank: SlotBank,
+    slots: Sequence[int],
+    length: int,
+    examples: Optional[list[int]] = None,
+    tensors: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+) -> JointStep:
     """The context of a joint forward over ``slots``' rows of ``length`` tokens each (a classifier's: with
-    ``examples`` pooled from each, in order, for the slots' own heads)."""
-    index = torch.tensor(list(slots)).to(bank.weights.device, non_blocking=True)  # host copies never wait
+    ``examples`` pooled from each, in order, for the slots' own heads); ``tensors``: :func:`step_tensors`'s, made
+    earlier (None: made here)."""
+    index, dropout = tensors or step_tensors(bank, slots)
     weights = bank.weights.index_select(0, index)
     dtype = bank.compute_dtype
     if torch.is_autocast_enabled(weights.device.type):
@@ -312,10 +331,6 @@ def joint_step(bank: SlotBank, slots: Sequence[int], length: int, examples: Opti
     if dtype is not None:  # one cast of all the step's weights, not one per layer
         weights = weights.to(dtype)
     rates = [bank.dropout[s] for s in slots]
-    dropout = None
-    if len(set(rates)) > 1:
-        keep = torch.tensor([1.0 - r for r in rates]).to(weights.device, non_blocking=True)
-        dropout = keep[:, None, None]
     active_layers = [any(bank.targeted[s][i] for s in slots) for i in range(len(bank.layers))]
     grouped = GROUPED.get(weights.device.type, False)
     scales = bank.scales.index_select(0, index)

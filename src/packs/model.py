@@ -45,6 +45,7 @@ from typing import Any, Optional
 import torch
 
 from src.packs import engine
+from src.packs.graphs import JointGraphs
 
 LENGTH_MULTIPLE = 64  # a joint step's rows on a GPU are padded up to a multiple of this many tokens
 
@@ -89,6 +90,7 @@ class Pack:
         for wrapper in engine.head_wrappers(model):
             wrapper.forward = types.MethodType(engine.bank_head_forward, wrapper)
         self.task = "sft"  # or a classifier's (src.packs.trainer sets it, with its class weights)
+        self.graphs: Optional[JointGraphs] = None  # where the SFT joint steps replay as CUDA graphs (src.packs.trainer)
         self.label_weights: Optional[torch.Tensor] = None
 
     def slot(self, adapter: str) -> int:
@@ -129,6 +131,7 @@ class Pack:
             f"pack: trained {len(self.trained)} trial(s) in {self.bank.slots} slot(s) on one base; {self.steps} joint "
             f"steps of {self.trial_steps / max(self.steps, 1):.2f} trials on average in {wall:.1f} s, "
             f"{self.joint_s:.1f} s of it on the host queuing them"
+            + ("" if self.graphs is None else f"; {self.graphs.summary()}")
         )
 
     def stop(self, reason: BaseException) -> None:
@@ -245,6 +248,9 @@ class Pack:
         device = self.bank.weights.device
         slots = [r.slot for r in rows]
         if self.task == "sft":
+            losses = None if self.graphs is None else self.graphs.step(rows, length, counts, autocast)
+            if losses is not None:
+                return losses
             joint = engine.joint_inputs(rows, length, self.pad_token_id)
             extra = attention_inputs(self.attention, joint["bounds"], device)
             ids, positions = (joint[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids"))

@@ -13,9 +13,11 @@ from src import distributed
 from src.engine.attention import HALF_DTYPES, seq_bounds, use_flat_attention, use_varlen_attention, varlen_available
 from src.engine.budget import fast_optimizer
 from src.engine.classification import FlatClassificationCollator, FlatClassifierTrainer, flat_attention, flat_logits
+from src.engine.graphs import graphable
 from src.engine.trainer import FlatTrainer, sft_trainer
 from src.logger import say
 from src.packs import engine
+from src.packs.graphs import JointGraphs
 
 
 class ScheduleOnly(torch.optim.Optimizer):
@@ -146,8 +148,13 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
     """An SFT trial's trainer on the pack (:class:`PackMemberTrainer`) and its plan."""
     if member.attention == "auto":
         member.attention = pack_attention(member.pack.model, args)
+    pack = member.pack
+    pack.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if pack.graphs is None and _graphable(cfg, args, member):
+        pack.graphs = JointGraphs(pack.model, pack.bank, pack.pad_token_id, member.micro.micro_batch_size)
+    if pack.graphs is not None:
+        member.micro = dataclasses.replace(member.micro, cuda_graphs=True)
     micro = _trial_plan(member)
-    member.pack.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = sft_trainer(
         PackMemberTrainer,
         cfg,
@@ -161,6 +168,17 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
         member=member,
     )
     return trainer, micro
+
+
+def _graphable(cfg, args, member) -> bool:
+    """Whether the pack's SFT joint steps replay as CUDA graphs (:mod:`src.packs.graphs`): with
+    ``train.pack_cuda_graphs``, where a run alone's steps would (one micro-batch a step or several: the graphs
+    accumulate), and no layer of the base is checkpointed."""
+    micro = member.micro
+    if not cfg.train.pack_cuda_graphs:
+        return False
+    graphs_apply = graphable(args, member.attention, 1, cfg.quant.bits, micro.dequantized_layers, member.pack.model)
+    return graphs_apply and micro.checkpointed_layers == 0
 
 
 def _trial_plan(member):

@@ -35,6 +35,7 @@ from typing import Any, Optional
 from src.config import OBJECTIVE_DEFAULTS
 from src.errors import run_cli
 from src.logger import say
+from src.runs.gpu_use import gpu_utilization
 from src.runs.samples import samples_text
 from src.runs.selection import Selection, param, select_runs, with_schema_defaults
 from src.runs.table import Column, CompareError, format_table, is_number
@@ -69,6 +70,7 @@ COST_COLUMNS = (
     Column("trainable_params_m", "trainable params (M)", ".4g", "min"),
     Column("trainable_pct", "trainable %", ".4g", "min"),
     Column("peak_gpu_mem_gb", "peak GPU mem (GB)", ".2f", "min"),
+    Column("gpu_util_pct", "GPU util %", ".0f", "max"),  # shown where a run logged it: src.runs.gpu_use
     Column("train_tokens_per_s", "tokens/s", ".1f", "max"),
     Column("train_runtime_s", "runtime (s)", ".1f", "min"),
     Column("status", "status"),
@@ -78,6 +80,7 @@ ALIASES = {
     "params": "trainable_params_m",
     "trainable_params": "trainable_params_m",
     "memory": "peak_gpu_mem_gb",
+    "gpu_util": "gpu_util_pct",
     "tokens_per_s": "train_tokens_per_s",
     "runtime": "train_runtime_s",
 }
@@ -473,7 +476,9 @@ def compare(args: argparse.Namespace) -> str:
         pareto_spec = [_parse_ranked(p, resolve) for p in parts]
     sort_spec = _parse_ranked(args.sort, resolve) if args.sort else None
 
-    rows = [run_row(r, quality, objective_metric) for r in runs]
+    rows = [{**run_row(r, quality, objective_metric), "gpu_util_pct": gpu_utilization(client, r)} for r in runs]
+    if not any(is_number(row["gpu_util_pct"]) for row in rows):  # CPU runs, or system metrics off
+        columns = [c for c in columns if c.key != "gpu_util_pct"]
     if not args.no_group_seeds:
         rows = group_seeds(rows, [c.key for c in columns if c.numeric and c.fmt != "d"])
     mark_rows(rows, (objective_metric, objective_direction), pareto_spec, args.pareto)

@@ -27,8 +27,8 @@ sees are the thin subclasses in ``hydra_plugins/lora_sweeps/sweepers.py``.
 
 The modules, sweeper side first: ``configs`` (the Hydra configs and their defaults), ``base`` (what both sweepers
 share: settings, setup, one launch path for jobs and packs), ``grid`` and ``study`` (the two sweepers), ``space``,
-``study_trials`` and ``study_report`` (the study's search space, its trials' bookkeeping, its best trials and
-artifacts), ``grouping`` (jobs into packs of one base),
+``study_trials``, ``study_report`` and ``importance`` (the study's search space, its trials' bookkeeping, its best
+trials and artifacts, which params mattered), ``grouping`` (jobs into packs of one base),
 ``placement`` (GPUs per job), ``record`` (the parent run, the sweep's lines and summary), ``stale`` (runs a killed
 process left RUNNING); ``outcomes`` (what jobs and sweepers tell each other: :class:`~src.sweeps.outcomes.JobResult`,
 its status, the tag and attribute names); job side: ``job`` (one job: its process and result), ``feasibility``

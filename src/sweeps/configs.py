@@ -1,6 +1,9 @@
 """The sweepers' Hydra configs (``hydra/sweeper=lora_grid | lora_optuna``, their samplers and pruners, the
 ``hydra/launcher`` presets), registered in Hydra's ConfigStore at import; every default lives here.
 
+:func:`build_sampler` builds a study's sampler from its config, and :func:`sampler_text` states it (the sweep's
+first line).
+
 :func:`job_conf` reads what one job needs of them (``isolate``, ``feasibility``) from the sweeper's config.
 :func:`vet` refuses a sweep's config before anything is built from it (a ``_target_`` outside the sampler and
 pruner) or recorded (a path as the experiment's name).
@@ -24,6 +27,7 @@ from src.config_schema import setting as schema_setting
 from src.names import name_problem
 from src.overrides import groups_on
 from src.overrides import problems as override_problems
+from src.sweeps.record import SweepFailed
 
 PLUGIN_MODULE = "hydra_plugins.lora_sweeps.sweepers"
 
@@ -115,7 +119,6 @@ class OptunaSweeperConf(JobConf):
     max_failure_rate: float = bounded(
         "Stop once more than this fraction of n_trials has failed.", default=0.5, ge=0, le=1
     )
-    # With TPE, hydra/sweeper/sampler=tpe hydra.sweeper.sampler.constant_liar=true spreads the trials asked together.
     pack: int = bounded(
         "Up to this many trials of one base train at once on one GPU (src/packs/model.py).",
         default=1,
@@ -140,11 +143,88 @@ class OptunaSweeperConf(JobConf):
 
 # The presets of hydra/sweeper/sampler and hydra/sweeper/pruner (a sampler or pruner class and its arguments).
 SAMPLER_PRESETS = {
-    # constant_liar: trials asked together (n_jobs, pack) are spread apart, each in flight counted as a bad value
-    "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": None, "constant_liar": False},
+    # Optuna 5's TPE, its choices spelled out so the command line can turn them: multivariate (one joint density
+    # over the params, not one per param), and the constant liar, which counts each trial in flight as a bad value
+    # so that trials asked together (n_jobs, pack, several workers) spread apart instead of landing on one point.
+    # With one trial asked at a time and one worker, none is in flight: the liar changes nothing.
+    "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": None, "multivariate": True, "constant_liar": True},
     "random": {"_target_": "optuna.samplers.RandomSampler", "seed": None},
     "nsgaii": {"_target_": "optuna.samplers.NSGAIISampler", "seed": None},
 }
+
+
+# The optuna.samplers classes hydra.sweeper.sampler may name (its presets: SAMPLER_PRESETS).
+SAMPLER_CLASSES = (
+    "TPESampler",
+    "RandomSampler",
+    "NSGAIISampler",
+    "NSGAIIISampler",
+    "CmaEsSampler",
+    "GPSampler",
+    "QMCSampler",
+    "GridSampler",
+    "BruteForceSampler",
+)
+
+
+def build_sampler(conf: dict):
+    """The Optuna sampler of ``hydra.sweeper.sampler``: a class of :data:`SAMPLER_CLASSES`, called with the other
+    keys as plain values. Nothing in them is built: a ``_target_`` at any depth, or another ``_``-key, is refused."""
+    import optuna
+
+    target = str(conf.get("_target_", ""))
+    name = target.removeprefix("optuna.samplers.")
+    if target != f"optuna.samplers.{name}" or name not in SAMPLER_CLASSES:
+        raise SweepFailed(
+            f"hydra.sweeper.sampler: {target!r} is not one of optuna.samplers' {', '.join(SAMPLER_CLASSES)}"
+        )
+    kwargs = {k: v for k, v in conf.items() if k != "_target_"}
+    odd = [f"hydra.sweeper.sampler.{k}" for k in kwargs if str(k).startswith("_")]
+    odd += unvetted_targets(kwargs, "hydra.sweeper.sampler")
+    if odd:
+        raise SweepFailed(f"hydra.sweeper.sampler: {', '.join(odd)}: arguments are plain values, never code to build")
+    return getattr(optuna.samplers, name)(**kwargs)
+
+
+def sampler_settings(conf: dict) -> dict[str, Any]:
+    """The arguments of the sampler that ``conf`` (``hydra.sweeper.sampler``) builds, each one not given at its
+    default, read from the class's signature: what the installed Optuna uses."""
+    import inspect
+
+    import optuna
+
+    cls = getattr(optuna.samplers, str(conf["_target_"]).removeprefix("optuna.samplers."))
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **{k: v for k, v in conf.items() if k != "_target_"}}
+
+
+def sampler_text(conf: dict, objectives: int, asked: int) -> str:
+    """The sampler and its settings, as the sweep's first line states them: ``TPE (multivariate, constant liar,
+    10 random startup trials, seed 0)``. ``asked``: the trials asked at once; TPE without the constant liar then
+    says that they may repeat one point."""
+    name = str(conf["_target_"]).removeprefix("optuna.samplers.")
+    settings = sampler_settings(conf)
+    seed = "no seed" if settings.get("seed") is None else f"seed {settings['seed']}"
+    if name != "TPESampler":
+        given = [f"{k}={v}" for k, v in conf.items() if k not in ("_target_", "seed")]
+        return f"{name.removesuffix('Sampler')} ({', '.join([*given, seed])})"
+    multivariate = settings["multivariate"]
+    if multivariate is None:  # Optuna decides: multivariate for one objective, independent for several
+        multivariate = objectives == 1
+    shape = ("multivariate, grouped" if settings["group"] else "multivariate") if multivariate else "independent"
+    liar = settings["constant_liar"]
+    startup = f"{settings['n_startup_trials']} random startup trials"
+    text = f"TPE ({', '.join([shape, 'constant liar' if liar else 'no constant liar', startup, seed])})"
+    if asked > 1 and not liar:
+        text += (
+            f"; without the constant liar the {asked} trials asked at once may repeat one point "
+            "(hydra.sweeper.sampler.constant_liar=true)"
+        )
+    return text
 
 
 PRUNER_PRESETS = {
@@ -197,7 +277,7 @@ def register_sweeper_configs() -> None:
 
 # The only keys of a composed config that may name code to build. Hydra builds a sweeper or launcher only from its
 # plugin packages, and the sweeper builds its sampler and pruner only from Optuna's own classes, by name
-# (src.sweeps.study.build_sampler, src.trial.pruner_spec). Any other _target_, at any depth, is refused.
+# (build_sampler, src.trial.pruner_spec). Any other _target_, at any depth, is refused.
 CALLBACK = "refuse_targets"  # conf/config.yaml: hydra.callbacks.refuse_targets
 VETTED_TARGETS = frozenset(
     f"hydra.{key}._target_"

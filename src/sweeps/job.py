@@ -40,6 +40,9 @@ from src.sweeps.outcomes import JobFailed, JobResult, Status, quote
 from src.trial import STUDY_ENV, TRIAL_ENV
 
 RESULT_FILE = "job_result.json"
+# A pack's process appends each trial's result here as it ends, so that a kill -9 of the process loses only the
+# trials still training (:func:`_read_pack_result`).
+PARTIAL_SUFFIX = ".partial.jsonl"
 # How long a job waits for its trial process to end after passing on SIGTERM or Ctrl-C.
 TRIAL_STOP_GRACE_S = 60
 
@@ -296,6 +299,7 @@ def run_pack_job(
         result_path = Path(valid[0][1].output_dir) / RESULT_FILE
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.unlink(missing_ok=True)
+        partial_path(result_path).unlink(missing_ok=True)
         sweeper = (os.getpid(), tracking.process_start(os.getpid()))
         process = _context().Process(
             target=_pack_process,
@@ -333,7 +337,7 @@ def _pack_process(valid, feasibility, trials, slots, env, result_path, sweeper) 
     _die_with_sweeper(sweeper)
     console.log_to_file(Path(valid[0][1].output_dir) / "train.log")
     try:
-        results = _run_pack(valid, feasibility, trials, slots)
+        results = _run_pack(valid, feasibility, trials, slots, on_result=_appender(partial_path(Path(result_path))))
     except tracking.Terminated as exc:  # SIGTERM: the trials that finished before it stay finished
         results = getattr(exc, "pack_results", None) or [_failure(exc)] * len(valid)
     except BaseException as exc:  # noqa: B036  the pack process reports everything
@@ -342,26 +346,69 @@ def _pack_process(valid, feasibility, trials, slots, env, result_path, sweeper) 
     sys.exit(0)
 
 
+def partial_path(result_path: Path) -> Path:
+    return result_path.with_name(result_path.name + PARTIAL_SUFFIX)
+
+
+def _appender(path: Path) -> Callable[[int, dict[str, Any]], None]:
+    """``on_result`` for :func:`_run_pack` in a pack's process: each trial's result appended to ``path`` as one
+    JSON line, written through to disk before the trial's thread goes on."""
+    import threading
+
+    lock = threading.Lock()
+
+    def append(index: int, result: dict[str, Any]) -> None:
+        line = json.dumps({"index": index, "result": result}, default=str) + "\n"
+        try:
+            with lock, open(path, "a", encoding="utf-8") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # the result file at the end still carries it; only a kill -9 would lose it
+            console.say(f"note: could not record trial {index}'s result in {path}: {exc}")
+
+    return append
+
+
 def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[str, Any]]:
+    """The pack's results from its process's result file; where the process died before writing it (``kill -9``,
+    the OOM killer), the results its trials that ended had appended (:func:`_appender`), and FAILED for the
+    others, whose runs are closed FAILED (never left RUNNING)."""
     if path.is_file():
         return [JobResult.from_json(result).to_json() for result in json.loads(path.read_text())]
+    ended: dict[int, dict[str, Any]] = {}
+    partial = partial_path(path)
+    if partial.is_file():
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the process died
+                continue
+            ended[entry["index"]] = JobResult.from_json(entry["result"]).to_json()
     how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
-    reason = f"the pack's process {how} before writing a result"
-    return [
-        JobResult(Status.FAILED, close_lost_run(cfg, reason), error_type="TrialProcessDied", message=reason).to_json()
-        for _, cfg, _ in valid
-    ]
+    reason = f"the pack's process {how} before its trial ended"
+    results = []
+    for i, (_, cfg, _) in enumerate(valid):
+        if i not in ended:
+            run_id = close_lost_run(cfg, reason)
+            ended[i] = JobResult(Status.FAILED, run_id, error_type="TrialProcessDied", message=reason).to_json()
+        results.append(ended[i])
+    return results
 
 
 def _run_pack(
-    valid, feasibility: FeasibilityConf, trials: Optional[Trials] = None, slots: Optional[int] = None
+    valid,
+    feasibility: FeasibilityConf,
+    trials: Optional[Trials] = None,
+    slots: Optional[int] = None,
+    on_result: Optional[Callable[[int, dict[str, Any]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Each trial of the pack in its own thread, at most ``slots`` at once, on one shared base; SIGTERM stops them
     all (their runs end KILLED). Memory: the feasibility check of the first job sets the budget the pack plans
-    within."""
+    within. ``on_result(i, result)`` is called as trial ``i`` ends."""
     groups = fit_pack([cfg for _, cfg, _ in valid], feasibility, slots)
     if len(groups) > 1:
-        return _run_split_pack(valid, groups, feasibility, trials, slots)
+        return _run_split_pack(valid, groups, feasibility, trials, slots, on_result)
     checked, note = check_feasibility(valid[0][1], feasibility)
     budget = checked.train.memory_budget_gb
     jobs = [
@@ -381,6 +428,8 @@ def _run_pack(
             results[index] = _failure(exc)
         finally:
             shared.leave(index)
+        if on_result is not None:
+            on_result(index, results[index])
 
     _run_threads(trial, len(jobs), shared, results, slots)
     summary = shared.summary()
@@ -390,7 +439,7 @@ def _run_pack(
 
 
 def _run_split_pack(
-    valid, groups: list[list[int]], feasibility: FeasibilityConf, trials, slots: Optional[int] = None
+    valid, groups: list[list[int]], feasibility: FeasibilityConf, trials, slots: Optional[int] = None, on_result=None
 ) -> list[dict[str, Any]]:
     """A pack too big for the GPU, as the consecutive packs of ``groups`` (:func:`fit_pack`), one after another."""
     sizes = ", ".join(str(len(g)) for g in groups)
@@ -398,7 +447,8 @@ def _run_split_pack(
     results: list[dict[str, Any]] = []
     for group in groups:
         try:
-            results += _run_pack([valid[i] for i in group], feasibility, trials, slots)
+            reported = None if on_result is None else (lambda i, result, group=group: on_result(group[i], result))
+            results += _run_pack([valid[i] for i in group], feasibility, trials, slots, reported)
         except tracking.Terminated as exc:  # the parts not started end as the stop
             done = results + getattr(exc, "pack_results", [_failure(exc)] * len(group))
             exc.pack_results = done + [_failure(exc)] * (len(valid) - len(done))

@@ -254,8 +254,9 @@ class SweepRecord:
         best: Optional[str],
         artifacts: Optional[dict[str, Any]] = None,
         files: Sequence[tuple[Path, Optional[str]]] = (),
+        metrics: Optional[dict[str, float]] = None,
     ) -> str:
-        """Log the summary and artifacts, end the parent run with ``status``, and return the summary."""
+        """Log the summary, artifacts and ``metrics``, end the parent run with ``status``, and return the summary."""
         text = self.summary(best)
         payload = {
             "sweep_id": self.sweep_id,
@@ -272,6 +273,8 @@ class SweepRecord:
             write(self.client.log_dict, self.run_id, json.loads(json.dumps(obj, default=str)), name)
         for local, folder in files:
             write(self.client.log_artifact, self.run_id, str(local), folder)
+        if metrics:
+            write(self.client.log_batch, self.run_id, metrics=[_metric(k, v, 0) for k, v in metrics.items()])
         if best:
             write(self.client.set_tag, self.run_id, BEST_TAG, best[: tracking.MAX_TAG_LEN])
         self._heartbeat.close()

@@ -28,7 +28,10 @@ others log their trials under it.
 Trials are told to Optuna from the job's outcome: FINISHED -> COMPLETE (a missing, None or NaN
 value -> FAIL), PRUNED -> PRUNED, FAILED and SKIPPED -> FAIL, with the reason in the trial's user
 attr ``fail_reason``. The parent run gets best params and value (``best.json``), the Pareto front
-(``pareto_front.json``) for several objectives, ``trials.csv``, and Optuna's plots under ``plots/``.
+(``pareto_front.json``) for several objectives, ``trials.csv``, Optuna's plots under ``plots/``, and the params'
+importances with the slice and contour plots (:mod:`src.sweeps.importance`).
+
+The sweep's first line states the sampler and its settings (:func:`src.sweeps.configs.sampler_text`).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from src.config import config_changes
 from src.names import filter_value, text_problem
 from src.optuna_compat import fail_stale
 from src.sweeps.base import Job, SweeperBase
-from src.sweeps.configs import OptunaSweeperConf, unvetted_targets
+from src.sweeps.configs import OptunaSweeperConf, build_sampler, sampler_text
 from src.sweeps.outcomes import (
     DEFINITION_ATTR,
     DUPLICATE_OF_ATTR,
@@ -117,39 +120,6 @@ WAIT_POLL_S = 2.0
 STUDY_PACK_JOBS = 4
 # How long a worker that joins a study waits for the creator's MLflow parent run id.
 PARENT_WAIT_S = 120.0
-
-
-# The optuna.samplers classes hydra.sweeper.sampler may name (its presets: src.sweeps.configs.SAMPLER_PRESETS).
-SAMPLER_CLASSES = (
-    "TPESampler",
-    "RandomSampler",
-    "NSGAIISampler",
-    "NSGAIIISampler",
-    "CmaEsSampler",
-    "GPSampler",
-    "QMCSampler",
-    "GridSampler",
-    "BruteForceSampler",
-)
-
-
-def build_sampler(conf: dict):
-    """The Optuna sampler of ``hydra.sweeper.sampler``: a class of :data:`SAMPLER_CLASSES`, called with the other
-    keys as plain values. Nothing in them is built: a ``_target_`` at any depth, or another ``_``-key, is refused."""
-    import optuna
-
-    target = str(conf.get("_target_", ""))
-    name = target.removeprefix("optuna.samplers.")
-    if target != f"optuna.samplers.{name}" or name not in SAMPLER_CLASSES:
-        raise SweepFailed(
-            f"hydra.sweeper.sampler: {target!r} is not one of optuna.samplers' {', '.join(SAMPLER_CLASSES)}"
-        )
-    kwargs = {k: v for k, v in conf.items() if k != "_target_"}
-    odd = [f"hydra.sweeper.sampler.{k}" for k in kwargs if str(k).startswith("_")]
-    odd += unvetted_targets(kwargs, "hydra.sweeper.sampler")
-    if odd:
-        raise SweepFailed(f"hydra.sweeper.sampler: {', '.join(odd)}: arguments are plain values, never code to build")
-    return getattr(optuna.samplers, name)(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -226,7 +196,11 @@ class OptunaSweeper(SweeperBase):
         return StudyPlan(name, space, fixed, variables, directions, metric_names, gpus, processes, size)
 
     def start_record(self, plan: StudyPlan, created: bool) -> None:
-        """Settle what a stopped sweep left, say where the study stands, and open (or resume) the parent run."""
+        """State the sampler (the first line), settle what a stopped sweep left, say where the study stands, and open
+        (or resume) the parent run."""
+        asked = min(plan.size * self.pack_jobs(), self.conf.n_trials)
+        sampler = sampler_text(self.sampler_conf(), len(plan.directions), asked)
+        show(f"[sweep {plan.name}] sampler: {sampler}; up to {asked} trial(s) asked at a time")
         retried = recover_interrupted(self.study, self.finished_trials(plan.name))
         prior = prior_counts(self.study)
         given = self.conf.storage is not None
@@ -479,7 +453,7 @@ class OptunaSweeper(SweeperBase):
         changed in any way."""
         import optuna
 
-        sampler = build_sampler(OmegaConf.to_container(self.conf.sampler, resolve=True))
+        sampler = build_sampler(self.sampler_conf())
         try:
             spec = pruner_spec(OmegaConf.to_container(self.conf.pruner, resolve=True))
         except ValueError as exc:
@@ -513,6 +487,9 @@ class OptunaSweeper(SweeperBase):
                 names = [objective_name(self.config) if m == "objective" else m for m in self.metrics]
                 study.set_metric_names(names)
         return study, created
+
+    def sampler_conf(self) -> dict:
+        return OmegaConf.to_container(self.conf.sampler, resolve=True)
 
     @staticmethod
     def parent_run_id(study, created: bool) -> Optional[str]:

@@ -1,20 +1,24 @@
 """What a study reports: its best trial (or Pareto front) as a line, and the parent run's artifacts (best.json or
-pareto_front.json, trials.csv, Optuna's plots)."""
+pareto_front.json, trials.csv, Optuna's plots, the best learning rate of each rank: :mod:`src.sweeps.lr_by_rank`, and
+what mattered: :mod:`src.sweeps.importance`)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from src.sweeps.importance import importance_files, save_plot, short_text
+from src.sweeps.lr_by_rank import lr_by_rank_files
+from src.sweeps.lr_by_rank import short_text as lr_text
 from src.sweeps.outcomes import DUPLICATE_OF_ATTR, OVERRIDES_ATTR, RUN_ID_ATTR
 from src.sweeps.record import show
 
 
 def study_artifacts(study, metrics: list[str], names: list[str], out: Path) -> dict[str, Any]:
-    """The parent run's artifacts of a study: best.json or pareto_front.json, trials.csv and the plots (in
-    ``out``). ``metrics``: as the sweeper names them (``objective``...); ``names``: their own (the plots' axes)."""
+    """The parent run's artifacts and metrics of a study: best.json or pareto_front.json, trials.csv, the plots, and
+    the param importances (in ``out``). ``metrics``: as the sweeper names them (``objective``...); ``names``: their
+    own (the plots' axes). Says in a line which params mattered, and why a table or plot is missing."""
     from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -33,7 +37,24 @@ def study_artifacts(study, metrics: list[str], names: list[str], out: Path) -> d
         study.trials_dataframe().to_csv(out / "trials.csv", index=False)
         files.append((out / "trials.csv", None))
     files += [(path, "plots") for path in save_plots(study, names, out / "plots")]
-    return {"artifacts": artifacts, "files": files}
+    metrics: dict[str, Any] = {}
+    try:
+        by_rank, rank_files, metrics = lr_by_rank_files(study, names[0], out)
+    except Exception as exc:  # noqa: BLE001  nor does the learning rate by rank
+        show(f"note: no best learning rate by rank: {type(exc).__name__}: {exc}")
+        by_rank, rank_files = [], []
+    if by_rank:
+        show(f"[sweep {study.study_name}] best learning rate by rank: {lr_text(by_rank)}")
+    files += rank_files
+    try:
+        found, importance = importance_files(study, names, out)
+    except Exception as exc:  # noqa: BLE001  what mattered never keeps the parent run from ending
+        show(f"note: no importances: {type(exc).__name__}: {exc}")
+        return {"artifacts": artifacts, "files": files, "metrics": metrics}
+    show(f"[sweep {study.study_name}] importance: {short_text(found)}")
+    for note in found.notes if found.values else []:
+        show(f"note: {note}")
+    return {"artifacts": artifacts, "files": files + importance, "metrics": {**metrics, **found.metrics()}}
 
 
 def best_trial(study):
@@ -82,35 +103,22 @@ def params_text(params: dict[str, Any]) -> str:
 
 
 def save_plots(study, metrics: list[str], out: Path) -> list[Path]:
-    """Optuna's matplotlib plots as PNG: history, importances, and the Pareto front (several objectives)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Optuna's matplotlib plots as PNG: the optimization history, and the Pareto front (several objectives)."""
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 1:
         return []
-    out.mkdir(parents=True, exist_ok=True)
     multi = len(study.directions) > 1
     target = {"target": (lambda t: t.values[0]), "target_name": metrics[0]} if multi else {"target_name": metrics[0]}
-    plots = {
-        "optimization_history.png": lambda: ovm.plot_optimization_history(study, **target),
-        "param_importances.png": lambda: ovm.plot_param_importances(study, **target),
-    }
+    plots = {"optimization_history.png": lambda: ovm.plot_optimization_history(study, **target)}
     if multi:
         plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=metrics)
     saved = []
     for name, draw in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = draw()
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            figure.savefig(out / name, bbox_inches="tight", dpi=100)
-            plt.close(figure)
+        why = save_plot(draw, out / name)
+        if why is None:
             saved.append(out / name)
-        except Exception as exc:  # e.g. importances need two completed trials with varying params
-            show(f"note: no {name}: {type(exc).__name__}: {exc}")
+        else:
+            show(f"note: no {name}: {why}")
     return saved

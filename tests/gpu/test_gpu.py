@@ -313,3 +313,104 @@ def test_cuda_graph_steps_under_ddp_match_ddp(tmp_path):
                 torch.testing.assert_close(step["grads"][name], grad, atol=3e-2 * grad.abs().max().item(), rtol=0)
     for name, grad in ranks[0]["results"][1]["grads"].items():  # averaged: the ranks hold the same gradients
         torch.testing.assert_close(ranks[1]["results"][1]["grads"][name], grad)
+
+
+def _gpu_pack():
+    """The tiny model in bf16 on the GPU with varlen attention, and a pack of two adapters of different ranks and
+    targets (dropout 0: eager and replayed steps compute the same), their B drawn so that every slot has a delta."""
+    from src import modeling
+    from src.config import validate
+    from src.packs import model as pack_model
+    from tests.conftest import compose_config
+
+    cfgs = []
+    for lora in (["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8", "lora.alpha=32"]):
+        raw = compose_config(["data=instructions", "lora.dropout=0.0", *lora])
+        raw["output_dir"] = "unused"
+        cfgs.append(validate(raw, for_training=True))
+    tokenizer = modeling.load_tokenizer(cfgs[0].model)
+    model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
+    model = model.to("cuda", torch.bfloat16)
+    assert fast_attention.use_varlen_attention(model)
+    pack = pack_model.build_pack(model, [c.lora for c in cfgs], "sft", [0, 0])
+    pack.bank.compute_dtype = torch.bfloat16
+    for adapter in pack.adapters:
+        pack.join(adapter)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        pack.bank.weights.normal_(0, 0.02)
+        for slot in range(2):
+            for entry in pack.bank.layers.values():
+                a, b = pack.bank._views(pack.bank.weights[slot], entry)
+                rank = pack.bank.ranks[slot][entry.index]
+                a[rank:] = 0
+                b[:, rank:] = 0
+    return pack
+
+
+def _slot_row(slot: int, lengths: list[int], seed: int):
+    from src.packs import engine
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 500, (1, sum(lengths)), generator=generator)
+    labels = ids.clone()
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    bounds = tuple(int(sum(lengths[:i])) for i in range(len(lengths) + 1))
+    for start in bounds[:-1]:
+        labels[0, start] = -100
+    return engine.SlotRow(slot, ids, positions, labels, bounds, int((labels != -100).sum()))
+
+
+def test_pack_joint_steps_replayed_as_cuda_graphs_match_eager_joint_steps():
+    """The pack's SFT joint step as a CUDA graph (its shape's first step eager, then captured; replays on new rows)
+    gives the eager step's losses and adds the eager step's gradient to the bank's, for every slot."""
+    from src.packs import engine
+    from src.packs.graphs import JointGraphs
+    from src.packs.model import attention_inputs
+
+    pack = _gpu_pack()
+    bank = pack.bank
+    graphs = JointGraphs(pack.model, bank, pad_token_id=0, max_examples=3)
+    autocast = lambda: torch.autocast("cuda", torch.bfloat16)  # noqa: E731  the trainers' compute context
+
+    def eager(rows, length, counts):
+        joint = engine.joint_inputs(rows, length, 0)
+        extra = attention_inputs("varlen", joint["bounds"], "cuda")
+        ids, positions = joint["input_ids"].cuda(), joint["position_ids"].cuda()
+        bank.weights.grad.zero_()
+        with engine.active(engine.joint_step(bank, [0, 1], length)):
+            with autocast():
+                logits = pack.model(input_ids=ids, position_ids=positions, use_cache=False, **extra).logits
+            losses = engine.slot_losses(logits, joint["shift_labels"], counts)
+            losses.sum().backward()
+        return losses.detach().float(), bank.weights.grad.clone()
+
+    bank.weights.grad = torch.zeros_like(bank.weights)
+    steps = [  # (slot 0's examples, slot 1's): 128-token rows twice (captured, then replayed), then 64-token rows
+        ([40, 50, 20], [90, 30]),
+        ([100, 10], [25, 25, 60]),
+        ([30, 20], [50]),
+    ]
+    for seed, (first, second) in enumerate(steps):
+        rows = [_slot_row(0, first, seed), _slot_row(1, second, seed + 10)]
+        length = engine.padded_length(rows, 64)
+        counts = torch.tensor([float(r.count) for r in rows], device="cuda")
+        losses_ref, grad_ref = eager(rows, length, counts)
+        bank.weights.grad.zero_()
+        losses = graphs.step(rows, length, counts, autocast)
+        assert losses is not None, graphs.failed
+        torch.testing.assert_close(losses.float(), losses_ref, atol=1e-2, rtol=0)
+        for slot in range(2):
+            scale = grad_ref[slot].abs().max().item()
+            assert scale > 0
+            torch.testing.assert_close(bank.weights.grad[slot], grad_ref[slot], atol=3e-2 * scale, rtol=0)
+    assert graphs.failed is None and len(graphs.graphs) == 2 and graphs.replays == 1
+    # a replay accumulates: two replays of one row without zeroing give twice its gradient
+    rows = [_slot_row(0, [30, 20], 2), _slot_row(1, [50], 12)]
+    counts = torch.tensor([float(r.count) for r in rows], device="cuda")
+    bank.weights.grad.zero_()
+    graphs.step(rows, 64, counts, autocast)
+    once = bank.weights.grad.clone()
+    graphs.step(rows, 64, counts, autocast)
+    torch.testing.assert_close(bank.weights.grad, 2 * once, atol=1e-6, rtol=1e-5)
+    assert graphs.replays == 3

@@ -31,3 +31,21 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert "lora.r: must be >= 1, got 0" in proc.stderr
     assert "train.learning_rate: must be > 0, got -1.0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_forgetting_text_stops_the_run_before_the_model_loads(tmp_path):
+    missing = tmp_path / "missing.txt"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "src.train", "data=instructions", f"eval.forgetting_path={missing}"),
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"eval.forgetting_path: '{missing}' cannot be read: No such file or directory" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "adapter").exists()

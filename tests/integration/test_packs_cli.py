@@ -1,4 +1,4 @@
-"""Packed trials (``hydra.sweeper.pack``) as real sweeps: child runs, step lines, pruning, a SIGTERM."""
+"""Packed trials (``hydra.sweeper.pack``) as real sweeps: child runs, step lines, pruning, a SIGTERM, a kill -9."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from src.sweeps.job import run_pack_job
+from src.sweeps.job import RESULT_FILE, partial_path, run_pack_job
 from tests.unit.packs.test_faults import HANG_S, _runs
 from tests.unit.packs.test_packs import COMMON, TRIALS, _raw, _step_lines_by_name
 
@@ -163,3 +163,35 @@ def test_a_dora_job_of_a_packed_grid_trains_alone_and_the_sweep_says_why(tmp_pat
     ]
     dora = next(c for c in children if c.data.params["lora.use_dora"] == "True")
     assert "pack_trial" not in dora.data.tags and dora.info.run_name.endswith("-dora")
+
+
+def test_a_kill_9_of_the_packs_process_keeps_the_trials_that_ended_and_fails_the_others(tmp_path, mlflow_store):
+    """kill -9 of the pack's process (no result file written): the trial that had ended keeps its result (each
+    trial's result is on disk as it ends), and the one still training is a FAILED job whose run ends FAILED, not
+    RUNNING."""
+    import multiprocessing
+    from pathlib import Path
+
+    members = [
+        (_raw(tmp_path, "short", [*TRIALS[0], "train.max_steps=1"]), None),
+        (_raw(tmp_path, "long", [*TRIALS[1], "train.max_steps=400"]), None),
+    ]
+    partial = partial_path(Path(members[0][0]["output_dir"]) / RESULT_FILE)
+
+    def kill_once_the_short_one_ended():
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
+            long_runs = _runs(members[1][0])
+            if partial.is_file() and partial.read_text() and long_runs and long_runs[0].info.status == "RUNNING":
+                (process,) = [p for p in multiprocessing.active_children() if p.name == "lora-sweep-pack"]
+                os.kill(process.pid, signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=kill_once_the_short_one_ended, daemon=True).start()
+    result = run_pack_job(members, isolate=True)["pack"]
+    assert result[0]["status"] == "ok" and result[0]["run_id"] == _runs(members[0][0])[0].info.run_id, result
+    assert result[1]["status"] == "failed" and result[1]["error_type"] == "TrialProcessDied", result
+    assert "killed by signal 9" in result[1]["message"], result
+    assert [r.info.status for r in _runs(members[0][0])] == ["FINISHED"]
+    assert [r.info.status for r in _runs(members[1][0])] == ["FAILED"]

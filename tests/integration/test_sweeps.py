@@ -260,6 +260,54 @@ def test_optuna_failing_and_pruned_trials(tmp_path, mlflow_store):
     assert pruned.data.tags["optuna_trial"] == str(trials[4].number)
 
 
+@pytest.mark.slow  # ~40 s: 4 trials of the TPE preset, in packs of 2
+def test_a_packed_tpe_study_states_its_sampler_and_logs_what_mattered(tmp_path, mlflow_store):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [
+        "--multirun",
+        "hydra/sweeper=lora_optuna",  # the tpe preset
+        "hydra.sweeper.sampler.seed=0",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.pack=2",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=tpe",
+        "lora.r=choice(2,4,8,16)",
+        "train.learning_rate=tag(log, interval(1e-4, 1e-1))",
+        *TINY[1:],
+    ]
+    result = sweep(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == (
+        "[sweep tpe] sampler: TPE (multivariate, constant liar, 10 random startup trials, seed 0); "
+        "up to 4 trial(s) asked at a time"
+    )
+    (parent,), children = split_runs(mlflow_store)
+    assert len(children) == 4 and {c.data.tags["pack_size"] for c in children} == {"2"}
+    client = mlflow.MlflowClient(mlflow_store)
+    run_id = parent.info.run_id
+    assert {"importance.md", "importance.csv", "plots"} <= {a.path for a in client.list_artifacts(run_id)}
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {f"plots/{p}.png" for p in ("param_importances", "slice", "contour")} <= plots
+    table = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="importance.csv")).read_text()
+    importances = {row.split(",")[0]: float(row.split(",")[1]) for row in table.splitlines()[1:]}
+    assert set(importances) == {"lora.r", "train.learning_rate"} and sum(importances.values()) == pytest.approx(1)
+    assert {k: v for k, v in parent.data.metrics.items() if k.startswith("importance/")} == pytest.approx(
+        {f"importance/{k}": v for k, v in importances.items()}
+    )
+    assert "[sweep tpe] importance: " in result.stdout
+    # Again on demand, from the study's storage that the parent run names.
+    shown = subprocess.run(
+        [sys.executable, "-m", "src.compare", "--sweep", "tpe", "--importance"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert all(f"| {param} | {value:.3f} |" in shown.stdout for param, value in importances.items())
+    assert f"to parent run {run_id}" in shown.stderr
+
+
 @pytest.mark.slow
 def test_pareto_sweep_is_multi_objective(tmp_path, mlflow_store):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

@@ -51,6 +51,7 @@ CORE = {
         "optuna_compat",
         "training_args",
         "ui_links",
+        "system_metrics",
     )
 }
 

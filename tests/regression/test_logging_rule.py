@@ -19,6 +19,7 @@ SRC = ROOT / "src"
 # its prints are the command's stdout payload.
 STDOUT_PAYLOAD = {
     "src.runs.compare:main": "the comparison (a table, CSV, JSON or HTML), which a user pipes or redirects",
+    "src.compare:main": "the comparison, or with --importance a study's importance table, which a user pipes",
     "src.doctor:main": "the stale runs, one per line (the count goes to stderr through the logger)",
     "src.plan:print_plans": "the memory plan: its table, then its JSON",
     "src.plan:print_pack": "a pack's plan: each trial's table, then the pack's table and JSON",

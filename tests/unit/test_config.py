@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ REQUIRED_EXTRAS = {
     ("data", "red_dot"): ["model=openllama3b"],
     ("data", "finance_alpaca"): ["model=openllama3b"],
     ("data", "instructions"): [],
+    ("eval", "forgetting"): ["data=instructions"],  # an LM loss: sft runs only
     ("experiment", "seed000_mistral7b_multilabel"): ["data.path=train.csv"],
 }
 
@@ -31,7 +33,7 @@ def _group_options() -> list[tuple[str, str]]:
 
 def test_every_group_has_options():
     groups = {g for g, _ in _group_options()}
-    assert groups == {"model", "quant", "lora", "data", "train", "experiment"}
+    assert groups == {"model", "quant", "lora", "data", "train", "eval", "experiment"}
 
 
 @pytest.mark.parametrize(("group", "option"), _group_options(), ids=lambda x: str(x))
@@ -509,3 +511,30 @@ def test_a_scheduler_is_refused_exactly_when_transformers_needs_arguments_the_sc
     (problem,) = _problems(["train.lr_scheduler_type=warmup_stable_decay"])
     assert problem.startswith("train.lr_scheduler_type=warmup_stable_decay: needs lr_scheduler_kwargs num_decay_steps")
     assert "min_lr or min_lr_rate" in _problems(["train.lr_scheduler_type=cosine_with_min_lr"])[0]
+
+
+def test_the_forgetting_text_is_read_before_training_and_only_an_sft_run_takes_one(tmp_path):
+    def problems(path, data="instructions", for_training=True) -> str:
+        raw = compose_config([f"data={data}", f"eval.forgetting_path={path}"])
+        with pytest.raises(ConfigError) as caught:
+            validate(raw, for_training=for_training)
+        return str(caught.value)
+
+    missing = tmp_path / "missing.txt"
+    assert f"eval.forgetting_path: '{missing}' cannot be read: No such file or directory" in problems(missing)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    assert "cannot be read: not UTF-8 text" in problems(tmp_path / "binary.txt")
+    (tmp_path / "blank.txt").write_text(" \n")
+    assert "holds no text" in problems(tmp_path / "blank.txt")
+    # A stored config that names another machine's file still validates (src.predict reads it without training).
+    assert validate(compose_config(["data=instructions", f"eval.forgetting_path={missing}"])).eval.forgetting_path
+    shipped = compose_config(["data=instructions", "eval=forgetting"])
+    assert Path(validate(shipped, for_training=True).eval.forgetting_path).name == "gettysburg_address.txt"
+    assert "data.task=classification trains a classifier" in problems(shipped["eval"]["forgetting_path"], "topics")
+
+
+def test_a_config_stored_before_the_eval_section_and_system_metrics_validates():
+    raw = compose_config([])
+    del raw["eval"], raw["tracking"]["system_metrics"]
+    cfg = validate(raw)
+    assert cfg.eval.forgetting_path is None and cfg.tracking.system_metrics is None

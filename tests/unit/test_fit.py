@@ -73,6 +73,8 @@ def test_end_to_end_run_is_recorded_by_contract(tmp_path, mlflow_store, data, qu
     assert metrics["objective"] == pytest.approx(value)
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["trainable_pct"] == pytest.approx(100 * metrics["trainable_params"] / metrics["total_params"])
+    # tracking.system_metrics=null is off on a CPU; eval=none measures nothing besides
+    assert not [name for name in metrics if name.startswith(("system/", "forgetting_"))]
     artifacts = _artifacts(run_.info.run_id)
     assert {"adapter", "config.yaml"} <= set(artifacts)
     adapter = _artifacts(run_.info.run_id, "adapter")
@@ -560,3 +562,33 @@ def test_a_checkpoint_saved_before_the_lora_variant_keys_resumes_as_plain_lora_a
     dora = validate(compose_config([*LOGGED_EACH_STEP, "lora.use_dora=true"]))
     with pytest.raises(ConfigError, match=r"lora.use_dora: \"\(unset\)\" vs true"):
         guards.check_resume(str(checkpoint), guards.run_fingerprint(dora, "classification", labels))
+
+
+def test_an_sft_run_logs_the_loss_it_gained_on_the_forgetting_text(tmp_path, mlflow_store):
+    _, run_ = _run(tmp_path, ["data=instructions", "eval=forgetting"])
+    metrics = run_.data.metrics
+    base, after = metrics["forgetting_loss_base"], metrics["forgetting_loss_after"]
+    assert metrics["forgetting_loss_delta"] == pytest.approx(after - base, abs=1e-12)
+    assert 0 < base < 50 and after != base  # four steps moved the adapter, and the text's loss with it
+
+
+def test_the_forgetting_delta_of_an_adapter_with_b_zero_is_zero(tmp_path, mlflow_store):
+    """peft starts B at zero, so the untouched adapter computes as the base (dropout is off in eval mode): the two
+    losses are the same number, and a nonzero B is what moves the adapted one."""
+    raw = compose_config(["data=instructions", "eval=forgetting", "data.subsample=8", "data.eval_subsample=4"])
+    cfg = validate({**raw, "output_dir": str(tmp_path)}, for_training=True)
+    loaded = fit.load(cfg, tmp_path)
+    lora_b = [p for name, p in loaded.model.named_parameters() if "lora_B" in name]
+    assert lora_b and not any(p.any() for p in lora_b)
+    text = fit.forgetting_text(cfg)
+    with mlflow.start_run() as active:
+        base = fit.log_base_loss(cfg, loaded, text)
+        fit.log_forgetting(cfg, loaded, text, base)
+    metrics = mlflow.get_run(active.info.run_id).data.metrics
+    assert metrics["forgetting_loss_delta"] == 0.0
+    assert metrics["forgetting_loss_after"] == metrics["forgetting_loss_base"] == base
+    with torch.no_grad():
+        for p in lora_b:
+            p.fill_(0.05)
+    assert fit.forgetting_loss(loaded, text, cfg.model.max_length, trained=True) != base
+    assert fit.forgetting_loss(loaded, text, cfg.model.max_length, trained=False) == base  # the base, adapter or not

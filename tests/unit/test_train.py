@@ -16,6 +16,7 @@ def test_help_lists_the_groups_a_user_composes_and_nothing_internal():
     groups = proc.stdout.split("Config groups")[1].split("Keys (")[0].splitlines()[1:]
     assert {line.split()[0] for line in groups if line.strip()} == {
         "data",
+        "eval",
         "experiment",
         "lora",
         "model",

@@ -47,11 +47,12 @@ def _adapter(tmp_path, name: str) -> dict[str, torch.Tensor]:
 
 def test_each_trial_of_a_pack_trains_as_it_would_alone(tmp_path, mlflow_store):
 
+    trials = [[*overrides, "eval=forgetting"] for overrides in TRIALS]  # each trial scores the text on its own slot
     alone = []
-    for i, overrides in enumerate(TRIALS):
+    for i, overrides in enumerate(trials):
         train_run(_raw(tmp_path, f"alone{i}", overrides))
         alone.append(mlflow.last_active_run().info.run_id)
-    result = run_pack_job([(_raw(tmp_path, f"pack{i}", o), None) for i, o in enumerate(TRIALS)])
+    result = run_pack_job([(_raw(tmp_path, f"pack{i}", o), None) for i, o in enumerate(trials)])
     packed = result["pack"]
     assert [r["status"] for r in packed] == ["ok"] * 3, packed
     for i, (solo_id, trial) in enumerate(zip(alone, packed)):
@@ -70,6 +71,8 @@ def test_each_trial_of_a_pack_trains_as_it_would_alone(tmp_path, mlflow_store):
         solo_run = mlflow.get_run(solo_id)
         for metric in ("trainable_params", "total_params"):
             assert run_.data.metrics[metric] == solo_run.data.metrics[metric], metric
+        for metric in ("forgetting_loss_base", "forgetting_loss_after", "forgetting_loss_delta"):
+            assert run_.data.metrics[metric] == pytest.approx(solo_run.data.metrics[metric], rel=1e-5, abs=1e-6)
         assert run_.data.params["lora.resolved_targets"] == solo_run.data.params["lora.resolved_targets"]
 
 

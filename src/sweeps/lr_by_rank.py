@@ -1,0 +1,122 @@
+"""The best learning rate of each LoRA rank, on the parent run of a study that searches both.
+
+A LoRA run's best learning rate depends on its rank, and on how its update is scaled ("LoRA Without Regret",
+https://thinkingmachines.ai/blog/lora/; "Learning Rate Matters: Vanilla LoRA May Suffice",
+https://arxiv.org/abs/2602.04998): a study over one learning-rate interval for every rank can crown a rank that
+only had the luckier learning rates. So a single-objective study whose trials draw both ``lora.r`` and
+``train.learning_rate`` (``sweeps/lr_rank.yaml``) reports, for each rank, its best completed trial: the learning
+rate, the objective, and how many trials of that rank ran. The parent run gets ``best_lr_by_rank.md`` and ``.csv``,
+one metric ``best_lr/r<rank>`` each, and ``plots/lr_by_rank.png`` (every trial's objective against its learning
+rate, one colour a rank, each rank's best circled). Only trials that ran count (a repeated proposal, answered
+from the trial it repeats, is left out)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from src.sweeps.outcomes import DUPLICATE_OF_ATTR
+
+RANK, LR = "lora.r", "train.learning_rate"
+TABLE, CSV_FILE, PLOT = "best_lr_by_rank.md", "best_lr_by_rank.csv", "lr_by_rank.png"
+METRIC_PREFIX = "best_lr/r"
+
+
+@dataclass(frozen=True)
+class RankBest:
+    rank: int
+    learning_rate: float
+    value: float
+    trial: int
+    trials: int  # completed trials of this rank
+
+
+def ran_trials(study) -> list:
+    """The completed trials that ran and drew both a rank and a learning rate."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in complete if DUPLICATE_OF_ATTR not in t.user_attrs and RANK in t.params and LR in t.params]
+
+
+def best_by_rank(study) -> list[RankBest]:
+    """Each rank's best trial, by rank; empty unless the study has one objective and searches both."""
+    if len(study.directions) != 1:
+        return []
+    maximize = study.direction.name == "MAXIMIZE"
+    by_rank: dict[int, list] = {}
+    for trial in ran_trials(study):
+        by_rank.setdefault(int(trial.params[RANK]), []).append(trial)
+    found = []
+    for rank, trials in sorted(by_rank.items()):
+        best = (max if maximize else min)(trials, key=lambda t: t.value)
+        found.append(RankBest(rank, float(best.params[LR]), float(best.value), best.number, len(trials)))
+    return found
+
+
+def table(found: list[RankBest], metric: str) -> str:
+    lines = [
+        f"Best learning rate per LoRA rank, by {metric} ({sum(b.trials for b in found)} completed trial(s))",
+        "",
+        f"| lora.r | best learning rate | {metric} | trial | trials of this rank |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {b.rank} | {b.learning_rate:.3g} | {b.value:.4g} | #{b.trial} | {b.trials} |" for b in found]
+    return "\n".join(lines) + "\n"
+
+
+def plot(study, found: list[RankBest], metric: str, path: Path) -> Optional[str]:
+    """Every trial's objective against its learning rate (log scale), one colour a rank, each rank's best circled;
+    why not, if drawing failed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    try:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        trials = ran_trials(study)
+        for best in found:
+            mine = [t for t in trials if int(t.params[RANK]) == best.rank]
+            points = axes.scatter([t.params[LR] for t in mine], [t.value for t in mine], label=f"r={best.rank}")
+            ring = points.get_facecolor()
+            axes.scatter([best.learning_rate], [best.value], s=160, facecolors="none", edgecolors=ring)
+        axes.set_xscale("log")
+        axes.set_xlabel("learning rate")
+        axes.set_ylabel(metric)
+        axes.set_title("Objective by learning rate and rank (circled: each rank's best)")
+        axes.legend()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, bbox_inches="tight", dpi=100)
+        plt.close(figure)
+        return None
+    except Exception as exc:  # noqa: BLE001  a plot never fails the sweep
+        return f"{type(exc).__name__}: {exc}"
+
+
+def lr_by_rank_files(study, metric: str, out: Path) -> tuple[list[RankBest], list[tuple[Path, Optional[str]]], dict]:
+    """The table, CSV and plot in ``out`` (the plot under ``plots/``), as (found, files to log with their artifact
+    folder, metrics); nothing where the study does not search both a rank and a learning rate."""
+    found = best_by_rank(study)
+    if not found:
+        return [], [], {}
+    (out / TABLE).write_text(table(found, metric))
+    with open(out / CSV_FILE, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["lora.r", "learning_rate", metric, "trial", "trials"])
+        writer.writerows([b.rank, b.learning_rate, b.value, b.trial, b.trials] for b in found)
+    files: list[tuple[Path, Optional[str]]] = [(out / TABLE, None), (out / CSV_FILE, None)]
+    why = plot(study, found, metric, out / "plots" / PLOT)
+    if why is None:
+        files.append((out / "plots" / PLOT, "plots"))
+    else:
+        with open(out / TABLE, "a") as handle:
+            handle.write(f"\nnote: no plot: {why}\n")
+    metrics: dict[str, Any] = {f"{METRIC_PREFIX}{b.rank}": b.learning_rate for b in found}
+    return found, files, metrics
+
+
+def short_text(found: list[RankBest]) -> str:
+    return ", ".join(f"r={b.rank}: {b.learning_rate:.3g} ({b.value:.4g})" for b in found)
