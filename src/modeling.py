@@ -403,10 +403,12 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def adapters_disabled(model: torch.nn.Module):
-    """A context in which the model computes as its base: peft's ``disable_adapter``; nothing to disable in a
-    fully fine-tuned model, which is its own base (before training, when the SFT run samples it, that is exact)."""
+    """A context in which the model, before training, computes as its base: peft's ``disable_adapter``; nothing to
+    disable in a fully fine-tuned model, which is its own base, or after a base-changing init (PiSSA, OLoRA), whose
+    untrained adapter adds back to the base what the init took out of it."""
     disable = getattr(model, "disable_adapter", None)
-    return disable() if disable is not None else contextlib.nullcontext()
+    inits = [config.init_lora_weights for config in getattr(model, "peft_config", {}).values()]
+    return contextlib.nullcontext() if disable is None or any(map(changes_base, inits)) else disable()
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

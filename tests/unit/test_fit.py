@@ -572,6 +572,17 @@ def test_an_sft_run_logs_the_loss_it_gained_on_the_forgetting_text(tmp_path, mlf
     assert 0 < base < 50 and after != base  # four steps moved the adapter, and the text's loss with it
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_base_changing_init_measures_forgetting_from_the_original_base(tmp_path, mlflow_store, init):
+    """PiSSA and OLoRA take the adapter's start out of the base: before training the model with its adapter is the
+    original base, and its loss on the forgetting text is the plain run's base loss."""
+    overrides = ["data=instructions", "eval=forgetting", "train.max_steps=1"]
+    _, plain = _run(tmp_path / "plain", overrides)
+    _, changed = _run(tmp_path / init, [*overrides, f"lora.init={init}"])
+    base = plain.data.metrics["forgetting_loss_base"]
+    assert changed.data.metrics["forgetting_loss_base"] == pytest.approx(base, rel=1e-5)
+
+
 def test_the_forgetting_delta_of_an_adapter_with_b_zero_is_zero(tmp_path, mlflow_store):
     """peft starts B at zero, so the untouched adapter computes as the base (dropout is off in eval mode): the two
     losses are the same number, and a nonzero B is what moves the adapted one."""
