@@ -45,6 +45,7 @@ from src.config_schema import (
     QuantConfig,
     TrackingConfig,
     TrainConfig,
+    changes_base,
 )
 from src.errors import ProblemsError
 from src.overrides import group_options
@@ -72,6 +73,7 @@ __all__ = [
     "QuantConfig",
     "TrackingConfig",
     "TrainConfig",
+    "changes_base",
     "check_overrides",
     "compose",
     "config_changes",

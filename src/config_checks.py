@@ -29,10 +29,12 @@ from src.config_schema import (
     DERIVED_METRICS,
     FULL_FINE_TUNING,
     HINTS,
+    LORA_INITS,
     LORA_PRESETS,
     LR_SCHEDULERS,
     OPTIMIZERS,
     PER_LABEL_METRIC,
+    PISSA_NITER,
     TASK_METRICS,
     Config,
     DataConfig,
@@ -201,7 +203,53 @@ def _full_fine_tuning_problems(checked: Checked) -> list[str]:
             )
     if checked.passed("lora", "bias") and lora.bias != "none":
         problems.append(f"lora.bias: must be 'none' with lora=none (biases train anyway), got {lora.bias!r}")
+    for key, plain in (("use_rslora", "false"), ("use_dora", "false"), ("loraplus_lr_ratio", "null"), ("init", "true")):
+        value = getattr(lora, key)
+        if checked.passed("lora", key) and (value is not True if plain == "true" else value not in (False, None)):
+            problems.append(f"lora.{key}: must be {plain} with lora=none (there is no adapter), got {value!r}")
     return problems
+
+
+def loraplus_problems(checked: Checked) -> list[str]:
+    """LoRA+ gives peft's parameter groups to the optimizer ``train.optim`` names: LOMO takes the model instead."""
+    lora, train = checked.section("lora", "loraplus_lr_ratio"), checked.section("train", "optim")
+    if lora is None or train is None or lora.loraplus_lr_ratio is None or train.optim not in ("lomo", "adalomo"):
+        return []
+    return [
+        f"lora.loraplus_lr_ratio with train.optim={train.optim}: LOMO updates the model in its backward pass and takes "
+        "no parameter groups; use an AdamW (adamw_torch, paged_adamw_8bit)"
+    ]
+
+
+# peft's init_lora_weights values lora.init refuses, and why (src.config_schema.LORA_INITS says what it takes).
+UNSUPPORTED_INITS = {
+    "eva": "needs peft's EVA pass over training batches",
+    "corda": "needs peft's CorDA preprocessing on calibration data",
+    "lora_ga": "needs peft's LoRA-GA gradient preprocessing",
+    "loftq": "quantizes the base itself (a LoftQConfig)",
+    "mica": "freezes B, which the pack engine and src.plan do not model",
+}
+
+
+def lora_init_problems(checked: Checked) -> list[str]:
+    """``lora.init``: a value of peft's ``init_lora_weights`` a run can prepare, on a base it can apply to."""
+    lora = checked.section("lora", "init", "preset")
+    if lora is None or lora.preset == FULL_FINE_TUNING:
+        return []
+    init = lora.init
+    allowed = ", ".join(str(value).lower() if isinstance(value, bool) else value for value in LORA_INITS)
+    if isinstance(init, str) and init not in LORA_INITS and not PISSA_NITER.fullmatch(init):
+        why = f" ({UNSUPPORTED_INITS[init]})" if init in UNSUPPORTED_INITS else ""
+        return [f"lora.init: {init!r} is not supported{why}; allowed: {allowed}"]
+    if init == "orthogonal" and checked.passed("lora", "r") and lora.r is not None and lora.r % 2:
+        return [f"lora.init=orthogonal: needs an even lora.r (peft pairs A's and B's rows), got {lora.r}"]
+    quant = checked.section("quant", "bits")
+    if isinstance(init, str) and init.startswith("pissa") and quant is not None and quant.bits != 16:
+        return [
+            f"lora.init={init} with quant.bits={quant.bits}: peft's PiSSA takes the SVD of a 16/32-bit base "
+            "(quant=none)"
+        ]
+    return []
 
 
 def quantized_full_fine_tuning_problems(checked: Checked) -> list[str]:
@@ -411,6 +459,8 @@ def forgetting_text_problems(checked: Checked) -> list[str]:
 RULES: tuple[Callable[[Checked], list[str]], ...] = (
     model_length_problems,
     adapter_problems,
+    lora_init_problems,
+    loraplus_problems,
     quantized_full_fine_tuning_problems,
     data_source_problems,
     data_column_problems,

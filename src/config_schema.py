@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from src.config_rules import bounded
 
@@ -72,6 +73,13 @@ LR_SCHEDULERS = (
     *("inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr"),
     *("warmup_stable_decay", "greedy"),
 )
+# peft's init_lora_weights values lora.init takes: True (B = 0, A Kaiming), False (both random, for debugging),
+# gaussian, orthogonal (an even rank), and the two that move the base weight by the adapter's start (PiSSA, OLoRA;
+# pissa_niter_<n>: PiSSA by a fast SVD of n subspace iterations). peft's others need calibration data (eva, corda,
+# lora_ga), quantize the base themselves (loftq) or freeze B (mica), which no run here prepares.
+LORA_INITS = (True, False, "gaussian", "orthogonal", "pissa", "pissa_niter_<n>", "olora")
+BASE_CHANGING_INITS = ("pissa", "olora")  # and pissa_niter_<n>: the base becomes W - scale * B0 A0
+PISSA_NITER = re.compile(r"pissa_niter_\d+")
 # A LoRA rank at or above a layer's width is no longer low-rank: it costs more than a full update and can express
 # no more. 4096 is the width of the 7B/8B models this project targets and above the ranks the LoRA literature
 # tries (<= 2048), so a larger value is a typo (r=80000), not an experiment.
@@ -79,6 +87,20 @@ MAX_LORA_RANK = 4096
 # The settings that relax a safety rule, as dotted keys. Only the command that loads a model grants them: a run's
 # stored config.yaml never does (src.runs.inference refuses one that sets them, naming the flag that grants it).
 SAFETY_SETTINGS = ("model.trust_remote_code", "model.allow_pickle_weights")
+
+
+def changes_base(init: Any) -> bool:
+    """Whether peft's ``init_lora_weights=init`` moves the base weight (PiSSA, OLoRA), which no other adapter shares."""
+    return isinstance(init, str) and (init in BASE_CHANGING_INITS or PISSA_NITER.fullmatch(init) is not None)
+
+
+def variant_name(lora: dict) -> str:
+    """``-rslora-dora-loraplus16-init=pissa``: a raw ``lora`` section's variant where it is not plain LoRA, else ''."""
+    ratio, init = lora.get("loraplus_lr_ratio"), lora.get("init", True)
+    parts = [name for name in ("rslora", "dora") if lora.get(f"use_{name}") is True]
+    parts += [f"loraplus{ratio:g}"] if isinstance(ratio, (int, float)) else []
+    parts += [f"init={str(init).lower()}"] if init is not True else []
+    return "".join(f"-{part}" for part in parts)
 
 
 def setting(help: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -139,6 +161,21 @@ class LoraConfig:
     )
     modules_to_save: Optional[list[str]] = setting(
         "Modules trained in full and saved with the adapter; a classification head is added without asking."
+    )
+    use_rslora: bool = setting(
+        "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (peft's use_rslora).", default=False
+    )
+    use_dora: bool = setting(
+        "DoRA: a trained magnitude per output feature of each adapted layer (peft's use_dora).", default=False
+    )
+    loraplus_lr_ratio: Optional[float] = bounded(
+        "LoRA+: B's learning rate over A's (peft's create_loraplus_optimizer); null: one learning rate.",
+        gt=0,
+        default=None,
+    )
+    init: Union[bool, str] = setting(
+        f"peft's init_lora_weights: one of {', '.join(map(str, LORA_INITS))}; pissa and olora change the base.",
+        default=True,
     )
 
 

@@ -118,6 +118,8 @@ def load(cfg: Config, output_dir: Path) -> Loaded:
         cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id, cfg.train.activation_checkpointing
     )
     model = modeling.apply_lora(model, cfg.lora, data.task)
+    if distributed.is_main_process():
+        modeling.save_initial_adapter(model, cfg.lora, output_dir)
     trainable, total = modeling.count_params(model)
     targets = modeling.target_leaf_names(model)
     return Loaded(tokenizer, data, model, None, checkpoint, fingerprint, trainable, total, targets)
@@ -312,7 +314,7 @@ def save_outputs(cfg: Config, model, tokenizer, data, saved_dir: Path, metrics) 
     classification report. The artifact is named as the directory: ``adapter/`` or ``model/``."""
     from src import training
 
-    model.save_pretrained(saved_dir)
+    modeling.save_adapter(model, cfg.lora, saved_dir)
     tokenizer.save_pretrained(saved_dir)
     (saved_dir / "label_map.json").write_text(
         json.dumps({"task": data.task, "labels": data.labels, "threshold": cfg.data.threshold}, indent=2)
@@ -352,6 +354,8 @@ def build_trainer(
         metrics, truncated = None, training.count_truncated_sft(data, tokenizer, cfg.model.max_length)
     else:
         trainer, metrics, truncated = _classification_trainer(cfg, data, inputs, member)
+    if cfg.lora.loraplus_lr_ratio is not None:  # never in a pack: src.sweeps.grouping.unpackable
+        training.use_loraplus(trainer, cfg.lora.loraplus_lr_ratio)
     training.use_console(trainer, label)
     return trainer, metrics, truncated
 

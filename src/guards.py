@@ -223,7 +223,11 @@ def run_fingerprint(cfg: Config, task: str, labels: Optional[list]) -> dict[str,
         }
     )
     found.update({f"quant.{k}": v for k, v in dataclasses.asdict(cfg.quant).items()})
-    found.update({f"lora.{k}": v for k, v in dataclasses.asdict(cfg.lora).items()})
+    # A lora key at its schema default (one added after checkpoints were saved: use_dora ...) is left out, so that
+    # a checkpoint of plain LoRA saved before the key existed still resumes.
+    later = {f.name: f.default for f in dataclasses.fields(cfg.lora) if f.default is not dataclasses.MISSING}
+    lora = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k not in later or v != later[k]}
+    found.update({f"lora.{k}": v for k, v in lora.items()})
     return json.loads(json.dumps(found, default=str))
 
 

@@ -531,7 +531,9 @@ def plan(cfg: Config, tokens_per_micro_batch: Optional[int] = None) -> MemoryPla
     model_config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     base = build_meta_model(model_config, cfg)
     shape = model_shape(base, model_config, cfg.data.task, encoder=cfg.model.architecture == "encoder")
-    model = apply_lora(base, cfg.lora, cfg.data.task)
+    # Counted with peft's default start: the starts lora.init takes set the same parameters, and PiSSA's and OLoRA's
+    # decompositions of the base cannot run on the meta device.
+    model = apply_lora(base, dataclasses.replace(cfg.lora, init=True), cfg.data.task)
     trainable, total = count_params(model)
     breakdown = _breakdown(cfg, shape, model, trainable, tokens_per_micro_batch)
     sft = cfg.data.task == "sft"

@@ -17,7 +17,15 @@ from typing import Any, Optional, Union
 
 import torch
 
-from src.config import FULL_FINE_TUNING, LORA_PRESETS, ConfigError, LoraConfig, ModelConfig, QuantConfig
+from src.config import (
+    FULL_FINE_TUNING,
+    LORA_PRESETS,
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    QuantConfig,
+    changes_base,
+)
 from src.errors import first_line
 from src.guards import check_remote_code, check_weight_format
 from src.hub import ModelUnavailable, looks_local, model_source_problem
@@ -306,7 +314,8 @@ def target_leaf_names(model: torch.nn.Module) -> list[str]:
 
 
 def to_lora_config(lora: LoraConfig, target_modules: Union[str, list[str]], task: str):
-    """The peft LoraConfig. Classification heads are saved with the adapter (task type SEQ_CLS)."""
+    """The peft LoraConfig. Classification heads are saved with the adapter (task type SEQ_CLS). LoRA+ is no field
+    of it: its ratio sets the optimizer's groups (:func:`src.training.use_loraplus`)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType
 
@@ -317,6 +326,9 @@ def to_lora_config(lora: LoraConfig, target_modules: Union[str, list[str]], task
         bias=lora.bias,
         target_modules=target_modules,
         modules_to_save=lora.modules_to_save,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=lora.init,
         task_type=TaskType.CAUSAL_LM if task == "sft" else TaskType.SEQ_CLS,
     )
 
@@ -333,6 +345,52 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, task: str):
     return get_peft_model(model, to_lora_config(lora, resolve_target_modules(model, lora), task))
 
 
+# PiSSA and OLoRA train an adapter on a base they changed; the adapter as it started, saved here before training,
+# lets peft save the trained one as a plain LoRA (of twice the rank) on the original base, which is what inference
+# and export load.
+INITIAL_ADAPTER_DIR = "initial_adapter"
+
+
+def save_initial_adapter(model: torch.nn.Module, lora: LoraConfig, output_dir: Path) -> None:
+    """Save the adapter as it starts, where ``lora.init`` changed the base (:data:`INITIAL_ADAPTER_DIR`)."""
+    if changes_base(lora.init):
+        model.save_pretrained(output_dir / INITIAL_ADAPTER_DIR)
+
+
+def save_adapter(model: torch.nn.Module, lora: LoraConfig, directory: Path) -> None:
+    """``model.save_pretrained(directory)``; after a base-changing init, converted to a plain LoRA on the original
+    base against the adapter as it started (:func:`save_initial_adapter`, beside ``directory``). peft's conversion
+    keeps the LoRA weights alone, so a classifier's trained head (``modules_to_save``) is added back to its file."""
+    if not changes_base(lora.init):
+        model.save_pretrained(directory)
+        return
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    initial = directory.parent / INITIAL_ADAPTER_DIR
+    model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial))
+    heads = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items() if "lora_" not in k}
+    if heads:
+        weights = directory / "adapter_model.safetensors"
+        save_file({**load_file(str(weights)), **heads}, str(weights), metadata={"format": "pt"})
+
+
+def unshareable_variant(lora: LoraConfig) -> Optional[str]:
+    """Why this adapter's variant cannot train in a pack (:mod:`src.packs`, which holds plain LoRA A/B per slot on
+    one shared, unchanged base), or None: rsLoRA packs (the slot bank reads peft's scale), and so do the inits that
+    leave the base as it is."""
+    if lora.use_dora:
+        return "lora.use_dora=true: DoRA's magnitude vectors are not in the pack engine"
+    if lora.loraplus_lr_ratio is not None:
+        return (
+            f"lora.loraplus_lr_ratio={lora.loraplus_lr_ratio}: LoRA+'s own learning rate for B is not in the pack "
+            "engine's optimizer"
+        )
+    if changes_base(lora.init):
+        return f"lora.init={lora.init}: it changes the base weights, which the pack shares"
+    return None
+
+
 def is_full_fine_tuning(lora: LoraConfig) -> bool:
     """``lora=none``: no adapter; the run trains and saves the whole model."""
     return lora.preset == FULL_FINE_TUNING
@@ -345,10 +403,12 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def adapters_disabled(model: torch.nn.Module):
-    """A context in which the model computes as its base: peft's ``disable_adapter``; nothing to disable in a
-    fully fine-tuned model, which is its own base (before training, when the SFT run samples it, that is exact)."""
+    """A context in which the model, before training, computes as its base: peft's ``disable_adapter``; nothing to
+    disable in a fully fine-tuned model, which is its own base, or after a base-changing init (PiSSA, OLoRA), whose
+    untrained adapter adds back to the base what the init took out of it."""
     disable = getattr(model, "disable_adapter", None)
-    return disable() if disable is not None else contextlib.nullcontext()
+    inits = [config.init_lora_weights for config in getattr(model, "peft_config", {}).values()]
+    return contextlib.nullcontext() if disable is None or any(map(changes_base, inits)) else disable()
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

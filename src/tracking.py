@@ -46,6 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from src import distributed, system_metrics
 from src import reserve as reserve_mod
 from src.config import CONF_DIR, Config, ConfigError, refuse_unresolved, validate
+from src.config_schema import variant_name
 from src.errors import StoreError, cause_line
 from src.names import filter_value, name_problem
 from src.tiny import PROJECT_ROOT
@@ -59,14 +60,9 @@ SWEEP_KEYS_ENV = "LORA_SWEEP_KEYS"
 # Keys the base run name already shows; a sweep over them needs no label.
 NAMED_KEYS = frozenset(
     {
-        "model.name",
-        "data.name",
-        "quant.bits",
-        "lora.preset",
-        "lora.target_modules",
-        "lora.r",
-        "lora.alpha",
-        "tracking.run_name",
+        *("model.name", "data.name", "quant.bits", "tracking.run_name"),
+        *("lora.preset", "lora.target_modules", "lora.r", "lora.alpha"),
+        *("lora.use_rslora", "lora.use_dora", "lora.loraplus_lr_ratio", "lora.init"),  # shown by variant_name
     }
 )
 MAX_PARAM_LEN = 6000
@@ -193,8 +189,8 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 def run_name(raw: dict, swept: Optional[str] = None) -> str:
     """e.g. ``openllama3b-red_dot-4bit-all_linear-r8-a16``: model, dataset, base, targets (explicit ones join
-    with '+'), rank and alpha; ``phi3mini-mbti-16bit-full`` for full fine-tuning (lora=none). ``tracking.run_name``
-    replaces this base.
+    with '+'), rank and alpha, and a variant other than plain LoRA (``-dora``); ``phi3mini-mbti-16bit-full`` for
+    full fine-tuning (lora=none). ``tracking.run_name`` replaces this base.
 
     A run of a sweep adds what tells it apart from the sweep's other runs, the swept keys the base does not show
     (``swept``, else $LORA_SWEEP_KEYS set by the sweep): ``tiny-topics-16bit-attn_qv-r8-a16-class_weights=balanced``.
@@ -215,7 +211,7 @@ def _base_run_name(raw: dict) -> str:
     target_name = "+".join(targets) if isinstance(targets, list) and targets else lora.get("preset", "lora")
     bits, r, alpha = quant.get("bits", "?"), lora.get("r", "?"), lora.get("alpha", "?")
     trained = "full" if lora.get("preset") == "none" else f"{target_name}-r{r}-a{alpha}"  # lora=none: full fine-tuning
-    return f"{model.get('name', 'model')}-{data.get('name', 'data')}-{bits}bit-{trained}"
+    return f"{model.get('name', 'model')}-{data.get('name', 'data')}-{bits}bit-{trained}{variant_name(lora)}"
 
 
 _MISSING = object()

@@ -303,6 +303,24 @@ class ProgressBar(ProgressCallback):
         return
 
 
+def use_loraplus(trainer, ratio: float) -> None:
+    """LoRA+ ("LoRA+: Efficient Low Rank Adaptation of Large Models", https://arxiv.org/abs/2402.12354): the
+    trainer's optimizer, of the class and settings its arguments name (on the fast path, the ones it replanned), with
+    B's parameters (and DoRA's magnitudes) at ``ratio`` times A's learning rate, by peft's own helper. Set before
+    training, it is the optimizer the Trainer keeps (``create_optimizer`` makes one only where none is set)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs.setdefault("lr", trainer.args.learning_rate)
+    trainer.optimizer = create_loraplus_optimizer(
+        trainer.model,
+        optimizer_cls,
+        loraplus_lr_ratio=ratio,
+        loraplus_weight_decay=trainer.args.weight_decay,
+        **kwargs,
+    )
+
+
 def use_console(trainer, label: Optional[str] = None) -> None:
     """Replace HF's printing callbacks: a progress bar on a terminal, and compact metric lines everywhere."""
     trainer.remove_callback(PrinterCallback)

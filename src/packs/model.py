@@ -24,8 +24,9 @@ stops its own trial (``train.stop_on_nonfinite_loss``). ``tests/unit/packs/test_
 a pack of 3 (different r, targets and learning rates) gives the losses and final adapter weights of the same trial
 run alone.
 
-Packs take SFT on the fast path with plain LoRA (no bias) on one process: :func:`src.sweeps.grouping.unpackable`
-names what keeps a job out, and such jobs run alone.
+Packs take SFT on the fast path with plain LoRA or rsLoRA (no bias, no DoRA, no LoRA+, a base the init leaves as it
+is) on one process: :func:`src.sweeps.grouping.unpackable` names what keeps a job out, and such jobs run alone;
+:func:`build_pack` refuses one that gets here.
 """
 
 from __future__ import annotations
@@ -373,8 +374,12 @@ def build_pack(
     from peft import get_peft_model
     from transformers import set_seed
 
-    from src.modeling import resolve_target_modules, to_lora_config
+    from src.config import ConfigError
+    from src.modeling import resolve_target_modules, to_lora_config, unshareable_variant
 
+    refused = [f"trial {i}: {why}" for i, why in enumerate(map(unshareable_variant, loras)) if why is not None]
+    if refused:  # the sweep's grouping runs such jobs alone; a pack that gets one would train it wrong
+        raise ConfigError(refused)
     names = [f"t{i}" for i in range(len(loras))]
     configs = [to_lora_config(lora, resolve_target_modules(model, lora), task) for lora in loras]  # on the bare base
     peft_model = None

@@ -37,7 +37,7 @@ from src.errors import run_cli
 from src.logger import say
 from src.runs.gpu_use import gpu_utilization
 from src.runs.samples import samples_text
-from src.runs.selection import Selection, param, select_runs
+from src.runs.selection import Selection, param, select_runs, with_schema_defaults
 from src.runs.table import Column, CompareError, format_table, is_number
 
 __all__ = ["Column", "CompareError", "format_table", "group_seeds", "main", "pareto_front", "pick_best"]
@@ -217,12 +217,12 @@ def run_objective(params: dict) -> Optional[tuple[str, str]]:
 
 def run_row(run, quality: Sequence[str], objective_metric: Optional[str]) -> dict:
     """One row from an MLflow run; the objective metric's value is the run's ``objective`` metric."""
-    params, metrics = run.data.params, run.data.metrics
+    params, metrics = with_schema_defaults(run.data.params), run.data.metrics
     trainable = metrics.get("trainable_params")
     row = {
         "run_ids": [run.info.run_id],
         "run": run.info.run_name,
-        "params": dict(params),
+        "params": params,
         "model": param(params, "model.name"),
         "data": param(params, "data.name"),
         "task": param(params, "data.task"),

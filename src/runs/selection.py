@@ -157,6 +157,31 @@ def _newest_runs(client, all_ids: list[str], limit: int, where: str, shown: str)
     return Selection(runs, f"the newest {len(runs)} run(s) of experiment {name!r}", None)
 
 
+def schema_defaults() -> dict[str, str]:
+    """The keys added to the config after runs were stored (the schema's defaults, ``lora.use_dora`` ...), as a run
+    logs their default (``src.tracking.log_params``)."""
+    import dataclasses
+
+    from src.config_schema import HINTS, SCHEMA, Config
+
+    sections = {tp: name for name, tp in HINTS[Config].items()}
+    return {
+        f"{sections[cls]}.{f.name}": "null" if f.default is None else str(f.default)
+        for cls in SCHEMA
+        if cls in sections
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING
+    }
+
+
+def with_schema_defaults(params: dict) -> dict:
+    """A run's params, with the default of each key its config was stored without: a run from before
+    ``lora.use_dora`` existed trained plain LoRA, and compares (and groups its seeds) as one that logged it."""
+    if "lora.preset" not in params:  # not a training run of this project's config
+        return dict(params)
+    return {**schema_defaults(), **params}
+
+
 def param(params: dict, key: str) -> Optional[str]:
     value = params.get(key)
     return None if value in (None, "null", "None", "") else value

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import ConfigError, validate
 from src.memory import plans_own_micro_batches
+from src.modeling import unshareable_variant
 
 PACK_ENV = "LORA_SWEEP_PACK"  # a pack job's member file
 
@@ -35,6 +36,9 @@ def unpackable(cfg) -> Optional[str]:
         return f"lora.bias={cfg.lora.bias} trains the base's biases, which the pack shares"
     if cfg.lora.modules_to_save:
         return "lora.modules_to_save trains base modules, which the pack shares"
+    variant = unshareable_variant(cfg.lora)
+    if variant is not None:
+        return variant
     if not cfg.train.fast_path:
         return "train.fast_path=false: packs run on the fast path"
     if cfg.train.nproc_per_node > 1:

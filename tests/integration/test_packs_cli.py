@@ -146,6 +146,25 @@ def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path,
     assert _runs(members[1][0])[0].info.status == "KILLED"
 
 
+@pytest.mark.slow  # ~40 s on a shared CPU: a packed grid of 2 as a real sweep
+def test_a_dora_job_of_a_packed_grid_trains_alone_and_the_sweep_says_why(tmp_path, mlflow_store):
+    from tests.integration.sweeping import split_runs, sweep
+
+    args = ["--multirun", "lora.use_dora=false,true", "hydra.sweeper.pack=2", *COMMON[:3], "train.max_steps=2"]
+    result = sweep([*args, "train.eval_strategy=no", "tracking.log_adapter=false"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "2 jobs as 2 launches" in output
+    assert "#1 trains alone: lora.use_dora=true: DoRA's magnitude vectors are not in the pack engine" in output
+    _, children = split_runs(mlflow_store)
+    assert sorted((c.data.params["lora.use_dora"], c.info.status) for c in children) == [
+        ("False", "FINISHED"),
+        ("True", "FINISHED"),
+    ]
+    dora = next(c for c in children if c.data.params["lora.use_dora"] == "True")
+    assert "pack_trial" not in dora.data.tags and dora.info.run_name.endswith("-dora")
+
+
 def test_a_kill_9_of_the_packs_process_keeps_the_trials_that_ended_and_fails_the_others(tmp_path, mlflow_store):
     """kill -9 of the pack's process (no result file written): the trial that had ended keeps its result (each
     trial's result is on disk as it ends), and the one still training is a FAILED job whose run ends FAILED, not

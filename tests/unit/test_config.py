@@ -239,6 +239,7 @@ def test_a_schema_default_is_the_value_the_yaml_composes_to():
 def test_lora_presets_say_only_their_own_values():
     """conf/config.yaml holds the base values of every LoRA preset; a preset file sets its targets."""
     base = {"r": 8, "alpha": 16, "dropout": 0.05, "bias": "none", "target_modules": None, "modules_to_save": None}
+    base |= {"use_rslora": False, "use_dora": False, "loraplus_lr_ratio": None, "init": True}  # plain LoRA
     for path in sorted((CONF_DIR / "lora").glob("*.yaml")):
         lora = validate(compose_config([f"lora={path.stem}"])).lora
         assert lora.preset == path.stem
@@ -247,6 +248,45 @@ def test_lora_presets_say_only_their_own_values():
             assert not any(line.startswith(tuple(base)) for line in path.read_text().splitlines()), path
     full = validate(compose_config(["lora=none"])).lora
     assert (full.r, full.alpha, full.bias) == (None, None, "none")
+
+
+ALLOWED_INITS = "allowed: true, false, gaussian, orthogonal, pissa, pissa_niter_<n>, olora"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["lora.init=kaiming"], f"lora.init: 'kaiming' is not supported; {ALLOWED_INITS}"),
+        (["lora.init=eva"], "lora.init: 'eva' is not supported (needs peft's EVA pass over training batches); "),
+        (["lora.init=loftq"], "lora.init: 'loftq' is not supported (quantizes the base itself"),
+        (["lora.init=pissa_niter_x"], f"lora.init: 'pissa_niter_x' is not supported; {ALLOWED_INITS}"),
+        (["lora.init=1"], "lora.init: expected bool | str, got 1"),
+        (["lora.init=orthogonal", "lora.r=5"], "lora.init=orthogonal: needs an even lora.r"),
+        (["lora.init=pissa", "quant=4bit"], "lora.init=pissa with quant.bits=4: peft's PiSSA takes the SVD"),
+        (["lora=none", "lora.use_dora=true"], "lora.use_dora: must be false with lora=none"),
+        (["lora=none", "lora.loraplus_lr_ratio=4"], "lora.loraplus_lr_ratio: must be null with lora=none"),
+        (["lora=none", "lora.init=gaussian"], "lora.init: must be true with lora=none"),
+        (["lora.loraplus_lr_ratio=4", "train.optim=lomo"], "lora.loraplus_lr_ratio with train.optim=lomo: LOMO"),
+    ],
+)
+def test_a_lora_variant_outside_what_peft_and_the_run_can_do_is_refused(overrides, expected):
+    assert any(problem.startswith(expected) for problem in _problems(overrides)), _problems(overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["lora.use_rslora=true", "lora.use_dora=true", "lora.loraplus_lr_ratio=16"],
+        ["lora.init=false"],
+        ["lora.init=gaussian"],
+        ["lora.init=orthogonal"],
+        ["lora.init=pissa"],
+        ["lora.init=pissa_niter_4"],
+        ["lora.init=olora", "quant=4bit"],
+    ],
+)
+def test_the_variants_peft_and_the_run_can_do_pass(overrides):
+    assert _problems(overrides) == []
 
 
 def test_the_structure_check_keeps_the_failed_fields_beside_the_section():
@@ -333,6 +373,7 @@ def test_no_float_field_takes_nan_or_infinity(value):
         ("train.seed=4294967296", "train.seed: must be in [0, 4294967296), got 4294967296"),
         ("model.max_length=4", "model.max_length: must be >= 8, got 4"),
         ("lora.alpha=-3", "lora.alpha: must be > 0, got -3"),
+        ("lora.loraplus_lr_ratio=0", "lora.loraplus_lr_ratio: must be > 0, got 0"),
     ],
 )
 def test_values_outside_their_domain_are_refused(override, expected):

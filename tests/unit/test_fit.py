@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from src import fit, guards, modeling
-from src.config import validate
+from src.config import ConfigError, validate
 from src.data import load_data
 from tests.conftest import ROOT, compose_config, train_run
 from tests.unit.test_tracking import FAST as LOGGED_EACH_STEP
@@ -288,6 +288,67 @@ def test_gradient_accumulation_is_loss_and_gradient_neutral(tmp_path, mlflow_sto
     assert f"loss {console.number(one_log['loss'])}" in line
 
 
+VARIANTS = {
+    "dora": ["lora.use_dora=true"],
+    "dora-sft-4bit": ["data=instructions", "quant=4bit", "lora.use_dora=true"],
+    "rslora": ["lora.use_rslora=true"],
+    "loraplus": ["lora.loraplus_lr_ratio=16"],
+    "pissa": ["lora.init=pissa"],
+    "olora-sft": ["data=instructions", "lora.init=olora"],
+    "orthogonal-padded": ["lora.init=orthogonal", "train.fast_path=false"],
+}
+
+
+@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
+def test_each_lora_variant_trains_and_counts_as_src_plan_counts(tmp_path, mlflow_store, overrides):
+    from src.memory import plan, with_label_set
+
+    _, run_ = _run(tmp_path, overrides)
+    assert run_.info.status == "FINISHED"
+    planned = plan(with_label_set(validate(compose_config([*FAST, *overrides]))))
+    assert run_.data.metrics["trainable_params"] == planned.trainable_params
+    assert run_.data.metrics["total_params"] == planned.total_params
+    variant = [override.split("=") for override in overrides if override.startswith("lora.")]
+    assert variant and all(run_.data.params[key].lower() == value for key, value in variant), run_.data.params
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "padded"])
+@pytest.mark.parametrize("task", [["data=topics"], ["data=instructions"]], ids=["classification", "sft"])
+def test_loraplus_steps_b_at_its_ratio_times_a_s_learning_rate(tmp_path, mlflow_store, task, fast_path):
+    """One plain SGD step at a constant rate from B = 0 (A gets no gradient yet): LoRA+ with ratio 16 moves every B
+    16 times as far as plain LoRA does and leaves every other weight as plain LoRA leaves it."""
+    overrides = [*task, f"train.fast_path={str(fast_path).lower()}"]
+    _, plain = _one_step(tmp_path / "plain", overrides, 8, 1)
+    _, plus = _one_step(tmp_path / "plus", [*overrides, "lora.loraplus_lr_ratio=16"], 8, 1)
+    assert plain.keys() == plus.keys() and any("lora_B" in name for name in plain)
+    for name, weight in plain.items():
+        expected = 16 * weight if "lora_B" in name else weight
+        torch.testing.assert_close(plus[name], expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(weight.abs().max() > 0 for name, weight in plain.items() if "lora_B" in name)
+
+
+def test_loraplus_gives_the_trainer_peft_s_parameter_groups(tmp_path, mlflow_store):
+    raw = compose_config(["lora.loraplus_lr_ratio=8", "train.learning_rate=1e-3", "train.weight_decay=0.01"])
+    raw["output_dir"] = str(tmp_path / "out")
+    cfg = validate(raw)
+    data = load_data(cfg.data)
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    model = modeling.load_model(cfg.model, cfg.quant, data.task, data.labels, tokenizer.pad_token_id)
+    model = modeling.apply_lora(model, cfg.lora, data.task)
+    trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data, raw["output_dir"])
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups = {
+        frozenset("lora_B" in names[id(p)] for p in group["params"]): group
+        for group in trainer.optimizer.param_groups
+        if group["params"]
+    }
+    a_group, b_group = groups[frozenset({False})], groups[frozenset({True})]
+    assert any("lora_A" in names[id(p)] for p in a_group["params"])
+    assert a_group["lr"] == 1e-3 and b_group["lr"] == pytest.approx(8 * 1e-3)
+    assert a_group["weight_decay"] == b_group["weight_decay"] == 0.01
+    assert trainer.create_optimizer() is trainer.optimizer  # the one the Trainer trains with
+
+
 class _StopBeforeLoading(Exception):
     pass
 
@@ -491,12 +552,35 @@ def test_resume_with_the_checkpoints_own_configuration_is_not_refused(tmp_path, 
     assert guards.run_fingerprint(cfg, "sft", None)["data.labels"] is None  # SFT has no labels
 
 
+def test_a_checkpoint_saved_before_the_lora_variant_keys_resumes_as_plain_lora_and_not_as_dora(tmp_path, capsys):
+    cfg = validate(compose_config(LOGGED_EACH_STEP))
+    checkpoint = _checkpoint_of(cfg, tmp_path)
+    fingerprint = json.loads((checkpoint / guards.FINGERPRINT_NAME).read_text())
+    assert not {"lora.use_dora", "lora.use_rslora", "lora.loraplus_lr_ratio", "lora.init"} & set(fingerprint)
+    labels = load_data(cfg.data).labels
+    guards.check_resume(str(checkpoint), guards.run_fingerprint(cfg, "classification", labels))
+    dora = validate(compose_config([*LOGGED_EACH_STEP, "lora.use_dora=true"]))
+    with pytest.raises(ConfigError, match=r"lora.use_dora: \"\(unset\)\" vs true"):
+        guards.check_resume(str(checkpoint), guards.run_fingerprint(dora, "classification", labels))
+
+
 def test_an_sft_run_logs_the_loss_it_gained_on_the_forgetting_text(tmp_path, mlflow_store):
     _, run_ = _run(tmp_path, ["data=instructions", "eval=forgetting"])
     metrics = run_.data.metrics
     base, after = metrics["forgetting_loss_base"], metrics["forgetting_loss_after"]
     assert metrics["forgetting_loss_delta"] == pytest.approx(after - base, abs=1e-12)
     assert 0 < base < 50 and after != base  # four steps moved the adapter, and the text's loss with it
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_base_changing_init_measures_forgetting_from_the_original_base(tmp_path, mlflow_store, init):
+    """PiSSA and OLoRA take the adapter's start out of the base: before training the model with its adapter is the
+    original base, and its loss on the forgetting text is the plain run's base loss."""
+    overrides = ["data=instructions", "eval=forgetting", "train.max_steps=1"]
+    _, plain = _run(tmp_path / "plain", overrides)
+    _, changed = _run(tmp_path / init, [*overrides, f"lora.init={init}"])
+    base = plain.data.metrics["forgetting_loss_base"]
+    assert changed.data.metrics["forgetting_loss_base"] == pytest.approx(base, rel=1e-5)
 
 
 def test_the_forgetting_delta_of_an_adapter_with_b_zero_is_zero(tmp_path, mlflow_store):

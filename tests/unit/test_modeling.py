@@ -17,6 +17,7 @@ from src.config import LoraConfig, QuantConfig, validate
 from tests.conftest import OPENLLAMA_3B, compose_config, tiny_model_config
 
 LORA = LoraConfig(preset="attn_qv", r=8, alpha=16, dropout=0.0, bias="none", target_modules=None, modules_to_save=None)
+QUANT_16 = QuantConfig(bits=16, quant_type="nf4", double_quant=False, compute_dtype="float32")
 
 
 def _meta(model_cls, config):
@@ -36,14 +37,49 @@ def openllama3b():
         (LORA, 2_662_400),
         (replace(LORA, r=16), 5_324_800),
         (replace(LORA, target_modules=["all_linear", "lm_head"]), 12_994_560),
+        # DoRA: one magnitude per output feature of each adapted layer, 26 layers of q and v (3,200 outputs each)
+        (replace(LORA, use_dora=True), 2_662_400 + 26 * 2 * 3_200),
+        (replace(LORA, use_rslora=True, init="gaussian"), 2_662_400),
     ],
-    ids=["qv-r8", "qv-r16", "all_linear+lm_head-r8"],
+    ids=["qv-r8", "qv-r16", "all_linear+lm_head-r8", "qv-r8-dora", "qv-r8-rslora-gaussian"],
 )
 def test_seed_table_trainable_counts_are_exact(lora, expected):
     model = modeling.apply_lora(openllama3b(), lora, "sft")
     trainable, total = modeling.count_params(model)
     assert trainable == expected
     assert total == 3_426_473_600 + expected
+
+
+@pytest.mark.parametrize(("use_rslora", "scale"), [(False, 16 / 64), (True, 16 / 8)], ids=["lora", "rslora"])
+def test_rslora_scales_by_alpha_over_the_root_of_the_rank(use_rslora, scale):
+    model = modeling.apply_lora(openllama3b(), replace(LORA, r=64, use_rslora=use_rslora), "sft")
+    scalings = {layer.scaling["default"] for layer in model.modules() if hasattr(layer, "lora_A")}
+    assert scalings == {scale}
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_base_changing_init_saves_a_plain_lora_that_the_original_base_reproduces(tiny_model_dir, tmp_path, init):
+    """PiSSA and OLoRA train on a base they changed: the saved adapter, converted by peft against the adapter as it
+    started, gives the trained model's outputs on the original base, which is what inference loads."""
+    from peft import PeftModel
+
+    cfg, ids = tiny_model_config(tiny_model_dir), torch.tensor([[1, 5, 9, 14, 3]])
+    lora = replace(LORA, init=init)
+    model = modeling.apply_lora(modeling.load_model(cfg, QUANT_16, "sft", None, pad_token_id=2), lora, "sft")
+    modeling.save_initial_adapter(model, lora, tmp_path)
+    with torch.no_grad():  # a training step's worth of change to every adapter weight
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+        trained = model(ids).logits
+    modeling.save_adapter(model, lora, tmp_path / "adapter")
+    base = modeling.load_model(cfg, QUANT_16, "sft", None, pad_token_id=2, training=False)
+    with torch.no_grad():
+        original = base(ids).logits
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
+    assert not torch.allclose(trained, original, atol=1e-3)  # the adapter changed the outputs
+    torch.testing.assert_close(reloaded, trained, rtol=1e-4, atol=1e-4)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 2 * LORA.r
 
 
 def test_bnb_config_matches_the_quant_preset():

@@ -24,6 +24,17 @@ def test_run_names_carry_the_dataset():
     assert tracking.run_name(compose_config(["tracking.run_name=mine"])) == "mine"
 
 
+def test_a_run_name_says_the_lora_variant_and_a_sweep_label_does_not_repeat_it():
+    variant = ["lora.use_rslora=true", "lora.use_dora=true", "lora.loraplus_lr_ratio=16", "lora.init=pissa_niter_4"]
+    assert tracking.run_name(compose_config(variant)) == (
+        "tiny-topics-16bit-attn_qv-r8-a16-rslora-dora-loraplus16-init=pissa_niter_4"
+    )
+    assert tracking.run_name(compose_config(["lora.init=false"])) == "tiny-topics-16bit-attn_qv-r8-a16-init=false"
+    assert tracking.run_name(compose_config(["lora.use_dora=false"]), "lora.use_dora") == (
+        "tiny-topics-16bit-attn_qv-r8-a16"  # plain LoRA
+    )
+
+
 def test_experiments_are_marked_as_model_training(tmp_path):
     """MLflow 3's experiment type: ours are model development, new and old experiments alike."""
     import mlflow

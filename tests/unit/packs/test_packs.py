@@ -109,6 +109,67 @@ def test_unpackable_names_why():
     assert "fast_path" in unpackable(cfg(["data=instructions", "train.fast_path=false"]))
 
 
+def test_a_packed_rslora_trial_trains_as_it_would_alone(tmp_path, mlflow_store):
+    """rsLoRA packs: the slot bank takes each adapter's scale from peft (alpha / sqrt(r)), and its start from peft's
+    own init (orthogonal: B starts nonzero)."""
+    trials = [
+        ["lora=attn_qv", "lora.r=4", "lora.alpha=8", "lora.use_rslora=true"],
+        ["lora=all_linear", "lora.use_rslora=true", "lora.init=orthogonal", "train.learning_rate=5e-3"],
+    ]
+    alone = []
+    for i, overrides in enumerate(trials):
+        train_run(_raw(tmp_path, f"alone{i}", overrides))
+        alone.append(mlflow.last_active_run().info.run_id)
+    packed = run_pack_job([(_raw(tmp_path, f"pack{i}", o), None) for i, o in enumerate(trials)], isolate=False)["pack"]
+    assert [r["status"] for r in packed] == ["ok"] * 2, packed
+    for i, (solo_id, trial) in enumerate(zip(alone, packed)):
+        assert _losses(trial["run_id"]) == pytest.approx(_losses(solo_id), rel=1e-5, abs=1e-6), i
+        solo_w, pack_w = _adapter(tmp_path, f"alone{i}"), _adapter(tmp_path, f"pack{i}")
+        assert sorted(solo_w) == sorted(pack_w)
+        for key in solo_w:
+            torch.testing.assert_close(pack_w[key], solo_w[key], rtol=1e-5, atol=1e-5)
+        assert mlflow.get_run(trial["run_id"]).data.params["lora.use_rslora"] == "True"
+
+
+def test_a_variant_the_pack_engine_lacks_trains_alone_and_the_sweep_says_why():
+    from src.sweeps.grouping import group
+
+    def raw(overrides):
+        return {**compose_config(["data=instructions", *overrides]), "output_dir": "unused"}
+
+    raws = [
+        raw([]),
+        raw(["lora.use_dora=true"]),
+        raw(["lora.use_rslora=true", "lora.r=16"]),
+        raw(["lora.loraplus_lr_ratio=16"]),
+        raw(["lora.init=pissa"]),
+        raw(["lora.init=gaussian"]),
+        raw(["lora.init=olora"]),
+    ]
+    said: dict[int, str] = {}
+    assert group(raws, 4, say=said.__setitem__) == [[0, 2, 5], [1], [3], [4], [6]]
+    assert said == {
+        1: "lora.use_dora=true: DoRA's magnitude vectors are not in the pack engine",
+        3: "lora.loraplus_lr_ratio=16: LoRA+'s own learning rate for B is not in the pack engine's optimizer",
+        4: "lora.init=pissa: it changes the base weights, which the pack shares",
+        6: "lora.init=olora: it changes the base weights, which the pack shares",
+    }
+
+
+def test_a_pack_refuses_a_variant_it_cannot_train():
+    """Grouping keeps such jobs out; a pack that is handed one anyway refuses it before it attaches an adapter."""
+    from src.config import ConfigError
+    from src.packs.model import build_pack
+
+    loras = [validate(compose_config(o)).lora for o in ([], ["lora.use_dora=true"], ["lora.init=pissa_niter_4"])]
+    with pytest.raises(ConfigError) as refused:
+        build_pack(torch.nn.Linear(2, 2), loras, "sft", seeds=[0, 0, 0])
+    assert refused.value.problems == [
+        "trial 1: lora.use_dora=true: DoRA's magnitude vectors are not in the pack engine",
+        "trial 2: lora.init=pissa_niter_4: it changes the base weights, which the pack shares",
+    ]
+
+
 def _step_lines_by_name(output: str, names: list[str], max_steps: int) -> tuple[list[str], dict[str, list[str]]]:
     """The metric lines in ``output`` (train, eval and end-of-training), and those that start with each name."""
     lines = [line for line in output.splitlines() if f"/{max_steps}  " in line and "loss" in line]

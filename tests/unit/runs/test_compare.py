@@ -729,6 +729,32 @@ def test_runs_that_differ_only_in_a_param_show_it_and_their_ids(mlflow_store, tm
     assert "data.class_weights" in keys and "id" not in keys  # csv carries the whole run ids in run_id
 
 
+def test_a_lora_variant_shows_as_a_column_and_a_run_stored_before_it_existed_as_plain_lora(
+    mlflow_store, tmp_path, capsys
+):
+    """A run stored before lora.use_dora existed trained plain LoRA: it compares, and groups its seeds, with one that
+    logged use_dora=False; the column shows where runs differ in the variant."""
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_store)
+    experiment_id = client.create_experiment("variants", artifact_location=(tmp_path / "artifacts").as_uri())
+    start, params, metrics, status = CHILDREN["C"]
+    stored_before = {k: v for k, v in {**CHILD_PARAMS, **params}.items() if not k.startswith("lora.use_")}
+    dora, plain = {"lora.use_dora": "True", "lora.use_rslora": "False"}, {"lora.use_dora": "False", "train.seed": "2"}
+    variants = [{}, dora, plain]
+    made = [
+        _make_run(client, experiment_id, f"run{i}", start + i, {**stored_before, **extra}, metrics, status, {})
+        for i, extra in enumerate(variants)
+    ]
+    code, out, err = _run(capsys, "--experiment", "variants", "--format", "json")
+    assert code == 0, err
+    table = json.loads(out)
+    keys = [c["key"] for c in table["columns"]]
+    assert "lora.use_dora" in keys and "lora.use_rslora" not in keys  # plain LoRA, stored or logged
+    shown = sorted((sorted(row["run_ids"]), row["lora.use_dora"]) for row in table["rows"])
+    assert shown == sorted([(sorted([made[0], made[2]]), "False"), ([made[1]], "True")])
+
+
 def test_compare_never_ranks_a_run_that_did_not_finish():
     rows = [
         {"objective": 0.99, "status": "KILLED", "trainable_params_m": 1.0},

@@ -171,6 +171,14 @@ def test_reloaded_classifier_reproduces_the_training_process_predictions(cls_run
     _assert_predict_rebuilds_the_logged_report(cls_run, cls_run.adapter_dir, tmp_path, capsys)
 
 
+@pytest.mark.parametrize("variant", ["lora.init=pissa", "lora.use_dora=true"])
+def test_a_lora_variants_saved_adapter_predicts_as_its_run_evaluated(tmp_path_factory, tmp_path, capsys, variant):
+    """PiSSA trained on a base it changed, and saved a plain LoRA for the original base; DoRA saved its magnitudes:
+    each, loaded by src.predict, gives the report its run logged."""
+    trained = trained_run("classification", tmp_path_factory, (variant,))
+    _assert_predict_rebuilds_the_logged_report(trained, trained.adapter_dir, tmp_path, capsys)
+
+
 def _assert_predict_rebuilds_the_logged_report(trained: TrainedRun, saved: Path, tmp_path, capsys) -> None:
     """src.predict from the run id on the run's eval split gives the classification report the run logged."""
     cfg = validate(yaml.safe_load((trained.output_dir / "config.yaml").read_text()))
