@@ -110,11 +110,15 @@ def importance_of(copy, names: list[str]) -> Importance:
 
 def save_plot(draw: Callable[[], Any], path: Path) -> Optional[str]:
     """Draw one of Optuna's matplotlib plots and save it as PNG at ``path``; why not, if it failed."""
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # A choice of numbers (lora.r) is a categorical axis, which matplotlib reports as an INFO line a plot.
+    logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's plots are experimental

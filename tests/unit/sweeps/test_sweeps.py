@@ -420,7 +420,7 @@ def test_a_sweep_configs_mistyped_keys_and_options_are_named_before_it_starts(tm
     assert str(info.value).splitlines() == ["invalid config:", *(f"  - {line}" for line in expected)]
 
 
-@pytest.mark.parametrize("name", ["seed_table", "rank_alpha", "pareto"])
+@pytest.mark.parametrize("name", ["seed_table", "rank_alpha", "pareto", "lr_rank"])
 def test_the_shipped_sweeps_keys_and_options_all_exist(name):
     from src.sweeps.configs import sweep_key_problems
 
