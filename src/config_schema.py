@@ -94,6 +94,22 @@ def changes_base(init: Any) -> bool:
     return isinstance(init, str) and (init in BASE_CHANGING_INITS or PISSA_NITER.fullmatch(init) is not None)
 
 
+def unshareable_variant(lora: LoraConfig) -> Optional[str]:
+    """Why this adapter's variant cannot train in a pack (:mod:`src.packs`, which holds plain LoRA A/B per slot on
+    one shared, unchanged base), or None: rsLoRA packs (the slot bank reads peft's scale), and so do the inits that
+    leave the base as it is."""
+    if lora.use_dora:
+        return "lora.use_dora=true: DoRA's magnitude vectors are not in the pack engine"
+    if lora.loraplus_lr_ratio is not None:
+        return (
+            f"lora.loraplus_lr_ratio={lora.loraplus_lr_ratio}: LoRA+'s own learning rate for B is not in the pack "
+            "engine's optimizer"
+        )
+    if changes_base(lora.init):
+        return f"lora.init={lora.init}: it changes the base weights, which the pack shares"
+    return None
+
+
 def variant_name(lora: dict) -> str:
     """``-rslora-dora-loraplus16-init=pissa``: a raw ``lora`` section's variant where it is not plain LoRA, else ''."""
     ratio, init = lora.get("loraplus_lr_ratio"), lora.get("init", True)

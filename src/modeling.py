@@ -375,22 +375,6 @@ def save_adapter(model: torch.nn.Module, lora: LoraConfig, directory: Path) -> N
         save_file({**load_file(str(weights)), **heads}, str(weights), metadata={"format": "pt"})
 
 
-def unshareable_variant(lora: LoraConfig) -> Optional[str]:
-    """Why this adapter's variant cannot train in a pack (:mod:`src.packs`, which holds plain LoRA A/B per slot on
-    one shared, unchanged base), or None: rsLoRA packs (the slot bank reads peft's scale), and so do the inits that
-    leave the base as it is."""
-    if lora.use_dora:
-        return "lora.use_dora=true: DoRA's magnitude vectors are not in the pack engine"
-    if lora.loraplus_lr_ratio is not None:
-        return (
-            f"lora.loraplus_lr_ratio={lora.loraplus_lr_ratio}: LoRA+'s own learning rate for B is not in the pack "
-            "engine's optimizer"
-        )
-    if changes_base(lora.init):
-        return f"lora.init={lora.init}: it changes the base weights, which the pack shares"
-    return None
-
-
 def is_full_fine_tuning(lora: LoraConfig) -> bool:
     """``lora=none``: no adapter; the run trains and saves the whole model."""
     return lora.preset == FULL_FINE_TUNING

@@ -375,7 +375,8 @@ def build_pack(
     from transformers import set_seed
 
     from src.config import ConfigError
-    from src.modeling import resolve_target_modules, to_lora_config, unshareable_variant
+    from src.config_schema import unshareable_variant
+    from src.modeling import resolve_target_modules, to_lora_config
 
     refused = [f"trial {i}: {why}" for i, why in enumerate(map(unshareable_variant, loras)) if why is not None]
     if refused:  # the sweep's grouping runs such jobs alone; a pack that gets one would train it wrong

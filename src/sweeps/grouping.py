@@ -17,8 +17,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config import ConfigError, validate
+from src.config_schema import unshareable_variant
 from src.memory import plans_own_micro_batches
-from src.modeling import unshareable_variant
 
 PACK_ENV = "LORA_SWEEP_PACK"  # a pack job's member file
 
