@@ -1105,3 +1105,50 @@ def test_a_pruned_packed_study_refills_the_slots_of_its_pruned_trials(suite, tmp
     for trial in trials:
         status = "KILLED" if trial.state == TrialState.PRUNED else "FINISHED"
         assert by_trial[trial.number].info.status == status
+
+
+def test_an_lr_rank_study_in_packs_reports_each_rank_s_best_learning_rate(suite, tmp_path):
+    """sweeps/lr_rank.yaml (the learning rate on a log scale with rank, targets and rsLoRA) on the GPU: 4 trials,
+    2 at a time in one pack. Every trial FINISHED with its exact trainable count; the parent run holds each rank's
+    best learning rate (table and plot, one metric a rank), the param importances, and the trials' GPU use."""
+    import mlflow
+
+    store = Store(tmp_path)
+    common = [*suite.model("qwen"), *suite.train, "quant=4bit", "data.subsample=64", "data.eval_subsample=16"]
+    args = [
+        "-cd",
+        str(SWEEPS_DIR),
+        "-cn",
+        "lr_rank",
+        *common,
+        "train.max_steps=4",
+        "train.save_strategy=no",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.pack=2",
+        "hydra.sweeper.sampler.seed=0",
+        f"hydra.sweeper.storage={store.optuna}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    ]
+    result = cli("src.train", args, store)
+    assert result.returncode == 0, tail(result)
+    output = result.stdout
+    assert "best learning rate by rank: r=" in output and "importance: " in output, output[-4000:]
+    print(re.findall(r".*(?:best learning rate by rank|importance): .*", output))
+    (parent,), jobs = store.split()
+    assert len(jobs) == 4 and {j.info.status for j in jobs} == {"FINISHED"}
+    assert {j.data.tags["pack_size"] for j in jobs} == {"2"}
+    for job in jobs:
+        params = job.data.params
+        overrides = [*common, f"lora={params['lora.preset']}", f"lora.r={params['lora.r']}"]
+        overrides.append(f"lora.use_rslora={params['lora.use_rslora']}")
+        assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config").trainable_params
+        print(job.data.params["lora.r"], job.data.params["train.learning_rate"], job.data.metrics.get("eval_f1_macro"))
+    ranks = {int(j.data.params["lora.r"]) for j in jobs}
+    assert {f"best_lr/r{r}" for r in ranks} <= set(parent.data.metrics), parent.data.metrics
+    client = mlflow.MlflowClient()
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    files |= {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"best_lr_by_rank.md", "importance.md", "plots/lr_by_rank.png"} <= files, files
+    print("system metrics of one trial:", sorted(k for k in jobs[0].data.metrics if k.startswith("system/")))
+    if suite.gpu:  # tracking.system_metrics is on by default on a GPU only
+        assert any(k.startswith("system/gpu_0_utilization") for k in jobs[0].data.metrics), "nvidia-ml-py there?"
