@@ -181,12 +181,15 @@ def paper_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     abstract of 90-220, and its six 0/1 label columns (each on at probability 0.3, at least one on)."""
     import random
 
+    from omegaconf import OmegaConf
+
     from benchmarks.classification import synthetic_labels
+    from src.paths import PROJECT_ROOT
 
     rng = random.Random(seed)
     words = "the of and to in is for on with as by at from that this it an be are or was we can".split()
     words += [f"word{i}" for i in range(200)]
-    columns = LABEL_COLUMNS
+    columns = list(OmegaConf.load(PROJECT_ROOT / "conf" / "data" / "research_topics.yaml").label_columns)
     labels = synthetic_labels(n, len(columns), multilabel=True, seed=seed + 1)
     return [
         {
@@ -199,7 +202,6 @@ def paper_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     ]
 
 
-# conf/data/research_topics.yaml's label columns (seed 000's)
 LABEL_COLUMNS = (
     "Computer Science",
     "Physics",

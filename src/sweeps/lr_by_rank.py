@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from src.sweeps.importance import save_plot
 from src.sweeps.outcomes import DUPLICATE_OF_ATTR
 
 RANK, LR = "lora.r", "train.learning_rate"
@@ -68,15 +69,13 @@ def rank_table(found: list[RankBest], metric: str) -> str:
 
 
 def rank_plot(study, found: list[RankBest], metric: str, path: Path) -> Optional[str]:
-    """Every trial's objective against its learning rate (log scale), one colour a rank, each rank's best circled;
-    why not, if drawing failed."""
-    import matplotlib
+    """Every trial's objective against its learning rate (log scale), one colour a rank, each rank's best circled,
+    as PNG at ``path``; why not, if drawing failed."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw():
+        import matplotlib.pyplot as plt
 
-    try:
-        figure, axes = plt.subplots(figsize=(6, 4))
+        _, axes = plt.subplots(figsize=(6, 4))
         trials = ran_trials(study)
         for best in found:
             mine = [t for t in trials if int(t.params[RANK]) == best.rank]
@@ -88,12 +87,9 @@ def rank_plot(study, found: list[RankBest], metric: str, path: Path) -> Optional
         axes.set_ylabel(metric)
         axes.set_title("Objective by learning rate and rank (circled: each rank's best)")
         axes.legend()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, bbox_inches="tight", dpi=100)
-        plt.close(figure)
-        return None
-    except Exception as exc:  # noqa: BLE001  a plot never fails the sweep
-        return f"{type(exc).__name__}: {exc}"
+        return axes
+
+    return save_plot(draw, path)
 
 
 def lr_by_rank_files(study, metric: str, out: Path) -> tuple[list[RankBest], list[tuple[Path, Optional[str]]], dict]:

@@ -322,6 +322,7 @@ def _gpu_pack():
     from src.config import validate
     from src.packs import model as pack_model
     from tests.conftest import compose_config
+    from tests.unit.packs.test_engine import draw_bank
 
     cfgs = []
     for lora in (["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8", "lora.alpha=32"]):
@@ -336,15 +337,7 @@ def _gpu_pack():
     pack.bank.compute_dtype = torch.bfloat16
     for adapter in pack.adapters:
         pack.join(adapter)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        pack.bank.weights.normal_(0, 0.02)
-        for slot in range(2):
-            for entry in pack.bank.layers.values():
-                a, b = pack.bank._views(pack.bank.weights[slot], entry)
-                rank = pack.bank.ranks[slot][entry.index]
-                a[rank:] = 0
-                b[:, rank:] = 0
+    draw_bank(pack)
     return pack
 
 

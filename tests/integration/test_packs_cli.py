@@ -119,27 +119,40 @@ def test_an_optuna_pack_prunes_its_trials_and_refills_their_slots(tmp_path, mlfl
             assert run_.data.metrics["objective"] == pytest.approx(trial.value)
 
 
-def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path, mlflow_store):
-    """SIGTERM of the pack's own process (its sweeper still waiting): the trial still training ends KILLED, and the
-    one that had finished stays a finished job in the result the sweeper reads."""
-    import multiprocessing
-
-    members = [
+def _short_and_long(tmp_path) -> list:
+    """A pack of two trials: one of 1 step, one of 400 (still training when the short one has ended)."""
+    return [
         (_raw(tmp_path, "short", [*TRIALS[0], "train.max_steps=1"]), None),
         (_raw(tmp_path, "long", [*TRIALS[1], "train.max_steps=400"]), None),
     ]
 
-    def kill_once_the_short_one_finished():
+
+def _signal_the_pack_once(ready, signum: int) -> None:
+    """In a thread: send ``signum`` to the pack's process once ``ready()`` holds (within HANG_S)."""
+    import multiprocessing
+
+    def watch():
         deadline = time.monotonic() + HANG_S
         while time.monotonic() < deadline:
-            runs = _runs(members[0][0])
-            if runs and runs[0].info.status == "FINISHED":
+            if ready():
                 (process,) = [p for p in multiprocessing.active_children() if p.name == "lora-sweep-pack"]
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, signum)
                 return
             time.sleep(0.2)
 
-    threading.Thread(target=kill_once_the_short_one_finished, daemon=True).start()
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def test_a_sigterm_of_the_packs_process_keeps_the_trials_that_finished(tmp_path, mlflow_store):
+    """SIGTERM of the pack's own process (its sweeper still waiting): the trial still training ends KILLED, and the
+    one that had finished stays a finished job in the result the sweeper reads."""
+    members = _short_and_long(tmp_path)
+
+    def short_one_finished() -> bool:
+        runs = _runs(members[0][0])
+        return bool(runs) and runs[0].info.status == "FINISHED"
+
+    _signal_the_pack_once(short_one_finished, signal.SIGTERM)
     result = run_pack_job(members, isolate=True)["pack"]
     assert result[0]["status"] == "ok", result
     assert result[1]["status"] == "failed" and result[1]["error_type"] == "Terminated", result
@@ -169,26 +182,21 @@ def test_a_kill_9_of_the_packs_process_keeps_the_trials_that_ended_and_fails_the
     """kill -9 of the pack's process (no result file written): the trial that had ended keeps its result (each
     trial's result is on disk as it ends), and the one still training is a FAILED job whose run ends FAILED, not
     RUNNING."""
-    import multiprocessing
     from pathlib import Path
 
-    members = [
-        (_raw(tmp_path, "short", [*TRIALS[0], "train.max_steps=1"]), None),
-        (_raw(tmp_path, "long", [*TRIALS[1], "train.max_steps=400"]), None),
-    ]
+    members = _short_and_long(tmp_path)
     partial = partial_path(Path(members[0][0]["output_dir"]) / RESULT_FILE)
 
-    def kill_once_the_short_one_ended():
-        deadline = time.monotonic() + HANG_S
-        while time.monotonic() < deadline:
-            long_runs = _runs(members[1][0])
-            if partial.is_file() and partial.read_text() and long_runs and long_runs[0].info.status == "RUNNING":
-                (process,) = [p for p in multiprocessing.active_children() if p.name == "lora-sweep-pack"]
-                os.kill(process.pid, signal.SIGKILL)
-                return
-            time.sleep(0.2)
+    def short_one_ended_long_one_running() -> bool:
+        long_runs = _runs(members[1][0])
+        return (
+            partial.is_file()
+            and bool(partial.read_text())
+            and bool(long_runs)
+            and long_runs[0].info.status == "RUNNING"
+        )
 
-    threading.Thread(target=kill_once_the_short_one_ended, daemon=True).start()
+    _signal_the_pack_once(short_one_ended_long_one_running, signal.SIGKILL)
     result = run_pack_job(members, isolate=True)["pack"]
     assert result[0]["status"] == "ok" and result[0]["run_id"] == _runs(members[0][0])[0].info.run_id, result
     assert result[1]["status"] == "failed" and result[1]["error_type"] == "TrialProcessDied", result

@@ -33,6 +33,21 @@ def _tiny_pack(*loras: list[str], dropout: float):
     return pack
 
 
+@torch.no_grad()
+def draw_bank(pack, seed: int = 3) -> None:
+    """Random weights in every slot's own ranks (B starts at zero: every slot gets a delta to compute), zeros past
+    them, as the bank holds a smaller rank."""
+    torch.manual_seed(seed)
+    bank = pack.bank
+    bank.weights.normal_(0, 0.02)
+    for slot in range(bank.slots):
+        for entry in bank.layers.values():
+            a, b = bank._views(bank.weights[slot], entry)
+            rank = bank.ranks[slot][entry.index]
+            a[rank:] = 0
+            b[:, rank:] = 0
+
+
 def _row(slot: int, tokens: int, vocab_bad: int | None = None) -> engine.SlotRow:
     ids = torch.randint(5, 500, (1, tokens))
     labels = ids.clone()
@@ -54,15 +69,7 @@ def test_the_batched_matmuls_give_the_loop_s_outputs_and_gradients(monkeypatch):
     from src.packs.model import attention_inputs
 
     pack = _tiny_pack(["lora=all_linear", "lora.r=4"], ["lora=attn_qv", "lora.r=8", "lora.alpha=32"], dropout=0.0)
-    torch.manual_seed(3)
-    with torch.no_grad():  # B starts at zero: give every slot a delta to compute
-        pack.bank.weights.normal_(0, 0.02)
-        for slot in range(2):
-            for entry in pack.bank.layers.values():
-                a, b = pack.bank._views(pack.bank.weights[slot], entry)
-                rank = pack.bank.ranks[slot][entry.index]
-                a[rank:] = 0
-                b[:, rank:] = 0
+    draw_bank(pack)
     rows = [_row(0, 14), _row(1, 9)]
     length = engine.padded_length(rows)
     joint = engine.joint_inputs(rows, length, 0)
