@@ -6,6 +6,7 @@ python -m src.bench --device cpu --workload tiny --examples 16   # smoke test: t
 torchrun --standalone --nproc_per_node 2 -m src.bench --sides fast --budgets default   # DDP on 2 GPUs
 python -m src.bench --workload w3b-4bit-pack4              # 4 trials one by one, then as one pack (issue 19)
 python -m src.bench --workload tiny-pack3 --device cpu --examples 24   # its smoke test
+python -m src.bench --workload w3b-4bit-pack4 --override train.pack_cuda_graphs=true --profile step.txt
 python -m src.bench --workload w3b-4bit-grid16             # a whole grid sweep: pack=1, then pack=4 (makespan.py)
 python -m src.bench --workload w3b-4bit-study16            # a whole study: pack=1, then pack=4 with pruning
 
@@ -24,6 +25,7 @@ subprocesses, on this module's base and rows (:func:`text_checkpoint`, :func:`wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -145,6 +147,7 @@ def run_pack_workload(
         console.say(f"{workload.name} {name}: {sides[name]['wall_s']:.1f} s, peak {sides[name]['peak_gb']}")
     measure(sides, base, device)
     result = {"workload": workload.name, "examples": examples, "trials": [" ".join(t) for t in workload.trials]}
+    result["overrides"] = list(workload.train)  # every trial's, both sides
     result["sides"] = sides
     if len(sides) == 2:
         seq, packed = sides["sequential"], sides["packed"]
@@ -391,11 +394,19 @@ def pack_main(argv: list[str]) -> int:
     parser = workload_parser("Trial packs against the same trials one by one.", PACK_WORKLOADS)
     parser.add_argument("--sides", default="sequential,packed", help="which sides to run")
     parser.add_argument("--profile", type=Path, default=None, help="profile one joint step of the pack into FILE")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a config override for every trial of both sides, after the workload's (repeatable): "
+        "--override train.pack_cuda_graphs=true",
+    )
     args = parser.parse_args(argv)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         with tempfile.TemporaryDirectory(prefix="lora-bench-pack-") as work:
             workload = PACK_WORKLOADS[args.workload]
+            workload = dataclasses.replace(workload, train=(*workload.train, *args.override))
             sides = tuple(args.sides.split(","))
             if not sides or set(sides) - {"sequential", "packed"}:
                 parser.error(f"--sides: sequential, packed or both, comma-separated; got {args.sides!r}")
