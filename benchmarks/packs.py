@@ -342,16 +342,17 @@ def measure(sides: dict[str, dict[str, Any]], base, device: str) -> None:
     """Each side's tokens/s (its trials' train_tokens over its wall time), MFU and eval losses, from MLflow."""
     import mlflow
 
-    from benchmarks.workloads import bf16_matmul_tflops, non_embedding_params
+    from benchmarks.workloads import all_params, bf16_matmul_tflops, non_embedding_params
 
     peak_flops = bf16_matmul_tflops(device) * 1e12
-    params = non_embedding_params(base)
+    params, n_all = non_embedding_params(base), all_params(base)
     client = mlflow.MlflowClient()
     for side in sides.values():
         runs_ = [client.get_run(run_id) for run_id in side["run_ids"]]
         tokens = sum(r.data.metrics.get("train_tokens", 0.0) for r in runs_)
         side["tokens_per_s"] = tokens / side["wall_s"]
         side["mfu"] = 4 * params * side["tokens_per_s"] / peak_flops  # benchmarks.sft's MFU (LoRA: no weight grads)
+        side["tf4n"] = 4 * n_all * side["tokens_per_s"] / 1e12  # other tools' figure
         side["eval_loss"] = [r.data.metrics.get("eval_loss") for r in runs_]
         side["train_tokens"] = tokens
 
@@ -364,13 +365,13 @@ def format_pack(result: dict) -> str:
 
     lines = [
         f"{result['workload']}: {len(result['trials'])} trials, {result['examples']} examples each",
-        f"{'side':<11} {'wall s':>8} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9}  eval_loss per trial",
+        f"{'side':<11} {'wall s':>8} {'tokens/s':>10} {'MFU':>6} {'4N TF/s':>8} {'peak GiB':>9}  eval_loss per trial",
     ]
     for name, side in result["sides"].items():
         losses = ", ".join("-" if v is None else f"{v:.4f}" for v in side["eval_loss"])
         lines.append(
             f"{name:<11} {side['wall_s']:>8.1f} {side['tokens_per_s']:>10,.0f} {side['mfu']:>6.1%} "
-            f"{gb(side['peak_gb']):>9}  {losses}"
+            f"{side['tf4n']:>8.3g} {gb(side['peak_gb']):>9}  {losses}"
         )
     if "speedup" in result:
         diffs = ", ".join("-" if d is None else f"{d:.2%}" for d in result["eval_loss_rel_diff"])

@@ -64,6 +64,7 @@ from benchmarks.common import (
 )
 from benchmarks.workloads import (
     WORKLOADS,
+    all_params,
     bf16_matmul_tflops,
     ensure_checkpoint,
     non_embedding_params,
@@ -352,7 +353,7 @@ def warm_compiled(trainer, rows: list[list[int]]) -> None:
 
 
 def format_bench_table(runs: list[dict[str, Any]]) -> str:
-    header = ("workload", "side", "budget", "tokens/s", "peak GiB", "plan GiB (err)", "MFU", "fast/seed")
+    header = ("workload", "side", "budget", "tokens/s", "peak GiB", "plan GiB (err)", "MFU", "4N TF/s", "fast/seed")
     lines = [header]
     for run in runs:
         for s in run["sides"]:
@@ -363,9 +364,8 @@ def format_bench_table(runs: list[dict[str, Any]]) -> str:
             if s["planner_error_pct"] is not None:
                 est += f" ({s['planner_error_pct']:+.0f}%)"
             ratio = "-" if s.get("ratio_over_seed") is None else f"{s['ratio_over_seed']:.2f}x"
-            lines.append(
-                (run["workload"], side, budget, f"{s['tokens_per_s']:,.0f}", peak, est, f"{100 * s['mfu']:.1f}%", ratio)
-            )
+            mfu, tf4n = f"{100 * s['mfu']:.1f}%", "-" if s.get("tf4n") is None else f"{s['tf4n']:.3g}"
+            lines.append((run["workload"], side, budget, f"{s['tokens_per_s']:,.0f}", peak, est, mfu, tf4n, ratio))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines)
 
@@ -479,9 +479,11 @@ def run_workload(name: str, args: argparse.Namespace, world: int, peak_tflops: f
         warmup = min(args.warmup_steps, -(-len(rows) // SEED_BATCH_SIZE) // 4)
         results = sft_sides(workload, model_dir, rows, args, warmup, failed)
     seed_rate = next((r["tokens_per_s"] for r in results if r["side"] == "seed"), None)
+    n_all = all_params(workload)
     for r in results:  # MFU over every GPU of the run
         r["world_size"] = world
         r["mfu"] = 4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12 * world)
+        r["tf4n"] = 4 * n_all * r["tokens_per_s"] / 1e12 / world  # per GPU, as the other tools report it
         r["ratio_over_seed"] = r["tokens_per_s"] / seed_rate if seed_rate and r["side"] == "fast" else None
     return {
         "workload": name,

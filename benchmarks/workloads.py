@@ -175,6 +175,17 @@ def non_embedding_params(workload: Workload) -> int:
     return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
 
 
+def all_params(workload: Workload) -> int:
+    """Every parameter of the architecture, embeddings included: the N of "4N TF/s" (4 x N x tokens/s), the figure
+    other LoRA tools report, which compares across tools without a measured peak."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    builder = AutoModel if workload.model_type == "bert" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = builder.from_config(model_config(workload))
+    return sum(p.numel() for p in model.parameters())
+
+
 def bf16_matmul_tflops(device: str) -> float:
     """The measured dense matmul rate: bf16 8192^3 on CUDA (median of 10), fp32 on CPU."""
     if device == "cpu":
