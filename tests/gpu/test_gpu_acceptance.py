@@ -1114,7 +1114,8 @@ def test_an_lr_rank_study_in_packs_reports_each_rank_s_best_learning_rate(suite,
     import mlflow
 
     store = Store(tmp_path)
-    common = [*suite.model("qwen"), *suite.train, "quant=4bit", "data.subsample=64", "data.eval_subsample=16"]
+    common = [*suite.model("qwen"), *suite.train, "quant=4bit", "data=instructions", "data.num_sample_prompts=0"]
+    common += ["data.subsample=64", "data.eval_subsample=16"]
     args = [
         "-cd",
         str(SWEEPS_DIR),
@@ -1141,11 +1142,11 @@ def test_an_lr_rank_study_in_packs_reports_each_rank_s_best_learning_rate(suite,
         params = job.data.params
         overrides = [*common, f"lora={params['lora.preset']}", f"lora.r={params['lora.r']}"]
         overrides.append(f"lora.use_rslora={params['lora.use_rslora']}")
-        assert metric(job, "trainable_params") == planned(overrides, ROOT / "conf", "config").trainable_params
-        print(job.data.params["lora.r"], job.data.params["train.learning_rate"], job.data.metrics.get("eval_f1_macro"))
+        assert metric(job, "trainable_params") == planned(overrides, SWEEPS_DIR, "lr_rank").trainable_params
+        print(job.data.params["lora.r"], job.data.params["train.learning_rate"], job.data.metrics.get("eval_loss"))
     ranks = {int(j.data.params["lora.r"]) for j in jobs}
     assert {f"best_lr/r{r}" for r in ranks} <= set(parent.data.metrics), parent.data.metrics
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(store.uri)
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     files |= {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"best_lr_by_rank.md", "importance.md", "plots/lr_by_rank.png"} <= files, files

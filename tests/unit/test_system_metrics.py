@@ -37,7 +37,9 @@ def test_the_run_s_setting_wins_over_mlflow_s_environment(tmp_path, mlflow_store
 
 
 def test_a_run_with_system_metrics_on_logs_them_at_a_short_interval(tmp_path, mlflow_store, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    # a sample every 0.1 s, each logged at once: a run of a few seconds logs several, however loaded the machine
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     raw = compose_config([*FAST, "tracking.system_metrics=true"])
     train_run({**raw, "output_dir": str(tmp_path / "out")})
     run_id = mlflow.last_active_run().info.run_id
