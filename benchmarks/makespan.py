@@ -2,6 +2,7 @@
 
 python -m src.bench --workload w3b-4bit-grid16               # a grid of 16 jobs: pack=1, then pack=4
 python -m src.bench --workload w3b-4bit-study16              # a study of 16 trials: pack=1, then pack=4 + pruning
+python -m src.bench --workload w3b-4bit-grid8 --examples 512   # 8 jobs (alpha 2r): within one 600-s device call
 python -m src.bench --workload tiny-grid4 --device cpu --examples 16    # their smoke tests (4 jobs, pack 2)
 python -m src.bench --workload tiny-study4 --device cpu --examples 16
 
@@ -81,6 +82,9 @@ MAKESPAN_WORKLOADS = {
             min_resource=32,
             overrides=GPU_TRAIN,
         ),
+        # The grid within one device call (600 s): 8 jobs (alpha 2r), meant for --examples 512 (64 steps a job).
+        # Base loads weigh more here than in the 16-job grid of 2,048 rows; the result says so by its size.
+        SweepWorkload("w3b-4bit-grid8", "w3b-4bit", "grid", W3B_RANKS, (2,), pack=4, overrides=GPU_TRAIN),
         SweepWorkload("tiny-grid4", "tiny", "grid", (4,), (1, 2), pack=2, overrides=TINY_TRAIN),
         SweepWorkload(
             "tiny-study4", "tiny", "study", (4, 8), (1, 2), pack=2, trials=4, min_resource=1, overrides=TINY_TRAIN
