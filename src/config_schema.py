@@ -312,10 +312,6 @@ class TrainConfig:
         "Fast path: keep dequantized copies of a 4/8-bit base's weights where the budget has room "
         "(8-bit: the activations are then not rounded to int8 as LLM.int8 does); false: bitsandbytes' matmuls."
     )
-    pack_cuda_graphs: bool = setting(
-        "Trial packs: replay the SFT joint step as CUDA graphs (src/packs/graphs.py). Off by default until its GPU "
-        "test (tests/gpu/test_gpu.py) has passed on a GPU."
-    )
     # numpy's legacy seeding, which transformers' set_seed calls, takes [0, 2**32).
     seed: int = bounded("Seed of initialization, data order and dropout.", ge=0, lt=2**32)
     bf16: bool = setting("Mixed precision in bfloat16 (a CUDA GPU).")
@@ -324,6 +320,12 @@ class TrainConfig:
     dataloader_num_workers: int = bounded("Processes loading batches; 0: the training process itself.", ge=0)
     nproc_per_node: int = bounded(
         "Processes (GPUs) for one DDP run; > 1 relaunches src.train on that many local ranks.", ge=1
+    )
+    # Last: runs stored before it existed lack it (a default must follow the fields without one).
+    pack_cuda_graphs: bool = setting(
+        "Trial packs: replay the SFT joint step as CUDA graphs (src/packs/graphs.py). Off by default until its GPU "
+        "test (tests/gpu/test_gpu.py) has passed on a GPU.",
+        default=False,
     )
 
 

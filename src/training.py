@@ -306,7 +306,9 @@ class ProgressBar(ProgressCallback):
 def use_loraplus(trainer, ratio: float) -> None:
     """LoRA+ ("LoRA+: Efficient Low Rank Adaptation of Large Models", https://arxiv.org/abs/2402.12354): the
     trainer's optimizer, of the class and settings its arguments name (on the fast path, the ones it replanned), with
-    B's parameters (and DoRA's magnitudes) at ``ratio`` times A's learning rate, by peft's own helper. Set before
+    B's parameters at ``ratio`` times A's learning rate, by peft's own helper, whose rule puts every other 1-D
+    trainable parameter (DoRA's magnitudes, a classifier head's bias) with B; LoRA on an embedding layer keeps the
+    run's learning rate. Set before
     training, it is the optimizer the Trainer keeps (``create_optimizer`` makes one only where none is set)."""
     from peft.optimizers import create_loraplus_optimizer
 
@@ -317,6 +319,7 @@ def use_loraplus(trainer, ratio: float) -> None:
         optimizer_cls,
         loraplus_lr_ratio=ratio,
         loraplus_weight_decay=trainer.args.weight_decay,
+        loraplus_lr_embedding=kwargs["lr"],  # peft's default, 1e-6, whatever train.learning_rate says
         **kwargs,
     )
 

@@ -11,16 +11,17 @@ so a trial that joins a slot reuses a graph of its shape with its own weights.
 A replay adds the step's gradient into the bank's ``.grad`` (allocated once, before the first capture), so that
 trials accumulating several micro-batches a window work as eagerly; the optimizer step (:class:`SlotAdamW`) stays
 eager. The first row of each shape runs eagerly (a warm-up on a side stream, whose result is the step's), then the
-shape is captured for the next. If a capture fails (an op that waits on the host), that step and the rest of the
-pack's run eagerly, and :attr:`JointGraphs.failed` says why. A pack graphs its steps where a run alone would
+shape is captured for the next. If a capture fails (an op that waits on the host, or no memory left for the
+graph), the graphs are dropped and the rest of the pack's steps run eagerly; :attr:`JointGraphs.failed` says why.
+A pack graphs its steps with ``train.pack_cuda_graphs`` (every trial's), where a run alone's would be
 (:func:`src.engine.graphs.graphable`: a GPU, bf16, varlen attention, a 16- or 4-bit base or a cached 8-bit one) and
 no layer is checkpointed; classification steps stay eager.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
+from logging import WARNING
 from typing import Any, Optional
 
 import torch
@@ -120,20 +121,28 @@ class JointGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        try:  # a capture runs nothing: the gradient the warm-up added is the step's
-            with torch.cuda.graph(graph, pool=self.pool):
+        stream = torch.cuda.current_stream()
+        try:
+            # A capture runs nothing: the gradient the warm-up added is the step's. Thread-local: the other trials'
+            # threads go on using CUDA meanwhile (a trial that left evaluates, one that joins builds its Trainer).
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 captured = self._forward_backward(static, slots, length, tensors, autocast)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:  # e.g. an op that syncs with the host: the pack trains eagerly from here on
-            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            say(
-                f"note: CUDA graph capture of the pack's joint step failed, training eagerly ({self.failed})",
-                logging.WARNING,
-            )
+        except (RuntimeError, torch.OutOfMemoryError) as exc:  # an op that waits on the host; no room for the graph
+            self._give_up(exc, stream)
             return losses
         self.graphs[key] = {"graph": graph, "static": static, "losses": captured, "tensors": tensors}
         return losses
+
+    def _give_up(self, exc: BaseException, stream) -> None:
+        """A failed capture: this thread back on its own stream (``torch.cuda.graph`` leaves it on the capture
+        stream when the capture fails), the pool's memory released, and eager steps from here on."""
+        torch.cuda.set_stream(stream)
+        torch.cuda.synchronize()
+        self.graphs.clear()
+        self.pool = None
+        torch.cuda.empty_cache()
+        self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        say(f"note: CUDA graph capture of the pack's joint step failed, training eagerly ({self.failed})", WARNING)
 
     def summary(self) -> str:
         if self.failed is not None:

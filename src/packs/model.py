@@ -91,6 +91,7 @@ class Pack:
             wrapper.forward = types.MethodType(engine.bank_head_forward, wrapper)
         self.task = "sft"  # or a classifier's (src.packs.trainer sets it, with its class weights)
         self.graphs: Optional[JointGraphs] = None  # where the SFT joint steps replay as CUDA graphs (src.packs.trainer)
+        self.graphs_asked = False  # every trial's train.pack_cuda_graphs (prepare)
         self.label_weights: Optional[torch.Tensor] = None
 
     def slot(self, adapter: str) -> int:
@@ -498,6 +499,7 @@ def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool, slots: Optional[int] = 
         int8_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
     pack.estimate_gb = None if estimate is None else estimate + cache_gb
+    pack.graphs_asked = all(c.train.pack_cuda_graphs for c in cfgs)  # one joint step: all its trials ask, or none
     if bf16:  # the base now computes in bf16: so do the adapters (the bank keeps fp32 master weights)
         pack.bank.compute_dtype = torch.bfloat16
     members = []

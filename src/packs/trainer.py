@@ -171,11 +171,11 @@ def build_pack_member_trainer(cfg, tokenizer, args, train_dataset, eval_dataset,
 
 
 def _graphable(cfg, args, member) -> bool:
-    """Whether the pack's SFT joint steps replay as CUDA graphs (:mod:`src.packs.graphs`): with
-    ``train.pack_cuda_graphs``, where a run alone's steps would (one micro-batch a step or several: the graphs
+    """Whether the pack's SFT joint steps replay as CUDA graphs (:mod:`src.packs.graphs`): where every trial asks
+    (``train.pack_cuda_graphs``), and where a run alone's steps would (one micro-batch a step or several: the graphs
     accumulate), and no layer of the base is checkpointed."""
     micro = member.micro
-    if not cfg.train.pack_cuda_graphs:
+    if not member.pack.graphs_asked:
         return False
     graphs_apply = graphable(args, member.attention, 1, cfg.quant.bits, micro.dequantized_layers, member.pack.model)
     return graphs_apply and micro.checkpointed_layers == 0

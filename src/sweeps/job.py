@@ -336,13 +336,18 @@ def _pack_process(valid, feasibility, trials, slots, env, result_path, sweeper) 
     _die_with_parent()
     _die_with_sweeper(sweeper)
     console.log_to_file(Path(valid[0][1].output_dir) / "train.log")
+    partial = partial_path(Path(result_path))
     try:
-        results = _run_pack(valid, feasibility, trials, slots, on_result=_appender(partial_path(Path(result_path))))
+        results = _run_pack(valid, feasibility, trials, slots, on_result=_appender(partial))
     except tracking.Terminated as exc:  # SIGTERM: the trials that finished before it stay finished
         results = getattr(exc, "pack_results", None) or [_failure(exc)] * len(valid)
-    except BaseException as exc:  # noqa: B036  the pack process reports everything
-        results = [_failure(exc)] * len(valid)
-    Path(result_path).write_text(json.dumps(results, indent=2, default=str))
+    except BaseException as exc:  # noqa: B036  the pack process reports everything; the trials that ended, as they did
+        ended = _ended_results(partial)
+        results = [ended.get(i) or _failure(exc) for i in range(len(valid))]
+    # Written whole or not at all: a process killed while writing leaves no half file for the sweeper to trip on.
+    scratch = Path(result_path).with_name(Path(result_path).name + ".tmp")
+    scratch.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(scratch, result_path)
     sys.exit(0)
 
 
@@ -370,14 +375,9 @@ def _appender(path: Path) -> Callable[[int, dict[str, Any]], None]:
     return append
 
 
-def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[str, Any]]:
-    """The pack's results from its process's result file; where the process died before writing it (``kill -9``,
-    the OOM killer), the results its trials that ended had appended (:func:`_appender`), and FAILED for the
-    others, whose runs are closed FAILED (never left RUNNING)."""
-    if path.is_file():
-        return [JobResult.from_json(result).to_json() for result in json.loads(path.read_text())]
+def _ended_results(partial: Path) -> dict[int, dict[str, Any]]:
+    """The results the pack's trials appended as they ended (:func:`_appender`), by trial index."""
     ended: dict[int, dict[str, Any]] = {}
-    partial = partial_path(path)
     if partial.is_file():
         for line in partial.read_text(encoding="utf-8").splitlines():
             try:
@@ -385,6 +385,16 @@ def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[s
             except json.JSONDecodeError:  # the line being written when the process died
                 continue
             ended[entry["index"]] = JobResult.from_json(entry["result"]).to_json()
+    return ended
+
+
+def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[str, Any]]:
+    """The pack's results from its process's result file; where the process died before writing it (``kill -9``,
+    the OOM killer), the results its trials that ended had appended (:func:`_appender`), and FAILED for the
+    others, whose runs are closed FAILED (never left RUNNING)."""
+    if path.is_file():
+        return [JobResult.from_json(result).to_json() for result in json.loads(path.read_text())]
+    ended = _ended_results(partial_path(path))
     how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
     reason = f"the pack's process {how} before its trial ended"
     results = []

@@ -32,6 +32,11 @@ class RankBest:
     value: float
     trial: int
     trials: int  # completed trials of this rank
+    others: str = ""  # the best trial's other params (targets, rsLoRA...): its rate holds with them
+
+    @property
+    def with_text(self) -> str:
+        return self.others or "-"
 
 
 def ran_trials(study) -> list:
@@ -53,7 +58,8 @@ def best_by_rank(study) -> list[RankBest]:
     found = []
     for rank, trials in sorted(by_rank.items()):
         best = (max if maximize else min)(trials, key=lambda t: t.value)
-        found.append(RankBest(rank, float(best.params[LR]), float(best.value), best.number, len(trials)))
+        others = " ".join(f"{k}={v}" for k, v in best.params.items() if k not in (RANK, LR))
+        found.append(RankBest(rank, float(best.params[LR]), float(best.value), best.number, len(trials), others))
     return found
 
 
@@ -61,10 +67,17 @@ def rank_table(found: list[RankBest], metric: str) -> str:
     lines = [
         f"Best learning rate per LoRA rank, by {metric} ({sum(b.trials for b in found)} completed trial(s))",
         "",
-        f"| lora.r | best learning rate | {metric} | trial | trials of this rank |",
-        "|---:|---:|---:|---:|---:|",
+        f"| lora.r | best learning rate | {metric} | trial | trials of this rank | with |",
+        "|---:|---:|---:|---:|---:|---|",
     ]
-    lines += [f"| {b.rank} | {b.learning_rate:.3g} | {b.value:.4g} | #{b.trial} | {b.trials} |" for b in found]
+    lines += [
+        f"| {b.rank} | {b.learning_rate:.3g} | {b.value:.4g} | #{b.trial} | {b.trials} | {b.with_text} |" for b in found
+    ]
+    lines += [
+        "",
+        "Each rate holds with its trial's other params: a rank's best rate under rsLoRA (alpha / sqrt(r)) or other",
+        "targets differs from plain LoRA's (alpha / r).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -101,8 +114,8 @@ def lr_by_rank_files(study, metric: str, out: Path) -> tuple[list[RankBest], lis
     (out / RANK_TABLE).write_text(rank_table(found, metric))
     with open(out / RANK_CSV, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["lora.r", "learning_rate", metric, "trial", "trials"])
-        writer.writerows([b.rank, b.learning_rate, b.value, b.trial, b.trials] for b in found)
+        writer.writerow(["lora.r", "learning_rate", metric, "trial", "trials", "with"])
+        writer.writerows([b.rank, b.learning_rate, b.value, b.trial, b.trials, b.others] for b in found)
     files: list[tuple[Path, Optional[str]]] = [(out / RANK_TABLE, None), (out / RANK_CSV, None)]
     why = rank_plot(study, found, metric, out / "plots" / RANK_PLOT)
     if why is None:
@@ -115,4 +128,6 @@ def lr_by_rank_files(study, metric: str, out: Path) -> tuple[list[RankBest], lis
 
 
 def best_lr_text(found: list[RankBest]) -> str:
-    return ", ".join(f"r={b.rank}: {b.learning_rate:.3g} ({b.value:.4g})" for b in found)
+    return ", ".join(
+        f"r={b.rank}: {b.learning_rate:.3g} ({b.value:.4g}{', ' + b.others if b.others else ''})" for b in found
+    )

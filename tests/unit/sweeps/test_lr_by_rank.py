@@ -84,6 +84,27 @@ def test_the_parent_run_gets_the_table_csv_plot_and_one_metric_a_rank(tmp_path):
         "best_lr/r16": 2e-4,
     }
     text = (tmp_path / "best_lr_by_rank.md").read_text()
-    assert "| 8 | 0.0003 | 0.85 | #2 | 3 |" in text and "by eval_f1_macro" in text
+    assert "| 8 | 0.0003 | 0.85 | #2 | 3 | - |" in text and "by eval_f1_macro" in text
     rows = list(csv.DictReader(open(tmp_path / "best_lr_by_rank.csv")))
     assert [(r["lora.r"], float(r["learning_rate"])) for r in rows] == [("4", 1e-3), ("8", 3e-4), ("16", 2e-4)]
+
+
+def test_each_rank_s_best_says_the_scaling_and_targets_its_rate_holds_with(tmp_path):
+    """A rank's best rate under rsLoRA (alpha / sqrt(r)) is not plain LoRA's: the table names the best trial's other
+    params."""
+    from src.sweeps.lr_by_rank import best_lr_text
+
+    distributions = {
+        **DISTRIBUTIONS,
+        "lora.r": CategoricalDistribution([64]),
+        "lora.use_rslora": CategoricalDistribution([False, True]),
+    }
+    study = optuna.create_study(direction="maximize")
+    for rslora, lr, value in [(False, 1e-3, 0.6), (True, 1e-4, 0.9)]:
+        params = {"lora.r": 64, "train.learning_rate": lr, "lora.use_rslora": rslora}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
+    (best,) = best_by_rank(study)
+    assert (best.learning_rate, best.others) == (1e-4, "lora.use_rslora=True")
+    assert best_lr_text([best]) == "r=64: 0.0001 (0.9, lora.use_rslora=True)"
+    lr_by_rank_files(study, "objective", tmp_path)
+    assert "| 64 | 0.0001 | 0.9 | #1 | 2 | lora.use_rslora=True |" in (tmp_path / "best_lr_by_rank.md").read_text()
