@@ -1130,7 +1130,8 @@ def test_an_lr_rank_study_in_packs_reports_each_rank_s_best_learning_rate(suite,
         f"hydra.sweeper.storage={store.optuna}",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
     ]
-    result = cli("src.train", args, store)
+    # trials of a few seconds: a GPU sample a second, where MLflow's default is one each 10 s
+    result = cli("src.train", args, store, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert result.returncode == 0, tail(result)
     output = result.stdout
     assert "best learning rate by rank: r=" in output and "importance: " in output, output[-4000:]
