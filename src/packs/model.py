@@ -457,7 +457,9 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
         return pack_estimate_gb([plan(c).est_mem_breakdown_gb for c in sized], slots)
 
     layers = len(budget_mod.decoder_layers(model))
-    common_plan = budget_mod.plan_micro_batches(common, layers, budget, estimate)
+    common_plan = _largest_without_checkpointing(common, layers, budget, estimate)
+    if common_plan is None:  # even one example a trial needs checkpointing: as few layers as fit
+        common_plan = budget_mod.plan_micro_batches(common, layers, budget, estimate)
     size, ckpt = common_plan.micro_batch_size, common_plan.checkpointed_layers
     plans = [
         dataclasses.replace(common_plan, examples_per_step=n, gradient_accumulation_steps=n // size) for n in steps
@@ -472,6 +474,20 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
             f"{estimate(1, False):.1f} GiB without it, over the {budget:.1f} GiB planned"
         )
     return plans, note
+
+
+def _largest_without_checkpointing(common: int, layers: int, budget: float, estimate):
+    """The largest micro-batch size (a divisor of ``common``, so every window holds the same examples) whose
+    estimate fits ``budget`` with no layer checkpointed; None where not even one example does. A smaller micro-batch
+    over more accumulation steps keeps the joint step whole and leaves room to cache dequantized weights, where the
+    run-alone planner (:func:`src.engine.budget.plan_micro_batches`) would keep the size and checkpoint layers."""
+    from src.engine.budget import MicroBatchPlan
+
+    for size in sorted((d for d in range(1, common + 1) if common % d == 0), reverse=True):
+        full = estimate(size, False)
+        if full <= budget:
+            return MicroBatchPlan(common, size, common // size, 0, layers, budget, full)
+    return None
 
 
 def prepare(pack: Pack, cfgs: Sequence[Any], bf16: bool, slots: Optional[int] = None) -> list[PackMember]:

@@ -514,3 +514,47 @@ def test_cli_counts_qlora_all_linear_with_lm_head(openllama_dir):
     assert result["est_peak_gpu_mem_gb"] > 0
     assert any("lm_head" in w for w in result["warnings"])  # TRL's SFTTrainer refuses an adapter on the head
     assert any(line.startswith("trainable params") and "12,994,560" in line for line in lines[:-1])
+
+
+def test_a_pack_takes_a_smaller_micro_batch_before_it_checkpoints_a_layer():
+    """A budget between the estimates of the full micro-batch and a smaller one, both without checkpointing: the
+    pack runs the smaller over more accumulation steps, no layer checkpointed (the run-alone planner would keep the
+    full size and checkpoint; on an H100, W3B in a pack of 4 checkpointed 4 of 26 layers and cached 39 of 182
+    layers' dequantized weights that way)."""
+    from src.engine import budget
+    from src.packs import model as pack_model
+
+    cfgs, pack = _tiny_pack_cfgs(1.0, *LORAS)
+    steps = cfgs[0].train.per_device_train_batch_size * cfgs[0].train.gradient_accumulation_steps
+    assert steps >= 2
+
+    def estimate(size: int) -> float:
+        sized = [
+            c.with_train(per_device_train_batch_size=size, optim=budget.fast_optimizer(c.train.optim)) for c in cfgs
+        ]
+        return M.pack_estimate_gb([M.plan(c).est_mem_breakdown_gb for c in sized])
+
+    smaller = max(d for d in range(1, steps) if steps % d == 0)
+    between = (estimate(smaller) + estimate(steps)) / 2
+    assert estimate(smaller) < between < estimate(steps)
+    plans, note = pack_model.plan_pack_step(cfgs, pack.model, between)
+    assert {(p.micro_batch_size, p.gradient_accumulation_steps, p.checkpointed_layers) for p in plans} == {
+        (smaller, steps // smaller, 0)
+    }
+    assert "checkpointing" not in note
+    assert plan_micro_batches_would_checkpoint(steps, pack, between, cfgs)
+
+
+def plan_micro_batches_would_checkpoint(steps: int, pack, budget_gb: float, cfgs) -> bool:
+    """What the run-alone planner makes of the same budget: the full size, some layers checkpointed."""
+    from src.engine import budget
+    from src.packs.model import replace_train
+
+    fast = [replace_train(c, optim=budget.fast_optimizer(c.train.optim)) for c in cfgs]
+
+    def estimate(size: int, ckpt: bool) -> float:
+        sized = [replace_train(c, per_device_train_batch_size=size, activation_checkpointing=ckpt) for c in fast]
+        return M.pack_estimate_gb([M.plan(c).est_mem_breakdown_gb for c in sized])
+
+    alone = budget.plan_micro_batches(steps, len(budget.decoder_layers(pack.model)), budget_gb, estimate)
+    return alone.micro_batch_size == steps and alone.checkpointed_layers > 0
