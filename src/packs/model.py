@@ -69,6 +69,12 @@ class Pack:
         self.lock = threading.Condition()
         self.slot_of: dict[str, int] = {}  # the trials training now (joined, not yet left): the bank slot each holds
         self.trained: list[str] = []  # every trial that joined, in order
+        # The trials that start together (the first slots' worth): the first joint step waits until each has joined
+        # or ended, so that none trains its first steps alone while the others still set up (on an H100, a pack of
+        # 4 that did not wait ran 157 joint steps of 1.63 trials where 64 of 4 were due).
+        self.first_wave = min(slots or len(self.adapters), len(self.adapters))
+        self.arrived = 0  # trials that joined or ended without joining
+        self.ended_unjoined: set[str] = set()
         self.pending: dict[str, engine.Submission] = {}
         self.done: dict[str, Any] = {}
         self.steps = 0  # joint steps run
@@ -112,6 +118,8 @@ class Pack:
             self.bank.load(slot, adapter)
             self.optimizer.reset(slot)
             self.trained.append(adapter)
+            self.arrived += 1
+            self.lock.notify_all()
 
     def leave(self, adapter: str) -> None:
         """The trial is done training (finished, pruned or failed): its weights go back to its peft adapter (where
@@ -121,6 +129,9 @@ class Pack:
             slot = self.slot_of.pop(adapter, None)
             if slot is not None:
                 self.bank.store(slot)
+            if adapter not in self.trained and adapter not in self.ended_unjoined:  # it ended before it trained
+                self.ended_unjoined.add(adapter)
+                self.arrived += 1
             self.lock.notify_all()
 
     def summary(self) -> str:
@@ -174,7 +185,7 @@ class Pack:
                 if self.stopping is not None:
                     self.pending.pop(adapter, None)
                     raise self.stopping
-                if self.pending and len(self.pending) == len(self.slot_of):
+                if self.pending and len(self.pending) == len(self.slot_of) and self.arrived >= self.first_wave:
                     batch, self.pending = self.pending, {}
                     self.done.update(self._run_step(batch))
                     self.lock.notify_all()

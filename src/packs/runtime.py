@@ -29,6 +29,7 @@ class SharedBase:
     error: Optional[BaseException] = None
     pack: Any = None
     stopping: Optional[BaseException] = None
+    ended_early: set = field(default_factory=set)  # trials that ended before the pack existed
 
     def load(self, index: int):
         """Trial ``index``'s tokenizer, the data and its :class:`src.packs.model.PackMember`; the first call loads."""
@@ -64,6 +65,8 @@ class SharedBase:
         loras, seeds = [c.lora for c in cfgs], [c.train.seed for c in cfgs]
         slots = min(self.slots or len(cfgs), len(cfgs))
         self.pack = pack_model.build_pack(model, loras, data.task, seeds, slots=slots)
+        for index in self.ended_early:  # the first joint step does not wait for them
+            self.pack.leave(self.pack.adapters[index])
         members = pack_model.prepare(self.pack, cfgs, bf16=bool(cfg.train.bf16), slots=slots)
         # One tokenizer each: a fast tokenizer's padding and truncation are state that every call sets, so one
         # trial's generate (padding=True) would race another's tokenize_sft (no padding).
@@ -78,10 +81,14 @@ class SharedBase:
             self.pack.stop(reason)
 
     def leave(self, index: int) -> None:
-        """A trial's thread is done, however it ended: its slot is free (if it held one)."""
-        pack = self.pack
-        if pack is not None:
-            pack.leave(pack.adapters[index])
+        """A trial's thread is done, however it ended: its slot is free (if it held one), and the first joint step
+        waits for it no more (told to the pack once it exists, if it ended before)."""
+        with self.lock:  # the pack is made under this lock: an early end is either recorded here or told to it
+            pack = self.pack
+            if pack is None:
+                self.ended_early.add(index)
+                return
+        pack.leave(pack.adapters[index])
 
     def summary(self) -> Optional[str]:
         """What the pack did (:meth:`src.packs.model.Pack.summary`); None if it never loaded."""

@@ -13,8 +13,9 @@ from src.packs import engine
 from tests.conftest import compose_config
 
 
-def _tiny_pack(*loras: list[str], dropout: float):
-    """The tiny model with one adapter per ``loras`` (their overrides) as a pack, on per-example attention."""
+def _tiny_pack(*loras: list[str], dropout: float, join: bool = True):
+    """The tiny model with one adapter per ``loras`` (their overrides) as a pack, on per-example attention; with
+    ``join``, every trial in its slot."""
     from src import modeling
     from src.engine.attention import use_flat_attention
     from src.packs import model as pack_model
@@ -28,7 +29,7 @@ def _tiny_pack(*loras: list[str], dropout: float):
     model = modeling.load_model(cfgs[0].model, cfgs[0].quant, "sft", None, tokenizer.pad_token_id, False)
     pack = pack_model.build_pack(model, [c.lora for c in cfgs], "sft", [0] * len(cfgs))
     use_flat_attention(pack.model)
-    for adapter in pack.adapters:
+    for adapter in pack.adapters if join else ():
         pack.join(adapter)  # each takes its slot, in order
     return pack
 
@@ -218,3 +219,28 @@ def test_slot_adamw_leaves_a_slot_that_does_not_step_exactly_as_it_was():
     assert torch.equal(bank.weights[1], before[1]) and torch.equal(bank.weights.grad[1], grad[1])
     assert torch.equal(optimizer.exp_avg[1], torch.zeros(16)) and optimizer.steps[1].item() == 0
     assert not torch.equal(bank.weights[0], before[0]) and torch.equal(bank.weights.grad[0], torch.zeros(16))
+
+
+@pytest.mark.parametrize("second", ["joins", "fails before joining"])
+def test_the_first_joint_step_waits_for_every_trial_that_started_with_it(second):
+    """The first wave of trials starts together: a trial ready first does not train alone while another still sets
+    up. Its step waits until the other joins (then one joint step holds both) or ends without joining (then it
+    steps alone)."""
+    import threading
+    import time
+
+    pack = _tiny_pack(["lora=attn_qv"], ["lora=attn_qv", "lora.r=4"], dropout=0.0, join=False)
+    pack.join("t0")
+    done = []
+    first = threading.Thread(target=lambda: done.append(pack.step("t0", _submission(_row(0, 12)))))
+    first.start()
+    time.sleep(1.0)
+    assert not done and pack.steps == 0  # t1 has neither joined nor ended: t0 waits
+    if second == "joins":
+        pack.join("t1")
+        pack.step("t1", _submission(_row(1, 9)))
+    else:
+        pack.leave("t1")
+    first.join(timeout=60)
+    assert done and not first.is_alive()
+    assert (pack.steps, pack.trial_steps) == ((1, 2) if second == "joins" else (1, 1))
