@@ -205,16 +205,6 @@ def paper_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     ]
 
 
-LABEL_COLUMNS = (
-    "Computer Science",
-    "Physics",
-    "Mathematics",
-    "Statistics",
-    "Quantitative Biology",
-    "Quantitative Finance",
-)
-
-
 def pack_overrides(train: tuple[str, ...], base, model_dir: Path, data: Path, device: str) -> list[str]:
     """The overrides every trial of both sides shares: the base, the rows, one epoch evaluated only at its end, and
     the workload's ``train`` overrides."""

@@ -155,14 +155,22 @@ def importance_plots(copy, found: Importance, names: list[str], out: Path) -> li
             plots["contour.png"] = lambda: ovm.plot_contour(copy, params=top, target_name=names[0], **target)
         else:
             found.notes.append(f"no contour.png: it pairs two params, and only {ranked[0]} varies")
-    saved = []
+    saved, missing = save_plots_of(plots, out)
+    found.notes += missing
+    return saved
+
+
+def save_plots_of(plots: dict[str, Callable[[], Any]], out: Path) -> tuple[list[Path], list[str]]:
+    """Each of ``plots`` (file name -> drawing) saved under ``out`` (:func:`save_plot`): the files saved, and a note
+    for each that is missing, saying why."""
+    saved, missing = [], []
     for name, draw in plots.items():
         why = save_plot(draw, out / name)
         if why is None:
             saved.append(out / name)
         else:
-            found.notes.append(f"no {name}: {why}")
-    return saved
+            missing.append(f"no {name}: {why}")
+    return saved, missing
 
 
 def importance_files(study, names: list[str], out: Path) -> tuple[Importance, list[tuple[Path, Optional[str]]]]:

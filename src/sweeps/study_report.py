@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from src.sweeps.importance import importance_files, save_plot, short_text
+from src.sweeps.importance import importance_files, save_plots_of, short_text
 from src.sweeps.lr_by_rank import best_lr_text, lr_by_rank_files
 from src.sweeps.outcomes import DUPLICATE_OF_ATTR, OVERRIDES_ATTR, RUN_ID_ATTR
 from src.sweeps.record import show
@@ -113,11 +113,7 @@ def save_plots(study, metrics: list[str], out: Path) -> list[Path]:
     plots = {"optimization_history.png": lambda: ovm.plot_optimization_history(study, **target)}
     if multi:
         plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=metrics)
-    saved = []
-    for name, draw in plots.items():
-        why = save_plot(draw, out / name)
-        if why is None:
-            saved.append(out / name)
-        else:
-            show(f"note: no {name}: {why}")
+    saved, missing = save_plots_of(plots, out)
+    for note in missing:
+        show(f"note: {note}")
     return saved
