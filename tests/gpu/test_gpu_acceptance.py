@@ -1153,4 +1153,8 @@ def test_an_lr_rank_study_in_packs_reports_each_rank_s_best_learning_rate(suite,
     assert {"best_lr_by_rank.md", "importance.md", "plots/lr_by_rank.png"} <= files, files
     print("system metrics of one trial:", sorted(k for k in jobs[0].data.metrics if k.startswith("system/")))
     if suite.gpu:  # tracking.system_metrics is on by default on a GPU only
-        assert any(k.startswith("system/gpu_0_utilization") for k in jobs[0].data.metrics), "nvidia-ml-py there?"
+        from src.runs.gpu_use import gpu_utilization
+
+        used = {j.info.run_id: gpu_utilization(client, j) for j in jobs}
+        print("GPU util % by trial (src.compare's column):", used)
+        assert all(value is not None and 0 <= value <= 100 for value in used.values()), "nvidia-ml-py there?"
