@@ -10,9 +10,22 @@ so a trial that joins a slot reuses a graph of its shape with its own weights.
 
 A replay adds the step's gradient into the bank's ``.grad`` (allocated once, before the first capture), so that
 trials accumulating several micro-batches a window work as eagerly; the optimizer step (:class:`SlotAdamW`) stays
-eager. The first row of each shape runs eagerly (a warm-up on a side stream, whose result is the step's), then the
-shape is captured for the next. If a capture fails (an op that waits on the host, or no memory left for the
-graph), the graphs are dropped and the rest of the pack's steps run eagerly; :attr:`JointGraphs.failed` says why.
+eager.
+
+Memory. Every graph draws on one private pool, which keeps what it takes: it holds about one joint step's
+activations, the largest shape's. So that the pool is all the step needs:
+- The pack pads its rows to multiples of :data:`src.engine.graphs.GRAPH_BUCKET_TOKENS` while graphs run
+  (:attr:`JointGraphs.bucket`), as a run alone does: a row of 4 examples up to 512 tokens makes 8 lengths, where the
+  eager step's 64-token multiples made 32. An H100 pack of 4 W3B trials captured 47 shapes that way and ran out of
+  memory with 43 GiB in the pool.
+- Only the first shape runs eagerly, as a warm-up on a side stream (lazy initialization stays off the graph); its
+  result is the step's, and its cached memory goes back to the driver before the capture. Each later shape is
+  captured first and replayed at once, so its step runs in the pool. A warm-up per shape put a second joint step's
+  activations in the ordinary pool, beside the graphs' pool.
+
+If a capture fails (an op that waits on the host, or no memory left for the graph), the graphs are dropped and the
+rest of the pack's steps run eagerly; :attr:`JointGraphs.failed` says why. :meth:`JointGraphs.release` drops them
+too, for the pack's fallback after an out-of-memory error (:meth:`src.packs.model.Pack._run_step`).
 A pack graphs its steps with ``train.pack_cuda_graphs`` (every trial's), where a run alone's would be
 (:func:`src.engine.graphs.graphable`: a GPU, bf16, varlen attention, a 16- or 4-bit base or a cached 8-bit one) and
 no layer is checkpointed; classification steps stay eager.
@@ -26,6 +39,7 @@ from typing import Any, Optional
 
 import torch
 
+from src.engine.graphs import GRAPH_BUCKET_TOKENS
 from src.logger import say
 from src.packs import engine
 
@@ -46,6 +60,12 @@ class JointGraphs:
         self.pool = None
         self.failed: Optional[str] = None  # why capture failed; the steps then run eagerly
         self.replays = 0
+        self.warmed = False  # the first shape ran eagerly: later shapes are captured, then replayed
+        self.bucket = GRAPH_BUCKET_TOKENS  # the pack pads its rows to a multiple of this while graphs run
+
+    @property
+    def running(self) -> bool:
+        return self.failed is None
 
     def _key(self, slots: tuple[int, ...], length: int) -> Any:
         bank = self.bank
@@ -77,7 +97,11 @@ class JointGraphs:
         if entry is None:
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
-            return self._warm_up_and_capture(key, slots, host, length, counts, autocast)
+            if not self.warmed:
+                return self._warm_up_and_capture(key, slots, host, length, counts, autocast)
+            entry = self._capture(key, slots, host, length, counts, autocast)
+            if entry is None:  # the capture failed: this step runs eagerly, as every later one
+                return None
         static = entry["static"]
         for name, value in host.items():
             static[name].copy_(value, non_blocking=True)
@@ -103,14 +127,12 @@ class JointGraphs:
         return losses.detach()
 
     def _warm_up_and_capture(self, key, slots, host, length: int, counts, autocast) -> torch.Tensor:
-        """This shape's first step, run eagerly on a side stream (lazy initialization stays off the graph); then
-        its capture, which runs nothing. The eager step's losses."""
+        """The first shape's step, run eagerly on a side stream (lazy initialization stays off the graph); then its
+        capture, which runs nothing. The eager step's losses."""
         bank = self.bank
-        device = bank.weights.device
         if bank.weights.grad is None:
             bank.weights.grad = torch.zeros_like(bank.weights)  # the replays add into this very tensor
-        static = {name: value.to(device, copy=True) for name, value in host.items()}
-        static["counts"] = counts.detach().clone()
+        static = self._static(host, counts)
         tensors = engine.step_tensors(bank, slots)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -118,31 +140,51 @@ class JointGraphs:
             losses = self._forward_backward(static, slots, length, tensors, autocast)
         torch.cuda.current_stream().wait_stream(side)
         losses = losses.clone()
+        self.warmed = True
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's activations back to the driver, for the graphs' pool to take
+        self._capture(key, slots, host, length, counts, autocast, static=static, tensors=tensors)
+        return losses  # the gradient the warm-up added is the step's
+
+    def _static(self, host: dict[str, torch.Tensor], counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = self.bank.weights.device
+        static = {name: value.to(device, copy=True) for name, value in host.items()}
+        static["counts"] = counts.detach().clone()
+        return static
+
+    def _capture(self, key, slots, host, length: int, counts, autocast, static=None, tensors=None):
+        """Capture one shape's step into the shared pool (it runs nothing); its entry, or None where the capture
+        failed (the graphs are then dropped)."""
+        bank = self.bank
+        if bank.weights.grad is None:
+            bank.weights.grad = torch.zeros_like(bank.weights)
+        static = self._static(host, counts) if static is None else static
+        tensors = engine.step_tensors(bank, slots) if tensors is None else tensors
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.current_stream()
         try:
-            # A capture runs nothing: the gradient the warm-up added is the step's. Thread-local: the other trials'
-            # threads go on using CUDA meanwhile (a trial that left evaluates, one that joins builds its Trainer).
+            # Thread-local: the other trials' threads go on using CUDA meanwhile (a trial that left evaluates, one
+            # that joins builds its Trainer).
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 captured = self._forward_backward(static, slots, length, tensors, autocast)
         except (RuntimeError, torch.OutOfMemoryError) as exc:  # an op that waits on the host; no room for the graph
-            self._give_up(exc, stream)
-            return losses
-        self.graphs[key] = {"graph": graph, "static": static, "losses": captured, "tensors": tensors}
-        return losses
+            torch.cuda.set_stream(stream)  # torch.cuda.graph leaves the thread on the capture stream when it fails
+            self.release(exc)
+            return None
+        entry = self.graphs[key] = {"graph": graph, "static": static, "losses": captured, "tensors": tensors}
+        return entry
 
-    def _give_up(self, exc: BaseException, stream) -> None:
-        """A failed capture: this thread back on its own stream (``torch.cuda.graph`` leaves it on the capture
-        stream when the capture fails), the pool's memory released, and eager steps from here on."""
-        torch.cuda.set_stream(stream)
+    def release(self, exc: BaseException) -> None:
+        """Drop the graphs and release their pool's memory; the pack's steps run eagerly from here on, and
+        :attr:`failed` says why."""
         torch.cuda.synchronize()
         self.graphs.clear()
         self.pool = None
         torch.cuda.empty_cache()
         self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        say(f"note: CUDA graph capture of the pack's joint step failed, training eagerly ({self.failed})", WARNING)
+        say(f"note: CUDA graphs of the pack's joint step dropped, training eagerly ({self.failed})", WARNING)
 
     def summary(self) -> str:
         if self.failed is not None:

@@ -205,6 +205,9 @@ class Pack:
         except KeyboardInterrupt as exc:  # a stop: every trial of the step ends with it
             return dict.fromkeys(batch, exc)
         except Exception as first:  # noqa: BLE001  which trial's row it was is found below
+            if isinstance(first, torch.OutOfMemoryError) and self.graphs is not None and self.graphs.running:
+                # the graphs' pool keeps its memory: without it, the rows below (and the steps after) may fit
+                self.graphs.release(first)
             if len(batch) == 1:
                 return dict.fromkeys(batch, first)
             del first  # its traceback holds the failed step's tensors
@@ -238,7 +241,9 @@ class Pack:
             self.started = began
         names = sorted(batch, key=self.slot)
         rows = [batch[name].row for name in names]
-        length = engine.padded_length(rows, self.length_multiple)
+        graphed = self.graphs is not None and self.graphs.running
+        # while graphs run, the run-alone graphs' coarser buckets: fewer shapes to capture, and less pool to hold them
+        length = engine.padded_length(rows, self.graphs.bucket if graphed else self.length_multiple)
         if not self.model.training:
             self.model.train()
         device = self.bank.weights.device

@@ -355,8 +355,9 @@ def _slot_row(slot: int, lengths: list[int], seed: int):
 
 
 def test_pack_joint_steps_replayed_as_cuda_graphs_match_eager_joint_steps():
-    """The pack's SFT joint step as a CUDA graph (its shape's first step eager, then captured; replays on new rows)
-    gives the eager step's losses and adds the eager step's gradient to the bank's, for every slot."""
+    """The pack's SFT joint step as a CUDA graph gives the eager step's losses and adds the eager step's gradient to
+    the bank's, for every slot: the first shape's first step (eager, then captured), its replays on new rows, and a
+    later shape's first step (captured, then replayed at once, with no eager warm-up)."""
     from src.packs import engine
     from src.packs.graphs import JointGraphs
     from src.packs.model import attention_inputs
@@ -379,7 +380,8 @@ def test_pack_joint_steps_replayed_as_cuda_graphs_match_eager_joint_steps():
         return losses.detach().float(), bank.weights.grad.clone()
 
     bank.weights.grad = torch.zeros_like(bank.weights)
-    steps = [  # (slot 0's examples, slot 1's): 128-token rows twice (captured, then replayed), then 64-token rows
+    steps = [  # (slot 0's examples, slot 1's): 128-token rows twice (warmed up and captured, then replayed), then
+        # 64-token rows (captured and replayed)
         ([40, 50, 20], [90, 30]),
         ([100, 10], [25, 25, 60]),
         ([30, 20], [50]),
@@ -397,7 +399,7 @@ def test_pack_joint_steps_replayed_as_cuda_graphs_match_eager_joint_steps():
             scale = grad_ref[slot].abs().max().item()
             assert scale > 0
             torch.testing.assert_close(bank.weights.grad[slot], grad_ref[slot], atol=3e-2 * scale, rtol=0)
-    assert graphs.failed is None and len(graphs.graphs) == 2 and graphs.replays == 1
+    assert graphs.failed is None and len(graphs.graphs) == 2 and graphs.replays == 2
     # a replay accumulates: two replays of one row without zeroing give twice its gradient
     rows = [_slot_row(0, [30, 20], 2), _slot_row(1, [50], 12)]
     counts = torch.tensor([float(r.count) for r in rows], device="cuda")
@@ -406,4 +408,4 @@ def test_pack_joint_steps_replayed_as_cuda_graphs_match_eager_joint_steps():
     once = bank.weights.grad.clone()
     graphs.step(rows, 64, counts, autocast)
     torch.testing.assert_close(bank.weights.grad, 2 * once, atol=1e-6, rtol=1e-5)
-    assert graphs.replays == 3
+    assert graphs.replays == 4
