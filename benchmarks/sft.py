@@ -83,7 +83,7 @@ LORA_TARGETS = "[all_linear,lm_head]"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 FAST_VARIANTS = (
     "configured-optim, mask-attention, per-example-attention, fp32-weights, no-dequant, no-graphs, compile, "
-    "compile-no-dequant, liger, batch<N>"
+    "compile-no-dequant, liger, fused-loss, batch<N>"
 )
 
 
@@ -282,6 +282,8 @@ def fast_config(workload: Workload, model_dir: Path, device: str, budget: Option
     overrides = [] if budget is None else [f"train.memory_budget_gb={budget}"]
     if variant.startswith("batch"):  # a larger optimizer step: learning differs from the seeds' batch of 8
         overrides.append(f"train.per_device_train_batch_size={int(variant[len('batch') :])}")
+    if variant == "fused-loss":  # the loss a chunk of tokens at a time (src/engine/loss.py), never the full logits
+        overrides.append("train.fused_loss=true")
     return project_config(workload, model_dir, device, overrides)
 
 

@@ -323,8 +323,13 @@ class TrainConfig:
     )
     # Last: runs stored before it existed lack it (a default must follow the fields without one).
     pack_cuda_graphs: bool = setting(
-        "Trial packs: replay the SFT joint step as CUDA graphs (src/packs/graphs.py). Off by default until its GPU "
-        "test (tests/gpu/test_gpu.py) has passed on a GPU.",
+        "Trial packs: replay the SFT joint step as CUDA graphs (src/packs/graphs.py). Its GPU test passes; off by "
+        "default until src.bench shows the graphed pack beating its trials run one after another.",
+        default=False,
+    )
+    fused_loss: bool = setting(
+        "Fast path, SFT: the loss chunk by chunk through the LM head and its LoRA (src/engine/loss.py), never the "
+        "whole tokens x vocab logits; where the architecture's head is plain (llama, mistral, qwen2, qwen3).",
         default=False,
     )
 

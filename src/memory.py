@@ -103,6 +103,9 @@ INT8_KEPT_BYTES_PER_INPUT = 3.6  # per input feature of every int8 layer, checkp
 LOGITS_BYTES = 4
 LOSS_LOGITS_FACTOR = 2.25  # 9 bytes a logit
 LOSS_LOGITS_FACTOR_CKPT = 1.25  # about 5 bytes a logit with activation checkpointing
+# train.fused_loss (src/engine/loss.py): one chunk's logits at a time, in fp32, with their gradient in the compute
+# dtype and the matmul's own output: about 10 bytes a logit of one chunk, whatever the step's tokens.
+FUSED_LOSS_BYTES_PER_LOGIT = 10
 
 OVERHEAD_GB = 0.0  # the fitted intercept is about zero
 ALLOCATOR_RESERVE_FACTOR = 1.16  # max_memory_reserved / max_memory_allocated, the worst measured
@@ -194,6 +197,7 @@ class MemoryPlan:
     optim: str
     activation_checkpointing: bool
     fused_lm_head: bool  # SFT through TRL's fused LM head (no materialized logits)
+    fused_loss: bool  # SFT on the fast path through its chunked loss (train.fused_loss; src/engine/loss.py)
     est_peak_gpu_mem_gb: float
     est_gpu_mem_needed_gb: float  # with the allocator's reserve and the CUDA context
     est_mem_breakdown_gb: MemoryBreakdown
@@ -286,6 +290,13 @@ def logit_bytes_per_token(
     return num_labels * LOGITS_BYTES * factor
 
 
+def fused_loss_gb(shape: ModelShape, tokens: int) -> float:
+    """What ``train.fused_loss`` holds at once: one chunk's logits (:func:`src.engine.loss.chunk_tokens`)."""
+    from src.engine.loss import chunk_tokens
+
+    return min(tokens, chunk_tokens(shape.vocab_size)) * shape.vocab_size * FUSED_LOSS_BYTES_PER_LOGIT / GIB
+
+
 def memory_breakdown_gb(
     shape: ModelShape,
     lora: LoraShape,
@@ -303,16 +314,22 @@ def memory_breakdown_gb(
     fused_lm_head: bool = True,
     num_labels: int = DEFAULT_NUM_LABELS,
     full_fine_tuning: bool = False,
+    fused_loss: bool = False,
 ) -> MemoryBreakdown:
-    """Peak GPU memory of one training step, by component, in GiB (see the module docstring)."""
+    """Peak GPU memory of one training step, by component, in GiB (see the module docstring). ``fused_loss``: the
+    fast path's chunked loss (``train.fused_loss``), where it takes the model."""
     tokens = batch_size * seq_len
     activations = activation_bytes_per_token(shape, lora, widths, bits, activation_checkpointing)
-    logits = logit_bytes_per_token(shape, causal_lm, fused_lm_head, num_labels, activation_checkpointing)
+    if causal_lm and fused_loss:
+        logits_gb = fused_loss_gb(shape, tokens)
+    else:
+        per_token = logit_bytes_per_token(shape, causal_lm, fused_lm_head, num_labels, activation_checkpointing)
+        logits_gb = tokens * per_token / GIB
     return MemoryBreakdown(
         weights=weight_bytes(shape, bits, double_quant, weight_dtype_bytes) / GIB,
         trainable_states=trainable_state_bytes(trainable_params, optim, weight_dtype_bytes, full_fine_tuning) / GIB,
         activations=tokens * activations / GIB,
-        logits=tokens * logits / GIB,
+        logits=logits_gb,
         overhead=OVERHEAD_GB,
     )
 
@@ -499,7 +516,16 @@ def _breakdown(cfg: Config, shape: ModelShape, model, trainable: int, tokens: Op
         fused_lm_head=not flat_decoder(cfg),
         num_labels=num_labels_of(cfg) or DEFAULT_NUM_LABELS,
         full_fine_tuning=is_full_fine_tuning(cfg.lora),
+        fused_loss=fused_loss_applies(cfg, model),
     )
+
+
+def fused_loss_applies(cfg: Config, model) -> bool:
+    """Whether the run's SFT loss is the fast path's fused one: ``train.fused_loss``, the fast path, and a model
+    whose head :func:`src.engine.loss.fused_head` takes (else the model's own loss, full logits)."""
+    from src.engine.loss import fused_head
+
+    return cfg.data.task == "sft" and flat_decoder(cfg) and cfg.train.fused_loss and fused_head(model) is not None
 
 
 def _warnings(cfg: Config, model) -> tuple[str, ...]:
@@ -556,6 +582,7 @@ def plan(cfg: Config, tokens_per_micro_batch: Optional[int] = None) -> MemoryPla
         optim=cfg.train.optim,
         activation_checkpointing=cfg.train.activation_checkpointing,
         fused_lm_head=sft and not flat_decoder(cfg),
+        fused_loss=fused_loss_applies(cfg, model),
         est_peak_gpu_mem_gb=round(breakdown.total, 3),
         est_gpu_mem_needed_gb=round(gpu_mem_needed_gb(breakdown.total), 3),
         est_mem_breakdown_gb=breakdown.rounded(),

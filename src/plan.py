@@ -59,6 +59,8 @@ def format_plan_table(result: MemoryPlan) -> str:
     ]
     if result.task == "sft":
         head = "TRL's fused, tiled LM head" if result.fused_lm_head else "the model's own loss (full logits)"
+        if result.fused_loss:
+            head = "the fast path's fused loss (one chunk of logits at a time)"
         rows.append(("sft loss via", head))
     rows += _memory_rows(result)
     rows += [("warning", w) for w in result.warnings]

@@ -20,6 +20,7 @@ NOT_TRAINING_ARGUMENTS = {
     "memory_budget_gb",
     "dequantize_weights",
     "pack_cuda_graphs",
+    "fused_loss",
     "nproc_per_node",
 }
 

@@ -61,6 +61,7 @@ class MicroBatchPlan:
     dequantized_gb: float = 0.0  # what those cached weights hold
     compiled: bool = False
     cuda_graphs: bool = False
+    fused_loss: bool = False  # the SFT loss through src.engine.loss (train.fused_loss)
 
     def describe(self) -> str:
         budget = "no memory budget" if self.budget_gb is None else f"planned to {self.budget_gb:.1f} GiB of the budget"
@@ -71,6 +72,7 @@ class MicroBatchPlan:
             f"{self.checkpointed_layers}/{self.num_layers} layers, attention by {self.attention}, "
             f"{self.dequantized_layers} 4-bit layers on cached dequantized weights"
             f"{', compiled layers' if self.compiled else ''}{', CUDA graphs' if self.cuda_graphs else ''}"
+            f"{', fused loss' if self.fused_loss else ''}"
             f" ({budget}{est})"
         )
 

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from src.engine.attention import seq_bounds
+from src.engine.loss import causal_lm_loss
 from src.engine.weights import quantized_layers
 from src.logger import say
 
@@ -71,7 +72,15 @@ class GraphedSteps:
     builds DDP on), as PyTorch's notes on graphs with DDP prescribe.
     """
 
-    def __init__(self, pad_token_id: int, max_examples: int, bucket: int = GRAPH_BUCKET_TOKENS, world_size: int = 1):
+    def __init__(
+        self,
+        pad_token_id: int,
+        max_examples: int,
+        bucket: int = GRAPH_BUCKET_TOKENS,
+        world_size: int = 1,
+        fused_loss: bool = False,
+    ):
+        self.fused_loss = fused_loss  # the loss through src.engine.loss (train.fused_loss)
         self.pad_token_id = pad_token_id
         self.max_examples = max_examples
         self.bucket = bucket
@@ -114,16 +123,17 @@ class GraphedSteps:
         return int((inputs["position_ids"][0] == 0).sum()) <= self.max_examples
 
     def _forward_backward(self, model, static: dict[str, torch.Tensor], max_seqlen: int) -> torch.Tensor:
-        outputs = model(
-            input_ids=static["input_ids"],
-            position_ids=static["position_ids"],
-            labels=static["labels"],
-            flat_cu_seqlens=static["flat_cu_seqlens"],
-            flat_max_seqlen=max_seqlen,
-            num_items_in_batch=static["num_items_in_batch"],
-            use_cache=False,
-        )
-        loss = outputs.loss if self.world_size == 1 else outputs.loss * self.world_size
+        inputs = {
+            "input_ids": static["input_ids"],
+            "position_ids": static["position_ids"],
+            "labels": static["labels"],
+            "flat_cu_seqlens": static["flat_cu_seqlens"],
+            "flat_max_seqlen": max_seqlen,
+        }
+        loss = causal_lm_loss(model, inputs, static["num_items_in_batch"]) if self.fused_loss else None
+        if loss is None:
+            loss = model(**inputs, num_items_in_batch=static["num_items_in_batch"], use_cache=False).loss
+        loss = loss if self.world_size == 1 else loss * self.world_size
         loss.backward()
         return loss.detach()
 

@@ -78,6 +78,7 @@ from src.engine.budget import (
     set_checkpointed_layers,
 )
 from src.engine.graphs import GraphedSteps, graphable
+from src.engine.loss import causal_lm_loss, fused_head
 from src.engine.rows import tokenize_sft
 from src.engine.sampler import TokenBalancedSampler
 from src.engine.weights import prepare_frozen_weights
@@ -93,12 +94,19 @@ class FlatTrainer(Trainer):
     """
 
     def __init__(
-        self, *args, eval_data_collator, attention: str = "mask", graphs: Optional[GraphedSteps] = None, **kwargs
+        self,
+        *args,
+        eval_data_collator,
+        attention: str = "mask",
+        graphs: Optional[GraphedSteps] = None,
+        fused_loss: bool = False,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
         self.attention = attention
         self.graphs = graphs
+        self.fused_loss = fused_loss  # training steps through src.engine.loss (train.fused_loss)
         self._unlogged_tokens = 0  # this rank's tokens since the last log (see _track_num_input_tokens)
 
     def _track_num_input_tokens(self, inputs):
@@ -182,14 +190,22 @@ class FlatTrainer(Trainer):
                 inputs = {**inputs, "flat_cu_seqlens": cu, "flat_max_seqlen": max(lengths)}
             else:
                 inputs = {**inputs, "flat_seq_bounds": bounds}
+        if self.fused_loss and model.training and not return_outputs and "labels" in inputs:
+            if not isinstance(model, torch.nn.parallel.DistributedDataParallel):  # DDP's forward must run
+                loss = causal_lm_loss(model, inputs, num_items_in_batch)
+                if loss is not None:
+                    return self._across_devices(loss, num_items_in_batch)
         # use_cache=False: with a cache transformers ignores the packed position_ids and masks causally only.
         outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
-        loss = outputs.loss
+        loss = self._across_devices(outputs.loss, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _across_devices(self, loss, num_items_in_batch):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: under DDP num_items_in_batch counts every rank's tokens and DDP averages
             # the gradients over the ranks, so each rank's loss is scaled back up by their number.
             loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def evaluate(self, *args, **kwargs):
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator
@@ -259,7 +275,10 @@ def build_flat_sft_trainer(
     if cuda_graphs is None:
         cuda_graphs = graphable(args, attention, micro.gradient_accumulation_steps, cfg.quant.bits, dequantized, model)
     world = distributed.world_size()
-    graphs = GraphedSteps(tokenizer.pad_token_id, micro.micro_batch_size, world_size=world) if cuda_graphs else None
+    fused = bool(cfg.train.fused_loss) and fused_head(model) is not None
+    graphs = None
+    if cuda_graphs:
+        graphs = GraphedSteps(tokenizer.pad_token_id, micro.micro_batch_size, world_size=world, fused_loss=fused)
     micro = dataclasses.replace(
         micro,
         attention=attention,
@@ -267,11 +286,22 @@ def build_flat_sft_trainer(
         dequantized_gb=cache_gb,
         compiled=compile_layers,
         cuda_graphs=bool(cuda_graphs),
+        fused_loss=fused,
         est_peak_gpu_mem_gb=None if estimated is None else estimated + cache_gb,
     )
     args = flat_training_args(args, micro)
     trainer = sft_trainer(
-        FlatTrainer, cfg, model, tokenizer, args, train_dataset, eval_dataset, callbacks, attention, graphs=graphs
+        FlatTrainer,
+        cfg,
+        model,
+        tokenizer,
+        args,
+        train_dataset,
+        eval_dataset,
+        callbacks,
+        attention,
+        graphs=graphs,
+        fused_loss=fused,
     )
     say(micro.describe())
     return trainer, micro

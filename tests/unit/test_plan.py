@@ -182,6 +182,20 @@ def test_materialized_logits_cost_batch_seq_vocab(qlora_attn_qv):
         assert logits == pytest.approx(8 * 512 * 32000 * M.LOGITS_BYTES * factor / 2**30)
 
 
+def test_the_fused_loss_holds_one_chunk_of_logits_whatever_the_tokens(qlora_attn_qv):
+    """train.fused_loss: 2,048 tokens' logits of a 32k vocabulary at a time, so a step of 4,096 tokens or of 16,384
+    holds the same; under the materialized loss they grow with the tokens."""
+    shape = qlora_attn_qv.model_shape
+    chunk = 2048 * 32000 * M.FUSED_LOSS_BYTES_PER_LOGIT / 2**30
+    for batch in (8, 32):  # no checkpointing, as on the fast path: the materialized loss is 9 bytes a logit
+        fused = _estimate(shape, batch_size=batch, fused_lm_head=False, fused_loss=True, activation_checkpointing=False)
+        assert fused - _estimate(shape, batch_size=batch, activation_checkpointing=False) == pytest.approx(chunk)
+        assert fused < _estimate(shape, batch_size=batch, fused_lm_head=False, activation_checkpointing=False)
+    assert _estimate(shape, batch_size=1, seq_len=100, fused_loss=True, fused_lm_head=False) == pytest.approx(
+        _estimate(shape, batch_size=1, seq_len=100) + 100 * 32000 * M.FUSED_LOSS_BYTES_PER_LOGIT / 2**30
+    )
+
+
 def test_optimizer_state_bytes():
     assert M.optimizer_state_bytes("adamw_torch") == 8
     assert M.optimizer_state_bytes("paged_adamw_8bit") == 2
@@ -397,6 +411,7 @@ PLAN_KEYS = [
     "optim",
     "activation_checkpointing",
     "fused_lm_head",
+    "fused_loss",
     "est_peak_gpu_mem_gb",
     "est_gpu_mem_needed_gb",
     "est_mem_breakdown_gb",
@@ -423,6 +438,12 @@ def test_the_plan_reads_fast_path_from_the_config():
     fast, plain = (M.plan(validate(compose(["data=instructions", *more]))) for more in ([], ["train.fast_path=false"]))
     assert (fast.fused_lm_head, plain.fused_lm_head) == (False, True)
     assert fast.est_mem_breakdown_gb.logits > 0 == plain.est_mem_breakdown_gb.logits
+    # train.fused_loss: the fast path's chunked loss, where the model's head takes it (the tiny Llama's does)
+    fused = M.plan(validate(compose(["data=instructions", "train.fused_loss=true"])))
+    assert (fused.fused_lm_head, fused.fused_loss, fast.fused_loss, plain.fused_loss) == (False, True, False, False)
+    tokens = fused.batch_size * fused.seq_len
+    assert fused.est_mem_breakdown_gb.logits == pytest.approx(M.fused_loss_gb(fused.model_shape, tokens), abs=1e-3)
+    assert "fused loss" in cli.format_plan_table(fused)
 
 
 def test_the_budget_is_resolved_once_with_its_margin(monkeypatch):
