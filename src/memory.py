@@ -106,6 +106,8 @@ LOSS_LOGITS_FACTOR_CKPT = 1.25  # about 5 bytes a logit with activation checkpoi
 # train.fused_loss (src/engine/loss.py): one chunk's logits at a time, in fp32, with their gradient in the compute
 # dtype and the matmul's own output: about 10 bytes a logit of one chunk, whatever the step's tokens.
 FUSED_LOSS_BYTES_PER_LOGIT = 10
+FUSED_LOSS_CHUNK_LOGITS = 1 << 26  # logits a chunk holds at most (256 MiB in fp32): 2,048 tokens of a 32k vocabulary
+FUSED_LOSS_CHUNK_MULTIPLE = 256
 
 OVERHEAD_GB = 0.0  # the fitted intercept is about zero
 ALLOCATOR_RESERVE_FACTOR = 1.16  # max_memory_reserved / max_memory_allocated, the worst measured
@@ -290,10 +292,15 @@ def logit_bytes_per_token(
     return num_labels * LOGITS_BYTES * factor
 
 
-def fused_loss_gb(shape: ModelShape, tokens: int) -> float:
-    """What ``train.fused_loss`` holds at once: one chunk's logits (:func:`src.engine.loss.chunk_tokens`)."""
-    from src.engine.loss import chunk_tokens
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens a chunk of ``train.fused_loss`` holds (src/engine/loss.py): :data:`FUSED_LOSS_CHUNK_LOGITS` logits, in
+    multiples of :data:`FUSED_LOSS_CHUNK_MULTIPLE`."""
+    multiple = FUSED_LOSS_CHUNK_MULTIPLE
+    return max(multiple, FUSED_LOSS_CHUNK_LOGITS // vocab_size // multiple * multiple)
 
+
+def fused_loss_gb(shape: ModelShape, tokens: int) -> float:
+    """What ``train.fused_loss`` holds at once: one chunk's logits (:func:`chunk_tokens`)."""
     return min(tokens, chunk_tokens(shape.vocab_size)) * shape.vocab_size * FUSED_LOSS_BYTES_PER_LOGIT / GIB
 
 
@@ -523,7 +530,7 @@ def _breakdown(cfg: Config, shape: ModelShape, model, trainable: int, tokens: Op
 def fused_loss_applies(cfg: Config, model) -> bool:
     """Whether the run's SFT loss is the fast path's fused one: ``train.fused_loss``, the fast path, and a model
     whose head :func:`src.engine.loss.fused_head` takes (else the model's own loss, full logits)."""
-    from src.engine.loss import fused_head
+    from src.modeling import fused_head
 
     return cfg.data.task == "sft" and flat_decoder(cfg) and cfg.train.fused_loss and fused_head(model) is not None
 

@@ -405,3 +405,32 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+# The causal LMs whose forward computes nothing between the decoder, lm_head and the loss (no logit scaling or
+# soft-capping), so that train.fused_loss (src/engine/loss.py) is the model's own loss.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def fused_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, Any]]:
+    """``(decoder, head)`` where :func:`src.engine.loss.causal_lm_loss` computes the model's own loss, else None.
+    ``head``: a frozen ``torch.nn.Linear`` without bias, or peft's LoRA ``Linear`` around one with a single plain
+    LoRA adapter active (no DoRA, no LoRA bias, not merged)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not hasattr(lm, "get_decoder"):
+        return None
+    head = lm.get_output_embeddings()
+    base = getattr(head, "base_layer", head)
+    if type(base) is not torch.nn.Linear or base.bias is not None:  # a bnb or cached-dequantized head: not here
+        return None
+    if base.weight.requires_grad:  # a trained head (full fine-tuning): its weight's gradient is not computed here
+        return None
+    if head is not base:
+        active = [name for name in head.active_adapters if name in head.lora_A]
+        if getattr(head, "merged", False) or len(active) != 1 or head.disable_adapters:
+            return None
+        name = active[0]
+        if head.use_dora.get(name) or getattr(head, "lora_bias", {}).get(name):
+            return None
+    return lm.get_decoder(), head

@@ -13,9 +13,10 @@ a second, rank-wide matmul: ``logits = h W^T + z B^T`` with ``z = scale * A(drop
 ``h``, ``z`` (autograd takes it on to A and back to ``h``) and B; the frozen W gets none.
 
 :func:`causal_lm_loss` runs the decoder and this loss in place of the model's forward, for the architectures
-whose forward is exactly ``loss_function(lm_head(decoder(...)), labels)``; elsewhere it returns None and the caller
-takes the model's own loss. ``tests/unit/engine/test_fused_loss.py`` checks both against the model's own loss
-within 1e-5 in fp32, forward and gradients.
+whose forward is exactly ``loss_function(lm_head(decoder(...)), labels)`` (:func:`src.modeling.fused_head`);
+elsewhere it returns None and the caller takes the model's own loss. How many tokens a chunk holds is
+:func:`src.memory.chunk_tokens`, which the plan counts. ``tests/unit/engine/test_fused_loss.py`` checks both
+against the model's own loss within 1e-5 in fp32, forward and gradients.
 """
 
 from __future__ import annotations
@@ -25,17 +26,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from src.memory import chunk_tokens
+from src.modeling import fused_head
+
 IGNORE_INDEX = -100
-CHUNK_LOGITS = 1 << 26  # logits a chunk holds at most (256 MiB in fp32): 2,048 tokens of a 32k vocabulary
-CHUNK_MULTIPLE = 256
-# The causal LMs whose forward computes nothing between the decoder, lm_head and the loss (no logit scaling or
-# soft-capping), so that the fused loss is the model's own.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-def chunk_tokens(vocab_size: int) -> int:
-    """Tokens a chunk holds: :data:`CHUNK_LOGITS` logits, in multiples of :data:`CHUNK_MULTIPLE`."""
-    return max(CHUNK_MULTIPLE, CHUNK_LOGITS // vocab_size // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -108,30 +102,6 @@ def linear_cross_entropy(
     chunk = chunk or chunk_tokens(weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, z, b, labels, chunk)
-
-
-def fused_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, Any]]:
-    """``(decoder, head)`` where :func:`causal_lm_loss` computes the model's own loss, else None. ``head``: a frozen
-    ``torch.nn.Linear`` without bias, or peft's LoRA ``Linear`` around one with a single plain LoRA adapter
-    active (no DoRA, no LoRA bias, not merged)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(lm, "config", None)
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not hasattr(lm, "get_decoder"):
-        return None
-    head = lm.get_output_embeddings()
-    base = getattr(head, "base_layer", head)
-    if type(base) is not torch.nn.Linear or base.bias is not None:  # a bnb or cached-dequantized head: not here
-        return None
-    if base.weight.requires_grad:  # a trained head (full fine-tuning): its weight's gradient is not computed here
-        return None
-    if head is not base:
-        active = [name for name in head.active_adapters if name in head.lora_A]
-        if getattr(head, "merged", False) or len(active) != 1 or head.disable_adapters:
-            return None
-        name = active[0]
-        if head.use_dora.get(name) or getattr(head, "lora_bias", {}).get(name):
-            return None
-    return lm.get_decoder(), head
 
 
 def _head_terms(head, hidden: torch.Tensor):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from src.engine import loss as fused
+from src.modeling import fused_head
 from tests.unit.engine.test_flat import _collate, _examples, _tiny_lora_model, _train_sft
 
 ATOL = 1e-5
@@ -46,9 +47,11 @@ def test_linear_cross_entropy_gives_the_summed_loss_and_its_gradients(lora, chun
 
 
 def test_chunks_hold_a_bounded_number_of_logits():
-    assert fused.chunk_tokens(32000) == 2048  # OpenLLaMA's and Llama 2's vocabulary
-    assert fused.chunk_tokens(151936) == 256  # Qwen2.5's: at least one multiple
-    assert fused.chunk_tokens(32000) * 32000 <= fused.CHUNK_LOGITS
+    from src.memory import FUSED_LOSS_CHUNK_LOGITS, chunk_tokens
+
+    assert chunk_tokens(32000) == 2048  # OpenLLaMA's and Llama 2's vocabulary
+    assert chunk_tokens(151936) == 256  # Qwen2.5's: at least one multiple
+    assert chunk_tokens(32000) * 32000 <= FUSED_LOSS_CHUNK_LOGITS
 
 
 @pytest.mark.parametrize(
@@ -66,7 +69,7 @@ def test_causal_lm_loss_is_the_model_s_own_loss_with_its_gradients(tiny_model_di
     batch = _collate(_examples([9, 14, 6]), padding_free=True)
     num_items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
     params = [p for p in model.parameters() if p.requires_grad]
-    assert fused.fused_head(model) is not None
+    assert fused_head(model) is not None
 
     torch.manual_seed(3)
     own = model(**batch, use_cache=False, num_items_in_batch=num_items).loss
@@ -88,14 +91,14 @@ def test_heads_the_fused_loss_would_get_wrong_are_left_to_the_model(tiny_model_d
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     dora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], use_dora=True))
-    assert fused.fused_head(dora) is None
+    assert fused_head(dora) is None
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    assert fused.fused_head(plain) is None  # every weight trains (full fine-tuning): the fused loss gives W none
+    assert fused_head(plain) is None  # every weight trains (full fine-tuning): the fused loss gives W none
     plain.get_output_embeddings().weight.requires_grad_(False)
-    assert fused.fused_head(plain) is not None
+    assert fused_head(plain) is not None
     plain.config.model_type = "gemma2"  # soft-caps its logits
-    assert fused.fused_head(plain) is None
+    assert fused_head(plain) is None
     batch = _collate(_examples([5, 7]), padding_free=True)
     assert fused.causal_lm_loss(plain, batch) is None
 
