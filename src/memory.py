@@ -528,11 +528,14 @@ def _breakdown(cfg: Config, shape: ModelShape, model, trainable: int, tokens: Op
 
 
 def fused_loss_applies(cfg: Config, model) -> bool:
-    """Whether the run's SFT loss is the fast path's fused one: ``train.fused_loss``, the fast path, and a model
-    whose head :func:`src.engine.loss.fused_head` takes (else the model's own loss, full logits)."""
+    """Whether the run's SFT loss is the fast path's fused one: ``train.fused_loss``, the fast path, one process
+    (not DDP), and a model whose head :func:`src.modeling.fused_head` takes (else the model's own loss, full
+    logits). A pack's joint step takes its own loss: :func:`plan_pack` and the pack's planner turn it off."""
     from src.modeling import fused_head
 
-    return cfg.data.task == "sft" and flat_decoder(cfg) and cfg.train.fused_loss and fused_head(model) is not None
+    if not (cfg.data.task == "sft" and flat_decoder(cfg) and cfg.train.fused_loss):
+        return False
+    return cfg.train.nproc_per_node == 1 and fused_head(model) is not None
 
 
 def _warnings(cfg: Config, model) -> tuple[str, ...]:
@@ -612,7 +615,9 @@ def pack_estimate_gb(breakdowns: list[MemoryBreakdown], slots: Optional[int] = N
 
 def plan_pack(cfgs: list[Config]) -> PackPlan:
     """Each trial's plan and the pack's: one base plus K adapters, their optimizer states and activations."""
-    trials = tuple(plan(cfg) for cfg in cfgs)
+    # the joint step's loss materializes each trial's logits (src.packs.engine.slot_losses): no fused loss there
+    unfused = [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_loss=False)) for cfg in cfgs]
+    trials = tuple(plan(cfg) for cfg in unfused)
     peak = pack_estimate_gb([t.est_mem_breakdown_gb for t in trials])
     return PackPlan(
         trials=trials,

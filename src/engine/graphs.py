@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 
 from src.engine.attention import seq_bounds
-from src.engine.loss import causal_lm_loss
 from src.engine.weights import quantized_layers
 from src.logger import say
 
@@ -78,9 +78,10 @@ class GraphedSteps:
         max_examples: int,
         bucket: int = GRAPH_BUCKET_TOKENS,
         world_size: int = 1,
-        fused_loss: bool = False,
     ):
-        self.fused_loss = fused_loss  # the loss through src.engine.loss (train.fused_loss)
+        # (model, inputs, num_items_in_batch) -> the step's loss, or None for the model's own: the trainer's fused
+        # loss (train.fused_loss), set by build_flat_sft_trainer
+        self.loss: Optional[Callable[..., Optional[torch.Tensor]]] = None
         self.pad_token_id = pad_token_id
         self.max_examples = max_examples
         self.bucket = bucket
@@ -130,7 +131,7 @@ class GraphedSteps:
             "flat_cu_seqlens": static["flat_cu_seqlens"],
             "flat_max_seqlen": max_seqlen,
         }
-        loss = causal_lm_loss(model, inputs, static["num_items_in_batch"]) if self.fused_loss else None
+        loss = None if self.loss is None else self.loss(model, inputs, static["num_items_in_batch"])
         if loss is None:
             loss = model(**inputs, num_items_in_batch=static["num_items_in_batch"], use_cache=False).loss
         loss = loss if self.world_size == 1 else loss * self.world_size

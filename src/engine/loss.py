@@ -38,7 +38,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, z, b, labels, chunk: int):
         dtype = hidden.dtype
+        ctx.b_dtype = None if b is None else b.dtype  # B's gradient goes back in its own dtype, summed in fp32
         weight = weight.to(dtype)
+        z = None if z is None else z.to(dtype)
         b = None if b is None else b.to(dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_z = torch.empty_like(z) if z is not None and ctx.needs_input_grad[2] else None
@@ -67,17 +69,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_b is not None:
                 grad_b.addmm_(grad.T.float(), z[part].float())
         ctx.save_for_backward(grad_hidden, grad_z, grad_b)
-        ctx.b_dtype = None if b is None else b.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_z, grad_b = ctx.saved_tensors
-        scale = grad_total.float()
+        scale = grad_total.float()  # a 0-dim fp32 tensor: a bf16 gradient times it is computed in fp32, rounded once
         return (
-            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_hidden is None else grad_hidden * scale,
             None,
-            None if grad_z is None else grad_z * scale.to(grad_z.dtype),
+            None if grad_z is None else grad_z * scale,
             None if grad_b is None else (grad_b * scale).to(ctx.b_dtype),
             None,
             None,
@@ -94,8 +95,8 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """The summed cross-entropy (ignoring ``labels`` of -100) of the logits ``hidden @ weight.T + z @ b.T``
     (``z``, ``b``: a LoRA head's rank-wide input and B, or None), without holding more than ``chunk`` tokens'
-    logits. ``hidden`` ``[tokens, hidden]``, ``labels`` ``[tokens]``. Under autocast the matmuls run in its dtype,
-    as the model's own head would; the loss is summed in fp32."""
+    logits. ``hidden`` ``[tokens, hidden]``, ``labels`` ``[tokens]``. The matmuls run in autocast's dtype under
+    autocast (as the model's own head would), else in ``hidden``'s; the loss is summed in fp32."""
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, z = hidden.to(dtype), None if z is None else z.to(dtype)
@@ -119,7 +120,11 @@ def causal_lm_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items_in_
     """The model's own next-token loss on ``inputs`` (``labels`` and the decoder's inputs) through
     :func:`linear_cross_entropy`, or None where :func:`fused_head` does not take the model. As transformers'
     ``ForCausalLMLoss``: the labels shifted by one, the sum over the labeled tokens divided by
-    ``num_items_in_batch`` (None: their count)."""
+    ``num_items_in_batch`` (None: their count).
+
+    It calls the decoder and the head directly, not the model's forward: where a trainer's mixed precision wraps
+    that forward in autocast (accelerate does), the caller must enter the same autocast around this call
+    (:meth:`src.engine.trainer.FlatTrainer.fused_causal_lm_loss`)."""
     found = fused_head(model)
     if found is None:
         return None

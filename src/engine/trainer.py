@@ -191,14 +191,19 @@ class FlatTrainer(Trainer):
             else:
                 inputs = {**inputs, "flat_seq_bounds": bounds}
         if self.fused_loss and model.training and not return_outputs and "labels" in inputs:
-            if not isinstance(model, torch.nn.parallel.DistributedDataParallel):  # DDP's forward must run
-                loss = causal_lm_loss(model, inputs, num_items_in_batch)
-                if loss is not None:
-                    return self._across_devices(loss, num_items_in_batch)
+            loss = self.fused_causal_lm_loss(model, inputs, num_items_in_batch)
+            if loss is not None:
+                return loss
         # use_cache=False: with a cache transformers ignores the packed position_ids and masks causally only.
         outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
         loss = self._across_devices(outputs.loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def fused_causal_lm_loss(self, model, inputs, num_items_in_batch=None):
+        """The step's loss through :func:`src.engine.loss.causal_lm_loss` (``train.fused_loss``), in the mixed
+        precision that accelerate gives the model's own forward; None where the model's head does not take it."""
+        with self.accelerator.autocast():
+            return causal_lm_loss(model, inputs, num_items_in_batch)
 
     def _across_devices(self, loss, num_items_in_batch):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -275,10 +280,10 @@ def build_flat_sft_trainer(
     if cuda_graphs is None:
         cuda_graphs = graphable(args, attention, micro.gradient_accumulation_steps, cfg.quant.bits, dequantized, model)
     world = distributed.world_size()
-    fused = bool(cfg.train.fused_loss) and fused_head(model) is not None
-    graphs = None
-    if cuda_graphs:
-        graphs = GraphedSteps(tokenizer.pad_token_id, micro.micro_batch_size, world_size=world, fused_loss=fused)
+    # one process: DDP's forward must run for its gradient hooks, and the fused loss bypasses it (src.memory plans
+    # the fused loss on the same condition: fused_loss_applies)
+    fused = bool(cfg.train.fused_loss) and world == 1 and fused_head(model) is not None
+    graphs = GraphedSteps(tokenizer.pad_token_id, micro.micro_batch_size, world_size=world) if cuda_graphs else None
     micro = dataclasses.replace(
         micro,
         attention=attention,
@@ -303,6 +308,8 @@ def build_flat_sft_trainer(
         graphs=graphs,
         fused_loss=fused,
     )
+    if graphs is not None and fused:
+        graphs.loss = trainer.fused_causal_lm_loss
     say(micro.describe())
     return trainer, micro
 

@@ -466,7 +466,8 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
         note = f"pack of {len(cfgs)} trial(s) in {held} slot(s): no memory budget (no GPU)"
         return [budget_mod.plan_step_within(None, c, model) for c in cfgs], note
     common = math.gcd(*steps)
-    fast = [replace_train(c, optim=budget_mod.fast_optimizer(c.train.optim)) for c in cfgs]
+    # the joint step's loss materializes each trial's logits (engine.slot_losses): no fused loss in a pack
+    fast = [replace_train(c, optim=budget_mod.fast_optimizer(c.train.optim), fused_loss=False) for c in cfgs]
 
     def estimate(size: int, ckpt: bool) -> float:
         sized = [replace_train(c, per_device_train_batch_size=size, activation_checkpointing=ckpt) for c in fast]

@@ -444,6 +444,11 @@ def test_the_plan_reads_fast_path_from_the_config():
     tokens = fused.batch_size * fused.seq_len
     assert fused.est_mem_breakdown_gb.logits == pytest.approx(M.fused_loss_gb(fused.model_shape, tokens), abs=1e-3)
     assert "fused loss" in cli.format_plan_table(fused)
+    # DDP's forward must run (the fused loss bypasses it), and a pack's joint step takes its own loss: not there
+    ddp = M.plan(validate(compose(["data=instructions", "train.fused_loss=true", "train.nproc_per_node=2"])))
+    assert not ddp.fused_loss and ddp.est_mem_breakdown_gb.logits == fast.est_mem_breakdown_gb.logits
+    pack = M.plan_pack([validate(compose(["data=instructions", "train.fused_loss=true"]))] * 2)
+    assert not any(t.fused_loss for t in pack.trials)
 
 
 def test_the_budget_is_resolved_once_with_its_margin(monkeypatch):

@@ -83,6 +83,47 @@ def test_causal_lm_loss_is_the_model_s_own_loss_with_its_gradients(tiny_model_di
     assert any(e.abs().max() > 0 for e in own_grads)
 
 
+def test_under_a_trainer_s_bf16_mixed_precision_the_fused_loss_is_the_model_s_own(tiny_model_dir, request):
+    """A bf16 base with fp32 adapters (peft's default), LoRA on the head: accelerate puts the model's own forward
+    under bf16 autocast; the trainer's fused loss enters the same autocast (without it the head's fp32 LoRA input
+    meets its bf16 weight). Equal within bf16 rounding, loss and gradients."""
+    import types
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from src.engine.trainer import FlatTrainer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.1
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    AcceleratorState._reset_state(reset_partial_state=True)  # a singleton: an earlier test's Trainer set it
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    prepared = accelerator.prepare(model)
+    prepared.train()
+    batch = _collate(_examples([9, 14, 6]), padding_free=True)
+    num_items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    own = prepared(**batch, use_cache=False, num_items_in_batch=num_items).loss
+    own_grads = torch.autograd.grad(own, params)
+    trainer = types.SimpleNamespace(accelerator=accelerator)
+    got = FlatTrainer.fused_causal_lm_loss(trainer, prepared, batch, num_items)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got.float(), own.float(), atol=0, rtol=1e-5)  # without the autocast: 4e-4 off
+    for g, e in zip(got_grads, own_grads):
+        scale = e.abs().max()
+        assert scale > 0 and g.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(g, e, atol=0.05 * float(scale), rtol=0)
+
+
 def test_heads_the_fused_loss_would_get_wrong_are_left_to_the_model(tiny_model_dir):
     """A DoRA head, a head whose own weight trains, and an architecture outside the list: None, and the caller
     takes the model's own loss."""
