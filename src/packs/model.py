@@ -83,6 +83,8 @@ class Pack:
         self.estimate_gb: Optional[float] = None  # the pack's planned peak (prepare)
         self.started: Optional[float] = None
         self.joint_s = 0.0  # host time spent queuing the joint steps
+        self.tokens = 0  # the trials' own tokens in the joint steps run
+        self.padded_tokens = 0  # and the tokens those steps computed, each row padded to the step's one length
         self.pad_token_id = 0
         self.attention = "per-example"
         for _, param in model.named_parameters():
@@ -142,9 +144,15 @@ class Pack:
         return (
             f"pack: trained {len(self.trained)} trial(s) in {self.bank.slots} slot(s) on one base; {self.steps} joint "
             f"steps of {self.trial_steps / max(self.steps, 1):.2f} trials on average in {wall:.1f} s, "
-            f"{self.joint_s:.1f} s of it on the host queuing them"
+            f"{self.joint_s:.1f} s of it on the host queuing them; {self.padding_share():.1%} of their tokens padding"
             + ("" if self.graphs is None else f"; {self.graphs.summary()}")
         )
+
+    def padding_share(self) -> float:
+        """The share of the joint steps' tokens that were padding: each slot's row is padded to the step's longest
+        (and on a GPU up to a multiple of 64 tokens, or 256 while graphs run). Trials of one seed and data draw
+        rows of the same lengths step by step; trials whose rows differ pay for the longest."""
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
 
     def stop(self, reason: BaseException) -> None:
         """Stop every trial at its next step (SIGTERM of the pack's process): each raises ``reason``."""
@@ -252,6 +260,8 @@ class Pack:
         norms = self._optimizer_step(batch)
         self.steps += 1
         self.trial_steps += len(names)
+        self.tokens += sum(r.input_ids.shape[1] for r in rows)
+        self.padded_tokens += len(rows) * length
         self.joint_s += time.perf_counter() - began
         return {
             name: (losses[i], norms[self.slot(name)] if batch[name].stepping else None) for i, name in enumerate(names)

@@ -131,6 +131,18 @@ def test_slot_adamw_steps_each_slot_as_torch_adamw_steps_a_run_alone():
     assert bank.weights.grad[1].abs().max() > 0 and bank.weights.grad[0].abs().max() == 0  # slot 1's window goes on
 
 
+def test_the_pack_counts_the_padding_its_joint_steps_computed():
+    """Rows of 14 and 9 tokens padded to one length of 15 (the longest and one pad token; no multiple on a CPU),
+    then two rows of 12: 14 + 9 + 12 + 12 of 2 x 15 + 2 x 13 tokens were the trials' own. The pack's line says it."""
+    pack = _tiny_pack(["lora=attn_qv", "lora.r=4"], ["lora=attn_qv", "lora.r=8"], dropout=0.0)
+    assert pack.padding_share() == 0.0
+    pack._joint_step({"t0": _submission(_row(0, 14)), "t1": _submission(_row(1, 9))})
+    assert pack.padding_share() == pytest.approx(1 - 23 / 30)
+    pack._joint_step({"t0": _submission(_row(0, 12)), "t1": _submission(_row(1, 12))})
+    assert pack.padding_share() == pytest.approx(1 - 47 / 56)
+    assert f"{1 - 47 / 56:.1%} of their tokens padding" in pack.summary()
+
+
 def test_one_trial_s_nan_weights_leave_the_others_finite(monkeypatch):
     """NaN in slot 1's bank row, forward and backward: slot 0's loss and gradient stay finite, in both forms of the
     grouped matmul."""
