@@ -16,7 +16,7 @@ random-weight model (built from the architecture's config and saved once under
 ``--model-dir``; throughput and memory do not depend on the weight values):
 
 - **seed**: the seeds' recipe. HF ``Trainer`` + peft + bitsandbytes, batches of 8 padded to the
-  longest row, gradient checkpointing on, ``paged_adamw_8bit``, bf16 autocast.
+  longest row, gradient checkpointing on (reentrant, as peft leaves it), ``paged_adamw_8bit``, bf16 autocast.
 - **fast**: the project's trainer with its defaults (``conf/train/gpu.yaml``): the SFT fast path
   of :mod:`src.engine` as ``src.train`` builds it, at the memory budget given by ``--budgets``
   (``default``: the config's null, 90% of the GPU).
@@ -80,6 +80,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 SEED_BATCH_SIZE = 8
 LORA_TARGETS = "[all_linear,lm_head]"
+# Reentrant checkpointing, as peft's prepare_model_for_kbit_training(model) leaves it (its default kwargs are empty,
+# and torch's default is reentrant). The bench's seed side used non-reentrant until 2026-12: its hooks on every saved
+# tensor cost 12-18% of a step's host time on a CPU, a likely share of the 12% by which an independent run of the
+# recipe beat it on an H100 (issue 31). Not yet measured on a GPU.
+SEED_CHECKPOINTING = {"use_reentrant": True}
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 FAST_VARIANTS = (
     "configured-optim, mask-attention, per-example-attention, fp32-weights, no-dequant, no-graphs, compile, "
@@ -195,8 +200,10 @@ def seed_model(workload: Workload, model_dir: Path, device: str, cfg):
     )
     if workload.bits in (4, 8):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    # Not peft's use_gradient_checkpointing: it calls transformers' deprecated gradient_checkpointing_enable.
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # What peft's prepare_model_for_kbit_training(model) does by default, as the seeds call it: every layer
+    # checkpointed with its empty kwargs, which torch takes as reentrant checkpointing. Written out, because peft's
+    # use_gradient_checkpointing calls transformers' deprecated gradient_checkpointing_enable.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=SEED_CHECKPOINTING)
     model.enable_input_require_grads()
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -217,6 +224,8 @@ def seed_arguments(cfg):
         output_dir=cfg.output_dir,
         per_device_train_batch_size=SEED_BATCH_SIZE,
         activation_checkpointing=True,
+        # the same again: without kwargs the Trainer would switch the layers to non-reentrant checkpointing
+        activation_checkpointing_kwargs=SEED_CHECKPOINTING,
         optim=t.optim,
         bf16=t.bf16,
         tf32=t.tf32,

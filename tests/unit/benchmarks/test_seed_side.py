@@ -1,0 +1,36 @@
+"""The SFT bench's seed side checkpoints as the seeds' recipe does: reentrant, through a real training step."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import sft
+from benchmarks.common import bench_tokenizer
+from benchmarks.workloads import WORKLOADS, ensure_checkpoint
+
+
+def test_the_seed_side_trains_with_peft_s_default_reentrant_checkpointing(tmp_path):
+    """peft's prepare_model_for_kbit_training(model) leaves every layer checkpointed with empty kwargs, which torch
+    runs as reentrant checkpointing; the Trainer, told to checkpoint, enables it again with its own kwargs. After a
+    step every decoder layer still recomputes reentrantly (the bench's seed side ran non-reentrant before)."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    workload = WORKLOADS["tiny"]
+    model_dir = ensure_checkpoint(workload, tmp_path, "cpu")
+    cfg = sft.project_config(workload, model_dir, "cpu", ["train.activation_checkpointing=true", "train.max_steps=1"])
+    model = sft.seed_model(workload, model_dir, "cpu", cfg)
+    args = sft.seed_arguments(cfg)
+    args.max_steps = 1
+    pad_id = bench_tokenizer().pad_token_id
+    rows = [[5 + (i * 7 + j) % 300 for j in range(12 + i)] for i in range(8)]
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": rows}),
+        data_collator=lambda examples: sft.pad_to_longest(examples, pad_id),
+    )
+    trainer.train()
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and all(m._gradient_checkpointing_func.keywords == {"use_reentrant": True} for m in layers)
+    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
