@@ -44,6 +44,7 @@ import torch
 
 from benchmarks.common import (
     QUANT_GROUPS,
+    SEED_CHECKPOINTING,
     Meter,
     StepProfiler,
     Workload,
@@ -244,8 +245,9 @@ def seed_classifier_model(workload: Workload, model_dir: Path, device: str, cfg,
         model.config.pad_token_id = pad_id  # seed 000: pad = EOS, for the pooling of the last non-pad token
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    # Not peft's use_gradient_checkpointing: it calls transformers' deprecated gradient_checkpointing_enable.
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # As peft's prepare_model_for_kbit_training(model) leaves the seeds' recipes (SEED_CHECKPOINTING), written out:
+    # peft's use_gradient_checkpointing calls transformers' deprecated gradient_checkpointing_enable.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=SEED_CHECKPOINTING)
     model.enable_input_require_grads()
     lora = LoraConfig(
         r=cfg.lora.r,

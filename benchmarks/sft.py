@@ -53,6 +53,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.common import (
+    SEED_CHECKPOINTING,
     Meter,
     StepProfiler,
     Workload,
@@ -80,11 +81,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 SEED_BATCH_SIZE = 8
 LORA_TARGETS = "[all_linear,lm_head]"
-# Reentrant checkpointing, as peft's prepare_model_for_kbit_training(model) leaves it (its default kwargs are empty,
-# and torch's default is reentrant). The bench's seed side used non-reentrant until 2026-12, whose hooks on every
-# saved tensor add host work a step: a candidate for the 12% by which an independent run of the recipe beat it on an
-# H100 (issue 31). What it changes on a GPU is not yet measured.
-SEED_CHECKPOINTING = {"use_reentrant": True}
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 FAST_VARIANTS = (
     "configured-optim, mask-attention, per-example-attention, fp32-weights, no-dequant, no-graphs, compile, "

@@ -1,11 +1,12 @@
-"""The SFT bench's seed side checkpoints as the seeds' recipe does: reentrant, through a real training step."""
+"""The bench's seed sides checkpoint as the seeds' recipes do: reentrant (the SFT side through a real training
+step)."""
 
 from __future__ import annotations
 
 import torch
 
 from benchmarks import sft
-from benchmarks.common import bench_tokenizer
+from benchmarks.common import SEED_CHECKPOINTING, bench_tokenizer
 from benchmarks.workloads import WORKLOADS, ensure_checkpoint
 
 
@@ -34,3 +35,18 @@ def test_the_seed_side_trains_with_peft_s_default_reentrant_checkpointing(tmp_pa
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert layers and all(m._gradient_checkpointing_func.keywords == {"use_reentrant": True} for m in layers)
     assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+def test_the_classifier_seed_sides_checkpoint_reentrantly_too(tmp_path):
+    """Seeds 000 and 004 call prepare_model_for_kbit_training(model) too; their seed side is built the same way
+    (its TrainingArguments leave checkpointing as the model has it), for a decoder and for BERT."""
+    from benchmarks import classification
+
+    for name in ("tiny-cls", "tiny-bert-cls"):
+        workload = WORKLOADS[name]
+        model_dir = ensure_checkpoint(workload, tmp_path, "cpu")
+        cfg = classification.classifier_config(workload, model_dir, "cpu")
+        model = classification.seed_classifier_model(workload, model_dir, "cpu", cfg, bench_tokenizer().pad_token_id)
+        assert not classification.seed_classifier_arguments(cfg).activation_checkpointing  # the model's own stays
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        assert layers and all(m._gradient_checkpointing_func.keywords == SEED_CHECKPOINTING for m in layers), name
