@@ -157,3 +157,36 @@ def test_a_fast_run_with_the_fused_loss_learns_what_it_learns_without(tmp_path, 
         if param.requires_grad:
             torch.testing.assert_close(param, own_weights[name], atol=ATOL, rtol=0)
     assert own_losses[-1] != pytest.approx(own_losses[0], rel=1e-3)  # it trained: the curve moved
+
+
+def test_the_graphed_step_s_forward_and_backward_takes_the_fused_loss_where_set(tiny_model_dir):
+    """GraphedSteps._forward_backward (what a CUDA graph captures; run here eagerly on a CPU): the model's own loss
+    by default, the fused loss once the trainer sets it, with the same loss and LoRA gradients."""
+    from src.engine import graphs as fast_graphs
+
+    model = _tiny_lora_model(tiny_model_dir, "sdpa", targets=("q_proj", "v_proj", "lm_head"))
+    model.train()
+    graphs = fast_graphs.GraphedSteps(pad_token_id=2, max_examples=4, bucket=16)
+    batch = _collate(_examples([5, 7, 3]), padding_free=True)
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    static = graphs._inputs(batch, 16, num_items)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results, taken = [], []
+
+    def fused_loss(m, inputs, n):
+        value = fused.causal_lm_loss(m, inputs, n)
+        taken.append(value is not None)
+        return value
+
+    for loss in (None, fused_loss):
+        graphs.loss = loss
+        for p in params:
+            p.grad = None
+        value = graphs._forward_backward(model, static, 16)
+        results.append((value, [p.grad.clone() for p in params]))
+    (own, own_grads), (got, got_grads) = results
+    assert taken == [True]  # the second step's loss was the fused one
+    torch.testing.assert_close(got, own, atol=ATOL, rtol=0)
+    for g, e in zip(got_grads, own_grads):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    assert any(e.abs().max() > 0 for e in own_grads)
