@@ -613,11 +613,15 @@ def pack_estimate_gb(breakdowns: list[MemoryBreakdown], slots: Optional[int] = N
     return shared + states + sum(working)
 
 
+def plan_in_pack(cfg: Config) -> MemoryPlan:
+    """A trial's plan as a pack trains it: its joint step's loss materializes each trial's logits
+    (``src.packs.engine.slot_losses``), so ``train.fused_loss`` does not apply there."""
+    return plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_loss=False)))
+
+
 def plan_pack(cfgs: list[Config]) -> PackPlan:
     """Each trial's plan and the pack's: one base plus K adapters, their optimizer states and activations."""
-    # the joint step's loss materializes each trial's logits (src.packs.engine.slot_losses): no fused loss there
-    unfused = [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_loss=False)) for cfg in cfgs]
-    trials = tuple(plan(cfg) for cfg in unfused)
+    trials = tuple(plan_in_pack(cfg) for cfg in cfgs)
     peak = pack_estimate_gb([t.est_mem_breakdown_gb for t in trials])
     return PackPlan(
         trials=trials,

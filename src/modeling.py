@@ -412,10 +412,10 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
-def fused_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, Any]]:
-    """``(decoder, head)`` where :func:`src.engine.loss.causal_lm_loss` computes the model's own loss, else None.
-    ``head``: a frozen ``torch.nn.Linear`` without bias, or peft's LoRA ``Linear`` around one with a single plain
-    LoRA adapter active (no DoRA, no LoRA bias, not merged)."""
+def fused_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, Any, Optional[str]]]:
+    """``(decoder, head, adapter)`` where :func:`src.engine.loss.causal_lm_loss` computes the model's own loss, else
+    None. ``head``: a frozen ``torch.nn.Linear`` without bias (``adapter`` None), or peft's LoRA ``Linear`` around
+    one with a single plain LoRA adapter active, ``adapter`` (no DoRA, no LoRA bias, not merged)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(lm, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not hasattr(lm, "get_decoder"):
@@ -426,6 +426,7 @@ def fused_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, Any]]:
         return None
     if base.weight.requires_grad:  # a trained head (full fine-tuning): its weight's gradient is not computed here
         return None
+    name = None
     if head is not base:
         active = [name for name in head.active_adapters if name in head.lora_A]
         if getattr(head, "merged", False) or len(active) != 1 or head.disable_adapters:
@@ -433,4 +434,4 @@ def fused_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, Any]]:
         name = active[0]
         if head.use_dora.get(name) or getattr(head, "lora_bias", {}).get(name):
             return None
-    return lm.get_decoder(), head
+    return lm.get_decoder(), head, name

@@ -97,23 +97,22 @@ def linear_cross_entropy(
     (``z``, ``b``: a LoRA head's rank-wide input and B, or None), without holding more than ``chunk`` tokens'
     logits. ``hidden`` ``[tokens, hidden]``, ``labels`` ``[tokens]``. The matmuls run in autocast's dtype under
     autocast (as the model's own head would), else in ``hidden``'s; the loss is summed in fp32."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, z = hidden.to(dtype), None if z is None else z.to(dtype)
+    if torch.is_autocast_enabled(hidden.device.type):  # the Function casts the rest to hidden's dtype
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     chunk = chunk or chunk_tokens(weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, z, b, labels, chunk)
 
 
-def _head_terms(head, hidden: torch.Tensor):
-    """The head's (W, z, B): its frozen weight, and a LoRA adapter's rank-wide input and B (None, None without)."""
+def _head_terms(head, adapter: Optional[str], hidden: torch.Tensor):
+    """The head's (W, z, B): its frozen weight, and its LoRA ``adapter``'s rank-wide input and B (None, None
+    without one)."""
     base = getattr(head, "base_layer", head)
-    if head is base:
+    if adapter is None:
         return base.weight, None, None
-    (name,) = [name for name in head.active_adapters if name in head.lora_A]
-    a = head.lora_A[name]
-    z = a(head.lora_dropout[name](hidden.to(a.weight.dtype))) * head.scaling[name]
-    return base.weight, z, head.lora_B[name].weight
+    a = head.lora_A[adapter]
+    z = a(head.lora_dropout[adapter](hidden.to(a.weight.dtype))) * head.scaling[adapter]
+    return base.weight, z, head.lora_B[adapter].weight
 
 
 def causal_lm_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> Optional[torch.Tensor]:
@@ -128,14 +127,14 @@ def causal_lm_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items_in_
     found = fused_head(model)
     if found is None:
         return None
-    decoder, head = found
+    decoder, head, adapter = found
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     inputs.pop("num_items_in_batch", None)
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
-    weight, z, b = _head_terms(head, hidden)
+    weight, z, b = _head_terms(head, adapter, hidden)
     total = linear_cross_entropy(hidden, weight, shifted, z, b)
     if num_items_in_batch is None:
         num_items_in_batch = (shifted != IGNORE_INDEX).sum()

@@ -78,11 +78,12 @@ from src.engine.budget import (
     set_checkpointed_layers,
 )
 from src.engine.graphs import GraphedSteps, graphable
-from src.engine.loss import causal_lm_loss, fused_head
+from src.engine.loss import causal_lm_loss
 from src.engine.rows import tokenize_sft
 from src.engine.sampler import TokenBalancedSampler
 from src.engine.weights import prepare_frozen_weights
 from src.logger import say
+from src.modeling import fused_head
 
 
 class FlatTrainer(Trainer):

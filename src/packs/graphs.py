@@ -97,6 +97,8 @@ class JointGraphs:
         if entry is None:
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
+            if self.bank.weights.grad is None:
+                self.bank.weights.grad = torch.zeros_like(self.bank.weights)  # the replays add into this very tensor
             if not self.warmed:
                 return self._warm_up_and_capture(key, slots, host, length, counts, autocast)
             entry = self._capture(key, slots, host, length, counts, autocast)
@@ -130,8 +132,6 @@ class JointGraphs:
         """The first shape's step, run eagerly on a side stream (lazy initialization stays off the graph); then its
         capture, which runs nothing. The eager step's losses."""
         bank = self.bank
-        if bank.weights.grad is None:
-            bank.weights.grad = torch.zeros_like(bank.weights)  # the replays add into this very tensor
         static = self._static(host, counts)
         tensors = engine.step_tensors(bank, slots)
         side = torch.cuda.Stream()
@@ -156,8 +156,6 @@ class JointGraphs:
         """Capture one shape's step into the shared pool (it runs nothing); its entry, or None where the capture
         failed (the graphs are then dropped)."""
         bank = self.bank
-        if bank.weights.grad is None:
-            bank.weights.grad = torch.zeros_like(bank.weights)
         static = self._static(host, counts) if static is None else static
         tensors = engine.step_tensors(bank, slots) if tensors is None else tensors
         graph = torch.cuda.CUDAGraph()

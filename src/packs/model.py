@@ -468,7 +468,7 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
     import math
 
     from src.engine import budget as budget_mod
-    from src.memory import pack_estimate_gb, plan
+    from src.memory import pack_estimate_gb, plan_in_pack
 
     steps = [c.train.per_device_train_batch_size * c.train.gradient_accumulation_steps for c in cfgs]
     held = min(slots or len(cfgs), len(cfgs))
@@ -476,12 +476,11 @@ def plan_pack_step(cfgs: Sequence[Any], model: torch.nn.Module, budget: Optional
         note = f"pack of {len(cfgs)} trial(s) in {held} slot(s): no memory budget (no GPU)"
         return [budget_mod.plan_step_within(None, c, model) for c in cfgs], note
     common = math.gcd(*steps)
-    # the joint step's loss materializes each trial's logits (engine.slot_losses): no fused loss in a pack
-    fast = [replace_train(c, optim=budget_mod.fast_optimizer(c.train.optim), fused_loss=False) for c in cfgs]
+    fast = [replace_train(c, optim=budget_mod.fast_optimizer(c.train.optim)) for c in cfgs]
 
     def estimate(size: int, ckpt: bool) -> float:
         sized = [replace_train(c, per_device_train_batch_size=size, activation_checkpointing=ckpt) for c in fast]
-        return pack_estimate_gb([plan(c).est_mem_breakdown_gb for c in sized], slots)
+        return pack_estimate_gb([plan_in_pack(c).est_mem_breakdown_gb for c in sized], slots)
 
     layers = len(budget_mod.decoder_layers(model))
     common_plan = _largest_without_checkpointing(common, layers, budget, estimate)
