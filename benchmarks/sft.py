@@ -17,6 +17,8 @@ random-weight model (built from the architecture's config and saved once under
 
 - **seed**: the seeds' recipe. HF ``Trainer`` + peft + bitsandbytes, batches of 8 padded to the
   longest row, gradient checkpointing on (reentrant, as peft leaves it), ``paged_adamw_8bit``, bf16 autocast.
+- **recipe** (``--sides seed,recipe,fast``): the same recipe written out independently, with nothing of the
+  project (:mod:`benchmarks.recipe`): a check that the seed side is not slowed by what the project passes it.
 - **fast**: the project's trainer with its defaults (``conf/train/gpu.yaml``): the SFT fast path
   of :mod:`src.engine` as ``src.train`` builds it, at the memory budget given by ``--budgets``
   (``default``: the config's null, 90% of the GPU).
@@ -29,7 +31,7 @@ Reported per side: tokens/s counting non-pad tokens, timed from the end of the w
 peak GPU memory (``torch.cuda.max_memory_allocated``) next to ``src.plan``'s estimate; MFU =
 4 x non-embedding parameters x tokens/s over the bf16 matmul rate measured in the same run
 (LoRA's forward and input-gradient passes; the input embedding is a lookup, ``lm_head`` counts);
-and the ratio fast/seed. A table is printed and the results, with device, versions and date, are
+and the ratios fast/seed and fast/recipe. A table is printed and the results, with device, versions and date, are
 written as JSON.
 
 Under torchrun (fast side only) each rank trains its shard with the per-GPU batch, and tokens/s
@@ -360,19 +362,36 @@ def warm_compiled(trainer, rows: list[list[int]]) -> None:
 
 
 def format_bench_table(runs: list[dict[str, Any]]) -> str:
-    header = ("workload", "side", "budget", "tokens/s", "peak GiB", "plan GiB (err)", "MFU", "4N TF/s", "fast/seed")
+    header = (
+        "workload",
+        "side",
+        "budget",
+        "tokens/s",
+        "peak GiB",
+        "plan GiB (err)",
+        "MFU",
+        "4N TF/s",
+        "/seed",
+        "/recipe",
+    )
     lines = [header]
     for run in runs:
         for s in run["sides"]:
             side = s["side"] + (f"+{s['settings']['variant']}" if s["settings"].get("variant") else "")
-            budget = "-" if s["side"] == "seed" else ("default" if s["budget_gb"] is None else f"{s['budget_gb']:g}")
+            budget = (
+                "-"
+                if s["side"] in ("seed", "recipe")
+                else ("default" if s["budget_gb"] is None else f"{s['budget_gb']:g}")
+            )
             peak = "-" if s["peak_gpu_mem_gb"] is None else f"{s['peak_gpu_mem_gb']:.2f}"
             est = "-" if s["est_peak_gpu_mem_gb"] is None else f"{s['est_peak_gpu_mem_gb']:.2f}"
             if s["planner_error_pct"] is not None:
                 est += f" ({s['planner_error_pct']:+.0f}%)"
             ratio = "-" if s.get("ratio_over_seed") is None else f"{s['ratio_over_seed']:.2f}x"
+            over_recipe = "-" if s.get("ratio_over_recipe") is None else f"{s['ratio_over_recipe']:.2f}x"
             mfu, tf4n = f"{100 * s['mfu']:.1f}%", "-" if s.get("tf4n") is None else f"{s['tf4n']:.3g}"
-            lines.append((run["workload"], side, budget, f"{s['tokens_per_s']:,.0f}", peak, est, mfu, tf4n, ratio))
+            rate = f"{s['tokens_per_s']:,.0f}"
+            lines.append((run["workload"], side, budget, rate, peak, est, mfu, tf4n, ratio, over_recipe))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines)
 
@@ -397,7 +416,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         default="",
         help=f"extra fast runs (comma-separated): {FAST_VARIANTS}; for a classifier: length-grouped, no-graphs",
     )
-    parser.add_argument("--sides", default="seed,fast", help="which sides to run")
+    parser.add_argument("--sides", default="seed,fast", help="which sides to run: seed, recipe (SFT workloads), fast")
     parser.add_argument("--warmup-steps", type=int, default=3, help="optimizer steps left out of the timing")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-bench-models")
@@ -414,8 +433,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.sides = args.sides.split(",")
     args.budgets = parse_budgets(args.budgets or ("default,8" if args.device == "cuda" else "default"))
     args.variants = [v for v in args.variants.split(",") if v]
-    if distributed.world_size() > 1 and "seed" in args.sides:
+    if distributed.world_size() > 1 and {"seed", "recipe"} & set(args.sides):
         parser.error("under torchrun run --sides fast (the seed recipe is measured on one GPU)")
+    unknown = set(args.sides) - {"seed", "recipe", "fast"}
+    if unknown:
+        parser.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))}; choose from seed, recipe, fast")
     return args
 
 
@@ -445,6 +467,10 @@ def sft_sides(
     results = []
     if "seed" in args.sides:
         results.append(run_seed(workload, model_dir, rows, args.device, warmup))
+    if "recipe" in args.sides:
+        from benchmarks.recipe import run_recipe
+
+        results.append(run_recipe(workload, model_dir, rows, args.device, warmup))
     if "fast" not in args.sides:
         return results
     for budget in args.budgets:
@@ -486,12 +512,15 @@ def run_workload(name: str, args: argparse.Namespace, world: int, peak_tflops: f
         warmup = min(args.warmup_steps, -(-len(rows) // SEED_BATCH_SIZE) // 4)
         results = sft_sides(workload, model_dir, rows, args, warmup, failed)
     seed_rate = next((r["tokens_per_s"] for r in results if r["side"] == "seed"), None)
+    recipe_rate = next((r["tokens_per_s"] for r in results if r["side"] == "recipe"), None)
     n_all = all_params(workload)
     for r in results:  # MFU over every GPU of the run
         r["world_size"] = world
         r["mfu"] = 4 * n_params * r["tokens_per_s"] / (peak_tflops * 1e12 * world)
         r["tf4n"] = 4 * n_all * r["tokens_per_s"] / 1e12 / world  # per GPU, as the other tools report it
-        r["ratio_over_seed"] = r["tokens_per_s"] / seed_rate if seed_rate and r["side"] == "fast" else None
+        fast = r["side"] == "fast"
+        r["ratio_over_seed"] = r["tokens_per_s"] / seed_rate if seed_rate and r["side"] != "seed" else None
+        r["ratio_over_recipe"] = r["tokens_per_s"] / recipe_rate if recipe_rate and fast else None
     return {
         "workload": name,
         "examples": len(rows),

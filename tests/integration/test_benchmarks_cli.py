@@ -25,6 +25,8 @@ def test_bench_runs_on_cpu(tmp_path):
             "tiny",
             "--examples",
             "16",
+            "--sides",
+            "seed,recipe,fast",
             "--json",
             str(out),
             "--profile",
@@ -39,13 +41,15 @@ def test_bench_runs_on_cpu(tmp_path):
 
     run = json.loads(out.read_text())["runs"][0]
     sides = {s["side"]: s for s in run["sides"] if not s.get("settings", {}).get("variant")}
-    assert set(sides) == {"seed", "fast"}
+    assert set(sides) == {"seed", "recipe", "fast"}
     for side in sides.values():  # every example trained on once, each token counted once
         assert side["tokens"] == run["dataset_tokens"] and side["tokens_per_s"] > 0
-    assert sides["fast"]["ratio_over_seed"] == pytest.approx(
-        sides["fast"]["tokens_per_s"] / sides["seed"]["tokens_per_s"]
-    )
-    assert "seed" in proc.stdout and "fast" in proc.stdout  # the table
+    fast, seed, recipe = (sides[k]["tokens_per_s"] for k in ("fast", "seed", "recipe"))
+    assert sides["fast"]["ratio_over_seed"] == pytest.approx(fast / seed)
+    assert sides["fast"]["ratio_over_recipe"] == pytest.approx(fast / recipe)
+    assert sides["recipe"]["ratio_over_seed"] == pytest.approx(recipe / seed)  # the independent check of the seed side
+    assert sides["recipe"]["settings"] == {"micro_batch_size": 8, "checkpointed": "all", "optim": "adamw_torch"}
+    assert all(name in proc.stdout for name in ("seed", "recipe", "fast"))  # the table
     # --profile: one more fast run, profiled over its steps (2 here), its operator table written out.
     (profiled,) = [s for s in run["sides"] if s["settings"].get("variant") == "profile"]
     summary = profiled["profile"]

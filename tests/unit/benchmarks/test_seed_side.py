@@ -50,3 +50,35 @@ def test_the_classifier_seed_sides_checkpoint_reentrantly_too(tmp_path):
         assert not classification.seed_classifier_arguments(cfg).activation_checkpointing  # the model's own stays
         layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
         assert layers and all(m._gradient_checkpointing_func.keywords == SEED_CHECKPOINTING for m in layers), name
+
+
+def test_the_independent_recipe_is_the_seed_side_s_model_written_out_without_the_project(tmp_path):
+    """``--sides recipe`` (benchmarks/recipe.py) builds the tutorial's model from transformers and peft alone. On a
+    4-bit base it matches the seed side: every decoder layer checkpointed (peft's empty kwargs: torch's reentrant
+    default), the same LoRA layers and trainable count, 4-bit linears; so a gap between the two sides' tokens/s is
+    in what the project's Trainer arguments do, not in the model."""
+    import dataclasses
+
+    from benchmarks import recipe
+
+    workload = dataclasses.replace(WORKLOADS["tiny"], bits=4)
+    model_dir = ensure_checkpoint(workload, tmp_path, "cpu")
+    cfg = sft.project_config(workload, model_dir, "cpu", ["train.activation_checkpointing=true"])
+    seed, independent = sft.seed_model(workload, model_dir, "cpu", cfg), recipe.recipe_model(workload, model_dir, "cpu")
+
+    def layout(model):
+        layers = model.base_model.model.model.layers
+        checkpointed = [m for m in layers if m.gradient_checkpointing]
+        lora = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        return len(checkpointed), lora, type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__
+
+    assert layout(independent) == layout(seed)
+    assert layout(seed)[0] == workload.arch["num_hidden_layers"] and layout(seed)[2] == "Linear4bit"
+    kwargs = [
+        m._gradient_checkpointing_func.keywords
+        for m in independent.modules()
+        if m.__dict__.get("gradient_checkpointing")
+    ]
+    assert kwargs and all(k.get("use_reentrant", True) for k in kwargs)
+    args = recipe.recipe_arguments(str(tmp_path / "out"), "cpu")
+    assert (args.per_device_train_batch_size, args.lr_scheduler_type.value, args.learning_rate) == (8, "cosine", 2e-4)
