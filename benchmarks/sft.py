@@ -86,7 +86,7 @@ LORA_TARGETS = "[all_linear,lm_head]"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 FAST_VARIANTS = (
     "configured-optim, mask-attention, per-example-attention, fp32-weights, no-dequant, no-graphs, compile, "
-    "compile-no-dequant, liger, fused-loss, batch<N>"
+    "compile-no-dequant, liger, fused-loss, fused-lora, fused, batch<N>"
 )
 
 
@@ -289,8 +289,10 @@ def fast_config(workload: Workload, model_dir: Path, device: str, budget: Option
     overrides = [] if budget is None else [f"train.memory_budget_gb={budget}"]
     if variant.startswith("batch"):  # a larger optimizer step: learning differs from the seeds' batch of 8
         overrides.append(f"train.per_device_train_batch_size={int(variant[len('batch') :])}")
-    if variant == "fused-loss":  # the loss a chunk of tokens at a time (src/engine/loss.py), never the full logits
+    if variant in ("fused-loss", "fused"):  # the loss a chunk of tokens at a time (src/engine/loss.py)
         overrides.append("train.fused_loss=true")
+    if variant in ("fused-lora", "fused"):  # each LoRA linear's scale and add in one addmm (src/engine/lora.py)
+        overrides.append("train.fused_lora=true")
     return project_config(workload, model_dir, device, overrides)
 
 

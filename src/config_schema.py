@@ -332,6 +332,12 @@ class TrainConfig:
         "whole tokens x vocab logits; where the architecture's head is plain (llama, mistral, qwen2, qwen3).",
         default=False,
     )
+    fused_lora: bool = setting(
+        "Fast path: each plain LoRA linear's add-on folded into one matmul, addmm(base output, scale * A(x), B^T) "
+        "(src/engine/lora.py): two fewer full-width kernels a layer forward, one backward. Off until src.bench "
+        "measures it.",
+        default=False,
+    )
 
 
 @dataclass

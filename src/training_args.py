@@ -21,6 +21,7 @@ NOT_TRAINING_ARGUMENTS = {
     "dequantize_weights",
     "pack_cuda_graphs",
     "fused_loss",
+    "fused_lora",
     "nproc_per_node",
 }
 

@@ -62,6 +62,7 @@ class MicroBatchPlan:
     compiled: bool = False
     cuda_graphs: bool = False
     fused_loss: bool = False  # the SFT loss through src.engine.loss (train.fused_loss)
+    fused_lora: int = 0  # LoRA linears on the fused forward of src.engine.lora (train.fused_lora)
 
     def describe(self) -> str:
         budget = "no memory budget" if self.budget_gb is None else f"planned to {self.budget_gb:.1f} GiB of the budget"
@@ -73,6 +74,7 @@ class MicroBatchPlan:
             f"{self.dequantized_layers} 4-bit layers on cached dequantized weights"
             f"{', compiled layers' if self.compiled else ''}{', CUDA graphs' if self.cuda_graphs else ''}"
             f"{', fused loss' if self.fused_loss else ''}"
+            f"{f', {self.fused_lora} fused LoRA layers' if self.fused_lora else ''}"
             f" ({budget}{est})"
         )
 

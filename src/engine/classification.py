@@ -29,6 +29,7 @@ from src.engine import attention as attention_mod
 from src.engine import budget as budget_mod
 from src.engine import weights
 from src.engine.graphs import GraphedSteps, graphable, pad_row
+from src.engine.lora import fuse_lora_layers
 from src.modeling import CLASSIFIER_HEADS, FLAT_ENCODER_TYPES, base_model
 
 # A classifier's rows can be short (8 sentences of SST-2: ~300 tokens) or long (8 abstracts: ~2,000), so its graphs'
@@ -266,6 +267,7 @@ def plan_fast_classifier(cfg, model, args, attention: str, lengths: Optional[Seq
     estimated = None if micro.est_peak_gpu_mem_gb is None else micro.est_peak_gpu_mem_gb + cache_gb
     micro = dataclasses.replace(
         micro,
+        fused_lora=fuse_lora_layers(model) if cfg.train.fused_lora else 0,
         attention="per-example" if attention == "bounds" else attention,
         dequantized_layers=cached,
         dequantized_gb=cache_gb,

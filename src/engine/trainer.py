@@ -78,6 +78,7 @@ from src.engine.budget import (
     set_checkpointed_layers,
 )
 from src.engine.graphs import GraphedSteps, graphable
+from src.engine.lora import fuse_lora_layers
 from src.engine.loss import causal_lm_loss
 from src.engine.rows import tokenize_sft
 from src.engine.sampler import TokenBalancedSampler
@@ -276,6 +277,7 @@ def build_flat_sft_trainer(
     if attention == "mask" and estimated is not None:
         estimated += mask_attention_gb(model, micro.micro_batch_size * cfg.model.max_length, micro.checkpointed_layers)
     dequantized, cache_gb = _prepare_frozen(model, cfg, args, budget, estimated, bf16_weights, dequantize)
+    fused_lora = fuse_lora_layers(model) if cfg.train.fused_lora else 0
     if compile_layers:
         compile_decoder_layers(model)
     if cuda_graphs is None:
@@ -293,6 +295,7 @@ def build_flat_sft_trainer(
         compiled=compile_layers,
         cuda_graphs=bool(cuda_graphs),
         fused_loss=fused,
+        fused_lora=fused_lora,
         est_peak_gpu_mem_gb=None if estimated is None else estimated + cache_gb,
     )
     args = flat_training_args(args, micro)

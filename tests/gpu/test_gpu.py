@@ -158,6 +158,29 @@ def test_cuda_graph_steps_match_eager_steps():
     assert not graphs.accepts(batches[3])
 
 
+def test_fused_lora_layers_replayed_as_cuda_graphs_match_peft_s_eager_step():
+    """train.fused_lora (src/engine/lora.py) on CUDA in bf16: the graphed step of the fused layers gives the loss and
+    LoRA gradients of peft's own layers run eagerly, to bf16 rounding (the scale now multiplies A(x), not the
+    output)."""
+    from src.engine.lora import fuse_lora_layers
+
+    model = _model("varlen", head_dim=100, kv_heads=8)
+    graphs = fast_graphs.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128)
+    batch = _packed([37, 200, 5, 64, 130], seed=0)
+    num_items = (batch["labels"][:, 1:] != -100).sum()
+    _, grads_ref = _run(model, "varlen", batch)
+    loss_ref = _trainer("varlen").compute_loss(model, batch, num_items_in_batch=num_items).detach().float()
+    model.zero_grad(set_to_none=True)
+    assert fuse_lora_layers(model) == 2 * 3
+    for _ in range(2):  # captured, then replayed
+        loss = graphs.step(model, batch, num_items).float().clone()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(loss, loss_ref, atol=1e-2, rtol=0)
+        for name, grad in grads_ref.items():
+            torch.testing.assert_close(grads[name] * num_items / 100, grad, atol=3e-2 * grad.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
     """A packed classifier's replayed steps (a new length captures, the same length replays on new rows) give the
