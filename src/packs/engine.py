@@ -11,11 +11,11 @@ and dropout), its rows, and its optimizer's settings. The engine keeps those apa
   so are AdamW's updates of them, so they stay zero.
 - **A grouped LoRA matmul** (:func:`bank_lora_forward`). In a joint step every slot's row is padded to one length
   ``L``, so a layer's input is ``[slots, L, in]`` and on a GPU the adapters of all slots run as two batched matmuls
-  (``torch.bmm``: a grouped matmul whose groups the padding makes equal) and one scale, whatever the number of
-  trials: a few kernels a layer where a loop over K trials queues 4K. Elsewhere (:data:`GROUPED`) a loop. Outside a
-  joint step (a trial's evaluation or its sample generations) one slot's adapter runs as peft's own
-  ``B(A(dropout(x))) * scale``. A classifier's heads (peft's ``modules_to_save``) sit in the bank too, a whole head a
-  slot (:func:`bank_head_forward`).
+  (``torch.bmm``, then ``torch.baddbmm`` onto the base output: a grouped matmul whose groups the padding makes
+  equal) and one rank-wide scale, whatever the number of trials: a few kernels a layer where a loop over K trials
+  queues 4K. Elsewhere (:data:`GROUPED`) a loop. Outside a joint step (a trial's evaluation or its sample
+  generations) one slot's adapter runs as peft's own ``B(A(dropout(x))) * scale``. A classifier's heads (peft's
+  ``modules_to_save``) sit in the bank too, a whole head a slot (:func:`bank_head_forward`).
 - **One loss for all.** Each slot's labels are shifted within its own row, and one cross-entropy over the joint
   row gives every token's loss; summed per slot and divided by the slot's own token count
   (``num_items_in_batch``), it is each trial's loss as its run alone computes it.
@@ -361,14 +361,15 @@ def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
         xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep
     elif self.training and step.rate > 0:
         xs = F.dropout(xs, step.rate, training=True)
-    if step.grouped:
+    if step.grouped:  # the add folded into the second matmul, as the fused LoRA linear does (src.engine.lora)
         hidden = torch.bmm(xs, a.transpose(1, 2)) * step.scales[:, entry.index, None, None].to(xs.dtype)
-        delta = torch.bmm(hidden, b.transpose(1, 2))
-    else:  # a loop over the slots, each at its own rank: the kernels of peft's forward for a run alone
-        ranks = [step.bank.ranks[slot][entry.index] for slot in step.slots]
-        delta = torch.stack(
-            [_delta(xs[i], a[i], b[i], rank, step.scales[i, entry.index]) for i, rank in enumerate(ranks)]
-        )
+        base = result.reshape(count, length, entry.out_features)
+        if not torch.is_autocast_enabled(base.device.type):  # under autocast baddbmm casts its inputs itself
+            base = base.to(hidden.dtype)
+        return torch.baddbmm(base, hidden, b.transpose(1, 2)).reshape(result.shape).to(result.dtype)
+    # a loop over the slots, each at its own rank: the kernels of peft's forward for a run alone
+    ranks = [step.bank.ranks[slot][entry.index] for slot in step.slots]
+    delta = torch.stack([_delta(xs[i], a[i], b[i], rank, step.scales[i, entry.index]) for i, rank in enumerate(ranks)])
     return (result + delta.reshape(result.shape)).to(result.dtype)
 
 
