@@ -37,10 +37,11 @@ class Workload:
     recipe: tuple[str, ...] = ()  # a classifier's project config: the overrides of its seed recipe
     fast: tuple[tuple[str, Any], ...] = ()  # train fields the fast side sets on a GPU
     seed_targets: tuple[str, ...] = ()  # the seed's LoRA targets; empty: every linear layer (seed 001's way)
+    quant: str = ""  # the fast side's conf/quant group where the bits do not say it (fp8); the seed side's is the bits'
 
     @property
     def quant_group(self) -> str:
-        return QUANT_GROUPS[self.bits]
+        return self.quant or QUANT_GROUPS[self.bits]
 
 
 def bench_tokenizer():

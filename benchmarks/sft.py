@@ -136,10 +136,11 @@ def pad_to_longest(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]
 
 
 def run_seed(workload: Workload, model_dir: Path, rows: list[list[int]], device: str, warmup: int) -> dict[str, Any]:
-    """(a) The seeds' recipe, written out as the seeds wrote it."""
+    """(a) The seeds' recipe, written out as the seeds wrote it (at the workload's bits through bitsandbytes)."""
     from datasets import Dataset
     from transformers import Trainer
 
+    workload = dataclasses.replace(workload, quant="")  # an FP8 workload's seed side is the seeds' 8-bit: LLM.int8
     cfg = project_config(
         workload,
         model_dir,

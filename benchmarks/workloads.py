@@ -36,6 +36,8 @@ WORKLOADS = {
     for w in (
         Workload("w3b-4bit", "openllama3b", "llama", W3B, 4),
         Workload("w3b-8bit", "openllama3b", "llama", W3B, 8),
+        # quant=fp8 (src/fp8.py) on the fast side; the seed side is the seeds' 8-bit recipe, LLM.int8
+        Workload("w3b-fp8", "openllama3b", "llama", W3B, 8, quant="fp8"),
         Workload("w3b-16bit", "openllama3b", "llama", W3B, 16),
         Workload("mistral7b-4bit", "mistral7b", "mistral", MISTRAL7B, 4),
         Workload("tiny", "tiny", "llama", TINY, 16, lengths=(16, 64), vocab_size=1024),

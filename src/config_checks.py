@@ -259,7 +259,7 @@ def quantized_full_fine_tuning_problems(checked: Checked) -> list[str]:
         return []
     return [
         f"lora=none (full fine-tuning) with quant.bits={quant.bits}: a {quant.bits}-bit base's weights cannot be "
-        f"trained (bitsandbytes stores them frozen); use quant=none, or a LoRA preset such as lora=all_linear"
+        f"trained (bitsandbytes and FP8 store them frozen); use quant=none, or a LoRA preset such as lora=all_linear"
     ]
 
 
@@ -388,9 +388,19 @@ def objective_problems(checked: Checked) -> list[str]:
 
 
 def quant_backend_problems(checked: Checked) -> list[str]:
-    """A 4- or 8-bit base needs bitsandbytes to run on this machine."""
-    quant = checked.section("quant", "bits")
-    if quant is None or quant.bits not in (4, 8) or (reason := bitsandbytes_unavailable()) is None:
+    """A 4- or 8-bit base needs bitsandbytes to run on this machine; an FP8 one (``quant.fp8``) 8 bits and a torch
+    and GPU with FP8 matmuls (:func:`src.fp8.fp8_unavailable`)."""
+    quant = checked.section("quant", "bits", "fp8")
+    if quant is None:
+        return []
+    if quant.fp8:
+        from src.fp8 import fp8_unavailable
+
+        if quant.bits != 8:
+            return [f"quant.fp8=true with quant.bits={quant.bits}: FP8 weights are 8 bits (use quant=fp8)"]
+        reason = fp8_unavailable()
+        return [] if reason is None else [f"quant=fp8: {reason}"]
+    if quant.bits not in (4, 8) or (reason := bitsandbytes_unavailable()) is None:
         return []
     return [f"quant.bits={quant.bits}: bitsandbytes cannot run here ({reason}); use quant=none"]
 

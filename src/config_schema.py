@@ -159,6 +159,12 @@ class QuantConfig:
     quant_type: str = choice("4-bit data type: NormalFloat (QLoRA) or plain float.", "nf4", "fp4")
     double_quant: bool = setting("4-bit: quantize the quantization constants too (QLoRA's double quantization).")
     compute_dtype: str = choice("4-bit: dtype the dequantized weights multiply in.", "float32", "bfloat16", "float16")
+    # Last: runs stored before it existed lack it.
+    fp8: bool = setting(
+        "8 bits as FP8 (e4m3, a scale per row; src/fp8.py) in place of bitsandbytes' LLM.int8: the frozen layers' "
+        "matmuls run on FP8 tensor cores (compute capability 8.9+: Ada, Hopper). quant=fp8 sets it with bits 8.",
+        default=False,
+    )
 
 
 @dataclass

@@ -301,7 +301,8 @@ def run_description(cfg: Config, data, trainable: int, metric: str, value: float
     if cfg.lora.preset == FULL_FINE_TUNING:
         how = f"Full fine-tuning of the {cfg.quant.bits}-bit {cfg.model.name}"
     else:
-        how = f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {targets}; {cfg.quant.bits}-bit {cfg.model.name} base"
+        bits = "FP8" if cfg.quant.fp8 else f"{cfg.quant.bits}-bit"
+        how = f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {targets}; {bits} {cfg.model.name} base"
     chat = " on conversations, loss on each last assistant turn" if cfg.data.format == "messages" else ""
     return (
         f"{metric} = {value:.4g}. {how}; {trainable:,} trainable params; {cfg.data.name} ({data.task}{chat}, "

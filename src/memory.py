@@ -23,7 +23,9 @@ which the plan still counts) and, under the mask attention, the math kernel's ``
   per 256 blocks (+1/64 + 1/4096 byte). LLM.int8 stores a byte per weight and an fp32 scale per
   output row. Embeddings, norms, biases and the head are not quantized, and peft's
   ``prepare_model_for_kbit_training`` upcasts them to fp32. A quantized matmul dequantizes one
-  weight at a time: one 2-byte copy of the largest layer.
+  weight at a time: one 2-byte copy of the largest layer. FP8 (``quant=fp8``, :mod:`src.fp8`) converts the same
+  layers: a byte a weight and an fp32 scale per output row, the rest at ``model.dtype`` (nothing upcast), and the
+  backward's transposed copy of one layer at a time (a byte a weight of the largest). Not yet fitted on a GPU.
 - **Trainable parameters** (LoRA A/B, saved heads) are fp32: weight 4 bytes, gradient 4, and the
   optimizer state: 8 for AdamW's two moments, 2 for 8-bit optimizers (``*8bit``), 4 for Lion, 0
   for plain SGD. Paged optimizers keep state in CUDA managed memory, which
@@ -81,6 +83,11 @@ INT8_BYTES_PER_WEIGHT = 1.0
 INT8_BYTES_PER_ROW = 4  # fp32 scale per output row
 UNQUANTIZED_BYTES_K_BIT = 4  # prepare_model_for_kbit_training upcasts the rest to fp32
 DEQUANT_BYTES_PER_WEIGHT = 2  # one dequantized copy of the largest quantized layer
+# quant=fp8 (src/fp8.py): e4m3 weights with an fp32 scale per output row, the rest at model.dtype (nothing upcast);
+# the backward's transposed copy of one layer's FP8 weight at a time.
+FP8_BYTES_PER_WEIGHT = 1.0
+FP8_BYTES_PER_ROW = 4
+FP8_TRANSPOSED_BYTES_PER_WEIGHT = 1
 
 # Trainable parameters: fp32 weight + fp32 gradient, plus the optimizer state.
 TRAINABLE_WEIGHT_BYTES = 4
@@ -240,10 +247,15 @@ def optimizer_state_bytes(optim: str, state_dtype_bytes: int = TRAINABLE_WEIGHT_
     return 2 * state_dtype_bytes  # AdamW's two moments
 
 
-def weight_bytes(shape: ModelShape, bits: int, double_quant: bool, weight_dtype_bytes: int) -> float:
-    """The base's weights: at ``model.dtype``, or quantized with the rest upcast and one dequantized layer."""
+def weight_bytes(shape: ModelShape, bits: int, double_quant: bool, weight_dtype_bytes: int, fp8: bool = False) -> float:
+    """The base's weights: at ``model.dtype``, or quantized with the rest upcast and one dequantized layer; FP8
+    (``fp8``): quantized with the rest at ``model.dtype`` and one layer's transposed copy."""
     if bits == 16:
         return shape.num_params * weight_dtype_bytes
+    if fp8:
+        quantized = shape.quantizable_params * FP8_BYTES_PER_WEIGHT + shape.quantizable_rows * FP8_BYTES_PER_ROW
+        unquantized = (shape.num_params - shape.quantizable_params) * weight_dtype_bytes
+        return quantized + unquantized + shape.largest_quantizable * FP8_TRANSPOSED_BYTES_PER_WEIGHT
     if bits == 4:
         if double_quant:  # 8-bit absmax per block, plus an fp32 scale per 256 blocks
             absmax = 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * NF4_DOUBLE_QUANT_BLOCKSIZE)
@@ -265,9 +277,9 @@ def trainable_state_bytes(trainable_params: int, optim: str, weight_dtype_bytes:
 
 
 def activation_bytes_per_token(
-    shape: ModelShape, lora: LoraShape, widths: Widths, bits: int, activation_checkpointing: bool
+    shape: ModelShape, lora: LoraShape, widths: Widths, bits: int, activation_checkpointing: bool, fp8: bool = False
 ) -> float:
-    """What the layers keep for the backward pass, per token."""
+    """What the layers keep for the backward pass, per token (an FP8 layer keeps nothing: its weight is frozen)."""
     residual = ACT_RESIDUAL_PER_HIDDEN_ENCODER if shape.encoder else ACT_RESIDUAL_PER_HIDDEN
     matmul = ACT_MATMUL_PER_INTERMEDIATE if shape.gated_mlp else ACT_MATMUL_PER_INTERMEDIATE_UNGATED
     layer = residual * shape.hidden_size * widths.residual + matmul * shape.intermediate_size * widths.matmul
@@ -277,7 +289,7 @@ def activation_bytes_per_token(
         per_token = kept + layer + lora_inputs / max(shape.num_layers, 1)
     else:
         per_token = shape.num_layers * layer + lora_inputs
-    if bits == 8:
+    if bits == 8 and not fp8:
         per_token += shape.quantizable_inputs * INT8_KEPT_BYTES_PER_INPUT * widths.residual / 4
     return per_token
 
@@ -322,18 +334,19 @@ def memory_breakdown_gb(
     num_labels: int = DEFAULT_NUM_LABELS,
     full_fine_tuning: bool = False,
     fused_loss: bool = False,
+    fp8: bool = False,
 ) -> MemoryBreakdown:
     """Peak GPU memory of one training step, by component, in GiB (see the module docstring). ``fused_loss``: the
-    fast path's chunked loss (``train.fused_loss``), where it takes the model."""
+    fast path's chunked loss (``train.fused_loss``), where it takes the model; ``fp8``: an FP8 base (``quant=fp8``)."""
     tokens = batch_size * seq_len
-    activations = activation_bytes_per_token(shape, lora, widths, bits, activation_checkpointing)
+    activations = activation_bytes_per_token(shape, lora, widths, bits, activation_checkpointing, fp8)
     if causal_lm and fused_loss:
         logits_gb = fused_loss_gb(shape, tokens)
     else:
         per_token = logit_bytes_per_token(shape, causal_lm, fused_lm_head, num_labels, activation_checkpointing)
         logits_gb = tokens * per_token / GIB
     return MemoryBreakdown(
-        weights=weight_bytes(shape, bits, double_quant, weight_dtype_bytes) / GIB,
+        weights=weight_bytes(shape, bits, double_quant, weight_dtype_bytes, fp8) / GIB,
         trainable_states=trainable_state_bytes(trainable_params, optim, weight_dtype_bytes, full_fine_tuning) / GIB,
         activations=tokens * activations / GIB,
         logits=logits_gb,
@@ -478,8 +491,9 @@ def activation_widths(cfg: Config) -> Widths:
 
     A flat decoder (:func:`flat_decoder`) under bf16 training has a 2-byte residual stream. An encoder's stays fp32
     (autocast runs BERT's LayerNorm, which ends every residual add, in fp32)."""
-    residual = 4 if cfg.quant.bits in (4, 8) else DTYPE_BYTES[cfg.model.dtype]
-    if flat_decoder(cfg) and cfg.train.bf16 and cfg.quant.bits in (4, 8):
+    kbit = cfg.quant.bits in (4, 8) and not cfg.quant.fp8  # bitsandbytes' (an FP8 base upcasts nothing)
+    residual = 4 if kbit else DTYPE_BYTES[cfg.model.dtype]
+    if flat_decoder(cfg) and cfg.train.bf16 and kbit:
         residual = 2
     return Widths(residual=residual, matmul=2 if cfg.train.bf16 or cfg.train.fp16 else residual)
 
@@ -524,6 +538,7 @@ def _breakdown(cfg: Config, shape: ModelShape, model, trainable: int, tokens: Op
         num_labels=num_labels_of(cfg) or DEFAULT_NUM_LABELS,
         full_fine_tuning=is_full_fine_tuning(cfg.lora),
         fused_loss=fused_loss_applies(cfg, model),
+        fp8=cfg.quant.fp8,
     )
 
 

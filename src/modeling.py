@@ -56,8 +56,8 @@ def unquantized_heads(task: str) -> Optional[list[str]]:
 
 
 def to_bnb_config(quant: QuantConfig, task: str = "sft"):
-    """The BitsAndBytesConfig for 4- or 8-bit bases; None for a 16-bit base."""
-    if quant.bits == 16:
+    """The BitsAndBytesConfig for 4- or 8-bit bases; None for a 16-bit or an FP8 base (:mod:`src.fp8`)."""
+    if quant.bits == 16 or quant.fp8:
         return None
     from transformers import BitsAndBytesConfig
 
@@ -166,7 +166,11 @@ def load_model(
     warn_unexpected_loading(path, loading)
     # Decoder classifiers pool the last non-pad token: the config must know the pad id.
     model.config.pad_token_id = pad_token_id
-    if quant.bits in (4, 8):
+    if quant.fp8:  # loaded at model.dtype; its linear layers (not the heads) now hold FP8 weights, frozen
+        from src.fp8 import convert_to_fp8
+
+        convert_to_fp8(model, unquantized_heads(task))
+    elif quant.bits in (4, 8):
         from peft import prepare_model_for_kbit_training
 
         # peft's own checkpointing calls transformers' deprecated gradient_checkpointing_enable (a FutureWarning)

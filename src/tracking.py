@@ -60,7 +60,7 @@ SWEEP_KEYS_ENV = "LORA_SWEEP_KEYS"
 # Keys the base run name already shows; a sweep over them needs no label.
 NAMED_KEYS = frozenset(
     {
-        *("model.name", "data.name", "quant.bits", "tracking.run_name"),
+        *("model.name", "data.name", "quant.bits", "quant.fp8", "tracking.run_name"),
         *("lora.preset", "lora.target_modules", "lora.r", "lora.alpha"),
         *("lora.use_rslora", "lora.use_dora", "lora.loraplus_lr_ratio", "lora.init"),  # shown by variant_name
     }
@@ -209,9 +209,10 @@ def _base_run_name(raw: dict) -> str:
     data = raw.get("data") or {}
     targets = lora.get("target_modules")
     target_name = "+".join(targets) if isinstance(targets, list) and targets else lora.get("preset", "lora")
-    bits, r, alpha = quant.get("bits", "?"), lora.get("r", "?"), lora.get("alpha", "?")
+    r, alpha = lora.get("r", "?"), lora.get("alpha", "?")
+    base = "fp8" if quant.get("fp8") is True else f"{quant.get('bits', '?')}bit"
     trained = "full" if lora.get("preset") == "none" else f"{target_name}-r{r}-a{alpha}"  # lora=none: full fine-tuning
-    return f"{model.get('name', 'model')}-{data.get('name', 'data')}-{bits}bit-{trained}{variant_name(lora)}"
+    return f"{model.get('name', 'model')}-{data.get('name', 'data')}-{base}-{trained}{variant_name(lora)}"
 
 
 _MISSING = object()

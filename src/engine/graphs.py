@@ -19,15 +19,15 @@ def graphable(
     args, attention: str, gradient_accumulation_steps: int, bits: int, dequantized_layers: int, model
 ) -> bool:
     """Whether a packed step can replay as a CUDA graph: a GPU, bf16 (not fp16), varlen attention, one micro-batch
-    an optimizer step, and a 16- or 4-bit base, or an 8-bit one whose every layer is cached (bitsandbytes' int8
-    matmul finds its outliers on the host)."""
+    an optimizer step, and a 16- or 4-bit base, or an 8-bit one whose every bitsandbytes layer is cached (its int8
+    matmul finds its outliers on the host; an FP8 base, src.fp8, has none)."""
     return (
         torch.cuda.is_available()
         and args.bf16
         and not args.fp16
         and attention == "varlen"
         and gradient_accumulation_steps == 1
-        and (bits in (4, 16) or dequantized_layers == len(quantized_layers(model, 8)) > 0)
+        and (bits in (4, 16) or dequantized_layers == len(quantized_layers(model, 8)))
     )
 
 

@@ -148,6 +148,23 @@ class Pack:
             + ("" if self.graphs is None else f"; {self.graphs.summary()}")
         )
 
+    def stats(self) -> dict[str, Any]:
+        """What the pack did, as numbers (the sweep prints them and logs them on its parent run): trials trained,
+        slots, joint steps, trials per joint step, wall and host seconds, the padding's share of the tokens."""
+        import time
+
+        wall = 0.0 if self.started is None else time.perf_counter() - self.started
+        return {
+            "trained": len(self.trained),
+            "slots": self.bank.slots,
+            "joint_steps": self.steps,
+            "trials_per_step": round(self.trial_steps / max(self.steps, 1), 3),
+            "wall_s": round(wall, 2),
+            "host_s": round(self.joint_s, 2),
+            "padding_share": round(self.padding_share(), 4),
+            "cuda_graphs": None if self.graphs is None else self.graphs.summary(),
+        }
+
     def padding_share(self) -> float:
         """The share of the joint steps' tokens that were padding: each slot's row is padded to the step's longest
         (and on a GPU up to a multiple of 64 tokens, or 256 while graphs run). Trials of one seed and data draw

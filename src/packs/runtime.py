@@ -94,6 +94,10 @@ class SharedBase:
         """What the pack did (:meth:`src.packs.model.Pack.summary`); None if it never loaded."""
         return None if self.pack is None else self.pack.summary()
 
+    def stats(self) -> Optional[dict[str, Any]]:
+        """The same as numbers (:meth:`src.packs.model.Pack.stats`); None if the base never loaded."""
+        return None if self.pack is None else self.pack.stats()
+
 
 @dataclass
 class PackSlot:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.config_rules import domain_problems
 from src.sweeps import grouping
 from src.sweeps.configs import JobConf, vet
-from src.sweeps.outcomes import Outcome, env_overrides, job_outcome, pack_outcomes
+from src.sweeps.outcomes import Outcome, env_overrides, job_outcome, pack_outcomes, pack_stats
 from src.sweeps.record import SweepFailed, SweepRecord, install_sigterm_handler, restore_sigterm_handler, show
 
 
@@ -144,5 +144,7 @@ class SweeperBase(Sweeper):
             results = self.launcher.launch([first.overrides + env_overrides(env)], initial_job_idx=first.index)
         self.returns.append(results)
         if len(unit) > 1:
+            for stats in pack_stats(results[0]):
+                self.record.pack_ended(stats)
             return pack_outcomes([job.number for job in unit], [job.shown for job in unit], results[0])
         return [job_outcome(first.number, first.shown, results[0])]

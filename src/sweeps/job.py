@@ -284,12 +284,14 @@ def run_pack_job(
 ) -> dict[str, Any]:
     """Train a pack of jobs (``hydra.sweeper.pack``; their resolved configs and Optuna environments) on one base,
     in one fresh process, at most ``slots`` at once (None: all): as one ends, the next takes its slot, on the base
-    loaded once. Returns ``{"pack": [one result per job]}``, each a :class:`~src.sweeps.outcomes.JobResult` as JSON
-    (:meth:`~src.sweeps.outcomes.JobResult.to_json`): a job that fails, is pruned or skipped is that job's
-    outcome alone. A job whose config does not validate fails alone, before the pack starts."""
+    loaded once. Returns ``{"pack": [one result per job], "packs": [what each pack trained]}``: each result a
+    :class:`~src.sweeps.outcomes.JobResult` as JSON (:meth:`~src.sweeps.outcomes.JobResult.to_json`), a job that
+    fails, is pruned or skipped being that job's outcome alone; each pack's :meth:`src.packs.model.Pack.stats`
+    (one a base load: two where a pack too big for the GPU was split). A job whose config does not validate fails
+    alone, before the pack starts."""
     feasibility = feasibility or FeasibilityConf()
     results: list[Optional[dict[str, Any]]] = [None] * len(members)
-    valid = []
+    valid, packs = [], []
     for i, (raw, env) in enumerate(members):
         try:
             valid.append((i, validated_job(raw), env))
@@ -314,14 +316,14 @@ def run_pack_job(
             if not result_path.is_file():  # killed after the grace (a base still loading): close its runs
                 _read_pack_result(result_path, process.exitcode, valid)
             raise
-        packed = _read_pack_result(result_path, process.exitcode, valid)
+        packed, packs = _read_pack_result(result_path, process.exitcode, valid)
     elif valid:
-        packed = _run_pack(valid, feasibility, trials, slots)
+        packed = _run_pack(valid, feasibility, trials, slots, on_pack=packs.append)
     else:
         packed = []
     for (i, *_), result in zip(valid, packed):
         results[i] = result
-    return {"pack": results}
+    return {"pack": results, "packs": packs}
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -337,8 +339,9 @@ def _pack_process(valid, feasibility, trials, slots, env, result_path, sweeper) 
     _die_with_sweeper(sweeper)
     console.log_to_file(Path(valid[0][1].output_dir) / "train.log")
     partial = partial_path(Path(result_path))
+    packs: list[dict[str, Any]] = []
     try:
-        results = _run_pack(valid, feasibility, trials, slots, on_result=_appender(partial))
+        results = _run_pack(valid, feasibility, trials, slots, on_result=_appender(partial), on_pack=packs.append)
     except tracking.Terminated as exc:  # SIGTERM: the trials that finished before it stay finished
         results = getattr(exc, "pack_results", None) or [_failure(exc)] * len(valid)
     except BaseException as exc:  # noqa: B036  the pack process reports everything; the trials that ended, as they did
@@ -346,7 +349,7 @@ def _pack_process(valid, feasibility, trials, slots, env, result_path, sweeper) 
         results = [ended.get(i) or _failure(exc) for i in range(len(valid))]
     # Written whole or not at all: a process killed while writing leaves no half file for the sweeper to trip on.
     scratch = Path(result_path).with_name(Path(result_path).name + ".tmp")
-    scratch.write_text(json.dumps(results, indent=2, default=str))
+    scratch.write_text(json.dumps({"results": results, "packs": packs}, indent=2, default=str))
     os.replace(scratch, result_path)
     sys.exit(0)
 
@@ -388,12 +391,13 @@ def _ended_results(partial: Path) -> dict[int, dict[str, Any]]:
     return ended
 
 
-def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[str, Any]]:
-    """The pack's results from its process's result file; where the process died before writing it (``kill -9``,
-    the OOM killer), the results its trials that ended had appended (:func:`_appender`), and FAILED for the
-    others, whose runs are closed FAILED (never left RUNNING)."""
+def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> tuple[list[dict[str, Any]], list[dict]]:
+    """The pack's results and its packs' stats from its process's result file; where the process died before
+    writing it (``kill -9``, the OOM killer), the results its trials that ended had appended (:func:`_appender`),
+    and FAILED for the others, whose runs are closed FAILED (never left RUNNING), and no stats."""
     if path.is_file():
-        return [JobResult.from_json(result).to_json() for result in json.loads(path.read_text())]
+        written = json.loads(path.read_text())
+        return [JobResult.from_json(result).to_json() for result in written["results"]], written["packs"]
     ended = _ended_results(partial_path(path))
     how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
     reason = f"the pack's process {how} before its trial ended"
@@ -403,7 +407,7 @@ def _read_pack_result(path: Path, exitcode: Optional[int], valid) -> list[dict[s
             run_id = close_lost_run(cfg, reason)
             ended[i] = JobResult(Status.FAILED, run_id, error_type="TrialProcessDied", message=reason).to_json()
         results.append(ended[i])
-    return results
+    return results, []
 
 
 def _run_pack(
@@ -412,13 +416,15 @@ def _run_pack(
     trials: Optional[Trials] = None,
     slots: Optional[int] = None,
     on_result: Optional[Callable[[int, dict[str, Any]], None]] = None,
+    on_pack: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Each trial of the pack in its own thread, at most ``slots`` at once, on one shared base; SIGTERM stops them
     all (their runs end KILLED). Memory: the feasibility check of the first job sets the budget the pack plans
-    within. ``on_result(i, result)`` is called as trial ``i`` ends."""
+    within. ``on_result(i, result)`` is called as trial ``i`` ends; ``on_pack(stats)`` once the pack is done
+    (:meth:`src.packs.model.Pack.stats`; not where its base never loaded)."""
     groups = fit_pack([cfg for _, cfg, _ in valid], feasibility, slots)
     if len(groups) > 1:
-        return _run_split_pack(valid, groups, feasibility, trials, slots, on_result)
+        return _run_split_pack(valid, groups, feasibility, trials, slots, on_result, on_pack)
     checked, note = check_feasibility(valid[0][1], feasibility)
     budget = checked.train.memory_budget_gb
     jobs = [
@@ -441,15 +447,25 @@ def _run_pack(
         if on_result is not None:
             on_result(index, results[index])
 
-    _run_threads(trial, len(jobs), shared, results, slots)
-    summary = shared.summary()
-    if summary:
-        console.say(summary)
+    try:
+        _run_threads(trial, len(jobs), shared, results, slots)
+    finally:  # a stopped pack trained what it trained
+        summary, stats = shared.summary(), shared.stats()
+        if summary:
+            console.say(summary)
+        if stats is not None and on_pack is not None:
+            on_pack(stats)
     return results
 
 
 def _run_split_pack(
-    valid, groups: list[list[int]], feasibility: FeasibilityConf, trials, slots: Optional[int] = None, on_result=None
+    valid,
+    groups: list[list[int]],
+    feasibility: FeasibilityConf,
+    trials,
+    slots: Optional[int] = None,
+    on_result=None,
+    on_pack=None,
 ) -> list[dict[str, Any]]:
     """A pack too big for the GPU, as the consecutive packs of ``groups`` (:func:`fit_pack`), one after another."""
     sizes = ", ".join(str(len(g)) for g in groups)
@@ -458,7 +474,7 @@ def _run_split_pack(
     for group in groups:
         try:
             reported = None if on_result is None else (lambda i, result, group=group: on_result(group[i], result))
-            results += _run_pack([valid[i] for i in group], feasibility, trials, slots, reported)
+            results += _run_pack([valid[i] for i in group], feasibility, trials, slots, reported, on_pack)
         except tracking.Terminated as exc:  # the parts not started end as the stop
             done = results + getattr(exc, "pack_results", [_failure(exc)] * len(group))
             exc.pack_results = done + [_failure(exc)] * (len(valid) - len(done))

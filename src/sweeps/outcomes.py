@@ -202,5 +202,15 @@ def pack_outcomes(numbers: Sequence[int], overrides: Sequence[Sequence[str]], re
     ]
 
 
+def pack_stats(ret) -> list[dict[str, Any]]:
+    """What each pack of a pack job trained (``{"packs": [...]}`` of :func:`src.sweeps.job.run_pack_job`); none
+    where the job raised or its process died before it wrote them."""
+    from hydra.core.utils import JobStatus
+
+    if ret.status != JobStatus.COMPLETED or not isinstance(ret.return_value, dict):
+        return []
+    return list(ret.return_value.get("packs") or [])
+
+
 def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

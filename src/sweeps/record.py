@@ -143,6 +143,7 @@ class SweepRecord:
         self.kind, self.sweep_id, self.planned = kind, sweep_id, planned
         self.objective = objective_name(config)
         self.outcomes: list[Outcome] = []
+        self.packs: list[dict[str, Any]] = []  # what each pack process trained (pack_ended), in order
         self.prior = {status: n for status, n in (prior or {}).items() if n}
         uri = tracking.tracking_uri(config.tracking.tracking_uri)
         experiment_id = tracking.ensure_experiment(config.tracking.experiment, uri)
@@ -217,6 +218,16 @@ class SweepRecord:
         line = f"[sweep {self.sweep_id}] {self.label} {done}/{self.planned} (#{outcome.number}) {status} {shown}"
         show(line + (f" | best so far: {best}" if best else ""))
 
+    def pack_ended(self, stats: dict[str, Any]) -> None:
+        """Print and log what one pack trained on its one base load (:meth:`src.packs.model.Pack.stats`): the
+        parent run's ``pack_processes`` and ``pack_trials_trained`` metrics, and ``summary.json``'s ``packs``."""
+        self.packs.append(stats)
+        step = len(self.packs)
+        trained = sum(int(p.get("trained", 0)) for p in self.packs)
+        metrics = [_metric("pack_processes", step, step), _metric("pack_trials_trained", trained, step)]
+        self._write(self.client.log_batch, self.run_id, metrics=metrics)
+        show(f"[sweep {self.sweep_id}] pack {step}: {pack_line(stats)}")
+
     @property
     def label(self) -> str:
         """What the sweep's lines call one job."""
@@ -242,6 +253,9 @@ class SweepRecord:
             if o.status in (Status.FAILED, Status.SKIPPED):
                 run = f" [run {o.run_id}]" if o.run_id else ""
                 lines.append(f"  {o.status.label} #{o.number} {' '.join(o.overrides)}{run}: {(o.reason or '')[:500]}")
+        if self.packs:
+            trained = ", ".join(str(p.get("trained", 0)) for p in self.packs)
+            lines.append(f"  packs: {len(self.packs)} base load(s), trials trained by each: {trained}")
         if best:
             lines.append(f"  best: {best}")
         lines.append(f"  view: {console.view_hint(self.uri, self.experiment_id, self.run_id)}")
@@ -265,6 +279,7 @@ class SweepRecord:
             "counts": {s.label: n for s, n in self.counts().items()},
             "best": best,
             "jobs": [o.to_json() for o in self.outcomes],
+            "packs": self.packs,
         }
         write = self._write
         write(self.client.log_dict, self.run_id, json.loads(json.dumps(payload, default=str)), "summary.json")
@@ -288,6 +303,16 @@ class SweepRecord:
         self._write(self.client.set_tag, self.run_id, ERROR_TAG, f"{type(exc).__name__}: {exc}"[: tracking.MAX_TAG_LEN])
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         self._write(self.client.set_terminated, self.run_id, status)
+
+
+def pack_line(stats: dict[str, Any]) -> str:
+    """One pack's stats as the sweep prints them."""
+    line = (
+        f"trained {stats.get('trained', 0)} trial(s) in {stats.get('slots', '?')} slot(s) on one base load; "
+        f"{stats.get('joint_steps', 0)} joint steps of {stats.get('trials_per_step', 0):.2f} trials on average, "
+        f"{stats.get('padding_share', 0.0):.1%} of their tokens padding, {stats.get('wall_s', 0.0):.1f} s"
+    )
+    return line
 
 
 def _metric(key: str, value: float, step: int):

@@ -181,6 +181,56 @@ def test_fused_lora_layers_replayed_as_cuda_graphs_match_peft_s_eager_step():
             torch.testing.assert_close(grads[name] * num_items / 100, grad, atol=3e-2 * grad.abs().max().item(), rtol=0)
 
 
+def test_fp8_layers_on_cuda_compute_their_math_and_replay_as_cuda_graphs():
+    """quant=fp8 (src/fp8.py) on CUDA: a layer's forward and input gradient through torch._scaled_mm equal the same
+    math in fp32 to bf16 rounding (row counts not a multiple of 16 included); a decoder converted to FP8 with LoRA on
+    top gives the same loss and LoRA gradients graphed (captured, then replayed) as eagerly."""
+    from src import fp8
+
+    if fp8.fp8_unavailable():
+        pytest.skip(fp8.fp8_unavailable())
+    torch.manual_seed(0)
+    layer = fp8.Fp8Linear(torch.nn.Linear(256, 384).to("cuda", torch.bfloat16))
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(300, 384, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    xq, sx = fp8.quantize_rows(x.detach())
+    expected_y = (xq.float() * sx) @ layer.dequantized().T + layer.bias.float()
+    gq, sg = fp8.quantize_rows(grad.float() * layer.weight_scale)
+    expected_dx = (gq.float() * sg) @ layer.weight.float()
+    for got, want in ((y, expected_y), (dx, expected_dx)):
+        torch.testing.assert_close(got.float(), want, atol=float(want.abs().max()) / 64, rtol=0)
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=512, attn_implementation="sdpa",
+    )  # fmt: skip
+    base = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
+    assert fp8.convert_to_fp8(base) == 2 * 7 and fast_attention.use_varlen_attention(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn_like(param) * 0.1
+    batch = _packed([37, 200, 5, 64, 130], seed=0)
+    num_items = (batch["labels"][:, 1:] != -100).sum()
+    _, grads_ref = _run(model, "varlen", batch)
+    loss_ref = _trainer("varlen").compute_loss(model, batch, num_items_in_batch=num_items).detach().float()
+    model.zero_grad(set_to_none=True)
+    graphs = fast_graphs.GraphedSteps(pad_token_id=2, max_examples=5, bucket=128)
+    for _ in range(2):  # captured, then replayed
+        loss = graphs.step(model, batch, num_items).float().clone()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(loss, loss_ref, atol=1e-2, rtol=0)
+        for name, grad_ref in grads_ref.items():
+            scale = grad_ref.abs().max().item()
+            torch.testing.assert_close(grads[name] * num_items / 100, grad_ref, atol=3e-2 * scale, rtol=0)
+
+
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_cuda_graph_classifier_steps_match_eager_steps(multilabel):
     """A packed classifier's replayed steps (a new length captures, the same length replays on new rows) give the

@@ -35,6 +35,8 @@ def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, 
     assert "4 jobs as 1 launches (hydra.sweeper.pack=3: 1 pack processes, each training 3 at a time)" in output
     assert output.count("pack of 4 trial(s) in 3 slot(s)") == 1  # one plan: the base loaded once
     assert "pack: trained 4 trial(s) in 3 slot(s) on one base" in output
+    assert "] pack 1: trained 4 trial(s) in 3 slot(s) on one base load;" in output  # the sweeper's line
+    assert "packs: 1 base load(s), trials trained by each: 4" in output  # its summary
     parents, children = split_runs(mlflow_store)
     assert len(parents) == 1 and len(children) == 4 and len(runs(mlflow_store)) == 5
     assert {c.info.status for c in children} == {"FINISHED"}
@@ -49,6 +51,7 @@ def test_a_packed_grid_gives_one_child_run_per_trial_under_the_parent(tmp_path, 
     ]
     assert len({c.data.tags["output_dir"] for c in children}) == 4
     assert parents[0].data.metrics["jobs_finished"] == 4
+    assert parents[0].data.metrics["pack_processes"] == 1 and parents[0].data.metrics["pack_trials_trained"] == 4
 
 
 @pytest.mark.slow  # ~45 s on a shared CPU: a packed grid of 2 as a real sweep, its trials' lines on its output
@@ -107,7 +110,8 @@ def test_an_optuna_pack_prunes_its_trials_and_refills_their_slots(tmp_path, mlfl
     output = result.stdout + result.stderr
     assert output.count("pack of 6 trial(s) in 3 slot(s)") == 1  # the base loaded once, for all 6
     assert "pack: trained 6 trial(s) in 3 slot(s) on one base" in output
-    _, children = split_runs(mlflow_store)
+    parents, children = split_runs(mlflow_store)
+    assert parents[0].data.metrics["pack_trials_trained"] == 6 and parents[0].data.metrics["pack_processes"] == 1
     assert len(children) == 6 and {c.data.tags["pack_size"] for c in children} == {"3"}
     by_trial = {int(c.data.tags["optuna_trial"]): c for c in children}
     for trial in trials:

@@ -38,6 +38,7 @@ CORE = {
         "distributed",
         "tiny",
         "bundled",
+        "fp8",
         "names",
         "labels",
         "tables",

@@ -45,17 +45,21 @@ def _artifacts(run_id, path=None):
         ("topics", "none"),
         ("topics", "4bit"),
         ("topics", "8bit"),
+        ("topics", "fp8"),
         ("topics_multilabel", "none"),
         ("instructions", "none"),
         ("instructions", "4bit"),
+        ("instructions", "fp8"),
         ("chat", "none"),
     ],
 )
 def test_end_to_end_run_is_recorded_by_contract(tmp_path, mlflow_store, data, quant):
     value, run_ = _run(tmp_path, [f"data={data}", f"quant={quant}"])
-    bits = {"none": 16, "4bit": 4, "8bit": 8}[quant]
+    bits = {"none": 16, "4bit": 4, "8bit": 8, "fp8": 8}[quant]
     assert run_.info.status == "FINISHED"
-    assert run_.info.run_name == f"tiny-{data}-{bits}bit-attn_qv-r8-a16"
+    base = "fp8" if quant == "fp8" else f"{bits}bit"
+    assert run_.info.run_name == f"tiny-{data}-{base}-attn_qv-r8-a16"
+    assert run_.data.params["quant.fp8"] == str(quant == "fp8")
     params, metrics = run_.data.params, run_.data.metrics
     assert params["lora.r"] == "8" and params["quant.bits"] == str(bits) and params["data.name"] == data
     assert params["model.name_or_path"] == "builtin:tiny-llama" and params["lora.resolved_targets"] == "q_proj,v_proj"

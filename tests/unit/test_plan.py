@@ -584,3 +584,20 @@ def plan_micro_batches_would_checkpoint(steps: int, pack, budget_gb: float, cfgs
 
     alone = budget.plan_micro_batches(steps, len(budget.decoder_layers(pack.model)), budget_gb, estimate)
     return alone.micro_batch_size == steps and alone.checkpointed_layers > 0
+
+
+def test_an_fp8_base_is_a_byte_a_weight_with_the_rest_at_its_dtype(openllama_dir):
+    """quant=fp8 (src/fp8.py) on OpenLLaMA-3B: the 182 decoder linears at a byte a weight plus an fp32 scale per row,
+    the embeddings, norms and head at model.dtype (bf16: nothing upcast, unlike bitsandbytes' prepare step), and one
+    transposed copy of the largest layer (up/gate/down, 3200 x 8640): 3.41 GiB, under LLM.int8's and the 16-bit
+    base's."""
+
+    def weights(quant: str) -> float:
+        return plan_for(openllama(openllama_dir, f"quant={quant}", "lora=attn_qv")).est_mem_breakdown_gb.weights
+
+    shape = plan_for(openllama(openllama_dir, "quant=fp8", "lora=attn_qv")).model_shape
+    assert (shape.quantizable_params, shape.quantizable_rows) == (3_221_504_000, 865_280)
+    rest = OPENLLAMA_3B_PARAMS - shape.quantizable_params
+    expected = shape.quantizable_params + 4 * shape.quantizable_rows + 2 * rest + 3200 * 8640
+    assert weights("fp8") == pytest.approx(expected / 2**30, abs=1e-3) and round(weights("fp8"), 2) == 3.41
+    assert weights("fp8") < weights("8bit") < weights("none")

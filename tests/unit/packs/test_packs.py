@@ -55,6 +55,9 @@ def test_each_trial_of_a_pack_trains_as_it_would_alone(tmp_path, mlflow_store):
     result = run_pack_job([(_raw(tmp_path, f"pack{i}", o), None) for i, o in enumerate(trials)])
     packed = result["pack"]
     assert [r["status"] for r in packed] == ["ok"] * 3, packed
+    (stats,) = result["packs"]  # one base load, from the pack process's result file
+    assert (stats["trained"], stats["slots"]) == (3, 3) and stats["joint_steps"] == 4
+    assert stats["trials_per_step"] == pytest.approx((4 + 4 + 3) / 4)  # trial 2 trains 3 steps, the others 4
     for i, (solo_id, trial) in enumerate(zip(alone, packed)):
         solo_losses, pack_losses = _losses(solo_id), _losses(trial["run_id"])
         assert len(pack_losses) == (3 if i == 2 else 4)
@@ -90,9 +93,11 @@ def test_a_trial_that_fails_fails_alone(tmp_path, mlflow_store):
 def test_an_invalid_trial_fails_before_the_pack_starts(tmp_path, mlflow_store):
 
     members = [(_raw(tmp_path, "good", TRIALS[0]), None), (_raw(tmp_path, "bad", ["lora.r=0"]), None)]
-    result = run_pack_job(members, isolate=False)["pack"]
+    out = run_pack_job(members, isolate=False)
+    result = out["pack"]
     assert [r["status"] for r in result] == ["ok", "failed"], result
     assert result[1]["error_type"] == "ConfigError"
+    assert [p["trained"] for p in out["packs"]] == [1]  # in this process too; the invalid trial never joined
 
 
 def test_unpackable_names_why():
