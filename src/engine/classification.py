@@ -28,7 +28,7 @@ from src.classifier import ClassifierTrainer, classification_loss, loss_total
 from src.engine import attention as attention_mod
 from src.engine import budget as budget_mod
 from src.engine import weights
-from src.engine.graphs import GraphedSteps, graphable, pad_row
+from src.engine.graphs import GraphedSteps, HostTokenCount, graphable, pad_row
 from src.engine.lora import fuse_lora_layers
 from src.modeling import CLASSIFIER_HEADS, FLAT_ENCODER_TYPES, base_model
 
@@ -191,8 +191,9 @@ class GraphedClassifierSteps(GraphedSteps):
         return self.label_weights
 
 
-class FlatClassifierTrainer(ClassifierTrainer):
-    """HF Trainer on flat rows of classification examples, with :class:`ClassifierTrainer`'s loss.
+class FlatClassifierTrainer(HostTokenCount, ClassifierTrainer):
+    """HF Trainer on flat rows of classification examples, with :class:`ClassifierTrainer`'s loss, counting its
+    tokens on the host (:class:`HostTokenCount`: transformers' count reads one back from the GPU every step).
 
     ``cuda_graphs``: replay each micro-batch's step as a CUDA graph (:class:`GraphedClassifierSteps`; where
     :func:`src.engine.graphs.graphable` holds, in one process); a capture that fails leaves the rest of the run eager.

@@ -1,4 +1,5 @@
-"""CUDA graphs: each packed micro-batch's forward and backward replayed as one graph per padded row length."""
+"""CUDA graphs: each packed micro-batch's forward and backward replayed as one graph per padded row length; and
+the flat trainers' token count kept off the GPU (:class:`HostTokenCount`), so that no step waits for the last."""
 
 from __future__ import annotations
 
@@ -29,6 +30,32 @@ def graphable(
         and gradient_accumulation_steps == 1
         and (bits in (4, 16) or dequantized_layers == len(quantized_layers(model, 8)))
     )
+
+
+class HostTokenCount:
+    """Mixed into a flat-batch Trainer: the tokens it has seen counted on the host, and summed over the ranks only
+    when it logs.
+
+    transformers' own count (``include_num_input_tokens_seen``) moves each micro-batch's count to the GPU, gathers
+    it and reads it back: a host sync every step, after which the CPU can only queue the next step once this one has
+    run (the GPU idled; benchmarks/results/BENCH_RESULTS.md, run 5). A flat row has no padding, so every token of
+    ``input_ids`` counts, and ``inputs`` is still the host batch where the Trainer counts them. The SFT fast path,
+    the flat classifier and a pack's trials all count this way."""
+
+    _unlogged_tokens = 0  # this rank's tokens since the last log
+
+    def _track_num_input_tokens(self, inputs):
+        if self.args.include_num_input_tokens_seen != "no" and "input_ids" in inputs:
+            self._unlogged_tokens += int(inputs["input_ids"].numel())
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        from src import distributed
+
+        if self._unlogged_tokens or distributed.world_size() > 1:  # every rank logs at the same steps
+            count = torch.tensor(self._unlogged_tokens, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(count).sum())
+            self._unlogged_tokens = 0
+        super().log(logs, start_time)
 
 
 def pad_row(inputs: dict[str, Any], length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

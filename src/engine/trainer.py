@@ -77,7 +77,7 @@ from src.engine.budget import (
     plan_step,
     set_checkpointed_layers,
 )
-from src.engine.graphs import GraphedSteps, graphable
+from src.engine.graphs import GraphedSteps, HostTokenCount, graphable
 from src.engine.lora import fuse_lora_layers
 from src.engine.loss import causal_lm_loss
 from src.engine.rows import tokenize_sft
@@ -87,7 +87,7 @@ from src.logger import say
 from src.modeling import fused_head
 
 
-class FlatTrainer(Trainer):
+class FlatTrainer(HostTokenCount, Trainer):
     """HF Trainer on padding-free packed batches of tokenized SFT rows.
 
     Overrides the documented hooks ``compute_loss`` (no KV cache, which would hide the packing;
@@ -109,25 +109,6 @@ class FlatTrainer(Trainer):
         self.attention = attention
         self.graphs = graphs
         self.fused_loss = fused_loss  # training steps through src.engine.loss (train.fused_loss)
-        self._unlogged_tokens = 0  # this rank's tokens since the last log (see _track_num_input_tokens)
-
-    def _track_num_input_tokens(self, inputs):
-        """Count the step's tokens on the host; the ranks' counts are summed when the Trainer logs.
-
-        transformers' own count moves each step's count to the GPU, gathers it and reads it back: a
-        host sync every step, after which the CPU can only queue the next step once this one has run
-        (the GPU idled; benchmarks/results/BENCH_RESULTS.md, run 5). A flat row has no padding, so every
-        token of ``input_ids`` counts, and ``inputs`` is still the host batch here.
-        """
-        if self.args.include_num_input_tokens_seen != "no" and "input_ids" in inputs:
-            self._unlogged_tokens += int(inputs["input_ids"].numel())
-
-    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        if self._unlogged_tokens or distributed.world_size() > 1:  # every rank logs at the same steps
-            count = torch.tensor(self._unlogged_tokens, device=self.args.device, dtype=torch.int64)
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(count).sum())
-            self._unlogged_tokens = 0
-        super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
         """Under DDP, :class:`TokenBalancedSampler` in place of the default shuffle; else the Trainer's."""

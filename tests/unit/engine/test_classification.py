@@ -418,3 +418,45 @@ def test_a_sweeps_memory_cap_reaches_a_packed_bert_as_its_budget(random_checkpoi
     budgeted, note = check_feasibility(validate(raw), FeasibilityConf("shrink", 0.5))
     assert budgeted.resolved()["train"]["memory_budget_gb"] == 0.5 and budgeted.train.memory_budget_gb == 0.5
     assert budgeted.train.per_device_train_batch_size == raw["train"]["per_device_train_batch_size"]
+
+
+@pytest.mark.parametrize("data", ["topics", "instructions"])
+def test_the_flat_trainers_count_tokens_on_the_host_and_read_them_back_only_when_they_log(tmp_path, mlflow_store, data):
+    """The flat classifier (and the SFT fast path) count each micro-batch's tokens on the host, and gather them
+    from the ranks only when they log: transformers' own count gathers and reads one back from the device every
+    micro-batch, a host sync per step. Both count the same tokens."""
+    from transformers import Trainer
+
+    from src import fit, modeling
+    from src.config import validate
+    from src.data import load_data
+    from src.engine.graphs import HostTokenCount
+
+    cfg = validate(
+        compose_config(
+            [f"data={data}", "train.max_steps=4", "train.logging_steps=2", "train.eval_strategy=no"]
+            + ["data.subsample=48", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2"]
+        )
+    )
+    data_ = load_data(cfg.data)
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    counts = {}
+    for own in (True, False):
+        model = modeling.load_model(cfg.model, cfg.quant, data_.task, data_.labels, tokenizer.pad_token_id)
+        model = modeling.apply_lora(model, cfg.lora, data_.task)
+        trainer, _, _ = fit.build_trainer(cfg, model, tokenizer, data_, str(tmp_path / f"out-{own}"))
+        assert isinstance(trainer, HostTokenCount)
+        if not own:  # transformers' count, for the same rows
+            trainer._track_num_input_tokens = Trainer._track_num_input_tokens.__get__(trainer)
+        gathers, gather = [], trainer.accelerator.gather
+
+        def counting_gather(tensor, gathers=gathers, gather=gather):
+            gathers.append(tensor)
+            return gather(tensor)
+
+        trainer.accelerator.gather = counting_gather
+        trainer.train()
+        counts[own] = (trainer.state.num_input_tokens_seen, len(gathers), trainer.state.global_step)
+    (tokens, own_gathers, steps), (their_tokens, their_gathers, _) = counts[True], counts[False]
+    assert steps == 4 and tokens == their_tokens > 0
+    assert own_gathers <= 3 < steps <= their_gathers  # two logging steps and the end, against one a micro-batch
