@@ -397,7 +397,7 @@ LORA_OPTIONS = "(options: all_but_head, all_linear, attn, attn_qv, mlp, none)"
                 f"hydra.sweeper.rows[1]: lora=al_linear: no such lora option; did you mean all_linear? {LORA_OPTIONS}",
                 "hydra.sweeper.rows[1]: lora.rnak: unknown key; did you mean lora.r?",
                 "hydra.sweeper.params: quant=8bits: no such quant option; did you mean 8bit? "
-                "(options: 4bit, 8bit, none)",
+                "(options: 4bit, 8bit, fp8, none)",
             ],
         ),
         (
