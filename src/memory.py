@@ -212,6 +212,7 @@ class MemoryPlan:
     est_mem_breakdown_gb: MemoryBreakdown
     model_shape: ModelShape
     warnings: tuple[str, ...]
+    quant_fp8: bool = False  # the 8 bits are FP8 (quant=fp8; src/fp8.py), not LLM.int8
 
     def as_dict(self) -> dict[str, Any]:
         """The plan as plain values, as ``python -m src.plan`` prints it (one JSON object)."""
@@ -594,6 +595,7 @@ def plan(cfg: Config, tokens_per_micro_batch: Optional[int] = None) -> MemoryPla
         task=cfg.data.task,
         num_labels=None if sft else num_labels_of(cfg) or DEFAULT_NUM_LABELS,
         quant_bits=cfg.quant.bits,
+        quant_fp8=cfg.quant.fp8,
         lora_preset=cfg.lora.preset,
         lora_r=cfg.lora.r,
         lora_resolved_targets=",".join(target_leaf_names(model)),

@@ -45,7 +45,7 @@ def format_plan_table(result: MemoryPlan) -> str:
     tokens = result.batch_size * result.seq_len
     rows = [
         ("model", f"{result.model} ({result.architecture}), task {result.task}"),
-        ("quantization", f"{result.quant_bits}-bit base"),
+        ("quantization", "FP8 base (e4m3, a scale per row)" if result.quant_fp8 else f"{result.quant_bits}-bit base"),
         ("lora", _lora_row(result)),
         ("trainable params", f"{result.trainable_params:,} ({result.trainable_pct:.3f}%)"),
         ("total params", f"{result.total_params:,}"),

@@ -595,7 +595,11 @@ def test_an_fp8_base_is_a_byte_a_weight_with_the_rest_at_its_dtype(openllama_dir
     def weights(quant: str) -> float:
         return plan_for(openllama(openllama_dir, f"quant={quant}", "lora=attn_qv")).est_mem_breakdown_gb.weights
 
-    shape = plan_for(openllama(openllama_dir, "quant=fp8", "lora=attn_qv")).model_shape
+    from src.plan import format_plan_table
+
+    fp8_plan = plan_for(openllama(openllama_dir, "quant=fp8", "lora=attn_qv"))
+    assert fp8_plan.quant_fp8 and "quantization         FP8 base" in format_plan_table(fp8_plan)
+    shape = fp8_plan.model_shape
     assert (shape.quantizable_params, shape.quantizable_rows) == (3_221_504_000, 865_280)
     rest = OPENLLAMA_3B_PARAMS - shape.quantizable_params
     expected = shape.quantizable_params + 4 * shape.quantizable_rows + 2 * rest + 3200 * 8640
