@@ -17,10 +17,11 @@ import torch
 from src import console
 
 QUANT_GROUPS = {4: "4bit", 8: "8bit", 16: "none"}  # conf/quant/<group>.yaml by base bits
-# The seed sides' checkpointing: reentrant, as peft's prepare_model_for_kbit_training(model) leaves it (its default
-# kwargs are empty, and torch's default is reentrant). The seed sides used non-reentrant until 2026-12, whose hooks on
-# every saved tensor add host work a step: a candidate for the 12% by which an independent run of the SFT recipe beat
-# the bench's seed side on an H100 (issue 31). What it changes on a GPU is not yet measured.
+# The seed sides' checkpointing: reentrant, as peft's prepare_model_for_kbit_training(model) leaves it up to peft
+# 0.21 (its default kwargs are empty, and torch's default is reentrant; peft 0.22 passes none, and transformers then
+# picks non-reentrant: the independent recipe side, benchmarks/recipe.py, follows the installed peft). The seed sides
+# used non-reentrant until 2026-12, whose hooks on every saved tensor add host work a step: a candidate for the 12% by
+# which an independent run of the SFT recipe beat the bench's seed side on an H100 (issue 31). Not yet measured.
 SEED_CHECKPOINTING = {"use_reentrant": True}
 
 

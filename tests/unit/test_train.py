@@ -29,7 +29,7 @@ def test_help_lists_the_groups_and_every_key_with_its_help():
     proc = run_module(["src.train", "--help"])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert any(line.split() == ["quant", "4bit,", "8bit,", "none"] for line in lines)
+    assert any(line.split() == ["quant", "4bit,", "8bit,", "fp8,", "none"] for line in lines)
     lora_r = next(line for line in lines if line.split()[:1] == ["lora.r"])
     assert "LoRA rank; null with preset 'none'" in lora_r and ">= 1" in lora_r
     from src.config import Config
