@@ -417,6 +417,7 @@ PLAN_KEYS = [
     "est_mem_breakdown_gb",
     "model_shape",
     "warnings",
+    "quant_fp8",
 ]
 
 
