@@ -23,6 +23,7 @@ matmul (slowly: a test and smoke path).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,19 +35,37 @@ OUT_DTYPE = torch.bfloat16  # row-wise scaled FP8 matmuls give bf16 on CUDA
 ALIGNMENT = 16  # the FP8 GEMM's dimensions are multiples of 16
 
 
-def fp8_unavailable() -> Optional[str]:
-    """Why ``quant=fp8`` cannot train here, or None: a torch without FP8 matmuls, or a GPU without FP8 tensor
-    cores (compute capability below 8.9)."""
+def fp8_unavailable(probe: bool = False) -> Optional[str]:
+    """Why ``quant=fp8`` cannot train here, or None: a torch without FP8 matmuls, a GPU without FP8 tensor cores
+    (compute capability below 8.9), or (``probe``: where the process is about to load the model on the GPU anyway,
+    not in the config check, which a sweep's own process runs too) a torch build without the row-wise scaled FP8
+    matmul on this card, tried once on a 16 x 16 product (torch's row-wise kernel came first for Hopper)."""
     if FP8 is None or not hasattr(torch, "_scaled_mm"):
         return f"torch {torch.__version__} has no float8 matmul (torch._scaled_mm)"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
+        name = torch.cuda.get_device_name()
         if (major, minor) < MIN_CAPABILITY:
-            name = torch.cuda.get_device_name()
             return (
                 f"{name} (compute capability {major}.{minor}) has no FP8 tensor cores; FP8 needs 8.9 (Ada, L4, "
                 "L40S) or 9.0 (Hopper, H100, H200) and up. On this card use quant=4bit or quant=8bit"
             )
+        failure = _rowwise_failure() if probe else None
+        if failure is not None:
+            return f"torch {torch.__version__} cannot multiply FP8 with row-wise scales on {name}: {failure}"
+    return None
+
+
+@functools.cache
+def _rowwise_failure() -> Optional[str]:
+    """The error of one small row-wise scaled FP8 matmul on the current GPU, or None where it runs."""
+    try:
+        a = torch.ones(16, 16, device="cuda").to(FP8)
+        scales = torch.ones(16, 1, device="cuda")
+        torch._scaled_mm(a, a.t(), scale_a=scales, scale_b=scales.t().contiguous(), out_dtype=OUT_DTYPE)
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001  whatever the build says, the user reads it
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
 
 

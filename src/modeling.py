@@ -135,6 +135,11 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     require_model_source(model_cfg)
+    if quant.fp8:
+        from src.fp8 import fp8_unavailable
+
+        if (reason := fp8_unavailable(probe=True)) is not None:
+            raise ConfigError([f"quant=fp8: {reason}"])
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     check_weight_format(model_cfg.name_or_path, model_cfg.allow_pickle_weights)
     kwargs: dict[str, Any] = {

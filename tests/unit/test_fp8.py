@@ -82,7 +82,9 @@ def test_the_tiny_llama_loads_as_fp8_and_its_lora_trains(tiny_model_dir):
 
 
 def test_a_gpu_without_fp8_tensor_cores_is_refused_before_anything_loads(monkeypatch):
-    """An A100 (8.0) says which cards can; a torch without float8 says so; FP8 at other than 8 bits is named."""
+    """An A100 (8.0) says which cards can; an Ada card whose torch lacks the row-wise kernel says what torch said; a
+    torch without float8 says so; FP8 at other than 8 bits is named. (The card is faked: this machine has none.)"""
+    from src import modeling
     from src.config import ConfigError, validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -91,6 +93,12 @@ def test_a_gpu_without_fp8_tensor_cores_is_refused_before_anything_loads(monkeyp
     with pytest.raises(ConfigError) as refused:
         validate(compose_config(["quant=fp8"]))
     assert "quant=fp8: NVIDIA A100-SXM4-80GB (compute capability 8.0) has no FP8 tensor cores" in str(refused.value)
+    monkeypatch.setattr(fp8, "_rowwise_failure", lambda: "RuntimeError: row-wise scaling needs sm90")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    cfg = validate(compose_config(["quant=fp8"]))  # the config check never touches the GPU (a sweep runs it too)
+    with pytest.raises(ConfigError, match=r"cannot multiply FP8 with row-wise scales on NVIDIA L4: RuntimeError"):
+        modeling.load_model(cfg.model, cfg.quant, "classification", ["a", "b"], pad_token_id=2)  # before loading
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert validate(compose_config(["quant=fp8"])).quant.fp8  # an H100
     with pytest.raises(ConfigError, match=r"quant.fp8=true with quant.bits=4: FP8 weights are 8 bits"):
