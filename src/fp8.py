@@ -6,7 +6,7 @@ linear layer's weight as ``float8_e4m3fn`` with one fp32 scale per output row (`
 448``): one byte a weight, as LLM.int8. Training then runs both of a frozen layer's matmuls in FP8:
 
 - forward, ``y = x W^T``: ``x`` is rounded to FP8 a row (token) at a time with its own scale, and
-  ``torch._scaled_mm(xq, Wq^T, scale_a=sx, scale_b=s)`` gives ``y`` in bf16;
+  ``torch._scaled_mm(xq, Wq^T, scale_a=sx, scale_b=s)`` gives ``y`` in bf16 (on a CPU, fp32 for an fp32 input);
 - backward, ``dx = dy W``: the weight's row scales fold into the gradient (``dy diag(s) Wq``), which is rounded to
   FP8 by rows the same way, and the same ``Wq`` (transposed into the layout the FP8 GEMM reads, one layer at a time)
   gives ``dx``. The weight gets no gradient (it is frozen) and no activation is kept for it.
@@ -31,7 +31,7 @@ import torch
 FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 MIN_CAPABILITY = (8, 9)  # Ada; Hopper is 9.0
-OUT_DTYPE = torch.bfloat16  # row-wise scaled FP8 matmuls give bf16 on CUDA
+OUT_DTYPE = torch.bfloat16  # row-wise scaled FP8 matmuls give bf16 on CUDA (on a CPU, fp32 where the input is)
 ALIGNMENT = 16  # the FP8 GEMM's dimensions are multiples of 16
 
 
@@ -77,6 +77,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(FP8), scale
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The FP8 matmul's output: bf16 on a GPU (row-wise scaling gives no other); on a CPU an fp32 input's fp32, so
+    that a CPU run's results do not hang on where bf16 rounding falls (a trial alone and in a pack agree)."""
+    return torch.float32 if x.device.type == "cpu" and x.dtype == torch.float32 else OUT_DTYPE
+
+
 class _Fp8Matmul(torch.autograd.Function):
     """``x @ W^T (+ bias)`` with ``W = diag(scale) Wq`` frozen: both the forward and the input's gradient in FP8."""
 
@@ -85,7 +91,7 @@ class _Fp8Matmul(torch.autograd.Function):
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         xq, sx = quantize_rows(rows)
-        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale, out_dtype=OUT_DTYPE)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale, out_dtype=_out_dtype(x))
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.save_for_backward(weight, scale)
@@ -101,7 +107,7 @@ class _Fp8Matmul(torch.autograd.Function):
         gq, sg = quantize_rows(grad.reshape(-1, shape[-1]).float() * scale)  # dy diag(s): the rows' scales folded in
         wq = weight.t().contiguous().t()  # [out, in] with out contiguous: the layout the FP8 GEMM reads (K = out)
         ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
-        dx = torch._scaled_mm(gq, wq, scale_a=sg, scale_b=ones, out_dtype=OUT_DTYPE)
+        dx = torch._scaled_mm(gq, wq, scale_a=sg, scale_b=ones, out_dtype=_out_dtype(grad))
         return dx.to(ctx.dtype).view(*shape[:-1], weight.shape[1]), None, None, None
 
 
