@@ -252,6 +252,23 @@ def lora_init_problems(checked: Checked) -> list[str]:
     return []
 
 
+def fp8_adapter_problems(checked: Checked) -> list[str]:
+    """What an FP8 base (``quant=fp8``, :mod:`src.fp8`) cannot carry: adapters that read or rewrite the base weight
+    itself (DoRA's weight norm, OLoRA's QR of it), which peft would compute on the bare e4m3 values."""
+    lora, quant = checked.section("lora", "use_dora", "init", "preset"), checked.section("quant", "fp8")
+    if lora is None or quant is None or not quant.fp8 or lora.preset == FULL_FINE_TUNING:
+        return []
+    problems = []
+    if lora.use_dora:
+        problems.append(
+            "lora.use_dora=true with quant=fp8: DoRA takes the base weight's norm, which an FP8 weight without its "
+            "row scales does not give; use quant=4bit or quant=none"
+        )
+    if lora.init == "olora":
+        problems.append("lora.init=olora with quant=fp8: OLoRA decomposes the base weight itself; use quant=none")
+    return problems
+
+
 def quantized_full_fine_tuning_problems(checked: Checked) -> list[str]:
     """Full fine-tuning of a 4- or 8-bit base: bitsandbytes stores its weights frozen."""
     lora, quant = checked.section("lora", "preset"), checked.section("quant", "bits")
@@ -472,6 +489,7 @@ RULES: tuple[Callable[[Checked], list[str]], ...] = (
     lora_init_problems,
     loraplus_problems,
     quantized_full_fine_tuning_problems,
+    fp8_adapter_problems,
     data_source_problems,
     data_column_problems,
     data_label_problems,

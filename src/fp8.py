@@ -74,7 +74,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     all-zero row gets scale 1."""
     amax = x.abs().amax(dim=1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (x.float() / scale).to(FP8), scale
+    return (x.float() / scale).to(FP8).contiguous(), scale  # row-major: the FP8 GEMM's first operand must be
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -84,16 +84,14 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """``x @ W^T (+ bias)`` with ``W = diag(scale) Wq`` frozen: both the forward and the input's gradient in FP8."""
+    """``x @ W^T`` with ``W = diag(scale) Wq`` frozen: both the forward and the input's gradient in FP8."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias):
+    def forward(ctx, x, weight, scale):
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         xq, sx = quantize_rows(rows)
         y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale, out_dtype=_out_dtype(x))
-        if bias is not None:
-            y = y + bias.to(y.dtype)
         ctx.save_for_backward(weight, scale)
         ctx.dtype = x.dtype
         return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
@@ -101,57 +99,71 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None
         weight, scale = ctx.saved_tensors
         shape = grad.shape
         gq, sg = quantize_rows(grad.reshape(-1, shape[-1]).float() * scale)  # dy diag(s): the rows' scales folded in
         wq = weight.t().contiguous().t()  # [out, in] with out contiguous: the layout the FP8 GEMM reads (K = out)
         ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
         dx = torch._scaled_mm(gq, wq, scale_a=sg, scale_b=ones, out_dtype=_out_dtype(grad))
-        return dx.to(ctx.dtype).view(*shape[:-1], weight.shape[1]), None, None, None
+        return dx.to(ctx.dtype).view(*shape[:-1], weight.shape[1]), None, None
 
 
 class Fp8Linear(torch.nn.Linear):
     """A frozen ``nn.Linear`` whose weight is FP8 with row scales (:mod:`src.fp8`). A ``Linear`` still, so peft wraps
-    it with LoRA as it wraps any linear layer (its adapters stay in their own dtype)."""
+    it with LoRA as it wraps any linear layer. ``compute_dtype`` (the weight's dtype before) is what peft makes a new
+    adapter in, as for bitsandbytes' layers: without it peft would cast the adapter's start to FP8 (an A of a few
+    dozen distinct values). The bias, if any, is added outside the FP8 matmul, so ``lora.bias=all`` trains it."""
 
     def __init__(self, linear: torch.nn.Linear):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = linear.weight.dtype
         q, scale = quantize_rows(linear.weight.detach())
         self.weight = torch.nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]: scale_b of the forward
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
+        y = _Fp8Matmul.apply(x, self.weight, self.weight_scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the layer multiplies by, in fp32: ``diag(s) Wq``."""
         return self.weight.float() * self.weight_scale.t()
 
 
-def convert_to_fp8(model: torch.nn.Module, skip: Optional[list[str]] = None) -> int:
+def convert_to_fp8(
+    model: torch.nn.Module, skip: Optional[list[str]] = None, device: Optional[torch.device | int] = None
+) -> int:
     """Replace ``model``'s linear layers by :class:`Fp8Linear` (in place), except the output head, those named in
     ``skip`` (a classifier's head) and those whose sizes the FP8 GEMM cannot take (not multiples of 16); the
-    number converted. Each layer's bf16 weight is freed as it goes."""
+    number converted. One layer at a time: with ``device`` (a model loaded on the CPU), each layer goes to the device
+    and is rounded there, its 16-bit weight dropped before the next, and the rest of the model follows at the end, so
+    the device never holds more than the FP8 model and one 16-bit layer."""
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     keep = list(skip) if skip else get_keys_to_not_convert(model)
-    targets = [
-        (name, module)
+    names = [
+        name
         for name, module in model.named_modules()
         if type(module) is torch.nn.Linear
         and should_convert_module(name, keep)
         and module.in_features % ALIGNMENT == 0
         and module.out_features % ALIGNMENT == 0
     ]
-    for name, module in targets:
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear(module))
-    return len(targets)
+        linear = getattr(parent, child)
+        if device is not None:
+            linear = linear.to(device)
+        setattr(parent, child, Fp8Linear(linear))
+        del linear
+    if device is not None:
+        model.to(device)
+    return len(names)
 
 
 def fp8_layers(model: torch.nn.Module) -> list[Fp8Linear]:

@@ -135,11 +135,6 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     require_model_source(model_cfg)
-    if quant.fp8:
-        from src.fp8 import fp8_unavailable
-
-        if (reason := fp8_unavailable(probe=True)) is not None:
-            raise ConfigError([f"quant=fp8: {reason}"])
     check_remote_code(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     check_weight_format(model_cfg.name_or_path, model_cfg.allow_pickle_weights)
     kwargs: dict[str, Any] = {
@@ -149,11 +144,18 @@ def load_model(
         "dtype": DTYPES[model_cfg.dtype],
         "quantization_config": to_bnb_config(quant, task),
     }
+    device = None
     if torch.cuda.is_available():
         # Under torchrun each rank loads onto its own GPU; the Trainer's DDP then uses that one.
         device = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
         torch.cuda.set_device(device)
-        kwargs["device_map"] = {"": device}
+        if not quant.fp8:  # an FP8 base loads on the CPU and goes to the GPU a layer at a time (convert_to_fp8)
+            kwargs["device_map"] = {"": device}
+    if quant.fp8:
+        from src.fp8 import fp8_unavailable
+
+        if (reason := fp8_unavailable(probe=True)) is not None:  # on this rank's GPU, before the weights load
+            raise ConfigError([f"quant=fp8: {reason}"])
     path = resolve_builtin(model_cfg.name_or_path)
     with loading_from(model_cfg.name_or_path):
         if task == "sft":
@@ -174,7 +176,7 @@ def load_model(
     if quant.fp8:  # loaded at model.dtype; its linear layers (not the heads) now hold FP8 weights, frozen
         from src.fp8 import convert_to_fp8
 
-        convert_to_fp8(model, unquantized_heads(task))
+        convert_to_fp8(model, unquantized_heads(task), device)
     elif quant.bits in (4, 8):
         from peft import prepare_model_for_kbit_training
 

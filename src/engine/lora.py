@@ -49,7 +49,11 @@ def fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     inputs = self.lora_dropout[adapter](x.to(a.dtype))
     hidden = inputs.reshape(-1, inputs.shape[-1]) @ a.T * self.scaling[adapter]
     flat = result.reshape(-1, result.shape[-1])
-    if not torch.is_autocast_enabled(flat.device.type):  # addmm needs one dtype; under autocast it casts itself
+    device = flat.device.type
+    if torch.is_autocast_enabled(device) and flat.dtype != torch.get_autocast_dtype(device):
+        # addmm would round an fp32 base output to the autocast dtype; peft's add keeps it fp32
+        return (flat + hidden @ b.T).view(result.shape).to(result.dtype)
+    if not torch.is_autocast_enabled(device):  # addmm needs one dtype; under autocast it casts itself
         flat = flat.to(hidden.dtype)
     return torch.addmm(flat, hidden, b.T).view(result.shape).to(result.dtype)
 

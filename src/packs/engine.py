@@ -364,7 +364,11 @@ def bank_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     if step.grouped:  # the add folded into the second matmul, as the fused LoRA linear does (src.engine.lora)
         hidden = torch.bmm(xs, a.transpose(1, 2)) * step.scales[:, entry.index, None, None].to(xs.dtype)
         base = result.reshape(count, length, entry.out_features)
-        if not torch.is_autocast_enabled(base.device.type):  # under autocast baddbmm casts its inputs itself
+        device = base.device.type
+        if torch.is_autocast_enabled(device) and base.dtype != torch.get_autocast_dtype(device):
+            # baddbmm would round an fp32 base output to the autocast dtype; the add keeps it
+            return (base + torch.bmm(hidden, b.transpose(1, 2))).reshape(result.shape).to(result.dtype)
+        if not torch.is_autocast_enabled(device):  # under autocast baddbmm casts its inputs itself
             base = base.to(hidden.dtype)
         return torch.baddbmm(base, hidden, b.transpose(1, 2)).reshape(result.shape).to(result.dtype)
     # a loop over the slots, each at its own rank: the kernels of peft's forward for a run alone

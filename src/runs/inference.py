@@ -431,7 +431,7 @@ def load_finetuned(source: Source, tokenizer, quantized: bool = True):
         guards.assert_safetensors_only(source.adapter_dir)  # before any model loads
     except guards.UnsafeFileError as exc:
         raise InferenceError(str(exc)) from exc
-    quant = source.cfg.quant if quantized else dataclasses.replace(source.cfg.quant, bits=16)
+    quant = source.cfg.quant if quantized else dataclasses.replace(source.cfg.quant, bits=16, fp8=False)
     base = _base_available(
         source,
         lambda: modeling.load_model(

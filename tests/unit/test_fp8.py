@@ -97,6 +97,8 @@ def test_a_gpu_without_fp8_tensor_cores_is_refused_before_anything_loads(monkeyp
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
     cfg = validate(compose_config(["quant=fp8"]))  # the config check never touches the GPU (a sweep runs it too)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     with pytest.raises(ConfigError, match=r"cannot multiply FP8 with row-wise scales on NVIDIA L4: RuntimeError"):
         modeling.load_model(cfg.model, cfg.quant, "classification", ["a", "b"], pad_token_id=2)  # before loading
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -105,3 +107,55 @@ def test_a_gpu_without_fp8_tensor_cores_is_refused_before_anything_loads(monkeyp
         validate(compose_config(["quant=4bit", "quant.fp8=true"]))
     monkeypatch.setattr(fp8, "FP8", None)
     assert "has no float8 matmul" in fp8.fp8_unavailable()
+
+
+def test_an_adapter_on_an_fp8_layer_starts_as_it_would_on_the_16_bit_layer():
+    """peft makes a new adapter in its base layer's dtype: an FP8 layer's compute dtype (the weight's before), so A's
+    start is the one the 16-bit layer gets from the same seed, not its e4m3 rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    starts = []
+    for convert in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
+        if convert:
+            assert fp8.convert_to_fp8(model, skip=["none"]) == 1
+        torch.manual_seed(1)
+        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["0"]))
+        starts.append(peft_model.base_model.model[0].lora_A["default"].weight.detach())
+    assert starts[1].dtype == torch.float32 and torch.equal(starts[0], starts[1])
+    assert starts[1].unique().numel() > 1000  # e4m3 would leave a few dozen values
+
+
+def test_an_fp8_layer_s_bias_trains_where_lora_bias_asks_it_to():
+    """The bias is added outside the FP8 matmul: lora.bias=all gives it a gradient, the input's is unchanged."""
+    layer = fp8.Fp8Linear(_linear())
+    layer.bias.requires_grad_(True)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    grad = torch.randn(6, 96, generator=torch.Generator().manual_seed(5))
+    dx, dbias = torch.autograd.grad(layer(x), [x, layer.bias], grad)
+    torch.testing.assert_close(dbias, grad.sum(0))
+    assert dx.shape == x.shape and dx.abs().max() > 0
+
+
+def test_conversion_goes_a_layer_at_a_time_and_moves_the_model_where_asked(tiny_model_dir):
+    """convert_to_fp8(device=...): each layer is moved and rounded in turn, then the rest follows (here to the CPU,
+    the only device there is: the path a GPU load takes, with no 16-bit model on the GPU first)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    assert fp8.convert_to_fp8(model, device="cpu") == 14
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, fp8.Fp8Linear) and layer.compute_dtype == torch.bfloat16
+    assert layer.weight.dtype == fp8.FP8 and layer.weight.is_contiguous()
+
+
+def test_dora_and_olora_on_an_fp8_base_are_refused_with_what_to_use():
+    from src.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as refused:
+        validate(compose_config(["quant=fp8", "lora.use_dora=true"]))
+    assert "lora.use_dora=true with quant=fp8: DoRA takes the base weight's norm" in str(refused.value)
+    with pytest.raises(ConfigError, match=r"lora.init=olora with quant=fp8: OLoRA decomposes the base weight"):
+        validate(compose_config(["quant=fp8", "lora.init=olora"]))

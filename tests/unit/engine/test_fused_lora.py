@@ -131,3 +131,26 @@ def test_a_fast_run_with_fused_lora_learns_what_it_learns_without(tmp_path, mlfl
         if param.requires_grad:
             torch.testing.assert_close(param, own_weights[name], atol=ATOL, rtol=0)
     assert own_losses[-1] != pytest.approx(own_losses[0], rel=1e-3)
+
+
+def test_under_autocast_an_fp32_base_output_stays_fp32():
+    """A base whose output autocast leaves in fp32 (an FP8 layer on an fp32 input): addmm would round it to bf16;
+    the fused forward adds as peft does instead, so the two agree far below bf16's resolution of the output."""
+    from peft import LoraConfig, get_peft_model
+
+    from src.fp8 import convert_to_fp8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96))
+    convert_to_fp8(model, skip=["none"])
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape) * 0.01
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        own = model(x)
+        fuse_lora_layers(model)
+        got = model(x)
+    assert own.dtype == got.dtype == torch.float32
+    torch.testing.assert_close(got, own, atol=float(own.abs().max()) / 2000, rtol=0)

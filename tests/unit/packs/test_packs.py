@@ -140,8 +140,9 @@ def test_a_packed_rslora_trial_trains_as_it_would_alone(tmp_path, mlflow_store):
 def test_an_fp8_pack_s_trials_train_as_they_would_alone(tmp_path, mlflow_store):
     """quant=fp8 packs (its grouping key is the FP8 base's): each token's row is rounded to FP8 on its own, so a
     trial's first step in the joint step is its step alone (1e-5). After it, fp32 noise of the order of the
-    non-FP8 pack's (1e-7) may move a value across an FP8 rounding step (e4m3: 6%), so the later losses agree to FP8's
-    resolution (1e-3), as two runs alone on two GPUs would."""
+    non-FP8 pack's (1e-7) may move a value across an FP8 rounding step (e4m3: 6%), and Adam turns a tiny gradient's
+    noise into a whole step: four steps on agree to 0.5% in loss and 3% in each adapter weight, where the two trials
+    differ by far more. (The pack engine's exact equivalence is the test above, without FP8.)"""
     trials = [["quant=fp8", "lora=attn_qv", "lora.r=4"], ["quant=fp8", "lora=all_linear", "train.learning_rate=5e-3"]]
     alone = []
     for i, overrides in enumerate(trials):
@@ -152,13 +153,15 @@ def test_an_fp8_pack_s_trials_train_as_they_would_alone(tmp_path, mlflow_store):
     for i, (solo_id, trial) in enumerate(zip(alone, out["pack"])):
         solo_losses, pack_losses = _losses(solo_id), _losses(trial["run_id"])
         assert len(pack_losses) == 4 and pack_losses[0] == pytest.approx(solo_losses[0], rel=1e-5), i
-        assert pack_losses == pytest.approx(solo_losses, rel=1e-3), i
+        assert pack_losses == pytest.approx(solo_losses, rel=5e-3), i
         solo_w, pack_w = _adapter(tmp_path, f"alone{i}"), _adapter(tmp_path, f"pack{i}")
         for (
             key
         ) in solo_w:  # within 3% of its norm: Adam turns a tiny gradient's noise into a step; a wrong trial's is ~100%
             assert (pack_w[key] - solo_w[key]).norm() <= 0.03 * solo_w[key].norm(), (i, key)
         assert mlflow.get_run(trial["run_id"]).info.run_name.startswith("tiny-instructions-fp8-")
+    last = [_losses(solo_id)[-1] for solo_id in alone]
+    assert abs(last[0] - last[1]) > 0.05 * last[0]  # the trials themselves are told apart at that tolerance
 
 
 def test_a_variant_the_pack_engine_lacks_trains_alone_and_the_sweep_says_why():

@@ -136,8 +136,11 @@ def test_merged_sft_model_generates_as_base_plus_adapter(sft_run, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_a_4bit_run_merges_into_a_16bit_copy_of_its_base(tmp_path_factory, tmp_path, capsys):
-    run_4bit = trained_run("classification", tmp_path_factory, ("quant=4bit",))
+@pytest.mark.parametrize("quant", ["4bit", "fp8"])
+def test_a_quantized_run_merges_into_a_16bit_copy_of_its_base(tmp_path_factory, tmp_path, capsys, quant):
+    """A 4-bit run, and an FP8 one (whose base must load without its FP8 conversion: merging into an e4m3 weight
+    fails in torch)."""
+    run_4bit = trained_run("classification", tmp_path_factory, (f"quant={quant}",))
     out = tmp_path / "merged"
     code, err = _export(["--run", run_4bit.run_id, "--tracking-uri", run_4bit.tracking_uri, "--out", str(out)], capsys)
     assert code == 0, err
