@@ -79,6 +79,20 @@ def _is_lock_error(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text or "sqlite_busy" in text
 
 
+class _LockTracebackFilter(logging.Filter):
+    """MLflow's SQL store logs every failed transaction with its whole traceback (``mlflow.store.db.utils``) before it
+    raises. A lock is waited out here (:func:`retry_locked`), which says so in one line of its own, so the
+    traceback of a lock is noise on the user's screen (a Ctrl-C that lands in a write showed one above its one-line
+    message). Other database errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or not _is_lock_error(exc)
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_LockTracebackFilter())
+
+
 def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call ``fn``, retrying with jittered exponential backoff while the store reports a lock.
 

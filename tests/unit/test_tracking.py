@@ -55,6 +55,25 @@ def test_retry_locked_waits_out_a_held_sqlite_lock(tmp_path):
     assert time.monotonic() - start < 1.0
 
 
+def test_mlflow_s_traceback_of_a_lock_is_not_shown_other_database_errors_are(caplog):
+    """MLflow's store logs each failed transaction with its traceback before raising; a lock is retried here with a
+    one-line note, so its traceback is filtered out (a Ctrl-C during a write put one on the screen); another
+    database error still shows."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    store_log = logging.getLogger("mlflow.store.db.utils")  # where MLflow logs them (make_managed_session)
+    with caplog.at_level(logging.ERROR, logger="mlflow.store.db.utils"):
+        for message in ("database is locked", "disk I/O error"):
+            try:
+                raise OperationalError("COMMIT", {}, sqlite3.OperationalError(message))
+            except OperationalError as exc:
+                store_log.exception("SQLAlchemy database error. The following exception is caught.\n%s", exc)
+    shown = [r for r in caplog.records if r.name == "mlflow.store.db.utils"]
+    assert len(shown) == 1 and "disk I/O error" in shown[0].getMessage() and shown[0].exc_info
+
+
 # ---------------------------------------------------------------------------------------------
 # 4: SIGKILL leaves a RUNNING run; the doctor marks it KILLED and leaves live runs alone
 # ---------------------------------------------------------------------------------------------
