@@ -137,15 +137,14 @@ class Pack:
             self.lock.notify_all()
 
     def summary(self) -> str:
-        """What the pack did: the trials it trained, its joint steps and the host's share of them."""
-        import time
-
-        wall = 0.0 if self.started is None else time.perf_counter() - self.started
+        """What the pack did (:meth:`stats`) in one line: trials trained, joint steps, the host's share."""
+        stats = self.stats()
         return (
-            f"pack: trained {len(self.trained)} trial(s) in {self.bank.slots} slot(s) on one base; {self.steps} joint "
-            f"steps of {self.trial_steps / max(self.steps, 1):.2f} trials on average in {wall:.1f} s, "
-            f"{self.joint_s:.1f} s of it on the host queuing them; {self.padding_share():.1%} of their tokens padding"
-            + ("" if self.graphs is None else f"; {self.graphs.summary()}")
+            f"pack: trained {stats['trained']} trial(s) in {stats['slots']} slot(s) on one base; "
+            f"{stats['joint_steps']} joint steps of {stats['trials_per_step']:.2f} trials on average in "
+            f"{stats['wall_s']:.1f} s, {stats['host_s']:.1f} s of it on the host queuing them; "
+            f"{stats['padding_share']:.1%} of their tokens padding"
+            + ("" if stats["cuda_graphs"] is None else f"; {stats['cuda_graphs']}")
         )
 
     def stats(self) -> dict[str, Any]:
